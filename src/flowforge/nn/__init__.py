@@ -1,0 +1,5 @@
+"""Neural networks used inside flows: conditioners, embeddings and velocity fields."""
+
+from flowforge.nn.mlp import MLP
+
+__all__ = ["MLP"]

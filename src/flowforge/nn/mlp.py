@@ -1,0 +1,50 @@
+"""Multi-layer perceptrons used as conditioners and context embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """``Linear -> activation -> ... -> Linear`` with the given hidden widths.
+
+    Arguments:
+        in_features: input size.
+        out_features: output size.
+        hidden: widths of the hidden layers (may be empty for a single linear map).
+        activation: constructor of the activation module placed after each hidden layer.
+        zero_init_output: start the last layer at zero, so that a conditioner built on it
+            makes its transform the identity at initialisation (stable deep stacks).
+
+    >>> import torch
+    >>> net = MLP(3, 2, hidden=(16, 16))
+    >>> net(torch.zeros(5, 3)).shape
+    torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: Callable[[], nn.Module] = nn.ReLU,
+        zero_init_output: bool = False,
+    ) -> None:
+        widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+        if any(w < 1 for w in widths):
+            raise ValueError(f"MLP widths must be positive, got in={in_features}, hidden={tuple(hidden)}, out={out_features}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            if i > 0:
+                layers.append(activation())
+            layers.append(nn.Linear(a, b))
+        super().__init__(*layers)
+        self.in_features = widths[0]
+        self.out_features = widths[-1]
+        if zero_init_output:
+            last = layers[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
