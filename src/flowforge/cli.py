@@ -49,11 +49,15 @@ def demo(
     transforms: Annotated[int, typer.Option(min=1, help="Coupling layers.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the plot.")] = Path("flowforge-demo"),
     seed: Annotated[int, typer.Option()] = 0,
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")] = None,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
+    ] = None,
 ) -> None:
     """Train a coupling flow on a built-in 2-D set, print its test NLL and plot the learned density."""
     if dataset not in TOY_DATASETS:
-        raise typer.BadParameter(f"unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}", param_hint="--dataset")
+        raise typer.BadParameter(
+            f"unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}", param_hint="--dataset"
+        )
     if model not in _RECIPES:
         raise typer.BadParameter(f"unknown model {model!r}; choose one of {', '.join(_RECIPES)}", param_hint="--model")
     torch.manual_seed(seed)
@@ -67,7 +71,11 @@ def demo(
     nll = negative_log_likelihood(flow, test_data)
     typer.echo(f"trained in {elapsed:.1f} s; test NLL = {nll:.4f} nats")
     figure = plot_density_2d(
-        flow, test_data, out / f"{model}_{dataset}.png", losses=losses, title=f"{model} on {dataset}: test NLL {nll:.3f} nats"
+        flow,
+        test_data,
+        out / f"{model}_{dataset}.png",
+        losses=losses,
+        title=f"{model} on {dataset}: test NLL {nll:.3f} nats",
     )
     typer.echo(f"wrote {figure}")
 

@@ -170,7 +170,9 @@ class BoxUniform(BaseDistribution):
         low_t = torch.as_tensor(low, dtype=torch.get_default_dtype())
         high_t = torch.as_tensor(high, dtype=torch.get_default_dtype())
         if low_t.shape != high_t.shape or low_t.dim() == 0:
-            raise ValueError(f"low and high must be tensors of one shape, got {tuple(low_t.shape)} and {tuple(high_t.shape)}")
+            raise ValueError(
+                f"low and high must be tensors of one shape, got {tuple(low_t.shape)} and {tuple(high_t.shape)}"
+            )
         if not bool((high_t > low_t).all()):
             raise ValueError("high must exceed low in every dimension")
         self.event_shape = low_t.shape

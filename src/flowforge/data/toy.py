@@ -65,7 +65,10 @@ def pinwheel(n: int, seed: int = 0, arms: int = 5) -> Tensor:
     tangential = 0.08 * torch.randn(n, generator=g)
     angle = 2 * math.pi * arm / arms + 0.8 * radial
     rotated = torch.stack(
-        [radial * torch.cos(angle) - tangential * torch.sin(angle), radial * torch.sin(angle) + tangential * torch.cos(angle)],
+        [
+            radial * torch.cos(angle) - tangential * torch.sin(angle),
+            radial * torch.sin(angle) + tangential * torch.cos(angle),
+        ],
         1,
     )
     return 2.0 * rotated

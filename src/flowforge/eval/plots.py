@@ -13,7 +13,9 @@ from flowforge.flows.base import Flow
 
 
 @torch.no_grad()
-def density_grid(flow: Flow, bounds: tuple[float, float, float, float], resolution: int = 200) -> tuple[Tensor, Tensor, Tensor]:
+def density_grid(
+    flow: Flow, bounds: tuple[float, float, float, float], resolution: int = 200
+) -> tuple[Tensor, Tensor, Tensor]:
     """Evaluate a 2-D flow's density on a ``resolution`` x ``resolution`` grid over ``bounds``.
 
     Returns ``(xs, ys, density)`` with ``density[i, j]`` the density at ``(xs[j], ys[i])``.
@@ -46,14 +48,14 @@ def plot_density_2d(
     low, high = data.min(0).values, data.max(0).values
     pad = 0.15 * (high - low)
     bounds = (float(low[0] - pad[0]), float(high[0] + pad[0]), float(low[1] - pad[1]), float(high[1] + pad[1]))
-    xs, ys, density = density_grid(flow, bounds)
-    drawn = flow.sample(samples).cpu()
+    xs, ys, density = (t.numpy() for t in density_grid(flow, bounds))
+    drawn = flow.sample(samples).cpu().numpy()
 
     panels = 4 if losses else 3
     fig = Figure(figsize=(4 * panels, 4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
-    shown = data[torch.randperm(data.shape[0])[:samples]]
+    shown = data[torch.randperm(data.shape[0])[:samples]].numpy()
     axes[0].scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.5, color="tab:blue")
     axes[0].set_title("data")
     axes[1].pcolormesh(xs, ys, density, shading="auto", cmap="viridis")

@@ -83,11 +83,12 @@ class Flow(nn.Module):
                 raise ValueError("this flow is unconditional: context must be None")
             return None
         if context is None:
-            raise ValueError(
-                f"this flow is conditional: context of shape {describe_shape(('batch', self.context_features or 'c'))} is required"
-            )
+            expected = describe_shape(("batch", self.context_features or "c"))
+            raise ValueError(f"this flow is conditional: context of shape {expected} is required")
         # With an unknown context size (a context net without in_features) only the batch is checked.
-        expected = (self.context_features,) if self.context_features is not None else tuple(getattr(context, "shape", ())[1:])
+        expected = (
+            (self.context_features,) if self.context_features is not None else tuple(getattr(context, "shape", ())[1:])
+        )
         check_batched("context", context, expected, batch=batch, batch_of=batch_of, finite=True)
         return context if self.context_net is None else self.context_net(context)
 
@@ -170,7 +171,7 @@ class FlowDistribution(Distribution):
     def support(self) -> constraints.Constraint:
         return constraints.independent(constraints.real, len(self.event_shape))
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         sample_shape = torch.Size(sample_shape)
         x = self.flow.rsample(max(prod(sample_shape), 1), self.context)
         return x.reshape(*sample_shape, *self.batch_shape, *self.event_shape)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 from torch import nn
 
@@ -34,9 +35,11 @@ class MLP(nn.Sequential):
     ) -> None:
         widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
         if any(w < 1 for w in widths):
-            raise ValueError(f"MLP widths must be positive, got in={in_features}, hidden={tuple(hidden)}, out={out_features}")
+            raise ValueError(
+                f"MLP widths must be positive, got in={in_features}, hidden={tuple(hidden)}, out={out_features}"
+            )
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        for i, (a, b) in enumerate(pairwise(widths)):
             if i > 0:
                 layers.append(activation())
             layers.append(nn.Linear(a, b))

@@ -122,9 +122,11 @@ class Invert(Transform):
         self.context_features = transform.context_features
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_input("x", x, context)  # here, so errors name the caller's argument
         return self.transform.inverse(x, context)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_input("z", z, context)
         return self.transform.forward(z, context)
 
 

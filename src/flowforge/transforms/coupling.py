@@ -42,7 +42,7 @@ def _as_mask(mask: Sequence[bool] | Tensor) -> Tensor:
             "mask must hold at least one True (features that pass unchanged) and one False "
             f"(features that are transformed), got {m.int().tolist()}; a coupling needs at least two features"
         )
-    return m
+    return m.clone()  # own copy: layers built from one mask must not share (or alias) storage
 
 
 class Coupling(Transform):

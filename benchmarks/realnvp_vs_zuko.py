@@ -1,0 +1,228 @@
+"""Benchmark: flowforge's RealNVP against zuko's RealNVP on a 2-D toy data set.
+
+What it measures
+----------------
+For each seed, both libraries' RealNVP (same number of coupling transforms, same conditioner
+hidden sizes) are trained by one shared training loop with identical settings:
+
+* train data: ``toy_dataset(name, 20_000, seed=s)``; test data: ``toy_dataset(name, 10_000,
+  seed=s + 1000)``;
+* Adam (lr 1e-3), cosine learning-rate decay to 0 over the run, gradient-norm clipping at 10;
+* the same minibatch indices, drawn up front from a generator seeded with ``s``;
+* ``torch.manual_seed(s)`` right before each model is built.
+
+Recorded per seed and library: the test NLL (mean ``-log_prob`` over the test set, in nats) and
+the median wall time of one training step (forward, backward, clipping, optimizer and scheduler
+step). The summary compares the median test NLL over seeds against the goal
+``flowforge <= zuko + 0.02`` and gives the ratio of median step times (flowforge / zuko).
+
+The table is printed and also written as JSON to ``benchmarks/results/realnvp_vs_zuko.json``.
+
+How to run
+----------
+Needs the ``bench`` extra (``pip install -e .[bench]``, for zuko)::
+
+    python benchmarks/realnvp_vs_zuko.py
+    python benchmarks/realnvp_vs_zuko.py --steps 1000 --seeds 0 --dataset 8gaussians
+
+The defaults (3 seeds x 2 libraries x 3000 steps) take a few minutes on a small CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import zuko
+from torch import Tensor, nn
+
+from flowforge.data import TOY_DATASETS, toy_dataset
+from flowforge.flows import RealNVP
+
+LogProb = Callable[[Tensor], Tensor]
+Builder = Callable[[int, Sequence[int]], tuple[nn.Module, LogProb]]
+
+FEATURES = 2
+N_TRAIN = 20_000
+N_TEST = 10_000
+TEST_SEED_OFFSET = 1000
+LR = 1e-3
+CLIP_NORM = 10.0
+TOLERANCE = 0.02  # nats: the goal is flowforge <= zuko + TOLERANCE
+RESULTS = Path(__file__).resolve().parent / "results" / "realnvp_vs_zuko.json"
+
+
+def build_flowforge(transforms: int, hidden: Sequence[int]) -> tuple[nn.Module, LogProb]:
+    flow = RealNVP(features=FEATURES, context=0, transforms=transforms, hidden=tuple(hidden))
+    return flow, flow.log_prob
+
+
+def build_zuko(transforms: int, hidden: Sequence[int]) -> tuple[nn.Module, LogProb]:
+    flow = zuko.flows.RealNVP(features=FEATURES, context=0, transforms=transforms, hidden_features=tuple(hidden))
+    return flow, lambda x: flow().log_prob(x)
+
+
+LIBRARIES: dict[str, Builder] = {"flowforge": build_flowforge, "zuko": build_zuko}
+
+
+@dataclass
+class RunResult:
+    library: str
+    seed: int
+    test_nll: float
+    median_step_s: float
+    final_train_loss: float
+
+
+def batch_indices(n: int, steps: int, batch: int, seed: int) -> Tensor:
+    """Minibatch indices for every step, (steps, batch): one shuffle of the data per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = max(n // batch, 1)
+    epochs = math.ceil(steps / per_epoch)
+    rows = [torch.randperm(n, generator=g)[: per_epoch * batch].view(per_epoch, batch) for _ in range(epochs)]
+    return torch.cat(rows)[:steps]
+
+
+def train(
+    params: Sequence[nn.Parameter], log_prob: LogProb, data: Tensor, indices: Tensor
+) -> tuple[list[float], float]:
+    """Maximum-likelihood training; returns the wall time of every step and the last loss."""
+    steps = indices.shape[0]
+    optimizer = torch.optim.Adam(params, lr=LR)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
+    times: list[float] = []
+    loss = torch.tensor(float("nan"))
+    for idx in indices:
+        start = time.perf_counter()
+        loss = -log_prob(data[idx]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+        optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter() - start)
+    return times, loss.item()
+
+
+@torch.no_grad()
+def test_nll(log_prob: LogProb, data: Tensor) -> float:
+    nll = -log_prob(data).mean().item()
+    return nll if math.isfinite(nll) else math.inf
+
+
+def run(library: str, seed: int, args: argparse.Namespace) -> RunResult:
+    train_x = toy_dataset(args.dataset, N_TRAIN, seed=seed)
+    test_x = toy_dataset(args.dataset, N_TEST, seed=seed + TEST_SEED_OFFSET)
+    indices = batch_indices(N_TRAIN, args.steps, args.batch, seed)
+    torch.manual_seed(seed)
+    model, log_prob = LIBRARIES[library](args.transforms, args.hidden)
+    model.train()
+    times, last_loss = train(list(model.parameters()), log_prob, train_x, indices)
+    model.eval()
+    return RunResult(library, seed, test_nll(log_prob, test_x), statistics.median(times), last_loss)
+
+
+def summarize(results: list[RunResult]) -> dict[str, float | bool]:
+    def median_of(library: str, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in results if r.library == library)
+
+    ff_nll, zk_nll = median_of("flowforge", "test_nll"), median_of("zuko", "test_nll")
+    ff_step, zk_step = median_of("flowforge", "median_step_s"), median_of("zuko", "median_step_s")
+    return {
+        "flowforge_median_nll": ff_nll,
+        "zuko_median_nll": zk_nll,
+        "difference": ff_nll - zk_nll,
+        "tolerance": TOLERANCE,
+        "pass": ff_nll <= zk_nll + TOLERANCE,
+        "flowforge_median_step_s": ff_step,
+        "zuko_median_step_s": zk_step,
+        "step_time_ratio": ff_step / zk_step,
+    }
+
+
+def print_table(results: list[RunResult], summary: dict[str, float | bool]) -> None:
+    by_key = {(r.library, r.seed): r for r in results}
+    seeds = sorted({r.seed for r in results})
+    print(f"{'seed':>4}  {'flowforge NLL':>13}  {'zuko NLL':>9}  {'diff':>8}  {'ff ms/step':>10}  {'zuko ms/step':>12}")
+    for s in seeds:
+        ff, zk = by_key["flowforge", s], by_key["zuko", s]
+        diff = ff.test_nll - zk.test_nll
+        print(
+            f"{s:>4}  {ff.test_nll:>13.4f}  {zk.test_nll:>9.4f}  {diff:>+8.4f}  "
+            f"{ff.median_step_s * 1e3:>10.2f}  {zk.median_step_s * 1e3:>12.2f}"
+        )
+    verdict = "PASS" if summary["pass"] else "FAIL"
+    print(
+        f"median NLL: flowforge {summary['flowforge_median_nll']:.4f}, "
+        f"zuko {summary['zuko_median_nll']:.4f}, "
+        f"diff (flowforge - zuko) {summary['difference']:+.4f} -> {verdict} "
+        f"(goal: flowforge <= zuko + {TOLERANCE}); "
+        f"step time ratio (flowforge / zuko) {summary['step_time_ratio']:.2f}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    parser.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
+    parser.add_argument("--transforms", type=int, default=8, help="coupling layers (default 8)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden widths (default 64 64)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--dataset", default="moons", choices=sorted(TOY_DATASETS), help="2-D data set")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(
+        f"RealNVP on {args.dataset}: transforms={args.transforms}, hidden={tuple(args.hidden)}, "
+        f"steps={args.steps}, batch={args.batch}, seeds={args.seeds}, "
+        f"torch threads={torch.get_num_threads()}"
+    )
+    results: list[RunResult] = []
+    for seed in args.seeds:
+        for library in LIBRARIES:
+            start = time.perf_counter()
+            result = run(library, seed, args)
+            results.append(result)
+            print(
+                f"  seed {seed} {library:<9} test NLL {result.test_nll:.4f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+    summary = summarize(results)
+    print_table(results, summary)
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "config": {
+            "dataset": args.dataset,
+            "features": FEATURES,
+            "transforms": args.transforms,
+            "hidden": list(args.hidden),
+            "steps": args.steps,
+            "batch": args.batch,
+            "seeds": list(args.seeds),
+            "n_train": N_TRAIN,
+            "n_test": N_TEST,
+            "lr": LR,
+            "clip_norm": CLIP_NORM,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "zuko": zuko.__version__,
+        },
+        "runs": [asdict(r) for r in results],
+        "summary": summary,
+    }
+    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

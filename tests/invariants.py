@@ -1,0 +1,140 @@
+"""The invariant harness: mathematical checks that every transform and every flow must pass.
+
+Cases live in ``tests/cases.py``; a new transform or recipe joins the harness by adding one
+entry there. The checks themselves are plain functions so a test can also call them directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load, save
+from torch import Tensor, nn
+
+from flowforge.flows import Flow
+from flowforge.transforms import Transform
+
+
+@dataclass(frozen=True)
+class TransformCase:
+    """A transform to check: ``build(context)`` returns it with ``context`` context features."""
+
+    name: str
+    build: Callable[[int], Transform]
+    features: int
+    conditional: bool = True  # whether a context variant exists
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class FlowCase:
+    """A flow to check: ``build(context)`` returns it with ``context`` context features."""
+
+    name: str
+    build: Callable[[int], Flow]
+    features: int
+    conditional: bool = True
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CONTEXT = 3  # context size used for every conditional variant
+
+
+def randomize_(module: nn.Module, scale: float = 0.1, seed: int = 0) -> nn.Module:
+    """Perturb every parameter so that identity initialisations (zero last layers) cannot hide a
+    disconnected parameter or make a log-det check trivially pass."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p))
+    return module
+
+
+def random_inputs(n: int, features: int, dtype: torch.dtype, seed: int = 0, max_scale: float = 10.0) -> Tensor:
+    """Gaussian directions with per-row scales spread uniformly over [0, max_scale]."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = max_scale * torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    return (scale * torch.randn(n, features, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def random_context(n: int, context: int, dtype: torch.dtype, seed: int = 1) -> Tensor | None:
+    if context == 0:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, context, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def per_sample_jacobians(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Jacobians of a row-wise map at every row of ``x``: shape (batch, features_out, features_in).
+
+    Rows do not interact, so the Jacobian of ``fn(x).sum(0)`` with respect to ``x`` holds each
+    row's own Jacobian; ``torch.autograd.functional.jacobian`` computes it in one vectorised call.
+    """
+    jac = torch.autograd.functional.jacobian(lambda inp: fn(inp).sum(0), x, vectorize=True)
+    return jac.permute(1, 0, 2)
+
+
+def autograd_logabsdet(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """log|det J| of a row-wise map, by autograd and a float64 determinant."""
+    return torch.linalg.slogdet(per_sample_jacobians(fn, x).double()).logabsdet
+
+
+def round_trip_errors(t: Transform, x: Tensor, context: Tensor | None) -> tuple[float, float]:
+    """Max |inverse(forward(x)) - x| and max |forward(inverse(x)) - x|."""
+    with torch.no_grad():
+        z, _ = t(x, context)
+        x_back, _ = t.inverse(z, context)
+        u, _ = t.inverse(x, context)
+        x_fwd, _ = t(u, context)
+    return float((x_back - x).abs().max()), float((x_fwd - x).abs().max())
+
+
+def logabsdet_errors(t: Transform, x: Tensor, context: Tensor | None) -> tuple[float, float]:
+    """Max |logabsdet - autograd| for the forward and for the inverse direction."""
+    with torch.no_grad():
+        _, ladj_forward = t(x, context)
+        _, ladj_inverse = t.inverse(x, context)
+    ref_forward = autograd_logabsdet(lambda inp: t(inp, context)[0], x)
+    ref_inverse = autograd_logabsdet(lambda inp: t.inverse(inp, context)[0], x)
+    return (
+        float((ladj_forward.double() - ref_forward).abs().max()),
+        float((ladj_inverse.double() - ref_inverse).abs().max()),
+    )
+
+
+def parameters_without_gradient(module: nn.Module, loss: Tensor) -> list[str]:
+    """Names of trainable parameters whose gradient is missing or exactly zero after ``loss``."""
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))
+    ]
+
+
+def safetensors_round_trip(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Copy ``source``'s state into ``target`` through safetensors bytes (no pickle)."""
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    target.load_state_dict(load(save(state)))
+    return target
+
+
+def density_mass_2d(
+    log_prob: Callable[[Tensor], Tensor], bound: float, resolution: int, dtype: torch.dtype = torch.float64
+) -> float:
+    """Midpoint-rule integral of exp(log_prob) over the square [-bound, bound]^2."""
+    h = 2 * bound / resolution
+    centers = -bound + h * (torch.arange(resolution, dtype=dtype) + 0.5)
+    grid = torch.stack(torch.meshgrid(centers, centers, indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        total = sum(float(log_prob(chunk).exp().sum()) for chunk in grid.split(65536))
+    return total * h * h
