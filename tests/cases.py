@@ -42,6 +42,9 @@ TRANSFORM_CASES = [
     TransformCase("permutation_reverse", lambda c: Permutation.reverse(4), 4, conditional=False),
     TransformCase("compose", _coupling_chain, 5),
     TransformCase("invert_affine_coupling", lambda c: Invert(AffineCoupling(MASK5, c, SMALL)), 5),
+    # The recipes' full stacks at their default sizes.
+    TransformCase("realnvp_stack", lambda c: RealNVP(5, c).transform, 5, randomize_scale=0.03),
+    TransformCase("nice_stack", lambda c: NICE(5, c).transform, 5, randomize_scale=0.03),
 ]
 
 

@@ -32,7 +32,7 @@ TOLERANCE = {torch.float64: (1e-10, 1e-8), torch.float32: (2e-4, 2e-3)}
 
 def build(case: TransformCase, context: int, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
-    return randomize_(case.build(context), seed=seed).to(dtype)
+    return randomize_(case.build(context), scale=case.randomize_scale, seed=seed).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
