@@ -9,19 +9,33 @@ from __future__ import annotations
 import torch
 
 from flowforge.distributions import DiagNormal, GaussianMixture, StandardNormal
-from flowforge.flows import NICE, Flow, RealNVP
+from flowforge.flows import IAF, MAF, NICE, NSF, Flow, RealNVP
 from flowforge.nn import MLP
 from flowforge.transforms import (
+    ActNorm,
     AdditiveCoupling,
+    AdditiveElementwise,
     AffineCoupling,
+    AffineElementwise,
+    BatchNorm,
     Compose,
+    Coupling,
     Invert,
+    LULinear,
+    MaskedAutoregressive,
     Permutation,
+    RationalQuadraticSpline,
 )
-from tests.invariants import FlowCase, TransformCase
+from tests.invariants import FlowCase, TransformCase, warm_up_
 
 SMALL = (16, 16)
 MASK5 = torch.tensor([True, False, False, True, False])
+ORDER5 = [3, 0, 4, 1, 2]
+
+
+def _spline() -> RationalQuadraticSpline:
+    # A bound of 3 puts a good share of the harness inputs (scale up to 10) in the linear tails.
+    return RationalQuadraticSpline(bins=6, bound=3.0)
 
 
 def _coupling_chain(context: int) -> Compose:
@@ -32,6 +46,16 @@ def _coupling_chain(context: int) -> Compose:
         Permutation.reverse(5),
         AffineCoupling(MASK5, context, SMALL, scale_bound=1.0),
     )
+
+
+def _glow_step(context: int) -> Compose:
+    """One Glow step on vectors: ActNorm, LU linear map, affine coupling (the first two ignore the context)."""
+    return Compose(ActNorm(5), LULinear(5, identity_init=False), AffineCoupling(MASK5, context, SMALL))
+
+
+def _coupling_batchnorm(context: int) -> Compose:
+    """BatchNorm between couplings, as in the MAF paper's stacks."""
+    return Compose(AffineCoupling(MASK5, context, SMALL), BatchNorm(5), AdditiveCoupling(~MASK5, context, SMALL))
 
 
 TRANSFORM_CASES = [
@@ -45,6 +69,36 @@ TRANSFORM_CASES = [
     # The recipes' full stacks at their default sizes.
     TransformCase("realnvp_stack", lambda c: RealNVP(5, c).transform, 5, randomize_scale=0.03),
     TransformCase("nice_stack", lambda c: NICE(5, c).transform, 5, randomize_scale=0.03),
+    # Normalization and linear layers take no context (they accept and ignore one); the
+    # compositions check that inside a conditional stack.
+    TransformCase("actnorm", lambda c: ActNorm(5), 5, conditional=False, warmup_batches=1),
+    TransformCase("actnorm_1d", lambda c: ActNorm(1), 1, conditional=False, warmup_batches=1),
+    TransformCase("batchnorm", lambda c: BatchNorm(5), 5, conditional=False, warmup_batches=5, batch_dependent=True),
+    TransformCase("lu_linear", lambda c: LULinear(5), 5, conditional=False),
+    TransformCase("lu_linear_random_init", lambda c: LULinear(4, identity_init=False), 4, conditional=False),
+    TransformCase("invert_lu_linear", lambda c: Invert(LULinear(3, identity_init=False)), 3, conditional=False),
+    TransformCase("glow_step", _glow_step, 5, warmup_batches=1),
+    TransformCase("coupling_batchnorm", _coupling_batchnorm, 5, warmup_batches=5, batch_dependent=True),
+    # Autoregressive layers (any order), every elementwise transformer, and splines in couplings.
+    TransformCase("ar_affine", lambda c: MaskedAutoregressive(5, AffineElementwise(), c, SMALL, order=ORDER5), 5),
+    TransformCase("ar_additive", lambda c: MaskedAutoregressive(5, AdditiveElementwise(), c, SMALL), 5),
+    TransformCase("ar_spline", lambda c: MaskedAutoregressive(5, _spline(), c, SMALL, order=ORDER5), 5),
+    TransformCase(
+        "ar_spline_residual", lambda c: MaskedAutoregressive(5, _spline(), c, SMALL, residual=True, order=ORDER5), 5
+    ),
+    TransformCase("iaf_layer", lambda c: Invert(MaskedAutoregressive(5, AffineElementwise(), c, SMALL)), 5),
+    TransformCase("coupling_spline", lambda c: Coupling(MASK5, _spline(), c, SMALL), 5),
+    TransformCase("maf_stack", lambda c: MAF(5, c).transform, 5, randomize_scale=0.03),
+    TransformCase("iaf_stack", lambda c: IAF(5, c).transform, 5, randomize_scale=0.03),
+    TransformCase("nsf_stack", lambda c: NSF(5, c).transform, 5, randomize_scale=0.03),
+    TransformCase("nsf_coupling_stack", lambda c: NSF(5, c, autoregressive=False).transform, 5, randomize_scale=0.03),
+    TransformCase(
+        "maf_lu_batchnorm_stack",
+        lambda c: MAF(5, c, transforms=3, hidden=SMALL, mixing="lu", batch_norm=True).transform,
+        5,
+        warmup_batches=5,
+        batch_dependent=True,
+    ),
 ]
 
 
@@ -61,6 +115,15 @@ def _flow_with_context_net(context: int) -> Flow:
     return Flow(StandardNormal(3), transform, context_net=MLP(context, 4, hidden=(8,)))
 
 
+def _glow_like_flow(context: int) -> Flow:
+    """Two Glow steps on 2-D vectors, ActNorm initialised on data before the checks."""
+    layers = []
+    for i in range(2):
+        mask = [i == 0, i == 1]
+        layers += [ActNorm(2), LULinear(2, identity_init=False), AffineCoupling(mask, context, SMALL)]
+    return warm_up_(Flow(StandardNormal(2), Compose(layers)), 2, context, batches=1)
+
+
 FLOW_CASES = [
     FlowCase("realnvp_2d", lambda c: RealNVP(2, c, transforms=4, hidden=SMALL), 2),
     FlowCase("realnvp_5d", lambda c: RealNVP(5, c, transforms=4, hidden=SMALL), 5),
@@ -68,4 +131,12 @@ FLOW_CASES = [
     FlowCase("nice_5d", lambda c: NICE(5, c, transforms=4, hidden=SMALL), 5),
     FlowCase("mixture_base_2d", _flow_with_mixture_base, 2),
     FlowCase("context_net_3d", _flow_with_context_net, 3),
+    FlowCase("glow_like_2d", _glow_like_flow, 2),
+    FlowCase("maf_2d", lambda c: MAF(2, c, transforms=3, hidden=SMALL), 2),
+    FlowCase("maf_5d_lu", lambda c: MAF(5, c, transforms=3, hidden=SMALL, mixing="lu"), 5),
+    FlowCase("iaf_2d", lambda c: IAF(2, c, transforms=3, hidden=SMALL), 2),
+    FlowCase("iaf_5d", lambda c: IAF(5, c, transforms=3, hidden=SMALL), 5),
+    FlowCase("nsf_2d", lambda c: NSF(2, c, transforms=3, hidden=SMALL, bins=6, bound=4.0), 2),
+    FlowCase("nsf_5d", lambda c: NSF(5, c, transforms=3, hidden=SMALL, bins=6, bound=4.0), 5),
+    FlowCase("nsf_coupling_2d", lambda c: NSF(2, c, transforms=3, hidden=SMALL, autoregressive=False), 2),
 ]

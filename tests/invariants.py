@@ -28,6 +28,23 @@ class TransformCase:
     # Parameter noise added before checking (see randomize_); deep stacks need less to stay
     # well conditioned on inputs of scale 10.
     randomize_scale: float = 0.1
+    # Training-mode forward passes on data (see warm_up_) run before the checks, so that
+    # data-dependent initialisation (ActNorm) and running statistics (BatchNorm) have left their
+    # defaults and the checks do not look at a trivial identity.
+    warmup_batches: int = 0
+    # Whether a row's training-mode output depends on the other rows of the batch (BatchNorm).
+    # The Jacobian checks assume rows are independent, so such a transform is checked in eval
+    # mode (after its warm-up moved the running statistics) and left out of the train/eval test.
+    batch_dependent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.warmup_batches < 0:
+            raise ValueError(f"{self.name}: warmup_batches must be >= 0, got {self.warmup_batches}")
+        if self.batch_dependent and self.warmup_batches < 1:
+            raise ValueError(
+                f"{self.name}: a batch-dependent case is checked in eval mode and needs warmup_batches >= 1, "
+                "or its running statistics would still be at their defaults"
+            )
 
     def __str__(self) -> str:
         return self.name
@@ -72,6 +89,35 @@ def random_context(n: int, context: int, dtype: torch.dtype, seed: int = 1) -> T
         return None
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, context, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def warmup_inputs(n: int, features: int, dtype: torch.dtype, seed: int = 2) -> Tensor:
+    """Data unlike the base noise: feature i has mean -1.5 + 4 i / (features - 1) and standard
+    deviation 0.5 + 2 i / (features - 1), so statistics learnt from it are far from 0 and 1."""
+    generator = torch.Generator().manual_seed(seed)
+    position = torch.linspace(0.0, 1.0, features, dtype=torch.float64)
+    noise = torch.randn(n, features, generator=generator, dtype=torch.float64)
+    return (-1.5 + 4.0 * position + (0.5 + 2.0 * position) * noise).to(dtype)
+
+
+def warm_up_(module: nn.Module, features: int, context: int, batches: int, seed: int = 2) -> nn.Module:
+    """Run ``batches`` training-mode forward passes of 256 rows of :func:`warmup_inputs` through
+    ``module`` (a transform or a flow: called as ``module(x, context)``), without a graph.
+
+    This performs data-dependent initialisation and moves running statistics off their
+    defaults, as the first steps of training would. The module's mode is restored afterwards.
+    """
+    if batches == 0:
+        return module
+    floating = [t for t in module.state_dict().values() if t.is_floating_point()]
+    dtype = floating[0].dtype if floating else torch.get_default_dtype()
+    was_training = module.training
+    module.train()
+    with torch.no_grad():
+        for i in range(batches):
+            x = warmup_inputs(256, features, dtype, seed=seed + i)
+            module(x, random_context(256, context, dtype, seed=seed + 1000 + i))
+    return module.train(was_training)
 
 
 def per_sample_jacobians(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:

@@ -14,14 +14,31 @@ from torch import nn
 
 from flowforge.distributions import DiagNormal, StandardNormal
 from flowforge.flows.base import Flow
-from flowforge.transforms import AdditiveCoupling, AffineCoupling, Compose, Permutation, Transform
+from flowforge.transforms import (
+    AdditiveCoupling,
+    AffineCoupling,
+    AffineElementwise,
+    BatchNorm,
+    Compose,
+    Coupling,
+    Invert,
+    LULinear,
+    MaskedAutoregressive,
+    Permutation,
+    RationalQuadraticSpline,
+    Transform,
+)
 
 
-def _check_recipe_args(name: str, features: int, context: int, transforms: int, hidden: Sequence[int]) -> None:
-    if isinstance(features, bool) or not isinstance(features, int) or features < 2:
+def _check_recipe_args(
+    name: str, features: int, context: int, transforms: int, hidden: Sequence[int], coupling: bool = True
+) -> None:
+    if coupling and (isinstance(features, bool) or not isinstance(features, int) or features < 2):
         raise ValueError(
             f"{name} needs features >= 2 (a coupling splits the features into two non-empty parts), got {features!r}"
         )
+    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+        raise ValueError(f"{name} needs features >= 1, got {features!r}")
     if context < 0:
         raise ValueError(f"context must be >= 0, got {context}")
     if transforms < 1:
@@ -123,5 +140,188 @@ class NICE(Flow):
             "context": context,
             "transforms": transforms,
             "hidden": list(hidden),
+            "seed": seed,
+        }
+
+
+_MIXINGS = ("reverse", "lu")
+
+
+def _autoregressive_stack(
+    features: int,
+    transforms: int,
+    make_layer: Any,
+    mixing: str = "reverse",
+    batch_norm: bool = False,
+    invert: bool = False,
+) -> list[Transform]:
+    """Autoregressive layers with mixing between them.
+
+    ``mixing="reverse"`` alternates the layers' orders between natural and reversed: the effect
+    of a reverse permutation between layers, at no cost. ``mixing="lu"`` keeps the natural
+    order and puts a learnable :class:`LULinear` between layers. ``batch_norm`` adds a
+    :class:`BatchNorm` after every layer but the last (MAF paper). ``invert`` wraps each
+    autoregressive layer in :class:`Invert` (IAF).
+    """
+    if mixing not in _MIXINGS:
+        raise ValueError(f"mixing must be one of {_MIXINGS}, got {mixing!r}")
+    natural = torch.arange(features)
+    layers: list[Transform] = []
+    for i in range(transforms):
+        order = natural.flip(0) if mixing == "reverse" and i % 2 == 1 else natural
+        layer = make_layer(order)
+        layers.append(Invert(layer) if invert else layer)
+        if i < transforms - 1:
+            if batch_norm:
+                layers.append(BatchNorm(features))
+            if mixing == "lu":
+                layers.append(LULinear(features))
+    return layers
+
+
+class MAF(Flow):
+    """Masked autoregressive flow (Papamakarios et al. 2017): density in one pass per layer.
+
+    Affine MADE layers with soft-clamped log-scales over N(0, I), mixed between layers by
+    alternating the autoregressive order (or by learnable LU linear maps).
+
+    Arguments:
+        features: data dimension.
+        context: size of the context vector (0 for an unconditional flow).
+        transforms: number of autoregressive layers.
+        hidden: hidden widths of every MADE.
+        residual: masked residual blocks in the MADEs.
+        mixing: ``"reverse"`` (alternate orders, free) or ``"lu"`` (LULinear between layers).
+        batch_norm: a BatchNorm layer between autoregressive layers, as in the MAF paper (the
+            flow then samples in eval mode only, see :class:`~flowforge.transforms.BatchNorm`).
+        scale_bound: soft clamp on each layer's log-scale.
+        activation: activation constructor.
+
+    >>> import torch
+    >>> flow = MAF(3, context=2, transforms=2, hidden=(16,))
+    >>> flow.sample(4, torch.randn(5, 2)).shape
+    torch.Size([4, 5, 3])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        context: int = 0,
+        transforms: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        *,
+        residual: bool = False,
+        mixing: str = "reverse",
+        batch_norm: bool = False,
+        scale_bound: float = 3.0,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        name = type(self).__name__
+        _check_recipe_args(name, features, context, transforms, hidden, coupling=False)
+        if batch_norm and self._inverted:
+            raise ValueError(
+                f"{name} samples through the inverse of its layers, which BatchNorm allows in eval mode only"
+            )
+        layers = _autoregressive_stack(
+            features,
+            transforms,
+            lambda order: MaskedAutoregressive(
+                features, AffineElementwise(scale_bound), context, hidden, residual, activation, order
+            ),
+            mixing=mixing,
+            batch_norm=batch_norm,
+            invert=self._inverted,
+        )
+        super().__init__(StandardNormal(features), Compose(layers))
+        self.config = {
+            "features": features,
+            "context": context,
+            "transforms": transforms,
+            "hidden": list(hidden),
+            "residual": residual,
+            "mixing": mixing,
+            "batch_norm": batch_norm,
+            "scale_bound": scale_bound,
+        }
+
+    _inverted = False
+
+
+class IAF(MAF):
+    """Inverse autoregressive flow (Kingma et al. 2016): MAF's layers inverted.
+
+    Sampling costs one MADE pass per layer; density evaluation of arbitrary points is the
+    sequential direction. Suited to variational inference and reverse-KL training, where
+    samples and their densities come from :meth:`~flowforge.flows.Flow.sample_and_log_prob`.
+    Arguments as :class:`MAF` (without ``batch_norm``).
+    """
+
+    _inverted = True
+
+
+class NSF(Flow):
+    """Neural spline flow (Durkan et al. 2019): rational-quadratic spline layers over N(0, I).
+
+    Arguments:
+        features: data dimension (at least 2 for coupling layers).
+        context: size of the context vector (0 for an unconditional flow).
+        transforms: number of spline layers.
+        hidden: hidden widths of every conditioner.
+        bins: spline bins per feature.
+        bound: splines act on [-bound, bound], identity outside (linear tails).
+        autoregressive: MADE conditioners (True) or coupling layers (False).
+        residual: masked residual blocks in the MADEs (autoregressive only).
+        mixing: between autoregressive layers, ``"reverse"`` (alternate orders) or ``"lu"``.
+        activation: activation constructor.
+        seed: seeds the coupling variant's permutations (features > 2).
+
+    >>> import torch
+    >>> NSF(2, transforms=2, hidden=(16,), autoregressive=False).log_prob(torch.randn(3, 2)).shape
+    torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        context: int = 0,
+        transforms: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        bins: int = 8,
+        bound: float = 5.0,
+        autoregressive: bool = True,
+        *,
+        residual: bool = False,
+        mixing: str = "reverse",
+        activation: type[nn.Module] = nn.ReLU,
+        seed: int = 0,
+    ) -> None:
+        _check_recipe_args("NSF", features, context, transforms, hidden, coupling=not autoregressive)
+        if autoregressive:
+            layers = _autoregressive_stack(
+                features,
+                transforms,
+                lambda order: MaskedAutoregressive(
+                    features, RationalQuadraticSpline(bins, bound), context, hidden, residual, activation, order
+                ),
+                mixing=mixing,
+            )
+        else:
+            layers = _coupling_stack(
+                features,
+                transforms,
+                seed,
+                lambda mask: Coupling(mask, RationalQuadraticSpline(bins, bound), context, hidden, activation),
+            )
+        super().__init__(StandardNormal(features), Compose(layers))
+        self.config = {
+            "features": features,
+            "context": context,
+            "transforms": transforms,
+            "hidden": list(hidden),
+            "bins": bins,
+            "bound": bound,
+            "autoregressive": autoregressive,
+            "residual": residual,
+            "mixing": mixing,
             "seed": seed,
         }

@@ -1,5 +1,6 @@
 """Bijections with tractable log-determinants, one family per module."""
 
+from flowforge.transforms.autoregressive import MaskedAutoregressive
 from flowforge.transforms.base import Compose, Invert, Permutation, Transform
 from flowforge.transforms.coupling import AdditiveCoupling, AffineCoupling, Coupling
 from flowforge.transforms.elementwise import (
@@ -8,17 +9,26 @@ from flowforge.transforms.elementwise import (
     ElementwiseTransformer,
     soft_clamp,
 )
+from flowforge.transforms.linear import LULinear
+from flowforge.transforms.normalization import ActNorm, BatchNorm
+from flowforge.transforms.splines import RationalQuadraticSpline, rational_quadratic_spline
 
 __all__ = [
+    "ActNorm",
     "AdditiveCoupling",
     "AdditiveElementwise",
     "AffineCoupling",
     "AffineElementwise",
+    "BatchNorm",
     "Compose",
     "Coupling",
     "ElementwiseTransformer",
     "Invert",
+    "LULinear",
+    "MaskedAutoregressive",
     "Permutation",
+    "RationalQuadraticSpline",
     "Transform",
+    "rational_quadratic_spline",
     "soft_clamp",
 ]

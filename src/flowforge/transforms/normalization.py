@@ -1,0 +1,238 @@
+r"""Normalization layers as bijections: ActNorm (Glow) and the BatchNorm flow layer (MAF).
+
+Both are affine maps with one scale and one shift per feature (per channel for images), so the
+Jacobian is diagonal and :math:`\log|\det J|` is a sum of log-scales. Forward is the normalizing
+direction (data -> noise), as for every transform: it subtracts a location and divides by a scale.
+
+* :class:`ActNorm` learns its location and scale, initialised from the first training batch.
+* :class:`BatchNorm` normalises with the statistics of the current batch in training mode and
+  with running averages of them in eval mode, followed by a learnable affine map.
+
+References:
+    Kingma, Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions. NeurIPS 2018.
+    Papamakarios, Pavlakou, Murray. Masked Autoregressive Flow for Density Estimation. NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.transforms.base import Transform
+from flowforge.validation import describe_shape
+
+
+def _check_features(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class ActNorm(Transform):
+    r"""Activation normalization (Glow): a learnable per-feature affine map, initialised from data.
+
+    .. math::
+        z = (x - \mu) \odot e^{s}, \qquad x = z \odot e^{-s} + \mu, \qquad
+        \log|\det J_f| = m \sum_i s_i,
+
+    with a shift :math:`\mu` (``shift``) and a log-scale :math:`s` (``log_scale``) per feature,
+    and :math:`m` the number of positions that share them (1 for vectors, :math:`H W` for images).
+
+    **Data-dependent initialisation.** The first forward pass in training mode sets
+    :math:`\mu` to the batch mean and :math:`s = -\tfrac12 \log \max(\sigma^2, 10^{-6})` (batch
+    variance :math:`\sigma^2`, biased), so that this batch comes out with zero mean and unit
+    variance per feature, then computes the output with these values (and a graph through them).
+    The ``initialized`` buffer records that this happened; it is part of the state dict, so a
+    layer that loads a trained state is not re-initialised. Until then the layer is the
+    identity: :meth:`inverse` and eval-mode forward passes never initialise it.
+
+    Arguments:
+        features: number of features of vector input ``(batch, features)``, or of channels of
+            image input ``(batch, features, H, W)`` (one shift and scale per channel).
+
+    The layer takes no context; a ``context`` argument is accepted and ignored.
+
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> layer = ActNorm(3)
+    >>> x = 5.0 + 2.0 * torch.randn(256, 3)
+    >>> z, ladj = layer(x)  # training mode: this first batch initialises the layer
+    >>> z.mean(0).abs().max() < 1e-5, (z.var(0, unbiased=False) - 1).abs().max() < 1e-5
+    (tensor(True), tensor(True))
+    >>> torch.allclose(layer.inverse(z)[0], x, atol=1e-5), ladj.shape
+    (True, torch.Size([256]))
+    >>> layer(torch.randn(2, 3, 8, 8))[1].shape  # images: per-channel parameters
+    torch.Size([2])
+    """
+
+    #: floor on the batch variance used at initialisation (a constant feature gets scale 1e3).
+    min_init_variance = 1e-6
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = _check_features("features", features)
+        self.shift = nn.Parameter(torch.zeros(features))
+        self.log_scale = nn.Parameter(torch.zeros(features))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of ``initialized`` so that training steps do not read the buffer (a GPU
+        # sync) every call; reset whenever a state dict is loaded.
+        self._known_initialized = False
+        self.register_load_state_dict_post_hook(ActNorm._forget_initialization)
+
+    @staticmethod
+    def _forget_initialization(module: nn.Module, incompatible_keys: Any) -> None:
+        module._known_initialized = False
+
+    def _check(self, name: str, value: Tensor) -> None:
+        expected = f"{describe_shape(('batch', self.features))} or {describe_shape(('batch', self.features, 'H', 'W'))}"
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(value).__name__}")
+        if value.dim() not in (2, 4) or value.shape[1] != self.features:
+            raise ValueError(f"{name} must have shape {expected}, got {describe_shape(tuple(value.shape))}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+
+    def _initialize(self, x: Tensor) -> None:
+        dims = [0, *range(2, x.dim())]
+        if x.numel() // self.features < 2:
+            raise ValueError(
+                f"ActNorm initialises from its first training batch, which needs at least 2 values per feature; "
+                f"got x of shape {describe_shape(tuple(x.shape))}"
+            )
+        with torch.no_grad():
+            x = x.detach()
+            mean = x.mean(dims)
+            var = x.var(dims, unbiased=False).clamp_min(self.min_init_variance)
+            self.shift.copy_(mean)
+            self.log_scale.copy_(-0.5 * var.log())
+            self.initialized.fill_(True)
+
+    def _broadcast(self, param: Tensor, value: Tensor) -> Tensor:
+        return param.view(1, -1, *([1] * (value.dim() - 2)))
+
+    def _logabsdet(self, value: Tensor) -> Tensor:
+        positions = math.prod(value.shape[2:])
+        return (self.log_scale.sum() * positions).repeat(value.shape[0])
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check("x", x)
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):
+                self._initialize(x)
+            self._known_initialized = True
+        z = (x - self._broadcast(self.shift, x)) * self._broadcast(self.log_scale, x).exp()
+        return z, self._logabsdet(x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check("z", z)
+        x = z * self._broadcast(-self.log_scale, z).exp() + self._broadcast(self.shift, z)
+        return x, -self._logabsdet(z)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class BatchNorm(Transform):
+    r"""Batch normalization as a flow layer (MAF, Papamakarios et al. 2017).
+
+    .. math::
+        z = \frac{x - m}{\sqrt{v + \epsilon}} \odot e^{\gamma} + \beta, \qquad
+        \log|\det J_f| = \sum_i \Big(\gamma_i - \tfrac12 \log(v_i + \epsilon)\Big),
+
+    with learnable ``log_gamma`` (:math:`\gamma`) and ``beta`` (:math:`\beta`), both starting at 0.
+
+    * **Training mode**: :math:`m, v` are the mean and (biased) variance of the current batch,
+      and the running statistics are updated as in :class:`torch.nn.BatchNorm1d`:
+      ``running = (1 - momentum) * running + momentum * batch`` (unbiased variance). The
+      log-determinant is that of the map applied to each row with :math:`m, v` held fixed, as in
+      the MAF paper; gradients still flow through :math:`m, v` to whatever produced the batch.
+      A batch needs at least 2 rows.
+    * **Eval mode**: :math:`m, v` are ``running_mean`` and ``running_var``; the layer is then an
+      ordinary row-wise bijection with an exact inverse.
+
+    **The inverse is only available in eval mode.** In training mode forward normalises with the
+    statistics of its own batch, which cannot be recovered from :math:`z`; inverting with the
+    running statistics instead would silently compute the inverse of a different map than the
+    forward pass just applied (samples drawn in training mode would not match the densities
+    assigned in training mode). So :meth:`inverse` raises a ``RuntimeError`` in training mode:
+    call ``.eval()`` before sampling.
+
+    Arguments:
+        features: size of the vector ``(batch, features)``.
+        momentum: weight of the newest batch in the running statistics, in (0, 1].
+        eps: added to the variance before the square root, positive.
+
+    The layer takes no context; a ``context`` argument is accepted and ignored.
+
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> layer = BatchNorm(2, momentum=0.5)
+    >>> for _ in range(20):
+    ...     z, ladj = layer(3.0 + 2.0 * torch.randn(512, 2))  # training mode: batch statistics
+    >>> layer.running_mean.round(), layer.running_var.round()
+    (tensor([3., 3.]), tensor([4., 4.]))
+    >>> layer = layer.eval()
+    >>> x = torch.randn(4, 2)
+    >>> z, ladj = layer(x)
+    >>> torch.allclose(layer.inverse(z)[0], x, atol=1e-6), torch.allclose(layer.inverse(z)[1], -ladj)
+    (True, True)
+    """
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.features = _check_features("features", features)
+        if not (0.0 < momentum <= 1.0):
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a positive finite number, got {eps}")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.log_gamma = nn.Parameter(torch.zeros(features))
+        self.beta = nn.Parameter(torch.zeros(features))
+        self.register_buffer("running_mean", torch.zeros(features))
+        self.register_buffer("running_var", torch.ones(features))
+
+    def _statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The mean and variance the forward map uses on ``x`` (updating the running ones in training)."""
+        if not self.training:
+            return self.running_mean, self.running_var
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"BatchNorm in training mode normalises with batch statistics and needs x with at least 2 rows, "
+                f"got shape {describe_shape(tuple(x.shape))}; call .eval() to use the running statistics"
+            )
+        mean = x.mean(0)
+        var = x.var(0, unbiased=False)
+        with torch.no_grad():
+            n = x.shape[0]
+            self.running_mean.lerp_(mean.detach().to(self.running_mean), self.momentum)
+            self.running_var.lerp_((var.detach() * (n / (n - 1))).to(self.running_var), self.momentum)
+        return mean, var
+
+    def _log_scale(self, var: Tensor) -> Tensor:
+        return self.log_gamma - 0.5 * torch.log(var + self.eps)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_input("x", x, None)
+        mean, var = self._statistics(x)
+        log_scale = self._log_scale(var)
+        z = (x - mean) * log_scale.exp() + self.beta
+        return z, log_scale.sum().repeat(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_input("z", z, None)
+        if self.training:
+            raise RuntimeError(
+                "BatchNorm.inverse is only defined in eval mode: in training mode forward normalises with the "
+                "statistics of its own batch, which cannot be recovered from z. Call .eval() first (the inverse "
+                "then undoes the eval-mode forward, which uses the running statistics)."
+            )
+        log_scale = self._log_scale(self.running_var)
+        x = (z - self.beta) * (-log_scale).exp() + self.running_mean
+        return x, -log_scale.sum().repeat(z.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, momentum={self.momentum}, eps={self.eps}"
