@@ -3,7 +3,8 @@
 What it measures
 ----------------
 For each seed, both libraries' RealNVP (same number of coupling transforms, same conditioner
-hidden sizes) are trained by one shared training loop with identical settings:
+hidden sizes) are trained by one shared training loop (``benchmarks/common.py``) with identical
+settings:
 
 * train data: ``toy_dataset(name, 20_000, seed=s)``; test data: ``toy_dataset(name, 10_000,
   seed=s + 1000)``;
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,20 +41,15 @@ from pathlib import Path
 
 import torch
 import zuko
-from torch import Tensor, nn
+from torch import nn
 
-from flowforge.data import TOY_DATASETS, toy_dataset
+from common import CLIP_NORM, LR, N_TEST, N_TRAIN, LogProb, batch_indices, test_nll, toy_split, train
+from flowforge.data import TOY_DATASETS
 from flowforge.flows import RealNVP
 
-LogProb = Callable[[Tensor], Tensor]
 Builder = Callable[[int, Sequence[int]], tuple[nn.Module, LogProb]]
 
 FEATURES = 2
-N_TRAIN = 20_000
-N_TEST = 10_000
-TEST_SEED_OFFSET = 1000
-LR = 1e-3
-CLIP_NORM = 10.0
 TOLERANCE = 0.02  # nats: the goal is flowforge <= zuko + TOLERANCE
 RESULTS = Path(__file__).resolve().parent / "results" / "realnvp_vs_zuko.json"
 
@@ -81,45 +76,8 @@ class RunResult:
     final_train_loss: float
 
 
-def batch_indices(n: int, steps: int, batch: int, seed: int) -> Tensor:
-    """Minibatch indices for every step, (steps, batch): one shuffle of the data per epoch."""
-    g = torch.Generator().manual_seed(seed)
-    per_epoch = max(n // batch, 1)
-    epochs = math.ceil(steps / per_epoch)
-    rows = [torch.randperm(n, generator=g)[: per_epoch * batch].view(per_epoch, batch) for _ in range(epochs)]
-    return torch.cat(rows)[:steps]
-
-
-def train(
-    params: Sequence[nn.Parameter], log_prob: LogProb, data: Tensor, indices: Tensor
-) -> tuple[list[float], float]:
-    """Maximum-likelihood training; returns the wall time of every step and the last loss."""
-    steps = indices.shape[0]
-    optimizer = torch.optim.Adam(params, lr=LR)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
-    times: list[float] = []
-    loss = torch.tensor(float("nan"))
-    for idx in indices:
-        start = time.perf_counter()
-        loss = -log_prob(data[idx]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-        optimizer.step()
-        scheduler.step()
-        times.append(time.perf_counter() - start)
-    return times, loss.item()
-
-
-@torch.no_grad()
-def test_nll(log_prob: LogProb, data: Tensor) -> float:
-    nll = -log_prob(data).mean().item()
-    return nll if math.isfinite(nll) else math.inf
-
-
 def run(library: str, seed: int, args: argparse.Namespace) -> RunResult:
-    train_x = toy_dataset(args.dataset, N_TRAIN, seed=seed)
-    test_x = toy_dataset(args.dataset, N_TEST, seed=seed + TEST_SEED_OFFSET)
+    train_x, test_x = toy_split(args.dataset, seed)
     indices = batch_indices(N_TRAIN, args.steps, args.batch, seed)
     torch.manual_seed(seed)
     model, log_prob = LIBRARIES[library](args.transforms, args.hidden)

@@ -1,0 +1,83 @@
+"""Shared pieces of the benchmark scripts: the toy-data split, the maximum-likelihood training loop.
+
+Every script that trains flows side by side uses this one loop, so that all libraries see the same
+optimizer (Adam), learning-rate schedule (cosine decay to 0 over the run), gradient clipping and
+minibatches. The scripts import it as ``common`` (``python benchmarks/<script>.py`` puts this folder
+on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.data import toy_dataset
+
+LogProb = Callable[[Tensor], Tensor]
+
+LR = 1e-3
+CLIP_NORM = 10.0
+N_TRAIN = 20_000
+N_TEST = 10_000
+TEST_SEED_OFFSET = 1000
+
+
+def toy_split(name: str, seed: int) -> tuple[Tensor, Tensor]:
+    """Train and test sets of a built-in 2-D set: ``N_TRAIN`` points drawn with ``seed`` and
+    ``N_TEST`` points drawn with ``seed + TEST_SEED_OFFSET``."""
+    return toy_dataset(name, N_TRAIN, seed=seed), toy_dataset(name, N_TEST, seed=seed + TEST_SEED_OFFSET)
+
+
+def batch_indices(n: int, steps: int, batch: int, seed: int) -> Tensor:
+    """Minibatch indices for every step, (steps, batch): one shuffle of the data per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = max(n // batch, 1)
+    epochs = math.ceil(steps / per_epoch)
+    rows = [torch.randperm(n, generator=g)[: per_epoch * batch].view(per_epoch, batch) for _ in range(epochs)]
+    return torch.cat(rows)[:steps]
+
+
+def train(
+    params: Sequence[nn.Parameter],
+    log_prob: LogProb,
+    data: Tensor,
+    indices: Tensor,
+    lr: float = LR,
+    clip_norm: float = CLIP_NORM,
+) -> tuple[list[float], float]:
+    """Maximum-likelihood training; returns the wall time of every step and the last loss.
+
+    Adam at ``lr`` with cosine decay to 0 over ``len(indices)`` steps, gradient-norm clipping at
+    ``clip_norm``; step ``i`` trains on ``data[indices[i]]``.
+    """
+    steps = indices.shape[0]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=0.0)
+    times: list[float] = []
+    loss = torch.tensor(float("nan"))
+    for idx in indices:
+        start = time.perf_counter()
+        loss = -log_prob(data[idx]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        scheduler.step()
+        times.append(time.perf_counter() - start)
+    return times, loss.item()
+
+
+@torch.no_grad()
+def test_nll(log_prob: LogProb, data: Tensor) -> float:
+    """Mean ``-log_prob`` over ``data`` in nats (inf when it is not finite)."""
+    nll = -log_prob(data).mean().item()
+    return nll if math.isfinite(nll) else math.inf
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Number of trainable scalars (masks and other buffers are not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
