@@ -97,30 +97,33 @@ def rational_quadratic_spline(
             f"spline parameters must have K, K and K-1 entries in the last dimension, got "
             f"{unnormalized_widths.shape[-1]}, {unnormalized_heights.shape[-1]}, {unnormalized_derivatives.shape[-1]}"
         )
+    sizes = torch.stack([unnormalized_widths, unnormalized_heights], dim=-2)
+    return _spline(inputs, sizes, unnormalized_derivatives, bound, inverse)
+
+
+def _spline(
+    inputs: Tensor, unnormalized_sizes: Tensor, unnormalized_derivatives: Tensor, bound: float, inverse: bool
+) -> tuple[Tensor, Tensor]:
+    """The spline with bin widths and heights stacked as ``(..., 2, K)``: their knots are then
+    computed together, halving the number of small tensor operations on the hot path."""
+    bins = unnormalized_sizes.shape[-1]
     if bins * MIN_BIN_SIZE >= 1:
         raise ValueError(f"too many bins ({bins}) for the minimum bin size {MIN_BIN_SIZE}")
-
-    x_interior = _interior_knots(unnormalized_widths, bound)
-    y_interior = _interior_knots(unnormalized_heights, bound)
+    interior = _interior_knots(unnormalized_sizes, bound)  # (..., 2, K-1): x then y knots
     interior_derivatives = MIN_DERIVATIVE + F.softplus(unnormalized_derivatives + _UNIT_DERIVATIVE_OFFSET)
 
     inside = (inputs >= -bound) & (inputs <= bound)
     clamped = inputs.clamp(-bound, bound)
     # Number of interior knots <= input: a bin in [0, K-1], well defined even exactly on a knot.
-    search = (y_interior if inverse else x_interior).detach()
+    search = interior[..., 1 if inverse else 0, :].detach()
     index = (clamped.unsqueeze(-1) >= search).sum(-1, keepdim=True)
 
-    # One gather fetches both ends of the bin for knots x, y and derivatives.
-    table = torch.stack(
-        [
-            _with_ends(x_interior, -bound, bound),
-            _with_ends(y_interior, -bound, bound),
-            _with_ends(interior_derivatives, 1.0, 1.0),
-        ],
-        dim=-1,
-    )  # (..., K+1, 3)
-    ends = torch.cat([index, index + 1], dim=-1).unsqueeze(-1).expand(*index.shape[:-1], 2, 3)
-    (x_k, y_k, d_k), (x_k1, y_k1, d_k1) = (t.unbind(-1) for t in torch.gather(table, -2, ends).unbind(-2))
+    # One gather fetches both ends of the bin for the x knots, y knots and derivatives.
+    table = torch.cat(
+        [_with_ends(interior, -bound, bound), _with_ends(interior_derivatives, 1.0, 1.0).unsqueeze(-2)], dim=-2
+    )  # (..., 3, K+1)
+    ends = torch.cat([index, index + 1], dim=-1).unsqueeze(-2).expand(*index.shape[:-1], 3, 2)
+    (x_k, x_k1), (y_k, y_k1), (d_k, d_k1) = (t.unbind(-1) for t in torch.gather(table, -1, ends).unbind(-2))
     w, h = x_k1 - x_k, y_k1 - y_k
     slope = h / w
     curvature = d_k1 + d_k - 2 * slope
@@ -136,15 +139,15 @@ def rational_quadratic_spline(
         spline_out = xi * w + x_k
     else:
         xi = ((clamped - x_k) / w).clamp(0, 1)
-    xi_one_minus = xi * (1 - xi)
+    one_minus = 1 - xi
+    xi_one_minus = xi * one_minus
     denominator = slope + curvature * xi_one_minus
     if not inverse:
         spline_out = y_k + h * (slope * xi.square() + d_k * xi_one_minus) / denominator
-    log_derivative = (
-        2 * torch.log(slope)
-        + torch.log(d_k1 * xi.square() + 2 * slope * xi_one_minus + d_k * (1 - xi).square())
-        - 2 * torch.log(denominator)
-    )
+    # One log of the whole ratio: slope, numerator and denominator are bounded away from 0 and inf
+    # by the minimum bin size and derivative, so the product cannot under- or overflow.
+    numerator = d_k1 * xi.square() + 2 * slope * xi_one_minus + d_k * one_minus.square()
+    log_derivative = torch.log(numerator * (slope / denominator).square())
     if inverse:
         log_derivative = -log_derivative
     outputs = torch.where(inside, spline_out, inputs)
@@ -175,15 +178,15 @@ class RationalQuadraticSpline(ElementwiseTransformer):
         self.bound = float(bound)
         self.params_per_feature = 3 * bins - 1
 
-    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
         k = self.bins
-        return params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
+        return params[..., : 2 * k].unflatten(-1, (2, k)), params[..., 2 * k :]
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return rational_quadratic_spline(x, *self._split(params), bound=self.bound)
+        return _spline(x, *self._split(params), self.bound, inverse=False)
 
     def inverse(self, z: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return rational_quadratic_spline(z, *self._split(params), bound=self.bound, inverse=True)
+        return _spline(z, *self._split(params), self.bound, inverse=True)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, bound={self.bound}"
