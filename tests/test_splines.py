@@ -131,3 +131,18 @@ def test_bad_arguments() -> None:
         RationalQuadraticSpline(bound=0.0)
     with pytest.raises(ValueError, match="K, K and K-1"):
         rational_quadratic_spline(torch.zeros(2), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), 1.0)
+
+
+@pytest.mark.parametrize("autoregressive", [True, False])
+def test_flow_on_a_batch_entirely_in_the_tails(autoregressive: bool) -> None:
+    """A whole batch outside [-B, B] (the failure that made spline layers raise): finite values, finite gradients."""
+    from flowforge.flows import NSF
+
+    flow = NSF(3, context=2, transforms=3, hidden=(16,), bound=2.0, autoregressive=autoregressive)
+    x = torch.tensor([[5.0, -6.0, 40.0], [-1e6, 3.0, 2.5]])
+    log_prob = flow.log_prob(x, torch.zeros(2, 2))
+    assert torch.isfinite(log_prob).all()
+    log_prob.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in flow.parameters() if p.grad is not None)
+    samples, sample_log_prob = flow.sample_and_log_prob(4, torch.zeros(2, 2))
+    assert torch.isfinite(samples).all() and torch.isfinite(sample_log_prob).all()

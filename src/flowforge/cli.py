@@ -12,7 +12,7 @@ import typer
 import flowforge
 from flowforge.data import TOY_DATASETS, toy_dataset
 from flowforge.eval import negative_log_likelihood, plot_density_2d
-from flowforge.flows import NICE, RealNVP
+from flowforge.flows import IAF, MAF, NICE, NSF, RealNVP
 from flowforge.train import fit_maximum_likelihood
 
 app = typer.Typer(
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_RECIPES = {"realnvp": RealNVP, "nice": NICE}
+_RECIPES = {"realnvp": RealNVP, "nice": NICE, "maf": MAF, "iaf": IAF, "nsf": NSF}
 
 
 def _version(value: bool) -> None:
@@ -46,14 +46,14 @@ def demo(
     model: Annotated[str, typer.Option(help=f"Recipe: {', '.join(_RECIPES)}.")] = "realnvp",
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    transforms: Annotated[int, typer.Option(min=1, help="Coupling layers.")] = 8,
+    transforms: Annotated[int, typer.Option(min=1, help="Flow layers.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the plot.")] = Path("flowforge-demo"),
     seed: Annotated[int, typer.Option()] = 0,
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
     ] = None,
 ) -> None:
-    """Train a coupling flow on a built-in 2-D set, print its test NLL and plot the learned density."""
+    """Train a flow on a built-in 2-D set, print its test NLL and plot the learned density."""
     if dataset not in TOY_DATASETS:
         raise typer.BadParameter(
             f"unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}", param_hint="--dataset"
@@ -64,7 +64,7 @@ def demo(
     train_data = toy_dataset(dataset, 20_000, seed=seed)
     test_data = toy_dataset(dataset, 10_000, seed=seed + 1)
     flow = _RECIPES[model](2, transforms=transforms, hidden=(64, 64))
-    typer.echo(f"training {model} ({transforms} couplings) on {dataset}: {steps} steps, batch {batch_size}")
+    typer.echo(f"training {model} ({transforms} layers) on {dataset}: {steps} steps, batch {batch_size}")
     start = time.perf_counter()
     losses = fit_maximum_likelihood(flow, train_data, steps=steps, batch_size=batch_size, seed=seed, progress=progress)
     elapsed = time.perf_counter() - start
