@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from flowforge.data import toy_dataset
 from flowforge.distributions import DiagNormal, StandardNormal
-from flowforge.flows import NICE, RealNVP
+from flowforge.flows import IAF, MAF, NICE, NSF, RealNVP
 from flowforge.train import fit_maximum_likelihood
 from flowforge.transforms import AdditiveCoupling, AffineCoupling, Permutation
 from tests.invariants import density_mass_2d
@@ -52,12 +54,24 @@ def test_nice_is_volume_preserving_with_a_learnable_base() -> None:
     assert torch.equal(logabsdet, torch.zeros(10))
 
 
-def test_recipe_rebuilds_from_its_config() -> None:
-    flow = RealNVP(5, transforms=4, hidden=(8,), seed=4)
-    rebuilt = RealNVP(**{**flow.config, "hidden": tuple(flow.config["hidden"])})
+@pytest.mark.parametrize(
+    ("recipe", "options"),
+    [
+        (RealNVP, {"seed": 4}),
+        (NICE, {}),
+        (MAF, {"mixing": "lu", "batch_norm": True}),
+        (IAF, {"residual": True}),
+        (NSF, {"bins": 5, "bound": 2.0}),
+        (NSF, {"autoregressive": False}),
+    ],
+)
+def test_recipe_rebuilds_from_its_json_config(recipe, options: dict) -> None:
+    flow = recipe(5, context=2, transforms=3, hidden=(8, 8), **options).eval()
+    config = json.loads(json.dumps(flow.config))
+    rebuilt = recipe(**config).eval()
     rebuilt.load_state_dict(flow.state_dict())
-    x = torch.randn(6, 5)
-    torch.testing.assert_close(flow.log_prob(x), rebuilt.log_prob(x))
+    x, c = torch.randn(6, 5), torch.randn(6, 2)
+    torch.testing.assert_close(flow.log_prob(x, c), rebuilt.log_prob(x, c))
 
 
 def test_fresh_flow_is_the_base_distribution() -> None:

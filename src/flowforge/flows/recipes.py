@@ -30,6 +30,18 @@ from flowforge.transforms import (
 )
 
 
+def _config_of(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments that rebuild a recipe, JSON-ready (tuples as lists).
+
+    The activation is left out: it is a class, and recipes are rebuilt with their default.
+    """
+    return {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in arguments.items()
+        if name not in ("self", "__class__", "activation")
+    }
+
+
 def _check_recipe_args(
     name: str, features: int, context: int, transforms: int, hidden: Sequence[int], coupling: bool = True
 ) -> None:
@@ -87,6 +99,7 @@ class RealNVP(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
+        config = _config_of(locals())
         _check_recipe_args("RealNVP", features, context, transforms, hidden)
         layers = _coupling_stack(
             features,
@@ -95,14 +108,7 @@ class RealNVP(Flow):
             lambda mask: AffineCoupling(mask, context, hidden, activation, scale_bound),
         )
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = {
-            "features": features,
-            "context": context,
-            "transforms": transforms,
-            "hidden": list(hidden),
-            "scale_bound": scale_bound,
-            "seed": seed,
-        }
+        self.config = config
 
 
 class NICE(Flow):
@@ -127,6 +133,7 @@ class NICE(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
+        config = _config_of(locals())
         _check_recipe_args("NICE", features, context, transforms, hidden)
         layers = _coupling_stack(
             features,
@@ -135,13 +142,7 @@ class NICE(Flow):
             lambda mask: AdditiveCoupling(mask, context, hidden, activation),
         )
         super().__init__(DiagNormal(features), Compose(layers))
-        self.config = {
-            "features": features,
-            "context": context,
-            "transforms": transforms,
-            "hidden": list(hidden),
-            "seed": seed,
-        }
+        self.config = config
 
 
 _MIXINGS = ("reverse", "lu")
@@ -216,6 +217,7 @@ class MAF(Flow):
         scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
+        config = _config_of(locals())
         name = type(self).__name__
         _check_recipe_args(name, features, context, transforms, hidden, coupling=False)
         if batch_norm and self._inverted:
@@ -233,16 +235,7 @@ class MAF(Flow):
             invert=self._inverted,
         )
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = {
-            "features": features,
-            "context": context,
-            "transforms": transforms,
-            "hidden": list(hidden),
-            "residual": residual,
-            "mixing": mixing,
-            "batch_norm": batch_norm,
-            "scale_bound": scale_bound,
-        }
+        self.config = config
 
     _inverted = False
 
@@ -295,6 +288,7 @@ class NSF(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
+        config = _config_of(locals())
         _check_recipe_args("NSF", features, context, transforms, hidden, coupling=not autoregressive)
         if autoregressive:
             layers = _autoregressive_stack(
@@ -313,15 +307,4 @@ class NSF(Flow):
                 lambda mask: Coupling(mask, RationalQuadraticSpline(bins, bound), context, hidden, activation),
             )
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = {
-            "features": features,
-            "context": context,
-            "transforms": transforms,
-            "hidden": list(hidden),
-            "bins": bins,
-            "bound": bound,
-            "autoregressive": autoregressive,
-            "residual": residual,
-            "mixing": mixing,
-            "seed": seed,
-        }
+        self.config = config
