@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flowforge.ode import TABLEAUS, ButcherTableau, odeint
+from flowforge.ode import TABLEAUS, ButcherTableau, ODESolverError, odeint
 
 # dx/dt = A x with a damped rotation: x(t) = expm(A t) x0 exactly.
 A = torch.tensor([[-0.3, 2.0], [-2.0, -0.3]], dtype=torch.float64)
@@ -78,3 +78,64 @@ def test_bad_arguments() -> None:
         ButcherTableau("broken", 1, (0.0, 1.0), ((),), (1.0,))
     with pytest.raises(ValueError, match="must sum to 1"):
         ButcherTableau("broken", 1, (0.0,), ((),), (0.5,))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_adaptive_reaches_the_exact_solution_at_its_tolerance(method: str) -> None:
+    x0 = torch.tensor([[1.0, 0.5], [-2.0, 1.0]], dtype=torch.float64)
+    exact = x0 @ torch.linalg.matrix_exp(A * 2.0).T
+    for tol, bound in ((1e-4, 1e-2), (1e-9, 1e-5)):  # global error: a few thousand times the local tolerance
+        x1 = odeint(_linear, x0, (0.0, 2.0), method, atol=tol, rtol=tol)
+        assert float((x1 - exact).abs().max()) < bound
+
+
+def test_adaptive_per_sample_times_match_fixed_step() -> None:
+    x0 = torch.randn(3, 2, dtype=torch.float64)
+    t0 = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    t1 = torch.tensor([1.0, 0.7, -0.5], dtype=torch.float64)
+
+    def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _linear(x, t) * (1 + t.square())[:, None]
+
+    adaptive = odeint(field, x0, (t0, t1), "dopri5", atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(adaptive, odeint(field, x0, (t0, t1), "rk4", steps=2000), rtol=0, atol=1e-8)
+
+
+def test_float32_state_keeps_float32() -> None:
+    x1 = odeint(lambda x, t: -x * t[:, None], torch.ones(4, 3), (0.0, 1.0), "dopri5")
+    assert x1.dtype == torch.float32
+    torch.testing.assert_close(x1, torch.full((4, 3), math.exp(-0.5)), rtol=0, atol=1e-4)
+
+
+class _Field(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
+def test_adjoint_gradients_match_direct_backprop() -> None:
+    torch.manual_seed(0)
+    field = _Field().double()
+    x0 = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for adjoint in (False, True):
+        x1 = odeint(field, x0, (0.0, 1.0), "dopri5", atol=1e-10, rtol=1e-10, adjoint=adjoint)
+        grads.append(torch.autograd.grad(x1.square().sum(), (x0, *field.parameters())))
+    for direct, adjoint in zip(*grads, strict=True):
+        torch.testing.assert_close(adjoint, direct, rtol=1e-6, atol=1e-7)
+
+
+def test_a_blow_up_is_a_clear_error() -> None:
+    """dx/dt = x^2 from x0 = 1 blows up at t = 1: the solver must say so, not assert."""
+    with pytest.raises(ODESolverError, match="dopri5 gave up"):
+        odeint(lambda x, t: x.square(), torch.ones(1, 1, dtype=torch.float64), (0.0, 2.0), "dopri5", max_steps=500)
+
+
+def test_adaptive_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="adjoint=True needs an adaptive method"):
+        odeint(_linear, torch.zeros(2, 2), (0.0, 1.0), "rk4", adjoint=True)
+    with pytest.raises(ValueError, match=r"adjoint=True needs f to be an nn\.Module"):
+        odeint(_linear, torch.zeros(2, 2), (0.0, 1.0), "dopri5", adjoint=True)

@@ -1,6 +1,6 @@
-"""ODE solvers: fixed-step Runge-Kutta methods as Butcher tableaus, behind one entry point."""
+"""ODE solvers behind one entry point: fixed-step Runge-Kutta tableaus, adaptive and adjoint via torchdiffeq."""
 
 from flowforge.ode.fixed import TABLEAUS, ButcherTableau, integrate_fixed
-from flowforge.ode.solve import odeint
+from flowforge.ode.solve import ADAPTIVE_METHODS, ODESolverError, odeint
 
-__all__ = ["TABLEAUS", "ButcherTableau", "integrate_fixed", "odeint"]
+__all__ = ["ADAPTIVE_METHODS", "TABLEAUS", "ButcherTableau", "ODESolverError", "integrate_fixed", "odeint"]

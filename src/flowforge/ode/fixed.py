@@ -59,7 +59,8 @@ TABLEAUS: dict[str, ButcherTableau] = {
 }
 
 
-def _per_sample_time(name: str, value: float | Tensor, x: Tensor) -> Tensor:
+def per_sample_time(name: str, value: float | Tensor, x: Tensor) -> Tensor:
+    """A time given as a scalar or per sample, as a tensor of shape (batch,) in x's dtype and device."""
     t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     if t.dim() == 0:
         return t.expand(x.shape[0])
@@ -86,8 +87,8 @@ def integrate_fixed(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if x0.dim() < 1:
         raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
-    start = _per_sample_time("t0", t0, x0)
-    h = (_per_sample_time("t1", t1, x0) - start) / steps
+    start = per_sample_time("t0", t0, x0)
+    h = (per_sample_time("t1", t1, x0) - start) / steps
     h_x = h.reshape(-1, *([1] * (x0.dim() - 1)))  # broadcast the step over the event dims
     x = x0
     for n in range(steps):

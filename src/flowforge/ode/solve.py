@@ -1,10 +1,44 @@
-"""``odeint``: the one entry point for integrating ``dx/dt = f(x, t)``."""
+"""``odeint``: the one entry point for integrating ``dx/dt = f(x, t)``.
+
+Fixed-step methods are ours (Butcher tableaus, :mod:`flowforge.ode.fixed`). Adaptive methods and
+adjoint backpropagation come from torchdiffeq, wrapped so that the signature stays ours:
+``f(x, t)`` with ``t`` of shape (batch,), and per-sample start and end times. Per-sample times
+work with one shared adaptive solve through a change of variable: with
+:math:`t = t_0 + s (t_1 - t_0)` and :math:`s \\in [0, 1]`,
+
+.. math:: \\frac{dx}{ds} = (t_1 - t_0)\\, f\\big(x,\\ t_0 + s (t_1 - t_0)\\big).
+
+The solver's own time ``s`` has the dtype of ``x0`` (float32 stays float32: no float64 time
+tensors on devices without float64).
+"""
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+import torchdiffeq
+from torch import Tensor, nn
 
-from flowforge.ode.fixed import TABLEAUS, VelocityField, integrate_fixed
+from flowforge.ode.fixed import TABLEAUS, VelocityField, integrate_fixed, per_sample_time
+
+#: Adaptive-step methods, solved by torchdiffeq.
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+class ODESolverError(RuntimeError):
+    """An adaptive solve gave up: its step size underflowed or it exceeded ``max_steps``."""
+
+
+class _UnitIntervalField(nn.Module):
+    """``dx/ds`` on s in [0, 1] for per-sample spans; a Module so the adjoint finds f's parameters."""
+
+    def __init__(self, f: VelocityField, start: Tensor, span: Tensor, event_dims: int) -> None:
+        super().__init__()
+        self.f = f  # registered as a submodule when f is an nn.Module
+        self.start, self.span = start, span
+        self.span_x = span.reshape(-1, *([1] * event_dims))
+
+    def forward(self, s: Tensor, x: Tensor) -> Tensor:
+        return self.span_x * self.f(x, self.start + s * self.span)
 
 
 def odeint(
@@ -13,23 +47,71 @@ def odeint(
     t_span: tuple[float | Tensor, float | Tensor],
     method: str = "rk4",
     steps: int = 10,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    adjoint: bool = False,
+    max_steps: int = 10_000,
 ) -> Tensor:
     """Solve ``dx/dt = f(x, t)`` from ``t_span[0]`` to ``t_span[1]``; return x at the end time.
 
     Arguments:
-        f: the velocity field, called as ``f(x, t)`` with ``t`` of shape (batch,).
+        f: the velocity field, called as ``f(x, t)`` with ``t`` of shape (batch,). For
+            ``adjoint=True`` it must be an ``nn.Module``: the adjoint differentiates its parameters.
         x0: initial state, shape (batch, ...).
         t_span: start and end time, each a float or a tensor of shape (batch,) (per-sample times).
-        method: a fixed-step method, one of :data:`~flowforge.ode.TABLEAUS`.
-        steps: number of equal steps.
+        method: a fixed-step method (:data:`~flowforge.ode.TABLEAUS`) or an adaptive one
+            (:data:`ADAPTIVE_METHODS`).
+        steps: number of equal steps (fixed-step methods).
+        atol, rtol: error tolerances (adaptive methods).
+        adjoint: backpropagate by solving the adjoint ODE (memory independent of the number of
+            steps) instead of through the solver's operations (adaptive methods).
+        max_steps: give up after this many adaptive steps.
+
+    Raises:
+        ODESolverError: the adaptive step size underflowed or ``max_steps`` was exceeded.
 
     >>> import torch
     >>> x1 = odeint(lambda x, t: -x, torch.ones(2, 1), (0.0, 1.0), method="rk4", steps=20)
     >>> torch.allclose(x1, torch.full((2, 1), torch.e ** -1), atol=1e-6)
     True
+    >>> x1 = odeint(lambda x, t: -x, torch.ones(2, 1), (0.0, 1.0), method="dopri5", atol=1e-8, rtol=1e-8)
+    >>> torch.allclose(x1, torch.full((2, 1), torch.e ** -1), atol=1e-6)
+    True
     """
-    if method not in TABLEAUS:
-        raise ValueError(f"unknown method {method!r}; fixed-step methods: {', '.join(TABLEAUS)}")
     if len(t_span) != 2:
         raise ValueError(f"t_span must be (t0, t1), got {len(t_span)} values")
-    return integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method])
+    if method in TABLEAUS:
+        if adjoint:
+            raise ValueError("adjoint=True needs an adaptive method; fixed-step methods backpropagate directly")
+        return integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method])
+    if method not in ADAPTIVE_METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; fixed-step: {', '.join(TABLEAUS)}; adaptive: {', '.join(ADAPTIVE_METHODS)}"
+        )
+    if adjoint and not isinstance(f, nn.Module):
+        raise ValueError("adjoint=True needs f to be an nn.Module (its parameters are what the adjoint differentiates)")
+    if x0.dim() < 1:
+        raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
+    start = per_sample_time("t0", t_span[0], x0)
+    span = per_sample_time("t1", t_span[1], x0) - start
+    field = _UnitIntervalField(f, start, span, x0.dim() - 1)
+    s = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
+    options = {"max_num_steps": max_steps}
+    try:
+        if adjoint:
+            path = torchdiffeq.odeint_adjoint(
+                field, x0, s, rtol=rtol, atol=atol, method=method, options=options, adjoint_params=tuple(f.parameters())
+            )
+        else:
+            path = torchdiffeq.odeint(field, x0, s, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as error:  # torchdiffeq reports a failed solve with bare asserts
+        message = str(error)
+        if "underflow" in message or "max_num_steps" in message:
+            raise ODESolverError(
+                f"{method} gave up ({message}): the field is stiff or blows up on this interval, or atol={atol}, "
+                f"rtol={rtol} are too tight for max_steps={max_steps}; loosen the tolerances, raise max_steps or "
+                "use a fixed-step method"
+            ) from error
+        raise
+    return path[-1]
