@@ -2,5 +2,6 @@
 
 from flowforge.nn.made import MADE, MaskedLinear, MaskedResidualBlock
 from flowforge.nn.mlp import MLP
+from flowforge.nn.velocity import VelocityMLP
 
-__all__ = ["MADE", "MLP", "MaskedLinear", "MaskedResidualBlock"]
+__all__ = ["MADE", "MLP", "MaskedLinear", "MaskedResidualBlock", "VelocityMLP"]
