@@ -31,25 +31,37 @@ from flowforge.transforms.base import Transform
 
 
 class _AugmentedField(nn.Module):
-    """``(x, l) -> (v(x, t, c), div v)``: the field the solver integrates (a Module for the adjoint)."""
+    """``(x, l[, E, F]) -> (v, div v[, |v|^2, |dv/dx|_F^2])``: what the solver integrates.
 
-    def __init__(self, velocity: nn.Module, context: Tensor | None, divergence) -> None:
+    A Module so the adjoint finds the velocity's parameters; counts its evaluations (``nfe``).
+    """
+
+    def __init__(
+        self, velocity: nn.Module, context: Tensor | None, divergence, features: int, regularize: bool
+    ) -> None:
         super().__init__()
         self.velocity = velocity
         self.context = context
         self.divergence = divergence
+        self.features = features
+        self.regularize = regularize
+        self.nfe = 0
 
     def forward(self, state: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
         outer_grad = torch.is_grad_enabled()
         with torch.enable_grad():
-            x = state[:, :-1]
+            x = state[:, : self.features]
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             v = self.velocity(x, t, self.context)
-            div = self.divergence(v, x, create_graph=outer_grad)
-        if not outer_grad:
-            v, div = v.detach(), div.detach()
-        return torch.cat([v, div[:, None]], dim=1)
+            if self.regularize:
+                div, frobenius = self.divergence(v, x, create_graph=outer_grad, frobenius=True)
+                parts = [v, div[:, None], v.square().sum(1, keepdim=True), frobenius[:, None]]
+            else:
+                parts = [v, self.divergence(v, x, create_graph=outer_grad)[:, None]]
+        out = torch.cat(parts, dim=1)
+        return out if outer_grad else out.detach()
 
 
 class ContinuousFlowTransform(Transform):
@@ -88,23 +100,45 @@ class ContinuousFlowTransform(Transform):
         self.trace, self.method, self.steps = trace, method, steps
         self.atol, self.rtol, self.adjoint = atol, rtol, adjoint
 
-    def _solve(self, x: Tensor, context: Tensor | None, t0: float, t1: float) -> tuple[Tensor, Tensor]:
+    #: number of velocity evaluations of the most recent solve (forward or inverse).
+    last_nfe: int = 0
+
+    def _solve(self, x: Tensor, context: Tensor | None, t0: float, t1: float, regularize: bool = False) -> Tensor:
+        """Integrate the augmented state from t0 to t1; returns the final state."""
         divergence = ExactDivergence() if self.trace == "exact" else HutchinsonDivergence()
         divergence.reset(x)
-        field = _AugmentedField(self.velocity, context if self.context_features else None, divergence)
-        state = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)
+        field = _AugmentedField(
+            self.velocity, context if self.context_features else None, divergence, self.features, regularize
+        )
+        state = torch.cat([x, x.new_zeros(x.shape[0], 3 if regularize else 1)], dim=1)
         end = odeint(
             field, state, (t0, t1), self.method, self.steps, atol=self.atol, rtol=self.rtol, adjoint=self.adjoint
         )
-        return end[:, :-1], end[:, -1]
+        self.last_nfe = field.nfe
+        return end
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check_input("x", x, context)
-        return self._solve(x, context, 1.0, 0.0)
+        end = self._solve(x, context, 1.0, 0.0)
+        return end[:, : self.features], end[:, self.features]
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check_input("z", z, context)
-        return self._solve(z, context, 0.0, 1.0)
+        end = self._solve(z, context, 0.0, 1.0)
+        return end[:, : self.features], end[:, self.features]
+
+    def forward_with_regularization(
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r"""``forward`` plus the RNODE regularisers of the trajectory (Finlay et al. 2020), per sample:
+        kinetic energy :math:`\int_0^1 \|v\|^2 dt` and Jacobian norm
+        :math:`\int_0^1 \|\partial v/\partial x\|_F^2 dt` (exact or Hutchinson, like the trace).
+        Returns ``(z, logabsdet, kinetic, jacobian)``."""
+        self.check_input("x", x, context)
+        end = self._solve(x, context, 1.0, 0.0, regularize=True)
+        d = self.features
+        # Integrated from t = 1 down to 0, the accumulated integrals carry a minus sign.
+        return end[:, :d], end[:, d], -end[:, d + 1], -end[:, d + 2]
 
     def extra_repr(self) -> str:
         return f"features={self.features}, context={self.context_features}, trace={self.trace}, method={self.method}"
@@ -146,3 +180,18 @@ class CNF(Flow):
         transform = ContinuousFlowTransform(velocity, features, context, trace, method, steps, atol, rtol, adjoint)
         super().__init__(StandardNormal(features), transform)
         self.config = config
+
+    def log_prob_and_regularization(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``log_prob`` with the RNODE terms: returns ``(log_prob, kinetic, jacobian)``, each (batch,).
+
+        Train with ``-(log_prob - lambda_k * kinetic - lambda_j * jacobian).mean()`` for straighter,
+        cheaper-to-solve trajectories.
+        """
+        embedded = self._embed(context, batch=x.shape[0], batch_of="x")
+        z, logabsdet, kinetic, jacobian = self.transform.forward_with_regularization(x, embedded)
+        return self.base.log_prob(z) + logabsdet, kinetic, jacobian
+
+    @property
+    def last_nfe(self) -> int:
+        """Velocity evaluations of the most recent solve (a measure of how hard the ODE is)."""
+        return self.transform.last_nfe

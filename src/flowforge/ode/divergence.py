@@ -24,14 +24,23 @@ from torch import Tensor
 
 
 class ExactDivergence:
-    """Exact divergence of ``v`` with respect to ``x`` (both (batch, D)), differentiable when asked."""
+    r"""Exact divergence of ``v`` with respect to ``x`` (both (batch, D)), differentiable when asked.
 
-    def __call__(self, v: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+    With ``frobenius=True`` it also returns :math:`\|\partial v/\partial x\|_F^2`, exact, from
+    the same Jacobian rows.
+    """
+
+    def __call__(
+        self, v: Tensor, x: Tensor, create_graph: bool, frobenius: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         total = torch.zeros(x.shape[0], dtype=v.dtype, device=v.device)
+        squares = torch.zeros_like(total)
         for i in range(x.shape[1]):
             (row,) = torch.autograd.grad(v[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
             total = total + row[:, i]
-        return total
+            if frobenius:
+                squares = squares + row.square().sum(1)
+        return (total, squares) if frobenius else total
 
     def reset(self, x: Tensor) -> None:
         """Nothing to draw: the exact trace has no randomness."""
@@ -57,11 +66,16 @@ class HutchinsonDivergence:
         else:
             self._epsilon = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
 
-    def __call__(self, v: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+    def __call__(
+        self, v: Tensor, x: Tensor, create_graph: bool, frobenius: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        r"""The trace estimate; with ``frobenius=True`` also :math:`\|\varepsilon^\top J\|^2`, an
+        unbiased estimate of :math:`\|J\|_F^2` from the same vector-Jacobian product."""
         if self._epsilon is None or self._epsilon.shape != x.shape:
             self.reset(x)
         (vjp,) = torch.autograd.grad(v, x, self._epsilon, create_graph=create_graph, retain_graph=True)
-        return (vjp * self._epsilon).sum(1)
+        divergence = (vjp * self._epsilon).sum(1)
+        return (divergence, vjp.square().sum(1)) if frobenius else divergence
 
 
 def russian_roulette(
