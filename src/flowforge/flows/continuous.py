@@ -111,8 +111,17 @@ class ContinuousFlowTransform(Transform):
             self.velocity, context if self.context_features else None, divergence, self.features, regularize
         )
         state = torch.cat([x, x.new_zeros(x.shape[0], 3 if regularize else 1)], dim=1)
+        needs_grad = self.adjoint and field.context is not None and field.context.requires_grad
         end = odeint(
-            field, state, (t0, t1), self.method, self.steps, atol=self.atol, rtol=self.rtol, adjoint=self.adjoint
+            field,
+            state,
+            (t0, t1),
+            self.method,
+            self.steps,
+            atol=self.atol,
+            rtol=self.rtol,
+            adjoint=self.adjoint,
+            adjoint_tensors=(field.context,) if needs_grad else (),
         )
         self.last_nfe = field.nfe
         return end

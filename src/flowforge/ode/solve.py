@@ -52,6 +52,7 @@ def odeint(
     rtol: float = 1e-5,
     adjoint: bool = False,
     max_steps: int = 10_000,
+    adjoint_tensors: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """Solve ``dx/dt = f(x, t)`` from ``t_span[0]`` to ``t_span[1]``; return x at the end time.
 
@@ -67,6 +68,9 @@ def odeint(
         adjoint: backpropagate by solving the adjoint ODE (memory independent of the number of
             steps) instead of through the solver's operations (adaptive methods).
         max_steps: give up after this many adaptive steps.
+        adjoint_tensors: tensors other than ``f``'s parameters that ``f`` reads and that need
+            gradients (a context from an embedding net, say); the adjoint only differentiates what
+            it is told about.
 
     Raises:
         ODESolverError: the adaptive step size underflowed or ``max_steps`` was exceeded.
@@ -101,7 +105,14 @@ def odeint(
     try:
         if adjoint:
             path = torchdiffeq.odeint_adjoint(
-                field, x0, s, rtol=rtol, atol=atol, method=method, options=options, adjoint_params=tuple(f.parameters())
+                field,
+                x0,
+                s,
+                rtol=rtol,
+                atol=atol,
+                method=method,
+                options=options,
+                adjoint_params=(*f.parameters(), *(t for t in adjoint_tensors if t.requires_grad)),
             )
         else:
             path = torchdiffeq.odeint(field, x0, s, rtol=rtol, atol=atol, method=method, options=options)
