@@ -53,7 +53,6 @@ The defaults take 2-3 minutes on 2 idle CPU cores, most of it the peers' NSF sam
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import traceback
@@ -66,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 import flowforge.validation
-from common import parameter_count
+from common import parameter_count, write_results
 
 MODELS = ("MAF", "NSF")
 LIBRARIES = ("flowforge", "zuko", "normflows", "nflows")
@@ -440,7 +439,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     checks = goal_checks(results) if "flowforge" in args.libraries else []
     print_report(results, args.libraries, checks)
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {
             "models": list(args.models),
@@ -473,8 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ],
         "checks": checks,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, payload)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ The defaults (2 sets x 3 models x 600 steps) take about 5 minutes on a 2-core CP
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -65,7 +64,18 @@ import torch
 import zuko
 from torch import Tensor, nn
 
-from common import CLIP_NORM, LR, N_TRAIN, LogProb, batch_indices, parameter_count, test_nll, toy_split, train
+from common import (
+    CLIP_NORM,
+    LR,
+    N_TRAIN,
+    LogProb,
+    batch_indices,
+    parameter_count,
+    test_nll,
+    toy_split,
+    train,
+    write_results,
+)
 from flowforge.data import TOY_DATASETS
 from flowforge.flows import CNF
 
@@ -287,7 +297,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     total = time.perf_counter() - start
     print(f"total wall time {total:.0f} s")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {
             "datasets": list(args.datasets),
@@ -313,8 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "checks": checks,
         "total_wall_s": total,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, payload)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ on ``sys.path``).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,3 +84,10 @@ def test_nll(log_prob: LogProb, data: Tensor) -> float:
 def parameter_count(module: nn.Module) -> int:
     """Number of trainable scalars (masks and other buffers are not counted)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON (creating the git-ignored results folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")

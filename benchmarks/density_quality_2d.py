@@ -35,7 +35,6 @@ The defaults (6 data sets x 4 models x 2000 steps, one seed) take about 10 minut
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -46,7 +45,19 @@ import torch
 import zuko
 from torch import nn
 
-from common import CLIP_NORM, LR, N_TEST, N_TRAIN, LogProb, batch_indices, parameter_count, test_nll, toy_split, train
+from common import (
+    CLIP_NORM,
+    LR,
+    N_TEST,
+    N_TRAIN,
+    LogProb,
+    batch_indices,
+    parameter_count,
+    test_nll,
+    toy_split,
+    train,
+    write_results,
+)
 from flowforge.data import TOY_DATASETS
 from flowforge.flows import MAF, NSF
 
@@ -193,7 +204,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     total = time.perf_counter() - start
     print(f"total wall time {total / 60:.1f} min")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {
             "datasets": list(args.datasets),
@@ -216,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "runs": [asdict(r) for r in results],
         "summary": summary,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, payload)
 
 
 if __name__ == "__main__":

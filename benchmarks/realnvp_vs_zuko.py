@@ -32,7 +32,6 @@ The defaults (3 seeds x 2 libraries x 3000 steps) take a few minutes on a small 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +42,7 @@ import torch
 import zuko
 from torch import nn
 
-from common import CLIP_NORM, LR, N_TEST, N_TRAIN, LogProb, batch_indices, test_nll, toy_split, train
+from common import CLIP_NORM, LR, N_TEST, N_TRAIN, LogProb, batch_indices, test_nll, toy_split, train, write_results
 from flowforge.data import TOY_DATASETS
 from flowforge.flows import RealNVP
 
@@ -157,7 +156,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     summary = summarize(results)
     print_table(results, summary)
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {
             "dataset": args.dataset,
@@ -178,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "runs": [asdict(r) for r in results],
         "summary": summary,
     }
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(RESULTS, payload)
 
 
 if __name__ == "__main__":
