@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from flowforge.distributions import DiagNormal, GaussianMixture, StandardNormal
-from flowforge.flows import IAF, MAF, NICE, NSF, Flow, RealNVP
+from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Flow, RealNVP
 from flowforge.nn import MLP
 from flowforge.transforms import (
     ActNorm,
@@ -139,4 +139,13 @@ FLOW_CASES = [
     FlowCase("nsf_2d", lambda c: NSF(2, c, transforms=3, hidden=SMALL, bins=6, bound=4.0), 2),
     FlowCase("nsf_5d", lambda c: NSF(5, c, transforms=3, hidden=SMALL, bins=6, bound=4.0), 5),
     FlowCase("nsf_coupling_2d", lambda c: NSF(2, c, transforms=3, hidden=SMALL, autoregressive=False), 2),
+    # Fixed steps: an adaptive solver's step sizes depend on the whole batch, so a batch of one
+    # would legitimately differ from the same row inside a batch.
+    FlowCase(
+        "cnf_3d",
+        lambda c: CNF(3, c, hidden=(8, 8), method="rk4", steps=8),
+        3,
+        randomize_scale=0.2,
+        float64_tolerance=1e-7,
+    ),
 ]
