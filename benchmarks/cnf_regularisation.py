@@ -65,8 +65,6 @@ import zuko
 from torch import Tensor, nn
 
 from common import (
-    CLIP_NORM,
-    LR,
     N_TRAIN,
     LogProb,
     batch_indices,
@@ -74,6 +72,7 @@ from common import (
     test_nll,
     toy_split,
     train,
+    training_setup,
     write_results,
 )
 from flowforge.data import TOY_DATASETS
@@ -310,13 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "lambda_k": args.lambda_k,
             "lambda_j": args.lambda_j,
             "seed": args.seed,
-            "n_train": N_TRAIN,
-            "n_test": args.test_size,
-            "lr": LR,
-            "clip_norm": CLIP_NORM,
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "zuko": zuko.__version__,
+            **training_setup(args.test_size),
         },
         "runs": [asdict(r) for r in results],
         "checks": checks,

@@ -91,3 +91,18 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def training_setup(n_test: int = N_TEST) -> dict[str, Any]:
+    """The settings every training benchmark shares, for its JSON record."""
+    import zuko  # a peer, installed with the bench extra
+
+    return {
+        "n_train": N_TRAIN,
+        "n_test": n_test,
+        "lr": LR,
+        "clip_norm": CLIP_NORM,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "zuko": zuko.__version__,
+    }

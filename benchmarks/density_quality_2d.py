@@ -56,6 +56,7 @@ from common import (
     test_nll,
     toy_split,
     train,
+    training_setup,
     write_results,
 )
 from flowforge.data import TOY_DATASETS
@@ -214,13 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "steps": args.steps,
             "batch": args.batch,
             "seeds": list(args.seeds),
-            "n_train": N_TRAIN,
-            "n_test": N_TEST,
-            "lr": LR,
-            "clip_norm": CLIP_NORM,
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "zuko": zuko.__version__,
+            **training_setup(),
             "total_wall_s": total,
         },
         "runs": [asdict(r) for r in results],

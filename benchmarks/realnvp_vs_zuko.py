@@ -42,7 +42,16 @@ import torch
 import zuko
 from torch import nn
 
-from common import CLIP_NORM, LR, N_TEST, N_TRAIN, LogProb, batch_indices, test_nll, toy_split, train, write_results
+from common import (
+    N_TRAIN,
+    LogProb,
+    batch_indices,
+    test_nll,
+    toy_split,
+    train,
+    training_setup,
+    write_results,
+)
 from flowforge.data import TOY_DATASETS
 from flowforge.flows import RealNVP
 
@@ -165,13 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "steps": args.steps,
             "batch": args.batch,
             "seeds": list(args.seeds),
-            "n_train": N_TRAIN,
-            "n_test": N_TEST,
-            "lr": LR,
-            "clip_norm": CLIP_NORM,
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "zuko": zuko.__version__,
+            **training_setup(),
         },
         "runs": [asdict(r) for r in results],
         "summary": summary,
