@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flowforge.flows import CNF
+from flowforge.nn import VelocityMLP
 from flowforge.ode.divergence import ExactDivergence, HutchinsonDivergence, russian_roulette
 from tests.invariants import autograd_logabsdet, density_mass_2d, parameters_without_gradient, randomize_
 
@@ -62,6 +63,27 @@ def test_divergence_estimators_on_a_linear_field() -> None:
         estimates.append(hutchinson(v, x, create_graph=False))
     mean = torch.stack(estimates).mean(0)
     assert (mean - torch.trace(A)).abs().max() < 4 * torch.stack(estimates).std(0).max() / 2000**0.5
+
+
+@pytest.mark.parametrize("features", [2, 5])
+def test_batched_and_looped_exact_divergence_agree_with_the_jacobian(features: int) -> None:
+    torch.manual_seed(0)
+    net = VelocityMLP(features, hidden=(8,)).double()
+    x = torch.randn(3, features, dtype=torch.float64, requires_grad=True)
+    t = torch.rand(3, dtype=torch.float64)
+    jacobians = torch.stack(
+        [torch.autograd.functional.jacobian(lambda y, i=i: net(y[None], t[i : i + 1])[0], x[i]) for i in range(3)]
+    )
+    results = {}
+    for batched in (True, False):
+        div, frob = ExactDivergence(batched)(net(x, t), x, create_graph=True, frobenius=True)
+        torch.testing.assert_close(div, jacobians.diagonal(dim1=1, dim2=2).sum(-1))
+        torch.testing.assert_close(frob, jacobians.square().sum((1, 2)))
+        results[batched] = torch.autograd.grad((div + frob).sum(), net.parameters(), materialize_grads=True)
+    for a, b in zip(results[True], results[False], strict=True):  # second-order gradients agree too
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="batched"):
+        ExactDivergence("yes")
 
 
 def test_sampling_and_density_are_consistent_and_differentiable() -> None:

@@ -2,8 +2,9 @@ r"""Divergence estimators for continuous normalizing flows, and an unbiased seri
 
 The instantaneous change of variables needs :math:`\nabla\!\cdot v = \operatorname{tr}(\partial v / \partial x)`.
 
-* :class:`ExactDivergence`: the trace, one vector-Jacobian product per dimension
-  (cost :math:`O(D)` backward passes; exact).
+* :class:`ExactDivergence`: the trace from the :math:`D` rows of the Jacobian (exact). The rows
+  come from one batched vector-Jacobian product (``torch.autograd.grad(..., is_grads_batched=True)``,
+  vmap from torch.func underneath) where that pays, or from :math:`D` separate backward passes.
 * :class:`HutchinsonDivergence`: :math:`\varepsilon^\top (\partial v/\partial x)\, \varepsilon` with
   :math:`\mathbb E[\varepsilon\varepsilon^\top] = I` (Gaussian or Rademacher probes): one
   vector-Jacobian product, unbiased. As in FFJORD, one probe is drawn per solve and held fixed
@@ -28,11 +29,39 @@ class ExactDivergence:
 
     With ``frobenius=True`` it also returns :math:`\|\partial v/\partial x\|_F^2`, exact, from
     the same Jacobian rows.
+
+    Arguments:
+        batched: get all :math:`D` Jacobian rows from one vmapped vector-Jacobian product
+            (``True``), from :math:`D` backward passes (``False``), or choose by dimension
+            (``"auto"``: batched for :math:`4 \le D \le` :attr:`BATCHED_MAX_FEATURES`). Batching
+            runs the backward pass once on a (D, batch, D) cotangent: about 1.7x faster than the
+            loop at D = 8 and 32 for a 64-64 MLP on a CPU, the same at D = 2, at D times the memory.
     """
+
+    #: Largest dimension for which ``batched="auto"`` vectorizes (memory grows as D^2 x batch).
+    BATCHED_MAX_FEATURES = 64
+
+    def __init__(self, batched: bool | str = "auto") -> None:
+        if batched not in (True, False, "auto"):
+            raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
+        self.batched = batched
+
+    def _use_batched(self, features: int) -> bool:
+        if self.batched == "auto":
+            return 4 <= features <= self.BATCHED_MAX_FEATURES
+        return bool(self.batched)
 
     def __call__(
         self, v: Tensor, x: Tensor, create_graph: bool, frobenius: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
+        features = x.shape[1]
+        if self._use_batched(features):
+            basis = torch.eye(features, dtype=v.dtype, device=v.device)[:, None, :].expand(features, *v.shape)
+            (rows,) = torch.autograd.grad(
+                v, x, basis, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+            )  # rows[i] = d v_i / d x, shape (D, batch, D)
+            total = rows.diagonal(dim1=0, dim2=2).sum(-1)
+            return (total, rows.square().sum((0, 2))) if frobenius else total
         total = torch.zeros(x.shape[0], dtype=v.dtype, device=v.device)
         squares = torch.zeros_like(total)
         for i in range(x.shape[1]):
