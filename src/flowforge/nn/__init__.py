@@ -2,6 +2,14 @@
 
 from flowforge.nn.made import MADE, MaskedLinear, MaskedResidualBlock
 from flowforge.nn.mlp import MLP
-from flowforge.nn.velocity import VelocityMLP
+from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, VelocityMLP
 
-__all__ = ["MADE", "MLP", "MaskedLinear", "MaskedResidualBlock", "VelocityMLP"]
+__all__ = [
+    "MADE",
+    "MLP",
+    "MaskedLinear",
+    "MaskedResidualBlock",
+    "ResidualVelocityMLP",
+    "SinusoidalTimeEmbedding",
+    "VelocityMLP",
+]

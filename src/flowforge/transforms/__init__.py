@@ -2,6 +2,7 @@
 
 from flowforge.transforms.autoregressive import MaskedAutoregressive
 from flowforge.transforms.base import Compose, Invert, Permutation, Transform
+from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.transforms.coupling import AdditiveCoupling, AffineCoupling, Coupling
 from flowforge.transforms.elementwise import (
     AdditiveElementwise,
@@ -21,6 +22,7 @@ __all__ = [
     "AffineElementwise",
     "BatchNorm",
     "Compose",
+    "ContinuousFlowTransform",
     "Coupling",
     "ElementwiseTransformer",
     "Invert",

@@ -1,0 +1,34 @@
+"""Flow matching: probability paths, couplings, time samplers, the FlowMatcher, reflow and shortcut models."""
+
+from flowforge.matching.couplings import Coupling, ExactOTCoupling, IndependentCoupling, SinkhornCoupling
+from flowforge.matching.matcher import FlowMatcher
+from flowforge.matching.paths import (
+    AffinePath,
+    CosinePath,
+    LinearPath,
+    StochasticInterpolantPath,
+    VariancePreservingPath,
+)
+from flowforge.matching.reflow import reflow_pairs, straightness
+from flowforge.matching.shortcut import ShortcutMatcher
+from flowforge.matching.time import LogitNormalTime, ShiftedBetaTime, TimeSampler, UniformTime
+
+__all__ = [
+    "AffinePath",
+    "CosinePath",
+    "Coupling",
+    "ExactOTCoupling",
+    "FlowMatcher",
+    "IndependentCoupling",
+    "LinearPath",
+    "LogitNormalTime",
+    "ShiftedBetaTime",
+    "ShortcutMatcher",
+    "SinkhornCoupling",
+    "StochasticInterpolantPath",
+    "TimeSampler",
+    "UniformTime",
+    "VariancePreservingPath",
+    "reflow_pairs",
+    "straightness",
+]

@@ -1,0 +1,139 @@
+r"""Shortcut models (Frans et al. 2025): one network for any number of sampling steps, down to one.
+
+The network takes the step size :math:`d` as an extra input, :math:`s_\theta(x, t, c, d)`, and
+predicts the *average* velocity over the next step, so that :math:`x_{t+d} = x_t + d\,
+s_\theta(x_t, t, c, d)`. At :math:`d = 0` it is the instantaneous velocity, trained by plain
+flow matching. Larger steps are trained by self-consistency: two steps of size :math:`d` must
+equal one of size :math:`2d`,
+
+.. math:: s_\theta(x_t, t, 2d) \approx \tfrac12\big[s_\theta(x_t, t, d)
+          + s_\theta(x_t + d\, s_\theta(x_t, t, d),\ t + d,\ d)\big],
+
+with the right side held fixed (no gradient). Step sizes are powers of two,
+:math:`d \in \{2^{-M}, \dots, 2^{-1}\}`, and the smallest one is queried as :math:`d = 0` (the
+flow-matching velocity), which anchors the recursion. A fraction of every batch
+(``self_consistency_fraction``) trains the shortcut targets, the rest flow matching.
+
+Sampling with ``steps = k`` and Euler uses step input :math:`d = 1/k`; other solvers use the
+instantaneous velocity (:math:`d = 0`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.matching.couplings import Coupling
+from flowforge.matching.matcher import FlowMatcher
+from flowforge.matching.paths import AffinePath
+from flowforge.matching.time import TimeSampler
+from flowforge.validation import check_batched
+
+
+class ShortcutMatcher(FlowMatcher):
+    """Flow matching plus shortcut self-consistency, for usable 1-2 step sampling.
+
+    Arguments:
+        velocity: ``net(x, t, context=None, step=None)``, e.g. ``VelocityMLP(..., step_input=True)``.
+        path, coupling, time_sampler, event_shape, context, context_dropout: as :class:`FlowMatcher`.
+        self_consistency_fraction: share of each batch trained on the self-consistency target.
+        max_halvings: M: the smallest trained step is ``2**-M`` (default 7: 1/128).
+
+    >>> import torch
+    >>> from flowforge.nn import VelocityMLP
+    >>> model = ShortcutMatcher(VelocityMLP(2, hidden=(16,), step_input=True))
+    >>> model.loss(torch.randn(8, 2)).shape, model.sample(3, steps=1).shape
+    (torch.Size([]), torch.Size([3, 2]))
+    """
+
+    def __init__(
+        self,
+        velocity: nn.Module,
+        path: AffinePath | None = None,
+        coupling: Coupling | None = None,
+        time_sampler: TimeSampler | None = None,
+        *,
+        event_shape: int | tuple[int, ...] | None = None,
+        context: int | None = None,
+        context_dropout: float = 0.0,
+        self_consistency_fraction: float = 0.25,
+        max_halvings: int = 7,
+    ) -> None:
+        super().__init__(
+            velocity,
+            path,
+            coupling,
+            time_sampler,
+            event_shape=event_shape,
+            context=context,
+            context_dropout=context_dropout,
+        )
+        if not 0.0 < self_consistency_fraction < 1.0:
+            raise ValueError(f"self_consistency_fraction must be in (0, 1), got {self_consistency_fraction}")
+        if max_halvings < 1:
+            raise ValueError(f"max_halvings must be >= 1, got {max_halvings}")
+        self.self_consistency_fraction = float(self_consistency_fraction)
+        self.max_halvings = int(max_halvings)
+
+    def loss(
+        self,
+        x1: Tensor,
+        context: Tensor | None = None,
+        *,
+        x0: Tensor | None = None,
+        t: Tensor | None = None,
+    ) -> Tensor:
+        """Flow-matching loss (step 0) on most rows plus the self-consistency loss on the rest."""
+        self._check("x1", x1, context)
+        batch = x1.shape[0]
+        if x0 is None:
+            x0 = self.coupling(torch.randn_like(x1), x1, context)
+        else:
+            check_batched("x0", x0, self.event_shape, batch=batch, batch_of="x1")
+        context = self._drop_context(context)
+        n_sc = min(max(round(batch * self.self_consistency_fraction), 1), batch - 1) if batch > 1 else 0
+
+        # Flow-matching rows: instantaneous velocity at step 0.
+        fm = slice(n_sc, batch)
+        t_fm = t[fm] if t is not None else self.time_sampler(batch - n_sc, device=x1.device, dtype=x1.dtype)
+        x_t, target = self.path.sample(x0[fm], x1[fm], t_fm)
+        fm_context = None if context is None else context[fm]
+        squared = [(self.velocity(x_t, t_fm, fm_context, step=0.0) - target).square().flatten(1)]
+
+        if n_sc:
+            sc = slice(0, n_sc)
+            exponent = torch.randint(1, self.max_halvings + 1, (n_sc,), device=x1.device)
+            d = torch.pow(2.0, -exponent.to(x1.dtype))  # the small step; the trained one is 2d
+            t_sc = torch.rand(n_sc, device=x1.device, dtype=x1.dtype) * (1 - 2 * d)
+            x_t, _ = self.path.sample(x0[sc], x1[sc], t_sc)
+            sc_context = None if context is None else context[sc]
+            d_query = torch.where(exponent == self.max_halvings, torch.zeros_like(d), d)
+            with torch.no_grad():
+                first = self.velocity(x_t, t_sc, sc_context, step=d_query)
+                x_mid = x_t + d.reshape(-1, *([1] * (x_t.dim() - 1))) * first
+                second = self.velocity(x_mid, t_sc + d, sc_context, step=d_query)
+                target = 0.5 * (first + second)
+            prediction = self.velocity(x_t, t_sc, sc_context, step=2 * d)
+            squared.append((prediction - target).square().flatten(1))
+        return torch.cat(squared).mean()
+
+    def sampling_field(
+        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        step = 1.0 / steps if method == "euler" else 0.0
+
+        def field(x: Tensor, t: Tensor) -> Tensor:
+            return self.velocity_at(x, t, context, guidance_scale, step=step)
+
+        return field
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, self_consistency_fraction={self.self_consistency_fraction}, "
+            f"max_halvings={self.max_halvings}"
+        )
+
+
+__all__ = ["ShortcutMatcher"]
