@@ -52,7 +52,19 @@ def train(
     lr: float = LR,
     clip_norm: float = CLIP_NORM,
 ) -> tuple[list[float], float]:
-    """Maximum-likelihood training; returns the wall time of every step and the last loss.
+    """Maximum-likelihood training (:func:`fit` on ``-log_prob(batch).mean()``)."""
+    return fit(params, lambda batch: -log_prob(batch).mean(), data, indices, lr, clip_norm)
+
+
+def fit(
+    params: Sequence[nn.Parameter],
+    loss_of: Callable[[Tensor], Tensor],
+    data: Tensor,
+    indices: Tensor,
+    lr: float = LR,
+    clip_norm: float = CLIP_NORM,
+) -> tuple[list[float], float]:
+    """Minimise ``loss_of(batch)``; returns the wall time of every step and the last loss.
 
     Adam at ``lr`` with cosine decay to 0 over ``len(indices)`` steps, gradient-norm clipping at
     ``clip_norm``; step ``i`` trains on ``data[indices[i]]``.
@@ -64,7 +76,7 @@ def train(
     loss = torch.tensor(float("nan"))
     for idx in indices:
         start = time.perf_counter()
-        loss = -log_prob(data[idx]).mean()
+        loss = loss_of(data[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip_norm)

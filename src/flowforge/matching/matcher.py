@@ -50,6 +50,25 @@ class _FlatVelocity(nn.Module):
         return self.matcher.velocity_at(event, t, context, self.guidance_scale).reshape(x.shape[0], -1)
 
 
+class _SamplingField:
+    """``f(x, t)`` for the solvers; with a network that offers ``time_conditioning`` and no guidance,
+    it also offers ``on_grid`` so a fixed-step solve precomputes the time features of every stage."""
+
+    def __init__(
+        self, matcher: FlowMatcher, context: Tensor | None, guidance_scale: float | None, net_inputs: dict
+    ) -> None:
+        self.matcher, self.context, self.guidance_scale, self.net_inputs = matcher, context, guidance_scale, net_inputs
+        conditioning = getattr(matcher.velocity, "time_conditioning", None)
+        if conditioning is None or guidance_scale is not None or set(net_inputs) - {"step"}:
+            self.on_grid = None
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.matcher.velocity_at(x, t, self.context, self.guidance_scale, **self.net_inputs)
+
+    def on_grid(self, times: Tensor) -> Callable[[Tensor, int], Tensor]:
+        return self.matcher.velocity.time_conditioning(times, self.context, **self.net_inputs)
+
+
 class FlowMatcher(nn.Module):
     """A velocity network with the path, coupling and time law it is trained with.
 
@@ -217,11 +236,7 @@ class FlowMatcher(nn.Module):
         self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """The field ``f(x, t)`` the ODE sampler integrates (a few-step model also uses the step size)."""
-
-        def field(x: Tensor, t: Tensor) -> Tensor:
-            return self.velocity_at(x, t, context, guidance_scale)
-
-        return field
+        return _SamplingField(self, context, guidance_scale, {})
 
     @torch.no_grad()
     def sample(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.matching.couplings import Coupling
-from flowforge.matching.matcher import FlowMatcher
+from flowforge.matching.matcher import FlowMatcher, _SamplingField
 from flowforge.matching.paths import AffinePath
 from flowforge.matching.time import TimeSampler
 from flowforge.validation import check_batched
@@ -122,12 +122,7 @@ class ShortcutMatcher(FlowMatcher):
     def sampling_field(
         self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        step = 1.0 / steps if method == "euler" else 0.0
-
-        def field(x: Tensor, t: Tensor) -> Tensor:
-            return self.velocity_at(x, t, context, guidance_scale, step=step)
-
-        return field
+        return _SamplingField(self, context, guidance_scale, {"step": 1.0 / steps if method == "euler" else 0.0})
 
     def extra_repr(self) -> str:
         return (

@@ -16,9 +16,10 @@ shortcut-model input, :class:`flowforge.matching.ShortcutMatcher`), embedded lik
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
@@ -43,16 +44,26 @@ class SinusoidalTimeEmbedding(nn.Module):
         if dim < 2 or dim % 2:
             raise ValueError(f"the time embedding size must be even and >= 2, got {dim}")
         self.dim = dim
-        frequencies = torch.logspace(0.0, math.log10(max_frequency), dim // 2)
-        self.register_buffer("angular", 2 * math.pi * frequencies, persistent=False)
+        angular = 2 * math.pi * torch.logspace(0.0, math.log10(max_frequency), dim // 2)
+        # cos(a) = sin(a + pi/2): one fused multiply-add and one sine give both halves.
+        self.register_buffer("angular", torch.cat([angular, angular]), persistent=False)
+        self.register_buffer(
+            "shift", torch.cat([torch.zeros(dim // 2), torch.full((dim // 2,), math.pi / 2)]), persistent=False
+        )
 
     def forward(self, t: Tensor) -> Tensor:
-        phase = t[:, None] * self.angular.to(t.dtype)
-        return torch.cat([phase.sin(), phase.cos()], dim=1)
+        shift, angular = self.shift, self.angular
+        if shift.dtype != t.dtype:
+            shift, angular = shift.to(t.dtype), angular.to(t.dtype)
+        return torch.addcmul(shift, t[:, None], angular).sin()
 
 
 class _TimeInputs(nn.Module):
-    """The time (and optional step-size) features a velocity network sees, shared by both networks."""
+    """The time (and optional step-size) features a velocity network sees, shared by both networks.
+
+    The networks call :meth:`forward` directly, not through ``nn.Module.__call__``: samplers call
+    them on small batches many times, where the call machinery costs as much as the arithmetic.
+    """
 
     def __init__(self, time_embedding: int, step_input: bool) -> None:
         super().__init__()
@@ -63,7 +74,7 @@ class _TimeInputs(nn.Module):
     def forward(self, x: Tensor, t: Tensor, step: Tensor | float | None) -> list[Tensor]:
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},) (one time per sample), got {tuple(t.shape)}")
-        times = [t.to(x.dtype)]
+        times = [t if t.dtype == x.dtype else t.to(x.dtype)]
         if self.step_input:
             if step is None:
                 step = 0.0
@@ -73,7 +84,7 @@ class _TimeInputs(nn.Module):
             raise ValueError("this network has no step-size input; build it with step_input=True")
         if self.embedding is None:
             return [s[:, None] for s in times]
-        return [self.embedding(s) for s in times]
+        return [self.embedding.forward(s) for s in times]
 
 
 class VelocityMLP(nn.Module):
@@ -110,10 +121,62 @@ class VelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        parts = [x, *self.time_inputs(x, t, step)]
+        parts = [x, *self.time_inputs.forward(x, t, step)]
         if self.context_features:
             parts.append(context)
-        return self.net(torch.cat(parts, dim=1))
+        return _run_layers(self.net, torch.cat(parts, dim=1))
+
+    def time_conditioning(
+        self, times: Tensor, context: Tensor | None = None, step: float | None = None
+    ) -> Callable[[Tensor, int], Tensor]:
+        r"""Precompute everything but ``x`` for a fixed list of times; returns ``velocity(x, k)`` at ``times[k]``.
+
+        The first layer is affine in its input :math:`[x, \gamma(t), c]`, so
+        :math:`W [x, \gamma(t), c] + b = W_x x + (W_t \gamma(t_k) + W_c c + b)`. The bracket is
+        computed once for all K times (and the whole batch of contexts), and each call costs one
+        ``addmm`` plus the remaining layers. Used by the fixed-step samplers (their time grid
+        is known in advance); equal to ``forward(x, times[k].expand(batch), context, step)``.
+        """
+        first = self.net[0]
+        if type(first) is not nn.Linear:
+            raise TypeError("time_conditioning needs the network to start with an nn.Linear")
+        d = self.features
+        t_width = self.time_inputs.size
+        dummy = times.new_zeros(times.shape[0], d)
+        time_features = torch.cat(self.time_inputs.forward(dummy, times, step), dim=1)
+        offsets = F.linear(time_features, first.weight[:, d : d + t_width], first.bias)  # (K, H)
+        weight_x = first.weight[:, :d].t()
+        rest = list(self.net)[1:]
+        if self.context_features:
+            context_part = F.linear(context, first.weight[:, d + t_width :])  # (B, H)
+
+            def velocity(x: Tensor, k: int) -> Tensor:
+                return _run_layers(rest, torch.addmm(context_part + offsets[k], x, weight_x))
+
+        else:
+
+            def velocity(x: Tensor, k: int) -> Tensor:
+                return _run_layers(rest, torch.addmm(offsets[k], x, weight_x))
+
+        return velocity
+
+
+def _run_layers(layers: Iterable[nn.Module], h: Tensor) -> Tensor:
+    """``layers(h)`` without the per-module call machinery for plain Linear and SiLU layers.
+
+    Samplers call the velocity many times on small batches, where ``nn.Module.__call__`` costs
+    about as much as the matrix products. A layer with hooks is called normally.
+    """
+    for layer in layers:
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            h = layer(h)
+        elif type(layer) is nn.Linear:
+            h = F.linear(h, layer.weight, layer.bias)
+        elif type(layer) is nn.SiLU:
+            h = F.silu(h)
+        else:
+            h = layer(h)
+    return h
 
 
 class _ResidualBlock(nn.Module):
@@ -172,7 +235,7 @@ class ResidualVelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        parts = [x, *self.time_inputs(x, t, step)]
+        parts = [x, *self.time_inputs.forward(x, t, step)]
         if self.context_features:
             parts.append(context)
         return self.output(self.blocks(self.input(torch.cat(parts, dim=1))))

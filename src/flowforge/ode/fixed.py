@@ -14,6 +14,7 @@ network ``f(x, t)`` is called with a time vector ``t`` of shape (batch,) on ever
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,6 +88,8 @@ def integrate_fixed(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if x0.dim() < 1:
         raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
+    if _is_scalar(t0) and _is_scalar(t1):
+        return _integrate_shared_time(f, x0, float(t0), float(t1), steps, tableau)
     start = per_sample_time("t0", t0, x0)
     h = (per_sample_time("t1", t1, x0) - start) / steps
     h_x = h.reshape(-1, *([1] * (x0.dim() - 1)))  # broadcast the step over the event dims
@@ -106,3 +109,56 @@ def integrate_fixed(
                 update = b_i * k_i if update is None else update + b_i * k_i
         x = x + h_x * update
     return x
+
+
+def _is_scalar(value: float | Tensor) -> bool:
+    return not isinstance(value, Tensor) or value.dim() == 0
+
+
+def _integrate_shared_time(
+    f: VelocityField, x0: Tensor, t0: float, t1: float, steps: int, tableau: ButcherTableau
+) -> Tensor:
+    """The common case of one time span for the whole batch, with the least work per step.
+
+    The step is a Python float, so every stage and update is one fused ``add(x, k, alpha=...)``,
+    and the stage times come from a cache (the loop only expands them to the batch). This is
+    what makes small-batch sampling (a control loop) cheap: there the solver's own operations,
+    not the network, would otherwise dominate.
+
+    A field may also prepare for the whole grid at once: if ``f`` has a method
+    ``on_grid(times) -> at_stage`` (``times``: every stage time in order, shape (steps x stages,)),
+    it is called once and the solver then calls ``at_stage(x, index)`` for stage ``index`` instead
+    of ``f(x, t)``. A network conditioned on time computes its time features for all stages in one
+    batched operation this way (:meth:`flowforge.nn.VelocityMLP.time_conditioning`).
+    """
+    h = (t1 - t0) / steps
+    times = _stage_times(t0, t1, steps, tableau, x0.dtype, x0.device)
+    batch = x0.shape[0]
+    stage_count = len(tableau.c)
+    on_grid = getattr(f, "on_grid", None)
+    at_stage = on_grid(torch.cat(times)) if on_grid is not None else None
+    x = x0
+    for n in range(steps):
+        stages: list[Tensor] = []
+        for i, a_i in enumerate(tableau.a):
+            x_i = x
+            for a_ij, k_j in zip(a_i, stages, strict=True):
+                if a_ij != 0.0:
+                    x_i = torch.add(x_i, k_j, alpha=a_ij * h)
+            index = n * stage_count + i
+            stages.append(at_stage(x_i, index) if at_stage is not None else f(x_i, times[index].expand(batch)))
+        for b_i, k_i in zip(tableau.b, stages, strict=True):
+            if b_i != 0.0:
+                x = torch.add(x, k_i, alpha=b_i * h)
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_times(
+    t0: float, t1: float, steps: int, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, ...]:
+    """Every stage time of a solve, as one-element tensors in step-major order (cached: a control
+    loop samples with the same grid every call, and building it costs as much as a small step)."""
+    h = (t1 - t0) / steps
+    grid = torch.tensor([t0 + h * (n + c) for n in range(steps) for c in tableau.c], dtype=dtype, device=device)
+    return tuple(grid.split(1))
