@@ -10,8 +10,10 @@ equal one of size :math:`2d`,
           + s_\theta(x_t + d\, s_\theta(x_t, t, d),\ t + d,\ d)\big],
 
 with the right side held fixed (no gradient). Step sizes are powers of two,
-:math:`d \in \{2^{-M}, \dots, 2^{-1}\}`, and the smallest one is queried as :math:`d = 0` (the
-flow-matching velocity), which anchors the recursion. A fraction of every batch
+:math:`d \in \{2^{-M}, \dots, 2^{-1}\}`, the smallest one is queried as :math:`d = 0` (the
+flow-matching velocity), which anchors the recursion, and the times of a self-consistency row lie
+on the grid of its step, :math:`t \in \{0, 2d, \dots, 1 - 2d\}`, where a sampler with that step
+evaluates the network. A fraction of every batch
 (``self_consistency_fraction``) trains the shortcut targets, the rest flow matching.
 
 Sampling with ``steps = k`` and Euler uses step input :math:`d = 1/k`; other solvers use the
@@ -106,7 +108,10 @@ class ShortcutMatcher(FlowMatcher):
             sc = slice(0, n_sc)
             exponent = torch.randint(1, self.max_halvings + 1, (n_sc,), device=x1.device)
             d = torch.pow(2.0, -exponent.to(x1.dtype))  # the small step; the trained one is 2d
-            t_sc = torch.rand(n_sc, device=x1.device, dtype=x1.dtype) * (1 - 2 * d)
+            # Times on the grid of the trained step, {0, 2d, 4d, ..., 1 - 2d}: where a sampler with
+            # that step evaluates the network.
+            slots = torch.pow(2.0, (exponent - 1).to(x1.dtype))  # 1 / (2d) steps of size 2d fit in [0, 1]
+            t_sc = torch.floor(torch.rand(n_sc, device=x1.device, dtype=x1.dtype) * slots) * 2 * d
             x_t, _ = self.path.sample(x0[sc], x1[sc], t_sc)
             sc_context = None if context is None else context[sc]
             d_query = torch.where(exponent == self.max_halvings, torch.zeros_like(d), d)

@@ -1,5 +1,27 @@
-"""Training loops and objectives."""
+"""Training: one loop with pluggable objectives, schedules, EMA, mixed precision and resumable checkpoints."""
 
 from flowforge.train.fit import fit_maximum_likelihood
+from flowforge.train.trainer import (
+    ExponentialMovingAverage,
+    FlowMatchingObjective,
+    MaximumLikelihood,
+    Objective,
+    ReverseKL,
+    Trainer,
+    TrainerConfig,
+    TrainingState,
+    learning_rate_factor,
+)
 
-__all__ = ["fit_maximum_likelihood"]
+__all__ = [
+    "ExponentialMovingAverage",
+    "FlowMatchingObjective",
+    "MaximumLikelihood",
+    "Objective",
+    "ReverseKL",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingState",
+    "fit_maximum_likelihood",
+    "learning_rate_factor",
+]
