@@ -25,6 +25,7 @@ from flowforge.transforms import (
     MaskedAutoregressive,
     Permutation,
     RationalQuadraticSpline,
+    Standardize,
 )
 from tests.invariants import FlowCase, TransformCase, warm_up_
 
@@ -77,6 +78,12 @@ TRANSFORM_CASES = [
     TransformCase("lu_linear", lambda c: LULinear(5), 5, conditional=False),
     TransformCase("lu_linear_random_init", lambda c: LULinear(4, identity_init=False), 4, conditional=False),
     TransformCase("invert_lu_linear", lambda c: Invert(LULinear(3, identity_init=False)), 3, conditional=False),
+    TransformCase(
+        "standardize",
+        lambda c: Standardize(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.3, 2.0, 1.5])),
+        3,
+        conditional=False,
+    ),
     TransformCase("glow_step", _glow_step, 5, warmup_batches=1),
     TransformCase("coupling_batchnorm", _coupling_batchnorm, 5, warmup_batches=5, batch_dependent=True),
     # Autoregressive layers (any order), every elementwise transformer, and splines in couplings.

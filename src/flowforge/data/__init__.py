@@ -1,6 +1,28 @@
-"""Data: built-in 2-D sets and unnormalized 2-D targets for reverse-KL training."""
+"""Data: built-in 2-D sets, scikit-learn's bundled sets, user files, and 2-D targets for reverse-KL training."""
 
+from flowforge.data.tabular import (
+    SKLEARN_DATASETS,
+    DataError,
+    Standardizer,
+    dequantize_digits,
+    digits_bits_per_dim,
+    load_table,
+    sklearn_dataset,
+)
 from flowforge.data.targets import TARGETS, Target, target
 from flowforge.data.toy import TOY_DATASETS, toy_dataset
 
-__all__ = ["TARGETS", "TOY_DATASETS", "Target", "target", "toy_dataset"]
+__all__ = [
+    "SKLEARN_DATASETS",
+    "TARGETS",
+    "TOY_DATASETS",
+    "DataError",
+    "Standardizer",
+    "Target",
+    "dequantize_digits",
+    "digits_bits_per_dim",
+    "load_table",
+    "sklearn_dataset",
+    "target",
+    "toy_dataset",
+]

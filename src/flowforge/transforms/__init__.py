@@ -10,7 +10,7 @@ from flowforge.transforms.elementwise import (
     ElementwiseTransformer,
     soft_clamp,
 )
-from flowforge.transforms.linear import LULinear
+from flowforge.transforms.linear import LULinear, Standardize
 from flowforge.transforms.normalization import ActNorm, BatchNorm
 from flowforge.transforms.splines import RationalQuadraticSpline, rational_quadratic_spline
 
@@ -30,6 +30,7 @@ __all__ = [
     "MaskedAutoregressive",
     "Permutation",
     "RationalQuadraticSpline",
+    "Standardize",
     "Transform",
     "rational_quadratic_spline",
     "soft_clamp",

@@ -1,0 +1,215 @@
+r"""Tabular data: scikit-learn's bundled sets, 8x8 digits for density estimation, and user files.
+
+* :func:`sklearn_dataset`: ``iris``, ``wine``, ``breast_cancer``, ``diabetes`` (features only) and
+  ``digits``, all shipped inside scikit-learn (no download).
+* :func:`dequantize_digits`: the 64 pixel counts (integers 0..16) become continuous values
+  :math:`y = (x + u)/17 \in [0, 1)` with :math:`u \sim U(0, 1)^{64}`. A density :math:`p(y)`
+  gives a lower bound on the discrete log-likelihood,
+  :math:`\log P(x) \ge \mathbb E_u[\log p(y)] - 64 \log 17`, reported in bits per dimension by
+  :func:`digits_bits_per_dim`.
+* :func:`load_table`: CSV, NPY, NPZ and Parquet files of numbers, one row per point. Every
+  malformed file, wrong column count, non-number or NaN/inf gets a :class:`DataError` naming the
+  file, the row (1-based, as an editor shows it) and the column.
+* :class:`Standardizer`: per-column mean and standard deviation of the training data; as a
+  flow layer (:class:`flowforge.transforms.Standardize`) it travels inside the model's weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SKLEARN_DATASETS = ("iris", "wine", "breast_cancer", "diabetes", "digits")
+DIGIT_LEVELS = 17  # pixel counts 0..16
+
+
+class DataError(ValueError):
+    """A data file or data set that cannot be used, with the place of the problem."""
+
+
+def sklearn_dataset(name: str) -> Tensor:
+    """The feature matrix of a data set bundled with scikit-learn, as float32 (N, D).
+
+    >>> sklearn_dataset("iris").shape
+    torch.Size([150, 4])
+    """
+    if name not in SKLEARN_DATASETS:
+        raise DataError(f"unknown scikit-learn data set {name!r}; choose one of {', '.join(SKLEARN_DATASETS)}")
+    import sklearn.datasets
+
+    loader = getattr(sklearn.datasets, f"load_{name}")
+    return torch.as_tensor(np.asarray(loader().data, dtype=np.float32))
+
+
+def dequantize_digits(pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniformly dequantized digits in [0, 1): ``(pixels + U(0, 1)) / 17``."""
+    if pixels.min() < 0 or pixels.max() > DIGIT_LEVELS - 1 or not torch.equal(pixels, pixels.round()):
+        raise DataError(f"digit pixels must be integers in 0..{DIGIT_LEVELS - 1}")
+    noise = torch.rand(pixels.shape, generator=generator, dtype=torch.float32)
+    return (pixels.float() + noise) / DIGIT_LEVELS
+
+
+def digits_bits_per_dim(nll_nats: float, dims: int = 64) -> float:
+    r"""Bits per dimension of the discrete digits from the mean NLL (nats) of their dequantized version
+    in [0, 1): :math:`(\mathrm{NLL} + D \log 17) / (D \log 2)`."""
+    return (nll_nats + dims * math.log(DIGIT_LEVELS)) / (dims * math.log(2))
+
+
+def load_table(path: str | Path, columns: int | None = None) -> Tensor:
+    """Read a numeric table (N, D) from a CSV, NPY, NPZ or Parquet file, checking every row.
+
+    Arguments:
+        path: the file; its suffix picks the reader (``.csv``, ``.npy``, ``.npz``, ``.parquet``).
+        columns: the expected number of columns (None: whatever the first row has).
+
+    CSV files may start with one header row of names; everything else must be numbers.
+    An NPZ file must hold a single array or one named ``data``. Raises :class:`DataError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    readers = {".csv": _read_csv, ".npy": _read_npy, ".npz": _read_npz, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .npy, .npz or .parquet")
+    array, first_row = readers[suffix](path)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D table (rows x columns), got an array of shape {array.shape}")
+    if array.shape[0] == 0:
+        raise DataError(f"{path}: the table has no rows")
+    if columns is not None and array.shape[1] != columns:
+        raise DataError(f"{path}: expected {columns} columns, got {array.shape[1]}")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row, column = map(int, np.argwhere(bad)[0])
+        raise DataError(
+            f"{path}, row {row + first_row}, column {column + 1}: {array[row, column]} (NaN/inf is not allowed)"
+        )
+    return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, int]:
+    with path.open(newline="") as handle:
+        try:
+            rows = list(csv.reader(handle))
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not a readable CSV file ({error})") from error
+    first_row = 1
+    if rows and rows[0] and not _is_number(rows[0][0].strip()):
+        rows, first_row = rows[1:], 2  # a header of column names
+    values = []
+    width = None
+    for offset, row in enumerate(rows):
+        line = offset + first_row
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank lines carry no data
+        if width is None:
+            width = len(row)
+        elif len(row) != width:
+            raise DataError(f"{path}, row {line}: expected {width} columns, got {len(row)}")
+        parsed = []
+        for column, cell in enumerate(row, start=1):
+            try:
+                parsed.append(float(cell))
+            except ValueError:
+                raise DataError(f"{path}, row {line}, column {column}: {cell.strip()!r} is not a number") from None
+        values.append(parsed)
+    return np.asarray(values, dtype=np.float64).reshape(len(values), width or 0), first_row
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_npy(path: Path) -> tuple[np.ndarray, int]:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npy file ({error})") from error
+    return _numeric(path, array), 1
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, int]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.keys())
+            if "data" in names:
+                array = archive["data"]
+            elif len(names) == 1:
+                array = archive[names[0]]
+            else:
+                raise DataError(f"{path}: holds arrays {names}; name the one to use 'data'")
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable .npz file ({error})") from error
+    return _numeric(path, array), 1
+
+
+def _read_parquet(path: Path) -> tuple[np.ndarray, int]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError as error:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'flowforge[parquet]')") from error
+    try:
+        table = parquet.read_table(path)
+    except Exception as error:  # pyarrow raises its own exception types for damaged files
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    import pyarrow.types as types
+
+    for index, field in enumerate(table.schema, start=1):
+        if not (types.is_integer(field.type) or types.is_floating(field.type)):
+            raise DataError(f"{path}, column {index} ({field.name!r}): type {field.type} is not numeric")
+    columns = [table.column(i).to_numpy(zero_copy_only=False).astype(np.float64) for i in range(table.num_columns)]
+    return np.stack(columns, axis=1) if columns else np.zeros((0, 0)), 1
+
+
+def _numeric(path: Path, array: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise DataError(f"{path}: holds {array.dtype} values, not real numbers")
+    return array.astype(np.float64)
+
+
+class Standardizer:
+    """Per-column mean and standard deviation (columns with zero spread keep scale 1).
+
+    >>> import torch
+    >>> s = Standardizer.fit(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+    >>> s.transform(torch.tensor([[3.0, 5.0]])).tolist()
+    [[1.0, 0.0]]
+    """
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        self.mean, self.std = mean, std
+
+    @classmethod
+    def fit(cls, data: Tensor) -> Standardizer:
+        std = data.std(0)
+        return cls(data.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+
+    def transform(self, data: Tensor) -> Tensor:
+        return (data - self.mean) / self.std
+
+    def inverse(self, data: Tensor) -> Tensor:
+        return data * self.std + self.mean
+
+
+__all__ = [
+    "DIGIT_LEVELS",
+    "SKLEARN_DATASETS",
+    "DataError",
+    "Standardizer",
+    "dequantize_digits",
+    "digits_bits_per_dim",
+    "load_table",
+    "sklearn_dataset",
+]
