@@ -10,7 +10,8 @@ import torch
 import typer
 
 import flowforge
-from flowforge.data import TOY_DATASETS, toy_dataset
+from flowforge.checkpoint import CheckpointError
+from flowforge.data import TOY_DATASETS, DataError, load_table, toy_dataset
 from flowforge.eval import negative_log_likelihood, plot_density_2d
 from flowforge.flows import IAF, MAF, NICE, NSF, RealNVP
 from flowforge.train import fit_maximum_likelihood
@@ -78,6 +79,135 @@ def demo(
         title=f"{model} on {dataset}: test NLL {nll:.3f} nats",
     )
     typer.echo(f"wrote {figure}")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (TOML); see configs/ and `flowforge list`.")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: table.key=value (TOML value).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<config name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in the run folder.")] = False,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
+) -> None:
+    """Train the model a config describes; writes a checkpoint, metrics.csv and (2-D) a plot."""
+    from flowforge import runs
+
+    try:
+        run_config = runs.load_config(config, overrides)
+        if progress is not None:
+            run_config.train.progress = progress
+        folder = out if out is not None else Path("runs") / config.stem
+        typer.echo(
+            f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
+            f"into {folder}"
+        )
+        start = time.perf_counter()
+        _, data = runs.train_run(run_config, folder, resume=resume)
+        typer.echo(f"trained in {time.perf_counter() - start:.1f} s")
+        loaded = runs.load_run(folder)
+        held_out = None if data.test is None else _data_units(loaded, data.test)
+        typer.echo(_format_metrics(runs.evaluate_run(loaded, held_out)))
+        if loaded.config.objective_kind() == "reverse-kl" or (held_out is not None and held_out.shape[1] == 2):
+            typer.echo(f"wrote {runs.plot_run(loaded, folder / 'plot.png', held_out)}")
+    except (runs.ConfigError, DataError, CheckpointError, FloatingPointError) as error:
+        _fail(str(error))
+
+
+def _data_units(run, standardized: torch.Tensor) -> torch.Tensor:
+    return run.standardizer.inverse(standardized) if run.standardizer is not None else standardized
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def _held_out(run, data: str | None) -> torch.Tensor | None:
+    """Evaluation points in data units: a file or set given by ``data``, else the run's own test split."""
+    from flowforge import runs
+
+    if data is not None:
+        if Path(data).suffix:
+            return load_table(data, columns=None)
+        config = runs.RunConfig(data=runs.DataConfig(name=data, standardize=False))
+        return runs.load_data(config).test
+    if run.config.objective_kind() == "reverse-kl":
+        return None
+    split = runs.load_data(run.config)
+    return _data_units(run, split.test)
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder written by `flowforge train`.")],
+    n: Annotated[int, typer.Option("-n", min=1, help="Number of samples.")] = 1000,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.npy or .csv).")] = Path("samples.npy"),
+    steps: Annotated[int, typer.Option(min=1, help="Solver steps (flow-matching models).")] = 10,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Draw samples from a trained run and write them to a file (in the data's own units)."""
+    from flowforge import runs
+
+    try:
+        run = runs.load_run(checkpoint)
+        torch.manual_seed(seed)
+        typer.echo(f"wrote {runs.write_samples(runs.draw_samples(run, n, steps), output)}")
+    except (runs.ConfigError, DataError, CheckpointError) as error:
+        _fail(str(error))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder written by `flowforge train`.")],
+    data: Annotated[
+        str | None, typer.Option(help="A built-in set or a file (default: the run's held-out split).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=2, help="Points used for the sample metrics.")] = 2000,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Print NLL, bits/dim, MMD, energy distance and sliced W2 (or KL to the target)."""
+    from flowforge import runs
+
+    try:
+        run = runs.load_run(checkpoint)
+        torch.manual_seed(seed)
+        typer.echo(_format_metrics(runs.evaluate_run(run, _held_out(run, data), samples)))
+    except (runs.ConfigError, DataError, CheckpointError) as error:
+        _fail(str(error))
+
+
+@app.command()
+def plot(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder written by `flowforge train`.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="PNG file (default <run>/plot.png).")] = None,
+) -> None:
+    """Plot a run: density and samples (2-D) or sample pairs (more dimensions), and its training curve."""
+    from flowforge import runs
+
+    try:
+        run = runs.load_run(checkpoint)
+        typer.echo(f"wrote {runs.plot_run(run, output or checkpoint / 'plot.png', _held_out(run, None))}")
+    except (runs.ConfigError, DataError, CheckpointError) as error:
+        _fail(str(error))
+
+
+@app.command("list")
+def list_choices() -> None:
+    """List the models, data sets, objectives and reverse-KL targets."""
+    from flowforge import runs
+    from flowforge.data import SKLEARN_DATASETS, TARGETS
+
+    typer.echo(f"models:      {', '.join(runs.MODEL_KINDS)}")
+    typer.echo(f"objectives:  {', '.join(runs.OBJECTIVES)}")
+    typer.echo(f"2-D sets:    {', '.join(TOY_DATASETS)}")
+    typer.echo(f"tabular:     {', '.join(SKLEARN_DATASETS)} (scikit-learn), or path = a .csv/.npy/.npz/.parquet file")
+    typer.echo(f"targets:     {', '.join(TARGETS)} (reverse KL)")
 
 
 def main() -> None:

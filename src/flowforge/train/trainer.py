@@ -223,6 +223,7 @@ class Trainer:
         data: training points (N, ...) for data objectives; context: (N, c) or None.
         validation_data, validation_context: held-out points for validation / early stopping.
         directory: where checkpoints and ``metrics.csv`` go (None: nothing is written).
+        metadata: JSON kept in every checkpoint (what rebuilds the run: its config, data statistics).
 
     >>> import torch
     >>> from flowforge.flows import RealNVP
@@ -243,8 +244,10 @@ class Trainer:
         validation_data: Tensor | None = None,
         validation_context: Tensor | None = None,
         directory: str | Path | None = None,
+        metadata: dict | None = None,
     ) -> None:
         self.model, self.objective = model, objective
+        self.metadata = metadata or {}
         self.config = config if config is not None else TrainerConfig()
         if objective.needs_data and data is None:
             raise ValueError(f"{type(objective).__name__} trains on data: pass data=")
@@ -412,7 +415,7 @@ class Trainer:
             "dtype": str(parameter.dtype).removeprefix("torch."),
             "trainer_config": asdict(self.config),
             "trainer": trainer_state,
-            "metadata": {},
+            "metadata": self.metadata,
         }
         return save_checkpoint(self.directory, groups, manifest)
 
