@@ -98,12 +98,17 @@ def train(
 ) -> None:
     """Train the model a config describes; writes a checkpoint, metrics.csv and (2-D) a plot."""
     from flowforge import runs
+    from flowforge.train import init_distributed_from_environment
 
     try:
         run_config = runs.load_config(config, overrides)
         if progress is not None:
             run_config.train.progress = progress
         folder = out if out is not None else Path("runs") / config.stem
+        _, rank = init_distributed_from_environment()  # under torchrun: one process per rank
+        if rank != 0:
+            runs.train_run(run_config, folder, resume=resume)
+            return
         typer.echo(
             f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
             f"into {folder}"

@@ -10,6 +10,8 @@ from flowforge.train.trainer import (
     Trainer,
     TrainerConfig,
     TrainingState,
+    distributed_world,
+    init_distributed_from_environment,
     learning_rate_factor,
 )
 
@@ -22,6 +24,8 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "TrainingState",
+    "distributed_world",
     "fit_maximum_likelihood",
+    "init_distributed_from_environment",
     "learning_rate_factor",
 ]

@@ -12,6 +12,14 @@ CUDA), periodic validation with early stopping (the best weights are restored), 
 and checkpoints that hold everything needed to resume *exactly*: weights, optimizer, schedule,
 EMA, the random-number states and the step. A run killed at any moment and restarted with
 ``resume=True`` ends with the same weights as an uninterrupted run.
+
+**Data-parallel training.** Launched by ``torchrun`` (the process group joined with
+:func:`init_distributed_from_environment`: gloo on CPU, nccl on GPU), every process draws the same
+global minibatch indices and trains on its share; gradients are averaged over processes before
+the optimizer step, so a run on P processes follows the single-process run with the same global
+batch (for objectives without model noise exactly, up to floating-point summation order). Only
+rank 0 writes checkpoints and metrics. A resumed multi-process run restores rank 0's random state
+on every process.
 """
 
 from __future__ import annotations
@@ -279,6 +287,9 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' on a CPU")
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.world, self.rank = distributed_world()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {self.world} processes")
         self.state = TrainingState()
         self.best_weights: dict[str, Tensor] | None = None
 
@@ -292,15 +303,19 @@ class Trainer:
             if (self.directory / "checkpoint.json").exists():
                 self.load()
         if self.state.step == 0:
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed % 2**32)
+            # Each process draws its own model noise (flow-matching times, reverse-KL samples);
+            # the minibatch indices come from self.generator, identical on every process.
+            torch.manual_seed(cfg.seed + self.rank)
+            random.seed(cfg.seed + self.rank)
+            np.random.seed((cfg.seed + self.rank) % 2**32)
+        if self.world > 1:
+            self._broadcast_weights()
         self.model.train()
         bar = tqdm(
             total=cfg.steps,
             initial=self.state.step,
             desc="train",
-            disable=not progress_enabled(cfg.progress),
+            disable=self.rank != 0 or not progress_enabled(cfg.progress),
             leave=False,
         )
         stopped_early = False
@@ -314,7 +329,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
             if cfg.eval_every and step % cfg.eval_every == 0:
                 stopped_early = self._validate()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and self.directory is not None:
+            if (
+                cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and self.directory is not None
+                and self.rank == 0
+            ):
                 self.save()
         bar.close()
         if self.best_weights is not None:
@@ -322,15 +342,20 @@ class Trainer:
         elif self.ema is not None:
             self.model.load_state_dict(self.ema.shadow)
         self.model.eval()
-        if self.directory is not None:
+        if self.directory is not None and self.rank == 0:
             self.save()
             self._write_metrics()
+        if self.world > 1:
+            torch.distributed.barrier()  # the checkpoint is complete before any process moves on
         return self.state
 
     def _batch(self) -> Batch | None:
         if self.data is None:
             return None
         index = torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=self.generator)
+        if self.world > 1:  # every process draws the global batch and keeps its share
+            share = self.config.batch_size // self.world
+            index = index[self.rank * share : (self.rank + 1) * share]
         index = index.to(self.device)
         return self.data[index], None if self.context is None else self.context[index]
 
@@ -351,6 +376,11 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.world > 1:
+            self._average_gradients()
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.world
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         if self.scaler is not None:
@@ -362,6 +392,30 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return float(loss.detach())
+
+    def _average_gradients(self) -> None:
+        """Average the gradients over all processes (what DDP does), in one flat all-reduce.
+
+        Done explicitly rather than by wrapping the model in ``DistributedDataParallel``: flows and
+        matchers are trained through ``log_prob`` / ``loss``, not ``forward``, which DDP's hooks
+        would not see.
+        """
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in parameters:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _broadcast_weights(self) -> None:
+        """Start every process from rank 0's weights and buffers."""
+        with torch.no_grad():
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
 
     def _validate(self) -> bool:
         """Validate (with the EMA weights when kept); returns True when early stopping triggers."""
@@ -456,6 +510,29 @@ class Trainer:
         write_atomic(self.directory / "metrics.csv", buffer.getvalue().encode())
 
 
+def distributed_world() -> tuple[int, int]:
+    """``(world size, rank)`` of the torch.distributed process group, ``(1, 0)`` when there is none."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def init_distributed_from_environment() -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU).
+
+    Does nothing outside ``torchrun`` (no ``WORLD_SIZE``) or when a group already exists.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return distributed_world()
+
+
 def _python_rng_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
@@ -491,5 +568,7 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "TrainingState",
+    "distributed_world",
+    "init_distributed_from_environment",
     "learning_rate_factor",
 ]
