@@ -19,7 +19,9 @@ def test_readme_example_runs(block: str) -> None:
 def test_readme_opens_with_the_two_setup_commands() -> None:
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
-    assert "flowforge demo" in first_block[0] and "pytest" in first_block[1]
+    assert "flowforge train configs/" in first_block[0] and "pytest" in first_block[1]
+    config = re.search(r"flowforge train (\S+)", first_block[0]).group(1)
+    assert (README.parent / config).is_file(), f"the main job's config {config} is missing"
     ci = (README.parent / ".ci" / "run").read_text()
     for command in first_block[1].split(" && "):
         assert command in ci, f"{command!r} is not run by .ci/run"

@@ -52,12 +52,19 @@ from flowforge.data import (
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, RealNVP
 from flowforge.matching import ExactOTCoupling, FlowMatcher, IndependentCoupling, ShortcutMatcher
 from flowforge.nn import VelocityMLP
-from flowforge.train import FlowMatchingObjective, MaximumLikelihood, ReverseKL, Trainer, TrainerConfig
+from flowforge.train import (
+    AdversarialML,
+    FlowMatchingObjective,
+    MaximumLikelihood,
+    ReverseKL,
+    Trainer,
+    TrainerConfig,
+)
 
 FLOW_MODELS = {"realnvp": RealNVP, "nice": NICE, "maf": MAF, "iaf": IAF, "nsf": NSF, "cnf": CNF}
 MATCHING_MODELS = ("flow-matching", "shortcut")
 MODEL_KINDS = (*FLOW_MODELS, *MATCHING_MODELS)
-OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl")
+OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl", "adversarial")
 
 
 class ConfigError(ValueError):
@@ -89,12 +96,15 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """``kind``: ``maximum-likelihood``, ``flow-matching`` or ``reverse-kl`` (``None``: the model's natural one).
-    ``target`` and ``samples``: for reverse KL."""
+    """``kind``: ``maximum-likelihood``, ``flow-matching``, ``reverse-kl`` or ``adversarial`` (Flow-GAN)
+    (``None``: the model's natural one). ``target`` and ``samples``: for reverse KL; ``ml_weight`` and
+    ``adversarial_weight``: for Flow-GAN."""
 
     kind: str | None = None
     target: str = "banana"
     samples: int = 256
+    ml_weight: float = 1.0
+    adversarial_weight: float = 1.0
 
 
 @dataclass
@@ -279,8 +289,12 @@ def model_features(config: RunConfig, data: RunData) -> int:
     return TARGETS[config.objective.target].features
 
 
-def build_objective(config: RunConfig):
+def build_objective(config: RunConfig, features: int):
     kind = config.objective_kind()
+    if kind == "adversarial":
+        return AdversarialML(
+            features, ml_weight=config.objective.ml_weight, adversarial_weight=config.objective.adversarial_weight
+        )
     if kind == "maximum-likelihood":
         return MaximumLikelihood()
     if kind == "flow-matching":
@@ -297,7 +311,7 @@ def train_run(config: RunConfig, directory: str | Path, resume: bool = False) ->
     model = build_model(config, model_features(config, data))
     trainer = Trainer(
         model,
-        build_objective(config),
+        build_objective(config, model_features(config, data)),
         config.train,
         data=data.train,
         validation_data=data.test if config.train.eval_every else None,

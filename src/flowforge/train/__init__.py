@@ -2,6 +2,7 @@
 
 from flowforge.train.fit import fit_maximum_likelihood
 from flowforge.train.trainer import (
+    AdversarialML,
     ExponentialMovingAverage,
     FlowMatchingObjective,
     MaximumLikelihood,
@@ -16,6 +17,7 @@ from flowforge.train.trainer import (
 )
 
 __all__ = [
+    "AdversarialML",
     "ExponentialMovingAverage",
     "FlowMatchingObjective",
     "MaximumLikelihood",

@@ -3,7 +3,8 @@ r"""One training loop for every model, with the objective as a pluggable piece.
 Objectives (:class:`Objective`): :class:`MaximumLikelihood` (a flow's NLL),
 :class:`FlowMatchingObjective` (a :class:`~flowforge.matching.FlowMatcher`'s regression loss) and
 :class:`ReverseKL` (variational training of a flow against an unnormalized log-density
-:math:`\log\tilde p`, with no data: :math:`\mathbb E_{x\sim q}[\log q(x) - \log\tilde p(x)]`).
+:math:`\log\tilde p`, with no data: :math:`\mathbb E_{x\sim q}[\log q(x) - \log\tilde p(x)]`) and
+:class:`AdversarialML` (Flow-GAN: maximum likelihood mixed with a discriminator's loss).
 
 The loop (:class:`Trainer`) adds what every run needs: Adam(W), a learning-rate schedule
 (``constant``, ``cosine`` to zero, ``one-cycle``) after a linear warm-up, gradient-norm clipping,
@@ -49,6 +50,7 @@ from flowforge.checkpoint import (
     write_atomic,
 )
 from flowforge.train.fit import progress_enabled
+from flowforge.transforms.base import Compose
 
 Batch = tuple[Tensor, Tensor | None]
 
@@ -121,6 +123,76 @@ class ReverseKL(Objective):
         return float((log_q - self.target(x)).mean()) + log_normalizer
 
 
+class AdversarialML(Objective):
+    r"""Flow-GAN (Grover et al. 2018): maximum likelihood mixed with an adversarial loss.
+
+    A discriminator :math:`D` (logits) is trained alongside the flow, one step per flow step, on
+    :math:`\mathrm{softplus}(-D(x)) + \mathrm{softplus}(D(\tilde x))` (real :math:`x`, samples
+    :math:`\tilde x`). The flow minimises
+
+    .. math:: w_{ML}\,\mathrm{NLL}(x) + w_{adv}\,\mathrm{softplus}(-D(\tilde x)),
+
+    the non-saturating generator loss, through reparametrised samples. ``ml_weight = 0`` is a
+    pure GAN with an exact likelihood still available; the likelihood term keeps the flow from
+    dropping modes. The discriminator and its optimizer are saved in training checkpoints.
+
+    Arguments:
+        features: data dimension (for the default discriminator, an MLP with ``hidden`` widths).
+        discriminator: a module ``(batch, features) -> (batch, 1)`` logits, instead of the default.
+        ml_weight, adversarial_weight: the two weights.
+        lr: the discriminator's Adam learning rate.
+    """
+
+    def __init__(
+        self,
+        features: int | None = None,
+        discriminator: nn.Module | None = None,
+        ml_weight: float = 1.0,
+        adversarial_weight: float = 1.0,
+        lr: float = 1e-3,
+        hidden: tuple[int, ...] = (64, 64),
+    ) -> None:
+        from flowforge.nn import MLP
+
+        if discriminator is None:
+            if features is None:
+                raise ValueError("give features (for the default discriminator) or a discriminator")
+            discriminator = MLP(features, 1, hidden, nn.LeakyReLU)
+        if ml_weight < 0 or adversarial_weight < 0 or ml_weight + adversarial_weight == 0:
+            raise ValueError("the weights must be >= 0 and not both 0")
+        self.discriminator = discriminator
+        self.ml_weight, self.adversarial_weight = float(ml_weight), float(adversarial_weight)
+        self.optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        x, context = batch
+        if context is not None:
+            raise ValueError("AdversarialML trains unconditional flows")
+        discriminator = self.discriminator.to(x.device, x.dtype)
+        fake = model.rsample(x.shape[0])
+        real_logits, fake_logits = discriminator(x), discriminator(fake.detach())
+        d_loss = nn.functional.softplus(-real_logits).mean() + nn.functional.softplus(fake_logits).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.optimizer.step()
+        loss = self.adversarial_weight * nn.functional.softplus(-discriminator(fake)).mean()
+        if self.ml_weight:
+            loss = loss - self.ml_weight * model.log_prob(x).mean()
+        return loss
+
+    @torch.no_grad()
+    def validation(self, model: nn.Module, batch: Batch | None) -> float:
+        x, context = batch
+        return float(-model.log_prob(x, context).mean())
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 @dataclass
 class TrainerConfig:
     """Settings of a training run (all JSON-serialisable, stored in every checkpoint).
@@ -135,6 +207,8 @@ class TrainerConfig:
         ema_decay: keep an exponential moving average of the weights (None: off); evaluation,
             the saved model and the returned model use it.
         precision: ``"fp32"``, ``"bf16"`` (autocast; CPU or CUDA) or ``"fp16"`` (CUDA, with a scaler).
+        gradient_checkpointing: recompute each layer of every ``Compose`` stack in the backward
+            pass instead of storing its activations (deep stacks on little memory).
         seed: seeds the minibatch order and the global RNGs at the start of the run.
         eval_every: validate every this many steps (0: never); patience: stop after this many
             validations without improvement (None: never), restoring the best weights.
@@ -152,6 +226,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 10.0
     ema_decay: float | None = None
     precision: str = "fp32"
+    gradient_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 0
     patience: int | None = None
@@ -287,6 +362,9 @@ class Trainer:
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' on a CPU")
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        for module in model.modules():
+            if isinstance(module, Compose):
+                module.checkpointing = cfg.gradient_checkpointing
         self.world, self.rank = distributed_world()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {self.world} processes")
@@ -456,6 +534,9 @@ class Trainer:
             "python_rng": encode_state(_python_rng_state(), tensors, "rng."),
             "numpy_rng": encode_state(_numpy_rng_state(), tensors, "rng."),
             "state": asdict(self.state),
+            "objective": encode_state(self.objective.state_dict(), tensors, "objective.")
+            if hasattr(self.objective, "state_dict")
+            else None,
         }
         groups = {"model": self.model.state_dict(), "trainer": tensors}
         if self.ema is not None:
@@ -495,6 +576,8 @@ class Trainer:
         random.setstate(_python_rng_from(decode_state(state["python_rng"], tensors)))
         np.random.set_state(_numpy_rng_from(decode_state(state["numpy_rng"], tensors)))
         self.state = TrainingState(**state["state"])
+        if state.get("objective") is not None:
+            self.objective.load_state_dict(decode_state(state["objective"], tensors))
         if self.ema is not None:
             self.ema.shadow = load_tensors(self.directory, "ema", manifest)
         if "best" in manifest["files"]:
@@ -560,6 +643,7 @@ def _numpy_rng_from(value: dict) -> tuple:
 
 
 __all__ = [
+    "AdversarialML",
     "ExponentialMovingAverage",
     "FlowMatchingObjective",
     "MaximumLikelihood",

@@ -14,9 +14,10 @@ summed over the event dimensions, so that for a flow with base density :math:`p_
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from flowforge.validation import check_batched, describe_shape
@@ -85,17 +86,28 @@ class Compose(Transform):
         self.features = sizes.pop() if sizes else None
         self.context_features = max(t.context_features for t in transforms)
 
+    #: Recompute each layer's activations in the backward pass instead of storing them
+    #: (``torch.utils.checkpoint``): memory of one layer instead of the whole stack, for one
+    #: more forward pass. Set by ``TrainerConfig(gradient_checkpointing=True)``. A layer that
+    #: updates buffers in training (BatchNorm's running averages) sees the recomputation too.
+    checkpointing: bool = False
+
+    def _run_layer(self, layer: Callable[..., tuple[Tensor, Tensor]], x: Tensor, context: Tensor | None):
+        if self.checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, x, context, use_reentrant=False)
+        return layer(x, context)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = x.new_zeros(x.shape[0])
         for t in self.transforms:
-            x, ladj = t(x, context)
+            x, ladj = self._run_layer(t, x, context)
             total = total + ladj
         return x, total
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = z.new_zeros(z.shape[0])
         for t in reversed(self.transforms):
-            z, ladj = t.inverse(z, context)
+            z, ladj = self._run_layer(t.inverse, z, context)
             total = total + ladj
         return z, total
 
