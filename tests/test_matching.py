@@ -363,6 +363,8 @@ def test_shortcut_model_trains_every_parameter_and_samples_in_one_step() -> None
     assert parameters_without_gradient(model, model.loss(torch.randn(64, 2))) == []
     assert model.sample(7, steps=1).shape == (7, 2)
     assert model.sample(7, steps=4, method="rk4").shape == (7, 2)
+    assert [model.step_input_for("euler", k) for k in (1, 2, 4, 10, 128)] == [1.0, 0.5, 0.25, 0.0, 0.0]
+    assert model.step_input_for("rk4", 2) == 0.0
     with pytest.raises(ValueError, match="self_consistency_fraction"):
         ShortcutMatcher(VelocityMLP(2, step_input=True), self_consistency_fraction=1.0)
 

@@ -49,6 +49,7 @@ from flowforge.data import (
     sklearn_dataset,
     toy_dataset,
 )
+from flowforge.eval.plots import save_figure
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, RealNVP
 from flowforge.matching import ExactOTCoupling, FlowMatcher, IndependentCoupling, ShortcutMatcher
 from flowforge.nn import VelocityMLP
@@ -513,13 +514,7 @@ def plot_run(run: LoadedRun, path: str | Path, data: Tensor | None, samples: int
     axes[3].set_title("training loss")
     axes[3].set_xlabel("step")
     fig.suptitle(f"{run.config.model.kind} ({run.config.objective_kind()})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [

@@ -155,16 +155,19 @@ class FlowMatcher(nn.Module):
             x0: noise already paired with ``x1`` (reflow pairs); when given the coupling is skipped.
             t: training times (batch,); drawn from the time sampler when omitted.
         """
-        self._check("x1", x1, context)
-        if x0 is None:
-            x0 = self.coupling(torch.randn_like(x1), x1, context)
-        else:
-            check_batched("x0", x0, self.event_shape, batch=x1.shape[0], batch_of="x1")
+        x0 = self._paired_noise(x1, context, x0)
         if t is None:
             t = self.time_sampler(x1.shape[0], device=x1.device, dtype=x1.dtype)
         x_t, target = self.path.sample(x0, x1, t)
         prediction = self.velocity(x_t, t, self._drop_context(context))
         return (prediction - target).square().mean()
+
+    def _paired_noise(self, x1: Tensor, context: Tensor | None, x0: Tensor | None) -> Tensor:
+        """Check the batch and return its noise partners: drawn and coupled, or the given ``x0`` checked."""
+        self._check("x1", x1, context)
+        if x0 is None:
+            return self.coupling(torch.randn_like(x1), x1, context)
+        return check_batched("x0", x0, self.event_shape, batch=x1.shape[0], batch_of="x1")
 
     def _drop_context(self, context: Tensor | None) -> Tensor | None:
         if context is None or not self.context_dropout or not self.training:

@@ -16,8 +16,9 @@ on the grid of its step, :math:`t \in \{0, 2d, \dots, 1 - 2d\}`, where a sampler
 evaluates the network. A fraction of every batch
 (``self_consistency_fraction``) trains the shortcut targets, the rest flow matching.
 
-Sampling with ``steps = k`` and Euler uses step input :math:`d = 1/k`; other solvers use the
-instantaneous velocity (:math:`d = 0`).
+Sampling with ``steps = k`` and Euler uses step input :math:`d = 1/k` when that step was trained
+(:math:`k` a power of two below :math:`2^M`); other step counts and other solvers use the
+instantaneous velocity (:math:`d = 0`), i.e. the model's flow-matching field.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from flowforge.matching.couplings import Coupling
 from flowforge.matching.matcher import FlowMatcher, _SamplingField
 from flowforge.matching.paths import AffinePath
 from flowforge.matching.time import TimeSampler
-from flowforge.validation import check_batched
 
 
 class ShortcutMatcher(FlowMatcher):
@@ -88,12 +88,8 @@ class ShortcutMatcher(FlowMatcher):
         t: Tensor | None = None,
     ) -> Tensor:
         """Flow-matching loss (step 0) on most rows plus the self-consistency loss on the rest."""
-        self._check("x1", x1, context)
+        x0 = self._paired_noise(x1, context, x0)
         batch = x1.shape[0]
-        if x0 is None:
-            x0 = self.coupling(torch.randn_like(x1), x1, context)
-        else:
-            check_batched("x0", x0, self.event_shape, batch=batch, batch_of="x1")
         context = self._drop_context(context)
         n_sc = min(max(round(batch * self.self_consistency_fraction), 1), batch - 1) if batch > 1 else 0
 
@@ -127,7 +123,13 @@ class ShortcutMatcher(FlowMatcher):
     def sampling_field(
         self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        return _SamplingField(self, context, guidance_scale, {"step": 1.0 / steps if method == "euler" else 0.0})
+        return _SamplingField(self, context, guidance_scale, {"step": self.step_input_for(method, steps)})
+
+    def step_input_for(self, method: str, steps: int) -> float:
+        """The step size the network is told: ``1/steps`` for Euler with a trained step (a power of two
+        from 1 down to ``2**(1 - max_halvings)``), otherwise 0, the instantaneous velocity."""
+        trained = steps & (steps - 1) == 0 and steps < 2**self.max_halvings
+        return 1.0 / steps if method == "euler" and trained else 0.0
 
     def extra_repr(self) -> str:
         return (
