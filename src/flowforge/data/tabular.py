@@ -183,8 +183,8 @@ class Standardizer:
     """Per-column mean and standard deviation (columns with zero spread keep scale 1).
 
     >>> import torch
-    >>> s = Standardizer.fit(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
-    >>> s.transform(torch.tensor([[3.0, 5.0]])).tolist()
+    >>> s = Standardizer.fit(torch.tensor([[1.0, 5.0], [3.0, 5.0], [5.0, 5.0]]))  # column means 3, 5; stds 2, 0
+    >>> s.transform(torch.tensor([[5.0, 5.0]])).tolist()
     [[1.0, 0.0]]
     """
 
