@@ -290,3 +290,22 @@ def test_adversarial_training_moves_samples_to_the_data_and_checkpoints_the_disc
         assert torch.equal(resumed.discriminator.state_dict()[name], value), name
     with pytest.raises(ValueError, match="not both 0"):
         AdversarialML(features=2, ml_weight=0.0, adversarial_weight=0.0)
+
+
+def test_tensorboard_logging_writes_event_files(tmp_path: Path) -> None:
+    flow = RealNVP(2, transforms=2, hidden=(8,))
+    config = TrainerConfig(steps=6, batch_size=8, log_every=2, tensorboard=True, eval_every=3)
+    Trainer(
+        flow,
+        MaximumLikelihood(),
+        config,
+        data=torch.randn(50, 2),
+        validation_data=torch.randn(10, 2),
+        directory=tmp_path,
+    ).fit()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("validation")] == [3, 6]

@@ -155,6 +155,7 @@ def sample(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.npy or .csv).")] = Path("samples.npy"),
     steps: Annotated[int, typer.Option(min=1, help="Solver steps (flow-matching models).")] = 10,
     seed: Annotated[int, typer.Option()] = 0,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Draw samples from a trained run and write them to a file (in the data's own units)."""
     from flowforge import runs
@@ -162,7 +163,8 @@ def sample(
     try:
         run = runs.load_run(checkpoint)
         torch.manual_seed(seed)
-        typer.echo(f"wrote {runs.write_samples(runs.draw_samples(run, n, steps), output)}")
+        drawn = runs.draw_samples(run, n, steps, progress=progress)
+        typer.echo(f"wrote {runs.write_samples(drawn, output)}")
     except (runs.ConfigError, DataError, CheckpointError) as error:
         _fail(str(error))
 

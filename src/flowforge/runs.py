@@ -380,14 +380,24 @@ def load_run(directory: str | Path) -> LoadedRun:
 
 
 @torch.no_grad()
-def draw_samples(run: LoadedRun, n: int, steps: int = 10) -> Tensor:
-    """``n`` samples in the data's own units."""
+def draw_samples(run: LoadedRun, n: int, steps: int = 10, chunk: int = 16_384, progress: bool | None = False) -> Tensor:
+    """``n`` samples in the data's own units, drawn ``chunk`` at a time (with a progress bar when asked)."""
+    from tqdm.auto import tqdm
+
+    from flowforge.train.fit import progress_enabled
+
     model = run.model
-    if isinstance(model, FlowMatcher):
-        x = model.sample(n, steps=steps, method="euler" if isinstance(model, ShortcutMatcher) else "midpoint")
-    else:
-        x = model.sample(n)
-    x = x.float()
+    parts = []
+    with tqdm(total=n, desc="sample", disable=not progress_enabled(progress), leave=False) as bar:
+        for start in range(0, n, chunk):
+            count = min(chunk, n - start)
+            if isinstance(model, FlowMatcher):
+                method = "euler" if isinstance(model, ShortcutMatcher) else "midpoint"
+                parts.append(model.sample(count, steps=steps, method=method))
+            else:
+                parts.append(model.sample(count))
+            bar.update(count)
+    x = torch.cat(parts).float()
     return run.standardizer.inverse(x) if run.standardizer is not None else x
 
 

@@ -214,6 +214,8 @@ class TrainerConfig:
             validations without improvement (None: never), restoring the best weights.
         checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end).
         log_every: record the loss in the history every this many steps.
+        tensorboard: also write the loss, learning rate and validation to TensorBoard event files
+            in ``<directory>/tensorboard`` (needs the ``tensorboard`` package).
         progress: progress bar (None: on a terminal, off under CI).
     """
 
@@ -232,6 +234,7 @@ class TrainerConfig:
     patience: int | None = None
     checkpoint_every: int = 0
     log_every: int = 10
+    tensorboard: bool = False
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -397,6 +400,7 @@ class Trainer:
             leave=False,
         )
         stopped_early = False
+        self.writer = self._tensorboard_writer()
         while self.state.step < cfg.steps and not stopped_early:
             loss = self._step()
             self.state.step += 1
@@ -405,6 +409,9 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 self.state.history.append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{loss:.4f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("loss", loss, step)
+                    self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 stopped_early = self._validate()
             if (
@@ -415,6 +422,8 @@ class Trainer:
             ):
                 self.save()
         bar.close()
+        if self.writer is not None:
+            self.writer.close()
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
         elif self.ema is not None:
@@ -471,6 +480,17 @@ class Trainer:
             self.ema.update(self.model)
         return float(loss.detach())
 
+    writer = None
+
+    def _tensorboard_writer(self):
+        if not self.config.tensorboard or self.directory is None or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
+        return SummaryWriter(str(self.directory / "tensorboard"))
+
     def _average_gradients(self) -> None:
         """Average the gradients over all processes (what DDP does), in one flat all-reduce.
 
@@ -510,6 +530,8 @@ class Trainer:
             self.model.load_state_dict(live)
         self.model.train()
         self.state.history.append({"step": self.state.step, "validation": value})
+        if self.writer is not None:
+            self.writer.add_scalar("validation", value, self.state.step)
         if value < self.state.best_validation:
             self.state.best_validation = value
             self.state.evaluations_without_improvement = 0
