@@ -469,6 +469,39 @@ def _training_curve(directory: Path) -> tuple[list[float], list[float]]:
     return steps, losses
 
 
+def _image_grid(images: Tensor, rows: int = 6) -> np.ndarray:
+    """``rows**2`` flattened 8x8 images tiled into one array with 1-pixel gaps."""
+    tiles = images[: rows * rows].reshape(-1, 8, 8).clamp(0, 1).numpy()
+    grid = np.zeros((rows * 9 + 1, rows * 9 + 1))  # white gaps under gray_r
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, rows)
+        grid[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c] = tile
+    return grid
+
+
+@torch.no_grad()
+def _plot_digits(run: LoadedRun, path: str | Path, data: Tensor | None) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    if data is not None:
+        axes[0].imshow(_image_grid(data.cpu()), cmap="gray_r", vmin=0, vmax=1)
+    axes[0].set_title("held-out digits")
+    axes[1].imshow(_image_grid(draw_samples(run, 36).cpu()), cmap="gray_r", vmin=0, vmax=1)
+    axes[1].set_title("model samples")
+    for ax in axes[:2]:
+        ax.set_axis_off()
+    steps, losses = _training_curve(run.directory)
+    axes[2].plot(np.asarray(steps), np.asarray(losses), lw=0.8)
+    axes[2].set_title("training loss")
+    axes[2].set_xlabel("step")
+    fig.suptitle(f"{run.config.model.kind} on dequantized digits")
+    return save_figure(fig, path)
+
+
 @torch.no_grad()
 def plot_run(run: LoadedRun, path: str | Path, data: Tensor | None, samples: int = 2000) -> Path:
     """A trained run at a glance (a run from :func:`load_run`).
@@ -476,12 +509,14 @@ def plot_run(run: LoadedRun, path: str | Path, data: Tensor | None, samples: int
     Panels: the data (or, for reverse KL, the target density), the model's density on a grid
     (2-D only; flows by ``log_prob``, flow-matching models by their ODE likelihood), the model's
     samples, and the training loss from ``metrics.csv``. For more than two dimensions, the first
-    two coordinates of data and samples.
+    two coordinates of data and samples; for digits, grids of 8x8 images.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     torch.manual_seed(0)
+    if run.dequantized_digits:
+        return _plot_digits(run, path, data)
     drawn_tensor = draw_samples(run, samples).cpu()
     drawn = drawn_tensor.numpy()
     reverse_kl = run.config.objective_kind() == "reverse-kl"
