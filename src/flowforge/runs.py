@@ -326,21 +326,13 @@ def train_run(config: RunConfig, directory: str | Path, resume: bool = False) ->
 def run_metadata(config: RunConfig, data: RunData) -> dict:
     standardizer = data.standardizer
     return {
-        "run": _jsonable(asdict(config)),
+        "run": asdict(config),
         "features": model_features(config, data),
         "standardizer": None
         if standardizer is None
         else {"mean": standardizer.mean.tolist(), "std": standardizer.std.tolist()},
         "dequantized_digits": data.dequantized_digits,
     }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 @dataclass
