@@ -1,0 +1,207 @@
+"""MetaWorld v3 as a gymnasium environment with dict observations and a language instruction.
+
+:class:`MetaWorldEnv` wraps one of MetaWorld's 50 v3 tasks (PyPI ``metaworld``, the optional
+``robot`` extra: ``pip install 'flowforge[robot]'``):
+
+* observations are a dict: ``state`` (the 39-d vector, float32) and, with ``image=True``,
+  ``image`` (``size`` x ``size`` x 3 uint8 RGB from the named camera, upright);
+* ``instruction`` is the task in words (:data:`INSTRUCTIONS`, one per task), also in ``info``;
+* ``info["is_success"]`` is MetaWorld's success flag as a bool;
+* :meth:`MetaWorldEnv.expert` returns the task's scripted expert from ``metaworld.policies``.
+
+Rendering is headless: set ``MUJOCO_GL=egl`` (GPU or Mesa EGL) or ``osmesa`` before the first
+import of mujoco; this module sets ``egl`` when the variable is unset. Shadows and reflections
+are switched off, which renders an 84x84 frame several times faster on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+#: One instruction per MetaWorld v3 task, in the imperative a person would use.
+INSTRUCTIONS: dict[str, str] = {
+    "assembly-v3": "put the ring onto the peg",
+    "basketball-v3": "dunk the ball into the basket",
+    "bin-picking-v3": "move the cube from one bin to the other",
+    "box-close-v3": "put the lid on the box",
+    "button-press-topdown-v3": "press the button from the top",
+    "button-press-topdown-wall-v3": "press the button from the top behind the wall",
+    "button-press-v3": "press the button",
+    "button-press-wall-v3": "press the button behind the wall",
+    "coffee-button-v3": "press the button on the coffee machine",
+    "coffee-pull-v3": "pull the mug away from the coffee machine",
+    "coffee-push-v3": "push the mug under the coffee machine",
+    "dial-turn-v3": "turn the dial",
+    "disassemble-v3": "take the ring off the peg",
+    "door-close-v3": "close the door",
+    "door-lock-v3": "lock the door",
+    "door-open-v3": "open the door",
+    "door-unlock-v3": "unlock the door",
+    "hand-insert-v3": "put the object into the hole",
+    "drawer-close-v3": "close the drawer",
+    "drawer-open-v3": "open the drawer",
+    "faucet-open-v3": "turn the faucet on",
+    "faucet-close-v3": "turn the faucet off",
+    "hammer-v3": "hammer the nail into the wall",
+    "handle-press-side-v3": "press the handle down from the side",
+    "handle-press-v3": "press the handle down",
+    "handle-pull-side-v3": "pull the handle up from the side",
+    "handle-pull-v3": "pull the handle up",
+    "lever-pull-v3": "pull the lever up",
+    "pick-place-wall-v3": "pick up the puck and place it at the goal behind the wall",
+    "pick-out-of-hole-v3": "pick the peg out of the hole",
+    "pick-place-v3": "pick up the puck and place it at the goal",
+    "plate-slide-v3": "slide the plate into the goal",
+    "plate-slide-side-v3": "slide the plate sideways into the goal",
+    "plate-slide-back-v3": "slide the plate back out of the goal",
+    "plate-slide-back-side-v3": "slide the plate sideways back out of the goal",
+    "peg-insert-side-v3": "insert the peg into the hole from the side",
+    "peg-unplug-side-v3": "unplug the peg sideways",
+    "soccer-v3": "kick the ball into the goal",
+    "stick-push-v3": "grab the stick and push the box with it",
+    "stick-pull-v3": "grab the stick and pull the box with it",
+    "push-v3": "push the puck to the goal",
+    "push-wall-v3": "push the puck to the goal behind the wall",
+    "push-back-v3": "pull the puck back to the goal",
+    "reach-v3": "reach the goal position",
+    "reach-wall-v3": "reach the goal position behind the wall",
+    "shelf-place-v3": "place the puck on the shelf",
+    "sweep-into-v3": "sweep the puck into the hole",
+    "sweep-v3": "sweep the puck off the table",
+    "window-open-v3": "open the window",
+    "window-close-v3": "close the window",
+}
+
+#: Tasks whose expert's class name does not follow the task name.
+_POLICY_NAMES = {"peg-insert-side-v3": "SawyerPegInsertionSideV3Policy"}
+
+
+def _require_metaworld():
+    try:
+        import metaworld
+    except ImportError as error:
+        raise ImportError("MetaWorld is not installed: pip install 'flowforge[robot]'") from error
+    return metaworld
+
+
+def expert_policy(task: str) -> Any:
+    """MetaWorld's scripted expert for ``task`` (``policy.get_action(state) -> action``)."""
+    _check_task(task)
+    _require_metaworld()
+    import metaworld.policies as policies
+
+    name = _POLICY_NAMES.get(task)
+    if name is None:
+        key = re.sub(r"[^a-z0-9]", "", task)
+        classes = [n for n in dir(policies) if n.startswith("Sawyer")]  # not the same-named modules
+        candidates = {
+            re.sub(r"[^a-z0-9]", "", n.lower().removeprefix("sawyer").removesuffix("policy")): n for n in classes
+        }
+        name = candidates[key]
+    return getattr(policies, name)()
+
+
+def _check_task(task: str) -> None:
+    if task not in INSTRUCTIONS:
+        raise ValueError(f"unknown MetaWorld task {task!r}; the 50 v3 tasks are: {', '.join(INSTRUCTIONS)}")
+
+
+class MetaWorldEnv:
+    """One MetaWorld v3 task behind the gymnasium API, with dict observations.
+
+    Arguments:
+        task: a v3 task name (``"reach-v3"``, ...; see :data:`INSTRUCTIONS`).
+        seed: seeds the task's goal and object positions (``reset(seed=...)`` reseeds).
+        image: also return a camera image.
+        camera: MetaWorld camera name (``corner``, ``corner2``, ``corner3``, ``topview``, ``gripperPOV``, ...).
+        size: image height and width.
+        max_steps: episode length before truncation (MetaWorld's default, 500, when None).
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}  # noqa: RUF012 - gymnasium reads this class attribute
+
+    def __init__(
+        self,
+        task: str,
+        seed: int = 0,
+        image: bool = False,
+        camera: str = "corner",
+        size: int = 84,
+        max_steps: int | None = None,
+    ) -> None:
+        _check_task(task)
+        _require_metaworld()
+        import gymnasium as gym
+
+        if size < 8:
+            raise ValueError(f"size must be >= 8 pixels, got {size}")
+        self.task, self.image, self.camera, self.size = task, image, camera, size
+        options: dict[str, Any] = {"env_name": task, "seed": seed}
+        if image:
+            options.update(render_mode="rgb_array", camera_name=camera, width=size, height=size)
+        if max_steps is not None:
+            options["max_episode_steps"] = max_steps
+        self.env = gym.make("Meta-World/MT1", **options)
+        self._seed = seed
+        self._renderer_ready = False
+        spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
+        if image:
+            spaces["image"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+        self.action_space = self.env.action_space
+
+    @property
+    def instruction(self) -> str:
+        """The task in words."""
+        return INSTRUCTIONS[self.task]
+
+    def expert(self) -> Any:
+        """The scripted expert for this task (``get_action(state)``)."""
+        return expert_policy(self.task)
+
+    def _render(self) -> np.ndarray:
+        if not self._renderer_ready:
+            import mujoco
+
+            self.env.render()  # creates the offscreen renderer
+            renderer = self.env.unwrapped.mujoco_renderer
+            viewer = renderer._get_viewer("rgb_array")
+            viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            self._renderer_ready = True
+        frame = self.env.render()
+        # MetaWorld's cameras render upside down: turn the image the right way up.
+        return np.ascontiguousarray(frame[::-1, ::-1])
+
+    def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        observation = {"state": np.asarray(state, dtype=np.float32)}
+        if self.image:
+            observation["image"] = self._render()
+        return observation
+
+    def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        state, info = self.env.reset(seed=self._seed if seed is None else seed)
+        info = {**info, "task": self.task, "instruction": self.instruction, "is_success": False}
+        return self._observation(state), info
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        state, reward, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
+        info = {
+            **info,
+            "task": self.task,
+            "instruction": self.instruction,
+            "is_success": bool(info.get("success", 0.0)),
+        }
+        return self._observation(state), float(reward), bool(terminated), bool(truncated), info
+
+    def close(self) -> None:
+        self.env.close()
+
+
+__all__ = ["INSTRUCTIONS", "MetaWorldEnv", "expert_policy"]

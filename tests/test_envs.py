@@ -1,0 +1,65 @@
+"""The MetaWorld adapter (robot extra): tasks, experts, dict observations, upright headless images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+metaworld = pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
+
+from flowforge.envs.metaworld import INSTRUCTIONS, MetaWorldEnv, expert_policy  # noqa: E402
+
+
+def test_every_v3_task_has_an_instruction_and_an_expert() -> None:
+    assert sorted(INSTRUCTIONS) == sorted(metaworld.ALL_V3_ENVIRONMENTS)
+    for task in INSTRUCTIONS:
+        assert hasattr(expert_policy(task), "get_action"), task
+
+
+def test_reach_expert_succeeds_with_state_observations() -> None:
+    env = MetaWorldEnv("reach-v3", seed=3)
+    observation, info = env.reset()
+    assert set(observation) == {"state"} and observation["state"].shape == (39,)
+    assert observation["state"].dtype == np.float32
+    assert info["instruction"] == "reach the goal position" and info["is_success"] is False
+    expert = env.expert()
+    for _ in range(200):
+        observation, reward, _, _, info = env.step(expert.get_action(observation["state"]))
+        if info["is_success"]:
+            break
+    assert info["is_success"] is True and isinstance(reward, float)
+    env.close()
+
+
+def test_seeds_fix_the_scene() -> None:
+    first = MetaWorldEnv("push-v3", seed=0).reset()[0]["state"]
+    again = MetaWorldEnv("push-v3", seed=0).reset()[0]["state"]
+    other = MetaWorldEnv("push-v3", seed=1).reset()[0]["state"]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_images_are_rendered_headless_at_the_requested_size() -> None:
+    env = MetaWorldEnv("reach-v3", seed=0, image=True, camera="corner", size=64)
+    observation, _ = env.reset()
+    image = observation["image"]
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert image.std() > 10  # a scene, not a blank frame
+    assert env.observation_space.contains(observation)
+    env.close()
+
+
+def test_unknown_tasks_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown MetaWorld task 'fly-v3'"):
+        MetaWorldEnv("fly-v3")
+
+
+def test_the_core_package_does_not_import_metaworld() -> None:
+    code = (
+        "import sys, flowforge, flowforge.flows, flowforge.matching, flowforge.train; print('metaworld' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
