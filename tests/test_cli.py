@@ -184,3 +184,13 @@ def test_list_names_everything() -> None:
     assert result.exit_code == 0
     for word in ("realnvp", "flow-matching", "reverse-kl", "checkerboard", "digits", "banana"):
         assert word in result.output
+
+
+def test_a_malformed_data_file_fails_before_anything_is_written(tmp_path: Path) -> None:
+    (tmp_path / "points.csv").write_text("a,b\n1,2\n3,oops\n")
+    config = tmp_path / "bad_data.toml"
+    config.write_text(f'[model]\nkind = "realnvp"\n[data]\npath = "{tmp_path / "points.csv"}"\n')
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "run"), *TINY])
+    assert result.exit_code != 0
+    assert "points.csv, row 3, column 2: 'oops' is not a number" in result.output
+    assert not (tmp_path / "run").exists()
