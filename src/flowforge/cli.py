@@ -217,6 +217,52 @@ def list_choices() -> None:
     typer.echo(f"targets:     {', '.join(TARGETS)} (reverse KL)")
 
 
+data_app = typer.Typer(help="Robot demonstration data sets (LeRobot v3 layout).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("collect")
+def data_collect(
+    out: Annotated[Path, typer.Option(help="Data set folder (created; an interrupted one is resumed).")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated MetaWorld v3 tasks, e.g. reach-v3,push-v3.")],
+    episodes: Annotated[int, typer.Option(min=1, help="Successful episodes per task.")] = 10,
+    env: Annotated[str, typer.Option(help="Simulator (metaworld).")] = "metaworld",
+    images: Annotated[bool, typer.Option("--images/--no-images", help="Also store camera images.")] = False,
+    camera: Annotated[str, typer.Option(help="Camera for --images.")] = "corner",
+    size: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 84,
+    seed: Annotated[int, typer.Option()] = 0,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
+) -> None:
+    """Roll out the scripted experts, keep successful episodes, write them in the LeRobot v3 layout."""
+    if env != "metaworld":
+        _fail(f"unknown simulator {env!r}; available: metaworld")
+    try:
+        from flowforge.envs.collect import collect
+
+        start = time.perf_counter()
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        counts = collect(names, episodes, out, images=images, camera=camera, size=size, seed=seed, progress=progress)
+    except ImportError as error:
+        _fail(str(error))
+    except (ValueError, DataError) as error:
+        _fail(str(error))
+    for task, count in counts.items():
+        rate = count["succeeded"] / max(count["attempted"], 1)
+        typer.echo(f"{task}: kept {count['succeeded']} of {count['attempted']} expert episodes ({rate:.0%} success)")
+    typer.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+@data_app.command("info")
+def data_info(root: Annotated[Path, typer.Argument(help="Data set folder.")]) -> None:
+    """Print a data set's schema, episode and frame counts, and the expert success rates."""
+    from flowforge.data.episodes import describe
+
+    try:
+        typer.echo(describe(root))
+    except DataError as error:
+        _fail(str(error))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,110 @@
+"""Expert demonstrations in the LeRobot v3 layout: collection (robot extra), reloading, windows and masks, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flowforge.cli import app
+from flowforge.data.episodes import EpisodeDataset, Normalizer
+from flowforge.data.tabular import DataError
+
+pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
+
+from flowforge.envs.collect import collect
+
+
+@pytest.fixture(scope="module")
+def state_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reach")
+    counts = collect(["reach-v3"], 2, root, progress=False)
+    assert counts == {"reach-v3": {"attempted": 2, "succeeded": 2}}
+    return root
+
+
+def test_collected_episodes_reload_with_windows_and_padding(state_set: Path) -> None:
+    info = json.loads((state_set / "meta" / "info.json").read_text())
+    assert info["total_episodes"] == 2 and info["codebase_version"] == "v3.0" and info["fps"] == 80
+    data = EpisodeDataset(state_set, obs_horizon=2, action_horizon=8)
+    assert len(data) == info["total_frames"]
+    first = data[0]
+    assert first["observation.state"].shape == (2, 39) and first["action"].shape == (8, 4)
+    assert first["observation_is_pad"].tolist() == [True, False]  # nothing before the first frame
+    torch.testing.assert_close(first["observation.state"][0], first["observation.state"][1])
+    assert first["task"] == "reach the goal position"
+    length = data.lengths[0]
+    last = data[length - 1]
+    assert last["action_is_pad"].tolist() == [False] + [True] * 7
+    assert (last["action"][1:] == last["action"][0]).all()  # padding repeats the last action
+    assert data[length]["episode_index"] == 1 and data[length]["frame_index"] == 0
+
+
+def test_statistics_and_normalizers(state_set: Path) -> None:
+    data = EpisodeDataset(state_set)
+    actions = torch.stack([data[i]["action"][0] for i in range(len(data))]).double()
+    stats = json.loads((state_set / "meta" / "stats.json").read_text())["action"]
+    np.testing.assert_allclose(stats["mean"], actions.mean(0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(stats["min"], actions.min(0).values.numpy(), atol=1e-7)
+    for mode in ("mean_std", "min_max"):
+        normalizer = data.normalizer("action", mode)
+        torch.testing.assert_close(normalizer.unnormalize(normalizer.normalize(actions.float())), actions.float())
+        again = Normalizer.from_dict(json.loads(json.dumps(normalizer.to_dict())))
+        torch.testing.assert_close(again.normalize(actions.float()), normalizer.normalize(actions.float()))
+    scaled = data.normalizer("action", "min_max").normalize(actions.float())
+    assert scaled.min() >= -1 - 1e-6 and scaled.max() <= 1 + 1e-6
+
+
+def test_images_are_stored_and_decoded(tmp_path: Path) -> None:
+    collect(["reach-v3"], 1, tmp_path, images=True, size=32, progress=False)
+    data = EpisodeDataset(tmp_path, obs_horizon=2)
+    item = data[3]
+    image = item["observation.images.corner"]
+    assert image.shape == (2, 3, 32, 32) and image.dtype == torch.uint8 and image.float().std() > 5
+
+
+def test_an_interrupted_collection_resumes(tmp_path: Path) -> None:
+    collect(["reach-v3"], 1, tmp_path, progress=False)
+    counts = collect(["reach-v3"], 2, tmp_path, progress=False)
+    assert counts["reach-v3"]["succeeded"] == 2
+    seeds = [json.loads((tmp_path / "meta" / "collection.json").read_text())["episodes"][i]["seed"] for i in (0, 1)]
+    assert seeds[0] != seeds[1]
+    assert len(EpisodeDataset(tmp_path)) == json.loads((tmp_path / "meta" / "info.json").read_text())["total_frames"]
+    with pytest.raises(DataError, match="resume with the same settings"):
+        collect(["reach-v3"], 3, tmp_path, images=True, progress=False)
+
+
+def test_malformed_folders_give_clear_errors(state_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"meta/info\.json is missing"):
+        EpisodeDataset(tmp_path)
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(state_set, broken)
+    info = json.loads((broken / "meta" / "info.json").read_text())
+    info["features"]["observation.state"]["shape"] = [38]
+    (broken / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"observation\.state has shape"):
+        EpisodeDataset(broken)[0]
+    info["features"]["observation.state"]["shape"] = [39]
+    (broken / "meta" / "info.json").write_text(json.dumps(info))
+    data_file = broken / "data" / "chunk-000" / "file-000.parquet"  # episode 0, read by item 0
+    data_file.write_bytes(data_file.read_bytes()[:200])
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        EpisodeDataset(broken)[0]
+
+
+def test_data_commands(state_set: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "info", str(state_set)])
+    assert result.exit_code == 0 and "2 episodes" in result.output and "reach-v3: 2 / 2 (100%)" in result.output
+    result = runner.invoke(
+        app, ["data", "collect", "--out", str(tmp_path / "x"), "--tasks", "fly-v3", "--episodes", "1"]
+    )
+    assert result.exit_code != 0 and "unknown MetaWorld task 'fly-v3'" in result.output
+    result = runner.invoke(app, ["data", "info", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "meta/info.json is missing" in result.output
