@@ -108,3 +108,18 @@ def test_data_commands(state_set: Path, tmp_path: Path) -> None:
     assert result.exit_code != 0 and "unknown MetaWorld task 'fly-v3'" in result.output
     result = runner.invoke(app, ["data", "info", str(tmp_path / "nothing")])
     assert result.exit_code != 0 and "meta/info.json is missing" in result.output
+
+
+def test_lerobot_tasks_table_is_read_too(state_set: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    copy = tmp_path / "lerobot_style"
+    shutil.copytree(state_set, copy)
+    (copy / "meta" / "tasks.jsonl").unlink()
+    parquet.write_table(
+        pa.table({"__index_level_0__": ["reach the goal position"], "task_index": [0]}), copy / "meta" / "tasks.parquet"
+    )
+    assert EpisodeDataset(copy)[0]["task"] == "reach the goal position"

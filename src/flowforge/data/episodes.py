@@ -6,7 +6,8 @@ reads the same way):
 * ``meta/info.json``: ``codebase_version``, ``fps``, counts, ``data_path`` and ``features``
   (``dtype``, ``shape`` per key);
 * ``meta/stats.json``: ``mean``, ``std``, ``min``, ``max``, ``count`` per numeric feature;
-* ``meta/tasks.jsonl``: one ``{"task_index", "task"}`` per line;
+* ``meta/tasks.jsonl``: one ``{"task_index", "task"}`` per line (lerobot's ``meta/tasks.parquet``
+  is read too);
 * ``meta/episodes/chunk-000/file-000.parquet``: one row per episode (``episode_index``,
   ``tasks``, ``length``, ``dataset_from_index``, ``dataset_to_index``, ``data/chunk_index``,
   ``data/file_index``);
@@ -51,7 +52,12 @@ class Normalizer:
         if mode not in ("mean_std", "min_max"):
             raise ValueError(f"mode must be 'mean_std' or 'min_max', got {mode!r}")
         self.mode = mode
-        self.stats = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in stats.items() if k != "count"}
+        missing = {"mean", "std", "min", "max"} - set(stats)
+        if missing:
+            raise DataError(f"statistics lack {', '.join(sorted(missing))}")
+        self.stats = {
+            k: torch.as_tensor(np.asarray(stats[k]), dtype=torch.float32) for k in ("mean", "std", "min", "max")
+        }
         if mode == "mean_std":
             self.shift, self.scale = self.stats["mean"], self.stats["std"].clamp(min=eps)
         else:
@@ -135,6 +141,15 @@ class EpisodeDataset(torch.utils.data.Dataset):
                 if line.strip():
                     row = json.loads(line)
                     self.tasks[row["task_index"]] = row["task"]
+        elif (self.root / "meta" / "tasks.parquet").is_file():  # lerobot writes the tasks as the table's index
+            table = _read_parquet(self.root / "meta" / "tasks.parquet")
+            names = [c for c in table.column_names if c != "task_index"]
+            if "task_index" not in table.column_names or not names:
+                raise DataError(f"{self.root}/meta/tasks.parquet needs a task_index and a task column")
+            for index, task in zip(
+                table.column("task_index").to_pylist(), table.column(names[0]).to_pylist(), strict=True
+            ):
+                self.tasks[index] = task
         self.lengths = [int(e["length"]) for e in episodes]
         self.starts = np.cumsum([0, *self.lengths])
         self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
