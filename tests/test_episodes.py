@@ -60,7 +60,7 @@ def test_statistics_and_normalizers(state_set: Path) -> None:
 
 
 def test_images_are_stored_and_decoded(tmp_path: Path) -> None:
-    collect(["reach-v3"], 1, tmp_path, images=True, size=32, progress=False)
+    collect(["reach-v3"], 2, tmp_path, images=True, size=32, progress=False)
     data = EpisodeDataset(tmp_path, obs_horizon=2)
     item = data[3]
     image = item["observation.images.corner"]
@@ -123,3 +123,59 @@ def test_lerobot_tasks_table_is_read_too(state_set: Path, tmp_path: Path) -> Non
         pa.table({"__index_level_0__": ["reach the goal position"], "task_index": [0]}), copy / "meta" / "tasks.parquet"
     )
     assert EpisodeDataset(copy)[0]["task"] == "reach the goal position"
+
+
+def test_a_lerobot_style_folder_with_multi_episode_files_reads(tmp_path: Path) -> None:
+    """The v3 layout as lerobot writes it: several episodes per data file, tasks as a Parquet table,
+    images as {"bytes", "path"} structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    from flowforge.data.episodes import encode_png
+
+    lengths = [3, 4]
+    rows = {"observation.state": [], "action": [], "episode_index": [], "frame_index": [], "task_index": []}
+    images = []
+    for episode, length in enumerate(lengths):
+        for frame in range(length):
+            rows["observation.state"].append([float(episode), float(frame)])
+            rows["action"].append([float(10 * episode + frame)])
+            rows["episode_index"].append(episode)
+            rows["frame_index"].append(frame)
+            rows["task_index"].append(episode)
+            images.append({"bytes": encode_png(np.full((4, 4, 3), 40 * frame, np.uint8)), "path": None})
+    (tmp_path / "data" / "chunk-000").mkdir(parents=True)
+    (tmp_path / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    parquet.write_table(
+        pa.table({**rows, "observation.images.top": images}), tmp_path / "data" / "chunk-000" / "file-000.parquet"
+    )
+    parquet.write_table(
+        pa.table(
+            {
+                "episode_index": [0, 1],
+                "tasks": [["pick"], ["place"]],
+                "length": lengths,
+                "data/chunk_index": [0, 0],
+                "data/file_index": [0, 0],
+                "dataset_from_index": [0, 3],
+                "dataset_to_index": [3, 7],
+            }
+        ),
+        tmp_path / "meta" / "episodes" / "chunk-000" / "file-000.parquet",
+    )
+    parquet.write_table(
+        pa.table({"__index_level_0__": ["pick", "place"], "task_index": [0, 1]}), tmp_path / "meta" / "tasks.parquet"
+    )
+    features = {
+        "observation.state": {"dtype": "float32", "shape": [2]},
+        "action": {"dtype": "float32", "shape": [1]},
+        "observation.images.top": {"dtype": "image", "shape": [4, 4, 3]},
+    }
+    info = {"codebase_version": "v3.0", "fps": 10, "total_episodes": 2, "total_frames": 7, "features": features}
+    (tmp_path / "meta" / "info.json").write_text(json.dumps(info))
+    data = EpisodeDataset(tmp_path, obs_horizon=1, action_horizon=3)
+    item = data[4]  # episode 1, frame 1
+    assert item["episode_index"] == 1 and item["frame_index"] == 1 and item["task"] == "place"
+    assert item["action"][:, 0].tolist() == [11.0, 12.0, 13.0] and item["action_is_pad"].tolist() == [False] * 3
+    assert item["observation.images.top"].shape == (1, 3, 4, 4) and int(item["observation.images.top"].max()) == 40
+    assert data[6]["action_is_pad"].tolist() == [False, True, True]
