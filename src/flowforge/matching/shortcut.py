@@ -24,14 +24,12 @@ instantaneous velocity (:math:`d = 0`), i.e. the model's flow-matching field.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flowforge.matching.couplings import Coupling
 from flowforge.matching.matcher import FlowMatcher, _SamplingField
-from flowforge.matching.paths import AffinePath
-from flowforge.matching.time import TimeSampler
 
 
 class ShortcutMatcher(FlowMatcher):
@@ -39,7 +37,7 @@ class ShortcutMatcher(FlowMatcher):
 
     Arguments:
         velocity: ``net(x, t, context=None, step=None)``, e.g. ``VelocityMLP(..., step_input=True)``.
-        path, coupling, time_sampler, event_shape, context, context_dropout: as :class:`FlowMatcher`.
+        args, matcher_options: the other arguments of :class:`FlowMatcher` (path, coupling, ...).
         self_consistency_fraction: share of each batch trained on the self-consistency target.
         max_halvings: M: the smallest trained step is ``2**-M`` (default 7: 1/128).
 
@@ -53,25 +51,12 @@ class ShortcutMatcher(FlowMatcher):
     def __init__(
         self,
         velocity: nn.Module,
-        path: AffinePath | None = None,
-        coupling: Coupling | None = None,
-        time_sampler: TimeSampler | None = None,
-        *,
-        event_shape: int | tuple[int, ...] | None = None,
-        context: int | None = None,
-        context_dropout: float = 0.0,
+        *args: Any,
         self_consistency_fraction: float = 0.25,
         max_halvings: int = 7,
+        **matcher_options: Any,
     ) -> None:
-        super().__init__(
-            velocity,
-            path,
-            coupling,
-            time_sampler,
-            event_shape=event_shape,
-            context=context,
-            context_dropout=context_dropout,
-        )
+        super().__init__(velocity, *args, **matcher_options)
         if not 0.0 < self_consistency_fraction < 1.0:
             raise ValueError(f"self_consistency_fraction must be in (0, 1), got {self_consistency_fraction}")
         if max_halvings < 1:

@@ -86,6 +86,13 @@ class _TimeInputs(nn.Module):
             return [s[:, None] for s in times]
         return [self.embedding.forward(s) for s in times]
 
+    def network_input(self, x: Tensor, t: Tensor, context: Tensor | None, step: Tensor | float | None) -> Tensor:
+        """``[x, time (and step) features, context]``: the first layer's input in both networks."""
+        parts = [x, *self.forward(x, t, step)]
+        if context is not None:
+            parts.append(context)
+        return torch.cat(parts, dim=1)
+
 
 class VelocityMLP(nn.Module):
     """An MLP on ``[x, time features, context]`` returning a velocity of the same shape as ``x``.
@@ -121,10 +128,8 @@ class VelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        parts = [x, *self.time_inputs.forward(x, t, step)]
-        if self.context_features:
-            parts.append(context)
-        return _run_layers(self.net, torch.cat(parts, dim=1))
+        context = context if self.context_features else None
+        return _run_layers(self.net, self.time_inputs.network_input(x, t, context, step))
 
     def time_conditioning(
         self, times: Tensor, context: Tensor | None = None, step: float | None = None
@@ -235,10 +240,8 @@ class ResidualVelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        parts = [x, *self.time_inputs.forward(x, t, step)]
-        if self.context_features:
-            parts.append(context)
-        return self.output(self.blocks(self.input(torch.cat(parts, dim=1))))
+        context = context if self.context_features else None
+        return self.output(self.blocks(self.input(self.time_inputs.network_input(x, t, context, step))))
 
 
 __all__ = ["ResidualVelocityMLP", "SinusoidalTimeEmbedding", "VelocityMLP"]

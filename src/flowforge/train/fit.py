@@ -1,18 +1,16 @@
-"""Maximum-likelihood training of a flow on an in-memory tensor.
+"""Maximum-likelihood training of a flow on an in-memory tensor, in one call.
 
 Minimises the negative log-likelihood :math:`-\\frac1B\\sum_i \\log p_\\theta(x_i \\mid c_i)`
-over random minibatches with Adam, a cosine learning-rate decay and gradient-norm clipping.
+over random minibatches with Adam, a cosine learning-rate decay and gradient-norm clipping: the
+:class:`~flowforge.train.Trainer` loop with the :class:`~flowforge.train.MaximumLikelihood` objective.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
-import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from flowforge.flows.base import Flow
 from flowforge.validation import check_batched
@@ -53,35 +51,21 @@ def fit_maximum_likelihood(
     Raises:
         FloatingPointError: the loss became NaN or inf (the step and the learning rate are named).
     """
+    from flowforge.train.trainer import MaximumLikelihood, Trainer, TrainerConfig
+
     check_batched("data", data, flow.event_shape, finite=True)
     if context is not None:
         check_batched("context", context, tuple(context.shape[1:]), batch=data.shape[0], batch_of="data", finite=True)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
-    parameter = next(flow.parameters(), None)
-    if parameter is None:
-        raise ValueError("flow has no parameters to train")
-    data = data.to(parameter.device, parameter.dtype)
-    context = None if context is None else context.to(parameter.device, parameter.dtype)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    flow.train()
-    bar = tqdm(range(steps), desc="train", disable=not progress_enabled(progress), leave=False)
-    for step in bar:
-        index = torch.randint(0, data.shape[0], (batch_size,), generator=generator).to(data.device)
-        loss = -flow.log_prob(data[index], None if context is None else context[index]).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step} (lr={schedule.get_last_lr()[0]:.2e})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(nll=f"{losses[-1]:.3f}")
-    flow.eval()
-    return losses
+    config = TrainerConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        log_every=1,
+        progress=progress,
+    )
+    state = Trainer(flow, MaximumLikelihood(), config, data=data, context=context).fit()
+    return [row["loss"] for row in state.history if "loss" in row]

@@ -402,11 +402,12 @@ class Trainer:
         stopped_early = False
         self.writer = self._tensorboard_writer()
         while self.state.step < cfg.steps and not stopped_early:
-            loss = self._step()
+            loss_tensor = self._step()
             self.state.step += 1
             step = self.state.step
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = float(loss_tensor)  # read back only when logged: no device sync on other steps
                 self.state.history.append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if self.writer is not None:
@@ -446,7 +447,7 @@ class Trainer:
         index = index.to(self.device)
         return self.data[index], None if self.context is None else self.context[index]
 
-    def _step(self) -> float:
+    def _step(self) -> Tensor:
         cfg = self.config
         batch = self._batch()
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -478,7 +479,7 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return float(loss.detach())
+        return loss.detach()
 
     writer = None
 
