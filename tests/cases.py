@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from flowforge.distributions import DiagNormal, GaussianMixture, StandardNormal
-from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Flow, RealNVP
+from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Flow, RealNVP, ResidualFlow
 from flowforge.nn import MLP
 from flowforge.transforms import (
     ActNorm,
@@ -25,6 +25,7 @@ from flowforge.transforms import (
     MaskedAutoregressive,
     Permutation,
     RationalQuadraticSpline,
+    ResidualBlock,
     Standardize,
 )
 from tests.invariants import FlowCase, TransformCase, warm_up_
@@ -99,6 +100,11 @@ TRANSFORM_CASES = [
     TransformCase("iaf_stack", lambda c: IAF(5, c).transform, 5, randomize_scale=0.03),
     TransformCase("nsf_stack", lambda c: NSF(5, c).transform, 5, randomize_scale=0.03),
     TransformCase("nsf_coupling_stack", lambda c: NSF(5, c, autoregressive=False).transform, 5, randomize_scale=0.03),
+    # Residual blocks with the exact log-det (the series estimate is random; tests/test_residual.py).
+    TransformCase("residual_block", lambda c: ResidualBlock(5, c, SMALL, logdet="exact"), 5),
+    TransformCase(
+        "residual_stack", lambda c: ResidualFlow(5, c, 3, SMALL, logdet="exact").transform, 5, warmup_batches=1
+    ),
     TransformCase(
         "maf_lu_batchnorm_stack",
         lambda c: MAF(5, c, transforms=3, hidden=SMALL, mixing="lu", batch_norm=True).transform,
@@ -146,6 +152,11 @@ FLOW_CASES = [
     FlowCase("nsf_2d", lambda c: NSF(2, c, transforms=3, hidden=SMALL, bins=6, bound=4.0), 2),
     FlowCase("nsf_5d", lambda c: NSF(5, c, transforms=3, hidden=SMALL, bins=6, bound=4.0), 5),
     FlowCase("nsf_coupling_2d", lambda c: NSF(2, c, transforms=3, hidden=SMALL, autoregressive=False), 2),
+    FlowCase(
+        "residual_flow_2d",
+        lambda c: warm_up_(ResidualFlow(2, c, 3, SMALL, logdet="exact"), 2, c, batches=1),
+        2,
+    ),
     # Fixed steps: an adaptive solver's step sizes depend on the whole batch, so a batch of one
     # would legitimately differ from the same row inside a batch.
     FlowCase(

@@ -6,6 +6,7 @@ from flowforge.data.tabular import (
     Standardizer,
     dequantize_digits,
     digits_bits_per_dim,
+    digits_images,
     load_table,
     sklearn_dataset,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "Target",
     "dequantize_digits",
     "digits_bits_per_dim",
+    "digits_images",
     "load_table",
     "sklearn_dataset",
     "target",

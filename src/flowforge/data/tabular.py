@@ -54,6 +54,32 @@ def dequantize_digits(pixels: Tensor, generator: torch.Generator | None = None) 
     return (pixels.float() + noise) / DIGIT_LEVELS
 
 
+def digits_images(split: str = "train", test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 8x8 digits as images: pixel counts ``(N, 1, 8, 8)`` (float32, integers
+    0..16) and class labels ``(N,)`` (int64), from a fixed random split.
+
+    The split is a seeded permutation, stratified by nothing: with the defaults, 1,438 training
+    and 359 test images. The same ``seed`` and ``test_fraction`` always give the same split.
+
+    >>> pixels, labels = digits_images("test")
+    >>> pixels.shape, labels.shape, int(pixels.max())
+    (torch.Size([359, 1, 8, 8]), torch.Size([359]), 16)
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    import sklearn.datasets
+
+    bunch = sklearn.datasets.load_digits()
+    pixels = torch.as_tensor(np.asarray(bunch.data, dtype=np.float32)).reshape(-1, 1, 8, 8)
+    labels = torch.as_tensor(np.asarray(bunch.target, dtype=np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test_size = round(test_fraction * len(labels))
+    chosen = order[:test_size] if split == "test" else order[test_size:]
+    return pixels[chosen], labels[chosen]
+
+
 def digits_bits_per_dim(nll_nats: float, dims: int = 64) -> float:
     r"""Bits per dimension of the discrete digits from the mean NLL (nats) of their dequantized version
     in [0, 1): :math:`(\mathrm{NLL} + D \log 17) / (D \log 2)`."""

@@ -15,17 +15,23 @@ from torch import nn
 from flowforge.distributions import DiagNormal, StandardNormal
 from flowforge.flows.base import Flow
 from flowforge.transforms import (
+    ActNorm,
     AdditiveCoupling,
     AffineCoupling,
     AffineElementwise,
     BatchNorm,
     Compose,
     Coupling,
+    ImageAffineCoupling,
     Invert,
+    InvertibleConv1x1,
     LULinear,
     MaskedAutoregressive,
     Permutation,
     RationalQuadraticSpline,
+    ResidualBlock,
+    Split,
+    Squeeze,
     Transform,
 )
 
@@ -307,4 +313,184 @@ class NSF(Flow):
                 lambda mask: Coupling(mask, RationalQuadraticSpline(bins, bound), context, hidden, activation),
             )
         super().__init__(StandardNormal(features), Compose(layers))
+        self.config = config
+
+
+class ResidualFlow(Flow):
+    r"""Residual flow (Chen et al. 2019): ActNorm and invertible residual blocks over N(0, I).
+
+    Each block is :math:`z = x + g(x, c)` with :math:`g` contractive (spectral-normalised
+    :class:`~flowforge.transforms.LipschitzLinear` layers and LipSwish); its inverse is a
+    fixed-point iteration and its log-determinant an unbiased Russian-roulette power series
+    (``logdet="series"``), or the exact determinant for small ``features`` (``logdet="exact"``).
+    See :class:`~flowforge.transforms.ResidualBlock`.
+
+    Arguments:
+        features: data dimension (1 or more).
+        context: size of the context vector (0 for an unconditional flow).
+        transforms: number of residual blocks.
+        hidden: hidden widths of every residual branch.
+        coefficient: spectral-norm bound of each layer, in (0, 1).
+        logdet: ``"series"`` or ``"exact"``.
+        actnorm: an ActNorm layer before every block (data-dependent initialisation).
+
+    >>> import torch
+    >>> flow = ResidualFlow(2, transforms=2, hidden=(16,), logdet="exact")
+    >>> flow.log_prob(torch.randn(3, 2)).shape
+    torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        features: int,
+        context: int = 0,
+        transforms: int = 4,
+        hidden: Sequence[int] = (64, 64),
+        *,
+        coefficient: float = 0.97,
+        logdet: str = "series",
+        actnorm: bool = True,
+    ) -> None:
+        config = _config_of(locals())
+        _check_recipe_args("ResidualFlow", features, context, transforms, hidden, coupling=False)
+        layers: list[Transform] = []
+        for _ in range(transforms):
+            if actnorm:
+                layers.append(ActNorm(features))
+            layers.append(ResidualBlock(features, context, hidden, coefficient, logdet))
+        super().__init__(StandardNormal(features), Compose(layers))
+        self.config = config
+
+
+def _check_image_recipe(
+    name: str, shape: Sequence[int], levels: int, steps: int, hidden_channels: int, squeezes: int
+) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{name} needs shape=(C, H, W) with positive sizes, got {shape}")
+    if levels < 1 or steps < 1 or hidden_channels < 1:
+        raise ValueError(f"levels, steps and hidden_channels must be >= 1, got {levels}, {steps}, {hidden_channels}")
+    _, height, width = shape
+    if height % 2**squeezes or width % 2**squeezes:
+        raise ValueError(
+            f"{name} with {levels} levels squeezes the image {squeezes} times, so H and W must be divisible by "
+            f"{2**squeezes}; got H={height}, W={width}"
+        )
+    return shape
+
+
+class Glow(Flow):
+    r"""Glow (Kingma & Dhariwal 2018): a multi-scale image flow over a standard normal of the image's shape.
+
+    Each of the ``levels`` scales squeezes the image (:class:`~flowforge.transforms.Squeeze`),
+    applies ``steps`` steps of ActNorm, an invertible 1x1 convolution and an affine coupling
+    with a conv conditioner, and (except the last) factors out half of the channels under a
+    learned conditional Gaussian prior (:class:`~flowforge.transforms.Split`). A context vector
+    (a one-hot class, say) reaches every coupling and every prior: class-conditional Glow.
+
+    Arguments:
+        shape: the image shape ``(C, H, W)``; H and W divisible by ``2**levels``.
+        levels: number of scales.
+        steps: flow steps per scale.
+        hidden_channels: hidden channels of the coupling and prior nets.
+        context: size of the context vector (0 for an unconditional flow).
+        scale_bound: soft clamp on every log-scale.
+
+    The data are continuous images; for pixel counts, wrap the flow in
+    :class:`~flowforge.flows.Dequantized`.
+
+    >>> import torch
+    >>> flow = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=16)
+    >>> flow.log_prob(torch.rand(3, 1, 8, 8)).shape, flow.sample(2).shape
+    (torch.Size([3]), torch.Size([2, 1, 8, 8]))
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        levels: int = 2,
+        steps: int = 4,
+        hidden_channels: int = 64,
+        context: int = 0,
+        *,
+        scale_bound: float = 3.0,
+    ) -> None:
+        config = _config_of(locals())
+        shape = _check_image_recipe("Glow", shape, levels, steps, hidden_channels, squeezes=levels)
+
+        def level(channels: int, remaining: int) -> Transform:
+            squeezed = 4 * channels
+            layers: list[Transform] = [Squeeze()]
+            for k in range(steps):
+                layers += [
+                    ActNorm(squeezed, image=True),
+                    InvertibleConv1x1(squeezed),
+                    ImageAffineCoupling(squeezed, "channel", k % 2, context, hidden_channels, scale_bound),
+                ]
+            if remaining > 1:
+                kept = squeezed - squeezed // 2
+                layers.append(Split(squeezed, level(kept, remaining - 1), context, hidden_channels, scale_bound))
+            layers.append(Invert(Squeeze()))
+            return Compose(layers)
+
+        super().__init__(StandardNormal(shape), level(shape[0], levels))
+        self.config = config
+
+
+class MultiscaleRealNVP(Flow):
+    r"""RealNVP's multi-scale image flow (Dinh et al. 2016) over a standard normal of the image's shape.
+
+    Each scale applies ``steps`` checkerboard affine couplings, squeezes, applies ``steps``
+    channel-wise affine couplings and factors out half of the channels under a learned
+    conditional Gaussian prior; the last scale applies checkerboard couplings only. Couplings
+    alternate their masks and are separated by ActNorm (in place of the paper's batch norm, so
+    that a row's density does not depend on its batch).
+
+    Arguments:
+        shape: the image shape ``(C, H, W)``; H and W divisible by ``2**(levels - 1)``.
+        levels: number of scales.
+        steps: couplings per mask type and scale.
+        hidden_channels: hidden channels of the coupling and prior nets.
+        context: size of the context vector (0 for an unconditional flow).
+        scale_bound: soft clamp on every log-scale.
+
+    >>> import torch
+    >>> flow = MultiscaleRealNVP((1, 8, 8), levels=2, steps=2, hidden_channels=16)
+    >>> flow.log_prob(torch.rand(3, 1, 8, 8)).shape
+    torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        levels: int = 2,
+        steps: int = 3,
+        hidden_channels: int = 64,
+        context: int = 0,
+        *,
+        scale_bound: float = 3.0,
+    ) -> None:
+        config = _config_of(locals())
+        shape = _check_image_recipe("MultiscaleRealNVP", shape, levels, steps, hidden_channels, squeezes=levels - 1)
+
+        def couplings(channels: int, mask: str) -> list[Transform]:
+            layers: list[Transform] = []
+            for k in range(steps):
+                layers += [
+                    ActNorm(channels, image=True),
+                    ImageAffineCoupling(channels, mask, k % 2, context, hidden_channels, scale_bound),
+                ]
+            return layers
+
+        def level(channels: int, remaining: int) -> Transform:
+            layers = couplings(channels, "checkerboard")
+            if remaining > 1:
+                squeezed = 4 * channels
+                kept = squeezed - squeezed // 2
+                layers += [Squeeze(), *couplings(squeezed, "channel")]
+                layers.append(Split(squeezed, level(kept, remaining - 1), context, hidden_channels, scale_bound))
+                layers.append(Invert(Squeeze()))
+            return Compose(layers)
+
+        super().__init__(StandardNormal(shape), level(shape[0], levels))
         self.config = config

@@ -1,5 +1,6 @@
 """Neural networks used inside flows: conditioners, embeddings and velocity fields."""
 
+from flowforge.nn.conv import ConvConditioner
 from flowforge.nn.made import MADE, MaskedLinear, MaskedResidualBlock
 from flowforge.nn.mlp import MLP
 from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, VelocityMLP
@@ -7,6 +8,7 @@ from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, 
 __all__ = [
     "MADE",
     "MLP",
+    "ConvConditioner",
     "MaskedLinear",
     "MaskedResidualBlock",
     "ResidualVelocityMLP",

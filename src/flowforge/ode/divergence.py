@@ -107,6 +107,24 @@ class HutchinsonDivergence:
         return (divergence, vjp.square().sum(1)) if frobenius else divergence
 
 
+def roulette_weights(p: float = 0.5, min_terms: int = 1, generator: torch.Generator | None = None) -> list[float]:
+    r"""One Russian-roulette draw: the weights :math:`1 / P(N \ge k)` of the terms :math:`k = 1..N` to keep.
+
+    The first ``min_terms`` terms are always kept (weight 1); beyond them the count of extra
+    terms is geometric, :math:`P(\text{extra} \ge j) = (1 - p)^j`, so term ``min_terms + j`` gets
+    weight :math:`(1 - p)^{-j}`. Then :math:`\mathbb E \sum_k w_k a_k = \sum_k a_k` for any
+    absolutely convergent series: the estimator of :func:`russian_roulette` and of the residual
+    flows' log-determinant (:class:`flowforge.transforms.ResidualBlock`).
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if min_terms < 1:
+        raise ValueError(f"min_terms must be >= 1, got {min_terms}")
+    u = float(torch.rand((), generator=generator))
+    extra = math.floor(math.log1p(-u) / math.log1p(-p))
+    return [(1 - p) ** -max(k - min_terms, 0) for k in range(1, min_terms + extra + 1)]
+
+
 def russian_roulette(
     term: Callable[[int], Tensor], p: float = 0.5, min_terms: int = 1, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -114,7 +132,7 @@ def russian_roulette(
 
     The first ``min_terms`` terms are always computed; beyond them each further term is kept
     with probability ``1 - p`` and reweighted by the inverse probability of reaching it, so the
-    expectation is the full sum (for absolutely convergent series).
+    expectation is the full sum (for absolutely convergent series). See :func:`roulette_weights`.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -122,15 +140,8 @@ def russian_roulette(
     >>> abs(float(draws.mean()) - 1.0) < 0.05
     True
     """
-    if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if min_terms < 1:
-        raise ValueError(f"min_terms must be >= 1, got {min_terms}")
-    # Extra terms past the guaranteed ones: P(extra >= j) = (1 - p)^j (a geometric count).
-    u = float(torch.rand((), generator=generator))
-    extra = math.floor(math.log1p(-u) / math.log1p(-p))
-    total = term(1)
-    for k in range(2, min_terms + extra + 1):
-        survival = (1 - p) ** max(k - min_terms, 0)  # P(N >= k) for the terms past the guaranteed ones
-        total = total + term(k) / survival
+    weights = roulette_weights(p, min_terms, generator)
+    total = term(1) * weights[0]
+    for k, weight in enumerate(weights[1:], start=2):
+        total = total + term(k) * weight
     return total

@@ -52,6 +52,9 @@ class ActNorm(Transform):
     Arguments:
         features: number of features of vector input ``(batch, features)``, or of channels of
             image input ``(batch, features, H, W)`` (one shift and scale per channel).
+        image: accept only images ``(batch, features, H, W)``. The layer then reports
+            ``features = None`` (it does not act on a vector of fixed size), so it can sit in a
+            stack whose channel count changes between layers (Glow's squeezes).
 
     The layer takes no context; a ``context`` argument is accepted and ignored.
 
@@ -71,9 +74,11 @@ class ActNorm(Transform):
     #: floor on the batch variance used at initialisation (a constant feature gets scale 1e3).
     min_init_variance = 1e-6
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, *, image: bool = False) -> None:
         super().__init__()
-        self.features = _check_features("features", features)
+        self.channels = _check_features("features", features)
+        self.image = bool(image)
+        self.features = None if image else features
         self.shift = nn.Parameter(torch.zeros(features))
         self.log_scale = nn.Parameter(torch.zeros(features))
         self.register_buffer("initialized", torch.tensor(False))
@@ -87,17 +92,18 @@ class ActNorm(Transform):
         module._known_initialized = False
 
     def _check(self, name: str, value: Tensor) -> None:
-        expected = f"{describe_shape(('batch', self.features))} or {describe_shape(('batch', self.features, 'H', 'W'))}"
+        image_shape = describe_shape(("batch", self.channels, "H", "W"))
+        expected = image_shape if self.image else f"{describe_shape(('batch', self.channels))} or {image_shape}"
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(value).__name__}")
-        if value.dim() not in (2, 4) or value.shape[1] != self.features:
+        if value.dim() not in ((4,) if self.image else (2, 4)) or value.shape[1] != self.channels:
             raise ValueError(f"{name} must have shape {expected}, got {describe_shape(tuple(value.shape))}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
 
     def _initialize(self, x: Tensor) -> None:
         dims = [0, *range(2, x.dim())]
-        if x.numel() // self.features < 2:
+        if x.numel() // self.channels < 2:
             raise ValueError(
                 f"ActNorm initialises from its first training batch, which needs at least 2 values per feature; "
                 f"got x of shape {describe_shape(tuple(x.shape))}"
@@ -132,7 +138,7 @@ class ActNorm(Transform):
         return x, -self._logabsdet(z)
 
     def extra_repr(self) -> str:
-        return f"features={self.features}"
+        return f"features={self.channels}" + (", image=True" if self.image else "")
 
 
 class BatchNorm(Transform):

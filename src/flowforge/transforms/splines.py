@@ -84,6 +84,7 @@ def rational_quadratic_spline(
         inverse: compute the inverse map instead.
 
     >>> import torch
+    >>> _ = torch.manual_seed(0)
     >>> x = torch.tensor([-9.0, -1.0, 0.0, 2.5, 1e30])
     >>> w, h, d = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 3)
     >>> y, logdet = rational_quadratic_spline(x, w, h, d, bound=3.0)
