@@ -50,7 +50,7 @@ from flowforge.data import (
     toy_dataset,
 )
 from flowforge.eval.plots import save_figure
-from flowforge.flows import CNF, IAF, MAF, NICE, NSF, RealNVP
+from flowforge.flows import CNF, IAF, MAF, NICE, NSF, RealNVP, ResidualFlow
 from flowforge.matching import ExactOTCoupling, FlowMatcher, IndependentCoupling, ShortcutMatcher
 from flowforge.nn import VelocityMLP
 from flowforge.train import (
@@ -62,7 +62,15 @@ from flowforge.train import (
     TrainerConfig,
 )
 
-FLOW_MODELS = {"realnvp": RealNVP, "nice": NICE, "maf": MAF, "iaf": IAF, "nsf": NSF, "cnf": CNF}
+FLOW_MODELS = {
+    "realnvp": RealNVP,
+    "nice": NICE,
+    "maf": MAF,
+    "iaf": IAF,
+    "nsf": NSF,
+    "cnf": CNF,
+    "residual": ResidualFlow,
+}
 MATCHING_MODELS = ("flow-matching", "shortcut")
 MODEL_KINDS = (*FLOW_MODELS, *MATCHING_MODELS)
 OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl", "adversarial")

@@ -166,7 +166,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.root}/meta/stats.json has no statistics for {key!r}")
         return Normalizer(self.stats[key], mode)
 
-    def _episode_frames(self, episode: int) -> dict[str, Any]:
+    def episode_columns(self, episode: int) -> dict[str, Any]:
+        """Every column of one episode (by position in the data set), as lists with one entry per frame."""
         entry = self.episodes[episode]
         file_key = (int(entry["data/chunk_index"]), int(entry["data/file_index"]))
         if file_key not in self._cache:
@@ -199,7 +200,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         episode = int(np.searchsorted(self.starts, index, side="right") - 1)
         frame = index - int(self.starts[episode])
         length = self.lengths[episode]
-        columns = self._episode_frames(episode)
+        columns = self.episode_columns(episode)
         observed = [frame - k for k in range(self.obs_horizon - 1, -1, -1)]
         acted = [frame + k for k in range(self.action_horizon)]
         obs_frames = [min(max(f, 0), length - 1) for f in observed]
@@ -215,11 +216,11 @@ class EpisodeDataset(torch.utils.data.Dataset):
         task_index = columns.get("task_index", [None])[frame]
         item["task"] = self.tasks.get(task_index, str(self.episodes[episode].get("tasks", [""])[0]))
         for key in self.image_keys:
-            item[key] = torch.stack([_decode_png(columns[key][f]) for f in obs_frames])
+            item[key] = torch.stack([decode_png(columns[key][f]) for f in obs_frames])
         return item
 
 
-def _decode_png(value: Any) -> Tensor:
+def decode_png(value: Any) -> Tensor:
     from PIL import Image
 
     data = value["bytes"] if isinstance(value, dict) else value

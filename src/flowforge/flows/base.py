@@ -182,9 +182,12 @@ class Flow(nn.Module):
         Raises :class:`~flowforge.checkpoint.CheckpointError` for a missing, truncated, tampered or
         foreign checkpoint.
         """
-        from flowforge.flows import CNF, IAF, MAF, NICE, NSF, RealNVP
+        from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP, ResidualFlow
 
-        recipes = {recipe.__name__: recipe for recipe in (RealNVP, NICE, MAF, IAF, NSF, CNF)}
+        recipes = {
+            recipe.__name__: recipe
+            for recipe in (RealNVP, NICE, MAF, IAF, NSF, CNF, ResidualFlow, Glow, MultiscaleRealNVP)
+        }
         manifest = read_manifest(directory)
         name = manifest.get("class")
         if name not in recipes:

@@ -55,6 +55,10 @@ from flowforge.transforms.base import Compose
 Batch = tuple[Tensor, Tensor | None]
 
 
+def _rows(data: Tensor | dict[str, Tensor]) -> int:
+    return next(iter(data.values())).shape[0] if isinstance(data, dict) else data.shape[0]
+
+
 class Objective:
     """A training objective: ``loss(model, batch) -> scalar`` (``batch`` is ``(x, context)``, or ``None``
     for objectives that need no data), and ``validation(model, batch) -> float`` for early stopping."""
@@ -83,6 +87,14 @@ class FlowMatchingObjective(Objective):
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
         x, context = batch
         return model.loss(x, context)
+
+
+class PolicyObjective(Objective):
+    """A policy's own loss on a batch dict (``model.loss(batch)``): flow matching, regression or DDPM."""
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        data, _ = batch
+        return model.loss(data)
 
 
 class ReverseKL(Objective):
@@ -306,7 +318,9 @@ class Trainer:
         model: a Flow, FlowMatcher or any module the objective understands.
         objective: what to minimise.
         config: a :class:`TrainerConfig`.
-        data: training points (N, ...) for data objectives; context: (N, c) or None.
+        data: training points (N, ...) for data objectives, or a dict of tensors with N rows each
+            (a policy's states, actions and masks: each batch is then that dict, indexed);
+            context: (N, c) or None.
         validation_data, validation_context: held-out points for validation / early stopping.
         directory: where checkpoints and ``metrics.csv`` go (None: nothing is written).
         metadata: JSON kept in every checkpoint (what rebuilds the run: its config, data statistics).
@@ -325,9 +339,9 @@ class Trainer:
         objective: Objective,
         config: TrainerConfig | None = None,
         *,
-        data: Tensor | None = None,
+        data: Tensor | dict[str, Tensor] | None = None,
         context: Tensor | None = None,
-        validation_data: Tensor | None = None,
+        validation_data: Tensor | dict[str, Tensor] | None = None,
         validation_context: Tensor | None = None,
         directory: str | Path | None = None,
         metadata: dict | None = None,
@@ -337,19 +351,19 @@ class Trainer:
         self.config = config if config is not None else TrainerConfig()
         if objective.needs_data and data is None:
             raise ValueError(f"{type(objective).__name__} trains on data: pass data=")
-        if data is not None and context is not None and context.shape[0] != data.shape[0]:
-            raise ValueError(f"context must have one row per data point: {context.shape[0]} != {data.shape[0]}")
+        if data is not None and context is not None and context.shape[0] != _rows(data):
+            raise ValueError(f"context must have one row per data point: {context.shape[0]} != {_rows(data)}")
         parameter = next(model.parameters(), None)
         if parameter is None:
             raise ValueError("the model has no parameters to train")
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.data = None if data is None else data.to(self.device, self.dtype)
+        self.data = None if data is None else self._to_device(data)
         self.context = None if context is None else context.to(self.device, self.dtype)
         self.validation_batch = (
             None
             if validation_data is None
             else (
-                validation_data.to(self.device, self.dtype),
+                self._to_device(validation_data),
                 None if validation_context is None else validation_context.to(self.device, self.dtype),
             )
         )
@@ -437,15 +451,25 @@ class Trainer:
             torch.distributed.barrier()  # the checkpoint is complete before any process moves on
         return self.state
 
+    def _to_device(self, data: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """Floating tensors take the model's dtype; integer and boolean ones (masks, uint8 images) keep theirs."""
+        if isinstance(data, dict):
+            rows = {_rows(v) for v in data.values()}
+            if len(rows) != 1:
+                raise ValueError(f"every tensor of a data dict needs the same number of rows, got {sorted(rows)}")
+            return {k: self._to_device(v) for k, v in data.items()}
+        return data.to(self.device, self.dtype) if data.is_floating_point() else data.to(self.device)
+
     def _batch(self) -> Batch | None:
         if self.data is None:
             return None
-        index = torch.randint(0, self.data.shape[0], (self.config.batch_size,), generator=self.generator)
+        index = torch.randint(0, _rows(self.data), (self.config.batch_size,), generator=self.generator)
         if self.world > 1:  # every process draws the global batch and keeps its share
             share = self.config.batch_size // self.world
             index = index[self.rank * share : (self.rank + 1) * share]
         index = index.to(self.device)
-        return self.data[index], None if self.context is None else self.context[index]
+        data = {k: v[index] for k, v in self.data.items()} if isinstance(self.data, dict) else self.data[index]
+        return data, None if self.context is None else self.context[index]
 
     def _step(self) -> Tensor:
         cfg = self.config

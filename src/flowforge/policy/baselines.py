@@ -1,0 +1,104 @@
+r"""Baselines inside the same code, encoders and data as the flow policies.
+
+* :class:`RegressionPolicy`: deterministic regression of the chunk. The action tokens are learned
+  queries (no noise, no time); the loss is the masked mean squared error. One network pass.
+* :class:`DiffusionPolicy`: DDPM (Ho et al. 2020) on the chunk, as in Diffusion Policy (Chi et
+  al. 2023). With a cosine schedule :math:`\bar\alpha_k` over ``diffusion_steps`` = K steps,
+  :math:`A_k = \sqrt{\bar\alpha_k} A + \sqrt{1 - \bar\alpha_k}\,\varepsilon` and the expert predicts
+  :math:`\varepsilon`. Sampling runs the ancestral DDPM chain over all K steps (``sampler="ddpm"``)
+  or DDIM's deterministic update (Song et al. 2021) on ``inference_steps`` evenly spaced steps.
+  The step enters the expert as the time :math:`k / K`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.nn.transformer import PrefixSuffixTransformer
+from flowforge.policy.core import Batch, ChunkPolicy, DenoisingPolicy, PolicyConfig
+
+
+class RegressionPolicy(ChunkPolicy):
+    """Deterministic chunk regression with the same prefix and transformer (the MSE baseline)."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__(config)
+        self.transformer = PrefixSuffixTransformer(config.width, config.layers, config.heads)
+        self.queries = nn.Parameter(0.02 * torch.randn(config.horizon, config.width))
+        self.action_head = nn.Linear(config.width, config.action_dim)
+
+    def _predict(self, prefix: Tensor) -> Tensor:
+        queries = self.queries.expand(prefix.shape[0], -1, -1)
+        return self.action_head(self.transformer(prefix, queries)[0])
+
+    def loss(self, batch: Batch) -> Tensor:
+        predicted = self._predict(self.prefix(batch))
+        target = self.target_actions(batch)
+        return self.masked_mean((predicted - target).square(), batch.get("action_is_pad"))
+
+    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+        self.last_nfe = 1
+        return self._predict(self.prefix(batch))
+
+
+def cosine_alpha_bar(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    r""":math:`\bar\alpha_k`, k = 1..K, of the cosine schedule (Nichol & Dhariwal 2021), with the
+    betas clipped at ``max_beta``."""
+
+    def f(k: Tensor) -> Tensor:
+        return torch.cos((k / steps + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    k = torch.arange(steps + 1, dtype=torch.float64)
+    betas = (1 - f(k[1:]) / f(k[:-1])).clamp(max=max_beta)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class DiffusionPolicy(DenoisingPolicy):
+    """DDPM / DDIM chunk diffusion with the same prefix and action expert (the diffusion baseline)."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("alpha_bar", cosine_alpha_bar(config.diffusion_steps))
+
+    def loss(self, batch: Batch) -> Tensor:
+        target = self.target_actions(batch)
+        rows, steps = target.shape[0], self.policy_config.diffusion_steps
+        k = torch.randint(0, steps, (rows,), device=target.device)
+        alpha_bar = self.alpha_bar[k][:, None, None]
+        noise = torch.randn_like(target)
+        noisy = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise
+        predicted = self.denoise(noisy, (k + 1).to(target.dtype) / steps, self.encode(self.prefix(batch)))
+        return self.masked_mean((predicted - noise).square(), batch.get("action_is_pad"))
+
+    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+        cfg = self.policy_config
+        prefix = self.prefix(batch)
+        cache = self.encode(prefix) if use_cache else None
+        rows = prefix.shape[0]
+        x = noise if noise is not None else torch.randn(rows, cfg.horizon, cfg.action_dim, device=prefix.device)
+        if cfg.sampler == "ddpm":
+            schedule = list(range(cfg.diffusion_steps - 1, -1, -1))
+        else:
+            schedule = torch.linspace(cfg.diffusion_steps - 1, 0, cfg.inference_steps).round().long().tolist()
+        for i, k in enumerate(schedule):
+            t = torch.full((rows,), (k + 1) / cfg.diffusion_steps, device=x.device)
+            eps = self.denoise(x, t, cache) if use_cache else self.denoise_uncached(x, t, self.prefix(batch))
+            alpha_bar = self.alpha_bar[k]
+            previous = self.alpha_bar[schedule[i + 1]] if i + 1 < len(schedule) else torch.ones_like(alpha_bar)
+            data = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+            data = data.clamp(-1.5, 1.5)  # actions are normalised to about [-1, 1]
+            if cfg.sampler == "ddpm" and i + 1 < len(schedule):
+                # Ancestral step: the posterior q(x_{k-1} | x_k, x_0) with x_0 the current estimate.
+                beta = 1 - alpha_bar / previous
+                mean = (previous.sqrt() * beta * data + (1 - beta).sqrt() * (1 - previous) * x) / (1 - alpha_bar)
+                variance = beta * (1 - previous) / (1 - alpha_bar)
+                x = mean + variance.sqrt() * torch.randn_like(x)
+            else:
+                # DDIM (eta = 0): keep the predicted noise, move to the previous noise level.
+                eps = (x - alpha_bar.sqrt() * data) / (1 - alpha_bar).sqrt()
+                x = previous.sqrt() * data + (1 - previous).sqrt() * eps
+        self.last_nfe = len(schedule)
+        return x

@@ -1,0 +1,165 @@
+r"""pi0-style flow-matching action policies: :class:`FlowPolicy` and :class:`HierarchicalFlowPolicy`.
+
+**Training** (flow matching on the whole chunk). With the normalised chunk :math:`A` (H x A),
+noise :math:`\varepsilon \sim \mathcal N(0, I)` and pi0's time distribution
+(:class:`~flowforge.matching.ShiftedBetaTime`, favouring noisy times),
+
+.. math::
+    A_t = (1 - t)\,\varepsilon + t A, \qquad
+    \mathcal L = \big\| v_\theta(A_t, t, o) - (A - \varepsilon) \big\|^2,
+
+averaged over the chunk steps that are not padding past the end of an episode. The time is
+injected per action token (:class:`~flowforge.policy.core.ActionTokens`). flowforge's time runs
+from noise (0) to data (1); openpi's runs the other way, which only flips the sign of the field.
+
+**Sampling**: encode the observation prefix once, cache its keys and values, and integrate
+:math:`dA/dt = v_\theta(A, t, o)` from noise at :math:`t = 0` to :math:`t = 1` with
+``sampling_steps`` Euler steps (or any flowforge solver: ``method="rk4"``, ``"dopri5"``...),
+each step running only the action tokens.
+
+**Hierarchical**: a coarse flow first generates the keyframes of the chunk (every
+``keyframe_stride``-th action), then a fine flow generates the whole chunk with the keyframes as
+extra prefix tokens. Trained jointly: the fine flow sees the true keyframes (teacher forcing).
+
+References:
+    Black et al. pi0: A Vision-Language-Action Flow Model for General Robot Control. 2024.
+    Lipman et al. Flow Matching for Generative Modeling. ICLR 2023.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.matching.paths import LinearPath
+from flowforge.matching.time import ShiftedBetaTime
+from flowforge.ode import odeint
+from flowforge.policy.core import Batch, DenoisingPolicy, PolicyConfig
+
+
+class FlowPolicy(DenoisingPolicy):
+    """The flow-matching action policy (pi0 recipe at laptop scale). See the module docstring.
+
+    >>> import torch
+    >>> policy = FlowPolicy(PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=32, layers=1, language=False))
+    >>> pad = torch.zeros(5, 4, dtype=torch.bool)
+    >>> batch = {"state": torch.randn(5, 1, 3), "action": torch.randn(5, 4, 2), "action_is_pad": pad}
+    >>> policy.loss(batch).shape, policy.predict_chunk(batch).shape, policy.last_nfe
+    (torch.Size([]), torch.Size([5, 4, 2]), 10)
+    """
+
+    def __init__(self, config: PolicyConfig, horizon: int | None = None) -> None:
+        super().__init__(config, horizon)
+        self.path = LinearPath()
+        self.time_sampler = ShiftedBetaTime()
+
+    def flow_loss(self, target: Tensor, prefix: Tensor, action_is_pad: Tensor | None) -> Tensor:
+        noise = torch.randn_like(target)
+        t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
+        noisy, velocity = self.path.sample(noise, target, t)
+        predicted = self.denoise(noisy, t, self.encode(prefix))
+        return self.masked_mean((predicted - velocity).square(), action_is_pad)
+
+    def loss(self, batch: Batch) -> Tensor:
+        return self.flow_loss(self.target_actions(batch), self.prefix(batch), batch.get("action_is_pad"))
+
+    def integrate(self, prefix: Tensor, use_cache: bool, noise: Tensor | None, horizon: int) -> Tensor:
+        """Noise to a normalised chunk by the configured solver; counts the expert's evaluations."""
+        rows = prefix.shape[0]
+        if noise is None:
+            noise = torch.randn(rows, horizon, self.policy_config.action_dim, device=prefix.device, dtype=prefix.dtype)
+        calls = 0
+        if use_cache:
+            cache = self.encode(prefix)
+
+            def field(x: Tensor, t: Tensor) -> Tensor:
+                nonlocal calls
+                calls += 1
+                return self.denoise(x, t, cache)
+        else:
+
+            def field(x: Tensor, t: Tensor) -> Tensor:
+                nonlocal calls
+                calls += 1
+                return self.denoise_uncached(x, t, prefix)
+
+        cfg = self.policy_config
+        chunk = odeint(field, noise, (0.0, 1.0), method=cfg.method, steps=cfg.sampling_steps)
+        self.last_nfe = calls
+        return chunk
+
+    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+        if use_cache:
+            return self.integrate(self.prefix(batch), True, noise, self.chunk_horizon)
+        # Without a cache a policy re-encodes the observation (encoders and prefix) at every step.
+        return self._integrate_recomputing(batch, noise)
+
+    def _integrate_recomputing(self, batch: Batch, noise: Tensor | None) -> Tensor:
+        rows = batch["state"].shape[0]
+        if noise is None:
+            noise = torch.randn(rows, self.chunk_horizon, self.policy_config.action_dim, device=self.state_shift.device)
+        calls = 0
+
+        def field(x: Tensor, t: Tensor) -> Tensor:
+            nonlocal calls
+            calls += 1
+            return self.denoise_uncached(x, t, self.prefix(batch))
+
+        cfg = self.policy_config
+        chunk = odeint(field, noise, (0.0, 1.0), method=cfg.method, steps=cfg.sampling_steps)
+        self.last_nfe = calls
+        return chunk
+
+
+class HierarchicalFlowPolicy(FlowPolicy):
+    """Coarse-to-fine flow policy: keyframes first, then the full chunk conditioned on them.
+
+    The coarse flow (this module's own expert) generates ``horizon / keyframe_stride`` keyframes
+    (actions ``stride - 1, 2 stride - 1, ...`` of the chunk). The fine flow (``self.fine``) sees
+    the observation prefix plus one token per keyframe and generates all ``horizon`` actions. Each
+    flow integrates with ``sampling_steps`` steps, so a chunk costs twice the evaluations of a
+    :class:`FlowPolicy` (reported in :attr:`last_nfe`).
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        stride = config.keyframe_stride
+        super().__init__(config, horizon=config.horizon // stride)
+        self.stride = stride
+        self.fine = FlowPolicy(config)
+        self.keyframe_embedding = nn.Linear(config.action_dim, config.width)
+        self.keyframe_position = nn.Parameter(0.02 * torch.randn(config.horizon // stride, config.width))
+        # The observation encoders are this module's; the fine flow keeps only its expert.
+        del self.fine.state_encoder, self.fine.prefix_position
+        if self.fine.image_encoder is not None:
+            del self.fine.image_encoder
+            self.fine.image_encoder = None
+        if config.language:
+            del self.fine.language_projection
+
+    def keyframes(self, chunk: Tensor) -> Tensor:
+        return chunk[:, self.stride - 1 :: self.stride]
+
+    def _fine_prefix(self, prefix: Tensor, keyframes: Tensor) -> Tensor:
+        return torch.cat([prefix, self.keyframe_embedding(keyframes) + self.keyframe_position], dim=1)
+
+    def loss(self, batch: Batch) -> Tensor:
+        target = self.target_actions(batch)
+        pad = batch.get("action_is_pad")
+        prefix = self.prefix(batch)
+        keyframes = self.keyframes(target)
+        coarse = self.flow_loss(keyframes, prefix, None if pad is None else self.keyframes(pad))
+        fine = self.fine.flow_loss(target, self._fine_prefix(prefix, keyframes), pad)
+        return coarse + fine
+
+    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+        prefix = self.prefix(batch)
+        coarse_noise = fine_noise = None
+        if noise is not None:  # one noise tensor of the chunk's shape seeds both levels
+            coarse_noise, fine_noise = self.keyframes(noise), noise
+        keyframes = self.integrate(prefix, use_cache, coarse_noise, self.chunk_horizon)
+        coarse_calls = self.last_nfe
+        chunk = self.fine.integrate(
+            self._fine_prefix(prefix, keyframes), use_cache, fine_noise, self.fine.chunk_horizon
+        )
+        self.last_nfe = coarse_calls + self.fine.last_nfe
+        return chunk

