@@ -2,16 +2,19 @@
 
 What it measures
 ----------------
-On each 2-D toy set (default: moons and 8gaussians), three continuous normalizing flows with the
+On each 2-D toy set (default: pinwheel and checkerboard), three continuous normalizing flows with the
 same velocity network size (MLP on ``[x, time]``, hidden widths ``--hidden``, SiLU) are trained with
 the same budget by the shared training loop (``benchmarks/common.py``):
 
 1. ``ff-mle``: flowforge's ``CNF`` by maximum likelihood;
 2. ``ff-rnode``: flowforge's ``CNF`` with the RNODE loss (Finlay et al. 2020)
-   ``-(log_prob - lambda_k * kinetic - lambda_j * jacobian).mean()``;
+   ``-(log_prob - lambda_k * kinetic - lambda_j * jacobian).mean()``, ``--lambda-k = --lambda-j =
+   0.05``; as in RNODE its training solves use a fixed-step solver (``--rnode-train-method rk4``,
+   ``--rnode-train-steps 4``; ``dopri5`` trains it like the others), its evaluation does not;
 3. ``zuko-mle``: zuko's ``CNF`` by maximum likelihood.
 
-Shared settings: exact trace, dopri5 at ``atol = rtol = --tol`` (1e-5), Adam (lr 1e-3) with cosine
+Shared settings: exact trace, dopri5 at ``atol = rtol = --tol`` (1e-5; for every training solve except
+ff-rnode's and for every evaluation), Adam (lr 1e-3) with cosine
 decay to 0, gradient-norm clipping at 10, the same minibatch indices (``--steps`` x ``--batch``)
 and ``torch.manual_seed(seed)`` right before each model is built. Train data
 ``toy_dataset(name, 20_000, seed)``; test data the first ``--test-size`` (5,000) points of
@@ -30,6 +33,14 @@ Recorded per set and model, after training (``eval`` mode, no grad):
 Goal checks, per set: regularised log_prob NFE <= 0.5 x unregularised; regularised test NLL within
 0.05 nats of unregularised; flowforge (unregularised) median step time below zuko's.
 
+Why these sets: RNODE's NFE savings are reported where the unregularised dynamics are hard to solve.
+On moons and 8gaussians (still selectable with ``--datasets``) the unregularised model needs only
+3-4 dopri5 steps, so there is little to save; pinwheel and checkerboard have more structure. Even
+there, within this budget the unregularised model stays at 26-32 log_prob NFE (4-5 dopri5 steps, of
+6 evaluations each plus 2 for the initial step) and the regularised one at 20-32, so halving is
+hardly possible at this budget: dopri5 can hardly get below 20 (3 steps). With the defaults the
+NLL goal holds on both sets and the NFE goal on neither (ratios 1.00 and 0.77).
+
 Differences that remain between the libraries: zuko embeds time as ``cos/sin(k pi t)``, k = 1..3
 (6 inputs instead of 1, so a slightly larger first layer: both parameter counts are printed); zuko
 backpropagates with its adaptive checkpoint adjoint (the backward pass re-runs the solver steps),
@@ -46,9 +57,11 @@ How to run
 Needs the ``bench`` extra (``pip install -e .[bench]``, for zuko)::
 
     python benchmarks/cnf_regularisation.py
-    python benchmarks/cnf_regularisation.py --steps 1000 --datasets moons --lambda-k 0.05 --lambda-j 0.05
+    python benchmarks/cnf_regularisation.py --steps 600 --datasets moons 8gaussians --lambda-k 0.01 --lambda-j 0.01
+    python benchmarks/cnf_regularisation.py --models ff-mle ff-rnode --rnode-train-method dopri5
 
-The defaults (2 sets x 3 models x 600 steps) take about 5 minutes on a 2-core CPU machine.
+The defaults (2 sets x 3 models x 1000 steps, hidden 64 64) take about 16 minutes on a shared 2-core
+CPU machine (one torch thread).
 """
 
 from __future__ import annotations
@@ -77,6 +90,7 @@ from common import (
 )
 from flowforge.data import TOY_DATASETS
 from flowforge.flows import CNF
+from flowforge.ode import TABLEAUS
 
 FEATURES = 2
 NFE_RATIO_GOAL = 0.5  # regularised NFE <= NFE_RATIO_GOAL x unregularised NFE
@@ -115,9 +129,16 @@ class FlowforgeModel(Model):
             adjoint=False,
         )
         lambda_k, lambda_j = args.lambda_k, args.lambda_j
+        transform = self.flow.transform
+        train_method = args.rnode_train_method
 
         def regularised(x: Tensor) -> Tensor:
-            log_prob, kinetic, jacobian = self.flow.log_prob_and_regularization(x)
+            # RNODE may train with a fixed-step solver; evaluation always uses dopri5 at --tol.
+            transform.method, transform.steps = train_method, args.rnode_train_steps
+            try:
+                log_prob, kinetic, jacobian = self.flow.log_prob_and_regularization(x)
+            finally:
+                transform.method = "dopri5"
             return log_prob - lambda_k * kinetic - lambda_j * jacobian
 
         self.objective = regularised if regularise else self.flow.log_prob
@@ -218,18 +239,21 @@ def goal_checks(results: list[RunResult]) -> dict[str, dict[str, float | bool]]:
     by_key = {(r.dataset, r.model): r for r in results}
     checks: dict[str, dict[str, float | bool]] = {}
     for dataset in dict.fromkeys(r.dataset for r in results):
-        mle, reg, zk = (by_key[dataset, m] for m in MODELS)
-        nfe_ratio = reg.nfe_log_prob / max(mle.nfe_log_prob, 1)
-        nll_diff = reg.test_nll - mle.test_nll
-        step_ratio = mle.median_step_s / zk.median_step_s
-        checks[dataset] = {
-            "nfe_ratio": nfe_ratio,
-            "nfe_pass": nfe_ratio <= NFE_RATIO_GOAL,
-            "nll_difference": nll_diff,
-            "nll_pass": nll_diff <= NLL_TOLERANCE,
-            "step_time_ratio": step_ratio,
-            "step_time_pass": step_ratio < 1.0,
-        }
+        mle, reg, zk = (by_key.get((dataset, m)) for m in MODELS)
+        check: dict[str, float | bool] = {}
+        if mle is not None and reg is not None:
+            nfe_ratio = reg.nfe_log_prob / max(mle.nfe_log_prob, 1)
+            nll_diff = reg.test_nll - mle.test_nll
+            check |= {
+                "nfe_ratio": nfe_ratio,
+                "nfe_pass": nfe_ratio <= NFE_RATIO_GOAL,
+                "nll_difference": nll_diff,
+                "nll_pass": nll_diff <= NLL_TOLERANCE,
+            }
+        if mle is not None and zk is not None:
+            step_ratio = mle.median_step_s / zk.median_step_s
+            check |= {"step_time_ratio": step_ratio, "step_time_pass": step_ratio < 1.0}
+        checks[dataset] = check
     return checks
 
 
@@ -248,26 +272,47 @@ def print_table(results: list[RunResult], checks: dict[str, dict[str, float | bo
         return "PASS" if ok else "FAIL"
 
     for dataset, c in checks.items():
-        print(
-            f"{dataset}: NFE rnode/mle {c['nfe_ratio']:.2f} -> {verdict(c['nfe_pass'])} (goal <= {NFE_RATIO_GOAL}); "
-            f"NLL rnode - mle {c['nll_difference']:+.4f} -> {verdict(c['nll_pass'])} (goal <= {NLL_TOLERANCE}); "
-            f"step time ff/zuko {c['step_time_ratio']:.2f} -> {verdict(c['step_time_pass'])} (goal < 1)"
-        )
+        parts = []
+        if "nfe_ratio" in c:
+            parts += [
+                f"NFE rnode/mle {c['nfe_ratio']:.2f} -> {verdict(c['nfe_pass'])} (goal <= {NFE_RATIO_GOAL})",
+                f"NLL rnode - mle {c['nll_difference']:+.4f} -> {verdict(c['nll_pass'])} (goal <= {NLL_TOLERANCE})",
+            ]
+        if "step_time_ratio" in c:
+            parts.append(f"step time ff/zuko {c['step_time_ratio']:.2f} -> {verdict(c['step_time_pass'])} (goal < 1)")
+        if parts:
+            print(f"{dataset}: " + "; ".join(parts))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     parser.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden widths (default 64 64)")
     parser.add_argument("--tol", type=float, default=1e-5, help="dopri5 atol = rtol (default 1e-5)")
-    parser.add_argument("--lambda-k", type=float, default=0.01, help="kinetic-energy weight (default 0.01)")
-    parser.add_argument("--lambda-j", type=float, default=0.01, help="Jacobian-norm weight (default 0.01)")
+    parser.add_argument("--lambda-k", type=float, default=0.05, help="kinetic-energy weight (default 0.05)")
+    parser.add_argument("--lambda-j", type=float, default=0.05, help="Jacobian-norm weight (default 0.05)")
+    parser.add_argument(
+        "--rnode-train-method",
+        default="rk4",
+        choices=["dopri5", *TABLEAUS],
+        help="solver of ff-rnode's training solves (default rk4; dopri5 means at --tol); evaluation: dopri5 at --tol",
+    )
+    parser.add_argument(
+        "--rnode-train-steps", type=int, default=4, help="steps of a fixed-step --rnode-train-method (default 4)"
+    )
     parser.add_argument("--test-size", type=int, default=5000, help="test points (default 5000)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
-        "--datasets", nargs="+", default=["moons", "8gaussians"], choices=sorted(TOY_DATASETS), help="2-D data sets"
+        "--datasets",
+        nargs="+",
+        default=["pinwheel", "checkerboard"],
+        choices=sorted(TOY_DATASETS),
+        help="2-D data sets",
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train (default: all three)"
     )
     return parser.parse_args(argv)
 
@@ -278,12 +323,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"CNF on {', '.join(args.datasets)}: hidden={tuple(args.hidden)}, exact trace, dopri5 tol={args.tol}, "
         f"steps={args.steps}, batch={args.batch}, lambda_k={args.lambda_k}, lambda_j={args.lambda_j}, "
+        f"ff-rnode trains with {args.rnode_train_method}"
+        f"{f' x {args.rnode_train_steps} steps' if args.rnode_train_method != 'dopri5' else ''}, "
         f"seed={args.seed}, torch threads={torch.get_num_threads()}"
     )
     start = time.perf_counter()
     results: list[RunResult] = []
     for dataset in args.datasets:
-        for name in MODELS:
+        for name in (m for m in MODELS if m in args.models):
             result = run(dataset, name, args)
             results.append(result)
             print(
@@ -299,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     payload = {
         "config": {
             "datasets": list(args.datasets),
+            "models": [m for m in MODELS if m in args.models],
             "features": FEATURES,
             "hidden": list(args.hidden),
             "trace": "exact",
@@ -308,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "batch": args.batch,
             "lambda_k": args.lambda_k,
             "lambda_j": args.lambda_j,
+            "rnode_train_method": args.rnode_train_method,
+            "rnode_train_steps": args.rnode_train_steps if args.rnode_train_method != "dopri5" else None,
             "seed": args.seed,
             **training_setup(args.test_size),
         },
