@@ -279,3 +279,19 @@ def test_instruction_embeddings_come_from_minilm() -> None:
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
     similar, different = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
     assert similar > different  # drawer instructions are closer to each other than to reaching
+
+
+def test_shipped_policy_configs_parse() -> None:
+    from flowforge.policy.runs import PolicyConfigError, load_policy_config, parse_policy_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "policy").glob("*.toml"))
+    assert configs
+    for path in configs:
+        run = load_policy_config(path, ['policy.kind="ddpm"'])
+        assert run.policy.kind == "ddpm" and run.data.root and run.train.steps > 0
+    with pytest.raises(PolicyConfigError, match=r"\[policy\] has no setting\(s\) wdth"):
+        parse_policy_config('[policy]\nwdth = 3\n[data]\nroot = "x"\n')
+    with pytest.raises(PolicyConfigError, match="root"):
+        parse_policy_config("[policy]\nkind = \"flow\"\n")
+    with pytest.raises(PolicyConfigError, match="kind must be"):
+        parse_policy_config('[policy]\nkind = "vae"\n[data]\nroot = "x"\n')

@@ -1,0 +1,246 @@
+"""Benchmark: flow-matching action policies against MSE regression and DDPM on MetaWorld.
+
+What it measures
+----------------
+1. **MT10, state + language, one model for all ten tasks.** 50 expert demonstrations per task
+   (``flowforge data collect``), then four policies with the same encoders, transformer, data,
+   optimizer and number of steps (``configs/policy/mt10.toml``):
+
+   * ``flow``: :class:`~flowforge.policy.FlowPolicy` (10 Euler steps),
+   * ``hierarchical``: :class:`~flowforge.policy.HierarchicalFlowPolicy` (keyframes, then the chunk),
+   * ``mse``: :class:`~flowforge.policy.RegressionPolicy`,
+   * ``ddpm``: :class:`~flowforge.policy.DiffusionPolicy` (100 training steps), sampled with DDIM
+     at 10 steps; ``ddpm100`` is the same model with the full 100-step DDPM chain (fewer episodes,
+     ``--ddpm100-episodes``, since each chunk costs ten times more).
+
+   Each is rolled out for ``--episodes`` episodes per task with fresh seeds (never used for the
+   demonstrations); success rate per task with 95% Wilson intervals, and the average.
+2. **Images**: ``flow`` with 84x84 corner-camera images (state + image + language) on
+   ``--image-tasks``, trained on ``--image-demos`` demonstrations per task.
+3. **Latency** on this CPU (1 thread, batch 1, median of ``--latency-repeats``): time to produce
+   one chunk with the cached prefix (KV cache) and without it (the whole observation re-encoded at
+   every integration step), for the state and the image policy; and FlowPolicy at 10 steps against
+   DDPM at 100 and DDIM at 10.
+
+Goals: FlowPolicy average success >= 90% and ahead of MSE and DDPM; cached >= 3x faster than
+uncached with image tokens; FlowPolicy (10 steps) >= 5x faster than DDPM (100 steps) at no loss
+in success.
+
+Every phase stores its result under ``--work`` (data sets, run folders, ``*.json``) and is skipped
+when its result exists, so an interrupted run continues where it stopped. The final tables are
+printed and written to ``benchmarks/results/policy_mt10.json``.
+
+How to run
+----------
+Needs the ``robot`` extra (``pip install -e '.[robot]'``)::
+
+    python benchmarks/policy_mt10.py                      # everything (hours on a 2-core CPU)
+    python benchmarks/policy_mt10.py --steps 3000 --episodes 10 --models flow,mse   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flowforge.data.episodes import EpisodeDataset
+from flowforge.envs.collect import collect
+from flowforge.policy.rollout import evaluate
+from flowforge.policy.runs import load_policy, load_policy_config, train_policy
+
+MT10 = [
+    "reach-v3",
+    "push-v3",
+    "pick-place-v3",
+    "door-open-v3",
+    "drawer-open-v3",
+    "drawer-close-v3",
+    "button-press-topdown-v3",
+    "peg-insert-side-v3",
+    "window-open-v3",
+    "window-close-v3",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(args: argparse.Namespace, kind: str, data: Path, image: bool = False):
+    overrides = [
+        f'policy.kind="{kind}"',
+        f'data.root="{data}"',
+        f"train.steps={args.image_steps if image else args.steps}",
+        f"train.seed={args.seed}",
+        "train.progress=true" if args.progress else "train.progress=false",
+    ]
+    if image:
+        overrides += ["policy.image_shape=[3, 84, 84]", f"train.batch_size={args.image_batch}"]
+    return load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
+
+
+def _train(args, name: str, kind: str, data: Path, image: bool = False) -> Path:
+    run = args.work / "runs" / name
+    done = run / "trained.json"
+    if done.exists():
+        return run
+    config = _config(args, kind, data, image)
+    start = time.perf_counter()
+    print(f"[train] {name}: {config.train.steps} steps", flush=True)
+    train_policy(config, run, resume=(run / "checkpoint.json").exists())
+    seconds = time.perf_counter() - start
+    done.write_text(json.dumps({"steps": config.train.steps, "seconds": seconds}))
+    print(f"[train] {name}: {seconds:.0f} s", flush=True)
+    return run
+
+
+def _evaluate(args, name: str, run: Path, tasks: list[str], episodes: int, **changes) -> dict:
+    path = args.work / f"eval-{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    policy = load_policy(run)
+    for key, value in changes.items():
+        setattr(policy.policy_config, key, value)
+    start = time.perf_counter()
+    report = evaluate(policy, tasks, episodes, progress=args.progress)
+    result = report.to_dict() | {"seconds": time.perf_counter() - start}
+    print(f"[eval] {name}\n{report.table()}", flush=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _latency(policy, batch: dict, repeats: int, use_cache: bool) -> tuple[float, int]:
+    noise = torch.randn(1, policy.policy_config.horizon, policy.policy_config.action_dim)
+    times = []
+    for _ in range(repeats + 3):
+        policy.predict_chunk(batch, use_cache=use_cache, noise=noise)
+        times.append(policy.last_latency)
+    return statistics.median(times[3:]), policy.last_nfe
+
+
+def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
+    """Median chunk latencies; entries already measured (by an earlier or parallel run) are kept."""
+    path = args.work / "latency.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    state_set = EpisodeDataset(args.work / "mt10", 1, 16)
+    item = state_set[0]
+    state_batch = {"state": item["observation.state"][None], "instruction": [item["task"]]}
+    for name, changes, use_cache in (
+        ("flow cached", {}, True),
+        ("flow uncached", {}, False),
+        ("hierarchical cached", {}, True),
+        ("ddpm 100 steps", {"sampler": "ddpm"}, True),
+        ("ddim 10 steps", {"sampler": "ddim", "inference_steps": 10}, True),
+        ("mse", {}, True),
+    ):
+        kind = "ddpm" if name.startswith("dd") else name.split()[0]
+        if kind not in runs or name in table:
+            continue
+        policy = load_policy(runs[kind])
+        for key, value in changes.items():
+            setattr(policy.policy_config, key, value)
+        median, nfe = _latency(policy, state_batch, args.latency_repeats, use_cache)
+        table[name] = {"ms": 1000 * median, "nfe": nfe}
+    if image_data is not None and "flow-images" in runs and "flow images cached" not in table:
+        image_set = EpisodeDataset(image_data, 1, 16)
+        item = image_set[0]
+        key = image_set.image_keys[0]
+        batch = {"state": item["observation.state"][None], "image": item[key][None], "instruction": [item["task"]]}
+        policy = load_policy(runs["flow-images"])
+        for use_cache in (True, False):
+            median, nfe = _latency(policy, batch, args.latency_repeats, use_cache)
+            table[f"flow images {'cached' if use_cache else 'uncached'}"] = {"ms": 1000 * median, "nfe": nfe}
+    latest = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(latest | table, indent=1))
+    return latest | table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_mt10"))
+    parser.add_argument("--models", default="flow,hierarchical,mse,ddpm")
+    parser.add_argument("--demos", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--ddpm100-episodes", type=int, default=10)
+    parser.add_argument("--image-tasks", default="reach-v3,push-v3,drawer-open-v3")
+    parser.add_argument("--image-demos", type=int, default=20)
+    parser.add_argument("--image-steps", type=int, default=5000)
+    parser.add_argument("--image-episodes", type=int, default=20)
+    parser.add_argument("--image-batch", type=int, default=64)
+    parser.add_argument("--latency-repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    data = args.work / "mt10"
+    collect(MT10, args.demos, data, progress=args.progress)
+    runs = {kind: _train(args, kind, kind, data) for kind in models}
+    image_tasks = [t.strip() for t in args.image_tasks.split(",") if t.strip()]
+    image_data = None
+    if image_tasks and args.image_steps > 0:
+        image_data = args.work / "images"
+        collect(image_tasks, args.image_demos, image_data, images=True, progress=args.progress)
+        runs["flow-images"] = _train(args, "flow-images", "flow", image_data, image=True)
+
+    results = {}
+    for kind in models:
+        changes = {"sampler": "ddim", "inference_steps": 10} if kind == "ddpm" else {}
+        results[kind] = _evaluate(args, kind, runs[kind], MT10, args.episodes, **changes)
+    if "ddpm" in models and args.ddpm100_episodes > 0:
+        results["ddpm100"] = _evaluate(args, "ddpm100", runs["ddpm"], MT10, args.ddpm100_episodes, sampler="ddpm")
+    if "flow-images" in runs:
+        results["flow-images"] = _evaluate(args, "flow-images", runs["flow-images"], image_tasks, args.image_episodes)
+    latency = _latencies(args, runs, image_data)
+
+    print("\nMT10 success (state + language), one model per column")
+    names = [n for n in results if n != "flow-images"]
+    print(f"{'task':26s} " + " ".join(f"{n:>14s}" for n in names))
+    for task in MT10:
+        cells = []
+        for n in names:
+            entry = results[n]["tasks"].get(task)
+            cells.append(f"{entry['success_rate']:14.0%}" if entry else f"{'-':>14s}")
+        print(f"{task:26s} " + " ".join(cells))
+    print(f"{'average':26s} " + " ".join(f"{results[n]['average_success']:14.1%}" for n in names))
+    if "flow-images" in results:
+        print("\nFlowPolicy with 84x84 images")
+        for task, entry in results["flow-images"]["tasks"].items():
+            low, high = entry["interval"]
+            print(f"{task:26s} {entry['success_rate']:6.0%}  [{low:.0%}, {high:.0%}]")
+    print("\nLatency per chunk (batch 1, 1 thread)")
+    for name, entry in latency.items():
+        print(f"{name:26s} {entry['ms']:8.2f} ms   NFE {entry['nfe']}")
+    checks = {}
+    if "flow" in results:
+        flow = results["flow"]["average_success"]
+        checks["flow >= 90%"] = flow >= 0.9
+        for other in ("mse", "ddpm"):
+            if other in results:
+                checks[f"flow ahead of {other}"] = flow > results[other]["average_success"]
+    if "flow images cached" in latency:
+        ratio = latency["flow images uncached"]["ms"] / latency["flow images cached"]["ms"]
+        checks[f"cache speed-up with images {ratio:.1f}x >= 3x"] = ratio >= 3
+    if "ddpm 100 steps" in latency and "flow cached" in latency:
+        ratio = latency["ddpm 100 steps"]["ms"] / latency["flow cached"]["ms"]
+        no_loss = (
+            "ddpm100" not in results or results["flow"]["average_success"] >= results["ddpm100"]["average_success"]
+        )
+        checks[f"flow@10 {ratio:.1f}x faster than ddpm@100 (>= 5x) at no loss"] = ratio >= 5 and no_loss
+    print("\nGoals")
+    for name, passed in checks.items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {name}")
+    out = ROOT / "benchmarks" / "results" / "policy_mt10.json"
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results, "latency": latency}
+    out.write_text(json.dumps(summary | {"goals": checks}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
