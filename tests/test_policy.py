@@ -292,6 +292,6 @@ def test_shipped_policy_configs_parse() -> None:
     with pytest.raises(PolicyConfigError, match=r"\[policy\] has no setting\(s\) wdth"):
         parse_policy_config('[policy]\nwdth = 3\n[data]\nroot = "x"\n')
     with pytest.raises(PolicyConfigError, match="root"):
-        parse_policy_config("[policy]\nkind = \"flow\"\n")
+        parse_policy_config('[policy]\nkind = "flow"\n')
     with pytest.raises(PolicyConfigError, match="kind must be"):
         parse_policy_config('[policy]\nkind = "vae"\n[data]\nroot = "x"\n')
