@@ -170,8 +170,9 @@ def _build_section(section: str, cls: type, values: dict, source: str) -> Any:
         raise ConfigError(f"{source}: [{section}]: {error}") from error
 
 
-def parse_config(text: str, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
-    """Parse a TOML run config (plus ``table.key=value`` overrides, values in TOML syntax) and check it."""
+def read_config_document(text: str, source: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The TOML document of a config with ``table.key=value`` overrides applied (values in TOML
+    syntax, a bare word as a string; ``table.key.inner=value`` sets one entry of an inline table)."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -191,6 +192,12 @@ def parse_config(text: str, source: str = "config", overrides: list[str] | None 
             target.setdefault(outer, {})[inner] = value
         else:
             target[key] = value
+    return document
+
+
+def parse_config(text: str, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    """Parse a TOML run config (plus ``table.key=value`` overrides, values in TOML syntax) and check it."""
+    document = read_config_document(text, source, overrides)
     sections = {"model": ModelConfig, "data": DataConfig, "objective": ObjectiveConfig, "train": TrainerConfig}
     unknown = set(document) - set(sections)
     if unknown:

@@ -19,7 +19,6 @@ policy from the ``config`` it records, with its normalisers and instruction embe
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,11 @@ from flowforge.data.episodes import EpisodeDataset
 from flowforge.policy import POLICY_KINDS, build_policy
 from flowforge.policy.core import ChunkPolicy, PolicyConfig
 from flowforge.policy.data import policy_tensors
+from flowforge.runs import ConfigError, read_config_document
 from flowforge.train import PolicyObjective, Trainer, TrainerConfig
 
-
-class PolicyConfigError(ValueError):
-    """A policy run config that cannot be used, with the reason."""
+#: A policy run config that cannot be used: the same error as for the other run configs.
+PolicyConfigError = ConfigError
 
 
 @dataclass
@@ -69,20 +68,7 @@ def _section(name: str, cls: type, values: Any, source: str) -> Any:
 
 def parse_policy_config(text: str, source: str = "config", overrides: list[str] | None = None) -> PolicyRunConfig:
     """Parse a policy run config (TOML), with ``table.key=value`` overrides in TOML syntax."""
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise PolicyConfigError(f"{source}: not valid TOML ({error})") from error
-    for override in overrides or []:
-        if "=" not in override or "." not in override.split("=", 1)[0]:
-            raise PolicyConfigError(f"override {override!r} must look like table.key=value, e.g. train.steps=100")
-        path, raw = override.split("=", 1)
-        table, key = path.strip().split(".", 1)
-        try:
-            value = tomllib.loads(f"value = {raw.strip()}")["value"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        document.setdefault(table, {})[key] = value
+    document = read_config_document(text, source, overrides)
     unknown = set(document) - {"policy", "data", "train"}
     if unknown:
         raise PolicyConfigError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; known: policy, data, train")

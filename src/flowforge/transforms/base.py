@@ -48,6 +48,10 @@ class Transform(nn.Module, ABC):
             check_batched(name, value, (self.features,))
         elif not isinstance(value, Tensor) or value.dim() < 1:
             raise ValueError(f"{name} must be a tensor of shape (batch, ...)")
+        self.check_context(name, value, context)
+
+    def check_context(self, name: str, value: Tensor, context: Tensor | None) -> None:
+        """Raise a ValueError unless a conditional transform got a context of shape (batch, context_features)."""
         if self.context_features > 0:
             if context is None:
                 raise ValueError(

@@ -32,7 +32,6 @@ from flowforge.transforms.elementwise import (
     ElementwiseTransformer,
     soft_clamp,
 )
-from flowforge.validation import check_batched
 
 
 def _as_mask(mask: Sequence[bool] | Tensor) -> Tensor:
@@ -224,13 +223,7 @@ class ImageAffineCoupling(Transform):
 
     def _couple(self, name: str, value: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         check_image(name, value, self.channels)
-        if self.context_features > 0:
-            if context is None:
-                raise ValueError(
-                    f"{type(self).__name__} is conditional: "
-                    f"context of shape (batch, {self.context_features}) is required"
-                )
-            check_batched("context", context, (self.context_features,), batch=value.shape[0], batch_of=name)
+        self.check_context(name, value, context)
         if self.mask == "channel":
             kept, changed = value[:, self.kept], value[:, self.changed]
             shift, raw = self.conditioner(kept, context).chunk(2, dim=1)

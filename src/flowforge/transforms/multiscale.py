@@ -27,7 +27,6 @@ from flowforge.nn.conv import ConvConditioner
 from flowforge.transforms.base import Transform
 from flowforge.transforms.coupling import check_image
 from flowforge.transforms.elementwise import soft_clamp
-from flowforge.validation import check_batched
 
 
 def _check_squeezable(name: str, value: Tensor) -> None:
@@ -111,10 +110,7 @@ class Split(Transform):
 
     def _check(self, name: str, value: Tensor, context: Tensor | None) -> None:
         check_image(name, value, self.channels)
-        if self.context_features > 0:
-            if context is None:
-                raise ValueError(f"Split is conditional: context of shape (batch, {self.context_features}) is required")
-            check_batched("context", context, (self.context_features,), batch=value.shape[0], batch_of=name)
+        self.check_context(name, value, context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check("x", x, context)
