@@ -260,12 +260,18 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "trained on 74 frames" in result.output or "trained on" in result.output
     out = tmp_path / "eval.json"
+    videos = tmp_path / "gifs"
     args = ["policy", "eval", str(run), "--episodes", "1", "--max-steps", "20", "--out", str(out), "--no-progress"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--video", str(videos)])
     assert result.exit_code == 0, result.output
     assert "reach-v3" in result.output and "median chunk latency" in result.output
     report = json.loads(out.read_text())
     assert set(report["tasks"]) == {"reach-v3"} and report["median_nfe"] == 1
+    (gif,) = videos.glob("reach-v3-0-*.gif")
+    from PIL import Image
+
+    with Image.open(gif) as image:
+        assert image.size == (84, 84) and image.n_frames >= 5
     bad = runner.invoke(app, ["policy", "eval", str(run), "--tasks", "fly-v3"])
     assert bad.exit_code != 0 and "unknown or no tasks" in bad.output
 
