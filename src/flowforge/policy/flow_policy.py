@@ -28,6 +28,8 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -63,25 +65,29 @@ class FlowPolicy(DenoisingPolicy):
     def loss(self, batch: Batch) -> Tensor:
         return self.flow_loss(self.target_actions(batch), self.prefix(batch), batch.get("action_is_pad"))
 
-    def integrate(self, prefix: Tensor, use_cache: bool, noise: Tensor | None, horizon: int) -> Tensor:
-        """Noise to a normalised chunk by the configured solver; counts the expert's evaluations."""
-        rows = prefix.shape[0]
+    def integrate(
+        self, prefix: Tensor | Callable[[], Tensor], use_cache: bool, noise: Tensor | None, horizon: int
+    ) -> Tensor:
+        """Noise to a normalised chunk by the configured solver; counts the expert's evaluations.
+
+        ``prefix``: the observation tokens, or a function that encodes them again at every
+        evaluation (what a policy without a cache does; ``use_cache=False``).
+        """
         if noise is None:
-            noise = torch.randn(rows, horizon, self.policy_config.action_dim, device=prefix.device, dtype=prefix.dtype)
+            reference = prefix() if callable(prefix) else prefix
+            shape = (reference.shape[0], horizon, self.policy_config.action_dim)
+            noise = torch.randn(shape, device=reference.device, dtype=reference.dtype)
         calls = 0
+        cache = None
         if use_cache:
-            cache = self.encode(prefix)
+            cache = self.encode(prefix() if callable(prefix) else prefix)
 
-            def field(x: Tensor, t: Tensor) -> Tensor:
-                nonlocal calls
-                calls += 1
+        def field(x: Tensor, t: Tensor) -> Tensor:
+            nonlocal calls
+            calls += 1
+            if cache is not None:
                 return self.denoise(x, t, cache)
-        else:
-
-            def field(x: Tensor, t: Tensor) -> Tensor:
-                nonlocal calls
-                calls += 1
-                return self.denoise_uncached(x, t, prefix)
+            return self.denoise_uncached(x, t, prefix() if callable(prefix) else prefix)
 
         cfg = self.policy_config
         chunk = odeint(field, noise, (0.0, 1.0), method=cfg.method, steps=cfg.sampling_steps)
@@ -89,26 +95,13 @@ class FlowPolicy(DenoisingPolicy):
         return chunk
 
     def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+        if noise is None:
+            noise = torch.randn(batch["state"].shape[0], self.chunk_horizon, self.policy_config.action_dim)
+            noise = noise.to(self.state_shift)
         if use_cache:
             return self.integrate(self.prefix(batch), True, noise, self.chunk_horizon)
         # Without a cache a policy re-encodes the observation (encoders and prefix) at every step.
-        return self._integrate_recomputing(batch, noise)
-
-    def _integrate_recomputing(self, batch: Batch, noise: Tensor | None) -> Tensor:
-        rows = batch["state"].shape[0]
-        if noise is None:
-            noise = torch.randn(rows, self.chunk_horizon, self.policy_config.action_dim, device=self.state_shift.device)
-        calls = 0
-
-        def field(x: Tensor, t: Tensor) -> Tensor:
-            nonlocal calls
-            calls += 1
-            return self.denoise_uncached(x, t, self.prefix(batch))
-
-        cfg = self.policy_config
-        chunk = odeint(field, noise, (0.0, 1.0), method=cfg.method, steps=cfg.sampling_steps)
-        self.last_nfe = calls
-        return chunk
+        return self.integrate(lambda: self.prefix(batch), False, noise, self.chunk_horizon)
 
 
 class HierarchicalFlowPolicy(FlowPolicy):
