@@ -15,8 +15,9 @@ What it measures
 
    Each is rolled out for ``--episodes`` episodes per task with fresh seeds (never used for the
    demonstrations); success rate per task with 95% Wilson intervals, and the average.
-2. **Images**: ``flow`` with 84x84 corner-camera images (state + image + language) on
-   ``--image-tasks``, trained on ``--image-demos`` demonstrations per task.
+2. **Images**: ``flow`` with 84x84 corner-camera images (state + image + language, the last
+   ``--image-frames`` frames, 2 by default as in Diffusion Policy) on ``--image-tasks``, trained
+   on ``--image-demos`` demonstrations per task.
 3. **Latency** on this CPU (1 thread, batch 1, median of ``--latency-repeats``): time to produce
    one chunk with the cached prefix (KV cache) and without it (the whole observation re-encoded at
    every integration step), for the state and the image policy; and FlowPolicy at 10 steps against
@@ -77,7 +78,11 @@ def _config(args: argparse.Namespace, kind: str, data: Path, image: bool = False
         "train.progress=true" if args.progress else "train.progress=false",
     ]
     if image:
-        overrides += ["policy.image_shape=[3, 84, 84]", f"train.batch_size={args.image_batch}"]
+        overrides += [
+            "policy.image_shape=[3, 84, 84]",
+            f"policy.obs_horizon={args.image_frames}",
+            f"train.batch_size={args.image_batch}",
+        ]
     return load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
 
 
@@ -159,7 +164,7 @@ def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
         median, nfe = _latency(policy, state_batch, args.latency_repeats, use_cache)
         table[name] = {"ms": 1000 * median, "nfe": nfe}
     if image_data is not None and "flow-images" in runs and "flow images cached" not in table:
-        image_set = EpisodeDataset(image_data, 1, 16)
+        image_set = EpisodeDataset(image_data, args.image_frames, 16)
         item = image_set[0]
         key = image_set.image_keys[0]
         batch = {"state": item["observation.state"][None], "image": item[key][None], "instruction": [item["task"]]}
@@ -184,6 +189,7 @@ def main() -> None:
     parser.add_argument("--image-steps", type=int, default=5000)
     parser.add_argument("--image-episodes", type=int, default=20)
     parser.add_argument("--image-batch", type=int, default=64)
+    parser.add_argument("--image-frames", type=int, default=2, help="observation frames of the image policy")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
