@@ -44,6 +44,19 @@ def test_log_prob_of_samples_matches_sample_and_log_prob(case: FlowCase, context
     torch.testing.assert_close(log_prob.reshape(-1), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(("case", "context"), VARIANTS)
+def test_sample_equals_the_inverse_of_the_same_noise(case: FlowCase, context: int) -> None:
+    """``sample`` (which skips log-determinants) and ``sample_and_log_prob`` give the same points."""
+    flow = build(case, context, torch.float64)
+    c = random_context(3, context, torch.float64)
+    torch.manual_seed(2)
+    x = flow.sample(20, c)
+    torch.manual_seed(2)
+    expected, _ = flow.sample_and_log_prob(20, c)
+    tol = case.float64_tolerance
+    torch.testing.assert_close(x, expected.detach(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("case", "context"), VARIANTS)
 def test_log_prob_is_base_density_plus_autograd_logabsdet(case: FlowCase, context: int, dtype: torch.dtype) -> None:

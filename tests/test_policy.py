@@ -107,6 +107,21 @@ def test_cached_and_uncached_sampling_give_the_same_actions(kind: str) -> None:
     assert cached.shape == (6, 8, 3)
 
 
+@pytest.mark.parametrize("kind", ["flow", "hierarchical"])
+def test_noise_scale_is_the_sampling_temperature(kind: str) -> None:
+    policy = _policy(kind).eval()
+    batch = _batch()
+    noise = torch.randn(6, 8, 3, generator=torch.Generator().manual_seed(4))
+    policy.policy_config.noise_scale = 0.5
+    tempered = policy.predict_chunk(batch, noise=noise)
+    policy.policy_config.noise_scale = 1.0
+    torch.testing.assert_close(tempered, policy.predict_chunk(batch, noise=0.5 * noise))
+    policy.policy_config.noise_scale = 0.0  # deterministic: the draw no longer matters
+    torch.testing.assert_close(policy.predict_chunk(batch, noise=noise), policy.predict_chunk(batch))
+    with pytest.raises(ValueError, match="noise_scale"):
+        PolicyConfig(noise_scale=-0.1)
+
+
 # ---------------------------------------------------------------- training
 @pytest.mark.parametrize("kind", KINDS)
 def test_loss_ignores_padded_steps(kind: str) -> None:
@@ -262,6 +277,7 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     out = tmp_path / "eval.json"
     videos = tmp_path / "gifs"
     args = ["policy", "eval", str(run), "--episodes", "1", "--max-steps", "20", "--out", str(out), "--no-progress"]
+    args += ["--noise-scale", "0.5"]
     result = runner.invoke(app, [*args, "--video", str(videos)])
     assert result.exit_code == 0, result.output
     assert "reach-v3" in result.output and "median chunk latency" in result.output

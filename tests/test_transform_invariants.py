@@ -71,6 +71,15 @@ def test_logabsdet_matches_autograd_jacobian(case: TransformCase, context: int, 
 
 
 @pytest.mark.parametrize(("case", "context"), VARIANTS)
+def test_inverse_without_logdet_is_the_inverse(case: TransformCase, context: int) -> None:
+    """The sampling path (no log-determinant) maps noise to the same data as ``inverse``."""
+    t = build(case, context, torch.float64)
+    z = random_inputs(200, case.features, torch.float64, seed=3)
+    c = random_context(200, context, torch.float64)
+    torch.testing.assert_close(t.inverse_without_logdet(z, c), t.inverse(z, c)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("case", "context"), VARIANTS)
 def test_directions_are_consistent(case: TransformCase, context: int) -> None:
     """logabsdet of the inverse at z = f(x) is minus that of the forward at x; shapes are (batch,)."""
     t = build(case, context, torch.float64)

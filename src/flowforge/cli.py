@@ -308,6 +308,9 @@ def policy_eval(
     max_steps: Annotated[int, typer.Option(min=1, help="Step limit per episode.")] = 500,
     video: Annotated[Path | None, typer.Option(help="Folder for rollout GIFs (2 per task).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Override the sampling steps.")] = None,
+    noise_scale: Annotated[
+        float | None, typer.Option(min=0.0, help="Flow policies: sampling temperature (initial noise scale).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
@@ -326,6 +329,8 @@ def policy_eval(
     config = policy.policy_config
     if steps is not None:
         config.sampling_steps = config.inference_steps = steps
+    if noise_scale is not None:
+        config.noise_scale = noise_scale
     if tasks is None:
         by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
         names = [by_instruction[text] for text in config.instructions if text in by_instruction]

@@ -120,7 +120,7 @@ class Flow(nn.Module):
     def rsample(self, n: int, context: Tensor | None = None) -> Tensor:
         """Differentiable samples: ``(n, *event)``, or ``(n, B, *event)`` with a context of batch B."""
         z, embedded, batch_shape = self._draw(n, context)
-        x, _ = self.transform.inverse(z, embedded)
+        x = self.transform.inverse_without_logdet(z, embedded)
         return x.reshape(*batch_shape, *self.event_shape)
 
     def sample(self, n: int, context: Tensor | None = None) -> Tensor:

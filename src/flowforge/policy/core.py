@@ -57,6 +57,10 @@ class PolicyConfig:
         language: add an instruction token (frozen MiniLM embedding).
         instructions: the instructions seen in training; their embeddings live in the weights.
         sampling_steps, method: the flow's integration (``euler`` by default; any flowforge solver).
+        noise_scale: the flow policies' sampling temperature tau: integration starts from
+            tau * eps with eps ~ N(0, I). 1 samples the learned distribution; below 1 concentrates
+            the samples towards its mode (Glow's temperature), which suits near-deterministic
+            demonstrations; 0 makes the policy deterministic.
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
         diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
         state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
@@ -76,6 +80,7 @@ class PolicyConfig:
     instructions: list[str] = field(default_factory=list)
     sampling_steps: int = 10
     method: str = "euler"
+    noise_scale: float = 1.0
     keyframe_stride: int = 4
     diffusion_steps: int = 100
     inference_steps: int = 10
@@ -99,6 +104,8 @@ class PolicyConfig:
                 raise ValueError(f"image_shape must be (3, H, W), got {self.image_shape}")
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
             raise ValueError(f"horizon {self.horizon} must be a multiple of keyframe_stride {self.keyframe_stride}")
+        if not (isinstance(self.noise_scale, int | float) and self.noise_scale >= 0.0):
+            raise ValueError(f"noise_scale must be a number >= 0, got {self.noise_scale!r}")
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
         for name in ("state_normalization", "action_normalization"):

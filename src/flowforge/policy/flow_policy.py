@@ -71,12 +71,16 @@ class FlowPolicy(DenoisingPolicy):
         """Noise to a normalised chunk by the configured solver; counts the expert's evaluations.
 
         ``prefix``: the observation tokens, or a function that encodes them again at every
-        evaluation (what a policy without a cache does; ``use_cache=False``).
+        evaluation (what a policy without a cache does; ``use_cache=False``). ``noise``: a standard
+        normal draw; integration starts from ``noise_scale * noise``.
         """
+        cfg = self.policy_config
         if noise is None:
             reference = prefix() if callable(prefix) else prefix
-            shape = (reference.shape[0], horizon, self.policy_config.action_dim)
+            shape = (reference.shape[0], horizon, cfg.action_dim)
             noise = torch.randn(shape, device=reference.device, dtype=reference.dtype)
+        if cfg.noise_scale != 1.0:
+            noise = cfg.noise_scale * noise
         calls = 0
         cache = None
         if use_cache:
@@ -89,7 +93,6 @@ class FlowPolicy(DenoisingPolicy):
                 return self.denoise(x, t, cache)
             return self.denoise_uncached(x, t, prefix() if callable(prefix) else prefix)
 
-        cfg = self.policy_config
         chunk = odeint(field, noise, (0.0, 1.0), method=cfg.method, steps=cfg.sampling_steps)
         self.last_nfe = calls
         return chunk

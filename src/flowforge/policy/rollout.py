@@ -2,7 +2,9 @@
 
 Every evaluation episode resets its task with a seed of its own from a range that demonstration
 collection never uses (:data:`EVALUATION_SEED_BASE`), so the scenes differ from the training
-demonstrations. An episode succeeds when MetaWorld's success flag rises before the step limit.
+demonstrations. Settings chosen by rollouts (a sampling temperature, say) are chosen on a third
+range, :data:`VALIDATION_SEED_BASE`, so that the reported episodes play no part in the choice.
+An episode succeeds when MetaWorld's success flag rises before the step limit.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from flowforge.policy.core import ChunkPolicy
 
 #: Evaluation seeds are EVALUATION_SEED_BASE + 10_007 * task position + episode.
 EVALUATION_SEED_BASE = 900_000_000
+#: Seeds for choosing settings by rollouts: VALIDATION_SEED_BASE + 10_007 * task position + episode.
+VALIDATION_SEED_BASE = 800_000_000
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -113,7 +118,18 @@ def rollout(
 
     ``env`` is a :class:`~flowforge.envs.MetaWorldEnv` (its observation ``image`` is recorded
     when ``record``). The episode ends at success, at termination or after ``max_steps``.
+    The policy's noise is drawn from torch's generator seeded with ``seed`` (the caller's random
+    state is restored afterwards), so an episode is reproducible and two settings of one policy
+    are compared on the same scenes and the same noise.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _rollout(policy, env, seed, max_steps, record)
+
+
+def _rollout(
+    policy: ChunkPolicy, env, seed: int, max_steps: int, record: bool
+) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
     policy.reset()
     policy.chunk_log.clear()
     observation, info = env.reset(seed=seed)

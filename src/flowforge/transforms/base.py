@@ -42,6 +42,14 @@ class Transform(nn.Module, ABC):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map noise to data; return ``(x, logabsdet)`` with ``logabsdet`` of shape (batch,)."""
 
+    def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Map noise to data when the log-determinant is not wanted (:meth:`Flow.sample`).
+
+        The same ``x`` as :meth:`inverse`; transforms whose log-determinant costs work of its own
+        override it (a continuous flow then integrates ``x`` alone, without the trace).
+        """
+        return self.inverse(z, context)[0]
+
     def check_input(self, name: str, value: Tensor, context: Tensor | None) -> None:
         """Raise a ValueError naming the argument when ``value`` or ``context`` has the wrong shape."""
         if self.features is not None:
@@ -114,6 +122,14 @@ class Compose(Transform):
             z, ladj = self._run_layer(t.inverse, z, context)
             total = total + ladj
         return z, total
+
+    def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        for t in reversed(self.transforms):
+            if self.checkpointing and torch.is_grad_enabled():
+                z = torch.utils.checkpoint.checkpoint(t.inverse_without_logdet, z, context, use_reentrant=False)
+            else:
+                z = t.inverse_without_logdet(z, context)
+        return z
 
 
 class Invert(Transform):

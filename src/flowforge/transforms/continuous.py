@@ -58,6 +58,20 @@ class _AugmentedField(nn.Module):
         return out if outer_grad else out.detach()
 
 
+class _CountedVelocity(nn.Module):
+    """``x -> v(x, t, c)`` alone (sampling needs no trace); counts its evaluations (``nfe``)."""
+
+    def __init__(self, velocity: nn.Module, context: Tensor | None) -> None:
+        super().__init__()
+        self.velocity = velocity
+        self.context = context
+        self.nfe = 0
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.velocity(x, t, self.context)
+
+
 class ContinuousFlowTransform(Transform):
     """The flow map of an ODE over ``t`` in [0, 1] as a :class:`Transform` (forward: data -> noise).
 
@@ -129,6 +143,26 @@ class ContinuousFlowTransform(Transform):
         self.check_input("z", z, context)
         end = self._solve(z, context, 0.0, 1.0)
         return end[:, : self.features], end[:, self.features]
+
+    def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """Noise to data by integrating ``x`` alone: no trace, and the solver's error control (and
+        so its step count) sees only the trajectory, which is what straight (RNODE) paths save."""
+        self.check_input("z", z, context)
+        field = _CountedVelocity(self.velocity, context if self.context_features else None)
+        needs_grad = self.adjoint and field.context is not None and field.context.requires_grad
+        x = odeint(
+            field,
+            z,
+            (0.0, 1.0),
+            self.method,
+            self.steps,
+            atol=self.atol,
+            rtol=self.rtol,
+            adjoint=self.adjoint,
+            adjoint_tensors=(field.context,) if needs_grad else (),
+        )
+        self.last_nfe = field.nfe
+        return x
 
     def forward_with_regularization(
         self, x: Tensor, context: Tensor | None = None

@@ -309,6 +309,12 @@ class ResidualBlock(Transform):
         return 1e-12 if dtype == torch.float64 else 1e-6
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = self.inverse_without_logdet(z, context)
+        _, logdet = self._residual_and_logdet(x, context)
+        return x, -logdet
+
+    def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """The fixed-point inverse alone (sampling skips the series log-determinant)."""
         self.check_input("z", z, context)
         tolerance = self._tolerance(z.dtype)
         with torch.no_grad():
@@ -332,8 +338,7 @@ class ResidualBlock(Transform):
                     break
         if torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.parameters())):
             x = self._attach_implicit_gradient(x, z, context)
-        _, logdet = self._residual_and_logdet(x, context)
-        return x, -logdet
+        return x
 
     def _attach_implicit_gradient(self, x_star: Tensor, z: Tensor, context: Tensor | None) -> Tensor:
         r"""``x_star`` with the exact gradient of the fixed point (implicit function theorem).
