@@ -42,6 +42,20 @@ def test_seeds_fix_the_scene() -> None:
     assert not np.array_equal(first, other)
 
 
+def test_reset_seed_alone_decides_the_scene() -> None:
+    """MetaWorld itself ignores reset(seed=...) and cycles through 50 fixed goals; the adapter must
+    give every seed a scene of its own, the same whatever was reset before."""
+    env = MetaWorldEnv("reach-v3")
+    goals = [env.reset(seed=s)[0]["state"][-3:] for s in (11, 12, 13, 11)]
+    fresh = MetaWorldEnv("reach-v3", seed=99).reset(seed=11)[0]["state"][-3:]
+    np.testing.assert_array_equal(goals[0], goals[3])
+    np.testing.assert_array_equal(goals[0], fresh)
+    assert len({tuple(g) for g in goals[:3]}) == 3
+    # 60 seeds, 60 distinct goals: not a draw from a short list of fixed ones.
+    assert len({tuple(env.reset(seed=s)[0]["state"][-3:]) for s in range(100, 160)}) == 60
+    env.close()
+
+
 def test_images_are_rendered_headless_at_the_requested_size() -> None:
     env = MetaWorldEnv("reach-v3", seed=0, image=True, camera="corner", size=64)
     observation, _ = env.reset()

@@ -112,12 +112,22 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown MetaWorld task {task!r}; the 50 v3 tasks are: {', '.join(INSTRUCTIONS)}")
 
 
+def _task_select_wrapper(env: Any) -> Any:
+    """The wrapper in MetaWorld's chain that switches between its pre-sampled tasks."""
+    while env is not None:
+        if hasattr(env, "toggle_sample_tasks_on_reset"):
+            return env
+        env = getattr(env, "env", None)
+    raise RuntimeError("this MetaWorld version has no task-select wrapper; flowforge expects metaworld 3.x")
+
+
 class MetaWorldEnv:
     """One MetaWorld v3 task behind the gymnasium API, with dict observations.
 
     Arguments:
         task: a v3 task name (``"reach-v3"``, ...; see :data:`INSTRUCTIONS`).
-        seed: seeds the task's goal and object positions (``reset(seed=...)`` reseeds).
+        seed: the scene (goal and object positions) of a ``reset()`` without a seed; ``reset(seed=s)``
+            gives the scene of ``s``, the same every time and whatever came before.
         image: also return a camera image.
         camera: MetaWorld camera name (``corner``, ``corner2``, ``corner3``, ``topview``, ``gripperPOV``, ...).
         size: image height and width.
@@ -149,6 +159,15 @@ class MetaWorldEnv:
             options["max_episode_steps"] = max_steps
         self.env = gym.make("Meta-World/MT1", **options)
         self._seed = seed
+        # MetaWorld v3 ignores reset(seed=...): its MT1 wrapper picks one of 50 goal settings
+        # fixed when the env is built. Set one task once (MetaWorld requires it), then stop the
+        # wrapper from switching tasks and draw every reset's goal and object positions from the
+        # env's own generator, reseeded by reset(): a seed is then a scene of its own.
+        self.env.reset()
+        _task_select_wrapper(self.env).toggle_sample_tasks_on_reset(False)
+        scene = self.env.unwrapped
+        scene._freeze_rand_vec = False
+        scene.seeded_rand_vec = True
         self._renderer_ready = False
         spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
         if image:
@@ -186,7 +205,10 @@ class MetaWorldEnv:
         return observation
 
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        state, info = self.env.reset(seed=self._seed if seed is None else seed)
+        """Start an episode; its scene (goal and object positions) is a function of ``seed`` alone
+        (the constructor's seed when None)."""
+        self.env.unwrapped.seed(self._seed if seed is None else seed)
+        state, info = self.env.reset()
         info = {**info, "task": self.task, "instruction": self.instruction, "is_success": False}
         return self._observation(state), info
 

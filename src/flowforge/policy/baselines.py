@@ -78,7 +78,8 @@ class DiffusionPolicy(DenoisingPolicy):
         prefix = self.prefix(batch)
         cache = self.encode(prefix) if use_cache else None
         rows = prefix.shape[0]
-        x = noise if noise is not None else torch.randn(rows, cfg.horizon, cfg.action_dim, device=prefix.device)
+        x = torch.randn(rows, cfg.horizon, cfg.action_dim) if noise is None else noise
+        x = x.to(prefix)
         if cfg.sampler == "ddpm":
             schedule = list(range(cfg.diffusion_steps - 1, -1, -1))
         else:
@@ -89,7 +90,8 @@ class DiffusionPolicy(DenoisingPolicy):
             alpha_bar = self.alpha_bar[k]
             previous = self.alpha_bar[schedule[i + 1]] if i + 1 < len(schedule) else torch.ones_like(alpha_bar)
             data = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-            data = data.clamp(-1.5, 1.5)  # actions are normalised to about [-1, 1]
+            if cfg.action_normalization == "min_max":  # training actions lie in [-1, 1]: clip the estimate near it
+                data = data.clamp(-1.5, 1.5)
             if cfg.sampler == "ddpm" and i + 1 < len(schedule):
                 # Ancestral step: the posterior q(x_{k-1} | x_k, x_0) with x_0 the current estimate.
                 beta = 1 - alpha_bar / previous

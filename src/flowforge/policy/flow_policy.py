@@ -100,7 +100,7 @@ class FlowPolicy(DenoisingPolicy):
     def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
         if noise is None:
             noise = torch.randn(batch["state"].shape[0], self.chunk_horizon, self.policy_config.action_dim)
-            noise = noise.to(self.state_shift)
+        noise = noise.to(self.state_shift)
         if use_cache:
             return self.integrate(self.prefix(batch), True, noise, self.chunk_horizon)
         # Without a cache a policy re-encodes the observation (encoders and prefix) at every step.

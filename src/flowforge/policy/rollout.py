@@ -122,7 +122,7 @@ def rollout(
     state is restored afterwards), so an episode is reproducible and two settings of one policy
     are compared on the same scenes and the same noise.
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         return _rollout(policy, env, seed, max_steps, record)
 

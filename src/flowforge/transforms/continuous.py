@@ -119,6 +119,10 @@ class ContinuousFlowTransform(Transform):
             self.velocity, context if self.context_features else None, divergence, self.features, regularize
         )
         state = torch.cat([x, x.new_zeros(x.shape[0], 3 if regularize else 1)], dim=1)
+        return self._integrate(field, state, t0, t1)
+
+    def _integrate(self, field: _AugmentedField | _CountedVelocity, state: Tensor, t0: float, t1: float) -> Tensor:
+        """Solve ``field`` from t0 to t1 with this transform's solver settings; records the NFE."""
         needs_grad = self.adjoint and field.context is not None and field.context.requires_grad
         end = odeint(
             field,
@@ -149,20 +153,7 @@ class ContinuousFlowTransform(Transform):
         so its step count) sees only the trajectory, which is what straight (RNODE) paths save."""
         self.check_input("z", z, context)
         field = _CountedVelocity(self.velocity, context if self.context_features else None)
-        needs_grad = self.adjoint and field.context is not None and field.context.requires_grad
-        x = odeint(
-            field,
-            z,
-            (0.0, 1.0),
-            self.method,
-            self.steps,
-            atol=self.atol,
-            rtol=self.rtol,
-            adjoint=self.adjoint,
-            adjoint_tensors=(field.context,) if needs_grad else (),
-        )
-        self.last_nfe = field.nfe
-        return x
+        return self._integrate(field, z, 0.0, 1.0)
 
     def forward_with_regularization(
         self, x: Tensor, context: Tensor | None = None
