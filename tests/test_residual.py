@@ -37,6 +37,10 @@ def test_layers_are_rescaled_to_the_coefficient() -> None:
     with torch.no_grad():
         small.weight.mul_(0.1 / torch.linalg.matrix_norm(small.weight, ord=2))
     torch.testing.assert_close(small.normalized_weight(), small.weight)
+    # A write through .data bypasses the version counter; refresh() brings the bound back.
+    small.weight.data.mul_(100.0)
+    small.refresh()
+    assert float(torch.linalg.matrix_norm(small.normalized_weight().detach(), ord=2)) < 0.9 + 1e-9
 
 
 def test_lipschitz_constant_is_below_the_coefficient() -> None:

@@ -59,7 +59,10 @@ class LipschitzLinear(nn.Module):
     until :math:`\hat\sigma` changes by less than a relative ``tolerance``; between weight
     changes the layer is one fixed function, in training and eval mode alike, so a forward pass
     and a fixed-point inverse see the same map. :math:`\hat\sigma` carries a gradient, as in
-    spectral normalisation of GANs.
+    spectral normalisation of GANs. A change is seen through the tensor's version counter, which
+    every in-place operation on the parameter (optimizers, ``load_state_dict``, ``copy_`` under
+    ``no_grad``) advances; writes through ``weight.data`` do not, so after those call
+    :meth:`refresh`.
 
     Arguments:
         in_features, out_features: sizes of the map.
@@ -116,6 +119,10 @@ class LipschitzLinear(nn.Module):
                 break
         self.left_vector.copy_(u)
         self.right_vector.copy_(v)
+
+    def refresh(self) -> None:
+        """Run the power iteration now (after writing the weight through ``.data``)."""
+        self._iterated_for = None
 
     def spectral_norm_estimate(self) -> Tensor:
         """:math:`\\hat\\sigma = u^\top W v` after bringing :math:`u, v` up to date with the weight."""
