@@ -75,8 +75,10 @@ def test_round_trip_and_logdet_match_autograd(name: str, context: int) -> None:
     with torch.no_grad():
         z, logdet = t(x, c)
         x_back, logdet_back = t.inverse(z, c)
+        sampled = t.inverse_without_logdet(z, c)  # the sampling path
     assert z.shape[0] == 16 and logdet.shape == (16,)
     torch.testing.assert_close(x_back, x, rtol=0, atol=1e-10)  # exact inverse (Glow's claim)
+    torch.testing.assert_close(sampled, x_back, rtol=0, atol=1e-12)
     torch.testing.assert_close(logdet_back, -logdet, rtol=0, atol=1e-10)
     reference = _autograd_logabsdet(lambda v: t(v, c)[0], x)
     torch.testing.assert_close(logdet, reference, rtol=0, atol=1e-8)

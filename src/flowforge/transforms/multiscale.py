@@ -133,5 +133,13 @@ class Split(Transform):
         factored = z_factored * torch.exp(log_scale) + mean
         return torch.cat([kept, factored], dim=1), logdet + log_scale.flatten(1).sum(1)
 
+    def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        self._check("z", z, context)
+        kept, z_factored = z[:, : self.kept_channels], z[:, self.kept_channels :]
+        if self.inner is not None:  # the coarser scales sample without their log-dets too
+            kept = self.inner.inverse_without_logdet(kept, context)
+        mean, log_scale = self._prior(kept, context)
+        return torch.cat([kept, z_factored * torch.exp(log_scale) + mean], dim=1)
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kept={self.kept_channels}"
