@@ -221,17 +221,17 @@ def main() -> None:
     for kind in models:
         changes = {"sampler": "ddim", "inference_steps": 10} if kind == "ddpm" else {}
         results[kind] = _evaluate(args, kind, runs[kind], MT10, args.episodes, **changes)
-    flow_name, validation = "flow", {}
+    flow_name, chosen_scale, validation = "flow", 1.0, {}
     scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
     if "flow" in models and len(scales) > 1 and args.validation_episodes > 0:
         for scale in scales:
             name = f"flow-noise{scale:g}"
             report = _evaluate(args, name, runs["flow"], MT10, args.validation_episodes, True, noise_scale=scale)
             validation[scale] = report["average_success"]
-        best = max(scales, key=lambda s: (validation[s], s))  # ties go to the higher temperature
-        if best != 1.0:
-            flow_name = f"flow-noise{best:g}"
-            results[flow_name] = _evaluate(args, flow_name, runs["flow"], MT10, args.episodes, noise_scale=best)
+        chosen_scale = max(scales, key=lambda s: (validation[s], s))  # ties go to the higher temperature
+        if chosen_scale != 1.0:
+            flow_name = f"flow-noise{chosen_scale:g}"
+            results[flow_name] = _evaluate(args, flow_name, runs["flow"], MT10, args.episodes, noise_scale=chosen_scale)
     if "ddpm" in models and args.ddpm100_episodes > 0:
         results["ddpm100"] = _evaluate(args, "ddpm100", runs["ddpm"], MT10, args.ddpm100_episodes, sampler="ddpm")
     if "flow-images" in runs:
@@ -259,9 +259,7 @@ def main() -> None:
     if validation:
         print("\nFlowPolicy temperature on validation seeds (average success)")
         for scale, rate in validation.items():
-            print(
-                f"  noise_scale {scale:<5g} {rate:6.1%}" + ("   <- chosen" if flow_name.endswith(f"{scale:g}") else "")
-            )
+            print(f"  noise_scale {scale:<5g} {rate:6.1%}" + ("   <- chosen" if scale == chosen_scale else ""))
     checks = {}
     if flow_name in results:
         flow = results[flow_name]["average_success"]

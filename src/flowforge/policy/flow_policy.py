@@ -79,8 +79,7 @@ class FlowPolicy(DenoisingPolicy):
             reference = prefix() if callable(prefix) else prefix
             shape = (reference.shape[0], horizon, cfg.action_dim)
             noise = torch.randn(shape, device=reference.device, dtype=reference.dtype)
-        if cfg.noise_scale != 1.0:
-            noise = cfg.noise_scale * noise
+        noise = cfg.noise_scale * noise.to(self.state_shift)  # a supplied draw may live elsewhere
         calls = 0
         cache = None
         if use_cache:
@@ -100,7 +99,6 @@ class FlowPolicy(DenoisingPolicy):
     def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
         if noise is None:
             noise = torch.randn(batch["state"].shape[0], self.chunk_horizon, self.policy_config.action_dim)
-        noise = noise.to(self.state_shift)
         if use_cache:
             return self.integrate(self.prefix(batch), True, noise, self.chunk_horizon)
         # Without a cache a policy re-encodes the observation (encoders and prefix) at every step.

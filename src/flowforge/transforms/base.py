@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -104,7 +105,7 @@ class Compose(Transform):
     #: updates buffers in training (BatchNorm's running averages) sees the recomputation too.
     checkpointing: bool = False
 
-    def _run_layer(self, layer: Callable[..., tuple[Tensor, Tensor]], x: Tensor, context: Tensor | None):
+    def _run_layer(self, layer: Callable[..., Any], x: Tensor, context: Tensor | None) -> Any:
         if self.checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(layer, x, context, use_reentrant=False)
         return layer(x, context)
@@ -125,10 +126,7 @@ class Compose(Transform):
 
     def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         for t in reversed(self.transforms):
-            if self.checkpointing and torch.is_grad_enabled():
-                z = torch.utils.checkpoint.checkpoint(t.inverse_without_logdet, z, context, use_reentrant=False)
-            else:
-                z = t.inverse_without_logdet(z, context)
+            z = self._run_layer(t.inverse_without_logdet, z, context)
         return z
 
 
