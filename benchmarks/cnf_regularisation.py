@@ -69,6 +69,8 @@ Needs the ``bench`` extra (``pip install -e .[bench]``, for zuko)::
 
 The defaults (2 sets x 3 models x 1000 steps, hidden 64 64) take about 8 minutes on a shared 2-core
 CPU machine (one torch thread).
+The README's longer runs add ``--steps 5000 --datasets pinwheel spirals --models ff-mle ff-rnode
+--lambda-k 0.1 --lambda-j 0.1`` (about 30 minutes).
 """
 
 from __future__ import annotations
