@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flowforge import __version__
@@ -65,8 +66,8 @@ def test_every_shipped_config_parses_and_builds() -> None:
     assert len(names) >= 9
     for path in CONFIGS.glob("*.toml"):
         config = runs.load_config(path)
-        data = runs.load_data(config)
-        model = runs.build_model(config, runs.model_features(config, data))
+        data = None if config.objective_kind() == "reverse-kl" else runs.load_data(config.data)
+        model = runs.build_model(config, data)
         assert sum(p.numel() for p in model.parameters()) > 0, path.name
 
 
@@ -133,16 +134,16 @@ def test_flow_matching_and_shortcut_configs_train_and_sample(tmp_path: Path) -> 
     ("content", "message"),
     [
         ("[train]\nstepz = 3\n", "has no setting 'stepz' (did you mean 'steps'?)"),
-        ('[train]\nsteps = "many"\n', "[train] steps must be int"),
-        ('[model]\nkind = "glow9"\n', "kind 'glow9' is not one of"),
-        ('[data]\nname = "mnist"\n', "is not a built-in set"),
-        ("[extra]\nx = 1\n", "unknown table(s) extra"),
+        ('[train]\nsteps = "many"\n', "[train] steps = 'many': expected an integer"),
+        ('[model]\nkind = "glow9"\n', "[model] kind = 'glow9' is not one of"),
+        ('[data]\nname = "mnist"\n', "[data] name = 'mnist' is not one of"),
+        ("[extra]\nx = 1\n", "unknown table [extra]"),
         ("[train\n", "not valid TOML"),
         (
             '[model]\nkind = "flow-matching"\n[objective]\nkind = "maximum-likelihood"\n',
-            "trains with the flow-matching",
+            "[model] kind = 'flow-matching' trains with [objective] kind = 'flow-matching'",
         ),
-        ('[train]\nschedule = "linear"\n', "schedule must be"),
+        ('[train]\nschedule = "linear"\n', "[train] schedule = 'linear' is not one of constant, cosine"),
     ],
 )
 def test_bad_configs_fail_with_their_message_and_write_nothing(tmp_path: Path, content: str, message: str) -> None:
@@ -194,3 +195,114 @@ def test_a_malformed_data_file_fails_before_anything_is_written(tmp_path: Path) 
     assert result.exit_code != 0
     assert "points.csv, row 3, column 2: 'oops' is not a number" in result.output
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- one wrong value at a time
+BAD_VALUES = [
+    # (override or None, file content or None, key the message must name)
+    (["train.lr=nan"], None, "lr"),
+    (["train.log_every=0"], None, "log_every"),
+    (["train.log_every=-1"], None, "log_every"),
+    (["train.checkpoint_every=-1"], None, "checkpoint_every"),
+    (["train.eval_every=-1"], None, "eval_every"),
+    (["train.patience=-1"], None, "patience"),
+    (["train.seed=-1"], None, "seed"),
+    (["train.max_grad_norm=0"], None, "max_grad_norm"),
+    (["train.max_grad_norm=-1"], None, "max_grad_norm"),
+    (["train.weight_decay=-0.1"], None, "weight_decay"),
+    (['train.precision="fp16"'], None, "precision"),
+    (["model.options.transforms=-1"], None, "transforms"),
+    (["model.options.hidden=[0]"], None, "hidden"),
+    (["model.options.activation=swish9"], None, "activation"),
+    (["data.size=0"], None, "size"),
+    (["train.steps.x=1"], None, "train.steps"),
+    (None, '[model]\nkind = "cnf"\noptions = { method = "bogus" }\n[data]\nname = "moons"\n', "method"),
+    (None, b"\x89PNG\r\n\x1a\n\x00\x00binary", "not a text file"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "content", "key"), BAD_VALUES, ids=[k for _, _, k in BAD_VALUES])
+def test_each_bad_value_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, overrides, content, key: str) -> None:
+    config = CONFIGS / "realnvp_moons.toml"
+    if content is not None:
+        config = tmp_path / "run.toml"
+        config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    args = ["train", str(config), "--out", str(tmp_path / "run"), "--no-progress"]
+    for override in overrides or []:
+        args += ["--set", override]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""  # nothing announced, nothing written
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_paths_are_checked_before_anything_is_written(tmp_path: Path) -> None:
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    result = CliRunner().invoke(app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(existing), *TINY])
+    assert result.exit_code == 2 and "--out" in result.stderr and str(existing) in result.stderr
+    assert existing.read_text() == "keep me" and result.stdout == ""
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    folder = tmp_path / "folder.npy"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["sample", str(run), "-o", str(folder)])
+    assert result.exit_code == 2 and "-o" in result.stderr and "folder" in result.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_policy_config_values_are_typed(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "policy" / "mt10.toml"
+    for override, key in [
+        ('policy.width="64"', "width"),  # a string where a number belongs (shell: --set policy.width='"64"')
+        ("policy.sampling_steps=0", "sampling_steps"),
+        ('policy.method="bogus"', "method"),
+        ("policy.diffusion_steps=0", "diffusion_steps"),
+        ("policy.noise_scale=inf", "noise_scale"),
+    ]:
+        args = ["policy", "train", str(config), "--out", str(tmp_path / "p"), "--set", override]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (override, result.output)
+        assert key in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "p").exists()
+
+
+def test_image_flows_train_on_digits_with_fresh_dequantization_noise(tmp_path: Path) -> None:
+    """Glow, multi-scale RealNVP and a dequantized NSF train from `flowforge train`; sample/eval/plot work."""
+    for name, kind, options in [
+        ("glow", "glow", "{ levels = 2, steps = 1, hidden_channels = 8 }"),
+        ("multiscale", "multiscale-realnvp", "{ levels = 2, steps = 1, hidden_channels = 8 }"),
+    ]:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(
+            f'[model]\nkind = "{kind}"\noptions = {options}\ndequantization = "variational"\n'
+            '[data]\nname = "digits-images"\n[train]\nsteps = 3\nbatch_size = 16\nlog_every = 1\n'
+        )
+        run = tmp_path / name
+        result = CliRunner().invoke(app, ["train", str(config), "--out", str(run), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        bits = float(re.search(r"bits_per_dim (-?[\d.]+)", result.output).group(1))
+        assert 0 < bits < 12
+        assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+        result = CliRunner().invoke(app, ["sample", str(run), "-n", "3", "-o", str(tmp_path / f"{name}.npy")])
+        assert result.exit_code == 0, result.output
+        drawn = np.load(tmp_path / f"{name}.npy")
+        assert drawn.shape == (3, 1, 8, 8) and np.array_equal(drawn, np.round(drawn)) and drawn.max() <= 16
+        assert CliRunner().invoke(app, ["eval", str(run), "--samples", "50"]).exit_code == 0
+
+
+def test_dequantization_noise_is_fresh_in_every_batch() -> None:
+    from flowforge import runs
+
+    config = runs.RunConfig(
+        model=runs.ModelConfig(kind="nsf", options={"transforms": 1, "hidden": [8]}),
+        data=runs.DataConfig(name="digits"),
+    )
+    data = runs.load_data(config.data)
+    assert torch.equal(data.train, data.train.round()) and data.levels == 17  # counts, not pre-noised values
+    model = runs.build_model(config, data)
+    rows = data.train[:4]
+    assert not torch.equal(model.log_prob(rows), model.log_prob(rows))  # a new noise draw per call

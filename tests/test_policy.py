@@ -203,9 +203,9 @@ def test_ddpm_and_ddim_step_counts() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ValueError, match="kind must be"):
+    with pytest.raises(ValueError, match="kind = 'vae' is not one of"):
         PolicyConfig(kind="vae")
-    with pytest.raises(ValueError, match="multiple of keyframe_stride"):
+    with pytest.raises(ValueError, match="keyframe_stride = 4: expected a divisor of horizon = 10"):
         PolicyConfig(kind="hierarchical", horizon=10, keyframe_stride=4)
     with pytest.raises(ValueError, match="n_action_steps"):
         PolicyConfig(horizon=4, n_action_steps=5)
@@ -245,7 +245,7 @@ def test_tiny_policy_overfits_one_demo_and_replays_it(one_demo: Path) -> None:
     from flowforge.data.episodes import EpisodeDataset
     from flowforge.envs.metaworld import MetaWorldEnv
     from flowforge.policy.rollout import rollout
-    from flowforge.policy.runs import prepare_policy
+    from flowforge.runs.policy import prepare_policy
     from flowforge.train import PolicyObjective, Trainer, TrainerConfig
 
     torch.manual_seed(0)
@@ -304,16 +304,58 @@ def test_instruction_embeddings_come_from_minilm() -> None:
 
 
 def test_shipped_policy_configs_parse() -> None:
-    from flowforge.policy.runs import PolicyConfigError, load_policy_config, parse_policy_config
+    from flowforge.errors import ConfigError
+    from flowforge.runs.policy import load_policy_config, parse_policy_config
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "policy").glob("*.toml"))
     assert configs
     for path in configs:
         run = load_policy_config(path, ['policy.kind="ddpm"'])
         assert run.policy.kind == "ddpm" and run.data.root and run.train.steps > 0
-    with pytest.raises(PolicyConfigError, match=r"\[policy\] has no setting\(s\) wdth"):
+    with pytest.raises(ConfigError, match=r"\[policy\] has no setting 'wdth' \(did you mean 'width'\?\)"):
         parse_policy_config('[policy]\nwdth = 3\n[data]\nroot = "x"\n')
-    with pytest.raises(PolicyConfigError, match="root"):
+    with pytest.raises(ConfigError, match="root"):
         parse_policy_config('[policy]\nkind = "flow"\n')
-    with pytest.raises(PolicyConfigError, match="kind must be"):
+    with pytest.raises(ConfigError, match=r"\[policy\] kind = 'vae' is not one of"):
         parse_policy_config('[policy]\nkind = "vae"\n[data]\nroot = "x"\n')
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_observation_never_becomes_an_action(kind: str, bad: float) -> None:
+    policy = _policy(kind).eval()
+    batch = _batch(rows=2)
+    batch["state"][1, 0, 3] = bad
+    with pytest.raises(ValueError, match=r"state holds .* at index \(1, 0, 3\)"):
+        policy.predict_chunk(batch)
+    policy.reset()
+    good = {"state": np.zeros(5, dtype=np.float32), "instruction": INSTRUCTIONS[0]}
+    policy.select_action(good)
+    poisoned = {**good, "state": np.array([0, 0, bad, 0, 0], dtype=np.float32)}
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"observation\['state'\] holds .* at index 2"):
+            policy.select_action(poisoned)
+    assert all(np.isfinite(frame["state"]).all() for frame in policy._history)  # the bad frame never entered
+    policy.reset()
+    for _ in range(3):  # the next valid observations act normally
+        assert np.isfinite(policy.select_action(good)).all()
+
+
+def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:
+    policy = _policy("flow").eval()
+    batch = _batch(rows=2)
+    as_numpy = {**batch, "state": batch["state"].numpy()}
+    torch.manual_seed(0)
+    expected = policy.predict_chunk(batch)
+    torch.manual_seed(0)
+    torch.testing.assert_close(policy.predict_chunk(as_numpy), expected)
+    with pytest.raises(ValueError, match="state has 0 rows"):
+        policy.predict_chunk({**batch, "state": torch.zeros(0, 2, 5), "task_index": batch["task_index"][:0]})
+    with pytest.raises(ValueError, match=r"noise must be a floating-point tensor of shape \(2, 8, 3\)"):
+        policy.predict_chunk(batch, noise=torch.zeros(2, 4, 3))
+    noise = torch.zeros(2, 8, 3)
+    noise[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"noise holds nan at index \(0, 1, 2\)"):
+        policy.predict_chunk(batch, noise=noise)
+    with pytest.raises(ValueError, match="state must hold floating-point numbers"):
+        policy.predict_chunk({**batch, "state": torch.zeros(2, 2, 5, dtype=torch.long)})

@@ -43,7 +43,18 @@ def test_realnvp_structure() -> None:
     assert [c.mask.tolist() for c in couplings[:2]] == [[True, False, True, False], [False, True, False, True]]
     assert sum(isinstance(t, Permutation) for t in layers) == 1
     assert all(c.context_features == 2 for c in couplings)
-    assert flow.config == {"features": 4, "context": 2, "transforms": 4, "hidden": [8], "scale_bound": 3.0, "seed": 0}
+    assert flow.to_config() == {
+        "__object__": "realnvp",
+        "arguments": {
+            "features": 4,
+            "context": 2,
+            "transforms": 4,
+            "hidden": [8],
+            "scale_bound": 3.0,
+            "activation": {"__class__": "relu"},
+            "seed": 0,
+        },
+    }
 
 
 def test_nice_is_volume_preserving_with_a_learnable_base() -> None:
@@ -67,8 +78,8 @@ def test_nice_is_volume_preserving_with_a_learnable_base() -> None:
 )
 def test_recipe_rebuilds_from_its_json_config(recipe, options: dict) -> None:
     flow = recipe(5, context=2, transforms=3, hidden=(8, 8), **options).eval()
-    config = json.loads(json.dumps(flow.config))
-    rebuilt = recipe(**config).eval()
+    config = json.loads(json.dumps(flow.to_config()))
+    rebuilt = recipe.from_config(config).eval()
     rebuilt.load_state_dict(flow.state_dict())
     x, c = torch.randn(6, 5), torch.randn(6, 2)
     torch.testing.assert_close(flow.log_prob(x, c), rebuilt.log_prob(x, c))

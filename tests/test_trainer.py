@@ -17,6 +17,7 @@ import torch
 from flowforge.checkpoint import CheckpointError, load_tensors, read_manifest
 from flowforge.data import target, toy_dataset
 from flowforge.distributions import DiagNormal
+from flowforge.errors import ConfigError
 from flowforge.flows import Flow, RealNVP
 from flowforge.matching import FlowMatcher
 from flowforge.nn import VelocityMLP
@@ -249,6 +250,73 @@ def test_bad_settings_are_refused() -> None:
 
     with pytest.raises(FloatingPointError, match="step 0"):
         Trainer(RealNVP(2, transforms=2), Exploding(), TrainerConfig(steps=3)).fit()
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_SETTINGS = [
+    ("steps", 0),
+    ("steps", 1.5),
+    ("steps", True),
+    ("batch_size", 0),
+    ("batch_size", -8),
+    ("lr", NAN),
+    ("lr", 0.0),
+    ("lr", -1e-3),
+    ("lr", INF),
+    ("lr", "1e-3"),
+    ("weight_decay", -0.1),
+    ("weight_decay", INF),
+    ("warmup_steps", -1),
+    ("warmup_steps", 2000),  # == steps: the schedule would never start
+    ("warmup_steps", 2.0),
+    ("max_grad_norm", 0.0),
+    ("max_grad_norm", -1.0),
+    ("max_grad_norm", NAN),
+    ("ema_decay", 0.0),
+    ("ema_decay", 1.0),
+    ("ema_decay", 1.5),
+    ("precision", "fp8"),
+    ("schedule", "linear"),
+    ("seed", -1),
+    ("eval_every", -1),
+    ("patience", 0),
+    ("checkpoint_every", -5),
+    ("log_every", 0),
+    ("gradient_checkpointing", 1),
+    ("tensorboard", "yes"),
+    ("progress", 0),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_SETTINGS, ids=[f"{k}={v!r}" for k, v in BAD_SETTINGS])
+def test_every_trainer_setting_is_range_checked(key: str, value: object) -> None:
+    settings = {"eval_every": 5} if key == "patience" else {}
+    with pytest.raises(ConfigError) as error:
+        TrainerConfig(**settings, **{key: value})
+    message = str(error.value)
+    assert message.startswith(f"{key} = {value!r}"), message  # the key, then the value ...
+    assert "expected" in message or "is not one of" in message, message  # ... then what is allowed
+
+
+def test_fp16_is_refused_without_cuda_and_good_settings_pass() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^precision = 'fp16': .*use 'bf16' on a CPU"):
+            TrainerConfig(precision="fp16")
+    config = TrainerConfig(lr=1, max_grad_norm=None, ema_decay=0.5, warmup_steps=1999, patience=1, eval_every=1)
+    assert isinstance(config.lr, float) and config.max_grad_norm is None
+    with pytest.raises(ConfigError, match=r"^patience = 2: patience needs eval_every >= 1"):
+        TrainerConfig(patience=2)
+
+
+def test_data_with_fewer_rows_than_a_batch_is_repeated_to_fill_it() -> None:
+    torch.manual_seed(0)
+    flow = RealNVP(2, transforms=2, hidden=(8,))
+    trainer = Trainer(flow, MaximumLikelihood(), TrainerConfig(steps=4, batch_size=32), data=torch.randn(10, 2))
+    x, _ = trainer.batches.next()
+    assert x.shape == (32, 2) and trainer.batches.steps_per_epoch == 1
+    trainer.fit()
+    with pytest.raises(ValueError, match="no rows"):
+        Trainer(flow, MaximumLikelihood(), TrainerConfig(steps=4, batch_size=32), data=torch.randn(0, 2))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

@@ -8,11 +8,11 @@ torch.Size([3, 2])
 
 from importlib.metadata import PackageNotFoundError, version
 
-from flowforge import distributions, flows, nn, transforms, validation
+from flowforge import distributions, flows, matching, nn, transforms, validation
 
 try:
     __version__ = version("flowforge")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "distributions", "flows", "nn", "transforms", "validation"]
+__all__ = ["__version__", "distributions", "flows", "matching", "nn", "transforms", "validation"]

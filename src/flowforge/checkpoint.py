@@ -2,8 +2,9 @@
 
 A checkpoint is a directory holding
 
-* ``checkpoint.json``, the manifest: a format tag, the model's class and the config that rebuilds
-  it, any JSON metadata, and for every tensor file its name and SHA-256;
+* ``checkpoint.json``, the manifest: a format tag, the config that rebuilds the model (its
+  registered name and every constructor argument, :mod:`flowforge.registry`), its dtype, any JSON
+  metadata, and for every tensor file its name and SHA-256;
 * tensor files (``model-<hash>.safetensors``, ``optimizer-<hash>.safetensors``, ...), named by
   their content so that a new save never overwrites a file the current manifest points to.
 
@@ -32,13 +33,12 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
+from flowforge import registry
+from flowforge.errors import CheckpointError
+
 FORMAT = "flowforge-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the model is stored as a registry config under "model"; 1: "class" + "config"
 MANIFEST = "checkpoint.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, tampered with, from another program or does not fit the model."""
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -170,13 +170,83 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, Tensor], s
         raise CheckpointError(f"the weights in {source} do not fit this {type(module).__name__}: {error}") from error
 
 
+def model_manifest(model: torch.nn.Module) -> dict[str, Any]:
+    """The manifest entries that rebuild ``model``: ``model`` (its registry config) and ``dtype``.
+
+    Raises :class:`~flowforge.errors.RebuildError` when the model cannot be rebuilt from a config.
+    """
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+    return {"model": registry.to_config(model), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def save_model(directory: str | Path, model: torch.nn.Module, metadata: dict | None = None) -> Path:
+    """Save a registered model's weights and the config that rebuilds it (see :func:`load_model`)."""
+    manifest = {**model_manifest(model), "metadata": metadata or {}}
+    return save_checkpoint(directory, {"model": model.state_dict()}, manifest)
+
+
+def _legacy_config(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """A version-1 manifest ("class": a Python class name, "config": plain keyword arguments) as a registry config."""
+    name, config = manifest.get("class"), manifest.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{directory}: the manifest holds no model config to rebuild from")
+    for category in ("model", "policy"):
+        for registered in registry.names(category):
+            if registry.lookup(category, registered).__name__ == name:
+                return {"__object__": registered, "arguments": config}
+    raise CheckpointError(f"{directory} holds a {name!r}, which is not a registered model")
+
+
+def load_model(
+    directory: str | Path, expected: type | None = None, map_location: str | torch.device | None = None
+) -> torch.nn.Module:
+    """Rebuild the model saved in ``directory`` (by :func:`save_model` or a Trainer) with its weights.
+
+    Arguments:
+        directory: the checkpoint folder.
+        expected: refuse a model that is not an instance of this class (``None``: any).
+        map_location: device to move the model to.
+
+    Raises :class:`~flowforge.errors.CheckpointError` for a missing, truncated, tampered or foreign
+    checkpoint, a config that does not build, or weights that do not fit.
+    """
+    return load_model_from_manifest(directory, read_manifest(directory), expected, map_location)
+
+
+def load_model_from_manifest(
+    directory: str | Path,
+    manifest: dict[str, Any],
+    expected: type | None = None,
+    map_location: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """:func:`load_model` with the manifest already read (and possibly converted from an older layout)."""
+    directory = Path(directory)
+    config = manifest.get("model") if "model" in manifest else _legacy_config(manifest, directory)
+    if config is None:
+        raise CheckpointError(f"{directory} holds weights of a model with no registered config; rebuild it in code")
+    model = registry.from_config(config, where=f"{directory / MANIFEST}: model")
+    if expected is not None and not isinstance(model, expected):
+        raise CheckpointError(f"{directory} holds a {type(model).__name__}, not a {expected.__name__}")
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{directory} records dtype {manifest.get('dtype')!r}; expected a floating-point dtype")
+    model = model.to(dtype)
+    load_state_dict_checked(model, load_tensors(directory, "model", manifest), directory)
+    return model.to(map_location) if map_location is not None else model
+
+
 __all__ = [
     "CheckpointError",
     "decode_state",
     "encode_state",
+    "load_model",
+    "load_model_from_manifest",
     "load_state_dict_checked",
     "load_tensors",
+    "model_manifest",
     "read_manifest",
     "save_checkpoint",
+    "save_model",
     "write_atomic",
 ]

@@ -1,4 +1,10 @@
-"""The ``flowforge`` command line (also ``python -m flowforge``)."""
+"""The ``flowforge`` command line (also ``python -m flowforge``).
+
+Thin by design: each command parses its arguments, calls the run layer once and prints. Errors a
+user can cause (any :class:`~flowforge.errors.FlowforgeError`, an OS error on a path given, a
+training run that diverges, a missing optional extra) are turned into one line on stderr and exit
+code 2 in one place, :class:`_OneLineErrors`; commands check their inputs before writing anything.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +12,39 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import torch
 import typer
+from typer.core import TyperGroup
 
 import flowforge
-from flowforge.checkpoint import CheckpointError
-from flowforge.data import TOY_DATASETS, DataError, load_table, toy_dataset
-from flowforge.eval import negative_log_likelihood, plot_density_2d
-from flowforge.flows import IAF, MAF, NICE, NSF, RealNVP
-from flowforge.train import fit_maximum_likelihood
+from flowforge.errors import ConfigError, DataError, FlowforgeError
+from flowforge.utils.progress import progress_enabled
+
+#: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
+USER_ERRORS = (FlowforgeError, OSError, FloatingPointError, ImportError)
+
+
+class _OneLineErrors(TyperGroup):
+    """The one place where user errors become ``error: ...`` on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            message = " ".join(str(error).split()) or type(error).__name__
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code=2) from None
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="flowforge: flow-based generative models and flow-matching robot policies.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-
-_RECIPES = {"realnvp": RealNVP, "nice": NICE, "maf": MAF, "iaf": IAF, "nsf": NSF}
 
 
 def _version(value: bool) -> None:
@@ -41,30 +62,54 @@ def _root(
     """flowforge: flow-based generative models and flow-matching robot policies."""
 
 
+def _demo_models() -> tuple[str, ...]:
+    """Registered flows over vectors with a ``transforms`` count: what the demo can train."""
+    import inspect
+
+    from flowforge import registry
+    from flowforge.flows import Flow
+
+    chosen = []
+    for name in registry.names("model"):
+        cls = registry.lookup("model", name)
+        parameters = list(inspect.signature(cls.__init__).parameters)
+        if issubclass(cls, Flow) and parameters[1] == "features" and "transforms" in parameters:
+            chosen.append(name)
+    return tuple(chosen)
+
+
 @app.command()
 def demo(
-    dataset: Annotated[str, typer.Option(help=f"Built-in 2-D set: {', '.join(TOY_DATASETS)}.")] = "moons",
-    model: Annotated[str, typer.Option(help=f"Recipe: {', '.join(_RECIPES)}.")] = "realnvp",
+    dataset: Annotated[str, typer.Option(help="Built-in 2-D set (flowforge list).")] = "moons",
+    model: Annotated[
+        str, typer.Option(help="A flow over vectors: realnvp, nice, maf, iaf, nsf, residual.")
+    ] = "realnvp",
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     transforms: Annotated[int, typer.Option(min=1, help="Flow layers.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the plot.")] = Path("flowforge-demo"),
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
     ] = None,
 ) -> None:
     """Train a flow on a built-in 2-D set, print its test NLL and plot the learned density."""
+    from flowforge import registry
+    from flowforge.data import TOY_DATASETS, toy_dataset
+    from flowforge.eval import negative_log_likelihood, plot_density_2d
+    from flowforge.train import fit_maximum_likelihood
+
     if dataset not in TOY_DATASETS:
-        raise typer.BadParameter(
-            f"unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}", param_hint="--dataset"
-        )
-    if model not in _RECIPES:
-        raise typer.BadParameter(f"unknown model {model!r}; choose one of {', '.join(_RECIPES)}", param_hint="--model")
+        raise ConfigError(f"--dataset: unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}")
+    models = _demo_models()
+    if model not in models:
+        raise ConfigError(f"--model: unknown model {model!r}; choose one of {', '.join(models)}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
     torch.manual_seed(seed)
     train_data = toy_dataset(dataset, 20_000, seed=seed)
     test_data = toy_dataset(dataset, 10_000, seed=seed + 1)
-    flow = _RECIPES[model](2, transforms=transforms, hidden=(64, 64))
+    flow = registry.lookup("model", model)(2, transforms=transforms, hidden=(64, 64))
     typer.echo(f"training {model} ({transforms} layers) on {dataset}: {steps} steps, batch {batch_size}")
     start = time.perf_counter()
     losses = fit_maximum_likelihood(flow, train_data, steps=steps, batch_size=batch_size, seed=seed, progress=progress)
@@ -81,9 +126,12 @@ def demo(
     typer.echo(f"wrote {figure}")
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
+def _run_folder(out: Path | None, config: Path, option: str = "--out") -> Path:
+    """The run folder: ``out`` or ``runs/<config name>``; refused if it exists and is not a folder."""
+    folder = out if out is not None else Path("runs") / config.stem
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: exists and is not a folder; give a folder for the run")
+    return folder
 
 
 @app.command()
@@ -96,56 +144,44 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in the run folder.")] = False,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
-    """Train the model a config describes; writes a checkpoint, metrics.csv and (2-D) a plot."""
+    """Train the model a config describes; writes a checkpoint, metrics.csv and a plot, prints the metrics."""
     from flowforge import runs
+    from flowforge.eval.report import format_metrics
     from flowforge.train import init_distributed_from_environment
 
-    try:
-        run_config = runs.load_config(config, overrides)
-        if progress is not None:
-            run_config.train.progress = progress
-        folder = out if out is not None else Path("runs") / config.stem
-        _, rank = init_distributed_from_environment()  # under torchrun: one process per rank
-        if rank != 0:
-            runs.train_run(run_config, folder, resume=resume)
-            return
-        typer.echo(
-            f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
-            f"into {folder}"
-        )
-        start = time.perf_counter()
-        _, data = runs.train_run(run_config, folder, resume=resume)
-        typer.echo(f"trained in {time.perf_counter() - start:.1f} s")
-        loaded = runs.load_run(folder)
-        held_out = None if data.test is None else _data_units(loaded, data.test)
-        typer.echo(_format_metrics(runs.evaluate_run(loaded, held_out)))
-        if loaded.config.objective_kind() == "reverse-kl" or (held_out is not None and held_out.shape[1] == 2):
-            typer.echo(f"wrote {runs.plot_run(loaded, folder / 'plot.png', held_out)}")
-    except (runs.ConfigError, DataError, CheckpointError, FloatingPointError) as error:
-        _fail(str(error))
-
-
-def _data_units(run, standardized: torch.Tensor) -> torch.Tensor:
-    return run.standardizer.inverse(standardized) if run.standardizer is not None else standardized
-
-
-def _format_metrics(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    extra = list(overrides or [])
+    if progress is not None:
+        extra.append(f"train.progress={'true' if progress else 'false'}")
+    run_config = runs.load_config(config, extra)
+    folder = _run_folder(out, config)
+    _, rank = init_distributed_from_environment()  # under torchrun: one process per rank
+    prepared = runs.prepare_run(run_config, folder, str(config))
+    if rank != 0:
+        runs.train_run(prepared, resume=resume)
+        return
+    typer.echo(
+        f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
+        f"into {folder}"
+    )
+    start = time.perf_counter()
+    run = runs.train_run(prepared, resume=resume)
+    typer.echo(f"trained in {time.perf_counter() - start:.1f} s")
+    held_out = None if prepared.data is None else prepared.data.test_units
+    typer.echo(format_metrics(runs.evaluate_run(run, held_out)))
+    typer.echo(f"wrote {runs.plot_run(run, folder / 'plot.png', held_out)}")
 
 
 def _held_out(run, data: str | None) -> torch.Tensor | None:
-    """Evaluation points in data units: a file or set given by ``data``, else the run's own test split."""
+    """Evaluation points in data units: a file or built-in set given by ``data``, else the run's own test split."""
     from flowforge import runs
+    from flowforge.data import load_table
 
-    if data is not None:
-        if Path(data).suffix:
-            return load_table(data, columns=None)
-        config = runs.RunConfig(data=runs.DataConfig(name=data, standardize=False))
-        return runs.load_data(config).test
-    if run.config.objective_kind() == "reverse-kl":
-        return None
-    split = runs.load_data(run.config)
-    return _data_units(run, split.test)
+    if data is None:
+        return runs.held_out_data(run)
+    if Path(data).suffix:
+        return load_table(data, columns=None)
+    config = runs.DataConfig(name=data, standardize=False)
+    return runs.load_data(config).test_units
 
 
 @app.command()
@@ -160,13 +196,14 @@ def sample(
     """Draw samples from a trained run and write them to a file (in the data's own units)."""
     from flowforge import runs
 
-    try:
-        run = runs.load_run(checkpoint)
-        torch.manual_seed(seed)
-        drawn = runs.draw_samples(run, n, steps, progress=progress)
-        typer.echo(f"wrote {runs.write_samples(drawn, output)}")
-    except (runs.ConfigError, DataError, CheckpointError) as error:
-        _fail(str(error))
+    if output.is_dir():
+        raise DataError(f"-o {output}: is a folder; give a .npy or .csv file name")
+    if output.suffix.lower() not in (".npy", ".csv"):
+        raise DataError(f"-o {output}: write samples to a .npy or .csv file")
+    run = runs.load_run(checkpoint)
+    torch.manual_seed(seed)
+    drawn = runs.draw_samples(run, n, steps, progress=progress)
+    typer.echo(f"wrote {runs.write_samples(drawn, output)}")
 
 
 @app.command("eval")
@@ -180,13 +217,10 @@ def evaluate(
 ) -> None:
     """Print NLL, bits/dim, MMD, energy distance and sliced W2 (or KL to the target)."""
     from flowforge import runs
+    from flowforge.eval.report import format_metrics
 
-    try:
-        run = runs.load_run(checkpoint)
-        torch.manual_seed(seed)
-        typer.echo(_format_metrics(runs.evaluate_run(run, _held_out(run, data), samples)))
-    except (runs.ConfigError, DataError, CheckpointError) as error:
-        _fail(str(error))
+    run = runs.load_run(checkpoint)
+    typer.echo(format_metrics(runs.evaluate_run(run, _held_out(run, data), samples, seed)))
 
 
 @app.command()
@@ -197,24 +231,37 @@ def plot(
     """Plot a run: density and samples (2-D) or sample pairs (more dimensions), and its training curve."""
     from flowforge import runs
 
-    try:
-        run = runs.load_run(checkpoint)
-        typer.echo(f"wrote {runs.plot_run(run, output or checkpoint / 'plot.png', _held_out(run, None))}")
-    except (runs.ConfigError, DataError, CheckpointError) as error:
-        _fail(str(error))
+    if output is not None and output.is_dir():
+        raise DataError(f"-o {output}: is a folder; give a .png file name")
+    run = runs.load_run(checkpoint)
+    typer.echo(f"wrote {runs.plot_run(run, output or checkpoint / 'plot.png', _held_out(run, None))}")
 
 
 @app.command("list")
 def list_choices() -> None:
-    """List the models, data sets, objectives and reverse-KL targets."""
-    from flowforge import runs
-    from flowforge.data import SKLEARN_DATASETS, TARGETS
+    """List every registered model, policy and part, the data sets, objectives and reverse-KL targets."""
+    import flowforge.policy  # noqa: F401 - registers the policies
+    from flowforge import registry, runs
+    from flowforge.data import SKLEARN_DATASETS, TARGETS, TOY_DATASETS
+    from flowforge.runs.data import COUNT_DATASETS
 
-    typer.echo(f"models:      {', '.join(runs.MODEL_KINDS)}")
-    typer.echo(f"objectives:  {', '.join(runs.OBJECTIVES)}")
-    typer.echo(f"2-D sets:    {', '.join(TOY_DATASETS)}")
-    typer.echo(f"tabular:     {', '.join(SKLEARN_DATASETS)} (scikit-learn), or path = a .csv/.npy/.npz/.parquet file")
-    typer.echo(f"targets:     {', '.join(TARGETS)} (reverse KL)")
+    rows = [
+        ("models", registry.names("model")),
+        ("policies", registry.names("policy")),
+        ("velocity nets", registry.names("velocity")),
+        ("paths", registry.names("path")),
+        ("couplings", registry.names("coupling")),
+        ("time samplers", registry.names("time")),
+        ("activations", registry.names("activation")),
+        ("objectives", runs.OBJECTIVES),
+        ("2-D sets", TOY_DATASETS),
+        ("tables", [s for s in SKLEARN_DATASETS if s not in COUNT_DATASETS]),
+        ("pixel counts", COUNT_DATASETS),
+        ("targets", TARGETS),
+    ]
+    for label, values in rows:
+        typer.echo(f"{label + ':':15}{', '.join(values)}")
+    typer.echo(f"{'files:':15}path = a .csv, .npy, .npz or .parquet file")
 
 
 data_app = typer.Typer(help="Robot demonstration data sets (LeRobot v3 layout).", no_args_is_help=True)
@@ -235,17 +282,17 @@ def data_collect(
 ) -> None:
     """Roll out the scripted experts, keep successful episodes, write them in the LeRobot v3 layout."""
     if env != "metaworld":
-        _fail(f"unknown simulator {env!r}; available: metaworld")
-    try:
-        from flowforge.envs.collect import collect
+        raise ConfigError(f"--env: unknown simulator {env!r}; available: metaworld")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--tasks {tasks!r}: name at least one task, e.g. reach-v3,push-v3")
+    from flowforge.envs.collect import collect
 
-        start = time.perf_counter()
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
+    start = time.perf_counter()
+    try:
         counts = collect(names, episodes, out, images=images, camera=camera, size=size, seed=seed, progress=progress)
-    except ImportError as error:
-        _fail(str(error))
-    except (ValueError, DataError) as error:
-        _fail(str(error))
+    except ValueError as error:  # an unknown task or camera, named in the message
+        raise ConfigError(str(error)) from error
     for task, count in counts.items():
         rate = count["succeeded"] / max(count["attempted"], 1)
         typer.echo(f"{task}: kept {count['succeeded']} of {count['attempted']} expert episodes ({rate:.0%} success)")
@@ -257,10 +304,7 @@ def data_info(root: Annotated[Path, typer.Argument(help="Data set folder.")]) ->
     """Print a data set's schema, episode and frame counts, and the expert success rates."""
     from flowforge.data.episodes import describe
 
-    try:
-        typer.echo(describe(root))
-    except DataError as error:
-        _fail(str(error))
+    typer.echo(describe(root))
 
 
 policy_app = typer.Typer(help="Flow-matching action policies and their baselines on MetaWorld.", no_args_is_help=True)
@@ -269,7 +313,7 @@ app.add_typer(policy_app, name="policy")
 
 @policy_app.command("train")
 def policy_train(
-    config: Annotated[Path, typer.Argument(help="Policy run config (TOML: [policy], [data], [train]).")],
+    config: Annotated[Path, typer.Argument(help="Policy run config (TOML tables [policy], [data], [train]).")],
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<config name>).")] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a setting: table.key=value (TOML value).")
@@ -278,22 +322,16 @@ def policy_train(
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Train a policy (flow, hierarchical, mse or ddpm) on an episode data set."""
-    from flowforge.policy.runs import PolicyConfigError, load_policy_config, train_policy
+    from flowforge.runs.policy import load_policy_config, train_policy
 
     extra = list(overrides or [])
     if progress is not None:
         extra.append(f"train.progress={'true' if progress else 'false'}")
-    try:
-        run = load_policy_config(config, extra)
-    except PolicyConfigError as error:
-        _fail(str(error))
-    directory = out if out is not None else Path("runs") / config.stem
+    run = load_policy_config(config, extra)
+    directory = _run_folder(out, config)
     typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps into {directory}")
     start = time.perf_counter()
-    try:
-        policy, tensors = train_policy(run, directory, resume=resume)
-    except (DataError, CheckpointError, PolicyConfigError, ImportError) as error:
-        _fail(str(error))
+    policy, tensors = train_policy(run, directory, resume=resume)
     parameters = sum(p.numel() for p in policy.parameters())
     typer.echo(
         f"trained on {len(tensors['action'])} frames, {parameters:,} parameters, {time.perf_counter() - start:.1f} s"
@@ -319,13 +357,11 @@ def policy_eval(
 
     from flowforge.envs.metaworld import INSTRUCTIONS
     from flowforge.policy.rollout import evaluate
-    from flowforge.policy.runs import load_policy
-    from flowforge.train.fit import progress_enabled
+    from flowforge.runs.policy import load_policy
 
-    try:
-        policy = load_policy(checkpoint)
-    except CheckpointError as error:
-        _fail(str(error))
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give a .json file name")
+    policy = load_policy(checkpoint)
     config = policy.policy_config
     if steps is not None:
         config.sampling_steps = config.inference_steps = steps
@@ -338,13 +374,10 @@ def policy_eval(
         names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in INSTRUCTIONS]
     if unknown or not names:
-        _fail(f"unknown or no tasks: {', '.join(unknown) or '(none)'}; e.g. reach-v3,push-v3")
-    try:
-        report = evaluate(
-            policy, names, episodes, max_steps=max_steps, video_dir=video, progress=progress_enabled(progress)
-        )
-    except ImportError as error:
-        _fail(str(error))
+        raise ConfigError(f"--tasks: unknown or no tasks: {', '.join(unknown) or '(none)'}; e.g. reach-v3,push-v3")
+    report = evaluate(
+        policy, names, episodes, max_steps=max_steps, video_dir=video, progress=progress_enabled(progress)
+    )
     typer.echo(report.table())
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

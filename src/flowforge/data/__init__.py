@@ -1,6 +1,7 @@
 """Data: built-in 2-D sets, scikit-learn's bundled sets, user files, and 2-D targets for reverse-KL training."""
 
 from flowforge.data.tabular import (
+    DIGIT_LEVELS,
     SKLEARN_DATASETS,
     DataError,
     Standardizer,
@@ -14,6 +15,7 @@ from flowforge.data.targets import TARGETS, Target, target
 from flowforge.data.toy import TOY_DATASETS, toy_dataset
 
 __all__ = [
+    "DIGIT_LEVELS",
     "SKLEARN_DATASETS",
     "TARGETS",
     "TOY_DATASETS",

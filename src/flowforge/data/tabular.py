@@ -24,12 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowforge.errors import DataError
+
 SKLEARN_DATASETS = ("iris", "wine", "breast_cancer", "diabetes", "digits")
 DIGIT_LEVELS = 17  # pixel counts 0..16
-
-
-class DataError(ValueError):
-    """A data file or data set that cannot be used, with the place of the problem."""
 
 
 def sklearn_dataset(name: str) -> Tensor:

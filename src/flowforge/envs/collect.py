@@ -160,7 +160,7 @@ def collect(
     ``{"attempted", "succeeded"}`` counts (the expert's success rate). Resumes an interrupted run."""
     from tqdm.auto import tqdm
 
-    from flowforge.train.fit import progress_enabled
+    from flowforge.utils.progress import progress_enabled
 
     for task in tasks:
         if task not in INSTRUCTIONS:

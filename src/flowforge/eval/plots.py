@@ -3,9 +3,11 @@ so importing flowforge never changes the process-wide plotting backend."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,9 +47,7 @@ def plot_density_2d(
     from matplotlib.figure import Figure
 
     data = data.detach().cpu()
-    low, high = data.min(0).values, data.max(0).values
-    pad = 0.15 * (high - low)
-    bounds = (float(low[0] - pad[0]), float(high[0] + pad[0]), float(low[1] - pad[1]), float(high[1] + pad[1]))
+    bounds = plot_bounds(data)
     xs, ys, density = (t.numpy() for t in density_grid(flow, bounds))
     drawn = flow.sample(samples).cpu().numpy()
 
@@ -87,3 +87,120 @@ def save_figure(fig, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def image_grid(images: Tensor, rows: int, levels: float) -> np.ndarray:
+    """The first ``rows**2`` images ``(N, C, H, W)`` (or flattened square images) tiled with 1-pixel gaps, in [0, 1]."""
+    images = images.detach().cpu().float()
+    if images.dim() == 2:
+        side = math.isqrt(images.shape[1])
+        if side * side != images.shape[1]:
+            raise ValueError(f"flattened images need a square number of pixels, got {images.shape[1]}")
+        images = images.reshape(-1, 1, side, side)
+    tiles = (images[: rows * rows, 0] / (levels - 1)).clamp(0, 1).numpy()
+    height, width = tiles.shape[1:]
+    grid = np.zeros((rows * (height + 1) + 1, rows * (width + 1) + 1))
+    for k, tile in enumerate(tiles):
+        top, left = 1 + (height + 1) * (k // rows), 1 + (width + 1) * (k % rows)
+        grid[top : top + height, left : left + width] = tile
+    return grid
+
+
+def plot_image_run(
+    path: str | Path,
+    title: str,
+    reference: Tensor | None,
+    samples: Tensor,
+    levels: float,
+    curve: tuple[Sequence[float], Sequence[float]],
+    rows: int = 6,
+) -> Path:
+    """Held-out images, model samples (grids of ``rows`` x ``rows``) and the training curve, as one PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    if reference is not None:
+        axes[0].imshow(image_grid(reference, rows, levels), cmap="gray_r", vmin=0, vmax=1)
+    axes[0].set_title("held-out images")
+    axes[1].imshow(image_grid(samples, rows, levels), cmap="gray_r", vmin=0, vmax=1)
+    axes[1].set_title("model samples")
+    for ax in axes[:2]:
+        ax.set_axis_off()
+    _plot_curve(axes[2], curve)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_points_run(
+    path: str | Path,
+    title: str,
+    reference: Tensor,
+    samples: Tensor,
+    curve: tuple[Sequence[float], Sequence[float]],
+    density: tuple[Tensor, Tensor, Tensor] | None = None,
+    target_density: tuple[Tensor, Tensor, Tensor] | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+) -> Path:
+    """A run over points at a glance: data (or the target's density), the model's density on a grid
+    (2-D), its samples and its training curve. For more than two dimensions, the first two coordinates."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    reference, samples = reference.detach().cpu().float(), samples.detach().cpu().float()
+    bounds = bounds if bounds is not None else plot_bounds(reference)
+    fig = Figure(figsize=(16, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4)
+    if target_density is not None:
+        xs, ys, grid = target_density
+        axes[0].pcolormesh(xs.numpy(), ys.numpy(), grid.numpy(), shading="auto", cmap="viridis")
+        axes[0].set_title("target density")
+    else:
+        shown = reference[torch.randperm(reference.shape[0])[: samples.shape[0]]].numpy()
+        axes[0].scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.5, color="tab:blue")
+        axes[0].set_title("held-out data")
+    if density is not None:
+        xs, ys, grid = density
+        axes[1].pcolormesh(xs.numpy(), ys.numpy(), grid.numpy(), shading="auto", cmap="viridis")
+        axes[1].set_title("model density")
+    else:
+        axes[1].text(0.5, 0.5, f"{reference.shape[1]}-D data:\nfirst two coordinates shown", ha="center")
+        axes[1].set_axis_off()
+    drawn = samples.numpy()
+    axes[2].scatter(drawn[:, 0], drawn[:, 1], s=2, alpha=0.5, color="tab:orange")
+    axes[2].set_title("model samples")
+    for ax in (axes[0], axes[1], axes[2]) if density is not None else (axes[0], axes[2]):
+        ax.set_xlim(bounds[0], bounds[1])
+        ax.set_ylim(bounds[2], bounds[3])
+    _plot_curve(axes[3], curve)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_bounds(points: Tensor, pad: float = 0.15) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)`` around the first two coordinates of ``points``, padded by ``pad`` of the range."""
+    low, high = points[:, :2].min(0).values, points[:, :2].max(0).values
+    margin = pad * (high - low)
+    return (
+        float(low[0] - margin[0]),
+        float(high[0] + margin[0]),
+        float(low[1] - margin[1]),
+        float(high[1] + margin[1]),
+    )
+
+
+def grid_points(bounds: tuple[float, float, float, float], resolution: int = 100) -> tuple[Tensor, Tensor, Tensor]:
+    """``(xs, ys, points)``: a square grid over ``bounds``, ``points`` of shape ``(resolution**2, 2)``."""
+    xs = torch.linspace(bounds[0], bounds[1], resolution)
+    ys = torch.linspace(bounds[2], bounds[3], resolution)
+    return xs, ys, torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+
+
+def _plot_curve(ax, curve: tuple[Sequence[float], Sequence[float]]) -> None:
+    steps, losses = curve
+    ax.plot(np.asarray(steps), np.asarray(losses), lw=0.8)
+    ax.set_title("training loss")
+    ax.set_xlabel("step")

@@ -22,13 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from flowforge.checkpoint import CheckpointError, load_state_dict_checked, load_tensors, read_manifest, save_checkpoint
+from flowforge.checkpoint import load_model, save_model
 from flowforge.distributions import BaseDistribution
+from flowforge.registry import Rebuildable
 from flowforge.transforms.base import Transform
 from flowforge.validation import check_batched, check_sample_count, describe_shape
 
 
-class Flow(nn.Module):
+class Flow(Rebuildable, nn.Module):
     """A normalizing flow: ``base`` distribution, ``transform`` (data -> noise), optional context net.
 
     Arguments:
@@ -145,13 +146,15 @@ class Flow(nn.Module):
     def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
         """Save weights (safetensors) and the config that rebuilds the flow (JSON) to ``directory``.
 
-        Works for the recipes (``RealNVP``, ``MAF``, ``CNF``, ...), which keep their constructor
-        arguments in ``config``; a hand-built flow saves its ``state_dict`` instead. The write is
-        atomic (:mod:`flowforge.checkpoint`). ``metadata``: any JSON to keep alongside.
+        Works for every registered flow (the recipes, ``CNF``; :mod:`flowforge.registry`), whose
+        config holds every constructor argument; a hand-built flow raises a
+        :class:`~flowforge.errors.RebuildError`: save its ``state_dict`` with
+        :func:`flowforge.checkpoint.save_checkpoint` and rebuild it in code. The write is atomic
+        (:mod:`flowforge.checkpoint`). ``metadata``: any JSON to keep alongside.
 
         >>> import tempfile, torch
         >>> from flowforge.flows import RealNVP
-        >>> flow = RealNVP(2, transforms=2)
+        >>> flow = RealNVP(2, transforms=2, activation=torch.nn.Tanh)
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     _ = flow.save(folder)
         ...     same = Flow.load(folder)
@@ -159,52 +162,17 @@ class Flow(nn.Module):
         >>> torch.equal(flow.log_prob(x), same.log_prob(x))
         True
         """
-        config = getattr(self, "config", None)
-        if config is None:
-            raise TypeError(
-                f"{type(self).__name__} has no config to rebuild it from; save flow.state_dict() with "
-                "flowforge.checkpoint.save_checkpoint and rebuild the flow in code"
-            )
-        parameter = next(self.parameters(), None)
-        manifest = {
-            "class": type(self).__name__,
-            "config": config,
-            "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else "float32",
-            "metadata": metadata or {},
-        }
-        return save_checkpoint(directory, {"model": self.state_dict()}, manifest)
+        return save_model(directory, self, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device | None = None) -> Flow:
-        """Rebuild a flow saved by :meth:`save`: its class from the manifest, its weights checked by hash.
+        """Rebuild a flow saved by :meth:`save`: its class and arguments from the manifest, its weights checked by hash.
 
-        ``Flow.load`` accepts any saved recipe; ``MAF.load`` also checks that the checkpoint holds a MAF.
-        Raises :class:`~flowforge.checkpoint.CheckpointError` for a missing, truncated, tampered or
+        ``Flow.load`` accepts any saved flow; ``MAF.load`` also checks that the checkpoint holds a MAF.
+        Raises :class:`~flowforge.errors.CheckpointError` for a missing, truncated, tampered or
         foreign checkpoint.
         """
-        from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP, ResidualFlow
-
-        recipes = {
-            recipe.__name__: recipe
-            for recipe in (RealNVP, NICE, MAF, IAF, NSF, CNF, ResidualFlow, Glow, MultiscaleRealNVP)
-        }
-        manifest = read_manifest(directory)
-        name = manifest.get("class")
-        if name not in recipes:
-            raise CheckpointError(f"{directory} holds a {name!r}, not a flow recipe ({', '.join(recipes)})")
-        recipe = recipes[name]
-        if not issubclass(recipe, cls):
-            raise CheckpointError(f"{directory} holds a {name}, not a {cls.__name__}")
-        try:
-            flow = recipe(**manifest.get("config", {}))
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"the config in {directory} does not build a {name}: {error}") from error
-        dtype = getattr(torch, manifest.get("dtype", "float32"), None)
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"{directory} records an unknown dtype {manifest.get('dtype')!r}")
-        flow = flow.to(dtype)
-        load_state_dict_checked(flow, load_tensors(directory, "model", manifest), directory)
-        return flow.to(map_location) if map_location is not None else flow
+        return load_model(directory, cls, map_location)
 
 
 class FlowDistribution(Distribution):

@@ -13,11 +13,12 @@ from torch import Tensor
 
 from flowforge.distributions import StandardNormal
 from flowforge.flows.base import Flow
-from flowforge.flows.recipes import _config_of
 from flowforge.nn import VelocityMLP
+from flowforge.registry import register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 
 
+@register("cnf")
 class CNF(Flow):
     """Continuous normalizing flow (FFJORD): N(0, I) pushed through a time-dependent velocity MLP.
 
@@ -47,13 +48,11 @@ class CNF(Flow):
         *,
         steps: int = 20,
     ) -> None:
-        config = _config_of(locals())
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ValueError(f"CNF needs features >= 1, got {features!r}")
         velocity = VelocityMLP(features, context, hidden)
         transform = ContinuousFlowTransform(velocity, features, context, trace, method, steps, atol, rtol, adjoint)
         super().__init__(StandardNormal(features), transform)
-        self.config = config
 
     def log_prob_and_regularization(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``log_prob`` with the RNODE terms: returns ``(log_prob, kinetic, jacobian)``, each (batch,).

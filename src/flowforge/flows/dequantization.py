@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from flowforge.flows.base import Flow
 from flowforge.nn import MLP
 from flowforge.nn.conv import ConvConditioner
+from flowforge.registry import Rebuildable, register
 from flowforge.transforms.elementwise import soft_clamp
 
 
-class Dequantized(nn.Module):
+@register("dequantized")
+class Dequantized(Rebuildable, nn.Module):
     r"""A :class:`~flowforge.flows.Flow` on :math:`[0, 1)^D` turned into a model of integer data.
 
     Arguments:

@@ -1,7 +1,8 @@
 """Ready-made flows built only from transforms and distributions.
 
 Every recipe shares one signature, ``Recipe(features, context=0, transforms=..., hidden=...)``,
-is a :class:`~flowforge.flows.Flow`, and keeps the arguments that rebuild it in ``config``.
+is a :class:`~flowforge.flows.Flow`, and is registered (:mod:`flowforge.registry`), so
+``flow.to_config()`` holds every constructor argument that rebuilds it, activations included.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from flowforge.distributions import DiagNormal, StandardNormal
 from flowforge.flows.base import Flow
+from flowforge.registry import register
 from flowforge.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -34,18 +36,6 @@ from flowforge.transforms import (
     Squeeze,
     Transform,
 )
-
-
-def _config_of(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments that rebuild a recipe, JSON-ready (tuples as lists).
-
-    The activation is left out: it is a class, and recipes are rebuilt with their default.
-    """
-    return {
-        name: list(value) if isinstance(value, tuple) else value
-        for name, value in arguments.items()
-        if name not in ("self", "__class__", "activation")
-    }
 
 
 def _check_recipe_args(
@@ -76,6 +66,7 @@ def _coupling_stack(features: int, transforms: int, seed: int, make_layer: Any) 
     return layers
 
 
+@register("realnvp")
 class RealNVP(Flow):
     """RealNVP (Dinh et al. 2016): affine couplings with soft-clamped log-scales over N(0, I).
 
@@ -105,7 +96,6 @@ class RealNVP(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
-        config = _config_of(locals())
         _check_recipe_args("RealNVP", features, context, transforms, hidden)
         layers = _coupling_stack(
             features,
@@ -114,9 +104,9 @@ class RealNVP(Flow):
             lambda mask: AffineCoupling(mask, context, hidden, activation, scale_bound),
         )
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = config
 
 
+@register("nice")
 class NICE(Flow):
     """NICE (Dinh et al. 2014): additive (volume-preserving) couplings.
 
@@ -139,7 +129,6 @@ class NICE(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
-        config = _config_of(locals())
         _check_recipe_args("NICE", features, context, transforms, hidden)
         layers = _coupling_stack(
             features,
@@ -148,7 +137,6 @@ class NICE(Flow):
             lambda mask: AdditiveCoupling(mask, context, hidden, activation),
         )
         super().__init__(DiagNormal(features), Compose(layers))
-        self.config = config
 
 
 _MIXINGS = ("reverse", "lu")
@@ -186,6 +174,7 @@ def _autoregressive_stack(
     return layers
 
 
+@register("maf")
 class MAF(Flow):
     """Masked autoregressive flow (Papamakarios et al. 2017): density in one pass per layer.
 
@@ -223,7 +212,6 @@ class MAF(Flow):
         scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
-        config = _config_of(locals())
         name = type(self).__name__
         _check_recipe_args(name, features, context, transforms, hidden, coupling=False)
         if batch_norm and self._inverted:
@@ -241,11 +229,11 @@ class MAF(Flow):
             invert=self._inverted,
         )
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = config
 
     _inverted = False
 
 
+@register("iaf")
 class IAF(MAF):
     """Inverse autoregressive flow (Kingma et al. 2016): MAF's layers inverted.
 
@@ -258,6 +246,7 @@ class IAF(MAF):
     _inverted = True
 
 
+@register("nsf")
 class NSF(Flow):
     """Neural spline flow (Durkan et al. 2019): rational-quadratic spline layers over N(0, I).
 
@@ -294,7 +283,6 @@ class NSF(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
-        config = _config_of(locals())
         _check_recipe_args("NSF", features, context, transforms, hidden, coupling=not autoregressive)
         if autoregressive:
             layers = _autoregressive_stack(
@@ -313,9 +301,9 @@ class NSF(Flow):
                 lambda mask: Coupling(mask, RationalQuadraticSpline(bins, bound), context, hidden, activation),
             )
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = config
 
 
+@register("residual")
 class ResidualFlow(Flow):
     r"""Residual flow (Chen et al. 2019): ActNorm and invertible residual blocks over N(0, I).
 
@@ -351,7 +339,6 @@ class ResidualFlow(Flow):
         logdet: str = "series",
         actnorm: bool = True,
     ) -> None:
-        config = _config_of(locals())
         _check_recipe_args("ResidualFlow", features, context, transforms, hidden, coupling=False)
         layers: list[Transform] = []
         for _ in range(transforms):
@@ -359,7 +346,6 @@ class ResidualFlow(Flow):
                 layers.append(ActNorm(features))
             layers.append(ResidualBlock(features, context, hidden, coefficient, logdet))
         super().__init__(StandardNormal(features), Compose(layers))
-        self.config = config
 
 
 def _check_image_recipe(
@@ -379,6 +365,7 @@ def _check_image_recipe(
     return shape
 
 
+@register("glow")
 class Glow(Flow):
     r"""Glow (Kingma & Dhariwal 2018): a multi-scale image flow over a standard normal of the image's shape.
 
@@ -415,7 +402,6 @@ class Glow(Flow):
         *,
         scale_bound: float = 3.0,
     ) -> None:
-        config = _config_of(locals())
         shape = _check_image_recipe("Glow", shape, levels, steps, hidden_channels, squeezes=levels)
 
         def level(channels: int, remaining: int) -> Transform:
@@ -434,9 +420,9 @@ class Glow(Flow):
             return Compose(layers)
 
         super().__init__(StandardNormal(shape), level(shape[0], levels))
-        self.config = config
 
 
+@register("multiscale-realnvp")
 class MultiscaleRealNVP(Flow):
     r"""RealNVP's multi-scale image flow (Dinh et al. 2016) over a standard normal of the image's shape.
 
@@ -470,7 +456,6 @@ class MultiscaleRealNVP(Flow):
         *,
         scale_bound: float = 3.0,
     ) -> None:
-        config = _config_of(locals())
         shape = _check_image_recipe("MultiscaleRealNVP", shape, levels, steps, hidden_channels, squeezes=levels - 1)
 
         def couplings(channels: int, mask: str) -> list[Transform]:
@@ -493,4 +478,3 @@ class MultiscaleRealNVP(Flow):
             return Compose(layers)
 
         super().__init__(StandardNormal(shape), level(shape[0], levels))
-        self.config = config

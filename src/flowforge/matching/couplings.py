@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowforge.registry import register
+
 
 class Coupling:
     """Base class: ``__call__(x0, x1, context=None) -> x0 reordered to pair with x1 row by row``."""
@@ -41,6 +43,7 @@ class Coupling:
         return f"{type(self).__name__}({fields})"
 
 
+@register("independent", "coupling")
 class IndependentCoupling(Coupling):
     """Pairs noise and data as drawn: the independent coupling of conditional flow matching."""
 
@@ -85,6 +88,7 @@ class _PerConditionCoupling(Coupling):
         return x0[partner.to(x0.device)]
 
 
+@register("exact-ot", "coupling")
 class ExactOTCoupling(_PerConditionCoupling):
     r"""Exact minibatch OT pairing (squared Euclidean cost) through POT's ``ot.emd``.
 
@@ -119,6 +123,7 @@ class ExactOTCoupling(_PerConditionCoupling):
         return partner
 
 
+@register("sinkhorn", "coupling")
 class SinkhornCoupling(_PerConditionCoupling):
     r"""Entropic OT pairing: Sinkhorn's plan for cost :math:`C / \overline{C}` (normalised by its mean)
     and regularisation ``reg``; every data row draws its noise partner from its column of the plan.

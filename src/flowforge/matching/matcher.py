@@ -33,6 +33,7 @@ from flowforge.matching.couplings import Coupling, IndependentCoupling
 from flowforge.matching.paths import AffinePath, LinearPath, _expand
 from flowforge.matching.time import TimeSampler, UniformTime
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint, sdeint
+from flowforge.registry import Rebuildable, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import check_batched, check_sample_count
 
@@ -69,7 +70,8 @@ class _SamplingField:
         return self.matcher.velocity.time_conditioning(times, self.context, **self.net_inputs)
 
 
-class FlowMatcher(nn.Module):
+@register("flow-matching")
+class FlowMatcher(Rebuildable, nn.Module):
     """A velocity network with the path, coupling and time law it is trained with.
 
     Arguments:

@@ -32,6 +32,8 @@ import math
 import torch
 from torch import Tensor
 
+from flowforge.registry import register
+
 
 def _expand(coefficient: Tensor, like: Tensor) -> Tensor:
     """(batch,) coefficients broadcast over the event dims of ``like``."""
@@ -86,6 +88,7 @@ class AffinePath:
         return f"{type(self).__name__}({fields})"
 
 
+@register("linear", "path")
 class LinearPath(AffinePath):
     r"""Rectified flow / conditional OT: :math:`\alpha_t = t`, :math:`\sigma_t = 1 - (1 - \sigma_{\min}) t`.
 
@@ -108,6 +111,7 @@ class LinearPath(AffinePath):
         return t, 1.0 - slope * t, torch.ones_like(t), torch.full_like(t, -slope)
 
 
+@register("cosine", "path")
 class CosinePath(AffinePath):
     r""":math:`\alpha_t = \sin(\pi t / 2)`, :math:`\sigma_t = \cos(\pi t / 2)`: variance preserving for
     unit-variance data, smooth at both ends."""
@@ -117,6 +121,7 @@ class CosinePath(AffinePath):
         return angle.sin(), angle.cos(), 0.5 * math.pi * angle.cos(), -0.5 * math.pi * angle.sin()
 
 
+@register("variance-preserving", "path")
 class VariancePreservingPath(AffinePath):
     r"""The path of a variance-preserving diffusion (Song et al. 2021), in flow-matching time.
 
@@ -148,6 +153,7 @@ class VariancePreservingPath(AffinePath):
         return alpha, sigma, d_alpha, d_sigma
 
 
+@register("stochastic-interpolant", "path")
 class StochasticInterpolantPath(AffinePath):
     r"""A stochastic interpolant (Albergo et al. 2023): :math:`x_t = \alpha_t x_1 + \sigma_t x_0 + \gamma_t z`
     with :math:`z \sim \mathcal N(0, I)` independent and :math:`\gamma_t = g\, t (1 - t)`.

@@ -30,8 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.matching.matcher import FlowMatcher, _SamplingField
+from flowforge.registry import register
 
 
+@register("shortcut")
 class ShortcutMatcher(FlowMatcher):
     """Flow matching plus shortcut self-consistency, for usable 1-2 step sampling.
 

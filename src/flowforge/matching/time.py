@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowforge.registry import register
+
 
 class TimeSampler:
     """Base class of the training-time distributions."""
@@ -36,6 +38,7 @@ class TimeSampler:
         return f"{type(self).__name__}({fields})"
 
 
+@register("uniform", "time")
 class UniformTime(TimeSampler):
     """:math:`t \\sim U(0, 1)`.
 
@@ -47,6 +50,7 @@ class UniformTime(TimeSampler):
         return torch.rand(n, generator=generator, dtype=dtype).to(device)
 
 
+@register("logit-normal", "time")
 class LogitNormalTime(TimeSampler):
     r""":math:`t = \operatorname{sigmoid}(\text{mean} + \text{std}\cdot\varepsilon)`,
     :math:`\varepsilon \sim \mathcal N(0, 1)`."""
@@ -60,6 +64,7 @@ class LogitNormalTime(TimeSampler):
         return torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=dtype)).to(device)
 
 
+@register("shifted-beta", "time")
 class ShiftedBetaTime(TimeSampler):
     r"""pi0's time distribution: :math:`t = s\,(1 - u)`, :math:`u \sim \mathrm{Beta}(a, b)`.
 

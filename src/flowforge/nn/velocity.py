@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
+from flowforge.registry import register
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -94,6 +95,7 @@ class _TimeInputs(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+@register("velocity-mlp", "velocity")
 class VelocityMLP(nn.Module):
     """An MLP on ``[x, time features, context]`` returning a velocity of the same shape as ``x``.
 
@@ -197,6 +199,7 @@ class _ResidualBlock(nn.Module):
         return h + self.body(h)
 
 
+@register("residual-velocity-mlp", "velocity")
 class ResidualVelocityMLP(nn.Module):
     """A small residual MLP velocity: input projection, ``blocks`` pre-norm residual blocks, output layer.
 

@@ -18,14 +18,11 @@ import torch
 import torchdiffeq
 from torch import Tensor, nn
 
+from flowforge.errors import ODESolverError
 from flowforge.ode.fixed import TABLEAUS, VelocityField, integrate_fixed, per_sample_time
 
 #: Adaptive-step methods, solved by torchdiffeq.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-class ODESolverError(RuntimeError):
-    """An adaptive solve gave up: its step size underflowed or it exceeded ``max_steps``."""
 
 
 class _UnitIntervalField(nn.Module):

@@ -3,18 +3,15 @@
 from flowforge.policy.baselines import DiffusionPolicy, RegressionPolicy
 from flowforge.policy.core import ChunkPolicy, PolicyConfig
 from flowforge.policy.flow_policy import FlowPolicy, HierarchicalFlowPolicy
+from flowforge.registry import lookup, names
 
-POLICY_KINDS = {
-    "flow": FlowPolicy,
-    "hierarchical": HierarchicalFlowPolicy,
-    "mse": RegressionPolicy,
-    "ddpm": DiffusionPolicy,
-}
+#: The registered policy kinds (``policy.kind`` in a config), in :mod:`flowforge.registry`.
+POLICY_KINDS = names("policy")
 
 
 def build_policy(config: PolicyConfig) -> ChunkPolicy:
-    """The policy class for ``config.kind``, built from ``config``."""
-    return POLICY_KINDS[config.kind](config)
+    """The policy registered as ``config.kind``, built from ``config``."""
+    return lookup("policy", config.kind)(config)
 
 
 __all__ = [

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from flowforge.nn.transformer import PrefixSuffixTransformer
 from flowforge.policy.core import Batch, ChunkPolicy, DenoisingPolicy, PolicyConfig
+from flowforge.registry import register
 
 
+@register("mse", "policy")
 class RegressionPolicy(ChunkPolicy):
     """Deterministic chunk regression with the same prefix and transformer (the MSE baseline)."""
 
@@ -56,6 +58,7 @@ def cosine_alpha_bar(steps: int, offset: float = 0.008, max_beta: float = 0.999)
     return torch.cumprod(1 - betas, 0).float()
 
 
+@register("ddpm", "policy")
 class DiffusionPolicy(DenoisingPolicy):
     """DDPM / DDIM chunk diffusion with the same prefix and action expert (the diffusion baseline)."""
 

@@ -28,20 +28,24 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flowforge.config import check_choice, check_range
+from flowforge.errors import ConfigError
 from flowforge.nn.transformer import PrefixCache, PrefixSuffixTransformer
 from flowforge.nn.velocity import SinusoidalTimeEmbedding
 from flowforge.policy.language import EMBEDDING_SIZE, encode_instructions
+from flowforge.registry import Rebuildable, register
 
 Batch = dict[str, Any]
 
 
+@register("policy-config", "config")
 @dataclass
 class PolicyConfig:
     """Everything that rebuilds a policy (kept as JSON in its checkpoint).
@@ -89,28 +93,45 @@ class PolicyConfig:
     action_normalization: str = "min_max"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("flow", "hierarchical", "mse", "ddpm"):
-            raise ValueError(f"kind must be 'flow', 'hierarchical', 'mse' or 'ddpm', got {self.kind!r}")
+        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
+        from flowforge.registry import names
+
+        check_choice("kind", self.kind, names("policy"))
         for name in ("state_dim", "action_dim", "horizon", "obs_horizon", "width", "layers", "heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            _check_count(name, getattr(self, name))
+        if self.width % self.heads:
+            raise ConfigError(f"width = {self.width}: expected a multiple of heads = {self.heads}")
         if self.n_action_steps is None:
             self.n_action_steps = max(1, self.horizon // 2)
-        if not 1 <= self.n_action_steps <= self.horizon:
-            raise ValueError(f"n_action_steps must be in 1..horizon={self.horizon}, got {self.n_action_steps}")
+        _check_count("n_action_steps", self.n_action_steps)
+        if self.n_action_steps > self.horizon:
+            raise ConfigError(f"n_action_steps = {self.n_action_steps}: expected at most horizon = {self.horizon}")
         if self.image_shape is not None:
             self.image_shape = [int(s) for s in self.image_shape]
-            if len(self.image_shape) != 3 or self.image_shape[0] != 3:
-                raise ValueError(f"image_shape must be (3, H, W), got {self.image_shape}")
+            if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
+                raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")
+        _check_count("sampling_steps", self.sampling_steps)
+        check_choice("method", self.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        check_range("noise_scale", self.noise_scale, low=0)
+        _check_count("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
-            raise ValueError(f"horizon {self.horizon} must be a multiple of keyframe_stride {self.keyframe_stride}")
-        if not (isinstance(self.noise_scale, int | float) and self.noise_scale >= 0.0):
-            raise ValueError(f"noise_scale must be a number >= 0, got {self.noise_scale!r}")
-        if self.sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        for name in ("state_normalization", "action_normalization"):
-            if getattr(self, name) not in ("mean_std", "min_max"):
-                raise ValueError(f"{name} must be 'mean_std' or 'min_max', got {getattr(self, name)!r}")
+            raise ConfigError(
+                f"keyframe_stride = {self.keyframe_stride}: expected a divisor of horizon = {self.horizon}"
+            )
+        _check_count("diffusion_steps", self.diffusion_steps)
+        _check_count("inference_steps", self.inference_steps)
+        if self.inference_steps > self.diffusion_steps:
+            raise ConfigError(
+                f"inference_steps = {self.inference_steps}: expected at most diffusion_steps = {self.diffusion_steps}"
+            )
+        check_choice("sampler", self.sampler, ("ddim", "ddpm"))
+        check_choice("state_normalization", self.state_normalization, ("mean_std", "min_max"))
+        check_choice("action_normalization", self.action_normalization, ("mean_std", "min_max"))
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
 
 
 class ImageEncoder(nn.Module):
@@ -143,13 +164,12 @@ def _normalizer_buffers(module: nn.Module, name: str, size: int) -> None:
     module.register_buffer(f"{name}_scale", torch.ones(size))
 
 
-class ChunkPolicy(nn.Module):
+class ChunkPolicy(Rebuildable, nn.Module):
     """Base class: prefix encoding, normalisation, execution. See the module docstring."""
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.policy_config = config
-        self.config = asdict(config)  # what the Trainer's checkpoints keep
         width = config.width
         self.state_encoder = nn.Sequential(nn.Linear(config.state_dim, width), nn.GELU(), nn.Linear(width, width))
         self.image_encoder = ImageEncoder(config.image_shape, width) if config.image_shape is not None else None
@@ -284,11 +304,60 @@ class ChunkPolicy(nn.Module):
         every denoising step, as a policy without a KV cache would. ``noise``: the initial noise,
         ``(B, H, A)``, for reproducible comparisons.
         """
+        batch = self.checked_batch(batch)
+        if noise is not None:
+            noise = self._checked_noise(noise, batch["state"].shape[0])
         start = time.perf_counter()
         chunk = self.unnormalize_action(self.sample_normalized(batch, use_cache=use_cache, noise=noise))
         self.last_latency = time.perf_counter() - start
         self.chunk_log.append((self.last_latency, self.last_nfe))
         return chunk
+
+    # ---------------------------------------------------------------- input checks
+    def checked_batch(self, batch: Batch) -> Batch:
+        """``batch`` with NumPy arrays as tensors, after refusing what must never become an action.
+
+        ``state`` must be a finite floating-point array of shape ``(batch, obs_horizon, state_dim)``
+        with at least one row, and ``image`` (when the policy uses images) uint8 of shape
+        ``(batch, obs_horizon, 3, H, W)``. A ``ValueError`` names the key and what was wrong.
+        """
+        if not isinstance(batch, dict) or "state" not in batch:
+            raise ValueError("batch must be a dict with a 'state' entry of shape (batch, obs_horizon, state_dim)")
+        cfg = self.policy_config
+        checked = dict(batch)
+        state = torch.as_tensor(batch["state"])
+        if not state.is_floating_point():
+            raise ValueError(f"state must hold floating-point numbers, got dtype {state.dtype}")
+        if state.dim() != 3 or state.shape[1:] != (cfg.obs_horizon, cfg.state_dim):
+            raise ValueError(
+                f"state must have shape (batch, {cfg.obs_horizon}, {cfg.state_dim}), got {tuple(state.shape)}"
+            )
+        if state.shape[0] == 0:
+            raise ValueError("state has 0 rows: a chunk is predicted for at least one observation")
+        _refuse_non_finite("state", state)
+        checked["state"] = state.to(self.state_shift)
+        if self.image_encoder is not None:
+            if "image" not in batch:
+                raise ValueError("this policy sees images: the batch needs 'image' (batch, obs_horizon, 3, H, W) uint8")
+            image = torch.as_tensor(batch["image"])
+            expected = (state.shape[0], cfg.obs_horizon, *cfg.image_shape)
+            if image.dtype != torch.uint8 or tuple(image.shape) != expected:
+                raise ValueError(
+                    f"image must be uint8 of shape {expected}, got {image.dtype} of shape {tuple(image.shape)}"
+                )
+            checked["image"] = image.to(self.state_shift.device)
+        return checked
+
+    def _checked_noise(self, noise: Tensor, rows: int) -> Tensor:
+        noise = torch.as_tensor(noise)
+        expected = (rows, self.policy_config.horizon, self.policy_config.action_dim)  # the whole chunk
+        if not noise.is_floating_point() or tuple(noise.shape) != expected:
+            raise ValueError(
+                f"noise must be a floating-point tensor of shape {expected}, got {noise.dtype} of shape "
+                f"{tuple(noise.shape)}"
+            )
+        _refuse_non_finite("noise", noise)
+        return noise
 
     # ---------------------------------------------------------------- execution in an environment
     def reset(self) -> None:
@@ -298,8 +367,35 @@ class ChunkPolicy(nn.Module):
         self._ensemble: list[tuple[int, np.ndarray]] = []  # (step predicted at, chunk)
         self._step = 0
 
+    def _checked_observation(self, observation: dict[str, Any]) -> dict[str, Any]:
+        """One observation dict, refused before it can enter the history (so a bad frame never lingers)."""
+        if not isinstance(observation, dict) or "state" not in observation:
+            raise ValueError("observation must be a dict with a 'state' entry")
+        state = np.asarray(observation["state"])
+        if state.shape != (self.policy_config.state_dim,) or not np.issubdtype(state.dtype, np.number):
+            raise ValueError(
+                f"observation['state'] must be {self.policy_config.state_dim} numbers, got {state.dtype} of "
+                f"shape {state.shape}"
+            )
+        if not np.isfinite(state).all():
+            bad = int(np.flatnonzero(~np.isfinite(state))[0])
+            raise ValueError(
+                f"observation['state'] holds {state[bad]} at index {bad}; a policy acts only on finite observations"
+            )
+        if self.image_encoder is not None:
+            image = np.asarray(observation.get("image"))
+            height, width = self.policy_config.image_shape[1:]
+            if image.dtype != np.uint8 or image.shape != (height, width, 3):
+                raise ValueError(
+                    f"observation['image'] must be uint8 of shape ({height}, {width}, 3), got {image.dtype} "
+                    f"of shape {image.shape}"
+                )
+        if self.policy_config.language and not isinstance(observation.get("instruction"), str):
+            raise ValueError("observation['instruction'] must be the task's instruction (a string)")
+        return {**observation, "state": state.astype(np.float32)}
+
     def _observation_batch(self, observation: dict[str, Any]) -> Batch:
-        self._history.append(observation)
+        self._history.append(self._checked_observation(observation))
         while len(self._history) < self.policy_config.obs_horizon:
             self._history.appendleft(self._history[0])  # pad the episode start by repetition
         device = self.state_shift.device
@@ -329,6 +425,13 @@ class ChunkPolicy(nn.Module):
             self._queue.extend(chunk[: self.policy_config.n_action_steps])
         self._step += 1
         return self._queue.popleft()
+
+
+def _refuse_non_finite(name: str, value: Tensor) -> None:
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        index = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"{name} holds {value[index].item()} at index {index}; expected finite values")
 
 
 class ActionTokens(nn.Module):

@@ -37,8 +37,10 @@ from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import ShiftedBetaTime
 from flowforge.ode import odeint
 from flowforge.policy.core import Batch, DenoisingPolicy, PolicyConfig
+from flowforge.registry import register
 
 
+@register("flow", "policy")
 class FlowPolicy(DenoisingPolicy):
     """The flow-matching action policy (pi0 recipe at laptop scale). See the module docstring.
 
@@ -105,6 +107,7 @@ class FlowPolicy(DenoisingPolicy):
         return self.integrate(lambda: self.prefix(batch), False, noise, self.chunk_horizon)
 
 
+@register("hierarchical", "policy")
 class HierarchicalFlowPolicy(FlowPolicy):
     """Coarse-to-fine flow policy: keyframes first, then the full chunk conditioned on them.
 

@@ -7,20 +7,12 @@ over random minibatches with Adam, a cosine learning-rate decay and gradient-nor
 
 from __future__ import annotations
 
-import os
-import sys
-
 from torch import Tensor
 
 from flowforge.flows.base import Flow
+from flowforge.train.loop import Trainer, TrainerConfig
+from flowforge.train.objectives import MaximumLikelihood
 from flowforge.validation import check_batched
-
-
-def progress_enabled(progress: bool | None) -> bool:
-    """``None`` means: show bars on an interactive terminal, never under CI."""
-    if progress is not None:
-        return progress
-    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 def fit_maximum_likelihood(
@@ -42,22 +34,20 @@ def fit_maximum_likelihood(
         data: training points, shape (N, *event).
         context: optional context per point, shape (N, c).
         steps: number of optimizer steps.
-        batch_size: minibatch size (points drawn with replacement across steps).
+        batch_size: minibatch size (each epoch is a fresh shuffle of the points, cut into batches).
         lr: peak Adam learning rate, decayed to zero along a cosine.
         max_grad_norm: clip the global gradient norm to this value (``None`` disables).
         seed: seeds the minibatch order.
-        progress: show a progress bar (``None``: only on a terminal and outside CI).
+        progress: show a progress bar (``None``: only on a terminal and outside CI; see
+            :func:`flowforge.utils.progress.progress_enabled`).
 
     Raises:
+        ConfigError: a setting out of range (the key, the value and what is allowed are named).
         FloatingPointError: the loss became NaN or inf (the step and the learning rate are named).
     """
-    from flowforge.train.trainer import MaximumLikelihood, Trainer, TrainerConfig
-
     check_batched("data", data, flow.event_shape, finite=True)
     if context is not None:
         check_batched("context", context, tuple(context.shape[1:]), batch=data.shape[0], batch_of="data", finite=True)
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
     config = TrainerConfig(
         steps=steps,
         batch_size=batch_size,

@@ -45,6 +45,8 @@ class ActNorm(Transform):
     :math:`\mu` to the batch mean and :math:`s = -\tfrac12 \log \max(\sigma^2, 10^{-6})` (batch
     variance :math:`\sigma^2`, biased), so that this batch comes out with zero mean and unit
     variance per feature, then computes the output with these values (and a graph through them).
+    Under data-parallel training (a ``torch.distributed`` process group) the mean and variance are
+    those of the union of every process's first batch (equal shares), so the processes stay identical.
     The ``initialized`` buffer records that this happened; it is part of the state dict, so a
     layer that loads a trained state is not re-initialised. Until then the layer is the
     identity: :meth:`inverse` and eval-mode forward passes never initialise it.
@@ -111,7 +113,17 @@ class ActNorm(Transform):
         with torch.no_grad():
             x = x.detach()
             mean = x.mean(dims)
-            var = x.var(dims, unbiased=False).clamp_min(self.min_init_variance)
+            var = x.var(dims, unbiased=False)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Under data-parallel training every process starts from the statistics of the
+                # global first batch, so the processes' layers stay identical.
+                world = torch.distributed.get_world_size()
+                moments = torch.cat([mean, var + mean.square()]).to(torch.promote_types(x.dtype, torch.float32))
+                torch.distributed.all_reduce(moments)
+                moments = (moments / world).to(x.dtype)
+                mean, second = moments[: self.channels], moments[self.channels :]
+                var = second - mean.square()
+            var = var.clamp_min(self.min_init_variance)
             self.shift.copy_(mean)
             self.log_scale.copy_(-0.5 * var.log())
             self.initialized.fill_(True)
@@ -141,6 +153,23 @@ class ActNorm(Transform):
         return f"features={self.channels}" + (", image=True" if self.image else "")
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    r"""BatchNorm's differentiable all-reduce: :math:`s = \sum_p t_p` on every process, and in the
+    backward pass :math:`\partial L / \partial t_p = \sum_q \partial L_q / \partial s` (the upstream
+    gradients of every process, summed). The same map as the deprecated
+    ``torch.distributed.nn.functional.all_reduce``, on the public ``torch.distributed.all_reduce``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _SumOverProcesses.apply(grad)
+
+
 class BatchNorm(Transform):
     r"""Batch normalization as a flow layer (MAF, Papamakarios et al. 2017).
 
@@ -158,6 +187,26 @@ class BatchNorm(Transform):
       A batch needs at least 2 rows.
     * **Eval mode**: :math:`m, v` are ``running_mean`` and ``running_var``; the layer is then an
       ordinary row-wise bijection with an exact inverse.
+
+    **Data-parallel training.** When a ``torch.distributed`` process group of more than one
+    process is initialised (``torchrun``), the training-mode statistics are those of the *global*
+    batch, the union of every process's rows. Each process sums, over its :math:`n_p` rows,
+    :math:`y = x - c` and :math:`y^2` with :math:`c` the running mean (the same on every process;
+    the shift keeps :math:`\mathbb E[y^2] - \mathbb E[y]^2` from cancelling), and one
+    differentiable all-reduce (``torch.distributed.all_reduce`` forward and backward) adds
+    ``[sum y, sum y^2, n_p]`` over the processes:
+
+    .. math::
+        n = \sum_p n_p, \qquad m = c + \frac1n \sum y, \qquad
+        v = \frac1n \sum y^2 - \Big(\frac1n \sum y\Big)^2 .
+
+    That all-reduce is differentiable (its backward all-reduces the gradients), so every process
+    backpropagates through the global statistics, and ``P`` processes with ``B / P`` rows each
+    compute the same map, log-determinant, gradients and running statistics as one process with
+    the ``B`` rows (up to floating-point summation order). Every process must therefore call
+    ``forward`` in training mode together (as data-parallel training does); eval mode never
+    communicates. Set ``sync_statistics = False`` on a layer to keep per-process statistics. With
+    no process group, or one process, nothing changes.
 
     **The inverse is only available in eval mode.** In training mode forward normalises with the
     statistics of its own batch, which cannot be recovered from :math:`z`; inverting with the
@@ -201,22 +250,51 @@ class BatchNorm(Transform):
         self.register_buffer("running_mean", torch.zeros(features))
         self.register_buffer("running_var", torch.ones(features))
 
+    #: In training mode under a process group of several processes, use the statistics of the
+    #: global batch (see the class notes); False keeps each process's own.
+    sync_statistics: bool = True
+
+    @staticmethod
+    def _process_count() -> int:
+        """Processes in the default ``torch.distributed`` group (1 without one)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
+
     def _statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The mean and variance the forward map uses on ``x`` (updating the running ones in training)."""
         if not self.training:
             return self.running_mean, self.running_var
-        if x.shape[0] < 2:
-            raise ValueError(
-                f"BatchNorm in training mode normalises with batch statistics and needs x with at least 2 rows, "
-                f"got shape {describe_shape(tuple(x.shape))}; call .eval() to use the running statistics"
-            )
-        mean = x.mean(0)
-        var = x.var(0, unbiased=False)
-        with torch.no_grad():
+        if self.sync_statistics and self._process_count() > 1:
+            if x.shape[0] < 1:  # the global batch has at least one row per process, so >= 2 rows
+                raise ValueError("BatchNorm in training mode needs at least 1 row per process, got an empty batch")
+            mean, var, n = self._global_statistics(x)
+        else:
+            if x.shape[0] < 2:
+                raise ValueError(
+                    f"BatchNorm in training mode normalises with batch statistics and needs x with at least 2 rows, "
+                    f"got shape {describe_shape(tuple(x.shape))}; call .eval() to use the running statistics"
+                )
+            mean = x.mean(0)
+            var = x.var(0, unbiased=False)
             n = x.shape[0]
+        with torch.no_grad():
             self.running_mean.lerp_(mean.detach().to(self.running_mean), self.momentum)
             self.running_var.lerp_((var.detach() * (n / (n - 1))).to(self.running_var), self.momentum)
         return mean, var
+
+    def _global_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, biased variance and row count of the union of every process's ``x`` (differentiable)."""
+        # Sums in at least float32: half-precision sums of many rows (and the count) would round.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        shift = self.running_mean.detach().to(dtype)
+        y = x.to(dtype) - shift
+        count = torch.full((1,), x.shape[0], dtype=dtype, device=x.device)
+        total = _SumOverProcesses.apply(torch.cat([y.sum(0), y.square().sum(0), count]))
+        sums, squares, n = total[: self.features], total[self.features : -1], total[-1]
+        mean_y = sums / n
+        var = (squares / n - mean_y.square()).clamp_min(0.0)
+        return (shift + mean_y).to(x.dtype), var.to(x.dtype), n.detach()
 
     def _log_scale(self, var: Tensor) -> Tensor:
         return self.log_gamma - 0.5 * torch.log(var + self.eps)

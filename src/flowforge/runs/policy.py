@@ -21,25 +21,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from flowforge.checkpoint import CheckpointError, load_state_dict_checked, load_tensors, read_manifest
+from flowforge.checkpoint import load_model_from_manifest, read_manifest
+from flowforge.config import parse_config, read_config
 from flowforge.data.episodes import EpisodeDataset
+from flowforge.errors import CheckpointError, ConfigError
 from flowforge.policy import POLICY_KINDS, build_policy
 from flowforge.policy.core import ChunkPolicy, PolicyConfig
 from flowforge.policy.data import policy_tensors
-from flowforge.runs import ConfigError, read_config_document
 from flowforge.train import PolicyObjective, Trainer, TrainerConfig
-
-#: A policy run config that cannot be used: the same error as for the other run configs.
-PolicyConfigError = ConfigError
 
 
 @dataclass
 class PolicyDataConfig:
-    """``root``: the episode data set folder."""
+    """``root``: the episode data set folder (required)."""
 
     root: str = ""
 
@@ -50,43 +47,19 @@ class PolicyRunConfig:
     data: PolicyDataConfig = field(default_factory=PolicyDataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
 
-
-def _section(name: str, cls: type, values: Any, source: str) -> Any:
-    if not isinstance(values, dict):
-        raise PolicyConfigError(f"{source}: [{name}] must be a table")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise PolicyConfigError(
-            f"{source}: [{name}] has no setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise PolicyConfigError(f"{source}: [{name}]: {error}") from error
+    def __post_init__(self) -> None:
+        if not self.data.root:
+            raise ConfigError("[data] root (the episode data set folder) is required")
 
 
 def parse_policy_config(text: str, source: str = "config", overrides: list[str] | None = None) -> PolicyRunConfig:
     """Parse a policy run config (TOML), with ``table.key=value`` overrides in TOML syntax."""
-    document = read_config_document(text, source, overrides)
-    unknown = set(document) - {"policy", "data", "train"}
-    if unknown:
-        raise PolicyConfigError(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; known: policy, data, train")
-    config = PolicyRunConfig(
-        _section("policy", PolicyConfig, document.get("policy", {}), source),
-        _section("data", PolicyDataConfig, document.get("data", {}), source),
-        _section("train", TrainerConfig, document.get("train", {}), source),
-    )
-    if not config.data.root:
-        raise PolicyConfigError(f"{source}: [data] root (the episode data set folder) is required")
-    return config
+    return parse_config(PolicyRunConfig, text, source, overrides)
 
 
 def load_policy_config(path: str | Path, overrides: list[str] | None = None) -> PolicyRunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise PolicyConfigError(f"{path}: no such config file")
-    return parse_policy_config(path.read_text(), str(path), overrides)
+    """Read and check a policy run config file (the one reader of :mod:`flowforge.config`)."""
+    return read_config(PolicyRunConfig, path, overrides)
 
 
 def prepare_policy(
@@ -99,7 +72,7 @@ def prepare_policy(
     action_dim = int(tensors["action"].shape[-1])
     image_shape = list(tensors["image"].shape[2:]) if "image" in tensors and config.image_shape is not None else None
     if config.image_shape is not None and "image" not in tensors:
-        raise PolicyConfigError(f"{dataset.root}: the policy uses images but the data set has none")
+        raise ConfigError(f"{dataset.root}: the policy uses images but the data set has none")
     config = dataclasses.replace(
         config, state_dim=state_dim, action_dim=action_dim, image_shape=image_shape, instructions=instructions
     )
@@ -125,15 +98,18 @@ def train_policy(
 
 
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:
-    """Rebuild a trained policy from its checkpoint folder (weights checked by hash)."""
+    """Rebuild a trained policy from its checkpoint folder (weights checked by hash).
+
+    Checkpoints written before policies were registered models (their manifest holds the policy's
+    fields under ``config``) are converted on load.
+    """
+    directory = Path(directory)
     manifest = read_manifest(directory)
-    config = manifest.get("config")
-    if not isinstance(config, dict) or config.get("kind") not in POLICY_KINDS:
-        raise CheckpointError(f"{directory} does not hold a flowforge policy (class {manifest.get('class')!r})")
-    try:
-        policy = build_policy(PolicyConfig(**config))
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"the config in {directory} does not build a policy: {error}") from error
-    load_state_dict_checked(policy, load_tensors(directory, "model", manifest), directory)
-    policy.eval()
-    return policy.to(map_location) if map_location is not None else policy
+    if "model" not in manifest:
+        legacy = manifest.get("config")
+        if not isinstance(legacy, dict) or legacy.get("kind") not in POLICY_KINDS:
+            raise CheckpointError(f"{directory} does not hold a flowforge policy (class {manifest.get('class')!r})")
+        config = {"__object__": "policy-config", "arguments": legacy}
+        manifest = {**manifest, "model": {"__object__": legacy["kind"], "arguments": {"config": config}}}
+    policy = load_model_from_manifest(directory, manifest, ChunkPolicy, map_location)
+    return policy.eval()

@@ -1,0 +1,479 @@
+r"""One training loop for every model, with the objective as a pluggable piece.
+
+:class:`Trainer` minimises an :class:`~flowforge.train.Objective` (:mod:`flowforge.train.objectives`)
+and adds what every run needs: Adam(W), a learning-rate schedule (``constant``, ``cosine`` to
+zero, ``one-cycle``, :mod:`flowforge.train.schedules`) after a linear warm-up, gradient-norm
+clipping, an exponential moving average of the weights, bf16 autocast (fp16 with a gradient
+scaler on CUDA), periodic validation with early stopping (the best weights are restored), a
+metrics CSV, and checkpoints that hold everything needed to resume *exactly*
+(:mod:`flowforge.train.state`): a run killed at any moment and restarted with ``resume=True`` ends
+with the same weights as an uninterrupted run.
+
+**Data.** In-memory rows (a tensor, or a dict of tensors such as a policy's episode tensors) reach
+the loop through a :class:`torch.utils.data.DataLoader` with a
+:class:`~torch.utils.data.DistributedSampler` (:class:`~flowforge.train.distributed.ShardedBatches`):
+each epoch is a fresh shuffle seeded by ``seed + epoch`` cut into full batches, so the batch of a
+step is a function of the seed and the step alone.
+
+**Data-parallel training.** Launched by ``torchrun`` (the process group joined with
+:func:`~flowforge.train.init_distributed_from_environment`: gloo on CPU, nccl on GPU), the loss
+runs inside :class:`torch.nn.parallel.DistributedDataParallel` (:mod:`flowforge.train.distributed`):
+rank 0's weights are broadcast when training starts, each process trains on ``batch_size / P``
+rows of the global batch, and the backward pass averages the gradients over the processes. The
+union of the processes' rows at a step is the single-process batch of that step, so a run on
+:math:`P` processes follows the single-process run with the same global batch (for objectives
+without model noise exactly, up to floating-point summation order; the
+:class:`~flowforge.transforms.BatchNorm` flow layer uses statistics of the global batch). Each
+process draws its own model noise (seeded ``seed + rank``). Only rank 0 writes checkpoints and
+metrics; the checkpoint keeps every process's random state, restored on resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowforge.checkpoint import write_atomic
+from flowforge.config import check_choice, check_range
+from flowforge.errors import ConfigError
+from flowforge.train.distributed import (
+    ShardedBatches,
+    data_parallel,
+    distributed_world,
+    from_rank_zero,
+    gather_to_rank_zero,
+    mean_over_processes,
+    rows_of,
+)
+from flowforge.train.objectives import Batch, Objective
+from flowforge.train.schedules import SCHEDULES, learning_rate_factor
+from flowforge.train.state import (
+    ExponentialMovingAverage,
+    TrainingState,
+    load_training_state,
+    rng_state,
+    save_training_state,
+)
+from flowforge.transforms.base import Compose
+from flowforge.utils.progress import progress_bar
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check_int(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key} = {value!r}: expected an integer >= {low}")
+
+
+def _check_flag(key: str, value: Any, optional: bool = False) -> None:
+    if not isinstance(value, bool) and not (optional and value is None):
+        raise ConfigError(f"{key} = {value!r}: expected true or false" + (" (or none)" if optional else ""))
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of a training run (all JSON-serialisable, stored in every checkpoint).
+
+    Arguments:
+        steps: optimizer steps, >= 1.
+        batch_size: global minibatch size (data objectives), >= 1; under ``torchrun`` a multiple of
+            the number of processes, each of which trains on ``batch_size / P`` rows.
+        lr: peak learning rate, finite and > 0; weight_decay: AdamW decoupled weight decay, finite
+            and >= 0 (0: Adam).
+        schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"one-cycle"``.
+        warmup_steps: linear warm-up from 0 before the schedule, in ``[0, steps)``.
+        max_grad_norm: clip the global gradient norm to this finite value > 0 (None: off).
+        ema_decay: keep an exponential moving average of the weights with this decay in (0, 1)
+            (None: off); evaluation, the saved model and the returned model use it.
+        precision: ``"fp32"``, ``"bf16"`` (autocast; CPU or CUDA) or ``"fp16"`` (CUDA only, with a
+            gradient scaler; refused on a machine without CUDA).
+        gradient_checkpointing: recompute each layer of every ``Compose`` stack in the backward
+            pass instead of storing its activations (deep stacks on little memory).
+        seed: >= 0; seeds the data order and the global RNGs at the start of the run.
+        eval_every: validate every this many steps (0: never); patience: stop after this many
+            validations without improvement, >= 1 (None: never), restoring the best weights.
+        checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end).
+        log_every: record the loss in the history every this many steps, >= 1.
+        tensorboard: also write the loss, learning rate and validation to TensorBoard event files
+            in ``<directory>/tensorboard`` (needs the ``tensorboard`` package).
+        progress: progress bar (None: on a terminal, off under CI).
+
+    Every setting is checked when the config is built; a bad one raises a
+    :class:`~flowforge.errors.ConfigError` whose message starts with the key and the value:
+
+    >>> TrainerConfig(lr=float("nan"))
+    Traceback (most recent call last):
+        ...
+    flowforge.errors.ConfigError: lr = nan: expected a finite number > 0
+    """
+
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 10.0
+    ema_decay: float | None = None
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    patience: int | None = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("steps", self.steps, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, low=0, low_open=True)
+        check_range("weight_decay", self.weight_decay, low=0)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ConfigError(f"warmup_steps = {self.warmup_steps!r}: expected an integer >= 0 and < steps")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(
+                f"warmup_steps = {self.warmup_steps!r}: expected an integer >= 0 and < steps ({self.steps})"
+            )
+        check_range("max_grad_norm", self.max_grad_norm, low=0, low_open=True, optional=True)
+        check_range("ema_decay", self.ema_decay, low=0, high=1, low_open=True, high_open=True, optional=True)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(
+                "precision = 'fp16': needs CUDA (a gradient scaler on a GPU) and torch.cuda.is_available() "
+                "is False; use 'bf16' on a CPU"
+            )
+        _check_flag("gradient_checkpointing", self.gradient_checkpointing)
+        _check_int("seed", self.seed, 0)
+        _check_int("eval_every", self.eval_every, 0)
+        if self.patience is not None:
+            _check_int("patience", self.patience, 1)
+            if self.eval_every < 1:
+                raise ConfigError(
+                    f"patience = {self.patience!r}: patience needs eval_every >= 1 (validation is what early "
+                    f"stopping watches), got eval_every = {self.eval_every}"
+                )
+        _check_int("checkpoint_every", self.checkpoint_every, 0)
+        _check_int("log_every", self.log_every, 1)
+        _check_flag("tensorboard", self.tensorboard)
+        _check_flag("progress", self.progress, optional=True)
+        # Numbers as floats, so that the config reads back from JSON unchanged (resume compares it).
+        self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = float(self.max_grad_norm)
+        if self.ema_decay is not None:
+            self.ema_decay = float(self.ema_decay)
+
+
+class Trainer:
+    """Trains ``model`` on ``objective``.
+
+    Arguments:
+        model: a Flow, FlowMatcher or any module the objective understands.
+        objective: what to minimise.
+        config: a :class:`TrainerConfig`.
+        data: training points (N, ...) for data objectives, or a dict of tensors with N rows each
+            (a policy's states, actions and masks: each batch is then that dict, indexed);
+            context: (N, c) or None. Data with fewer rows than ``batch_size`` is repeated to fill
+            a batch (see :class:`~flowforge.train.distributed.ShardedBatches`).
+        validation_data, validation_context: held-out points for validation / early stopping.
+        directory: where checkpoints and ``metrics.csv`` go (None: nothing is written).
+        metadata: JSON kept in every checkpoint (what rebuilds the run: its config, data statistics).
+
+    >>> import torch
+    >>> from flowforge.flows import RealNVP
+    >>> from flowforge.train import MaximumLikelihood
+    >>> flow = RealNVP(2, transforms=2, hidden=(16,))
+    >>> trainer = Trainer(flow, MaximumLikelihood(), TrainerConfig(steps=20, batch_size=32), data=torch.randn(500, 2))
+    >>> len(trainer.fit().history) > 0
+    True
+    """
+
+    #: Under torchrun: let DDP find parameters a step's loss does not reach (a model whose loss
+    #: skips some parameters on some steps needs it; it costs about 10 % of a small model's step, see
+    #: :mod:`flowforge.train.distributed`). Set it on the trainer before :meth:`fit`.
+    find_unused_parameters: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        config: TrainerConfig | None = None,
+        *,
+        data: Tensor | dict[str, Tensor] | None = None,
+        context: Tensor | None = None,
+        validation_data: Tensor | dict[str, Tensor] | None = None,
+        validation_context: Tensor | None = None,
+        directory: str | Path | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        self.model, self.objective = model, objective
+        self.metadata = metadata or {}
+        self.config = cfg = config if config is not None else TrainerConfig()
+        if not isinstance(cfg, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
+        if objective.needs_data and data is None:
+            raise ValueError(f"{type(objective).__name__} trains on data: pass data=")
+        if data is not None and context is not None and context.shape[0] != rows_of(data):
+            raise ValueError(f"context must have one row per data point: {context.shape[0]} != {rows_of(data)}")
+        parameter = next(model.parameters(), None)
+        if parameter is None:
+            raise ValueError("the model has no parameters to train")
+        self.device, self.dtype = parameter.device, parameter.dtype
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision = 'fp16': needs the model on a CUDA device; use 'bf16' on a CPU")
+        self.world, self.rank = distributed_world()
+        if cfg.batch_size % self.world:
+            raise ConfigError(
+                f"batch_size = {cfg.batch_size}: expected a multiple of the number of processes ({self.world})"
+            )
+        self.data = None if data is None else self._to_device(data)
+        self.context = None if context is None else context.to(self.device, self.dtype)
+        self.batches = (
+            None
+            if self.data is None
+            else ShardedBatches(
+                self.data, self.context, cfg.batch_size, world=self.world, rank=self.rank, seed=cfg.seed
+            )
+        )
+        self.validation_batch: Batch | None = (
+            None
+            if validation_data is None
+            else (
+                self._to_device(validation_data),
+                None if validation_context is None else validation_context.to(self.device, self.dtype),
+            )
+        )
+        if cfg.patience is not None and self.validation_batch is None and objective.needs_data:
+            raise ValueError("early stopping (patience) needs validation_data")
+        self.directory = None if directory is None else Path(directory)
+        optimizer_class = torch.optim.AdamW if cfg.weight_decay else torch.optim.Adam
+        self.optimizer = optimizer_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(cfg))
+        self.ema = ExponentialMovingAverage(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        for module in model.modules():
+            if isinstance(module, Compose):
+                module.checkpointing = cfg.gradient_checkpointing
+        self.state = TrainingState()
+        self.best_weights: dict[str, Tensor] | None = None
+        self.parallel: nn.Module | None = None  # the DistributedDataParallel wrapper, made by fit()
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: bool = False) -> TrainingState:
+        """Train to ``config.steps`` (or an early stop); ``resume=True`` continues from ``directory``'s checkpoint."""
+        cfg = self.config
+        if resume:
+            if self.directory is None:
+                raise ValueError("resume=True needs a directory to resume from")
+            if (self.directory / "checkpoint.json").exists():
+                self.load()
+        if self.state.step == 0:
+            # Each process draws its own model noise (flow-matching times, reverse-KL samples); the
+            # data order comes from the sampler, a function of the seed and the step alone.
+            torch.manual_seed(cfg.seed + self.rank)
+            random.seed(cfg.seed + self.rank)
+            np.random.seed((cfg.seed + self.rank) % 2**32)
+        if self.world > 1 and self.parallel is None:
+            # Wrapping broadcasts rank 0's weights and buffers: every process starts from them.
+            self.parallel = data_parallel(
+                self.model, self.objective, find_unused_parameters=self.find_unused_parameters
+            )
+        if self.batches is not None:
+            self.batches.seek(self.state.step)
+        self.model.train()
+        bar = progress_bar(cfg.steps, "train", cfg.progress if self.rank == 0 else False, initial=self.state.step)
+        stopped_early = False
+        self.writer = self._tensorboard_writer()
+        while self.state.step < cfg.steps and not stopped_early:
+            loss_tensor = self._step()
+            self.state.step += 1
+            step = self.state.step
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss = float(loss_tensor)  # read back only when logged: no device sync on other steps
+                self.state.history.append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("loss", loss, step)
+                    self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                stopped_early = self._validate()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and self.directory is not None:
+                self._checkpoint()
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+        elif self.ema is not None:
+            self.model.load_state_dict(self.ema.shadow)
+        self.model.eval()
+        if self.directory is not None:
+            self._checkpoint()
+            if self.rank == 0:
+                self._write_metrics()
+        if self.world > 1:
+            torch.distributed.barrier()  # the checkpoint is complete before any process moves on
+        return self.state
+
+    def _to_device(self, data: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """Floating tensors take the model's dtype; integer and boolean ones (masks, uint8 images) keep theirs."""
+        if isinstance(data, dict):
+            rows_of(data)  # refuses tensors with different numbers of rows
+            return {k: self._to_device(v) for k, v in data.items()}
+        return data.to(self.device, self.dtype) if data.is_floating_point() else data.to(self.device)
+
+    def _loss(self, batch: Batch | None) -> Tensor:
+        """This process's loss; through DDP's forward under torchrun, so its backward averages the gradients."""
+        if self.parallel is None:
+            return self.objective.loss(self.model, batch)
+        try:
+            return self.parallel(batch)
+        except RuntimeError as error:
+            if "find_unused_parameters" not in str(error):
+                raise
+            raise RuntimeError(
+                f"the loss of step {self.state.step - 1} did not reach every trainable parameter of the "
+                f"{type(self.model).__name__}, so DistributedDataParallel could not average all gradients; set "
+                "trainer.find_unused_parameters = True before fit() (about 10 % slower steps), freeze the unused "
+                "parameters (requires_grad=False), or make the loss use them"
+            ) from error
+
+    def _step(self) -> Tensor:
+        cfg = self.config
+        batch = self.batches.next() if self.batches is not None else None
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = self._loss(batch)
+        # The mean over processes is what is logged, and what every process checks: all of them stop together.
+        logged = mean_over_processes(loss.detach(), self.world)
+        if not torch.isfinite(logged):
+            raise FloatingPointError(
+                f"loss is {logged.item()} at step {self.state.step} (lr={self.scheduler.get_last_lr()[0]:.2e}); "
+                "lower the learning rate, clip gradients or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return logged
+
+    writer = None
+
+    def _tensorboard_writer(self):
+        if not self.config.tensorboard or self.directory is None or self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from error
+        return SummaryWriter(str(self.directory / "tensorboard"))
+
+    def _validate(self) -> bool:
+        """Validate (with the EMA weights when kept); returns True when early stopping triggers."""
+        live = None
+        if self.ema is not None:
+            live = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.ema.shadow)
+        self.model.eval()
+        rng = torch.get_rng_state()  # validation must not shift the training noise
+        value = self.objective.validation(self.model, self.validation_batch)
+        torch.set_rng_state(rng)
+        value = from_rank_zero(value, self.world)  # a noisy validation must not stop one process alone
+        current = {k: v.clone() for k, v in self.model.state_dict().items()}
+        if live is not None:
+            self.model.load_state_dict(live)
+        self.model.train()
+        self.state.history.append({"step": self.state.step, "validation": value})
+        if self.writer is not None:
+            self.writer.add_scalar("validation", value, self.state.step)
+        if value < self.state.best_validation:
+            self.state.best_validation = value
+            self.state.evaluations_without_improvement = 0
+            self.best_weights = current
+        else:
+            self.state.evaluations_without_improvement += 1
+        patience = self.config.patience
+        return patience is not None and self.state.evaluations_without_improvement >= patience
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint(self) -> None:
+        """Save on rank 0 with every process's random state (called by every process together)."""
+        states = gather_to_rank_zero(rng_state(self.device), self.world, self.rank)
+        if self.rank == 0:
+            self.save(rng_states=states)
+
+    def save(self, rng_states: list[dict[str, Any]] | None = None) -> Path:
+        """Write a resumable checkpoint to ``directory`` (atomically; see :mod:`flowforge.checkpoint`).
+
+        ``rng_states``: every process's random state, rank 0 first (default: this process's).
+        """
+        if self.directory is None:
+            raise ValueError("this trainer has no directory to save to")
+        return save_training_state(
+            self.directory,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            objective=self.objective,
+            state=self.state,
+            config=asdict(self.config),
+            rng_states=rng_states if rng_states is not None else [rng_state(self.device)],
+            ema=self.ema,
+            best_weights=self.best_weights,
+            metadata=self.metadata,
+        )
+
+    def load(self) -> None:
+        """Restore the model, optimizer, schedule, EMA, RNG states and step from ``directory``."""
+        if self.directory is None:
+            raise ValueError("this trainer has no directory to load from")
+        loaded = load_training_state(
+            self.directory,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            objective=self.objective,
+            config=asdict(self.config),
+            ema=self.ema,
+            rank=self.rank,
+            world=self.world,
+        )
+        self.state, self.best_weights = loaded.state, loaded.best_weights
+
+    def _write_metrics(self) -> None:
+        keys = ["step", "loss", "lr", "validation"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys)
+        writer.writeheader()
+        for row in self.state.history:
+            writer.writerow({k: row.get(k, "") for k in keys})
+        write_atomic(self.directory / "metrics.csv", buffer.getvalue().encode())
+
+
+__all__ = ["PRECISIONS", "Trainer", "TrainerConfig"]

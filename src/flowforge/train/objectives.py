@@ -1,0 +1,194 @@
+r"""Training objectives: what the :class:`~flowforge.train.Trainer` minimises.
+
+An :class:`Objective` maps a model and a batch to a scalar loss (``loss``) and to a number that
+early stopping watches (``validation``). A batch is ``(x, context)``: ``x`` a tensor of rows or a
+dict of tensors with the same rows (a policy's episode tensors), ``context`` a tensor or ``None``;
+objectives that need no data (:class:`ReverseKL`) get ``None``.
+
+* :class:`MaximumLikelihood`: :math:`-\frac1B\sum_i \log p_\theta(x_i \mid c_i)`.
+* :class:`FlowMatchingObjective`: a :class:`~flowforge.matching.FlowMatcher`'s regression loss.
+* :class:`PolicyObjective`: a policy's own loss on a batch dict.
+* :class:`ReverseKL`: :math:`\mathbb E_{x\sim q}[\log q(x) - \log\tilde p(x)]` against an
+  unnormalized log-density, with no data.
+* :class:`AdversarialML`: Flow-GAN, maximum likelihood mixed with a discriminator's loss.
+
+Under data-parallel training the Trainer calls ``loss`` inside the ``forward`` of the module that
+``DistributedDataParallel`` wraps (see :mod:`flowforge.train.distributed`), so an objective may use
+any of the model's methods (``log_prob``, ``loss``, ``sample_and_log_prob``): the gradients of every
+parameter the loss reaches are averaged over processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+#: ``(x, context)``: ``x`` a tensor of rows or a dict of tensors with the same rows.
+Batch = tuple[Tensor | dict[str, Tensor], Tensor | None]
+
+
+class Objective:
+    """A training objective: ``loss(model, batch) -> scalar`` (``batch`` is ``(x, context)``, or ``None``
+    for objectives that need no data), and ``validation(model, batch) -> float`` for early stopping."""
+
+    needs_data = True
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validation(self, model: nn.Module, batch: Batch | None) -> float:
+        return float(self.loss(model, batch))
+
+
+class MaximumLikelihood(Objective):
+    """:math:`-\\frac1B \\sum_i \\log p_\\theta(x_i \\mid c_i)` for a :class:`~flowforge.flows.Flow`."""
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        x, context = batch
+        return -model.log_prob(x, context).mean()
+
+
+class FlowMatchingObjective(Objective):
+    """The flow-matching regression loss of a :class:`~flowforge.matching.FlowMatcher` (or a shortcut model)."""
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        x, context = batch
+        return model.loss(x, context)
+
+
+class PolicyObjective(Objective):
+    """A policy's own loss on a batch dict (``model.loss(batch)``): flow matching, regression or DDPM."""
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        data, _ = batch
+        return model.loss(data)
+
+
+class ReverseKL(Objective):
+    r"""Reverse KL to an unnormalized target: :math:`\mathbb E_{x \sim q}[\log q(x) - \log \tilde p(x)]`.
+
+    Equals :math:`\mathrm{KL}(q \| p) - \log Z`, so it is minimised by :math:`q = p` without
+    knowing :math:`Z`. Needs ``model.sample_and_log_prob`` with reparametrised samples (every
+    flowforge flow). ``validation`` returns the KL itself when the target's ``log_normalizer`` is known.
+
+    Arguments:
+        target: a callable ``log_density(x) -> (batch,)`` or a built-in name (``"banana"``, ...).
+        samples: samples per step.
+    """
+
+    needs_data = False
+
+    def __init__(self, target: Callable[[Tensor], Tensor] | str, samples: int = 256) -> None:
+        if isinstance(target, str):
+            from flowforge.data.targets import target as named_target
+
+            target = named_target(target)
+        self.target = target
+        self.samples = int(samples)
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        x, log_q = model.sample_and_log_prob(self.samples)
+        return (log_q - self.target(x)).mean()
+
+    @torch.no_grad()
+    def validation(self, model: nn.Module, batch: Batch | None) -> float:
+        return self.kl(model, 4 * self.samples)
+
+    @torch.no_grad()
+    def kl(self, model: nn.Module, samples: int) -> float:
+        """Monte-Carlo estimate of KL(q || p) (of the loss when the normaliser is unknown)."""
+        x, log_q = model.sample_and_log_prob(samples)
+        log_normalizer = getattr(self.target, "log_normalizer", None) or 0.0
+        return float((log_q - self.target(x)).mean()) + log_normalizer
+
+
+class AdversarialML(Objective):
+    r"""Flow-GAN (Grover et al. 2018): maximum likelihood mixed with an adversarial loss.
+
+    A discriminator :math:`D` (logits) is trained alongside the flow, one step per flow step, on
+    :math:`\mathrm{softplus}(-D(x)) + \mathrm{softplus}(D(\tilde x))` (real :math:`x`, samples
+    :math:`\tilde x`). The flow minimises
+
+    .. math:: w_{ML}\,\mathrm{NLL}(x) + w_{adv}\,\mathrm{softplus}(-D(\tilde x)),
+
+    the non-saturating generator loss, through reparametrised samples. ``ml_weight = 0`` is a
+    pure GAN with an exact likelihood still available; the likelihood term keeps the flow from
+    dropping modes. The discriminator and its optimizer are saved in training checkpoints.
+
+    **Data-parallel training.** The discriminator is not part of the model, so it stays
+    per-process: each process trains its own copy on its share of the batch and on its own
+    samples, with its own optimizer, and nothing synchronises it (its update runs inside the
+    flow's loss, before the flow's backward pass, and touches none of the flow's parameters).
+    Only the flow's gradients are averaged. The checkpoint holds rank 0's discriminator, which
+    every process loads on resume. For identical discriminators on every process, build them
+    from the same seed and train on one process.
+
+    Arguments:
+        features: data dimension (for the default discriminator, an MLP with ``hidden`` widths).
+        discriminator: a module ``(batch, features) -> (batch, 1)`` logits, instead of the default.
+        ml_weight, adversarial_weight: the two weights.
+        lr: the discriminator's Adam learning rate.
+    """
+
+    def __init__(
+        self,
+        features: int | None = None,
+        discriminator: nn.Module | None = None,
+        ml_weight: float = 1.0,
+        adversarial_weight: float = 1.0,
+        lr: float = 1e-3,
+        hidden: tuple[int, ...] = (64, 64),
+    ) -> None:
+        from flowforge.nn import MLP
+
+        if discriminator is None:
+            if features is None:
+                raise ValueError("give features (for the default discriminator) or a discriminator")
+            discriminator = MLP(features, 1, hidden, nn.LeakyReLU)
+        if ml_weight < 0 or adversarial_weight < 0 or ml_weight + adversarial_weight == 0:
+            raise ValueError("the weights must be >= 0 and not both 0")
+        self.discriminator = discriminator
+        self.ml_weight, self.adversarial_weight = float(ml_weight), float(adversarial_weight)
+        self.optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        x, context = batch
+        if context is not None:
+            raise ValueError("AdversarialML trains unconditional flows")
+        discriminator = self.discriminator.to(x.device, x.dtype)
+        fake = model.rsample(x.shape[0])
+        real_logits, fake_logits = discriminator(x), discriminator(fake.detach())
+        d_loss = nn.functional.softplus(-real_logits).mean() + nn.functional.softplus(fake_logits).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.optimizer.step()
+        loss = self.adversarial_weight * nn.functional.softplus(-discriminator(fake)).mean()
+        if self.ml_weight:
+            loss = loss - self.ml_weight * model.log_prob(x).mean()
+        return loss
+
+    @torch.no_grad()
+    def validation(self, model: nn.Module, batch: Batch | None) -> float:
+        x, context = batch
+        return float(-model.log_prob(x, context).mean())
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+__all__ = [
+    "AdversarialML",
+    "Batch",
+    "FlowMatchingObjective",
+    "MaximumLikelihood",
+    "Objective",
+    "PolicyObjective",
+    "ReverseKL",
+]

@@ -1,0 +1,260 @@
+r"""What a training run carries from step to step, and the checkpoint that resumes it exactly.
+
+* :class:`ExponentialMovingAverage`: shadow weights :math:`\bar\theta`.
+* :class:`TrainingState`: the step, the validation record and the logged history.
+* :func:`rng_state` / :func:`set_rng_state`: the random-number states of this process (torch,
+  the model's CUDA device, Python's ``random`` and NumPy's global generator), and their
+  JSON-plus-tensors form in a checkpoint.
+* :func:`save_training_state` / :func:`load_training_state`: a resumable checkpoint (weights,
+  optimizer, schedule, gradient scaler, EMA, best weights, the objective's own state, every
+  process's random state and the step), written atomically by :mod:`flowforge.checkpoint`.
+
+The minibatch order is not stored: it is a function of the seed and the step
+(:class:`~flowforge.train.distributed.ShardedBatches`), so a resumed run continues in the epoch,
+and at the position inside it, where the checkpoint was taken. With the random states restored
+as well, a run killed at any moment and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowforge.checkpoint import (
+    decode_state,
+    encode_state,
+    load_state_dict_checked,
+    load_tensors,
+    model_manifest,
+    read_manifest,
+    save_checkpoint,
+)
+from flowforge.errors import CheckpointError, RebuildError
+
+
+class ExponentialMovingAverage:
+    r"""Shadow weights :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta` after every step
+    (floating-point parameters and buffers; integer buffers are copied).
+
+    >>> model = nn.Linear(1, 1, bias=False)
+    >>> ema = ExponentialMovingAverage(model, decay=0.5)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.fill_(ema.shadow["weight"].item() + 2.0)
+    >>> ema.update(model)
+    >>> float(model.weight.detach() - ema.shadow["weight"])
+    1.0
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.shadow[name].lerp_(value, 1 - self.decay)
+            else:
+                self.shadow[name].copy_(value)
+
+
+@dataclass
+class TrainingState:
+    """The counters of a run: optimizer steps taken, the best validation value so far, validations
+    since it improved, and the history (``{"step", "loss", "lr"}`` and ``{"step", "validation"}`` rows)."""
+
+    step: int = 0
+    best_validation: float = math.inf
+    evaluations_without_improvement: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- random-number states
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's random states: torch (CPU), the CUDA ``device``'s (when it is one), Python's, NumPy's."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _python_rng_state(),
+        "numpy": _numpy_rng_state(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` returned (a CUDA state only onto a CUDA ``device``)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_python_rng_from(state["python"]))
+    np.random.set_state(_numpy_rng_from(state["numpy"]))
+    if state.get("cuda") is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from(value: list) -> tuple:
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
+def _numpy_rng_state() -> dict:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_rng_from(value: dict) -> tuple:
+    keys = value["keys"].numpy().astype(np.uint32)
+    return value["name"], keys, value["position"], value["has_gauss"], value["cached"]
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_training_state(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    objective: object,
+    state: TrainingState,
+    config: dict[str, Any],
+    rng_states: list[dict[str, Any]],
+    ema: ExponentialMovingAverage | None = None,
+    best_weights: dict[str, Tensor] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a resumable checkpoint of a training run to ``directory`` (atomically).
+
+    ``rng_states`` holds :func:`rng_state` of every process, rank 0 first. ``config`` is the
+    trainer config as a dict; :func:`load_training_state` refuses to resume under another one.
+    The model is recorded with the config that rebuilds it when it is a registered model (so the
+    folder is also a model checkpoint: ``Flow.load`` reads it), and as weights only otherwise.
+    """
+    tensors: dict[str, Tensor] = {}
+    objective_state = objective.state_dict() if hasattr(objective, "state_dict") else None
+    trainer_state = {
+        "optimizer": encode_state(optimizer.state_dict(), tensors, "optimizer."),
+        "scheduler": encode_state(scheduler.state_dict(), tensors, "scheduler."),
+        "scaler": encode_state(scaler.state_dict(), tensors, "scaler.") if scaler is not None else None,
+        "rng": encode_state(rng_states, tensors, "rng."),
+        "state": asdict(state),
+        "objective": None if objective_state is None else encode_state(objective_state, tensors, "objective."),
+    }
+    groups = {"model": model.state_dict(), "trainer": tensors}
+    if ema is not None:
+        groups["ema"] = ema.shadow
+    if best_weights is not None:
+        groups["best"] = best_weights
+    try:
+        rebuild = model_manifest(model)
+    except RebuildError:  # a hand-built model still resumes; it is rebuilt in code, not from the folder
+        parameter = next(model.parameters())
+        rebuild = {"model": None, "dtype": str(parameter.dtype).removeprefix("torch.")}
+    manifest: dict[str, Any] = {
+        **rebuild,
+        "class": type(model).__name__,
+        "trainer_config": config,
+        "trainer": trainer_state,
+        "metadata": metadata or {},
+    }
+    return save_checkpoint(directory, groups, manifest)
+
+
+@dataclass
+class LoadedTrainingState:
+    """What :func:`load_training_state` restores beyond the modules it loads in place."""
+
+    state: TrainingState
+    best_weights: dict[str, Tensor] | None
+
+
+def load_training_state(
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    objective: object,
+    config: dict[str, Any],
+    ema: ExponentialMovingAverage | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> LoadedTrainingState:
+    """Restore a run saved by :func:`save_training_state`: the model, optimizer, schedule, scaler,
+    EMA and objective in place, this process's random state, and the counters (returned).
+
+    A process takes its own saved random state when the checkpoint was written by as many
+    processes, rank 0's otherwise (a run resumed on another number of processes).
+
+    Raises :class:`~flowforge.errors.CheckpointError` when the folder holds weights only, or was
+    trained under another config (``progress`` aside).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if "trainer" not in manifest:
+        raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
+    saved = {k: v for k, v in manifest["trainer_config"].items() if k != "progress"}
+    current = {k: v for k, v in config.items() if k != "progress"}
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
+    load_state_dict_checked(model, load_tensors(directory, "model", manifest), directory)
+    tensors = load_tensors(directory, "trainer", manifest)
+    trainer = manifest["trainer"]
+    optimizer.load_state_dict(decode_state(trainer["optimizer"], tensors))
+    scheduler.load_state_dict(decode_state(trainer["scheduler"], tensors))
+    if scaler is not None and trainer["scaler"] is not None:
+        scaler.load_state_dict(decode_state(trainer["scaler"], tensors))
+    device = _device_of(model)
+    if "rng" in trainer:
+        states = decode_state(trainer["rng"], tensors)
+        set_rng_state(states[rank] if len(states) == world else states[0], device)
+    else:  # written before per-process random states were kept
+        set_rng_state(
+            {
+                "torch": decode_state(trainer["torch_rng"], tensors),
+                "python": decode_state(trainer["python_rng"], tensors),
+                "numpy": decode_state(trainer["numpy_rng"], tensors),
+            }
+        )
+    if trainer.get("objective") is not None:
+        objective.load_state_dict(decode_state(trainer["objective"], tensors))
+    if ema is not None:
+        live = model.state_dict()
+        ema.shadow = {k: v.to(live[k].device) for k, v in load_tensors(directory, "ema", manifest).items()}
+    best = load_tensors(directory, "best", manifest) if "best" in manifest["files"] else None
+    return LoadedTrainingState(TrainingState(**trainer["state"]), best)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+__all__ = [
+    "ExponentialMovingAverage",
+    "LoadedTrainingState",
+    "TrainingState",
+    "load_training_state",
+    "rng_state",
+    "save_training_state",
+    "set_rng_state",
+]
