@@ -1,6 +1,7 @@
 """Flow matching: probability paths, couplings, time samplers, the FlowMatcher, reflow and shortcut models."""
 
 from flowforge.matching.couplings import Coupling, ExactOTCoupling, IndependentCoupling, SinkhornCoupling
+from flowforge.matching.functional import Integration, flow_matching_loss, integrate
 from flowforge.matching.matcher import FlowMatcher
 from flowforge.matching.paths import (
     AffinePath,
@@ -20,6 +21,7 @@ __all__ = [
     "ExactOTCoupling",
     "FlowMatcher",
     "IndependentCoupling",
+    "Integration",
     "LinearPath",
     "LogitNormalTime",
     "ShiftedBetaTime",
@@ -29,6 +31,8 @@ __all__ = [
     "TimeSampler",
     "UniformTime",
     "VariancePreservingPath",
+    "flow_matching_loss",
+    "integrate",
     "reflow_pairs",
     "straightness",
 ]

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from flowforge.distributions import StandardNormal
 from flowforge.matching.couplings import Coupling, IndependentCoupling
+from flowforge.matching.functional import flow_matching_loss, integrate
 from flowforge.matching.paths import AffinePath, LinearPath, _expand
 from flowforge.matching.time import TimeSampler, UniformTime
-from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint, sdeint
+from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, sdeint
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import check_batched, check_sample_count
@@ -160,9 +161,8 @@ class FlowMatcher(Rebuildable, nn.Module):
         x0 = self._paired_noise(x1, context, x0)
         if t is None:
             t = self.time_sampler(x1.shape[0], device=x1.device, dtype=x1.dtype)
-        x_t, target = self.path.sample(x0, x1, t)
-        prediction = self.velocity(x_t, t, self._drop_context(context))
-        return (prediction - target).square().mean()
+        context = self._drop_context(context)
+        return flow_matching_loss(lambda x, time: self.velocity(x, time, context), x0, x1, t, self.path)
 
     def _paired_noise(self, x1: Tensor, context: Tensor | None, x0: Tensor | None) -> Tensor:
         """Check the batch and return its noise partners: drawn and coupled, or the given ``x0`` checked."""
@@ -235,7 +235,7 @@ class FlowMatcher(Rebuildable, nn.Module):
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*TABLEAUS, *ADAPTIVE_METHODS))}")
         x0, context, shape = self._noise_and_context(n, context)
         field = self.sampling_field(context, guidance_scale, method, steps)
-        return odeint(field, x0, (0.0, 1.0), method, steps, atol=atol, rtol=rtol).reshape(shape)
+        return integrate(field, x0, method=method, steps=steps, atol=atol, rtol=rtol).x.reshape(shape)
 
     def sampling_field(
         self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowforge.matching.functional import integrate
 from flowforge.matching.matcher import FlowMatcher
-from flowforge.ode import odeint
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def reflow_pairs(
         rows = slice(start, start + batch_size)
         rows_context = None if context is None else context[rows]
         field = matcher.sampling_field(rows_context, guidance_scale, method, steps)
-        data[rows] = odeint(field, noise[rows], (0.0, 1.0), method, steps)
+        data[rows] = integrate(field, noise[rows], method=method, steps=steps).x
     return noise, data
 
 

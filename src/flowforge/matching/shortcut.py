@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flowforge.matching.functional import flow_matching_loss
 from flowforge.matching.matcher import FlowMatcher, _SamplingField
 from flowforge.registry import register
 
@@ -83,9 +84,10 @@ class ShortcutMatcher(FlowMatcher):
         # Flow-matching rows: instantaneous velocity at step 0.
         fm = slice(n_sc, batch)
         t_fm = t[fm] if t is not None else self.time_sampler(batch - n_sc, device=x1.device, dtype=x1.dtype)
-        x_t, target = self.path.sample(x0[fm], x1[fm], t_fm)
         fm_context = None if context is None else context[fm]
-        squared = [(self.velocity(x_t, t_fm, fm_context, step=0.0) - target).square().flatten(1)]
+        loss = flow_matching_loss(
+            lambda x, time: self.velocity(x, time, fm_context, step=0.0), x0[fm], x1[fm], t_fm, self.path
+        )
 
         if n_sc:
             sc = slice(0, n_sc)
@@ -104,8 +106,9 @@ class ShortcutMatcher(FlowMatcher):
                 second = self.velocity(x_mid, t_sc + d, sc_context, step=d_query)
                 target = 0.5 * (first + second)
             prediction = self.velocity(x_t, t_sc, sc_context, step=2 * d)
-            squared.append((prediction - target).square().flatten(1))
-        return torch.cat(squared).mean()
+            # Every row weighs the same: the two parts' means, weighted by their row counts.
+            loss = (loss * (batch - n_sc) + (prediction - target).square().mean() * n_sc) / batch
+        return loss
 
     def sampling_field(
         self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from flowforge.config import check_choice, check_range
 from flowforge.errors import ConfigError
+from flowforge.matching.functional import masked_mean
 from flowforge.nn.transformer import PrefixCache, PrefixSuffixTransformer
 from flowforge.nn.velocity import SinusoidalTimeEmbedding
 from flowforge.policy.language import EMBEDDING_SIZE, encode_instructions
@@ -288,10 +289,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
     @staticmethod
     def masked_mean(squared_error: Tensor, action_is_pad: Tensor | None) -> Tensor:
         """Mean of ``(B, H, A)`` errors over the steps that are not padding (past an episode's end)."""
-        if action_is_pad is None:
-            return squared_error.mean()
-        keep = (~action_is_pad).to(squared_error.dtype)[..., None]
-        return (squared_error * keep).sum() / (keep.sum() * squared_error.shape[-1]).clamp_min(1.0)
+        return masked_mean(squared_error, None if action_is_pad is None else ~action_is_pad)
 
     @torch.inference_mode()
     def predict_chunk(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:

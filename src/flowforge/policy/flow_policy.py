@@ -33,9 +33,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from flowforge.matching.functional import flow_matching_loss, integrate
 from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import ShiftedBetaTime
-from flowforge.ode import odeint
 from flowforge.policy.core import Batch, DenoisingPolicy, PolicyConfig
 from flowforge.registry import register
 
@@ -60,9 +60,9 @@ class FlowPolicy(DenoisingPolicy):
     def flow_loss(self, target: Tensor, prefix: Tensor, action_is_pad: Tensor | None) -> Tensor:
         noise = torch.randn_like(target)
         t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
-        noisy, velocity = self.path.sample(noise, target, t)
-        predicted = self.denoise(noisy, t, self.encode(prefix))
-        return self.masked_mean((predicted - velocity).square(), action_is_pad)
+        cache = self.encode(prefix)
+        keep = None if action_is_pad is None else ~action_is_pad  # padded steps past an episode's end
+        return flow_matching_loss(lambda x, time: self.denoise(x, time, cache), noise, target, t, self.path, mask=keep)
 
     def loss(self, batch: Batch) -> Tensor:
         return self.flow_loss(self.target_actions(batch), self.prefix(batch), batch.get("action_is_pad"))
@@ -82,21 +82,18 @@ class FlowPolicy(DenoisingPolicy):
             shape = (reference.shape[0], horizon, cfg.action_dim)
             noise = torch.randn(shape, device=reference.device, dtype=reference.dtype)
         noise = cfg.noise_scale * noise.to(self.state_shift)  # a supplied draw may live elsewhere
-        calls = 0
         cache = None
         if use_cache:
             cache = self.encode(prefix() if callable(prefix) else prefix)
 
         def field(x: Tensor, t: Tensor) -> Tensor:
-            nonlocal calls
-            calls += 1
             if cache is not None:
                 return self.denoise(x, t, cache)
             return self.denoise_uncached(x, t, prefix() if callable(prefix) else prefix)
 
-        chunk = odeint(field, noise, (0.0, 1.0), method=cfg.method, steps=cfg.sampling_steps)
-        self.last_nfe = calls
-        return chunk
+        result = integrate(field, noise, method=cfg.method, steps=cfg.sampling_steps)
+        self.last_nfe = result.nfe
+        return result.x
 
     def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
         if noise is None:

@@ -57,6 +57,7 @@ from flowforge.train.objectives import Batch, Objective
 from flowforge.train.schedules import SCHEDULES, learning_rate_factor
 from flowforge.train.state import (
     ExponentialMovingAverage,
+    TrainingParts,
     TrainingState,
     load_training_state,
     rng_state,
@@ -435,15 +436,10 @@ class Trainer:
             raise ValueError("this trainer has no directory to save to")
         return save_training_state(
             self.directory,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            objective=self.objective,
+            self._parts(),
             state=self.state,
             config=asdict(self.config),
             rng_states=rng_states if rng_states is not None else [rng_state(self.device)],
-            ema=self.ema,
             best_weights=self.best_weights,
             metadata=self.metadata,
         )
@@ -454,17 +450,15 @@ class Trainer:
             raise ValueError("this trainer has no directory to load from")
         loaded = load_training_state(
             self.directory,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            objective=self.objective,
+            self._parts(),
             config=asdict(self.config),
-            ema=self.ema,
             rank=self.rank,
             world=self.world,
         )
         self.state, self.best_weights = loaded.state, loaded.best_weights
+
+    def _parts(self) -> TrainingParts:
+        return TrainingParts(self.model, self.optimizer, self.scheduler, self.scaler, self.objective, self.ema)
 
     def _write_metrics(self) -> None:
         keys = ["step", "loss", "lr", "validation"]

@@ -125,18 +125,25 @@ def _numpy_rng_from(value: dict) -> tuple:
 
 
 # ---------------------------------------------------------------- checkpoints
+@dataclass
+class TrainingParts:
+    """The stateful pieces of a training run that a checkpoint saves and a resume restores in place."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    objective: object
+    ema: ExponentialMovingAverage | None = None
+
+
 def save_training_state(
     directory: str | Path,
+    parts: TrainingParts,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    objective: object,
     state: TrainingState,
     config: dict[str, Any],
     rng_states: list[dict[str, Any]],
-    ema: ExponentialMovingAverage | None = None,
     best_weights: dict[str, Tensor] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
@@ -147,6 +154,14 @@ def save_training_state(
     The model is recorded with the config that rebuilds it when it is a registered model (so the
     folder is also a model checkpoint: ``Flow.load`` reads it), and as weights only otherwise.
     """
+    model, optimizer, scheduler, scaler, objective, ema = (
+        parts.model,
+        parts.optimizer,
+        parts.scheduler,
+        parts.scaler,
+        parts.objective,
+        parts.ema,
+    )
     tensors: dict[str, Tensor] = {}
     objective_state = objective.state_dict() if hasattr(objective, "state_dict") else None
     trainer_state = {
@@ -187,14 +202,9 @@ class LoadedTrainingState:
 
 def load_training_state(
     directory: str | Path,
+    parts: TrainingParts,
     *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    objective: object,
     config: dict[str, Any],
-    ema: ExponentialMovingAverage | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> LoadedTrainingState:
@@ -208,6 +218,14 @@ def load_training_state(
     trained under another config (``progress`` aside).
     """
     directory = Path(directory)
+    model, optimizer, scheduler, scaler, objective, ema = (
+        parts.model,
+        parts.optimizer,
+        parts.scheduler,
+        parts.scaler,
+        parts.objective,
+        parts.ema,
+    )
     manifest = read_manifest(directory)
     if "trainer" not in manifest:
         raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
@@ -252,6 +270,7 @@ def _device_of(model: nn.Module) -> torch.device:
 __all__ = [
     "ExponentialMovingAverage",
     "LoadedTrainingState",
+    "TrainingParts",
     "TrainingState",
     "load_training_state",
     "rng_state",
