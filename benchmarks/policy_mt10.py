@@ -106,16 +106,17 @@ def _train(args, name: str, kind: str, data: Path, image: bool = False) -> Path:
     return run
 
 
-def _evaluate(args, name: str, run: Path, tasks: list[str], episodes: int, validation: bool = False, **changes) -> dict:
+def _evaluate(
+    args, name: str, run: Path, tasks: list[str], episodes: int, validation: bool = False, **sampling
+) -> dict:
+    """Evaluate a run; ``sampling``: the sampling arguments of every chunk (steps, method, noise_scale)."""
     path = args.work / f"{'validate' if validation else 'eval'}-{name}.json"
     if path.exists():
         return json.loads(path.read_text())
     policy = load_policy(run)
-    for key, value in changes.items():
-        setattr(policy.policy_config, key, value)
     start = time.perf_counter()
     extra = {"seed_base": VALIDATION_SEED_BASE} if validation else {}
-    report = evaluate(policy, tasks, episodes, progress=args.progress, **extra)
+    report = evaluate(policy, tasks, episodes, progress=args.progress, sampling=sampling, **extra)
     result = report.to_dict() | {"seconds": time.perf_counter() - start}
     print(f"[{'validate' if validation else 'eval'}] {name}\n{report.table()}", flush=True)
     path.write_text(json.dumps(result, indent=1))
@@ -124,11 +125,8 @@ def _evaluate(args, name: str, run: Path, tasks: list[str], episodes: int, valid
 
 def _latency(policy, batch: dict, repeats: int, use_cache: bool) -> tuple[float, int]:
     noise = torch.randn(1, policy.policy_config.horizon, policy.policy_config.action_dim)
-    times = []
-    for _ in range(repeats + 3):
-        policy.predict_chunk(batch, use_cache=use_cache, noise=noise)
-        times.append(policy.last_latency)
-    return statistics.median(times[3:]), policy.last_nfe
+    results = [policy.predict_chunk(batch, use_cache=use_cache, noise=noise) for _ in range(repeats + 3)]
+    return statistics.median(r.seconds for r in results[3:]), results[-1].nfe
 
 
 def _paired_latency(policy, batch: dict, repeats: int) -> tuple[float, float, int]:
@@ -137,11 +135,10 @@ def _paired_latency(policy, batch: dict, repeats: int) -> tuple[float, float, in
     noise = torch.randn(1, policy.policy_config.horizon, policy.policy_config.action_dim)
     cached, uncached = [], []
     for _ in range(repeats + 3):
-        policy.predict_chunk(batch, use_cache=True, noise=noise)
-        cached.append(policy.last_latency)
-        policy.predict_chunk(batch, use_cache=False, noise=noise)
-        uncached.append(policy.last_latency)
-    return statistics.median(cached[3:]), statistics.median(uncached[3:]), policy.last_nfe
+        cached.append(policy.predict_chunk(batch, use_cache=True, noise=noise))
+        uncached.append(policy.predict_chunk(batch, use_cache=False, noise=noise))
+    median = statistics.median
+    return median(r.seconds for r in cached[3:]), median(r.seconds for r in uncached[3:]), cached[-1].nfe
 
 
 def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
@@ -233,7 +230,7 @@ def main() -> None:
             flow_name = f"flow-noise{chosen_scale:g}"
             results[flow_name] = _evaluate(args, flow_name, runs["flow"], MT10, args.episodes, noise_scale=chosen_scale)
     if "ddpm" in models and args.ddpm100_episodes > 0:
-        results["ddpm100"] = _evaluate(args, "ddpm100", runs["ddpm"], MT10, args.ddpm100_episodes, sampler="ddpm")
+        results["ddpm100"] = _evaluate(args, "ddpm100", runs["ddpm"], MT10, args.ddpm100_episodes, method="ddpm")
     if "flow-images" in runs:
         results["flow-images"] = _evaluate(args, "flow-images", runs["flow-images"], image_tasks, args.image_episodes)
     latency = _latencies(args, runs, image_data)

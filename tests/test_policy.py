@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -100,11 +101,10 @@ def test_cached_and_uncached_sampling_give_the_same_actions(kind: str) -> None:
     batch = _batch(image=True)
     noise = torch.randn(6, 8, 3, generator=torch.Generator().manual_seed(3))
     cached = policy.predict_chunk(batch, use_cache=True, noise=noise)
-    cached_nfe = policy.last_nfe
     uncached = policy.predict_chunk(batch, use_cache=False, noise=noise)
-    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
-    assert cached_nfe == policy.last_nfe == {"flow": 10, "hierarchical": 20, "ddpm": 5}[kind]
-    assert cached.shape == (6, 8, 3)
+    torch.testing.assert_close(cached.actions, uncached.actions, rtol=1e-4, atol=1e-4)
+    assert cached.nfe == uncached.nfe == {"flow": 10, "hierarchical": 20, "ddpm": 5}[kind]
+    assert cached.actions.shape == (6, 8, 3) and cached.seconds > 0
 
 
 @pytest.mark.parametrize("kind", ["flow", "hierarchical"])
@@ -112,14 +112,14 @@ def test_noise_scale_is_the_sampling_temperature(kind: str) -> None:
     policy = _policy(kind).eval()
     batch = _batch()
     noise = torch.randn(6, 8, 3, generator=torch.Generator().manual_seed(4))
-    policy.policy_config.noise_scale = 0.5
-    tempered = policy.predict_chunk(batch, noise=noise)
-    policy.policy_config.noise_scale = 1.0
-    torch.testing.assert_close(tempered, policy.predict_chunk(batch, noise=0.5 * noise))
-    policy.policy_config.noise_scale = 0.0  # deterministic: the draw no longer matters
-    torch.testing.assert_close(policy.predict_chunk(batch, noise=noise), policy.predict_chunk(batch))
+    tempered = policy.predict_chunk(batch, noise_scale=0.5, noise=noise).actions
+    torch.testing.assert_close(tempered, policy.predict_chunk(batch, noise=0.5 * noise).actions)
+    deterministic = policy.predict_chunk(batch, noise_scale=0.0, noise=noise).actions  # the draw no longer matters
+    torch.testing.assert_close(deterministic, policy.predict_chunk(batch, noise_scale=0.0).actions)
     with pytest.raises(ValueError, match="noise_scale"):
         PolicyConfig(noise_scale=-0.1)
+    with pytest.raises(ValueError, match="noise_scale must be a finite number >= 0, got nan"):
+        policy.predict_chunk(batch, noise_scale=float("nan"))
 
 
 # ---------------------------------------------------------------- training
@@ -184,10 +184,10 @@ def test_temporal_ensembling_averages_overlapping_chunks() -> None:
     policy.reset()
     first = policy.select_action(_observation(0))
     second = policy.select_action(_observation(1))
-    chunk0 = policy.predict_chunk({"state": torch.zeros(1, 2, 5), "instruction": [INSTRUCTIONS[0]]})[0].numpy()
+    chunk0 = policy.predict_chunk({"state": torch.zeros(1, 2, 5), "instruction": [INSTRUCTIONS[0]]}).actions[0].numpy()
     np.testing.assert_allclose(first, chunk0[0], rtol=1e-5, atol=1e-6)
     history = torch.tensor(np.stack([np.zeros(5), np.ones(5)]), dtype=torch.float32)[None]
-    chunk1 = policy.predict_chunk({"state": history, "instruction": [INSTRUCTIONS[0]]})[0].numpy()
+    chunk1 = policy.predict_chunk({"state": history, "instruction": [INSTRUCTIONS[0]]}).actions[0].numpy()
     expected = (chunk0[1] + np.exp(-0.5) * chunk1[0]) / (1 + np.exp(-0.5))
     np.testing.assert_allclose(second, expected, rtol=1e-5, atol=1e-6)
     assert len(policy.chunk_log) >= 2
@@ -195,11 +195,31 @@ def test_temporal_ensembling_averages_overlapping_chunks() -> None:
 
 def test_ddpm_and_ddim_step_counts() -> None:
     policy = _policy("ddpm", sampler="ddpm").eval()
-    policy.predict_chunk(_batch())
-    assert policy.last_nfe == 20
-    policy.policy_config.sampler = "ddim"
-    chunk = policy.predict_chunk(_batch())
-    assert policy.last_nfe == 5 and bool(torch.isfinite(chunk).all())
+    assert policy.predict_chunk(_batch()).nfe == 20
+    chunk = policy.predict_chunk(_batch(), method="ddim")
+    assert chunk.nfe == 5 and bool(torch.isfinite(chunk.actions).all())
+    assert policy.predict_chunk(_batch(), steps=3, method="ddim").nfe == 3
+    with pytest.raises(ValueError, match="only the flow policies take a sampling temperature"):
+        policy.predict_chunk(_batch(), noise_scale=0.5)
+    with pytest.raises(ValueError, match=r"steps must be an int in 1\.\.20"):
+        policy.predict_chunk(_batch(), steps=21)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_settings_are_arguments_that_leave_the_config_unchanged(kind: str) -> None:
+    policy = _policy(kind).eval()
+    before = dataclasses.replace(policy.policy_config)
+    if kind == "mse":
+        assert policy.predict_chunk(_batch()).nfe == 1
+        with pytest.raises(ValueError, match="takes no steps"):
+            policy.predict_chunk(_batch(), steps=3)
+    else:
+        for k in (1, 2, 4):
+            result = policy.predict_chunk(_batch(), steps=k)
+            assert result.nfe == (2 * k if kind == "hierarchical" else k)  # k per level
+        with pytest.raises(ValueError, match="steps must be an int"):
+            policy.predict_chunk(_batch(), steps=0)
+    assert policy.policy_config == before
 
 
 def test_config_errors() -> None:
@@ -277,7 +297,8 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     out = tmp_path / "eval.json"
     videos = tmp_path / "gifs"
     args = ["policy", "eval", str(run), "--episodes", "1", "--max-steps", "20", "--out", str(out), "--no-progress"]
-    args += ["--noise-scale", "0.5"]
+    refused = runner.invoke(app, [*args, "--noise-scale", "0.5"])  # an MSE policy has no temperature
+    assert refused.exit_code == 2 and "takes no noise_scale" in refused.stderr and not out.exists()
     result = runner.invoke(app, [*args, "--video", str(videos)])
     assert result.exit_code == 0, result.output
     assert "reach-v3" in result.output and "median chunk latency" in result.output
@@ -348,7 +369,7 @@ def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:
     torch.manual_seed(0)
     expected = policy.predict_chunk(batch)
     torch.manual_seed(0)
-    torch.testing.assert_close(policy.predict_chunk(as_numpy), expected)
+    torch.testing.assert_close(policy.predict_chunk(as_numpy).actions, expected.actions)
     with pytest.raises(ValueError, match="state has 0 rows"):
         policy.predict_chunk({**batch, "state": torch.zeros(0, 2, 5), "task_index": batch["task_index"][:0]})
     with pytest.raises(ValueError, match=r"noise must be a floating-point tensor of shape \(2, 8, 3\)"):

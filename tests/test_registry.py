@@ -274,9 +274,9 @@ def test_every_policy_reloads_with_every_config_field(kind: str, tmp_path: Path)
         "task_index": torch.tensor([0, 1]),
     }
     torch.manual_seed(5)
-    expected = policy.predict_chunk(batch)
+    expected = policy.predict_chunk(batch).actions
     torch.manual_seed(5)
-    torch.testing.assert_close(loaded.predict_chunk(batch), expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.predict_chunk(batch).actions, expected, rtol=0, atol=0)
 
 
 def test_an_unregistered_argument_is_refused_at_save_time_naming_it(tmp_path: Path) -> None:

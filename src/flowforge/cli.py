@@ -363,10 +363,11 @@ def policy_eval(
         raise ConfigError(f"--out {out}: is a folder; give a .json file name")
     policy = load_policy(checkpoint)
     config = policy.policy_config
-    if steps is not None:
-        config.sampling_steps = config.inference_steps = steps
-    if noise_scale is not None:
-        config.noise_scale = noise_scale
+    sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
+    try:
+        policy.sampling(**sampling)
+    except ValueError as error:  # e.g. a temperature for a DDPM policy
+        raise ConfigError(str(error)) from error
     if tasks is None:
         by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
         names = [by_instruction[text] for text in config.instructions if text in by_instruction]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.nn.transformer import PrefixSuffixTransformer
-from flowforge.policy.core import Batch, ChunkPolicy, DenoisingPolicy, PolicyConfig
+from flowforge.policy.core import Batch, ChunkPolicy, DenoisingPolicy, PolicyConfig, Sampling
 from flowforge.registry import register
 
 
@@ -41,9 +41,21 @@ class RegressionPolicy(ChunkPolicy):
         target = self.target_actions(batch)
         return self.masked_mean((predicted - target).square(), batch.get("action_is_pad"))
 
-    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
-        self.last_nfe = 1
-        return self._predict(self.prefix(batch))
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """A regression policy has nothing to sample: every override is refused."""
+        for name, value in (("steps", steps), ("method", method), ("noise_scale", noise_scale)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} = {value!r}: a regression (mse) policy predicts in one pass and takes no {name}"
+                )
+        return Sampling(1, "regression", 0.0)
+
+    def sample_normalized(
+        self, batch: Batch, sampling: Sampling, use_cache: bool = True, noise: Tensor | None = None
+    ) -> tuple[Tensor, int]:
+        return self._predict(self.prefix(batch)), 1
 
 
 def cosine_alpha_bar(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -76,17 +88,35 @@ class DiffusionPolicy(DenoisingPolicy):
         predicted = self.denoise(noisy, (k + 1).to(target.dtype) / steps, self.encode(self.prefix(batch)))
         return self.masked_mean((predicted - noise).square(), batch.get("action_is_pad"))
 
-    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """``steps``: DDIM steps (``inference_steps`` by default; DDPM always runs every training
+        step); ``method``: ``"ddim"`` or ``"ddpm"`` (``sampler`` by default). No temperature."""
+        cfg = self.policy_config
+        if noise_scale is not None:
+            raise ValueError(f"noise_scale = {noise_scale!r}: only the flow policies take a sampling temperature")
+        method = cfg.sampler if method is None else method
+        if method not in ("ddim", "ddpm"):
+            raise ValueError(f"method {method!r} is not a diffusion sampler; choose 'ddim' or 'ddpm'")
+        steps = cfg.inference_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= cfg.diffusion_steps:
+            raise ValueError(f"steps must be an int in 1..{cfg.diffusion_steps} (the training steps), got {steps!r}")
+        return Sampling(cfg.diffusion_steps if method == "ddpm" else steps, method, 1.0)
+
+    def sample_normalized(
+        self, batch: Batch, sampling: Sampling, use_cache: bool = True, noise: Tensor | None = None
+    ) -> tuple[Tensor, int]:
         cfg = self.policy_config
         prefix = self.prefix(batch)
         cache = self.encode(prefix) if use_cache else None
         rows = prefix.shape[0]
         x = torch.randn(rows, cfg.horizon, cfg.action_dim) if noise is None else noise
         x = x.to(prefix)
-        if cfg.sampler == "ddpm":
+        if sampling.method == "ddpm":
             schedule = list(range(cfg.diffusion_steps - 1, -1, -1))
         else:
-            schedule = torch.linspace(cfg.diffusion_steps - 1, 0, cfg.inference_steps).round().long().tolist()
+            schedule = torch.linspace(cfg.diffusion_steps - 1, 0, sampling.steps).round().long().tolist()
         for i, k in enumerate(schedule):
             t = torch.full((rows,), (k + 1) / cfg.diffusion_steps, device=x.device)
             eps = self.denoise(x, t, cache) if use_cache else self.denoise_uncached(x, t, self.prefix(batch))
@@ -95,7 +125,7 @@ class DiffusionPolicy(DenoisingPolicy):
             data = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
             if cfg.action_normalization == "min_max":  # training actions lie in [-1, 1]: clip the estimate near it
                 data = data.clamp(-1.5, 1.5)
-            if cfg.sampler == "ddpm" and i + 1 < len(schedule):
+            if sampling.method == "ddpm" and i + 1 < len(schedule):
                 # Ancestral step: the posterior q(x_{k-1} | x_k, x_0) with x_0 the current estimate.
                 beta = 1 - alpha_bar / previous
                 mean = (previous.sqrt() * beta * data + (1 - beta).sqrt() * (1 - previous) * x) / (1 - alpha_bar)
@@ -105,5 +135,4 @@ class DiffusionPolicy(DenoisingPolicy):
                 # DDIM (eta = 0): keep the predicted noise, move to the previous noise level.
                 eps = (x - alpha_bar.sqrt() * data) / (1 - alpha_bar).sqrt()
                 x = previous.sqrt() * data + (1 - previous).sqrt() * eps
-        self.last_nfe = len(schedule)
-        return x
+        return x, len(schedule)

@@ -130,9 +130,37 @@ class PolicyConfig:
         check_choice("action_normalization", self.action_normalization, ("mean_std", "min_max"))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one chunk is sampled, resolved from a call's arguments and the config's defaults.
+
+    ``steps``: solver steps (flow policies) or denoising steps (DDPM/DDIM); ``method``: a flowforge
+    solver (flow policies) or ``"ddim"``/``"ddpm"``; ``noise_scale``: the flow policies' temperature.
+    """
+
+    steps: int
+    method: str
+    noise_scale: float
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What :meth:`ChunkPolicy.predict_chunk` returns: ``actions`` (B, H, A) in the data's units, the
+    action expert's evaluations ``nfe`` and the wall time ``seconds``."""
+
+    actions: Tensor
+    nfe: int
+    seconds: float
+
+
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
+
+
+def _check_argument_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 class ImageEncoder(nn.Module):
@@ -184,12 +212,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
         _normalizer_buffers(self, "state", config.state_dim)
         _normalizer_buffers(self, "action", config.action_dim)
         self._runtime_embeddings: dict[str, Tensor] = {}
-        #: network evaluations of the action expert in the last :meth:`predict_chunk`.
-        self.last_nfe = 0
-        #: seconds the last :meth:`predict_chunk` took.
-        self.last_latency = 0.0
-        #: ``(seconds, NFE)`` of every chunk predicted since it was last cleared (rollouts read it).
-        self.chunk_log: list[tuple[float, int]] = []
+        #: the :class:`ChunkResult` of every chunk :meth:`select_action` predicted since it was last
+        #: cleared (rollouts read latencies and NFE from it).
+        self.chunk_log: list[ChunkResult] = []
         self.temporal_ensemble: float | None = None
         self.reset()
 
@@ -270,9 +295,37 @@ class ChunkPolicy(Rebuildable, nn.Module):
         """The training loss of a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H)."""
         raise NotImplementedError
 
-    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
-        """A chunk in normalised units, ``(B, H, A)``; sets :attr:`last_nfe`."""
+    def sample_normalized(
+        self, batch: Batch, sampling: Sampling, use_cache: bool = True, noise: Tensor | None = None
+    ) -> tuple[Tensor, int]:
+        """A chunk in normalised units ``(B, H, A)`` and the action expert's evaluations."""
         raise NotImplementedError
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """The sampling settings of one call: each argument, or the config's default when ``None``.
+
+        The flow policies' version; DDPM and regression policies override it. Nothing is stored:
+        the config stays as it was built.
+        """
+        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
+
+        cfg = self.policy_config
+        sampling = Sampling(
+            cfg.sampling_steps if steps is None else steps,
+            cfg.method if method is None else method,
+            cfg.noise_scale if noise_scale is None else noise_scale,
+        )
+        _check_argument_count("steps", sampling.steps)
+        if sampling.method not in (*TABLEAUS, *ADAPTIVE_METHODS):
+            raise ValueError(
+                f"method {sampling.method!r} is not a solver; choose one of {', '.join((*TABLEAUS, *ADAPTIVE_METHODS))}"
+            )
+        scale = sampling.noise_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"noise_scale must be a finite number >= 0, got {scale!r}")
+        return sampling
 
     def target_actions(self, batch: Batch) -> Tensor:
         """The normalised chunk ``(B, H, A)`` with every padded step replaced by the last real action
@@ -292,24 +345,35 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return masked_mean(squared_error, None if action_is_pad is None else ~action_is_pad)
 
     @torch.inference_mode()
-    def predict_chunk(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
-        """Actions ``(B, H, A)`` in the data's units for a batch of observations.
+    def predict_chunk(
+        self,
+        batch: Batch,
+        steps: int | None = None,
+        method: str | None = None,
+        noise_scale: float | None = None,
+        *,
+        use_cache: bool = True,
+        noise: Tensor | None = None,
+    ) -> ChunkResult:
+        """A chunk of actions for a batch of observations, as a :class:`ChunkResult`.
 
-        Runs under ``torch.inference_mode`` (no autograd bookkeeping at all: at batch 1 most of a
-        step is per-operation overhead, and this removes about a quarter of it).
+        ``steps``, ``method`` and ``noise_scale`` override the config's sampling settings for this
+        call only (:meth:`sampling`). Runs under ``torch.inference_mode`` (no autograd bookkeeping
+        at all: at batch 1 most of a step is per-operation overhead, and this removes about a
+        quarter of it).
 
         ``use_cache=False`` recomputes the whole observation prefix (encoders and transformer) at
         every denoising step, as a policy without a KV cache would. ``noise``: the initial noise,
         ``(B, H, A)``, for reproducible comparisons.
         """
+        sampling = self.sampling(steps, method, noise_scale)
         batch = self.checked_batch(batch)
         if noise is not None:
             noise = self._checked_noise(noise, batch["state"].shape[0])
         start = time.perf_counter()
-        chunk = self.unnormalize_action(self.sample_normalized(batch, use_cache=use_cache, noise=noise))
-        self.last_latency = time.perf_counter() - start
-        self.chunk_log.append((self.last_latency, self.last_nfe))
-        return chunk
+        chunk, nfe = self.sample_normalized(batch, sampling, use_cache=use_cache, noise=noise)
+        actions = self.unnormalize_action(chunk)
+        return ChunkResult(actions, nfe, time.perf_counter() - start)
 
     # ---------------------------------------------------------------- input checks
     def checked_batch(self, batch: Batch) -> Batch:
@@ -408,18 +472,33 @@ class ChunkPolicy(Rebuildable, nn.Module):
             batch["instruction"] = [observation["instruction"]]
         return batch
 
-    def select_action(self, observation: dict[str, Any]) -> np.ndarray:
-        """The next action for an observation dict (``state``, ``image`` when used, ``instruction``)."""
+    def _logged_chunk(self, batch: Batch, sampling: dict[str, Any]) -> np.ndarray:
+        result = self.predict_chunk(batch, **sampling)
+        self.chunk_log.append(result)
+        return result.actions[0].cpu().numpy()
+
+    def select_action(
+        self,
+        observation: dict[str, Any],
+        steps: int | None = None,
+        method: str | None = None,
+        noise_scale: float | None = None,
+    ) -> np.ndarray:
+        """The next action for an observation dict (``state``, ``image`` when used, ``instruction``);
+        ``steps``, ``method`` and ``noise_scale`` are passed to :meth:`predict_chunk`."""
+        sampling = {
+            k: v for k, v in (("steps", steps), ("method", method), ("noise_scale", noise_scale)) if v is not None
+        }
         batch = self._observation_batch(observation)
         if self.temporal_ensemble is not None:
-            chunk = self.predict_chunk(batch)[0].cpu().numpy()
+            chunk = self._logged_chunk(batch, sampling)
             self._ensemble = [(s, c) for s, c in self._ensemble if self._step - s < len(c)] + [(self._step, chunk)]
             weights = np.array([math.exp(-self.temporal_ensemble * i) for i in range(len(self._ensemble))])
             actions = np.stack([c[self._step - s] for s, c in self._ensemble])
             self._step += 1
             return ((weights[:, None] * actions).sum(0) / weights.sum()).astype(np.float32)
         if not self._queue:
-            chunk = self.predict_chunk(batch)[0].cpu().numpy()
+            chunk = self._logged_chunk(batch, sampling)
             self._queue.extend(chunk[: self.policy_config.n_action_steps])
         self._step += 1
         return self._queue.popleft()

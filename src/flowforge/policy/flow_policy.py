@@ -33,10 +33,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from flowforge.matching.functional import flow_matching_loss, integrate
+from flowforge.matching.functional import Integration, flow_matching_loss, integrate
 from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import ShiftedBetaTime
-from flowforge.policy.core import Batch, DenoisingPolicy, PolicyConfig
+from flowforge.policy.core import Batch, DenoisingPolicy, PolicyConfig, Sampling
 from flowforge.registry import register
 
 
@@ -48,7 +48,8 @@ class FlowPolicy(DenoisingPolicy):
     >>> policy = FlowPolicy(PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=32, layers=1, language=False))
     >>> pad = torch.zeros(5, 4, dtype=torch.bool)
     >>> batch = {"state": torch.randn(5, 1, 3), "action": torch.randn(5, 4, 2), "action_is_pad": pad}
-    >>> policy.loss(batch).shape, policy.predict_chunk(batch).shape, policy.last_nfe
+    >>> result = policy.predict_chunk(batch)
+    >>> policy.loss(batch).shape, result.actions.shape, result.nfe
     (torch.Size([]), torch.Size([5, 4, 2]), 10)
     """
 
@@ -68,20 +69,24 @@ class FlowPolicy(DenoisingPolicy):
         return self.flow_loss(self.target_actions(batch), self.prefix(batch), batch.get("action_is_pad"))
 
     def integrate(
-        self, prefix: Tensor | Callable[[], Tensor], use_cache: bool, noise: Tensor | None, horizon: int
-    ) -> Tensor:
-        """Noise to a normalised chunk by the configured solver; counts the expert's evaluations.
+        self,
+        prefix: Tensor | Callable[[], Tensor],
+        use_cache: bool,
+        noise: Tensor | None,
+        horizon: int,
+        sampling: Sampling,
+    ) -> Integration:
+        """Noise to a normalised chunk with the solver of ``sampling``; the chunk and its NFE.
 
         ``prefix``: the observation tokens, or a function that encodes them again at every
         evaluation (what a policy without a cache does; ``use_cache=False``). ``noise``: a standard
-        normal draw; integration starts from ``noise_scale * noise``.
+        normal draw; integration starts from ``sampling.noise_scale * noise``.
         """
-        cfg = self.policy_config
         if noise is None:
             reference = prefix() if callable(prefix) else prefix
-            shape = (reference.shape[0], horizon, cfg.action_dim)
+            shape = (reference.shape[0], horizon, self.policy_config.action_dim)
             noise = torch.randn(shape, device=reference.device, dtype=reference.dtype)
-        noise = cfg.noise_scale * noise.to(self.state_shift)  # a supplied draw may live elsewhere
+        noise = sampling.noise_scale * noise.to(self.state_shift)  # a supplied draw may live elsewhere
         cache = None
         if use_cache:
             cache = self.encode(prefix() if callable(prefix) else prefix)
@@ -91,17 +96,17 @@ class FlowPolicy(DenoisingPolicy):
                 return self.denoise(x, t, cache)
             return self.denoise_uncached(x, t, prefix() if callable(prefix) else prefix)
 
-        result = integrate(field, noise, method=cfg.method, steps=cfg.sampling_steps)
-        self.last_nfe = result.nfe
-        return result.x
+        return integrate(field, noise, method=sampling.method, steps=sampling.steps)
 
-    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+    def sample_normalized(
+        self, batch: Batch, sampling: Sampling, use_cache: bool = True, noise: Tensor | None = None
+    ) -> tuple[Tensor, int]:
         if noise is None:
             noise = torch.randn(batch["state"].shape[0], self.chunk_horizon, self.policy_config.action_dim)
-        if use_cache:
-            return self.integrate(self.prefix(batch), True, noise, self.chunk_horizon)
         # Without a cache a policy re-encodes the observation (encoders and prefix) at every step.
-        return self.integrate(lambda: self.prefix(batch), False, noise, self.chunk_horizon)
+        prefix = self.prefix(batch) if use_cache else (lambda: self.prefix(batch))
+        result = self.integrate(prefix, use_cache, noise, self.chunk_horizon, sampling)
+        return result.x, result.nfe
 
 
 @register("hierarchical", "policy")
@@ -112,7 +117,7 @@ class HierarchicalFlowPolicy(FlowPolicy):
     (actions ``stride - 1, 2 stride - 1, ...`` of the chunk). The fine flow (``self.fine``) sees
     the observation prefix plus one token per keyframe and generates all ``horizon`` actions. Each
     flow integrates with ``sampling_steps`` steps, so a chunk costs twice the evaluations of a
-    :class:`FlowPolicy` (reported in :attr:`last_nfe`).
+    :class:`FlowPolicy` (reported in the chunk's ``nfe``).
     """
 
     def __init__(self, config: PolicyConfig) -> None:
@@ -145,15 +150,15 @@ class HierarchicalFlowPolicy(FlowPolicy):
         fine = self.fine.flow_loss(target, self._fine_prefix(prefix, keyframes), pad)
         return coarse + fine
 
-    def sample_normalized(self, batch: Batch, use_cache: bool = True, noise: Tensor | None = None) -> Tensor:
+    def sample_normalized(
+        self, batch: Batch, sampling: Sampling, use_cache: bool = True, noise: Tensor | None = None
+    ) -> tuple[Tensor, int]:
         prefix = self.prefix(batch)
         coarse_noise = fine_noise = None
         if noise is not None:  # one noise tensor of the chunk's shape seeds both levels
             coarse_noise, fine_noise = self.keyframes(noise), noise
-        keyframes = self.integrate(prefix, use_cache, coarse_noise, self.chunk_horizon)
-        coarse_calls = self.last_nfe
-        chunk = self.fine.integrate(
-            self._fine_prefix(prefix, keyframes), use_cache, fine_noise, self.fine.chunk_horizon
+        coarse = self.integrate(prefix, use_cache, coarse_noise, self.chunk_horizon, sampling)
+        fine = self.fine.integrate(
+            self._fine_prefix(prefix, coarse.x), use_cache, fine_noise, self.fine.chunk_horizon, sampling
         )
-        self.last_nfe = coarse_calls + self.fine.last_nfe
-        return chunk
+        return fine.x, coarse.nfe + fine.nfe

@@ -13,6 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,12 @@ def save_gif(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Path:
 
 
 def rollout(
-    policy: ChunkPolicy, env, seed: int, max_steps: int = 500, record: bool = False
+    policy: ChunkPolicy,
+    env,
+    seed: int,
+    max_steps: int = 500,
+    record: bool = False,
+    sampling: dict[str, Any] | None = None,
 ) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
     """One episode: ``(success, steps, frames, chunk latencies, NFE per chunk)``.
 
@@ -120,15 +126,16 @@ def rollout(
     when ``record``). The episode ends at success, at termination or after ``max_steps``.
     The policy's noise is drawn from torch's generator seeded with ``seed`` (the caller's random
     state is restored afterwards), so an episode is reproducible and two settings of one policy
-    are compared on the same scenes and the same noise.
+    are compared on the same scenes and the same noise. ``sampling``: the sampling arguments of
+    every chunk (``steps``, ``method``, ``noise_scale``; :meth:`ChunkPolicy.predict_chunk`).
     """
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
-        return _rollout(policy, env, seed, max_steps, record)
+        return _rollout(policy, env, seed, max_steps, record, sampling or {})
 
 
 def _rollout(
-    policy: ChunkPolicy, env, seed: int, max_steps: int, record: bool
+    policy: ChunkPolicy, env, seed: int, max_steps: int, record: bool, sampling: dict[str, Any]
 ) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
     policy.reset()
     policy.chunk_log.clear()
@@ -136,7 +143,7 @@ def _rollout(
     frames = [observation["image"]] if record and "image" in observation else []
     success, steps = False, 0
     for steps in range(1, max_steps + 1):  # noqa: B007 - steps is read after the loop
-        action = policy.select_action({**observation, "instruction": info["instruction"]})
+        action = policy.select_action({**observation, "instruction": info["instruction"]}, **sampling)
         observation, _, terminated, truncated, info = env.step(np.clip(action, -1.0, 1.0))
         if record and "image" in observation:
             frames.append(observation["image"])
@@ -145,8 +152,8 @@ def _rollout(
             break
         if terminated or truncated:
             break
-    latencies = [latency for latency, _ in policy.chunk_log]
-    nfe = [calls for _, calls in policy.chunk_log]
+    latencies = [chunk.seconds for chunk in policy.chunk_log]
+    nfe = [chunk.nfe for chunk in policy.chunk_log]
     return success, steps, frames, latencies, nfe
 
 
@@ -161,12 +168,16 @@ def evaluate(
     videos_per_task: int = 2,
     seed_base: int = EVALUATION_SEED_BASE,
     progress: bool = True,
+    sampling: dict[str, Any] | None = None,
 ) -> EvaluationReport:
     """Evaluate ``policy`` on each task for ``episodes`` fresh-seed episodes.
 
     Images are rendered when the policy uses them, or when ``video_dir`` asks for GIFs (the first
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
+    ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``),
+    checked before the first episode.
     """
+    policy.sampling(**(sampling or {}))  # a bad setting fails here, not in the middle of an episode
     from flowforge.envs.metaworld import MetaWorldEnv
 
     policy.eval()
@@ -180,7 +191,9 @@ def evaluate(
             for episode in range(episodes):
                 record = video_dir is not None and episode < videos_per_task
                 seed = seed_base + 10_007 * position + episode
-                success, steps, frames, chunk_latencies, chunk_nfe = rollout(policy, env, seed, max_steps, record)
+                success, steps, frames, chunk_latencies, chunk_nfe = rollout(
+                    policy, env, seed, max_steps, record, sampling
+                )
                 result.successes.append(success)
                 result.steps.append(steps)
                 latencies += chunk_latencies
