@@ -25,3 +25,28 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
     ci = (README.parent / ".ci" / "run").read_text()
     for command in first_block[1].split(" && "):
         assert command in ci, f"{command!r} is not run by .ci/run"
+
+
+def test_every_dotted_name_the_readme_shows_exists() -> None:
+    """``flowforge.a.b.C`` in the README: a module, or an attribute of the longest importable prefix."""
+    import importlib
+
+    names = sorted(set(re.findall(r"flowforge(?:\.[A-Za-z_][A-Za-z0-9_]*)+", README.read_text())))
+    assert names
+    missing = []
+    for name in names:
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            try:
+                for attribute in parts[cut:]:
+                    obj = getattr(obj, attribute)
+            except AttributeError:
+                missing.append(name)
+            break
+        else:
+            missing.append(name)
+    assert missing == []

@@ -1,5 +1,7 @@
-"""Data: built-in 2-D sets, scikit-learn's bundled sets, user files, and 2-D targets for reverse-KL training."""
+"""Data: built-in 2-D sets, scikit-learn's bundled sets, user files, 2-D targets for reverse-KL training, and
+robot demonstration folders (:class:`EpisodeDataset`)."""
 
+from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.tabular import (
     DIGIT_LEVELS,
     SKLEARN_DATASETS,
@@ -20,6 +22,7 @@ __all__ = [
     "TARGETS",
     "TOY_DATASETS",
     "DataError",
+    "EpisodeDataset",
     "Standardizer",
     "Target",
     "dequantize_digits",
