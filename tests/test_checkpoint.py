@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from flowforge.checkpoint import (
+    TRAINING_STATE_FIELDS,
     CheckpointError,
+    check_training_manifest,
     decode_state,
     encode_state,
+    load_model,
     load_tensors,
     read_manifest,
     save_checkpoint,
 )
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Flow, RealNVP
+from flowforge.train.state import TrainingParts, TrainingState, rng_state, save_training_state
 
 RECIPES = [
     (RealNVP, {"features": 3, "context": 2, "transforms": 2, "hidden": (8,)}),
@@ -154,3 +162,241 @@ def test_the_package_never_unpickles() -> None:
     calls = ("torch.load(", "import pickle", "pickle.load", "import dill", "allow_pickle=True")
     offenders = [(p.name, c) for p in source.rglob("*.py") for c in calls if c in p.read_text()]
     assert offenders == []
+
+
+# ---------------------------------------------------------------- hostile manifests
+DELETE = object()
+
+
+def _training_checkpoint(directory: Path) -> Path:
+    """A resumable training checkpoint of a registered model: every key a hostile manifest can damage."""
+    torch.manual_seed(0)
+    model = RealNVP(2, transforms=2, hidden=(8,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 2))[1].sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    parts = TrainingParts(model, optimizer, scheduler, scaler=None, objective=object())
+    return save_training_state(
+        directory,
+        parts,
+        state=TrainingState(step=1, history=[{"step": 1, "loss": 0.5, "lr": 0.01}]),
+        config={"steps": 10, "lr": 0.01},
+        rng_states=[rng_state()],
+    )
+
+
+def _damage(directory: Path, key: str, change: Any) -> None:
+    """Set (or delete, or transform with a callable) the manifest entry at the dotted ``key``."""
+    path = directory / "checkpoint.json"
+    manifest = json.loads(path.read_text())
+    *parents, last = key.split(".")
+    table = manifest
+    for parent in parents:
+        table = table[parent]
+    if change is DELETE:
+        del table[last]
+    elif callable(change):
+        table[last] = change(table[last])
+    else:
+        table[last] = change
+    path.write_text(json.dumps(manifest))
+
+
+# (key to damage, new value / DELETE / callable(old), regex the message must hold after "checkpoint.json: ")
+BAD_MANIFESTS: list[tuple[str, Any, str]] = [
+    ("files.model.sha256", DELETE, r"files\.model\.sha256 is missing; expected 64 hex digits"),
+    ("files.model.sha256", "xyz", r"files\.model\.sha256 is 'xyz'; expected 64 hex digits"),
+    ("files.model.sha256", 12, r"files\.model\.sha256 is 12 \(int\); expected 64 hex digits"),
+    ("files.model.file", DELETE, r"files\.model\.file is missing; expected a plain file name"),
+    ("files.model.file", 7, r"files\.model\.file is 7 \(int\); expected a plain file name"),
+    ("files.model.size", 10, r"files\.model has an unknown key 'size'; expected only file and sha256"),
+    ("files.model", "model.safetensors", r"files\.model is 'model\.safetensors'; expected an object"),
+    ("files", lambda files: list(files.values()), r"files is \[.*; expected an object"),
+    ("files", DELETE, r"files is missing; expected an object"),
+    ("dtype", "int64", r"dtype is 'int64'; expected a floating-point torch dtype"),
+    ("dtype", 32, r"dtype is 32 \(int\); expected a floating-point torch dtype"),
+    ("dtype", "manual_seed", r"dtype is 'manual_seed'; expected a floating-point torch dtype"),
+    ("version", "2", r"version is '2'; expected an integer from 1 to 2"),
+    ("version", 3, r"version is 3 \(int\); expected an integer from 1 to 2 \(a newer flowforge"),
+    ("version", 0, r"version is 0 \(int\); expected an integer from 1 to 2"),
+    ("version", True, r"version is True \(bool\); expected an integer"),
+    ("version", DELETE, r"version is missing; expected an integer"),
+    ("metadata", ["note"], r"metadata is \['note'\]; expected an object"),
+    ("model", "realnvp", r"model is 'realnvp'; expected null or an object"),
+    ("class", 5, r"class is 5 \(int\); expected a class name"),
+]
+# The same for what resuming a run reads (read_manifest(..., training=True)).
+BAD_TRAINING_MANIFESTS: list[tuple[str, Any, str]] = [
+    ("trainer", DELETE, r"trainer is missing; .* holds weights only"),
+    ("trainer", [1], r"trainer is \[1\]; expected an object"),
+    ("trainer_config", DELETE, r"trainer_config is missing; expected an object"),
+    ("trainer_config", "fast", r"trainer_config is 'fast'; expected an object"),
+    ("trainer.optimizer", DELETE, r"trainer\.optimizer is missing; expected an object"),
+    ("trainer.scheduler", 3, r"trainer\.scheduler is 3 \(int\); expected an object"),
+    ("trainer.scaler", DELETE, r"trainer\.scaler is missing; expected null or an object"),
+    ("trainer.objective", "adam", r"trainer\.objective is 'adam'; expected null or an object"),
+    ("trainer.rng", DELETE, r"trainer\.rng is missing; expected a non-empty list"),
+    ("trainer.rng", [], r"trainer\.rng is \[\]; expected a non-empty list"),
+    ("trainer.rng", [{"torch": {}, "python": []}], r"trainer\.rng\[0\]\.numpy is missing"),
+    ("trainer.state", lambda state: {**state, "epoch": 3}, r"trainer\.state has an unknown key 'epoch'"),
+    ("trainer.state", None, r"trainer\.state is None; expected an object"),
+    ("trainer.state.step", "ten", r"trainer\.state\.step is 'ten'; expected int"),
+    ("trainer.state.step", 1.5, r"trainer\.state\.step is 1\.5 \(float\); expected int"),
+    ("trainer.state.history", {}, r"trainer\.state\.history is \{\}; expected list"),
+    ("files.trainer", DELETE, r"files\.trainer is missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _training_checkpoint(tmp_path_factory.mktemp("training") / "ckpt")
+
+
+def test_the_intact_training_checkpoint_passes_every_check(training_checkpoint: Path) -> None:
+    manifest = read_manifest(training_checkpoint, training=True)
+    assert check_training_manifest(manifest, training_checkpoint) is manifest
+    assert isinstance(load_model(training_checkpoint), RealNVP)
+    assert set(load_tensors(training_checkpoint, "trainer")) and set(load_tensors(training_checkpoint, "model"))
+
+
+@pytest.mark.parametrize(("key", "change", "message"), BAD_MANIFESTS, ids=[f"{k}={c!r}" for k, c, _ in BAD_MANIFESTS])
+def test_every_bad_manifest_gives_a_checkpoint_error_naming_the_file_and_key(
+    training_checkpoint: Path, key: str, change: Any, message: str, tmp_path: Path
+) -> None:
+    directory = shutil.copytree(training_checkpoint, tmp_path / "ckpt")
+    _damage(directory, key, change)
+    pattern = r"checkpoint\.json: " + message
+    loaders: list[Callable[[], object]] = [
+        lambda: read_manifest(directory),
+        lambda: read_manifest(directory, training=True),
+        lambda: load_model(directory),
+        lambda: Flow.load(directory),
+        lambda: load_tensors(directory, "model"),
+    ]
+    for load in loaders:
+        with pytest.raises(CheckpointError, match=pattern):  # never a KeyError, TypeError or AttributeError
+            load()
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "message"), BAD_TRAINING_MANIFESTS, ids=[f"{k}={c!r}" for k, c, _ in BAD_TRAINING_MANIFESTS]
+)
+def test_every_bad_training_manifest_gives_a_checkpoint_error_naming_the_file_and_key(
+    training_checkpoint: Path, key: str, change: Any, message: str, tmp_path: Path
+) -> None:
+    directory = shutil.copytree(training_checkpoint, tmp_path / "ckpt")
+    _damage(directory, key, change)
+    pattern = r"checkpoint\.json: " + message
+    with pytest.raises(CheckpointError, match=pattern):
+        read_manifest(directory, training=True)
+    manifest = json.loads((directory / "checkpoint.json").read_text())
+    with pytest.raises(CheckpointError, match=pattern):
+        check_training_manifest(manifest, directory)
+
+
+def test_the_known_training_counters_are_those_of_training_state() -> None:
+    assert list(TRAINING_STATE_FIELDS) == [f.name for f in dataclasses.fields(TrainingState)]
+
+
+def test_a_training_checkpoint_from_before_per_process_random_states_passes(training_checkpoint: Path) -> None:
+    manifest = read_manifest(training_checkpoint)
+    trainer = dict(manifest["trainer"])
+    rng = trainer.pop("rng")[0]
+    trainer.update(torch_rng=rng["torch"], python_rng=rng["python"], numpy_rng=rng["numpy"])
+    check_training_manifest({**manifest, "trainer": trainer}, training_checkpoint)
+
+
+def test_damaged_encoded_state_gives_a_checkpoint_error() -> None:
+    tensors = {"t0": torch.zeros(1)}
+    for bad in ({"__tensor__": "t9"}, {"__tensor__": ["t0"]}, {"__items__": [[1]]}, {"__items__": [[{}, 1]]}):
+        with pytest.raises(CheckpointError, match="checkpoint"):
+            decode_state(bad, tensors)
+
+
+# ---------------------------------------------------------------- paths that leave the folder
+def _escape(case: str, tmp_path: Path) -> Path:
+    """A checkpoint whose model entry reaches a (valid, hash-matching) weights file outside its folder."""
+    directory = tmp_path / "ckpt"
+    RealNVP(2, transforms=2).save(directory)
+    inside = next(directory.glob("*.safetensors"))
+    outside = tmp_path / "elsewhere" / "model.safetensors"
+    outside.parent.mkdir()
+    inside.rename(outside)
+    if case == "parent":
+        entry = "../elsewhere/model.safetensors"
+    elif case == "absolute":
+        entry = str(outside.resolve())
+    else:
+        entry = "model-link.safetensors"
+        (directory / entry).symlink_to(outside)
+    _damage(directory, "files.model.file", entry)
+    return directory
+
+
+@pytest.mark.parametrize("case", ["parent", "absolute", "symlink"])
+def test_file_entries_never_lead_out_of_the_checkpoint_folder(case: str, tmp_path: Path) -> None:
+    directory = _escape(case, tmp_path)
+    if case == "symlink":  # a plain name: only resolving it shows where it leads
+        pattern = (
+            r"checkpoint\.json: files\.model\.file is 'model-link\.safetensors'; expected a file inside .*elsewhere"
+        )
+    else:
+        pattern = r"checkpoint\.json: files\.model\.file is .*; expected a plain file name inside the checkpoint folder"
+        with pytest.raises(CheckpointError, match=pattern):
+            read_manifest(directory)
+    for load in (lambda: Flow.load(directory), lambda: load_model(directory), lambda: load_tensors(directory, "model")):
+        with pytest.raises(CheckpointError, match=pattern):
+            load()
+
+
+def test_a_symlink_inside_the_folder_still_loads(tmp_path: Path) -> None:
+    flow = RealNVP(2, transforms=2)
+    flow.save(tmp_path)
+    real = next(tmp_path.glob("*.safetensors"))
+    (tmp_path / "alias.safetensors").symlink_to(real.name)
+    _damage(tmp_path, "files.model.file", "alias.safetensors")
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(Flow.load(tmp_path).log_prob(x), flow.log_prob(x))
+
+
+def test_tensor_groups_must_be_plain_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="plain name"):
+        save_checkpoint(tmp_path / "ckpt", {"../model": {"w": torch.zeros(1)}}, {})
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+# ---------------------------------------------------------------- writes killed midway
+def test_temporary_files_of_a_killed_write_are_never_read_and_removed_by_the_next_save(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    flow, other = RealNVP(2, transforms=2), RealNVP(2, transforms=2)
+    _randomize(other)
+    flow.save(tmp_path / "ckpt", metadata={"which": "real"})
+    directory = tmp_path / "ckpt"
+    # What a save killed between writing its temporary files and renaming them leaves: other weights
+    # and a manifest naming them (a plain, hash-matching, hidden name).
+    other.save(tmp_path / "other", metadata={"which": "temporary"})
+    weights = next((tmp_path / "other").glob("*.safetensors")).read_bytes()
+    (directory / ".model-x.safetensors.y.tmp").write_bytes(weights)
+    manifest = json.loads((tmp_path / "other" / "checkpoint.json").read_text())
+    manifest["files"]["model"]["file"] = ".model-x.safetensors.y.tmp"
+    (directory / ".checkpoint.json.abc.tmp").write_text(json.dumps(manifest))
+    (directory / ".metrics.csv.abc.tmp").write_text("not ours")  # another writer's temporary file: left alone
+
+    x = torch.randn(4, 2)
+    assert read_manifest(directory)["metadata"] == {"which": "real"}
+    with torch.no_grad():
+        torch.testing.assert_close(Flow.load(directory).log_prob(x), flow.log_prob(x), rtol=0, atol=0)
+
+    hostile = tmp_path / "hostile"  # a manifest that names the temporary file is refused, not read
+    hostile.mkdir()
+    shutil.copy(directory / ".model-x.safetensors.y.tmp", hostile)
+    (hostile / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: files\.model\.file is '\.model-x"):
+        Flow.load(hostile)
+
+    flow.save(directory, metadata={"which": "real"})
+    assert sorted(p.name for p in directory.glob(".*.tmp")) == [".metrics.csv.abc.tmp"]
+    assert len(list(directory.glob("*.safetensors"))) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(Flow.load(directory).log_prob(x), flow.log_prob(x), rtol=0, atol=0)

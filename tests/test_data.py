@@ -104,6 +104,126 @@ def test_other_bad_files_give_clear_errors(tmp_path: Path) -> None:
         load_table(tmp_path / "broken.parquet")
 
 
+# ---------------------------------------------------------------- bad input: BOM, damaged binaries, non-finite values
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
+@pytest.mark.parametrize("header", [b"", b"a,b\r\n"], ids=["no-header", "header"])
+def test_a_byte_order_mark_never_costs_the_first_row(tmp_path: Path, bom: bytes, header: bytes) -> None:
+    (tmp_path / "excel.csv").write_bytes(bom + header + b"1,2\r\n3,4\r\n")
+    torch.testing.assert_close(load_table(tmp_path / "excel.csv"), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+def test_a_first_row_mixing_names_and_numbers_is_not_dropped_as_a_header(tmp_path: Path) -> None:
+    (tmp_path / "typo.csv").write_text("1o,2\n3,4\n")  # a typo in the first number, not a header
+    with pytest.raises(DataError, match=r"typo\.csv, row 1, column 1: '1o' is not a number \(a header row"):
+        load_table(tmp_path / "typo.csv")
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+DAMAGED_FILES = [
+    ("cut.npz", _npz_bytes(data=np.ones((50, 2)))[:700], r"cut\.npz: not a readable \.npz file \(BadZipFile"),
+    ("text.npz", b"1,2\n3,4\n", r"text\.npz: not a readable \.npz file \(it does not start like a zip archive"),
+    ("empty.npz", b"", r"empty\.npz: not a readable \.npz file \(the file is empty\)"),
+    ("text.npy", b"1,2\n3,4\n", r"text\.npy: not a readable \.npy file \(it does not start like a NumPy array"),
+    ("zip.npy", _npz_bytes(data=np.ones((2, 2))), r"zip\.npy: not a readable \.npy file"),
+    ("cut.parquet", b"PAR1\x15\x04\x15", r"cut\.parquet: not a readable Parquet file"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "message"), DAMAGED_FILES, ids=[case[0] for case in DAMAGED_FILES])
+def test_damaged_binary_files_raise_data_errors(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_table(tmp_path / name)
+
+
+def test_a_truncated_npy_file_is_a_data_error(tmp_path: Path) -> None:
+    np.save(tmp_path / "full.npy", np.ones((50, 2)))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "full.npy").read_bytes()[:-8])
+    with pytest.raises(DataError, match=r"cut\.npy: not a readable \.npy file \(ValueError: Failed to read all data"):
+        load_table(tmp_path / "cut.npy")
+
+
+def test_npz_member_problems_name_the_file_and_the_member(tmp_path: Path) -> None:
+    np.savez(tmp_path / "objects.npz", data=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(DataError, match=r"objects\.npz, member 'data': .*Python objects, which are never unpickled"):
+        load_table(tmp_path / "objects.npz")
+    np.savez(tmp_path / "strings.npz", table=np.array([["1", "2"]]))
+    with pytest.raises(DataError, match=r"strings\.npz, member 'table': holds <U1 values, not real numbers"):
+        load_table(tmp_path / "strings.npz")
+    np.savez(tmp_path / "cube.npz", data=np.zeros((2, 2, 2)))
+    with pytest.raises(DataError, match=r"cube\.npz, member 'data': expected a 2-D table"):
+        load_table(tmp_path / "cube.npz")
+    np.savez(tmp_path / "nan.npz", data=np.array([[1.0, 2.0], [3.0, np.nan]]))
+    with pytest.raises(DataError, match=r"nan\.npz, member 'data', row 2, column 2: nan \(NaN/inf is not allowed\)"):
+        load_table(tmp_path / "nan.npz")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "notes.npz", "w") as archive:
+        archive.writestr("notes.txt", "not an array")
+    with pytest.raises(DataError, match=r"notes\.npz, member 'notes\.txt': not a \.npy array"):
+        load_table(tmp_path / "notes.npz")
+
+
+def test_an_npz_with_several_members_and_no_data_names_them_once(tmp_path: Path) -> None:
+    np.savez(tmp_path / "two.npz", a=np.zeros((2, 2)), b=np.zeros((2, 2)))
+    with pytest.raises(DataError) as caught:
+        load_table(tmp_path / "two.npz")
+    message = str(caught.value)
+    assert (
+        message == f"{tmp_path / 'two.npz'}: holds arrays ['a', 'b'] and none named 'data'; name the one to use 'data'"
+    )
+    np.savez(tmp_path / "none.npz")
+    with pytest.raises(DataError, match=r"none\.npz: holds no arrays"):
+        load_table(tmp_path / "none.npz")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # the row is the line an editor shows: blank lines and the header count
+        ("a,b\n1,2\n\n3,4\n5,nan\n", r"row 5, column 2: nan \(NaN/inf is not allowed\)"),
+        ("\ufeffnan,2\n3,4\n", r"row 1, column 1: nan \(NaN/inf is not allowed\)"),  # not taken for a header
+        ("1,2\n-Infinity,4\n", r"row 2, column 1: -Infinity \(NaN/inf is not allowed\)"),
+        ("1,2\n3,1e999\n", r"row 2, column 2: 1e999 overflows to inf \(NaN/inf is not allowed\)"),
+        ("1,2\n3,4\n1e39,5\n", r"row 3, column 1: 1e\+39 does not fit in float32"),  # finite in float64 only
+    ],
+)
+def test_non_finite_csv_values_name_the_line_and_column(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "points.csv").write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=r"points\.csv, " + message):
+        load_table(tmp_path / "points.csv")
+
+
+def test_non_finite_binary_values_name_the_row_and_column(tmp_path: Path) -> None:
+    np.save(tmp_path / "big.npy", np.array([[1.0, 2.0], [3.0, -1e300]]))
+    with pytest.raises(DataError, match=r"big\.npy, row 2, column 2: -1e\+300 does not fit in float32"):
+        load_table(tmp_path / "big.npy")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "b": [4, None, 6]}), tmp_path / "gap.parquet")
+    with pytest.raises(DataError, match=r"gap\.parquet, row 2, column 2 \('b'\): a missing value \(null"):
+        load_table(tmp_path / "gap.parquet")
+
+
+def test_training_data_with_a_non_finite_value_is_refused_where_it_is_loaded(tmp_path: Path) -> None:
+    from flowforge.runs import DataConfig, load_data
+
+    rows = "\n".join(f"{i},{i % 7}" for i in range(100))
+    (tmp_path / "train.csv").write_text("x,y\n" + rows + "\n\n1,3e38\n1,4e38\n")  # 4e38 is inf in float32
+    with pytest.raises(DataError, match=r"train\.csv, row 104, column 2: 4e\+38 does not fit in float32"):
+        load_data(DataConfig(path=str(tmp_path / "train.csv")))
+
+
 def test_standardizer_round_trip() -> None:
     data = torch.randn(100, 3) * torch.tensor([1.0, 5.0, 0.1]) + 4
     standardizer = Standardizer.fit(data)

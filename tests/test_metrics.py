@@ -8,7 +8,21 @@ import pytest
 import scipy.stats
 import torch
 
-from flowforge.eval import bits_per_dim, energy_distance, mmd, sliced_wasserstein, wasserstein
+from flowforge.eval import (
+    bits_per_dim,
+    energy_distance,
+    mmd,
+    negative_log_likelihood,
+    sliced_wasserstein,
+    wasserstein,
+)
+
+SAMPLE_METRICS = {
+    "mmd": mmd,
+    "energy_distance": energy_distance,
+    "wasserstein": wasserstein,
+    "sliced_wasserstein": sliced_wasserstein,
+}
 
 
 def test_exact_wasserstein_on_a_line_is_the_sorted_matching() -> None:
@@ -65,7 +79,81 @@ def test_bits_per_dim_and_input_checks() -> None:
     assert bits_per_dim(10 * math.log(2), 5) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="same dimension"):
         mmd(torch.randn(5, 2), torch.randn(5, 3))
-    with pytest.raises(ValueError, match="at least 2 points"):
-        energy_distance(torch.randn(1, 2), torch.randn(5, 2))
+    with pytest.raises(ValueError, match=r"x must have shape \(n, d\) with n >= 2"):
+        mmd(torch.randn(1, 2), torch.randn(5, 2))  # the unbiased within-sample terms need two points
     with pytest.raises(ValueError, match="bandwidths"):
         mmd(torch.randn(5, 2), torch.randn(5, 2), bandwidths=[0.0])
+
+
+# ---------------------------------------------------------------- bad input: non-finite samples, wrong shapes
+
+
+@pytest.mark.parametrize("metric", SAMPLE_METRICS.values(), ids=SAMPLE_METRICS.keys())
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("argument", ["x", "y"])
+def test_every_metric_refuses_non_finite_samples(metric, bad: float, argument: str) -> None:
+    # wasserstein used to return 0.0 (a perfect score) here, the others NaN or inf.
+    g = torch.Generator().manual_seed(6)
+    samples = {"x": torch.randn(8, 2, generator=g), "y": torch.randn(8, 2, generator=g)}
+    samples[argument][5, 1] = bad
+    with pytest.raises(ValueError, match=rf"^{argument} must be finite: {argument}\[5, 1\] is {bad}"):
+        metric(**samples)
+
+
+@pytest.mark.parametrize("metric", SAMPLE_METRICS.values(), ids=SAMPLE_METRICS.keys())
+@pytest.mark.parametrize(
+    ("x_shape", "y_shape", "message"),
+    [
+        ((8,), (8, 2), r"x must have shape \(n, d\)"),  # 1-D: points or coordinates? refused, not guessed
+        ((8, 2), (8, 1, 2), r"y must have shape \(n, d\)"),
+        ((8, 0), (8, 0), r"x must have shape \(n, d\) with n >= \d and d >= 1, got \(8, 0\)"),
+        ((0, 2), (8, 2), r"x must have shape \(n, d\) with n >= \d and d >= 1, got \(0, 2\)"),
+        ((8, 2), (8, 3), r"y must have shape \(m, 2\) like x \(8, 2\), got \(8, 3\)"),
+    ],
+)
+def test_every_metric_checks_shapes_naming_the_argument(metric, x_shape, y_shape, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        metric(torch.ones(x_shape), torch.ones(y_shape))
+
+
+def test_metrics_refuse_what_is_not_a_real_tensor_and_allow_what_they_can_compute() -> None:
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor of shape"):
+        energy_distance([[0.0], [1.0]], torch.zeros(2, 1))
+    with pytest.raises(TypeError, match="y must hold real numbers"):
+        wasserstein(torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.complex64))
+    # energy distance (a V-statistic) and W_p are defined for a single point each
+    assert energy_distance(torch.zeros(1, 1), torch.ones(1, 1)) == pytest.approx(2.0)
+    assert wasserstein(torch.zeros(1, 2), torch.full((1, 2), 3.0)) == pytest.approx(3 * math.sqrt(2))
+    with pytest.raises(ValueError, match=r"y must have shape \(3, 2\) like x, got \(4, 2\)"):
+        sliced_wasserstein(torch.zeros(3, 2), torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda x: mmd(x, x, bandwidths=[math.nan]), "bandwidths"),  # NaN passed `h <= 0` and gave NaN
+        (lambda x: mmd(x, x, bandwidths=[]), "bandwidths"),
+        (lambda x: wasserstein(x, x, p=math.nan), "p must be a finite number >= 1"),
+        (lambda x: sliced_wasserstein(x, x, p=math.inf), "p must be a finite number >= 1"),
+        (lambda x: sliced_wasserstein(x, x, projections=0), "projections must be an integer >= 1"),
+        (lambda x: wasserstein(x, x, max_iterations=0), "max_iterations must be an integer >= 1"),
+    ],
+)
+def test_metric_settings_are_checked(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call(torch.randn(6, 2, generator=torch.Generator().manual_seed(7)))
+
+
+def test_negative_log_likelihood_refuses_non_finite_or_empty_data() -> None:
+    from flowforge.flows import RealNVP
+
+    flow = RealNVP(2, transforms=2, hidden=(8,))
+    data = torch.randn(10, 2, generator=torch.Generator().manual_seed(8))
+    assert math.isfinite(negative_log_likelihood(flow, data, batch_size=3))
+    data[7, 0] = math.nan
+    with pytest.raises(ValueError, match=r"data must be finite: data\[7, 0\] is nan"):
+        negative_log_likelihood(flow, data)
+    with pytest.raises(ValueError, match=r"data must have shape \(n, \.\.\.\) with n >= 1, got \(0, 2\)"):
+        negative_log_likelihood(flow, torch.zeros(0, 2))  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        negative_log_likelihood(flow, torch.zeros(3, 2), batch_size=0)

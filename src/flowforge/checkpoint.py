@@ -11,8 +11,15 @@ A checkpoint is a directory holding
 Every file is written to a temporary name, flushed to disk and renamed into place, and the
 manifest is written last, so a process killed at any moment leaves either the previous
 checkpoint or the new one, never a mix; stale tensor files are removed after the manifest is in
-place. Loading checks the format tag and every file's hash, so a truncated, tampered or foreign
-file fails with a :class:`CheckpointError` naming the file, and nothing is ever unpickled.
+place. Temporary files left by a write that was killed (``.checkpoint.json.*.tmp``,
+``.model-*.safetensors.*.tmp``) are never read, and the next save removes them.
+
+Loading validates the manifest's whole schema (:func:`read_manifest`, and
+:func:`check_training_manifest` for a resumable training run) and every file's hash, so a truncated,
+tampered, foreign or hostile file fails with a :class:`CheckpointError` naming the file, the key,
+the value and what is allowed; nothing is ever unpickled. A file entry must be a plain file name
+inside the checkpoint folder: no ``/``, no ``..``, not absolute, not hidden, and no symlink leading
+out of the folder.
 
 Non-tensor state that is not plain JSON (optimizer state dicts have integer keys and tuples) is
 encoded losslessly by :func:`encode_state` and restored by :func:`decode_state`.
@@ -25,7 +32,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +46,22 @@ from flowforge.errors import CheckpointError
 FORMAT = "flowforge-checkpoint"
 VERSION = 2  # 2: the model is stored as a registry config under "model"; 1: "class" + "config"
 MANIFEST = "checkpoint.json"
+
+#: The floating-point dtypes a manifest may record, by the names torch gives them (``"float32"``, ``"double"``, ...).
+FLOATING_DTYPES: dict[str, torch.dtype] = {
+    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype) and value.is_floating_point
+}
+#: The counters of a training run (the fields of :class:`flowforge.train.state.TrainingState`) and their JSON types.
+TRAINING_STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "best_validation": (int, float),
+    "evaluations_without_improvement": (int,),
+    "history": (list,),
+}
+#: Temporary files of :func:`write_atomic` in a checkpoint folder: what a killed save leaves behind.
+TEMPORARY_PATTERNS = (f".{MANIFEST}.*.tmp", ".*.safetensors.*.tmp")
+_MISSING = object()
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -84,13 +107,30 @@ def encode_state(value: Any, tensors: dict[str, Tensor], prefix: str = "t") -> A
 
 
 def decode_state(value: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of :func:`encode_state`."""
+    """Inverse of :func:`encode_state`.
+
+    Raises :class:`CheckpointError` for a reference to a tensor that ``tensors`` does not hold or a
+    malformed tag (a damaged or hostile manifest), never a ``KeyError`` or ``TypeError``.
+    """
     if isinstance(value, dict):
         if set(value) == {"__tensor__"}:
-            return tensors[value["__tensor__"]]
+            name = value["__tensor__"]
+            if not isinstance(name, str) or name not in tensors:
+                raise CheckpointError(f"the checkpoint refers to tensor {_show(name)}, which its tensor file lacks")
+            return tensors[name]
         if set(value) == {"__items__"}:
-            return {decode_state(k, tensors): decode_state(v, tensors) for k, v in value["__items__"]}
+            items = value["__items__"]
+            if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
+                raise CheckpointError(f"the checkpoint holds a malformed '__items__' entry: {_show(items)}")
+            decoded = [(decode_state(k, tensors), decode_state(v, tensors)) for k, v in items]
+            try:
+                return dict(decoded)
+            except TypeError as error:  # a key that is a dict or list
+                raise CheckpointError(f"the checkpoint holds an unusable '__items__' key ({error})") from error
         if set(value) == {"__tuple__"}:
+            if not isinstance(value["__tuple__"], list):
+                malformed = _show(value["__tuple__"])
+                raise CheckpointError(f"the checkpoint holds a malformed '__tuple__' entry: {malformed}")
             return tuple(decode_state(v, tensors) for v in value["__tuple__"])
         return {k: decode_state(v, tensors) for k, v in value.items()}
     if isinstance(value, list):
@@ -109,14 +149,19 @@ def save_checkpoint(
         manifest: JSON-serialisable description (class, config, metadata); the file list is added.
     """
     directory = Path(directory)
+    for group in tensor_files:
+        if not isinstance(group, str) or not _is_plain_name(group):
+            raise ValueError(f"tensor_files: group {group!r} must be a plain name (no '/', not hidden)")
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)
     files = {}
     for group, tensors in tensor_files.items():
         data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         digest = hashlib.sha256(data).hexdigest()
         name = f"{group}-{digest[:16]}.safetensors"
-        if not (directory / name).exists():
-            write_atomic(directory / name, data)
+        target = directory / name
+        if target.is_symlink() or not target.is_file():  # a file of that content is kept; anything else is replaced
+            write_atomic(target, data)
         files[group] = {"file": name, "sha256": digest}
     document = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
     write_atomic(directory / MANIFEST, (json.dumps(document, indent=2, allow_nan=True) + "\n").encode())
@@ -127,34 +172,217 @@ def save_checkpoint(
     return directory
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The checkpoint's manifest, after checking that it is one of ours."""
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporary files that a killed save left in the checkpoint ``directory``; returns them.
+
+    A save that is killed between creating its temporary file and renaming it into place leaves
+    ``.checkpoint.json.<random>.tmp`` or ``.<group>-<hash>.safetensors.<random>.tmp`` behind; nothing
+    ever reads them (a manifest cannot name a hidden file), and :func:`save_checkpoint` calls this
+    first, so they do not pile up. Only one process may save into a checkpoint folder at a time.
+    """
+    directory = Path(directory)
+    removed = []
+    for pattern in TEMPORARY_PATTERNS:
+        for path in directory.glob(pattern):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _show(value: Any) -> str:
+    """``value`` for a message: its repr (shortened) and, when that may not say it, its type."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return text if value is None or isinstance(value, str | dict | list) else f"{text} ({type(value).__name__})"
+
+
+def _refuse(path: Path, key: str, value: Any, expected: str) -> NoReturn:
+    shown = "missing" if value is _MISSING else _show(value)
+    raise CheckpointError(f"{path}: {key} is {shown}; expected {expected}")
+
+
+def _key(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if name.isidentifier() else f"{parent}[{name!r}]"
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name with no directory part: no separator, not absolute, not ``.``/``..`` or hidden."""
+    return (
+        name != ""
+        and "/" not in name
+        and "\\" not in name
+        and (os.altsep is None or os.altsep not in name)
+        and "\0" not in name
+        and not name.startswith(".")
+        and Path(name).name == name
+        and not Path(name).is_absolute()
+    )
+
+
+def _check_file_entry(entry: Any, key: str, path: Path) -> None:
+    """One entry of ``files``: ``{"file": plain file name, "sha256": 64 hex digits}``."""
+    if not isinstance(entry, dict):
+        _refuse(path, key, entry, 'an object {"file": name, "sha256": digest}')
+    unknown = sorted(set(entry) - {"file", "sha256"})
+    if unknown:
+        raise CheckpointError(f"{path}: {key} has an unknown key {unknown[0]!r}; expected only file and sha256")
+    name = entry.get("file", _MISSING)
+    if not isinstance(name, str) or not _is_plain_name(name):
+        expected = "a plain file name inside the checkpoint folder (no '/', not absolute, no leading '.')"
+        _refuse(path, f"{key}.file", name, expected)
+    digest = entry.get("sha256", _MISSING)
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX_DIGITS:
+        _refuse(path, f"{key}.sha256", digest, "64 hex digits")
+
+
+def _check_files(files: Any, path: Path) -> None:
+    if not isinstance(files, dict):
+        _refuse(path, "files", files, 'an object {group: {"file": name, "sha256": digest}}')
+    for group, entry in files.items():
+        _check_file_entry(entry, _key("files", group), path)
+
+
+def _check_dtype(dtype: Any, path: Path) -> torch.dtype:
+    if not isinstance(dtype, str) or dtype not in FLOATING_DTYPES:
+        _refuse(path, "dtype", dtype, "a floating-point torch dtype (float32, float64, float16, bfloat16, ...)")
+    return FLOATING_DTYPES[dtype]
+
+
+def check_manifest(document: Any, path: str | Path) -> dict[str, Any]:
+    """Check a parsed manifest against the checkpoint schema; returns it. ``path``: the manifest file, for messages.
+
+    The schema: an object with ``format`` == :data:`FORMAT`; ``version`` an integer from 1 to
+    :data:`VERSION`; ``files`` an object of ``group -> {"file": plain file name, "sha256": 64 hex
+    digits}``; ``dtype``, if present, a floating-point torch dtype's name; ``metadata``, if present,
+    an object; ``model``, if present, ``null`` or an object (a registry config); ``class`` (version 1),
+    if present, a string. Other keys belong to whoever wrote the checkpoint (e.g. ``trainer``, see
+    :func:`check_training_manifest`). Raises :class:`CheckpointError` naming the file and the key.
+    """
+    path = Path(path)
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a flowforge checkpoint (no format tag {FORMAT!r})")
+    version = document.get("version", _MISSING)
+    if type(version) is not int or not 1 <= version <= VERSION:
+        expected = f"an integer from 1 to {VERSION}"
+        if type(version) is int and version > VERSION:
+            expected += " (a newer flowforge wrote this checkpoint; upgrade to read it)"
+        _refuse(path, "version", version, expected)
+    _check_files(document.get("files", _MISSING), path)
+    if "dtype" in document:
+        _check_dtype(document["dtype"], path)
+    if "metadata" in document and not isinstance(document["metadata"], dict):
+        _refuse(path, "metadata", document["metadata"], "an object")
+    if "model" in document and document["model"] is not None and not isinstance(document["model"], dict):
+        _refuse(path, "model", document["model"], "null or an object (a registry config)")
+    if "class" in document and not isinstance(document["class"], str):
+        _refuse(path, "class", document["class"], "a class name (a string)")
+    return document
+
+
+def check_training_manifest(manifest: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """Check that a manifest (already through :func:`check_manifest`) holds a resumable training state.
+
+    What :func:`flowforge.train.state.load_training_state` reads: ``trainer_config`` an object;
+    ``trainer`` an object with ``optimizer`` and ``scheduler`` (objects), ``scaler`` and
+    ``objective`` (``null`` or objects), ``rng`` (a list of objects; checkpoints from before
+    per-process states hold ``torch_rng``, ``python_rng`` and ``numpy_rng`` instead) and
+    ``state`` (an object with only the keys of :data:`TRAINING_STATE_FIELDS`); ``files`` with
+    ``model`` and ``trainer`` entries. Returns the manifest; raises :class:`CheckpointError` naming
+    the file and the key.
+    """
+    path = Path(directory) / MANIFEST
+    trainer = manifest.get("trainer", _MISSING)
+    if trainer is _MISSING:
+        raise CheckpointError(
+            f"{path}: trainer is missing; {directory} holds weights only, not a resumable training state"
+        )
+    if not isinstance(trainer, dict):
+        _refuse(path, "trainer", trainer, "an object (the optimizer, schedule, random and counter states)")
+    config = manifest.get("trainer_config", _MISSING)
+    if not isinstance(config, dict):
+        _refuse(path, "trainer_config", config, "an object (the trainer config the run was trained under)")
+    _check_files(manifest.get("files", _MISSING), path)
+    for group in ("model", "trainer"):
+        if group not in manifest["files"]:
+            _refuse(path, f"files.{group}", _MISSING, f'the {group} tensors {{"file": name, "sha256": digest}}')
+    for name in ("optimizer", "scheduler"):
+        if not isinstance(trainer.get(name, _MISSING), dict):
+            _refuse(path, f"trainer.{name}", trainer.get(name, _MISSING), f"an object (the {name}'s state)")
+    for name in ("scaler", "objective"):
+        value = trainer.get(name, None if name == "objective" else _MISSING)
+        if value is not None and not isinstance(value, dict):
+            _refuse(path, f"trainer.{name}", value, f"null or an object (the {name}'s state)")
+    if "rng" in trainer or not {"torch_rng", "python_rng", "numpy_rng"} <= set(trainer):
+        rng = trainer.get("rng", _MISSING)
+        if not isinstance(rng, list) or not rng or not all(isinstance(r, dict) for r in rng):
+            _refuse(path, "trainer.rng", rng, "a non-empty list of objects (each process's random states)")
+        for rank, states in enumerate(rng):
+            for generator in ("torch", "python", "numpy"):
+                if generator not in states:
+                    _refuse(path, f"trainer.rng[{rank}].{generator}", _MISSING, f"the {generator} random state")
+    state = trainer.get("state", _MISSING)
+    if not isinstance(state, dict):
+        _refuse(path, "trainer.state", state, "an object (the run's counters)")
+    for key, value in state.items():
+        if key not in TRAINING_STATE_FIELDS:
+            known = ", ".join(TRAINING_STATE_FIELDS)
+            raise CheckpointError(f"{path}: trainer.state has an unknown key {key!r}; expected only {known}")
+        types = TRAINING_STATE_FIELDS[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            _refuse(path, f"trainer.state.{key}", value, " or ".join(t.__name__ for t in types))
+    return manifest
+
+
+def read_manifest(directory: str | Path, *, training: bool = False) -> dict[str, Any]:
+    """The checkpoint's manifest, after checking its whole schema (:func:`check_manifest`).
+
+    With ``training=True``, also that it holds a resumable training state (:func:`check_training_manifest`).
+    Raises :class:`CheckpointError` naming the file and the key for anything wrong.
+    """
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a flowforge checkpoint: {MANIFEST} is missing")
     try:
-        document = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        document = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path} is not valid JSON ({error}); the file is truncated or not ours") from error
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a flowforge checkpoint (no format tag {FORMAT!r})")
-    if document.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} has format version {document['version']}; this flowforge reads up to {VERSION}")
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error})") from error
+    check_manifest(document, path)
+    if training:
+        check_training_manifest(document, directory)
     return document
 
 
 def load_tensors(directory: str | Path, group: str, manifest: dict[str, Any] | None = None) -> dict[str, Tensor]:
-    """The tensors of ``group`` (e.g. ``"model"``), after checking the file's SHA-256 against the manifest."""
+    """The tensors of ``group`` (e.g. ``"model"``), after checking the file's SHA-256 against the manifest.
+
+    The file must be a plain name inside ``directory`` whose resolved path (symlinks followed) stays inside it.
+    """
     directory = Path(directory)
     manifest = manifest if manifest is not None else read_manifest(directory)
-    entry = manifest.get("files", {}).get(group)
+    where = directory / MANIFEST
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        _refuse(where, "files", files, 'an object {group: {"file": name, "sha256": digest}}')
+    entry = files.get(group)
     if entry is None:
         raise CheckpointError(f"checkpoint {directory} holds no {group!r} tensors")
+    key = _key("files", group)
+    _check_file_entry(entry, key, where)
     path = directory / entry["file"]
-    if not path.is_file():
+    resolved, root = path.resolve(), directory.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        _refuse(where, f"{key}.file", entry["file"], f"a file inside {directory}, but it leads to {resolved}")
+    if not resolved.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    try:
+        data = resolved.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error})") from error
+    if hashlib.sha256(data).hexdigest() != entry["sha256"].lower():
         raise CheckpointError(f"{path} does not match its recorded SHA-256: the file is truncated or was modified")
     try:
         return load_safetensors_bytes(data)
@@ -222,22 +450,25 @@ def load_model_from_manifest(
 ) -> torch.nn.Module:
     """:func:`load_model` with the manifest already read (and possibly converted from an older layout)."""
     directory = Path(directory)
+    dtype = _check_dtype(manifest.get("dtype", "float32"), directory / MANIFEST)  # before building anything
     config = manifest.get("model") if "model" in manifest else _legacy_config(manifest, directory)
     if config is None:
         raise CheckpointError(f"{directory} holds weights of a model with no registered config; rebuild it in code")
     model = registry.from_config(config, where=f"{directory / MANIFEST}: model")
     if expected is not None and not isinstance(model, expected):
         raise CheckpointError(f"{directory} holds a {type(model).__name__}, not a {expected.__name__}")
-    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CheckpointError(f"{directory} records dtype {manifest.get('dtype')!r}; expected a floating-point dtype")
     model = model.to(dtype)
     load_state_dict_checked(model, load_tensors(directory, "model", manifest), directory)
     return model.to(map_location) if map_location is not None else model
 
 
 __all__ = [
+    "FLOATING_DTYPES",
+    "TEMPORARY_PATTERNS",
+    "TRAINING_STATE_FIELDS",
     "CheckpointError",
+    "check_manifest",
+    "check_training_manifest",
     "decode_state",
     "encode_state",
     "load_model",
@@ -246,6 +477,7 @@ __all__ = [
     "load_tensors",
     "model_manifest",
     "read_manifest",
+    "remove_stale_temporaries",
     "save_checkpoint",
     "save_model",
     "write_atomic",

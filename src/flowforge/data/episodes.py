@@ -34,48 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowforge.data.normalize import Normalizer
 from flowforge.data.tabular import DataError
-
-
-class Normalizer:
-    """Per-feature affine normalisation from stats.json: ``mode="mean_std"`` maps to zero mean and
-    unit variance, ``"min_max"`` maps [min, max] to [-1, 1]. Invertible; ``to_dict``/``from_dict``
-    store it with a model.
-
-    >>> import torch
-    >>> n = Normalizer({"mean": [1.0], "std": [2.0], "min": [0.0], "max": [4.0]}, "min_max")
-    >>> n.normalize(torch.tensor([[4.0]])).tolist(), n.unnormalize(torch.tensor([[-1.0]])).tolist()
-    ([[1.0]], [[0.0]])
-    """
-
-    def __init__(self, stats: dict[str, Any], mode: str = "mean_std", eps: float = 1e-8) -> None:
-        if mode not in ("mean_std", "min_max"):
-            raise ValueError(f"mode must be 'mean_std' or 'min_max', got {mode!r}")
-        self.mode = mode
-        missing = {"mean", "std", "min", "max"} - set(stats)
-        if missing:
-            raise DataError(f"statistics lack {', '.join(sorted(missing))}")
-        self.stats = {
-            k: torch.as_tensor(np.asarray(stats[k]), dtype=torch.float32) for k in ("mean", "std", "min", "max")
-        }
-        if mode == "mean_std":
-            self.shift, self.scale = self.stats["mean"], self.stats["std"].clamp(min=eps)
-        else:
-            low, high = self.stats["min"], self.stats["max"]
-            self.shift, self.scale = (high + low) / 2, ((high - low) / 2).clamp(min=eps)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        return (x - self.shift.to(x)) / self.scale.to(x)
-
-    def unnormalize(self, x: Tensor) -> Tensor:
-        return x * self.scale.to(x) + self.shift.to(x)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "stats": {k: v.tolist() for k, v in self.stats.items()}}
-
-    @classmethod
-    def from_dict(cls, value: dict[str, Any]) -> Normalizer:
-        return cls(value["stats"], value["mode"])
 
 
 def read_info(root: str | Path) -> dict[str, Any]:
@@ -161,10 +121,13 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return int(self.starts[-1])
 
     def normalizer(self, key: str, mode: str = "mean_std") -> Normalizer:
-        """The normaliser of a numeric feature from stats.json."""
+        """The normaliser of a numeric feature from stats.json (:class:`flowforge.data.normalize.Normalizer`)."""
         if key not in self.stats:
             raise DataError(f"{self.root}/meta/stats.json has no statistics for {key!r}")
-        return Normalizer(self.stats[key], mode)
+        try:
+            return Normalizer.from_statistics(self.stats[key], mode)
+        except DataError as error:
+            raise DataError(f"{self.root}/meta/stats.json, {key!r}: {error}") from error
 
     def episode_columns(self, episode: int) -> dict[str, Any]:
         """Every column of one episode (by position in the data set), as lists with one entry per frame."""
@@ -257,4 +220,4 @@ def describe(root: str | Path) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EpisodeDataset", "Normalizer", "describe", "encode_png", "read_info"]
+__all__ = ["EpisodeDataset", "describe", "encode_png", "read_info"]

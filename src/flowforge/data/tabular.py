@@ -91,8 +91,12 @@ def load_table(path: str | Path, columns: int | None = None) -> Tensor:
         path: the file; its suffix picks the reader (``.csv``, ``.npy``, ``.npz``, ``.parquet``).
         columns: the expected number of columns (None: whatever the first row has).
 
-    CSV files may start with one header row of names; everything else must be numbers.
-    An NPZ file must hold a single array or one named ``data``. Raises :class:`DataError`.
+    CSV files are read as UTF-8 (a leading byte-order mark is allowed) and may start with one
+    header row of names (a row in which no cell is a number); everything else must be numbers.
+    An NPZ file must hold a single array or one named ``data``; arrays of Python objects are never
+    unpickled. NaN, inf and values too large for float32 are refused. Rows are counted 1-based as
+    an editor shows them (for CSV: the line, counting the header and blank lines). Raises
+    :class:`DataError` naming the file (and the NPZ member), the row and the column.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,51 +105,82 @@ def load_table(path: str | Path, columns: int | None = None) -> Tensor:
     readers = {".csv": _read_csv, ".npy": _read_npy, ".npz": _read_npz, ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv, .npy, .npz or .parquet")
-    array, first_row = readers[suffix](path)
+    array, where, rows = readers[suffix](path)
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2:
-        raise DataError(f"{path}: expected a 2-D table (rows x columns), got an array of shape {array.shape}")
+        raise DataError(f"{where}: expected a 2-D table (rows x columns), got an array of shape {array.shape}")
     if array.shape[0] == 0:
-        raise DataError(f"{path}: the table has no rows")
+        raise DataError(f"{where}: the table has no rows")
+    if array.shape[1] == 0:
+        raise DataError(f"{where}: the table has no columns")
     if columns is not None and array.shape[1] != columns:
-        raise DataError(f"{path}: expected {columns} columns, got {array.shape[1]}")
+        raise DataError(f"{where}: expected {columns} columns, got {array.shape[1]}")
+    if rows is None:
+        rows = np.arange(1, array.shape[0] + 1)
     bad = ~np.isfinite(array)
     if bad.any():
         row, column = map(int, np.argwhere(bad)[0])
+        raise DataError(f"{where}, row {rows[row]}, column {column + 1}: {array[row, column]} (NaN/inf is not allowed)")
+    with np.errstate(over="ignore"):
+        single = np.ascontiguousarray(array, dtype=np.float32)
+    overflow = ~np.isfinite(single)
+    if overflow.any():
+        row, column = map(int, np.argwhere(overflow)[0])
         raise DataError(
-            f"{path}, row {row + first_row}, column {column + 1}: {array[row, column]} (NaN/inf is not allowed)"
+            f"{where}, row {rows[row]}, column {column + 1}: {array[row, column]:g} does not fit in float32 "
+            f"(magnitude at most {float(np.finfo(np.float32).max):.4g})"
         )
-    return torch.as_tensor(np.ascontiguousarray(array, dtype=np.float32))
+    return torch.as_tensor(single)
 
 
-def _read_csv(path: Path) -> tuple[np.ndarray, int]:
-    with path.open(newline="") as handle:
-        try:
-            rows = list(csv.reader(handle))
-        except (csv.Error, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not a readable CSV file ({error})") from error
-    first_row = 1
-    if rows and rows[0] and not _is_number(rows[0][0].strip()):
-        rows, first_row = rows[1:], 2  # a header of column names
+_Read = tuple[np.ndarray, str, "np.ndarray | None"]  # values, where (file or file + member), 1-based row numbers
+
+
+def _read_csv(path: Path) -> _Read:
+    records: list[tuple[int, list[str]]] = []
+    try:
+        # utf-8-sig drops a leading byte-order mark, which would otherwise glue itself to the first
+        # cell, make a numeric first row look like a header, and lose it silently.
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            line = 1
+            for row in reader:
+                records.append((line, row))  # the line the record starts on (quoted cells may span lines)
+                line = reader.line_num + 1
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a readable CSV file ({error}); save it as UTF-8 text") from error
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error})") from error
+    records = [(line, row) for line, row in records if any(cell.strip() for cell in row)]  # blank lines
+    if records and not any(_is_number(cell.strip()) for cell in records[0][1]):
+        records = records[1:]  # a header of column names
     values = []
     width = None
-    for offset, row in enumerate(rows):
-        line = offset + first_row
-        if not row or all(not cell.strip() for cell in row):
-            continue  # blank lines carry no data
+    for line, row in records:
         if width is None:
             width = len(row)
         elif len(row) != width:
             raise DataError(f"{path}, row {line}: expected {width} columns, got {len(row)}")
         parsed = []
         for column, cell in enumerate(row, start=1):
+            text = cell.strip()
             try:
-                parsed.append(float(cell))
+                value = float(text)
             except ValueError:
-                raise DataError(f"{path}, row {line}, column {column}: {cell.strip()!r} is not a number") from None
+                # A kept first row holds a number, so a name in it is a header mixing names and numbers.
+                hint = " (a header row must hold only names)" if line == records[0][0] else ""
+                raise DataError(f"{path}, row {line}, column {column}: {text!r} is not a number{hint}") from None
+            if not math.isfinite(value):
+                spelled = "nan" in text.lower() or "inf" in text.lower()
+                what = text if spelled else f"{text} overflows to {value}"
+                raise DataError(f"{path}, row {line}, column {column}: {what} (NaN/inf is not allowed)")
+            parsed.append(value)
         values.append(parsed)
-    return np.asarray(values, dtype=np.float64).reshape(len(values), width or 0), first_row
+    lines = np.asarray([line for line, _ in records], dtype=np.int64)
+    return np.asarray(values, dtype=np.float64).reshape(len(values), width or 0), str(path), lines
 
 
 def _is_number(text: str) -> bool:
@@ -156,30 +191,62 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _read_npy(path: Path) -> tuple[np.ndarray, int]:
+def _check_signature(path: Path, signatures: tuple[bytes, ...], kind: str, what: str) -> None:
+    """Refuse a file whose first bytes are not one of ``signatures`` before any reader guesses at it."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npy file ({error})") from error
-    return _numeric(path, array), 1
+        with path.open("rb") as handle:
+            head = handle.read(max(map(len, signatures)))
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error})") from error
+    if not head:
+        raise DataError(f"{path}: not a readable {kind} file (the file is empty)")
+    if not head.startswith(signatures):
+        raise DataError(f"{path}: not a readable {kind} file (it does not start like {what})")
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, int]:
+def _read_npy(path: Path) -> _Read:
+    _check_signature(path, (b"\x93NUMPY",), ".npy", "a NumPy array file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = list(archive.keys())
-            if "data" in names:
-                array = archive["data"]
-            elif len(names) == 1:
-                array = archive[names[0]]
-            else:
-                raise DataError(f"{path}: holds arrays {names}; name the one to use 'data'")
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{path}: not a readable .npz file ({error})") from error
-    return _numeric(path, array), 1
+        with path.open("rb") as handle:
+            array = np.lib.format.read_array(handle, allow_pickle=False)
+    except Exception as error:  # numpy raises ValueError, EOFError, tokenize and memory errors for damaged files
+        raise DataError(f"{path}: not a readable .npy file ({_describe(error)})") from error
+    return _numeric(str(path), array), str(path), None
 
 
-def _read_parquet(path: Path) -> tuple[np.ndarray, int]:
+def _read_npz(path: Path) -> _Read:
+    _check_signature(path, (b"PK\x03\x04", b"PK\x05\x06"), ".npz", "a zip archive of .npy arrays")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as error:  # zipfile.BadZipFile, zlib.error, EOFError, OSError, ... for damaged archives
+        raise DataError(f"{path}: not a readable .npz file ({_describe(error)})") from error
+    with archive:
+        names = list(archive.keys())
+        if "data" in names:
+            name = "data"
+        elif len(names) == 1:
+            name = names[0]
+        elif not names:
+            raise DataError(f"{path}: holds no arrays; store the table as its only array or name it 'data'")
+        else:
+            raise DataError(f"{path}: holds arrays {names} and none named 'data'; name the one to use 'data'")
+        where = f"{path}, member {name!r}"
+        try:
+            array = archive[name]
+        except Exception as error:  # a damaged member: BadZipFile (CRC), zlib.error, ValueError, EOFError, ...
+            raise DataError(f"{where}: not a readable array ({_describe(error)})") from error
+    if not isinstance(array, np.ndarray):  # a member that is not a .npy file comes back as raw bytes
+        raise DataError(f"{where}: not a .npy array; an .npz file holds arrays saved by numpy.savez")
+    return _numeric(where, array), where, None
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ValueError) and "allow_pickle" in str(error):
+        return "it holds Python objects, which are never unpickled; save a numeric array"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _read_parquet(path: Path) -> _Read:
     try:
         import pyarrow.parquet as parquet
     except ImportError as error:
@@ -193,14 +260,26 @@ def _read_parquet(path: Path) -> tuple[np.ndarray, int]:
     for index, field in enumerate(table.schema, start=1):
         if not (types.is_integer(field.type) or types.is_floating(field.type)):
             raise DataError(f"{path}, column {index} ({field.name!r}): type {field.type} is not numeric")
+    missing = [
+        (int(np.flatnonzero(table.column(i).is_null().to_numpy(zero_copy_only=False))[0]), i)
+        for i in range(table.num_columns)
+        if table.column(i).null_count
+    ]
+    if missing:
+        row, column = min(missing)
+        raise DataError(
+            f"{path}, row {row + 1}, column {column + 1} ({table.schema[column].name!r}): "
+            "a missing value (null is not allowed)"
+        )
     columns = [table.column(i).to_numpy(zero_copy_only=False).astype(np.float64) for i in range(table.num_columns)]
-    return np.stack(columns, axis=1) if columns else np.zeros((0, 0)), 1
+    return (np.stack(columns, axis=1) if columns else np.zeros((0, 0))), str(path), None
 
 
-def _numeric(path: Path, array: np.ndarray) -> np.ndarray:
+def _numeric(where: str, array: np.ndarray) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
-        raise DataError(f"{path}: holds {array.dtype} values, not real numbers")
-    return array.astype(np.float64)
+        raise DataError(f"{where}: holds {array.dtype} values, not real numbers")
+    with np.errstate(over="ignore"):
+        return array.astype(np.float64)
 
 
 class Standardizer:

@@ -14,6 +14,7 @@ r"""Likelihood and sample-quality metrics.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,10 +26,21 @@ from flowforge.flows.base import Flow
 
 @torch.no_grad()
 def negative_log_likelihood(flow: Flow, data: Tensor, context: Tensor | None = None, batch_size: int = 8192) -> float:
-    """Mean negative log-likelihood of ``data`` under ``flow``, in nats per point.
+    """Mean negative log-likelihood of ``data`` (n, *event) under ``flow``, in nats per point.
 
-    Evaluated in chunks of ``batch_size`` so that large test sets fit in memory.
+    Evaluated in chunks of ``batch_size`` so that large test sets fit in memory. ``data`` (and
+    ``context``, one row per data row) must be finite; a non-finite value raises ``ValueError``.
     """
+    _check_finite("data", _as_samples("data", data, min_rows=1, flat=False))
+    if context is not None:
+        _check_finite("context", _as_samples("context", context, min_rows=1, flat=False))
+        if context.shape[0] != data.shape[0]:
+            raise ValueError(
+                f"context must have one row per data row: expected shape ({data.shape[0]}, ...), "
+                f"got {tuple(context.shape)}"
+            )
+    if not (_is_integer(batch_size) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     parameter = next(flow.parameters(), None)
     device, dtype = (parameter.device, parameter.dtype) if parameter is not None else (data.device, data.dtype)
     total = 0.0
@@ -50,18 +62,56 @@ def bits_per_dim(nll_nats: float, dims: int) -> float:
     return nll_nats / (dims * math.log(2))
 
 
-def _pair(name_x: str, x: Tensor, name_y: str, y: Tensor) -> tuple[Tensor, Tensor]:
-    for name, value in ((name_x, x), (name_y, y)):
-        if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[0] < 2:
-            raise ValueError(f"{name} must be a tensor of at least 2 points, shape (n, ...)")
-    x, y = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
+def _as_samples(name: str, value: object, min_rows: int, flat: bool = True) -> Tensor:
+    """``value`` checked to be a real tensor of at least ``min_rows`` rows: (n, d) with d >= 1 when ``flat``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (n, d), got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
+    expected = f"(n, d) with n >= {min_rows} and d >= 1" if flat else f"(n, ...) with n >= {min_rows}"
+    if (flat and value.dim() != 2) or value.dim() < 1 or value.shape[0] < min_rows or (flat and value.shape[1] < 1):
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+    return value
+
+
+def _check_finite(name: str, value: Tensor) -> None:
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        index = tuple(int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(
+            f"{name} must be finite: {name}[{', '.join(map(str, index))}] is {float(value[index])} "
+            "(NaN/inf samples have no distance)"
+        )
+
+
+def _pair(name_x: str, x: Tensor, name_y: str, y: Tensor, min_rows: int = 1) -> tuple[Tensor, Tensor]:
+    """``x`` (n, d) and ``y`` (m, d) checked (shape, finite) and in float64."""
+    x, y = _as_samples(name_x, x, min_rows), _as_samples(name_y, y, min_rows)
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"{name_x} and {name_y} must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
-    return x, y
+        raise ValueError(
+            f"{name_x} and {name_y} must have the same dimension: {name_y} must have shape (m, {x.shape[1]}) "
+            f"like {name_x} {tuple(x.shape)}, got {tuple(y.shape)}"
+        )
+    _check_finite(name_x, x)
+    _check_finite(name_y, y)
+    return x.double(), y.double()
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_p(p: float) -> None:
+    if not (_is_real(p) and 1 <= p < math.inf):
+        raise ValueError(f"p must be a finite number >= 1, got {p!r}")
 
 
 def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> float:
-    r"""Unbiased squared MMD between samples ``x`` (n, d) and ``y`` (m, d) with a sum of Gaussian kernels.
+    r"""Unbiased squared MMD between samples ``x`` (n, d) and ``y`` (m, d), n, m >= 2, with a sum of Gaussian kernels.
 
     Arguments:
         bandwidths: kernel widths :math:`h_b`; by default the median pairwise distance of the
@@ -69,14 +119,16 @@ def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> floa
 
     The estimate can be slightly negative when the laws agree (it is unbiased).
     """
-    x, y = _pair("x", x, "y", y)
+    x, y = _pair("x", x, "y", y, min_rows=2)  # the unbiased within-sample terms need two points each
+    if bandwidths is not None:
+        bandwidths = list(bandwidths)
+        if not bandwidths or not all(_is_real(h) and 0 < h < math.inf for h in bandwidths):
+            raise ValueError(f"bandwidths must be one or more positive finite numbers, got {bandwidths}")
     pooled = torch.cat([x, y])
     distances = torch.cdist(pooled, pooled).square()
     if bandwidths is None:
         median = distances.sqrt().flatten().median().clamp(min=1e-12)
         bandwidths = [0.5 * float(median), float(median), 2.0 * float(median)]
-    if any(h <= 0 for h in bandwidths):
-        raise ValueError(f"bandwidths must be positive, got {list(bandwidths)}")
     kernel = sum(torch.exp(-distances / (2 * h * h)) for h in bandwidths)
     n, m = x.shape[0], y.shape[0]
     kxx, kyy, kxy = kernel[:n, :n], kernel[n:, n:], kernel[:n, n:]
@@ -105,8 +157,9 @@ def wasserstein(x: Tensor, y: Tensor, p: int = 2, max_iterations: int = 100_000_
     """
     import ot
 
-    if p < 1:
-        raise ValueError(f"p must be >= 1, got {p}")
+    _check_p(p)
+    if not (_is_integer(max_iterations) and max_iterations >= 1):
+        raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
     x, y = _pair("x", x, "y", y)
     cost = torch.cdist(x, y).pow(p).cpu().numpy()
     a, b = np.full(x.shape[0], 1.0 / x.shape[0]), np.full(y.shape[0], 1.0 / y.shape[0])
@@ -120,11 +173,15 @@ def sliced_wasserstein(
 
     Each 1-D problem is solved exactly by sorting (the monotone coupling is optimal on a line).
     """
-    if p < 1:
-        raise ValueError(f"p must be >= 1, got {p}")
+    _check_p(p)
+    if not (_is_integer(projections) and projections >= 1):
+        raise ValueError(f"projections must be an integer >= 1, got {projections!r}")
     x, y = _pair("x", x, "y", y)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"sliced_wasserstein needs equal sample sizes, got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"sliced_wasserstein needs equal sample sizes: y must have shape ({x.shape[0]}, {x.shape[1]}) "
+            f"like x, got {tuple(y.shape)}"
+        )
     directions = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
     directions = directions / directions.norm(dim=0, keepdim=True)
     projected_x = (x @ directions.to(x.device)).sort(0).values

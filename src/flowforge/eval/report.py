@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from flowforge.errors import FlowforgeError
 from flowforge.eval.metrics import energy_distance, mmd, sliced_wasserstein
 
 
@@ -30,6 +31,12 @@ def likelihood_metrics(log_probs: Tensor, dims: int) -> dict[str, float]:
 def sample_metrics(generated: Tensor, reference: Tensor, seed: int = 0) -> dict[str, float]:
     """MMD, energy distance and sliced W2 between ``generated`` and ``reference`` (rows flattened)."""
     generated, reference = generated.flatten(1).float(), reference.flatten(1).float()
+    if not bool(torch.isfinite(generated).all()):
+        bad = int((~torch.isfinite(generated)).any(1).sum())
+        raise FlowforgeError(
+            f"{bad} of the model's {generated.shape[0]} samples hold NaN or inf: the model diverged or its "
+            "sampler is unstable; no sample metric can be computed"
+        )
     return {
         "mmd": mmd(generated, reference),
         "energy_distance": energy_distance(generated, reference),

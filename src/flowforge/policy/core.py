@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.config import check_choice, check_range
-from flowforge.errors import ConfigError
+from flowforge.data.normalize import Normalizer
+from flowforge.errors import ConfigError, DataError
 from flowforge.matching.functional import masked_mean
 from flowforge.nn.transformer import PrefixCache, PrefixSuffixTransformer
 from flowforge.nn.velocity import SinusoidalTimeEmbedding
@@ -188,9 +189,13 @@ class ImageEncoder(nn.Module):
         return self.net(x).flatten(2).transpose(1, 2)
 
 
-def _normalizer_buffers(module: nn.Module, name: str, size: int) -> None:
-    module.register_buffer(f"{name}_shift", torch.zeros(size))
-    module.register_buffer(f"{name}_scale", torch.ones(size))
+def _rename_legacy_normalizer_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Checkpoints written before the one Normalizer kept ``state_shift`` etc. on the policy itself."""
+    for name in ("state", "action"):
+        for part in ("shift", "scale"):
+            old = f"{prefix}{name}_{part}"
+            if old in state_dict:
+                state_dict[f"{prefix}{name}_normalizer.{part}"] = state_dict.pop(old)
 
 
 class ChunkPolicy(Rebuildable, nn.Module):
@@ -209,8 +214,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
             prefix += 1
         self.prefix_tokens = prefix
         self.prefix_position = nn.Parameter(0.02 * torch.randn(prefix, width))
-        _normalizer_buffers(self, "state", config.state_dim)
-        _normalizer_buffers(self, "action", config.action_dim)
+        self.state_normalizer = Normalizer(config.state_dim, config.state_normalization)
+        self.action_normalizer = Normalizer(config.action_dim, config.action_normalization)
+        self._register_load_state_dict_pre_hook(_rename_legacy_normalizer_keys)
         self._runtime_embeddings: dict[str, Tensor] = {}
         #: the :class:`ChunkResult` of every chunk :meth:`select_action` predicted since it was last
         #: cleared (rollouts read latencies and NFE from it).
@@ -221,17 +227,10 @@ class ChunkPolicy(Rebuildable, nn.Module):
     # ---------------------------------------------------------------- set-up from data
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
         """Normalisers from a data set's ``stats.json`` (keys ``observation.state`` and ``action``)."""
-        for name, key, mode in (
-            ("state", "observation.state", self.policy_config.state_normalization),
-            ("action", "action", self.policy_config.action_normalization),
-        ):
-            s = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in stats[key].items()}
-            if mode == "mean_std":
-                shift, scale = s["mean"], s["std"]
-            else:
-                shift, scale = (s["max"] + s["min"]) / 2, (s["max"] - s["min"]) / 2
-            getattr(self, f"{name}_shift").copy_(shift)
-            getattr(self, f"{name}_scale").copy_(scale.clamp_min(1e-4))
+        for normalizer, key in ((self.state_normalizer, "observation.state"), (self.action_normalizer, "action")):
+            if key not in stats:
+                raise DataError(f"the data set's statistics have no {key!r} entry")
+            normalizer.set_statistics(stats[key])
 
     def set_instruction_embeddings(self, embeddings: Tensor | None = None) -> None:
         """Store the embeddings of ``config.instructions`` (computed with MiniLM when not given)."""
@@ -243,13 +242,13 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
     # ---------------------------------------------------------------- normalisation
     def normalize_state(self, state: Tensor) -> Tensor:
-        return (state - self.state_shift) / self.state_scale
+        return self.state_normalizer.normalize(state)
 
     def normalize_action(self, action: Tensor) -> Tensor:
-        return (action - self.action_shift) / self.action_scale
+        return self.action_normalizer.normalize(action)
 
     def unnormalize_action(self, action: Tensor) -> Tensor:
-        return action * self.action_scale + self.action_shift
+        return self.action_normalizer.unnormalize(action)
 
     # ---------------------------------------------------------------- the prefix
     def _language(self, batch: Batch, rows: int) -> Tensor:
@@ -397,7 +396,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         if state.shape[0] == 0:
             raise ValueError("state has 0 rows: a chunk is predicted for at least one observation")
         _refuse_non_finite("state", state)
-        checked["state"] = state.to(self.state_shift)
+        checked["state"] = state.to(self.state_normalizer.shift)
         if self.image_encoder is not None:
             if "image" not in batch:
                 raise ValueError("this policy sees images: the batch needs 'image' (batch, obs_horizon, 3, H, W) uint8")
@@ -407,7 +406,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 raise ValueError(
                     f"image must be uint8 of shape {expected}, got {image.dtype} of shape {tuple(image.shape)}"
                 )
-            checked["image"] = image.to(self.state_shift.device)
+            checked["image"] = image.to(self.state_normalizer.shift.device)
         return checked
 
     def _checked_noise(self, noise: Tensor, rows: int) -> Tensor:
@@ -460,7 +459,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         self._history.append(self._checked_observation(observation))
         while len(self._history) < self.policy_config.obs_horizon:
             self._history.appendleft(self._history[0])  # pad the episode start by repetition
-        device = self.state_shift.device
+        device = self.state_normalizer.shift.device
         frames = list(self._history)
         batch: Batch = {
             "state": torch.as_tensor(np.stack([f["state"] for f in frames]), dtype=torch.float32, device=device)[None]

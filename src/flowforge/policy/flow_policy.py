@@ -86,7 +86,7 @@ class FlowPolicy(DenoisingPolicy):
             reference = prefix() if callable(prefix) else prefix
             shape = (reference.shape[0], horizon, self.policy_config.action_dim)
             noise = torch.randn(shape, device=reference.device, dtype=reference.dtype)
-        noise = sampling.noise_scale * noise.to(self.state_shift)  # a supplied draw may live elsewhere
+        noise = sampling.noise_scale * noise.to(self.state_normalizer.shift)  # a supplied draw may live elsewhere
         cache = None
         if use_cache:
             cache = self.encode(prefix() if callable(prefix) else prefix)

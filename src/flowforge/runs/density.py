@@ -290,6 +290,12 @@ def load_run(directory: str | Path) -> Run:
     metadata = manifest.get("metadata")
     if not isinstance(metadata, dict) or not isinstance(metadata.get("run"), dict):
         raise CheckpointError(f"{directory} was not written by `flowforge train` (no run config inside)")
+    unknown = sorted(set(metadata["run"]) - {"model", "data", "objective", "train"})
+    if unknown:
+        raise CheckpointError(
+            f"{directory / 'checkpoint.json'}: metadata.run has unknown table(s) {', '.join(unknown)}; "
+            "expected model, data, objective, train"
+        )
     try:
         run = dict(metadata["run"])
         if isinstance(run.get("train"), dict) and run["train"].get("precision") == "fp16":

@@ -226,7 +226,7 @@ def load_training_state(
         parts.objective,
         parts.ema,
     )
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, training=True)
     if "trainer" not in manifest:
         raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
     saved = {k: v for k, v in manifest["trainer_config"].items() if k != "progress"}

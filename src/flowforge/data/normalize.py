@@ -1,0 +1,93 @@
+r"""The one normaliser: a per-feature affine map from a data set's statistics, held as buffers.
+
+.. math:: y = (x - \text{shift}) / \text{scale}, \qquad x = y \cdot \text{scale} + \text{shift},
+
+with ``mode="mean_std"``: shift = mean, scale = std (zero mean, unit variance), or
+``mode="min_max"``: shift = (max + min) / 2, scale = (max - min) / 2 ([min, max] to [-1, 1]). The
+scale is floored at :data:`SCALE_FLOOR`, so a constant feature maps to 0 instead of dividing by 0.
+
+It is an ``nn.Module`` whose ``shift`` and ``scale`` are buffers: a model that holds one carries
+its statistics in every checkpoint. Policies normalise states and actions with it, and
+:meth:`flowforge.data.EpisodeDataset.normalizer` builds one from ``meta/stats.json``.
+
+>>> import torch
+>>> n = Normalizer.from_statistics({"mean": [1.0], "std": [2.0], "min": [0.0], "max": [4.0]}, "min_max")
+>>> n.normalize(torch.tensor([[4.0]])).tolist(), n.unnormalize(torch.tensor([[-1.0]])).tolist()
+([[1.0]], [[0.0]])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from flowforge.errors import DataError
+
+MODES = ("mean_std", "min_max")
+#: The smallest scale: features whose spread is below it are shifted but not stretched.
+SCALE_FLOOR = 1e-4
+
+
+class Normalizer(nn.Module):
+    """Per-feature affine normalisation (see the module docstring); the identity until statistics are set.
+
+    Arguments:
+        features: size of the last dimension it normalises.
+        mode: ``"mean_std"`` or ``"min_max"``.
+    """
+
+    def __init__(self, features: int, mode: str = "mean_std") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'mean_std' or 'min_max', got {mode!r}")
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be an int >= 1, got {features!r}")
+        self.features, self.mode = features, mode
+        self.register_buffer("shift", torch.zeros(features))
+        self.register_buffer("scale", torch.ones(features))
+
+    @classmethod
+    def from_statistics(cls, stats: dict[str, Any], mode: str = "mean_std") -> Normalizer:
+        """A normaliser fitted to ``stats`` (``mean``, ``std``, ``min``, ``max`` lists, as in stats.json)."""
+        features = len(np.atleast_1d(np.asarray(stats.get("mean", stats.get("min", [])))))
+        normalizer = cls(max(features, 1), mode)
+        normalizer.set_statistics(stats)
+        return normalizer
+
+    @torch.no_grad()
+    def set_statistics(self, stats: dict[str, Any]) -> None:
+        """Fit shift and scale to ``stats`` in place (a ``DataError`` names what is missing or wrong)."""
+        needed = ("mean", "std") if self.mode == "mean_std" else ("min", "max")
+        missing = [k for k in needed if k not in stats]
+        if missing:
+            raise DataError(f"statistics lack {', '.join(missing)} (needed for {self.mode} normalisation)")
+        values = {k: torch.as_tensor(np.asarray(stats[k], dtype=np.float64)).reshape(-1) for k in needed}
+        for key, value in values.items():
+            if value.numel() != self.features or not bool(torch.isfinite(value).all()):
+                raise DataError(f"statistics {key!r} must be {self.features} finite numbers, got {value.tolist()}")
+        if self.mode == "mean_std":
+            shift, scale = values["mean"], values["std"]
+        else:
+            shift, scale = (values["max"] + values["min"]) / 2, (values["max"] - values["min"]) / 2
+        self.shift.copy_(shift)
+        self.scale.copy_(scale.clamp_min(SCALE_FLOOR))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``(x - shift) / scale`` over the last dimension."""
+        return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
+
+    def unnormalize(self, y: Tensor) -> Tensor:
+        """The inverse: ``y * scale + shift``."""
+        return y * self.scale.to(y.dtype) + self.shift.to(y.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, mode={self.mode}"
+
+
+__all__ = ["MODES", "SCALE_FLOOR", "Normalizer"]

@@ -1,0 +1,60 @@
+"""The one Normalizer: an exact inverse, a floor for constant features, statistics carried as buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowforge.data.normalize import SCALE_FLOOR, Normalizer
+from flowforge.errors import DataError
+
+STATS = {"mean": [1.0, -2.0, 5.0], "std": [2.0, 0.5, 0.0], "min": [-3.0, -3.0, 5.0], "max": [5.0, -1.0, 5.0]}
+
+
+@pytest.mark.parametrize("mode", ["mean_std", "min_max"])
+def test_the_inverse_is_exact_and_constants_are_floored(mode: str) -> None:
+    normalizer = Normalizer.from_statistics(STATS, mode).double()
+    x = torch.randn(50, 3, dtype=torch.float64) * 3
+    torch.testing.assert_close(normalizer.unnormalize(normalizer.normalize(x)), x)
+    assert float(normalizer.scale[2]) == pytest.approx(SCALE_FLOOR)  # a constant feature is not divided by 0
+    if mode == "min_max":
+        ends = normalizer.normalize(torch.tensor([[-3.0, -3.0, 5.0], [5.0, -1.0, 5.0]], dtype=torch.float64))
+        torch.testing.assert_close(ends[:, :2], torch.tensor([[-1.0, -1.0], [1.0, 1.0]], dtype=torch.float64))
+    else:
+        torch.testing.assert_close(
+            normalizer.normalize(torch.tensor([[1.0, -2.0, 5.0]], dtype=torch.float64)),
+            torch.zeros(1, 3, dtype=torch.float64),
+        )
+
+
+def test_statistics_are_buffers_that_a_state_dict_carries() -> None:
+    fitted = Normalizer.from_statistics(STATS, "mean_std")
+    assert set(fitted.state_dict()) == {"shift", "scale"}
+    fresh = Normalizer(3, "mean_std")
+    fresh.load_state_dict(fitted.state_dict())
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(fresh.normalize(x), fitted.normalize(x))
+
+
+def test_bad_statistics_are_refused() -> None:
+    with pytest.raises(DataError, match="statistics lack std"):
+        Normalizer(3).set_statistics({"mean": [0.0, 0.0, 0.0]})
+    with pytest.raises(DataError, match="'max' must be 3 finite numbers"):
+        Normalizer(3, "min_max").set_statistics({"min": [0.0] * 3, "max": [1.0, float("nan"), 1.0]})
+    with pytest.raises(ValueError, match="mode must be"):
+        Normalizer(3, "z_score")
+
+
+def test_a_policy_checkpoint_with_the_old_normaliser_keys_still_loads() -> None:
+    from flowforge.policy import FlowPolicy, PolicyConfig
+
+    config = PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False)
+    policy = FlowPolicy(config)
+    policy.set_statistics({"observation.state": STATS, "action": {"min": [-2.0, 0.0], "max": [2.0, 4.0]}})
+    state = policy.state_dict()
+    legacy = {k.replace("_normalizer.", "_"): v for k, v in state.items()}
+    assert "state_shift" in legacy and "action_scale" in legacy
+    again = FlowPolicy(config)
+    again.load_state_dict(legacy)
+    torch.testing.assert_close(again.action_normalizer.scale, policy.action_normalizer.scale)
+    torch.testing.assert_close(again.state_normalizer.shift, policy.state_normalizer.shift)

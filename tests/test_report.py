@@ -1,0 +1,22 @@
+"""What `flowforge eval` prints: metrics in one line, and a clear error for a model whose samples are not finite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowforge.errors import FlowforgeError
+from flowforge.eval.report import format_metrics, likelihood_metrics, sample_metrics
+
+
+def test_likelihood_metrics_convert_nats_to_bits_per_dimension() -> None:
+    metrics = likelihood_metrics(torch.full((10,), -2 * torch.log(torch.tensor(2.0)).item()), dims=2)
+    assert metrics["nll"] == pytest.approx(2 * 0.6931471805599453) and metrics["bits_per_dim"] == pytest.approx(1.0)
+    assert format_metrics({"nll": 1.23456}) == "nll 1.2346"
+
+
+def test_non_finite_model_samples_are_a_flowforge_error_naming_the_model() -> None:
+    generated = torch.randn(20, 2)
+    generated[3, 1] = float("nan")
+    with pytest.raises(FlowforgeError, match="1 of the model's 20 samples hold NaN or inf"):
+        sample_metrics(generated, torch.randn(20, 2))
