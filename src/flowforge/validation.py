@@ -1,35 +1,63 @@
-"""Input checks shared by the public surface of flowforge.
+"""Input checks shared by the public surface of flowforge, and the one input rule they apply.
 
-Shape checks are cheap and always on. The finiteness check (no NaN or inf in ``x`` or
-``context``) reduces over the whole tensor and, on a GPU, waits for it; it runs at the
-:class:`~flowforge.flows.Flow` level only and can be switched off for speed once a pipeline
-is trusted:
+**The input rule** (every :class:`~flowforge.flows.Flow`, :class:`~flowforge.flows.CNF`,
+:class:`~flowforge.matching.FlowMatcher` and :class:`~flowforge.matching.ShortcutMatcher` method
+that takes tensors or sampler settings follows it; their docstrings point here):
+
+1. **Floating-point dtypes are cast where they enter.** A floating-point tensor argument (``x``,
+   ``x1``, ``x0``, ``t``, ``context``) of another dtype than the model's (float64 into a float32
+   model, float32 into a float64 one) is cast once, on entry, to the model's dtype, and the result
+   comes back in the model's dtype: a float64 batch into a float32 model gives exactly the numbers
+   of the same batch cast to float32 by hand. The model's dtype is that of its parameters
+   (:func:`model_dtype`); change it with ``model.double()`` / ``model.float()``. Casting (not
+   refusing) is the rule because data arrive as float64 from NumPy and pandas, and the model, not
+   the caller, decides the precision it computes in (a policy casts its observations the same way).
+2. **Integer and bool tensors are refused** with a ``TypeError`` naming the argument and its dtype
+   (cast them yourself if they really are real numbers), except where integers are the data:
+   :meth:`Dequantized.log_prob <flowforge.flows.Dequantized.log_prob>` takes integer counts
+   (int64, uint8, ...).
+3. **Shapes and values are checked on entry**, once per call and never inside a solver loop:
+   ``(batch, *event)`` shapes, matching batch sizes, no NaN or inf, times ``t`` in [0, 1].
+4. **Empty batches**: a density of 0 rows is an empty ``(0,)`` tensor; a training loss of 0 rows is
+   refused (``ValueError``: "x1 has 0 rows"), since the mean of nothing is NaN.
+5. **Settings are checked where they enter**: counts (``n``, ``steps``) are positive ints, ``method``
+   and ``trace`` are known names, ``atol``/``rtol`` finite and > 0, ``guidance_scale`` finite,
+   ``noise_scale`` finite and >= 0. Constructors check theirs at construction. Every message names
+   the argument, the value given and what is allowed; bad arguments raise ``ValueError`` or
+   ``TypeError``.
+
+Shape and dtype checks are cheap and always on. The value scans (no NaN or inf in ``x``,
+``context`` ..., ``t`` in [0, 1]) reduce over the whole tensor and, on a GPU, wait for it; they can
+be switched off for speed once a pipeline is trusted:
 
 >>> import flowforge
 >>> with flowforge.validation.checks(finite=False):
-...     pass  # calls in here skip the NaN/inf scan
+...     pass  # calls in here skip the NaN/inf and range scans
 >>> flowforge.validation.finite_checks_enabled()
 True
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain
+from numbers import Real
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _finite_checks = True
 
 
 def finite_checks_enabled() -> bool:
-    """Whether :class:`~flowforge.flows.Flow` scans its inputs for NaN and inf."""
+    """Whether inputs are scanned for NaN and inf (and times for [0, 1])."""
     return _finite_checks
 
 
 def set_finite_checks(enabled: bool) -> None:
-    """Turn the NaN/inf scan of flow inputs on or off for the whole process."""
+    """Turn the value scans of inputs (NaN/inf, times in [0, 1]) on or off for the whole process."""
     global _finite_checks
     _finite_checks = bool(enabled)
 
@@ -58,8 +86,9 @@ def check_batched(
     batch: int | None = None,
     batch_of: str = "x",
     finite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Check that ``value`` is a tensor of shape ``(batch, *event_shape)``.
+    """Check that ``value`` is a tensor of shape ``(batch, *event_shape)``; return it, cast to ``dtype``.
 
     Arguments:
         name: the argument's name, used in the error message.
@@ -68,9 +97,11 @@ def check_batched(
         batch: the expected batch size, or ``None`` for any.
         batch_of: which argument fixes the batch size (for the message).
         finite: also reject NaN and inf (when the process-wide switch allows).
+        dtype: the model's dtype: a floating-point ``value`` of another dtype is cast to it
+            (the input rule of the module docstring); ``None`` returns ``value`` as it is.
 
     Raises:
-        TypeError: ``value`` is not a tensor.
+        TypeError: ``value`` is not a tensor, or not a floating-point one.
         ValueError: wrong number of dimensions, wrong event shape, wrong batch size,
             or non-finite entries.
     """
@@ -85,16 +116,81 @@ def check_batched(
             f"{name} must have shape {describe_shape((batch, *event_shape))}: its batch size must equal "
             f"that of {batch_of} ({batch}), got {value.shape[0]}"
         )
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    check_floating(name, value)
     if finite and _finite_checks and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).flatten(1).any(1).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or inf (first at batch index {bad}); expected finite values")
+    return value if dtype is None else value.to(dtype)
+
+
+def check_floating(name: str, value: Tensor) -> None:
+    """Refuse an integer, bool or complex tensor with a ``TypeError`` naming the argument."""
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got dtype {value.dtype}; integer and bool tensors are "
+            f"refused (cast with {name}.float() if they hold real numbers)"
+        )
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating-point parameter or buffer
+    (``torch.get_default_dtype()`` for a model with neither)."""
+    for tensor in chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def check_times(name: str, value: object, batch: int, batch_of: str, dtype: torch.dtype | None = None) -> Tensor:
+    """Check training or query times: a floating-point tensor of shape ``(batch,)`` with values in
+    [0, 1] (the scan obeys the process-wide switch); return it cast to ``dtype``."""
+    check_batched(name, value, (), batch=batch, batch_of=batch_of)
+    if _finite_checks and value.numel() and not bool(((value >= 0) & (value <= 1)).all()):
+        bad = int((~((value >= 0) & (value <= 1))).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must hold times in [0, 1] (t=0 noise, t=1 data), got {float(value[bad]):.6g} at index {bad}"
+        )
+    return value if dtype is None else value.to(dtype)
+
+
+def check_count(name: str, value: object) -> int:
+    """Check a count (``n``, ``steps``): a positive Python int, bools excluded; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def check_sample_count(n: object) -> int:
     """Check the number of samples requested from a flow or distribution."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    return n
+    return check_count("n", n)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Check that ``value`` is one of the names ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_real(
+    name: str,
+    value: object,
+    *,
+    positive: bool = False,
+    non_negative: bool = False,
+    optional: bool = False,
+) -> float | None:
+    """Check a finite real number (a Python or NumPy number, or a one-element tensor), optionally
+    > 0 or >= 0; ``None`` passes when ``optional``. Returns it as a float."""
+    if value is None and optional:
+        return None
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        allowed = "a finite number" + (" or None" if optional else "")
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or (positive and number <= 0) or (non_negative and number < 0):
+        allowed = "a finite number" + (" > 0" if positive else " >= 0" if non_negative else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number

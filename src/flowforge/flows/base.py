@@ -11,6 +11,12 @@ before every layer sees it. Samples are :math:`x = f^{-1}(z; h(c))` with :math:`
 shape ``(B, c)``, ``sample(n, context)`` returns ``(n, B, *event)``: ``n`` draws for every
 context row, sample dimension first, as ``torch.distributions`` does for
 ``flow.distribution(context).sample((n,))``. ``sample(1, context)[0]`` is one draw per row.
+A context of 0 rows gives ``(n, 0, *event)``.
+
+**Inputs** follow the input rule of :mod:`flowforge.validation`: a floating-point ``x`` or
+``context`` of another dtype than the flow's is cast to the flow's dtype on entry (results come back
+in the flow's dtype), integer tensors are refused with a ``TypeError``, and ``log_prob`` of 0 rows
+is an empty ``(0,)`` tensor.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from flowforge.checkpoint import load_model, save_model
 from flowforge.distributions import BaseDistribution
 from flowforge.registry import Rebuildable
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_batched, check_sample_count, describe_shape
+from flowforge.validation import check_batched, check_sample_count, describe_shape, model_dtype
 
 
 class Flow(Rebuildable, nn.Module):
@@ -92,13 +98,15 @@ class Flow(Rebuildable, nn.Module):
         expected = (
             (self.context_features,) if self.context_features is not None else tuple(getattr(context, "shape", ())[1:])
         )
-        check_batched("context", context, expected, batch=batch, batch_of=batch_of, finite=True)
+        context = check_batched(
+            "context", context, expected, batch=batch, batch_of=batch_of, finite=True, dtype=model_dtype(self)
+        )
         return context if self.context_net is None else self.context_net(context)
 
     # -- density ----------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Same as :meth:`log_prob` (``flow(x, c)`` goes through module hooks and DDP)."""
-        check_batched("x", x, self.event_shape, finite=True)
+        x = check_batched("x", x, self.event_shape, finite=True, dtype=model_dtype(self))
         embedded = self._embed(context, batch=x.shape[0], batch_of="x")
         z, logabsdet = self.transform(x, embedded)
         return self.base.log_prob(z) + logabsdet
@@ -108,19 +116,23 @@ class Flow(Rebuildable, nn.Module):
         return self(x, context)
 
     # -- sampling ---------------------------------------------------------------------------
-    def _draw(self, n: int, context: Tensor | None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-        """Return noise, the context for each draw and the output batch shape."""
+    def _draw(self, n: int, context: Tensor | None) -> tuple[Tensor | None, Tensor, tuple[int, ...]]:
+        """Return noise, the context for each draw and the output batch shape (noise ``None``: no rows)."""
         n = check_sample_count(n)
         embedded = self._embed(context, batch=None, batch_of="x")
         if embedded is None:
             return self.base.rsample(n), None, (n,)
         rows = embedded.shape[0]
+        if rows == 0:  # nothing to draw: the callers return empty results without running the transform
+            return None, embedded, (n, 0)
         # Draw i for context row b sits at flat index i * rows + b, hence repeat (not repeat_interleave).
         return self.base.rsample(n * rows), embedded.repeat(n, *([1] * (embedded.dim() - 1))), (n, rows)
 
     def rsample(self, n: int, context: Tensor | None = None) -> Tensor:
         """Differentiable samples: ``(n, *event)``, or ``(n, B, *event)`` with a context of batch B."""
         z, embedded, batch_shape = self._draw(n, context)
+        if z is None:
+            return self._empty(batch_shape, self.event_shape)
         x = self.transform.inverse_without_logdet(z, embedded)
         return x.reshape(*batch_shape, *self.event_shape)
 
@@ -135,9 +147,15 @@ class Flow(Rebuildable, nn.Module):
         Returns ``x`` as :meth:`rsample` and ``log_prob`` of shape ``(n,)`` or ``(n, B)``.
         """
         z, embedded, batch_shape = self._draw(n, context)
+        if z is None:
+            return self._empty(batch_shape, self.event_shape), self._empty(batch_shape, ())
         base_log_prob = self.base.log_prob(z)
         x, logabsdet = self.transform.inverse(z, embedded)
         return x.reshape(*batch_shape, *self.event_shape), (base_log_prob - logabsdet).reshape(batch_shape)
+
+    def _empty(self, batch_shape: tuple[int, ...], event_shape: tuple[int, ...]) -> Tensor:
+        """A tensor with no elements on the flow's device, in its dtype."""
+        return self.base.rsample(1).new_zeros(*batch_shape, *event_shape)
 
     def distribution(self, context: Tensor | None = None) -> FlowDistribution:
         """A ``torch.distributions.Distribution`` view of the flow at ``context`` (batch shape (B,))."""

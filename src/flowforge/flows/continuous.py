@@ -16,6 +16,7 @@ from flowforge.flows.base import Flow
 from flowforge.nn import VelocityMLP
 from flowforge.registry import register
 from flowforge.transforms.continuous import ContinuousFlowTransform
+from flowforge.validation import check_batched, model_dtype
 
 
 @register("cnf")
@@ -27,7 +28,11 @@ class CNF(Flow):
         context: size of the context vector (0 for an unconditional flow).
         hidden: hidden widths of the velocity MLP (input ``[x, t, context]``).
         trace: ``"exact"`` (cost grows with ``features``) or ``"hutchinson"`` (one probe, unbiased).
-        method, atol, rtol, adjoint, steps: see :class:`ContinuousFlowTransform`.
+        method, atol, rtol, adjoint, steps: see :class:`ContinuousFlowTransform`; all checked here,
+            at construction.
+
+    Inputs follow the input rule of :mod:`flowforge.validation`, like every :class:`Flow`:
+    ``log_prob`` of 0 rows is an empty ``(0,)`` tensor (no solve).
 
     >>> import torch
     >>> flow = CNF(2, hidden=(16,), method="rk4", steps=5)
@@ -60,6 +65,7 @@ class CNF(Flow):
         Train with ``-(log_prob - lambda_k * kinetic - lambda_j * jacobian).mean()`` for straighter,
         cheaper-to-solve trajectories.
         """
+        x = check_batched("x", x, self.event_shape, finite=True, dtype=model_dtype(self))
         embedded = self._embed(context, batch=x.shape[0], batch_of="x")
         z, logabsdet, kinetic, jacobian = self.transform.forward_with_regularization(x, embedded)
         return self.base.log_prob(z) + logabsdet, kinetic, jacobian

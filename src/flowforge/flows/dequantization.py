@@ -31,6 +31,7 @@ from flowforge.nn import MLP
 from flowforge.nn.conv import ConvConditioner
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.elementwise import soft_clamp
+from flowforge.validation import model_dtype
 
 
 @register("dequantized")
@@ -44,7 +45,10 @@ class Dequantized(Rebuildable, nn.Module):
         hidden: hidden channels (images) or width (vectors) of the variational network.
 
     ``log_prob(k)`` returns one draw of the lower bound above, in nats, per row; it is what
-    :class:`~flowforge.train.MaximumLikelihood` maximises. ``sample(n)`` returns integer-valued
+    :class:`~flowforge.train.MaximumLikelihood` maximises. ``k`` may be an integer tensor of counts
+    (int64, uint8, ...) or a floating-point one holding whole numbers; either is cast to the flow's
+    dtype on entry (the input rule of :mod:`flowforge.validation`, with integers allowed because
+    here they are the data). ``sample(n)`` returns integer-valued
     tensors :math:`\lfloor L y \rfloor`.
 
     >>> import torch
@@ -74,18 +78,25 @@ class Dequantized(Rebuildable, nn.Module):
             else:
                 self.noise_net = MLP(self.dims, 2 * self.dims, hidden=(hidden, hidden), zero_init_output=True)
 
-    def _check(self, k: Tensor) -> None:
+    def _check(self, k: Tensor) -> Tensor:
+        """``k`` checked (shape, whole numbers in range) and cast to the flow's dtype."""
         if not isinstance(k, Tensor) or tuple(k.shape[1:]) != tuple(self.event_shape) or k.dim() < 2:
             raise ValueError(
                 f"k must have shape (batch, {', '.join(map(str, self.event_shape))}), "
                 f"got {tuple(getattr(k, 'shape', ()))}"
             )
+        if k.dtype == torch.bool or k.dtype.is_complex:
+            raise TypeError(f"k must hold counts as an integer or floating-point tensor, got dtype {k.dtype}")
+        k = k.to(model_dtype(self.flow))
         if bool((k < 0).any()) or bool((k > self.levels - 1).any()) or not torch.equal(k, k.round()):
             raise ValueError(f"k must hold integers in 0..{self.levels - 1}")
+        return k
 
     def dequantize(self, k: Tensor) -> tuple[Tensor, Tensor]:
         """One draw :math:`u \\sim q(u \\mid k)`; returns :math:`y = (k + u)/L` and
         :math:`\\log q(u \\mid k)` of shape (batch,)."""
+        if not k.is_floating_point():  # integer counts: computed in the flow's dtype
+            k = k.to(model_dtype(self.flow))
         if self.noise_net is None:
             u = torch.rand_like(k)
             return (k + u) / self.levels, k.new_zeros(k.shape[0])
@@ -104,7 +115,7 @@ class Dequantized(Rebuildable, nn.Module):
 
     def log_prob(self, k: Tensor, context: Tensor | None = None) -> Tensor:
         """One draw of the lower bound on :math:`\\log P(k \\mid c)` in nats, shape (batch,)."""
-        self._check(k)
+        k = self._check(k)
         y, log_q = self.dequantize(k)
         return self.flow.log_prob(y, context) - log_q - self.dims * math.log(self.levels)
 

@@ -17,7 +17,14 @@ each training row is replaced, with probability p, by a learned null context; at
 the conditional model and ``w > 1`` sharpens it. Both velocities come from one batched call.
 
 **Sample shapes** follow :class:`flowforge.flows.Flow`: ``sample(n)`` is ``(n, *event)``, and
-with a context of batch B, ``sample(n, context)`` is ``(n, B, *event)``.
+with a context of batch B, ``sample(n, context)`` is ``(n, B, *event)`` (``(n, 0, *event)`` for B = 0).
+
+**Inputs** follow the input rule of :mod:`flowforge.validation`: floating-point ``x1``, ``x0``,
+``t``, ``x`` and ``context`` of another dtype than the model's are cast to the model's dtype on
+entry (results come back in it), integer tensors are refused with a ``TypeError``, every tensor and
+setting (``steps``, ``method``, ``atol``, ``rtol``, ``guidance_scale``, ``noise_scale``) is checked
+once where it enters, never inside the solver loop; ``log_prob`` of 0 rows is an empty ``(0,)``
+tensor, ``loss`` of 0 rows a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,18 @@ from flowforge.matching.time import TimeSampler, UniformTime
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, sdeint
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
-from flowforge.validation import check_batched, check_sample_count
+from flowforge.validation import (
+    check_batched,
+    check_choice,
+    check_count,
+    check_real,
+    check_sample_count,
+    check_times,
+    model_dtype,
+)
+
+#: every solver name the ODE samplers accept.
+_METHODS = (*TABLEAUS, *ADAPTIVE_METHODS)
 
 
 class _FlatVelocity(nn.Module):
@@ -49,7 +67,7 @@ class _FlatVelocity(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
         event = x.reshape(x.shape[0], *self.matcher.event_shape)
-        return self.matcher.velocity_at(event, t, context, self.guidance_scale).reshape(x.shape[0], -1)
+        return self.matcher._velocity(event, t, context, self.guidance_scale).reshape(x.shape[0], -1)
 
 
 class _SamplingField:
@@ -65,7 +83,7 @@ class _SamplingField:
             self.on_grid = None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.matcher.velocity_at(x, t, self.context, self.guidance_scale, **self.net_inputs)
+        return self.matcher._velocity(x, t, self.context, self.guidance_scale, **self.net_inputs)
 
     def on_grid(self, times: Tensor) -> Callable[[Tensor, int], Tensor]:
         return self.matcher.velocity.time_conditioning(times, self.context, **self.net_inputs)
@@ -84,6 +102,9 @@ class FlowMatcher(Rebuildable, nn.Module):
         context: size of the context vector; taken from ``velocity.context_features`` when omitted.
         context_dropout: probability of training a row with the null context (classifier-free
             guidance needs it > 0).
+
+    Inputs follow the input rule of :mod:`flowforge.validation` (other float dtypes are cast to the
+    model's, integer tensors refused, every argument checked on entry).
 
     >>> import torch
     >>> from flowforge.nn import VelocityMLP
@@ -124,22 +145,43 @@ class FlowMatcher(Rebuildable, nn.Module):
         self.null_context = nn.Parameter(torch.zeros(self.context_features)) if context_dropout else None
 
     # ------------------------------------------------------------------ checks
-    def _check(self, name: str, x: Tensor, context: Tensor | None) -> None:
-        check_batched(name, x, self.event_shape, finite=True)
+    def _check(self, name: str, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x`` and ``context`` checked and cast to the model's dtype (the input rule)."""
+        dtype = model_dtype(self)
+        x = check_batched(name, x, self.event_shape, finite=True, dtype=dtype)
         if self.context_features:
             if context is None:
                 raise ValueError(f"this model is conditional: pass a context of shape (batch, {self.context_features})")
-            check_batched("context", context, (self.context_features,), batch=x.shape[0], batch_of=name, finite=True)
+            context = check_batched(
+                "context", context, (self.context_features,), batch=x.shape[0], batch_of=name, finite=True, dtype=dtype
+            )
         elif context is not None:
             raise ValueError("this model takes no context (context=0); got one")
+        return x, context
 
-    def _check_context(self, context: Tensor | None) -> None:
+    def _check_context(self, context: Tensor | None) -> Tensor | None:
         if self.context_features:
             if context is None:
                 raise ValueError(f"this model is conditional: pass a context of shape (B, {self.context_features})")
-            check_batched("context", context, (self.context_features,), finite=True)
-        elif context is not None:
+            return check_batched("context", context, (self.context_features,), finite=True, dtype=model_dtype(self))
+        if context is not None:
             raise ValueError("this model takes no context (context=0); got one")
+        return None
+
+    def _check_guidance(self, guidance_scale: object, context: Tensor | None) -> float | None:
+        guidance_scale = check_real("guidance_scale", guidance_scale, optional=True)
+        if guidance_scale is not None and context is not None and self.null_context is None:
+            raise ValueError(
+                "guidance needs a model trained with context_dropout > 0 (it learns the null context); got "
+                f"guidance_scale={guidance_scale}, pass guidance_scale=None"
+            )
+        return guidance_scale
+
+    def _check_solver(self, steps: object, method: object, atol: object, rtol: object) -> None:
+        check_count("steps", steps)
+        check_choice("method", method, _METHODS)
+        check_real("atol", atol, positive=True)
+        check_real("rtol", rtol, positive=True)
 
     # ------------------------------------------------------------------ training
     def loss(
@@ -156,20 +198,35 @@ class FlowMatcher(Rebuildable, nn.Module):
             x1: data.
             context: condition per row (batch, context), for a conditional model.
             x0: noise already paired with ``x1`` (reflow pairs); when given the coupling is skipped.
-            t: training times (batch,); drawn from the time sampler when omitted.
+            t: training times (batch,) in [0, 1]; drawn from the time sampler when omitted.
+
+        Raises:
+            ValueError: ``x1`` has 0 rows (the mean of nothing), or a tensor has the wrong shape,
+                holds NaN or inf, or ``t`` leaves [0, 1].
+            TypeError: an argument is not a floating-point tensor.
         """
-        x0 = self._paired_noise(x1, context, x0)
+        x1, context, x0, t = self._loss_inputs(x1, context, x0, t)
         if t is None:
             t = self.time_sampler(x1.shape[0], device=x1.device, dtype=x1.dtype)
         context = self._drop_context(context)
         return flow_matching_loss(lambda x, time: self.velocity(x, time, context), x0, x1, t, self.path)
 
-    def _paired_noise(self, x1: Tensor, context: Tensor | None, x0: Tensor | None) -> Tensor:
-        """Check the batch and return its noise partners: drawn and coupled, or the given ``x0`` checked."""
-        self._check("x1", x1, context)
+    def _loss_inputs(
+        self, x1: Tensor, context: Tensor | None, x0: Tensor | None, t: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Check a training batch, cast it to the model's dtype and pair ``x1`` with noise: drawn and
+        coupled, or the given ``x0``. Returns ``(x1, context, x0, t)``."""
+        x1, context = self._check("x1", x1, context)
+        if x1.shape[0] == 0:
+            raise ValueError(
+                f"x1 has 0 rows (shape {tuple(x1.shape)}): the loss is a mean over rows and needs at least one"
+            )
+        if t is not None:
+            t = check_times("t", t, batch=x1.shape[0], batch_of="x1", dtype=x1.dtype)
         if x0 is None:
-            return self.coupling(torch.randn_like(x1), x1, context)
-        return check_batched("x0", x0, self.event_shape, batch=x1.shape[0], batch_of="x1")
+            return x1, context, self.coupling(torch.randn_like(x1), x1, context), t
+        x0 = check_batched("x0", x0, self.event_shape, batch=x1.shape[0], batch_of="x1", finite=True, dtype=x1.dtype)
+        return x1, context, x0, t
 
     def _drop_context(self, context: Tensor | None) -> Tensor | None:
         if context is None or not self.context_dropout or not self.training:
@@ -188,8 +245,34 @@ class FlowMatcher(Rebuildable, nn.Module):
     ) -> Tensor:
         r"""The model's velocity; with ``guidance_scale = w``, :math:`v_\varnothing + w (v_c - v_\varnothing)`.
 
-        ``net_inputs`` go to the network as keywords (the step size of a shortcut model).
+        Arguments:
+            x: states (batch, *event).
+            t: times (batch,) in [0, 1], or one time (a number or 0-dim tensor) for every row.
+            context: (batch, context) for a conditional model.
+            guidance_scale: classifier-free guidance weight (None: the plain conditional model).
+            net_inputs: passed to the network as keywords (the step size of a shortcut model).
+
+        Everything is checked and cast on entry (:mod:`flowforge.validation`); the solvers call the
+        unchecked field instead.
         """
+        x, context = self._check("x", x, context)
+        if not isinstance(t, Tensor):
+            t = torch.full((x.shape[0],), check_real("t", t), device=x.device, dtype=x.dtype)
+        elif t.dim() == 0:
+            t = t.expand(x.shape[0])
+        t = check_times("t", t, batch=x.shape[0], batch_of="x", dtype=x.dtype)
+        guidance_scale = self._check_guidance(guidance_scale, context)
+        return self._velocity(x, t, context, guidance_scale, **net_inputs)
+
+    def _velocity(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        guidance_scale: float | None = None,
+        **net_inputs: Tensor | float,
+    ) -> Tensor:
+        """:meth:`velocity_at` without the checks: what the solvers call at every stage."""
         if guidance_scale is None or context is None:
             return self.velocity(x, t, context, **net_inputs)
         if self.null_context is None:
@@ -202,13 +285,17 @@ class FlowMatcher(Rebuildable, nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def _noise_and_context(self, n: int, context: Tensor | None) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
+        """Noise for ``n`` draws (per context row), the context repeated to match, the output shape.
+        With a context of 0 rows the noise is empty: the samplers return it without a solve."""
         n = check_sample_count(n)
-        self._check_context(context)
+        context = self._check_context(context)
         rows = n if context is None else n * context.shape[0]
+        shape = (n, *self.event_shape) if context is None else (n, context.shape[0], *self.event_shape)
+        if rows == 0:
+            return self.base.sample(1)[:0], context, shape
         x0 = self.base.sample(rows)  # on the model's device and dtype (the base holds a buffer)
         if context is not None:
             context = context.repeat(n, 1)  # draw-major: rows i*B .. i*B+B-1 are draw i
-        shape = (n, *self.event_shape) if context is None else (n, rows // n, *self.event_shape)
         return x0, context, shape
 
     def rsample(
@@ -230,10 +317,15 @@ class FlowMatcher(Rebuildable, nn.Module):
             method: ``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"`` or an adaptive method
                 (``"dopri5"``, ...; then ``atol``/``rtol`` apply and ``steps`` does not).
             guidance_scale: classifier-free guidance weight (None: the plain conditional model).
+            atol, rtol: tolerances of an adaptive method (finite, > 0).
+
+        Every argument is checked here, once (``steps`` a positive int, ``method`` a known solver).
         """
-        if method not in TABLEAUS and method not in ADAPTIVE_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*TABLEAUS, *ADAPTIVE_METHODS))}")
+        self._check_solver(steps, method, atol, rtol)
         x0, context, shape = self._noise_and_context(n, context)
+        guidance_scale = self._check_guidance(guidance_scale, context)
+        if x0.shape[0] == 0:
+            return x0.reshape(shape)
         field = self.sampling_field(context, guidance_scale, method, steps)
         return integrate(field, x0, method=method, steps=steps, atol=atol, rtol=rtol).x.reshape(shape)
 
@@ -274,15 +366,19 @@ class FlowMatcher(Rebuildable, nn.Module):
         :meth:`AffinePath.velocity_to_score`). Here :math:`g_t = \text{noise\_scale}\cdot\sigma_t`,
         which vanishes at the data end where the score is singular, so
         :math:`\tfrac12 g_t^2 \nabla\log p_t = -\tfrac12\,\text{noise\_scale}^2\,\sigma_t\,\hat x_0`
-        stays finite. ``noise_scale = 0`` is the Euler ODE sampler.
+        stays finite. ``noise_scale = 0`` is the Euler ODE sampler. ``steps`` (a positive int) and
+        ``noise_scale`` (finite, >= 0) are checked here, once.
         """
-        if noise_scale < 0:
-            raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+        check_count("steps", steps)
+        noise_scale = check_real("noise_scale", noise_scale, non_negative=True)
         x0, context, shape = self._noise_and_context(n, context)
+        guidance_scale = self._check_guidance(guidance_scale, context)
+        if x0.shape[0] == 0:
+            return x0.reshape(shape)
         path = self.path
 
         def drift(x: Tensor, t: Tensor) -> Tensor:
-            v = self.velocity_at(x, t, context, guidance_scale)
+            v = self._velocity(x, t, context, guidance_scale)
             if noise_scale == 0:
                 return v
             sigma = _expand(path.schedule(t)[1], x)
@@ -309,13 +405,19 @@ class FlowMatcher(Rebuildable, nn.Module):
 
         Integrates :math:`(x, \ell)` from data (t = 1) back to noise (t = 0) with
         :math:`\dot\ell = \nabla\!\cdot v` (:class:`~flowforge.transforms.ContinuousFlowTransform`);
-        ``trace="exact"`` or ``"hutchinson"`` (unbiased, one Rademacher probe per solve).
+        ``trace="exact"`` or ``"hutchinson"`` (unbiased, one Rademacher probe per solve). Every argument
+        is checked here, once; ``x`` of 0 rows gives an empty ``(0,)`` tensor.
         """
-        self._check("x", x, context)
+        x, context = self._check("x", x, context)
+        guidance_scale = self._check_guidance(guidance_scale, context)
         features = prod(self.event_shape)
+        # The transform checks trace, method, steps, atol and rtol as it is built.
         transform = ContinuousFlowTransform(
             _FlatVelocity(self, guidance_scale), features, self.context_features, trace, method, steps, atol, rtol
         )
+        if x.shape[0] == 0:
+            self.last_nfe = 0
+            return x.new_zeros(0)
         z, logabsdet = transform(x.reshape(x.shape[0], features), context)
         self.last_nfe = transform.last_nfe
         return self.base.log_prob(z.reshape(x.shape)) + logabsdet

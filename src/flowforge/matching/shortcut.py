@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.matching.functional import flow_matching_loss
-from flowforge.matching.matcher import FlowMatcher, _SamplingField
+from flowforge.matching.matcher import _METHODS, FlowMatcher, _SamplingField
 from flowforge.registry import register
+from flowforge.validation import check_choice, check_count
 
 
 @register("shortcut")
@@ -43,6 +44,9 @@ class ShortcutMatcher(FlowMatcher):
         args, matcher_options: the other arguments of :class:`FlowMatcher` (path, coupling, ...).
         self_consistency_fraction: share of each batch trained on the self-consistency target.
         max_halvings: M: the smallest trained step is ``2**-M`` (default 7: 1/128).
+
+    Inputs follow the input rule of :mod:`flowforge.validation`, as for :class:`FlowMatcher`:
+    ``loss`` of 0 rows is a ``ValueError``, ``sample(steps=...)`` needs a positive int.
 
     >>> import torch
     >>> from flowforge.nn import VelocityMLP
@@ -62,8 +66,8 @@ class ShortcutMatcher(FlowMatcher):
         super().__init__(velocity, *args, **matcher_options)
         if not 0.0 < self_consistency_fraction < 1.0:
             raise ValueError(f"self_consistency_fraction must be in (0, 1), got {self_consistency_fraction}")
-        if max_halvings < 1:
-            raise ValueError(f"max_halvings must be >= 1, got {max_halvings}")
+        if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or max_halvings < 1:
+            raise ValueError(f"max_halvings must be an int >= 1, got {max_halvings!r}")
         self.self_consistency_fraction = float(self_consistency_fraction)
         self.max_halvings = int(max_halvings)
 
@@ -75,8 +79,11 @@ class ShortcutMatcher(FlowMatcher):
         x0: Tensor | None = None,
         t: Tensor | None = None,
     ) -> Tensor:
-        """Flow-matching loss (step 0) on most rows plus the self-consistency loss on the rest."""
-        x0 = self._paired_noise(x1, context, x0)
+        """Flow-matching loss (step 0) on most rows plus the self-consistency loss on the rest.
+
+        Arguments and checks as :meth:`FlowMatcher.loss`; a given ``t`` sets the flow-matching rows' times.
+        """
+        x1, context, x0, t = self._loss_inputs(x1, context, x0, t)
         batch = x1.shape[0]
         context = self._drop_context(context)
         n_sc = min(max(round(batch * self.self_consistency_fraction), 1), batch - 1) if batch > 1 else 0
@@ -118,6 +125,8 @@ class ShortcutMatcher(FlowMatcher):
     def step_input_for(self, method: str, steps: int) -> float:
         """The step size the network is told: ``1/steps`` for Euler with a trained step (a power of two
         from 1 down to ``2**(1 - max_halvings)``), otherwise 0, the instantaneous velocity."""
+        check_count("steps", steps)
+        check_choice("method", method, _METHODS)
         trained = steps & (steps - 1) == 0 and steps < 2**self.max_halvings
         return 1.0 / steps if method == "euler" and trained else 0.0
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint
 from flowforge.ode.divergence import ExactDivergence, HutchinsonDivergence
 from flowforge.transforms.base import Transform
+from flowforge.validation import check_choice, check_count, check_real
 
 
 class _AugmentedField(nn.Module):
@@ -81,9 +82,12 @@ class ContinuousFlowTransform(Transform):
         context: size of the context (0 for none).
         trace: ``"exact"`` or ``"hutchinson"`` (Rademacher probes).
         method: an adaptive (``"dopri5"``, ...) or fixed-step (``"rk4"``, ...) method.
-        steps: steps of a fixed-step method.
-        atol, rtol: tolerances of an adaptive method.
+        steps: steps of a fixed-step method (a positive int).
+        atol, rtol: tolerances of an adaptive method (finite, > 0).
         adjoint: backpropagate through the adjoint ODE (memory independent of the step count).
+
+    Every argument is checked here, at construction (:mod:`flowforge.validation`), so a bad
+    setting fails before any solve. A batch of 0 rows maps to 0 rows without a solve.
     """
 
     def __init__(
@@ -101,12 +105,18 @@ class ContinuousFlowTransform(Transform):
         super().__init__()
         if trace not in ("exact", "hutchinson"):
             raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
-        if method not in TABLEAUS and method not in ADAPTIVE_METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join((*TABLEAUS, *ADAPTIVE_METHODS))}")
+        check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        check_count("steps", steps)
+        check_count("features", features)
+        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+            raise ValueError(f"context must be an int >= 0 (0: no context), got {context!r}")
+        if not isinstance(adjoint, bool):
+            raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
         self.velocity = velocity
         self.features, self.context_features = int(features), int(context)
         self.trace, self.method, self.steps = trace, method, steps
-        self.atol, self.rtol, self.adjoint = atol, rtol, adjoint
+        self.atol, self.rtol = check_real("atol", atol, positive=True), check_real("rtol", rtol, positive=True)
+        self.adjoint = adjoint
 
     #: number of velocity evaluations of the most recent solve (forward or inverse).
     last_nfe: int = 0
@@ -123,6 +133,9 @@ class ContinuousFlowTransform(Transform):
 
     def _integrate(self, field: _AugmentedField | _CountedVelocity, state: Tensor, t0: float, t1: float) -> Tensor:
         """Solve ``field`` from t0 to t1 with this transform's solver settings; records the NFE."""
+        if state.shape[0] == 0:  # nothing to integrate (an adaptive step-size control would underflow)
+            self.last_nfe = 0
+            return state
         needs_grad = self.adjoint and field.context is not None and field.context.requires_grad
         end = odeint(
             field,
