@@ -306,3 +306,25 @@ def test_dequantization_noise_is_fresh_in_every_batch() -> None:
     model = runs.build_model(config, data)
     rows = data.train[:4]
     assert not torch.equal(model.log_prob(rows), model.log_prob(rows))  # a new noise draw per call
+
+
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if hasattr(command, "commands"):  # a sub-group (typer ships its own click classes)
+            yield from _commands(command, (*path, name))
+
+
+def test_every_help_text_renders_its_brackets() -> None:
+    """Help texts print literally: `[policy]` and `table.key=value` reach the terminal as written."""
+    from typer.main import get_command
+
+    root = get_command(app)
+    commands = list(_commands(root))
+    assert ("policy", "train") in commands and ("data", "collect") in commands
+    for command in [(), *commands]:
+        result = CliRunner().invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage:" in result.output
+    policy_help = CliRunner().invoke(app, ["policy", "train", "--help"]).output
+    assert "[policy], [data], [train]" in policy_help

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import torch
 import typer
 from typer.core import TyperGroup
@@ -28,7 +27,7 @@ USER_ERRORS = (FlowforgeError, OSError, FloatingPointError, ImportError)
 class _OneLineErrors(TyperGroup):
     """The one place where user errors become ``error: ...`` on stderr and exit code 2."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):  # ctx: the click context typer passes
         try:
             return super().invoke(ctx)
         except USER_ERRORS as error:
