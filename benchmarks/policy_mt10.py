@@ -56,7 +56,7 @@ import torch
 
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
-from flowforge.policy.rollout import VALIDATION_SEED_BASE, evaluate
+from flowforge.envs.evaluate import VALIDATION_SEED_BASE, evaluate
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 
 MT10 = [

@@ -132,3 +132,20 @@ def test_readme_layout_names_every_module() -> None:
         if path.name not in layout and not (path.parent != SOURCE and re.search(rf"^\s*{folder}\s", layout, re.M)):
             missing.append(name)
     assert missing == [], f"README's Layout section does not mention {missing}"
+
+
+def test_the_policy_package_never_imports_a_simulator() -> None:
+    offenders = [
+        f"{name} -> {other}"
+        for name, imported in GRAPH.items()
+        if name.startswith("flowforge.policy")
+        for other in imported
+        if other.startswith("flowforge.envs")
+    ]
+    offenders += [
+        name
+        for name, path in MODULES.items()
+        if name.startswith("flowforge.policy")
+        and re.search(r"^\s*(import|from) (metaworld|mujoco|gymnasium)", path.read_text(), re.M)
+    ]
+    assert offenders == []

@@ -12,9 +12,16 @@ import torch
 from typer.testing import CliRunner
 
 from flowforge.cli import app
+from flowforge.envs.evaluate import wilson_interval
 from flowforge.nn.transformer import PrefixSuffixTransformer, block_causal_mask
-from flowforge.policy import DiffusionPolicy, FlowPolicy, HierarchicalFlowPolicy, PolicyConfig, build_policy
-from flowforge.policy.rollout import wilson_interval
+from flowforge.policy import (
+    ChunkExecutor,
+    DiffusionPolicy,
+    FlowPolicy,
+    HierarchicalFlowPolicy,
+    PolicyConfig,
+    build_policy,
+)
 from tests.invariants import parameters_without_gradient
 
 KINDS = ["flow", "hierarchical", "mse", "ddpm"]
@@ -166,31 +173,35 @@ def _observation(step: int) -> dict:
 
 
 def test_action_queue_executes_then_replans() -> None:
-    policy = _policy("flow").eval()
-    policy.reset()
-    policy.chunk_log.clear()
-    actions = [policy.select_action(_observation(i)) for i in range(9)]
-    assert len(policy.chunk_log) == 3  # steps 0, 4 and 8 predict a chunk of which 4 actions run
+    executor = ChunkExecutor(_policy("flow").eval())
+    actions = [executor.act(_observation(i)) for i in range(9)]
+    assert len(executor.chunks) == 3  # steps 0, 4 and 8 predict a chunk of which 4 actions run
     assert all(a.shape == (3,) for a in actions)
-    policy.reset()
-    policy.chunk_log.clear()
-    policy.select_action(_observation(0))
-    assert len(policy.chunk_log) == 1  # reset emptied the queue
+    executor.reset()
+    executor.act(_observation(0))
+    assert len(executor.chunks) == 1  # reset emptied the queue and the log
+    short = ChunkExecutor(executor.policy, n_action_steps=2, steps=3)
+    for i in range(4):
+        short.act(_observation(i))
+    assert [c.nfe for c in short.chunks] == [3, 3]  # the executor's sampling settings reach every chunk
+    with pytest.raises(ValueError, match=r"n_action_steps must be an int in 1\.\.8"):
+        ChunkExecutor(executor.policy, n_action_steps=9)
+    with pytest.raises(ValueError, match="steps must be an int"):
+        ChunkExecutor(executor.policy, steps=0)
 
 
 def test_temporal_ensembling_averages_overlapping_chunks() -> None:
     policy = _policy("mse").eval()  # deterministic chunks
-    policy.temporal_ensemble = 0.5
-    policy.reset()
-    first = policy.select_action(_observation(0))
-    second = policy.select_action(_observation(1))
+    executor = ChunkExecutor(policy, temporal_ensemble=0.5)
+    first = executor.act(_observation(0))
+    second = executor.act(_observation(1))
     chunk0 = policy.predict_chunk({"state": torch.zeros(1, 2, 5), "instruction": [INSTRUCTIONS[0]]}).actions[0].numpy()
     np.testing.assert_allclose(first, chunk0[0], rtol=1e-5, atol=1e-6)
     history = torch.tensor(np.stack([np.zeros(5), np.ones(5)]), dtype=torch.float32)[None]
     chunk1 = policy.predict_chunk({"state": history, "instruction": [INSTRUCTIONS[0]]}).actions[0].numpy()
     expected = (chunk0[1] + np.exp(-0.5) * chunk1[0]) / (1 + np.exp(-0.5))
     np.testing.assert_allclose(second, expected, rtol=1e-5, atol=1e-6)
-    assert len(policy.chunk_log) >= 2
+    assert len(executor.chunks) == 2
 
 
 def test_ddpm_and_ddim_step_counts() -> None:
@@ -263,8 +274,8 @@ def one_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_policy_overfits_one_demo_and_replays_it(one_demo: Path) -> None:
     from flowforge.data.episodes import EpisodeDataset
+    from flowforge.envs.evaluate import rollout
     from flowforge.envs.metaworld import MetaWorldEnv
-    from flowforge.policy.rollout import rollout
     from flowforge.runs.policy import prepare_policy
     from flowforge.train import PolicyObjective, Trainer, TrainerConfig
 
@@ -276,7 +287,9 @@ def test_tiny_policy_overfits_one_demo_and_replays_it(one_demo: Path) -> None:
     Trainer(policy, PolicyObjective(), settings, data=tensors).fit()
     env = MetaWorldEnv("reach-v3", max_steps=200)
     try:
-        success, steps, _, latencies, nfe = rollout(policy, env, seed=int(dataset.episodes[0]["seed"]), max_steps=200)
+        success, steps, _, latencies, nfe = rollout(
+            ChunkExecutor(policy.eval()), env, seed=int(dataset.episodes[0]["seed"]), max_steps=200
+        )
     finally:
         env.close()
     assert success, f"the policy did not replay its demonstration (stopped after {steps} steps)"
@@ -349,17 +362,17 @@ def test_a_non_finite_observation_never_becomes_an_action(kind: str, bad: float)
     batch["state"][1, 0, 3] = bad
     with pytest.raises(ValueError, match=r"state holds .* at index \(1, 0, 3\)"):
         policy.predict_chunk(batch)
-    policy.reset()
+    executor = ChunkExecutor(policy)
     good = {"state": np.zeros(5, dtype=np.float32), "instruction": INSTRUCTIONS[0]}
-    policy.select_action(good)
+    executor.act(good)
     poisoned = {**good, "state": np.array([0, 0, bad, 0, 0], dtype=np.float32)}
     for _ in range(2):
         with pytest.raises(ValueError, match=r"observation\['state'\] holds .* at index 2"):
-            policy.select_action(poisoned)
-    assert all(np.isfinite(frame["state"]).all() for frame in policy._history)  # the bad frame never entered
-    policy.reset()
+            executor.act(poisoned)
+    assert all(np.isfinite(frame["state"]).all() for frame in executor.history)  # the bad frame never entered
+    executor.reset()
     for _ in range(3):  # the next valid observations act normally
-        assert np.isfinite(policy.select_action(good)).all()
+        assert np.isfinite(executor.act(good)).all()
 
 
 def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:

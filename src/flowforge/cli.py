@@ -354,8 +354,8 @@ def policy_eval(
     """Roll a trained policy out in MetaWorld; print success per task with 95% intervals, latency and NFE."""
     import json
 
+    from flowforge.envs.evaluate import evaluate
     from flowforge.envs.metaworld import INSTRUCTIONS
-    from flowforge.policy.rollout import evaluate
     from flowforge.runs.policy import load_policy
 
     if out is not None and out.is_dir():

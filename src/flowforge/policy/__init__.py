@@ -1,7 +1,8 @@
 """pi0-style flow-matching action policies, their baselines, training data and rollouts."""
 
 from flowforge.policy.baselines import DiffusionPolicy, RegressionPolicy
-from flowforge.policy.core import ChunkPolicy, PolicyConfig
+from flowforge.policy.core import ChunkPolicy, ChunkResult, PolicyConfig, Sampling
+from flowforge.policy.execution import ChunkExecutor
 from flowforge.policy.flow_policy import FlowPolicy, HierarchicalFlowPolicy
 from flowforge.registry import lookup, names
 
@@ -16,11 +17,14 @@ def build_policy(config: PolicyConfig) -> ChunkPolicy:
 
 __all__ = [
     "POLICY_KINDS",
+    "ChunkExecutor",
     "ChunkPolicy",
+    "ChunkResult",
     "DiffusionPolicy",
     "FlowPolicy",
     "HierarchicalFlowPolicy",
     "PolicyConfig",
     "RegressionPolicy",
+    "Sampling",
     "build_policy",
 ]

@@ -1,4 +1,4 @@
-r"""What every action-chunk policy shares: observation prefix, action expert, execution.
+r"""What every action-chunk policy shares: observation prefix, action expert, sampling records.
 
 A policy maps an observation to a *chunk* of :math:`H` future actions. Every policy here is built
 the same way, so that comparisons between them are about the action head alone:
@@ -11,10 +11,9 @@ the same way, so that comparisons between them are about the action head alone:
   :class:`~flowforge.nn.transformer.PrefixSuffixTransformer`, which attends to the prefix with
   pi0's block-causal mask. The prefix's keys and values are computed once per chunk and reused
   at every denoising step (``use_cache=True``).
-* **Execution**: :meth:`ChunkPolicy.select_action` keeps the last ``obs_horizon`` observations,
-  predicts a chunk when its queue is empty and executes ``n_action_steps`` actions of it before
-  replanning; with ``temporal_ensemble`` it predicts at every step and averages all predictions
-  for the current step with weights :math:`e^{-m i}` (oldest first, ACT's scheme).
+* **Sampling**: :meth:`ChunkPolicy.predict_chunk` takes the sampling settings as arguments and
+  returns a :class:`ChunkResult`. Executing chunks in an environment (history, queue, temporal
+  ensembling) is :class:`flowforge.policy.execution.ChunkExecutor`'s job, not the model's.
 
 States and actions are normalised inside the model with the data set's statistics (buffers, so
 a checkpoint carries them); inputs and outputs are always in the data's own units.
@@ -27,11 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -218,11 +215,6 @@ class ChunkPolicy(Rebuildable, nn.Module):
         self.action_normalizer = Normalizer(config.action_dim, config.action_normalization)
         self._register_load_state_dict_pre_hook(_rename_legacy_normalizer_keys)
         self._runtime_embeddings: dict[str, Tensor] = {}
-        #: the :class:`ChunkResult` of every chunk :meth:`select_action` predicted since it was last
-        #: cleared (rollouts read latencies and NFE from it).
-        self.chunk_log: list[ChunkResult] = []
-        self.temporal_ensemble: float | None = None
-        self.reset()
 
     # ---------------------------------------------------------------- set-up from data
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
@@ -419,88 +411,6 @@ class ChunkPolicy(Rebuildable, nn.Module):
             )
         _refuse_non_finite("noise", noise)
         return noise
-
-    # ---------------------------------------------------------------- execution in an environment
-    def reset(self) -> None:
-        """Forget the observation history and the queued actions (call at every episode start)."""
-        self._history: deque[dict[str, Any]] = deque(maxlen=self.policy_config.obs_horizon)
-        self._queue: deque[np.ndarray] = deque()
-        self._ensemble: list[tuple[int, np.ndarray]] = []  # (step predicted at, chunk)
-        self._step = 0
-
-    def _checked_observation(self, observation: dict[str, Any]) -> dict[str, Any]:
-        """One observation dict, refused before it can enter the history (so a bad frame never lingers)."""
-        if not isinstance(observation, dict) or "state" not in observation:
-            raise ValueError("observation must be a dict with a 'state' entry")
-        state = np.asarray(observation["state"])
-        if state.shape != (self.policy_config.state_dim,) or not np.issubdtype(state.dtype, np.number):
-            raise ValueError(
-                f"observation['state'] must be {self.policy_config.state_dim} numbers, got {state.dtype} of "
-                f"shape {state.shape}"
-            )
-        if not np.isfinite(state).all():
-            bad = int(np.flatnonzero(~np.isfinite(state))[0])
-            raise ValueError(
-                f"observation['state'] holds {state[bad]} at index {bad}; a policy acts only on finite observations"
-            )
-        if self.image_encoder is not None:
-            image = np.asarray(observation.get("image"))
-            height, width = self.policy_config.image_shape[1:]
-            if image.dtype != np.uint8 or image.shape != (height, width, 3):
-                raise ValueError(
-                    f"observation['image'] must be uint8 of shape ({height}, {width}, 3), got {image.dtype} "
-                    f"of shape {image.shape}"
-                )
-        if self.policy_config.language and not isinstance(observation.get("instruction"), str):
-            raise ValueError("observation['instruction'] must be the task's instruction (a string)")
-        return {**observation, "state": state.astype(np.float32)}
-
-    def _observation_batch(self, observation: dict[str, Any]) -> Batch:
-        self._history.append(self._checked_observation(observation))
-        while len(self._history) < self.policy_config.obs_horizon:
-            self._history.appendleft(self._history[0])  # pad the episode start by repetition
-        device = self.state_normalizer.shift.device
-        frames = list(self._history)
-        batch: Batch = {
-            "state": torch.as_tensor(np.stack([f["state"] for f in frames]), dtype=torch.float32, device=device)[None]
-        }
-        if self.image_encoder is not None:
-            images = np.stack([np.asarray(f["image"]).transpose(2, 0, 1) for f in frames])
-            batch["image"] = torch.as_tensor(images, device=device)[None]
-        if self.policy_config.language:
-            batch["instruction"] = [observation["instruction"]]
-        return batch
-
-    def _logged_chunk(self, batch: Batch, sampling: dict[str, Any]) -> np.ndarray:
-        result = self.predict_chunk(batch, **sampling)
-        self.chunk_log.append(result)
-        return result.actions[0].cpu().numpy()
-
-    def select_action(
-        self,
-        observation: dict[str, Any],
-        steps: int | None = None,
-        method: str | None = None,
-        noise_scale: float | None = None,
-    ) -> np.ndarray:
-        """The next action for an observation dict (``state``, ``image`` when used, ``instruction``);
-        ``steps``, ``method`` and ``noise_scale`` are passed to :meth:`predict_chunk`."""
-        sampling = {
-            k: v for k, v in (("steps", steps), ("method", method), ("noise_scale", noise_scale)) if v is not None
-        }
-        batch = self._observation_batch(observation)
-        if self.temporal_ensemble is not None:
-            chunk = self._logged_chunk(batch, sampling)
-            self._ensemble = [(s, c) for s, c in self._ensemble if self._step - s < len(c)] + [(self._step, chunk)]
-            weights = np.array([math.exp(-self.temporal_ensemble * i) for i in range(len(self._ensemble))])
-            actions = np.stack([c[self._step - s] for s, c in self._ensemble])
-            self._step += 1
-            return ((weights[:, None] * actions).sum(0) / weights.sum()).astype(np.float32)
-        if not self._queue:
-            chunk = self._logged_chunk(batch, sampling)
-            self._queue.extend(chunk[: self.policy_config.n_action_steps])
-        self._step += 1
-        return self._queue.popleft()
 
 
 def _refuse_non_finite(name: str, value: Tensor) -> None:

@@ -1,5 +1,8 @@
 """Roll policies out in MetaWorld and report success rates with 95% intervals, latency and NFE.
 
+This lives with the environments: the policy package never imports a simulator. A
+:class:`~flowforge.policy.execution.ChunkExecutor` turns the policy's chunks into actions.
+
 Every evaluation episode resets its task with a seed of its own from a range that demonstration
 collection never uses (:data:`EVALUATION_SEED_BASE`), so the scenes differ from the training
 demonstrations. Settings chosen by rollouts (a sampling temperature, say) are chosen on a third
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flowforge.policy.core import ChunkPolicy
+from flowforge.policy import ChunkExecutor, ChunkPolicy
 
 #: Evaluation seeds are EVALUATION_SEED_BASE + 10_007 * task position + episode.
 EVALUATION_SEED_BASE = 900_000_000
@@ -113,37 +116,31 @@ def save_gif(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Path:
 
 
 def rollout(
-    policy: ChunkPolicy,
-    env,
-    seed: int,
-    max_steps: int = 500,
-    record: bool = False,
-    sampling: dict[str, Any] | None = None,
+    executor: ChunkExecutor, env, seed: int, max_steps: int = 500, record: bool = False
 ) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
     """One episode: ``(success, steps, frames, chunk latencies, NFE per chunk)``.
 
-    ``env`` is a :class:`~flowforge.envs.MetaWorldEnv` (its observation ``image`` is recorded
-    when ``record``). The episode ends at success, at termination or after ``max_steps``.
-    The policy's noise is drawn from torch's generator seeded with ``seed`` (the caller's random
-    state is restored afterwards), so an episode is reproducible and two settings of one policy
-    are compared on the same scenes and the same noise. ``sampling``: the sampling arguments of
-    every chunk (``steps``, ``method``, ``noise_scale``; :meth:`ChunkPolicy.predict_chunk`).
+    ``env`` is a :class:`~flowforge.envs.metaworld.MetaWorldEnv` (its observation ``image`` is
+    recorded when ``record``); ``executor`` turns the policy's chunks into actions. The episode ends
+    at success, at termination or after ``max_steps``. The policy's noise is drawn from torch's
+    generator seeded with ``seed`` (the caller's random state is restored afterwards), so an
+    episode is reproducible and two settings of one policy are compared on the same scenes and
+    the same noise.
     """
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
-        return _rollout(policy, env, seed, max_steps, record, sampling or {})
+        return _rollout(executor, env, seed, max_steps, record)
 
 
 def _rollout(
-    policy: ChunkPolicy, env, seed: int, max_steps: int, record: bool, sampling: dict[str, Any]
+    executor: ChunkExecutor, env, seed: int, max_steps: int, record: bool
 ) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
-    policy.reset()
-    policy.chunk_log.clear()
+    executor.reset()
     observation, info = env.reset(seed=seed)
     frames = [observation["image"]] if record and "image" in observation else []
     success, steps = False, 0
     for steps in range(1, max_steps + 1):  # noqa: B007 - steps is read after the loop
-        action = policy.select_action({**observation, "instruction": info["instruction"]}, **sampling)
+        action = executor.act({**observation, "instruction": info["instruction"]})
         observation, _, terminated, truncated, info = env.step(np.clip(action, -1.0, 1.0))
         if record and "image" in observation:
             frames.append(observation["image"])
@@ -152,9 +149,7 @@ def _rollout(
             break
         if terminated or truncated:
             break
-    latencies = [chunk.seconds for chunk in policy.chunk_log]
-    nfe = [chunk.nfe for chunk in policy.chunk_log]
-    return success, steps, frames, latencies, nfe
+    return success, steps, frames, [c.seconds for c in executor.chunks], [c.nfe for c in executor.chunks]
 
 
 def evaluate(
@@ -169,18 +164,19 @@ def evaluate(
     seed_base: int = EVALUATION_SEED_BASE,
     progress: bool = True,
     sampling: dict[str, Any] | None = None,
+    temporal_ensemble: float | None = None,
 ) -> EvaluationReport:
     """Evaluate ``policy`` on each task for ``episodes`` fresh-seed episodes.
 
     Images are rendered when the policy uses them, or when ``video_dir`` asks for GIFs (the first
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
     ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``),
-    checked before the first episode.
+    checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``.
     """
-    policy.sampling(**(sampling or {}))  # a bad setting fails here, not in the middle of an episode
     from flowforge.envs.metaworld import MetaWorldEnv
 
     policy.eval()
+    executor = ChunkExecutor(policy, temporal_ensemble=temporal_ensemble, **(sampling or {}))
     needs_image = policy.image_encoder is not None or video_dir is not None
     results, latencies, nfe = [], [], []
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
@@ -191,9 +187,7 @@ def evaluate(
             for episode in range(episodes):
                 record = video_dir is not None and episode < videos_per_task
                 seed = seed_base + 10_007 * position + episode
-                success, steps, frames, chunk_latencies, chunk_nfe = rollout(
-                    policy, env, seed, max_steps, record, sampling
-                )
+                success, steps, frames, chunk_latencies, chunk_nfe = rollout(executor, env, seed, max_steps, record)
                 result.successes.append(success)
                 result.steps.append(steps)
                 latencies += chunk_latencies
