@@ -87,6 +87,7 @@ def test_malformed_folders_give_clear_errors(state_set: Path, tmp_path: Path) ->
 
     broken = tmp_path / "broken"
     shutil.copytree(state_set, broken)
+    (broken / "meta" / "stats.json").unlink()  # optional; with it, its sizes disagree with info.json first
     info = json.loads((broken / "meta" / "info.json").read_text())
     info["features"]["observation.state"]["shape"] = [38]
     (broken / "meta" / "info.json").write_text(json.dumps(info))
@@ -181,3 +182,166 @@ def test_a_lerobot_style_folder_with_multi_episode_files_reads(tmp_path: Path) -
     assert item["action"][:, 0].tolist() == [11.0, 12.0, 13.0] and item["action_is_pad"].tolist() == [False] * 3
     assert item["observation.images.top"].shape == (1, 3, 4, 4) and int(item["observation.images.top"].max()) == 40
     assert data[6]["action_is_pad"].tolist() == [False, True, True]
+
+
+def _damaged_copy(state_set: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(state_set, copy)
+    return copy
+
+
+def _rewrite_parquet(path: Path, change) -> None:
+    """Read a Parquet file as columns of lists, let ``change`` edit them, write it back."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    table = parquet.read_table(path)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    change(columns)
+    parquet.write_table(pa.table(columns), path)
+
+
+def _set(column: str, row: int, value, element: int | None = None):
+    def change(columns: dict) -> None:
+        if element is None:
+            columns[column][row] = value
+        else:
+            columns[column][row][element] = value
+
+    return change
+
+
+INFO, TASKS, STATS, COLLECTION = "info.json", "tasks.jsonl", "stats.json", "collection.json"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (INFO, b'{"fps": 80,', r"info\.json: not valid JSON"),
+        (INFO, b"\xff\xfe{}", r"info\.json: not UTF-8"),
+        (INFO, b"[1, 2]", r"info\.json: the top level must be a JSON object, got list"),
+        (INFO, b'{"features": {}, "total_episodes": 2, "total_frames": 1}', r"info\.json: the key 'fps' is missing"),
+        (INFO, b'{"fps": 80, "features": [], "total_episodes": 2, "total_frames": 1}', r"info\.json: .*'features'"),
+        (INFO, b'{"fps": "fast", "features": {}, "total_episodes": 2, "total_frames": 1}', r"info\.json: .*'fps'"),
+        (TASKS, b'{"task_index": 0, "task": "reach"}\noops\n', r"tasks\.jsonl, line 2: not valid JSON"),
+        (TASKS, b'[0, "reach"]\n', r"tasks\.jsonl, line 1: must be a JSON object"),
+        (TASKS, b'{"task": "reach"}\n', r"tasks\.jsonl, line 1: the key 'task_index' is missing"),
+        (TASKS, b'{"task_index": 0, "task": "r\xe9ach"}\n', r"tasks\.jsonl: not UTF-8"),
+        (STATS, b"{", r"stats\.json: not valid JSON"),
+        (STATS, b"null", r"stats\.json: the top level must be a JSON object, got NoneType"),
+        (STATS, b'{"action": [1, 2]}', r"stats\.json: 'action' must be an object"),
+        (STATS, b'{"action": {"mean": [0, 0, 0, 0]}}', r"stats\.json: 'action' lacks the key\(s\) 'std'"),
+        (STATS, b'{"action": {"mean": "a", "std": 1, "min": 0, "max": 1}}', r"stats\.json: 'action'\['mean'\]"),
+        (COLLECTION, b"\x80", r"collection\.json: not UTF-8"),
+        (COLLECTION, b"[]", r"collection\.json: the top level must be a JSON object"),
+        (COLLECTION, b'{"tasks": ["reach-v3"]}', r"collection\.json: the key 'tasks' must be"),
+        (COLLECTION, b'{"tasks": {"reach-v3": {"attempted": 2}}}', r"collection\.json: .*lacks the key 'succeeded'"),
+    ],
+)
+def test_damaged_metadata_files_are_data_errors_naming_the_file(
+    state_set: Path, tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    from flowforge.data.episodes import describe
+
+    copy = _damaged_copy(state_set, tmp_path)
+    (copy / "meta" / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        describe(copy)
+    if name != COLLECTION:  # the data set reads every other metadata file
+        with pytest.raises(DataError, match=message):
+            EpisodeDataset(copy)
+    result = CliRunner().invoke(app, ["data", "info", str(copy)])
+    assert result.exit_code == 2 and name in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (
+            "observation.state",
+            float("nan"),
+            r"file-000\.parquet, row 5 \(frame_index 5\): observation\.state\[3\] is nan",
+        ),
+        ("action", float("inf"), r"file-000\.parquet, row 5 \(frame_index 5\): action\[3\] is inf"),
+    ],
+)
+def test_non_finite_states_and_actions_are_refused(
+    state_set: Path, tmp_path: Path, column: str, value: float, message: str
+) -> None:
+    from flowforge.data.episodes import describe
+    from flowforge.policy.data import policy_tensors
+
+    copy = _damaged_copy(state_set, tmp_path)
+    _rewrite_parquet(copy / "data" / "chunk-000" / "file-000.parquet", _set(column, 5, value, element=3))
+    with pytest.raises(DataError, match=message):
+        EpisodeDataset(copy)[0]  # any frame of the episode: the whole file is checked when it is read
+    with pytest.raises(DataError, match=message):
+        policy_tensors(EpisodeDataset(copy, action_horizon=4), progress=False)
+    with pytest.raises(DataError, match=message):
+        describe(copy)
+    assert "2 episodes" in describe(copy, verify=False)  # the metadata alone is fine
+
+
+def _episodes_file(root: Path) -> Path:
+    return root / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _drop_last_row(columns: dict) -> None:
+    for values in columns.values():
+        values.pop()
+
+
+def _edit_info(key: str, value):
+    def damage(root: Path) -> None:
+        info = json.loads((root / "meta" / "info.json").read_text())
+        info[key] = value(info[key])
+        (root / "meta" / "info.json").write_text(json.dumps(info))
+
+    return damage
+
+
+FILE0, FILE1 = "data/chunk-000/file-000.parquet", "data/chunk-000/file-001.parquet"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda root: _truncate(root / FILE1), r"file-001\.parquet: not a readable Parquet file"),
+        (lambda root: (root / FILE1).unlink(), r"file-001\.parquet is missing"),
+        (lambda root: _rewrite_parquet(root / FILE0, _drop_last_row), r"file-000\.parquet: episode 0 has \d+ frames"),
+        (lambda root: _rewrite_parquet(root / FILE1, _set("frame_index", 3, 2)), r"file-001\.parquet, row 3: .*"),
+        (lambda root: _rewrite_parquet(root / FILE1, _set("episode_index", 0, 0)), r"file-001\.parquet: 1 row"),
+        (lambda root: _rewrite_parquet(root / FILE1, _set("index", 2, 0)), r"file-001\.parquet, row 2: .*index 0"),
+        (lambda root: _truncate(_episodes_file(root)), r"episodes/chunk-000/file-000\.parquet: not a readable"),
+        (
+            lambda root: _rewrite_parquet(_episodes_file(root), _set("length", 1, 3)),
+            r"file-000\.parquet: the episode lengths add up to \d+ frames, .*info\.json says total_frames",
+        ),
+        (_edit_info("total_episodes", lambda n: n + 1), r"lists 2 episodes, .*info\.json says total_episodes=3"),
+        (_edit_info("total_frames", lambda n: n - 1), r"info\.json says total_frames="),
+    ],
+)
+def test_data_info_verifies_the_data_files(state_set: Path, tmp_path: Path, damage, message: str) -> None:
+    from flowforge.data.episodes import describe
+
+    copy = _damaged_copy(state_set, tmp_path)
+    damage(copy)
+    with pytest.raises(DataError, match=message):
+        describe(copy)
+    result = CliRunner().invoke(app, ["data", "info", str(copy)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_a_row_count_mismatch_with_meta_episodes_is_found_when_loading(state_set: Path, tmp_path: Path) -> None:
+    copy = _damaged_copy(state_set, tmp_path)
+    _rewrite_parquet(copy / FILE1, _drop_last_row)
+    data = EpisodeDataset(copy)
+    data[0]  # episode 0 is whole
+    with pytest.raises(DataError, match=r"file-001\.parquet: episode 1 has \d+ frames .*meta/episodes says \d+"):
+        data[len(data) - 1]

@@ -299,11 +299,16 @@ def data_collect(
 
 
 @data_app.command("info")
-def data_info(root: Annotated[Path, typer.Argument(help="Data set folder.")]) -> None:
-    """Print a data set's schema, episode and frame counts, and the expert success rates."""
+def data_info(
+    root: Annotated[Path, typer.Argument(help="Data set folder.")],
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Read every data file and check it against the metadata.")
+    ] = True,
+) -> None:
+    """Print a data set's schema, episode and frame counts, and the expert success rates (verified)."""
     from flowforge.data.episodes import describe
 
-    typer.echo(describe(root))
+    typer.echo(describe(root, verify=verify))
 
 
 policy_app = typer.Typer(help="Flow-matching action policies and their baselines on MetaWorld.", no_args_is_help=True)
