@@ -136,6 +136,10 @@ class TrainingParts:
     objective: object
     ema: ExponentialMovingAverage | None = None
 
+    def unpacked(self) -> tuple:
+        """``(model, optimizer, scheduler, scaler, objective, ema)``, the same objects (no copies)."""
+        return self.model, self.optimizer, self.scheduler, self.scaler, self.objective, self.ema
+
 
 def save_training_state(
     directory: str | Path,
@@ -154,14 +158,7 @@ def save_training_state(
     The model is recorded with the config that rebuilds it when it is a registered model (so the
     folder is also a model checkpoint: ``Flow.load`` reads it), and as weights only otherwise.
     """
-    model, optimizer, scheduler, scaler, objective, ema = (
-        parts.model,
-        parts.optimizer,
-        parts.scheduler,
-        parts.scaler,
-        parts.objective,
-        parts.ema,
-    )
+    model, optimizer, scheduler, scaler, objective, ema = parts.unpacked()
     tensors: dict[str, Tensor] = {}
     objective_state = objective.state_dict() if hasattr(objective, "state_dict") else None
     trainer_state = {
@@ -218,14 +215,7 @@ def load_training_state(
     trained under another config (``progress`` aside).
     """
     directory = Path(directory)
-    model, optimizer, scheduler, scaler, objective, ema = (
-        parts.model,
-        parts.optimizer,
-        parts.scheduler,
-        parts.scaler,
-        parts.objective,
-        parts.ema,
-    )
+    model, optimizer, scheduler, scaler, objective, ema = parts.unpacked()
     manifest = read_manifest(directory, training=True)
     if "trainer" not in manifest:
         raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
