@@ -1,48 +1,94 @@
 """Collect scripted-expert demonstrations from MetaWorld into an episode data set (LeRobot v3 layout).
 
 Each attempt resets the task with its own seed, rolls out the task's expert until success (or
-``max_steps``) and keeps the episode only if it succeeded. Every kept episode is written as its
-own Parquet file (``data/chunk-XXX/file-YYY.parquet``), and then the metadata is rewritten
-atomically: ``meta/info.json``, ``meta/stats.json``, ``meta/tasks.jsonl``, the episodes table,
-and last ``meta/collection.json`` (attempt counts, running statistics, the settings). A killed
-collection therefore leaves a valid data set of the episodes finished so far, and running the
-same command again resumes: it continues from the recorded attempt counts, with the same seeds
-it would have used.
+``max_steps``) and keeps the episode only if it succeeded. Images are stored inside the Parquet
+files as PNG bytes (feature dtype ``"image"``); statistics are kept for ``observation.state`` and
+``action``.
 
-Images are stored inside the Parquet files as PNG bytes (feature dtype ``"image"``);
-statistics are kept for ``observation.state`` and ``action``.
+Crash safety: every attempt ends in exactly one commit point. A kept episode is first written
+as its own Parquet file (``data/chunk-XXX/file-YYY.parquet``, through a temporary name), which no
+metadata lists yet. Then a complete new metadata folder ``.meta-NNNNNN`` is written (the episodes
+table, ``stats.json``, ``tasks.jsonl``, ``info.json`` and last ``collection.json``: attempt
+counts, running statistics, the settings), and ``meta`` -- a relative symbolic link -- is switched
+to it with one atomic rename. A reader therefore always sees one consistent generation of
+metadata, and a killed collection is a valid data set of the episodes committed so far. Running
+the same call again resumes: leftovers of an uncommitted attempt (temporary files, unlisted data
+files, unfinished metadata folders) are removed and collection continues from the recorded
+attempt counts, with the same seeds it would have used, so the result equals an uninterrupted run.
+
+A folder is resumed when it holds a committed collection (``meta/collection.json``), restarted when
+it was started by :func:`collect` but nothing is committed yet (the marker file
+``.flowforge-collection`` or only temporary files), and refused otherwise. Folders written before
+this scheme (``meta`` a plain folder) are resumed too: their metadata is rebuilt from
+``collection.json``. Where symbolic links cannot be made, ``meta`` is swapped by two renames
+(``meta`` -> ``.meta-previous``, new -> ``meta``); a kill between them is repaired on resume.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowforge.checkpoint import write_atomic
 from flowforge.data.episodes import encode_png
 from flowforge.data.tabular import DataError
 from flowforge.envs.metaworld import INSTRUCTIONS, MetaWorldEnv
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
+MARKER = ".flowforge-collection"
+"""File written into a new folder before anything else: the folder is a collection in progress."""
+_PREVIOUS = ".meta-previous"  # the old metadata folder while ``meta`` is swapped by renames
+_NEXT_LINK = ".meta.next"  # the new link, renamed over ``meta`` at the commit point
+_GENERATION = re.compile(r"\.meta-\d{6}")
+_DATA_FILE = re.compile(r"file-(\d{3})\.parquet")
+_CHUNK = re.compile(r"chunk-(\d{3})")
+
+
+def _after_write(step: str) -> None:
+    """Called after every write step of the collector; does nothing. Tests replace it to inject a
+    failure (a simulated kill) after any step, so every state a kill can leave is exercised."""
 
 
 def _episode_path(episode: int) -> str:
     return f"data/chunk-{episode // 1000:03d}/file-{episode % 1000:03d}.parquet"
 
 
-def _write_parquet(path: Path, columns: dict[str, list], schema=None) -> None:
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _write_file(path: Path, data: bytes, step: str) -> None:
+    """Write ``data`` to ``path`` and flush it to disk (no rename: for files nothing lists yet)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _after_write(step)
+
+
+def _parquet_bytes(columns: dict[str, list]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as parquet
 
-    table = pa.table(columns, schema=schema)
     sink = pa.BufferOutputStream()
-    parquet.write_table(table, sink)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, sink.getvalue().to_pybytes())
+    parquet.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _new_record(settings: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +131,8 @@ def _summary(stats: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_metadata(root: Path, record: dict[str, Any], fps: int) -> None:
+def _metadata_files(record: dict[str, Any], fps: int) -> list[tuple[str, bytes]]:
+    """The metadata files of the committed episodes in ``record``, in writing order (collection.json last)."""
     settings = record["settings"]
     episodes = record["episodes"]
     features = {
@@ -119,28 +166,133 @@ def _write_metadata(root: Path, record: dict[str, Any], fps: int) -> None:
         "video_path": None,
         "features": features,
     }
-    meta = root / "meta"
-    meta.mkdir(parents=True, exist_ok=True)
+    files: list[tuple[str, bytes]] = []
     if episodes:
-        _write_parquet(
-            meta / "episodes" / "chunk-000" / "file-000.parquet",
-            {
-                "episode_index": [e["episode_index"] for e in episodes],
-                "tasks": [[e["task"]] for e in episodes],
-                "length": [e["length"] for e in episodes],
-                "dataset_from_index": [e["from"] for e in episodes],
-                "dataset_to_index": [e["from"] + e["length"] for e in episodes],
-                "data/chunk_index": [e["episode_index"] // 1000 for e in episodes],
-                "data/file_index": [e["episode_index"] % 1000 for e in episodes],
-                "seed": [e["seed"] for e in episodes],
-            },
-        )
+        table = {
+            "episode_index": [e["episode_index"] for e in episodes],
+            "tasks": [[e["task"]] for e in episodes],
+            "length": [e["length"] for e in episodes],
+            "dataset_from_index": [e["from"] for e in episodes],
+            "dataset_to_index": [e["from"] + e["length"] for e in episodes],
+            "data/chunk_index": [e["episode_index"] // 1000 for e in episodes],
+            "data/file_index": [e["episode_index"] % 1000 for e in episodes],
+            "seed": [e["seed"] for e in episodes],
+        }
+        files.append(("episodes/chunk-000/file-000.parquet", _parquet_bytes(table)))
         stats = {key: _summary(value) for key, value in record["stats"].items() if value["count"]}
-        write_atomic(meta / "stats.json", (json.dumps(stats, indent=1) + "\n").encode())
+        files.append(("stats.json", (json.dumps(stats, indent=1) + "\n").encode()))
     tasks = "".join(json.dumps({"task_index": i, "task": INSTRUCTIONS[t]}) + "\n" for i, t in enumerate(task_list))
-    write_atomic(meta / "tasks.jsonl", tasks.encode())
-    write_atomic(meta / "info.json", (json.dumps(info, indent=2) + "\n").encode())
-    write_atomic(meta / "collection.json", (json.dumps(record) + "\n").encode())
+    files.append(("tasks.jsonl", tasks.encode()))
+    files.append(("info.json", (json.dumps(info, indent=2) + "\n").encode()))
+    files.append(("collection.json", (json.dumps(record) + "\n").encode()))
+    return files
+
+
+def _commit(root: Path, record: dict[str, Any], fps: int) -> None:
+    """Write a new metadata folder for ``record`` and make it ``meta`` with one atomic rename: the commit point."""
+    record["generation"] = record.get("generation", 0) + 1
+    record["fps"] = fps
+    folder = root / f".meta-{record['generation']:06d}"
+    if folder.exists():  # an uncommitted leftover (the committed one has a smaller number)
+        shutil.rmtree(folder)
+    folder.mkdir()
+    _after_write("metadata folder")
+    for name, data in _metadata_files(record, fps):
+        _write_file(folder / name, data, f"meta/{name}")
+    _fsync_folder(folder)
+    meta, link = root / "meta", root / _NEXT_LINK
+    previous = Path(os.readlink(meta)).name if meta.is_symlink() else None
+    if os.path.lexists(link):
+        link.unlink()
+    try:
+        os.symlink(folder.name, link, target_is_directory=True)
+    except OSError:  # no symbolic links here (e.g. Windows without the privilege): swap by two renames
+        if meta.is_dir() and not meta.is_symlink():
+            os.replace(meta, root / _PREVIOUS)
+            _after_write("old metadata moved aside")
+        elif os.path.lexists(meta):
+            meta.unlink()
+        os.replace(folder, meta)
+        _fsync_folder(root)
+        _after_write("commit")
+        shutil.rmtree(root / _PREVIOUS, ignore_errors=True)
+        _after_write("old metadata removed")
+        return
+    _after_write("next link")
+    if meta.is_dir() and not meta.is_symlink():  # a folder written before this scheme, or by the fallback
+        os.replace(meta, root / _PREVIOUS)
+        _after_write("old metadata moved aside")
+        previous = _PREVIOUS
+    os.replace(link, meta)  # the commit point
+    _fsync_folder(root)
+    _after_write("commit")
+    if previous and previous != folder.name and (root / previous).is_dir():
+        shutil.rmtree(root / previous)
+        _after_write("old metadata removed")
+
+
+def _only_temporary_files(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but the temporary files (and their folders) a killed collection leaves."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() or entry.is_file():
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                return False
+        elif not _only_temporary_files(entry):
+            return False
+    return True
+
+
+def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Read-only look at ``root``: the committed record to resume, ``None`` for a new or restarted
+    collection; a :class:`DataError` for a folder that is not a collection or has other settings."""
+    meta = root / "meta"
+    state_file = meta / "collection.json"
+    if not os.path.lexists(meta) and (root / _PREVIOUS / "collection.json").is_file():
+        state_file = root / _PREVIOUS / "collection.json"  # killed between the two renames of a swap
+    if state_file.is_file():
+        try:
+            record = json.loads(state_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{state_file}: not a readable collection record ({error})") from error
+        if not isinstance(record, dict) or not all(k in record for k in ("settings", "tasks", "episodes", "stats")):
+            raise DataError(f"{state_file}: not a collection record (needs settings, tasks, episodes, stats)")
+        if record["settings"] != settings:
+            raise DataError(f"{root} was collected with {record['settings']}; resume with the same settings")
+        return record
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} exists and is not a folder; choose an empty folder")
+    if root.exists() and not (root / MARKER).is_file() and not _only_temporary_files(root):
+        raise DataError(f"{root} exists and is not a collection to resume; choose an empty folder")
+    return None
+
+
+def _clean(root: Path, committed: int) -> None:
+    """Remove what an uncommitted attempt left: temporary files, metadata folders that ``meta`` does not
+    name, the next link, and data files of episodes ``committed`` and later (which no metadata lists)."""
+    meta = root / "meta"
+    if not os.path.lexists(meta) and (root / _PREVIOUS).is_dir():
+        os.replace(root / _PREVIOUS, meta)  # finish the interrupted swap backwards: the old one is committed
+    current = Path(os.readlink(meta)).name if meta.is_symlink() else None
+    if meta.is_symlink() and not meta.is_dir():
+        meta.unlink()  # a dangling link (cannot be committed: targets are removed only after a commit)
+        current = None
+    for entry in list(root.iterdir()):
+        stale_folder = (_GENERATION.fullmatch(entry.name) or entry.name == _PREVIOUS) and entry.name != current
+        if stale_folder and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name == _NEXT_LINK or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            entry.unlink()
+    data = root / "data"
+    if data.is_dir():
+        for chunk in data.iterdir():
+            number = _CHUNK.fullmatch(chunk.name)
+            if not number or not chunk.is_dir():
+                continue
+            for entry in chunk.iterdir():
+                match = _DATA_FILE.fullmatch(entry.name)
+                temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+                if temporary or (match and int(number[1]) * 1000 + int(match[1]) >= committed):
+                    entry.unlink()
 
 
 def collect(
@@ -162,22 +314,31 @@ def collect(
 
     from flowforge.utils.progress import progress_enabled
 
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks must be a list of MetaWorld task names, got the string {tasks!r}")
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("tasks is empty: name at least one MetaWorld task, e.g. ['reach-v3']")
     for task in tasks:
         if task not in INSTRUCTIONS:
-            raise ValueError(f"unknown MetaWorld task {task!r}")
+            raise ValueError(f"tasks: unknown MetaWorld task {task!r}; the v3 tasks are: {', '.join(INSTRUCTIONS)}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if size < 8:
+        raise ValueError(f"size must be >= 8 pixels, got {size}")
     root = Path(root)
     settings = {"images": images, "camera": camera, "size": size, "seed": seed, "max_steps": max_steps}
-    state_file = root / "meta" / "collection.json"
-    if state_file.is_file():
-        record = json.loads(state_file.read_text())
-        if record["settings"] != settings:
-            raise DataError(f"{root} was collected with {record['settings']}; resume with the same settings")
-    else:
-        if root.exists() and any(root.iterdir()):
-            raise DataError(f"{root} exists and is not a collection to resume; choose an empty folder")
+    record = _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
+    rebuild = False
+    if record is None:  # new, or started without a commit: begin again
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / MARKER).is_file():
+            _write_file(root / MARKER, (json.dumps({"settings": settings}) + "\n").encode(), "marker")
+        _clean(root, 0)
         record = _new_record(settings)
+    else:
+        _clean(root, len(record["episodes"]))
+        rebuild = not (root / "meta").is_symlink()  # written before this scheme: rebuild from the record
     record.setdefault("task_list", [])
     fps = None
     bar = tqdm(total=episodes * len(tasks), desc="collect", disable=not progress_enabled(progress), leave=False)
@@ -189,6 +350,9 @@ def collect(
         bar.update(min(counts["succeeded"], episodes))
         env = MetaWorldEnv(task, seed=seed, image=images, camera=camera, size=size, max_steps=max_steps)
         fps = round(1.0 / env.env.unwrapped.dt)
+        if rebuild:
+            _commit(root, record, fps)
+            rebuild = False
         expert = env.expert()
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
             episode_seed = seed * 1_000_003 + task_index * 10_007 + counts["attempted"]
@@ -223,7 +387,11 @@ def collect(
                 }
                 if images:
                     columns[f"observation.images.{camera}"] = frames
-                _write_parquet(root / _episode_path(index), columns)
+                path = root / _episode_path(index)
+                temporary = path.with_name(f".{path.name}.tmp")
+                _write_file(temporary, _parquet_bytes(columns), "data file (temporary)")
+                os.replace(temporary, path)  # still uncommitted: no metadata lists it yet
+                _after_write("data file")
                 _accumulate(record["stats"]["observation.state"], np.asarray(states))
                 _accumulate(record["stats"]["action"], np.asarray(actions))
                 record["episodes"].append(
@@ -237,7 +405,7 @@ def collect(
                 )
                 counts["succeeded"] += 1
                 bar.update(1)
-            _write_metadata(root, record, fps)
+            _commit(root, record, fps)  # one commit point per attempt
         env.close()
     bar.close()
     return {task: dict(record["tasks"][task]) for task in tasks}

@@ -1,0 +1,152 @@
+"""Crash safety of demonstration collection: a kill after any write step leaves a valid data set of the
+committed episodes, and the same call resumes it to the same data as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flowforge.data.tabular import DataError
+
+pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
+
+from flowforge.data.episodes import EpisodeDataset, describe
+from flowforge.envs import collect as collect_module
+from flowforge.envs.collect import collect
+
+TASKS, EPISODES = ["reach-v3"], 2
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL after a write step (nothing of the collector runs after it)."""
+
+
+def _total_episodes(root: Path) -> int | None:
+    path = root / "meta" / "info.json"
+    return json.loads(path.read_text())["total_episodes"] if path.is_file() else None
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _actions(root: Path) -> list[list]:
+    data = EpisodeDataset(root)
+    return [data.episode_columns(i)["action"] for i in range(len(data.episodes))]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted collection, with every write step it took and the episodes committed after each."""
+    root = tmp_path_factory.mktemp("reference")
+    steps: list[tuple[str, int | None]] = []
+    patch = pytest.MonkeyPatch()
+    patch.setattr(collect_module, "_after_write", lambda step: steps.append((step, _total_episodes(root))))
+    try:
+        counts = collect(TASKS, EPISODES, root, progress=False)
+    finally:
+        patch.undo()
+    assert counts == {"reach-v3": {"attempted": 2, "succeeded": 2}}
+    return {"root": root, "steps": steps, "counts": counts, "actions": _actions(root), "files": _files(root)}
+
+
+def _check_committed(root: Path, expected: int | None, reference: dict) -> None:
+    """The folder is a valid data set of ``expected`` episodes (None: not a data set yet) on which
+    EpisodeDataset and describe agree, holding the reference's first episodes."""
+    if expected is None:
+        for read in (EpisodeDataset, describe):
+            with pytest.raises(DataError, match=r"meta/info\.json is missing"):
+                read(root)
+        return
+    assert f": {expected} episodes" in describe(root)  # describe verifies every file first
+    if expected == 0:
+        with pytest.raises(DataError, match="no episodes"):
+            EpisodeDataset(root)
+        return
+    data = EpisodeDataset(root)
+    assert len(data.episodes) == expected and len(data) == data.info["total_frames"]
+    data[len(data) - 1]
+    assert _actions(root) == reference["actions"][:expected]
+
+
+def test_the_writer_has_the_expected_write_steps(reference: dict) -> None:
+    names = [step for step, _ in reference["steps"]]
+    assert names[0] == "marker" and names.count("commit") == EPISODES
+    assert names.count("data file (temporary)") == EPISODES and "meta/info.json" in names
+    committed = [n for step, n in reference["steps"] if step == "commit"]
+    assert committed == [1, 2]
+
+
+def test_a_kill_after_any_write_step_leaves_a_valid_set_that_resumes(reference: dict, tmp_path: Path) -> None:
+    steps = reference["steps"]
+    for k, (step, expected) in enumerate(steps):
+        root = tmp_path / f"kill-{k}"
+        calls = []
+
+        def hook(name: str, k: int = k, calls: list = calls) -> None:
+            calls.append(name)
+            if len(calls) == k + 1:
+                raise Killed(name)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(collect_module, "_after_write", hook)
+            with pytest.raises(Killed):
+                collect(TASKS, EPISODES, root, progress=False)
+        assert calls[-1] == step, f"step {k}: the writer took other steps than the reference run"
+        _check_committed(root, expected, reference)
+
+        counts = collect(TASKS, EPISODES, root, progress=False)  # the same call resumes
+        assert counts == reference["counts"], f"killed after step {k} ({step})"
+        _check_committed(root, EPISODES, reference)
+        assert _files(root) == reference["files"], f"killed after step {k} ({step}): leftovers"
+
+
+def test_a_folder_with_only_temporary_files_is_restarted(reference: dict, tmp_path: Path) -> None:
+    chunk = tmp_path / "data" / "chunk-000"
+    chunk.mkdir(parents=True)
+    (chunk / ".file-000.parquet.x1y2.tmp").write_bytes(b"PAR1 half")  # an earlier version's temporary name
+    collect(TASKS, EPISODES, tmp_path, progress=False)
+    _check_committed(tmp_path, EPISODES, reference)
+    assert _files(tmp_path) == reference["files"]
+
+
+def test_someone_elses_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "data" / "chunk-000").mkdir(parents=True)
+    (tmp_path / "data" / "chunk-000" / "file-000.parquet").write_bytes(b"theirs")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _files(tmp_path)
+    with pytest.raises(DataError, match="is not a collection to resume"):
+        collect(TASKS, 1, tmp_path, progress=False)
+    assert _files(tmp_path) == before and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_of_the_earlier_layout_killed_mid_metadata_is_repaired(reference: dict, tmp_path: Path) -> None:
+    """meta as a plain folder whose episodes table already lists episode 1 while info.json and
+    collection.json still say 1 episode (what a kill inside the earlier writer's metadata left)."""
+    one = tmp_path / "one"
+    collect(TASKS, 1, one, progress=False)
+    old = tmp_path / "old"
+    (old / "data").mkdir(parents=True)
+    shutil.copytree(one / "meta", old / "meta")  # follows the link: a plain folder, as before
+    shutil.copytree(one / "data", old / "data", dirs_exist_ok=True)
+    source = reference["root"]
+    for name in ("data/chunk-000/file-001.parquet", "meta/episodes/chunk-000/file-000.parquet"):
+        shutil.copyfile(source / name, old / name)
+    with pytest.raises(DataError, match="lists 2 episodes"):
+        EpisodeDataset(old)
+    assert collect(TASKS, EPISODES, old, progress=False) == reference["counts"]
+    _check_committed(old, EPISODES, reference)
+    assert (old / "meta").is_symlink() and not (old / ".meta-previous").exists()
+
+
+def test_bad_task_lists_are_value_errors_naming_tasks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tasks is empty"):
+        collect([], 1, tmp_path / "empty", progress=False)
+    with pytest.raises(ValueError, match=r"tasks: unknown MetaWorld task 'fly-v3'"):
+        collect(["fly-v3"], 1, tmp_path / "fly", progress=False)
+    with pytest.raises(TypeError, match="tasks must be a list"):
+        collect("reach-v3", 1, tmp_path / "string", progress=False)
+    assert not any(tmp_path.iterdir())  # nothing is written before the inputs are valid
