@@ -36,6 +36,7 @@ from torch import Tensor
 
 from flowforge.matching.paths import AffinePath
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint
+from flowforge.validation import check_choice
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,7 @@ def integrate(
     if method in TABLEAUS:
         x = odeint(field, x0, t_span, method, steps)
         return Integration(x, steps * len(TABLEAUS[method].b))
-    if method not in ADAPTIVE_METHODS:
-        raise ValueError(
-            f"method {method!r} is not a solver; choose one of {', '.join((*TABLEAUS, *ADAPTIVE_METHODS))}"
-        )
+    check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
     calls = 0
 
     def counted(x: Tensor, t: Tensor) -> Tensor:

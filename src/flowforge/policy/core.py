@@ -24,7 +24,6 @@ suffix tokens, the loss and the sampler.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +39,8 @@ from flowforge.nn.transformer import PrefixCache, PrefixSuffixTransformer
 from flowforge.nn.velocity import SinusoidalTimeEmbedding
 from flowforge.policy.language import EMBEDDING_SIZE, encode_instructions
 from flowforge.registry import Rebuildable, register
+from flowforge.validation import check_choice as check_argument_choice
+from flowforge.validation import check_count, check_real
 
 Batch = dict[str, Any]
 
@@ -154,11 +155,6 @@ class ChunkResult:
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
-
-
-def _check_argument_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 class ImageEncoder(nn.Module):
@@ -308,14 +304,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
             cfg.method if method is None else method,
             cfg.noise_scale if noise_scale is None else noise_scale,
         )
-        _check_argument_count("steps", sampling.steps)
-        if sampling.method not in (*TABLEAUS, *ADAPTIVE_METHODS):
-            raise ValueError(
-                f"method {sampling.method!r} is not a solver; choose one of {', '.join((*TABLEAUS, *ADAPTIVE_METHODS))}"
-            )
-        scale = sampling.noise_scale
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"noise_scale must be a finite number >= 0, got {scale!r}")
+        check_count("steps", sampling.steps)
+        check_argument_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        check_real("noise_scale", sampling.noise_scale, non_negative=True)
         return sampling
 
     def target_actions(self, batch: Batch) -> Tensor:
