@@ -6,17 +6,17 @@ What it measures
    (``flowforge data collect``), then four policies with the same encoders, transformer, data,
    optimizer and number of steps (``configs/policy/mt10.toml``):
 
-   * ``flow``: :class:`~flowforge.policy.FlowPolicy` (10 Euler steps),
-   * ``hierarchical``: :class:`~flowforge.policy.HierarchicalFlowPolicy` (keyframes, then the chunk),
-   * ``mse``: :class:`~flowforge.policy.RegressionPolicy`,
-   * ``ddpm``: :class:`~flowforge.policy.DiffusionPolicy` (100 training steps), sampled with DDIM
+   * ``flow``: :class:`~flowforge.policy.FlowHead` (10 Euler steps),
+   * ``hierarchical``: :class:`~flowforge.policy.HierarchicalFlowHead` (keyframes, then the chunk),
+   * ``mse``: :class:`~flowforge.policy.RegressionHead`,
+   * ``ddpm``: :class:`~flowforge.policy.DiffusionHead` (100 training steps), sampled with DDIM
      at 10 steps; ``ddpm100`` is the same model with the full 100-step DDPM chain (fewer episodes,
      ``--ddpm100-episodes``, since each chunk costs ten times more).
 
    Each is rolled out for ``--episodes`` episodes per task with fresh seeds (never used for the
    demonstrations); success rate per task with 95% Wilson intervals, and the average.
 
-   FlowPolicy's sampling temperature (``noise_scale``, the scale of its initial noise) is chosen
+   The flow head's sampling temperature (``noise_scale``, the scale of its initial noise) is chosen
    among ``--noise-scales`` by rollouts on validation seeds (``--validation-episodes`` per task,
    a seed range neither the demonstrations nor the evaluation use); the evaluation reports the
    flow at temperature 1 (``flow``) and, when another one won, at the chosen one too.
@@ -25,11 +25,11 @@ What it measures
    on ``--image-demos`` demonstrations per task.
 3. **Latency** on this CPU (1 thread, batch 1, median of ``--latency-repeats``): time to produce
    one chunk with the cached prefix (KV cache) and without it (the whole observation re-encoded at
-   every integration step), for the state and the image policy; and FlowPolicy at 10 steps against
+   every integration step), for the state and the image policy; and the flow head at 10 steps against
    DDPM at 100 and DDIM at 10.
 
-Goals: FlowPolicy average success >= 90% and ahead of MSE and DDPM; cached >= 3x faster than
-uncached with image tokens; FlowPolicy (10 steps) >= 5x faster than DDPM (100 steps) at no loss
+Goals: the flow head's average success >= 90% and ahead of MSE and DDPM; cached >= 3x faster than
+uncached with image tokens; the flow head (10 steps) >= 5x faster than DDPM (100 steps) at no loss
 in success.
 
 Every phase stores its result under ``--work`` (data sets, run folders, ``*.json``) and is skipped
@@ -123,9 +123,9 @@ def _evaluate(
     return result
 
 
-def _latency(policy, batch: dict, repeats: int, use_cache: bool) -> tuple[float, int]:
+def _latency(policy, batch: dict, repeats: int, use_cache: bool, **sampling) -> tuple[float, int]:
     noise = torch.randn(1, policy.policy_config.horizon, policy.policy_config.action_dim)
-    results = [policy.predict_chunk(batch, use_cache=use_cache, noise=noise) for _ in range(repeats + 3)]
+    results = [policy.predict_chunk(batch, **sampling, use_cache=use_cache, noise=noise) for _ in range(repeats + 3)]
     return statistics.median(r.seconds for r in results[3:]), results[-1].nfe
 
 
@@ -152,19 +152,16 @@ def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
         cached, uncached, nfe = _paired_latency(load_policy(runs["flow"]), state_batch, args.latency_repeats)
         table["flow cached"] = {"ms": 1000 * cached, "nfe": nfe}
         table["flow uncached"] = {"ms": 1000 * uncached, "nfe": nfe}
-    for name, changes, use_cache in (
+    for name, sampling, use_cache in (
         ("hierarchical cached", {}, True),
-        ("ddpm 100 steps", {"sampler": "ddpm"}, True),
-        ("ddim 10 steps", {"sampler": "ddim", "inference_steps": 10}, True),
+        ("ddpm 100 steps", {"method": "ddpm"}, True),
+        ("ddim 10 steps", {"method": "ddim", "steps": 10}, True),
         ("mse", {}, True),
     ):
         kind = "ddpm" if name.startswith("dd") else name.split()[0]
         if kind not in runs or name in table:
             continue
-        policy = load_policy(runs[kind])
-        for key, value in changes.items():
-            setattr(policy.policy_config, key, value)
-        median, nfe = _latency(policy, state_batch, args.latency_repeats, use_cache)
+        median, nfe = _latency(load_policy(runs[kind]), state_batch, args.latency_repeats, use_cache, **sampling)
         table[name] = {"ms": 1000 * median, "nfe": nfe}
     if image_data is not None and "flow-images" in runs and "flow images cached" not in table:
         image_set = EpisodeDataset(image_data, args.image_frames, 16)
@@ -216,8 +213,8 @@ def main() -> None:
 
     results = {}
     for kind in models:
-        changes = {"sampler": "ddim", "inference_steps": 10} if kind == "ddpm" else {}
-        results[kind] = _evaluate(args, kind, runs[kind], MT10, args.episodes, **changes)
+        sampling = {"method": "ddim", "steps": 10} if kind == "ddpm" else {}
+        results[kind] = _evaluate(args, kind, runs[kind], MT10, args.episodes, **sampling)
     flow_name, chosen_scale, validation = "flow", 1.0, {}
     scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
     if "flow" in models and len(scales) > 1 and args.validation_episodes > 0:
@@ -246,7 +243,7 @@ def main() -> None:
         print(f"{task:26s} " + " ".join(cells))
     print(f"{'average':26s} " + " ".join(f"{results[n]['average_success']:14.1%}" for n in names))
     if "flow-images" in results:
-        print("\nFlowPolicy with 84x84 images")
+        print("\nThe flow head with 84x84 images")
         for task, entry in results["flow-images"]["tasks"].items():
             low, high = entry["interval"]
             print(f"{task:26s} {entry['success_rate']:6.0%}  [{low:.0%}, {high:.0%}]")
@@ -254,7 +251,7 @@ def main() -> None:
     for name, entry in latency.items():
         print(f"{name:26s} {entry['ms']:8.2f} ms   NFE {entry['nfe']}")
     if validation:
-        print("\nFlowPolicy temperature on validation seeds (average success)")
+        print("\nThe flow head's temperature on validation seeds (average success)")
         for scale, rate in validation.items():
             print(f"  noise_scale {scale:<5g} {rate:6.1%}" + ("   <- chosen" if scale == chosen_scale else ""))
     checks = {}

@@ -46,15 +46,15 @@ def test_bad_statistics_are_refused() -> None:
 
 
 def test_a_policy_checkpoint_with_the_old_normaliser_keys_still_loads() -> None:
-    from flowforge.policy import FlowPolicy, PolicyConfig
+    from flowforge.policy import ChunkPolicy, PolicyConfig
 
     config = PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False)
-    policy = FlowPolicy(config)
+    policy = ChunkPolicy(config)
     policy.set_statistics({"observation.state": STATS, "action": {"min": [-2.0, 0.0], "max": [2.0, 4.0]}})
     state = policy.state_dict()
     legacy = {k.replace("_normalizer.", "_"): v for k, v in state.items()}
     assert "state_shift" in legacy and "action_scale" in legacy
-    again = FlowPolicy(config)
+    again = ChunkPolicy(config)
     again.load_state_dict(legacy)
     torch.testing.assert_close(again.action_normalizer.scale, policy.action_normalizer.scale)
     torch.testing.assert_close(again.state_normalizer.shift, policy.state_normalizer.shift)

@@ -123,7 +123,7 @@ def _policy_case(kind: str, **changes):
             action_normalization="mean_std",
         )
         settings.update(changes)
-        policy = registry.lookup("policy", kind)(PolicyConfig(**settings))
+        policy = registry.lookup("policy", "chunk-policy")(PolicyConfig(**settings))
         if settings["language"]:
             policy.set_instruction_embeddings(torch.nn.functional.normalize(torch.randn(2, 384), dim=1))
         return policy

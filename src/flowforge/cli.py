@@ -239,14 +239,14 @@ def plot(
 @app.command("list")
 def list_choices() -> None:
     """List every registered model, policy and part, the data sets, objectives and reverse-KL targets."""
-    import flowforge.policy  # noqa: F401 - registers the policies
+    import flowforge.policy  # noqa: F401 - registers the policy heads
     from flowforge import registry, runs
     from flowforge.data import SKLEARN_DATASETS, TARGETS, TOY_DATASETS
     from flowforge.runs.data import COUNT_DATASETS
 
     rows = [
         ("models", registry.names("model")),
-        ("policies", registry.names("policy")),
+        ("policy heads", registry.names("head")),
         ("velocity nets", registry.names("velocity")),
         ("paths", registry.names("path")),
         ("couplings", registry.names("coupling")),

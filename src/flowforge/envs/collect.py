@@ -37,6 +37,7 @@ import numpy as np
 
 from flowforge.data.episodes import encode_png
 from flowforge.data.tabular import DataError
+from flowforge.envs.episode import run_episode
 from flowforge.envs.metaworld import INSTRUCTIONS, MetaWorldEnv
 
 CODEBASE_VERSION = "v3.0"
@@ -354,25 +355,18 @@ def collect(
             _commit(root, record, fps)
             rebuild = False
         expert = env.expert()
+
+        def expert_actor(observation: dict[str, Any], expert=expert) -> np.ndarray:
+            return expert.get_action(observation["state"])
+
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
             episode_seed = seed * 1_000_003 + task_index * 10_007 + counts["attempted"]
-            observation, info = env.reset(seed=episode_seed)
-            states, actions, frames = [], [], []
-            success = False
-            for _ in range(max_steps):
-                action = np.clip(expert.get_action(observation["state"]), -1.0, 1.0).astype(np.float32)
-                states.append(observation["state"])
-                actions.append(action)
-                if images:
-                    frames.append(encode_png(observation["image"]))
-                observation, _, terminated, truncated, info = env.step(action)
-                if info["is_success"]:
-                    success = True
-                    break
-                if terminated or truncated:
-                    break
+            episode = run_episode(env, expert_actor, episode_seed, max_steps, keep=True)
+            states = [observation["state"] for observation in episode.observations]
+            actions = episode.actions
+            frames = [encode_png(observation["image"]) for observation in episode.observations] if images else []
             counts["attempted"] += 1
-            if success:
+            if episode.success:
                 index = len(record["episodes"])
                 start = sum(e["length"] for e in record["episodes"])
                 length = len(states)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from flowforge.envs.episode import run_episode
 from flowforge.policy import ChunkExecutor, ChunkPolicy
 
 #: Evaluation seeds are EVALUATION_SEED_BASE + 10_007 * task position + episode.
@@ -136,20 +137,12 @@ def _rollout(
     executor: ChunkExecutor, env, seed: int, max_steps: int, record: bool
 ) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
     executor.reset()
-    observation, info = env.reset(seed=seed)
-    frames = [observation["image"]] if record and "image" in observation else []
-    success, steps = False, 0
-    for steps in range(1, max_steps + 1):  # noqa: B007 - steps is read after the loop
-        action = executor.act({**observation, "instruction": info["instruction"]})
-        observation, _, terminated, truncated, info = env.step(np.clip(action, -1.0, 1.0))
-        if record and "image" in observation:
-            frames.append(observation["image"])
-        if info["is_success"]:
-            success = True
-            break
-        if terminated or truncated:
-            break
-    return success, steps, frames, [c.seconds for c in executor.chunks], [c.nfe for c in executor.chunks]
+    episode = run_episode(env, executor.act, seed, max_steps, keep=record)
+    frames = []
+    if record and episode.final_observation is not None and "image" in episode.final_observation:
+        frames = [o["image"] for o in episode.observations] + [episode.final_observation["image"]]
+    chunks = executor.chunks
+    return episode.success, episode.steps, frames, [c.seconds for c in chunks], [c.nfe for c in chunks]
 
 
 def evaluate(
@@ -177,7 +170,7 @@ def evaluate(
 
     policy.eval()
     executor = ChunkExecutor(policy, temporal_ensemble=temporal_ensemble, **(sampling or {}))
-    needs_image = policy.image_encoder is not None or video_dir is not None
+    needs_image = policy.encoder.sees_images or video_dir is not None
     results, latencies, nfe = [], [], []
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
     for position, task in enumerate(tasks):

@@ -1,30 +1,44 @@
-"""pi0-style flow-matching action policies, their baselines, training data and rollouts."""
+"""pi0-style flow-matching action policies as parts: encoder, action expert, heads, executor."""
 
-from flowforge.policy.baselines import DiffusionPolicy, RegressionPolicy
-from flowforge.policy.core import ChunkPolicy, ChunkResult, PolicyConfig, Sampling
+from flowforge.policy.config import PolicyConfig
+from flowforge.policy.core import ChunkPolicy, ChunkResult
+from flowforge.policy.encoders import ObservationEncoder
 from flowforge.policy.execution import ChunkExecutor
-from flowforge.policy.flow_policy import FlowPolicy, HierarchicalFlowPolicy
-from flowforge.registry import lookup, names
+from flowforge.policy.expert import ActionExpert, ExpertCache
+from flowforge.policy.heads import (
+    HEAD_CATEGORY,
+    DiffusionHead,
+    FlowHead,
+    HierarchicalFlowHead,
+    PolicyHead,
+    RegressionHead,
+    Sampling,
+)
+from flowforge.registry import names
 
-#: The registered policy kinds (``policy.kind`` in a config), in :mod:`flowforge.registry`.
-POLICY_KINDS = names("policy")
+#: The registered heads (``policy.kind`` in a config), in :mod:`flowforge.registry`.
+POLICY_KINDS = names(HEAD_CATEGORY)
 
 
 def build_policy(config: PolicyConfig) -> ChunkPolicy:
-    """The policy registered as ``config.kind``, built from ``config``."""
-    return lookup("policy", config.kind)(config)
+    """The policy that ``config`` describes (its head chosen by ``config.kind``)."""
+    return ChunkPolicy(config)
 
 
 __all__ = [
     "POLICY_KINDS",
+    "ActionExpert",
     "ChunkExecutor",
     "ChunkPolicy",
     "ChunkResult",
-    "DiffusionPolicy",
-    "FlowPolicy",
-    "HierarchicalFlowPolicy",
+    "DiffusionHead",
+    "ExpertCache",
+    "FlowHead",
+    "HierarchicalFlowHead",
+    "ObservationEncoder",
     "PolicyConfig",
-    "RegressionPolicy",
+    "PolicyHead",
+    "RegressionHead",
     "Sampling",
     "build_policy",
 ]

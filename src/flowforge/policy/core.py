@@ -1,145 +1,49 @@
-r"""What every action-chunk policy shares: observation prefix, action expert, sampling records.
+r"""A chunk policy as parts: observation encoder, action expert, head and normalisers.
 
-A policy maps an observation to a *chunk* of :math:`H` future actions. Every policy here is built
-the same way, so that comparisons between them are about the action head alone:
+A policy maps an observation to a *chunk* of :math:`H` future actions. :class:`ChunkPolicy` is the
+composition every kind shares, so that comparisons between kinds are about the head alone:
 
-* **Prefix** (the observation, encoded once per chunk): one token per observation frame from the
-  normalised state (an MLP); with images, 49 tokens per frame from a small conv net trained from
-  scratch (84x84 -> 7x7); with language, one token from the frozen MiniLM embedding of the
-  task instruction. Learned position embeddings tell the tokens apart.
-* **Action expert**: :math:`H` suffix tokens through
-  :class:`~flowforge.nn.transformer.PrefixSuffixTransformer`, which attends to the prefix with
-  pi0's block-causal mask. The prefix's keys and values are computed once per chunk and reused
-  at every denoising step (``use_cache=True``).
-* **Sampling**: :meth:`ChunkPolicy.predict_chunk` takes the sampling settings as arguments and
-  returns a :class:`ChunkResult`. Executing chunks in an environment (history, queue, temporal
-  ensembling) is :class:`flowforge.policy.execution.ChunkExecutor`'s job, not the model's.
+* :class:`~flowforge.policy.encoders.ObservationEncoder`: the normalised state, camera images and
+  the instruction to prefix tokens;
+* :class:`~flowforge.policy.expert.ActionExpert`: pi0's prefix/suffix transformer; the prefix's
+  keys and values are computed once per chunk (``use_cache=True``) and reused at every denoising
+  step;
+* a head from :mod:`flowforge.policy.heads`, chosen by ``policy.kind``: ``loss(target, cache,
+  pad)`` in training and ``sample(cache, noise, ...)`` at run time;
+* two :class:`~flowforge.data.normalize.Normalizer` (states and actions; buffers, so a checkpoint
+  carries the data set's statistics); inputs and outputs are always in the data's own units.
 
-States and actions are normalised inside the model with the data set's statistics (buffers, so
-a checkpoint carries them); inputs and outputs are always in the data's own units.
+:meth:`ChunkPolicy.predict_chunk` takes the sampling settings as arguments and returns a
+:class:`ChunkResult`. Executing chunks in an environment (history, queue, temporal ensembling) is
+:class:`flowforge.policy.execution.ChunkExecutor`'s job, not the model's.
 
-Subclasses (:mod:`flowforge.policy.flow_policy`, :mod:`flowforge.policy.baselines`) define the
-suffix tokens, the loss and the sampler.
+>>> import torch
+>>> policy = ChunkPolicy(PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=32, layers=1, language=False))
+>>> pad = torch.zeros(5, 4, dtype=torch.bool)
+>>> batch = {"state": torch.randn(5, 1, 3), "action": torch.randn(5, 4, 2), "action_is_pad": pad}
+>>> result = policy.predict_chunk(batch, steps=4)
+>>> policy.loss(batch).shape, result.actions.shape, result.nfe
+(torch.Size([]), torch.Size([5, 4, 2]), 4)
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flowforge.config import check_choice, check_range
 from flowforge.data.normalize import Normalizer
-from flowforge.errors import ConfigError, DataError
-from flowforge.matching.functional import masked_mean
-from flowforge.nn.transformer import PrefixCache, PrefixSuffixTransformer
-from flowforge.nn.velocity import SinusoidalTimeEmbedding
-from flowforge.policy.language import EMBEDDING_SIZE, encode_instructions
-from flowforge.registry import Rebuildable, register
-from flowforge.validation import check_choice as check_argument_choice
-from flowforge.validation import check_count, check_real
+from flowforge.errors import DataError
+from flowforge.policy.config import PolicyConfig
+from flowforge.policy.encoders import ObservationEncoder
+from flowforge.policy.expert import ActionExpert
+from flowforge.policy.heads import HEAD_CATEGORY, Sampling
+from flowforge.registry import Rebuildable, lookup, register
 
 Batch = dict[str, Any]
-
-
-@register("policy-config", "config")
-@dataclass
-class PolicyConfig:
-    """Everything that rebuilds a policy (kept as JSON in its checkpoint).
-
-    Arguments:
-        kind: ``"flow"``, ``"hierarchical"``, ``"mse"`` or ``"ddpm"``.
-        state_dim, action_dim: sizes of the state and action vectors.
-        horizon: :math:`H`, actions per chunk.
-        obs_horizon: observation frames the policy sees (the current one and those before it).
-        n_action_steps: actions executed from each chunk before replanning (``None``: half the chunk).
-        width, layers, heads: the transformer's size.
-        image_shape: ``(3, 84, 84)`` to use images, ``None`` for state only.
-        language: add an instruction token (frozen MiniLM embedding).
-        instructions: the instructions seen in training; their embeddings live in the weights.
-        sampling_steps, method: the flow's integration (``euler`` by default; any flowforge solver).
-        noise_scale: the flow policies' sampling temperature tau: integration starts from
-            tau * eps with eps ~ N(0, I). 1 samples the learned distribution; below 1 concentrates
-            the samples towards its mode (Glow's temperature), which suits near-deterministic
-            demonstrations; 0 makes the policy deterministic.
-        keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
-        diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
-        state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
-    """
-
-    kind: str = "flow"
-    state_dim: int = 39
-    action_dim: int = 4
-    horizon: int = 16
-    obs_horizon: int = 1
-    n_action_steps: int | None = None
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    image_shape: list[int] | None = None
-    language: bool = True
-    instructions: list[str] = field(default_factory=list)
-    sampling_steps: int = 10
-    method: str = "euler"
-    noise_scale: float = 1.0
-    keyframe_stride: int = 4
-    diffusion_steps: int = 100
-    inference_steps: int = 10
-    sampler: str = "ddim"
-    state_normalization: str = "mean_std"
-    action_normalization: str = "min_max"
-
-    def __post_init__(self) -> None:
-        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
-        from flowforge.registry import names
-
-        check_choice("kind", self.kind, names("policy"))
-        for name in ("state_dim", "action_dim", "horizon", "obs_horizon", "width", "layers", "heads"):
-            _check_count(name, getattr(self, name))
-        if self.width % self.heads:
-            raise ConfigError(f"width = {self.width}: expected a multiple of heads = {self.heads}")
-        if self.n_action_steps is None:
-            self.n_action_steps = max(1, self.horizon // 2)
-        _check_count("n_action_steps", self.n_action_steps)
-        if self.n_action_steps > self.horizon:
-            raise ConfigError(f"n_action_steps = {self.n_action_steps}: expected at most horizon = {self.horizon}")
-        if self.image_shape is not None:
-            self.image_shape = [int(s) for s in self.image_shape]
-            if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
-                raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")
-        _check_count("sampling_steps", self.sampling_steps)
-        check_choice("method", self.method, (*TABLEAUS, *ADAPTIVE_METHODS))
-        check_range("noise_scale", self.noise_scale, low=0)
-        _check_count("keyframe_stride", self.keyframe_stride)
-        if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
-            raise ConfigError(
-                f"keyframe_stride = {self.keyframe_stride}: expected a divisor of horizon = {self.horizon}"
-            )
-        _check_count("diffusion_steps", self.diffusion_steps)
-        _check_count("inference_steps", self.inference_steps)
-        if self.inference_steps > self.diffusion_steps:
-            raise ConfigError(
-                f"inference_steps = {self.inference_steps}: expected at most diffusion_steps = {self.diffusion_steps}"
-            )
-        check_choice("sampler", self.sampler, ("ddim", "ddpm"))
-        check_choice("state_normalization", self.state_normalization, ("mean_std", "min_max"))
-        check_choice("action_normalization", self.action_normalization, ("mean_std", "min_max"))
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How one chunk is sampled, resolved from a call's arguments and the config's defaults.
-
-    ``steps``: solver steps (flow policies) or denoising steps (DDPM/DDIM); ``method``: a flowforge
-    solver (flow policies) or ``"ddim"``/``"ddpm"``; ``noise_scale``: the flow policies' temperature.
-    """
-
-    steps: int
-    method: str
-    noise_scale: float
 
 
 @dataclass(frozen=True)
@@ -152,65 +56,74 @@ class ChunkResult:
     seconds: float
 
 
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
+# State-dict keys of checkpoints written before the policy was split into parts, to today's keys
+# (the first matching prefix wins). ``fine.`` held a whole second policy of which the hierarchical
+# head keeps only the expert; ``alpha_bar`` is derived from the config.
+_RELEASED_KEYS = (
+    ("fine.transformer.", "head.fine_expert.transformer."),
+    ("fine.action_tokens.", "head.fine_expert.action_tokens."),
+    ("fine.action_head.", "head.fine_expert.output."),
+    ("fine.", None),
+    ("alpha_bar", None),
+    ("state_encoder.", "encoder.state_encoder."),
+    ("image_encoder.", "encoder.image_encoder."),
+    ("language_projection.", "encoder.language_projection."),
+    ("instruction_embeddings", "encoder.instruction_embeddings"),
+    ("prefix_position", "encoder.position"),
+    ("state_shift", "state_normalizer.shift"),
+    ("state_scale", "state_normalizer.scale"),
+    ("action_shift", "action_normalizer.shift"),
+    ("action_scale", "action_normalizer.scale"),
+    ("transformer.", "expert.transformer."),
+    ("action_tokens.", "expert.action_tokens."),
+    ("action_head.", "expert.output."),
+    ("queries", "expert.queries"),
+    ("keyframe_embedding.", "head.keyframe_embedding."),
+    ("keyframe_position", "head.keyframe_position"),
+)
 
 
-class ImageEncoder(nn.Module):
-    """Conv net trained from scratch: a uint8 image (3, 84, 84) to a 7x7 grid of tokens.
-
-    ``conv 8x8 /4 -> GELU -> conv 4x4 /2 -> GELU -> conv 3x3 -> tokens``; other sizes give other
-    grids. Pixels are scaled to [-1, 1] first.
-    """
-
-    def __init__(self, image_shape: list[int], width: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 8, stride=4),
-            nn.GELU(),
-            nn.Conv2d(32, 64, 4, stride=2),
-            nn.GELU(),
-            nn.Conv2d(64, width, 3),
-        )
-        with torch.no_grad():
-            self.tokens = int(self.net(torch.zeros(1, *image_shape)).flatten(2).shape[-1])
-
-    def forward(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` uint8 to ``(B, tokens, width)``."""
-        x = images.float() / 127.5 - 1.0
-        return self.net(x).flatten(2).transpose(1, 2)
+def _upgrade_released_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Rename (or drop) the keys of a checkpoint of the earlier layout, in place."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        local = key[len(prefix) :]
+        for old, new in _RELEASED_KEYS:
+            if local.startswith(old):
+                value = state_dict.pop(key)
+                if new is not None:
+                    state_dict[prefix + new + local[len(old) :]] = value
+                break
 
 
-def _rename_legacy_normalizer_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-    """Checkpoints written before the one Normalizer kept ``state_shift`` etc. on the policy itself."""
-    for name in ("state", "action"):
-        for part in ("shift", "scale"):
-            old = f"{prefix}{name}_{part}"
-            if old in state_dict:
-                state_dict[f"{prefix}{name}_normalizer.{part}"] = state_dict.pop(old)
-
-
+@register("chunk-policy", "policy")
 class ChunkPolicy(Rebuildable, nn.Module):
-    """Base class: prefix encoding, normalisation, execution. See the module docstring."""
+    """Encoder + action expert + head + normalisers, built from a :class:`PolicyConfig` (see the
+    module docstring)."""
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
         self.policy_config = config
-        width = config.width
-        self.state_encoder = nn.Sequential(nn.Linear(config.state_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.image_encoder = ImageEncoder(config.image_shape, width) if config.image_shape is not None else None
-        prefix = config.obs_horizon * (1 + (self.image_encoder.tokens if self.image_encoder is not None else 0))
-        if config.language:
-            self.language_projection = nn.Linear(EMBEDDING_SIZE, width)
-            self.register_buffer("instruction_embeddings", torch.zeros(len(config.instructions), EMBEDDING_SIZE))
-            prefix += 1
-        self.prefix_tokens = prefix
-        self.prefix_position = nn.Parameter(0.02 * torch.randn(prefix, width))
+        self.encoder = ObservationEncoder(
+            config.state_dim,
+            config.width,
+            config.obs_horizon,
+            config.image_shape,
+            config.instructions if config.language else None,
+        )
+        self.head = lookup(HEAD_CATEGORY, config.kind)(config)
+        self.expert = ActionExpert(
+            config.action_dim,
+            self.head.expert_horizon,
+            config.width,
+            config.layers,
+            config.heads,
+            queries=self.head.queries,
+        )
         self.state_normalizer = Normalizer(config.state_dim, config.state_normalization)
         self.action_normalizer = Normalizer(config.action_dim, config.action_normalization)
-        self._register_load_state_dict_pre_hook(_rename_legacy_normalizer_keys)
-        self._runtime_embeddings: dict[str, Tensor] = {}
+        self._register_load_state_dict_pre_hook(_upgrade_released_keys)
 
     # ---------------------------------------------------------------- set-up from data
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
@@ -222,11 +135,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
     def set_instruction_embeddings(self, embeddings: Tensor | None = None) -> None:
         """Store the embeddings of ``config.instructions`` (computed with MiniLM when not given)."""
-        if not self.policy_config.language:
-            return
-        if embeddings is None:
-            embeddings = encode_instructions(self.policy_config.instructions)
-        self.instruction_embeddings.copy_(embeddings)
+        self.encoder.set_instruction_embeddings(embeddings)
 
     # ---------------------------------------------------------------- normalisation
     def normalize_state(self, state: Tensor) -> Tensor:
@@ -238,93 +147,28 @@ class ChunkPolicy(Rebuildable, nn.Module):
     def unnormalize_action(self, action: Tensor) -> Tensor:
         return self.action_normalizer.unnormalize(action)
 
-    # ---------------------------------------------------------------- the prefix
-    def _language(self, batch: Batch, rows: int) -> Tensor:
-        if "task_index" in batch:
-            return self.instruction_embeddings[batch["task_index"]]
-        texts = batch.get("instruction")
-        if texts is None:
-            raise ValueError("a language-conditioned policy needs 'task_index' or 'instruction' in the batch")
-        if isinstance(texts, str):
-            texts = [texts] * rows
-        known = {text: i for i, text in enumerate(self.policy_config.instructions)}
-        vectors = []
-        for text in texts:
-            if text in known:
-                vectors.append(self.instruction_embeddings[known[text]])
-            else:
-                if text not in self._runtime_embeddings:
-                    with torch.inference_mode(False):  # an ordinary tensor, usable in training too
-                        self._runtime_embeddings[text] = encode_instructions([text])[0]
-                vectors.append(self._runtime_embeddings[text].to(self.instruction_embeddings))
-        return torch.stack(vectors)
-
+    # ---------------------------------------------------------------- training and sampling
     def prefix(self, batch: Batch) -> Tensor:
-        """The observation tokens ``(B, prefix_tokens, width)`` of a batch (raw state, uint8 images)."""
+        """The observation tokens ``(B, prefix tokens, width)`` of a batch (raw state, uint8 images)."""
         state = batch["state"]
-        if state.dim() != 3 or state.shape[1:] != (self.policy_config.obs_horizon, self.policy_config.state_dim):
-            cfg = self.policy_config
+        cfg = self.policy_config
+        if state.dim() != 3 or state.shape[1:] != (cfg.obs_horizon, cfg.state_dim):
             raise ValueError(
                 f"state must have shape (batch, {cfg.obs_horizon}, {cfg.state_dim}), got {tuple(state.shape)}"
             )
-        rows = state.shape[0]
-        tokens = [self.state_encoder(self.normalize_state(state))]
-        if self.image_encoder is not None:
-            images = batch["image"]
-            frames = self.image_encoder(images.flatten(0, 1))  # (B * obs_horizon, tokens, width)
-            tokens.append(frames.reshape(rows, -1, self.policy_config.width))
-        if self.policy_config.language:
-            tokens.append(self.language_projection(self._language(batch, rows))[:, None])
-        return torch.cat(tokens, dim=1) + self.prefix_position
+        return self.encoder({**batch, "state": self.normalize_state(state)})
 
-    # ---------------------------------------------------------------- training and sampling (subclasses)
     def loss(self, batch: Batch) -> Tensor:
-        """The training loss of a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H)."""
-        raise NotImplementedError
-
-    def sample_normalized(
-        self, batch: Batch, sampling: Sampling, use_cache: bool = True, noise: Tensor | None = None
-    ) -> tuple[Tensor, int]:
-        """A chunk in normalised units ``(B, H, A)`` and the action expert's evaluations."""
-        raise NotImplementedError
+        """The head's training loss on a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H)."""
+        cache = self.expert.encode(self.prefix(batch))
+        return self.head.loss(self.normalize_action(batch["action"]), cache, batch.get("action_is_pad"))
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
     ) -> Sampling:
-        """The sampling settings of one call: each argument, or the config's default when ``None``.
-
-        The flow policies' version; DDPM and regression policies override it. Nothing is stored:
-        the config stays as it was built.
-        """
-        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
-
-        cfg = self.policy_config
-        sampling = Sampling(
-            cfg.sampling_steps if steps is None else steps,
-            cfg.method if method is None else method,
-            cfg.noise_scale if noise_scale is None else noise_scale,
-        )
-        check_count("steps", sampling.steps)
-        check_argument_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
-        check_real("noise_scale", sampling.noise_scale, non_negative=True)
-        return sampling
-
-    def target_actions(self, batch: Batch) -> Tensor:
-        """The normalised chunk ``(B, H, A)`` with every padded step replaced by the last real action
-        before it, so that whatever a data set stores past an episode's end cannot reach the model
-        (padded steps are also left out of the loss: :meth:`masked_mean`)."""
-        actions = self.normalize_action(batch["action"])
-        pad = batch.get("action_is_pad")
-        if pad is None:
-            return actions
-        steps = torch.arange(actions.shape[1], device=actions.device).expand(actions.shape[0], -1)
-        last_real = torch.where(pad, torch.zeros_like(steps), steps).cummax(dim=1).values
-        return actions.gather(1, last_real[..., None].expand(-1, -1, actions.shape[2]))
-
-    @staticmethod
-    def masked_mean(squared_error: Tensor, action_is_pad: Tensor | None) -> Tensor:
-        """Mean of ``(B, H, A)`` errors over the steps that are not padding (past an episode's end)."""
-        return masked_mean(squared_error, None if action_is_pad is None else ~action_is_pad)
+        """The sampling settings of one call: each argument, or the config's default when ``None``,
+        checked by the head. Nothing is stored: the config stays as it was built."""
+        return self.head.sampling(steps, method, noise_scale)
 
     @torch.inference_mode()
     def predict_chunk(
@@ -350,12 +194,24 @@ class ChunkPolicy(Rebuildable, nn.Module):
         """
         sampling = self.sampling(steps, method, noise_scale)
         batch = self.checked_batch(batch)
-        if noise is not None:
-            noise = self._checked_noise(noise, batch["state"].shape[0])
+        rows = batch["state"].shape[0]
+        if noise is None:
+            noise = torch.randn(rows, self.policy_config.horizon, self.policy_config.action_dim)
+        else:
+            noise = self._checked_noise(noise, rows)
+        noise = noise.to(batch["state"])  # a supplied draw may live elsewhere
         start = time.perf_counter()
-        chunk, nfe = self.sample_normalized(batch, sampling, use_cache=use_cache, noise=noise)
-        actions = self.unnormalize_action(chunk)
-        return ChunkResult(actions, nfe, time.perf_counter() - start)
+        # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
+        prefix = self.prefix(batch) if use_cache else (lambda: self.prefix(batch))
+        result = self.head.sample(
+            self.expert.encode(prefix, use_cache),
+            noise,
+            steps=sampling.steps,
+            method=sampling.method,
+            noise_scale=sampling.noise_scale,
+        )
+        actions = self.unnormalize_action(result.x)
+        return ChunkResult(actions, result.nfe, time.perf_counter() - start)
 
     # ---------------------------------------------------------------- input checks
     def checked_batch(self, batch: Batch) -> Batch:
@@ -380,7 +236,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError("state has 0 rows: a chunk is predicted for at least one observation")
         _refuse_non_finite("state", state)
         checked["state"] = state.to(self.state_normalizer.shift)
-        if self.image_encoder is not None:
+        if self.encoder.sees_images:
             if "image" not in batch:
                 raise ValueError("this policy sees images: the batch needs 'image' (batch, obs_horizon, 3, H, W) uint8")
             image = torch.as_tensor(batch["image"])
@@ -411,42 +267,4 @@ def _refuse_non_finite(name: str, value: Tensor) -> None:
         raise ValueError(f"{name} holds {value[index].item()} at index {index}; expected finite values")
 
 
-class ActionTokens(nn.Module):
-    """Suffix tokens for a noisy chunk at time t: pi0's MLP on ``[action embedding, time embedding]``
-    per action token, plus a learned position per step of the chunk."""
-
-    def __init__(self, action_dim: int, horizon: int, width: int) -> None:
-        super().__init__()
-        self.action_embedding = nn.Linear(action_dim, width)
-        self.time_embedding = SinusoidalTimeEmbedding(width, max_frequency=100.0)
-        self.mix = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
-        self.position = nn.Parameter(0.02 * torch.randn(horizon, width))
-
-    def forward(self, actions: Tensor, t: Tensor) -> Tensor:
-        embedded = self.action_embedding(actions)
-        times = self.time_embedding(t)[:, None].expand(-1, actions.shape[1], -1)
-        return self.mix(torch.cat([embedded, times], dim=-1)) + self.position[: actions.shape[1]]
-
-
-class DenoisingPolicy(ChunkPolicy):
-    """A chunk policy whose action expert maps ``(noisy chunk, time, observation)`` to a chunk-shaped
-    output (a velocity for flow matching, a noise estimate for DDPM)."""
-
-    def __init__(self, config: PolicyConfig, horizon: int | None = None) -> None:
-        super().__init__(config)
-        self.chunk_horizon = horizon or config.horizon
-        self.transformer = PrefixSuffixTransformer(config.width, config.layers, config.heads)
-        self.action_tokens = ActionTokens(config.action_dim, self.chunk_horizon, config.width)
-        self.action_head = nn.Linear(config.width, config.action_dim)
-
-    def encode(self, prefix: Tensor) -> PrefixCache:
-        """The prefix's KV cache (the prefix never attends to the actions, so it is computed once)."""
-        return self.transformer.encode_prefix(prefix)
-
-    def denoise(self, noisy: Tensor, t: Tensor, cache: PrefixCache) -> Tensor:
-        """The expert's output for a noisy chunk at times ``t`` (B,), against a cached prefix."""
-        return self.action_head(self.transformer.decode_suffix(self.action_tokens(noisy, t), cache))
-
-    def denoise_uncached(self, noisy: Tensor, t: Tensor, prefix: Tensor) -> Tensor:
-        """The same output from one joint pass with the explicit block-causal mask."""
-        return self.action_head(self.transformer(prefix, self.action_tokens(noisy, t))[0])
+__all__ = ["ChunkPolicy", "ChunkResult", "PolicyConfig", "Sampling"]

@@ -18,8 +18,9 @@ every :meth:`~flowforge.policy.ChunkPolicy.predict_chunk`; the policy's config i
 Every predicted chunk's :class:`~flowforge.policy.ChunkResult` is kept in :attr:`ChunkExecutor.chunks`.
 
 >>> import numpy as np
->>> from flowforge.policy import FlowPolicy, PolicyConfig
->>> policy = FlowPolicy(PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False))
+>>> from flowforge.policy import ChunkPolicy, PolicyConfig
+>>> config = PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False)
+>>> policy = ChunkPolicy(config)
 >>> executor = ChunkExecutor(policy.eval(), n_action_steps=2, steps=3)
 >>> actions = [executor.act({"state": np.zeros(3, dtype=np.float32)}) for _ in range(3)]
 >>> [a.shape for a in actions], [c.nfe for c in executor.chunks]
@@ -101,7 +102,7 @@ class ChunkExecutor:
             raise ValueError(
                 f"observation['state'] holds {state[bad]} at index {bad}; a policy acts only on finite observations"
             )
-        if self.policy.image_encoder is not None:
+        if self.policy.encoder.sees_images:
             image = np.asarray(observation.get("image"))
             height, width = config.image_shape[1:]
             if image.dtype != np.uint8 or image.shape != (height, width, 3):
@@ -122,7 +123,7 @@ class ChunkExecutor:
         frames = list(self.history)
         states = np.stack([f["state"] for f in frames])
         batch: Batch = {"state": torch.as_tensor(states, dtype=torch.float32, device=device)[None]}
-        if self.policy.image_encoder is not None:
+        if self.policy.encoder.sees_images:
             images = np.stack([np.asarray(f["image"]).transpose(2, 0, 1) for f in frames])
             batch["image"] = torch.as_tensor(images, device=device)[None]
         if self.policy.policy_config.language:

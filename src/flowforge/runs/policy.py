@@ -100,16 +100,24 @@ def train_policy(
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:
     """Rebuild a trained policy from its checkpoint folder (weights checked by hash).
 
-    Checkpoints written before policies were registered models (their manifest holds the policy's
-    fields under ``config``) are converted on load.
+    Checkpoints of earlier releases load converted: those whose manifest holds the policy's fields
+    under ``config`` (before policies were registered models) and those that name a policy class
+    per kind (``"flow"``, ``"hierarchical"``, ``"mse"``, ``"ddpm"``, before the policy was split
+    into encoder, expert and head); their weights are renamed on load (:mod:`flowforge.policy.core`).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if "model" not in manifest:
-        legacy = manifest.get("config")
-        if not isinstance(legacy, dict) or legacy.get("kind") not in POLICY_KINDS:
+    model = manifest.get("model")
+    if model is None:
+        released = manifest.get("config")
+        if not isinstance(released, dict) or released.get("kind") not in POLICY_KINDS:
             raise CheckpointError(f"{directory} does not hold a flowforge policy (class {manifest.get('class')!r})")
-        config = {"__object__": "policy-config", "arguments": legacy}
-        manifest = {**manifest, "model": {"__object__": legacy["kind"], "arguments": {"config": config}}}
+        config = {"__object__": "policy-config", "arguments": released}
+        manifest = {**manifest, "model": {"__object__": "chunk-policy", "arguments": {"config": config}}}
+    elif isinstance(model, dict) and model.get("__object__") in POLICY_KINDS:
+        arguments = model.get("arguments")
+        if not isinstance(arguments, dict) or "config" not in arguments:
+            raise CheckpointError(f"{directory}: the policy's model entry holds no 'config' argument")
+        manifest = {**manifest, "model": {"__object__": "chunk-policy", "arguments": {"config": arguments["config"]}}}
     policy = load_model_from_manifest(directory, manifest, ChunkPolicy, map_location)
     return policy.eval()

@@ -1,0 +1,113 @@
+"""The settings that rebuild a policy: :class:`PolicyConfig` (kept as JSON in its checkpoint).
+
+``kind`` chooses the head (:mod:`flowforge.policy.heads`); the rest sizes the encoder and the
+expert and sets the sampling defaults. Every field is checked when the config is built, so a bad
+value fails with the key's name before any model exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flowforge.config import check_choice, check_range
+from flowforge.errors import ConfigError
+from flowforge.policy.encoders import MIN_IMAGE_SIZE
+from flowforge.policy.heads import HEAD_CATEGORY
+from flowforge.registry import names, register
+
+
+@register("policy-config", "config")
+@dataclass
+class PolicyConfig:
+    """Everything that rebuilds a policy (kept as JSON in its checkpoint).
+
+    Arguments:
+        kind: the head, a name registered in :mod:`flowforge.policy.heads`: ``"flow"``,
+            ``"hierarchical"``, ``"mse"`` or ``"ddpm"``.
+        state_dim, action_dim: sizes of the state and action vectors.
+        horizon: :math:`H`, actions per chunk.
+        obs_horizon: observation frames the policy sees (the current one and those before it).
+        n_action_steps: actions executed from each chunk before replanning (``None``: half the chunk).
+        width, layers, heads: the transformer's size.
+        image_shape: ``(3, 84, 84)`` to use images, ``None`` for state only.
+        language: add an instruction token (frozen MiniLM embedding).
+        instructions: the instructions seen in training; their embeddings live in the weights.
+        sampling_steps, method: the flow's integration (``euler`` by default; any flowforge solver).
+        noise_scale: the flow policies' sampling temperature tau: integration starts from
+            tau * eps with eps ~ N(0, I). 1 samples the learned distribution; below 1 concentrates
+            the samples towards its mode (Glow's temperature), which suits near-deterministic
+            demonstrations; 0 makes the policy deterministic.
+        keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
+        diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
+        state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
+    """
+
+    kind: str = "flow"
+    state_dim: int = 39
+    action_dim: int = 4
+    horizon: int = 16
+    obs_horizon: int = 1
+    n_action_steps: int | None = None
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    image_shape: list[int] | None = None
+    language: bool = True
+    instructions: list[str] = field(default_factory=list)
+    sampling_steps: int = 10
+    method: str = "euler"
+    noise_scale: float = 1.0
+    keyframe_stride: int = 4
+    diffusion_steps: int = 100
+    inference_steps: int = 10
+    sampler: str = "ddim"
+    state_normalization: str = "mean_std"
+    action_normalization: str = "min_max"
+
+    def __post_init__(self) -> None:
+        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
+
+        check_choice("kind", self.kind, names(HEAD_CATEGORY))
+        for name in ("state_dim", "action_dim", "horizon", "obs_horizon", "width", "layers", "heads"):
+            _check_count(name, getattr(self, name))
+        if self.width % self.heads:
+            raise ConfigError(f"width = {self.width}: expected a multiple of heads = {self.heads}")
+        if self.n_action_steps is None:
+            self.n_action_steps = max(1, self.horizon // 2)
+        _check_count("n_action_steps", self.n_action_steps)
+        if self.n_action_steps > self.horizon:
+            raise ConfigError(f"n_action_steps = {self.n_action_steps}: expected at most horizon = {self.horizon}")
+        if self.image_shape is not None:
+            self.image_shape = [int(s) for s in self.image_shape]
+            if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
+                raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")
+            if min(self.image_shape[1:]) < MIN_IMAGE_SIZE:
+                raise ConfigError(
+                    f"image_shape = {self.image_shape}: the image encoder needs at least "
+                    f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels"
+                )
+        _check_count("sampling_steps", self.sampling_steps)
+        check_choice("method", self.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        check_range("noise_scale", self.noise_scale, low=0)
+        _check_count("keyframe_stride", self.keyframe_stride)
+        if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
+            raise ConfigError(
+                f"keyframe_stride = {self.keyframe_stride}: expected a divisor of horizon = {self.horizon}"
+            )
+        _check_count("diffusion_steps", self.diffusion_steps)
+        _check_count("inference_steps", self.inference_steps)
+        if self.inference_steps > self.diffusion_steps:
+            raise ConfigError(
+                f"inference_steps = {self.inference_steps}: expected at most diffusion_steps = {self.diffusion_steps}"
+            )
+        check_choice("sampler", self.sampler, ("ddim", "ddpm"))
+        check_choice("state_normalization", self.state_normalization, ("mean_std", "min_max"))
+        check_choice("action_normalization", self.action_normalization, ("mean_std", "min_max"))
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
+
+
+__all__ = ["PolicyConfig"]

@@ -1,0 +1,378 @@
+r"""Policy heads: how a chunk is trained and sampled against the action expert's cache.
+
+Every head has one contract, so that a policy is an encoder, an expert and any head:
+
+* ``loss(target, cache, pad)``: the training loss of a normalised chunk ``target`` (B, H, A)
+  given the observation's :class:`~flowforge.policy.expert.ExpertCache`; ``pad`` (B, H) marks the
+  steps past an episode's end, which neither count in the loss nor reach the model (each head
+  replaces them with the last real action first, :func:`fill_padding`).
+* ``sample(cache, noise, *, steps, method, noise_scale)``: a normalised chunk from a standard
+  normal draw ``noise`` (B, H, A), returned as an :class:`~flowforge.matching.functional.Integration`
+  (the chunk and the expert's evaluations, NFE).
+* ``sampling(steps, method, noise_scale)``: the settings of one call, each argument or the
+  config's default, checked; nothing is stored.
+
+A head is one class registered by name (:func:`head`) and chosen by ``policy.kind``:
+
+* ``flow`` (:class:`FlowHead`): conditional flow matching on the linear path,
+  :math:`x_t = t\,A + (1 - t)\,\varepsilon`, :math:`u_t = A - \varepsilon`, with times from a
+  shifted Beta (pi0's, weighted towards noise), through
+  :func:`~flowforge.matching.functional.flow_matching_loss`; sampled by
+  :func:`~flowforge.matching.functional.integrate` from :math:`\tau\varepsilon` (``noise_scale``
+  :math:`\tau`, the temperature) with any flowforge solver.
+* ``hierarchical`` (:class:`HierarchicalFlowHead`): two flow heads. The first generates every
+  ``keyframe_stride``-th action with the policy's expert; the second generates the whole chunk with
+  its own expert, whose prefix is the observation plus one token per keyframe. NFE: steps per level.
+* ``mse`` (:class:`RegressionHead`): learned queries regress the chunk (masked mean squared error),
+  one pass.
+* ``ddpm`` (:class:`DiffusionHead`): DDPM (Ho et al. 2020) with a cosine schedule
+  :math:`\bar\alpha_k` over ``diffusion_steps`` = K steps, :math:`A_k = \sqrt{\bar\alpha_k}\,A +
+  \sqrt{1 - \bar\alpha_k}\,\varepsilon`, the expert predicting :math:`\varepsilon` at time
+  :math:`k / K`; sampled by a scheduler object, :class:`DDPMScheduler` (the ancestral chain over all
+  K steps) or :class:`DDIMScheduler` (Song et al. 2021, deterministic, on ``steps`` evenly spaced
+  steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from flowforge.matching.functional import Integration, flow_matching_loss, integrate, masked_mean
+from flowforge.matching.paths import LinearPath
+from flowforge.matching.time import ShiftedBetaTime
+from flowforge.policy.expert import ActionExpert, ExpertCache
+from flowforge.registry import register_class
+from flowforge.validation import check_choice, check_count, check_real
+
+#: The registry category of heads; ``policy.kind`` names one.
+HEAD_CATEGORY = "head"
+
+
+def head(name: str) -> Callable[[type], type]:
+    """Class decorator: register a head under ``name`` (a value of ``policy.kind``)."""
+
+    def decorate(cls: type) -> type:
+        return register_class(cls, name, HEAD_CATEGORY)
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one chunk is sampled, resolved from a call's arguments and the config's defaults.
+
+    ``steps``: solver steps (flow heads) or denoising steps (diffusion); ``method``: a flowforge
+    solver (flow heads) or ``"ddim"``/``"ddpm"``; ``noise_scale``: the flow heads' temperature.
+    """
+
+    steps: int
+    method: str
+    noise_scale: float
+
+
+def fill_padding(chunk: Tensor, pad: Tensor | None) -> Tensor:
+    """``chunk`` (B, H, A) with every step flagged in ``pad`` (B, H) replaced by the last real step
+    before it, so that whatever a data set stores past an episode's end cannot reach the model."""
+    if pad is None:
+        return chunk
+    steps = torch.arange(chunk.shape[1], device=chunk.device).expand(chunk.shape[0], -1)
+    last_real = torch.where(pad, torch.zeros_like(steps), steps).cummax(dim=1).values
+    return chunk.gather(1, last_real[..., None].expand(-1, -1, chunk.shape[2]))
+
+
+def _kept(pad: Tensor | None) -> Tensor | None:
+    return None if pad is None else ~pad
+
+
+class PolicyHead(nn.Module):
+    """The head contract (see the module docstring). ``config``: the policy's ``PolicyConfig``."""
+
+    #: the policy's expert reads learned queries instead of a noisy chunk.
+    queries: ClassVar[bool] = False
+    #: sampling takes a number of steps (``predict_chunk(steps=k)``).
+    takes_steps: ClassVar[bool] = True
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def expert_horizon(self) -> int:
+        """Suffix tokens of the policy's expert."""
+        return self.config.horizon
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        raise NotImplementedError
+
+    def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        raise NotImplementedError
+
+
+def _flow_sampling(config: Any, steps: int | None, method: str | None, noise_scale: float | None) -> Sampling:
+    from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
+
+    sampling = Sampling(
+        config.sampling_steps if steps is None else steps,
+        config.method if method is None else method,
+        config.noise_scale if noise_scale is None else noise_scale,
+    )
+    check_count("steps", sampling.steps)
+    check_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+    check_real("noise_scale", sampling.noise_scale, non_negative=True)
+    return sampling
+
+
+@head("flow")
+class FlowHead(PolicyHead):
+    """Flow matching on the linear path (see the module docstring).
+
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> from flowforge.policy.expert import ActionExpert
+    >>> config = SimpleNamespace(horizon=4, sampling_steps=10, method="euler", noise_scale=1.0)
+    >>> expert, flow = ActionExpert(2, 4, 16, 1, 2), FlowHead(config)
+    >>> cache = expert.encode(torch.randn(3, 5, 16))
+    >>> flow.loss(torch.randn(3, 4, 2), cache, None).shape
+    torch.Size([])
+    >>> flow.sample(cache, torch.randn(3, 4, 2), steps=4, method="midpoint", noise_scale=1.0).nfe
+    8
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.path = LinearPath()
+        self.time_sampler = ShiftedBetaTime()
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        return _flow_sampling(self.config, steps, method, noise_scale)
+
+    def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        target = fill_padding(target, pad)
+        noise = torch.randn_like(target)
+        t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
+        return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=_kept(pad))
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        return integrate(cache.denoise, noise_scale * noise, method=method, steps=steps)
+
+
+@head("hierarchical")
+class HierarchicalFlowHead(PolicyHead):
+    """Two flow heads: keyframes first (the policy's expert), then the chunk given them (its own expert).
+
+    Keyframes are actions ``stride - 1, 2 stride - 1, ...`` of the chunk (``stride`` =
+    ``keyframe_stride``); each becomes one extra prefix token of the second level (a linear
+    embedding plus a learned position).
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.stride = config.keyframe_stride
+        keyframes = config.horizon // self.stride
+        self.coarse = FlowHead(config)
+        self.fine = FlowHead(config)
+        self.fine_expert = ActionExpert(config.action_dim, config.horizon, config.width, config.layers, config.heads)
+        self.keyframe_embedding = nn.Linear(config.action_dim, config.width)
+        self.keyframe_position = nn.Parameter(0.02 * torch.randn(keyframes, config.width))
+
+    @property
+    def expert_horizon(self) -> int:
+        return self.config.horizon // self.stride
+
+    def keyframes(self, chunk: Tensor) -> Tensor:
+        return chunk[:, self.stride - 1 :: self.stride]
+
+    def fine_cache(self, cache: ExpertCache, keyframes: Tensor) -> ExpertCache:
+        """The second level's cache: the observation's prefix followed by one token per keyframe."""
+        tokens = self.keyframe_embedding(keyframes) + self.keyframe_position
+        if cache.uses_cache:
+            return self.fine_expert.encode(torch.cat([cache.prefix_tokens(), tokens], dim=1))
+        return self.fine_expert.encode(lambda: torch.cat([cache.prefix_tokens(), tokens], dim=1), use_cache=False)
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        return _flow_sampling(self.config, steps, method, noise_scale)
+
+    def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        target = fill_padding(target, pad)
+        keyframes = self.keyframes(target)
+        coarse = self.coarse.loss(keyframes, cache, None if pad is None else self.keyframes(pad))
+        return coarse + self.fine.loss(target, self.fine_cache(cache, keyframes), pad)
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        settings = {"steps": steps, "method": method, "noise_scale": noise_scale}
+        coarse = self.coarse.sample(cache, self.keyframes(noise), **settings)  # one draw seeds both levels
+        fine = self.fine.sample(self.fine_cache(cache, coarse.x), noise, **settings)
+        return Integration(fine.x, coarse.nfe + fine.nfe)
+
+
+@head("mse")
+class RegressionHead(PolicyHead):
+    """Deterministic regression of the chunk by learned queries (the MSE baseline): one pass, no noise."""
+
+    queries = True
+    takes_steps = False
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """A regression head has nothing to sample: every override is refused."""
+        for name, value in (("steps", steps), ("method", method), ("noise_scale", noise_scale)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} = {value!r}: a regression (mse) policy predicts in one pass and takes no {name}"
+                )
+        return Sampling(1, "regression", 0.0)
+
+    def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        return masked_mean((cache.denoise(None, None) - target).square(), _kept(pad))
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        return Integration(cache.denoise(None, None), 1)
+
+
+def cosine_alpha_bar(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    r""":math:`\bar\alpha_k`, k = 1..K, of the cosine schedule (Nichol & Dhariwal 2021), with the
+    betas clipped at ``max_beta``."""
+
+    def f(k: Tensor) -> Tensor:
+        return torch.cos((k / steps + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    k = torch.arange(steps + 1, dtype=torch.float64)
+    betas = (1 - f(k[1:]) / f(k[:-1])).clamp(max=max_beta)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class DDIMScheduler:
+    r"""DDIM (eta = 0) on ``steps`` evenly spaced diffusion steps, from K - 1 down to 0.
+
+    One step keeps the predicted noise and moves the data estimate
+    :math:`\hat A = (x - \sqrt{1 - \bar\alpha_k}\,\hat\varepsilon) / \sqrt{\bar\alpha_k}` to the
+    next noise level. ``clip``: bound of the data estimate (the training actions lie in [-1, 1]
+    with min-max normalisation), or ``None``.
+    """
+
+    def __init__(self, alpha_bar: Tensor, steps: int, clip: float | None = None) -> None:
+        self.alpha_bar, self.clip = alpha_bar, clip
+        self.timesteps = self._timesteps(len(alpha_bar), steps)
+
+    @staticmethod
+    def _timesteps(total: int, steps: int) -> list[int]:
+        return torch.linspace(total - 1, 0, steps).round().long().tolist()
+
+    def _levels(self, i: int) -> tuple[Tensor, Tensor]:
+        """:math:`\\bar\\alpha` at step ``i`` of the schedule and at the step after it (1 past the end)."""
+        alpha_bar = self.alpha_bar[self.timesteps[i]]
+        last = i + 1 == len(self.timesteps)
+        return alpha_bar, torch.ones_like(alpha_bar) if last else self.alpha_bar[self.timesteps[i + 1]]
+
+    def data_estimate(self, x: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+        data = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        return data if self.clip is None else data.clamp(-self.clip, self.clip)
+
+    def step(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
+        """``x`` at step ``i`` of :attr:`timesteps` to the next noise level, given the predicted noise."""
+        alpha_bar, previous = self._levels(i)
+        data = self.data_estimate(x, eps, alpha_bar)
+        eps = (x - alpha_bar.sqrt() * data) / (1 - alpha_bar).sqrt()
+        return previous.sqrt() * data + (1 - previous).sqrt() * eps
+
+
+class DDPMScheduler(DDIMScheduler):
+    r"""The ancestral DDPM chain over every training step: each step draws from the posterior
+    :math:`q(x_{k-1} \mid x_k, \hat A)` with the current data estimate :math:`\hat A`; the last
+    step returns the estimate itself. ``steps`` must be K."""
+
+    @staticmethod
+    def _timesteps(total: int, steps: int) -> list[int]:
+        return list(range(total - 1, -1, -1))
+
+    def step(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
+        alpha_bar, previous = self._levels(i)
+        data = self.data_estimate(x, eps, alpha_bar)
+        if i + 1 == len(self.timesteps):
+            return data
+        beta = 1 - alpha_bar / previous
+        mean = (previous.sqrt() * beta * data + (1 - beta).sqrt() * (1 - previous) * x) / (1 - alpha_bar)
+        variance = beta * (1 - previous) / (1 - alpha_bar)
+        return mean + variance.sqrt() * torch.randn_like(x)
+
+
+#: Diffusion samplers by ``method``.
+SCHEDULERS: dict[str, type[DDIMScheduler]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+@head("ddpm")
+class DiffusionHead(PolicyHead):
+    """DDPM training with DDPM or DDIM sampling (the diffusion baseline; see the module docstring)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        # Derived from the config, so not saved: a checkpoint carries only what training learned.
+        self.register_buffer("alpha_bar", cosine_alpha_bar(config.diffusion_steps), persistent=False)
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """``steps``: DDIM steps (``inference_steps`` by default; DDPM always runs every training
+        step); ``method``: ``"ddim"`` or ``"ddpm"`` (``sampler`` by default). No temperature."""
+        config = self.config
+        if noise_scale is not None:
+            raise ValueError(f"noise_scale = {noise_scale!r}: only the flow policies take a sampling temperature")
+        method = config.sampler if method is None else method
+        check_choice("method", method, tuple(SCHEDULERS))
+        steps = config.inference_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= config.diffusion_steps:
+            raise ValueError(f"steps must be an int in 1..{config.diffusion_steps} (the training steps), got {steps!r}")
+        return Sampling(config.diffusion_steps if method == "ddpm" else steps, method, 1.0)
+
+    def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        target = fill_padding(target, pad)
+        total = self.config.diffusion_steps
+        k = torch.randint(0, total, (target.shape[0],), device=target.device)
+        alpha_bar = self.alpha_bar[k][:, None, None]
+        noise = torch.randn_like(target)
+        noisy = alpha_bar.sqrt() * target + (1 - alpha_bar).sqrt() * noise
+        predicted = cache.denoise(noisy, (k + 1).to(target.dtype) / total)
+        return masked_mean((predicted - noise).square(), _kept(pad))
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        clip = 1.5 if self.config.action_normalization == "min_max" else None  # a little room around [-1, 1]
+        scheduler = SCHEDULERS[method](self.alpha_bar, steps, clip)
+        total = self.config.diffusion_steps
+        x = noise
+        for i, k in enumerate(scheduler.timesteps):
+            t = torch.full((x.shape[0],), (k + 1) / total, device=x.device, dtype=x.dtype)
+            x = scheduler.step(x, cache.denoise(x, t), i)
+        return Integration(x, len(scheduler.timesteps))
+
+
+__all__ = [
+    "HEAD_CATEGORY",
+    "SCHEDULERS",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DiffusionHead",
+    "FlowHead",
+    "HierarchicalFlowHead",
+    "PolicyHead",
+    "RegressionHead",
+    "Sampling",
+    "cosine_alpha_bar",
+    "fill_padding",
+    "head",
+]
