@@ -112,10 +112,11 @@ def test_padded_steps_leave_the_heads_loss_unchanged(kind: str) -> None:
 
     reference = loss(target)
     changed = target.clone()
-    changed[pad] = 50.0 * torch.randn(int(pad.sum()), 2)  # garbage past the episodes' ends
+    changed[pad] = float("nan")  # garbage past the episodes' ends
     torch.testing.assert_close(loss(changed), reference, rtol=0, atol=0)
-    changed[2, 1] += 1.5  # a real step
-    assert not torch.allclose(loss(changed), reference)
+    changed = target.clone()
+    changed[2, 1] += 1.0  # a real step
+    assert not torch.equal(loss(changed), reference)
 
 
 @pytest.mark.parametrize("kind", HEADS)
@@ -139,7 +140,7 @@ def test_steps_k_cost_k_evaluations_per_level_and_leave_the_config_unchanged(kin
     policy = _policy(kind).eval()
     before = dataclasses.replace(policy.policy_config)
     batch = _batch()
-    if not policy.head.takes_steps:
+    if not policy.head.samples_from_noise:
         assert policy.predict_chunk(batch).nfe == 1
         with pytest.raises(ValueError, match="takes no steps"):
             policy.predict_chunk(batch, steps=3)
@@ -150,6 +151,22 @@ def test_steps_k_cost_k_evaluations_per_level_and_leave_the_config_unchanged(kin
         expected = policy.policy_config.inference_steps if kind == "ddpm" else policy.policy_config.sampling_steps
         assert default == expected * _levels(policy)
     assert policy.policy_config == before
+
+
+@pytest.mark.parametrize("kind", ["flow", "hierarchical", "mse", "ddpm"])
+def test_a_float64_policy_with_images_samples_and_trains(kind: str) -> None:
+    policy = _policy(kind).double()
+    batch = _batch()
+    assert policy.loss(batch).dtype == torch.float64
+    actions = policy.eval().predict_chunk(batch).actions
+    assert actions.dtype == torch.float64 and bool(torch.isfinite(actions).all())
+
+
+def test_a_regression_policy_leaves_the_random_state_alone() -> None:
+    policy = _policy("mse").eval()
+    state = torch.random.get_rng_state()
+    policy.predict_chunk(_batch())
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_fill_padding_holds_the_last_real_action() -> None:

@@ -38,12 +38,10 @@ from torch import Tensor, nn
 from flowforge.data.normalize import Normalizer
 from flowforge.errors import DataError
 from flowforge.policy.config import PolicyConfig
-from flowforge.policy.encoders import ObservationEncoder
+from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
 from flowforge.policy.heads import HEAD_CATEGORY, Sampling
 from flowforge.registry import Rebuildable, lookup, register
-
-Batch = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -156,12 +154,14 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError(
                 f"state must have shape (batch, {cfg.obs_horizon}, {cfg.state_dim}), got {tuple(state.shape)}"
             )
+        state = state.to(self.state_normalizer.shift)  # the one dtype rule: float inputs take the model's dtype
         return self.encoder({**batch, "state": self.normalize_state(state)})
 
     def loss(self, batch: Batch) -> Tensor:
         """The head's training loss on a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H)."""
         cache = self.expert.encode(self.prefix(batch))
-        return self.head.loss(self.normalize_action(batch["action"]), cache, batch.get("action_is_pad"))
+        action = batch["action"].to(self.action_normalizer.shift)
+        return self.head.loss(self.normalize_action(action), cache, batch.get("action_is_pad"))
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
@@ -195,11 +195,13 @@ class ChunkPolicy(Rebuildable, nn.Module):
         sampling = self.sampling(steps, method, noise_scale)
         batch = self.checked_batch(batch)
         rows = batch["state"].shape[0]
-        if noise is None:
-            noise = torch.randn(rows, self.policy_config.horizon, self.policy_config.action_dim)
-        else:
-            noise = self._checked_noise(noise, rows)
-        noise = noise.to(batch["state"])  # a supplied draw may live elsewhere
+        shape = (rows, self.policy_config.horizon, self.policy_config.action_dim)
+        if noise is not None:
+            noise = self._checked_noise(noise, rows).to(batch["state"])  # a supplied draw may live elsewhere
+        elif self.head.samples_from_noise:
+            noise = torch.randn(shape).to(batch["state"])
+        else:  # one pass: the random state stays untouched
+            noise = batch["state"].new_zeros(shape)
         start = time.perf_counter()
         # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
         prefix = self.prefix(batch) if use_cache else (lambda: self.prefix(batch))

@@ -41,6 +41,7 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, image_shape: list[int], width: int) -> None:
+        """``image_shape``: ``[3, H, W]`` with H, W >= :data:`MIN_IMAGE_SIZE` (``PolicyConfig`` checks it)."""
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(3, 32, 8, stride=4),
@@ -49,14 +50,12 @@ class ImageEncoder(nn.Module):
             nn.GELU(),
             nn.Conv2d(64, width, 3),
         )
-        if min(image_shape[1:]) < MIN_IMAGE_SIZE:
-            raise ValueError(f"image_shape = {list(image_shape)}: expected at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}")
         with torch.no_grad():
             self.tokens = int(self.net(torch.zeros(1, *image_shape)).flatten(2).shape[-1])
 
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` uint8 to ``(B, tokens, width)``."""
-        x = images.float() / 127.5 - 1.0
+        x = images.to(self.net[0].weight.dtype) / 127.5 - 1.0
         return self.net(x).flatten(2).transpose(1, 2)
 
 

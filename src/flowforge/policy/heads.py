@@ -5,7 +5,8 @@ Every head has one contract, so that a policy is an encoder, an expert and any h
 * ``loss(target, cache, pad)``: the training loss of a normalised chunk ``target`` (B, H, A)
   given the observation's :class:`~flowforge.policy.expert.ExpertCache`; ``pad`` (B, H) marks the
   steps past an episode's end, which neither count in the loss nor reach the model (each head
-  replaces them with the last real action first, :func:`fill_padding`).
+  replaces them with the last real action first, :func:`fill_padding`, so whatever a data set
+  stores there, NaN included, changes nothing).
 * ``sample(cache, noise, *, steps, method, noise_scale)``: a normalised chunk from a standard
   normal draw ``noise`` (B, H, A), returned as an :class:`~flowforge.matching.functional.Integration`
   (the chunk and the expert's evaluations, NFE).
@@ -95,8 +96,8 @@ class PolicyHead(nn.Module):
 
     #: the policy's expert reads learned queries instead of a noisy chunk.
     queries: ClassVar[bool] = False
-    #: sampling takes a number of steps (``predict_chunk(steps=k)``).
-    takes_steps: ClassVar[bool] = True
+    #: the head samples from noise in steps (``predict_chunk(steps=k)``); ``False``: one pass, no noise.
+    samples_from_noise: ClassVar[bool] = True
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -117,20 +118,6 @@ class PolicyHead(nn.Module):
 
     def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
         raise NotImplementedError
-
-
-def _flow_sampling(config: Any, steps: int | None, method: str | None, noise_scale: float | None) -> Sampling:
-    from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
-
-    sampling = Sampling(
-        config.sampling_steps if steps is None else steps,
-        config.method if method is None else method,
-        config.noise_scale if noise_scale is None else noise_scale,
-    )
-    check_count("steps", sampling.steps)
-    check_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
-    check_real("noise_scale", sampling.noise_scale, non_negative=True)
-    return sampling
 
 
 @head("flow")
@@ -157,10 +144,24 @@ class FlowHead(PolicyHead):
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
     ) -> Sampling:
-        return _flow_sampling(self.config, steps, method, noise_scale)
+        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
+
+        config = self.config
+        sampling = Sampling(
+            config.sampling_steps if steps is None else steps,
+            config.method if method is None else method,
+            config.noise_scale if noise_scale is None else noise_scale,
+        )
+        check_count("steps", sampling.steps)
+        check_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        check_real("noise_scale", sampling.noise_scale, non_negative=True)
+        return sampling
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
-        target = fill_padding(target, pad)
+        return self.filled_loss(fill_padding(target, pad), cache, pad)
+
+    def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        """:meth:`loss` of a chunk whose padded steps are already filled (:func:`fill_padding`)."""
         noise = torch.randn_like(target)
         t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
         return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=_kept(pad))
@@ -202,20 +203,18 @@ class HierarchicalFlowHead(PolicyHead):
             return self.fine_expert.encode(torch.cat([cache.prefix_tokens(), tokens], dim=1))
         return self.fine_expert.encode(lambda: torch.cat([cache.prefix_tokens(), tokens], dim=1), use_cache=False)
 
-    def sampling(
-        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
-    ) -> Sampling:
-        return _flow_sampling(self.config, steps, method, noise_scale)
+    sampling = FlowHead.sampling
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
-        target = fill_padding(target, pad)
+        target = fill_padding(target, pad)  # once: a padded keyframe holds the last real action
         keyframes = self.keyframes(target)
-        coarse = self.coarse.loss(keyframes, cache, None if pad is None else self.keyframes(pad))
-        return coarse + self.fine.loss(target, self.fine_cache(cache, keyframes), pad)
+        coarse = self.coarse.filled_loss(keyframes, cache, None if pad is None else self.keyframes(pad))
+        return coarse + self.fine.filled_loss(target, self.fine_cache(cache, keyframes), pad)
 
     def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        """One draw seeds both levels: the first starts from the draw's keyframe steps."""
         settings = {"steps": steps, "method": method, "noise_scale": noise_scale}
-        coarse = self.coarse.sample(cache, self.keyframes(noise), **settings)  # one draw seeds both levels
+        coarse = self.coarse.sample(cache, self.keyframes(noise), **settings)
         fine = self.fine.sample(self.fine_cache(cache, coarse.x), noise, **settings)
         return Integration(fine.x, coarse.nfe + fine.nfe)
 
@@ -225,7 +224,7 @@ class RegressionHead(PolicyHead):
     """Deterministic regression of the chunk by learned queries (the MSE baseline): one pass, no noise."""
 
     queries = True
-    takes_steps = False
+    samples_from_noise = False
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
@@ -239,6 +238,7 @@ class RegressionHead(PolicyHead):
         return Sampling(1, "regression", 0.0)
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        target = fill_padding(target, pad)
         return masked_mean((cache.denoise(None, None) - target).square(), _kept(pad))
 
     def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
@@ -295,7 +295,7 @@ class DDIMScheduler:
 class DDPMScheduler(DDIMScheduler):
     r"""The ancestral DDPM chain over every training step: each step draws from the posterior
     :math:`q(x_{k-1} \mid x_k, \hat A)` with the current data estimate :math:`\hat A`; the last
-    step returns the estimate itself. ``steps`` must be K."""
+    step returns the estimate itself. It always runs all K steps: ``steps`` is not read."""
 
     @staticmethod
     def _timesteps(total: int, steps: int) -> list[int]:

@@ -108,16 +108,18 @@ def load_policy(directory: str | Path, map_location: str | torch.device | None =
     directory = Path(directory)
     manifest = read_manifest(directory)
     model = manifest.get("model")
+    config = None
     if model is None:
         released = manifest.get("config")
         if not isinstance(released, dict) or released.get("kind") not in POLICY_KINDS:
             raise CheckpointError(f"{directory} does not hold a flowforge policy (class {manifest.get('class')!r})")
         config = {"__object__": "policy-config", "arguments": released}
-        manifest = {**manifest, "model": {"__object__": "chunk-policy", "arguments": {"config": config}}}
     elif isinstance(model, dict) and model.get("__object__") in POLICY_KINDS:
         arguments = model.get("arguments")
         if not isinstance(arguments, dict) or "config" not in arguments:
             raise CheckpointError(f"{directory}: the policy's model entry holds no 'config' argument")
-        manifest = {**manifest, "model": {"__object__": "chunk-policy", "arguments": {"config": arguments["config"]}}}
+        config = arguments["config"]
+    if config is not None:
+        manifest = {**manifest, "model": {"__object__": "chunk-policy", "arguments": {"config": config}}}
     policy = load_model_from_manifest(directory, manifest, ChunkPolicy, map_location)
     return policy.eval()

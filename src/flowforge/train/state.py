@@ -224,7 +224,15 @@ def load_training_state(
     if saved != current:
         changed = sorted(k for k in current if saved.get(k) != current[k])
         raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
-    load_state_dict_checked(model, load_tensors(directory, "model", manifest), directory)
+    weights = load_tensors(directory, "model", manifest)
+    if set(weights) != set(model.state_dict()):
+        # An earlier layout of the model: its weights load renamed, but the optimizer and EMA
+        # states are keyed by the old parameters, so training cannot continue from them.
+        raise CheckpointError(
+            f"cannot resume {directory}: it was written by an earlier layout of {type(model).__name__}; "
+            "load it for evaluation, or start a new run"
+        )
+    load_state_dict_checked(model, weights, directory)
     tensors = load_tensors(directory, "trainer", manifest)
     trainer = manifest["trainer"]
     optimizer.load_state_dict(decode_state(trainer["optimizer"], tensors))
