@@ -147,7 +147,7 @@ def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
     table = json.loads(path.read_text()) if path.exists() else {}
     state_set = EpisodeDataset(args.work / "mt10", 1, 16)
     item = state_set[0]
-    state_batch = {"state": item["observation.state"][None], "instruction": [item["task"]]}
+    state_batch = {"state": item["observation.environment_state"][None], "instruction": [item["task"]]}
     if "flow" in runs and "flow cached" not in table:
         cached, uncached, nfe = _paired_latency(load_policy(runs["flow"]), state_batch, args.latency_repeats)
         table["flow cached"] = {"ms": 1000 * cached, "nfe": nfe}
@@ -167,7 +167,8 @@ def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
         image_set = EpisodeDataset(image_data, args.image_frames, 16)
         item = image_set[0]
         key = image_set.image_keys[0]
-        batch = {"state": item["observation.state"][None], "image": item[key][None], "instruction": [item["task"]]}
+        state = item["observation.environment_state"][None]
+        batch = {"state": state, "image": item[key][None], "instruction": [item["task"]]}
         cached, uncached, nfe = _paired_latency(load_policy(runs["flow-images"]), batch, args.latency_repeats)
         table["flow images cached"] = {"ms": 1000 * cached, "nfe": nfe}
         table["flow images uncached"] = {"ms": 1000 * uncached, "nfe": nfe}

@@ -22,12 +22,15 @@ def test_every_v3_task_has_an_instruction_and_an_expert() -> None:
 def test_reach_expert_succeeds_with_state_observations() -> None:
     env = MetaWorldEnv("reach-v3", seed=3)
     observation, info = env.reset()
-    assert set(observation) == {"state"} and observation["state"].shape == (39,)
-    assert observation["state"].dtype == np.float32
+    assert set(observation) == {"state", "environment_state"}
+    assert observation["environment_state"].shape == (39,) and observation["state"].shape == (4,)
+    assert observation["state"].dtype == observation["environment_state"].dtype == np.float32
+    # The robot's own state is the hand position and gripper opening at the head of the full vector.
+    np.testing.assert_array_equal(observation["state"], observation["environment_state"][:4])
     assert info["instruction"] == "reach the goal position" and info["is_success"] is False
     expert = env.expert()
     for _ in range(200):
-        observation, reward, _, _, info = env.step(expert.get_action(observation["state"]))
+        observation, reward, _, _, info = env.step(expert.get_action(observation["environment_state"]))
         if info["is_success"]:
             break
     assert info["is_success"] is True and isinstance(reward, float)
@@ -35,9 +38,9 @@ def test_reach_expert_succeeds_with_state_observations() -> None:
 
 
 def test_seeds_fix_the_scene() -> None:
-    first = MetaWorldEnv("push-v3", seed=0).reset()[0]["state"]
-    again = MetaWorldEnv("push-v3", seed=0).reset()[0]["state"]
-    other = MetaWorldEnv("push-v3", seed=1).reset()[0]["state"]
+    first = MetaWorldEnv("push-v3", seed=0).reset()[0]["environment_state"]
+    again = MetaWorldEnv("push-v3", seed=0).reset()[0]["environment_state"]
+    other = MetaWorldEnv("push-v3", seed=1).reset()[0]["environment_state"]
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 
@@ -46,13 +49,13 @@ def test_reset_seed_alone_decides_the_scene() -> None:
     """MetaWorld itself ignores reset(seed=...) and cycles through 50 fixed goals; the adapter must
     give every seed a scene of its own, the same whatever was reset before."""
     env = MetaWorldEnv("reach-v3")
-    goals = [env.reset(seed=s)[0]["state"][-3:] for s in (11, 12, 13, 11)]
-    fresh = MetaWorldEnv("reach-v3", seed=99).reset(seed=11)[0]["state"][-3:]
+    goals = [env.reset(seed=s)[0]["environment_state"][-3:] for s in (11, 12, 13, 11)]
+    fresh = MetaWorldEnv("reach-v3", seed=99).reset(seed=11)[0]["environment_state"][-3:]
     np.testing.assert_array_equal(goals[0], goals[3])
     np.testing.assert_array_equal(goals[0], fresh)
     assert len({tuple(g) for g in goals[:3]}) == 3
     # 60 seeds, 60 distinct goals: not a draw from a short list of fixed ones.
-    assert len({tuple(env.reset(seed=s)[0]["state"][-3:]) for s in range(100, 160)}) == 60
+    assert len({tuple(env.reset(seed=s)[0]["environment_state"][-3:]) for s in range(100, 160)}) == 60
     env.close()
 
 

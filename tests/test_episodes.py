@@ -34,7 +34,9 @@ def test_collected_episodes_reload_with_windows_and_padding(state_set: Path) -> 
     data = EpisodeDataset(state_set, obs_horizon=2, action_horizon=8)
     assert len(data) == info["total_frames"]
     first = data[0]
-    assert first["observation.state"].shape == (2, 39) and first["action"].shape == (8, 4)
+    assert first["observation.environment_state"].shape == (2, 39) and first["action"].shape == (8, 4)
+    assert first["observation.state"].shape == (2, 4)  # the robot's own state: hand position and gripper
+    torch.testing.assert_close(first["observation.state"], first["observation.environment_state"][:, :4])
     assert first["observation_is_pad"].tolist() == [True, False]  # nothing before the first frame
     torch.testing.assert_close(first["observation.state"][0], first["observation.state"][1])
     assert first["task"] == "reach the goal position"
@@ -113,18 +115,14 @@ def test_data_commands(state_set: Path, tmp_path: Path) -> None:
     assert result.exit_code != 0 and "meta/info.json is missing" in result.output
 
 
-def test_lerobot_tasks_table_is_read_too(state_set: Path, tmp_path: Path) -> None:
+def test_the_older_tasks_file_is_read_when_there_is_no_tasks_table(state_set: Path, tmp_path: Path) -> None:
     import shutil
 
-    import pyarrow as pa
-    import pyarrow.parquet as parquet
-
-    copy = tmp_path / "lerobot_style"
+    copy = tmp_path / "older"
     shutil.copytree(state_set, copy)
-    (copy / "meta" / "tasks.jsonl").unlink()
-    parquet.write_table(
-        pa.table({"__index_level_0__": ["reach the goal position"], "task_index": [0]}), copy / "meta" / "tasks.parquet"
-    )
+    assert (copy / "meta" / "tasks.parquet").is_file()  # LeRobot v3.0's tasks table, as collected
+    (copy / "meta" / "tasks.parquet").unlink()
+    (copy / "meta" / "tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "reach the goal position"}) + "\n")
     assert EpisodeDataset(copy)[0]["task"] == "reach the goal position"
 
 
@@ -246,6 +244,8 @@ def test_damaged_metadata_files_are_data_errors_naming_the_file(
     from flowforge.data.episodes import describe
 
     copy = _damaged_copy(state_set, tmp_path)
+    if name == TASKS:  # the older tasks file is read where there is no tasks table
+        (copy / "meta" / "tasks.parquet").unlink()
     (copy / "meta" / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
         describe(copy)

@@ -37,6 +37,7 @@ HEADS = names(HEAD_CATEGORY)
 def _policy(kind: str, seed: int = 0, **changes) -> ChunkPolicy:
     settings = dict(
         kind=kind,
+        state_key="observation.state",
         state_dim=4,
         action_dim=2,
         horizon=8,

@@ -48,7 +48,9 @@ def test_bad_statistics_are_refused() -> None:
 def test_a_policy_checkpoint_with_the_old_normaliser_keys_still_loads() -> None:
     from flowforge.policy import ChunkPolicy, PolicyConfig
 
-    config = PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False)
+    config = PolicyConfig(
+        state_key="observation.state", state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False
+    )
     policy = ChunkPolicy(config)
     policy.set_statistics({"observation.state": STATS, "action": {"min": [-2.0, 0.0], "max": [2.0, 4.0]}})
     state = policy.state_dict()

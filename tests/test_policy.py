@@ -30,6 +30,7 @@ INSTRUCTIONS = ["reach the goal position", "open the drawer"]
 def _config(kind: str = "flow", image: bool = False, **changes) -> PolicyConfig:
     settings = dict(
         kind=kind,
+        state_key="observation.state",
         state_dim=5,
         action_dim=3,
         horizon=8,
@@ -272,6 +273,11 @@ def one_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _demonstration_seed(root: Path) -> int:
+    """The seed of the first episode (collection.json keeps them; LeRobot's episodes table has no column for it)."""
+    return int(json.loads((root / "meta" / "collection.json").read_text())["episodes"][0]["seed"])
+
+
 def test_tiny_policy_overfits_one_demo_and_replays_it(one_demo: Path) -> None:
     from flowforge.data.episodes import EpisodeDataset
     from flowforge.envs.evaluate import rollout
@@ -288,7 +294,7 @@ def test_tiny_policy_overfits_one_demo_and_replays_it(one_demo: Path) -> None:
     env = MetaWorldEnv("reach-v3", max_steps=200)
     try:
         success, steps, _, latencies, nfe = rollout(
-            ChunkExecutor(policy.eval()), env, seed=int(dataset.episodes[0]["seed"]), max_steps=200
+            ChunkExecutor(policy.eval()), env, seed=_demonstration_seed(one_demo), max_steps=200
         )
     finally:
         env.close()

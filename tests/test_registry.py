@@ -101,6 +101,7 @@ def _policy_case(kind: str, **changes):
     def build():
         settings = dict(
             kind=kind,
+            state_key="observation.state",
             state_dim=5,
             action_dim=3,
             horizon=8,

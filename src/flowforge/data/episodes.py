@@ -1,31 +1,45 @@
-"""Robot demonstrations stored in the LeRobot v3 folder layout, and a torch Dataset over them.
+"""Robot demonstrations stored in the LeRobot v3.0 folder layout, and a torch Dataset over them.
 
-Layout (what :func:`flowforge.envs.collect.collect` writes; a lerobot data set without videos
-reads the same way):
+Layout (what lerobot 0.6 writes, and :func:`flowforge.envs.collect.collect` too):
 
-* ``meta/info.json``: ``codebase_version``, ``fps``, counts, ``data_path`` and ``features``
-  (``dtype``, ``shape`` per key);
-* ``meta/stats.json``: ``mean``, ``std``, ``min``, ``max``, ``count`` per numeric feature;
-* ``meta/tasks.jsonl``: one ``{"task_index", "task"}`` per line (lerobot's ``meta/tasks.parquet``
-  is read too);
-* ``meta/episodes/chunk-000/file-000.parquet``: one row per episode (``episode_index``,
-  ``tasks``, ``length``, ``dataset_from_index``, ``dataset_to_index``, ``data/chunk_index``,
-  ``data/file_index``);
-* ``data/chunk-XXX/file-YYY.parquet``: one row per frame with ``observation.state``,
-  ``action``, ``episode_index``, ``frame_index``, ``timestamp``, ``index``, ``task_index`` and,
-  with images, ``observation.images.<camera>`` as PNG bytes (dtype ``"image"`` in info.json).
+* ``meta/info.json``: ``codebase_version`` (``"v3.0"``), ``fps``, counts, ``data_path`` and
+  ``video_path`` (file name templates) and ``features`` (``dtype``, ``shape``, ``names`` per key; the
+  dtype a numpy type name, ``"image"``, ``"video"`` or ``"string"``);
+* ``meta/stats.json``: ``min``, ``max``, ``mean``, ``std``, ``count`` and the quantiles
+  ``q01 q10 q50 q90 q99`` per feature (image and video features per colour channel, (3, 1, 1));
+* ``meta/tasks.parquet``: lerobot's task table (the task strings as the pandas index ``task``, a
+  ``task_index`` column, rows in task_index order); folders written by earlier flowforge versions
+  have ``meta/tasks.jsonl`` (one ``{"task_index", "task"}`` per line) instead, read when there is no
+  ``tasks.parquet``;
+* ``meta/episodes/chunk-XXX/file-YYY.parquet``: one or more files, read in order, one row per
+  episode (``episode_index`` = the row's position, ``tasks``, ``length``, ``data/chunk_index``,
+  ``data/file_index``, ``dataset_from_index``, ``dataset_to_index`` and per video feature
+  ``videos/<key>/chunk_index``, ``videos/<key>/file_index``, ``videos/<key>/from_timestamp``,
+  ``videos/<key>/to_timestamp``; lerobot adds ``stats/<feature>/<stat>`` columns);
+* ``data/chunk-XXX/file-YYY.parquet``: one row per frame, several episodes per file, with every
+  non-video feature as a column (``observation.state``, ``action``, ``episode_index``,
+  ``frame_index``, ``timestamp``, ``index`` (global), ``task_index``, ...); an ``"image"`` feature is
+  a ``{"bytes", "path"}`` struct holding the PNG file;
+* ``videos/<key>/chunk-XXX/file-YYY.mp4``: a ``"video"`` feature, one file per camera holding several
+  episodes one after another. The frame of a row is the one whose presentation time is
+  ``videos/<key>/from_timestamp + timestamp``, within ``tolerance_s`` (1e-4 s, as lerobot); it is
+  decoded with PyAV the way lerobot's ``pyav`` backend does (seek to the keyframe before, decode
+  forward, convert to RGB24).
 
 :class:`EpisodeDataset` yields, for frame ``t`` of an episode, the observations at
 ``t - obs_horizon + 1 .. t`` and the actions ``t .. t + H - 1``; windows that run past the
 episode's start or end repeat the edge frame and are flagged in ``*_is_pad`` masks (as lerobot
-does). Parquet files are opened lazily and a few are kept in memory, so random access does not
-load the whole set.
+does). Every feature of info.json is in an item (see :class:`EpisodeDataset`); one that cannot be
+read is a :class:`~flowforge.errors.DataError` naming the feature and the file, never left out.
+Parquet files are opened lazily and a few are kept in memory, so random access does not load the
+whole set.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -42,10 +56,24 @@ EPISODE_COLUMNS = ("episode_index", "length", "data/chunk_index", "data/file_ind
 FRAME_COLUMNS = ("observation.state", "action", "episode_index", "frame_index")
 """The columns every data file needs."""
 STATISTICS = ("mean", "std", "min", "max")
+"""The statistics ``observation.state`` and ``action`` must have in stats.json."""
+QUANTILES = ("q01", "q10", "q50", "q90", "q99")
+"""lerobot's quantile statistics (optional; checked like the others when present)."""
+TOLERANCE_S = 1e-4
+"""Largest distance (seconds, exclusive) between a row's video timestamp and the decoded frame's, as lerobot."""
+DEFAULT_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+DEFAULT_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+CAMERA_DTYPES = ("image", "video")
+_BOOKKEEPING = ("episode_index", "frame_index", "timestamp", "index", "task_index")
+_EPISODES_FILE = re.compile(r"chunk-(\d+)/file-(\d+)\.parquet")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _read_json_text(path: Path) -> str:
@@ -74,8 +102,41 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
+def numeric_dtype(dtype: str) -> np.dtype | None:
+    """The numpy dtype of a numeric (bool, integer, float) feature dtype name; None for anything else."""
+    if dtype in (*CAMERA_DTYPES, "string"):
+        return None
+    try:
+        value = np.dtype(dtype)
+    except (TypeError, ValueError):
+        return None
+    return value if value.kind in "biuf" else None
+
+
+def image_shape(feature: dict[str, Any]) -> tuple[int, int, int]:
+    """(height, width, channels) of an image or video feature: by its ``names`` when they say which
+    axis is which, else channels last (lerobot's order) unless only the first axis can be channels."""
+    shape = list(feature.get("shape", ()))
+    names = feature.get("names")
+    if len(shape) != 3:
+        raise ValueError(f"an image feature has 3 dimensions, got shape {shape}")
+    if isinstance(names, list) and len(names) == 3 and {"height", "width", "channels"} <= set(map(str, names)):
+        named = dict(zip(map(str, names), shape, strict=True))
+        return named["height"], named["width"], named["channels"]
+    if shape[2] not in (1, 3, 4) and shape[0] in (1, 3, 4):
+        return shape[1], shape[2], shape[0]
+    return shape[0], shape[1], shape[2]
+
+
+def _is_depth(feature: dict[str, Any]) -> bool:
+    info = feature.get("info") if isinstance(feature.get("info"), dict) else {}
+    video_info = feature.get("video_info") if isinstance(feature.get("video_info"), dict) else {}
+    return bool(info.get("is_depth_map") or info.get("video.is_depth_map") or video_info.get("video.is_depth_map"))
+
+
 def read_info(root: str | Path) -> dict[str, Any]:
-    """``meta/info.json`` of a data set folder, checked for the keys (and their types) this module needs."""
+    """``meta/info.json`` of a data set folder, checked for the keys (and their types) this module needs,
+    and for features it can read (numbers, ``"image"``, ``"video"``, ``"string"``)."""
     path = Path(root) / "meta" / "info.json"
     if not path.is_file():
         raise DataError(f"{root} is not an episode data set: meta/info.json is missing")
@@ -83,64 +144,153 @@ def read_info(root: str | Path) -> dict[str, Any]:
     for key in ("fps", "features", "total_episodes", "total_frames"):
         if key not in info:
             raise DataError(f"{path}: the key {key!r} is missing")
+    version = info.get("codebase_version")
+    if version is not None and (not isinstance(version, str) or re.fullmatch(r"v[012](\..*)?", version)):
+        raise DataError(
+            f"{path}: codebase_version {version!r}: only the LeRobot v3.0 layout is read "
+            "(lerobot's convert_dataset_v21_to_v30 converts v2.1 folders)"
+        )
     fps = info["fps"]
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not np.isfinite(fps) or fps <= 0:
         raise DataError(f"{path}: the key 'fps' must be a positive number, got {fps!r}")
     for key in ("total_episodes", "total_frames"):
         if not _is_int(info[key]) or info[key] < 0:
             raise DataError(f"{path}: the key {key!r} must be a non-negative integer, got {info[key]!r}")
+    if "total_tasks" in info and (not _is_int(info["total_tasks"]) or info["total_tasks"] < 0):
+        raise DataError(f"{path}: the key 'total_tasks' must be a non-negative integer, got {info['total_tasks']!r}")
     features = info["features"]
     if not isinstance(features, dict):
         raise DataError(f"{path}: the key 'features' must be an object of features, got {type(features).__name__}")
     for name, feature in features.items():
         if not isinstance(feature, dict):
             raise DataError(f"{path}: features[{name!r}] must be an object with dtype and shape, got {feature!r}")
-        if not isinstance(feature.get("dtype"), str):
-            raise DataError(f"{path}: features[{name!r}] needs a string 'dtype', got {feature.get('dtype')!r}")
+        dtype = feature.get("dtype")
+        if not isinstance(dtype, str):
+            raise DataError(f"{path}: features[{name!r}] needs a string 'dtype', got {dtype!r}")
         shape = feature.get("shape", [])
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
             raise DataError(
                 f"{path}: features[{name!r}]['shape'] must be a list of non-negative integers, got {shape!r}"
             )
+        if dtype not in (*CAMERA_DTYPES, "string") and numeric_dtype(dtype) is None:
+            raise DataError(
+                f"{path}: features[{name!r}] has dtype {dtype!r}, which flowforge cannot read "
+                "(a numpy number or bool type, 'image', 'video' or 'string')"
+            )
+        if dtype in CAMERA_DTYPES:
+            try:
+                image_shape(feature)
+            except ValueError as error:
+                raise DataError(f"{path}: features[{name!r}] ({dtype}): {error}") from error
+        if dtype == "video" and _is_depth(feature):
+            raise DataError(f"{path}: features[{name!r}] is a depth-map video, which flowforge cannot read")
+    for key, default in (("data_path", DEFAULT_DATA_PATH), ("video_path", DEFAULT_VIDEO_PATH)):
+        template = info.get(key, default)
+        needed = key == "data_path" or any(f["dtype"] == "video" for f in features.values())
+        if needed and not isinstance(template, str):
+            raise DataError(f"{path}: the key {key!r} must be a file name template, got {template!r}")
     return info
 
 
-def read_tasks(root: str | Path) -> dict[int, str]:
-    """``task_index -> task`` from ``meta/tasks.jsonl`` (or lerobot's ``meta/tasks.parquet``); empty if neither."""
-    root = Path(root)
+def _format_path(root: Path, info: dict[str, Any], key: str, **fields: Any) -> Path:
+    """A data or video file's path from info.json's template ``key``."""
+    default = DEFAULT_DATA_PATH if key == "data_path" else DEFAULT_VIDEO_PATH
+    template = info.get(key) or default
+    try:
+        return root / template.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise DataError(
+            f"{root}/meta/info.json: the {key} template {template!r} does not format ({error!r})"
+        ) from error
+
+
+def _tasks_jsonl(path: Path) -> dict[int, str]:
     tasks: dict[int, str] = {}
-    path = root / "meta" / "tasks.jsonl"
-    if path.is_file():
-        for number, line in enumerate(_read_json_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            row = _parse_json(path, line, f", line {number}")
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: must be a JSON object, got {type(row).__name__}")
-            for key in ("task_index", "task"):
-                if key not in row:
-                    raise DataError(f"{path}, line {number}: the key {key!r} is missing")
-            if not _is_int(row["task_index"]) or row["task_index"] < 0:
-                raise DataError(
-                    f"{path}, line {number}: 'task_index' must be a non-negative integer, got {row['task_index']!r}"
-                )
-            if not isinstance(row["task"], str):
-                raise DataError(f"{path}, line {number}: 'task' must be a string, got {row['task']!r}")
-            tasks[row["task_index"]] = row["task"]
-    elif (root / "meta" / "tasks.parquet").is_file():  # lerobot writes the tasks as the table's index
-        path = root / "meta" / "tasks.parquet"
-        table = _read_parquet(path)
-        names = [c for c in table.column_names if c != "task_index"]
-        if "task_index" not in table.column_names or not names:
-            raise DataError(f"{path} needs a task_index and a task column")
-        for index, task in zip(table.column("task_index").to_pylist(), table.column(names[0]).to_pylist(), strict=True):
-            tasks[index] = task
+    for number, line in enumerate(_read_json_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = _parse_json(path, line, f", line {number}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: must be a JSON object, got {type(row).__name__}")
+        for key in ("task_index", "task"):
+            if key not in row:
+                raise DataError(f"{path}, line {number}: the key {key!r} is missing")
+        if not _is_int(row["task_index"]) or row["task_index"] < 0:
+            raise DataError(
+                f"{path}, line {number}: 'task_index' must be a non-negative integer, got {row['task_index']!r}"
+            )
+        if not isinstance(row["task"], str):
+            raise DataError(f"{path}, line {number}: 'task' must be a string, got {row['task']!r}")
+        tasks[row["task_index"]] = row["task"]
     return tasks
 
 
+def _tasks_parquet(path: Path) -> dict[int, str]:
+    """lerobot's ``meta/tasks.parquet``: a pandas frame whose index (``task``) holds the task strings and
+    whose ``task_index`` column their indices, rows in task_index order (lerobot looks a task up by row)."""
+    table = _read_parquet(path)
+    names = table.column_names
+    if "task_index" not in names:
+        raise DataError(f"{path}: the column 'task_index' is missing")
+    column = "task" if "task" in names else None
+    if column is None:
+        try:
+            index = (table.schema.pandas_metadata or {}).get("index_columns", [])
+        except Exception:  # pandas metadata that is not JSON
+            index = []
+        candidates = [c for c in index if isinstance(c, str) and c in names] or [
+            c for c in names if c == "__index_level_0__"
+        ]
+        if not candidates:
+            raise DataError(f"{path}: no task column (the pandas index 'task' of lerobot's table) besides task_index")
+        column = candidates[0]
+    try:
+        indices, texts = table.column("task_index").to_pylist(), table.column(column).to_pylist()
+    except Exception as error:  # pyarrow decoding errors of damaged pages
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    tasks: dict[int, str] = {}
+    for row, (index, text) in enumerate(zip(indices, texts, strict=True)):
+        if not _is_int(index) or index != row:
+            raise DataError(
+                f"{path}, row {row}: task_index is {index!r}; lerobot's task table lists task_index 0, 1, ... "
+                "in row order"
+            )
+        if not isinstance(text, str):
+            raise DataError(f"{path}, row {row}: the task must be a string, got {text!r}")
+        if text in tasks.values():
+            raise DataError(f"{path}, row {row}: the task {text!r} appears twice")
+        tasks[index] = text
+    return tasks
+
+
+def read_tasks(root: str | Path) -> dict[int, str]:
+    """``task_index -> task`` from lerobot's ``meta/tasks.parquet`` or, when there is none, the
+    ``meta/tasks.jsonl`` of earlier flowforge folders; empty if neither exists."""
+    meta = Path(root) / "meta"
+    if (meta / "tasks.parquet").is_file():
+        return _tasks_parquet(meta / "tasks.parquet")
+    if (meta / "tasks.jsonl").is_file():
+        return _tasks_jsonl(meta / "tasks.jsonl")
+    return {}
+
+
+def _expected_stat_size(feature: dict[str, Any] | None, key: str) -> int | None:
+    if feature is None:
+        return None
+    if key == "count":
+        return 1
+    if feature.get("dtype") in CAMERA_DTYPES:
+        return image_shape(feature)[2]  # one value per colour channel, (3, 1, 1) in lerobot's files
+    if feature.get("dtype") == "string":
+        return None
+    return int(np.prod(feature.get("shape", ()))) or 1
+
+
 def read_stats(root: str | Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``meta/stats.json`` (empty if absent): one object of ``mean``, ``std``, ``min``, ``max`` per feature,
-    each finite numbers; for ``observation.state`` and ``action`` all four, sized as info.json says."""
+    """``meta/stats.json`` (empty if absent): one object of statistics per feature (``min``, ``max``,
+    ``mean``, ``std``, ``count`` and lerobot's quantiles ``q01 .. q99``), each finite numbers, sized as
+    info.json's feature (a number per dimension, per colour channel for images and videos, ``count``
+    one number); ``observation.state`` and ``action`` need ``mean``, ``std``, ``min`` and ``max``."""
     path = Path(root) / "meta" / "stats.json"
     if not path.is_file():
         return {}
@@ -153,7 +303,7 @@ def read_stats(root: str | Path, info: dict[str, Any] | None = None) -> dict[str
             missing = [key for key in STATISTICS if key not in entry]
             if missing:
                 raise DataError(f"{path}: {name!r} lacks the key(s) {', '.join(map(repr, missing))}")
-        for key in STATISTICS:
+        for key in (*STATISTICS, "count", *QUANTILES):
             if key not in entry:
                 continue
             try:
@@ -162,41 +312,94 @@ def read_stats(root: str | Path, info: dict[str, Any] | None = None) -> dict[str
                 raise DataError(f"{path}: {name!r}[{key!r}] must be numbers, got {entry[key]!r}") from error
             if not np.isfinite(values).all():
                 raise DataError(f"{path}: {name!r}[{key!r}] must be finite numbers, got {entry[key]!r}")
-            shape = features.get(name, {}).get("shape") if name in ("observation.state", "action") else None
-            if shape and values.size != int(np.prod(shape)):
+            if key == "count" and (values < 0).any():
+                raise DataError(f"{path}: {name!r}['count'] must be a non-negative number, got {entry[key]!r}")
+            size = _expected_stat_size(features.get(name), key)
+            if size is not None and values.size != size:
+                shape = tuple(features[name].get("shape", ()))
                 raise DataError(
-                    f"{path}: {name!r}[{key!r}] has {values.size} values, info.json says the shape is {tuple(shape)}"
+                    f"{path}: {name!r}[{key!r}] has {values.size} values, info.json says the shape is {shape}"
+                    + (" (statistics of images are per colour channel)" if size != np.prod(shape) else "")
                 )
     return stats
 
 
+def _episode_files(root: Path) -> list[Path]:
+    """Every ``meta/episodes/chunk-XXX/file-YYY.parquet``, in (chunk, file) order."""
+    folder = root / "meta" / "episodes"
+    found = []
+    for path in folder.glob("chunk-*/file-*.parquet") if folder.is_dir() else []:
+        match = _EPISODES_FILE.fullmatch(path.relative_to(folder).as_posix())
+        if match:
+            found.append(((int(match[1]), int(match[2])), path))
+    return [path for _, path in sorted(found)]
+
+
+def _video_columns(key: str) -> tuple[str, str, str, str]:
+    prefix = f"videos/{key}/"
+    return prefix + "chunk_index", prefix + "file_index", prefix + "from_timestamp", prefix + "to_timestamp"
+
+
 def read_episodes(root: str | Path, info: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of ``meta/episodes``, checked against info.json: the needed columns, whole non-negative
-    numbers, positive lengths, unique episode indices, ``total_episodes`` rows and ``total_frames`` frames."""
-    path = Path(root) / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
-    if not path.is_file() and info["total_episodes"] == 0:
-        return []
-    table = _read_parquet(path)
-    missing = [c for c in EPISODE_COLUMNS if c not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: the column(s) {', '.join(map(repr, missing))} are missing")
-    episodes = table.to_pylist()
-    info_path = Path(root) / "meta" / "info.json"
+    """The rows of every ``meta/episodes`` file (in file order), checked against info.json: the needed
+    columns (and each video feature's file and time range), whole non-negative numbers, positive lengths,
+    ``episode_index`` equal to the row's position, ``total_episodes`` rows, ``total_frames`` frames and
+    consecutive ``dataset_from_index .. dataset_to_index`` ranges."""
+    root = Path(root)
+    files = _episode_files(root)
+    if not files:
+        if info["total_episodes"] == 0:
+            return []
+        raise DataError(f"{root / 'meta' / 'episodes' / 'chunk-000' / 'file-000.parquet'} is missing")
+    video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
+    episodes: list[dict[str, Any]] = []
+    where: list[tuple[Path, int]] = []  # (file, row in it) of each episode, for messages
+    for path in files:
+        table = _read_parquet(path)
+        needed = list(EPISODE_COLUMNS) + [c for key in video_keys for c in _video_columns(key)]
+        missing = [c for c in needed if c not in table.column_names]
+        if missing:
+            raise DataError(f"{path}: the column(s) {', '.join(map(repr, missing))} are missing")
+        try:
+            rows = table.to_pylist()
+        except Exception as error:  # pyarrow decoding errors of damaged pages
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+        match = _EPISODES_FILE.fullmatch(path.relative_to(root / "meta" / "episodes").as_posix())
+        for row, entry in enumerate(rows):
+            for column, value in zip(("chunk_index", "file_index"), (int(match[1]), int(match[2])), strict=True):
+                listed = entry.get(f"meta/episodes/{column}")
+                if listed is not None and listed != value:
+                    raise DataError(f"{path}, row {row}: 'meta/episodes/{column}' is {listed!r}, the file's is {value}")
+            episodes.append(entry)
+            where.append((path, row))
+    path = files[0] if len(files) == 1 else root / "meta" / "episodes" / f"({len(files)} files)"
+    info_path = root / "meta" / "info.json"
     if len(episodes) != info["total_episodes"]:
         raise DataError(
             f"{path} lists {len(episodes)} episodes, {info_path} says total_episodes={info['total_episodes']}"
         )
     seen: set[int] = set()
-    for row, entry in enumerate(episodes):
+    for position, entry in enumerate(episodes):
+        file, row = where[position]
         for column in EPISODE_COLUMNS:
             value = entry[column]
             if not _is_int(value) or value < 0:
-                raise DataError(f"{path}, row {row}: {column!r} must be a non-negative integer, got {value!r}")
+                raise DataError(f"{file}, row {row}: {column!r} must be a non-negative integer, got {value!r}")
         if entry["length"] < 1:
-            raise DataError(f"{path}, row {row}: 'length' must be >= 1, got {entry['length']}")
+            raise DataError(f"{file}, row {row}: 'length' must be >= 1, got {entry['length']}")
         if entry["episode_index"] in seen:
-            raise DataError(f"{path}, row {row}: episode_index {entry['episode_index']} appears twice")
+            raise DataError(f"{file}, row {row}: episode_index {entry['episode_index']} appears twice")
         seen.add(entry["episode_index"])
+        for key in video_keys:
+            chunk, number, first, last = (entry[c] for c in _video_columns(key))
+            for column, value in zip(_video_columns(key)[:2], (chunk, number), strict=True):
+                if not _is_int(value) or value < 0:
+                    raise DataError(f"{file}, row {row}: {column!r} must be a non-negative integer, got {value!r}")
+            if not (_is_number(first) and _is_number(last) and np.isfinite([first, last]).all() and 0 <= first <= last):
+                raise DataError(
+                    f"{file}, row {row}: feature {key!r}: from_timestamp {first!r} .. to_timestamp {last!r} "
+                    "must be finite seconds, 0 <= from <= to"
+                )
     frames = sum(int(e["length"]) for e in episodes)
     if frames != info["total_frames"]:
         raise DataError(
@@ -204,11 +407,17 @@ def read_episodes(root: str | Path, info: dict[str, Any]) -> list[dict[str, Any]
             f"{info_path} says total_frames={info['total_frames']}"
         )
     start = 0
-    for row, entry in enumerate(episodes):
+    for position, entry in enumerate(episodes):
+        file, row = where[position]
+        if entry["episode_index"] != position:
+            raise DataError(
+                f"{file}, row {row}: episode_index {entry['episode_index']} where {position} belongs "
+                "(episodes are listed in episode_index order, 0, 1, ...)"
+            )
         first, last = entry.get("dataset_from_index"), entry.get("dataset_to_index")
         if first is not None and last is not None and (first != start or last != start + entry["length"]):
             raise DataError(
-                f"{path}, row {row}: episode {entry['episode_index']} spans dataset_from_index={first} .. "
+                f"{file}, row {row}: episode {entry['episode_index']} spans dataset_from_index={first} .. "
                 f"dataset_to_index={last}, its length {entry['length']} and the episodes before it say "
                 f"{start} .. {start + entry['length']}"
             )
@@ -227,46 +436,86 @@ def _read_parquet(path: Path):
         raise DataError(f"{path}: not a readable Parquet file ({error})") from error
 
 
-def _data_path(root: Path, entry: dict[str, Any]) -> Path:
+def _read_columns(path: Path) -> dict[str, list]:
+    table = _read_parquet(path)
+    try:
+        return {name: table.column(name).to_pylist() for name in table.column_names}
+    except Exception as error:  # pyarrow decoding errors of damaged pages
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+
+
+def _data_path(root: Path, entry: dict[str, Any], info: dict[str, Any] | None = None) -> Path:
     chunk, file = int(entry["data/chunk_index"]), int(entry["data/file_index"])
-    return root / "data" / f"chunk-{chunk:03d}" / f"file-{file:03d}.parquet"
+    return _format_path(root, info or {}, "data_path", chunk_index=chunk, file_index=file)
 
 
-def _numeric_column(path: Path, name: str, values: list, shape: tuple[int, ...] | None, frames: list) -> np.ndarray:
-    """``values`` as a float array, every entry finite and (when ``shape`` is given) of that shape."""
+def _video_path(root: Path, entry: dict[str, Any], key: str, info: dict[str, Any]) -> Path:
+    chunk, file = (int(entry[c]) for c in _video_columns(key)[:2])
+    return _format_path(root, info, "video_path", video_key=key, chunk_index=chunk, file_index=file)
+
+
+def _numeric_column(
+    path: Path, name: str, values: list, shape: tuple[int, ...] | None, frames: list, dtype: str = "float32"
+) -> np.ndarray:
+    """``values`` as a float array, every entry finite and (when ``shape`` is given) of that shape
+    (a feature of shape (1,) may be stored as plain numbers, as lerobot does)."""
     try:
         array = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise DataError(f"{path}: column {name!r} holds rows that are not numbers of one shape ({error})") from error
-    if shape is not None and array.shape[1:] != shape:
+    if shape is not None and array.shape[1:] != shape and not (shape == (1,) and array.ndim == 1):
         raise DataError(f"{path}: {name} has shape {array.shape[1:]}, info.json says {shape}")
     bad = np.argwhere(~np.isfinite(array.reshape(len(array), -1)))
     if len(bad):
         row, element = (int(i) for i in bad[0])
         value = array.reshape(len(array), -1)[row, element]
         where = f"[{element}]" if array.ndim > 1 else ""
+        kind = "states and actions" if name in ("observation.state", "action") else f"{dtype} features"
         raise DataError(
             f"{path}, row {row} (frame_index {frames[row]}): {name}{where} is {value} "
-            f"({len(bad)} non-finite value(s) in that column); states and actions must be finite numbers"
+            f"({len(bad)} non-finite value(s) in that column); {kind} must be finite numbers"
         )
     return array
 
 
+def _image_bytes(path: Path, key: str, row: int, value: Any) -> bytes:
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        stored = f" (a file name {value.get('path')!r} only)" if isinstance(value, dict) and value.get("path") else ""
+        raise DataError(f"{path}, row {row}: {key} holds no image bytes{stored}, got {type(data).__name__}")
+    return bytes(data)
+
+
 def check_data_file(
-    path: Path, columns: dict[str, list], entries: list[dict[str, Any]], features: dict[str, Any]
+    path: Path,
+    columns: dict[str, list],
+    entries: list[dict[str, Any]],
+    features: dict[str, Any],
+    tasks: dict[int, str] | None = None,
 ) -> None:
     """Check the columns of one data file against the meta/episodes rows that point at it: the needed
-    columns, every numeric feature finite (state and action of the shape info.json gives), each
-    episode's row count, its frame indices ``0 .. length-1`` in order, and no rows of other episodes."""
+    columns and one for every feature except videos, every numeric feature finite and of the shape
+    info.json gives, strings, image bytes present, each episode's row count, its frame indices
+    ``0 .. length-1`` in order, its global ``index`` range, no rows of other episodes and, given the
+    ``tasks`` table, every ``task_index`` in it and the episode's tasks as meta/episodes lists them."""
     missing = [c for c in FRAME_COLUMNS if c not in columns]
+    missing += [k for k, f in features.items() if f.get("dtype") != "video" and k not in columns and k not in missing]
+    if any(f.get("dtype") == "video" for f in features.values()) and "timestamp" not in columns:
+        missing.append("timestamp")  # the video frame of a row is found by its timestamp
     if missing:
         raise DataError(f"{path}: the column(s) {', '.join(map(repr, missing))} are missing")
     frames = columns["frame_index"]
     for name, feature in features.items():
-        main = name in ("observation.state", "action")
-        if name in columns and (main or str(feature.get("dtype")).startswith("float")):
-            shape = tuple(feature.get("shape", ())) if main else None
-            _numeric_column(path, name, columns[name], shape, frames)
+        dtype = feature.get("dtype")
+        if name in ("observation.state", "action") or numeric_dtype(dtype) is not None:
+            _numeric_column(path, name, columns[name], tuple(feature.get("shape", ())), frames, str(dtype))
+        elif dtype == "string":
+            for row, value in enumerate(columns[name]):
+                if not isinstance(value, str):
+                    raise DataError(f"{path}, row {row}: {name} (dtype string) is {value!r}")
+        elif dtype == "image":
+            for row, value in enumerate(columns[name]):
+                _image_bytes(path, name, row, value)
     rows_of: dict[Any, list[int]] = {}
     for row, episode in enumerate(columns["episode_index"]):
         rows_of.setdefault(episode, []).append(row)
@@ -277,6 +526,7 @@ def check_data_file(
             f"{path}: {len(rows_of[foreign[0]])} row(s) (first row {rows_of[foreign[0]][0]}) belong to episode_index "
             f"{foreign[0]!r}, which meta/episodes does not place in this file"
         )
+    task_indices = columns.get("task_index")
     for entry in entries:
         episode, length = entry["episode_index"], int(entry["length"])
         rows = rows_of.get(episode, [])
@@ -298,6 +548,135 @@ def check_data_file(
                         f"{path}, row {row}: episode {episode} frame {offset} has index {index[row]!r}, "
                         f"meta/episodes (dataset_from_index={first}) says {first + offset}"
                     )
+        if tasks and task_indices is not None:
+            for row in rows:
+                if task_indices[row] not in tasks:
+                    raise DataError(
+                        f"{path}, row {row}: task_index {task_indices[row]!r} is not in the task table "
+                        f"(task_index 0 .. {len(tasks) - 1})"
+                    )
+            listed_tasks = entry.get("tasks")
+            used = {tasks[task_indices[row]] for row in rows}
+            if isinstance(listed_tasks, list) and set(listed_tasks) != used:
+                raise DataError(
+                    f"{path}: episode {episode}'s frames have the task(s) {sorted(used)}, meta/episodes lists "
+                    f"{listed_tasks}"
+                )
+
+
+def _decode_image(data: bytes, where: str, key: str, shape: tuple[int, int, int] | None) -> np.ndarray:
+    """An image file's pixels (h, w, c) uint8; with ``shape`` (h, w, c) they must have it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode not in ("RGB", "L", "RGBA"):
+                image = image.convert("RGB")
+            array = np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"{where}: {key} is not a readable image ({error})") from error
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.dtype != np.uint8:
+        raise DataError(f"{where}: {key} has {array.dtype} pixels, 8-bit images are read")
+    if shape is not None and array.shape != tuple(shape):
+        raise DataError(f"{where}: {key} is a {array.shape} (h, w, c) image, info.json says {tuple(shape)}")
+    return array
+
+
+def _video_frames(
+    path: Path,
+    key: str,
+    timestamps: list[float],
+    tolerance_s: float,
+    shape: tuple[int, int, int],
+    where: str = "",
+    labels: list[str] | None = None,
+) -> np.ndarray:
+    """The frames (n, h, w, 3) uint8 of ``timestamps`` (seconds into the file) in a video, decoded with PyAV
+    as lerobot's ``pyav`` backend does: seek to the keyframe at or before the first timestamp, decode forward
+    to the last one, and take for each timestamp the closest decoded frame, which must lie within
+    ``tolerance_s``. ``where`` and ``labels`` (one per timestamp) go into error messages."""
+    try:
+        import av
+    except ImportError as error:
+        raise DataError(f"{path}: reading the video feature {key!r} needs PyAV: pip install av") from error
+    if not path.is_file():
+        raise DataError(f"{path} is missing (the video of feature {key!r}{where})")
+    first, last = min(timestamps), max(timestamps)
+    loaded: list[np.ndarray] = []
+    times: list[float] = []
+    problem = None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                problem = "the file has no video stream"
+            else:
+                stream = container.streams.video[0]
+                container.seek(round(first / stream.time_base) - 1, backward=True, any_frame=False, stream=stream)
+                for frame in container.decode(stream):
+                    if frame.pts is None:
+                        continue
+                    time = float(frame.pts * stream.time_base)
+                    loaded.append(frame.to_ndarray(format="rgb24"))
+                    times.append(time)
+                    if time >= last:
+                        break
+    except (av.error.FFmpegError, OSError, EOFError) as error:
+        problem = f"cannot be decoded ({error})"
+    if problem is not None:
+        raise DataError(f"{path}: feature {key!r}{where}: {problem}")
+    if not loaded:
+        raise DataError(f"{path}: feature {key!r}{where}: no frame decodes between {first:.6f} s and {last:.6f} s")
+    if loaded[0].shape != tuple(shape):
+        raise DataError(
+            f"{path}: feature {key!r}: the video's frames are {loaded[0].shape} (h, w, c), "
+            f"info.json says {tuple(shape)}"
+        )
+    decoded = np.asarray(times)
+    picked = []
+    for number, time in enumerate(timestamps):
+        nearest = int(np.argmin(np.abs(decoded - time)))
+        if not abs(decoded[nearest] - time) < tolerance_s:
+            label = f" {labels[number]}" if labels else ""
+            raise DataError(
+                f"{path}: feature {key!r}{where}{label}: no frame within {tolerance_s} s of {time:.6f} s "
+                f"(the nearest is at {decoded[nearest]:.6f} s)"
+            )
+        picked.append(loaded[nearest])
+    return np.stack(picked)
+
+
+def _video_times(path: Path, key: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """The presentation times (seconds) of every frame of a video, decoding each (for verification)."""
+    try:
+        import av
+    except ImportError as error:
+        raise DataError(f"{path}: reading the video feature {key!r} needs PyAV: pip install av") from error
+    if not path.is_file():
+        raise DataError(f"{path} is missing (the video of feature {key!r})")
+    times: list[float] = []
+    problem = None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                problem = "the file has no video stream"
+            else:
+                stream = container.streams.video[0]
+                for frame in container.decode(stream):
+                    if (frame.height, frame.width) != tuple(shape[:2]):
+                        problem = (
+                            f"a frame is {frame.height}x{frame.width} (h x w), info.json says {shape[0]}x{shape[1]}"
+                        )
+                        break
+                    if frame.pts is not None:
+                        times.append(float(frame.pts * stream.time_base))
+    except (av.error.FFmpegError, OSError, EOFError) as error:
+        problem = f"cannot be decoded ({error})"
+    if problem is not None:
+        raise DataError(f"{path}: feature {key!r}: {problem}")
+    return np.sort(np.asarray(times, dtype=np.float64))
 
 
 class EpisodeDataset(torch.utils.data.Dataset):
@@ -308,23 +687,44 @@ class EpisodeDataset(torch.utils.data.Dataset):
         obs_horizon: observation frames per item (the current one and the ones before it).
         action_horizon: H, actions per item (the current one and the ones after it).
         cache_files: Parquet files kept in memory at once.
+        tolerance_s: the largest distance (exclusive) between a row's timestamp in a video and the
+            decoded frame's (lerobot's default).
 
-    Each item is a dict: ``observation.state`` (obs_horizon, D), ``observation.images.<camera>``
-    (obs_horizon, 3, h, w) uint8 when present, ``action`` (H, A), ``observation_is_pad``
-    (obs_horizon,), ``action_is_pad`` (H,), ``task`` (str), ``episode_index`` and ``frame_index``.
+    Each item is a dict with every feature of info.json: ``observation.state`` (obs_horizon, D)
+    and ``action`` (H, A) float32; each image and video feature (obs_horizon, 3, h, w) uint8
+    (channel first, as ``uint8`` pixels; lerobot returns them divided by 255 as float32); every other
+    ``observation.*`` numeric feature an (obs_horizon, *shape) window in its dtype; other numeric
+    features their value at frame t (a tensor; shape-(1,) features are stored and returned as
+    scalars, as in lerobot); string features the string; ``observation_is_pad`` (obs_horizon,),
+    ``action_is_pad`` (H,), ``task`` (str), and ``episode_index``, ``frame_index``, ``index``,
+    ``task_index`` (int) and ``timestamp`` (float) when the data has them.
     """
 
-    def __init__(self, root: str | Path, obs_horizon: int = 1, action_horizon: int = 1, cache_files: int = 8) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        obs_horizon: int = 1,
+        action_horizon: int = 1,
+        cache_files: int = 8,
+        tolerance_s: float = TOLERANCE_S,
+    ) -> None:
         if obs_horizon < 1 or action_horizon < 1:
             raise ValueError(f"horizons must be >= 1, got {obs_horizon} and {action_horizon}")
+        if not tolerance_s > 0:
+            raise ValueError(f"tolerance_s must be > 0, got {tolerance_s}")
         self.root = Path(root)
         self.info = read_info(self.root)
         self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
+        self.tolerance_s = float(tolerance_s)
         self.features = self.info["features"]
         for key in ("observation.state", "action"):
             if key not in self.features:
                 raise DataError(f"{self.root}/meta/info.json: feature {key!r} is missing")
         self.image_keys = [k for k, f in self.features.items() if f.get("dtype") == "image"]
+        """Features stored as image files inside the data files (dtype ``"image"``)."""
+        self.video_keys = [k for k, f in self.features.items() if f.get("dtype") == "video"]
+        """Features stored as mp4 files (dtype ``"video"``)."""
+        self.camera_keys = [k for k in self.features if k in self.image_keys or k in self.video_keys]
         self.episodes = episodes = read_episodes(self.root, self.info)
         if not episodes:
             raise DataError(f"{self.root}/meta/info.json: the data set has no episodes")
@@ -348,15 +748,15 @@ class EpisodeDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.root}/meta/stats.json, {key!r}: {error}") from error
 
     def episode_columns(self, episode: int) -> dict[str, Any]:
-        """Every column of one episode (by position in the data set), as lists with one entry per frame."""
+        """Every column of one episode's data file rows (by position in the data set), as lists with one
+        entry per frame (video features are not columns: see :meth:`camera_frames`)."""
         entry = self.episodes[episode]
         file_key = (int(entry["data/chunk_index"]), int(entry["data/file_index"]))
         if file_key not in self._cache:
-            path = _data_path(self.root, entry)
-            table = _read_parquet(path)
-            columns = {name: table.column(name).to_pylist() for name in table.column_names}
+            path = _data_path(self.root, entry, self.info)
+            columns = _read_columns(path)
             entries = [e for e in self.episodes if (e["data/chunk_index"], e["data/file_index"]) == file_key]
-            check_data_file(path, columns, entries, self.features)
+            check_data_file(path, columns, entries, self.features, self.tasks)
             self._cache[file_key] = columns
             if len(self._cache) > self.cache_files:
                 self._cache.popitem(last=False)
@@ -370,9 +770,45 @@ class EpisodeDataset(torch.utils.data.Dataset):
             )
         return {name: [values[i] for i in rows] for name, values in columns.items()}
 
+    def camera_frames(self, episode: int, key: str, frames: list[int] | None = None) -> Tensor:
+        """Frames of an image or video feature of one episode (by position), (n, 3, h, w) uint8;
+        all of the episode's frames unless ``frames`` (frame indices) are given."""
+        feature = self.features.get(key)
+        if feature is None or feature.get("dtype") not in CAMERA_DTYPES:
+            raise KeyError(f"{key!r} is not an image or video feature of {self.root}")
+        columns = self.episode_columns(episode)
+        frames = list(range(self.lengths[episode])) if frames is None else list(frames)
+        return self._camera(key, columns, episode, frames)
+
+    def _camera(self, key: str, columns: dict[str, Any], episode: int, frames: list[int]) -> Tensor:
+        feature, entry = self.features[key], self.episodes[episode]
+        shape = image_shape(feature)
+        path = _data_path(self.root, entry, self.info)
+        if feature["dtype"] == "image":
+            pixels = [
+                _decode_image(
+                    _image_bytes(path, key, f, columns[key][f]),
+                    f"{path}, episode {entry['episode_index']} frame {f}",
+                    key,
+                    shape,
+                )
+                for f in frames
+            ]
+            array = np.stack(pixels)
+        else:
+            video = _video_path(self.root, entry, key, self.info)
+            start = float(entry[f"videos/{key}/from_timestamp"])
+            timestamps = [start + float(columns["timestamp"][f]) for f in frames]
+            where = f", episode {entry['episode_index']}"
+            labels = [f"frame {f}" for f in frames]
+            array = _video_frames(video, key, timestamps, self.tolerance_s, shape, where, labels)
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+
     def _array(self, key: str, values: list, frames: list[int]) -> Tensor:
         shape = tuple(self.features[key]["shape"])
         array = np.asarray([values[f] for f in frames], dtype=np.float32)
+        if shape == (1,) and array.ndim == 1:  # lerobot stores shape-(1,) features as plain numbers
+            array = array[:, None]
         if array.shape[1:] != shape:
             raise DataError(f"{self.root}: {key} has shape {array.shape[1:]}, info.json says {shape}")
         return torch.from_numpy(array)
@@ -397,17 +833,38 @@ class EpisodeDataset(torch.utils.data.Dataset):
             "frame_index": frame,
         }
         task_index = columns.get("task_index", [None])[frame]
-        item["task"] = self.tasks.get(task_index, str(self.episodes[episode].get("tasks", [""])[0]))
-        for key in self.image_keys:
-            item[key] = torch.stack([decode_png(columns[key][f]) for f in obs_frames])
+        item["task"] = self.tasks.get(task_index, str((self.episodes[episode].get("tasks") or [""])[0]))
+        for key, feature in self.features.items():
+            if key in item:
+                continue
+            dtype = feature.get("dtype")
+            if dtype in CAMERA_DTYPES:
+                item[key] = self._camera(key, columns, episode, obs_frames)
+            elif dtype == "string":
+                item[key] = columns[key][frame]
+            elif key in _BOOKKEEPING:
+                value = columns[key][frame]
+                item[key] = float(value) if key == "timestamp" else int(value)
+            else:
+                numpy_dtype = numeric_dtype(dtype)
+                if key.startswith("observation."):
+                    item[key] = torch.from_numpy(np.asarray([columns[key][f] for f in obs_frames], dtype=numpy_dtype))
+                else:
+                    item[key] = torch.from_numpy(np.asarray(columns[key][frame], dtype=numpy_dtype))
         return item
 
 
 def decode_png(value: Any) -> Tensor:
-    from PIL import Image
+    """An image file's pixels (3, h, w) uint8 RGB, from its bytes or lerobot's ``{"bytes", "path"}`` struct."""
+    from PIL import Image, UnidentifiedImageError
 
     data = value["bytes"] if isinstance(value, dict) else value
-    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    if not isinstance(data, (bytes, bytearray)):
+        raise DataError(f"an image is stored as bytes, got {type(data).__name__}")
+    try:
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"not a readable image ({error})") from error
     return torch.from_numpy(image.copy()).permute(2, 0, 1)
 
 
@@ -420,28 +877,60 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def verify_dataset(root: str | Path) -> None:
+def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
     """Check a whole data set folder against its metadata; a :class:`DataError` names the file and what disagrees.
 
-    Reads info.json, tasks, stats.json and meta/episodes (counts, lengths, index ranges), then every data
-    file: readable, the needed columns, finite states and actions of the declared shape, each episode's rows
-    and frame indices, and no rows of episodes that meta/episodes places elsewhere.
+    Reads info.json, tasks, stats.json and every meta/episodes file (counts, lengths, index ranges, video
+    time ranges), then every data file: readable, the needed columns and one per feature, finite numbers of
+    the declared shape, each episode's rows, frame indices and tasks, no rows of episodes that meta/episodes
+    places elsewhere, and every image decoding to its declared size; then every video file: decodable, of
+    the declared size, with a frame within ``tolerance_s`` of every row's ``from_timestamp + timestamp``.
     """
     root = Path(root)
     info = read_info(root)
-    read_tasks(root)
+    tasks = read_tasks(root)
+    if tasks and "total_tasks" in info and len(tasks) != info["total_tasks"]:
+        raise DataError(
+            f"{root}/meta/info.json says total_tasks={info['total_tasks']}, the task table lists {len(tasks)} tasks"
+        )
     read_stats(root, info)
+    features = info["features"]
     files: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for entry in read_episodes(root, info):
         files.setdefault((int(entry["data/chunk_index"]), int(entry["data/file_index"])), []).append(entry)
+    # video file -> (feature, [(timestamp, episode, frame)]) of every row that shows a frame of it
+    queries: dict[Path, tuple[str, list[tuple[float, int, int]]]] = {}
     for entries in files.values():
-        path = _data_path(root, entries[0])
-        table = _read_parquet(path)
-        try:
-            columns = {name: table.column(name).to_pylist() for name in table.column_names}
-        except Exception as error:  # pyarrow decoding errors of damaged pages
-            raise DataError(f"{path}: not a readable Parquet file ({error})") from error
-        check_data_file(path, columns, entries, info["features"])
+        path = _data_path(root, entries[0], info)
+        columns = _read_columns(path)
+        check_data_file(path, columns, entries, features, tasks)
+        for key, feature in features.items():
+            if feature.get("dtype") == "image":
+                shape = image_shape(feature)
+                for row, value in enumerate(columns[key]):
+                    _decode_image(_image_bytes(path, key, row, value), f"{path}, row {row}", key, shape)
+        for entry in entries:
+            rows = [i for i, e in enumerate(columns["episode_index"]) if e == entry["episode_index"]]
+            for key in (k for k, f in features.items() if f.get("dtype") == "video"):
+                start = float(entry[f"videos/{key}/from_timestamp"])
+                video = _video_path(root, entry, key, info)
+                wanted = queries.setdefault(video, (key, []))[1]
+                wanted.extend(
+                    (start + float(columns["timestamp"][r]), entry["episode_index"], f) for f, r in enumerate(rows)
+                )
+    for video, (key, wanted) in queries.items():
+        times = _video_times(video, key, image_shape(features[key]))
+        if not len(times):
+            raise DataError(f"{video}: feature {key!r}: the video has no frames")
+        for time, episode, frame in wanted:
+            at = int(np.searchsorted(times, time))
+            around = times[max(at - 1, 0) : at + 1]  # the decoded frames just before and after
+            nearest = float(around[np.argmin(np.abs(around - time))])
+            if not abs(nearest - time) < tolerance_s:
+                raise DataError(
+                    f"{video}: feature {key!r}, episode {episode} frame {frame}: no frame within {tolerance_s} s of "
+                    f"{time:.6f} s (the nearest is at {nearest:.6f} s)"
+                )
 
 
 def _read_collection(root: Path) -> dict[str, dict[str, int]]:
@@ -487,10 +976,14 @@ def describe(root: str | Path, verify: bool = True) -> str:
 
 
 __all__ = [
+    "TOLERANCE_S",
     "EpisodeDataset",
     "check_data_file",
+    "decode_png",
     "describe",
     "encode_png",
+    "image_shape",
+    "numeric_dtype",
     "read_episodes",
     "read_info",
     "read_stats",

@@ -1,14 +1,19 @@
-"""Collect scripted-expert demonstrations from MetaWorld into an episode data set (LeRobot v3 layout).
+"""Collect scripted-expert demonstrations from MetaWorld into an episode data set (LeRobot v3.0 layout).
 
 Each attempt resets the task with its own seed, rolls out the task's expert until success (or
-``max_steps``) and keeps the episode only if it succeeded. Images are stored inside the Parquet
-files as PNG bytes (feature dtype ``"image"``); statistics are kept for ``observation.state`` and
-``action``.
+``max_steps``) and keeps the episode only if it succeeded. Each frame stores the robot's own state
+(hand position and gripper opening) as ``observation.state``, MetaWorld's whole 39-d vector (object
+and goal poses included) as ``observation.environment_state``, the action, and with ``images`` the
+camera frame inside the Parquet file as PNG bytes (feature dtype ``"image"``). The metadata is
+LeRobot v3.0's: ``info.json``, ``tasks.parquet``, the episodes table with each episode's data file
+index and statistics (``stats/<feature>/<stat>`` columns), and ``stats.json`` with ``min``, ``max``,
+``mean``, ``std``, ``count`` and the quantiles ``q01 q10 q50 q90 q99`` of every feature
+(:mod:`flowforge.data.feature_stats`), so LeRobot opens, trains on, resumes and merges these folders.
 
 Crash safety: every attempt ends in exactly one commit point. A kept episode is first written
 as its own Parquet file (``data/chunk-XXX/file-YYY.parquet``, through a temporary name), which no
 metadata lists yet. Then a complete new metadata folder ``.meta-NNNNNN`` is written (the episodes
-table, ``stats.json``, ``tasks.jsonl``, ``info.json`` and last ``collection.json``: attempt
+table, ``stats.json``, ``tasks.parquet``, ``info.json`` and last ``collection.json``: attempt
 counts, running statistics, the settings), and ``meta`` -- a relative symbolic link -- is switched
 to it with one atomic rename. A reader therefore always sees one consistent generation of
 metadata, and a killed collection is a valid data set of the episodes committed so far. Running
@@ -35,13 +40,30 @@ from typing import Any
 
 import numpy as np
 
-from flowforge.data.episodes import encode_png
+from flowforge.data.episodes import decode_png, encode_png
+from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
 from flowforge.envs.episode import run_episode
-from flowforge.envs.metaworld import INSTRUCTIONS, MetaWorldEnv
+from flowforge.envs.metaworld import INSTRUCTIONS, ROBOT_STATE_DIM, MetaWorldEnv
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
+ROBOT_STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper_opening")
+#: Numeric columns of a data file, each with statistics.
+NUMERIC_FEATURES = (
+    "observation.state",
+    "observation.environment_state",
+    "action",
+    "timestamp",
+    "frame_index",
+    "episode_index",
+    "index",
+    "task_index",
+)
+#: The folder layout: 2 stores the robot's own state as ``observation.state`` and MetaWorld's whole
+#: 39-d vector as ``observation.environment_state`` (layout 1, without the setting, stored the latter
+#: as ``observation.state``); a collection is resumed only in its own layout.
+LAYOUT = 2
 MARKER = ".flowforge-collection"
 """File written into a new folder before anything else: the folder is a collection in progress."""
 _PREVIOUS = ".meta-previous"  # the old metadata folder while ``meta`` is swapped by renames
@@ -93,55 +115,76 @@ def _parquet_bytes(columns: dict[str, list]) -> bytes:
 
 
 def _new_record(settings: dict[str, Any]) -> dict[str, Any]:
-    zeros = {"count": 0, "sum": None, "sumsq": None, "min": None, "max": None}
-    return {
-        "settings": settings,
-        "tasks": {},
-        "episodes": [],
-        "stats": {"observation.state": dict(zeros), "action": dict(zeros)},
+    return {"settings": settings, "tasks": {}, "episodes": [], "task_list": []}
+
+
+def _episode_columns(root: Path, episode: int, images: list[str]) -> dict[str, np.ndarray]:
+    """The numeric columns (and decoded images) of a committed episode's data file."""
+    import pyarrow.parquet as parquet
+
+    table = parquet.read_table(root / _episode_path(episode)).to_pydict()
+    columns = {key: np.asarray(table[key]) for key in NUMERIC_FEATURES if key in table}
+    for key in images:
+        columns[key] = np.stack([decode_png(value).permute(1, 2, 0).numpy() for value in table[key]])
+    return columns
+
+
+def _episode_stats(columns: dict[str, np.ndarray]) -> dict[str, dict[str, list]]:
+    """Every feature's statistics over one episode (LeRobot's per-episode ``stats/...`` columns)."""
+    stats = {}
+    for key, values in columns.items():
+        if values.dtype == np.uint8 and values.ndim == 4:
+            stats[key] = image_stats(values)
+        else:
+            stats[key] = feature_stats(values)
+    return stats
+
+
+def _tasks_parquet(instructions: list[str]) -> bytes:
+    """``meta/tasks.parquet`` as LeRobot writes it: a pandas frame indexed by ``task`` with a
+    ``task_index`` column (the pandas metadata written by hand: pandas is not a dependency)."""
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    table = pa.table({"task_index": pa.array(range(len(instructions)), pa.int64()), "task": instructions})
+    pandas = {
+        "index_columns": ["task"],
+        "column_indexes": [
+            {
+                "name": None,
+                "field_name": None,
+                "pandas_type": "unicode",
+                "numpy_type": "object",
+                "metadata": {"encoding": "UTF-8"},
+            }
+        ],
+        "columns": [
+            {
+                "name": "task_index",
+                "field_name": "task_index",
+                "pandas_type": "int64",
+                "numpy_type": "int64",
+                "metadata": None,
+            },
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
+        ],
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.2.3",
     }
+    table = table.replace_schema_metadata({b"pandas": json.dumps(pandas).encode()})
+    sink = pa.BufferOutputStream()
+    parquet.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
-def _accumulate(stats: dict[str, Any], values: np.ndarray) -> None:
-    values = values.astype(np.float64)
-    if stats["count"] == 0:
-        stats.update(
-            sum=values.sum(0).tolist(),
-            sumsq=(values**2).sum(0).tolist(),
-            min=values.min(0).tolist(),
-            max=values.max(0).tolist(),
-        )
-    else:
-        stats["sum"] = (np.asarray(stats["sum"]) + values.sum(0)).tolist()
-        stats["sumsq"] = (np.asarray(stats["sumsq"]) + (values**2).sum(0)).tolist()
-        stats["min"] = np.minimum(stats["min"], values.min(0)).tolist()
-        stats["max"] = np.maximum(stats["max"], values.max(0)).tolist()
-    stats["count"] += len(values)
-
-
-def _summary(stats: dict[str, Any]) -> dict[str, Any]:
-    count = stats["count"]
-    mean = np.asarray(stats["sum"]) / count
-    variance = np.maximum(np.asarray(stats["sumsq"]) / count - mean**2, 0.0)
-    return {
-        "mean": mean.tolist(),
-        "std": np.sqrt(variance).tolist(),
-        "min": stats["min"],
-        "max": stats["max"],
-        "count": [count],
-    }
-
-
-def _metadata_files(record: dict[str, Any], fps: int) -> list[tuple[str, bytes]]:
-    """The metadata files of the committed episodes in ``record``, in writing order (collection.json last)."""
-    settings = record["settings"]
-    episodes = record["episodes"]
+def _features(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     features = {
-        "observation.state": {"dtype": "float32", "shape": [STATE_DIM], "names": None},
-        "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": None},
-        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+        "observation.state": {"dtype": "float32", "shape": [ROBOT_STATE_DIM], "names": list(ROBOT_STATE_NAMES)},
+        "observation.environment_state": {"dtype": "float32", "shape": [STATE_DIM], "names": None},
+        "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "gripper"]},
         "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
         "index": {"dtype": "int64", "shape": [1], "names": None},
         "task_index": {"dtype": "int64", "shape": [1], "names": None},
     }
@@ -152,6 +195,17 @@ def _metadata_files(record: dict[str, Any], fps: int) -> list[tuple[str, bytes]]
             "shape": [size, size, 3],
             "names": ["height", "width", "channels"],
         }
+    return features
+
+
+def _metadata_files(record: dict[str, Any], fps: int, episode_stats: list[dict]) -> list[tuple[str, bytes]]:
+    """The metadata files of the committed episodes in ``record``, in writing order (collection.json last).
+
+    ``episode_stats``: every committed episode's statistics per feature (:func:`_episode_stats`).
+    """
+    settings = record["settings"]
+    episodes = record["episodes"]
+    features = _features(settings)
     total_frames = sum(e["length"] for e in episodes)
     task_list = record["task_list"]
     info = {
@@ -161,6 +215,8 @@ def _metadata_files(record: dict[str, Any], fps: int) -> list[tuple[str, bytes]]
         "total_frames": total_frames,
         "total_tasks": len(task_list),
         "chunks_size": 1000,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
         "fps": fps,
         "splits": {"train": f"0:{len(episodes)}"},
         "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
@@ -169,27 +225,30 @@ def _metadata_files(record: dict[str, Any], fps: int) -> list[tuple[str, bytes]]
     }
     files: list[tuple[str, bytes]] = []
     if episodes:
-        table = {
+        table: dict[str, list] = {
             "episode_index": [e["episode_index"] for e in episodes],
             "tasks": [[e["task"]] for e in episodes],
             "length": [e["length"] for e in episodes],
-            "dataset_from_index": [e["from"] for e in episodes],
-            "dataset_to_index": [e["from"] + e["length"] for e in episodes],
             "data/chunk_index": [e["episode_index"] // 1000 for e in episodes],
             "data/file_index": [e["episode_index"] % 1000 for e in episodes],
-            "seed": [e["seed"] for e in episodes],
+            "dataset_from_index": [e["from"] for e in episodes],
+            "dataset_to_index": [e["from"] + e["length"] for e in episodes],
         }
+        for key in features:
+            for name in STATISTICS:
+                table[f"stats/{key}/{name}"] = [stats[key][name] for stats in episode_stats]
+        table["meta/episodes/chunk_index"] = [0] * len(episodes)
+        table["meta/episodes/file_index"] = [0] * len(episodes)
         files.append(("episodes/chunk-000/file-000.parquet", _parquet_bytes(table)))
-        stats = {key: _summary(value) for key, value in record["stats"].items() if value["count"]}
+        stats = {key: aggregate_stats([e[key] for e in episode_stats]) for key in features}
         files.append(("stats.json", (json.dumps(stats, indent=1) + "\n").encode()))
-    tasks = "".join(json.dumps({"task_index": i, "task": INSTRUCTIONS[t]}) + "\n" for i, t in enumerate(task_list))
-    files.append(("tasks.jsonl", tasks.encode()))
+    files.append(("tasks.parquet", _tasks_parquet([INSTRUCTIONS[t] for t in task_list])))
     files.append(("info.json", (json.dumps(info, indent=2) + "\n").encode()))
     files.append(("collection.json", (json.dumps(record) + "\n").encode()))
     return files
 
 
-def _commit(root: Path, record: dict[str, Any], fps: int) -> None:
+def _commit(root: Path, record: dict[str, Any], fps: int, episode_stats: list[dict]) -> None:
     """Write a new metadata folder for ``record`` and make it ``meta`` with one atomic rename: the commit point."""
     record["generation"] = record.get("generation", 0) + 1
     record["fps"] = fps
@@ -198,7 +257,7 @@ def _commit(root: Path, record: dict[str, Any], fps: int) -> None:
         shutil.rmtree(folder)
     folder.mkdir()
     _after_write("metadata folder")
-    for name, data in _metadata_files(record, fps):
+    for name, data in _metadata_files(record, fps, episode_stats):
         _write_file(folder / name, data, f"meta/{name}")
     _fsync_folder(folder)
     meta, link = root / "meta", root / _NEXT_LINK
@@ -255,8 +314,13 @@ def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
             record = json.loads(state_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"{state_file}: not a readable collection record ({error})") from error
-        if not isinstance(record, dict) or not all(k in record for k in ("settings", "tasks", "episodes", "stats")):
-            raise DataError(f"{state_file}: not a collection record (needs settings, tasks, episodes, stats)")
+        if not isinstance(record, dict) or not all(k in record for k in ("settings", "tasks", "episodes")):
+            raise DataError(f"{state_file}: not a collection record (needs settings, tasks, episodes)")
+        if record["settings"].get("layout") != settings["layout"]:
+            raise DataError(
+                f"{root} was collected in an earlier layout (the 39-d state as observation.state); "
+                "collect into a new folder"
+            )
         if record["settings"] != settings:
             raise DataError(f"{root} was collected with {record['settings']}; resume with the same settings")
         return record
@@ -328,7 +392,14 @@ def collect(
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
     root = Path(root)
-    settings = {"images": images, "camera": camera, "size": size, "seed": seed, "max_steps": max_steps}
+    settings = {
+        "images": images,
+        "camera": camera,
+        "size": size,
+        "seed": seed,
+        "max_steps": max_steps,
+        "layout": LAYOUT,
+    }
     record = _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
     rebuild = False
     if record is None:  # new, or started without a commit: begin again
@@ -340,7 +411,9 @@ def collect(
     else:
         _clean(root, len(record["episodes"]))
         rebuild = not (root / "meta").is_symlink()  # written before this scheme: rebuild from the record
-    record.setdefault("task_list", [])
+    image_keys = [f"observation.images.{camera}"] if images else []
+    # Every committed episode's statistics, read back from its data file (not kept in the record).
+    episode_stats = [_episode_stats(_episode_columns(root, e["episode_index"], image_keys)) for e in record["episodes"]]
     fps = None
     bar = tqdm(total=episodes * len(tasks), desc="collect", disable=not progress_enabled(progress), leave=False)
     for task in tasks:
@@ -352,42 +425,41 @@ def collect(
         env = MetaWorldEnv(task, seed=seed, image=images, camera=camera, size=size, max_steps=max_steps)
         fps = round(1.0 / env.env.unwrapped.dt)
         if rebuild:
-            _commit(root, record, fps)
+            _commit(root, record, fps, episode_stats)
             rebuild = False
         expert = env.expert()
 
         def expert_actor(observation: dict[str, Any], expert=expert) -> np.ndarray:
-            return expert.get_action(observation["state"])
+            return expert.get_action(observation["environment_state"])  # the expert reads object poses
 
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
             episode_seed = seed * 1_000_003 + task_index * 10_007 + counts["attempted"]
             episode = run_episode(env, expert_actor, episode_seed, max_steps, keep=True)
-            states = [observation["state"] for observation in episode.observations]
-            actions = episode.actions
-            frames = [encode_png(observation["image"]) for observation in episode.observations] if images else []
             counts["attempted"] += 1
             if episode.success:
                 index = len(record["episodes"])
                 start = sum(e["length"] for e in record["episodes"])
-                length = len(states)
-                columns: dict[str, list] = {
-                    "observation.state": [s.tolist() for s in states],
-                    "action": [a.tolist() for a in actions],
-                    "episode_index": [index] * length,
-                    "frame_index": list(range(length)),
-                    "timestamp": [f / fps for f in range(length)],
-                    "index": list(range(start, start + length)),
-                    "task_index": [task_index] * length,
+                length = episode.steps
+                arrays = {
+                    "observation.state": np.stack([o["state"] for o in episode.observations]),
+                    "observation.environment_state": np.stack([o["environment_state"] for o in episode.observations]),
+                    "action": np.stack(episode.actions),
+                    "timestamp": np.arange(length, dtype=np.float32) / fps,
+                    "frame_index": np.arange(length),
+                    "episode_index": np.full(length, index),
+                    "index": np.arange(start, start + length),
+                    "task_index": np.full(length, task_index),
                 }
-                if images:
-                    columns[f"observation.images.{camera}"] = frames
+                columns: dict[str, list] = {key: values.tolist() for key, values in arrays.items()}
+                for key in image_keys:
+                    arrays[key] = np.stack([o["image"] for o in episode.observations])
+                    columns[key] = [encode_png(frame) for frame in arrays[key]]
                 path = root / _episode_path(index)
                 temporary = path.with_name(f".{path.name}.tmp")
                 _write_file(temporary, _parquet_bytes(columns), "data file (temporary)")
                 os.replace(temporary, path)  # still uncommitted: no metadata lists it yet
                 _after_write("data file")
-                _accumulate(record["stats"]["observation.state"], np.asarray(states))
-                _accumulate(record["stats"]["action"], np.asarray(actions))
+                episode_stats.append(_episode_stats(arrays))
                 record["episodes"].append(
                     {
                         "episode_index": index,
@@ -399,7 +471,7 @@ def collect(
                 )
                 counts["succeeded"] += 1
                 bar.update(1)
-            _commit(root, record, fps)  # one commit point per attempt
+            _commit(root, record, fps, episode_stats)  # one commit point per attempt
         env.close()
     bar.close()
     return {task: dict(record["tasks"][task]) for task in tasks}

@@ -3,8 +3,12 @@
 :class:`MetaWorldEnv` wraps one of MetaWorld's 50 v3 tasks (PyPI ``metaworld``, the optional
 ``robot`` extra: ``pip install 'flowforge[robot]'``):
 
-* observations are a dict: ``state`` (the 39-d vector, float32) and, with ``image=True``,
-  ``image`` (``size`` x ``size`` x 3 uint8 RGB from the named camera, upright);
+* observations are a dict: ``state``, the robot's own state (hand position x, y, z and gripper
+  opening: the first four numbers of MetaWorld's vector, float32), ``environment_state``, the whole
+  39-d vector (hand, gripper, the objects' positions and orientations now and at the previous
+  step, the goal position; float32), and with ``image=True`` ``image`` (``size`` x ``size`` x 3
+  uint8 RGB from the named camera, upright). The names are LeRobot's (``observation.state``,
+  ``observation.environment_state``): a real robot knows its own state, not the objects' poses;
 * ``instruction`` is the task in words (:data:`INSTRUCTIONS`, one per task), also in ``info``;
 * ``info["is_success"]`` is MetaWorld's success flag as a bool;
 * :meth:`MetaWorldEnv.expert` returns the task's scripted expert from ``metaworld.policies``.
@@ -23,6 +27,9 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+#: The robot's own state: hand position (x, y, z) and gripper opening, MetaWorld's first four numbers.
+ROBOT_STATE_DIM = 4
 
 #: One instruction per MetaWorld v3 task, in the imperative a person would use.
 INSTRUCTIONS: dict[str, str] = {
@@ -169,7 +176,10 @@ class MetaWorldEnv:
         scene._freeze_rand_vec = False
         scene.seeded_rand_vec = True
         self._renderer_ready = False
-        spaces = {"state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)}
+        spaces = {
+            "state": gym.spaces.Box(-np.inf, np.inf, (ROBOT_STATE_DIM,), np.float32),
+            "environment_state": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32),
+        }
         if image:
             spaces["image"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
@@ -181,7 +191,7 @@ class MetaWorldEnv:
         return INSTRUCTIONS[self.task]
 
     def expert(self) -> Any:
-        """The scripted expert for this task (``get_action(state)``)."""
+        """The scripted expert for this task (``get_action(environment_state)``: it reads object poses)."""
         return expert_policy(self.task)
 
     def _render(self) -> np.ndarray:
@@ -199,7 +209,8 @@ class MetaWorldEnv:
         return np.ascontiguousarray(frame[::-1, ::-1])
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
-        observation = {"state": np.asarray(state, dtype=np.float32)}
+        full = np.asarray(state, dtype=np.float32)
+        observation = {"state": full[:ROBOT_STATE_DIM].copy(), "environment_state": full}
         if self.image:
             observation["image"] = self._render()
         return observation
@@ -226,4 +237,4 @@ class MetaWorldEnv:
         self.env.close()
 
 
-__all__ = ["INSTRUCTIONS", "MetaWorldEnv", "expert_policy"]
+__all__ = ["INSTRUCTIONS", "ROBOT_STATE_DIM", "MetaWorldEnv", "expert_policy"]

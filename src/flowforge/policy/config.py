@@ -15,6 +15,9 @@ from flowforge.policy.encoders import MIN_IMAGE_SIZE
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.registry import names, register
 
+#: The data set features a policy can read as its state.
+STATE_KEYS = ("observation.environment_state", "observation.state")
+
 
 @register("policy-config", "config")
 @dataclass
@@ -24,6 +27,11 @@ class PolicyConfig:
     Arguments:
         kind: the head, a name registered in :mod:`flowforge.policy.heads`: ``"flow"``,
             ``"hierarchical"``, ``"mse"`` or ``"ddpm"``.
+        state_key: the data set's feature the policy reads as its state:
+            ``"observation.environment_state"`` (the simulator's whole state, object and goal poses
+            included) or ``"observation.state"`` (the robot's own state: hand position and gripper).
+            In an environment the policy reads the observation dict's entry of the same name
+            without the ``observation.`` prefix (``environment_state`` or ``state``).
         state_dim, action_dim: sizes of the state and action vectors.
         horizon: :math:`H`, actions per chunk.
         obs_horizon: observation frames the policy sees (the current one and those before it).
@@ -43,6 +51,7 @@ class PolicyConfig:
     """
 
     kind: str = "flow"
+    state_key: str = "observation.environment_state"
     state_dim: int = 39
     action_dim: int = 4
     horizon: int = 16
@@ -64,10 +73,17 @@ class PolicyConfig:
     state_normalization: str = "mean_std"
     action_normalization: str = "min_max"
 
+    @property
+    def observation_key(self) -> str:
+        """The entry of an environment's observation dict that holds the state (``state_key``
+        without ``observation.``)."""
+        return self.state_key.removeprefix("observation.")
+
     def __post_init__(self) -> None:
         from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
 
         check_choice("kind", self.kind, names(HEAD_CATEGORY))
+        check_choice("state_key", self.state_key, STATE_KEYS)
         for name in ("state_dim", "action_dim", "horizon", "obs_horizon", "width", "layers", "heads"):
             _check_count(name, getattr(self, name))
         if self.width % self.heads:
@@ -110,4 +126,4 @@ def _check_count(name: str, value: object) -> None:
         raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
 
 
-__all__ = ["PolicyConfig"]
+__all__ = ["STATE_KEYS", "PolicyConfig"]

@@ -125,8 +125,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
     # ---------------------------------------------------------------- set-up from data
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
-        """Normalisers from a data set's ``stats.json`` (keys ``observation.state`` and ``action``)."""
-        for normalizer, key in ((self.state_normalizer, "observation.state"), (self.action_normalizer, "action")):
+        """Normalisers from a data set's ``stats.json`` (keys ``config.state_key`` and ``action``)."""
+        state_key = self.policy_config.state_key
+        for normalizer, key in ((self.state_normalizer, state_key), (self.action_normalizer, "action")):
             if key not in stats:
                 raise DataError(f"the data set's statistics have no {key!r} entry")
             normalizer.set_statistics(stats[key])

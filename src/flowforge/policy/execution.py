@@ -4,7 +4,8 @@ A :class:`ChunkExecutor` turns a policy that predicts chunks of :math:`H` action
 per control step:
 
 * **Adapter**: it keeps the last ``obs_horizon`` observation dicts of the episode (the first one
-  repeated at the start), converts images from HWC to CHW and adds the batch dimension, so the
+  repeated at the start), takes the state from the entry the policy's ``state_key`` names
+  (``environment_state`` or ``state``), converts images from HWC to CHW and adds the batch dimension, so the
   policy sees the batch it was trained on. An observation with a NaN/inf state, a wrong shape or
   a missing instruction is refused (``ValueError``) before it enters the history, so one bad
   frame never poisons the actions after it.
@@ -19,7 +20,8 @@ Every predicted chunk's :class:`~flowforge.policy.ChunkResult` is kept in :attr:
 
 >>> import numpy as np
 >>> from flowforge.policy import ChunkPolicy, PolicyConfig
->>> config = PolicyConfig(state_dim=3, action_dim=2, horizon=4, width=16, layers=1, heads=2, language=False)
+>>> config = PolicyConfig(state_key="observation.state", state_dim=3, action_dim=2, horizon=4, width=16, layers=1,
+...                       heads=2, language=False)
 >>> policy = ChunkPolicy(config)
 >>> executor = ChunkExecutor(policy.eval(), n_action_steps=2, steps=3)
 >>> actions = [executor.act({"state": np.zeros(3, dtype=np.float32)}) for _ in range(3)]
@@ -88,19 +90,26 @@ class ChunkExecutor:
 
     # ---------------------------------------------------------------- the adapter
     def checked_observation(self, observation: dict[str, Any]) -> dict[str, Any]:
-        """One observation dict, refused before it can enter the history (so a bad frame never lingers)."""
+        """One observation dict, refused before it can enter the history (so a bad frame never lingers).
+
+        The state is the entry named by the policy's ``state_key`` without ``observation.``
+        (``environment_state`` or ``state``).
+        """
         config = self.policy.policy_config
-        if not isinstance(observation, dict) or "state" not in observation:
-            raise ValueError("observation must be a dict with a 'state' entry")
-        state = np.asarray(observation["state"])
+        key = config.observation_key
+        if not isinstance(observation, dict) or key not in observation:
+            raise ValueError(
+                f"observation must be a dict with a {key!r} entry (the policy's state_key {config.state_key!r})"
+            )
+        state = np.asarray(observation[key])
         if state.shape != (config.state_dim,) or not np.issubdtype(state.dtype, np.number):
             raise ValueError(
-                f"observation['state'] must be {config.state_dim} numbers, got {state.dtype} of shape {state.shape}"
+                f"observation[{key!r}] must be {config.state_dim} numbers, got {state.dtype} of shape {state.shape}"
             )
         if not np.isfinite(state).all():
             bad = int(np.flatnonzero(~np.isfinite(state))[0])
             raise ValueError(
-                f"observation['state'] holds {state[bad]} at index {bad}; a policy acts only on finite observations"
+                f"observation[{key!r}] holds {state[bad]} at index {bad}; a policy acts only on finite observations"
             )
         if self.policy.encoder.sees_images:
             image = np.asarray(observation.get("image"))
@@ -112,7 +121,7 @@ class ChunkExecutor:
                 )
         if config.language and not isinstance(observation.get("instruction"), str):
             raise ValueError("observation['instruction'] must be the task's instruction (a string)")
-        return {**observation, "state": state.astype(np.float32)}
+        return {**observation, key: state.astype(np.float32)}
 
     def batch(self, observation: dict[str, Any]) -> Batch:
         """Add ``observation`` to the history and return the policy's batch of one observation window."""
@@ -121,7 +130,7 @@ class ChunkExecutor:
             self.history.appendleft(self.history[0])  # pad the episode start by repetition
         device = self.policy.state_normalizer.shift.device
         frames = list(self.history)
-        states = np.stack([f["state"] for f in frames])
+        states = np.stack([f[self.policy.policy_config.observation_key] for f in frames])
         batch: Batch = {"state": torch.as_tensor(states, dtype=torch.float32, device=device)[None]}
         if self.policy.encoder.sees_images:
             images = np.stack([np.asarray(f["image"]).transpose(2, 0, 1) for f in frames])

@@ -67,7 +67,7 @@ def prepare_policy(
 ) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
     """Build a policy for a data set: sizes, image shape, instructions, normalisers and embeddings
     come from the data; returns the policy and its training tensors."""
-    tensors, instructions = policy_tensors(dataset, progress=progress)
+    tensors, instructions = policy_tensors(dataset, progress=progress, state_key=config.state_key)
     state_dim = int(tensors["state"].shape[-1])
     action_dim = int(tensors["action"].shape[-1])
     image_shape = list(tensors["image"].shape[2:]) if "image" in tensors and config.image_shape is not None else None
