@@ -234,3 +234,98 @@ def test_a_checkpoint_of_the_previous_release_loads_converted_with_identical_act
     save_model(tmp_path / "again", policy)  # saved again in today's layout, it loads as itself
     again = load_policy(tmp_path / "again")
     torch.testing.assert_close(again.predict_chunk(batch, **settings).actions, expected, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- chunk likelihood
+class _LinearCache:
+    """A stand-in cache whose velocity is linear, v(x, t) = M x + b on the flattened chunk: the flow
+    map is x1 = e^M x0 + M^{-1}(e^M - I) b, so log p(x1) = log N(x0) - tr M in closed form."""
+
+    def __init__(self, matrix: torch.Tensor, bias: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.matrix, self.bias, self.shape = matrix, bias, shape
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1) @ self.matrix.T + self.bias
+        return flat.reshape(x.shape)
+
+
+def test_log_prob_of_a_linear_velocity_field_equals_the_closed_form() -> None:
+    torch.manual_seed(0)
+    shape = (3, 2)
+    matrix = 0.3 * torch.randn(6, 6, dtype=torch.float64)
+    bias = 0.2 * torch.randn(6, dtype=torch.float64)
+    cache = _LinearCache(matrix, bias, shape)
+    x1 = torch.randn(5, *shape, dtype=torch.float64)
+    flow = FlowHead(_policy("flow").policy_config)
+    exp = torch.linalg.matrix_exp(matrix)
+    x0 = torch.linalg.solve(exp, (x1.reshape(5, 6) - torch.linalg.solve(matrix, (exp - torch.eye(6)) @ bias)).T).T
+    for noise_scale in (1.0, 0.5):
+        normal = torch.distributions.Normal(0.0, noise_scale)
+        expected = normal.log_prob(x0).sum(1) - torch.trace(matrix)
+        found = flow.log_prob(x1, cache, trace="exact", atol=1e-9, rtol=1e-9, noise_scale=noise_scale)
+        torch.testing.assert_close(found, expected, rtol=1e-6, atol=1e-6)
+    # Hutchinson's estimate is unbiased: its mean over probes approaches the exact value.
+    torch.manual_seed(1)
+    estimates = torch.stack([flow.log_prob(x1, cache, trace="hutchinson", method="rk4", steps=20) for _ in range(200)])
+    exact = flow.log_prob(x1, cache, trace="exact", method="rk4", steps=20)
+    standard_error = estimates.std(0) / len(estimates) ** 0.5
+    assert ((estimates.mean(0) - exact).abs() < 4 * standard_error).all()
+    assert (estimates.std(0) > 0).all()  # a real estimate, not the exact trace
+
+
+def test_a_policys_chunk_density_integrates_to_one_in_the_data_units() -> None:
+    torch.manual_seed(0)
+    config = PolicyConfig(
+        kind="flow",
+        state_key="observation.state",
+        state_dim=2,
+        action_dim=1,
+        horizon=1,
+        width=16,
+        layers=1,
+        heads=2,
+        language=False,
+        action_normalization="min_max",
+    )
+    policy = ChunkPolicy(config)
+    policy.set_statistics(
+        {"observation.state": {"mean": [0.0, 0.0], "std": [1.0, 1.0]}, "action": {"min": [-2.0], "max": [4.0]}}
+    )
+    policy.eval()
+    grid = torch.linspace(-25.0, 27.0, 801)
+    batch = {"state": torch.zeros(801, 1, 2), "action": grid[:, None, None]}
+    density = policy.log_prob(batch, method="rk4", steps=40).exp()
+    total = torch.trapezoid(density, grid)
+    assert abs(float(total) - 1.0) < 5e-3, float(total)
+
+
+def test_log_prob_is_for_flow_heads_and_checks_its_chunks() -> None:
+    batch = _batch()
+    assert _policy("flow").eval().log_prob(batch, method="rk4", steps=4).shape == (5,)
+    with pytest.raises(ValueError, match="'ddpm' head has no chunk likelihood"):
+        _policy("ddpm").log_prob(batch)
+    with pytest.raises(ValueError, match=r"action must be a float tensor of shape \(5, 8, 2\)"):
+        _policy("flow").log_prob({**batch, "action": batch["action"][:, :4]})
+    with pytest.raises(ValueError, match="trace"):
+        _policy("flow").log_prob(batch, trace="sometimes")
+
+
+def test_few_step_heads_tell_the_expert_their_step() -> None:
+    policy = _policy("shortcut").eval()
+    seen: list[float] = []
+    denoise = policy.expert.denoise
+
+    def spy(x, t, cache, interval=None):
+        seen.append(float(interval[0]))
+        return denoise(x, t, cache, interval)
+
+    policy.expert.denoise = spy
+    policy.predict_chunk(_batch(), steps=4, method="euler")
+    assert seen == [0.25] * 4  # a trained power of two: the shortcut of that step
+    seen.clear()
+    policy.predict_chunk(_batch(), steps=3, method="midpoint")
+    assert seen == [0.0] * 6  # any other solve: the instantaneous velocity
+    meanflow = _policy("meanflow").eval()
+    assert meanflow.predict_chunk(_batch(), steps=1).nfe == 1
+    with pytest.raises(ValueError, match="meanflow head steps with its average velocity"):
+        meanflow.predict_chunk(_batch(), method="midpoint")

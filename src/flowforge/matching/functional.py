@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from flowforge.matching.paths import AffinePath
@@ -79,6 +80,81 @@ def flow_matching_loss(
     return masked_mean((velocity(x_t, t) - target).square(), mask, weights)
 
 
+def shortcut_loss(
+    velocity: Callable[[Tensor, Tensor, Tensor], Tensor],
+    x0: Tensor,
+    x1: Tensor,
+    path: AffinePath,
+    *,
+    max_halvings: int,
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""The self-consistency loss of shortcut models (Frans et al. 2025), a scalar.
+
+    ``velocity(x, t, d)`` is the average velocity over a step of size ``d`` (``d = 0``: the
+    instantaneous one). Each row draws a step :math:`d = 2^{-j}`, :math:`j \in \{1..M\}`
+    (``max_halvings`` M), and a time on the grid of the step :math:`2d`,
+    :math:`t \in \{0, 2d, \dots, 1 - 2d\}`; then two steps of size :math:`d` (held fixed, no
+    gradient) are the target of one step of size :math:`2d`:
+
+    .. math:: s(x_t, t, 2d) \approx \tfrac12\big[s(x_t, t, d) + s(x_t + d\, s(x_t, t, d), t + d, d)\big].
+
+    The smallest step is queried as :math:`d = 0`, the flow-matching velocity, which anchors the
+    recursion. ``mask`` as in :func:`masked_mean`.
+    """
+    rows = x1.shape[0]
+    exponent = torch.randint(1, max_halvings + 1, (rows,), device=x1.device)
+    d = torch.pow(2.0, -exponent.to(x1.dtype))  # the small step; the trained one is 2d
+    slots = torch.pow(2.0, (exponent - 1).to(x1.dtype))  # 1 / (2d) steps of size 2d fit in [0, 1]
+    t = torch.floor(torch.rand(rows, device=x1.device, dtype=x1.dtype) * slots) * 2 * d
+    x_t, _ = path.sample(x0, x1, t)
+    d_query = torch.where(exponent == max_halvings, torch.zeros_like(d), d)
+    with torch.no_grad():
+        first = velocity(x_t, t, d_query)
+        x_mid = x_t + d.reshape(-1, *([1] * (x_t.dim() - 1))) * first
+        target = 0.5 * (first + velocity(x_mid, t + d, d_query))
+    return masked_mean((velocity(x_t, t, 2 * d) - target).square(), mask)
+
+
+def shortcut_step(method: str, steps: int, max_halvings: int) -> float:
+    """The step a shortcut model is told when sampling with ``steps`` steps of ``method``: ``1/steps``
+    for Euler with a trained step (a power of two from 1 down to ``2**(1 - max_halvings)``), otherwise
+    0, the instantaneous velocity."""
+    trained = steps & (steps - 1) == 0 and steps < 2**max_halvings
+    return 1.0 / steps if method == "euler" and trained else 0.0
+
+
+def mean_flow_loss(
+    average_velocity: Callable[[Tensor, Tensor, Tensor], Tensor],
+    x0: Tensor,
+    x1: Tensor,
+    start: Tensor,
+    span: Tensor,
+    path: AffinePath,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""The MeanFlow loss (Geng et al. 2025) in flowforge's time convention (noise at 0, data at 1), a scalar.
+
+    ``average_velocity(x, s, h)`` is :math:`u(x_s, s, h) = \frac1h \int_s^{s+h} v(x_\tau, \tau)\,d\tau`,
+    so that :math:`x_{s+h} = x_s + h\,u`. Differentiating :math:`h\,u = \int_s^{s+h} v` in
+    :math:`s` with the end :math:`s + h` held fixed gives the MeanFlow identity
+
+    .. math:: u(x_s, s, h) = v(x_s, s) + h \frac{d}{ds} u(x_s, s, h), \qquad
+              \frac{d}{ds} u = \partial_x u \cdot v + \partial_s u - \partial_h u,
+
+    the total derivative computed as one Jacobian-vector product (``torch.func.jvp``) with tangents
+    :math:`(v, 1, -1)`, :math:`v` the path's conditional velocity. The right side is the target,
+    held fixed (no gradient). ``start``, ``span`` (batch,); ``span = 0`` rows are flow matching.
+    """
+    x_s, v = path.sample(x0, x1, start)
+    prediction, derivative = torch.func.jvp(
+        average_velocity, (x_s, start, span), (v, torch.ones_like(start), -torch.ones_like(span))
+    )
+    target = (v + span.reshape(-1, *([1] * (v.dim() - 1))) * derivative).detach()
+    return masked_mean((prediction - target).square(), mask)
+
+
 def masked_mean(values: Tensor, mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     r""":math:`\sum_i w_i m_i v_i / \sum_i w_i m_i` over every element (0 when nothing is counted).
 
@@ -122,4 +198,12 @@ def integrate(
     return Integration(x, calls)
 
 
-__all__ = ["Integration", "flow_matching_loss", "integrate", "masked_mean"]
+__all__ = [
+    "Integration",
+    "flow_matching_loss",
+    "integrate",
+    "masked_mean",
+    "mean_flow_loss",
+    "shortcut_loss",
+    "shortcut_step",
+]

@@ -26,10 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from flowforge.matching.functional import flow_matching_loss
+from flowforge.matching.functional import flow_matching_loss, shortcut_loss, shortcut_step
 from flowforge.matching.matcher import _METHODS, FlowMatcher, _SamplingField
 from flowforge.registry import register
 from flowforge.validation import check_choice, check_count
@@ -98,23 +97,16 @@ class ShortcutMatcher(FlowMatcher):
 
         if n_sc:
             sc = slice(0, n_sc)
-            exponent = torch.randint(1, self.max_halvings + 1, (n_sc,), device=x1.device)
-            d = torch.pow(2.0, -exponent.to(x1.dtype))  # the small step; the trained one is 2d
-            # Times on the grid of the trained step, {0, 2d, 4d, ..., 1 - 2d}: where a sampler with
-            # that step evaluates the network.
-            slots = torch.pow(2.0, (exponent - 1).to(x1.dtype))  # 1 / (2d) steps of size 2d fit in [0, 1]
-            t_sc = torch.floor(torch.rand(n_sc, device=x1.device, dtype=x1.dtype) * slots) * 2 * d
-            x_t, _ = self.path.sample(x0[sc], x1[sc], t_sc)
             sc_context = None if context is None else context[sc]
-            d_query = torch.where(exponent == self.max_halvings, torch.zeros_like(d), d)
-            with torch.no_grad():
-                first = self.velocity(x_t, t_sc, sc_context, step=d_query)
-                x_mid = x_t + d.reshape(-1, *([1] * (x_t.dim() - 1))) * first
-                second = self.velocity(x_mid, t_sc + d, sc_context, step=d_query)
-                target = 0.5 * (first + second)
-            prediction = self.velocity(x_t, t_sc, sc_context, step=2 * d)
+            consistency = shortcut_loss(
+                lambda x, time, d: self.velocity(x, time, sc_context, step=d),
+                x0[sc],
+                x1[sc],
+                self.path,
+                max_halvings=self.max_halvings,
+            )
             # Every row weighs the same: the two parts' means, weighted by their row counts.
-            loss = (loss * (batch - n_sc) + (prediction - target).square().mean() * n_sc) / batch
+            loss = (loss * (batch - n_sc) + consistency * n_sc) / batch
         return loss
 
     def sampling_field(
@@ -127,8 +119,7 @@ class ShortcutMatcher(FlowMatcher):
         from 1 down to ``2**(1 - max_halvings)``), otherwise 0, the instantaneous velocity."""
         check_count("steps", steps)
         check_choice("method", method, _METHODS)
-        trained = steps & (steps - 1) == 0 and steps < 2**self.max_halvings
-        return 1.0 / steps if method == "euler" and trained else 0.0
+        return shortcut_step(method, steps, self.max_halvings)
 
     def extra_repr(self) -> str:
         return (

@@ -46,6 +46,9 @@ class PolicyConfig:
             the samples towards its mode (Glow's temperature), which suits near-deterministic
             demonstrations; 0 makes the policy deterministic.
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
+        shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows and
+            its smallest trained step, ``2 ** -shortcut_halvings``.
+        meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
         diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
         state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
     """
@@ -67,6 +70,9 @@ class PolicyConfig:
     method: str = "euler"
     noise_scale: float = 1.0
     keyframe_stride: int = 4
+    shortcut_fraction: float = 0.25
+    shortcut_halvings: int = 7
+    meanflow_fraction: float = 0.25
     diffusion_steps: int = 100
     inference_steps: int = 10
     sampler: str = "ddim"
@@ -110,6 +116,9 @@ class PolicyConfig:
             raise ConfigError(
                 f"keyframe_stride = {self.keyframe_stride}: expected a divisor of horizon = {self.horizon}"
             )
+        check_range("shortcut_fraction", self.shortcut_fraction, low=0, high=1)
+        _check_count("shortcut_halvings", self.shortcut_halvings)
+        check_range("meanflow_fraction", self.meanflow_fraction, low=0, high=1)
         _check_count("diffusion_steps", self.diffusion_steps)
         _check_count("inference_steps", self.inference_steps)
         if self.inference_steps > self.diffusion_steps:

@@ -118,6 +118,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
             config.layers,
             config.heads,
             queries=self.head.queries,
+            interval=self.head.interval,
         )
         self.state_normalizer = Normalizer(config.state_dim, config.state_normalization)
         self.action_normalizer = Normalizer(config.action_dim, config.action_normalization)
@@ -163,6 +164,45 @@ class ChunkPolicy(Rebuildable, nn.Module):
         cache = self.expert.encode(self.prefix(batch))
         action = batch["action"].to(self.action_normalizer.shift)
         return self.head.loss(self.normalize_action(action), cache, batch.get("action_is_pad"))
+
+    def log_prob(
+        self,
+        batch: Batch,
+        *,
+        trace: str = "auto",
+        method: str = "dopri5",
+        steps: int = 20,
+        noise_scale: float = 1.0,
+    ) -> Tensor:
+        r"""Log-density (B,) of each chunk ``batch["action"]`` (B, H, A), in the data's units, given its
+        observation: the head's (:meth:`~flowforge.policy.heads.FlowHead.log_prob`) in normalised
+        units minus :math:`H \sum_j \log s_j`, the log-determinant of the action normaliser
+        (scales :math:`s_j`). Flow heads only; ``trace``: ``"exact"``, ``"hutchinson"`` or ``"auto"``
+        (exact up to 64 numbers per chunk)."""
+        if not hasattr(self.head, "log_prob"):
+            raise ValueError(
+                f"a {self.policy_config.kind!r} head has no chunk likelihood: log_prob needs a flow head "
+                "(policy.kind = 'flow')"
+            )
+        checked = self.checked_batch(batch)
+        if "action" not in batch:
+            raise ValueError("batch needs 'action' (batch, horizon, action_dim): the chunks to score")
+        cfg = self.policy_config
+        action = torch.as_tensor(batch["action"])
+        expected = (checked["state"].shape[0], cfg.horizon, cfg.action_dim)
+        if not action.is_floating_point() or tuple(action.shape) != expected:
+            raise ValueError(
+                f"action must be a float tensor of shape {expected}, got {action.dtype} of shape {tuple(action.shape)}"
+            )
+        _refuse_non_finite("action", action)
+        action = action.to(self.action_normalizer.shift)
+        with torch.no_grad():
+            cache = self.expert.encode(self.prefix(checked))
+        normalized = self.normalize_action(action)
+        log_density = self.head.log_prob(
+            normalized, cache, trace=trace, method=method, steps=steps, noise_scale=noise_scale
+        )
+        return log_density - cfg.horizon * self.action_normalizer.scale.log().sum()
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None

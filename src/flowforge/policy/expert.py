@@ -38,19 +38,29 @@ from flowforge.nn.velocity import SinusoidalTimeEmbedding
 
 class ActionTokens(nn.Module):
     """Suffix tokens for a noisy chunk at time t: pi0's MLP on ``[action embedding, time embedding]``
-    per action token, plus a learned position per step of the chunk."""
+    per action token, plus a learned position per step of the chunk. With ``interval=True`` the MLP
+    also reads the embedding of a time interval (the step of a shortcut model, the span of a
+    MeanFlow average velocity)."""
 
-    def __init__(self, action_dim: int, horizon: int, width: int) -> None:
+    def __init__(self, action_dim: int, horizon: int, width: int, interval: bool = False) -> None:
         super().__init__()
         self.action_embedding = nn.Linear(action_dim, width)
         self.time_embedding = SinusoidalTimeEmbedding(width, max_frequency=100.0)
-        self.mix = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
+        self.interval_embedding = SinusoidalTimeEmbedding(width, max_frequency=100.0) if interval else None
+        inputs = 3 if interval else 2
+        self.mix = nn.Sequential(nn.Linear(inputs * width, width), nn.SiLU(), nn.Linear(width, width))
         self.position = nn.Parameter(0.02 * torch.randn(horizon, width))
 
-    def forward(self, actions: Tensor, t: Tensor) -> Tensor:
-        embedded = self.action_embedding(actions)
-        times = self.time_embedding(t)[:, None].expand(-1, actions.shape[1], -1)
-        return self.mix(torch.cat([embedded, times], dim=-1)) + self.position[: actions.shape[1]]
+    def forward(self, actions: Tensor, t: Tensor, interval: Tensor | None = None) -> Tensor:
+        steps = actions.shape[1]
+        parts = [self.action_embedding(actions), self.time_embedding(t)[:, None].expand(-1, steps, -1)]
+        if self.interval_embedding is not None:
+            if interval is None:
+                raise ValueError("this expert reads a time interval: pass interval (B,)")
+            parts.append(self.interval_embedding(interval)[:, None].expand(-1, steps, -1))
+        elif interval is not None:
+            raise ValueError("this expert was built without an interval input (ActionExpert(interval=True))")
+        return self.mix(torch.cat(parts, dim=-1)) + self.position[:steps]
 
 
 @dataclass
@@ -70,12 +80,22 @@ class ExpertCache:
     def uses_cache(self) -> bool:
         return self.keys_values is not None
 
+    def rows(self, rows: slice) -> ExpertCache:
+        """The cache of a slice of the batch's rows."""
+        if self.keys_values is not None:
+            keys_values = PrefixCache(
+                [k[rows] for k in self.keys_values.keys], [v[rows] for v in self.keys_values.values]
+            )
+            return ExpertCache(self.expert, self.prefix_tokens()[rows], keys_values)
+        prefix = self.prefix
+        return ExpertCache(self.expert, lambda: (prefix() if callable(prefix) else prefix)[rows], None)
+
     def prefix_tokens(self) -> Tensor:
         return self.prefix() if callable(self.prefix) else self.prefix
 
-    def denoise(self, x: Tensor | None, t: Tensor | None) -> Tensor:
-        """``self.expert.denoise(x, t, self)``."""
-        return self.expert.denoise(x, t, self)
+    def denoise(self, x: Tensor | None, t: Tensor | None, interval: Tensor | None = None) -> Tensor:
+        """``self.expert.denoise(x, t, self, interval)``."""
+        return self.expert.denoise(x, t, self, interval)
 
 
 class ActionExpert(nn.Module):
@@ -86,10 +106,18 @@ class ActionExpert(nn.Module):
         horizon: suffix tokens (actions per chunk this expert denoises).
         width, layers, heads: the transformer's size.
         queries: learned queries instead of noisy actions (a regression head).
+        interval: the suffix also reads a time interval (few-step heads).
     """
 
     def __init__(
-        self, action_dim: int, horizon: int, width: int, layers: int, heads: int, queries: bool = False
+        self,
+        action_dim: int,
+        horizon: int,
+        width: int,
+        layers: int,
+        heads: int,
+        queries: bool = False,
+        interval: bool = False,
     ) -> None:
         super().__init__()
         self.horizon = horizon
@@ -99,7 +127,7 @@ class ActionExpert(nn.Module):
             self.action_tokens = None
         else:
             self.queries = None
-            self.action_tokens = ActionTokens(action_dim, horizon, width)
+            self.action_tokens = ActionTokens(action_dim, horizon, width, interval)
         self.output = nn.Linear(width, action_dim)
 
     def encode(self, prefix: Tensor | Callable[[], Tensor], use_cache: bool = True) -> ExpertCache:
@@ -110,23 +138,23 @@ class ActionExpert(nn.Module):
         tokens = prefix() if callable(prefix) else prefix
         return ExpertCache(self, tokens, self.transformer.encode_prefix(tokens))
 
-    def suffix(self, x: Tensor | None, t: Tensor | None, rows: int) -> Tensor:
+    def suffix(self, x: Tensor | None, t: Tensor | None, rows: int, interval: Tensor | None = None) -> Tensor:
         if self.queries is not None:
             if x is not None or t is not None:
                 raise ValueError("a query expert (regression) takes no noisy chunk: pass x = t = None")
             return self.queries.expand(rows, -1, -1)
         if x is None or t is None:
             raise ValueError("this expert denoises a chunk: x (B, H, A) and t (B,) are required")
-        return self.action_tokens(x, t)
+        return self.action_tokens(x, t, interval)
 
-    def denoise(self, x: Tensor | None, t: Tensor | None, cache: ExpertCache) -> Tensor:
+    def denoise(self, x: Tensor | None, t: Tensor | None, cache: ExpertCache, interval: Tensor | None = None) -> Tensor:
         """The expert's output ``(B, H, A)`` for a noisy chunk ``x`` at times ``t`` (B,) against
-        ``cache`` (``x = t = None`` for a query expert)."""
+        ``cache`` (``x = t = None`` for a query expert; ``interval`` (B,) for an interval expert)."""
         if cache.keys_values is not None:
-            suffix = self.suffix(x, t, cache.keys_values.keys[0].shape[0])
+            suffix = self.suffix(x, t, cache.keys_values.keys[0].shape[0], interval)
             return self.output(self.transformer.decode_suffix(suffix, cache.keys_values))
         prefix = cache.prefix_tokens()
-        return self.output(self.transformer(prefix, self.suffix(x, t, prefix.shape[0]))[0])
+        return self.output(self.transformer(prefix, self.suffix(x, t, prefix.shape[0], interval))[0])
 
 
 __all__ = ["ActionExpert", "ActionTokens", "ExpertCache"]

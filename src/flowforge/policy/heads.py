@@ -44,7 +44,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from flowforge.matching.functional import Integration, flow_matching_loss, integrate, masked_mean
+from flowforge.matching.functional import (
+    Integration,
+    flow_matching_loss,
+    integrate,
+    masked_mean,
+    mean_flow_loss,
+    shortcut_loss,
+    shortcut_step,
+)
 from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import ShiftedBetaTime
 from flowforge.policy.expert import ActionExpert, ExpertCache
@@ -98,6 +106,8 @@ class PolicyHead(nn.Module):
     queries: ClassVar[bool] = False
     #: the head samples from noise in steps (``predict_chunk(steps=k)``); ``False``: one pass, no noise.
     samples_from_noise: ClassVar[bool] = True
+    #: the policy's expert also reads a time interval (few-step heads).
+    interval: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -169,6 +179,58 @@ class FlowHead(PolicyHead):
     def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
         return integrate(cache.denoise, noise_scale * noise, method=method, steps=steps)
 
+    def log_prob(
+        self,
+        chunk: Tensor,
+        cache: ExpertCache,
+        *,
+        trace: str = "auto",
+        method: str = "dopri5",
+        steps: int = 20,
+        noise_scale: float = 1.0,
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+    ) -> Tensor:
+        r"""Log-density (B,) of normalised chunks (B, H, A) under this head's ODE, given ``cache``.
+
+        The instantaneous change of variables integrates the chunk from data (t = 1) back to noise
+        (t = 0) with :math:`\dot\ell = \nabla\cdot v`:
+        :math:`\log p(A) = \log \mathcal N(z; 0, \tau^2 I) - \int_0^1 \nabla\cdot v(x_t, t)\,dt`,
+        :math:`\tau` = ``noise_scale`` (the density of what sampling at that temperature draws).
+        ``trace``: ``"exact"`` (H A backward passes per evaluation), ``"hutchinson"`` (one
+        Rademacher probe per solve, unbiased), or ``"auto"``: exact up to :data:`EXACT_TRACE_LIMIT`
+        numbers per chunk.
+        """
+        from flowforge.transforms.continuous import ContinuousFlowTransform
+
+        check_choice("trace", trace, ("auto", "exact", "hutchinson"))
+        check_real("noise_scale", noise_scale, positive=True)
+        features = chunk.shape[1] * chunk.shape[2]
+        if trace == "auto":
+            trace = "exact" if features <= EXACT_TRACE_LIMIT else "hutchinson"
+        velocity = _ChunkVelocity(cache, chunk.shape[1:])
+        transform = ContinuousFlowTransform(velocity, features, 0, trace, method, steps, atol, rtol)
+        with torch.enable_grad():
+            z, logabsdet = transform(chunk.reshape(chunk.shape[0], features))
+        normal_constant = features * (math.log(noise_scale) + 0.5 * math.log(2 * math.pi))
+        base = -0.5 * (z / noise_scale).square().sum(1) - normal_constant
+        return (base + logabsdet).detach()
+
+
+#: Chunks of at most this many numbers get the exact divergence in :meth:`FlowHead.log_prob` by default.
+EXACT_TRACE_LIMIT = 64
+
+
+class _ChunkVelocity(nn.Module):
+    """The expert's velocity on flattened chunks, as the CNF machinery integrates it."""
+
+    def __init__(self, cache: ExpertCache, shape: torch.Size) -> None:
+        super().__init__()
+        self.cache, self.shape = cache, tuple(shape)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.cache.denoise(x.reshape(x.shape[0], *self.shape), t).reshape(x.shape[0], -1)
+
 
 @head("hierarchical")
 class HierarchicalFlowHead(PolicyHead):
@@ -217,6 +279,120 @@ class HierarchicalFlowHead(PolicyHead):
         coarse = self.coarse.sample(cache, self.keyframes(noise), **settings)
         fine = self.fine.sample(self.fine_cache(cache, coarse.x), noise, **settings)
         return Integration(fine.x, coarse.nfe + fine.nfe)
+
+
+@head("shortcut")
+class ShortcutHead(FlowHead):
+    """A flow head that also learns shortcuts (Frans et al. 2025): the expert reads the step size
+    :math:`d` and predicts the average velocity over the step, so 1, 2 or 4 Euler steps sample well.
+
+    Training: ``shortcut_fraction`` of each batch's rows get the self-consistency target
+    (:func:`~flowforge.matching.functional.shortcut_loss`), the rest flow matching at :math:`d = 0`.
+    Sampling with ``steps = k`` and Euler tells the expert :math:`d = 1/k` (a trained power of two);
+    other counts and solvers use the instantaneous velocity (:math:`d = 0`).
+    """
+
+    interval = True
+
+    def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        rows = target.shape[0]
+        shortcut_rows = min(max(round(rows * self.config.shortcut_fraction), 1), rows - 1) if rows > 1 else 0
+        noise = torch.randn_like(target)
+        flow, short = slice(shortcut_rows, rows), slice(0, shortcut_rows)
+        kept = _kept(pad)
+        t = self.time_sampler(rows - shortcut_rows, device=target.device, dtype=target.dtype)
+        flow_cache, short_cache = cache.rows(flow), cache.rows(short)
+
+        def instantaneous(x: Tensor, time: Tensor) -> Tensor:
+            return flow_cache.denoise(x, time, torch.zeros_like(time))
+
+        loss = flow_matching_loss(
+            instantaneous, noise[flow], target[flow], t, self.path, mask=None if kept is None else kept[flow]
+        )
+        if not shortcut_rows:
+            return loss
+        consistency = shortcut_loss(
+            short_cache.denoise,
+            noise[short],
+            target[short],
+            self.path,
+            max_halvings=self.config.shortcut_halvings,
+            mask=None if kept is None else kept[short],
+        )
+        return (loss * (rows - shortcut_rows) + consistency * shortcut_rows) / rows
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        step = shortcut_step(method, steps, self.config.shortcut_halvings)
+
+        def field(x: Tensor, t: Tensor) -> Tensor:
+            return cache.denoise(x, t, torch.full_like(t, step))
+
+        return integrate(field, noise_scale * noise, method=method, steps=steps)
+
+    def log_prob(self, chunk: Tensor, cache: ExpertCache, **settings: Any) -> Tensor:
+        """The likelihood of the instantaneous field (:math:`d = 0`), as :meth:`FlowHead.log_prob`."""
+        return super().log_prob(chunk, _InstantaneousCache(cache), **settings)
+
+
+class _InstantaneousCache:
+    """A cache whose ``denoise(x, t)`` asks an interval expert for the instantaneous velocity (interval 0)."""
+
+    def __init__(self, cache: ExpertCache) -> None:
+        self.cache = cache
+
+    def denoise(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.cache.denoise(x, t, torch.zeros_like(t))
+
+
+@head("meanflow")
+class MeanFlowHead(FlowHead):
+    r"""MeanFlow (Geng et al. 2025): the expert reads a time :math:`s` and a span :math:`h` and predicts
+    the average velocity :math:`u` over :math:`[s, s + h]`, trained with the MeanFlow identity
+    (:func:`~flowforge.matching.functional.mean_flow_loss`, a Jacobian-vector product through the
+    expert), so that one step from noise, :math:`A = arepsilon + u(arepsilon, 0, 1)`, samples.
+
+    Times: two draws of the flow time sampler, :math:`s` the smaller and :math:`s + h` the larger;
+    on all but ``meanflow_fraction`` of the rows :math:`h = 0` (plain flow matching, as the paper).
+    Sampling with ``steps = k``: :math:`x \leftarrow x + 	frac1k u(x, i/k, 1/k)`, k evaluations.
+    """
+
+    interval = True
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """As the flow head's, but the method is the average-velocity step (``"euler"``) alone."""
+        sampling = super().sampling(steps, "euler" if method is None else method, noise_scale)
+        if sampling.method != "euler":
+            raise ValueError(
+                f"method = {sampling.method!r}: a meanflow head steps with its average velocity; use 'euler'"
+            )
+        return sampling
+
+    def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        rows = target.shape[0]
+        noise = torch.randn_like(target)
+        first = self.time_sampler(rows, device=target.device, dtype=target.dtype)
+        second = self.time_sampler(rows, device=target.device, dtype=target.dtype)
+        averaged = torch.rand(rows, device=target.device) < self.config.meanflow_fraction
+        start = torch.where(averaged, torch.minimum(first, second), first)
+        span = torch.where(averaged, (first - second).abs(), torch.zeros_like(first))
+        # The fused attention kernels have no forward-mode derivative: the JVP runs the plain one.
+        with sdpa_kernel(SDPBackend.MATH):
+            return mean_flow_loss(cache.denoise, noise, target, start, span, self.path, mask=_kept(pad))
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        x = noise_scale * noise
+        span = torch.full((x.shape[0],), 1.0 / steps, device=x.device, dtype=x.dtype)
+        for i in range(steps):
+            x = x + span.reshape(-1, 1, 1) * cache.denoise(x, torch.full_like(span, i / steps), span)
+        return Integration(x, steps)
+
+    def log_prob(self, chunk: Tensor, cache: ExpertCache, **settings: Any) -> Tensor:
+        """The likelihood of the instantaneous field (:math:`h = 0`), as :meth:`FlowHead.log_prob`."""
+        return super().log_prob(chunk, _InstantaneousCache(cache), **settings)
 
 
 @head("mse")
@@ -362,6 +538,7 @@ class DiffusionHead(PolicyHead):
 
 
 __all__ = [
+    "EXACT_TRACE_LIMIT",
     "HEAD_CATEGORY",
     "SCHEDULERS",
     "DDIMScheduler",
@@ -369,9 +546,11 @@ __all__ = [
     "DiffusionHead",
     "FlowHead",
     "HierarchicalFlowHead",
+    "MeanFlowHead",
     "PolicyHead",
     "RegressionHead",
     "Sampling",
+    "ShortcutHead",
     "cosine_alpha_bar",
     "fill_padding",
     "head",
