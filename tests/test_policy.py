@@ -328,6 +328,12 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
 
     with Image.open(gif) as image:
         assert image.size == (84, 84) and image.n_frames >= 5
+    rtc = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2"])  # a regression head cannot be guided
+    assert rtc.exit_code == 2 and "cannot be guided" in rtc.stderr
+    delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
+    assert delayed.exit_code == 0, delayed.output
+    report = json.loads(out.read_text())
+    assert report["tasks"]["reach-v3"]["waited"] == [3]  # only the first chunk of the episode is waited for
     bad = runner.invoke(app, ["policy", "eval", str(run), "--tasks", "fly-v3"])
     assert bad.exit_code != 0 and "unknown or no tasks" in bad.output
 

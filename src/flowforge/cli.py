@@ -353,6 +353,10 @@ def policy_eval(
     noise_scale: Annotated[
         float | None, typer.Option(min=0.0, help="Flow policies: sampling temperature (initial noise scale).")
     ] = None,
+    execution: Annotated[
+        str, typer.Option(help="How chunks run while the next is computed: sync, async or rtc (flow heads).")
+    ] = "sync",
+    delay: Annotated[int, typer.Option(min=0, help="Inference delay in control steps (MetaWorld: 80 Hz).")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
@@ -361,6 +365,7 @@ def policy_eval(
 
     from flowforge.envs.evaluate import evaluate
     from flowforge.envs.metaworld import INSTRUCTIONS
+    from flowforge.policy import ChunkExecutor
     from flowforge.runs.policy import load_policy
 
     if out is not None and out.is_dir():
@@ -369,8 +374,8 @@ def policy_eval(
     config = policy.policy_config
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
     try:
-        policy.sampling(**sampling)
-    except ValueError as error:  # e.g. a temperature for a DDPM policy
+        ChunkExecutor(policy, execution=execution, delay=delay, **sampling)  # checks every setting once
+    except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
         raise ConfigError(str(error)) from error
     if tasks is None:
         by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
@@ -381,7 +386,15 @@ def policy_eval(
     if unknown or not names:
         raise ConfigError(f"--tasks: unknown or no tasks: {', '.join(unknown) or '(none)'}; e.g. reach-v3,push-v3")
     report = evaluate(
-        policy, names, episodes, max_steps=max_steps, video_dir=video, progress=progress_enabled(progress)
+        policy,
+        names,
+        episodes,
+        max_steps=max_steps,
+        video_dir=video,
+        progress=progress_enabled(progress),
+        sampling=sampling,
+        execution=execution,
+        delay=delay,
     )
     typer.echo(report.table())
     if out is not None:

@@ -53,6 +53,10 @@ class TaskResult:
     task: str
     successes: list[bool] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    #: control steps the robot stood still waiting for chunks, per episode.
+    waited: list[int] = field(default_factory=list)
+    #: action jumps where a new chunk took over, all episodes together.
+    jumps: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -72,6 +76,12 @@ class EvaluationReport:
     nfe: list[int]
 
     @property
+    def mean_length_with_waits(self) -> float | None:
+        """Mean episode length in control steps, counting the steps the robot waited for chunks."""
+        lengths = [s + w for t in self.tasks for s, w in zip(t.steps, t.waited, strict=True)]
+        return statistics.fmean(lengths) if lengths else None
+
+    @property
     def average_success(self) -> float:
         return statistics.fmean(t.rate for t in self.tasks) if self.tasks else 0.0
 
@@ -81,6 +91,12 @@ class EvaluationReport:
             low, high = t.interval
             lines.append(f"{t.task:32s} {t.rate:8.1%}  [{low:5.1%}, {high:5.1%}]  {len(t.successes):6d}")
         lines.append(f"{'average':32s} {self.average_success:8.1%}")
+        jumps = [j for t in self.tasks for j in t.jumps]
+        if jumps:
+            lines.append(
+                f"action jump where chunks take over: mean {statistics.fmean(jumps):.3f}, max {max(jumps):.3f}; "
+                f"mean episode length with waits {self.mean_length_with_waits:.1f} steps"
+            )
         if self.latencies:
             lines.append(
                 f"median chunk latency {1000 * statistics.median(self.latencies):.2f} ms, "
@@ -89,6 +105,7 @@ class EvaluationReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        jumps = [j for t in self.tasks for j in t.jumps]
         return {
             "tasks": {
                 t.task: {
@@ -96,12 +113,18 @@ class EvaluationReport:
                     "interval": list(t.interval),
                     "successes": t.successes,
                     "steps": t.steps,
+                    "waited": t.waited,
+                    "mean_boundary_jump": statistics.fmean(t.jumps) if t.jumps else None,
+                    "max_boundary_jump": max(t.jumps) if t.jumps else None,
                 }
                 for t in self.tasks
             },
             "average_success": self.average_success,
             "median_latency_s": statistics.median(self.latencies) if self.latencies else None,
             "median_nfe": statistics.median(self.nfe) if self.nfe else None,
+            "mean_episode_length_with_waits": self.mean_length_with_waits,
+            "mean_boundary_jump": statistics.fmean(jumps) if jumps else None,
+            "max_boundary_jump": max(jumps) if jumps else None,
         }
 
 
@@ -158,18 +181,25 @@ def evaluate(
     progress: bool = True,
     sampling: dict[str, Any] | None = None,
     temporal_ensemble: float | None = None,
+    execution: str = "sync",
+    delay: int = 0,
 ) -> EvaluationReport:
     """Evaluate ``policy`` on each task for ``episodes`` fresh-seed episodes.
 
     Images are rendered when the policy uses them, or when ``video_dir`` asks for GIFs (the first
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
     ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``),
-    checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``.
+    checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
+    ``execution`` and ``delay``: how chunks run with an inference delay of ``delay`` control steps
+    (:class:`~flowforge.policy.execution.ChunkExecutor`). The report counts the steps the robot
+    waited and the action jumps where chunks took over.
     """
     from flowforge.envs.metaworld import MetaWorldEnv
 
     policy.eval()
-    executor = ChunkExecutor(policy, temporal_ensemble=temporal_ensemble, **(sampling or {}))
+    executor = ChunkExecutor(
+        policy, temporal_ensemble=temporal_ensemble, execution=execution, delay=delay, **(sampling or {})
+    )
     needs_image = policy.encoder.sees_images or video_dir is not None
     results, latencies, nfe = [], [], []
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
@@ -183,6 +213,8 @@ def evaluate(
                 success, steps, frames, chunk_latencies, chunk_nfe = rollout(executor, env, seed, max_steps, record)
                 result.successes.append(success)
                 result.steps.append(steps)
+                result.waited.append(executor.waited)
+                result.jumps += executor.boundary_jumps()
                 latencies += chunk_latencies
                 nfe += chunk_nfe
                 if record and frames:

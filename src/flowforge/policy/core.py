@@ -40,7 +40,7 @@ from flowforge.errors import DataError
 from flowforge.policy.config import PolicyConfig
 from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
-from flowforge.policy.heads import HEAD_CATEGORY, Sampling
+from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, Sampling
 from flowforge.registry import Rebuildable, lookup, register
 
 
@@ -211,7 +211,6 @@ class ChunkPolicy(Rebuildable, nn.Module):
         checked by the head. Nothing is stored: the config stays as it was built."""
         return self.head.sampling(steps, method, noise_scale)
 
-    @torch.inference_mode()
     def predict_chunk(
         self,
         batch: Batch,
@@ -221,6 +220,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         *,
         use_cache: bool = True,
         noise: Tensor | None = None,
+        guide: ChunkGuide | None = None,
     ) -> ChunkResult:
         """A chunk of actions for a batch of observations, as a :class:`ChunkResult`.
 
@@ -231,18 +231,39 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
         ``use_cache=False`` recomputes the whole observation prefix (encoders and transformer) at
         every denoising step, as a policy without a KV cache would. ``noise``: the initial noise,
-        ``(B, H, A)``, for reproducible comparisons.
+        ``(B, H, A)``, for reproducible comparisons. ``guide``: inpaint the chunk towards given
+        actions (real-time chunking, :class:`~flowforge.policy.heads.ChunkGuide`; flow heads only).
         """
         sampling = self.sampling(steps, method, noise_scale)
         batch = self.checked_batch(batch)
         rows = batch["state"].shape[0]
         shape = (rows, self.policy_config.horizon, self.policy_config.action_dim)
+        if guide is not None and not getattr(self.head, "guidable", False):
+            kind = self.policy_config.kind
+            raise ValueError(f"a {kind!r} head cannot be guided: real-time chunking needs a flow head")
+        # Guidance differentiates through the expert, which inference mode forbids.
+        with torch.inference_mode(guide is None), torch.no_grad():
+            return self._predict(batch, sampling, shape, use_cache, noise, guide)
+
+    def _predict(
+        self,
+        batch: Batch,
+        sampling: Sampling,
+        shape: tuple[int, int, int],
+        use_cache: bool,
+        noise: Tensor | None,
+        guide: ChunkGuide | None,
+    ) -> ChunkResult:
+        rows = shape[0]
         if noise is not None:
             noise = self._checked_noise(noise, rows).to(batch["state"])  # a supplied draw may live elsewhere
         elif self.head.samples_from_noise:
             noise = torch.randn(shape).to(batch["state"])
         else:  # one pass: the random state stays untouched
             noise = batch["state"].new_zeros(shape)
+        settings = {}
+        if guide is not None:
+            settings["guide"] = guide.normalized(self.normalize_action, shape)
         start = time.perf_counter()
         # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
         prefix = self.prefix(batch) if use_cache else (lambda: self.prefix(batch))
@@ -252,6 +273,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
             steps=sampling.steps,
             method=sampling.method,
             noise_scale=sampling.noise_scale,
+            **settings,
         )
         actions = self.unnormalize_action(result.x)
         return ChunkResult(actions, result.nfe, time.perf_counter() - start)

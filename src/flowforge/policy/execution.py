@@ -14,6 +14,17 @@ per control step:
 * **Temporal ensembling** (``temporal_ensemble = m``, ACT's scheme): it predicts at every step and
   averages every prediction made for the current step with weights :math:`e^{-m i}`, oldest first.
 
+* **Execution with inference delay** (``execution``, ``delay`` = D control steps): ``sync``: the
+  robot stands still for D steps while each chunk is computed (:attr:`ChunkExecutor.waited`);
+  ``async``: the next chunk is requested D steps before the executed part of the current one runs
+  out, from the observation at that step, and takes over when it arrives, at its index D (its
+  first D actions were for steps already gone); ``rtc``: async with real-time chunking (Black et
+  al. 2025): the new chunk is inpainted to agree with the D actions that run meanwhile and,
+  with decaying weights, with the rest of the current plan (:class:`~flowforge.policy.heads.ChunkGuide`).
+  Past a chunk's end its last action is held. :attr:`ChunkExecutor.executed` records, per control
+  step, which chunk and index the action came from, and :attr:`ChunkExecutor.timings` when each
+  chunk was requested and arrived.
+
 Sampling settings (``steps``, ``method``, ``noise_scale``) are given to the executor and passed to
 every :meth:`~flowforge.policy.ChunkPolicy.predict_chunk`; the policy's config is never changed.
 Every predicted chunk's :class:`~flowforge.policy.ChunkResult` is kept in :attr:`ChunkExecutor.chunks`.
@@ -31,14 +42,33 @@ Every predicted chunk's :class:`~flowforge.policy.ChunkResult` is kept in :attr:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
+from flowforge.policy.heads import ChunkGuide, rtc_weights
+from flowforge.validation import check_choice
+
+#: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
+#: requested ``delay`` steps before the current one runs out and switched to when it arrives) and
+#: ``rtc`` (async, with real-time chunking's guided inpainting of the actions that run meanwhile).
+EXECUTIONS = ("sync", "async", "rtc")
+
+
+@dataclass(frozen=True)
+class ChunkTiming:
+    """When a chunk was requested (the control step of its observation, which is also its ``origin``:
+    the step its index 0 is for) and when it arrived (took over)."""
+
+    requested: int
+    arrived: int
+    origin: int
 
 
 class ChunkExecutor:
@@ -49,6 +79,9 @@ class ChunkExecutor:
         n_action_steps: actions executed from each chunk before replanning (default: the policy's).
         temporal_ensemble: ``m`` of ACT's temporal ensembling (predict every step), or ``None``.
         steps, method, noise_scale: sampling settings of every chunk (default: the policy's config).
+        execution: ``"sync"``, ``"async"`` or ``"rtc"`` (see the module docstring).
+        delay: inference delay D in control steps.
+        max_guidance: real-time chunking's guidance clip :math:`\beta`.
     """
 
     def __init__(
@@ -60,8 +93,19 @@ class ChunkExecutor:
         steps: int | None = None,
         method: str | None = None,
         noise_scale: float | None = None,
+        execution: str = "sync",
+        delay: int = 0,
+        max_guidance: float = 5.0,
     ) -> None:
         config = policy.policy_config
+        check_choice("execution", execution, EXECUTIONS)
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+            raise ValueError(f"delay must be an int >= 0 (control steps), got {delay!r}")
+        if temporal_ensemble is not None and (execution != "sync" or delay):
+            raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
+        if execution == "rtc" and not getattr(policy.head, "guidable", False):
+            raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
+        self.execution, self.delay, self.max_guidance = execution, delay, max_guidance
         n_action_steps = config.n_action_steps if n_action_steps is None else n_action_steps
         if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int):
             raise ValueError(f"n_action_steps must be an int in 1..{config.horizon}, got {n_action_steps!r}")
@@ -78,6 +122,10 @@ class ChunkExecutor:
         self.policy, self.n_action_steps, self.temporal_ensemble = policy, n_action_steps, temporal_ensemble
         #: the :class:`ChunkResult` of every chunk predicted since the last :meth:`reset`.
         self.chunks: list[ChunkResult] = []
+        #: per chunk since the last :meth:`reset`: :class:`ChunkTiming` (requested, arrived, origin).
+        self.timings: list[ChunkTiming] = []
+        #: per control step since the last :meth:`reset`: (chunk number, index in it) of the action sent.
+        self.executed: list[tuple[int, int]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -87,6 +135,13 @@ class ChunkExecutor:
         self._ensemble: list[tuple[int, np.ndarray]] = []  # (step predicted at, chunk)
         self._step = 0
         self.chunks.clear()
+        self.timings.clear()
+        self.executed.clear()
+        self._plan: np.ndarray | None = None  # the chunk in effect and its number
+        self._plan_number = -1
+        self._pending: tuple[int, np.ndarray] | None = None  # (number, chunk) of a chunk on its way
+        #: control steps the robot stood still waiting for a chunk (each counts towards an episode's length).
+        self.waited = 0
 
     # ---------------------------------------------------------------- the adapter
     def checked_observation(self, observation: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +195,8 @@ class ChunkExecutor:
         return batch
 
     # ---------------------------------------------------------------- acting
-    def _chunk(self, batch: Batch) -> np.ndarray:
-        result = self.policy.predict_chunk(batch, **self.sampling)
+    def _chunk(self, batch: Batch, guide: ChunkGuide | None = None) -> np.ndarray:
+        result = self.policy.predict_chunk(batch, **self.sampling, guide=guide)
         self.chunks.append(result)
         return result.actions[0].cpu().numpy()
 
@@ -155,10 +210,72 @@ class ChunkExecutor:
             actions = np.stack([c[self._step - s] for s, c in self._ensemble])
             self._step += 1
             return ((weights[:, None] * actions).sum(0) / weights.sum()).astype(np.float32)
-        if not self._queue:
-            self._queue.extend(self._chunk(batch)[: self.n_action_steps])
+        step = self._step
+        if self._plan is None or (self.execution == "sync" and self._index(step) >= self.n_action_steps):
+            # Nothing to execute meanwhile: the robot stands still while the chunk is computed.
+            self._start(self._request(batch, step), arrives=step)
+            self.waited += self.delay
+        elif self.execution != "sync":
+            self._arrive(step)
+            # Request the next chunk so that it arrives when this one's executed part runs out.
+            if self._pending is None and self.n_action_steps - self._index(step) <= self.delay:
+                self._pending = self._request(batch, step)
+                self._arrive(step)  # with no delay it takes over at once
+        index = min(self._index(step), len(self._plan) - 1)  # past the chunk's end: hold its last action
+        self.executed.append((self._plan_number, index))
         self._step += 1
-        return self._queue.popleft()
+        return self._plan[index]
+
+    def boundary_jumps(self) -> list[float]:
+        """The size (L2 norm) of the change of the action sent, clipped to the action space, at every
+        control step of this episode where a new chunk took over (the robot's "jumps")."""
+        actions = [np.clip(self.chunks[n].actions[0, i].cpu().numpy(), -1.0, 1.0) for n, i in self.executed]
+        return [
+            float(np.linalg.norm(actions[k] - actions[k - 1]))
+            for k in range(1, len(self.executed))
+            if self.executed[k][0] != self.executed[k - 1][0]
+        ]
+
+    # ---------------------------------------------------------------- chunk bookkeeping
+    def _index(self, step: int) -> int:
+        """The index, in the chunk in effect, of the action for control step ``step``."""
+        return step - self.timings[self._plan_number].origin
+
+    def _request(self, batch: Batch, step: int) -> tuple[int, np.ndarray]:
+        """Compute a chunk from the observation at ``step``; it arrives ``delay`` steps later (the
+        first chunk of an episode, and every synchronous one, while the robot waits)."""
+        guide = self._guide(step) if self.execution == "rtc" else None
+        chunk = self._chunk(batch, guide)
+        waits = self._plan is None or self.execution == "sync"
+        arrival = step if waits else step + self.delay
+        self.timings.append(ChunkTiming(requested=step, arrived=arrival, origin=step))
+        return len(self.timings) - 1, chunk
+
+    def _arrive(self, step: int) -> None:
+        if self._pending is not None and self.timings[self._pending[0]].arrived == step:
+            self._start(self._pending, arrives=step)
+            self._pending = None
+
+    def _start(self, numbered: tuple[int, np.ndarray], arrives: int) -> None:
+        number, chunk = numbered
+        self._plan, self._plan_number = chunk, number
+        if self.timings[number].arrived != arrives:
+            self.timings[number] = dataclasses.replace(self.timings[number], arrived=arrives)
+
+    def _guide(self, step: int) -> ChunkGuide | None:
+        """Real-time chunking: the new chunk (index 0 = ``step``) must agree with the actions of the chunk
+        in effect that execute during the delay, and softly with the rest of what it still plans."""
+        if self._plan is None:
+            return None
+        horizon = self.policy.policy_config.horizon
+        start = self._index(step)
+        planned = self._plan[start:]  # the current chunk's actions for steps step, step + 1, ...
+        if len(planned) == 0:
+            return None
+        frozen = min(self.delay, len(planned))
+        target = np.concatenate([planned, np.repeat(planned[-1:], horizon - len(planned), axis=0)])[:horizon]
+        weights = rtc_weights(horizon, frozen=frozen, overlap=min(len(planned), horizon))
+        return ChunkGuide(torch.as_tensor(target[None]), weights, self.max_guidance)
 
 
-__all__ = ["ChunkExecutor"]
+__all__ = ["EXECUTIONS", "ChunkExecutor", "ChunkTiming"]

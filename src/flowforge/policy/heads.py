@@ -85,6 +85,51 @@ class Sampling:
     noise_scale: float
 
 
+@dataclass(frozen=True)
+class ChunkGuide:
+    r"""Real-time chunking's inpainting target (Black et al. 2025): sample a chunk whose first steps
+    agree with ``actions`` (B, H, A), step i weighted by ``weights[i]`` (H,) in [0, 1] (1: frozen, the
+    steps that execute while the chunk is computed; decaying over the rest of the overlap; 0: free).
+
+    At every integration step the flow head predicts the final chunk
+    :math:`\hat A = x_t + (1 - t)\,v(x_t, t)` and adds the guidance
+    :math:`c_t\,(\partial \hat A / \partial x_t)^	op [W \odot (Y - \hat A)]` (one vector-Jacobian
+    product) to the velocity, with :math:`c_t = \minig(eta, rac{1 - t}{t\, r_t^2}ig)`,
+    :math:`r_t^2 = rac{(1 - t)^2}{t^2 + (1 - t)^2}` and :math:`eta` = ``max_guidance``.
+    """
+
+    actions: Tensor
+    weights: Tensor
+    max_guidance: float = 5.0
+
+    def normalized(self, normalize: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> ChunkGuide:
+        """The guide in the model's units, checked against the chunk's ``shape``."""
+        actions, weights = torch.as_tensor(self.actions), torch.as_tensor(self.weights)
+        if tuple(actions.shape) != tuple(shape) or not bool(torch.isfinite(actions).all()):
+            raise ValueError(f"guide.actions must be finite, of shape {tuple(shape)}, got {tuple(actions.shape)}")
+        if tuple(weights.shape) != (shape[1],) or not bool(((weights >= 0) & (weights <= 1)).all()):
+            raise ValueError(f"guide.weights must be {shape[1]} numbers in [0, 1], got {weights.tolist()}")
+        check_real("max_guidance", self.max_guidance, non_negative=True)
+        actions = actions.to(torch.get_default_dtype()) if not actions.is_floating_point() else actions
+        return ChunkGuide(normalize(actions), weights.to(actions), float(self.max_guidance))
+
+
+def rtc_weights(horizon: int, frozen: int, overlap: int) -> Tensor:
+    r"""Real-time chunking's prefix weights (H,): 1 on the ``frozen`` steps, then
+    :math:`c_i rac{e^{c_i} - 1}{e - 1}` with :math:`c_i = rac{o - i}{o - d + 1}` decaying to 0
+    over the rest of the ``overlap`` o (steps that still have a planned action), 0 after.
+
+    >>> [round(w, 2) for w in rtc_weights(6, frozen=2, overlap=5).tolist()]
+    [1.0, 1.0, 0.49, 0.19, 0.04, 0.0]
+    """
+    index = torch.arange(horizon, dtype=torch.float64)
+    overlap = min(max(overlap, frozen), horizon)
+    c = (overlap - index) / (overlap - frozen + 1)
+    decaying = c * (torch.exp(c) - 1) / (math.e - 1)
+    weights = torch.where(index < frozen, torch.ones_like(index), torch.where(index < overlap, decaying, 0.0))
+    return weights.float()
+
+
 def fill_padding(chunk: Tensor, pad: Tensor | None) -> Tensor:
     """``chunk`` (B, H, A) with every step flagged in ``pad`` (B, H) replaced by the last real step
     before it, so that whatever a data set stores past an episode's end cannot reach the model."""
@@ -176,8 +221,21 @@ class FlowHead(PolicyHead):
         t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
         return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=_kept(pad))
 
-    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
-        return integrate(cache.denoise, noise_scale * noise, method=method, steps=steps)
+    #: the head's sampling can be guided towards given actions (:class:`ChunkGuide`).
+    guidable: ClassVar[bool] = True
+
+    def sample(
+        self,
+        cache: ExpertCache,
+        noise: Tensor,
+        *,
+        steps: int,
+        method: str,
+        noise_scale: float,
+        guide: ChunkGuide | None = None,
+    ) -> Integration:
+        field = cache.denoise if guide is None else _GuidedField(cache.denoise, guide)
+        return integrate(field, noise_scale * noise, method=method, steps=steps)
 
     def log_prob(
         self,
@@ -215,6 +273,25 @@ class FlowHead(PolicyHead):
         normal_constant = features * (math.log(noise_scale) + 0.5 * math.log(2 * math.pi))
         base = -0.5 * (z / noise_scale).square().sum(1) - normal_constant
         return (base + logabsdet).detach()
+
+
+class _GuidedField:
+    """The velocity plus real-time chunking's inpainting guidance (see :class:`ChunkGuide`)."""
+
+    def __init__(self, velocity: Callable[[Tensor, Tensor], Tensor], guide: ChunkGuide) -> None:
+        self.velocity, self.guide = velocity, guide
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            v = self.velocity(x, t)
+            remaining = (1 - t).reshape(-1, 1, 1)
+            predicted = x + remaining * v
+            error = (self.guide.actions - predicted) * self.guide.weights[None, :, None]
+            (pull,) = torch.autograd.grad(predicted, x, error)
+        r2 = (1 - t) ** 2 / (t**2 + (1 - t) ** 2)
+        strength = ((1 - t) / (t * r2).clamp_min(1e-12)).clamp(max=self.guide.max_guidance)
+        return v.detach() + strength.reshape(-1, 1, 1) * pull
 
 
 #: Chunks of at most this many numbers get the exact divergence in :meth:`FlowHead.log_prob` by default.
@@ -293,6 +370,7 @@ class ShortcutHead(FlowHead):
     """
 
     interval = True
+    guidable = False
 
     def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
         rows = target.shape[0]
@@ -357,6 +435,7 @@ class MeanFlowHead(FlowHead):
     """
 
     interval = True
+    guidable = False
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
@@ -541,6 +620,7 @@ __all__ = [
     "EXACT_TRACE_LIMIT",
     "HEAD_CATEGORY",
     "SCHEDULERS",
+    "ChunkGuide",
     "DDIMScheduler",
     "DDPMScheduler",
     "DiffusionHead",
@@ -554,4 +634,5 @@ __all__ = [
     "cosine_alpha_bar",
     "fill_padding",
     "head",
+    "rtc_weights",
 ]

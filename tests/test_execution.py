@@ -1,0 +1,114 @@
+"""Chunk execution with inference delay: what the robot received equals what the executor says it
+executed, for every method and delay; real-time chunking's guidance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowforge.policy import ChunkExecutor, ChunkPolicy, PolicyConfig
+from flowforge.policy.heads import ChunkGuide, rtc_weights
+
+
+def _policy(kind: str) -> ChunkPolicy:
+    torch.manual_seed(0)
+    config = PolicyConfig(
+        kind=kind,
+        state_key="observation.state",
+        state_dim=3,
+        action_dim=2,
+        horizon=8,
+        n_action_steps=4,
+        width=16,
+        layers=1,
+        heads=2,
+        language=False,
+        sampling_steps=4,
+    )
+    return ChunkPolicy(config).eval()
+
+
+def _observation(step: int) -> dict:
+    return {"state": np.array([step, np.sin(step), 1.0], dtype=np.float32)}
+
+
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc"])
+@pytest.mark.parametrize("delay", [0, 1, 2, 3, 4, 6, 9])
+def test_what_the_robot_received_is_what_the_executor_says_it_executed(execution: str, delay: int) -> None:
+    policy = _policy("flow")
+    executor = ChunkExecutor(policy, execution=execution, delay=delay)
+    torch.manual_seed(1)
+    sent = [executor.act(_observation(step)) for step in range(40)]
+    chunks = [c.actions[0].numpy() for c in executor.chunks]
+    assert len(executor.executed) == 40 and len(executor.timings) == len(chunks)
+    previous = -1
+    for step, (number, index) in enumerate(executor.executed):
+        timing = executor.timings[number]
+        assert timing.arrived <= step, (step, timing)  # never an action of a chunk still on its way
+        assert index == min(step - timing.origin, 7)  # the action meant for this step (or the held last one)
+        np.testing.assert_array_equal(sent[step], chunks[number][index])
+        assert number >= previous  # chunks take over in order
+        previous = number
+    for number, timing in enumerate(executor.timings):
+        assert timing.origin == timing.requested  # index 0 is for the step of the observation
+        if execution == "sync" or number == 0:
+            assert timing.arrived == timing.requested  # the robot waited
+        else:
+            assert timing.arrived == timing.requested + delay
+    waits = len(executor.timings) if execution == "sync" else 1
+    assert executor.waited == delay * waits
+
+
+def test_each_chunk_is_computed_from_the_observation_at_its_request() -> None:
+    policy = _policy("mse")  # deterministic: a chunk is a function of its observation
+    executor = ChunkExecutor(policy, execution="async", delay=3)
+    for step in range(30):
+        executor.act(_observation(step))
+    for timing, result in zip(executor.timings, executor.chunks, strict=True):
+        state = torch.as_tensor(_observation(timing.requested)["state"])[None, None]
+        expected = policy.predict_chunk({"state": state}).actions
+        torch.testing.assert_close(result.actions, expected)
+
+
+def test_without_delay_every_method_is_the_synchronous_policy() -> None:
+    policy = _policy("flow")
+    runs = {}
+    for execution in ("sync", "async", "rtc"):
+        executor = ChunkExecutor(policy, execution=execution, delay=0)
+        torch.manual_seed(2)
+        runs[execution] = np.stack([executor.act(_observation(step)) for step in range(20)])
+    np.testing.assert_array_equal(runs["async"], runs["sync"])
+    # RTC with no delay still inpaints the rest of the plan, so only its first chunk is plain sampling.
+    np.testing.assert_array_equal(runs["rtc"][:4], runs["sync"][:4])
+
+
+def test_guidance_with_zero_weights_is_plain_sampling_and_pulls_the_frozen_steps() -> None:
+    policy = _policy("flow")
+    state = torch.randn(1, 1, 3)
+    noise = torch.randn(1, 8, 2)
+    plain = policy.predict_chunk({"state": state}, noise=noise).actions
+    target = torch.full((1, 8, 2), 0.5)
+    free = ChunkGuide(target, torch.zeros(8))
+    torch.testing.assert_close(policy.predict_chunk({"state": state}, noise=noise, guide=free).actions, plain)
+    frozen = ChunkGuide(target, rtc_weights(8, frozen=3, overlap=6))
+    guided = policy.predict_chunk({"state": state}, noise=noise, guide=frozen).actions
+    before = (plain[:, :3] - target[:, :3]).abs().mean()
+    after = (guided[:, :3] - target[:, :3]).abs().mean()
+    assert after < 0.5 * before  # the steps that execute meanwhile are pulled to the plan
+    with pytest.raises(ValueError, match=r"guide\.weights must be 8 numbers in"):
+        policy.predict_chunk({"state": state}, guide=ChunkGuide(target, torch.full((8,), 2.0)))
+    with pytest.raises(ValueError, match="'mse' head cannot be guided"):
+        _policy("mse").predict_chunk({"state": state}, guide=free)
+
+
+def test_bad_execution_settings_are_refused() -> None:
+    policy = _policy("flow")
+    with pytest.raises(ValueError, match="execution"):
+        ChunkExecutor(policy, execution="later")
+    with pytest.raises(ValueError, match="delay must be an int >= 0"):
+        ChunkExecutor(policy, execution="async", delay=-1)
+    with pytest.raises(ValueError, match="temporal_ensemble"):
+        ChunkExecutor(policy, temporal_ensemble=0.1, execution="async", delay=2)
+    with pytest.raises(ValueError, match="cannot be guided"):
+        ChunkExecutor(_policy("ddpm"), execution="rtc", delay=2)
