@@ -11,9 +11,10 @@ from flowforge.policy import ChunkExecutor, ChunkPolicy, PolicyConfig
 from flowforge.policy.heads import ChunkGuide, rtc_weights
 
 
-def _policy(kind: str) -> ChunkPolicy:
+def _policy(kind: str, **changes) -> ChunkPolicy:
     torch.manual_seed(0)
     config = PolicyConfig(
+        **changes,
         kind=kind,
         state_key="observation.state",
         state_dim=3,
@@ -33,10 +34,12 @@ def _observation(step: int) -> dict:
     return {"state": np.array([step, np.sin(step), 1.0], dtype=np.float32)}
 
 
-@pytest.mark.parametrize("execution", ["sync", "async", "rtc"])
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained"])
 @pytest.mark.parametrize("delay", [0, 1, 2, 3, 4, 6, 9])
 def test_what_the_robot_received_is_what_the_executor_says_it_executed(execution: str, delay: int) -> None:
-    policy = _policy("flow")
+    if execution == "rtc-trained" and delay > 7:
+        pytest.skip("a chunk of 8 holds at most 7 given actions")
+    policy = _policy("flow", rtc_training_delay=7 if execution == "rtc-trained" else 0)
     executor = ChunkExecutor(policy, execution=execution, delay=delay)
     torch.manual_seed(1)
     sent = [executor.act(_observation(step)) for step in range(40)]
@@ -112,3 +115,47 @@ def test_bad_execution_settings_are_refused() -> None:
         ChunkExecutor(policy, temporal_ensemble=0.1, execution="async", delay=2)
     with pytest.raises(ValueError, match="cannot be guided"):
         ChunkExecutor(_policy("ddpm"), execution="rtc", delay=2)
+
+
+def test_training_time_rtc_gives_the_prefix_time_one_and_no_loss() -> None:
+    policy = _policy("flow", rtc_training_delay=5)
+    lengths = torch.tensor([0, 2, 5, 3])
+    policy.head.prefix_lengths = lambda rows: lengths  # fixed prefixes for the check
+    batch = {"state": torch.randn(4, 1, 3), "action": torch.rand(4, 8, 2) * 2 - 1}
+    seen = {}
+    denoise = policy.expert.denoise
+
+    def spy(x, t, cache, interval=None, shift=0.0):
+        seen["t"], seen["x"] = t, x
+        out = denoise(x, t, cache, interval)
+        given = torch.arange(8)[None] < lengths[:, None]
+        return out + shift * given[..., None]  # whatever the expert says on the prefix
+
+    policy.expert.denoise = spy
+    torch.manual_seed(3)
+    reference = policy.loss(batch)
+    given = torch.arange(8)[None] < lengths[:, None]
+    assert seen["t"].shape == (4, 8) and bool((seen["t"][given] == 1).all()) and bool((seen["t"][~given] < 1).all())
+    target = policy.normalize_action(batch["action"])
+    torch.testing.assert_close(seen["x"][given], target[given])  # the prefix enters clean (time 1 = data)
+    policy.expert.denoise = lambda x, t, cache, interval=None: spy(x, t, cache, interval, shift=1e3)
+    torch.manual_seed(3)
+    torch.testing.assert_close(policy.loss(batch), reference)  # no loss on the prefix
+
+
+def test_a_trained_policy_completes_given_actions() -> None:
+    from flowforge.policy.heads import ChunkPrefix
+
+    policy = _policy("flow", rtc_training_delay=4)
+    state = torch.randn(2, 1, 3)
+    given = torch.rand(2, 8, 2) * 2 - 1
+    chunk = policy.predict_chunk({"state": state}, prefix=ChunkPrefix(given, 3)).actions
+    torch.testing.assert_close(chunk[:, :3], given[:, :3], rtol=1e-5, atol=1e-5)  # executed as given
+    with pytest.raises(ValueError, match="trained with prefixes of 0 to 4"):
+        policy.predict_chunk({"state": state}, prefix=ChunkPrefix(given, 5))
+    with pytest.raises(ValueError, match="not trained to complete given actions"):
+        _policy("flow").predict_chunk({"state": state}, prefix=ChunkPrefix(given, 2))
+    with pytest.raises(ValueError, match="rtc_training_delay >= 6"):
+        ChunkExecutor(policy, execution="rtc-trained", delay=6)
+    with pytest.raises(ValueError, match="training-time RTC is for kind = 'flow'"):
+        PolicyConfig(kind="ddpm", rtc_training_delay=2)

@@ -136,7 +136,7 @@ def _policy_case(kind: str, **changes):
 
 
 POLICY_CASES = {
-    "flow": _policy_case("flow"),
+    "flow": _policy_case("flow", rtc_training_delay=3),
     "hierarchical": _policy_case("hierarchical"),
     "mse": _policy_case("mse", language=False, instructions=[]),
     "ddpm": _policy_case("ddpm"),

@@ -354,7 +354,7 @@ def policy_eval(
         float | None, typer.Option(min=0.0, help="Flow policies: sampling temperature (initial noise scale).")
     ] = None,
     execution: Annotated[
-        str, typer.Option(help="How chunks run while the next is computed: sync, async or rtc (flow heads).")
+        str, typer.Option(help="How chunks run while the next is computed: sync, async, rtc or rtc-trained.")
     ] = "sync",
     delay: Annotated[int, typer.Option(min=0, help="Inference delay in control steps (MetaWorld: 80 Hz).")] = 0,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,

@@ -71,7 +71,8 @@ def flow_matching_loss(
     Arguments:
         velocity: ``v(x_t, t)`` with ``t`` of shape (batch,) (bind the context and cache beforehand).
         x0, x1: noise and data, paired row by row (batch, ...).
-        t: times (batch,).
+        t: times (batch,), or of a leading shape of the data for per-element times (a chunk's
+            tokens at times of their own, as training-time real-time chunking does).
         path: the probability path that builds ``x_t`` and the target velocity.
         mask: which elements count (bool, a leading shape of the data); ``None``: all.
         weights: per-element weights (a leading shape of the data); ``None``: 1.

@@ -36,8 +36,9 @@ from flowforge.registry import register
 
 
 def _expand(coefficient: Tensor, like: Tensor) -> Tensor:
-    """(batch,) coefficients broadcast over the event dims of ``like``."""
-    return coefficient.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    """Coefficients of a leading shape of ``like`` ((batch,), or (batch, tokens) for per-token times)
+    broadcast over its remaining dims."""
+    return coefficient.reshape(*coefficient.shape, *([1] * (like.dim() - coefficient.dim()))).to(like.dtype)
 
 
 class AffinePath:

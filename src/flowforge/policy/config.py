@@ -49,6 +49,10 @@ class PolicyConfig:
         shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows and
             its smallest trained step, ``2 ** -shortcut_halvings``.
         meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
+        rtc_training_delay: training-time real-time chunking (flow head): each training chunk
+            starts with a clean prefix of 0 to ``rtc_training_delay`` actions at time 1 (data),
+            which carry no loss, so that the policy can complete a chunk whose first actions are
+            given (``execution="rtc-trained"``); 0: off.
         diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
         state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
     """
@@ -73,6 +77,7 @@ class PolicyConfig:
     shortcut_fraction: float = 0.25
     shortcut_halvings: int = 7
     meanflow_fraction: float = 0.25
+    rtc_training_delay: int = 0
     diffusion_steps: int = 100
     inference_steps: int = 10
     sampler: str = "ddim"
@@ -119,6 +124,14 @@ class PolicyConfig:
         check_range("shortcut_fraction", self.shortcut_fraction, low=0, high=1)
         _check_count("shortcut_halvings", self.shortcut_halvings)
         check_range("meanflow_fraction", self.meanflow_fraction, low=0, high=1)
+        if isinstance(self.rtc_training_delay, bool) or not isinstance(self.rtc_training_delay, int):
+            raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay!r}: expected an integer >= 0")
+        if not 0 <= self.rtc_training_delay < self.horizon:
+            raise ConfigError(
+                f"rtc_training_delay = {self.rtc_training_delay}: expected 0 (off) to horizon - 1 = {self.horizon - 1}"
+            )
+        if self.rtc_training_delay and self.kind != "flow":
+            raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay}: training-time RTC is for kind = 'flow'")
         _check_count("diffusion_steps", self.diffusion_steps)
         _check_count("inference_steps", self.inference_steps)
         if self.inference_steps > self.diffusion_steps:

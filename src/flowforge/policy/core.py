@@ -40,7 +40,7 @@ from flowforge.errors import DataError
 from flowforge.policy.config import PolicyConfig
 from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
-from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, Sampling
+from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, ChunkPrefix, Sampling
 from flowforge.registry import Rebuildable, lookup, register
 
 
@@ -221,6 +221,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         use_cache: bool = True,
         noise: Tensor | None = None,
         guide: ChunkGuide | None = None,
+        prefix: ChunkPrefix | None = None,
     ) -> ChunkResult:
         """A chunk of actions for a batch of observations, as a :class:`ChunkResult`.
 
@@ -233,6 +234,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
         every denoising step, as a policy without a KV cache would. ``noise``: the initial noise,
         ``(B, H, A)``, for reproducible comparisons. ``guide``: inpaint the chunk towards given
         actions (real-time chunking, :class:`~flowforge.policy.heads.ChunkGuide`; flow heads only).
+        ``prefix``: complete a chunk whose first actions are given (training-time real-time
+        chunking, :class:`~flowforge.policy.heads.ChunkPrefix`; a flow policy trained with
+        ``rtc_training_delay``).
         """
         sampling = self.sampling(steps, method, noise_scale)
         batch = self.checked_batch(batch)
@@ -241,9 +245,13 @@ class ChunkPolicy(Rebuildable, nn.Module):
         if guide is not None and not getattr(self.head, "guidable", False):
             kind = self.policy_config.kind
             raise ValueError(f"a {kind!r} head cannot be guided: real-time chunking needs a flow head")
+        if prefix is not None and not self.policy_config.rtc_training_delay:
+            raise ValueError("prefix: this policy was not trained to complete given actions (rtc_training_delay = 0)")
+        if prefix is not None and guide is not None:
+            raise ValueError("give a guide (inference-time RTC) or a prefix (training-time RTC), not both")
         # Guidance differentiates through the expert, which inference mode forbids.
         with torch.inference_mode(guide is None), torch.no_grad():
-            return self._predict(batch, sampling, shape, use_cache, noise, guide)
+            return self._predict(batch, sampling, shape, use_cache, noise, guide, prefix)
 
     def _predict(
         self,
@@ -253,6 +261,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         use_cache: bool,
         noise: Tensor | None,
         guide: ChunkGuide | None,
+        prefix: ChunkPrefix | None = None,
     ) -> ChunkResult:
         rows = shape[0]
         if noise is not None:
@@ -264,6 +273,8 @@ class ChunkPolicy(Rebuildable, nn.Module):
         settings = {}
         if guide is not None:
             settings["guide"] = guide.normalized(self.normalize_action, shape)
+        if prefix is not None:
+            settings["prefix"] = prefix.normalized(self.normalize_action, shape, self.policy_config.rtc_training_delay)
         start = time.perf_counter()
         # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
         prefix = self.prefix(batch) if use_cache else (lambda: self.prefix(batch))

@@ -52,13 +52,14 @@ import numpy as np
 import torch
 
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
-from flowforge.policy.heads import ChunkGuide, rtc_weights
+from flowforge.policy.heads import ChunkGuide, ChunkPrefix, rtc_weights
 from flowforge.validation import check_choice
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
 #: requested ``delay`` steps before the current one runs out and switched to when it arrives) and
-#: ``rtc`` (async, with real-time chunking's guided inpainting of the actions that run meanwhile).
-EXECUTIONS = ("sync", "async", "rtc")
+#: ``rtc`` (async, with real-time chunking's guided inpainting of the actions that run meanwhile) and
+#: ``rtc-trained`` (async; a policy trained with clean prefixes completes the actions that run meanwhile).
+EXECUTIONS = ("sync", "async", "rtc", "rtc-trained")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ class ChunkExecutor:
             raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
+        if execution == "rtc-trained" and delay > config.rtc_training_delay:
+            raise ValueError(
+                f"execution='rtc-trained' with delay = {delay} needs a flow policy trained with "
+                f"rtc_training_delay >= {delay} (this one: {config.rtc_training_delay})"
+            )
         self.execution, self.delay, self.max_guidance = execution, delay, max_guidance
         n_action_steps = config.n_action_steps if n_action_steps is None else n_action_steps
         if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int):
@@ -195,8 +201,8 @@ class ChunkExecutor:
         return batch
 
     # ---------------------------------------------------------------- acting
-    def _chunk(self, batch: Batch, guide: ChunkGuide | None = None) -> np.ndarray:
-        result = self.policy.predict_chunk(batch, **self.sampling, guide=guide)
+    def _chunk(self, batch: Batch, guide: ChunkGuide | None = None, prefix: ChunkPrefix | None = None) -> np.ndarray:
+        result = self.policy.predict_chunk(batch, **self.sampling, guide=guide, prefix=prefix)
         self.chunks.append(result)
         return result.actions[0].cpu().numpy()
 
@@ -245,7 +251,8 @@ class ChunkExecutor:
         """Compute a chunk from the observation at ``step``; it arrives ``delay`` steps later (the
         first chunk of an episode, and every synchronous one, while the robot waits)."""
         guide = self._guide(step) if self.execution == "rtc" else None
-        chunk = self._chunk(batch, guide)
+        prefix = self._prefix(step) if self.execution == "rtc-trained" else None
+        chunk = self._chunk(batch, guide, prefix)
         waits = self._plan is None or self.execution == "sync"
         arrival = step if waits else step + self.delay
         self.timings.append(ChunkTiming(requested=step, arrived=arrival, origin=step))
@@ -261,6 +268,18 @@ class ChunkExecutor:
         self._plan, self._plan_number = chunk, number
         if self.timings[number].arrived != arrives:
             self.timings[number] = dataclasses.replace(self.timings[number], arrived=arrives)
+
+    def _prefix(self, step: int) -> ChunkPrefix | None:
+        """Training-time RTC: the new chunk (index 0 = ``step``) starts with the actions of the chunk in
+        effect that execute during the delay, given."""
+        if self._plan is None:
+            return None
+        planned = self._plan[self._index(step) :][: self.delay]
+        if len(planned) == 0:
+            return None
+        horizon = self.policy.policy_config.horizon
+        actions = np.concatenate([planned, np.repeat(planned[-1:], horizon - len(planned), axis=0)])
+        return ChunkPrefix(torch.as_tensor(actions[None]), len(planned))
 
     def _guide(self, step: int) -> ChunkGuide | None:
         """Real-time chunking: the new chunk (index 0 = ``step``) must agree with the actions of the chunk

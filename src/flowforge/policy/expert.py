@@ -52,8 +52,13 @@ class ActionTokens(nn.Module):
         self.position = nn.Parameter(0.02 * torch.randn(horizon, width))
 
     def forward(self, actions: Tensor, t: Tensor, interval: Tensor | None = None) -> Tensor:
+        """``t``: (B,), or (B, H) for a time per token (training-time real-time chunking)."""
         steps = actions.shape[1]
-        parts = [self.action_embedding(actions), self.time_embedding(t)[:, None].expand(-1, steps, -1)]
+        if t.dim() == 2:
+            times = self.time_embedding(t.reshape(-1)).reshape(*t.shape, -1)
+        else:
+            times = self.time_embedding(t)[:, None].expand(-1, steps, -1)
+        parts = [self.action_embedding(actions), times]
         if self.interval_embedding is not None:
             if interval is None:
                 raise ValueError("this expert reads a time interval: pass interval (B,)")

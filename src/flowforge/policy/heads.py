@@ -216,10 +216,26 @@ class FlowHead(PolicyHead):
         return self.filled_loss(fill_padding(target, pad), cache, pad)
 
     def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
-        """:meth:`loss` of a chunk whose padded steps are already filled (:func:`fill_padding`)."""
+        """:meth:`loss` of a chunk whose padded steps are already filled (:func:`fill_padding`).
+
+        With ``rtc_training_delay`` > 0 (training-time real-time chunking) each row's first
+        :meth:`prefix_lengths` actions are given clean, at time 1, and carry no loss.
+        """
         noise = torch.randn_like(target)
         t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
-        return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=_kept(pad))
+        kept = _kept(pad)
+        if getattr(self.config, "rtc_training_delay", 0):
+            given = (
+                torch.arange(target.shape[1], device=target.device)[None]
+                < self.prefix_lengths(target.shape[0])[:, None]
+            )
+            t = torch.where(given, torch.ones_like(t)[:, None], t[:, None])
+            kept = ~given if kept is None else kept & ~given
+        return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=kept)
+
+    def prefix_lengths(self, rows: int) -> Tensor:
+        """Training-time RTC: each row's clean prefix length, uniform in 0..``rtc_training_delay``."""
+        return torch.randint(0, self.config.rtc_training_delay + 1, (rows,))
 
     #: the head's sampling can be guided towards given actions (:class:`ChunkGuide`).
     guidable: ClassVar[bool] = True
@@ -233,9 +249,14 @@ class FlowHead(PolicyHead):
         method: str,
         noise_scale: float,
         guide: ChunkGuide | None = None,
+        prefix: ChunkPrefix | None = None,
     ) -> Integration:
         field = cache.denoise if guide is None else _GuidedField(cache.denoise, guide)
-        return integrate(field, noise_scale * noise, method=method, steps=steps)
+        start = noise_scale * noise
+        if prefix is not None:  # the given actions start (and stay) as they are
+            field = _PrefixField(field, prefix)
+            start = torch.cat([prefix.actions[:, : prefix.length], start[:, prefix.length :]], dim=1)
+        return integrate(field, start, method=method, steps=steps)
 
     def log_prob(
         self,
@@ -273,6 +294,41 @@ class FlowHead(PolicyHead):
         normal_constant = features * (math.log(noise_scale) + 0.5 * math.log(2 * math.pi))
         base = -0.5 * (z / noise_scale).square().sum(1) - normal_constant
         return (base + logabsdet).detach()
+
+
+@dataclass(frozen=True)
+class ChunkPrefix:
+    """Training-time real-time chunking: the first ``length`` actions of the chunk are given
+    (``actions`` (B, H, A), of which only those are read): they stay fixed at time 1 (data) while the
+    rest is integrated, as the policy was trained (``rtc_training_delay``)."""
+
+    actions: Tensor
+    length: int
+
+    def normalized(self, normalize: Callable[[Tensor], Tensor], shape: tuple[int, ...], trained: int) -> ChunkPrefix:
+        """The prefix in the model's units, checked against the chunk's ``shape`` and the trained length."""
+        actions = torch.as_tensor(self.actions)
+        if tuple(actions.shape) != tuple(shape) or not bool(torch.isfinite(actions).all()):
+            raise ValueError(f"prefix.actions must be finite, of shape {tuple(shape)}, got {tuple(actions.shape)}")
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or not 0 <= self.length <= trained:
+            raise ValueError(
+                f"prefix.length = {self.length}: the policy was trained with prefixes of 0 to {trained} actions"
+            )
+        return ChunkPrefix(normalize(actions.to(torch.get_default_dtype())), self.length)
+
+
+class _PrefixField:
+    """The velocity of a chunk whose first actions are given: they sit at time 1 and do not move."""
+
+    def __init__(self, velocity: Callable[[Tensor, Tensor], Tensor], prefix: ChunkPrefix) -> None:
+        self.velocity, self.prefix = velocity, prefix
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        length = self.prefix.length
+        given = torch.arange(x.shape[1], device=x.device)[None] < length
+        times = torch.where(given, torch.ones_like(t)[:, None], t[:, None])
+        v = self.velocity(x, times)
+        return torch.cat([torch.zeros_like(v[:, :length]), v[:, length:]], dim=1)
 
 
 class _GuidedField:
@@ -621,6 +677,7 @@ __all__ = [
     "HEAD_CATEGORY",
     "SCHEDULERS",
     "ChunkGuide",
+    "ChunkPrefix",
     "DDIMScheduler",
     "DDPMScheduler",
     "DiffusionHead",
