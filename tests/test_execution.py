@@ -159,3 +159,24 @@ def test_a_trained_policy_completes_given_actions() -> None:
         ChunkExecutor(policy, execution="rtc-trained", delay=6)
     with pytest.raises(ValueError, match="training-time RTC is for kind = 'flow'"):
         PolicyConfig(kind="ddpm", rtc_training_delay=2)
+
+
+def test_boundary_jumps_and_the_boundary_plot(tmp_path) -> None:
+    from flowforge.eval.plots import plot_chunk_boundaries
+
+    traces = {}
+    for execution in ("sync", "rtc"):
+        executor = ChunkExecutor(_policy("flow"), execution=execution, delay=2)
+        torch.manual_seed(4)
+        sent = np.stack([executor.act(_observation(step)) for step in range(24)])
+        actions, switches = executor.sent_actions()
+        np.testing.assert_array_equal(actions, np.clip(sent, -1, 1))
+        assert switches and executor.boundary_jumps() == [
+            float(np.linalg.norm(actions[k] - actions[k - 1])) for k in switches
+        ]
+        traces[execution] = (actions, switches)
+    path = plot_chunk_boundaries(traces, tmp_path / "boundaries.png", dims=(0, 1))
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size[0] > 300 and image.size[1] > 200

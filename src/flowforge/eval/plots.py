@@ -204,3 +204,37 @@ def _plot_curve(ax, curve: tuple[Sequence[float], Sequence[float]]) -> None:
     ax.plot(np.asarray(steps), np.asarray(losses), lw=0.8)
     ax.set_title("training loss")
     ax.set_xlabel("step")
+
+
+def plot_chunk_boundaries(
+    traces: dict[str, tuple[np.ndarray, Sequence[int]]],
+    path: str | Path,
+    dims: Sequence[int] = (0, 1, 2),
+    names: Sequence[str] = ("dx", "dy", "dz", "gripper"),
+) -> Path:
+    """Action trajectories of one episode per execution method, with the steps where a new chunk
+    took over marked: where a robot would "jump". ``traces``: method -> (actions (T, A) as sent,
+    switch steps); one row of panels per method, one panel per action dimension in ``dims``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not traces:
+        raise ValueError("traces is empty: give at least one execution method's actions")
+    fig = Figure(figsize=(3.2 * len(dims), 2.2 * len(traces)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(traces), len(dims), squeeze=False)
+    for row, (method, (actions, switches)) in enumerate(traces.items()):
+        actions = np.asarray(actions)
+        for column, dim in enumerate(dims):
+            ax = axes[row][column]
+            ax.plot(np.arange(len(actions)), actions[:, dim], lw=1.0, color="tab:blue")
+            for step in switches:
+                ax.axvline(step - 0.5, color="tab:red", lw=0.5, alpha=0.5)
+            ax.set_ylim(-1.05, 1.05)
+            if row == 0:
+                ax.set_title(names[dim] if dim < len(names) else f"action {dim}")
+            if column == 0:
+                ax.set_ylabel(method)
+            if row == len(traces) - 1:
+                ax.set_xlabel("control step (red: a new chunk takes over)")
+    return save_figure(fig, path)

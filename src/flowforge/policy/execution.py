@@ -235,12 +235,15 @@ class ChunkExecutor:
     def boundary_jumps(self) -> list[float]:
         """The size (L2 norm) of the change of the action sent, clipped to the action space, at every
         control step of this episode where a new chunk took over (the robot's "jumps")."""
+        actions, switches = self.sent_actions()
+        return [float(np.linalg.norm(actions[k] - actions[k - 1])) for k in switches]
+
+    def sent_actions(self) -> tuple[np.ndarray, list[int]]:
+        """This episode's actions as sent (T, A), clipped to the action space, and the steps where a
+        new chunk took over (for :func:`flowforge.eval.plots.plot_chunk_boundaries`)."""
         actions = [np.clip(self.chunks[n].actions[0, i].cpu().numpy(), -1.0, 1.0) for n, i in self.executed]
-        return [
-            float(np.linalg.norm(actions[k] - actions[k - 1]))
-            for k in range(1, len(self.executed))
-            if self.executed[k][0] != self.executed[k - 1][0]
-        ]
+        switches = [k for k in range(1, len(self.executed)) if self.executed[k][0] != self.executed[k - 1][0]]
+        return np.stack(actions) if actions else np.zeros((0, self.policy.policy_config.action_dim)), switches
 
     # ---------------------------------------------------------------- chunk bookkeeping
     def _index(self, step: int) -> int:
