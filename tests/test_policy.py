@@ -330,6 +330,8 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
         assert image.size == (84, 84) and image.n_frames >= 5
     rtc = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2"])  # a regression head cannot be guided
     assert rtc.exit_code == 2 and "cannot be guided" in rtc.stderr
+    garbled = runner.invoke(app, [*args, "--execution", "async", "--delay", "soon"])
+    assert garbled.exit_code == 2 and "--delay 'soon'" in garbled.stderr
     delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())

@@ -356,7 +356,9 @@ def policy_eval(
     execution: Annotated[
         str, typer.Option(help="How chunks run while the next is computed: sync, async, rtc or rtc-trained.")
     ] = "sync",
-    delay: Annotated[int, typer.Option(min=0, help="Inference delay in control steps (MetaWorld: 80 Hz).")] = 0,
+    delay: Annotated[
+        str, typer.Option(help="Inference delay in control steps (MetaWorld: 80 Hz): D, or LOW-HIGH drawn per chunk.")
+    ] = "0",
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
@@ -373,8 +375,9 @@ def policy_eval(
     policy = load_policy(checkpoint)
     config = policy.policy_config
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
+    delay_steps = _delay_option(delay)
     try:
-        ChunkExecutor(policy, execution=execution, delay=delay, **sampling)  # checks every setting once
+        ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
         raise ConfigError(str(error)) from error
     if tasks is None:
@@ -394,13 +397,22 @@ def policy_eval(
         progress=progress_enabled(progress),
         sampling=sampling,
         execution=execution,
-        delay=delay,
+        delay=delay_steps,
     )
     typer.echo(report.table())
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_dict(), indent=2))
         typer.echo(f"wrote {out}")
+
+
+def _delay_option(text: str) -> int | tuple[int, int]:
+    """``--delay``: ``D`` or ``LOW-HIGH`` (non-negative integers)."""
+    parts = text.split("-")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        values = [int(p) for p in parts]
+        return values[0] if len(values) == 1 else (values[0], values[1])
+    raise ConfigError(f"--delay {text!r}: expected control steps D or a range LOW-HIGH, e.g. 4 or 2-6")
 
 
 def main() -> None:

@@ -72,6 +72,16 @@ class ChunkTiming:
     origin: int
 
 
+def _delay_range(delay: int | tuple[int, int]) -> tuple[int, int]:
+    """``delay`` as ``(low, high)`` control steps: a fixed delay, or a range drawn from uniformly."""
+    values = list(delay) if isinstance(delay, tuple | list) else [delay, delay]
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise ValueError(f"delay must be an int >= 0 or a range (low, high) of them (control steps), got {delay!r}")
+    if values[0] > values[1]:
+        raise ValueError(f"delay = {delay!r}: the range's low end is above its high end")
+    return values[0], values[1]
+
+
 class ChunkExecutor:
     """One action per control step from a chunk policy (see the module docstring).
 
@@ -81,7 +91,8 @@ class ChunkExecutor:
         temporal_ensemble: ``m`` of ACT's temporal ensembling (predict every step), or ``None``.
         steps, method, noise_scale: sampling settings of every chunk (default: the policy's config).
         execution: ``"sync"``, ``"async"`` or ``"rtc"`` (see the module docstring).
-        delay: inference delay D in control steps.
+        delay: inference delay D in control steps, or a range ``(low, high)`` from which each chunk's
+            delay is drawn uniformly (requests plan for ``high``).
         max_guidance: real-time chunking's guidance clip :math:`\beta`.
     """
 
@@ -95,23 +106,25 @@ class ChunkExecutor:
         method: str | None = None,
         noise_scale: float | None = None,
         execution: str = "sync",
-        delay: int = 0,
+        delay: int | tuple[int, int] = 0,
         max_guidance: float = 5.0,
     ) -> None:
         config = policy.policy_config
         check_choice("execution", execution, EXECUTIONS)
-        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
-            raise ValueError(f"delay must be an int >= 0 (control steps), got {delay!r}")
-        if temporal_ensemble is not None and (execution != "sync" or delay):
+        low, high = _delay_range(delay)
+        if temporal_ensemble is not None and (execution != "sync" or high):
             raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
-        if execution == "rtc-trained" and delay > config.rtc_training_delay:
+        if execution == "rtc-trained" and high > config.rtc_training_delay:
             raise ValueError(
                 f"execution='rtc-trained' with delay = {delay} needs a flow policy trained with "
-                f"rtc_training_delay >= {delay} (this one: {config.rtc_training_delay})"
+                f"rtc_training_delay >= {high} (this one: {config.rtc_training_delay})"
             )
-        self.execution, self.delay, self.max_guidance = execution, delay, max_guidance
+        self.execution, self.max_guidance = execution, max_guidance
+        #: the delay of each chunk is drawn uniformly from ``delay_range`` (torch's generator); its
+        #: largest value, ``delay``, is what requests plan for and what real-time chunking freezes.
+        self.delay_range, self.delay = (low, high), high
         n_action_steps = config.n_action_steps if n_action_steps is None else n_action_steps
         if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int):
             raise ValueError(f"n_action_steps must be an int in 1..{config.horizon}, got {n_action_steps!r}")
@@ -220,7 +233,6 @@ class ChunkExecutor:
         if self._plan is None or (self.execution == "sync" and self._index(step) >= self.n_action_steps):
             # Nothing to execute meanwhile: the robot stands still while the chunk is computed.
             self._start(self._request(batch, step), arrives=step)
-            self.waited += self.delay
         elif self.execution != "sync":
             self._arrive(step)
             # Request the next chunk so that it arrives when this one's executed part runs out.
@@ -251,14 +263,17 @@ class ChunkExecutor:
         return step - self.timings[self._plan_number].origin
 
     def _request(self, batch: Batch, step: int) -> tuple[int, np.ndarray]:
-        """Compute a chunk from the observation at ``step``; it arrives ``delay`` steps later (the
-        first chunk of an episode, and every synchronous one, while the robot waits)."""
+        """Compute a chunk from the observation at ``step``; it arrives its delay later (the first
+        chunk of an episode, and every synchronous one, while the robot waits its delay)."""
         guide = self._guide(step) if self.execution == "rtc" else None
         prefix = self._prefix(step) if self.execution == "rtc-trained" else None
         chunk = self._chunk(batch, guide, prefix)
+        low, high = self.delay_range
+        delay = low if low == high else int(torch.randint(low, high + 1, ()))
         waits = self._plan is None or self.execution == "sync"
-        arrival = step if waits else step + self.delay
-        self.timings.append(ChunkTiming(requested=step, arrived=arrival, origin=step))
+        if waits:
+            self.waited += delay
+        self.timings.append(ChunkTiming(requested=step, arrived=step if waits else step + delay, origin=step))
         return len(self.timings) - 1, chunk
 
     def _arrive(self, step: int) -> None:
