@@ -329,3 +329,20 @@ def test_few_step_heads_tell_the_expert_their_step() -> None:
     assert meanflow.predict_chunk(_batch(), steps=1).nfe == 1
     with pytest.raises(ValueError, match="meanflow head steps with its average velocity"):
         meanflow.predict_chunk(_batch(), method="midpoint")
+
+
+def test_the_consistency_head_holds_its_boundary_condition_and_samples_in_one_step() -> None:
+    policy = _policy("consistency").eval()
+    batch = _batch()
+    with torch.no_grad():
+        cache = policy.expert.encode(policy.prefix(policy.checked_batch(batch)))
+        x = torch.randn(5, 8, 2)
+        data, _ = policy.head.predicted_chunk(cache, x, torch.ones(5))
+        torch.testing.assert_close(data, x)  # f(x, 1) = x: the boundary condition by construction
+        noise = torch.randn(5, 8, 2)
+        one, _ = policy.head.predicted_chunk(cache, noise, torch.zeros(5))
+    result = policy.predict_chunk(batch, steps=1, noise=noise)
+    torch.testing.assert_close(result.actions, policy.unnormalize_action(one), rtol=1e-5, atol=1e-5)
+    assert result.nfe == 1
+    with pytest.raises(ValueError, match="consistency head samples by its own steps"):
+        policy.predict_chunk(batch, method="rk4")

@@ -530,6 +530,67 @@ class MeanFlowHead(FlowHead):
         return super().log_prob(chunk, _InstantaneousCache(cache), **settings)
 
 
+@head("consistency")
+class ConsistencyHead(FlowHead):
+    r"""Consistency flow matching (Yang et al. 2024), as FlowPolicy (Zhang et al. 2024) uses it for
+        actions: the expert's velocity :math:`v` defines the predicted chunk
+        :math:`f(x_t, t) = x_t + (1 - t)\,v(x_t, t)`, which equals :math:`x_1` at :math:`t = 1` by
+        construction (the boundary condition is in the parametrisation). Training makes :math:`f` and
+        :math:`v` agree along each straight path between two nearby times (the later one held fixed,
+        no gradient):
+
+        .. math:: \lVert f(x_t, t) - f(x_{t+\Delta}, t+\Delta)
+    Vert^2
+                  + lpha\,\lVert v(x_t, t) - v(x_{t+\Delta}, t+\Delta)
+    Vert^2,
+
+        :math:`x_t = t\,A + (1 - t)\,arepsilon`, :math:`t` uniform in :math:`[0, 1 - \Delta]`
+        (:math:`\Delta` = ``consistency_delta``, :math:`lpha` = ``consistency_velocity_weight``).
+        Sampling: one step :math:`A = f(	auarepsilon, 0)`; with k steps, multistep consistency
+        sampling re-noises the estimate to :math:`t_i = i/k` with fresh noise and applies :math:`f`
+        again (k evaluations).
+    """
+
+    guidable = False
+
+    def sampling(
+        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
+    ) -> Sampling:
+        """As the flow head's, but the method is consistency sampling (``"euler"``) alone."""
+        sampling = super().sampling(steps, "euler" if method is None else method, noise_scale)
+        if sampling.method != "euler":
+            raise ValueError(f"method = {sampling.method!r}: a consistency head samples by its own steps; use 'euler'")
+        return sampling
+
+    def predicted_chunk(self, cache: ExpertCache, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`(f(x, t), v(x, t))`."""
+        v = cache.denoise(x, t)
+        return x + (1 - t).reshape(-1, 1, 1) * v, v
+
+    def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
+        delta = self.config.consistency_delta
+        noise = torch.randn_like(target)
+        t = torch.rand(target.shape[0], device=target.device, dtype=target.dtype) * (1 - delta)
+        later = t + delta
+        x_t, _ = self.path.sample(noise, target, t)
+        x_later, _ = self.path.sample(noise, target, later)
+        predicted, velocity = self.predicted_chunk(cache, x_t, t)
+        with torch.no_grad():
+            predicted_later, velocity_later = self.predicted_chunk(cache, x_later, later)
+        error = (predicted - predicted_later).square()
+        error = error + self.config.consistency_velocity_weight * (velocity - velocity_later).square()
+        return masked_mean(error, _kept(pad))
+
+    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
+        rows = noise.shape[0]
+        estimate, _ = self.predicted_chunk(cache, noise_scale * noise, noise.new_zeros(rows))
+        for i in range(1, steps):
+            t = noise.new_full((rows,), i / steps)
+            x = t.reshape(-1, 1, 1) * estimate + (1 - t).reshape(-1, 1, 1) * noise_scale * torch.randn_like(noise)
+            estimate, _ = self.predicted_chunk(cache, x, t)
+        return Integration(estimate, steps)
+
+
 @head("mse")
 class RegressionHead(PolicyHead):
     """Deterministic regression of the chunk by learned queries (the MSE baseline): one pass, no noise."""
@@ -678,6 +739,7 @@ __all__ = [
     "SCHEDULERS",
     "ChunkGuide",
     "ChunkPrefix",
+    "ConsistencyHead",
     "DDIMScheduler",
     "DDPMScheduler",
     "DiffusionHead",
