@@ -236,5 +236,6 @@ def plot_chunk_boundaries(
             if column == 0:
                 ax.set_ylabel(method)
             if row == len(traces) - 1:
-                ax.set_xlabel("control step (red: a new chunk takes over)")
+                ax.set_xlabel("control step")
+    fig.suptitle("actions sent; red lines: a new chunk takes over", fontsize=10)
     return save_figure(fig, path)

@@ -1,0 +1,288 @@
+"""Benchmark: chunked execution with inference delay, few-step policy heads and chunk likelihoods.
+
+What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstrations per task,
+``configs/policy/mt10.toml``: width 64, 3 layers, chunks of 16 executing 8, 10,000 steps of 128):
+
+1. **Execution methods with delay.** One flow policy, trained with training-time real-time
+   chunking (``rtc_training_delay`` = the largest delay), is rolled out with every method
+   (``sync``, ``async``, ``rtc``, ``rtc-trained``) at delays ``D`` in ``--delays`` (control steps),
+   ``--episodes`` fresh-seed episodes per task: success, the mean and largest action jump where a
+   chunk takes over, and the episode length counting the steps the robot waited.
+   Goals at D = 4: RTC (either variant) within 2 points of the D = 0 synchronous policy; its
+   boundary jump at most half of naive async's; where async loses more than 5 points, RTC at
+   least 10 points above it.
+2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``) at 1 and 2 steps against the
+   10-step flow head (synchronous, D = 0). Goals: within 2 points of the flow head; chunk latency
+   at 1 step at most 1/5 of the flow head's at 10 (batch 1, one thread, cached, medians, all
+   heads measured alternately in one run).
+3. **Likelihood**: for held-out observations (episodes collected with another seed), the flow
+   head's ``log_prob`` of the observation's own expert chunk against chunks of other tasks'
+   episodes paired with the same observation; AUROC (goal >= 0.9).
+4. A PNG of one episode's actions around chunk boundaries for every method at D = 4.
+
+Every phase stores its result under ``--work`` and is skipped when it exists, so an interrupted run
+continues where it stopped. Run two copies with disjoint ``--models`` to train in parallel; the
+evaluation phases of a copy run once its models exist. The summary goes to
+``benchmarks/results/policy_realtime.json``.
+
+How to run
+----------
+Needs the ``robot`` extra::
+
+    python benchmarks/policy_realtime.py                                  # everything (hours on 2 cores)
+    python benchmarks/policy_realtime.py --episodes 5 --steps 2000        # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowforge.data.episodes import EpisodeDataset
+from flowforge.envs.collect import collect
+from flowforge.envs.evaluate import evaluate
+from flowforge.runs.policy import load_policy, load_policy_config, train_policy
+
+MT10 = [
+    "reach-v3",
+    "push-v3",
+    "pick-place-v3",
+    "door-open-v3",
+    "drawer-open-v3",
+    "drawer-close-v3",
+    "button-press-topdown-v3",
+    "peg-insert-side-v3",
+    "window-open-v3",
+    "window-close-v3",
+]
+ROOT = Path(__file__).resolve().parents[1]
+FEW_STEP = ("shortcut", "meanflow", "consistency")
+
+
+def _cached(path: Path, compute):
+    """The JSON at ``path``, computed and written first when missing (a resumable phase)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _train(args, kind: str, data: Path) -> Path:
+    run = args.work / "runs" / kind
+    if (run / "trained.json").exists():
+        return run
+    overrides = [
+        f'policy.kind="{kind}"',
+        f'data.root="{data}"',
+        f"train.steps={args.steps}",
+        f"train.warmup_steps={min(500, args.steps // 10)}",
+        f"train.seed={args.seed}",
+        "train.progress=false",
+    ]
+    if kind == "flow":
+        overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
+    config = load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
+    start = time.perf_counter()
+    print(f"[train] {kind}: {config.train.steps} steps", flush=True)
+    train_policy(config, run, resume=(run / "checkpoint.json").exists())
+    (run / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return run
+
+
+def _evaluate(args, name: str, run: Path, **settings) -> dict:
+    def compute() -> dict:
+        policy = load_policy(run)
+        report = evaluate(policy, MT10, args.episodes, progress=False, **settings)
+        print(f"[eval] {name}\n{report.table()}", flush=True)
+        return report.to_dict()
+
+    return _cached(args.work / f"eval-{name}.json", compute)
+
+
+def _latency(args, runs: dict[str, Path]) -> dict:
+    """Median cached chunk latency of every head, measured alternately (batch 1, one thread)."""
+
+    def compute() -> dict:
+        item = EpisodeDataset(args.work / "mt10", 1, 16)[0]
+        batch = {"state": item["observation.environment_state"][None], "instruction": [item["task"]]}
+        cases = {"flow, 10 steps": ("flow", 10)}
+        for kind in FEW_STEP:
+            if kind in runs:
+                cases.update({f"{kind}, 1 step": (kind, 1), f"{kind}, 2 steps": (kind, 2)})
+        policies = {kind: load_policy(runs[kind]) for kind, _ in cases.values()}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for repeat in range(args.latency_repeats + 3):
+            for name, (kind, steps) in cases.items():
+                result = policies[kind].predict_chunk(batch, steps=steps)
+                if repeat >= 3:
+                    times[name].append(result.seconds)
+        return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+    return _cached(args.work / "latency.json", compute)
+
+
+def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic)."""
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+def _likelihood(args, run: Path) -> dict:
+    """AUROC of the flow head's log p(chunk | observation): own expert chunk vs other tasks' chunks."""
+
+    def compute() -> dict:
+        heldout = EpisodeDataset(args.work / "heldout", 1, 16)
+        policy = load_policy(run)
+        generator = np.random.default_rng(0)
+        rows = [
+            int(i)
+            for i in generator.choice(len(heldout), size=min(args.likelihood_frames, len(heldout)), replace=False)
+        ]
+        items = [heldout[i] for i in rows]
+        tasks = [item["task"] for item in items]
+        states = torch.stack([item["observation.environment_state"] for item in items])
+        own = torch.stack([item["action"] for item in items])
+        others = []
+        for task in tasks:
+            candidates = [j for j, other in enumerate(tasks) if other != task]
+            others.append(own[int(generator.choice(candidates))])
+        foreign = torch.stack(others)
+        scores = {}
+        for name, chunks in (("own", own), ("other task", foreign)):
+            values = []
+            for start in range(0, len(rows), 64):
+                part = slice(start, start + 64)
+                batch = {"state": states[part], "instruction": tasks[part], "action": chunks[part]}
+                values.append(policy.log_prob(batch, method="rk4", steps=10))
+            scores[name] = torch.cat(values).numpy()
+        return {
+            "auroc": _auroc(scores["own"], scores["other task"]),
+            "pairs": len(rows),
+            "median_log_prob_own": float(np.median(scores["own"])),
+            "median_log_prob_other": float(np.median(scores["other task"])),
+        }
+
+    return _cached(args.work / "likelihood.json", compute)
+
+
+def _boundary_plot(args, run: Path, delay: int) -> Path:
+    from flowforge.envs.evaluate import rollout
+    from flowforge.envs.metaworld import MetaWorldEnv
+    from flowforge.eval.plots import plot_chunk_boundaries
+    from flowforge.policy import ChunkExecutor
+
+    path = ROOT / "benchmarks" / "results" / "policy_realtime_boundaries.png"
+    policy = load_policy(run)
+    traces = {}
+    env = MetaWorldEnv("push-v3", max_steps=200)
+    try:
+        for execution in ("sync", "async", "rtc", "rtc-trained"):
+            executor = ChunkExecutor(policy, execution=execution, delay=delay, noise_scale=args.noise_scale)
+            rollout(executor, env, seed=900_000_123, max_steps=120)
+            traces[f"{execution}, D = {delay}"] = executor.sent_actions()
+    finally:
+        env.close()
+    return plot_chunk_boundaries(traces, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_realtime"))
+    parser.add_argument("--models", default="flow,shortcut,meanflow,consistency")
+    parser.add_argument("--demos", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--delays", default="0,2,4,6")
+    parser.add_argument("--noise-scale", type=float, default=0.5, help="the flow policies' temperature")
+    parser.add_argument("--latency-repeats", type=int, default=100)
+    parser.add_argument("--likelihood-frames", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.delays = [int(d) for d in args.delays.split(",")]
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    collect(MT10, args.demos, args.work / "mt10", progress=False)
+    collect(MT10, 5, args.work / "heldout", seed=1, progress=False)  # other scenes, for the likelihood
+    runs = {kind: _train(args, kind, args.work / "mt10") for kind in models}
+    sampling = {"noise_scale": args.noise_scale}
+    results: dict[str, dict] = {}
+    if "flow" in runs:
+        for delay in args.delays:
+            for execution in ("sync", "async", "rtc", "rtc-trained"):
+                if delay == 0 and execution == "async":
+                    continue  # the same as sync without delay
+                name = f"flow-{execution}-D{delay}"
+                results[name] = _evaluate(args, name, runs["flow"], sampling=sampling, execution=execution, delay=delay)
+    for kind in FEW_STEP:
+        if kind in runs:
+            for steps in (1, 2):
+                name = f"{kind}-{steps}step"
+                results[name] = _evaluate(args, name, runs[kind], sampling={"steps": steps, **sampling})
+    if "flow" not in runs or not all(kind in runs for kind in FEW_STEP):
+        print("evaluations of these models done; the summary needs every model (run without --models)")
+        return
+    latency = _latency(args, runs)
+    likelihood = _likelihood(args, runs["flow"])
+    plot = _boundary_plot(args, runs["flow"], 4 if 4 in args.delays else max(args.delays))
+
+    print("\nExecution with inference delay (flow head, success / mean jump / max jump / length with waits)")
+    for name, result in results.items():
+        if name.startswith("flow-"):
+            print(
+                f"{name:26s} {result['average_success']:6.1%}  {result['mean_boundary_jump'] or 0:.3f}  "
+                f"{result['max_boundary_jump'] or 0:.3f}  {result['mean_episode_length_with_waits']:.1f}"
+            )
+    print("\nFew-step heads (average success)")
+    for name, result in results.items():
+        if not name.startswith("flow-"):
+            print(f"{name:26s} {result['average_success']:6.1%}")
+    print("\nLatency per chunk (ms)")
+    for name, ms in latency.items():
+        print(f"{name:26s} {ms:8.2f}")
+    print(
+        f"\nLikelihood AUROC, own chunk vs other tasks' chunks: {likelihood['auroc']:.3f} ({likelihood['pairs']} pairs)"
+    )
+
+    base = results["flow-sync-D0"]["average_success"]
+    checks = {}
+    if 4 in args.delays:
+        naive = results["flow-async-D4"]
+        for variant in ("rtc", "rtc-trained"):
+            rtc = results[f"flow-{variant}-D4"]
+            checks[f"{variant} at D=4 within 2 points of sync at D=0"] = rtc["average_success"] >= base - 0.02
+            checks[f"{variant} boundary jump at most half of async's"] = (
+                rtc["mean_boundary_jump"] <= 0.5 * naive["mean_boundary_jump"]
+            )
+            if naive["average_success"] < base - 0.05:
+                checks[f"{variant} 10 points above async"] = rtc["average_success"] >= naive["average_success"] + 0.10
+    for kind in FEW_STEP:
+        for steps in (1, 2):
+            checks[f"{kind} at {steps} step(s) within 2 points of flow at 10"] = (
+                results[f"{kind}-{steps}step"]["average_success"] >= base - 0.02
+            )
+        ratio = latency[f"{kind}, 1 step"] / latency["flow, 10 steps"]
+        checks[f"{kind} 1-step latency {ratio:.2f}x of flow@10 (<= 0.2)"] = ratio <= 0.2
+    checks[f"likelihood AUROC {likelihood['auroc']:.3f} >= 0.9"] = likelihood["auroc"] >= 0.9
+    print("\nGoals")
+    for name, passed in checks.items():
+        print(f"  {'PASS' if passed else 'FAIL'}  {name}")
+    out = ROOT / "benchmarks" / "results" / "policy_realtime.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {"results": results, "latency": latency, "likelihood": likelihood, "plot": str(plot), "goals": checks}
+    out.write_text(json.dumps(summary, indent=1))
+    print(f"wrote {out} and {plot}")
+
+
+if __name__ == "__main__":
+    main()
