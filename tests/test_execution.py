@@ -186,3 +186,50 @@ def test_boundary_jumps_and_the_boundary_plot(tmp_path) -> None:
 
     with Image.open(path) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+class _Line:
+    """A stand-in environment: the state counts the steps; it never ends on its own."""
+
+    def reset(self, seed=None):
+        self.step_count = 0
+        return {"state": np.zeros(3, dtype=np.float32)}, {"instruction": "", "is_success": False}
+
+    def step(self, action):
+        self.step_count += 1
+        observation = {"state": np.array([self.step_count, 0.0, 1.0], dtype=np.float32)}
+        return observation, 0.0, False, False, {"instruction": "", "is_success": False}
+
+
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc"])
+def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
+    from flowforge.envs.episode import run_episode
+
+    policy = _policy("flow")
+    period = 0.002  # a fast controller: inference takes several control steps
+    executor = ChunkExecutor(policy, execution=execution, delay="real", control_period=period)
+    sent = []
+
+    def act(observation):
+        action = executor.act(observation)
+        sent.append(action)
+        return action
+
+    try:
+        run_episode(_Line(), act, seed=0, max_steps=60, pace=period)
+    finally:
+        executor.close()
+    chunks = [c.actions[0].numpy() for c in executor.chunks]
+    assert len(executor.executed) == 60
+    for step, (number, index) in enumerate(executor.executed):
+        timing = executor.timings[number]
+        assert 0 <= timing.arrived <= step and index == min(step - timing.origin, 7)
+        np.testing.assert_array_equal(sent[step], chunks[number][index])
+    if execution != "sync":
+        later = executor.timings[1:]
+        arrived = [t for t in later if t.arrived >= 0]
+        assert arrived and all(t.arrived >= t.requested for t in arrived)
+        assert len(later) - len(arrived) <= 1  # at most the last one was still being computed at the end
+        assert executor.delay >= 1  # requests plan for the measured delay
+    with pytest.raises(ValueError, match="known delay bound"):
+        ChunkExecutor(_policy("flow", rtc_training_delay=4), execution="rtc-trained", delay="real")

@@ -357,7 +357,8 @@ def policy_eval(
         str, typer.Option(help="How chunks run while the next is computed: sync, async, rtc or rtc-trained.")
     ] = "sync",
     delay: Annotated[
-        str, typer.Option(help="Inference delay in control steps (MetaWorld: 80 Hz): D, or LOW-HIGH drawn per chunk.")
+        str,
+        typer.Option(help="Inference delay in control steps (MetaWorld: 80 Hz): D, LOW-HIGH drawn per chunk, or real."),
     ] = "0",
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
@@ -406,13 +407,15 @@ def policy_eval(
         typer.echo(f"wrote {out}")
 
 
-def _delay_option(text: str) -> int | tuple[int, int]:
-    """``--delay``: ``D`` or ``LOW-HIGH`` (non-negative integers)."""
+def _delay_option(text: str) -> int | tuple[int, int] | str:
+    """``--delay``: ``D``, ``LOW-HIGH`` (non-negative integers) or ``real``."""
+    if text == "real":
+        return text
     parts = text.split("-")
     if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
         values = [int(p) for p in parts]
         return values[0] if len(values) == 1 else (values[0], values[1])
-    raise ConfigError(f"--delay {text!r}: expected control steps D or a range LOW-HIGH, e.g. 4 or 2-6")
+    raise ConfigError(f"--delay {text!r}: expected control steps D, a range LOW-HIGH or real, e.g. 4, 2-6 or real")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ task's ``instruction`` added.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,10 +46,17 @@ def run_episode(
     seed: int,
     max_steps: int = 500,
     keep: bool = False,
+    pace: float | None = None,
 ) -> Episode:
-    """Run one episode of ``env`` with the actor ``act`` (see the module docstring)."""
+    """Run one episode of ``env`` with the actor ``act`` (see the module docstring).
+
+    ``pace``: seconds per control step; each step then lasts at least that long, as on a robot
+    whose controller runs at a fixed rate (MetaWorld's: 1/80 s), so that time an actor spends
+    thinking in the background passes in control steps.
+    """
     observation, info = env.reset(seed=seed)
     episode = Episode(success=False, steps=0)
+    tick = time.perf_counter()
     for step in range(1, max_steps + 1):
         action = np.clip(np.asarray(act({**observation, "instruction": info["instruction"]})), -1.0, 1.0)
         action = action.astype(np.float32)
@@ -57,6 +65,9 @@ def run_episode(
             episode.actions.append(action)
         observation, _, terminated, truncated, info = env.step(action)
         episode.steps = step
+        if pace is not None:
+            tick += pace
+            time.sleep(max(0.0, tick - time.perf_counter()))
         if info["is_success"]:
             episode.success = True
             break

@@ -160,7 +160,8 @@ def _rollout(
     executor: ChunkExecutor, env, seed: int, max_steps: int, record: bool
 ) -> tuple[bool, int, list[np.ndarray], list[float], list[int]]:
     executor.reset()
-    episode = run_episode(env, executor.act, seed, max_steps, keep=record)
+    pace = executor.control_period if executor.real else None
+    episode = run_episode(env, executor.act, seed, max_steps, keep=record, pace=pace)
     frames = []
     if record and episode.final_observation is not None and "image" in episode.final_observation:
         frames = [o["image"] for o in episode.observations] + [episode.final_observation["image"]]
@@ -182,7 +183,7 @@ def evaluate(
     sampling: dict[str, Any] | None = None,
     temporal_ensemble: float | None = None,
     execution: str = "sync",
-    delay: int = 0,
+    delay: int | tuple[int, int] | str = 0,
 ) -> EvaluationReport:
     """Evaluate ``policy`` on each task for ``episodes`` fresh-seed episodes.
 
@@ -226,4 +227,5 @@ def evaluate(
             env.close()
         results.append(result)
     bar.close()
+    executor.close()
     return EvaluationReport(results, latencies, nfe)

@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,7 @@ import torch
 
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
 from flowforge.policy.heads import ChunkGuide, ChunkPrefix, rtc_weights
-from flowforge.validation import check_choice
+from flowforge.validation import check_choice, check_real
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
 #: requested ``delay`` steps before the current one runs out and switched to when it arrives) and
@@ -91,8 +93,11 @@ class ChunkExecutor:
         temporal_ensemble: ``m`` of ACT's temporal ensembling (predict every step), or ``None``.
         steps, method, noise_scale: sampling settings of every chunk (default: the policy's config).
         execution: ``"sync"``, ``"async"`` or ``"rtc"`` (see the module docstring).
-        delay: inference delay D in control steps, or a range ``(low, high)`` from which each chunk's
-            delay is drawn uniformly (requests plan for ``high``).
+        delay: inference delay D in control steps, a range ``(low, high)`` from which each chunk's
+            delay is drawn uniformly (requests plan for ``high``), or ``"real"``: a background
+            inference thread, with the caller pacing the steps at ``control_period`` seconds
+            (:func:`flowforge.envs.episode.run_episode`'s ``pace``).
+        control_period: seconds per control step with ``delay="real"`` (MetaWorld: 1/80).
         max_guidance: real-time chunking's guidance clip :math:`\beta`.
     """
 
@@ -106,22 +111,31 @@ class ChunkExecutor:
         method: str | None = None,
         noise_scale: float | None = None,
         execution: str = "sync",
-        delay: int | tuple[int, int] = 0,
+        delay: int | tuple[int, int] | str = 0,
         max_guidance: float = 5.0,
+        control_period: float = 1 / 80,
     ) -> None:
         config = policy.policy_config
         check_choice("execution", execution, EXECUTIONS)
-        low, high = _delay_range(delay)
+        #: ``delay="real"``: chunks are computed by a background thread while the caller paces the
+        #: control steps at ``control_period`` seconds; a chunk takes over at the first step after
+        #: it is done, and the delay requests plan for is the measured one.
+        self.real = delay == "real"
+        self.control_period = check_real("control_period", control_period, positive=True)
+        low, high = (1, 1) if self.real else _delay_range(delay)
         if temporal_ensemble is not None and (execution != "sync" or high):
             raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
+        if execution == "rtc-trained" and self.real:
+            raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
         if execution == "rtc-trained" and high > config.rtc_training_delay:
             raise ValueError(
                 f"execution='rtc-trained' with delay = {delay} needs a flow policy trained with "
                 f"rtc_training_delay >= {high} (this one: {config.rtc_training_delay})"
             )
         self.execution, self.max_guidance = execution, max_guidance
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-inference") if self.real else None
         #: the delay of each chunk is drawn uniformly from ``delay_range`` (torch's generator); its
         #: largest value, ``delay``, is what requests plan for and what real-time chunking freezes.
         self.delay_range, self.delay = (low, high), high
@@ -158,7 +172,7 @@ class ChunkExecutor:
         self.executed.clear()
         self._plan: np.ndarray | None = None  # the chunk in effect and its number
         self._plan_number = -1
-        self._pending: tuple[int, np.ndarray] | None = None  # (number, chunk) of a chunk on its way
+        self._pending: tuple[int, Any] | None = None  # (number, chunk or future) of a chunk on its way
         #: control steps the robot stood still waiting for a chunk (each counts towards an episode's length).
         self.waited = 0
 
@@ -215,9 +229,23 @@ class ChunkExecutor:
 
     # ---------------------------------------------------------------- acting
     def _chunk(self, batch: Batch, guide: ChunkGuide | None = None, prefix: ChunkPrefix | None = None) -> np.ndarray:
-        result = self.policy.predict_chunk(batch, **self.sampling, guide=guide, prefix=prefix)
+        return self._keep(self._predict(batch, guide, prefix))
+
+    def _predict(self, batch: Batch, guide: ChunkGuide | None, prefix: ChunkPrefix | None) -> ChunkResult:
+        return self.policy.predict_chunk(batch, **self.sampling, guide=guide, prefix=prefix)
+
+    def _keep(self, result: ChunkResult) -> np.ndarray:
+        """Log a computed chunk (in the caller's thread, in request order) and return its actions."""
         self.chunks.append(result)
+        if self.real:  # plan requests for the delay measured so far, in whole control steps
+            measured = statistics.median(c.seconds for c in self.chunks)
+            self.delay = max(1, math.ceil(measured / self.control_period))
         return result.actions[0].cpu().numpy()
+
+    def close(self) -> None:
+        """Stop the inference thread (``delay="real"``)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
 
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         """The next action for an observation dict (``state``, ``image`` when used, ``instruction``)."""
@@ -267,17 +295,31 @@ class ChunkExecutor:
         chunk of an episode, and every synchronous one, while the robot waits its delay)."""
         guide = self._guide(step) if self.execution == "rtc" else None
         prefix = self._prefix(step) if self.execution == "rtc-trained" else None
-        chunk = self._chunk(batch, guide, prefix)
-        low, high = self.delay_range
-        delay = low if low == high else int(torch.randint(low, high + 1, ()))
         waits = self._plan is None or self.execution == "sync"
+        if self.real and not waits:  # computed meanwhile; it takes over when done (see _arrive)
+            self.timings.append(ChunkTiming(requested=step, arrived=-1, origin=step))
+            return len(self.timings) - 1, self._worker.submit(self._predict, batch, guide, prefix)
+        chunk = self._chunk(batch, guide, prefix)
+        if self.real:
+            delay = math.ceil(self.chunks[-1].seconds / self.control_period)
+        else:
+            low, high = self.delay_range
+            delay = low if low == high else int(torch.randint(low, high + 1, ()))
         if waits:
             self.waited += delay
         self.timings.append(ChunkTiming(requested=step, arrived=step if waits else step + delay, origin=step))
         return len(self.timings) - 1, chunk
 
     def _arrive(self, step: int) -> None:
-        if self._pending is not None and self.timings[self._pending[0]].arrived == step:
+        if self._pending is None:
+            return
+        number, chunk = self._pending
+        if isinstance(chunk, Future):
+            if not chunk.done():
+                return
+            self._start((number, self._keep(chunk.result())), arrives=step)
+            self._pending = None
+        elif self.timings[number].arrived == step:
             self._start(self._pending, arrives=step)
             self._pending = None
 
