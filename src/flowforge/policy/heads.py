@@ -93,9 +93,9 @@ class ChunkGuide:
 
     At every integration step the flow head predicts the final chunk
     :math:`\hat A = x_t + (1 - t)\,v(x_t, t)` and adds the guidance
-    :math:`c_t\,(\partial \hat A / \partial x_t)^	op [W \odot (Y - \hat A)]` (one vector-Jacobian
-    product) to the velocity, with :math:`c_t = \minig(eta, rac{1 - t}{t\, r_t^2}ig)`,
-    :math:`r_t^2 = rac{(1 - t)^2}{t^2 + (1 - t)^2}` and :math:`eta` = ``max_guidance``.
+    :math:`c_t\,(\partial \hat A / \partial x_t)^\top [W \odot (Y - \hat A)]` (one vector-Jacobian
+    product) to the velocity, with :math:`c_t = \min\big(\beta, \frac{1 - t}{t\, r_t^2}\big)`,
+    :math:`r_t^2 = \frac{(1 - t)^2}{t^2 + (1 - t)^2}` and :math:`\beta` = ``max_guidance``.
     """
 
     actions: Tensor
@@ -116,7 +116,7 @@ class ChunkGuide:
 
 def rtc_weights(horizon: int, frozen: int, overlap: int) -> Tensor:
     r"""Real-time chunking's prefix weights (H,): 1 on the ``frozen`` steps, then
-    :math:`c_i rac{e^{c_i} - 1}{e - 1}` with :math:`c_i = rac{o - i}{o - d + 1}` decaying to 0
+    :math:`c_i \frac{e^{c_i} - 1}{e - 1}` with :math:`c_i = \frac{o - i}{o - d + 1}` decaying to 0
     over the rest of the ``overlap`` o (steps that still have a planned action), 0 after.
 
     >>> [round(w, 2) for w in rtc_weights(6, frozen=2, overlap=5).tolist()]
@@ -483,11 +483,11 @@ class MeanFlowHead(FlowHead):
     r"""MeanFlow (Geng et al. 2025): the expert reads a time :math:`s` and a span :math:`h` and predicts
     the average velocity :math:`u` over :math:`[s, s + h]`, trained with the MeanFlow identity
     (:func:`~flowforge.matching.functional.mean_flow_loss`, a Jacobian-vector product through the
-    expert), so that one step from noise, :math:`A = arepsilon + u(arepsilon, 0, 1)`, samples.
+    expert), so that one step from noise, :math:`A = \varepsilon + u(\varepsilon, 0, 1)`, samples.
 
     Times: two draws of the flow time sampler, :math:`s` the smaller and :math:`s + h` the larger;
     on all but ``meanflow_fraction`` of the rows :math:`h = 0` (plain flow matching, as the paper).
-    Sampling with ``steps = k``: :math:`x \leftarrow x + 	frac1k u(x, i/k, 1/k)`, k evaluations.
+    Sampling with ``steps = k``: :math:`x \leftarrow x + \tfrac1k u(x, i/k, 1/k)`, k evaluations.
     """
 
     interval = True
@@ -541,12 +541,12 @@ class ConsistencyHead(FlowHead):
 
         .. math:: \lVert f(x_t, t) - f(x_{t+\Delta}, t+\Delta)
     Vert^2
-                  + lpha\,\lVert v(x_t, t) - v(x_{t+\Delta}, t+\Delta)
+                  + \alpha\,\lVert v(x_t, t) - v(x_{t+\Delta}, t+\Delta)
     Vert^2,
 
-        :math:`x_t = t\,A + (1 - t)\,arepsilon`, :math:`t` uniform in :math:`[0, 1 - \Delta]`
-        (:math:`\Delta` = ``consistency_delta``, :math:`lpha` = ``consistency_velocity_weight``).
-        Sampling: one step :math:`A = f(	auarepsilon, 0)`; with k steps, multistep consistency
+        :math:`x_t = t\,A + (1 - t)\,\varepsilon`, :math:`t` uniform in :math:`[0, 1 - \Delta]`
+        (:math:`\Delta` = ``consistency_delta``, :math:`\alpha` = ``consistency_velocity_weight``).
+        Sampling: one step :math:`A = f(\tau\varepsilon, 0)`; with k steps, multistep consistency
         sampling re-noises the estimate to :math:`t_i = i/k` with fresh noise and applies :math:`f`
         again (k evaluations).
     """
