@@ -3,9 +3,11 @@
 What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstrations per task,
 ``configs/policy/mt10.toml``: width 64, 3 layers, chunks of 16 executing 8, 10,000 steps of 128):
 
-1. **Execution methods with delay.** One flow policy, trained with training-time real-time
-   chunking (``rtc_training_delay`` = the largest delay), is rolled out with every method
-   (``sync``, ``async``, ``rtc``, ``rtc-trained``) at delays ``D`` in ``--delays`` (control steps),
+1. **Execution methods with delay.** The flow policy is rolled out with ``sync``, ``async`` and
+   ``rtc``, and a second flow policy trained with training-time real-time chunking
+   (``rtc_training_delay`` = the largest delay; ``flow-rtc`` below) with ``rtc-trained``: training
+   with clean prefixes costs the plain policy success, so each method gets the policy it is meant
+   for. Delays ``D`` in ``--delays`` (control steps),
    ``--episodes`` fresh-seed episodes per task: success, the mean and largest action jump where a
    chunk takes over, and the episode length counting the steps the robot waited.
    Goals at D = 4: RTC (either variant) within 2 points of the D = 0 synchronous policy; its
@@ -74,10 +76,12 @@ def _cached(path: Path, compute):
     return result
 
 
-def _train(args, kind: str, data: Path) -> Path:
-    run = args.work / "runs" / kind
+def _train(args, name: str, data: Path) -> Path:
+    """Train the model ``name``: a head kind, or ``flow-rtc`` (the flow head with training-time RTC)."""
+    run = args.work / "runs" / name
     if (run / "trained.json").exists():
         return run
+    kind = "flow" if name == "flow-rtc" else name
     overrides = [
         f'policy.kind="{kind}"',
         f'data.root="{data}"',
@@ -86,11 +90,11 @@ def _train(args, kind: str, data: Path) -> Path:
         f"train.seed={args.seed}",
         "train.progress=false",
     ]
-    if kind == "flow":
+    if name == "flow-rtc":
         overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
     config = load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
     start = time.perf_counter()
-    print(f"[train] {kind}: {config.train.steps} steps", flush=True)
+    print(f"[train] {name}: {config.train.steps} steps", flush=True)
     train_policy(config, run, resume=(run / "checkpoint.json").exists())
     (run / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
     return run
@@ -173,18 +177,19 @@ def _likelihood(args, run: Path) -> dict:
     return _cached(args.work / "likelihood.json", compute)
 
 
-def _boundary_plot(args, run: Path, delay: int) -> Path:
+def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
     from flowforge.envs.evaluate import rollout
     from flowforge.envs.metaworld import MetaWorldEnv
     from flowforge.eval.plots import plot_chunk_boundaries
     from flowforge.policy import ChunkExecutor
 
     path = ROOT / "benchmarks" / "results" / "policy_realtime_boundaries.png"
-    policy = load_policy(run)
+    policies = {name: load_policy(runs[name]) for name in ("flow", "flow-rtc")}
     traces = {}
     env = MetaWorldEnv("push-v3", max_steps=200)
     try:
         for execution in ("sync", "async", "rtc", "rtc-trained"):
+            policy = policies["flow-rtc" if execution == "rtc-trained" else "flow"]
             executor = ChunkExecutor(policy, execution=execution, delay=delay, noise_scale=args.noise_scale)
             rollout(executor, env, seed=900_000_123, max_steps=120)
             traces[f"{execution}, D = {delay}"] = executor.sent_actions()
@@ -196,7 +201,7 @@ def _boundary_plot(args, run: Path, delay: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_realtime"))
-    parser.add_argument("--models", default="flow,shortcut,meanflow,consistency")
+    parser.add_argument("--models", default="flow,flow-rtc,shortcut,meanflow,consistency")
     parser.add_argument("--demos", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--episodes", type=int, default=50)
@@ -217,24 +222,24 @@ def main() -> None:
     runs = {kind: _train(args, kind, args.work / "mt10") for kind in models}
     sampling = {"noise_scale": args.noise_scale}
     results: dict[str, dict] = {}
-    if "flow" in runs:
-        for delay in args.delays:
-            for execution in ("sync", "async", "rtc", "rtc-trained"):
-                if delay == 0 and execution == "async":
-                    continue  # the same as sync without delay
-                name = f"flow-{execution}-D{delay}"
-                results[name] = _evaluate(args, name, runs["flow"], sampling=sampling, execution=execution, delay=delay)
+    for delay in args.delays:
+        for execution in ("sync", "async", "rtc", "rtc-trained"):
+            model = "flow-rtc" if execution == "rtc-trained" else "flow"
+            if model not in runs or (delay == 0 and execution == "async"):  # async without delay is sync
+                continue
+            name = f"flow-{execution}-D{delay}"
+            results[name] = _evaluate(args, name, runs[model], sampling=sampling, execution=execution, delay=delay)
     for kind in FEW_STEP:
         if kind in runs:
             for steps in (1, 2):
                 name = f"{kind}-{steps}step"
                 results[name] = _evaluate(args, name, runs[kind], sampling={"steps": steps, **sampling})
-    if "flow" not in runs or not all(kind in runs for kind in FEW_STEP):
+    if not all(name in runs for name in ("flow", "flow-rtc", *FEW_STEP)):
         print("evaluations of these models done; the summary needs every model (run without --models)")
         return
     latency = _latency(args, runs)
     likelihood = _likelihood(args, runs["flow"])
-    plot = _boundary_plot(args, runs["flow"], 4 if 4 in args.delays else max(args.delays))
+    plot = _boundary_plot(args, runs, 4 if 4 in args.delays else max(args.delays))
 
     print("\nExecution with inference delay (flow head, success / mean jump / max jump / length with waits)")
     for name, result in results.items():
