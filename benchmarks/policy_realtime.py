@@ -50,19 +50,8 @@ from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import evaluate
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
+from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
-MT10 = [
-    "reach-v3",
-    "push-v3",
-    "pick-place-v3",
-    "door-open-v3",
-    "drawer-open-v3",
-    "drawer-close-v3",
-    "button-press-topdown-v3",
-    "peg-insert-side-v3",
-    "window-open-v3",
-    "window-close-v3",
-]
 ROOT = Path(__file__).resolve().parents[1]
 FEW_STEP = ("shortcut", "meanflow", "consistency")
 

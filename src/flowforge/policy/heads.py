@@ -153,6 +153,8 @@ class PolicyHead(nn.Module):
     samples_from_noise: ClassVar[bool] = True
     #: the policy's expert also reads a time interval (few-step heads).
     interval: ClassVar[bool] = False
+    #: set by heads that sample with their own update instead of a solver (why only ``"euler"``).
+    own_steps: ClassVar[str] = ""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -202,6 +204,10 @@ class FlowHead(PolicyHead):
         from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
 
         config = self.config
+        if self.own_steps:  # a head with its own update: Euler-like steps only
+            method = "euler" if method is None else method
+            if method != "euler":
+                raise ValueError(f"method = {method!r}: {self.own_steps}; use 'euler'")
         sampling = Sampling(
             config.sampling_steps if steps is None else steps,
             config.method if method is None else method,
@@ -492,17 +498,7 @@ class MeanFlowHead(FlowHead):
 
     interval = True
     guidable = False
-
-    def sampling(
-        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
-    ) -> Sampling:
-        """As the flow head's, but the method is the average-velocity step (``"euler"``) alone."""
-        sampling = super().sampling(steps, "euler" if method is None else method, noise_scale)
-        if sampling.method != "euler":
-            raise ValueError(
-                f"method = {sampling.method!r}: a meanflow head steps with its average velocity; use 'euler'"
-            )
-        return sampling
+    own_steps = "a meanflow head steps with its average velocity"
 
     def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -552,15 +548,7 @@ class ConsistencyHead(FlowHead):
     """
 
     guidable = False
-
-    def sampling(
-        self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
-    ) -> Sampling:
-        """As the flow head's, but the method is consistency sampling (``"euler"``) alone."""
-        sampling = super().sampling(steps, "euler" if method is None else method, noise_scale)
-        if sampling.method != "euler":
-            raise ValueError(f"method = {sampling.method!r}: a consistency head samples by its own steps; use 'euler'")
-        return sampling
+    own_steps = "a consistency head samples by its own steps"
 
     def predicted_chunk(self, cache: ExpertCache, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`(f(x, t), v(x, t))`."""
