@@ -102,3 +102,39 @@ def test_the_mean_flow_target_matches_finite_differences_of_the_network() -> Non
     with torch.no_grad():
         flat = (average_velocity(x_s, start, torch.zeros_like(span)) - v).square().mean()
     torch.testing.assert_close(zero, flat)
+
+
+def test_the_adaptive_mean_flow_weight_divides_each_rows_error_by_itself_held_fixed() -> None:
+    """With p = 1 each row contributes e / (e + c) with the weight held fixed: the value is that, and
+    the gradient is the plain squared error's scaled per row by 1 / (e + c). Masked entries count nowhere."""
+    from flowforge.matching import LinearPath
+    from flowforge.matching.functional import mean_flow_loss
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).double()
+
+    def average_velocity(x, s, h):
+        return net(torch.cat([x, s[:, None], h[:, None]], dim=1).flatten(1)[:, :6]).reshape(x.shape)
+
+    path = LinearPath()
+    x0, x1 = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    start, span = torch.rand(5, dtype=torch.float64) * 0.5, torch.rand(5, dtype=torch.float64) * 0.5
+    mask = torch.tensor([[True, True, False, True]] * 4 + [[False] * 4])
+    torch.manual_seed(2)
+    weighted = mean_flow_loss(average_velocity, x0, x1, start, span, path, mask=mask, adaptive_power=1.0)
+    # Rebuild the per-row errors from the plain loss of each row alone.
+    errors = torch.stack(
+        [
+            mean_flow_loss(average_velocity, x0[i : i + 1], x1[i : i + 1], start[i : i + 1], span[i : i + 1], path,
+                           mask=mask[i : i + 1])
+            for i in range(4)
+        ]
+    )
+    expected = (errors / (errors.detach() + 1e-3)).mean()
+    torch.testing.assert_close(weighted, expected)
+    grads = torch.autograd.grad(weighted, list(net.parameters()))
+    expected_grads = torch.autograd.grad(expected, list(net.parameters()))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    plain = mean_flow_loss(average_velocity, x0, x1, start, span, path, mask=mask)
+    assert not torch.allclose(weighted, plain)

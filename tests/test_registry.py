@@ -120,6 +120,7 @@ def _policy_case(kind: str, **changes):
             shortcut_fraction=0.5,
             shortcut_halvings=5,
             meanflow_fraction=0.5,
+            meanflow_adaptive_power=0.5,
             consistency_delta=0.05,
             consistency_velocity_weight=0.5,
             diffusion_steps=12,

@@ -134,6 +134,8 @@ def mean_flow_loss(
     path: AffinePath,
     *,
     mask: Tensor | None = None,
+    adaptive_power: float = 0.0,
+    adaptive_offset: float = 1e-3,
 ) -> Tensor:
     r"""The MeanFlow loss (Geng et al. 2025) in flowforge's time convention (noise at 0, data at 1), a scalar.
 
@@ -147,13 +149,27 @@ def mean_flow_loss(
     the total derivative computed as one Jacobian-vector product (``torch.func.jvp``) with tangents
     :math:`(v, 1, -1)`, :math:`v` the path's conditional velocity. The right side is the target,
     held fixed (no gradient). ``start``, ``span`` (batch,); ``span = 0`` rows are flow matching.
+
+    Adaptive weighting (the paper's, ``adaptive_power`` :math:`p > 0`): each row's mean squared error
+    :math:`e` is weighted by :math:`(e + c)^{-p}` held fixed, :math:`c` = ``adaptive_offset``, and the
+    rows averaged; :math:`p = 1` makes the loss behave like a robust norm of the error, which keeps
+    the large early targets of the time derivative from taking over training. ``p = 0``: the plain
+    mean of squared errors. ``mask`` as in :func:`masked_mean`.
     """
     x_s, v = path.sample(x0, x1, start)
     prediction, derivative = torch.func.jvp(
         average_velocity, (x_s, start, span), (v, torch.ones_like(start), -torch.ones_like(span))
     )
     target = (v + span.reshape(-1, *([1] * (v.dim() - 1))) * derivative).detach()
-    return masked_mean((prediction - target).square(), mask)
+    squared = (prediction - target).square()
+    if adaptive_power == 0:
+        return masked_mean(squared, mask)
+    counted = squared.new_ones(()) if mask is None else _broadcast(mask, squared, "mask").to(squared.dtype)
+    counted = counted.expand_as(squared).flatten(1)
+    row_error = (squared.flatten(1) * counted).sum(1) / counted.sum(1).clamp_min(1.0)
+    weights = (row_error.detach() + adaptive_offset).pow(-adaptive_power)
+    rows = (counted.sum(1) > 0).to(squared.dtype)
+    return (weights * row_error * rows).sum() / rows.sum().clamp_min(1.0)
 
 
 def masked_mean(values: Tensor, mask: Tensor | None = None, weights: Tensor | None = None) -> Tensor:

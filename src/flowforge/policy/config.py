@@ -49,6 +49,8 @@ class PolicyConfig:
         shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows and
             its smallest trained step, ``2 ** -shortcut_halvings``.
         meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
+        meanflow_adaptive_power: the power p of the meanflow head's adaptive loss weight (0: plain
+            squared error; see ``mean_flow_loss``).
         consistency_delta, consistency_velocity_weight: the consistency head's time gap between the
             two points of a path it makes agree, and the weight of its velocity term.
         rtc_training_delay: training-time real-time chunking (flow head): each training chunk
@@ -79,6 +81,7 @@ class PolicyConfig:
     shortcut_fraction: float = 0.25
     shortcut_halvings: int = 7
     meanflow_fraction: float = 0.25
+    meanflow_adaptive_power: float = 1.0
     consistency_delta: float = 0.01
     consistency_velocity_weight: float = 1.0
     rtc_training_delay: int = 0
@@ -128,6 +131,7 @@ class PolicyConfig:
         check_range("shortcut_fraction", self.shortcut_fraction, low=0, high=1)
         _check_count("shortcut_halvings", self.shortcut_halvings)
         check_range("meanflow_fraction", self.meanflow_fraction, low=0, high=1)
+        check_range("meanflow_adaptive_power", self.meanflow_adaptive_power, low=0)
         check_range("consistency_delta", self.consistency_delta, low=0, high=1, low_open=True, high_open=True)
         check_range("consistency_velocity_weight", self.consistency_velocity_weight, low=0)
         if isinstance(self.rtc_training_delay, bool) or not isinstance(self.rtc_training_delay, int):

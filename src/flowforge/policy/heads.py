@@ -493,6 +493,7 @@ class MeanFlowHead(FlowHead):
 
     Times: two draws of the flow time sampler, :math:`s` the smaller and :math:`s + h` the larger;
     on all but ``meanflow_fraction`` of the rows :math:`h = 0` (plain flow matching, as the paper).
+    The loss is weighted adaptively (``meanflow_adaptive_power``, the paper's :math:`p = 1` by default).
     Sampling with ``steps = k``: :math:`x \leftarrow x + \tfrac1k u(x, i/k, 1/k)`, k evaluations.
     """
 
@@ -512,7 +513,16 @@ class MeanFlowHead(FlowHead):
         span = torch.where(averaged, (first - second).abs(), torch.zeros_like(first))
         # The fused attention kernels have no forward-mode derivative: the JVP runs the plain one.
         with sdpa_kernel(SDPBackend.MATH):
-            return mean_flow_loss(cache.denoise, noise, target, start, span, self.path, mask=_kept(pad))
+            return mean_flow_loss(
+                cache.denoise,
+                noise,
+                target,
+                start,
+                span,
+                self.path,
+                mask=_kept(pad),
+                adaptive_power=self.config.meanflow_adaptive_power,
+            )
 
     def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
         x = noise_scale * noise
