@@ -1,8 +1,11 @@
-"""Flow matching: probability paths, couplings, time samplers, the FlowMatcher, reflow and shortcut models."""
+"""Flow matching: probability paths, couplings, time samplers, the FlowMatcher, reflow, and the few-step
+families: shortcut models, MeanFlow and consistency models."""
 
+from flowforge.matching.consistency import ConsistencyMatcher
 from flowforge.matching.couplings import Coupling, ExactOTCoupling, IndependentCoupling, SinkhornCoupling
 from flowforge.matching.functional import Integration, flow_matching_loss, integrate
 from flowforge.matching.matcher import FlowMatcher
+from flowforge.matching.meanflow import MeanFlowMatcher
 from flowforge.matching.paths import (
     AffinePath,
     CosinePath,
@@ -16,6 +19,7 @@ from flowforge.matching.time import LogitNormalTime, ShiftedBetaTime, TimeSample
 
 __all__ = [
     "AffinePath",
+    "ConsistencyMatcher",
     "CosinePath",
     "Coupling",
     "ExactOTCoupling",
@@ -24,6 +28,7 @@ __all__ = [
     "Integration",
     "LinearPath",
     "LogitNormalTime",
+    "MeanFlowMatcher",
     "ShiftedBetaTime",
     "ShortcutMatcher",
     "SinkhornCoupling",

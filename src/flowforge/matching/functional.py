@@ -136,6 +136,7 @@ def mean_flow_loss(
     mask: Tensor | None = None,
     adaptive_power: float = 0.0,
     adaptive_offset: float = 1e-3,
+    guided_velocity: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     r"""The MeanFlow loss (Geng et al. 2025) in flowforge's time convention (noise at 0, data at 1), a scalar.
 
@@ -155,8 +156,13 @@ def mean_flow_loss(
     rows averaged; :math:`p = 1` makes the loss behave like a robust norm of the error, which keeps
     the large early targets of the time derivative from taking over training. ``p = 0``: the plain
     mean of squared errors. ``mask`` as in :func:`masked_mean`.
+
+    ``guided_velocity(x_s, v)``, when given, replaces the conditional velocity :math:`v` in both the
+    tangent and the target (MeanFlow's classifier-free guidance, :class:`~flowforge.matching.MeanFlowMatcher`).
     """
     x_s, v = path.sample(x0, x1, start)
+    if guided_velocity is not None:
+        v = guided_velocity(x_s, v).detach()
     prediction, derivative = torch.func.jvp(
         average_velocity, (x_s, start, span), (v, torch.ones_like(start), -torch.ones_like(span))
     )

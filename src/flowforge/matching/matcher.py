@@ -228,10 +228,18 @@ class FlowMatcher(Rebuildable, nn.Module):
         x0 = check_batched("x0", x0, self.event_shape, batch=x1.shape[0], batch_of="x1", finite=True, dtype=x1.dtype)
         return x1, context, x0, t
 
-    def _drop_context(self, context: Tensor | None) -> Tensor | None:
+    def _dropped_rows(self, context: Tensor | None) -> Tensor | None:
+        """Which rows train with the null context, (batch, 1) bool; ``None`` when none can."""
         if context is None or not self.context_dropout or not self.training:
+            return None
+        return torch.rand(context.shape[0], 1, device=context.device) < self.context_dropout
+
+    def _drop_context(self, context: Tensor | None, dropped: Tensor | None = None) -> Tensor | None:
+        """``context`` with the null context on the ``dropped`` rows (drawn when not given)."""
+        if dropped is None:
+            dropped = self._dropped_rows(context)
+        if dropped is None:
             return context
-        dropped = torch.rand(context.shape[0], 1, device=context.device) < self.context_dropout
         return torch.where(dropped, self.null_context.to(context.dtype), context)
 
     # ------------------------------------------------------------------ velocity
@@ -325,9 +333,12 @@ class FlowMatcher(Rebuildable, nn.Module):
         x0, context, shape = self._noise_and_context(n, context)
         guidance_scale = self._check_guidance(guidance_scale, context)
         if x0.shape[0] == 0:
+            self.last_nfe = 0
             return x0.reshape(shape)
         field = self.sampling_field(context, guidance_scale, method, steps)
-        return integrate(field, x0, method=method, steps=steps, atol=atol, rtol=rtol).x.reshape(shape)
+        result = integrate(field, x0, method=method, steps=steps, atol=atol, rtol=rtol)
+        self.last_nfe = result.nfe
+        return result.x.reshape(shape)
 
     def sampling_field(
         self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
@@ -422,7 +433,7 @@ class FlowMatcher(Rebuildable, nn.Module):
         self.last_nfe = transform.last_nfe
         return self.base.log_prob(z.reshape(x.shape)) + logabsdet
 
-    #: velocity evaluations of the most recent log_prob solve.
+    #: network evaluations of the most recent sample or log_prob call.
     last_nfe: int = 0
 
     def extra_repr(self) -> str:
