@@ -122,10 +122,18 @@ def test_reverse_kl_config_reports_a_kl(tmp_path: Path) -> None:
     assert (tmp_path / "kl" / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_flow_matching_and_shortcut_configs_train_and_sample(tmp_path: Path) -> None:
-    for name in ("flow_matching_checkerboard.toml", "shortcut_8gaussians.toml"):
+def test_every_flow_matching_family_config_trains_evaluates_and_samples(tmp_path: Path) -> None:
+    for name in (
+        "flow_matching_checkerboard.toml",
+        "shortcut_8gaussians.toml",
+        "meanflow_8gaussians.toml",
+        "consistency_8gaussians.toml",
+    ):
         result = _train(CONFIGS / name, tmp_path / name, "--set", "model.options.hidden=[16]")
         assert result.exit_code == 0, result.output
+        assert "mmd" in result.output
+        # A consistency model has no density: its evaluation reports sample metrics only.
+        assert ("nll" in result.output) == (name != "consistency_8gaussians.toml"), result.output
         result = runner.invoke(app, ["sample", str(tmp_path / name), "-n", "4", "-o", str(tmp_path / f"{name}.npy")])
         assert result.exit_code == 0, result.output
 

@@ -256,6 +256,15 @@ class ConsistencyMatcher(FlowMatcher):
         """Samples without gradients; arguments as :meth:`rsample`."""
         return self.rsample(n, context, steps, method, guidance_scale, atol, rtol)
 
+    def log_prob(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Refused: a consistency function maps noise to data in jumps and defines no density; a
+        :class:`FlowMatcher` or :class:`~flowforge.matching.MeanFlowMatcher` (its instantaneous field)
+        gives one."""
+        raise ValueError(
+            "a consistency model has no tractable density (its map from noise to data is not an ODE flow); "
+            "use a FlowMatcher or MeanFlowMatcher for log_prob"
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, total_steps={self.total_steps}, intervals={self.initial_intervals}.."

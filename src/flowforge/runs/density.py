@@ -43,14 +43,16 @@ from flowforge.errors import CheckpointError, ConfigError, DataError
 from flowforge.eval.plots import grid_points, plot_bounds, plot_image_run, plot_points_run
 from flowforge.eval.report import likelihood_metrics, sample_metrics
 from flowforge.flows import Dequantized
-from flowforge.matching import FlowMatcher, ShortcutMatcher
+from flowforge.matching import ConsistencyMatcher, FlowMatcher, MeanFlowMatcher, ShortcutMatcher
 from flowforge.runs.data import COUNT_DATASETS, DataConfig, RunData, load_data
 from flowforge.train import AdversarialML, FlowMatchingObjective, MaximumLikelihood, ReverseKL, Trainer, TrainerConfig
 from flowforge.utils.progress import progress_bar
 
 OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl", "adversarial")
 #: Models that train by flow matching (the others by a likelihood or reverse KL).
-MATCHING_MODELS = ("flow-matching", "shortcut")
+MATCHING_MODELS = ("flow-matching", "shortcut", "meanflow", "consistency")
+#: matching models whose network reads a step size (the shortcut step, the MeanFlow span).
+STEP_INPUT_MODELS = ("shortcut", "meanflow")
 #: Registered models a run cannot name directly (the run builds them around another model).
 _WRAPPERS = ("dequantized",)
 DEQUANTIZATIONS = ("uniform", "variational")
@@ -179,7 +181,9 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
             velocity_options.pop("features", None)
             if len(event_shape) != 1:
                 raise ConfigError(f"[model] kind = {kind!r} takes vectors; the data has shape {event_shape}")
-            velocity = velocity_cls(event_shape[0], step_input=kind == "shortcut", **velocity_options)
+            velocity = velocity_cls(event_shape[0], step_input=kind in STEP_INPUT_MODELS, **velocity_options)
+            if kind == "consistency":
+                options.setdefault("total_steps", config.train.steps)  # the curriculum spans the run
             return cls(velocity, **options)
         parameters = list(inspect.signature(cls.__init__).parameters)
         if parameters[1] == "shape":
@@ -330,13 +334,19 @@ def draw_samples(run: Run, n: int, steps: int = 10, chunk: int = 16_384, progres
         for start in range(0, n, chunk):
             count = min(chunk, n - start)
             if isinstance(model, FlowMatcher):
-                method = "euler" if isinstance(model, ShortcutMatcher) else "midpoint"
+                few_step = isinstance(model, ShortcutMatcher | MeanFlowMatcher | ConsistencyMatcher)
+                method = "euler" if few_step else "midpoint"
                 parts.append(model.sample(count, steps=steps, method=method))
             else:
                 parts.append(model.sample(count))
             bar.update(count)
     x = torch.cat(parts).float()
     return run.standardizer.inverse(x) if run.standardizer is not None else x
+
+
+def has_density(model: nn.Module) -> bool:
+    """Whether the model evaluates a log-density (a consistency model maps noise to data without one)."""
+    return hasattr(model, "log_prob") and not isinstance(model, ConsistencyMatcher)
 
 
 def log_prob_in_data_units(run: Run, x: Tensor) -> Tensor:
@@ -372,9 +382,11 @@ def evaluate_run(run: Run, data: Tensor | None, samples: int = 2000, seed: int =
         raise DataError("evaluating a run needs held-out data")
     test = data[:samples]
     torch.manual_seed(seed)
-    with torch.no_grad():
-        log_probs = torch.cat([log_prob_in_data_units(run, rows) for rows in test.split(1024)])
-    metrics = likelihood_metrics(log_probs, test[0].numel())
+    metrics = {}
+    if has_density(run.model):
+        with torch.no_grad():
+            log_probs = torch.cat([log_prob_in_data_units(run, rows) for rows in test.split(1024)])
+        metrics = likelihood_metrics(log_probs, test[0].numel())
     metrics.update(sample_metrics(draw_samples(run, test.shape[0]), test, seed))
     return metrics
 
@@ -395,7 +407,7 @@ def plot_run(run: Run, path: str | Path, data: Tensor | None, samples: int = 200
     density = target_density = None
     if reference.shape[1] == 2:
         xs, ys, points = grid_points(bounds)
-        if isinstance(run.model, FlowMatcher) or hasattr(run.model, "log_prob"):
+        if has_density(run.model):
             density = (xs, ys, log_prob_in_data_units(run, points).exp().reshape(len(ys), len(xs)).cpu())
         if run.reverse_kl:
             log_density = target(run.config.objective.target)(points)
@@ -444,6 +456,7 @@ def training_curve(directory: Path) -> tuple[list[float], list[float]]:
 
 __all__ = [
     "MATCHING_MODELS",
+    "STEP_INPUT_MODELS",
     "OBJECTIVES",
     "DataConfig",
     "ModelConfig",
@@ -454,6 +467,7 @@ __all__ = [
     "build_model",
     "draw_samples",
     "evaluate_run",
+    "has_density",
     "held_out_data",
     "is_image_run",
     "load_config",
