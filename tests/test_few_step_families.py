@@ -195,3 +195,20 @@ def test_every_family_samples_through_one_interface_and_reports_its_nfe(family: 
     assert model.sample(3, context[:0], steps=steps).shape == (3, 0, 2)
     with pytest.raises(ValueError, match="steps must be a positive int"):
         model.sample(2, context, steps=0)
+
+
+def test_quality_against_nfe_covers_fixed_steps_adaptive_and_the_cnf() -> None:
+    from flowforge.eval.metrics import quality_against_nfe
+    from flowforge.flows import CNF
+
+    torch.manual_seed(0)
+    mean_norm = lambda x: float(x.norm(dim=-1).mean())  # noqa: E731
+    curve = quality_against_nfe(FAMILIES["flow-matching"](), mean_norm, 64, context=torch.randn(2, 3), steps=(1, 3))
+    assert [p.label for p in curve] == ["1 step", "3 steps", "dopri5"]
+    assert [p.nfe for p in curve[:2]] == [1, 3] and curve[2].nfe > 3
+    consistency = quality_against_nfe(FAMILIES["consistency"](), mean_norm, 8, context=torch.randn(1, 3), steps=(1, 2))
+    assert [(p.label, p.nfe) for p in consistency] == [("1 step", 1), ("2 steps", 2)]  # no adaptive field
+    cnf = quality_against_nfe(CNF(2, hidden=(8,)), mean_norm, 16)
+    assert len(cnf) == 1 and cnf[0].label == "adaptive" and cnf[0].nfe > 0
+    with pytest.raises(TypeError, match="reports no NFE"):
+        quality_against_nfe(nn.Linear(2, 2), mean_norm, 4)

@@ -9,13 +9,16 @@ r"""Likelihood and sample-quality metrics.
   simplex); cost :math:`O(n^3)` in the worst case, fine up to a few thousand points.
 * :func:`sliced_wasserstein`: :math:`\big(\mathbb E_\theta\, W_p^p(\theta^\top X, \theta^\top Y)\big)^{1/p}`
   over random directions :math:`\theta` on the sphere, each 1-D problem solved by sorting.
+* :func:`quality_against_nfe`: any sample metric against the network evaluations spent, for every
+  flow-matching family (fixed steps and adaptive) and for a CNF (adaptive).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -189,7 +192,63 @@ def sliced_wasserstein(
     return float((projected_x - projected_y).abs().pow(p).mean()) ** (1.0 / p)
 
 
+@dataclass(frozen=True)
+class NFEPoint:
+    """One point of a quality-against-NFE curve: how it was sampled, the evaluations it took, the metric."""
+
+    label: str
+    nfe: int
+    value: float
+
+
+def quality_against_nfe(
+    model: torch.nn.Module,
+    metric: Callable[[Tensor], float],
+    n: int,
+    *,
+    context: Tensor | None = None,
+    steps: Sequence[int] = (1, 2, 4, 8, 16),
+    adaptive: str | None = "dopri5",
+    seed: int = 0,
+) -> list[NFEPoint]:
+    """``metric(samples)`` of ``n`` samples drawn at each number of ``steps`` and adaptively.
+
+    Every flow-matching family samples through ``sample(n, context, steps=k)`` (Euler: a
+    shortcut model is told its step, MeanFlow its span, a consistency model steps its own
+    way); the NFE is what the model reports (``last_nfe``). The adaptive point integrates the
+    model's instantaneous field with ``adaptive`` (a consistency model has none and skips it). A
+    model without fixed steps (a :class:`~flowforge.flows.CNF`) gives its one adaptive point,
+    sampled with the method it was built with. Each point draws with the same ``seed``.
+    """
+    from flowforge.matching import ConsistencyMatcher, FlowMatcher  # models sit below eval
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    points = []
+
+    def measure(label: str, draw: Callable[[], Tensor]) -> None:
+        torch.manual_seed(seed)
+        samples = draw()
+        points.append(NFEPoint(label, int(model.last_nfe), float(metric(samples))))
+
+    if isinstance(model, FlowMatcher):
+        for k in steps:
+            measure(f"{k} step{'s' if k > 1 else ''}", lambda k=k: model.sample(n, context, steps=k))
+        if adaptive is not None and not isinstance(model, ConsistencyMatcher):
+            measure(adaptive, lambda: model.sample(n, context, method=adaptive))
+    elif hasattr(model, "last_nfe") and hasattr(model, "sample"):
+        measure("adaptive", lambda: model.sample(n, context))
+    else:
+        raise TypeError(
+            f"{type(model).__name__} reports no NFE: pass a flow-matching model (FlowMatcher and its "
+            "few-step families) or a CNF"
+        )
+    return points
+
+
 __all__ = [
+    "NFEPoint",
+    "quality_against_nfe",
     "bits_per_dim",
     "energy_distance",
     "mmd",
