@@ -125,8 +125,15 @@ def test_the_adaptive_mean_flow_weight_divides_each_rows_error_by_itself_held_fi
     # Rebuild the per-row errors from the plain loss of each row alone.
     errors = torch.stack(
         [
-            mean_flow_loss(average_velocity, x0[i : i + 1], x1[i : i + 1], start[i : i + 1], span[i : i + 1], path,
-                           mask=mask[i : i + 1])
+            mean_flow_loss(
+                average_velocity,
+                x0[i : i + 1],
+                x1[i : i + 1],
+                start[i : i + 1],
+                span[i : i + 1],
+                path,
+                mask=mask[i : i + 1],
+            )
             for i in range(4)
         ]
     )
@@ -134,7 +141,7 @@ def test_the_adaptive_mean_flow_weight_divides_each_rows_error_by_itself_held_fi
     torch.testing.assert_close(weighted, expected)
     grads = torch.autograd.grad(weighted, list(net.parameters()))
     expected_grads = torch.autograd.grad(expected, list(net.parameters()))
-    for got, want in zip(grads, expected_grads):
+    for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
     plain = mean_flow_loss(average_velocity, x0, x1, start, span, path, mask=mask)
     assert not torch.allclose(weighted, plain)

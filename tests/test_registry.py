@@ -23,12 +23,14 @@ from flowforge.checkpoint import load_model, save_model
 from flowforge.errors import CheckpointError, RebuildError
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Dequantized, Glow, MultiscaleRealNVP, RealNVP, ResidualFlow
 from flowforge.matching import (
+    ConsistencyMatcher,
     CosinePath,
     ExactOTCoupling,
     FlowMatcher,
     IndependentCoupling,
     LinearPath,
     LogitNormalTime,
+    MeanFlowMatcher,
     ShiftedBetaTime,
     ShortcutMatcher,
     SinkhornCoupling,
@@ -36,7 +38,7 @@ from flowforge.matching import (
     UniformTime,
     VariancePreservingPath,
 )
-from flowforge.nn import ResidualVelocityMLP, VelocityMLP
+from flowforge.nn import ResidualVelocityMLP, UNetVelocity, VelocityMLP
 from flowforge.policy import PolicyConfig
 from flowforge.runs.policy import load_policy
 
@@ -73,7 +75,23 @@ CASES: dict[str, list] = {
             event_shape=2,
             context=2,
             context_dropout=0.1,
-        )
+        ),
+        lambda: FlowMatcher(
+            UNetVelocity(
+                (2, 4, 4),
+                context=3,
+                channels=8,
+                channel_multipliers=(1, 2, 2),
+                blocks=2,
+                attention=True,
+                heads=2,
+                groups=4,
+                time_embedding=8,
+                dropout=0.1,
+                step_input=True,
+            ),
+            context_dropout=0.2,
+        ),
     ],
     "shortcut": [
         lambda: ShortcutMatcher(
@@ -89,6 +107,30 @@ CASES: dict[str, list] = {
             StochasticInterpolantPath(LinearPath(sigma_min=0.01), gamma_scale=0.5),
             IndependentCoupling(),
             UniformTime(),
+        ),
+    ],
+    "meanflow": [
+        lambda: MeanFlowMatcher(
+            VelocityMLP(2, 2, (8,), time_embedding=4, step_input=True),
+            context_dropout=0.2,
+            span_fraction=0.5,
+            adaptive_power=0.5,
+            guidance_scale=2.0,
+        ),
+    ],
+    "consistency": [
+        lambda: ConsistencyMatcher(
+            VelocityMLP(2, 2, (8,), time_embedding=4),
+            total_steps=50,
+            initial_intervals=4,
+            final_intervals=32,
+            sigma_min=0.01,
+            sigma_max=40.0,
+            rho=5.0,
+            time_mean=-0.5,
+            time_std=1.5,
+            huber_constant=0.01,
+            distillation_intervals=8,
         ),
     ],
 }

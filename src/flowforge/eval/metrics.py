@@ -248,11 +248,11 @@ def quality_against_nfe(
 
 __all__ = [
     "NFEPoint",
-    "quality_against_nfe",
     "bits_per_dim",
     "energy_distance",
     "mmd",
     "negative_log_likelihood",
+    "quality_against_nfe",
     "sliced_wasserstein",
     "wasserstein",
 ]

@@ -239,3 +239,120 @@ def plot_chunk_boundaries(
                 ax.set_xlabel("control step")
     fig.suptitle("actions sent; red lines: a new chunk takes over", fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_class_grid(
+    samples: Tensor | Sequence[Tensor],
+    labels: Tensor | None,
+    path: str | Path,
+    *,
+    columns: int = 10,
+    value_range: tuple[float, float] | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+) -> Path:
+    """Write a PNG grid of image samples, one row per class, up to ``columns`` images in each.
+
+    ``samples`` and ``labels`` take one of three forms:
+
+    * ``samples`` ``(N, C, H, W)`` and ``labels`` ``(N,)`` class numbers (or ``(N, K)`` one-hot rows);
+    * ``samples`` ``(n, K, C, H, W)`` and ``labels=None``: column ``i``, class ``k`` is ``samples[i, k]``,
+      the shape :meth:`flowforge.matching.FlowMatcher.sample` returns for a context of K rows (one per class);
+    * ``samples`` a list of K tensors ``(n_k, C, H, W)``, one per class, and ``labels=None``.
+
+    Images have 1 channel (drawn dark on light, as the digits figures) or 3 (RGB). ``value_range``
+    ``(low, high)`` maps to the colour scale (values outside are clipped); by default the samples'
+    own minimum and maximum (use ``(0, 16)`` for digit pixel counts). Rows are labelled with
+    ``class_names`` (default: the class numbers); a class with no samples gets an empty row.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = _class_rows(samples, labels)
+    if class_names is not None:
+        if len(class_names) < len(rows):
+            raise ValueError(f"class_names has {len(class_names)} names for {len(rows)} classes")
+        rows = rows + [rows[0][:0]] * (len(class_names) - len(rows))
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns must be a positive int, got {columns!r}")
+    channels, height, width = rows[0].shape[1:]
+    if channels not in (1, 3):
+        raise ValueError(f"samples must have 1 or 3 channels, got {channels}")
+    shown = [row[:columns].detach().cpu().double() for row in rows]
+    drawn = torch.cat(shown) if any(row.shape[0] for row in shown) else torch.zeros(1)
+    if value_range is None:
+        low, high = float(drawn.min()), float(drawn.max())
+    else:
+        low, high = (float(v) for v in value_range)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"value_range must be two finite numbers, got {value_range!r}")
+    if not high > low:
+        if value_range is not None:
+            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}")
+        high = low + 1.0  # constant images
+    # One mosaic with 1-pixel gaps; the gaps show as the background (white).
+    mosaic = np.ones((len(rows) * (height + 1) + 1, columns * (width + 1) + 1, channels))
+    for r, row in enumerate(shown):
+        for c, image in enumerate(row):
+            tile = ((image - low) / (high - low)).clamp(0, 1).permute(1, 2, 0).numpy()
+            top, left = 1 + r * (height + 1), 1 + c * (width + 1)
+            mosaic[top : top + height, left : left + width] = 1.0 - tile if channels == 1 else tile
+    fig = Figure(figsize=(0.5 + 0.45 * columns, 0.3 + 0.45 * len(rows)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(mosaic[..., 0] if channels == 1 else mosaic, cmap="gray" if channels == 1 else None, vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([1 + r * (height + 1) + (height - 1) / 2 for r in range(len(rows))])
+    ax.set_yticklabels(list(class_names) if class_names is not None else [str(k) for k in range(len(rows))])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def _class_rows(samples: Tensor | Sequence[Tensor], labels: Tensor | None) -> list[Tensor]:
+    """The samples of each class ``0..K-1``, as a list of ``(n_k, C, H, W)`` tensors (see :func:`plot_class_grid`)."""
+    if isinstance(samples, Tensor):
+        if labels is None:
+            if samples.dim() != 5:
+                raise ValueError(
+                    "without labels, samples must have shape (n, classes, C, H, W) or be a list of one "
+                    f"(n_k, C, H, W) tensor per class; got shape {tuple(samples.shape)}"
+                )
+            return list(samples.transpose(0, 1))
+        if samples.dim() != 4:
+            raise ValueError(f"samples must have shape (N, C, H, W) with labels (N,), got {tuple(samples.shape)}")
+        if not isinstance(labels, Tensor):
+            raise TypeError(
+                f"labels must be a torch.Tensor of shape ({samples.shape[0]},), got {type(labels).__name__}"
+            )
+        if labels.dim() == 2 and labels.shape[0] == samples.shape[0]:
+            labels = labels.argmax(1)
+        if labels.shape != (samples.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({samples.shape[0]},) (one class per sample) or "
+                f"({samples.shape[0]}, classes) (one-hot), got {tuple(labels.shape)}"
+            )
+        if labels.numel() == 0:
+            raise ValueError("samples has 0 rows: nothing to draw")
+        if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+            raise ValueError("labels must hold whole class numbers")
+        labels = labels.long().cpu()
+        if int(labels.min()) < 0:
+            raise ValueError(f"labels must be class numbers >= 0, got {int(labels.min())}")
+        return [samples[(labels == k).to(samples.device)] for k in range(int(labels.max()) + 1)]
+    if labels is not None:
+        raise ValueError("labels must be None when samples is a list of one tensor per class")
+    rows = list(samples)
+    if not rows:
+        raise ValueError("samples is an empty list: give one (n_k, C, H, W) tensor per class")
+    for k, row in enumerate(rows):
+        if not isinstance(row, Tensor) or row.dim() != 4 or tuple(row.shape[1:]) != tuple(rows[0].shape[1:]):
+            shape = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
+            raise ValueError(
+                f"samples[{k}] must be a tensor of shape (n_k, C, H, W) like samples[0] "
+                f"{tuple(getattr(rows[0], 'shape', ()))}, got {shape}"
+            )
+    return rows

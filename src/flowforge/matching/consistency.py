@@ -116,9 +116,7 @@ class ConsistencyMatcher(FlowMatcher):
         self.initial_intervals = check_count("initial_intervals", initial_intervals)
         self.final_intervals = check_count("final_intervals", final_intervals)
         if self.final_intervals < self.initial_intervals:
-            raise ValueError(
-                f"final_intervals ({final_intervals}) must be >= initial_intervals ({initial_intervals})"
-            )
+            raise ValueError(f"final_intervals ({final_intervals}) must be >= initial_intervals ({initial_intervals})")
         self.sigma_min = check_real("sigma_min", sigma_min, positive=True)
         self.sigma_max = check_real("sigma_max", sigma_max, positive=True)
         if self.sigma_max <= self.sigma_min:
@@ -139,7 +137,7 @@ class ConsistencyMatcher(FlowMatcher):
     def intervals(self, step: int | None = None) -> int:
         """N at a training step (default: the current one): doubling from the initial to the final N."""
         step = int(self.training_step) if step is None else step
-        doublings = int(math.floor(math.log2(self.final_intervals / self.initial_intervals)))
+        doublings = math.floor(math.log2(self.final_intervals / self.initial_intervals))
         stage_length = max(self.total_steps // (doublings + 1), 1)
         return min(self.initial_intervals * 2 ** (step // stage_length), self.final_intervals)
 

@@ -1,8 +1,9 @@
-"""Neural networks used inside flows: conditioners, embeddings and velocity fields."""
+"""Neural networks used inside flows: conditioners, embeddings and velocity fields (MLPs, a U-Net)."""
 
 from flowforge.nn.conv import ConvConditioner
 from flowforge.nn.made import MADE, MaskedLinear, MaskedResidualBlock
 from flowforge.nn.mlp import MLP
+from flowforge.nn.unet import UNetVelocity
 from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, VelocityMLP
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "MaskedResidualBlock",
     "ResidualVelocityMLP",
     "SinusoidalTimeEmbedding",
+    "UNetVelocity",
     "VelocityMLP",
 ]

@@ -456,8 +456,8 @@ def training_curve(directory: Path) -> tuple[list[float], list[float]]:
 
 __all__ = [
     "MATCHING_MODELS",
-    "STEP_INPUT_MODELS",
     "OBJECTIVES",
+    "STEP_INPUT_MODELS",
     "DataConfig",
     "ModelConfig",
     "ObjectiveConfig",
