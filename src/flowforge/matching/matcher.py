@@ -29,6 +29,8 @@ tensor, ``loss`` of 0 rows a ``ValueError``.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from math import prod
 
@@ -40,7 +42,7 @@ from flowforge.matching.couplings import Coupling, IndependentCoupling
 from flowforge.matching.functional import flow_matching_loss, integrate
 from flowforge.matching.paths import AffinePath, LinearPath, _expand
 from flowforge.matching.time import TimeSampler, UniformTime
-from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, sdeint
+from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, ButcherTableau, FixedStepSolve, sdeint
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import (
@@ -70,9 +72,65 @@ class _FlatVelocity(nn.Module):
         return self.matcher._velocity(event, t, context, self.guidance_scale).reshape(x.shape[0], -1)
 
 
+#: traced fixed-step solves, per velocity network and solve signature (``None``: not traceable).
+_TRACED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Callable | None]] = weakref.WeakKeyDictionary()
+
+
+def _traced_solve(
+    net: nn.Module, tableau: ButcherTableau, steps: int, h: float, inputs: tuple[Tensor, ...]
+) -> Callable | None:
+    """The fixed-step solve around ``net`` (:class:`~flowforge.ode.FixedStepSolve`) traced to
+    TorchScript for inputs shaped like ``inputs`` = ``(x0, stage times[, context])``, or ``None``
+    when tracing fails or the trace disagrees with the eager solve on fresh inputs (a network with
+    Python control flow on values, say).
+
+    The trace shares the network's parameters, so in-place updates (an optimizer,
+    ``load_state_dict``) reach it; the key holds the parameters' identities and the train/eval
+    mode, so replacing a parameter or switching modes traces again.
+    """
+    key = (
+        tableau.name,
+        steps,
+        h,
+        tuple((tuple(a.shape), a.dtype, a.device) for a in inputs),
+        net.training,
+        tuple(id(p) for p in net.parameters()),
+    )
+    cache = _TRACED.setdefault(net, {})
+    if key not in cache:
+        if len(cache) >= 8:  # a few signatures in use at once (a control loop, an evaluation batch)
+            cache.pop(next(iter(cache)))
+        cache[key] = _trace(FixedStepSolve(net, tableau, steps, h), inputs)
+    return cache[key]
+
+
+def _trace(solve: nn.Module, inputs: tuple[Tensor, ...]) -> Callable | None:
+    # Two probes: fresh noise, and the example mirrored (a branch on a sign flips on it).
+    probes = [(torch.randn_like(inputs[0]), *inputs[1:]), (-inputs[0], *inputs[1:])]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings: the probes below are the real check
+            traced = torch.jit.trace(solve, inputs, check_trace=False)
+            faithful = all(torch.allclose(traced(*probe), solve(*probe), rtol=1e-5, atol=1e-6) for probe in probes)
+    except Exception:  # any network tracing cannot follow is sampled eagerly instead
+        return None
+    # The script's own forward: a trace has no hooks, so the module call machinery is skipped.
+    return traced.forward if faithful else None
+
+
 class _SamplingField:
-    """``f(x, t)`` for the solvers; with a network that offers ``time_conditioning`` and no guidance,
-    it also offers ``on_grid`` so a fixed-step solve precomputes the time features of every stage."""
+    """``f(x, t)`` for the solvers, and two shortcuts for a fixed-step solve over a known time grid:
+
+    * ``solve_on_grid``: without gradients, guidance or extra network inputs, the whole solve runs
+      as one TorchScript trace of the step loop around the network (:func:`_traced_solve`), which
+      removes the Python work of every step and module call: what dominates a small network at a
+      small batch (a control loop). A trace is checked against the eager loop on two probes (fresh
+      noise, the example mirrored) and dropped if they disagree; a network that branches in Python
+      on its inputs' values in ways such probes may miss should opt out with
+      ``FlowMatcher.trace_fixed_steps = False``.
+    * ``on_grid``: a network that offers ``time_conditioning`` (``VelocityMLP``) precomputes the
+      time features of every stage.
+    """
 
     def __init__(
         self, matcher: FlowMatcher, context: Tensor | None, guidance_scale: float | None, net_inputs: dict
@@ -81,12 +139,22 @@ class _SamplingField:
         conditioning = getattr(matcher.velocity, "time_conditioning", None)
         if conditioning is None or guidance_scale is not None or set(net_inputs) - {"step"}:
             self.on_grid = None
+        if guidance_scale is not None or net_inputs or not matcher.trace_fixed_steps:
+            self.solve_on_grid = None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         return self.matcher._velocity(x, t, self.context, self.guidance_scale, **self.net_inputs)
 
     def on_grid(self, times: Tensor) -> Callable[[Tensor, int], Tensor]:
         return self.matcher.velocity.time_conditioning(times, self.context, **self.net_inputs)
+
+    def solve_on_grid(self, x0: Tensor, times: Tensor, h: float, steps: int, tableau: ButcherTableau) -> Tensor | None:
+        if torch.is_grad_enabled():
+            return None
+        stage_times = times.unsqueeze(1).expand(-1, x0.shape[0])
+        inputs = (x0, stage_times) if self.context is None else (x0, stage_times, self.context)
+        solve = _traced_solve(self.matcher.velocity, tableau, steps, h, inputs)
+        return None if solve is None else solve(*inputs)
 
 
 @register("flow-matching")
@@ -435,6 +503,9 @@ class FlowMatcher(Rebuildable, nn.Module):
 
     #: network evaluations of the most recent sample or log_prob call.
     last_nfe: int = 0
+    #: fixed-step sampling without gradients runs as a TorchScript trace of the step loop (checked
+    #: against the eager loop on fresh inputs; see ``_SamplingField``). ``False``: always eager.
+    trace_fixed_steps: bool = True
 
     def extra_repr(self) -> str:
         return (

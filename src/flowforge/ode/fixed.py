@@ -125,14 +125,21 @@ def _integrate_shared_time(
     what makes small-batch sampling (a control loop) cheap: there the solver's own operations,
     not the network, would otherwise dominate.
 
-    A field may also prepare for the whole grid at once: if ``f`` has a method
-    ``on_grid(times) -> at_stage`` (``times``: every stage time in order, shape (steps x stages,)),
-    it is called once and the solver then calls ``at_stage(x, index)`` for stage ``index`` instead
-    of ``f(x, t)``. A network conditioned on time computes its time features for all stages in one
-    batched operation this way (:meth:`flowforge.nn.VelocityMLP.time_conditioning`).
+    A field may also take over the grid: if ``f`` has a method ``solve_on_grid(x0, times, h, steps,
+    tableau)`` (``times``: every stage time in order, shape (steps x stages,)) that returns a
+    tensor, that is the solve (a compiled :class:`FixedStepSolve`, say); if it returns ``None`` or
+    ``f`` has none, and ``f`` has ``on_grid(times) -> at_stage``, that is called once and the
+    solver then calls ``at_stage(x, index)`` for stage ``index`` instead of ``f(x, t)``. A network
+    conditioned on time computes its time features for all stages in one batched operation this
+    way (:meth:`flowforge.nn.VelocityMLP.time_conditioning`).
     """
     h = (t1 - t0) / steps
     times = _stage_times(t0, t1, steps, tableau, x0.dtype, x0.device)
+    solve_on_grid = getattr(f, "solve_on_grid", None)
+    if solve_on_grid is not None:
+        x = solve_on_grid(x0, _stage_grid(t0, t1, steps, tableau, x0.dtype, x0.device), h, steps, tableau)
+        if x is not None:
+            return x
     batch = x0.shape[0]
     stage_count = len(tableau.c)
     on_grid = getattr(f, "on_grid", None)
@@ -151,6 +158,40 @@ def _integrate_shared_time(
             if b_i != 0.0:
                 x = torch.add(x, k_i, alpha=b_i * h)
     return x
+
+
+class FixedStepSolve(torch.nn.Module):
+    """The fixed-step loop of :func:`integrate_fixed` around a velocity network, as a module that
+    ``torch.jit.trace`` can compile whole: ``forward(x0, stage_times[, context])`` with
+    ``stage_times`` of shape (steps x stages, batch), the step ``h`` a constant."""
+
+    def __init__(self, net: torch.nn.Module, tableau: ButcherTableau, steps: int, h: float) -> None:
+        super().__init__()
+        self.net, self.tableau, self.steps, self.h = net, tableau, steps, h
+
+    def forward(self, x: Tensor, stage_times: Tensor, context: Tensor | None = None) -> Tensor:
+        extra = () if context is None else (context,)
+        stage_count = len(self.tableau.c)
+        for n in range(self.steps):
+            stages: list[Tensor] = []
+            for i, a_i in enumerate(self.tableau.a):
+                x_i = x
+                for a_ij, k_j in zip(a_i, stages, strict=True):
+                    if a_ij != 0.0:
+                        x_i = torch.add(x_i, k_j, alpha=a_ij * self.h)
+                stages.append(self.net(x_i, stage_times[n * stage_count + i], *extra))
+            for b_i, k_i in zip(self.tableau.b, stages, strict=True):
+                if b_i != 0.0:
+                    x = torch.add(x, k_i, alpha=b_i * self.h)
+        return x
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_grid(
+    t0: float, t1: float, steps: int, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Every stage time of a solve in step-major order, shape (steps x stages,) (cached)."""
+    return torch.cat(_stage_times(t0, t1, steps, tableau, dtype, device))
 
 
 @functools.lru_cache(maxsize=64)
