@@ -32,9 +32,18 @@ decay, clipping at 10, the same minibatches):
    reaches 0.211 at NFE 10 (it is undertrained at 3,000, not only curvature-limited), against
    0.258 for the shortcut model with the old settings.
 
+5. ``meanflow``: MeanFlow (the network plus a span input, OT coupling), a share
+   ``--meanflow-fraction`` (default 0.5) of rows with a span, adaptive loss weight p = 1;
+6. ``ct``: a consistency model trained from scratch (the improved recipe: pseudo-Huber distance
+   with constant ``--consistency-huber``, lognormal interval weights, the discretisation
+   curriculum over ``--steps``), OT coupling;
+7. ``cd``: the same consistency model distilled from ``ot-cfm`` (one Heun step of the teacher per
+   interval of an 18-interval grid), ``--steps`` steps.
+
 Each model draws ``--samples`` (5,000) points with Euler at NFE 1, 2, 4 and 10 (the shortcut model
-is told its step size), and the exact 2-Wasserstein distance (POT's ``ot.emd2``, squared Euclidean
-cost, uniform weights) to 5,000 held-out points is recorded, with the straightness of each flow
+is told its step size, MeanFlow its span; a consistency model takes k multistep evaluations), and
+the exact 2-Wasserstein distance (POT's ``ot.emd2``, squared Euclidean cost, uniform weights) to
+5,000 held-out points is recorded, with the straightness of each flow
 (``flowforge.matching.straightness``, normalised, 100 Euler steps).
 
 **Speed.** With the same network (the ``ot-cfm`` configuration):
@@ -44,15 +53,20 @@ cost, uniform weights) to 5,000 held-out points is recorded, with the straightne
 * sampling at NFE 10 (Euler, 10 steps; noise drawn inside the timed call for both) against
   flow_matching's ``ODESolver(...).sample(step_size=0.1, method="euler")``: at batch 16 with a
   control-loop-sized network (``--speed-hidden``, default 64-64: the case where the solver's
-  own overhead is a large share of a step) and with the quality network, and at batch 4,096
-  with the quality network.
+  own overhead is a large share of a step), with a plain user-written MLP of the same widths
+  (``PlainVelocityMLP``: ``nn.Sequential`` on ``[x, t]``) and with the quality network, and at
+  batch 4,096 with the quality network. flowforge runs a fixed-step solve without gradients as
+  one TorchScript trace of the step loop around the network, whatever the network.
 
 Timings are medians over ``--repeats`` calls after warm-up, alternating the two libraries.
 
-Goal checks: sampling at least 2x faster than flow_matching at batch 16 (control-loop network) and
-no slower at 4,096 (quality network);
+Goal checks: sampling at least 2x faster than flow_matching at batch 16 (control-loop network and
+plain MLP) and no slower at 4,096 (quality network);
 the training step no slower than torchcfm; on every set the shortcut model's W2 at NFE 2 no worse
-than ``cfm``'s at NFE 10.
+than ``cfm``'s at NFE 10, and the best NFE-1 family (MeanFlow, consistency training or
+distillation) no worse than ``cfm`` at NFE 10.
+
+``--quality-from PATH`` re-reports a previous run's quality results and measures speed anew.
 
 PyTorch runs with ``--threads`` threads (default 1). Results are printed and written as JSON to
 ``benchmarks/results/flow_matching_few_step.json``.
@@ -74,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -241,6 +256,24 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: in
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+class PlainVelocityMLP(torch.nn.Module):
+    """A velocity network as a user writes it, ``net(x, t, context=None)``: an ``nn.Sequential`` on
+    ``[x, t]``, nothing flowforge-specific (no precomputable time features)."""
+
+    def __init__(self, features: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        self.features = features
+        layers: list[torch.nn.Module] = []
+        width = features + 1
+        for size in hidden:
+            layers += [torch.nn.Linear(width, size), torch.nn.SiLU()]
+            width = size
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(width, features))
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.net(torch.cat([x, t[:, None]], dim=1))
+
+
 class _FlowMatchingModel(ModelWrapper):
     """flow_matching's wrapper around the same network; its solver passes a scalar time."""
 
@@ -313,6 +346,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--skip-quality", action="store_true", help="only the speed measurements")
+    parser.add_argument(
+        "--quality-from",
+        type=Path,
+        default=None,
+        help="re-report the quality results of a previous run's JSON instead of training (speed measured anew)",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train")
     parser.add_argument(
         "--shortcut-halvings", type=int, default=2, help="shortcut model: smallest step 2**-M (default 2)"
@@ -351,7 +390,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     start = time.perf_counter()
     quality_results: list[QualityResult] = []
-    if not args.skip_quality:
+    if args.quality_from is not None:  # a previous run's trained-model results, re-reported
+        for row in json.loads(args.quality_from.read_text())["quality"]:
+            row["w2"] = {int(k): v for k, v in row["w2"].items()}
+            quality_results.append(QualityResult(**row))
+    elif not args.skip_quality:
         for dataset in args.datasets:
             quality_results.extend(quality(dataset, args))
 
@@ -359,17 +402,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     quality_net = FlowMatcher(velocity_net(args)).eval()
     control_args = argparse.Namespace(**{**vars(args), "hidden": args.speed_hidden})
     control_net = FlowMatcher(velocity_net(control_args)).eval()
+    torch.manual_seed(args.seed)
+    plain_net = FlowMatcher(PlainVelocityMLP(FEATURES, args.speed_hidden)).eval()
     train_x, _ = toy_split(args.datasets[0], args.seed)
     # Sampling is timed with two networks: the quality network above, and a control-loop-sized one,
     # where the solver's own work is a large share of a step (the case the 2x goal is about).
     speed = {
         "train_step": training_speed(args, train_x),
         "sample_batch_16_control_net": sampling_speed(args, control_net, 16),
+        "sample_batch_16_plain_mlp": sampling_speed(args, plain_net, 16),
         "sample_batch_16_quality_net": sampling_speed(args, quality_net, 16),
         "sample_batch_4096_quality_net": sampling_speed(args, quality_net, 4096),
     }
     speed_rows = (
         ("sample_batch_16_control_net", 16, tuple(args.speed_hidden), SAMPLING_SPEEDUP_GOAL),
+        ("sample_batch_16_plain_mlp", 16, tuple(args.speed_hidden), SAMPLING_SPEEDUP_GOAL),
         ("sample_batch_16_quality_net", 16, tuple(args.hidden), None),
         ("sample_batch_4096_quality_net", 4096, tuple(args.hidden), 1.0),
     )
@@ -411,8 +458,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     for key, batch, hidden, goal in speed_rows:
         s = speed[key]
+        network = "plain MLP" if "plain" in key else "VelocityMLP"
         print(
-            f"sample NFE 10, batch {batch}, hidden {hidden}: flowforge {s['flowforge_s'] * 1e3:.3f} ms, flow_matching "
+            f"sample NFE 10, batch {batch}, {network} {hidden}: flowforge {s['flowforge_s'] * 1e3:.3f} ms, "
+            f"flow_matching "
             f"{s['flow_matching_s'] * 1e3:.3f} ms -> speed-up {checks[f'{key}_speedup']:.2f}x"
             + (f" (goal >= {goal})" if goal is not None else " (no goal)")
             + f"; same samples to {s['max_abs_diff']:.1e}"
