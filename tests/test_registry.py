@@ -22,6 +22,7 @@ from flowforge import registry
 from flowforge.checkpoint import load_model, save_model
 from flowforge.errors import CheckpointError, RebuildError
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Dequantized, Glow, MultiscaleRealNVP, RealNVP, ResidualFlow
+from flowforge.flows.vae import VAE
 from flowforge.matching import (
     ConsistencyMatcher,
     CosinePath,
@@ -117,6 +118,27 @@ CASES: dict[str, list] = {
             adaptive_power=0.5,
             guidance_scale=2.0,
         ),
+    ],
+    "vae": [
+        lambda: VAE(
+            3,
+            2,
+            (8,),
+            "spline",
+            2,
+            (8,),
+            3,
+            bins=5,
+            bound=2.0,
+            prior="nsf",
+            prior_transforms=2,
+            prior_hidden=(8,),
+            likelihood="gaussian",
+            levels=9,
+            activation=nn.Tanh,
+        ),
+        lambda: VAE(3, 2, (), "iaf", prior="maf", likelihood="gaussian"),
+        lambda: VAE(4, 2, (8,), "coupling", 3, prior="realnvp", likelihood="gaussian"),
     ],
     "consistency": [
         lambda: ConsistencyMatcher(

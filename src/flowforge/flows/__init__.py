@@ -4,6 +4,7 @@ from flowforge.flows.base import Flow, FlowDistribution
 from flowforge.flows.continuous import CNF, ContinuousFlowTransform
 from flowforge.flows.dequantization import Dequantized
 from flowforge.flows.recipes import IAF, MAF, NICE, NSF, Glow, MultiscaleRealNVP, RealNVP, ResidualFlow
+from flowforge.flows.vae import VAE
 
 __all__ = [
     "CNF",
@@ -11,6 +12,7 @@ __all__ = [
     "MAF",
     "NICE",
     "NSF",
+    "VAE",
     "ContinuousFlowTransform",
     "Dequantized",
     "Flow",

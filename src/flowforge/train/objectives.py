@@ -183,11 +183,34 @@ class AdversarialML(Objective):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
+class NegativeELBO(Objective):
+    r"""The negative evidence lower bound of a :class:`~flowforge.flows.vae.VAE`:
+    :math:`-\frac1B \sum_i \mathrm{ELBO}(x_i)`, each ELBO a Monte-Carlo estimate with ``samples``
+    reparametrised draws from the posterior (``model.elbo(x, samples)``). ``validation`` is the same
+    number, without gradients (noisy: one fresh draw per row and call).
+
+    Arguments:
+        samples: posterior draws per row and step, a positive int.
+    """
+
+    def __init__(self, samples: int = 1) -> None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive int, got {samples!r}")
+        self.samples = samples
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        x, context = batch
+        if context is not None:
+            raise ValueError("NegativeELBO trains unconditional VAEs: the batch's context must be None")
+        return -model.elbo(x, self.samples).mean()
+
+
 __all__ = [
     "AdversarialML",
     "Batch",
     "FlowMatchingObjective",
     "MaximumLikelihood",
+    "NegativeELBO",
     "Objective",
     "PolicyObjective",
     "ReverseKL",
