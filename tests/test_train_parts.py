@@ -18,6 +18,7 @@ def test_the_package_exports_what_it_always_did() -> None:
         "ExponentialMovingAverage",
         "FlowMatchingObjective",
         "MaximumLikelihood",
+        "NegativeELBO",
         "Objective",
         "PolicyObjective",
         "ReverseKL",
