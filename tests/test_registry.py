@@ -207,6 +207,19 @@ POLICY_CASES = {
     "hierarchical": _policy_case("hierarchical"),
     "mse": _policy_case("mse", language=False, instructions=[]),
     "ddpm": _policy_case("ddpm"),
+    "flow-vision": _policy_case(
+        "flow",
+        previous_state=True,
+        goal_key="observation.goal",
+        cameras=["gripperPOV"],
+        image_encoder="resnet-keypoints",
+        keypoints=6,
+        image_channels=[4, 8],
+        augmentation="crop",
+        augmentation_pixels=3,
+        color_jitter=0.2,
+        image_normalization="mean_std",
+    ),
 }
 
 

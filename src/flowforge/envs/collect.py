@@ -4,7 +4,8 @@ Each attempt resets the task with its own seed, rolls out the task's expert unti
 ``max_steps``) and keeps the episode only if it succeeded. Each frame stores the robot's own state
 (hand position and gripper opening) as ``observation.state``, MetaWorld's whole 39-d vector (object
 and goal poses included) as ``observation.environment_state``, the action, and with ``images`` the
-camera frame inside the Parquet file as PNG bytes (feature dtype ``"image"``). The metadata is
+frame of each camera inside the Parquet file as PNG bytes (feature dtype ``"image"``,
+``observation.images.<camera>``; several cameras with ``cameras``). The metadata is
 LeRobot v3.0's: ``info.json``, ``tasks.parquet``, the episodes table with each episode's data file
 index and statistics (``stats/<feature>/<stat>`` columns), and ``stats.json`` with ``min``, ``max``,
 ``mean``, ``std``, ``count`` and the quantiles ``q01 q10 q50 q90 q99`` of every feature
@@ -44,7 +45,7 @@ from flowforge.data.episodes import decode_png, encode_png
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
 from flowforge.envs.episode import run_episode
-from flowforge.envs.metaworld import INSTRUCTIONS, ROBOT_STATE_DIM, MetaWorldEnv
+from flowforge.envs.metaworld import INSTRUCTIONS, ROBOT_STATE_DIM, MetaWorldEnv, check_cameras
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
@@ -190,12 +191,18 @@ def _features(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
     if settings["images"]:
         size = settings["size"]
-        features[f"observation.images.{settings['camera']}"] = {
-            "dtype": "image",
-            "shape": [size, size, 3],
-            "names": ["height", "width", "channels"],
-        }
+        for camera in _cameras(settings):
+            features[f"observation.images.{camera}"] = {
+                "dtype": "image",
+                "shape": [size, size, 3],
+                "names": ["height", "width", "channels"],
+            }
     return features
+
+
+def _cameras(settings: dict[str, Any]) -> list[str]:
+    """The cameras of a collection's settings (``cameras`` for several, else the one ``camera``)."""
+    return list(settings.get("cameras", [settings["camera"]]))
 
 
 def _metadata_files(record: dict[str, Any], fps: int, episode_stats: list[dict]) -> list[tuple[str, bytes]]:
@@ -367,6 +374,7 @@ def collect(
     *,
     images: bool = False,
     camera: str = "corner",
+    cameras: list[str] | None = None,
     size: int = 84,
     seed: int = 0,
     max_steps: int = 500,
@@ -374,7 +382,10 @@ def collect(
     progress: bool | None = None,
 ) -> dict[str, dict[str, int]]:
     """Collect ``episodes`` successful expert episodes per task into ``root``; returns the per-task
-    ``{"attempted", "succeeded"}`` counts (the expert's success rate). Resumes an interrupted run."""
+    ``{"attempted", "succeeded"}`` counts (the expert's success rate). Resumes an interrupted run.
+
+    With ``images``, each frame stores the image of ``camera``, or of every one of ``cameras`` (MetaWorld
+    camera names, e.g. ``["corner", "gripperPOV"]``), as the feature ``observation.images.<camera>``."""
     from tqdm.auto import tqdm
 
     from flowforge.utils.progress import progress_enabled
@@ -391,15 +402,18 @@ def collect(
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
+    cameras = check_cameras([camera] if cameras is None else cameras)
     root = Path(root)
     settings = {
         "images": images,
-        "camera": camera,
+        "camera": cameras[0],
         "size": size,
         "seed": seed,
         "max_steps": max_steps,
         "layout": LAYOUT,
     }
+    if len(cameras) > 1:  # one camera keeps the settings of earlier collections, which then resume
+        settings["cameras"] = cameras
     record = _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
     rebuild = False
     if record is None:  # new, or started without a commit: begin again
@@ -411,7 +425,7 @@ def collect(
     else:
         _clean(root, len(record["episodes"]))
         rebuild = not (root / "meta").is_symlink()  # written before this scheme: rebuild from the record
-    image_keys = [f"observation.images.{camera}"] if images else []
+    image_keys = [f"observation.images.{name}" for name in cameras] if images else []
     # Every committed episode's statistics, read back from its data file (not kept in the record).
     episode_stats = [_episode_stats(_episode_columns(root, e["episode_index"], image_keys)) for e in record["episodes"]]
     fps = None
@@ -422,7 +436,7 @@ def collect(
             record["task_list"].append(task)
         task_index = record["task_list"].index(task)
         bar.update(min(counts["succeeded"], episodes))
-        env = MetaWorldEnv(task, seed=seed, image=images, camera=camera, size=size, max_steps=max_steps)
+        env = MetaWorldEnv(task, seed=seed, image=images, cameras=cameras, size=size, max_steps=max_steps)
         fps = round(1.0 / env.env.unwrapped.dt)
         if rebuild:
             _commit(root, record, fps, episode_stats)
@@ -452,7 +466,8 @@ def collect(
                 }
                 columns: dict[str, list] = {key: values.tolist() for key, values in arrays.items()}
                 for key in image_keys:
-                    arrays[key] = np.stack([o["image"] for o in episode.observations])
+                    entry = "image." + key.removeprefix("observation.images.")
+                    arrays[key] = np.stack([o[entry] for o in episode.observations])
                     columns[key] = [encode_png(frame) for frame in arrays[key]]
                 path = root / _episode_path(index)
                 temporary = path.with_name(f".{path.name}.tmp")

@@ -187,7 +187,8 @@ def evaluate(
 ) -> EvaluationReport:
     """Evaluate ``policy`` on each task for ``episodes`` fresh-seed episodes.
 
-    Images are rendered when the policy uses them, or when ``video_dir`` asks for GIFs (the first
+    Images are rendered when the policy uses them (from its cameras, at its image size), or when
+    ``video_dir`` asks for GIFs (``image_size`` pixels for a policy without images; the first
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
     ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``),
     checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
@@ -202,10 +203,15 @@ def evaluate(
         policy, temporal_ensemble=temporal_ensemble, execution=execution, delay=delay, **(sampling or {})
     )
     needs_image = policy.encoder.sees_images or video_dir is not None
+    config = policy.policy_config
+    # The policy's cameras (an unnamed one is the corner camera earlier policies were trained on).
+    cameras = list(config.cameras) if config.cameras is not None and config.image_shape is not None else ["corner"]
+    if config.image_shape is not None:
+        image_size = config.image_shape[1]
     results, latencies, nfe = [], [], []
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
     for position, task in enumerate(tasks):
-        env = MetaWorldEnv(task, image=needs_image, size=image_size, max_steps=max_steps)
+        env = MetaWorldEnv(task, image=needs_image, cameras=cameras, size=image_size, max_steps=max_steps)
         result = TaskResult(task)
         try:
             for episode in range(episodes):

@@ -6,16 +6,24 @@
 * observations are a dict: ``state``, the robot's own state (hand position x, y, z and gripper
   opening: the first four numbers of MetaWorld's vector, float32), ``environment_state``, the whole
   39-d vector (hand, gripper, the objects' positions and orientations now and at the previous
-  step, the goal position; float32), and with ``image=True`` ``image`` (``size`` x ``size`` x 3
-  uint8 RGB from the named camera, upright). The names are LeRobot's (``observation.state``,
-  ``observation.environment_state``): a real robot knows its own state, not the objects' poses;
+  step, the goal position in its last three numbers; float32), and with ``image=True`` one
+  ``image.<camera>`` per camera (``size`` x ``size`` x 3 uint8 RGB, upright; :data:`CAMERAS`) and
+  ``image``, the first camera's. The names are LeRobot's (``observation.state``,
+  ``observation.environment_state``, ``observation.images.<camera>``): a real robot knows its own
+  state, not the objects' poses. Some goals are hard to see: reach's goal is a red sphere of
+  about 2x2 pixels in the 84x84 corner view, the colour of the arm, whose height one view cannot
+  tell, and no marker at all in the gripper's view; a policy on the robot's state and images is
+  then told the goal (``policy.goal_key = "observation.goal"``: the last three numbers of
+  ``environment_state``, taken by the policy's executor);
 * ``instruction`` is the task in words (:data:`INSTRUCTIONS`, one per task), also in ``info``;
 * ``info["is_success"]`` is MetaWorld's success flag as a bool;
 * :meth:`MetaWorldEnv.expert` returns the task's scripted expert from ``metaworld.policies``.
 
 Rendering is headless: set ``MUJOCO_GL=egl`` (GPU or Mesa EGL) or ``osmesa`` before the first
 import of mujoco; this module sets ``egl`` when the variable is unset. Shadows and reflections
-are switched off, which renders an 84x84 frame several times faster on a CPU.
+are switched off, which renders an 84x84 frame several times faster on a CPU. Several cameras
+share one offscreen renderer, switched between cameras for each frame; :func:`render_rate`
+measures the frames per second of each camera.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 #: The robot's own state: hand position (x, y, z) and gripper opening, MetaWorld's first four numbers.
 ROBOT_STATE_DIM = 4
+#: The cameras of MetaWorld's Sawyer scenes (``model.cam``), by name.
+CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 
 #: One instruction per MetaWorld v3 task, in the imperative a person would use.
 INSTRUCTIONS: dict[str, str] = {
@@ -119,6 +129,19 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown MetaWorld task {task!r}; the 50 v3 tasks are: {', '.join(INSTRUCTIONS)}")
 
 
+def check_cameras(cameras: list[str]) -> list[str]:
+    """``cameras`` as a list of MetaWorld camera names; a ``ValueError`` names an unknown one and the cameras."""
+    if isinstance(cameras, str) or not list(cameras):
+        raise ValueError(f"cameras must be a non-empty list of camera names, got {cameras!r}")
+    cameras = list(cameras)
+    for camera in cameras:
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown MetaWorld camera {camera!r}; the cameras are: {', '.join(CAMERAS)}")
+    if len(set(cameras)) != len(cameras):
+        raise ValueError(f"cameras = {cameras}: a camera is named twice")
+    return cameras
+
+
 def _task_select_wrapper(env: Any) -> Any:
     """The wrapper in MetaWorld's chain that switches between its pre-sampled tasks."""
     while env is not None:
@@ -135,8 +158,9 @@ class MetaWorldEnv:
         task: a v3 task name (``"reach-v3"``, ...; see :data:`INSTRUCTIONS`).
         seed: the scene (goal and object positions) of a ``reset()`` without a seed; ``reset(seed=s)``
             gives the scene of ``s``, the same every time and whatever came before.
-        image: also return a camera image.
+        image: also return camera images.
         camera: MetaWorld camera name (``corner``, ``corner2``, ``corner3``, ``topview``, ``gripperPOV``, ...).
+        cameras: several camera names (``None``: ``[camera]``); the observation's ``image`` is the first one's.
         size: image height and width.
         max_steps: episode length before truncation (MetaWorld's default, 500, when None).
     """
@@ -151,17 +175,19 @@ class MetaWorldEnv:
         camera: str = "corner",
         size: int = 84,
         max_steps: int | None = None,
+        cameras: list[str] | None = None,
     ) -> None:
         _check_task(task)
+        self.cameras = check_cameras([camera] if cameras is None else cameras)
         _require_metaworld()
         import gymnasium as gym
 
         if size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {size}")
-        self.task, self.image, self.camera, self.size = task, image, camera, size
+        self.task, self.image, self.camera, self.size = task, image, self.cameras[0], size
         options: dict[str, Any] = {"env_name": task, "seed": seed}
         if image:
-            options.update(render_mode="rgb_array", camera_name=camera, width=size, height=size)
+            options.update(render_mode="rgb_array", camera_name=self.camera, width=size, height=size)
         if max_steps is not None:
             options["max_episode_steps"] = max_steps
         self.env = gym.make("Meta-World/MT1", **options)
@@ -182,6 +208,8 @@ class MetaWorldEnv:
         }
         if image:
             spaces["image"] = gym.spaces.Box(0, 255, (size, size, 3), np.uint8)
+            for name in self.cameras:
+                spaces[f"image.{name}"] = spaces["image"]
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = self.env.action_space
 
@@ -194,16 +222,30 @@ class MetaWorldEnv:
         """The scripted expert for this task (``get_action(environment_state)``: it reads object poses)."""
         return expert_policy(self.task)
 
-    def _render(self) -> np.ndarray:
+    def render_camera(self, camera: str | None = None) -> np.ndarray:
+        """The current frame of ``camera`` (the first camera when None): (size, size, 3) uint8, upright."""
+        if not self.image:
+            raise ValueError("this environment renders no images: build it with image=True")
+        renderer = self.env.unwrapped.mujoco_renderer
         if not self._renderer_ready:
             import mujoco
 
             self.env.render()  # creates the offscreen renderer
-            renderer = self.env.unwrapped.mujoco_renderer
             viewer = renderer._get_viewer("rgb_array")
             viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
             viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            model = self.env.unwrapped.model
+            self._camera_ids = {
+                name: mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name) for name in self.cameras
+            }
+            missing = [name for name, i in self._camera_ids.items() if i < 0]
+            if missing:
+                raise ValueError(f"the {self.task} scene has no camera {missing[0]!r}")
             self._renderer_ready = True
+        camera = self.cameras[0] if camera is None else camera
+        if camera not in self.cameras:
+            raise ValueError(f"camera {camera!r} is not one of this environment's cameras: {', '.join(self.cameras)}")
+        renderer.camera_id = self._camera_ids[camera]  # one renderer, switched between the cameras
         frame = self.env.render()
         # MetaWorld's cameras render upside down: turn the image the right way up.
         return np.ascontiguousarray(frame[::-1, ::-1])
@@ -212,7 +254,9 @@ class MetaWorldEnv:
         full = np.asarray(state, dtype=np.float32)
         observation = {"state": full[:ROBOT_STATE_DIM].copy(), "environment_state": full}
         if self.image:
-            observation["image"] = self._render()
+            for name in self.cameras:
+                observation[f"image.{name}"] = self.render_camera(name)
+            observation["image"] = observation[f"image.{self.cameras[0]}"]
         return observation
 
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -237,4 +281,41 @@ class MetaWorldEnv:
         self.env.close()
 
 
-__all__ = ["INSTRUCTIONS", "ROBOT_STATE_DIM", "MetaWorldEnv", "expert_policy"]
+def render_rate(
+    task: str = "reach-v3", cameras: list[str] | None = None, size: int = 84, frames: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """Frames per second the renderer gives each of ``cameras`` (default: corner and gripperPOV) at
+    ``size`` x ``size``, in this process: ``frames`` renders per camera along an expert episode
+    (restarted when it ends), only the rendering timed (median over blocks of 10 frames, so a busy
+    machine's pauses count less)."""
+    import time
+
+    cameras = check_cameras(cameras or ["corner", "gripperPOV"])
+    env = MetaWorldEnv(task, seed=seed, image=True, cameras=cameras, size=size)
+    try:
+        expert = env.expert()
+        observation, _ = env.reset(seed=seed)  # renders every camera once: the renderer exists before timing
+        times: dict[str, list[float]] = {name: [] for name in cameras}
+        for block in range(max(1, frames // 10)):
+            for name in cameras:
+                start = time.perf_counter()
+                for _ in range(10):
+                    env.render_camera(name)
+                times[name].append((time.perf_counter() - start) / 10)
+            observation, _, terminated, truncated, info = env.step(expert.get_action(observation["environment_state"]))
+            if terminated or truncated or info["is_success"]:
+                observation, _ = env.reset(seed=seed + block + 1)
+    finally:
+        env.close()
+    return {name: 1.0 / float(np.median(values)) for name, values in times.items()}
+
+
+__all__ = [
+    "CAMERAS",
+    "INSTRUCTIONS",
+    "ROBOT_STATE_DIM",
+    "MetaWorldEnv",
+    "check_cameras",
+    "expert_policy",
+    "render_rate",
+]

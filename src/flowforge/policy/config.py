@@ -7,16 +7,27 @@ value fails with the key's name before any model exists.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from flowforge.config import check_choice, check_range
 from flowforge.errors import ConfigError
-from flowforge.policy.encoders import MIN_IMAGE_SIZE
+from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
+from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
 from flowforge.registry import names, register
 
 #: The data set features a policy can read as its state.
 STATE_KEYS = ("observation.environment_state", "observation.state")
+#: The task's goal as an observation of its own (``policy.goal_key``).
+GOAL_KEY = "observation.goal"
+#: Features a policy may read that a data set can also lack and derive from another one:
+#: ``feature -> (source feature, first index, end index)``. ``observation.goal`` is MetaWorld's goal
+#: position (x, y, z), the last three of its 39 numbers (``SawyerXYZEnv._get_obs``: hand 0-2,
+#: gripper 3, two objects' positions and quaternions 4-17, the same 18 numbers one step earlier
+#: 18-35, goal 36-38).
+DERIVED_FEATURES = {GOAL_KEY: ("observation.environment_state", 36, 39)}
+_CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @register("policy-config", "config")
@@ -59,6 +70,27 @@ class PolicyConfig:
             given (``execution="rtc-trained"``); 0: off.
         diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
         state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
+        previous_state: also give the policy, with each frame's state, the state of the frame
+            before it (the episode's first frame repeats itself): the hand's velocity without a
+            second image. The state vector is ``[state, previous state, goal]``.
+        goal_key: ``None``, or ``"observation.goal"``: the task's goal position appended to the
+            state. For tasks whose goal cannot be seen (reach's goal marker is not rendered) a
+            policy on the robot's own state and images needs it to be told; read from a data
+            set's feature of that name or derived from ``observation.environment_state``
+            (:data:`DERIVED_FEATURES`), and from an environment's ``goal`` entry.
+        cameras: the camera names whose images the policy sees, one token group each with its own
+            image encoder and positions (MetaWorld's: ``corner``, ``gripperPOV``, ...; a data set's
+            feature ``observation.images.<name>``, an environment's entry ``image.<name>``).
+            ``None``: one unnamed camera, the data set's first (earlier policies); a policy
+            prepared from data records the name.
+        image_encoder: ``"conv"`` (three convolutions, a token grid) or ``"resnet-keypoints"``
+            (residual GroupNorm stages of ``image_channels`` channels and ``keypoints``
+            spatial-softmax keypoints as tokens; :mod:`flowforge.policy.vision`).
+        augmentation: training-only image augmentation: ``"none"``, ``"shift"`` (DrQ) or ``"crop"``
+            (Diffusion Policy; the centre window in evaluation), by ``augmentation_pixels``;
+            ``color_jitter``: brightness, contrast and saturation jitter strength in [0, 1).
+        image_normalization: ``"fixed"`` (pixels to [-1, 1]) or ``"mean_std"`` (per camera and
+            channel, the training frames' statistics over the evaluation view).
     """
 
     kind: str = "flow"
@@ -90,6 +122,29 @@ class PolicyConfig:
     sampler: str = "ddim"
     state_normalization: str = "mean_std"
     action_normalization: str = "min_max"
+    previous_state: bool = False
+    goal_key: str | None = None
+    cameras: list[str] | None = None
+    image_encoder: str = "conv"
+    keypoints: int = 32
+    image_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    augmentation: str = "none"
+    augmentation_pixels: int = 4
+    color_jitter: float = 0.0
+    image_normalization: str = "fixed"
+
+    @property
+    def state_features(self) -> list[str]:
+        """The features whose numbers make the state vector, in order (``state_key``, ``goal_key``);
+        with ``previous_state`` the first one's previous frame follows it."""
+        return [self.state_key] + ([self.goal_key] if self.goal_key is not None else [])
+
+    @property
+    def image_keys(self) -> list[str]:
+        """A batch's keys of the cameras' images: ``image.<camera>`` each, or ``image`` for the unnamed one."""
+        if self.image_shape is None:
+            return []
+        return ["image"] if self.cameras is None else [f"image.{camera}" for camera in self.cameras]
 
     @property
     def observation_key(self) -> str:
@@ -111,15 +166,7 @@ class PolicyConfig:
         _check_count("n_action_steps", self.n_action_steps)
         if self.n_action_steps > self.horizon:
             raise ConfigError(f"n_action_steps = {self.n_action_steps}: expected at most horizon = {self.horizon}")
-        if self.image_shape is not None:
-            self.image_shape = [int(s) for s in self.image_shape]
-            if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
-                raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")
-            if min(self.image_shape[1:]) < MIN_IMAGE_SIZE:
-                raise ConfigError(
-                    f"image_shape = {self.image_shape}: the image encoder needs at least "
-                    f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels"
-                )
+        self._check_vision()
         _check_count("sampling_steps", self.sampling_steps)
         check_choice("method", self.method, (*TABLEAUS, *ADAPTIVE_METHODS))
         check_range("noise_scale", self.noise_scale, low=0)
@@ -151,6 +198,52 @@ class PolicyConfig:
         check_choice("sampler", self.sampler, ("ddim", "ddpm"))
         check_choice("state_normalization", self.state_normalization, ("mean_std", "min_max"))
         check_choice("action_normalization", self.action_normalization, ("mean_std", "min_max"))
+        if not isinstance(self.previous_state, bool):
+            raise ConfigError(f"previous_state = {self.previous_state!r}: expected true or false")
+        if self.goal_key is not None:
+            check_choice("goal_key", self.goal_key, (GOAL_KEY,))
+
+    def _check_vision(self) -> None:
+        check_choice("image_encoder", self.image_encoder, IMAGE_ENCODERS)
+        _check_count("keypoints", self.keypoints)
+        channels = self.image_channels
+        if not isinstance(channels, list) or not 1 <= len(channels) <= 5:
+            raise ConfigError(f"image_channels = {channels!r}: expected a list of 1 to 5 channel counts")
+        for value in channels:
+            _check_count("image_channels", value)
+        check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+        if isinstance(self.augmentation_pixels, bool) or not isinstance(self.augmentation_pixels, int):
+            raise ConfigError(f"augmentation_pixels = {self.augmentation_pixels!r}: expected an integer >= 0")
+        check_range("augmentation_pixels", self.augmentation_pixels, low=0)
+        check_range("color_jitter", self.color_jitter, low=0, high=1, high_open=True)
+        check_choice("image_normalization", self.image_normalization, IMAGE_NORMALIZATIONS)
+        if self.cameras is not None:
+            if not isinstance(self.cameras, list) or not self.cameras:
+                raise ConfigError(f"cameras = {self.cameras!r}: expected a list of camera names, or none")
+            for camera in self.cameras:
+                if not isinstance(camera, str) or not _CAMERA_NAME.fullmatch(camera):
+                    raise ConfigError(
+                        f"cameras: {camera!r} is not a camera name (letters, digits, '_' and '-', e.g. 'corner')"
+                    )
+            if len(set(self.cameras)) != len(self.cameras):
+                raise ConfigError(f"cameras = {self.cameras}: a camera is named twice")
+            if self.image_shape is None:
+                raise ConfigError(f"cameras = {self.cameras}: set image_shape (e.g. [3, 84, 84]) to use images")
+        if self.image_shape is None:
+            return
+        self.image_shape = [int(s) for s in self.image_shape]
+        if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
+            raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")
+        removed = 2 * self.augmentation_pixels if self.augmentation == "crop" else 0
+        seen = min(self.image_shape[1:]) - removed
+        needed = min_image_size(self.image_encoder, len(channels))
+        if seen < needed:
+            cropped = f" after augmentation = 'crop' removes {removed} of each side's pixels" if removed else ""
+            raise ConfigError(
+                f"image_shape = {self.image_shape}: image_encoder = {self.image_encoder!r} needs at least "
+                f"{needed}x{needed} pixels{cropped}; the encoders take: "
+                + ", ".join(f"{name!r} >= {min_image_size(name, len(channels))}" for name in IMAGE_ENCODERS)
+            )
 
 
 def _check_count(name: str, value: object) -> None:
@@ -158,4 +251,4 @@ def _check_count(name: str, value: object) -> None:
         raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
 
 
-__all__ = ["STATE_KEYS", "PolicyConfig"]
+__all__ = ["DERIVED_FEATURES", "GOAL_KEY", "STATE_KEYS", "PolicyConfig"]

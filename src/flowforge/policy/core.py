@@ -32,12 +32,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from flowforge.data.normalize import Normalizer
 from flowforge.errors import DataError
-from flowforge.policy.config import PolicyConfig
+from flowforge.policy.config import DERIVED_FEATURES, PolicyConfig
 from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
 from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, ChunkPrefix, Sampling
@@ -109,6 +110,14 @@ class ChunkPolicy(Rebuildable, nn.Module):
             config.obs_horizon,
             config.image_shape,
             config.instructions if config.language else None,
+            cameras=len(config.image_keys) or 1,
+            image_encoder=config.image_encoder,
+            keypoints=config.keypoints,
+            image_channels=config.image_channels,
+            augmentation=config.augmentation,
+            augmentation_pixels=config.augmentation_pixels,
+            color_jitter=config.color_jitter,
+            image_normalization=config.image_normalization,
         )
         self.head = lookup(HEAD_CATEGORY, config.kind)(config)
         self.expert = ActionExpert(
@@ -126,12 +135,17 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
     # ---------------------------------------------------------------- set-up from data
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
-        """Normalisers from a data set's ``stats.json`` (keys ``config.state_key`` and ``action``)."""
-        state_key = self.policy_config.state_key
-        for normalizer, key in ((self.state_normalizer, state_key), (self.action_normalizer, "action")):
-            if key not in stats:
-                raise DataError(f"the data set's statistics have no {key!r} entry")
-            normalizer.set_statistics(stats[key])
+        """Normalisers from a data set's ``stats.json`` (keys ``config.state_key`` and ``action``;
+        ``goal_key`` too, or the feature it derives from)."""
+        self.state_normalizer.set_statistics(state_statistics(stats, self.policy_config))
+        if "action" not in stats:
+            raise DataError("the data set's statistics have no 'action' entry")
+        self.action_normalizer.set_statistics(stats["action"])
+
+    def set_image_statistics(self, stats: list[dict[str, Any]]) -> None:
+        """Per-camera pixel statistics (``mean``, ``std`` in [0, 1]) for ``image_normalization = "mean_std"``,
+        computed on the view evaluation gives the encoder (:func:`~flowforge.policy.vision.image_statistics`)."""
+        self.encoder.set_image_statistics(stats)
 
     def set_instruction_embeddings(self, embeddings: Tensor | None = None) -> None:
         """Store the embeddings of ``config.instructions`` (computed with MiniLM when not given)."""
@@ -148,8 +162,10 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return self.action_normalizer.unnormalize(action)
 
     # ---------------------------------------------------------------- training and sampling
-    def prefix(self, batch: Batch) -> Tensor:
-        """The observation tokens ``(B, prefix tokens, width)`` of a batch (raw state, uint8 images)."""
+    def prefix(self, batch: Batch, augment: bool | None = None) -> Tensor:
+        """The observation tokens ``(B, prefix tokens, width)`` of a batch (raw state, uint8 images).
+        Images are augmented (``policy.augmentation``) when ``augment`` is true, or in training mode
+        when it is ``None``; :meth:`predict_chunk` and :meth:`log_prob` never augment."""
         state = batch["state"]
         cfg = self.policy_config
         if state.dim() != 3 or state.shape[1:] != (cfg.obs_horizon, cfg.state_dim):
@@ -157,7 +173,10 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 f"state must have shape (batch, {cfg.obs_horizon}, {cfg.state_dim}), got {tuple(state.shape)}"
             )
         state = state.to(self.state_normalizer.shift)  # the one dtype rule: float inputs take the model's dtype
-        return self.encoder({**batch, "state": self.normalize_state(state)})
+        observation = {**batch, "state": self.normalize_state(state)}
+        if self.encoder.sees_images:
+            observation["images"] = camera_images(batch, cfg)
+        return self.encoder(observation, augment)
 
     def loss(self, batch: Batch) -> Tensor:
         """The head's training loss on a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H)."""
@@ -197,7 +216,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         _refuse_non_finite("action", action)
         action = action.to(self.action_normalizer.shift)
         with torch.no_grad():
-            cache = self.expert.encode(self.prefix(checked))
+            cache = self.expert.encode(self.prefix(checked, augment=False))
         normalized = self.normalize_action(action)
         log_density = self.head.log_prob(
             normalized, cache, trace=trace, method=method, steps=steps, noise_scale=noise_scale
@@ -277,7 +296,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
             settings["prefix"] = prefix.normalized(self.normalize_action, shape, self.policy_config.rtc_training_delay)
         start = time.perf_counter()
         # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
-        prefix = self.prefix(batch) if use_cache else (lambda: self.prefix(batch))
+        prefix = self.prefix(batch, False) if use_cache else (lambda: self.prefix(batch, False))
         result = self.head.sample(
             self.expert.encode(prefix, use_cache),
             noise,
@@ -313,15 +332,15 @@ class ChunkPolicy(Rebuildable, nn.Module):
         _refuse_non_finite("state", state)
         checked["state"] = state.to(self.state_normalizer.shift)
         if self.encoder.sees_images:
-            if "image" not in batch:
-                raise ValueError("this policy sees images: the batch needs 'image' (batch, obs_horizon, 3, H, W) uint8")
-            image = torch.as_tensor(batch["image"])
             expected = (state.shape[0], cfg.obs_horizon, *cfg.image_shape)
-            if image.dtype != torch.uint8 or tuple(image.shape) != expected:
-                raise ValueError(
-                    f"image must be uint8 of shape {expected}, got {image.dtype} of shape {tuple(image.shape)}"
-                )
-            checked["image"] = image.to(self.state_normalizer.shift.device)
+            for key, image in zip(cfg.image_keys, camera_images(batch, cfg), strict=True):
+                image = torch.as_tensor(image)
+                if image.dtype != torch.uint8 or tuple(image.shape) != expected:
+                    raise ValueError(
+                        f"{key} must be uint8 of shape {expected}, got {image.dtype} of shape {tuple(image.shape)}"
+                    )
+                checked.pop("image", None)
+                checked[key] = image.to(self.state_normalizer.shift.device)
         return checked
 
     def _checked_noise(self, noise: Tensor, rows: int) -> Tensor:
@@ -336,6 +355,52 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return noise
 
 
+def camera_images(batch: Batch, config: PolicyConfig) -> list[Tensor]:
+    """The images of each of the policy's cameras in ``batch``, in order: ``image.<camera>``
+    (``image`` is taken for the only camera of a one-camera policy). A ``ValueError`` names the
+    policy's cameras and those of the batch when one is missing or another camera's images come."""
+    keys = config.image_keys
+    given = sorted(k for k in batch if k == "image" or k.startswith("image."))
+    foreign = [k for k in given if k != "image" and k not in keys]
+    missing = [k for k in keys if k not in batch and not (len(keys) == 1 and "image" in batch)]
+    if foreign or missing:
+        trained = ", ".join(config.cameras) if config.cameras is not None else "one unnamed camera ('image')"
+        problem = f"no {missing[0]!r}" if missing else f"images of another camera, {foreign[0]!r}"
+        raise ValueError(
+            f"the batch has {problem}: this policy sees the cameras {trained} (batch keys "
+            f"{', '.join(keys)}, each (batch, obs_horizon, 3, H, W) uint8); the batch's images: "
+            f"{', '.join(given) or 'none'}"
+        )
+    return [torch.as_tensor(batch[key] if key in batch else batch["image"]) for key in keys]
+
+
+def state_statistics(stats: dict[str, dict[str, Any]], config: PolicyConfig) -> dict[str, Any]:
+    """The statistics of a policy's state vector from a data set's per-feature ones: ``state_key``'s
+    (twice with ``previous_state``), then ``goal_key``'s (sliced from the feature it derives from
+    when the data set has no statistics of its own for it). A ``DataError`` names a missing entry."""
+    parts = []
+    for position, key in enumerate(config.state_features):
+        if key in stats:
+            entry = stats[key]
+        elif key in DERIVED_FEATURES and DERIVED_FEATURES[key][0] in stats:
+            source, start, end = DERIVED_FEATURES[key]
+            entry = {
+                name: list(np.asarray(value, dtype=np.float64).reshape(-1)[start:end])
+                for name, value in stats[source].items()
+                if name != "count"
+            }
+        else:
+            derived = f" (nor {DERIVED_FEATURES[key][0]!r}, which holds it)" if key in DERIVED_FEATURES else ""
+            raise DataError(f"the data set's statistics have no {key!r} entry{derived}")
+        parts.append(entry)
+        if position == 0 and config.previous_state:
+            parts.append(entry)
+    if len(parts) == 1:
+        return parts[0]
+    names = set.intersection(*(set(p) for p in parts)) - {"count"}
+    return {name: np.concatenate([np.asarray(p[name], dtype=np.float64).reshape(-1) for p in parts]) for name in names}
+
+
 def _refuse_non_finite(name: str, value: Tensor) -> None:
     finite = torch.isfinite(value)
     if not bool(finite.all()):
@@ -343,4 +408,4 @@ def _refuse_non_finite(name: str, value: Tensor) -> None:
         raise ValueError(f"{name} holds {value[index].item()} at index {index}; expected finite values")
 
 
-__all__ = ["ChunkPolicy", "ChunkResult", "PolicyConfig", "Sampling"]
+__all__ = ["ChunkPolicy", "ChunkResult", "PolicyConfig", "Sampling", "camera_images", "state_statistics"]

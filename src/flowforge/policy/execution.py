@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowforge.policy.config import DERIVED_FEATURES
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
 from flowforge.policy.heads import ChunkGuide, ChunkPrefix, rtc_weights
 from flowforge.validation import check_choice, check_real
@@ -82,6 +83,31 @@ def _delay_range(delay: int | tuple[int, int]) -> tuple[int, int]:
     if values[0] > values[1]:
         raise ValueError(f"delay = {delay!r}: the range's low end is above its high end")
     return values[0], values[1]
+
+
+def _checked_vector(observation: dict[str, Any], key: str) -> np.ndarray:
+    """``observation[key]`` as a finite float32 vector (a ``ValueError`` names the entry otherwise)."""
+    value = np.asarray(observation[key])
+    if value.ndim != 1 or not np.issubdtype(value.dtype, np.number):
+        raise ValueError(f"observation[{key!r}] must be a vector of numbers, got {value.dtype} of shape {value.shape}")
+    if not np.isfinite(value).all():
+        bad = int(np.flatnonzero(~np.isfinite(value))[0])
+        raise ValueError(
+            f"observation[{key!r}] holds {value[bad]} at index {bad}; a policy acts only on finite observations"
+        )
+    return value.astype(np.float32)
+
+
+def _goal(observation: dict[str, Any], goal_key: str) -> np.ndarray:
+    """The goal entry of an observation: ``goal``, or the numbers of the entry it derives from."""
+    name = goal_key.removeprefix("observation.")
+    if name in observation:
+        return _checked_vector(observation, name)
+    source, start, end = DERIVED_FEATURES[goal_key]
+    source = source.removeprefix("observation.")
+    if source not in observation:
+        raise ValueError(f"observation has no {name!r} entry (nor {source!r}, which holds it): the policy's goal_key")
+    return _checked_vector(observation, source)[start:end]
 
 
 class ChunkExecutor:
@@ -163,7 +189,8 @@ class ChunkExecutor:
 
     def reset(self) -> None:
         """Forget the observation history, the queued actions and the chunk log (every episode start)."""
-        self.history: deque[dict[str, Any]] = deque(maxlen=self.policy.policy_config.obs_horizon)
+        config = self.policy.policy_config
+        self.history: deque[dict[str, Any]] = deque(maxlen=config.obs_horizon + int(config.previous_state))
         self._queue: deque[np.ndarray] = deque()
         self._ensemble: list[tuple[int, np.ndarray]] = []  # (step predicted at, chunk)
         self._step = 0
@@ -181,7 +208,9 @@ class ChunkExecutor:
         """One observation dict, refused before it can enter the history (so a bad frame never lingers).
 
         The state is the entry named by the policy's ``state_key`` without ``observation.``
-        (``environment_state`` or ``state``).
+        (``environment_state`` or ``state``); with ``goal_key`` the ``goal`` entry (or the numbers
+        of ``environment_state`` it derives from) follows it. Each camera's image is the entry
+        ``image.<camera>`` (``image`` for the unnamed camera of earlier policies), (H, W, 3) uint8.
         """
         config = self.policy.policy_config
         key = config.observation_key
@@ -189,41 +218,67 @@ class ChunkExecutor:
             raise ValueError(
                 f"observation must be a dict with a {key!r} entry (the policy's state_key {config.state_key!r})"
             )
-        state = np.asarray(observation[key])
-        if state.shape != (config.state_dim,) or not np.issubdtype(state.dtype, np.number):
+        checked = {**observation, key: _checked_vector(observation, key)}
+        copies = 2 if config.previous_state else 1  # this frame's and the previous frame's
+        goal = 0
+        if config.goal_key is not None:
+            checked["goal"] = _goal(observation, config.goal_key)
+            goal = checked["goal"].size
+        if copies * checked[key].size + goal != config.state_dim:
+            parts = f"{key!r}" + (" twice (previous_state)" if copies == 2 else "")
+            parts += f" and {goal} of the goal" if config.goal_key is not None else ""
             raise ValueError(
-                f"observation[{key!r}] must be {config.state_dim} numbers, got {state.dtype} of shape {state.shape}"
-            )
-        if not np.isfinite(state).all():
-            bad = int(np.flatnonzero(~np.isfinite(state))[0])
-            raise ValueError(
-                f"observation[{key!r}] holds {state[bad]} at index {bad}; a policy acts only on finite observations"
+                f"observation[{key!r}] must be {(config.state_dim - goal) / copies:g} numbers "
+                f"(the policy's state of {config.state_dim} is {parts}), got shape {checked[key].shape}"
             )
         if self.policy.encoder.sees_images:
-            image = np.asarray(observation.get("image"))
             height, width = config.image_shape[1:]
-            if image.dtype != np.uint8 or image.shape != (height, width, 3):
-                raise ValueError(
-                    f"observation['image'] must be uint8 of shape ({height}, {width}, 3), got {image.dtype} "
-                    f"of shape {image.shape}"
-                )
+            for name in self._image_entries(observation):
+                image = np.asarray(observation[name])
+                if image.dtype != np.uint8 or image.shape != (height, width, 3):
+                    raise ValueError(
+                        f"observation[{name!r}] must be uint8 of shape ({height}, {width}, 3), got {image.dtype} "
+                        f"of shape {image.shape}"
+                    )
         if config.language and not isinstance(observation.get("instruction"), str):
             raise ValueError("observation['instruction'] must be the task's instruction (a string)")
-        return {**observation, key: state.astype(np.float32)}
+        return checked
+
+    def _image_entries(self, observation: dict[str, Any]) -> list[str]:
+        """The observation's entries of the policy's cameras, in order; a ``ValueError`` names the
+        cameras when one is missing."""
+        config = self.policy.policy_config
+        entries = config.image_keys
+        missing = [name for name in entries if name not in observation]
+        if missing:
+            given = sorted(k for k in observation if k == "image" or k.startswith("image."))
+            trained = ", ".join(config.cameras) if config.cameras is not None else "one unnamed camera ('image')"
+            raise ValueError(
+                f"observation has no {missing[0]!r}: this policy was trained on the cameras {trained}; "
+                f"the observation's images: {', '.join(given) or 'none'}"
+            )
+        return entries
 
     def batch(self, observation: dict[str, Any]) -> Batch:
         """Add ``observation`` to the history and return the policy's batch of one observation window."""
+        config = self.policy.policy_config
         self.history.append(self.checked_observation(observation))
-        while len(self.history) < self.policy.policy_config.obs_horizon:
+        while len(self.history) < self.history.maxlen:
             self.history.appendleft(self.history[0])  # pad the episode start by repetition
         device = self.policy.state_normalizer.shift.device
         frames = list(self.history)
-        states = np.stack([f[self.policy.policy_config.observation_key] for f in frames])
-        batch: Batch = {"state": torch.as_tensor(states, dtype=torch.float32, device=device)[None]}
-        if self.policy.encoder.sees_images:
-            images = np.stack([np.asarray(f["image"]).transpose(2, 0, 1) for f in frames])
-            batch["image"] = torch.as_tensor(images, device=device)[None]
-        if self.policy.policy_config.language:
+        key, extra = config.observation_key, int(config.previous_state)
+        states = []
+        for i in range(extra, len(frames)):
+            parts = [frames[i][key]] + ([frames[i - 1][key]] if extra else [])
+            if config.goal_key is not None:
+                parts.append(frames[i]["goal"])
+            states.append(np.concatenate(parts))
+        batch: Batch = {"state": torch.as_tensor(np.stack(states), dtype=torch.float32, device=device)[None]}
+        for name in config.image_keys:
+            images = np.stack([np.asarray(f[name]).transpose(2, 0, 1) for f in frames[extra:]])
+            batch[name] = torch.as_tensor(images, device=device)[None]
+        if config.language:
             batch["instruction"] = [observation["instruction"]]
         return batch
 

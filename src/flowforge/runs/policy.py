@@ -8,6 +8,8 @@ A config has three tables::
 
     [data]
     root = "data/mt10"  # a LeRobot-v3 folder (flowforge data collect writes one)
+    frames = "cache"    # camera frames: "tensors" (default), "memory", "cache" (uint8 on disk), "decode"
+    workers = 2         # DataLoader processes reading the next batches (not for "tensors")
 
     [train]             # TrainerConfig: steps, batch_size, lr, ema_decay, ...
     steps = 20000
@@ -25,20 +27,62 @@ from pathlib import Path
 import torch
 
 from flowforge.checkpoint import load_model_from_manifest, read_manifest
-from flowforge.config import parse_config, read_config
+from flowforge.config import check_choice, parse_config, read_config
 from flowforge.data.episodes import EpisodeDataset
+from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError
 from flowforge.policy import POLICY_KINDS, build_policy
 from flowforge.policy.core import ChunkPolicy, PolicyConfig
-from flowforge.policy.data import policy_tensors
+from flowforge.policy.data import (
+    CAMERA_PREFIX,
+    PolicyWindows,
+    camera_features,
+    check_observation_mode,
+    policy_tensors,
+    policy_windows,
+)
+from flowforge.policy.vision import image_statistics
 from flowforge.train import PolicyObjective, Trainer, TrainerConfig
+
+#: How a policy run's camera frames reach training (``[data] frames``).
+FRAME_SOURCES = ("tensors", "memory", "cache", "decode")
 
 
 @dataclass
 class PolicyDataConfig:
-    """``root``: the episode data set folder (required)."""
+    """Where a policy run's data comes from, and how its camera frames reach training.
+
+    Arguments:
+        root: the episode data set folder (required).
+        frames: ``"tensors"``: every window's frames decoded up front and stacked in memory
+            (obs_horizon copies of each frame; what earlier versions did); ``"memory"``: each frame
+            decoded once into memory, windows gathered per batch; ``"cache"``: each frame decoded
+            once into a uint8 cache on disk (``cache``), memory-mapped, resumed when interrupted;
+            ``"decode"``: the PNG files decoded per batch (in the ``workers``).
+        cache: the frame cache folder (``""``: ``<root>.frames`` beside the data set).
+        workers: ``torch.utils.data.DataLoader`` worker processes that read and decode the next
+            batches while the model trains (``frames`` other than ``"tensors"``; 0: none).
+    """
 
     root: str = ""
+    frames: str = "tensors"
+    cache: str = ""
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("frames", self.frames, FRAME_SOURCES)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers = {self.workers!r}: expected an integer >= 0 (DataLoader processes)")
+        if self.workers and self.frames == "tensors":
+            raise ConfigError(
+                f"workers = {self.workers}: frames = 'tensors' are indexed in memory; workers serve "
+                "frames = 'memory', 'cache' or 'decode'"
+            )
+
+    def cache_folder(self) -> Path:
+        """The frame cache folder: ``cache``, or ``<root>.frames`` beside the data set."""
+        root = Path(self.root)
+        return Path(self.cache) if self.cache else root.with_name(root.name + ".frames")
 
 
 @dataclass
@@ -63,38 +107,88 @@ def load_policy_config(path: str | Path, overrides: list[str] | None = None) -> 
 
 
 def prepare_policy(
-    config: PolicyConfig, dataset: EpisodeDataset, progress: bool = True
-) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
-    """Build a policy for a data set: sizes, image shape, instructions, normalisers and embeddings
-    come from the data; returns the policy and its training tensors."""
-    tensors, instructions = policy_tensors(dataset, progress=progress, state_key=config.state_key)
+    config: PolicyConfig,
+    dataset: EpisodeDataset,
+    progress: bool = True,
+    *,
+    frames: str = "tensors",
+    cache: str | Path | None = None,
+) -> tuple[ChunkPolicy, dict[str, torch.Tensor] | PolicyWindows]:
+    """Build a policy for a data set: sizes, image shape, camera names, instructions, normalisers
+    and embeddings come from the data; returns the policy and its training data: tensors
+    (``frames="tensors"``) or :class:`~flowforge.policy.data.PolicyWindows` that read the camera
+    frames per batch (``"memory"``, ``"cache"`` with the cache folder ``cache``, ``"decode"``).
+
+    A config that reads what the data set lacks (a state or goal feature, a camera) is refused with
+    a :class:`ConfigError` before anything is decoded; so is an image size the encoder cannot take.
+    """
+    check_choice("frames", frames, FRAME_SOURCES)
+    check_observation_mode(dataset, config)
+    if config.image_shape is not None and config.cameras is None:
+        first = dataset.camera_keys[0]
+        if first.startswith(CAMERA_PREFIX):  # record the camera's name: evaluation renders that one
+            config = dataclasses.replace(config, cameras=[first.removeprefix(CAMERA_PREFIX)])
+    if frames == "tensors":
+        data, instructions = policy_tensors(dataset, progress=progress, config=config)
+        tensors = data
+    else:
+        data, instructions = policy_windows(
+            dataset, config, frames, None if cache is None else str(cache), progress=progress
+        )
+        tensors = data.tensors
     state_dim = int(tensors["state"].shape[-1])
     action_dim = int(tensors["action"].shape[-1])
-    image_shape = list(tensors["image"].shape[2:]) if "image" in tensors and config.image_shape is not None else None
-    if config.image_shape is not None and "image" not in tensors:
-        raise ConfigError(f"{dataset.root}: the policy uses images but the data set has none")
+    image_shape = None
+    if config.image_shape is not None:
+        feature = dataset.features[camera_features(dataset, config.cameras)[0]]
+        height, width, channels = image_shape_of(feature)
+        image_shape = [channels, height, width]
     config = dataclasses.replace(
         config, state_dim=state_dim, action_dim=action_dim, image_shape=image_shape, instructions=instructions
     )
-    if "image" in tensors and image_shape is None:
-        del tensors["image"]
     policy = build_policy(config)
     policy.set_statistics(dataset.stats)
     policy.set_instruction_embeddings()
-    return policy, tensors
+    if config.image_shape is not None and config.image_normalization == "mean_std":
+        augmentation = policy.encoder.augmentation
+        policy.set_image_statistics(
+            [image_statistics(_sample_frames(data, key), augmentation) for key in config.image_keys]
+        )
+    return policy, data
+
+
+def _sample_frames(data: dict[str, torch.Tensor] | PolicyWindows, key: str, count: int = 1000) -> torch.Tensor:
+    """Up to ``count`` evenly spaced training frames of camera ``key`` (the windows' last frames)."""
+    if isinstance(data, PolicyWindows):
+        return data.sample_frames(key, count)
+    images = data[key][:, -1]
+    index = torch.linspace(0, len(images) - 1, min(len(images), count)).round().long().unique()
+    return images[index]
 
 
 def train_policy(
     config: PolicyRunConfig, directory: str | Path, resume: bool = False
 ) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
-    """Train the run's policy into ``directory`` (checkpoint and metrics); returns it and its data."""
+    """Train the run's policy into ``directory`` (checkpoint and metrics); returns it and its
+    training tensors (without the camera frames when they are read per batch)."""
     torch.manual_seed(config.train.seed)
     dataset = EpisodeDataset(config.data.root, config.policy.obs_horizon, config.policy.horizon)
-    policy, tensors = prepare_policy(config.policy, dataset, progress=config.train.progress is not False)
+    progress = config.train.progress is not False
+    policy, data = prepare_policy(
+        config.policy, dataset, progress=progress, frames=config.data.frames, cache=config.data.cache_folder()
+    )
     metadata = {"policy_run": {"data": asdict(config.data), "train": asdict(config.train)}}
-    trainer = Trainer(policy, PolicyObjective(), config.train, data=tensors, directory=directory, metadata=metadata)
+    trainer = Trainer(
+        policy,
+        PolicyObjective(),
+        config.train,
+        data=data,
+        directory=directory,
+        metadata=metadata,
+        workers=config.data.workers,
+    )
     trainer.fit(resume=resume)
-    return policy, tensors
+    return policy, data.tensors if isinstance(data, PolicyWindows) else data
 
 
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:

@@ -144,8 +144,10 @@ def gather_to_rank_zero(value: Any, world: int, rank: int) -> list[Any] | None:
 
 
 # ---------------------------------------------------------------- minibatches
-def rows_of(data: Tensor | dict[str, Tensor]) -> int:
-    """Number of rows of a tensor, or of the tensors of a dict (which must agree)."""
+def rows_of(data: Tensor | dict[str, Tensor] | Dataset) -> int:
+    """Number of rows of a tensor, or of the tensors of a dict (which must agree), or of a data set."""
+    if isinstance(data, Dataset):
+        return len(data)
     if isinstance(data, dict):
         if not data:
             raise DataError("data is an empty dict; give at least one tensor")
@@ -208,6 +210,24 @@ def _as_is(batch: Batch) -> Batch:
     return batch
 
 
+class RepeatedRows(Dataset):
+    """A data set with batched reads (``__getitems__``) listed ``repeat`` times (index ``i`` is row ``i mod rows``)."""
+
+    def __init__(self, dataset: Dataset, repeat: int) -> None:
+        self.dataset, self.rows, self.repeat = dataset, len(dataset), int(repeat)
+
+    def __len__(self) -> int:
+        return self.rows * self.repeat
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        return self.dataset.__getitems__([i % self.rows for i in indices])
+
+
+def _one_thread(worker: int) -> None:
+    """DataLoader workers decode with one thread each: the cores belong to the training process."""
+    torch.set_num_threads(1)
+
+
 class _FromPosition(Sampler[int]):
     """A sampler's indices from the ``start``-th on (resuming in the middle of an epoch)."""
 
@@ -225,11 +245,16 @@ class ShardedBatches:
     """This process's minibatches of in-memory data, epoch after epoch, positioned by the step.
 
     Arguments:
-        data: rows ``(N, ...)`` or a dict of tensors with ``N`` rows each.
+        data: rows ``(N, ...)``, a dict of tensors with ``N`` rows each, or a data set of batches.
         context: ``(N, c)`` or ``None``.
         batch_size: the global batch (over all processes); each process gets ``batch_size // world``.
         world, rank: the process group.
         seed: seeds the shuffle of every epoch (``seed + epoch``, as in ``DistributedSampler``).
+
+    ``data`` may also be a :class:`~torch.utils.data.Dataset` whose ``__getitems__(indices)`` returns
+    a whole batch ``(x, context)`` (images read from disk, for example); ``workers`` DataLoader
+    processes then prepare the next batches while the model trains (0: in this process). The data
+    order is the sampler's either way, so workers change no batch.
 
     Every epoch is a shuffle of the rows cut into ``steps_per_epoch`` global batches; the last
     ``N mod batch_size`` rows of each shuffle are left out of that epoch (``drop_last``), so every
@@ -251,12 +276,23 @@ class ShardedBatches:
         world: int = 1,
         rank: int = 0,
         seed: int = 0,
+        workers: int = 0,
     ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers = {workers!r}: expected an integer >= 0 (DataLoader processes)")
         rows = rows_of(data)
         if rows == 0:
             raise DataError("data has no rows to train on")
         self.per_process = batch_size // world
-        self.dataset = TensorRows(data, context, repeat=math.ceil(batch_size / rows) if rows < batch_size else 1)
+        repeat = math.ceil(batch_size / rows) if rows < batch_size else 1
+        if isinstance(data, Dataset):
+            if context is not None:
+                raise ValueError("a Dataset returns its own context with each batch: pass context=None")
+            if not hasattr(data, "__getitems__"):
+                raise TypeError(f"{type(data).__name__} needs __getitems__(indices) returning a whole batch")
+            self.dataset = data if repeat == 1 else RepeatedRows(data, repeat)
+        else:
+            self.dataset = TensorRows(data, context, repeat=repeat)
         self.sampler = DistributedSampler(
             self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -270,6 +306,10 @@ class ShardedBatches:
             drop_last=True,
             collate_fn=_as_is,
             generator=torch.Generator(),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=_one_thread if workers > 0 else None,
         )
         self.steps_per_epoch = len(self.sampler) // self.per_process
         self.epoch = 0
@@ -299,6 +339,7 @@ class ShardedBatches:
 
 __all__ = [
     "ObjectiveLoss",
+    "RepeatedRows",
     "ShardedBatches",
     "TensorRows",
     "data_parallel",

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from flowforge.checkpoint import write_atomic
 from flowforge.config import check_choice, check_range
@@ -184,12 +185,15 @@ class Trainer:
         objective: what to minimise.
         config: a :class:`TrainerConfig`.
         data: training points (N, ...) for data objectives, or a dict of tensors with N rows each
-            (a policy's states, actions and masks: each batch is then that dict, indexed);
-            context: (N, c) or None. Data with fewer rows than ``batch_size`` is repeated to fill
-            a batch (see :class:`~flowforge.train.distributed.ShardedBatches`).
+            (a policy's states, actions and masks: each batch is then that dict, indexed), or a
+            :class:`~torch.utils.data.Dataset` whose ``__getitems__(indices)`` returns a whole batch
+            ``(x, context)`` (data read from disk per batch); context: (N, c) or None. Data with
+            fewer rows than ``batch_size`` is repeated to fill a batch (see
+            :class:`~flowforge.train.distributed.ShardedBatches`).
         validation_data, validation_context: held-out points for validation / early stopping.
         directory: where checkpoints and ``metrics.csv`` go (None: nothing is written).
         metadata: JSON kept in every checkpoint (what rebuilds the run: its config, data statistics).
+        workers: DataLoader worker processes that prepare batches of a ``Dataset`` (0: none).
 
     >>> import torch
     >>> from flowforge.flows import RealNVP
@@ -211,12 +215,13 @@ class Trainer:
         objective: Objective,
         config: TrainerConfig | None = None,
         *,
-        data: Tensor | dict[str, Tensor] | None = None,
+        data: Tensor | dict[str, Tensor] | Dataset | None = None,
         context: Tensor | None = None,
         validation_data: Tensor | dict[str, Tensor] | None = None,
         validation_context: Tensor | None = None,
         directory: str | Path | None = None,
         metadata: dict | None = None,
+        workers: int = 0,
     ) -> None:
         self.model, self.objective = model, objective
         self.metadata = metadata or {}
@@ -244,7 +249,13 @@ class Trainer:
             None
             if self.data is None
             else ShardedBatches(
-                self.data, self.context, cfg.batch_size, world=self.world, rank=self.rank, seed=cfg.seed
+                self.data,
+                self.context,
+                cfg.batch_size,
+                world=self.world,
+                rank=self.rank,
+                seed=cfg.seed,
+                workers=workers,
             )
         )
         self.validation_batch: Batch | None = (
@@ -328,8 +339,11 @@ class Trainer:
             torch.distributed.barrier()  # the checkpoint is complete before any process moves on
         return self.state
 
-    def _to_device(self, data: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """Floating tensors take the model's dtype; integer and boolean ones (masks, uint8 images) keep theirs."""
+    def _to_device(self, data: Tensor | dict[str, Tensor] | Dataset) -> Tensor | dict[str, Tensor] | Dataset:
+        """Floating tensors take the model's dtype; integer and boolean ones (masks, uint8 images) keep theirs.
+        A data set's batches are moved one at a time (:meth:`_step`)."""
+        if isinstance(data, Dataset):
+            return data
         if isinstance(data, dict):
             rows_of(data)  # refuses tensors with different numbers of rows
             return {k: self._to_device(v) for k, v in data.items()}
@@ -354,6 +368,9 @@ class Trainer:
     def _step(self) -> Tensor:
         cfg = self.config
         batch = self.batches.next() if self.batches is not None else None
+        if isinstance(self.data, Dataset):  # read on the host: to the model's device and dtype
+            x, context = batch
+            batch = (self._to_device(x), None if context is None else context.to(self.device, self.dtype))
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = self._loss(batch)

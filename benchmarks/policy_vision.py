@@ -1,0 +1,393 @@
+"""Benchmark: flow-matching policies from pixels and the robot's own state on MetaWorld.
+
+What it measures
+----------------
+1. **Renderer**: frames per second of each camera (``--cameras``) at 84x84 on this CPU
+   (:func:`flowforge.envs.metaworld.render_rate`).
+2. **MT10 from pixels, one model for all ten tasks** (``configs/policy/mt10_images.toml``): the
+   robot's own state (hand position and gripper opening, with the previous frame's), the goal
+   position as its own observation (reach's goal is a dot of about 2x2 pixels the colour of the
+   arm, and its height cannot be read from one view), two 84x84 cameras (corner and gripperPOV) and
+   the instruction; ``--demos`` expert demonstrations per task. Three heads on the same encoder
+   (residual GroupNorm stages with spatial-softmax keypoints, random crops in training): the flow
+   head, DDPM (sampled with DDIM at 10 steps) and MSE regression. Success on fresh seeds:
+   ``--episodes`` per task for the flow head, ``--baseline-episodes`` for the baselines, with 95%
+   Wilson intervals. Goal: the flow head >= 90% on average and ahead of both baselines.
+3. **What privileged state was worth**: the same flow model with MetaWorld's whole 39-d state
+   (object and goal poses) instead of the robot's own state and the goal.
+4. **Ablations on reach, push and pick-place** (one model for the three tasks):
+   today's conv encoder against the keypoint encoder, each with and without augmentation, with
+   one camera (corner) and two; success and the training step time side by side.
+5. **Training throughput** (frames per second of training, same model, same data): every window
+   decoded up front in memory (``tensors``), each frame decoded once in memory (``memory``), the
+   uint8 cache on disk memory-mapped (``cache``) and the PNG files decoded per batch (``decode``),
+   the last two with 0 and ``--workers`` DataLoader workers.
+
+Training runs are sized by time: the step time of the flow model (and of the base ablation model)
+is measured first, with the run's own data pipeline, and sets the steps of every run of its table
+so that one run takes about ``--hours`` (2) and ``--ablation-hours`` (1) on this machine
+(``sizing.json``; ``--steps`` and ``--ablation-steps`` fix them instead).
+
+Every phase stores its result under ``--work`` (data sets, frame caches, run folders, ``*.json``)
+and is skipped when its result exists, so an interrupted run continues where it stopped (a training
+run resumes from its last checkpoint). The tables are printed and written to
+``benchmarks/results/policy_vision.json``.
+
+How to run
+----------
+Needs the ``robot`` extra (``pip install -e '.[robot]'``) and headless rendering (``MUJOCO_GL=egl``)::
+
+    python benchmarks/policy_vision.py                        # everything (about a day on a 2-core CPU)
+    python benchmarks/policy_vision.py --phases render,throughput
+    python benchmarks/policy_vision.py --tasks reach-v3 --ablation-tasks reach-v3 --demos 1 --steps 20 \\
+        --ablation-steps 20 --ablations keypoints+aug+2cam,conv+noaug+1cam --episodes 1 --baseline-episodes 1 \\
+        --ablation-episodes 1 --max-steps 50 --throughput-steps 3 --render-frames 20 --work /tmp/vision  # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flowforge.data.episodes import EpisodeDataset
+from flowforge.envs.collect import collect
+from flowforge.envs.evaluate import evaluate
+from flowforge.envs.metaworld import render_rate
+from flowforge.runs.policy import load_policy, load_policy_config, prepare_policy, train_policy
+from flowforge.train.distributed import ShardedBatches
+
+MT10 = [
+    "reach-v3",
+    "push-v3",
+    "pick-place-v3",
+    "door-open-v3",
+    "drawer-open-v3",
+    "drawer-close-v3",
+    "button-press-topdown-v3",
+    "peg-insert-side-v3",
+    "window-open-v3",
+    "window-close-v3",
+]
+ABLATION_TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
+PHASES = ("render", "collect", "throughput", "train", "eval")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "policy" / "mt10_images.toml"
+
+#: The ablation grid: name -> overrides of the base config (keypoint encoder, crops, two cameras).
+ABLATIONS = {
+    "keypoints+aug+2cam": [],
+    "keypoints+aug+1cam": ['policy.cameras=["corner"]'],
+    "keypoints+noaug+2cam": ['policy.augmentation="none"'],
+    "keypoints+noaug+1cam": ['policy.augmentation="none"', 'policy.cameras=["corner"]'],
+    "conv+aug+2cam": ['policy.image_encoder="conv"'],
+    "conv+aug+1cam": ['policy.image_encoder="conv"', 'policy.cameras=["corner"]'],
+    "conv+noaug+2cam": ['policy.image_encoder="conv"', 'policy.augmentation="none"'],
+    "conv+noaug+1cam": ['policy.image_encoder="conv"', 'policy.augmentation="none"', 'policy.cameras=["corner"]'],
+}
+#: The full-state variant: MetaWorld's 39 numbers (goal and object poses included, so no goal of its
+#: own; ``goal_key = None`` is set in :func:`_config`, TOML having no null) with the same images.
+FULL_STATE = ['policy.state_key="observation.environment_state"', "policy.previous_state=false"]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save(path: Path, value: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1))
+    temporary.replace(path)
+    return value
+
+
+def _config(args: argparse.Namespace, data: Path, steps: int, overrides: list[str]):
+    settings = [
+        f'data.root="{data}"',
+        f'data.cache="{data}.frames"',
+        f"data.workers={args.workers}",
+        f"train.steps={steps}",
+        f"train.seed={args.seed}",
+        f"train.batch_size={args.batch}",
+        f"train.checkpoint_every={max(1, min(1000, steps))}",
+        f"train.warmup_steps={min(500, steps // 10)}",
+        "train.progress=true" if args.progress else "train.progress=false",
+    ]
+    config = load_policy_config(CONFIG, settings + overrides)
+    if config.policy.state_key == "observation.environment_state":
+        config = dataclasses.replace(config, policy=dataclasses.replace(config.policy, goal_key=None))
+    return config
+
+
+# ---------------------------------------------------------------- phases
+def _render(args) -> dict:
+    path = args.work / "render.json"
+    done = _load(path)
+    if done is not None:
+        return done
+    print("[render] frames/s per camera at 84x84", flush=True)
+    rates = render_rate(args.tasks[0], args.cameras, size=84, frames=args.render_frames)
+    return _save(path, {"task": args.tasks[0], "size": 84, "frames_per_second": rates})
+
+
+def _collect(args, tasks: list[str], name: str) -> Path:
+    root = args.work / name
+    start = time.perf_counter()
+    counts = collect(tasks, args.demos, root, images=True, cameras=args.cameras, size=84, progress=args.progress)
+    record = args.work / f"{name}-collect.json"
+    if not record.exists():
+        _save(record, {"counts": counts, "seconds": time.perf_counter() - start})
+    return root
+
+
+def _step_seconds(policy, data, batch_size: int, steps: int, workers: int) -> float:
+    """Median seconds of a training step (forward, backward, Adam) after two warm-up steps, batches
+    read as the trainer reads them."""
+    batches = ShardedBatches(data, None, batch_size, seed=0, workers=workers)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-4)
+    policy.train()
+    times = []
+    tick = time.perf_counter()
+    for step in range(steps + 2):
+        batch, _ = batches.next()
+        loss = policy.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        now = time.perf_counter()
+        if step >= 2:
+            times.append(now - tick)
+        tick = now
+    return statistics.median(times)
+
+
+def _throughput(args, data: Path) -> dict:
+    """Training frames per second for each way of reading the camera frames (same model and data)."""
+    path = args.work / "throughput.json"
+    table = _load(path) or {}
+    sources = [("tensors", 0), ("memory", 0), ("cache", 0), ("cache", args.workers), ("decode", 0)]
+    sources.append(("decode", args.workers))
+    for frames, workers in dict.fromkeys(sources):
+        name = f"{frames}, {workers} workers"
+        if name in table:
+            continue
+        config = _config(args, data, 1, [])
+        dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        policy, windows = prepare_policy(
+            config.policy, dataset, progress=args.progress, frames=frames, cache=config.data.cache_folder()
+        )
+        prepared = time.perf_counter() - start
+        seconds = _step_seconds(policy, windows, args.batch, args.throughput_steps, workers)
+        table[name] = {
+            "seconds_per_step": seconds,
+            "frames_per_second": args.batch / seconds,
+            "images_per_second": args.batch * len(policy.policy_config.image_keys) / seconds,
+            "preparation_seconds": prepared,
+        }
+        print(f"[throughput] {name}: {args.batch / seconds:.0f} frames/s (prepared in {prepared:.0f} s)", flush=True)
+        _save(path, table)
+        del policy, windows
+    return table
+
+
+def _sizing(args, data: Path, ablation_data: Path | None) -> dict:
+    """Training steps that make one run last about ``--hours`` (MT10) and ``--ablation-hours``
+    (ablations), from the measured step time of the flow model (and of the base ablation model)
+    with the run's own data pipeline; fixed once, so that every run of a table gets the same steps."""
+    path = args.work / "sizing.json"
+    sizing = _load(path)
+    if sizing is not None:
+        return sizing
+    sizing = {}
+    for name, root, hours in (("mt10", data, args.hours), ("ablation", ablation_data, args.ablation_hours)):
+        if root is None:
+            continue
+        config = _config(args, root, 1, [])
+        dataset = EpisodeDataset(root, config.policy.obs_horizon, config.policy.horizon)
+        policy, windows = prepare_policy(
+            config.policy, dataset, progress=args.progress, frames=config.data.frames, cache=config.data.cache_folder()
+        )
+        seconds = _step_seconds(policy, windows, args.batch, args.step_time_steps, config.data.workers)
+        steps = max(100, round(hours * 3600 / seconds / 100) * 100)
+        sizing[name] = {"step_seconds": seconds, "hours": hours, "steps": steps}
+        print(f"[size] {name}: {seconds:.2f} s a step -> {steps} steps for {hours:g} h", flush=True)
+        del policy, windows
+    return _save(path, sizing)
+
+
+def _train(args, name: str, data: Path, steps: int, overrides: list[str]) -> Path:
+    run = args.work / "runs" / name
+    done = run / "trained.json"
+    if done.exists():
+        return run
+    config = _config(args, data, steps, overrides)
+    dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
+    policy, windows = prepare_policy(
+        config.policy, dataset, progress=False, frames=config.data.frames, cache=config.data.cache_folder()
+    )
+    step_seconds = _step_seconds(policy, windows, args.batch, args.step_time_steps, config.data.workers)
+    del policy, windows
+    print(f"[train] {name}: {steps} steps ({step_seconds:.2f} s a step)", flush=True)
+    start = time.perf_counter()
+    policy, _ = train_policy(config, run, resume=(run / "checkpoint.json").exists())
+    seconds = time.perf_counter() - start
+    parameters = sum(p.numel() for p in policy.parameters())
+    _save(done, {"steps": steps, "seconds": seconds, "step_seconds": step_seconds, "parameters": parameters})
+    print(f"[train] {name}: {seconds:.0f} s, {parameters:,} parameters", flush=True)
+    return run
+
+
+def _evaluate(args, name: str, run: Path, tasks: list[str], episodes: int, **sampling) -> dict:
+    path = args.work / f"eval-{name}.json"
+    done = _load(path)
+    if done is not None:
+        return done
+    policy = load_policy(run)
+    start = time.perf_counter()
+    report = evaluate(policy, tasks, episodes, max_steps=args.max_steps, progress=args.progress, sampling=sampling)
+    result = report.to_dict() | {"seconds": time.perf_counter() - start}
+    print(f"[eval] {name}\n{report.table()}", flush=True)
+    return _save(path, result)
+
+
+# ---------------------------------------------------------------- the report
+def _success_table(title: str, results: dict[str, dict], tasks: list[str]) -> None:
+    names = list(results)
+    print(f"\n{title}")
+    print(f"{'task':26s} " + " ".join(f"{n:>20s}" for n in names))
+    for task in tasks:
+        cells = []
+        for n in names:
+            entry = results[n]["tasks"].get(task)
+            cells.append(f"{entry['success_rate']:20.0%}" if entry else f"{'-':>20s}")
+        print(f"{task:26s} " + " ".join(cells))
+    print(f"{'average':26s} " + " ".join(f"{results[n]['average_success']:20.1%}" for n in names))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_vision"))
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"some of {', '.join(PHASES)}")
+    parser.add_argument("--tasks", default=",".join(MT10), help="the multi-task set (MT10)")
+    parser.add_argument("--ablation-tasks", default=",".join(ABLATION_TASKS))
+    parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"some of {', '.join(ABLATIONS)}")
+    parser.add_argument("--models", default="flow,ddpm,mse,flow-full-state")
+    parser.add_argument("--cameras", default="corner,gripperPOV")
+    parser.add_argument("--demos", type=int, default=50, help="expert demonstrations per task")
+    parser.add_argument("--hours", type=float, default=2.0, help="the length of one MT10 training run")
+    parser.add_argument("--ablation-hours", type=float, default=1.0, help="the length of one ablation run")
+    parser.add_argument("--steps", type=int, default=None, help="MT10 training steps (default: from --hours)")
+    parser.add_argument("--ablation-steps", type=int, default=None, help="default: from --ablation-hours")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of training and throughput")
+    parser.add_argument("--episodes", type=int, default=50, help="per task, the flow head")
+    parser.add_argument("--baseline-episodes", type=int, default=20, help="per task, DDPM, MSE and full state")
+    parser.add_argument("--ablation-episodes", type=int, default=20, help="per task")
+    parser.add_argument("--max-steps", type=int, default=500, help="control steps per evaluation episode")
+    parser.add_argument("--throughput-steps", type=int, default=30)
+    parser.add_argument("--step-time-steps", type=int, default=10, help="steps timed before each training run")
+    parser.add_argument("--render-frames", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+    ablation_tasks = [t.strip() for t in args.ablation_tasks.split(",") if t.strip()]
+    ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    bad = [a for a in ablations if a not in ABLATIONS]
+    if bad:
+        parser.error(f"--ablations: unknown {', '.join(bad)}; choose from {', '.join(ABLATIONS)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    summary: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    if "render" in phases:
+        summary["render"] = _render(args)
+    data = ablation_data = None
+    if any(p in phases for p in ("collect", "throughput", "train", "eval")):
+        data = _collect(args, args.tasks, "mt10-images")
+        ablation_data = _collect(args, ablation_tasks, "ablation-images") if ablations else None
+    if "throughput" in phases:
+        summary["throughput"] = _throughput(args, ablation_data or data)
+
+    runs: dict[str, tuple[Path, list[str], dict]] = {}
+    if "train" in phases or "eval" in phases:
+        steps, ablation_steps = args.steps, args.ablation_steps
+        if steps is None or (ablations and ablation_steps is None):
+            summary["sizing"] = sizing = _sizing(args, data, ablation_data)
+            steps = steps or sizing["mt10"]["steps"]
+            ablation_steps = ablation_steps or sizing.get("ablation", {}).get("steps")
+        for model in models:
+            overrides = FULL_STATE if model == "flow-full-state" else [f'policy.kind="{model}"']
+            sampling = {"method": "ddim", "steps": 10} if model == "ddpm" else {}
+            runs[model] = (_train(args, model, data, steps, overrides), args.tasks, sampling)
+        for name in ablations:
+            run = _train(args, f"ablation-{name}", ablation_data, ablation_steps, ABLATIONS[name])
+            runs[f"ablation-{name}"] = (run, ablation_tasks, {})
+    if "eval" in phases:
+        results = {}
+        for name, (run, tasks, sampling) in runs.items():
+            episodes = (
+                args.episodes
+                if name == "flow"
+                else args.ablation_episodes
+                if name.startswith("ablation-")
+                else args.baseline_episodes
+            )
+            results[name] = _evaluate(args, name, run, tasks, episodes, **sampling)
+        summary["results"] = results
+        main_results = {n: r for n, r in results.items() if not n.startswith("ablation-")}
+        if main_results:
+            _success_table("MT10 from pixels (state: robot + goal; two cameras; language)", main_results, args.tasks)
+        ablation_results = {n.removeprefix("ablation-"): r for n, r in results.items() if n.startswith("ablation-")}
+        if ablation_results:
+            _success_table("Ablations (one model for the ablation tasks)", ablation_results, ablation_tasks)
+            print(f"\n{'ablation':26s} {'average':>8s} {'s/step':>8s} {'parameters':>11s}")
+            for name in ablation_results:
+                trained = _load(args.work / "runs" / f"ablation-{name}" / "trained.json") or {}
+                print(
+                    f"{name:26s} {ablation_results[name]['average_success']:8.1%} "
+                    f"{trained.get('step_seconds', float('nan')):8.2f} {trained.get('parameters', 0):11,d}"
+                )
+        checks = {}
+        if "flow" in results:
+            flow = results["flow"]["average_success"]
+            checks["flow >= 90% on MT10 from pixels"] = flow >= 0.9
+            for other in ("ddpm", "mse"):
+                if other in results:
+                    checks[f"flow ahead of {other}"] = flow > results[other]["average_success"]
+        summary["goals"] = checks
+        print("\nGoals")
+        for name, passed in checks.items():
+            print(f"  {'PASS' if passed else 'FAIL'}  {name}")
+    if "render" in summary:
+        print("\nRenderer at 84x84 (frames/s, one process)")
+        for camera, rate in summary["render"]["frames_per_second"].items():
+            print(f"  {camera:14s} {rate:8.0f}")
+    if "throughput" in summary:
+        print(f"\nTraining throughput (batch {args.batch}, frames/s)")
+        for name, entry in summary["throughput"].items():
+            print(f"  {name:22s} {entry['frames_per_second']:8.0f}   prepared in {entry['preparation_seconds']:.0f} s")
+    out = ROOT / "benchmarks" / "results" / "policy_vision.json"
+    if args.work.resolve().is_relative_to(Path("/tmp").resolve()):
+        out = args.work / "policy_vision.json"  # a smoke test leaves the repository's results alone
+    _save(out, summary)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Camera frames of an episode data set that keep up with training: a decoded uint8 cache on disk,
+or the encoded images decoded per batch.
+
+Decoding PNG files is what bounds an image policy's training on a CPU (an 84x84 frame takes about
+0.1 ms to decode; a batch of 64 windows of two frames from two cameras is 256 of them), and
+holding every window decoded in memory does not scale to many cameras and frames. Two sources of
+frames, both read by global frame index (the data set's row) a batch at a time:
+
+* :class:`FrameCache`: every frame of one camera feature (image or video) decoded once, in episode
+  order, into ``<folder>/<feature>/frames.npy``, a ``(frames, 3, H, W)`` uint8 array in NumPy's
+  ``.npy`` format, read memory-mapped (the operating system keeps the pages it reads in its cache;
+  84x84 RGB is 21 KB a frame, 1.3 GB for 60,000 frames). ``progress.json`` beside it records the
+  data set it was built from (folder, episode lengths, frame shape) and how many episodes are
+  decoded; it is replaced atomically after each episode, so an interrupted build resumes from
+  there, and a cache of another data set is refused, never mixed.
+* :class:`EncodedFrames`: the PNG files of an image feature, held in memory as one byte buffer with
+  offsets (no Python object per frame, so worker processes forked from the trainer share it), and
+  decoded when a batch asks for them: in ``torch.utils.data.DataLoader`` worker processes, the
+  decoding runs beside training.
+
+A third, :class:`MemoryFrames`, decodes every frame into memory once (one copy per frame, not per
+window). All three have ``take(index) -> (len(index), 3, H, W)`` uint8 and pickle cheaply::
+
+    cache = FrameCache.build(EpisodeDataset("data/mt10"), "observation.images.corner", "data/mt10.frames")
+    cache.take([0, 5])  # two frames, read from the memory-mapped file
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowforge.data.episodes import EpisodeDataset, decode_png, image_shape
+from flowforge.errors import DataError
+
+CACHE_FORMAT = "flowforge-frame-cache"
+CACHE_VERSION = 1
+
+
+def _source(dataset: EpisodeDataset, key: str) -> dict[str, Any]:
+    """What a cache of ``key`` must agree with to belong to ``dataset``."""
+    feature = dataset.features.get(key)
+    if feature is None or feature.get("dtype") not in ("image", "video"):
+        cameras = ", ".join(dataset.camera_keys) or "none"
+        raise DataError(f"{dataset.root}: {key!r} is not a camera feature; its cameras: {cameras}")
+    height, width, channels = image_shape(feature)
+    return {
+        "root": str(Path(dataset.root).resolve()),
+        "feature": key,
+        "shape": [channels, height, width],
+        "lengths": [int(n) for n in dataset.lengths],
+    }
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` to ``path`` atomically (temporary file, flush, rename)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps(value) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class FrameCache:
+    """One camera feature's frames, decoded, on disk, memory-mapped (see the module docstring).
+
+    Open a complete cache with ``FrameCache(folder, feature)``; make or finish one with
+    :meth:`build`. Instances pickle without their mapping (worker processes map the file again).
+    """
+
+    def __init__(self, folder: str | Path, feature: str) -> None:
+        self.folder = Path(folder) / feature
+        self.feature = feature
+        progress = self.folder / "progress.json"
+        if not progress.is_file():
+            raise DataError(f"{self.folder}: no frame cache here (progress.json is missing); build it first")
+        try:
+            self.record = json.loads(progress.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{progress}: not a readable frame-cache record ({error})") from error
+        if self.record.get("format") != CACHE_FORMAT or self.record.get("version") != CACHE_VERSION:
+            raise DataError(f"{progress}: not a {CACHE_FORMAT} version {CACHE_VERSION} record")
+        lengths = self.record["source"]["lengths"]
+        if self.record["episodes"] != len(lengths):
+            raise DataError(
+                f"{self.folder}: the cache is incomplete ({self.record['episodes']} of {len(lengths)} episodes); "
+                "build it again to finish it"
+            )
+        self.shape = (int(sum(lengths)), *self.record["source"]["shape"])
+        self._frames: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, dataset: EpisodeDataset, feature: str, folder: str | Path, progress: bool = False) -> FrameCache:
+        """Decode every frame of ``feature`` into the cache under ``folder`` (resuming an interrupted
+        build, doing nothing for a complete one) and open it. A :class:`DataError` names the folder
+        when it holds the cache of another data set."""
+        from tqdm.auto import tqdm
+
+        source = _source(dataset, feature)
+        where = Path(folder) / feature
+        record_path, frames_path = where / "progress.json", where / "frames.npy"
+        shape = (int(sum(source["lengths"])), *source["shape"])
+        record = None
+        if record_path.is_file():
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise DataError(f"{record_path}: not a readable frame-cache record ({error})") from error
+            if record.get("source") != source:
+                differs = [k for k in source if record.get("source", {}).get(k) != source[k]]
+                raise DataError(
+                    f"{where} caches another data set (its {', '.join(differs) or 'record'} differ from "
+                    f"{dataset.root}'s); remove it or choose another folder"
+                )
+            if not frames_path.is_file():
+                record = None  # the record outlived its array: start again
+        if record is None:
+            where.mkdir(parents=True, exist_ok=True)
+            frames = np.lib.format.open_memmap(frames_path, mode="w+", dtype=np.uint8, shape=shape)
+            record = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": source, "episodes": 0}
+            _write_json(record_path, record)
+        else:
+            frames = np.load(frames_path, mmap_mode="r+")
+            if frames.shape != shape or frames.dtype != np.uint8:
+                raise DataError(f"{frames_path}: holds {frames.dtype} {frames.shape}, expected uint8 {shape}")
+        starts = np.cumsum([0, *source["lengths"]])
+        episodes = range(record["episodes"], len(source["lengths"]))
+        for episode in tqdm(episodes, desc=f"cache {feature}", disable=not progress, leave=False):
+            decoded = dataset.camera_frames(episode, feature).numpy()
+            frames[starts[episode] : starts[episode + 1]] = decoded
+            frames.flush()
+            record["episodes"] = episode + 1
+            _write_json(record_path, record)
+        del frames
+        return cls(folder, feature)
+
+    @property
+    def frames(self) -> np.ndarray:
+        """The ``(frames, 3, H, W)`` uint8 array, memory-mapped read-only."""
+        if self._frames is None:
+            self._frames = np.load(self.folder / "frames.npy", mmap_mode="r")
+        return self._frames
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, index: Sequence[int] | np.ndarray) -> Tensor:
+        """Frames ``(len(index), 3, H, W)`` uint8 by global frame index."""
+        return torch.from_numpy(np.ascontiguousarray(self.frames[np.asarray(index, dtype=np.int64)]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_frames": None}
+
+
+class EncodedFrames:
+    """An image feature's PNG files in one byte buffer, decoded by global frame index (see the module docstring)."""
+
+    def __init__(self, buffer: np.ndarray, offsets: np.ndarray, shape: Sequence[int], feature: str) -> None:
+        self.buffer, self.offsets, self.feature = buffer, offsets, feature
+        self.shape = (len(offsets) - 1, *shape)
+
+    @classmethod
+    def from_dataset(cls, dataset: EpisodeDataset, feature: str, progress: bool = False) -> EncodedFrames:
+        """Read every PNG file of the image feature ``feature`` (video features: use a :class:`FrameCache`)."""
+        from tqdm.auto import tqdm
+
+        source = _source(dataset, feature)
+        if dataset.features[feature]["dtype"] != "image":
+            raise DataError(
+                f"{dataset.root}: {feature!r} is a video; decoding per batch reads image features "
+                "(use the frame cache for videos)"
+            )
+        chunks: list[bytes] = []
+        for episode in tqdm(range(len(dataset.lengths)), desc=f"read {feature}", disable=not progress, leave=False):
+            for value in dataset.episode_columns(episode)[feature]:
+                data = value["bytes"] if isinstance(value, dict) else value
+                if not isinstance(data, bytes | bytearray):
+                    raise DataError(
+                        f"{dataset.root}: episode {episode} of {feature!r} holds no image bytes "
+                        "(images stored as file paths: use the frame cache)"
+                    )
+                chunks.append(bytes(data))
+        offsets = np.cumsum([0, *map(len, chunks)]).astype(np.int64)
+        buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        return cls(buffer, offsets, source["shape"], feature)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, index: Sequence[int] | np.ndarray) -> Tensor:
+        """Frames ``(len(index), 3, H, W)`` uint8 by global frame index, decoded now."""
+        frames = []
+        for i in np.asarray(index, dtype=np.int64):
+            image = decode_png(self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes())
+            if tuple(image.shape) != self.shape[1:]:
+                raise DataError(f"{self.feature}, frame {i}: decoded {tuple(image.shape)}, expected {self.shape[1:]}")
+            frames.append(image)
+        return torch.stack(frames) if frames else torch.zeros(0, *self.shape[1:], dtype=torch.uint8)
+
+
+class MemoryFrames:
+    """Every frame of a camera feature decoded into memory once: ``(frames, 3, H, W)`` uint8."""
+
+    def __init__(self, frames: Tensor) -> None:
+        self.frames = frames
+        self.shape = tuple(frames.shape)
+
+    @classmethod
+    def from_dataset(cls, dataset: EpisodeDataset, feature: str, progress: bool = False) -> MemoryFrames:
+        from tqdm.auto import tqdm
+
+        _source(dataset, feature)
+        episodes = range(len(dataset.lengths))
+        parts = [
+            dataset.camera_frames(e, feature)
+            for e in tqdm(episodes, desc=f"decode {feature}", disable=not progress, leave=False)
+        ]
+        return cls(torch.cat(parts))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, index: Sequence[int] | np.ndarray) -> Tensor:
+        return self.frames[torch.as_tensor(np.asarray(index, dtype=np.int64))]
+
+
+__all__ = ["CACHE_FORMAT", "EncodedFrames", "FrameCache", "MemoryFrames"]
