@@ -188,6 +188,62 @@ def test_digits_run_reports_bits_per_dim_and_plots_image_grids(tmp_path: Path) -
     assert result.exit_code == 0 and (tmp_path / "digits.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.fixture
+def quick_digits_classifier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation's digits classifier cached in a temporary folder and trained for one epoch only."""
+    from flowforge.eval.image_quality import train_digits_classifier
+    from flowforge.runs import density
+
+    monkeypatch.setenv(density.CACHE_VARIABLE, str(tmp_path / "cache"))
+    monkeypatch.setattr(density, "train_digits_classifier", lambda **kw: train_digits_classifier(epochs=1, **kw))
+
+
+SMALL_UNET = ["--set", "model.options.channels=8", "--set", "model.options.groups=4", "--set", "train.batch_size=16"]
+
+
+def test_conditional_flow_matching_on_digit_images_trains_samples_evaluates_and_plots(
+    tmp_path: Path, quick_digits_classifier: None
+) -> None:
+    run = tmp_path / "fm"
+    result = _train(CONFIGS / "flow_matching_digits.toml", run, *SMALL_UNET)
+    assert result.exit_code == 0, result.output
+    for metric in ("frechet_distance", "conditional_accuracy", "classifier_accuracy"):
+        assert metric in result.output
+    assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+    result = runner.invoke(app, ["sample", str(run), "-n", "12", "--steps", "2", "-o", str(tmp_path / "x.npy")])
+    assert result.exit_code == 0, result.output
+    assert "row i is of class i mod 10" in result.output
+    drawn = np.load(tmp_path / "x.npy")
+    assert drawn.shape == (12, 1, 8, 8) and np.array_equal(drawn, np.round(drawn))
+    assert drawn.min() >= 0 and drawn.max() <= 16  # pixel counts, not the model's [-1, 1) units
+    result = runner.invoke(app, ["sample", str(run), "-n", "2", "--label", "3", "-o", str(tmp_path / "y.npy")])
+    assert result.exit_code == 0 and "all of class 3" in result.output
+    result = CliRunner().invoke(app, ["sample", str(run), "-n", "2", "--label", "10", "-o", str(tmp_path / "z.npy")])
+    assert result.exit_code == 2 and "--label 10: expected a class 0..9" in result.stderr
+    assert not (tmp_path / "z.npy").exists()
+
+    result = runner.invoke(app, ["eval", str(run), "--samples", "40", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    accuracy = float(re.search(r"conditional_accuracy ([\d.]+)", result.output).group(1))
+    assert 0 <= accuracy <= 1
+    result = runner.invoke(app, ["plot", str(run), "-o", str(tmp_path / "classes.png")])
+    assert result.exit_code == 0 and (tmp_path / "classes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_few_step_family_samples_digits_in_one_and_two_steps(tmp_path: Path, quick_digits_classifier) -> None:
+    for kind in ("shortcut", "meanflow", "consistency"):
+        run = tmp_path / kind
+        result = _train(CONFIGS / "meanflow_digits.toml", run, *SMALL_UNET, "--set", f'model.kind="{kind}"')
+        assert result.exit_code == 0, (kind, result.output)
+        for steps in ("1", "2"):
+            out = tmp_path / f"{kind}-{steps}.npy"
+            result = runner.invoke(app, ["sample", str(run), "-n", "5", "--steps", steps, "-o", str(out)])
+            assert result.exit_code == 0, (kind, steps, result.output)
+            drawn = np.load(out)
+            assert drawn.shape == (5, 1, 8, 8) and drawn.min() >= 0 and drawn.max() <= 16
+
+
 def test_list_names_everything() -> None:
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
@@ -223,6 +279,7 @@ BAD_VALUES = [
     (["model.options.hidden=[0]"], None, "hidden"),
     (["model.options.activation=swish9"], None, "activation"),
     (["data.size=0"], None, "size"),
+    (["data.conditional=true"], None, "conditional"),  # moons have no classes
     (["train.steps.x=1"], None, "train.steps"),
     (None, '[model]\nkind = "cnf"\noptions = { method = "bogus" }\n[data]\nname = "moons"\n', "method"),
     (None, b"\x89PNG\r\n\x1a\n\x00\x00binary", "not a text file"),

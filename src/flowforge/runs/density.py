@@ -21,12 +21,42 @@ file, table, key, value and what is allowed, before anything is written.
 
 The checkpoint holds the model's registry config (every constructor argument), the run config and
 the data's standardisation, so ``sample``, ``eval`` and ``plot`` need only the run folder.
+
+**Flow matching on pixel counts** (``[data] name = "digits-images"`` or ``"digits"`` with a model of
+``MATCHING_MODELS``): the model works in :math:`[-1, 1)` on uniformly dequantized counts, drawn
+afresh for every batch by the run's objective (:class:`DequantizedFlowMatching`; the scaling is
+documented once, in :mod:`flowforge.runs.data`), and every sample leaving the run is converted
+back to counts. Images get a :class:`~flowforge.nn.UNetVelocity` by default. With
+``[data] conditional = true`` each image's class is its context (one-hot), ``context_dropout``
+trains the null context for classifier-free guidance, ``draw_samples`` takes the class of each
+sample, and ``plot`` draws one row per class.
+
+**Evaluating image samples.** ``evaluate_run`` on such a run (:func:`image_sample_metrics`) draws
+one sample per training image (with its class, for a conditional run) and reports the Fréchet
+distance between a digits classifier's features (:mod:`flowforge.eval.image_quality`) of the
+samples and of the held-out images (``frechet_distance``), the same for the training images
+themselves (``frechet_distance_floor``: what real digits reach at these sample sizes), the share
+of samples the classifier labels with their class (``conditional_accuracy``) and its own accuracy
+on the held-out images (``classifier_accuracy``). The classifier is trained once per data split
+(``train_digits_classifier`` with its defaults, seed 0: deterministic for a machine and thread
+count, 10-20 s on one core) and cached as a flowforge checkpoint in
+``<cache>/digits-classifier-test<test_fraction>-seed<seed>/``, where ``<cache>`` is
+``$FLOWFORGE_CACHE``, else ``$XDG_CACHE_HOME/flowforge``, else ``~/.cache/flowforge``
+(:func:`classifier_cache`, :func:`digits_classifier`), so every run on that split is scored by
+the same classifier. No NLL is reported for these runs: the ODE's log-density needs an adaptive
+solve with a divergence per image (10-20 s per 100 test images on one core with a Hutchinson
+estimate at tolerance 1e-4, 64 times that with the exact trace), too slow for every
+``flowforge eval``; ``FlowMatcher.log_prob`` of :func:`~flowforge.runs.data.counts_to_model_units`
+of the images gives it (the bound on the discrete NLL is in :mod:`flowforge.runs.data`).
 """
 
 from __future__ import annotations
 
 import csv
 import inspect
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +69,29 @@ from flowforge import registry
 from flowforge.checkpoint import load_model, read_manifest, write_atomic
 from flowforge.config import build_dataclass, check_choice, check_range, read_config
 from flowforge.data import DIGIT_LEVELS, TARGETS, Standardizer, target
-from flowforge.errors import CheckpointError, ConfigError, DataError
-from flowforge.eval.plots import grid_points, plot_bounds, plot_image_run, plot_points_run
+from flowforge.errors import CheckpointError, ConfigError, DataError, FlowforgeError
+from flowforge.eval.image_quality import (
+    DigitsClassifier,
+    conditional_accuracy,
+    frechet_classifier_distance,
+    load_classifier,
+    save_classifier,
+    train_digits_classifier,
+)
+from flowforge.eval.plots import grid_points, plot_bounds, plot_class_grid, plot_image_run, plot_points_run
 from flowforge.eval.report import likelihood_metrics, sample_metrics
 from flowforge.flows import Dequantized
 from flowforge.matching import ConsistencyMatcher, FlowMatcher, MeanFlowMatcher, ShortcutMatcher
-from flowforge.runs.data import COUNT_DATASETS, DataConfig, RunData, load_data
+from flowforge.runs.data import (
+    COUNT_DATASETS,
+    LABELLED_DATASETS,
+    DataConfig,
+    RunData,
+    counts_to_model_units,
+    load_data,
+    model_units_to_counts,
+    one_hot,
+)
 from flowforge.train import AdversarialML, FlowMatchingObjective, MaximumLikelihood, ReverseKL, Trainer, TrainerConfig
 from flowforge.utils.progress import progress_bar
 
@@ -53,6 +100,10 @@ OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl", "adversarial"
 MATCHING_MODELS = ("flow-matching", "shortcut", "meanflow", "consistency")
 #: matching models whose network reads a step size (the shortcut step, the MeanFlow span).
 STEP_INPUT_MODELS = ("shortcut", "meanflow")
+#: Velocity networks over (C, H, W) images (the others take vectors); the first is the default for images.
+IMAGE_VELOCITIES = ("unet",)
+#: Defaults of the vector velocity networks a run builds (an image network keeps its own).
+VECTOR_VELOCITY_DEFAULTS = {"hidden": (256, 256, 256), "time_embedding": 32}
 #: Registered models a run cannot name directly (the run builds them around another model).
 _WRAPPERS = ("dequantized",)
 DEQUANTIZATIONS = ("uniform", "variational")
@@ -70,10 +121,14 @@ class ModelConfig:
     Arguments:
         kind: a registered model (``flowforge list``).
         options: keyword arguments of the model's constructor (``activation`` by registered name,
-            e.g. ``"tanh"``). Flow-matching models take the velocity network's arguments
-            (``hidden``, ``time_embedding``, ...; ``velocity = "residual-velocity-mlp"`` for the
-            other network) and the matcher's (``coupling``, ``path``, ``time_sampler`` by registered
-            name; ``coupling = "ot"`` is ``"exact-ot"``).
+            e.g. ``"tanh"``). Flow-matching models take the velocity network's arguments and the
+            matcher's (``coupling``, ``path``, ``time_sampler`` by registered name; ``coupling =
+            "ot"`` is ``"exact-ot"``; ``context_dropout`` for classifier-free guidance). The network:
+            ``velocity = "velocity-mlp"`` (the default for vectors: ``hidden``, ``time_embedding``,
+            ...) or ``"residual-velocity-mlp"``; ``"unet"`` (the default for images:
+            ``channels``, ``channel_multipliers``, ``blocks``, ``attention``, ``heads``, ``groups``,
+            ``time_embedding``, ``dropout``; :class:`~flowforge.nn.UNetVelocity`). Its context size
+            comes from ``[data] conditional`` and its step input from the kind.
         dequantization: for integer data (digits), ``"uniform"`` or ``"variational"`` noise, drawn
             afresh for every batch.
     """
@@ -130,8 +185,11 @@ class RunConfig:
             raise ConfigError(f"[model] kind = {kind!r} trains with [objective] kind = 'flow-matching'")
         if objective != "reverse-kl" and self.data.name is None and self.data.path is None:
             raise ConfigError("[data] needs name (a built-in set: flowforge list) or path (a data file)")
-        if self.data.name in COUNT_DATASETS and kind in MATCHING_MODELS:
-            raise ConfigError(f"[data] name = {self.data.name!r} holds pixel counts; train a flow on it, not {kind}")
+        if self.data.conditional and kind not in MATCHING_MODELS:
+            raise ConfigError(
+                f"[data] conditional = true trains a class-conditional flow-matching model "
+                f"({', '.join(MATCHING_MODELS)}); [model] kind = {kind!r} takes no class context"
+            )
 
     def objective_kind(self) -> str:
         if self.objective.kind is not None:
@@ -171,20 +229,7 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
     try:
         _registered_option(options, "activation", "activation")
         if kind in MATCHING_MODELS:
-            velocity_name = options.pop("velocity", "velocity-mlp")
-            velocity_cls = registry.lookup("velocity", velocity_name)
-            _registered_option(options, "coupling", "coupling", {"ot": "exact-ot"})
-            _registered_option(options, "path", "path")
-            _registered_option(options, "time_sampler", "time")
-            options.setdefault("coupling", registry.lookup("coupling", "exact-ot")())
-            velocity_options = {"hidden": (256, 256, 256), "time_embedding": 32, **_accepted(velocity_cls, options)}
-            velocity_options.pop("features", None)
-            if len(event_shape) != 1:
-                raise ConfigError(f"[model] kind = {kind!r} takes vectors; the data has shape {event_shape}")
-            velocity = velocity_cls(event_shape[0], step_input=kind in STEP_INPUT_MODELS, **velocity_options)
-            if kind == "consistency":
-                options.setdefault("total_steps", config.train.steps)  # the curriculum spans the run
-            return cls(velocity, **options)
+            return _build_matcher(config, cls, options, event_shape, data.context_features if data is not None else 0)
         parameters = list(inspect.signature(cls.__init__).parameters)
         if parameters[1] == "shape":
             if len(event_shape) != 3:
@@ -209,8 +254,65 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
         raise ConfigError(f"{source}: [model] options do not build a {kind} model: {error}") from error
 
 
-def build_objective(config: RunConfig, features: int):
+def _build_matcher(
+    config: RunConfig, cls: type, options: dict[str, Any], event_shape: tuple[int, ...], context: int
+) -> nn.Module:
+    """A matcher of ``cls`` around its velocity network: a U-Net for images, an MLP for vectors."""
+    kind = config.model.kind
+    image = len(event_shape) == 3
+    velocity_name = options.pop("velocity", IMAGE_VELOCITIES[0] if image else "velocity-mlp")
+    try:
+        velocity_cls = registry.lookup("velocity", velocity_name)
+    except ValueError as error:
+        raise ConfigError(f"[model] options.velocity: {error}") from error
+    if image != (velocity_name in IMAGE_VELOCITIES):
+        expected = (
+            f"images {event_shape} take velocity = {' or '.join(map(repr, IMAGE_VELOCITIES))}"
+            if image
+            else f"vectors {event_shape} take velocity = 'velocity-mlp' or 'residual-velocity-mlp'"
+        )
+        raise ConfigError(f"[model] options.velocity = {velocity_name!r}: {expected}")
+    for key in ("features", "context", "step_input"):
+        if key in options:
+            source = {
+                "features": "the data's shape",
+                "context": "[data] conditional",
+                "step_input": f"the kind ({', '.join(STEP_INPUT_MODELS)} read a step)",
+            }[key]
+            raise ConfigError(f"[model] options.{key}: set by the run from {source}; remove it")
+    _registered_option(options, "coupling", "coupling", {"ot": "exact-ot"})
+    _registered_option(options, "path", "path")
+    _registered_option(options, "time_sampler", "time")
+    options.setdefault("coupling", registry.lookup("coupling", "exact-ot")())
+    defaults = {} if image else VECTOR_VELOCITY_DEFAULTS
+    velocity_options = {**defaults, **_accepted(velocity_cls, options)}
+    velocity = velocity_cls(
+        event_shape if image else event_shape[0],
+        context=context,
+        step_input=kind in STEP_INPUT_MODELS,
+        **velocity_options,
+    )
+    if kind == "consistency":
+        options.setdefault("total_steps", config.train.steps)  # the curriculum spans the run
+    return cls(velocity, **options)
+
+
+class DequantizedFlowMatching(FlowMatchingObjective):
+    """Flow matching on pixel counts: every batch (training and validation) is dequantized afresh into
+    the model's units, :func:`~flowforge.runs.data.counts_to_model_units`, before the matcher's loss."""
+
+    def __init__(self, levels: int) -> None:
+        self.levels = int(levels)
+
+    def loss(self, model: nn.Module, batch) -> Tensor:
+        x, context = batch
+        return model.loss(counts_to_model_units(x, self.levels), context)
+
+
+def build_objective(config: RunConfig, features: int, data: RunData | None = None):
     kind = config.objective_kind()
+    if kind == "flow-matching" and data is not None and data.levels is not None:
+        return DequantizedFlowMatching(data.levels)
     if kind == "adversarial":
         return AdversarialML(
             features, ml_weight=config.objective.ml_weight, adversarial_weight=config.objective.adversarial_weight
@@ -256,12 +358,15 @@ def prepare_run(config: RunConfig, directory: str | Path, source: str = "config"
     if config.objective_kind() == "adversarial" and (data is None or len(data.event_shape) != 1):
         raise ConfigError(f"{source}: [objective] kind = 'adversarial' trains on vector data")
     try:
+        validate = data is not None and bool(config.train.eval_every)
         trainer = Trainer(
             model,
-            build_objective(config, features),
+            build_objective(config, features, data),
             config.train,
             data=None if data is None else data.train,
-            validation_data=data.test if data is not None and config.train.eval_every else None,
+            context=None if data is None else data.train_context,
+            validation_data=data.test if validate else None,
+            validation_context=data.test_context if validate else None,
             directory=directory,
             metadata=_run_metadata(config, data),
         )
@@ -325,22 +430,103 @@ def load_run(directory: str | Path) -> Run:
 
 
 # ---------------------------------------------------------------- sampling and densities
+def run_levels(run: Run) -> int | None:
+    """The number of values of each entry of a run on pixel counts (17 for digits), else ``None``."""
+    return COUNT_DATASETS.get(run.config.data.name)
+
+
+def run_classes(run: Run) -> int:
+    """The number of classes a conditional run samples (its context size); 0 for an unconditional run."""
+    return LABELLED_DATASETS[run.config.data.name] if run.config.data.conditional else 0
+
+
+def matches_counts(run: Run) -> bool:
+    """Whether the run is a flow-matching model on pixel counts (its samples are converted back to counts)."""
+    return isinstance(run.model, FlowMatcher) and run_levels(run) is not None
+
+
+def balanced_labels(n: int, classes: int) -> Tensor:
+    """The classes in turn, ``(n,)`` int64: sample ``i`` of a conditional run is of class ``i mod classes``.
+
+    >>> balanced_labels(5, 3)
+    tensor([0, 1, 2, 0, 1])
+    """
+    return torch.arange(n) % classes
+
+
+def _checked_labels(labels: Tensor | int, n: int, classes: int) -> Tensor:
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = torch.full((n,), labels, dtype=torch.long)
+    if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point() or labels.is_complex():
+        shown = tuple(labels.shape) if isinstance(labels, Tensor) else repr(labels)
+        raise DataError(f"labels: expected {n} class numbers (an integer tensor of shape ({n},)), got {shown}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise DataError(f"labels: expected classes 0..{classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+    return labels.long()
+
+
+@contextmanager
+def _eager_image_solves(model: nn.Module) -> Iterator[None]:
+    """Fixed-step solves of an image network run eagerly here: ``draw_samples`` solves once or twice
+    per process, and a TorchScript trace of a U-Net's unrolled solve costs several times the solve
+    itself (channels 32, 10 Euler steps at batch 1,438: 116 s traced against 20 s eager on one
+    core), which a one-off draw never earns back."""
+    if not isinstance(model, FlowMatcher) or len(model.event_shape) != 3:
+        yield
+        return
+    own = vars(model).get("trace_fixed_steps")  # an instance's own setting, restored below
+    model.trace_fixed_steps = False
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.trace_fixed_steps
+        else:
+            model.trace_fixed_steps = own
+
+
 @torch.no_grad()
-def draw_samples(run: Run, n: int, steps: int = 10, chunk: int = 16_384, progress: bool | None = False) -> Tensor:
-    """``n`` samples in the data's own units, drawn ``chunk`` at a time (with a progress bar when asked)."""
+def draw_samples(
+    run: Run,
+    n: int,
+    steps: int = 10,
+    chunk: int = 16_384,
+    progress: bool | None = False,
+    labels: Tensor | int | None = None,
+) -> Tensor:
+    """``n`` samples in the data's own units (pixel counts for a run on them), drawn ``chunk`` at a time
+    (with a progress bar when asked).
+
+    ``steps``: solver steps of a flow-matching model (midpoint for flow matching, Euler with the
+    matching step input for shortcut and MeanFlow models, multistep sampling for a consistency
+    model). ``labels``: for a conditional run, the class of each sample, ``(n,)`` integers or one
+    class for all; by default the classes in turn (:func:`balanced_labels`). An unconditional run
+    refuses labels.
+    """
     model = run.model
+    classes = run_classes(run)
+    if classes:
+        labels = balanced_labels(n, classes) if labels is None else _checked_labels(labels, n, classes)
+    elif labels is not None:
+        raise DataError("labels: this run is not class-conditional ([data] conditional = false); draw without labels")
     parts = []
-    with progress_bar(n, "sample", progress) as bar:
+    with progress_bar(n, "sample", progress) as bar, _eager_image_solves(model):
         for start in range(0, n, chunk):
             count = min(chunk, n - start)
             if isinstance(model, FlowMatcher):
                 few_step = isinstance(model, ShortcutMatcher | MeanFlowMatcher | ConsistencyMatcher)
                 method = "euler" if few_step else "midpoint"
-                parts.append(model.sample(count, steps=steps, method=method))
+                if classes:
+                    context = one_hot(labels[start : start + count], classes)
+                    parts.append(model.sample(1, context, steps=steps, method=method)[0])
+                else:
+                    parts.append(model.sample(count, steps=steps, method=method))
             else:
                 parts.append(model.sample(count))
             bar.update(count)
     x = torch.cat(parts).float()
+    if matches_counts(run):
+        return model_units_to_counts(x, run_levels(run))
     return run.standardizer.inverse(x) if run.standardizer is not None else x
 
 
@@ -366,15 +552,99 @@ def held_out_data(run: Run) -> Tensor | None:
     return load_data(run.config.data).test_units
 
 
+# ---------------------------------------------------------------- the digits classifier
+#: Environment variable naming the folder where flowforge caches what it trains for evaluation.
+CACHE_VARIABLE = "FLOWFORGE_CACHE"
+
+
+def classifier_cache() -> Path:
+    """Where evaluation caches its digits classifiers: ``$FLOWFORGE_CACHE``, else
+    ``$XDG_CACHE_HOME/flowforge``, else ``~/.cache/flowforge``."""
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flowforge"
+
+
+def digits_classifier(data: DataConfig, cache: str | Path | None = None) -> tuple[DigitsClassifier, float]:
+    """The digits classifier of ``data``'s split and its accuracy on the split's test images.
+
+    Trained by :func:`~flowforge.eval.image_quality.train_digits_classifier` (its defaults, seed 0) on
+    the split's training images the first time, then loaded from
+    ``<cache>/digits-classifier-test<test_fraction>-seed<seed>/`` (``cache``: default
+    :func:`classifier_cache`); a damaged cached copy is trained and written again.
+    """
+    folder = Path(cache if cache is not None else classifier_cache())
+    folder = folder / f"digits-classifier-test{data.test_fraction:g}-seed{data.seed}"
+    if (folder / "checkpoint.json").is_file():
+        try:
+            classifier = load_classifier(folder)
+            return classifier, float(read_manifest(folder)["metadata"]["test_accuracy"])
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            pass  # trained again below
+    trained = train_digits_classifier(test_fraction=data.test_fraction, split_seed=data.seed)
+    save_classifier(trained.classifier, folder, trained.metadata())
+    return trained.classifier, trained.test_accuracy
+
+
+def image_sample_metrics(run: Run, test: Tensor, samples: int = 2000, steps: int = 10) -> dict[str, float]:
+    """Sample quality of a run on digit pixel counts, scored by the split's digits classifier
+    (:func:`digits_classifier`).
+
+    The model draws one sample per image of the run's training split (the first ``samples`` of
+    them), with that image's class for a conditional run, so that those training images are the
+    reference at the same sample sizes and class counts:
+
+    * ``frechet_distance``: between the classifier's features of the samples and of ``test``
+      (pixel counts, images or flattened);
+    * ``frechet_distance_floor``: the same for the training images in place of the samples (what
+      real digits reach at these sample sizes: the distance of finite samples is biased up, so a
+      model near the floor is as close as this test can tell);
+    * ``conditional_accuracy`` (conditional runs): the share of samples labelled with their class;
+    * ``classifier_accuracy``: the classifier's accuracy on the split's test images.
+    """
+    shape = (1, 8, 8)
+    if test.dim() < 2 or test[0].numel() != 64:
+        raise DataError(f"image metrics compare 8x8 digit images; the held-out data has shape {tuple(test.shape)}")
+    split = load_data(run.config.data)
+    train = split.train_units[:samples].float().reshape(-1, *shape)
+    labels = None if split.train_context is None else split.train_context[:samples].argmax(1)
+    drawn = draw_samples(run, train.shape[0], steps, labels=labels)
+    if not bool(torch.isfinite(drawn).all()):
+        bad = int((~torch.isfinite(drawn.flatten(1))).any(1).sum())
+        raise FlowforgeError(
+            f"{bad} of the model's {drawn.shape[0]} samples hold NaN or inf: the model diverged or its "
+            "sampler is unstable; no sample metric can be computed"
+        )
+    classifier, accuracy = digits_classifier(run.config.data)
+    drawn, reference = drawn.reshape(-1, *shape), test.float().reshape(-1, *shape)
+    metrics = {
+        "frechet_distance": frechet_classifier_distance(classifier, drawn, reference),
+        "frechet_distance_floor": frechet_classifier_distance(classifier, train, reference),
+    }
+    if labels is not None:
+        metrics["conditional_accuracy"] = conditional_accuracy(classifier, drawn, labels)
+    metrics["classifier_accuracy"] = accuracy
+    return metrics
+
+
 def is_image_run(run: Run) -> bool:
     """Whether the run models pixel counts (digits), drawn as image grids."""
     return run.config.data.name in COUNT_DATASETS
 
 
-def evaluate_run(run: Run, data: Tensor | None, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+def evaluate_run(
+    run: Run,
+    data: Tensor | None,
+    samples: int = 2000,
+    seed: int = 0,
+    steps: int = 10,
+) -> dict[str, float]:
     """Metrics of a trained run (:mod:`flowforge.eval.report`): NLL and bits/dim on ``data`` (data
     units), and MMD, energy distance and sliced W2 between samples and ``data``; the KL to the
-    target for reverse-KL runs."""
+    target for reverse-KL runs; for a flow-matching model on pixel counts, the classifier's metrics
+    of :func:`image_sample_metrics` instead. ``samples`` caps the held-out points (and the
+    samples); ``steps``: the sampler's steps (flow-matching models)."""
     if run.reverse_kl:
         objective = ReverseKL(run.config.objective.target, run.config.objective.samples)
         return {"kl": objective.kl(run.model, 20_000)}
@@ -382,12 +652,14 @@ def evaluate_run(run: Run, data: Tensor | None, samples: int = 2000, seed: int =
         raise DataError("evaluating a run needs held-out data")
     test = data[:samples]
     torch.manual_seed(seed)
+    if matches_counts(run):
+        return image_sample_metrics(run, test, samples, steps)
     metrics = {}
     if has_density(run.model):
         with torch.no_grad():
             log_probs = torch.cat([log_prob_in_data_units(run, rows) for rows in test.split(1024)])
         metrics = likelihood_metrics(log_probs, test[0].numel())
-    metrics.update(sample_metrics(draw_samples(run, test.shape[0]), test, seed))
+    metrics.update(sample_metrics(draw_samples(run, test.shape[0], steps), test, seed))
     return metrics
 
 
@@ -399,6 +671,18 @@ def plot_run(run: Run, path: str | Path, data: Tensor | None, samples: int = 200
     curve = training_curve(run.directory)
     title = f"{run.config.model.kind} ({run.config.objective_kind()})"
     if is_image_run(run):
+        classes = run_classes(run)
+        if classes:  # one row per class
+            labels = torch.arange(classes).repeat(10)
+            drawn = draw_samples(run, labels.shape[0], labels=labels)
+            return plot_class_grid(
+                drawn.reshape(-1, 1, 8, 8),
+                labels,
+                path,
+                columns=10,
+                value_range=(0, DIGIT_LEVELS - 1),
+                title=f"{run.config.model.kind}: a row per class",
+            )
         drawn = draw_samples(run, 36)
         return plot_image_run(path, f"{title} on {run.config.data.name}", data, drawn, DIGIT_LEVELS, curve)
     drawn = draw_samples(run, samples).cpu()
@@ -455,27 +739,37 @@ def training_curve(directory: Path) -> tuple[list[float], list[float]]:
 
 
 __all__ = [
+    "CACHE_VARIABLE",
+    "IMAGE_VELOCITIES",
     "MATCHING_MODELS",
     "OBJECTIVES",
     "STEP_INPUT_MODELS",
     "DataConfig",
+    "DequantizedFlowMatching",
     "ModelConfig",
     "ObjectiveConfig",
     "PreparedRun",
     "Run",
     "RunConfig",
+    "balanced_labels",
     "build_model",
+    "classifier_cache",
+    "digits_classifier",
     "draw_samples",
     "evaluate_run",
     "has_density",
     "held_out_data",
+    "image_sample_metrics",
     "is_image_run",
     "load_config",
     "load_run",
     "log_prob_in_data_units",
+    "matches_counts",
     "model_kinds",
     "plot_run",
     "prepare_run",
+    "run_classes",
+    "run_levels",
     "train_run",
     "training_curve",
     "write_samples",
