@@ -393,3 +393,14 @@ def test_every_help_text_renders_its_brackets() -> None:
         assert "Usage:" in result.output
     policy_help = CliRunner().invoke(app, ["policy", "train", "--help"]).output
     assert "[policy], [data], [train]" in policy_help
+
+
+def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_path: Path) -> None:
+    result = _train(CONFIGS / "vae_digits.toml", tmp_path / "vae", "--set", "model.options.transforms=1")
+    assert result.exit_code == 0, result.output
+    assert "training vae (negative-elbo)" in result.output and "nll" in result.output
+    config = tmp_path / "mixed.toml"
+    config.write_text('[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "negative-elbo"\n')
+    result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "mixed"), *TINY])
+    assert result.exit_code == 2 and "a vae trains with 'negative-elbo', and only a vae does" in result.output
+    assert not (tmp_path / "mixed").exists()

@@ -92,10 +92,18 @@ from flowforge.runs.data import (
     model_units_to_counts,
     one_hot,
 )
-from flowforge.train import AdversarialML, FlowMatchingObjective, MaximumLikelihood, ReverseKL, Trainer, TrainerConfig
+from flowforge.train import (
+    AdversarialML,
+    FlowMatchingObjective,
+    MaximumLikelihood,
+    NegativeELBO,
+    ReverseKL,
+    Trainer,
+    TrainerConfig,
+)
 from flowforge.utils.progress import progress_bar
 
-OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl", "adversarial")
+OBJECTIVES = ("maximum-likelihood", "flow-matching", "reverse-kl", "adversarial", "negative-elbo")
 #: Models that train by flow matching (the others by a likelihood or reverse KL).
 MATCHING_MODELS = ("flow-matching", "shortcut", "meanflow", "consistency")
 #: matching models whose network reads a step size (the shortcut step, the MeanFlow span).
@@ -183,6 +191,11 @@ class RunConfig:
             raise ConfigError(f"[objective] kind = 'flow-matching' needs [model] kind {' or '.join(MATCHING_MODELS)}")
         if objective != "flow-matching" and kind in MATCHING_MODELS:
             raise ConfigError(f"[model] kind = {kind!r} trains with [objective] kind = 'flow-matching'")
+        if (objective == "negative-elbo") != (kind == "vae"):
+            raise ConfigError(
+                f"[model] kind = {kind!r} with [objective] kind = {objective!r}: a vae trains with 'negative-elbo', "
+                "and only a vae does"
+            )
         if objective != "reverse-kl" and self.data.name is None and self.data.path is None:
             raise ConfigError("[data] needs name (a built-in set: flowforge list) or path (a data file)")
         if self.data.conditional and kind not in MATCHING_MODELS:
@@ -194,6 +207,8 @@ class RunConfig:
     def objective_kind(self) -> str:
         if self.objective.kind is not None:
             return self.objective.kind
+        if self.model.kind == "vae":
+            return "negative-elbo"
         return "flow-matching" if self.model.kind in MATCHING_MODELS else "maximum-likelihood"
 
 
@@ -245,7 +260,7 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
                     "(use glow or multiscale-realnvp for images, or [data] name = 'digits')"
                 )
             model = cls(event_shape[0], **options)
-        if data is not None and data.levels is not None:
+        if data is not None and data.levels is not None and kind != "vae":  # a VAE models the counts itself
             model = Dequantized(model, data.levels, variational=config.model.dequantization == "variational")
         return model
     except ConfigError as error:
@@ -319,6 +334,8 @@ def build_objective(config: RunConfig, features: int, data: RunData | None = Non
         )
     if kind == "maximum-likelihood":
         return MaximumLikelihood()
+    if kind == "negative-elbo":
+        return NegativeELBO()
     if kind == "flow-matching":
         return FlowMatchingObjective()
     return ReverseKL(config.objective.target, config.objective.samples)
