@@ -299,6 +299,10 @@ def data_collect(
     env: Annotated[str, typer.Option(help="Simulator (metaworld).")] = "metaworld",
     images: Annotated[bool, typer.Option("--images/--no-images", help="Also store camera images.")] = False,
     camera: Annotated[str, typer.Option(help="Camera for --images.")] = "corner",
+    cameras: Annotated[
+        str | None,
+        typer.Option(help="Several cameras for --images, comma-separated MetaWorld names (corner,gripperPOV)."),
+    ] = None,
     size: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 84,
     seed: Annotated[int, typer.Option()] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
@@ -313,7 +317,18 @@ def data_collect(
 
     start = time.perf_counter()
     try:
-        counts = collect(names, episodes, out, images=images, camera=camera, size=size, seed=seed, progress=progress)
+        camera_names = [c.strip() for c in cameras.split(",") if c.strip()] if cameras is not None else None
+        counts = collect(
+            names,
+            episodes,
+            out,
+            images=images,
+            camera=camera,
+            cameras=camera_names,
+            size=size,
+            seed=seed,
+            progress=progress,
+        )
     except ValueError as error:  # an unknown task or camera, named in the message
         raise ConfigError(str(error)) from error
     for task, count in counts.items():
