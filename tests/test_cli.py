@@ -404,3 +404,11 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
     result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "mixed"), *TINY])
     assert result.exit_code == 2 and "a vae trains with 'negative-elbo', and only a vae does" in result.output
     assert not (tmp_path / "mixed").exists()
+
+
+@pytest.mark.parametrize("extra", [["--images", "--cameras", " , "], ["--cameras", "corner"]])
+def test_data_collect_refuses_an_empty_camera_list_or_cameras_without_images(tmp_path: Path, extra) -> None:
+    out = tmp_path / "demos"
+    result = runner.invoke(app, ["data", "collect", "--out", str(out), "--tasks", "reach-v3", *extra])
+    assert result.exit_code == 2 and "name one or more cameras, with --images" in result.output
+    assert not out.exists()

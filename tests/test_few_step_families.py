@@ -134,6 +134,10 @@ def test_consistency_training_moves_every_parameter_and_refuses_what_it_cannot_d
         from flowforge.matching import CosinePath
 
         ConsistencyMatcher(VelocityMLP(2, hidden=(8,)), CosinePath())
+    with pytest.raises(TypeError, match="teacher must be a trained FlowMatcher"):
+        model.distillation_loss(torch.randn(4, 2), nn.Linear(2, 2), torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"x1.*(finite|NaN)"):
+        model.distillation_loss(torch.full((4, 2), float("nan")), FlowMatcher(VelocityMLP(2, 3)), torch.randn(4, 3))
     with pytest.raises(ValueError, match="final_intervals"):
         ConsistencyMatcher(VelocityMLP(2, hidden=(8,)), initial_intervals=20, final_intervals=10)
 

@@ -318,6 +318,8 @@ def data_collect(
     start = time.perf_counter()
     try:
         camera_names = [c.strip() for c in cameras.split(",") if c.strip()] if cameras is not None else None
+        if camera_names == [] or (camera_names and not images):
+            raise ValueError(f"--cameras {cameras!r}: name one or more cameras, with --images")
         counts = collect(
             names,
             episodes,

@@ -198,6 +198,8 @@ class ConsistencyMatcher(FlowMatcher):
         """Consistency distillation from ``teacher``'s ODE: the less noisy end of each interval is one
         Heun step of the teacher's velocity from the noisier one (no gradient through the teacher);
         the mean squared distance between the two ends' consistency functions."""
+        if not isinstance(teacher, FlowMatcher) or isinstance(teacher, ConsistencyMatcher):
+            raise TypeError(f"teacher must be a trained FlowMatcher (an ODE to follow), got {type(teacher).__name__}")
         x1, context, x0, _ = self._loss_inputs(x1, context, x0, None)
         if tuple(teacher.event_shape) != self.event_shape:
             raise ValueError(f"the teacher's event shape {teacher.event_shape} is not this model's {self.event_shape}")

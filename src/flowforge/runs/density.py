@@ -55,8 +55,6 @@ from __future__ import annotations
 import csv
 import inspect
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -482,26 +480,6 @@ def _checked_labels(labels: Tensor | int, n: int, classes: int) -> Tensor:
     return labels.long()
 
 
-@contextmanager
-def _eager_image_solves(model: nn.Module) -> Iterator[None]:
-    """Fixed-step solves of an image network run eagerly here: ``draw_samples`` solves once or twice
-    per process, and a TorchScript trace of a U-Net's unrolled solve costs several times the solve
-    itself (channels 32, 10 Euler steps at batch 1,438: 116 s traced against 20 s eager on one
-    core), which a one-off draw never earns back."""
-    if not isinstance(model, FlowMatcher) or len(model.event_shape) != 3:
-        yield
-        return
-    own = vars(model).get("trace_fixed_steps")  # an instance's own setting, restored below
-    model.trace_fixed_steps = False
-    try:
-        yield
-    finally:
-        if own is None:
-            del model.trace_fixed_steps
-        else:
-            model.trace_fixed_steps = own
-
-
 @torch.no_grad()
 def draw_samples(
     run: Run,
@@ -527,7 +505,7 @@ def draw_samples(
     elif labels is not None:
         raise DataError("labels: this run is not class-conditional ([data] conditional = false); draw without labels")
     parts = []
-    with progress_bar(n, "sample", progress) as bar, _eager_image_solves(model):
+    with progress_bar(n, "sample", progress) as bar:
         for start in range(0, n, chunk):
             count = min(chunk, n - start)
             if isinstance(model, FlowMatcher):
