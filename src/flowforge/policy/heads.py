@@ -295,7 +295,9 @@ class FlowHead(PolicyHead):
             trace = "exact" if features <= EXACT_TRACE_LIMIT else "hutchinson"
         velocity = _ChunkVelocity(cache, chunk.shape[1:])
         transform = ContinuousFlowTransform(velocity, features, 0, trace, method, steps, atol, rtol)
-        with torch.enable_grad():
+        # Without an outer graph each step's divergence takes only its own Jacobian, and nothing is
+        # kept across solver steps (with one, an exact trace at batch 64 held 24 GB).
+        with torch.no_grad():
             z, logabsdet = transform(chunk.reshape(chunk.shape[0], features))
         normal_constant = features * (math.log(noise_scale) + 0.5 * math.log(2 * math.pi))
         base = -0.5 * (z / noise_scale).square().sum(1) - normal_constant
