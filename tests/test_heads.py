@@ -353,16 +353,67 @@ def test_few_step_heads_tell_the_expert_their_step() -> None:
 
 def test_the_consistency_head_holds_its_boundary_condition_and_samples_in_one_step() -> None:
     policy = _policy("consistency").eval()
+    head = policy.head
+    assert head.config.consistency_segments == 2
+    torch.testing.assert_close(
+        head.segment_end(torch.tensor([0.0, 0.2, 0.5, 0.51, 0.99, 1.0])), torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
+    )
     batch = _batch()
     with torch.no_grad():
         cache = policy.expert.encode(policy.prefix(policy.checked_batch(batch)))
         x = torch.randn(5, 8, 2)
-        data, _ = policy.head.predicted_chunk(cache, x, torch.ones(5))
+        data, _ = head.predicted_chunk(cache, x, torch.ones(5))
         torch.testing.assert_close(data, x)  # f(x, 1) = x: the boundary condition by construction
         noise = torch.randn(5, 8, 2)
-        one, _ = policy.head.predicted_chunk(cache, noise, torch.zeros(5))
+        _, velocity = head.predicted_chunk(cache, noise, torch.zeros(5))
     result = policy.predict_chunk(batch, steps=1, noise=noise)
-    torch.testing.assert_close(result.actions, policy.unnormalize_action(one), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.actions, policy.unnormalize_action(noise + velocity), rtol=1e-5, atol=1e-5)
     assert result.nfe == 1
     with pytest.raises(ValueError, match="consistency head samples by its own steps"):
         policy.predict_chunk(batch, method="rk4")
+
+
+def test_the_consistency_target_is_the_demonstrated_chunk_where_the_later_time_reaches_the_data_end() -> None:
+    # A gap of nearly 1 clamps every later time to 1, where f(x, 1) = x is the chunk itself: the
+    # loss becomes |f(x_t, t) - A|^2, what ties the consistency function to the demonstrations.
+    policy = _policy("consistency", consistency_delta=0.999999, consistency_velocity_weight=0.0, consistency_segments=1)
+    head, target = policy.head, torch.rand(6, 8, 2) * 2 - 1
+    cache = policy.expert.encode(policy.prefix(policy.checked_batch(_batch(6))))
+    torch.manual_seed(3)
+    loss = head.filled_loss(target, cache, None)
+    torch.manual_seed(3)
+    noise = torch.randn_like(target)
+    t = torch.rand(6)
+    x_t = t[:, None, None] * target + (1 - t[:, None, None]) * noise
+    expected = (x_t + (1 - t[:, None, None]) * cache.denoise(x_t, t) - target).square().mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_meanflow_span_rows_cover_the_whole_interval_and_the_sampling_grid() -> None:
+    head = _policy("meanflow").head
+    torch.manual_seed(0)
+    start, span = head.span_times(4000, torch.device("cpu"), torch.float32)
+    assert bool((start >= 0).all() and (span > 0).all() and (start + span <= 1 + 1e-6).all())
+    grid = start[:1000], span[:1000]  # the first quarter: the 1- and 2-step samplers' intervals
+    pairs = {(round(float(s), 3), round(float(h), 3)) for s, h in zip(*grid, strict=True)}
+    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 0.5)}
+    rest = start[1000:], span[1000:]  # uniform ends: E[min] = 1/3, E[span] = 1/3, spans up to ~1
+    assert abs(float(rest[0].mean()) - 1 / 3) < 0.03 and abs(float(rest[1].mean()) - 1 / 3) < 0.03
+    assert float(rest[1].max()) > 0.95
+
+
+def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkeypatch) -> None:
+    policy = _policy("meanflow", meanflow_fraction=0.25)
+    batch = _batch(8)
+    jvp_rows: list[int] = []
+    original = torch.func.jvp
+
+    def counting(function, primals, tangents):
+        jvp_rows.append(primals[0].shape[0])
+        return original(function, primals, tangents)
+
+    monkeypatch.setattr(torch.func, "jvp", counting)
+    loss = policy.loss(batch)
+    assert jvp_rows == [2] and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in policy.expert.parameters())

@@ -149,7 +149,8 @@ def mean_flow_loss(
 
     the total derivative computed as one Jacobian-vector product (``torch.func.jvp``) with tangents
     :math:`(v, 1, -1)`, :math:`v` the path's conditional velocity. The right side is the target,
-    held fixed (no gradient). ``start``, ``span`` (batch,); ``span = 0`` rows are flow matching.
+    held fixed (no gradient). ``start``, ``span`` (batch,); ``span = 0`` rows are flow matching (a
+    batch of them alone takes one plain evaluation: no Jacobian-vector product).
 
     Adaptive weighting (the paper's, ``adaptive_power`` :math:`p > 0`): each row's mean squared error
     :math:`e` is weighted by :math:`(e + c)^{-p}` held fixed, :math:`c` = ``adaptive_offset``, and the
@@ -163,10 +164,13 @@ def mean_flow_loss(
     x_s, v = path.sample(x0, x1, start)
     if guided_velocity is not None:
         v = guided_velocity(x_s, v).detach()
-    prediction, derivative = torch.func.jvp(
-        average_velocity, (x_s, start, span), (v, torch.ones_like(start), -torch.ones_like(span))
-    )
-    target = (v + span.reshape(-1, *([1] * (v.dim() - 1))) * derivative).detach()
+    if bool((span == 0).all()):  # flow matching alone: the derivative is multiplied by 0, so skip it
+        prediction, target = average_velocity(x_s, start, span), v.detach()
+    else:
+        prediction, derivative = torch.func.jvp(
+            average_velocity, (x_s, start, span), (v, torch.ones_like(start), -torch.ones_like(span))
+        )
+        target = (v + span.reshape(-1, *([1] * (v.dim() - 1))) * derivative).detach()
     squared = (prediction - target).square()
     if adaptive_power == 0:
         return masked_mean(squared, mask)
