@@ -185,7 +185,7 @@ def _policy_case(kind: str, **changes):
             shortcut_halvings=5,
             meanflow_fraction=0.5,
             meanflow_adaptive_power=0.25,
-            consistency_delta=0.05,
+            consistency_delta=0.1,
             consistency_velocity_weight=0.5,
             consistency_segments=3,
             diffusion_steps=12,
