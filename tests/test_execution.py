@@ -180,6 +180,11 @@ def test_boundary_jumps_and_the_boundary_plot(tmp_path) -> None:
         assert switches and executor.boundary_jumps() == [
             float(np.linalg.norm(actions[k] - actions[k - 1])) for k in switches
         ]
+        changes = executor.within_chunk_changes()
+        assert len(changes) + len(switches) == len(actions) - 1
+        assert sorted(changes + executor.boundary_jumps()) == sorted(
+            float(np.linalg.norm(actions[k] - actions[k - 1])) for k in range(1, len(actions))
+        )
         traces[execution] = (actions, switches)
     path = plot_chunk_boundaries(traces, tmp_path / "boundaries.png", dims=(0, 1))
     from PIL import Image

@@ -336,6 +336,8 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())
     assert report["tasks"]["reach-v3"]["waited"] == [3]  # only the first chunk of the episode is waited for
+    assert report["mean_boundary_jump"] >= 0 and report["mean_action_change_within_chunks"] >= 0
+    assert "within a chunk: mean" in delayed.output
     bad = runner.invoke(app, ["policy", "eval", str(run), "--tasks", "fly-v3"])
     assert bad.exit_code != 0 and "unknown or no tasks" in bad.output
 

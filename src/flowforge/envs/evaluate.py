@@ -57,6 +57,8 @@ class TaskResult:
     waited: list[int] = field(default_factory=list)
     #: action jumps where a new chunk took over, all episodes together.
     jumps: list[float] = field(default_factory=list)
+    #: action changes between steps of one chunk (ordinary motion), all episodes together.
+    changes: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -92,10 +94,12 @@ class EvaluationReport:
             lines.append(f"{t.task:32s} {t.rate:8.1%}  [{low:5.1%}, {high:5.1%}]  {len(t.successes):6d}")
         lines.append(f"{'average':32s} {self.average_success:8.1%}")
         jumps = [j for t in self.tasks for j in t.jumps]
+        changes = [c for t in self.tasks for c in t.changes]
         if jumps:
+            ordinary = f" (within a chunk: mean {statistics.fmean(changes):.3f})" if changes else ""
             lines.append(
-                f"action jump where chunks take over: mean {statistics.fmean(jumps):.3f}, max {max(jumps):.3f}; "
-                f"mean episode length with waits {self.mean_length_with_waits:.1f} steps"
+                f"action jump where chunks take over: mean {statistics.fmean(jumps):.3f}, max {max(jumps):.3f}"
+                f"{ordinary}; mean episode length with waits {self.mean_length_with_waits:.1f} steps"
             )
         if self.latencies:
             lines.append(
@@ -106,6 +110,7 @@ class EvaluationReport:
 
     def to_dict(self) -> dict:
         jumps = [j for t in self.tasks for j in t.jumps]
+        changes = [c for t in self.tasks for c in t.changes]
         return {
             "tasks": {
                 t.task: {
@@ -125,6 +130,7 @@ class EvaluationReport:
             "mean_episode_length_with_waits": self.mean_length_with_waits,
             "mean_boundary_jump": statistics.fmean(jumps) if jumps else None,
             "max_boundary_jump": max(jumps) if jumps else None,
+            "mean_action_change_within_chunks": statistics.fmean(changes) if changes else None,
         }
 
 
@@ -222,6 +228,7 @@ def evaluate(
                 result.steps.append(steps)
                 result.waited.append(executor.waited)
                 result.jumps += executor.boundary_jumps()
+                result.changes += executor.within_chunk_changes()
                 latencies += chunk_latencies
                 nfe += chunk_nfe
                 if record and frames:

@@ -333,6 +333,15 @@ class ChunkExecutor:
         actions, switches = self.sent_actions()
         return [float(np.linalg.norm(actions[k] - actions[k - 1])) for k in switches]
 
+    def within_chunk_changes(self) -> list[float]:
+        """The size of the change of the action sent at every other step (the same chunk continuing):
+        the ordinary motion that a boundary jump is to be read against."""
+        actions, switches = self.sent_actions()
+        taken_over = set(switches)
+        return [
+            float(np.linalg.norm(actions[k] - actions[k - 1])) for k in range(1, len(actions)) if k not in taken_over
+        ]
+
     def sent_actions(self) -> tuple[np.ndarray, list[int]]:
         """This episode's actions as sent (T, A), clipped to the action space, and the steps where a
         new chunk took over (for :func:`flowforge.eval.plots.plot_chunk_boundaries`)."""
