@@ -389,19 +389,6 @@ def test_the_consistency_target_is_the_demonstrated_chunk_where_the_later_time_r
     torch.testing.assert_close(loss, expected)
 
 
-def test_meanflow_span_rows_cover_the_whole_interval_and_the_sampling_grid() -> None:
-    head = _policy("meanflow").head
-    torch.manual_seed(0)
-    start, span = head.span_times(4000, torch.device("cpu"), torch.float32)
-    assert bool((start >= 0).all() and (span > 0).all() and (start + span <= 1 + 1e-6).all())
-    grid = start[:1000], span[:1000]  # the first quarter: the 1- and 2-step samplers' intervals
-    pairs = {(round(float(s), 3), round(float(h), 3)) for s, h in zip(*grid, strict=True)}
-    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 0.5)}
-    rest = start[1000:], span[1000:]  # uniform ends: E[min] = 1/3, E[span] = 1/3, spans up to ~1
-    assert abs(float(rest[0].mean()) - 1 / 3) < 0.03 and abs(float(rest[1].mean()) - 1 / 3) < 0.03
-    assert float(rest[1].max()) > 0.95
-
-
 def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkeypatch) -> None:
     policy = _policy("meanflow", meanflow_fraction=0.25)
     batch = _batch(8)

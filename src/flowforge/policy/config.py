@@ -61,8 +61,7 @@ class PolicyConfig:
             its smallest trained step, ``2 ** -shortcut_halvings``.
         meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
         meanflow_adaptive_power: the power p of the meanflow head's adaptive loss weight (0: plain
-            squared error; see ``mean_flow_loss``). 0.5: on MT10 after 2,000 steps its one-step
-            chunks were nearer the expert's than with 1 or 0 (median squared error 0.19, 0.41, 0.37).
+            squared error; see ``mean_flow_loss``).
         consistency_delta, consistency_velocity_weight: the consistency head's time gap between the
             two points of a path it makes agree, and the weight of its velocity term. The velocity
             term must stay small (Consistency-FM uses 1e-5): near a segment's end the other term
@@ -119,7 +118,7 @@ class PolicyConfig:
     shortcut_fraction: float = 0.25
     shortcut_halvings: int = 7
     meanflow_fraction: float = 0.25
-    meanflow_adaptive_power: float = 0.5
+    meanflow_adaptive_power: float = 1.0
     consistency_delta: float = 0.05
     consistency_velocity_weight: float = 1e-4
     consistency_segments: int = 2
