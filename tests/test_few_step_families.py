@@ -94,6 +94,34 @@ def test_consistency_distillation_from_a_closed_form_teacher_learns_the_closed_f
     torch.testing.assert_close(samples.std(0), torch.full((2,), SCALE, dtype=torch.float64), atol=0.1, rtol=0)
 
 
+def test_multistep_consistency_sampling_renoises_through_the_models_coupling() -> None:
+    from flowforge.matching import ExactOTCoupling
+
+    class Recording(ExactOTCoupling):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def __call__(self, x0, x1, context=None):
+            paired = super().__call__(x0, x1, context)
+            self.calls.append((x1.clone(), paired))
+            return paired
+
+    coupling = Recording()
+    torch.manual_seed(0)
+    model = ConsistencyMatcher(VelocityMLP(2, hidden=(16,)), coupling=coupling).eval()
+    model.sample(6, steps=3)
+    assert len(coupling.calls) == 2  # steps 2 and 3 re-noise; the first starts from plain noise
+    for estimate, noise in coupling.calls:
+        # The OT pairing: no swap of two noise rows lowers the total squared distance to the estimates.
+        cost = torch.cdist(noise, estimate).square()
+        total = cost.diagonal().sum()
+        for i in range(6):
+            for j in range(6):
+                swapped = total - cost[i, i] - cost[j, j] + cost[i, j] + cost[j, i]
+                assert swapped >= total - 1e-5
+
+
 def test_the_curriculum_doubles_the_intervals_in_equal_stages_and_resumes_from_its_counter() -> None:
     model = ConsistencyMatcher(VelocityMLP(2, hidden=(8,)), total_steps=800, initial_intervals=10, final_intervals=80)
     # log2(80 / 10) = 3 doublings: four stages of 200 steps.

@@ -228,8 +228,10 @@ class ConsistencyMatcher(FlowMatcher):
         rtol: float = 1e-5,
     ) -> Tensor:
         """Differentiable samples: one evaluation of :math:`f` from noise, or ``steps`` evaluations of
-        multistep consistency sampling. ``method`` must be ``"euler"`` (the only way this model steps)
-        and ``guidance_scale`` ``None``; ``atol``/``rtol`` are accepted for the common signature."""
+        multistep consistency sampling (step i re-noises the estimate to :math:`t = i/k` with fresh
+        noise paired to it by the model's coupling, as in training, and applies :math:`f` again).
+        ``method`` must be ``"euler"`` (the only way this model steps) and ``guidance_scale``
+        ``None``; ``atol``/``rtol`` are accepted for the common signature."""
         check_count("steps", steps)
         if method != "euler":
             raise ValueError(f"a consistency model samples by its own steps: method must be 'euler', got {method!r}")
@@ -243,7 +245,10 @@ class ConsistencyMatcher(FlowMatcher):
         x = self.consistency_function(x0, t, context)
         for i in range(1, steps):
             t = torch.full_like(t, i / steps)
-            x = self.consistency_function(self.path.sample(torch.randn_like(x), x, t)[0], t, context)
+            # Re-noise as training paired noise with data: through the model's coupling. With an OT
+            # coupling, independent noise gives inputs it never saw, and every step made samples worse.
+            noise = self.coupling(torch.randn_like(x), x, context)
+            x = self.consistency_function(self.path.sample(noise, x, t)[0], t, context)
         self.last_nfe = steps
         return x.reshape(shape)
 
