@@ -90,7 +90,8 @@ def test_matcher_casts_float64_inputs() -> None:
     ):
         out = _same_random(lambda: sampler(c))  # noqa: B023 - called right here
         assert out.dtype == torch.float32
-        torch.testing.assert_close(out, _same_random(lambda: sampler(c.float())), rtol=0, atol=0)  # noqa: B023
+        # The repeated fixed-step solve runs as a trace (see _traced_solve): equal to rounding.
+        torch.testing.assert_close(out, _same_random(lambda: sampler(c.float())))  # noqa: B023
 
 
 def test_float64_matcher_casts_float32_inputs() -> None:
