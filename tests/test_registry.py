@@ -188,6 +188,7 @@ def _policy_case(kind: str, **changes):
             consistency_delta=0.1,
             consistency_velocity_weight=0.5,
             consistency_segments=3,
+            time_embedding_frequency=4.0,
             diffusion_steps=12,
             inference_steps=3,
             sampler="ddpm",

@@ -128,6 +128,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
             config.heads,
             queries=self.head.queries,
             interval=self.head.interval,
+            time_frequency=config.time_embedding_frequency,
         )
         self.state_normalizer = Normalizer(config.state_dim, config.state_normalization)
         self.action_normalizer = Normalizer(config.action_dim, config.action_normalization)

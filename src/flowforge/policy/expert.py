@@ -42,11 +42,13 @@ class ActionTokens(nn.Module):
     also reads the embedding of a time interval (the step of a shortcut model, the span of a
     MeanFlow average velocity)."""
 
-    def __init__(self, action_dim: int, horizon: int, width: int, interval: bool = False) -> None:
+    def __init__(
+        self, action_dim: int, horizon: int, width: int, interval: bool = False, time_frequency: float = 100.0
+    ) -> None:
         super().__init__()
         self.action_embedding = nn.Linear(action_dim, width)
-        self.time_embedding = SinusoidalTimeEmbedding(width, max_frequency=100.0)
-        self.interval_embedding = SinusoidalTimeEmbedding(width, max_frequency=100.0) if interval else None
+        self.time_embedding = SinusoidalTimeEmbedding(width, max_frequency=time_frequency)
+        self.interval_embedding = SinusoidalTimeEmbedding(width, max_frequency=time_frequency) if interval else None
         inputs = 3 if interval else 2
         self.mix = nn.Sequential(nn.Linear(inputs * width, width), nn.SiLU(), nn.Linear(width, width))
         self.position = nn.Parameter(0.02 * torch.randn(horizon, width))
@@ -112,6 +114,7 @@ class ActionExpert(nn.Module):
         width, layers, heads: the transformer's size.
         queries: learned queries instead of noisy actions (a regression head).
         interval: the suffix also reads a time interval (few-step heads).
+        time_frequency: the highest frequency of the time (and interval) embeddings.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class ActionExpert(nn.Module):
         heads: int,
         queries: bool = False,
         interval: bool = False,
+        time_frequency: float = 100.0,
     ) -> None:
         super().__init__()
         self.horizon = horizon
@@ -132,7 +136,7 @@ class ActionExpert(nn.Module):
             self.action_tokens = None
         else:
             self.queries = None
-            self.action_tokens = ActionTokens(action_dim, horizon, width, interval)
+            self.action_tokens = ActionTokens(action_dim, horizon, width, interval, time_frequency)
         self.output = nn.Linear(width, action_dim)
 
     def encode(self, prefix: Tensor | Callable[[], Tensor], use_cache: bool = True) -> ExpertCache:

@@ -388,7 +388,14 @@ class HierarchicalFlowHead(PolicyHead):
         keyframes = config.horizon // self.stride
         self.coarse = FlowHead(config)
         self.fine = FlowHead(config)
-        self.fine_expert = ActionExpert(config.action_dim, config.horizon, config.width, config.layers, config.heads)
+        self.fine_expert = ActionExpert(
+            config.action_dim,
+            config.horizon,
+            config.width,
+            config.layers,
+            config.heads,
+            time_frequency=config.time_embedding_frequency,
+        )
         self.keyframe_embedding = nn.Linear(config.action_dim, config.width)
         self.keyframe_position = nn.Parameter(0.02 * torch.randn(keyframes, config.width))
 
