@@ -404,3 +404,20 @@ def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkey
     assert jvp_rows == [2] and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in policy.expert.parameters())
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("consistency_segments", 0),
+        ("consistency_segments", 1.5),
+        ("time_embedding_frequency", 0.5),
+        ("time_embedding_frequency", float("nan")),
+        ("consistency_delta", 1.0),
+    ],
+)
+def test_few_step_settings_out_of_range_are_refused_naming_the_setting(setting: str, value) -> None:
+    from flowforge.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=setting):
+        _policy("consistency", **{setting: value})

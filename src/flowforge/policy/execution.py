@@ -330,17 +330,20 @@ class ChunkExecutor:
     def boundary_jumps(self) -> list[float]:
         """The size (L2 norm) of the change of the action sent, clipped to the action space, at every
         control step of this episode where a new chunk took over (the robot's "jumps")."""
-        actions, switches = self.sent_actions()
-        return [float(np.linalg.norm(actions[k] - actions[k - 1])) for k in switches]
+        changes, switches = self._action_changes()
+        return [float(changes[k - 1]) for k in switches]
 
     def within_chunk_changes(self) -> list[float]:
         """The size of the change of the action sent at every other step (the same chunk continuing):
         the ordinary motion that a boundary jump is to be read against."""
-        actions, switches = self.sent_actions()
+        changes, switches = self._action_changes()
         taken_over = set(switches)
-        return [
-            float(np.linalg.norm(actions[k] - actions[k - 1])) for k in range(1, len(actions)) if k not in taken_over
-        ]
+        return [float(changes[k - 1]) for k in range(1, len(changes) + 1) if k not in taken_over]
+
+    def _action_changes(self) -> tuple[np.ndarray, list[int]]:
+        """The L2 norm of ``action[k] - action[k - 1]`` for k = 1..T-1 of the actions sent, and the take-over steps."""
+        actions, switches = self.sent_actions()
+        return np.linalg.norm(np.diff(actions, axis=0), axis=1), switches
 
     def sent_actions(self) -> tuple[np.ndarray, list[int]]:
         """This episode's actions as sent (T, A), clipped to the action space, and the steps where a

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -531,7 +532,7 @@ class MeanFlowHead(FlowHead):
             if part.start == part.stop:
                 continue
             # The fused attention kernels have no forward-mode derivative: the JVP runs the plain one.
-            with sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH) if part.start == 0 else nullcontext():
                 loss = mean_flow_loss(
                     cache.rows(part).denoise,
                     noise[part],
@@ -614,11 +615,7 @@ class ConsistencyHead(FlowHead):
         error = error + self.config.consistency_velocity_weight * (velocity - velocity_later).square()
         return masked_mean(error, _kept(pad))
 
-    def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
-        x = noise_scale * noise
-        for i in range(steps):
-            x = x + cache.denoise(x, noise.new_full((noise.shape[0],), i / steps)) / steps
-        return Integration(x, steps)
+    # Sampling: FlowHead's, with ``method`` held to Euler by ``own_steps``.
 
 
 @head("mse")
