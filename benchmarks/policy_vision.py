@@ -203,12 +203,9 @@ def _sizing(args, data: Path, ablation_data: Path | None) -> dict:
     (ablations), from the measured step time of the flow model (and of the base ablation model)
     with the run's own data pipeline; fixed once, so that every run of a table gets the same steps."""
     path = args.work / "sizing.json"
-    sizing = _load(path)
-    if sizing is not None:
-        return sizing
-    sizing = {}
+    sizing = _load(path) or {}
     for name, root, hours in (("mt10", data, args.hours), ("ablation", ablation_data, args.ablation_hours)):
-        if root is None:
+        if root is None or name in sizing:  # a table sized once keeps its steps
             continue
         config = _config(args, root, 1, [])
         dataset = EpisodeDataset(root, config.policy.obs_horizon, config.policy.horizon)
