@@ -57,8 +57,11 @@ class PolicyConfig:
             the samples towards its mode (Glow's temperature), which suits near-deterministic
             demonstrations; 0 makes the policy deterministic.
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
-        shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows and
-            its smallest trained step, ``2 ** -shortcut_halvings``.
+        shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows
+            (0.5) and its number M of step sizes: it learns steps 1, 1/2, ..., 2^(1-M) from
+            self-consistency, built from the instantaneous velocity's Euler step 2^-M. A policy
+            samples in 1-4 steps, and a short ladder (M = 3) with half the rows on it keeps the
+            one-step map close to the demonstrations (MT10 figures in the README).
         meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
         meanflow_adaptive_power: the power p of the meanflow head's adaptive loss weight (0: plain
             squared error; see ``mean_flow_loss``).
@@ -119,8 +122,8 @@ class PolicyConfig:
     method: str = "euler"
     noise_scale: float = 1.0
     keyframe_stride: int = 4
-    shortcut_fraction: float = 0.25
-    shortcut_halvings: int = 7
+    shortcut_fraction: float = 0.5
+    shortcut_halvings: int = 3
     meanflow_fraction: float = 0.25
     meanflow_adaptive_power: float = 1.0
     consistency_delta: float = 0.05
