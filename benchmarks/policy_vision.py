@@ -25,8 +25,8 @@ What it measures
 
 Training runs are sized by time: the step time of the flow model (and of the base ablation model)
 is measured first, with the run's own data pipeline, and sets the steps of every run of its table
-so that one run takes about ``--hours`` (2) and ``--ablation-hours`` (1) on this machine
-(``sizing.json``; ``--steps`` and ``--ablation-steps`` fix them instead).
+so that one run takes about ``--hours`` (2) and ``--ablation-hours`` (0.5: three tasks, eight
+runs) on this machine (``sizing.json``; ``--steps`` and ``--ablation-steps`` fix them instead).
 
 Every phase stores its result under ``--work`` (data sets, frame caches, run folders, ``*.json``)
 and is skipped when its result exists, so an interrupted run continues where it stopped (a training
@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument("--cameras", default="corner,gripperPOV")
     parser.add_argument("--demos", type=int, default=50, help="expert demonstrations per task")
     parser.add_argument("--hours", type=float, default=2.0, help="the length of one MT10 training run")
-    parser.add_argument("--ablation-hours", type=float, default=1.0, help="the length of one ablation run")
+    parser.add_argument("--ablation-hours", type=float, default=0.5, help="the length of one ablation run")
     parser.add_argument("--steps", type=int, default=None, help="MT10 training steps (default: from --hours)")
     parser.add_argument("--ablation-steps", type=int, default=None, help="default: from --ablation-hours")
     parser.add_argument("--batch", type=int, default=64)
