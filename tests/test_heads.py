@@ -352,9 +352,8 @@ def test_few_step_heads_tell_the_expert_their_step() -> None:
 
 
 def test_the_consistency_head_holds_its_boundary_condition_and_samples_in_one_step() -> None:
-    policy = _policy("consistency").eval()
+    policy = _policy("consistency", consistency_segments=2).eval()
     head = policy.head
-    assert head.config.consistency_segments == 2
     torch.testing.assert_close(
         head.segment_end(torch.tensor([0.0, 0.2, 0.5, 0.51, 0.99, 1.0])), torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
     )

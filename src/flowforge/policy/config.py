@@ -71,7 +71,9 @@ class PolicyConfig:
             vanishes, and a weight of 1 there held the velocity to its own later value, so the data
             never reached the head (one-step chunks as far from the expert's as noise).
         consistency_segments: the consistency head's time segments; the end of each is where its
-            consistency function points (Consistency-FM's multi-segment training).
+            consistency function points (Consistency-FM's multi-segment training). One segment,
+            the data end for every time, did best for one-step chunks on MT10 (91.6% against 85.6%
+            with two; 89.4% against 90.8% at two steps).
         time_embedding_frequency: the highest frequency of the action expert's sinusoidal time (and
             interval) embeddings, >= 1. A MeanFlow head wants a low one (4): its loss differentiates
             the expert in time, and at 100 the derivative of the embedding swamped the targets (MT10,
@@ -128,7 +130,7 @@ class PolicyConfig:
     meanflow_adaptive_power: float = 1.0
     consistency_delta: float = 0.05
     consistency_velocity_weight: float = 1e-4
-    consistency_segments: int = 2
+    consistency_segments: int = 1
     time_embedding_frequency: float = 100.0
     rtc_training_delay: int = 0
     diffusion_steps: int = 100
