@@ -38,7 +38,8 @@ decay, clipping at 10, the same minibatches):
    with constant ``--consistency-huber``, lognormal interval weights, the discretisation
    curriculum over ``--steps``), OT coupling;
 7. ``cd``: the same consistency model distilled from ``ot-cfm`` (one Heun step of the teacher per
-   interval of an 18-interval grid), ``--steps`` steps.
+   interval of an 18-interval grid), ``--steps`` steps, starting from a copy of the teacher's
+   network (``ConsistencyMatcher.distilled_from``: the teacher's one-step Euler map).
 
 Each model draws ``--samples`` (5,000) points with Euler at NFE 1, 2, 4 and 10 (the shortcut model
 is told its step size, MeanFlow its span; a consistency model takes k multistep evaluations), and
@@ -197,8 +198,10 @@ def quality(dataset: str, args: argparse.Namespace) -> list[QualityResult]:
             x0, x1 = reflow_pairs(teacher, args.reflow_pairs, steps=32, method="rk4")
             matcher = copy.deepcopy(teacher)
             seconds = train_on_pairs(matcher, x0, x1, args, args.seed + 1)
-        elif name == "cd":
-            matcher = consistency_model(args)
+        elif name == "cd":  # the student starts as its teacher's one-step Euler map
+            matcher = ConsistencyMatcher.distilled_from(
+                trained["ot-cfm"], total_steps=args.steps, huber_constant=args.consistency_huber
+            )
             seconds = train_distilled(matcher, trained["ot-cfm"], train_x, args, args.seed)
         else:
             if name == "shortcut":

@@ -19,15 +19,15 @@ configurations differ only in the posterior and the prior:
 
 Each is trained by flowforge's :class:`~flowforge.train.Trainer` on the negative ELBO
 (:class:`~flowforge.train.objectives.NegativeELBO`, one posterior draw per image) with the same
-budget: ``--steps`` Adam steps of ``--batch`` images, lr ``--lr`` with cosine decay to 0,
-gradient-norm clipping at 10, for each of ``--seeds`` (the seed builds the model and orders the
-batches). Recorded per (configuration, seed), in eval mode without gradients: on the test images,
-with ``--k`` (1000) posterior draws per image, the ELBO (the mean of the draws' log-weights
-log p(x, z) - log q(z | x)) and the importance-weighted bound IWAE-k = log mean exp of the same
-log-weights, both in nats per image (higher is better; ``-IWAE / (64 ln 2)`` is the bits/dim
-comparable with ``glow_digits.py``'s discrete bits/dim); the same two bounds on the first 359
-training images (as many as the test set), which show the generalisation gap and how much of the
-ELBO's gap the posterior leaves on data it was trained on; parameters; training time.
+budget: ``--steps`` Adam steps of ``--batch`` images (AdamW with ``--weight-decay``, 0 by default),
+lr ``--lr`` with cosine decay to 0, gradient-norm clipping at 10, for each of ``--seeds`` (the seed
+builds the model and orders the batches). Recorded per (configuration, seed), in eval mode without
+gradients: on the test images, with ``--k`` (1000) posterior draws per image, the ELBO (the mean of
+the draws' log-weights log p(x, z) - log q(z | x)) and the importance-weighted bound IWAE-k = log
+mean exp of the same log-weights, both in nats per image (higher is better; ``-IWAE / (64 ln 2)`` is
+the bits/dim comparable with ``glow_digits.py``'s discrete bits/dim); the same two bounds on the
+first 359 training images (as many as the test set), which show the generalisation gap and how much
+of the ELBO's gap the posterior leaves on data it was trained on; parameters; training time.
 
 The table gives, per configuration, the mean over seeds and the seed-to-seed spread (sample
 standard deviation). Goal: the IAF posterior improves the test IWAE bound over the Gaussian posterior
@@ -112,6 +112,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a cached result depends on."""
     keys = ("steps", "batch", "lr", "latent", "hidden", "iaf_transforms", "flow_hidden", "context")
     keys += ("prior_transforms", "prior_hidden", "k")
+    if args.weight_decay:  # absent when 0, so results cached before the option keep their folder
+        keys += ("weight_decay",)
     return {"result_version": RESULT_VERSION, **{key: getattr(args, key) for key in keys}}
 
 
@@ -141,6 +143,7 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
         steps=args.steps,
         batch_size=args.batch,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         schedule="cosine",
         max_grad_norm=CLIP_NORM,
         seed=seed,
@@ -254,6 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="encoder widths (decoder reversed)")
     parser.add_argument("--iaf-transforms", type=int, default=8)

@@ -94,6 +94,30 @@ def test_consistency_distillation_from_a_closed_form_teacher_learns_the_closed_f
     torch.testing.assert_close(samples.std(0), torch.full((2,), SCALE, dtype=torch.float64), atol=0.1, rtol=0)
 
 
+def test_a_student_distilled_from_a_teacher_starts_as_its_one_step_euler_map() -> None:
+    from flowforge.matching import ExactOTCoupling, VariancePreservingPath
+
+    torch.manual_seed(0)
+    teacher = FlowMatcher(VelocityMLP(2, hidden=(16,), context=3), coupling=ExactOTCoupling(), context_dropout=0.1)
+    with torch.no_grad():
+        teacher.null_context.normal_()
+    student = ConsistencyMatcher.distilled_from(teacher, distillation_intervals=8)
+    assert student.coupling is teacher.coupling and student.distillation_intervals == 8
+    assert student.context_features == 3 and student.context_dropout == 0.1
+    x, t, context = torch.randn(32, 2), torch.rand(32), torch.randn(32, 3)
+    with torch.no_grad():
+        expected = x + (1 - t)[:, None] * teacher.velocity(x, t, context)
+        torch.testing.assert_close(student.consistency_function(x, t, context), expected)
+        torch.testing.assert_close(student.null_context, teacher.null_context)
+        next(student.velocity.parameters()).add_(1.0)  # a copy: training the student leaves the teacher alone
+    assert not torch.equal(next(student.velocity.parameters()), next(teacher.velocity.parameters()))
+    assert next(ConsistencyMatcher.distilled_from(teacher.double()).parameters()).dtype == torch.float64
+    with pytest.raises(TypeError, match="teacher must be a trained FlowMatcher"):
+        ConsistencyMatcher.distilled_from(student)
+    with pytest.raises(ValueError, match="linear path"):
+        ConsistencyMatcher.distilled_from(FlowMatcher(VelocityMLP(2, hidden=(16,)), path=VariancePreservingPath()))
+
+
 def test_multistep_consistency_sampling_renoises_through_the_models_coupling() -> None:
     from flowforge.matching import ExactOTCoupling
 
