@@ -405,6 +405,35 @@ def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkey
     assert all(p.grad is not None for p in policy.expert.parameters())
 
 
+def test_meanflow_draws_its_times_and_span_ends_uniformly(monkeypatch) -> None:
+    """Span rows: s = min and s + h = max of two uniform draws (means 1/3 and 2/3); the other rows
+    h = 0 at uniform times (mean 1/2). The flow head's shifted Beta would put the means near 0.4."""
+    import flowforge.policy.heads as heads
+
+    policy = _policy("meanflow", meanflow_fraction=0.5)
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = heads.mean_flow_loss
+
+    def recording(velocity, noise, target, start, span, *args, **kwargs):
+        drawn.append((start.detach().clone(), span.detach().clone()))
+        return original(velocity, noise, target, start, span, *args, **kwargs)
+
+    monkeypatch.setattr(heads, "mean_flow_loss", recording)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(40):
+            policy.loss(_batch(8))
+    spanned = [(s, h) for s, h in drawn if bool((h > 0).all())]
+    plain = [s for s, h in drawn if bool((h == 0).all())]
+    assert len(spanned) == len(plain) == 40
+    start = torch.cat([s for s, _ in spanned])
+    end = torch.cat([s + h for s, h in spanned])
+    assert bool((end <= 1).all()) and bool((start >= 0).all())
+    # 160 draws each: standard errors about 0.02.
+    assert abs(float(start.mean()) - 1 / 3) < 0.07 and abs(float(end.mean()) - 2 / 3) < 0.07
+    assert abs(float(torch.cat(plain).mean()) - 0.5) < 0.07
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [
