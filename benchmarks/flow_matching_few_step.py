@@ -38,7 +38,7 @@ decay, clipping at 10, the same minibatches):
    with constant ``--consistency-huber``, lognormal interval weights, the discretisation
    curriculum over ``--steps``), OT coupling;
 7. ``cd``: the same consistency model distilled from ``ot-cfm`` (one Heun step of the teacher per
-   interval of an 18-interval grid), ``--steps`` steps, starting from a copy of the teacher's
+   interval of a ``--distillation-intervals`` grid), ``--steps`` steps, starting from a copy of the teacher's
    network (``ConsistencyMatcher.distilled_from``: the teacher's one-step Euler map).
 
 Each model draws ``--samples`` (5,000) points with Euler at NFE 1, 2, 4 and 10 (the shortcut model
@@ -200,7 +200,10 @@ def quality(dataset: str, args: argparse.Namespace) -> list[QualityResult]:
             seconds = train_on_pairs(matcher, x0, x1, args, args.seed + 1)
         elif name == "cd":  # the student starts as its teacher's one-step Euler map
             matcher = ConsistencyMatcher.distilled_from(
-                trained["ot-cfm"], total_steps=args.steps, huber_constant=args.consistency_huber
+                trained["ot-cfm"],
+                total_steps=args.steps,
+                huber_constant=args.consistency_huber,
+                distillation_intervals=args.distillation_intervals,
             )
             seconds = train_distilled(matcher, trained["ot-cfm"], train_x, args, args.seed)
         else:
@@ -373,6 +376,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="consistency models: the pseudo-Huber constant c (default: the recipe's 0.00054 sqrt(dim))",
+    )
+    parser.add_argument(
+        "--distillation-intervals",
+        type=int,
+        default=18,
+        help="cd: intervals of the distillation grid, one Heun step of the teacher each (default 18)",
     )
     parser.add_argument(
         "--speed-hidden",
