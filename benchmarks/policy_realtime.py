@@ -86,8 +86,9 @@ def _train(args, name: str, data: Path) -> Path:
     ]
     if name == "flow-rtc":
         overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
-    if name == "meanflow":  # its loss differentiates the expert in time: a smooth time embedding
-        overrides.append("policy.time_embedding_frequency=4.0")
+    if name == "meanflow":  # its loss differentiates the expert in time: a smooth time embedding,
+        # with which the plain squared error trains better than the adaptive weight
+        overrides += ["policy.time_embedding_frequency=4.0", "policy.meanflow_adaptive_power=0.0"]
     config = load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
     start = time.perf_counter()
     print(f"[train] {name}: {config.train.steps} steps", flush=True)
