@@ -64,7 +64,10 @@ class PolicyConfig:
             one-step map close to the demonstrations (MT10 figures in the README).
         meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
         meanflow_adaptive_power: the power p of the meanflow head's adaptive loss weight (0: plain
-            squared error; see ``mean_flow_loss``).
+            squared error; see ``mean_flow_loss``). The default 1 keeps the loss bounded at the
+            default time-embedding frequency; with ``time_embedding_frequency = 4`` the plain
+            squared error (0) trains better (MT10, 20 episodes a task: 94.5% at one step against
+            76.5% with 1).
         consistency_delta, consistency_velocity_weight: the consistency head's time gap between the
             two points of a path it makes agree, and the weight of its velocity term. The velocity
             term must stay small (Consistency-FM uses 1e-5): near a segment's end the other term
