@@ -181,7 +181,7 @@ def _policy_case(kind: str, **changes):
             method="midpoint",
             noise_scale=0.5,
             keyframe_stride=2,
-            shortcut_fraction=0.5,
+            shortcut_fraction=0.3,
             shortcut_halvings=5,
             meanflow_fraction=0.5,
             meanflow_adaptive_power=0.25,
