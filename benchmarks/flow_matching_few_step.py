@@ -390,7 +390,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[64, 64],
         help="hidden widths of the second, control-loop-sized network timed for sampling (default 64 64)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.distillation_intervals < 1:
+        parser.error(f"--distillation-intervals {args.distillation_intervals}: need an integer >= 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

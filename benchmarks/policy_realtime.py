@@ -239,7 +239,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.delays = [int(d) for d in args.delays.split(",")]
-    args.few_step_noise_scales = [float(s) for s in args.few_step_noise_scales.split(",")]
+    try:
+        args.few_step_noise_scales = [float(s) for s in args.few_step_noise_scales.split(",")]
+    except ValueError:
+        parser.error(f"--few-step-noise-scales {args.few_step_noise_scales!r}: need comma-separated numbers")
+    if not args.few_step_noise_scales or not all(0 <= s < float("inf") for s in args.few_step_noise_scales):
+        parser.error(f"--few-step-noise-scales {args.few_step_noise_scales}: each must be finite and >= 0")
+    if args.validation_episodes < 1:
+        parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

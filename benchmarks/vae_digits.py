@@ -267,7 +267,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior-hidden", type=int, nargs="+", default=[128, 128])
     parser.add_argument("--k", type=int, default=1000, help="importance samples of the test IWAE bound")
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
+        parser.error(f"--weight-decay {args.weight_decay}: need a finite number >= 0")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -77,6 +77,11 @@ def lognormal_interval_weights(times: Tensor, mean: float, std: float) -> Tensor
     return weights / weights.sum()
 
 
+def _check_teacher(teacher: object) -> None:
+    if not isinstance(teacher, FlowMatcher) or isinstance(teacher, ConsistencyMatcher):
+        raise TypeError(f"teacher must be a trained FlowMatcher (an ODE to follow), got {type(teacher).__name__}")
+
+
 @register("consistency")
 class ConsistencyMatcher(FlowMatcher):
     """A consistency model, trained from scratch (``loss``) or distilled from a flow matcher.
@@ -200,8 +205,7 @@ class ConsistencyMatcher(FlowMatcher):
         against 0.36 from a fresh network). ``options``: the other arguments of the constructor;
         the coupling, context size and context dropout default to the teacher's.
         """
-        if not isinstance(teacher, FlowMatcher) or isinstance(teacher, ConsistencyMatcher):
-            raise TypeError(f"teacher must be a trained FlowMatcher (an ODE to follow), got {type(teacher).__name__}")
+        _check_teacher(teacher)
         if type(teacher.path) is not LinearPath:
             raise ValueError(
                 f"the teacher's path is {teacher.path!r}: a consistency student's network reads as a velocity "
@@ -233,8 +237,7 @@ class ConsistencyMatcher(FlowMatcher):
         """Consistency distillation from ``teacher``'s ODE: the less noisy end of each interval is one
         Heun step of the teacher's velocity from the noisier one (no gradient through the teacher);
         the mean squared distance between the two ends' consistency functions."""
-        if not isinstance(teacher, FlowMatcher) or isinstance(teacher, ConsistencyMatcher):
-            raise TypeError(f"teacher must be a trained FlowMatcher (an ODE to follow), got {type(teacher).__name__}")
+        _check_teacher(teacher)
         x1, context, x0, _ = self._loss_inputs(x1, context, x0, None)
         if tuple(teacher.event_shape) != self.event_shape:
             raise ValueError(f"the teacher's event shape {teacher.event_shape} is not this model's {self.event_shape}")
