@@ -79,6 +79,7 @@ CONFIGS = ("gaussian", "iaf", "iaf-flow-prior")
 BASELINE, CHALLENGER = "gaussian", "iaf"
 CLIP_NORM = 10.0
 CHECKPOINT_EVERY = 500
+VALIDATION_SEED = 1
 TRAIN_EVAL_ROWS = 359  # as many training images as test images
 EVAL_SEED_OFFSET = 10_000
 #: Part of the cache key: bump it when what a phase records changes.
@@ -114,6 +115,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     keys += ("prior_transforms", "prior_hidden", "k")
     if args.weight_decay:  # absent when 0, so results cached before the option keep their folder
         keys += ("weight_decay",)
+    if args.validation_fraction:
+        keys += ("validation_fraction", "eval_every")
     return {"result_version": RESULT_VERSION, **{key: getattr(args, key) for key in keys}}
 
 
@@ -131,12 +134,25 @@ def bounds(model: VAE, x: torch.Tensor, k: int) -> tuple[float, float]:
     return float(elbo.mean()), float(iwae.mean())
 
 
+def split_validation(train: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training images without the held-out validation images, and those (None when ``fraction``
+    is 0): the last ``fraction`` of a fixed permutation, the same for every configuration and seed."""
+    if fraction == 0:
+        return train, None
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held_out = round(fraction * train.shape[0])
+    return train[order[:-held_out]], train[order[-held_out:]]
+
+
 def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tensor, test: torch.Tensor) -> dict:
-    """Train and evaluate one (configuration, seed); cached as JSON, training resumable."""
+    """Train and evaluate one (configuration, seed); cached as JSON, training resumable. With a
+    validation split, the weights of the best validation ELBO (checked every ``--eval-every`` steps)
+    are the ones evaluated."""
     folder = work_folder(args)
     result_path = folder / f"{name}-seed{seed}.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    fit_rows, validation = split_validation(train, args.validation_fraction)
     torch.manual_seed(seed)
     model = build(name, args)
     config = TrainerConfig(
@@ -149,9 +165,17 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
         seed=seed,
         checkpoint_every=CHECKPOINT_EVERY,
         log_every=50,
+        eval_every=args.eval_every if validation is not None else 0,
         progress=False,
     )
-    trainer = Trainer(model, NegativeELBO(), config, data=train, directory=folder / "runs" / f"{name}-seed{seed}")
+    trainer = Trainer(
+        model,
+        NegativeELBO(),
+        config,
+        data=fit_rows,
+        validation_data=validation,
+        directory=folder / "runs" / f"{name}-seed{seed}",
+    )
     start = time.perf_counter()
     state = trainer.fit(resume=True)
     train_s = time.perf_counter() - start
@@ -171,6 +195,7 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
         "train_elbo": train_elbo,
         "train_iwae": train_iwae,
         "final_train_loss": losses[-1] if losses else None,
+        "best_validation_step": best_step(state),
         "parameters": parameter_count(model),
         "train_s": train_s,  # of this process only: a resumed run counts its last part
         "eval_s": eval_s,
@@ -179,6 +204,12 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
     folder.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def best_step(state) -> int | None:
+    """The step whose weights were kept: the best validation (None without a validation split)."""
+    checks = [row for row in state.history if "validation" in row]
+    return min(checks, key=lambda row: row["validation"])["step"] if checks else None
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -258,6 +289,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.0,
+        help="share of the training images held out to keep the weights of the best validation ELBO (0: none)",
+    )
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validations")
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="encoder widths (decoder reversed)")
     parser.add_argument("--iaf-transforms", type=int, default=8)
@@ -270,6 +308,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
         parser.error(f"--weight-decay {args.weight_decay}: need a finite number >= 0")
+    if not 0 <= args.validation_fraction < 0.5:
+        parser.error(f"--validation-fraction {args.validation_fraction}: need a number in [0, 0.5)")
+    if args.eval_every < 1:
+        parser.error(f"--eval-every {args.eval_every}: need an integer >= 1")
     return args
 
 
