@@ -21,7 +21,9 @@ Each is trained by flowforge's :class:`~flowforge.train.Trainer` on the negative
 (:class:`~flowforge.train.objectives.NegativeELBO`, one posterior draw per image) with the same
 budget: ``--steps`` Adam steps of ``--batch`` images (AdamW with ``--weight-decay``, 0 by default),
 lr ``--lr`` with cosine decay to 0, gradient-norm clipping at 10, for each of ``--seeds`` (the seed
-builds the model and orders the batches). Recorded per (configuration, seed), in eval mode without
+builds the model and orders the batches). With ``--validation-fraction f`` a fixed share f of the
+training images is held out, the ELBO on it is checked every ``--eval-every`` steps, and the
+weights of the best check are the ones evaluated (the Trainer's early-stopping weights). Recorded per (configuration, seed), in eval mode without
 gradients: on the test images, with ``--k`` (1000) posterior draws per image, the ELBO (the mean of
 the draws' log-weights log p(x, z) - log q(z | x)) and the importance-weighted bound IWAE-k = log
 mean exp of the same log-weights, both in nats per image (higher is better; ``-IWAE / (64 ln 2)`` is
