@@ -23,10 +23,11 @@ budget: ``--steps`` Adam steps of ``--batch`` images (AdamW with ``--weight-deca
 lr ``--lr`` with cosine decay to 0, gradient-norm clipping at 10, for each of ``--seeds`` (the seed
 builds the model and orders the batches). With ``--validation-fraction f`` a fixed share f of the
 training images is held out, the ELBO on it is checked every ``--eval-every`` steps, and the
-weights of the best check are the ones evaluated (the Trainer's early-stopping weights). Recorded per (configuration, seed), in eval mode without
-gradients: on the test images, with ``--k`` (1000) posterior draws per image, the ELBO (the mean of
-the draws' log-weights log p(x, z) - log q(z | x)) and the importance-weighted bound IWAE-k = log
-mean exp of the same log-weights, both in nats per image (higher is better; ``-IWAE / (64 ln 2)`` is
+weights of the best check are the ones evaluated (the Trainer's early-stopping weights).
+Recorded per (configuration, seed), in eval mode without gradients: on the test images, with
+``--k`` (1000) posterior draws per image, the ELBO (the mean of the draws' log-weights
+log p(x, z) - log q(z | x)) and the importance-weighted bound IWAE-k = log mean exp of the same
+log-weights, both in nats per image (higher is better; ``-IWAE / (64 ln 2)`` is
 the bits/dim comparable with ``glow_digits.py``'s discrete bits/dim); the same two bounds on the
 first 359 training images (as many as the test set), which show the generalisation gap and how much
 of the ELBO's gap the posterior leaves on data it was trained on; parameters; training time.
@@ -142,7 +143,7 @@ def split_validation(train: torch.Tensor, fraction: float) -> tuple[torch.Tensor
     if fraction == 0:
         return train, None
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(VALIDATION_SEED))
-    held_out = round(fraction * train.shape[0])
+    held_out = max(1, round(fraction * train.shape[0]))
     return train[order[:-held_out]], train[order[-held_out:]]
 
 
