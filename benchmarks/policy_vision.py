@@ -339,8 +339,8 @@ def main() -> None:
         args.noise_scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--noise-scales {args.noise_scales!r}: need numbers separated by commas")
-    if any(not 0 <= scale <= 1 for scale in args.noise_scales):  # NaN fails this too
-        parser.error(f"--noise-scales {args.noise_scales}: each in [0, 1]")
+    if not args.noise_scales or any(not 0 <= scale <= 1 for scale in args.noise_scales):  # NaN fails too
+        parser.error(f"--noise-scales {args.noise_scales}: name one or more temperatures, each in [0, 1]")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     args.work.mkdir(parents=True, exist_ok=True)  # only once every argument is valid
@@ -381,7 +381,7 @@ def main() -> None:
             )
             results[name] = _evaluate(args, name, run, tasks, episodes, **sampling)
         flow_name = "flow"  # the flow result the goals judge: at the temperature validation chose
-        if "flow" in runs and args.noise_scales:
+        if "flow" in runs:
             chosen, configured, validation = _flow_temperature(args, runs["flow"][0])
             summary["flow_temperature"] = {"validation": validation, "chosen": chosen, "config": configured}
             if chosen != configured:
