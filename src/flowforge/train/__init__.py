@@ -16,6 +16,7 @@ from flowforge.train.objectives import (
     MaximumLikelihood,
     NegativeELBO,
     Objective,
+    PolicyDistillation,
     PolicyObjective,
     ReverseKL,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "MaximumLikelihood",
     "NegativeELBO",
     "Objective",
+    "PolicyDistillation",
     "PolicyObjective",
     "ReverseKL",
     "Trainer",

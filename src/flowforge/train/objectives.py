@@ -67,6 +67,22 @@ class PolicyObjective(Objective):
         return model.loss(data)
 
 
+class PolicyDistillation(Objective):
+    """Consistency distillation of a policy's ``consistency`` head from a frozen ``teacher`` flow policy
+    (``model.distillation_loss(batch, teacher, intervals)``); validation uses the same loss."""
+
+    def __init__(self, teacher: nn.Module, intervals: int) -> None:
+        self.teacher = teacher.eval()
+        self.intervals = intervals
+
+    def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
+        data, _ = batch
+        anchor = next(model.parameters())
+        if next(self.teacher.parameters()).device != anchor.device:  # the Trainer moved the student
+            self.teacher.to(anchor.device)
+        return model.distillation_loss(data, self.teacher, self.intervals)
+
+
 class ReverseKL(Objective):
     r"""Reverse KL to an unnormalized target: :math:`\mathbb E_{x \sim q}[\log q(x) - \log \tilde p(x)]`.
 
