@@ -37,7 +37,9 @@ class PolicyConfig:
 
     Arguments:
         kind: the head, a name registered in :mod:`flowforge.policy.heads`: ``"flow"``,
-            ``"hierarchical"``, ``"mse"`` or ``"ddpm"``.
+            ``"hierarchical"``, ``"mse"``, ``"ddpm"``, or the few-step ``"shortcut"``,
+            ``"meanflow"`` and ``"consistency"`` (which a run can also distil from a trained flow
+            policy: ``[distill]`` of :mod:`flowforge.runs.policy`).
         state_key: the data set's feature the policy reads as its state:
             ``"observation.environment_state"`` (the simulator's whole state, object and goal poses
             included) or ``"observation.state"`` (the robot's own state: hand position and gripper).

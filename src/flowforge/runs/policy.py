@@ -1,8 +1,8 @@
 """Policy runs from TOML configs: train on an episode data set, save, load, evaluate.
 
-A config has three tables::
+A config has three tables, and an optional fourth::
 
-    [policy]            # PolicyConfig: kind = "flow" | "hierarchical" | "mse" | "ddpm", sizes, sampler
+    [policy]            # PolicyConfig: kind = "flow" | "hierarchical" | "mse" | "ddpm" | ..., sizes, sampler
     kind = "flow"
     horizon = 16
 
@@ -14,7 +14,7 @@ A config has three tables::
     [train]             # TrainerConfig: steps, batch_size, lr, ema_decay, ...
     steps = 20000
 
-    [distill]           # optional: distil a one-segment "consistency" head from a trained flow policy
+    [distill]           # optional, with kind = "consistency": distil the head from a trained flow policy
     teacher = "runs/flow"
 
 The checkpoint is the Trainer's (safetensors + JSON manifest): :func:`load_policy` rebuilds the
