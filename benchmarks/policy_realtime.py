@@ -14,9 +14,11 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
    boundary jump at most half of naive async's; where async loses more than 5 points, RTC at
    least 10 points above it. A jump is read against the ordinary change between two steps of one
    chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105).
-2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and ``consistency-distilled``: a
-   one-segment consistency head distilled from the flow model for ``--distill-steps``, starting
-   from its weights, ``[distill]`` of the policy config) at 1 and 2 steps against the
+2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and one-segment consistency
+   heads distilled from the flow model for ``--distill-steps``, starting from its weights
+   (``[distill]`` of the policy config): ``consistency-distilled`` by consistency distillation,
+   ``consistency-trajectory`` by regressing the teacher's Euler trajectories onto their ends) at
+   1 and 2 steps against the
    10-step flow head (synchronous, D = 0). Each head's temperature at each step count is chosen
    among ``--few-step-noise-scales`` by rollouts on validation seeds (``--validation-episodes`` per
    task, a seed range the evaluation never uses; ties go to the higher temperature), as the flow
@@ -60,7 +62,9 @@ from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-FEW_STEP = ("shortcut", "meanflow", "consistency", "consistency-distilled")
+FEW_STEP = ("shortcut", "meanflow", "consistency", "consistency-distilled", "consistency-trajectory")
+#: The consistency heads distilled from the flow model, by distillation method.
+DISTILLED = {"consistency-distilled": "consistency", "consistency-trajectory": "trajectory"}
 MODELS = ("flow", "flow-rtc", *FEW_STEP)
 
 
@@ -74,14 +78,14 @@ def _cached(path: Path, compute):
 
 
 def _train(args, name: str, data: Path) -> Path:
-    """Train the model ``name``: a head kind, ``flow-rtc`` (the flow head with training-time RTC) or
-    ``consistency-distilled`` (a one-segment consistency head distilled from the ``flow`` model,
+    """Train the model ``name``: a head kind, ``flow-rtc`` (the flow head with training-time RTC), or
+    one of :data:`DISTILLED` (a one-segment consistency head distilled from the ``flow`` model,
     trained first if it is not yet)."""
     run = args.work / "runs" / name
     if (run / "trained.json").exists():
         return run
-    kind = {"flow-rtc": "flow", "consistency-distilled": "consistency"}.get(name, name)
-    steps = args.distill_steps if name == "consistency-distilled" else args.steps
+    kind = "flow" if name == "flow-rtc" else "consistency" if name in DISTILLED else name
+    steps = args.distill_steps if name in DISTILLED else args.steps
     overrides = [
         f'policy.kind="{kind}"',
         f'data.root="{data}"',
@@ -90,8 +94,13 @@ def _train(args, name: str, data: Path) -> Path:
         f"train.seed={args.seed}",
         "train.progress=false",
     ]
-    if name == "consistency-distilled":
-        overrides += ["policy.consistency_segments=1", f'distill.teacher="{_train(args, "flow", data)}"']
+    if name in DISTILLED:
+        teacher = _train(args, "flow", data)
+        overrides += [
+            "policy.consistency_segments=1",
+            f'distill.teacher="{teacher}"',
+            f'distill.method="{DISTILLED[name]}"',
+        ]
     if name == "flow-rtc":
         overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
     if name == "meanflow":  # its loss differentiates the expert in time: a smooth time embedding,

@@ -478,6 +478,13 @@ def test_consistency_distillation_targets_the_teachers_ode_map() -> None:
         return (phi - x) / (1 - late).clamp(min=1e-12)
 
     target = m + s * torch.randn(256, 8, 2, generator=g)
+    # Trajectory distillation regresses the end of the teacher's Euler trajectory: with many steps,
+    # the ODE map's end.
+    torch.manual_seed(1)
+    exact = head.trajectory_distillation_loss(target, SimpleNamespace(denoise=exact_student), None, teacher, 400)
+    torch.manual_seed(1)
+    euler = head.trajectory_distillation_loss(target, SimpleNamespace(denoise=teacher), None, teacher, 400)
+    assert float(exact) < 1e-4 < 1e-3 < float(euler)
     torch.manual_seed(1)
     exact = head.distillation_loss(target, SimpleNamespace(denoise=exact_student), None, teacher, 18)
     torch.manual_seed(1)

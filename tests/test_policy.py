@@ -375,6 +375,7 @@ def test_a_distilled_student_starts_as_its_teacher_and_refuses_another_network(o
     assert student.policy_config.kind == "consistency"
     assert json.loads((student_run / "checkpoint.json").read_text())["metadata"]["policy_run"]["distill"] == {
         "teacher": str(teacher_run),
+        "method": "consistency",
         "intervals": 6,
     }
     batch = {key: value[:4] for key, value in _one_demo_batch(one_demo, student).items()}
@@ -383,10 +384,14 @@ def test_a_distilled_student_starts_as_its_teacher_and_refuses_another_network(o
         student.predict_chunk(batch, steps=1, noise=noise).actions,
         teacher.eval().predict_chunk(batch, steps=1, method="euler", noise=noise).actions,
     )
-    # And a real distillation run trains (finite loss, weights moved).
-    train_policy(parse_policy_config(config("consistency", teacher=str(teacher_run), steps=10)), tmp_path / "trained")
-    moved = load_policy(tmp_path / "trained").state_dict()
-    assert any(not torch.equal(moved[k], v) for k, v in teacher.state_dict().items())
+    # And real distillation runs train (finite losses, weights moved), by either method.
+    for method in ("consistency", "trajectory"):
+        text = config("consistency", teacher=str(teacher_run), steps=10) + f'method = "{method}"\n'
+        _, _ = train_policy(parse_policy_config(text), tmp_path / method)
+        history = json.loads((tmp_path / method / "checkpoint.json").read_text())["trainer"]["state"]["history"]
+        assert all(np.isfinite(row["loss"]) for row in history if "loss" in row)
+        moved = load_policy(tmp_path / method).state_dict()
+        assert any(not torch.equal(moved[k], v) for k, v in teacher.state_dict().items())
 
 
 def _one_demo_batch(root: Path, policy) -> dict:

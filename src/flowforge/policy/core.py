@@ -43,6 +43,7 @@ from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
 from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, ChunkPrefix, Sampling
 from flowforge.registry import Rebuildable, lookup, register
+from flowforge.validation import check_choice
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ def _upgrade_released_keys(state_dict: dict[str, Tensor], prefix: str, *args: An
                 if new is not None:
                     state_dict[prefix + new + local[len(old) :]] = value
                 break
+
+
+#: How a consistency head can be distilled from a flow policy (:meth:`ChunkPolicy.distillation_loss`).
+DISTILLATION_METHODS = ("consistency", "trajectory")
 
 
 @register("chunk-policy", "policy")
@@ -185,12 +190,17 @@ class ChunkPolicy(Rebuildable, nn.Module):
         action = batch["action"].to(self.action_normalizer.shift)
         return self.head.loss(self.normalize_action(action), cache, batch.get("action_is_pad"))
 
-    def distillation_loss(self, batch: Batch, teacher: ChunkPolicy, intervals: int) -> Tensor:
-        """Consistency distillation of this policy's ``consistency`` head from ``teacher``, a trained
-        ``flow`` policy with the same normalisers: the head's
-        :meth:`~flowforge.policy.heads.ConsistencyHead.distillation_loss` with the teacher's
-        velocity for the batch's observations. The teacher sees the evaluation view (no
+    def distillation_loss(
+        self, batch: Batch, teacher: ChunkPolicy, method: str = "consistency", intervals: int = 18
+    ) -> Tensor:
+        """Distillation of this policy's ``consistency`` head from ``teacher``, a trained ``flow``
+        policy with the same normalisers, for the batch's observations: ``method = "consistency"``,
+        the head's :meth:`~flowforge.policy.heads.ConsistencyHead.distillation_loss` on a grid of
+        ``intervals``; ``"trajectory"``,
+        :meth:`~flowforge.policy.heads.ConsistencyHead.trajectory_distillation_loss` along the
+        teacher's own Euler steps (its ``sampling_steps``). The teacher sees the evaluation view (no
         augmentation) and gets no gradient; this policy sees its training view."""
+        check_choice("method", method, DISTILLATION_METHODS)
         if self.policy_config.kind != "consistency":
             kind = self.policy_config.kind
             raise ValueError(f"distillation trains a 'consistency' head; this policy's kind is {kind!r}")
@@ -200,10 +210,12 @@ class ChunkPolicy(Rebuildable, nn.Module):
         cache = self.expert.encode(self.prefix(batch))
         with torch.no_grad():
             teacher_cache = teacher.expert.encode(teacher.prefix(batch, augment=False))
-        action = batch["action"].to(self.action_normalizer.shift)
-        return self.head.distillation_loss(
-            self.normalize_action(action), cache, batch.get("action_is_pad"), teacher_cache.denoise, intervals
-        )
+        action = self.normalize_action(batch["action"].to(self.action_normalizer.shift))
+        pad = batch.get("action_is_pad")
+        if method == "trajectory":
+            steps = teacher.policy_config.sampling_steps
+            return self.head.trajectory_distillation_loss(action, cache, pad, teacher_cache.denoise, steps)
+        return self.head.distillation_loss(action, cache, pad, teacher_cache.denoise, intervals)
 
     def log_prob(
         self,

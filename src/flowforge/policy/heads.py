@@ -662,6 +662,51 @@ class ConsistencyHead(FlowHead):
         predicted, _ = self.predicted_chunk(cache, noisy, early)
         return masked_mean((predicted - goal).square(), _kept(pad))
 
+    #: The temperatures of the teacher trajectories' starts in :meth:`trajectory_distillation_loss`
+    #: (uniform in this range): one step from a narrowed noise must follow the teacher there too.
+    TRAJECTORY_TEMPERATURES = (0.25, 1.0)
+
+    def trajectory_distillation_loss(
+        self,
+        target: Tensor,
+        cache: ExpertCache,
+        pad: Tensor | None,
+        teacher: Callable[[Tensor, Tensor], Tensor],
+        steps: int,
+    ) -> Tensor:
+        r"""Trajectory distillation (Luhman & Luhman 2021's knowledge distillation, at every point of
+        the path): the teacher's velocity ``teacher(x, t)`` is integrated by ``steps`` Euler steps
+        from :math:`x_0 = \tau\varepsilon` (:math:`\tau` uniform in :data:`TRAJECTORY_TEMPERATURES`),
+        one grid point :math:`x_{t_k}`, :math:`t_k = k/\text{steps}`, is kept per row, and the
+        consistency function regresses the trajectory's end,
+
+        .. math:: \lVert f(x_{t_k}, t_k) - \operatorname{sg} x_1 \rVert^2,
+
+        :math:`f(x, t) = x + (1 - t)\,v(x, t)`. At :math:`k = 0` this is the one-step map itself,
+        the teacher's whole sampler in one evaluation; it needs no chain of agreements, so it
+        converges as a regression does, for ``steps`` teacher evaluations per row. ``target``
+        gives only the shape (and ``pad`` the steps without loss).
+        """
+        if self.config.consistency_segments != 1:
+            raise ValueError(
+                f"consistency_segments = {self.config.consistency_segments}: distillation follows the "
+                "teacher's ODE to the data end, which needs one segment"
+            )
+        check_count("steps", steps)
+        rows = target.shape[0]
+        low, high = self.TRAJECTORY_TEMPERATURES
+        scale = low + (high - low) * torch.rand(rows, 1, 1, device=target.device, dtype=target.dtype)
+        kept_step = torch.randint(0, steps, (rows,), device=target.device)
+        with torch.no_grad():
+            x = scale * torch.randn_like(target)
+            start = x
+            for k in range(steps):
+                t = torch.full((rows,), k / steps, device=target.device, dtype=target.dtype)
+                start = torch.where((kept_step == k).reshape(-1, 1, 1), x, start)
+                x = x + teacher(x, t) / steps
+        predicted, _ = self.predicted_chunk(cache, start, kept_step.to(target.dtype) / steps)
+        return masked_mean((predicted - x).square(), _kept(pad))
+
     # Sampling: FlowHead's, with ``method`` held to Euler by ``own_steps``.
 
 

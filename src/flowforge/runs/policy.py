@@ -35,7 +35,7 @@ from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError
 from flowforge.policy import POLICY_KINDS, build_policy
-from flowforge.policy.core import ChunkPolicy, PolicyConfig
+from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
     CAMERA_PREFIX,
     PolicyWindows,
@@ -102,13 +102,19 @@ class PolicyDistillConfig:
     Arguments:
         teacher: the folder of a trained ``flow`` policy run (``""``: no distillation, the head's
             own loss).
-        intervals: :math:`N`, the uniform grid of time intervals whose ends are made to agree.
+        method: ``"consistency"`` (consistency distillation: the two ends of one Heun step of the
+            teacher made to agree) or ``"trajectory"`` (the teacher's own Euler trajectories
+            regressed onto their ends: on MT10 the one that moved the one-step map to the
+            teacher's; see the README).
+        intervals: :math:`N`, consistency distillation's uniform grid of time intervals.
     """
 
     teacher: str = ""
+    method: str = "consistency"
     intervals: int = 18
 
     def __post_init__(self) -> None:
+        check_choice("method", self.method, DISTILLATION_METHODS)
         if isinstance(self.intervals, bool) or not isinstance(self.intervals, int) or self.intervals < 1:
             raise ConfigError(f"intervals = {self.intervals!r}: expected an integer >= 1")
 
@@ -240,7 +246,7 @@ def train_policy(
     objective = PolicyObjective()
     if config.distill.teacher:
         teacher = _teacher_of(policy, config.distill.teacher)
-        objective = PolicyDistillation(teacher, config.distill.intervals)
+        objective = PolicyDistillation(teacher, config.distill.method, config.distill.intervals)
         metadata["policy_run"]["distill"] = asdict(config.distill)
     trainer = Trainer(
         policy,

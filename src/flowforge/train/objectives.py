@@ -69,10 +69,11 @@ class PolicyObjective(Objective):
 
 class PolicyDistillation(Objective):
     """Consistency distillation of a policy's ``consistency`` head from a frozen ``teacher`` flow policy
-    (``model.distillation_loss(batch, teacher, intervals)``); validation uses the same loss."""
+    (``model.distillation_loss(batch, teacher, method, intervals)``); validation uses the same loss."""
 
-    def __init__(self, teacher: nn.Module, intervals: int) -> None:
+    def __init__(self, teacher: nn.Module, method: str = "consistency", intervals: int = 18) -> None:
         self.teacher = teacher.eval()
+        self.method = method
         self.intervals = intervals
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
@@ -80,7 +81,7 @@ class PolicyDistillation(Objective):
         anchor = next(model.parameters())
         if next(self.teacher.parameters()).device != anchor.device:  # the Trainer moved the student
             self.teacher.to(anchor.device)
-        return model.distillation_loss(data, self.teacher, self.intervals)
+        return model.distillation_loss(data, self.teacher, self.method, self.intervals)
 
 
 class ReverseKL(Objective):
