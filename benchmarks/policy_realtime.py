@@ -100,6 +100,7 @@ def _train(args, name: str, data: Path) -> Path:
             "policy.consistency_segments=1",
             f'distill.teacher="{teacher}"',
             f'distill.method="{DISTILLED[name]}"',
+            f"train.lr={args.distill_lr}",
         ]
     if name == "flow-rtc":
         overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
@@ -248,7 +249,13 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument(
-        "--distill-steps", type=int, default=5000, help="steps of the consistency head distilled from the flow head"
+        "--distill-steps", type=int, default=5000, help="steps of the consistency heads distilled from the flow head"
+    )
+    parser.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-4,
+        help="their peak learning rate (they start from the flow head's weights; 3e-4 first undid them)",
     )
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--delays", default="0,2,4,6")
@@ -274,6 +281,8 @@ def main() -> None:
     for option in ("steps", "distill_steps"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: need an integer >= 1")
+    if not 0 < args.distill_lr < float("inf"):
+        parser.error(f"--distill-lr {args.distill_lr}: need a finite number > 0")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
