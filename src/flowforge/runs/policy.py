@@ -90,7 +90,7 @@ class PolicyDataConfig:
 
 @dataclass
 class PolicyDistillConfig:
-    """Consistency distillation of a run's policy from a trained flow policy (``[distill]``).
+    """Distillation of a run's consistency head from a trained flow policy (``[distill]``).
 
     The student (``policy.kind = "consistency"``, one segment) starts as a copy of the teacher's
     weights, normalisers included: its one-step map is then the teacher's one Euler step, which
@@ -104,8 +104,9 @@ class PolicyDistillConfig:
             own loss).
         method: ``"consistency"`` (consistency distillation: the two ends of one Heun step of the
             teacher made to agree) or ``"trajectory"`` (the teacher's own Euler trajectories
-            regressed onto their ends: on MT10 the one that moved the one-step map to the
-            teacher's; see the README).
+            regressed onto their ends). On MT10, 5,000 steps each, trajectory regression brought
+            the one-step chunks within 2 points of the teacher's 10-step success (96.2% against
+            97.4%) and consistency distillation did not (93.0%): the README's figures.
         intervals: :math:`N`, consistency distillation's uniform grid of time intervals.
     """
 
