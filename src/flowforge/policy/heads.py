@@ -618,6 +618,13 @@ class ConsistencyHead(FlowHead):
         error = error + self.config.consistency_velocity_weight * (velocity - velocity_later).square()
         return masked_mean(error, _kept(pad))
 
+    def _check_one_segment(self) -> None:
+        if self.config.consistency_segments != 1:
+            raise ValueError(
+                f"consistency_segments = {self.config.consistency_segments}: distillation follows the "
+                "teacher's ODE to the data end, which needs one segment"
+            )
+
     def distillation_loss(
         self,
         target: Tensor,
@@ -641,11 +648,7 @@ class ConsistencyHead(FlowHead):
         ODE map, which one step of this head then follows; the demonstrated chunk only places
         :math:`x_{t_i}` where the teacher's trajectories pass. Padded steps carry no loss.
         """
-        if self.config.consistency_segments != 1:
-            raise ValueError(
-                f"consistency_segments = {self.config.consistency_segments}: distillation follows the "
-                "teacher's ODE to the data end, which needs one segment"
-            )
+        self._check_one_segment()
         check_count("intervals", intervals)
         target = fill_padding(target, pad)
         rows = target.shape[0]
@@ -676,7 +679,7 @@ class ConsistencyHead(FlowHead):
     ) -> Tensor:
         r"""Trajectory distillation (Luhman & Luhman 2021's knowledge distillation, at every point of
         the path): the teacher's velocity ``teacher(x, t)`` is integrated by ``steps`` Euler steps
-        from :math:`x_0 = \tau\varepsilon` (:math:`\tau` uniform in :data:`TRAJECTORY_TEMPERATURES`),
+        from :math:`x_0 = \tau\varepsilon` (:math:`\tau` uniform in :attr:`TRAJECTORY_TEMPERATURES`),
         one grid point :math:`x_{t_k}`, :math:`t_k = k/\text{steps}`, is kept per row, and the
         consistency function regresses the trajectory's end,
 
@@ -687,11 +690,7 @@ class ConsistencyHead(FlowHead):
         converges as a regression does, for ``steps`` teacher evaluations per row. ``target``
         gives only the shape (and ``pad`` the steps without loss).
         """
-        if self.config.consistency_segments != 1:
-            raise ValueError(
-                f"consistency_segments = {self.config.consistency_segments}: distillation follows the "
-                "teacher's ODE to the data end, which needs one segment"
-            )
+        self._check_one_segment()
         check_count("steps", steps)
         rows = target.shape[0]
         low, high = self.TRAJECTORY_TEMPERATURES

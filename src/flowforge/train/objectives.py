@@ -68,7 +68,7 @@ class PolicyObjective(Objective):
 
 
 class PolicyDistillation(Objective):
-    """Consistency distillation of a policy's ``consistency`` head from a frozen ``teacher`` flow policy
+    """Distillation of a policy's ``consistency`` head from a frozen ``teacher`` flow policy
     (``model.distillation_loss(batch, teacher, method, intervals)``); validation uses the same loss."""
 
     def __init__(self, teacher: nn.Module, method: str = "consistency", intervals: int = 18) -> None:
