@@ -20,6 +20,7 @@ def test_the_package_exports_what_it_always_did() -> None:
         "MaximumLikelihood",
         "NegativeELBO",
         "Objective",
+        "PolicyDistillation",
         "PolicyObjective",
         "ReverseKL",
         "Trainer",
