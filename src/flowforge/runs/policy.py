@@ -35,6 +35,7 @@ from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError
 from flowforge.policy import POLICY_KINDS, build_policy
+from flowforge.policy.config import _check_count
 from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
     CAMERA_PREFIX,
@@ -116,8 +117,7 @@ class PolicyDistillConfig:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, DISTILLATION_METHODS)
-        if isinstance(self.intervals, bool) or not isinstance(self.intervals, int) or self.intervals < 1:
-            raise ConfigError(f"intervals = {self.intervals!r}: expected an integer >= 1")
+        _check_count("intervals", self.intervals)
 
 
 #: Policy settings a distilled student may change from its teacher: how the head trains and samples.
@@ -237,6 +237,9 @@ def train_policy(
 ) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
     """Train the run's policy into ``directory`` (checkpoint and metrics); returns it and its
     training tensors (without the camera frames when they are read per batch)."""
+    teacher_folder = config.distill.teacher
+    if teacher_folder and not (Path(teacher_folder) / "checkpoint.json").is_file():  # before the data is read
+        raise ConfigError(f"[distill] teacher = {teacher_folder!r}: no trained policy there (no checkpoint.json)")
     torch.manual_seed(config.train.seed)
     dataset = EpisodeDataset(config.data.root, config.policy.obs_horizon, config.policy.horizon)
     progress = config.train.progress is not False
@@ -265,8 +268,6 @@ def train_policy(
 def _teacher_of(student: ChunkPolicy, folder: str) -> ChunkPolicy:
     """The trained flow policy in ``folder``, frozen, after ``student`` has been given its weights
     (refused with a :class:`ConfigError` unless the two share network and inputs)."""
-    if not (Path(folder) / "checkpoint.json").is_file():
-        raise ConfigError(f"[distill] teacher = {folder!r}: no trained policy there (no checkpoint.json)")
     teacher = load_policy(folder)
     if teacher.policy_config.kind != "flow":
         raise ConfigError(
