@@ -350,7 +350,8 @@ def main() -> None:
         summary["render"] = _render(args)
     data = ablation_data = None
     if any(p in phases for p in ("collect", "throughput", "train", "eval")):
-        data = _collect(args, args.tasks, "mt10-images")
+        # the MT10 set is only made when an MT10 model or the throughput table needs it
+        data = _collect(args, args.tasks, "mt10-images") if models or "throughput" in phases else None
         ablation_data = _collect(args, ablation_tasks, "ablation-images") if ablations else None
     if "throughput" in phases:
         summary["throughput"] = _throughput(args, ablation_data or data)
