@@ -359,9 +359,9 @@ def main() -> None:
     runs: dict[str, tuple[Path, list[str], dict]] = {}
     if "train" in phases or "eval" in phases:
         steps, ablation_steps = args.steps, args.ablation_steps
-        if steps is None or (ablations and ablation_steps is None):
-            summary["sizing"] = sizing = _sizing(args, data, ablation_data)
-            steps = steps or sizing["mt10"]["steps"]
+        if (models and steps is None) or (ablations and ablation_steps is None):
+            summary["sizing"] = sizing = _sizing(args, data if models else None, ablation_data)
+            steps = steps or sizing.get("mt10", {}).get("steps")
             ablation_steps = ablation_steps or sizing.get("ablation", {}).get("steps")
         for model in models:
             overrides = FULL_STATE if model == "flow-full-state" else [f'policy.kind="{model}"']

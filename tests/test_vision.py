@@ -251,6 +251,36 @@ def test_the_frame_cache_round_trips_every_frame_and_resumes(tmp_path: Path, mon
         FrameCache.build(EpisodeDataset(other), key, tmp_path)
 
 
+def test_a_second_builder_of_one_frame_cache_waits_for_the_first(tmp_path: Path) -> None:
+    """Two runs started together on one data set build its cache in turn: one truncating the array
+    while the other reads it would hand training frames of zeros."""
+    import subprocess
+    import sys
+    import time
+
+    from flowforge.data.frame_cache import _exclusive
+
+    key = "observation.images.wrist"
+    where = tmp_path / key
+    where.mkdir()
+    code = (
+        "import sys; from flowforge.data.episodes import EpisodeDataset; "
+        "from flowforge.data.frame_cache import FrameCache; print('building', flush=True); "
+        "FrameCache.build(EpisodeDataset(sys.argv[1]), sys.argv[2], sys.argv[3])"
+    )
+    with _exclusive(where / ".lock"):  # the first builder, still at work
+        builder = subprocess.Popen(
+            [sys.executable, "-c", code, str(FIXTURE), key, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        assert builder.stdout.readline() == "building\n"  # imports done: the build is what is left
+        time.sleep(1.5)
+        assert builder.poll() is None and not (where / "progress.json").exists()
+    assert builder.wait(timeout=60) == 0
+    dataset = EpisodeDataset(FIXTURE)
+    expected = torch.cat([dataset.camera_frames(e, key) for e in range(len(dataset.lengths))])
+    assert torch.equal(FrameCache(tmp_path, key).take(range(len(expected))), expected)
+
+
 def test_two_camera_windows_train_the_same_with_and_without_workers(tmp_path: Path) -> None:
     from flowforge.runs.policy import prepare_policy
     from flowforge.train import PolicyObjective, Trainer, TrainerConfig

@@ -12,7 +12,8 @@ frames, both read by global frame index (the data set's row) a batch at a time:
   84x84 RGB is 21 KB a frame, 1.3 GB for 60,000 frames). ``progress.json`` beside it records the
   data set it was built from (folder, episode lengths, frame shape) and how many episodes are
   decoded; it is replaced atomically after each episode, so an interrupted build resumes from
-  there, and a cache of another data set is refused, never mixed.
+  there, and a cache of another data set is refused, never mixed. Two processes that build one
+  cache at once (two runs started together on one data set) take turns through a file lock.
 * :class:`EncodedFrames`: the PNG files of an image feature, held in memory as one byte buffer with
   offsets (no Python object per frame, so worker processes forked from the trainer share it), and
   decoded when a batch asks for them: in ``torch.utils.data.DataLoader`` worker processes, the
@@ -27,9 +28,10 @@ window). All three have ``take(index) -> (len(index), 3, H, W)`` uint8 and pickl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +63,29 @@ def _source(dataset: EpisodeDataset, key: str) -> dict[str, Any]:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Write ``value`` to ``path`` atomically (temporary file, flush, rename)."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "w") as handle:
         handle.write(json.dumps(value) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created when missing): two processes that build one cache,
+    such as two training runs started together on one data set, take turns instead of racing."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX file locks on this system: builds of one cache must not overlap
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class FrameCache:
@@ -102,10 +121,18 @@ class FrameCache:
         """Decode every frame of ``feature`` into the cache under ``folder`` (resuming an interrupted
         build, doing nothing for a complete one) and open it. A :class:`DataError` names the folder
         when it holds the cache of another data set."""
-        from tqdm.auto import tqdm
-
         source = _source(dataset, feature)
         where = Path(folder) / feature
+        where.mkdir(parents=True, exist_ok=True)
+        with _exclusive(where / ".lock"):
+            cls._build(dataset, feature, source, where, progress)
+        return cls(folder, feature)
+
+    @staticmethod
+    def _build(dataset: EpisodeDataset, feature: str, source: dict[str, Any], where: Path, progress: bool) -> None:
+        """:meth:`build`'s work, done while holding the cache's lock."""
+        from tqdm.auto import tqdm
+
         record_path, frames_path = where / "progress.json", where / "frames.npy"
         shape = (int(sum(source["lengths"])), *source["shape"])
         record = None
@@ -123,7 +150,6 @@ class FrameCache:
             if not frames_path.is_file():
                 record = None  # the record outlived its array: start again
         if record is None:
-            where.mkdir(parents=True, exist_ok=True)
             frames = np.lib.format.open_memmap(frames_path, mode="w+", dtype=np.uint8, shape=shape)
             record = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": source, "episodes": 0}
             _write_json(record_path, record)
@@ -140,7 +166,6 @@ class FrameCache:
             record["episodes"] = episode + 1
             _write_json(record_path, record)
         del frames
-        return cls(folder, feature)
 
     @property
     def frames(self) -> np.ndarray:
