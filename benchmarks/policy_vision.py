@@ -21,7 +21,8 @@ What it measures
    (object and goal poses) instead of the robot's own state and the goal.
 4. **Ablations on reach, push and pick-place** (one model for the three tasks):
    today's conv encoder against the keypoint encoder, each with and without augmentation, with
-   one camera (corner) and two; success and the training step time side by side.
+   one camera (corner) and two; success and the training step time side by side (the ``steptime``
+   phase times every ablation model one after another in one process: run it on an idle machine).
 5. **Training throughput** (frames per second of training, same model, same data): every window
    decoded up front in memory (``tensors``), each frame decoded once in memory (``memory``), the
    uint8 cache on disk memory-mapped (``cache``) and the PNG files decoded per batch (``decode``),
@@ -79,7 +80,7 @@ MT10 = [
     "window-close-v3",
 ]
 ABLATION_TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
-PHASES = ("render", "collect", "throughput", "train", "eval")
+PHASES = ("render", "collect", "throughput", "train", "steptime", "eval")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "policy" / "mt10_images.toml"
 
@@ -224,6 +225,28 @@ def _sizing(args, data: Path, ablation_data: Path | None) -> dict:
     return _save(path, sizing)
 
 
+def _ablation_step_times(args, data: Path, ablations: list[str]) -> dict:
+    """Median seconds of a training step of each ablation model, measured one after another in one
+    process, each with its own data pipeline. The time each run records at its start depends on
+    what the other run sharing the cores was doing then; run this phase on an otherwise idle machine."""
+    path = args.work / "ablation-step-times.json"
+    table = _load(path) or {}
+    for name in ablations:
+        if name in table:
+            continue
+        config = _config(args, data, 1, ABLATIONS[name])
+        dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
+        torch.manual_seed(args.seed)
+        policy, windows = prepare_policy(
+            config.policy, dataset, progress=False, frames=config.data.frames, cache=config.data.cache_folder()
+        )
+        table[name] = _step_seconds(policy, windows, args.batch, args.step_time_steps, config.data.workers)
+        print(f"[steptime] ablation-{name}: {table[name]:.3f} s a step", flush=True)
+        _save(path, table)
+        del policy, windows
+    return table
+
+
 def _train(args, name: str, data: Path, steps: int, overrides: list[str]) -> Path:
     run = args.work / "runs" / name
     done = run / "trained.json"
@@ -349,7 +372,7 @@ def main() -> None:
     if "render" in phases:
         summary["render"] = _render(args)
     data = ablation_data = None
-    if any(p in phases for p in ("collect", "throughput", "train", "eval")):
+    if any(p in phases for p in ("collect", "throughput", "train", "steptime", "eval")):
         # the MT10 set is only made when an MT10 model or the throughput table needs it
         data = _collect(args, args.tasks, "mt10-images") if models or "throughput" in phases else None
         ablation_data = _collect(args, ablation_tasks, "ablation-images") if ablations else None
@@ -370,6 +393,8 @@ def main() -> None:
         for name in ablations:
             run = _train(args, f"ablation-{name}", ablation_data, ablation_steps, ABLATIONS[name])
             runs[f"ablation-{name}"] = (run, ablation_tasks, {})
+    if "steptime" in phases and ablations:
+        summary["ablation_step_seconds"] = _ablation_step_times(args, ablation_data, ablations)
     if "eval" in phases:
         results = {}
         for name, (run, tasks, sampling) in runs.items():
@@ -397,12 +422,15 @@ def main() -> None:
         ablation_results = {n.removeprefix("ablation-"): r for n, r in results.items() if n.startswith("ablation-")}
         if ablation_results:
             _success_table("Ablations (one model for the ablation tasks)", ablation_results, ablation_tasks)
+            # step times measured one after another on an idle machine where the steptime phase ran
+            step_times = _load(args.work / "ablation-step-times.json") or {}
             print(f"\n{'ablation':26s} {'average':>8s} {'s/step':>8s} {'parameters':>11s}")
             for name in ablation_results:
                 trained = _load(args.work / "runs" / f"ablation-{name}" / "trained.json") or {}
+                seconds = step_times.get(name, trained.get("step_seconds", float("nan")))
                 print(
                     f"{name:26s} {ablation_results[name]['average_success']:8.1%} "
-                    f"{trained.get('step_seconds', float('nan')):8.2f} {trained.get('parameters', 0):11,d}"
+                    f"{seconds:8.2f} {trained.get('parameters', 0):11,d}"
                 )
         if "flow_temperature" in summary:
             entry = summary["flow_temperature"]
