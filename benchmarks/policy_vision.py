@@ -172,6 +172,34 @@ def _step_seconds(policy, data, batch_size: int, steps: int, workers: int) -> fl
     return statistics.median(times)
 
 
+def _time_model(
+    args,
+    data: Path,
+    overrides: list[str],
+    frames: str | None = None,
+    workers: int | None = None,
+    steps: int | None = None,
+) -> tuple[float, float, int]:
+    """Build the model of the base config with ``overrides`` on ``data`` as training builds it and
+    time its steps (``frames``, ``workers``: the config's unless given; ``steps``: ``--step-time-steps``).
+    Returns the median seconds a step, the seconds the data took to prepare, and the cameras."""
+    config = _config(args, data, 1, overrides)
+    dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    policy, windows = prepare_policy(
+        config.policy,
+        dataset,
+        progress=args.progress,
+        frames=frames or config.data.frames,
+        cache=config.data.cache_folder(),
+    )
+    prepared = time.perf_counter() - start
+    workers = config.data.workers if workers is None else workers
+    seconds = _step_seconds(policy, windows, args.batch, steps or args.step_time_steps, workers)
+    return seconds, prepared, len(policy.policy_config.image_keys)
+
+
 def _throughput(args, data: Path) -> dict:
     """Training frames per second for each way of reading the camera frames (same model and data)."""
     path = args.work / "throughput.json"
@@ -182,24 +210,15 @@ def _throughput(args, data: Path) -> dict:
         name = f"{frames}, {workers} workers"
         if name in table:
             continue
-        config = _config(args, data, 1, [])
-        dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
-        torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        policy, windows = prepare_policy(
-            config.policy, dataset, progress=args.progress, frames=frames, cache=config.data.cache_folder()
-        )
-        prepared = time.perf_counter() - start
-        seconds = _step_seconds(policy, windows, args.batch, args.throughput_steps, workers)
+        seconds, prepared, cameras = _time_model(args, data, [], frames, workers, args.throughput_steps)
         table[name] = {
             "seconds_per_step": seconds,
             "frames_per_second": args.batch / seconds,
-            "images_per_second": args.batch * len(policy.policy_config.image_keys) / seconds,
+            "images_per_second": args.batch * cameras / seconds,
             "preparation_seconds": prepared,
         }
         print(f"[throughput] {name}: {args.batch / seconds:.0f} frames/s (prepared in {prepared:.0f} s)", flush=True)
         _save(path, table)
-        del policy, windows
     return table
 
 
@@ -212,16 +231,10 @@ def _sizing(args, data: Path, ablation_data: Path | None) -> dict:
     for name, root, hours in (("mt10", data, args.hours), ("ablation", ablation_data, args.ablation_hours)):
         if root is None or name in sizing:  # a table sized once keeps its steps
             continue
-        config = _config(args, root, 1, [])
-        dataset = EpisodeDataset(root, config.policy.obs_horizon, config.policy.horizon)
-        policy, windows = prepare_policy(
-            config.policy, dataset, progress=args.progress, frames=config.data.frames, cache=config.data.cache_folder()
-        )
-        seconds = _step_seconds(policy, windows, args.batch, args.step_time_steps, config.data.workers)
+        seconds = _time_model(args, root, [])[0]
         steps = max(100, round(hours * 3600 / seconds / 100) * 100)
         sizing[name] = {"step_seconds": seconds, "hours": hours, "steps": steps}
         print(f"[size] {name}: {seconds:.2f} s a step -> {steps} steps for {hours:g} h", flush=True)
-        del policy, windows
     return _save(path, sizing)
 
 
@@ -234,16 +247,9 @@ def _ablation_step_times(args, data: Path, ablations: list[str]) -> dict:
     for name in ablations:
         if name in table:
             continue
-        config = _config(args, data, 1, ABLATIONS[name])
-        dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
-        torch.manual_seed(args.seed)
-        policy, windows = prepare_policy(
-            config.policy, dataset, progress=False, frames=config.data.frames, cache=config.data.cache_folder()
-        )
-        table[name] = _step_seconds(policy, windows, args.batch, args.step_time_steps, config.data.workers)
+        table[name] = _time_model(args, data, ABLATIONS[name])[0]
         print(f"[steptime] ablation-{name}: {table[name]:.3f} s a step", flush=True)
         _save(path, table)
-        del policy, windows
     return table
 
 
@@ -252,13 +258,8 @@ def _train(args, name: str, data: Path, steps: int, overrides: list[str]) -> Pat
     done = run / "trained.json"
     if done.exists():
         return run
+    step_seconds = _time_model(args, data, overrides)[0]
     config = _config(args, data, steps, overrides)
-    dataset = EpisodeDataset(data, config.policy.obs_horizon, config.policy.horizon)
-    policy, windows = prepare_policy(
-        config.policy, dataset, progress=False, frames=config.data.frames, cache=config.data.cache_folder()
-    )
-    step_seconds = _step_seconds(policy, windows, args.batch, args.step_time_steps, config.data.workers)
-    del policy, windows
     print(f"[train] {name}: {steps} steps ({step_seconds:.2f} s a step)", flush=True)
     start = time.perf_counter()
     policy, _ = train_policy(config, run, resume=(run / "checkpoint.json").exists())
