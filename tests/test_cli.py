@@ -281,6 +281,8 @@ BAD_VALUES = [
     (["data.size=0"], None, "size"),
     (["data.conditional=true"], None, "conditional"),  # moons have no classes
     (["train.steps.x=1"], None, "train.steps"),
+    (["train.seed=4294967296"], None, "seed"),  # NumPy takes 32-bit seeds
+    (["data.seed=-1"], None, "seed"),
     (None, '[model]\nkind = "cnf"\noptions = { method = "bogus" }\n[data]\nname = "moons"\n', "method"),
     (None, b"\x89PNG\r\n\x1a\n\x00\x00binary", "not a text file"),
 ]
@@ -302,6 +304,32 @@ def test_each_bad_value_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, ov
     assert "Traceback" not in result.output
     assert result.stdout == ""  # nothing announced, nothing written
     assert not (tmp_path / "run").exists()
+
+
+PARSER_REFUSALS = [
+    (["demo", "--steps", "-1", "--out", "OUT"], "'--steps'", "'-1'"),
+    (["demo", "--steps=abc", "--out", "OUT"], "'--steps'", "'abc'"),
+    (["demo", "--seed", "4294967296", "--out", "OUT"], "'--seed'", "4294967295"),
+    (["sample", "OUT", "-n", "0"], "'-n'", "'0'"),
+    (["data", "collect", "--out", "OUT", "--seed", "-1"], "'--seed'", "'-1'"),
+    (["demo", "--bogus", "3"], "--bogus", "--bogus"),
+    (["nonsense"], "No such command", "'nonsense'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "value"), PARSER_REFUSALS, ids=[" ".join(a[:3]) for a, _, _ in PARSER_REFUSALS]
+)
+def test_the_parsers_refusals_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args, option, value) -> None:
+    """An option the parser refuses (out of its range, not a number, unknown) is reported like every
+    other user error: one line naming the option and the value given, exit code 2, nothing written."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [str(out) if a == "OUT" else a for a in args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert option in lines[0] and value in lines[0], lines[0]
+    assert result.stdout == "" and not out.exists()
 
 
 def test_output_paths_are_checked_before_anything_is_written(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flowforge.data.tabular import DataError
+from flowforge.errors import ConfigError
 
 pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
 
@@ -150,3 +151,10 @@ def test_bad_task_lists_are_value_errors_naming_tasks(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="tasks must be a list"):
         collect("reach-v3", 1, tmp_path / "string", progress=False)
     assert not any(tmp_path.iterdir())  # nothing is written before the inputs are valid
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, True])
+def test_a_seed_out_of_range_is_refused_before_the_folder_is_made(tmp_path: Path, seed) -> None:
+    with pytest.raises(ConfigError, match=r"seed = .*expected an integer in \[0, 4294967295\]"):
+        collect(["reach-v3"], 1, tmp_path / "demos", seed=seed)
+    assert not (tmp_path / "demos").exists()

@@ -3,11 +3,13 @@
 Thin by design: each command parses its arguments, calls the run layer once and prints. Errors a
 user can cause (any :class:`~flowforge.errors.FlowforgeError`, an OS error on a path given, a
 training run that diverges, a missing optional extra) are turned into one line on stderr and exit
-code 2 in one place, :class:`_OneLineErrors`; commands check their inputs before writing anything.
+code 2 in one place, :class:`_OneLineErrors` (option values that the parser refuses, such as a
+number below an option's minimum, too); commands check their inputs before writing anything.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,11 +19,17 @@ import typer
 from typer.core import TyperGroup
 
 import flowforge
+from flowforge.config import MAX_SEED
 from flowforge.errors import ConfigError, DataError, FlowforgeError
 from flowforge.utils.progress import progress_enabled
 
 #: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
 USER_ERRORS = (FlowforgeError, OSError, FloatingPointError, ImportError)
+#: The parser's exception classes, found through typer's public ``BadParameter`` because typer
+#: either uses click's or carries its own copy.
+_USAGE_ERROR, _CLICK_EXCEPTION = (
+    next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == name) for name in ("UsageError", "ClickException")
+)
 
 
 class _OneLineErrors(TyperGroup):
@@ -34,6 +42,42 @@ class _OneLineErrors(TyperGroup):
             message = " ".join(str(error).split()) or type(error).__name__
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code=2) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """The parser's own refusals (an unknown option, a value out of an option's range) as one
+        line and exit code 2 too, instead of click's usage block."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        given = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(given, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_EXCEPTION as error:
+            if type(error).__name__ == "NoArgsIsHelpError":
+                error.show()  # the help text, asked for by giving no arguments
+                sys.exit(error.exit_code)
+            if isinstance(error, _USAGE_ERROR):
+                typer.echo(f"error: {_usage_message(error, given)}", err=True)
+                sys.exit(2)
+            typer.echo(f"error: {' '.join(error.format_message().split())}", err=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(error: Exception, given: list[str]) -> str:
+    """The parser's message on one line, with the value given where an option's value was refused."""
+    message = " ".join(error.format_message().split())
+    param = getattr(error, "param", None)
+    if isinstance(error, typer.BadParameter) and getattr(param, "param_type_name", None) == "option":
+        for index, token in enumerate(given):
+            for name in param.opts:
+                if token == name and index + 1 < len(given):
+                    return f"{message} (got {given[index + 1]!r})"
+                if token.startswith(name + "="):
+                    return f"{message} (got {token[len(name) + 1 :]!r})"
+    return message
 
 
 app = typer.Typer(
@@ -87,7 +131,7 @@ def demo(
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     transforms: Annotated[int, typer.Option(min=1, help="Flow layers.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the plot.")] = Path("flowforge-demo"),
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
     ] = None,
@@ -202,7 +246,7 @@ def sample(
             min=0, help="Class-conditional runs: draw every sample of this class (default: the classes in turn)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Draw samples from a trained run and write them to a file (in the data's own units: pixel counts
@@ -235,7 +279,7 @@ def evaluate(
     ] = None,
     samples: Annotated[int, typer.Option(min=2, help="Points used for the sample metrics.")] = 2000,
     steps: Annotated[int, typer.Option(min=1, help="Sampler steps of a flow-matching model (as for sample).")] = 10,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
 ) -> None:
     """Print NLL, bits/dim, MMD, energy distance and sliced W2 (or KL to the target). A flow-matching
     model on digits: the Fréchet distance on a digits classifier's features, its conditional accuracy."""
@@ -304,7 +348,7 @@ def data_collect(
         typer.Option(help="Several cameras for --images, comma-separated MetaWorld names (corner,gripperPOV)."),
     ] = None,
     size: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 84,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Roll out the scripted experts, keep successful episodes, write them in the LeRobot v3 layout."""

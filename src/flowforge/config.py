@@ -223,6 +223,17 @@ def check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
 
 
+#: The largest seed: NumPy's generators and MetaWorld's tasks take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(key: str, value: Any) -> int:
+    """Check a seed: a Python int in ``[0, MAX_SEED]``, bools excluded."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key} = {value!r}: expected an integer in [0, {MAX_SEED}] (2**32 - 1)")
+    return value
+
+
 def check_range(
     key: str,
     value: Any,

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from flowforge.config import check_seed
 from flowforge.data.episodes import decode_png, encode_png
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
@@ -402,6 +403,7 @@ def collect(
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
+    check_seed("seed", seed)
     cameras = check_cameras([camera] if cameras is None else cameras)
     root = Path(root)
     settings = {

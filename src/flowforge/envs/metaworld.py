@@ -190,7 +190,8 @@ class MetaWorldEnv:
             options.update(render_mode="rgb_array", camera_name=self.camera, width=size, height=size)
         if max_steps is not None:
             options["max_episode_steps"] = max_steps
-        self.env = gym.make("Meta-World/MT1", **options)
+        # the passive checker only warns, about bounds MetaWorld declares loosely, on every env built
+        self.env = gym.make("Meta-World/MT1", disable_env_checker=True, **options)
         self._seed = seed
         # MetaWorld v3 ignores reset(seed=...): its MT1 wrapper picks one of 50 goal settings
         # fixed when the env is built. Set one task once (MetaWorld requires it), then stop the

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowforge.config import check_choice, check_range
+from flowforge.config import check_choice, check_range, check_seed
 from flowforge.data import (
     DIGIT_LEVELS,
     SKLEARN_DATASETS,
@@ -95,8 +95,7 @@ class DataConfig:
         if self.size < 2:
             raise ConfigError(f"size = {self.size}: expected an integer >= 2 (points drawn for training)")
         check_range("test_fraction", self.test_fraction, low=0, high=1, low_open=True, high_open=True)
-        if self.seed < 0:
-            raise ConfigError(f"seed = {self.seed}: expected an integer >= 0")
+        check_seed("seed", self.seed)
         if self.name in COUNT_DATASETS and self.standardize:
             raise ConfigError(f"standardize = true: {self.name} are pixel counts, dequantized by the model instead")
         if self.conditional and self.name not in LABELLED_DATASETS:

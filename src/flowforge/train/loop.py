@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from flowforge.checkpoint import write_atomic
-from flowforge.config import check_choice, check_range
+from flowforge.config import check_choice, check_range, check_seed
 from flowforge.errors import ConfigError
 from flowforge.train.distributed import (
     ShardedBatches,
@@ -156,7 +156,7 @@ class TrainerConfig:
                 "is False; use 'bf16' on a CPU"
             )
         _check_flag("gradient_checkpointing", self.gradient_checkpointing)
-        _check_int("seed", self.seed, 0)
+        check_seed("seed", self.seed)
         _check_int("eval_every", self.eval_every, 0)
         if self.patience is not None:
             _check_int("patience", self.patience, 1)
