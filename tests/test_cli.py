@@ -309,6 +309,7 @@ def test_each_bad_value_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, ov
 PARSER_REFUSALS = [
     (["demo", "--steps", "-1", "--out", "OUT"], "'--steps'", "'-1'"),
     (["demo", "--steps=abc", "--out", "OUT"], "'--steps'", "'abc'"),
+    (["demo", "--steps", "5", "--steps", "0", "--out", "OUT"], "'--steps'", "'0'"),  # the value read
     (["demo", "--seed", "4294967296", "--out", "OUT"], "'--seed'", "4294967295"),
     (["sample", "OUT", "-n", "0"], "'-n'", "'0'"),
     (["data", "collect", "--out", "OUT", "--seed", "-1"], "'--seed'", "'-1'"),

@@ -67,11 +67,13 @@ class _OneLineErrors(TyperGroup):
 
 
 def _usage_message(error: Exception, given: list[str]) -> str:
-    """The parser's message on one line, with the value given where an option's value was refused."""
+    """The parser's message on one line, with the value given where an option's value was refused
+    (its last occurrence: the one the parser read)."""
     message = " ".join(error.format_message().split())
     param = getattr(error, "param", None)
     if isinstance(error, typer.BadParameter) and getattr(param, "param_type_name", None) == "option":
-        for index, token in enumerate(given):
+        for index in reversed(range(len(given))):
+            token = given[index]
             for name in param.opts:
                 if token == name and index + 1 < len(given):
                     return f"{message} (got {given[index + 1]!r})"
