@@ -169,7 +169,7 @@ def test_bad_checkpoints_and_outputs_fail_cleanly(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
     result = runner.invoke(app, ["sample", str(run), "-o", str(tmp_path / "x.txt")])
-    assert result.exit_code != 0 and "write samples to a .npy or .csv file" in result.output
+    assert result.exit_code != 0 and "expected a .npy or .csv file name" in result.output
     assert not (tmp_path / "x.txt").exists()
     weights = next(run.glob("model-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
@@ -285,6 +285,10 @@ BAD_VALUES = [
     (["data.seed=-1"], None, "seed"),
     (None, '[model]\nkind = "cnf"\noptions = { method = "bogus" }\n[data]\nname = "moons"\n', "method"),
     (None, b"\x89PNG\r\n\x1a\n\x00\x00binary", "not a text file"),
+    (["model.options.transforms=true"], None, "transforms"),
+    (["model.options.hidden=[1.5]"], None, "hidden"),
+    (['objective.target="banana"'], None, "target"),  # not read by maximum likelihood
+    (None, '[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "reverse-kl"\n', "[data]"),
 ]
 
 
@@ -346,6 +350,88 @@ def test_output_paths_are_checked_before_anything_is_written(tmp_path: Path) -> 
     result = CliRunner().invoke(app, ["sample", str(run), "-o", str(folder)])
     assert result.exit_code == 2 and "-o" in result.stderr and "folder" in result.stderr
     assert list(folder.iterdir()) == []
+
+
+def test_an_output_under_a_file_or_of_another_kind_is_refused_before_any_work(tmp_path: Path) -> None:
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    under = existing / "inside"
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    policy_config = CONFIGS / "policy" / "mt10.toml"
+    cases = [
+        (["demo", "--out", under, "--steps", "1"], "--out"),
+        (["train", CONFIGS / "nice_moons.toml", "--out", under, *TINY], "--out"),
+        (["sample", run, "-o", under / "s.npy"], "-o"),
+        (["plot", run, "-o", under / "p.png"], "-o"),
+        (["plot", run, "-o", tmp_path / "p.txt"], "-o"),
+        (["data", "collect", "--out", under, "--tasks", "reach-v3"], "--out"),
+        (["policy", "train", policy_config, "--out", under], "--out"),
+        (["policy", "eval", run, "--out", under / "r.json"], "--out"),
+        (["policy", "eval", run, "--out", tmp_path / "r.txt"], "--out"),
+        (["policy", "eval", run, "--video", under], "--video"),
+    ]
+    for args, option in cases:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option} "), (args, lines)
+        assert result.stdout == "" and existing.read_text() == "keep me", args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
+    result = CliRunner().invoke(app, ["plot", str(run), "-o", str(tmp_path / "p.svg")])
+    assert result.exit_code == 0 and (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_eval_refuses_points_the_run_does_not_model(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    np.save(tmp_path / "wide.npy", np.zeros((10, 3), dtype=np.float32))
+    for data, found in ((tmp_path / "wide.npy", "3"), ("iris", "4")):
+        result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"points of shape {found}; this run models points of shape 2" in result.stderr
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", "no-such-set"])
+    assert result.exit_code == 2 and "--data 'no-such-set': neither a file" in result.stderr
+
+
+def test_a_checkpoints_standardisation_is_checked_on_load(tmp_path: Path) -> None:
+    import json
+
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "maf_wine.toml", run).exit_code == 0
+    manifest = json.loads((run / "checkpoint.json").read_text())
+    for change, message in (
+        (lambda stats: stats["std"].__setitem__(0, float("nan")), "finite means and finite scales > 0"),
+        (lambda stats: stats["std"].__setitem__(0, 0.0), "finite means and finite scales > 0"),
+        (lambda stats: stats["mean"].pop(), "has mean [12] and std [13]; the model's points are [13]"),
+    ):
+        changed = json.loads(json.dumps(manifest))
+        change(changed["metadata"]["standardizer"])
+        (run / "checkpoint.json").write_text(json.dumps(changed))
+        result = CliRunner().invoke(app, ["sample", str(run), "-o", str(tmp_path / "s.npy")])
+        assert result.exit_code == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "s.npy").exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(tmp_path / "r"), "--resume", *TINY]
+    )
+    assert result.exit_code == 0, result.output
+    assert "--resume: no checkpoint in" in result.stderr and "training from step 0" in result.stderr
+    result = CliRunner().invoke(
+        app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(tmp_path / "r"), "--resume", *TINY]
+    )
+    assert result.exit_code == 0 and "no checkpoint" not in result.stderr
+
+
+def test_policy_train_says_nothing_before_its_data_is_checked(tmp_path: Path) -> None:
+    config = CONFIGS / "policy" / "mt10.toml"
+    missing = tmp_path / "no-data"
+    result = CliRunner().invoke(
+        app, ["policy", "train", str(config), "--out", str(tmp_path / "p"), "--set", f'data.root="{missing}"']
+    )
+    assert result.exit_code == 2 and result.stdout == "" and str(missing) in result.stderr, result.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_policy_config_values_are_typed(tmp_path: Path) -> None:

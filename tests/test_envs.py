@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -80,3 +81,29 @@ def test_the_core_package_does_not_import_metaworld() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"action_dim": 7}, r"the policy's actions have 7 numbers; reach-v3's have 4"),
+        (
+            {"state_key": "observation.state", "state_dim": 5},
+            r"does not fit reach-v3's observations: observation\['state'\] must be 5 numbers",
+        ),
+    ],
+)
+def test_a_policy_for_another_robot_is_refused_before_the_first_episode(tmp_path, settings: dict, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from flowforge.checkpoint import save_model
+    from flowforge.cli import app
+    from flowforge.policy import ChunkPolicy, PolicyConfig
+
+    save_model(tmp_path / "policy", ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False, **settings)))
+    out = tmp_path / "result.json"
+    args = ["policy", "eval", str(tmp_path / "policy"), "--tasks", "reach-v3", "--episodes", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--no-progress"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and re.search(message, lines[0]), result.output
+    assert not out.exists()

@@ -34,6 +34,23 @@ def test_bad_arguments_are_refused(recipe) -> None:
         recipe(2, hidden=(0,))
 
 
+@pytest.mark.parametrize("recipe", [RealNVP, NICE, MAF, IAF, NSF])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"transforms": True}, r"transforms must be a positive int, got True"),
+        ({"transforms": 2.0}, r"transforms must be a positive int, got 2.0"),
+        ({"hidden": [1.5]}, r"hidden widths must be positive ints, got \[1.5\]"),
+        ({"hidden": []}, r"hidden must be a list of layer widths"),
+        ({"hidden": "64"}, r"hidden must be a list of layer widths"),
+        ({"context": 1.0}, r"context must be an int >= 0, got 1.0"),
+    ],
+)
+def test_option_types_a_config_file_can_give_are_refused(recipe, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        recipe(2, **options)
+
+
 def test_realnvp_structure() -> None:
     flow = RealNVP(4, context=2, transforms=4, hidden=(8,))
     layers = list(flow.transform.transforms)

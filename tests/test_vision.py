@@ -361,7 +361,7 @@ def test_bad_vision_settings_are_refused_naming_them(changes: dict, message: str
         ({"image_encoder": "conv"}, r"image_shape = \[3, 32, 32\]: image_encoder = 'conv' needs at least 36x36"),
     ],
 )
-def test_a_mode_or_camera_the_data_set_lacks_is_refused(changes: dict, message: str) -> None:
+def test_a_mode_or_camera_the_data_set_lacks_is_refused(changes: dict, message: str, tmp_path: Path) -> None:
     from flowforge.runs.policy import prepare_policy
 
     dataset = EpisodeDataset(FIXTURE, obs_horizon=1, action_horizon=4)
@@ -374,7 +374,8 @@ def test_a_mode_or_camera_the_data_set_lacks_is_refused(changes: dict, message: 
         **changes,
     }
     with pytest.raises(ConfigError, match=message):
-        prepare_policy(PolicyConfig(**settings), dataset, progress=False)
+        prepare_policy(PolicyConfig(**settings), dataset, progress=False, frames="cache", cache=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before a frame was decoded or cached
 
 
 def test_the_data_tables_frame_settings_are_checked() -> None:

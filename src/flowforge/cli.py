@@ -9,6 +9,7 @@ number below an option's minimum, too); commands check their inputs before writi
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typer.core import TyperGroup
 
 import flowforge
 from flowforge.config import MAX_SEED
-from flowforge.errors import ConfigError, DataError, FlowforgeError
+from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.utils.progress import progress_enabled
 
 #: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
@@ -149,8 +150,7 @@ def demo(
     models = _demo_models()
     if model not in models:
         raise ConfigError(f"--model: unknown model {model!r}; choose one of {', '.join(models)}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
+    _output_path(out, "--out")
     torch.manual_seed(seed)
     train_data = toy_dataset(dataset, 20_000, seed=seed)
     test_data = toy_dataset(dataset, 10_000, seed=seed + 1)
@@ -171,12 +171,29 @@ def demo(
     typer.echo(f"wrote {figure}")
 
 
-def _run_folder(out: Path | None, config: Path, option: str = "--out") -> Path:
-    """The run folder: ``out`` or ``runs/<config name>``; refused if it exists and is not a folder."""
-    folder = out if out is not None else Path("runs") / config.stem
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{option} {folder}: exists and is not a folder; give a folder for the run")
-    return folder
+def _output_path(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """An output the command will write, checked before any work: a folder (no ``suffixes``) that
+    is not an existing file, or a file with one of ``suffixes`` that is not a folder; either way
+    under a folder that exists (or can be made) and can be written."""
+    if not suffixes and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: exists and is not a folder; give a folder")
+    if suffixes and path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a {' or '.join(suffixes)} file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{option} {path}: expected a {' or '.join(suffixes)} file name")
+    for parent in (path, *path.parents) if not suffixes else path.parents:
+        if parent.exists():  # the nearest folder that exists: the rest is made under it
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{option} {path}: cannot write in {parent}")
+            break
+    return path
+
+
+def _run_folder(out: Path | None, config: Path) -> Path:
+    """The run folder: ``--out`` or ``runs/<config name>``, checked by :func:`_output_path`."""
+    return _output_path(out if out is not None else Path("runs") / config.stem, "--out")
 
 
 @app.command()
@@ -204,6 +221,7 @@ def train(
     if rank != 0:
         runs.train_run(prepared, resume=resume)
         return
+    _tell_if_nothing_to_resume(folder, resume)
     typer.echo(
         f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
         f"into {folder}"
@@ -216,6 +234,13 @@ def train(
     typer.echo(f"wrote {runs.plot_run(run, folder / 'plot.png', held_out)}")
 
 
+def _tell_if_nothing_to_resume(folder: Path, resume: bool) -> None:
+    """``--resume`` into a folder without a checkpoint starts from step 0 (so that a script can
+    always pass it); say so, on stderr."""
+    if resume and not (folder / "checkpoint.json").is_file():
+        typer.echo(f"note: --resume: no checkpoint in {folder} yet; training from step 0", err=True)
+
+
 def _held_out(run, data: str | None) -> torch.Tensor | None:
     """Evaluation points in data units: a file or built-in set given by ``data``, else the run's own test split."""
     from flowforge import runs
@@ -224,9 +249,14 @@ def _held_out(run, data: str | None) -> torch.Tensor | None:
     if data is None:
         return runs.held_out_data(run)
     if Path(data).suffix:
-        return load_table(data, columns=None)
-    config = runs.DataConfig(name=data, standardize=False)
-    return runs.load_data(config).test_units
+        return runs.checked_points(run, load_table(data, columns=None), f"--data {data}")
+    try:
+        config = runs.DataConfig(name=data, standardize=False)
+    except ConfigError as error:
+        raise ConfigError(
+            f"--data {data!r}: neither a file (.csv, .npy, .npz, .parquet) nor a built-in set ({error})"
+        ) from error
+    return runs.checked_points(run, runs.load_data(config).test_units, f"--data {data}")
 
 
 @app.command()
@@ -255,10 +285,7 @@ def sample(
     for digits). A class-conditional run draws the classes in turn (row i is of class i mod K) or --label."""
     from flowforge import runs
 
-    if output.is_dir():
-        raise DataError(f"-o {output}: is a folder; give a .npy or .csv file name")
-    if output.suffix.lower() not in (".npy", ".csv"):
-        raise DataError(f"-o {output}: write samples to a .npy or .csv file")
+    _output_path(output, "-o", (".npy", ".csv"))
     run = runs.load_run(checkpoint)
     classes = runs.run_classes(run)
     if label is not None and not classes:
@@ -295,13 +322,15 @@ def evaluate(
 @app.command()
 def plot(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder written by `flowforge train`.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="PNG file (default <run>/plot.png).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Image file: .png, .pdf or .svg (default <run>/plot.png).")
+    ] = None,
 ) -> None:
     """Plot a run: density and samples (2-D) or sample pairs (more dimensions), and its training curve."""
     from flowforge import runs
 
-    if output is not None and output.is_dir():
-        raise DataError(f"-o {output}: is a folder; give a .png file name")
+    if output is not None:
+        _output_path(output, "-o", (".png", ".pdf", ".svg"))
     run = runs.load_run(checkpoint)
     typer.echo(f"wrote {runs.plot_run(run, output or checkpoint / 'plot.png', _held_out(run, None))}")
 
@@ -359,6 +388,7 @@ def data_collect(
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError(f"--tasks {tasks!r}: name at least one task, e.g. reach-v3,push-v3")
+    _output_path(out, "--out")
     from flowforge.envs.collect import collect
 
     start = time.perf_counter()
@@ -413,19 +443,22 @@ def policy_train(
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Train a policy (flow, hierarchical, mse or ddpm) on an episode data set."""
-    from flowforge.runs.policy import load_policy_config, train_policy
+    from flowforge.runs.policy import load_policy_config, prepare_policy_run
 
     extra = list(overrides or [])
     if progress is not None:
         extra.append(f"train.progress={'true' if progress else 'false'}")
     run = load_policy_config(config, extra)
     directory = _run_folder(out, config)
+    prepared = prepare_policy_run(run, directory)
+    _tell_if_nothing_to_resume(directory, resume)
     typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps into {directory}")
     start = time.perf_counter()
-    policy, tensors = train_policy(run, directory, resume=resume)
-    parameters = sum(p.numel() for p in policy.parameters())
+    prepared.trainer.fit(resume=resume)
+    parameters = sum(p.numel() for p in prepared.policy.parameters())
     typer.echo(
-        f"trained on {len(tensors['action'])} frames, {parameters:,} parameters, {time.perf_counter() - start:.1f} s"
+        f"trained on {len(prepared.tensors['action'])} frames, {parameters:,} parameters, "
+        f"{time.perf_counter() - start:.1f} s"
     )
 
 
@@ -436,7 +469,7 @@ def policy_eval(
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per task (fresh seeds).")] = 10,
     max_steps: Annotated[int, typer.Option(min=1, help="Step limit per episode.")] = 500,
     video: Annotated[Path | None, typer.Option(help="Folder for rollout GIFs (2 per task).")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Override the sampling steps.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Override the sampling steps.")] = None,
     noise_scale: Annotated[
         float | None, typer.Option(min=0.0, help="Flow policies: sampling temperature (initial noise scale).")
     ] = None,
@@ -458,8 +491,10 @@ def policy_eval(
     from flowforge.policy import ChunkExecutor
     from flowforge.runs.policy import load_policy
 
-    if out is not None and out.is_dir():
-        raise ConfigError(f"--out {out}: is a folder; give a .json file name")
+    if out is not None:
+        _output_path(out, "--out", (".json",))
+    if video is not None:
+        _output_path(video, "--video")
     policy = load_policy(checkpoint)
     config = policy.policy_config
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}

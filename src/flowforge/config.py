@@ -187,16 +187,17 @@ def build_dataclass(cls: type[T], values: dict[str, Any], where: str) -> T:
 def parse_config(cls: type[T], text: str, source: str = "config", overrides: list[str] | None = None) -> T:
     """Build the config dataclass ``cls`` (a dataclass whose fields are tables) from TOML text."""
     document = apply_overrides(parse_document(text, source), overrides)
-    return _build_tables(cls, document, source)
+    return build_config(cls, document, source)
 
 
 def read_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Build the config dataclass ``cls`` from a TOML file plus ``table.key=value`` overrides."""
     document = apply_overrides(read_document(path), overrides)
-    return _build_tables(cls, document, str(path))
+    return build_config(cls, document, str(path))
 
 
-def _build_tables(cls: type[T], document: dict[str, Any], source: str) -> T:
+def build_config(cls: type[T], document: dict[str, Any], source: str) -> T:
+    """Build the config dataclass ``cls``, whose fields are tables, from a parsed document."""
     hints = get_type_hints(cls)
     tables = [f.name for f in dataclasses.fields(cls)]
     for name, value in document.items():
@@ -265,6 +266,7 @@ def check_range(
 
 __all__ = [
     "apply_overrides",
+    "build_config",
     "build_dataclass",
     "check_choice",
     "check_range",

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flowforge.envs.episode import run_episode
+from flowforge.errors import ConfigError
 from flowforge.policy import ChunkExecutor, ChunkPolicy
 
 #: Evaluation seeds are EVALUATION_SEED_BASE + 10_007 * task position + episode.
@@ -175,6 +176,25 @@ def _rollout(
     return episode.success, episode.steps, frames, [c.seconds for c in chunks], [c.nfe for c in chunks]
 
 
+def _check_fits(executor: ChunkExecutor, env) -> None:
+    """Refuse, before the first episode, a policy whose actions or observations are not the
+    environment's (a policy trained on another robot's data): :class:`ConfigError` naming both."""
+    config = executor.policy.policy_config
+    action_size = int(np.prod(env.action_space.shape))
+    if config.action_dim != action_size:
+        env.close()
+        raise ConfigError(
+            f"the policy's actions have {config.action_dim} numbers; {env.task}'s have {action_size} "
+            "(MetaWorld: hand x, y, z and gripper): it was trained for another robot"
+        )
+    observation, info = env.reset(seed=0)
+    try:
+        executor.checked_observation({**observation, "instruction": info["instruction"]})
+    except ValueError as error:
+        env.close()
+        raise ConfigError(f"the policy does not fit {env.task}'s observations: {error}") from error
+
+
 def evaluate(
     policy: ChunkPolicy,
     tasks: list[str],
@@ -218,6 +238,8 @@ def evaluate(
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
     for position, task in enumerate(tasks):
         env = MetaWorldEnv(task, image=needs_image, cameras=cameras, size=image_size, max_steps=max_steps)
+        if position == 0:
+            _check_fits(executor, env)
         result = TaskResult(task)
         try:
             for episode in range(episodes):

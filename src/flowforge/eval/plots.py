@@ -76,13 +76,15 @@ def plot_density_2d(
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Lay out and write a matplotlib figure as PNG, atomically (temporary file, then rename)."""
+    """Lay out and write a matplotlib figure, atomically (temporary file, then rename), in the format
+    its suffix names (``.png``, ``.pdf``, ``.svg``; PNG without one)."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
+    kind = path.suffix.lower().lstrip(".") or "png"
+    tmp = path.with_name(f"{path.name}.tmp.{kind}")
     try:
-        fig.savefig(tmp)
+        fig.savefig(tmp, format=kind)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

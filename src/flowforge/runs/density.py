@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 
 from flowforge import registry
 from flowforge.checkpoint import load_model, read_manifest, write_atomic
-from flowforge.config import build_dataclass, check_choice, check_range, read_config
+from flowforge.config import apply_overrides, build_config, build_dataclass, check_choice, check_range, read_document
 from flowforge.data import DIGIT_LEVELS, TARGETS, Standardizer, target
 from flowforge.errors import CheckpointError, ConfigError, DataError, FlowforgeError
 from flowforge.eval.image_quality import (
@@ -210,9 +211,35 @@ class RunConfig:
         return "flow-matching" if self.model.kind in MATCHING_MODELS else "maximum-likelihood"
 
 
+#: The ``[objective]`` keys each objective reads (besides ``kind``).
+OBJECTIVE_KEYS = {
+    "maximum-likelihood": (),
+    "flow-matching": (),
+    "negative-elbo": (),
+    "reverse-kl": ("target", "samples"),
+    "adversarial": ("ml_weight", "adversarial_weight"),
+}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read and check a run config file (plus ``table.key=value`` overrides)."""
-    return read_config(RunConfig, path, overrides)
+    """Read and check a run config file (plus ``table.key=value`` overrides). Settings the run
+    would not read are refused too: ``[objective]`` keys of another objective, a ``[data]`` table
+    for reverse KL (which trains on its target's density)."""
+    document = apply_overrides(read_document(path), overrides)
+    config = build_config(RunConfig, document, str(path))
+    kind = config.objective_kind()
+    unused = sorted(set(document.get("objective", {})) - {"kind", *OBJECTIVE_KEYS[kind]})
+    if unused:
+        used = ", ".join(OBJECTIVE_KEYS[kind]) or "none besides kind"
+        raise ConfigError(
+            f"{path}: [objective] {', '.join(unused)}: not read by the {kind!r} objective (its keys: {used})"
+        )
+    if kind == "reverse-kl" and document.get("data"):
+        raise ConfigError(
+            f"{path}: [data] {', '.join(document['data'])}: a reverse-KL run trains on its target's density "
+            f"({config.objective.target!r}), not on data; remove the [data] table"
+        )
+    return config
 
 
 # ---------------------------------------------------------------- models
@@ -441,7 +468,23 @@ def load_run(directory: str | Path) -> Run:
     except (ConfigError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory}: the run config inside does not load ({error}); retrain the run") from error
     model = load_model(directory).eval()
+    if standardizer is not None:
+        _check_standardizer(standardizer, tuple(model.event_shape), directory)
     return Run(config, model, standardizer, directory)
+
+
+def _check_standardizer(standardizer: Standardizer, event_shape: tuple[int, ...], directory: Path) -> None:
+    """A checkpoint's standardisation: one finite mean and positive, finite scale per feature."""
+    mean, std = standardizer.mean, standardizer.std
+    where = f"{directory / 'checkpoint.json'}: metadata.standardizer"
+    if tuple(mean.shape) != event_shape or tuple(std.shape) != event_shape:
+        raise CheckpointError(
+            f"{where} has mean {list(mean.shape)} and std {list(std.shape)}; the model's points are {list(event_shape)}"
+        )
+    if not (mean.is_floating_point() and std.is_floating_point()):
+        raise CheckpointError(f"{where}: mean and std must be numbers")
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise CheckpointError(f"{where}: expected finite means and finite scales > 0 (NaN, inf or 0 found)")
 
 
 # ---------------------------------------------------------------- sampling and densities
@@ -545,6 +588,23 @@ def held_out_data(run: Run) -> Tensor | None:
     if run.reverse_kl:
         return None
     return load_data(run.config.data).test_units
+
+
+def checked_points(run: Run, x: Tensor, source: str) -> Tensor:
+    """Points from ``source`` (a file or data set a user named) checked against what the run models:
+    ``(N, *event_shape)``, or flat rows of as many numbers for an image run (reshaped). Raises
+    :class:`DataError` naming ``source``, the shape found and the one expected."""
+    if run.reverse_kl:
+        raise DataError(f"{source}: a reverse-KL run is scored against its target density, not data")
+    expected = tuple(run.model.event_shape)
+    size = math.prod(expected)
+    if x.ndim == 2 and len(expected) > 1 and x.shape[1] == size:
+        x = x.reshape(len(x), *expected)
+    if tuple(x.shape[1:]) != expected:
+        found = "x".join(str(d) for d in x.shape[1:]) or "scalars"
+        wanted = "x".join(str(d) for d in expected)
+        raise DataError(f"{source}: points of shape {found}; this run models points of shape {wanted}")
+    return x
 
 
 # ---------------------------------------------------------------- the digits classifier

@@ -194,6 +194,12 @@ def prepare_policy(
         first = dataset.camera_keys[0]
         if first.startswith(CAMERA_PREFIX):  # record the camera's name: evaluation renders that one
             config = dataclasses.replace(config, cameras=[first.removeprefix(CAMERA_PREFIX)])
+    if config.image_shape is not None:
+        # The data's image size, from its metadata: checked against the encoder (PolicyConfig's
+        # own check, on replace) before a frame is decoded or cached.
+        feature = dataset.features[camera_features(dataset, config.cameras)[0]]
+        height, width, channels = image_shape_of(feature)
+        config = dataclasses.replace(config, image_shape=[channels, height, width])
     if frames == "tensors":
         data, instructions = policy_tensors(dataset, progress=progress, config=config)
         tensors = data
@@ -204,14 +210,7 @@ def prepare_policy(
         tensors = data.tensors
     state_dim = int(tensors["state"].shape[-1])
     action_dim = int(tensors["action"].shape[-1])
-    image_shape = None
-    if config.image_shape is not None:
-        feature = dataset.features[camera_features(dataset, config.cameras)[0]]
-        height, width, channels = image_shape_of(feature)
-        image_shape = [channels, height, width]
-    config = dataclasses.replace(
-        config, state_dim=state_dim, action_dim=action_dim, image_shape=image_shape, instructions=instructions
-    )
+    config = dataclasses.replace(config, state_dim=state_dim, action_dim=action_dim, instructions=instructions)
     policy = build_policy(config)
     policy.set_statistics(dataset.stats)
     policy.set_instruction_embeddings()
@@ -232,11 +231,25 @@ def _sample_frames(data: dict[str, torch.Tensor] | PolicyWindows, key: str, coun
     return images[index]
 
 
-def train_policy(
-    config: PolicyRunConfig, directory: str | Path, resume: bool = False
-) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
-    """Train the run's policy into ``directory`` (checkpoint and metrics); returns it and its
-    training tensors (without the camera frames when they are read per batch)."""
+@dataclass
+class PreparedPolicyRun:
+    """A policy run built and checked against its data, nothing written yet: the policy, its
+    training data (tensors, or windows that read the camera frames per batch) and the trainer."""
+
+    policy: ChunkPolicy
+    data: dict[str, torch.Tensor] | PolicyWindows
+    trainer: Trainer
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The training tensors (without the camera frames when they are read per batch)."""
+        return self.data.tensors if isinstance(self.data, PolicyWindows) else self.data
+
+
+def prepare_policy_run(config: PolicyRunConfig, directory: str | Path) -> PreparedPolicyRun:
+    """Read the run's data set and build its policy, objective and trainer; every refusal (a
+    missing teacher, a feature or camera the data lacks) comes before anything is written (a frame
+    cache, ``frames = "cache"``, aside: that is made here, once the config has passed)."""
     teacher_folder = config.distill.teacher
     if teacher_folder and not (Path(teacher_folder) / "checkpoint.json").is_file():  # before the data is read
         raise ConfigError(f"[distill] teacher = {teacher_folder!r}: no trained policy there (no checkpoint.json)")
@@ -261,8 +274,17 @@ def train_policy(
         metadata=metadata,
         workers=config.data.workers,
     )
-    trainer.fit(resume=resume)
-    return policy, data.tensors if isinstance(data, PolicyWindows) else data
+    return PreparedPolicyRun(policy, data, trainer)
+
+
+def train_policy(
+    config: PolicyRunConfig, directory: str | Path, resume: bool = False
+) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
+    """Train the run's policy into ``directory`` (checkpoint and metrics); returns it and its
+    training tensors (without the camera frames when they are read per batch)."""
+    prepared = prepare_policy_run(config, directory)
+    prepared.trainer.fit(resume=resume)
+    return prepared.policy, prepared.tensors
 
 
 def _teacher_of(student: ChunkPolicy, folder: str) -> ChunkPolicy:
