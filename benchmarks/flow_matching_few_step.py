@@ -45,7 +45,9 @@ Each model draws ``--samples`` (5,000) points with Euler at NFE 1, 2, 4 and 10 (
 is told its step size, MeanFlow its span; a consistency model takes k multistep evaluations), and
 the exact 2-Wasserstein distance (POT's ``ot.emd2``, squared Euclidean cost, uniform weights) to
 5,000 held-out points is recorded, with the straightness of each flow
-(``flowforge.matching.straightness``, normalised, 100 Euler steps).
+(``flowforge.matching.straightness``, normalised, 100 Euler steps). With ``--sample-draws K`` each
+W2 is the mean over K independent sample draws (their spread is printed and kept in the JSON),
+for checks where both sides sit near the metric's floor.
 
 **Speed.** With the same network (the ``ot-cfm`` configuration):
 
@@ -132,6 +134,7 @@ SAMPLING_SPEEDUP_GOAL = 2.0  # flow_matching time / flowforge time at batch 16
 RESULTS = Path(__file__).resolve().parent / "results" / "flow_matching_few_step.json"
 FLOOR_DRAWS = 3
 FLOOR_SEED_OFFSET = 20_000  # fresh draws, apart from the training and held-out seeds
+SAMPLE_SEED_STRIDE = 1_000  # a model's sample draw d at NFE k is seeded with seed + k + 1000 d
 
 
 def velocity_net(args: argparse.Namespace, step_input: bool = False) -> VelocityMLP:
@@ -150,9 +153,10 @@ class QualityResult:
     dataset: str
     model: str
     parameters: int
-    w2: dict[int, float]  # NFE -> W2
+    w2: dict[int, float]  # NFE -> W2 (the mean over --sample-draws draws)
     straightness: float
     train_s: float
+    w2_draws: dict[int, list[float]] | None = None  # NFE -> W2 of each draw
 
 
 def train_matcher(matcher: FlowMatcher, data: Tensor, args: argparse.Namespace, seed: int) -> float:
@@ -233,10 +237,14 @@ def quality(dataset: str, args: argparse.Namespace) -> list[QualityResult]:
                 matcher = FlowMatcher(velocity_net(args), coupling=coupling)
             seconds = train_matcher(matcher, train_x, args, args.seed)
         trained[name] = matcher
-        w2 = {}
+        draws: dict[int, list[float]] = {}
         for nfe in args.nfe:
-            torch.manual_seed(args.seed + nfe)
-            w2[nfe] = wasserstein2(matcher.sample(args.samples, steps=nfe, method="euler"), reference)
+            draws[nfe] = []
+            for draw in range(args.sample_draws):  # draw 0 has the seed single-draw runs used
+                torch.manual_seed(args.seed + nfe + SAMPLE_SEED_STRIDE * draw)
+                samples = matcher.sample(args.samples, steps=nfe, method="euler")
+                draws[nfe].append(wasserstein2(samples, reference))
+        w2 = {nfe: statistics.fmean(values) for nfe, values in draws.items()}
         torch.manual_seed(args.seed)
         # A consistency model has no ODE field to measure; MeanFlow's is its instantaneous one.
         straight = (
@@ -244,14 +252,19 @@ def quality(dataset: str, args: argparse.Namespace) -> list[QualityResult]:
             if isinstance(matcher, ConsistencyMatcher)
             else straightness(matcher, n=2048, steps=100, normalized=True)
         )
-        results.append(QualityResult(dataset, name, parameter_count(matcher), w2, straight, seconds))
+        results.append(QualityResult(dataset, name, parameter_count(matcher), w2, straight, seconds, draws))
         print(
             f"  {dataset} {name:<8} W2 "
-            + ", ".join(f"NFE {k}: {v:.4f}" for k, v in w2.items())
+            + ", ".join(f"NFE {k}: {v:.4f}{_spread(draws[k])}" for k, v in w2.items())
             + f"; straightness {straight:.4f} ({seconds:.0f} s training)",
             flush=True,
         )
     return results
+
+
+def _spread(values: list[float]) -> str:
+    """`` +- sd`` of several draws' W2 (nothing for one draw)."""
+    return f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else ""
 
 
 def data_floor(dataset: str, args: argparse.Namespace) -> list[float]:
@@ -364,6 +377,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reflow-pairs", type=int, default=20_000, help="pairs generated for reflow")
     parser.add_argument("--samples", type=int, default=5000, help="samples per W2 estimate (default 5000)")
     parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 10], help="NFEs to evaluate")
+    parser.add_argument(
+        "--sample-draws",
+        type=int,
+        default=1,
+        help="independent sample draws per model and NFE; W2 is their mean (default 1)",
+    )
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per measurement (default 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -374,6 +393,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="re-report the quality results of a previous run's JSON instead of training (speed measured anew)",
     )
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON written (default {RESULTS.name})")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train")
     parser.add_argument(
         "--shortcut-halvings", type=int, default=2, help="shortcut model: smallest step 2**-M (default 2)"
@@ -409,6 +429,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.distillation_intervals < 1:
         parser.error(f"--distillation-intervals {args.distillation_intervals}: need an integer >= 1")
+    if args.sample_draws < 1:
+        parser.error(f"--sample-draws {args.sample_draws}: need an integer >= 1")
     return args
 
 
@@ -424,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quality_from is not None:  # a previous run's trained-model results, re-reported
         for row in json.loads(args.quality_from.read_text())["quality"]:
             row["w2"] = {int(k): v for k, v in row["w2"].items()}
+            if row.get("w2_draws") is not None:
+                row["w2_draws"] = {int(k): v for k, v in row["w2_draws"].items()}
             quality_results.append(QualityResult(**row))
     elif not args.skip_quality:
         for dataset in args.datasets:
@@ -527,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     payload = {
         "config": {
-            **vars(args),
+            **{key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
             "time_embedding": TIME_EMBEDDING,
             "lr": LR,
             "torch": torch.__version__,
@@ -541,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "checks": checks,
         "total_wall_s": total,
     }
-    write_results(RESULTS, payload)
+    write_results(args.results, payload)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,13 @@ def test_bad_execution_settings_are_refused() -> None:
         ChunkExecutor(policy, temporal_ensemble=0.1, execution="async", delay=2)
     with pytest.raises(ValueError, match="cannot be guided"):
         ChunkExecutor(_policy("ddpm"), execution="rtc", delay=2)
+    with pytest.raises(ValueError, match="temporal_ensemble must be a finite number >= 0 or None, got True"):
+        ChunkExecutor(policy, temporal_ensemble=True)
+    for value in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="max_guidance must be a finite number >= 0"):
+            ChunkExecutor(policy, execution="rtc", delay=1, max_guidance=value)
+    with pytest.raises(ValueError, match="or 'real'"):
+        ChunkExecutor(policy, execution="async", delay="fast")
 
 
 def test_training_time_rtc_gives_the_prefix_time_one_and_no_loss() -> None:

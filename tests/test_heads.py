@@ -328,6 +328,16 @@ def test_log_prob_is_for_flow_heads_and_checks_its_chunks() -> None:
         _policy("flow").log_prob({**batch, "action": batch["action"][:, :4]})
     with pytest.raises(ValueError, match="trace"):
         _policy("flow").log_prob(batch, trace="sometimes")
+    with pytest.raises(
+        ValueError, match=r"velocity field \(policy.kind = 'flow', 'shortcut', 'meanflow', 'consistency'"
+    ):
+        _policy("mse").log_prob(batch)
+    policy = _policy("flow").eval()
+    unpadded = {key: value for key, value in batch.items() if key != "action_is_pad"}
+    torch.testing.assert_close(  # chunks are scored whole: the padding mask is not read
+        policy.log_prob(batch, method="rk4", steps=2, trace="exact"),
+        policy.log_prob(unpadded, method="rk4", steps=2, trace="exact"),
+    )
 
 
 def test_few_step_heads_tell_the_expert_their_step() -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flowforge.flows import CNF, Dequantized, RealNVP
-from flowforge.matching import FlowMatcher, ShortcutMatcher
+from flowforge.matching import ConsistencyMatcher, FlowMatcher, LinearPath, ShortcutMatcher
 from flowforge.nn import VelocityMLP
 from flowforge.transforms.continuous import ContinuousFlowTransform
 
@@ -302,3 +302,134 @@ def test_fixed_step_sampling_still_works_with_checks() -> None:
     matcher = _matcher()
     assert math.isfinite(float(matcher.sample(3, steps=2, method="rk4").sum()))
     assert matcher.sample(3, steps=1, method="dopri5", atol=1e-3, rtol=1e-3).shape == (3, 2)
+
+
+# ------------------------------------------------------------------ the newer families' arguments
+def _net(**options) -> VelocityMLP:
+    return VelocityMLP(2, hidden=(8,), time_embedding=4, **options)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: FlowMatcher(_net(), context=3), ValueError, "context = 3: the velocity network takes a context of 0"),
+        (lambda: FlowMatcher(_net(), context=True), ValueError, "context must be an int >= 0"),
+        (lambda: FlowMatcher(_net(), event_shape=3), ValueError, "event_shape = 3: the velocity network's features"),
+        (lambda: FlowMatcher(_net(), event_shape=2.5), ValueError, "event shape must be a positive int"),
+        (lambda: FlowMatcher(_net(), path="linear"), TypeError, "path must be a AffinePath"),
+        (lambda: FlowMatcher(_net(), coupling="ot"), TypeError, "coupling must be a Coupling"),
+        (lambda: FlowMatcher("net"), TypeError, "velocity must be a Module"),
+        (lambda: FlowMatcher(_net(), context_dropout="0.1"), TypeError, "context_dropout must be a finite number"),
+        (
+            lambda: ShortcutMatcher(_net(step_input=True), max_halvings=21),
+            ValueError,
+            "max_halvings must be an int in 1..20",
+        ),
+        (
+            lambda: ShortcutMatcher(_net(step_input=True), self_consistency_fraction="0.5"),
+            TypeError,
+            "self_consistency_fraction must be a finite number",
+        ),
+        (
+            lambda: ConsistencyMatcher(_net(), initial_intervals=10, final_intervals=15),
+            ValueError,
+            "final_intervals (15) must be initial_intervals (10) times a power of two",
+        ),
+        (
+            lambda: ConsistencyMatcher(_net(), path=LinearPath(0.1)),
+            ValueError,
+            "a consistency model uses the linear path with sigma_min = 0",
+        ),
+    ],
+)
+def test_matcher_constructors_refuse_what_would_misbehave_later(build, error: type, message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        build()
+
+
+def test_guidance_on_an_unconditional_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="guidance needs a conditional model"):
+        _matcher().sample(2, steps=2, guidance_scale=2.0)
+
+
+def test_distillation_refuses_a_teacher_of_another_condition_or_dtype() -> None:
+    student = ConsistencyMatcher(_net())
+    with pytest.raises(ValueError, match="the teacher takes a context of 3, this model 0"):
+        student.distillation_loss(torch.randn(4, 2), FlowMatcher(_net(context=3)))
+    with pytest.raises(ValueError, match=r"the teacher is torch\.float64, this model torch\.float32"):
+        student.distillation_loss(torch.randn(4, 2), FlowMatcher(_net()).double())
+
+
+def test_vae_latent_inputs_are_checked() -> None:
+    from flowforge.flows import VAE
+
+    vae = VAE(4, 2, hidden=(8,), likelihood="gaussian")
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=re.escape("z must have shape (..., 2), got (3, 5)")):
+        vae.prior_log_prob(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="z must be finite"):
+        vae.prior_log_prob(torch.full((3, 2), NAN))
+    with pytest.raises(ValueError, match="z must be finite"):
+        vae.log_likelihood(x, torch.full((1, 3, 2), NAN))
+    with pytest.raises(TypeError, match="z must be a floating-point tensor"):
+        vae.log_likelihood(x, torch.zeros(1, 3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="eps contains NaN or inf"):
+        vae.posterior(x, torch.full((1, 3, 2), NAN))
+    assert vae.prior_log_prob(torch.zeros(5, 3, 2)).shape == (5, 3)
+
+
+def test_quality_against_nfe_checks_its_arguments_before_sampling() -> None:
+    from flowforge.eval.metrics import quality_against_nfe
+
+    model = _matcher()
+    calls = []
+
+    def metric(samples: torch.Tensor) -> float:
+        calls.append(1)
+        return 0.0
+
+    for options, message in (
+        ({"steps": 4}, "steps must be a list of step counts"),
+        ({"steps": (1, 2.5)}, "steps must hold positive ints"),
+        ({"adaptive": "foo"}, "adaptive = 'foo' is not one of dopri5"),
+        ({"seed": 2**70}, "seed = "),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quality_against_nfe(model, metric, 8, **options)
+    assert calls == []  # refused before the first point was drawn
+    with pytest.raises(FloatingPointError, match="metric gave nan"):
+        quality_against_nfe(model, lambda samples: NAN, 8, steps=(1,), adaptive=None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"features": (1, 8, 8.7)}, "features must be an image shape (C, H, W) of positive ints"),
+        ({"channel_multipliers": (1, 1.5)}, "channel_multipliers must be one or more positive ints"),
+        ({"context": True}, "context must be an int >= 0, got True"),
+        ({"blocks": 1.5}, "blocks must be an int >= 1, got 1.5"),
+        ({"time_embedding": 2.0}, "time_embedding must be an int >= 0, got 2.0"),
+        ({"attention": "no"}, "attention must be true or false, got 'no'"),
+        ({"step_input": "yes"}, "step_input must be true or false, got 'yes'"),
+    ],
+)
+def test_unet_constructor_refuses_values_it_would_round_or_reinterpret(options: dict, message: str) -> None:
+    from flowforge.nn import UNetVelocity
+
+    settings = {"features": (1, 8, 8), "channels": 8, "groups": 4, **options}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        UNetVelocity(**settings)
+
+
+def test_unet_forward_casts_x_and_checks_t_and_step() -> None:
+    from flowforge.nn import UNetVelocity
+
+    net = UNetVelocity((1, 8, 8), channels=8, groups=4, step_input=True)
+    x = torch.randn(2, 1, 8, 8)
+    assert net(x.double(), torch.rand(2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="t must be a tensor of shape"):
+        net(x, 0.5)
+    with pytest.raises(ValueError, match=re.escape("step must have shape () or (2,), got (3,)")):
+        net(x, torch.rand(2), step=torch.rand(3))
+    with pytest.raises(ValueError, match="step must be a finite step size >= 0"):
+        net(x, torch.rand(2), step=NAN)

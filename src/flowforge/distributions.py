@@ -25,10 +25,10 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def _event_shape(shape: int | Sequence[int]) -> torch.Size:
-    size = torch.Size((shape,) if isinstance(shape, int) else tuple(shape))
-    if len(size) == 0 or any(s < 1 for s in size):
+    dims = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, Sequence | torch.Size) else ()
+    if not dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in dims):
         raise ValueError(f"event shape must be a positive int or a tuple of positive ints, got {shape!r}")
-    return size
+    return torch.Size(dims)
 
 
 class BaseDistribution(nn.Module, ABC):

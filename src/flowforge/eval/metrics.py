@@ -220,16 +220,29 @@ def quality_against_nfe(
     model without fixed steps (a :class:`~flowforge.flows.CNF`) gives its one adaptive point,
     sampled with the method it was built with. Each point draws with the same ``seed``.
     """
+    from flowforge.config import check_seed
     from flowforge.matching import ConsistencyMatcher, FlowMatcher  # models sit below eval
+    from flowforge.ode import ADAPTIVE_METHODS
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
+        raise ValueError(f"steps must be a list of step counts, e.g. (1, 2, 4, 8, 16), got {steps!r}")
+    for k in steps:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"steps must hold positive ints, got {list(steps)!r}")
+    if adaptive is not None and adaptive not in ADAPTIVE_METHODS:
+        raise ValueError(f"adaptive = {adaptive!r} is not one of {', '.join(ADAPTIVE_METHODS)} (or None)")
+    check_seed("seed", seed)
     points = []
 
     def measure(label: str, draw: Callable[[], Tensor]) -> None:
         torch.manual_seed(seed)
         samples = draw()
-        points.append(NFEPoint(label, int(model.last_nfe), float(metric(samples))))
+        value = float(metric(samples))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"metric gave {value} for the samples at {label}: expected a finite number")
+        points.append(NFEPoint(label, int(model.last_nfe), value))
 
     if isinstance(model, FlowMatcher):
         for k in steps:

@@ -113,7 +113,15 @@ from flowforge.transforms import (
     Transform,
 )
 from flowforge.transforms.elementwise import soft_clamp
-from flowforge.validation import check_batched, check_choice, check_count, check_sample_count, describe_shape
+from flowforge.validation import (
+    check_batched,
+    check_choice,
+    check_count,
+    check_floating,
+    check_sample_count,
+    describe_shape,
+    finite_checks_enabled,
+)
 
 POSTERIORS = ("gaussian", "iaf", "maf", "coupling", "spline")
 PRIORS = ("gaussian", "maf", "realnvp", "nsf")
@@ -141,6 +149,15 @@ def _check_widths(name: str, value: object) -> tuple[int, ...]:
     if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
         raise ValueError(f"{name} must be a sequence of positive ints (may be empty), got {value!r}")
     return widths
+
+
+def _check_latents(z: object, latent: int) -> None:
+    """Latent codes given by a caller: a floating-point tensor ``(..., latent)`` of finite numbers."""
+    if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[-1] != latent:
+        raise ValueError(f"z must have shape (..., {latent}), got {tuple(getattr(z, 'shape', ())) or type(z).__name__}")
+    check_floating("z", z)
+    if finite_checks_enabled() and not bool(torch.isfinite(z).all()):
+        raise ValueError("z must be finite (NaN or inf found)")
 
 
 @register("vae")
@@ -334,7 +351,7 @@ class VAE(Rebuildable, nn.Module):
                 f"eps must have shape (n, {mu.shape[0]}, {self.latent}) for x of batch {mu.shape[0]}, "
                 f"got {tuple(getattr(eps, 'shape', ()))}"
             )
-        check_batched("eps", eps, tuple(mu.shape))  # floating point
+        check_batched("eps", eps, tuple(mu.shape), finite=True)  # floating point, no NaN or inf
         return self._push(eps.to(mu.dtype), mu, log_sigma, h)
 
     def sample_posterior(self, x: Tensor, n: int = 1) -> tuple[Tensor, Tensor]:
@@ -347,6 +364,10 @@ class VAE(Rebuildable, nn.Module):
     # ---------------------------------------------------------------- prior and decoder
     def prior_log_prob(self, z: Tensor) -> Tensor:
         r""":math:`\log p(z)` for ``z`` of shape ``(..., latent)``; returns shape ``(...)``."""
+        _check_latents(z, self.latent)
+        return self._prior_log_prob(z)
+
+    def _prior_log_prob(self, z: Tensor) -> Tensor:
         if self.prior is None:
             return (-0.5 * z.square() - 0.5 * _LOG_2PI).sum(-1)
         return self.prior.log_prob(z.reshape(-1, self.latent)).reshape(z.shape[:-1])
@@ -389,6 +410,7 @@ class VAE(Rebuildable, nn.Module):
                 f"z must have shape (..., {x.shape[0]}, {self.latent}) for x of batch {x.shape[0]}, "
                 f"got {tuple(getattr(z, 'shape', ()))}"
             )
+        _check_latents(z, self.latent)
         return self._log_likelihood(x, z.to(self._dtype()))
 
     # ---------------------------------------------------------------- bounds
@@ -415,7 +437,7 @@ class VAE(Rebuildable, nn.Module):
         parts = []
         for eps in noise.split(per_pass):
             z, log_q = self._push(eps, mu, log_sigma, h)
-            parts.append(self._log_likelihood(x, z) + self.prior_log_prob(z) - log_q)
+            parts.append(self._log_likelihood(x, z) + self._prior_log_prob(z) - log_q)
         return torch.cat(parts, dim=0)
 
     def elbo(self, x: Tensor, samples: int = 1) -> Tensor:

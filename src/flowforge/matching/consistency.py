@@ -121,13 +121,17 @@ class ConsistencyMatcher(FlowMatcher):
         **matcher_options: Any,
     ) -> None:
         super().__init__(velocity, *args, **matcher_options)
-        if type(self.path) is not LinearPath:
-            raise ValueError(f"a consistency model uses the linear path; got path={self.path!r}")
+        if type(self.path) is not LinearPath or self.path.sigma_min != 0:
+            raise ValueError(f"a consistency model uses the linear path with sigma_min = 0; got path={self.path!r}")
         self.total_steps = check_count("total_steps", total_steps)
         self.initial_intervals = check_count("initial_intervals", initial_intervals)
         self.final_intervals = check_count("final_intervals", final_intervals)
-        if self.final_intervals < self.initial_intervals:
-            raise ValueError(f"final_intervals ({final_intervals}) must be >= initial_intervals ({initial_intervals})")
+        ratio, rest = divmod(self.final_intervals, self.initial_intervals)
+        if rest or ratio & (ratio - 1):  # the curriculum doubles N in equal stages: a power of two apart
+            raise ValueError(
+                f"final_intervals ({final_intervals}) must be initial_intervals ({initial_intervals}) times a power "
+                "of two (the curriculum doubles the intervals, e.g. 10 and 1280)"
+            )
         self.sigma_min = check_real("sigma_min", sigma_min, positive=True)
         self.sigma_max = check_real("sigma_max", sigma_max, positive=True)
         if self.sigma_max <= self.sigma_min:
@@ -241,6 +245,15 @@ class ConsistencyMatcher(FlowMatcher):
         x1, context, x0, _ = self._loss_inputs(x1, context, x0, None)
         if tuple(teacher.event_shape) != self.event_shape:
             raise ValueError(f"the teacher's event shape {teacher.event_shape} is not this model's {self.event_shape}")
+        if teacher.context_features != self.context_features:
+            raise ValueError(
+                f"the teacher takes a context of {teacher.context_features}, this model {self.context_features}: "
+                "distil from a teacher with the same condition"
+            )
+        if model_dtype(teacher) != model_dtype(self):
+            raise ValueError(
+                f"the teacher is {model_dtype(teacher)}, this model {model_dtype(self)}: cast one to the other's dtype"
+            )
         teacher_context = context
         context = self._drop_context(context)
         early, late = self._pair_times(x1.shape[0], self.distillation_intervals, x1, weighted=False)

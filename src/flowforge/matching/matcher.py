@@ -203,17 +203,37 @@ class FlowMatcher(Rebuildable, nn.Module):
         context_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        for name, value, kind in (
+            ("velocity", velocity, nn.Module),
+            ("path", path, AffinePath),
+            ("coupling", coupling, Coupling),
+            ("time_sampler", time_sampler, TimeSampler),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__} (an object, not a name), got {value!r}")
         self.velocity = velocity
         self.path = path if path is not None else LinearPath()
         self.coupling = coupling if coupling is not None else IndependentCoupling()
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
+        net_features = getattr(velocity, "features", None)
         if event_shape is None:
-            event_shape = getattr(velocity, "features", None)
+            event_shape = net_features
             if event_shape is None:
                 raise ValueError("give event_shape: the velocity network has no `features` attribute to infer it from")
         self.base = StandardNormal(event_shape)
         self.event_shape = tuple(self.base.event_shape)
-        self.context_features = int(context if context is not None else getattr(velocity, "context_features", 0))
+        if net_features is not None and tuple(StandardNormal(net_features).event_shape) != self.event_shape:
+            raise ValueError(f"event_shape = {event_shape!r}: the velocity network's features are {net_features!r}")
+        net_context = getattr(velocity, "context_features", None)
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 0):
+            raise ValueError(f"context must be an int >= 0 (the context vector's size), got {context!r}")
+        if context is not None and net_context is not None and context != net_context:
+            raise ValueError(
+                f"context = {context}: the velocity network takes a context of {net_context} "
+                "(build the network with that context size)"
+            )
+        self.context_features = int(context if context is not None else (net_context or 0))
+        context_dropout = check_real("context_dropout", context_dropout)
         if not 0.0 <= context_dropout < 1.0:
             raise ValueError(f"context_dropout must be in [0, 1), got {context_dropout}")
         if context_dropout and not self.context_features:
@@ -247,6 +267,8 @@ class FlowMatcher(Rebuildable, nn.Module):
 
     def _check_guidance(self, guidance_scale: object, context: Tensor | None) -> float | None:
         guidance_scale = check_real("guidance_scale", guidance_scale, optional=True)
+        if guidance_scale is not None and not self.context_features:
+            raise ValueError(f"guidance_scale = {guidance_scale}: guidance needs a conditional model; pass None")
         if guidance_scale is not None and context is not None and self.null_context is None:
             raise ValueError(
                 "guidance needs a model trained with context_dropout > 0 (it learns the null context); got "

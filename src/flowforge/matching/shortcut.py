@@ -31,7 +31,10 @@ from torch import Tensor, nn
 from flowforge.matching.functional import flow_matching_loss, shortcut_loss, shortcut_step
 from flowforge.matching.matcher import _METHODS, FlowMatcher, _SamplingField
 from flowforge.registry import register
-from flowforge.validation import check_choice, check_count
+from flowforge.validation import check_choice, check_count, check_real
+
+#: The largest ``max_halvings``: the smallest step, 2**-20, is still resolved by float32 times.
+MAX_HALVINGS = 20
 
 
 @register("shortcut")
@@ -63,10 +66,11 @@ class ShortcutMatcher(FlowMatcher):
         **matcher_options: Any,
     ) -> None:
         super().__init__(velocity, *args, **matcher_options)
+        self_consistency_fraction = check_real("self_consistency_fraction", self_consistency_fraction)
         if not 0.0 < self_consistency_fraction < 1.0:
             raise ValueError(f"self_consistency_fraction must be in (0, 1), got {self_consistency_fraction}")
-        if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or max_halvings < 1:
-            raise ValueError(f"max_halvings must be an int >= 1, got {max_halvings!r}")
+        if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or not 1 <= max_halvings <= MAX_HALVINGS:
+            raise ValueError(f"max_halvings must be an int in 1..{MAX_HALVINGS}, got {max_halvings!r}")
         self.self_consistency_fraction = float(self_consistency_fraction)
         self.max_halvings = int(max_halvings)
 

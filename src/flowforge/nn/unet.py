@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from flowforge.nn.velocity import _TimeInputs
 from flowforge.registry import register
-from flowforge.validation import check_batched, describe_shape
+from flowforge.validation import check_batched, check_real, describe_shape, model_dtype
 
 
 class _ResidualConvBlock(nn.Module):
@@ -104,6 +104,11 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _is_int(value: object, low: int) -> bool:
+    """A Python int (bools excluded) >= ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 @register("unet", "velocity")
 class UNetVelocity(nn.Module):
     r"""A U-Net velocity field on (C, H, W) images, conditioned on time, a context and (optionally) a step size.
@@ -152,24 +157,31 @@ class UNetVelocity(nn.Module):
         step_input: bool = False,
     ) -> None:
         super().__init__()
-        shape = (
-            tuple(int(s) for s in features) if isinstance(features, Sequence) and not isinstance(features, str) else ()
-        )
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"features must be an image shape (C, H, W) of positive sizes, got {features!r}")
-        multipliers = tuple(int(m) for m in channel_multipliers)
-        if not multipliers or min(multipliers) < 1:
+        shape = tuple(features) if isinstance(features, Sequence) and not isinstance(features, str) else ()
+        if len(shape) != 3 or not all(_is_int(s, 1) for s in shape):
+            raise ValueError(f"features must be an image shape (C, H, W) of positive ints, got {features!r}")
+        multipliers = tuple(channel_multipliers) if isinstance(channel_multipliers, Sequence) else ()
+        if not multipliers or not all(_is_int(m, 1) for m in multipliers):
             raise ValueError(f"channel_multipliers must be one or more positive ints, got {channel_multipliers!r}")
+        for name, value, low in (
+            ("context", context, 0),
+            ("channels", channels, 1),
+            ("blocks", blocks, 1),
+            ("heads", heads, 1),
+            ("groups", groups, 1),
+            ("time_embedding", time_embedding, 0),
+        ):
+            if not _is_int(value, low):
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        for name, value in (("attention", attention), ("step_input", step_input)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        dropout = check_real("dropout", dropout)
         factor = 2 ** (len(multipliers) - 1)
         if shape[1] % factor or shape[2] % factor:
             raise ValueError(
                 f"features {describe_shape(shape)}: height and width must be divisible by {factor} "
                 f"(halved {len(multipliers) - 1} times for channel_multipliers={multipliers})"
-            )
-        if context < 0 or channels < 1 or blocks < 1 or heads < 1 or groups < 1:
-            raise ValueError(
-                "context must be >= 0 and channels, blocks, heads, groups >= 1, got "
-                f"context={context}, channels={channels}, blocks={blocks}, heads={heads}, groups={groups}"
             )
         if channels % groups:
             raise ValueError(f"channels ({channels}) must be divisible by groups ({groups}) for GroupNorm")
@@ -243,7 +255,7 @@ class UNetVelocity(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        x = check_batched("x", x, self.features)
+        x = check_batched("x", x, self.features, dtype=model_dtype(self))
         e = F.silu(self.embedding(x, t, context, step))
         h = self.input(x)
         skips = [h]

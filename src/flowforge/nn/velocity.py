@@ -73,13 +73,20 @@ class _TimeInputs(nn.Module):
         self.size = (time_embedding or 1) * (2 if step_input else 1)
 
     def forward(self, x: Tensor, t: Tensor, step: Tensor | float | None) -> list[Tensor]:
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape ({x.shape[0]},) (one time per sample), got {tuple(t.shape)}")
+        if not isinstance(t, Tensor) or t.shape != (x.shape[0],):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"t must be a tensor of shape ({x.shape[0]},) (one time per sample), got {shape}")
         times = [t if t.dtype == x.dtype else t.to(x.dtype)]
         if self.step_input:
             if step is None:
                 step = 0.0
+            elif not isinstance(step, Tensor) and not (isinstance(step, float | int) and 0 <= step < math.inf):
+                raise ValueError(
+                    f"step must be a finite step size >= 0 or a tensor of shape ({x.shape[0]},), got {step!r}"
+                )
             step = torch.as_tensor(step, dtype=x.dtype, device=x.device)
+            if step.dim() != 0 and step.shape != (x.shape[0],):
+                raise ValueError(f"step must have shape () or ({x.shape[0]},), got {tuple(step.shape)}")
             times.append(step.expand(x.shape[0]) if step.dim() == 0 else step)
         elif step is not None:
             raise ValueError("this network has no step-size input; build it with step_input=True")

@@ -42,7 +42,7 @@ from flowforge.policy.config import DERIVED_FEATURES, PolicyConfig
 from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
 from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, ChunkPrefix, Sampling
-from flowforge.registry import Rebuildable, lookup, register
+from flowforge.registry import Rebuildable, lookup, names, register
 from flowforge.validation import check_choice
 
 
@@ -230,15 +230,18 @@ class ChunkPolicy(Rebuildable, nn.Module):
         observation: the head's (:meth:`~flowforge.policy.heads.FlowHead.log_prob`) in normalised
         units minus :math:`H \sum_j \log s_j`, the log-determinant of the action normaliser
         (scales :math:`s_j`). Flow heads only; ``trace``: ``"exact"``, ``"hutchinson"`` or ``"auto"``
-        (exact up to 64 numbers per chunk)."""
+        (exact up to 64 numbers per chunk). Each chunk is scored whole: ``action_is_pad`` is not
+        read, and padded steps (a data set's last action repeated) count like any other."""
         if not hasattr(self.head, "log_prob"):
+            kinds = [kind for kind in names(HEAD_CATEGORY) if hasattr(lookup(HEAD_CATEGORY, kind), "log_prob")]
             raise ValueError(
-                f"a {self.policy_config.kind!r} head has no chunk likelihood: log_prob needs a flow head "
-                "(policy.kind = 'flow')"
+                f"a {self.policy_config.kind!r} head has no chunk likelihood: log_prob needs a head that integrates a "
+                f"velocity field (policy.kind = {', '.join(map(repr, kinds))})"
             )
         checked = self.checked_batch(batch)
         if "action" not in batch:
             raise ValueError("batch needs 'action' (batch, horizon, action_dim): the chunks to score")
+
         cfg = self.policy_config
         action = torch.as_tensor(batch["action"])
         expected = (checked["state"].shape[0], cfg.horizon, cfg.action_dim)

@@ -79,7 +79,9 @@ def _delay_range(delay: int | tuple[int, int]) -> tuple[int, int]:
     """``delay`` as ``(low, high)`` control steps: a fixed delay, or a range drawn from uniformly."""
     values = list(delay) if isinstance(delay, tuple | list) else [delay, delay]
     if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
-        raise ValueError(f"delay must be an int >= 0 or a range (low, high) of them (control steps), got {delay!r}")
+        raise ValueError(
+            f"delay must be an int >= 0, a range (low, high) of them (control steps) or 'real', got {delay!r}"
+        )
     if values[0] > values[1]:
         raise ValueError(f"delay = {delay!r}: the range's low end is above its high end")
     return values[0], values[1]
@@ -153,6 +155,7 @@ class ChunkExecutor:
             raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
+        max_guidance = check_real("max_guidance", max_guidance, non_negative=True)
         if execution == "rtc-trained" and self.real:
             raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
         if execution == "rtc-trained" and high > config.rtc_training_delay:
@@ -170,8 +173,11 @@ class ChunkExecutor:
             raise ValueError(f"n_action_steps must be an int in 1..{config.horizon}, got {n_action_steps!r}")
         if not 1 <= n_action_steps <= config.horizon:
             raise ValueError(f"n_action_steps must be an int in 1..{config.horizon}, got {n_action_steps!r}")
-        if temporal_ensemble is not None and not (
-            isinstance(temporal_ensemble, int | float) and math.isfinite(temporal_ensemble) and temporal_ensemble >= 0
+        if temporal_ensemble is not None and (
+            isinstance(temporal_ensemble, bool)
+            or not isinstance(temporal_ensemble, int | float)
+            or not math.isfinite(temporal_ensemble)
+            or temporal_ensemble < 0
         ):
             raise ValueError(f"temporal_ensemble must be a finite number >= 0 or None, got {temporal_ensemble!r}")
         self.sampling = {
