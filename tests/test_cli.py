@@ -316,6 +316,8 @@ PARSER_REFUSALS = [
     (["demo", "--steps", "5", "--steps", "0", "--out", "OUT"], "'--steps'", "'0'"),  # the value read
     (["demo", "--seed", "4294967296", "--out", "OUT"], "'--seed'", "4294967295"),
     (["sample", "OUT", "-n", "0"], "'-n'", "'0'"),
+    (["sample", "OUT", "--steps", "5000"], "'--steps'", "'5000'"),
+    (["policy", "eval", "OUT", "--steps", "1001"], "'--steps'", "'1001'"),
     (["data", "collect", "--out", "OUT", "--seed", "-1"], "'--seed'", "'-1'"),
     (["demo", "--bogus", "3"], "--bogus", "--bogus"),
     (["nonsense"], "No such command", "'nonsense'"),

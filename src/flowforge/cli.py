@@ -24,6 +24,8 @@ from flowforge.config import MAX_SEED
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.utils.progress import progress_enabled
 
+#: The most solver steps a command takes (every family is at its best well below it).
+MAX_SAMPLER_STEPS = 1000
 #: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
 USER_ERRORS = (FlowforgeError, OSError, FloatingPointError, ImportError)
 #: The parser's exception classes, found through typer's public ``BadParameter`` because typer
@@ -268,6 +270,7 @@ def sample(
         int,
         typer.Option(
             min=1,
+            max=MAX_SAMPLER_STEPS,
             help="Solver steps of a flow-matching model: midpoint steps (flow matching), Euler steps told to the "
             "network (shortcut, meanflow: 1 or 2 for few-step samples), consistency steps.",
         ),
@@ -307,7 +310,9 @@ def evaluate(
         str | None, typer.Option(help="A built-in set or a file (default: the run's held-out split).")
     ] = None,
     samples: Annotated[int, typer.Option(min=2, help="Points used for the sample metrics.")] = 2000,
-    steps: Annotated[int, typer.Option(min=1, help="Sampler steps of a flow-matching model (as for sample).")] = 10,
+    steps: Annotated[
+        int, typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Sampler steps of a flow-matching model (as for sample).")
+    ] = 10,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
 ) -> None:
     """Print NLL, bits/dim, MMD, energy distance and sliced W2 (or KL to the target). A flow-matching
@@ -469,7 +474,9 @@ def policy_eval(
     episodes: Annotated[int, typer.Option(min=1, help="Episodes per task (fresh seeds).")] = 10,
     max_steps: Annotated[int, typer.Option(min=1, help="Step limit per episode.")] = 500,
     video: Annotated[Path | None, typer.Option(help="Folder for rollout GIFs (2 per task).")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Override the sampling steps.")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Override the sampling steps.")
+    ] = None,
     noise_scale: Annotated[
         float | None, typer.Option(min=0.0, help="Flow policies: sampling temperature (initial noise scale).")
     ] = None,
