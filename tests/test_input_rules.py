@@ -316,9 +316,10 @@ def _net(**options) -> VelocityMLP:
         (lambda: FlowMatcher(_net(), context=True), ValueError, "context must be an int >= 0"),
         (lambda: FlowMatcher(_net(), event_shape=3), ValueError, "event_shape = 3: the velocity network's features"),
         (lambda: FlowMatcher(_net(), event_shape=2.5), ValueError, "event shape must be a positive int"),
-        (lambda: FlowMatcher(_net(), path="linear"), TypeError, "path must be a AffinePath"),
+        (lambda: FlowMatcher(_net(), path="linear"), TypeError, "path must be an AffinePath"),
         (lambda: FlowMatcher(_net(), coupling="ot"), TypeError, "coupling must be a Coupling"),
         (lambda: FlowMatcher("net"), TypeError, "velocity must be a Module"),
+        (lambda: FlowMatcher(None, event_shape=2), TypeError, "velocity must be a Module"),
         (lambda: FlowMatcher(_net(), context_dropout="0.1"), TypeError, "context_dropout must be a finite number"),
         (
             lambda: ShortcutMatcher(_net(step_input=True), max_halvings=21),

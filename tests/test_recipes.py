@@ -41,7 +41,6 @@ def test_bad_arguments_are_refused(recipe) -> None:
         ({"transforms": True}, r"transforms must be a positive int, got True"),
         ({"transforms": 2.0}, r"transforms must be a positive int, got 2.0"),
         ({"hidden": [1.5]}, r"hidden widths must be positive ints, got \[1.5\]"),
-        ({"hidden": []}, r"hidden must be a list of layer widths"),
         ({"hidden": "64"}, r"hidden must be a list of layer widths"),
         ({"context": 1.0}, r"context must be an int >= 0, got 1.0"),
     ],
@@ -49,6 +48,12 @@ def test_bad_arguments_are_refused(recipe) -> None:
 def test_option_types_a_config_file_can_give_are_refused(recipe, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         recipe(2, **options)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_no_hidden_layers_make_linear_conditioners(recipe) -> None:
+    flow = recipe(2, transforms=2, hidden=[])
+    assert flow.log_prob(torch.randn(4, 2)).shape == (4,)
 
 
 def test_realnvp_structure() -> None:

@@ -20,3 +20,19 @@ def test_non_finite_model_samples_are_a_flowforge_error_naming_the_model() -> No
     generated[3, 1] = float("nan")
     with pytest.raises(FlowforgeError, match="1 of the model's 20 samples hold NaN or inf"):
         sample_metrics(generated, torch.randn(20, 2))
+
+
+def test_figures_are_written_in_the_format_their_suffix_names(tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowforge.eval.plots import save_figure
+
+    for name, start in (("a.svg", b"<?xml"), ("a.pdf", b"%PDF"), ("a.png", b"\x89PNG"), ("sigma_0.5", b"\x89PNG")):
+        fig = plt.figure()
+        path = save_figure(fig, tmp_path / name)
+        plt.close(fig)
+        assert path.read_bytes().startswith(start), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf", "a.png", "a.svg", "sigma_0.5"]  # no temporary left

@@ -487,7 +487,7 @@ def policy_eval(
         str,
         typer.Option(help="Inference delay in control steps (MetaWorld: 80 Hz): D, LOW-HIGH drawn per chunk, or real."),
     ] = "0",
-    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Roll a trained policy out in MetaWorld; print success per task with 95% intervals, latency and NFE."""

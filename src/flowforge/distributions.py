@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,10 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def _event_shape(shape: int | Sequence[int]) -> torch.Size:
-    dims = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, Sequence | torch.Size) else ()
-    if not dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in dims):
+    dims = (shape,) if isinstance(shape, Integral) else tuple(shape) if isinstance(shape, Sequence) else ()
+    if not dims or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in dims):
         raise ValueError(f"event shape must be a positive int or a tuple of positive ints, got {shape!r}")
-    return torch.Size(dims)
+    return torch.Size(int(s) for s in dims)
 
 
 class BaseDistribution(nn.Module, ABC):

@@ -182,7 +182,6 @@ def _check_fits(executor: ChunkExecutor, env) -> None:
     config = executor.policy.policy_config
     action_size = int(np.prod(env.action_space.shape))
     if config.action_dim != action_size:
-        env.close()
         raise ConfigError(
             f"the policy's actions have {config.action_dim} numbers; {env.task}'s have {action_size} "
             "(MetaWorld: hand x, y, z and gripper): it was trained for another robot"
@@ -191,7 +190,6 @@ def _check_fits(executor: ChunkExecutor, env) -> None:
     try:
         executor.checked_observation({**observation, "instruction": info["instruction"]})
     except ValueError as error:
-        env.close()
         raise ConfigError(f"the policy does not fit {env.task}'s observations: {error}") from error
 
 
@@ -220,7 +218,9 @@ def evaluate(
     checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
     ``execution`` and ``delay``: how chunks run with an inference delay of ``delay`` control steps
     (:class:`~flowforge.policy.execution.ChunkExecutor`). The report counts the steps the robot
-    waited and the action jumps where chunks took over.
+    waited and the action jumps where chunks took over. A policy whose action or state sizes are
+    not the environment's (trained on another robot's data) is refused with a
+    :class:`~flowforge.errors.ConfigError` before the first episode.
     """
     from flowforge.envs.metaworld import MetaWorldEnv
 
@@ -236,31 +236,33 @@ def evaluate(
         image_size = config.image_shape[1]
     results, latencies, nfe = [], [], []
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
-    for position, task in enumerate(tasks):
-        env = MetaWorldEnv(task, image=needs_image, cameras=cameras, size=image_size, max_steps=max_steps)
-        if position == 0:
-            _check_fits(executor, env)
-        result = TaskResult(task)
-        try:
-            for episode in range(episodes):
-                record = video_dir is not None and episode < videos_per_task
-                seed = seed_base + 10_007 * position + episode
-                success, steps, frames, chunk_latencies, chunk_nfe = rollout(executor, env, seed, max_steps, record)
-                result.successes.append(success)
-                result.steps.append(steps)
-                result.waited.append(executor.waited)
-                result.jumps += executor.boundary_jumps()
-                result.changes += executor.within_chunk_changes()
-                latencies += chunk_latencies
-                nfe += chunk_nfe
-                if record and frames:
-                    outcome = "success" if success else "failure"
-                    save_gif(frames[::2], Path(video_dir) / f"{task}-{episode}-{outcome}.gif", fps=15)
-                bar.update(1)
-                bar.set_postfix(task=task, success=f"{result.rate:.0%}")
-        finally:
-            env.close()
-        results.append(result)
-    bar.close()
-    executor.close()
+    try:
+        for position, task in enumerate(tasks):
+            env = MetaWorldEnv(task, image=needs_image, cameras=cameras, size=image_size, max_steps=max_steps)
+            result = TaskResult(task)
+            try:
+                if position == 0:
+                    _check_fits(executor, env)
+                for episode in range(episodes):
+                    record = video_dir is not None and episode < videos_per_task
+                    seed = seed_base + 10_007 * position + episode
+                    success, steps, frames, chunk_latencies, chunk_nfe = rollout(executor, env, seed, max_steps, record)
+                    result.successes.append(success)
+                    result.steps.append(steps)
+                    result.waited.append(executor.waited)
+                    result.jumps += executor.boundary_jumps()
+                    result.changes += executor.within_chunk_changes()
+                    latencies += chunk_latencies
+                    nfe += chunk_nfe
+                    if record and frames:
+                        outcome = "success" if success else "failure"
+                        save_gif(frames[::2], Path(video_dir) / f"{task}-{episode}-{outcome}.gif", fps=15)
+                    bar.update(1)
+                    bar.set_postfix(task=task, success=f"{result.rate:.0%}")
+            finally:
+                env.close()
+            results.append(result)
+    finally:
+        bar.close()
+        executor.close()
     return EvaluationReport(results, latencies, nfe)

@@ -219,6 +219,8 @@ def quality_against_nfe(
     model's instantaneous field with ``adaptive`` (a consistency model has none and skips it). A
     model without fixed steps (a :class:`~flowforge.flows.CNF`) gives its one adaptive point,
     sampled with the method it was built with. Each point draws with the same ``seed``.
+    ``steps``, ``adaptive`` and ``seed`` are checked before the first point is drawn; a metric
+    value that is not finite stops the curve with a ``FloatingPointError`` naming the point.
     """
     from flowforge.config import check_seed
     from flowforge.matching import ConsistencyMatcher, FlowMatcher  # models sit below eval

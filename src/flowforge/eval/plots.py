@@ -77,11 +77,13 @@ def plot_density_2d(
 
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out and write a matplotlib figure, atomically (temporary file, then rename), in the format
-    its suffix names (``.png``, ``.pdf``, ``.svg``; PNG without one)."""
+    its suffix names (``.png``, ``.pdf``, ``.svg``, ...; PNG for a name without a known one)."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kind = path.suffix.lower().lstrip(".") or "png"
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in fig.canvas.get_supported_filetypes():
+        kind = "png"
     tmp = path.with_name(f"{path.name}.tmp.{kind}")
     try:
         fig.savefig(tmp, format=kind)

@@ -51,8 +51,8 @@ def _check_recipe_args(
     if isinstance(context, bool) or not isinstance(context, int) or context < 0:
         raise ValueError(f"context must be an int >= 0, got {context!r}")
     check_count("transforms", transforms)
-    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence) or not hidden:
-        raise ValueError(f"hidden must be a list of layer widths, e.g. [64, 64], got {hidden!r}")
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
+        raise ValueError(f"hidden must be a list of layer widths, e.g. [64, 64] ([] for linear), got {hidden!r}")
     for width in hidden:
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"hidden widths must be positive ints, got {list(hidden)!r}")

@@ -33,6 +33,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from math import prod
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -175,8 +176,10 @@ class FlowMatcher(Rebuildable, nn.Module):
         path: the probability path (default :class:`~flowforge.matching.LinearPath`).
         coupling: noise-data pairing (default :class:`~flowforge.matching.IndependentCoupling`).
         time_sampler: the law of the training time (default uniform).
-        event_shape: shape of one sample; taken from ``velocity.features`` when omitted.
-        context: size of the context vector; taken from ``velocity.context_features`` when omitted.
+        event_shape: shape of one sample; taken from ``velocity.features`` when omitted (and, when
+            the network has that attribute, it must agree).
+        context: size of the context vector; taken from ``velocity.context_features`` when omitted
+            (the same rule).
         context_dropout: probability of training a row with the null context (classifier-free
             guidance needs it > 0).
 
@@ -209,8 +212,9 @@ class FlowMatcher(Rebuildable, nn.Module):
             ("coupling", coupling, Coupling),
             ("time_sampler", time_sampler, TimeSampler),
         ):
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__} (an object, not a name), got {value!r}")
+            if (value is not None or name == "velocity") and not isinstance(value, kind):
+                article = "an" if kind.__name__[0] in "AEIOU" else "a"
+                raise TypeError(f"{name} must be {article} {kind.__name__} (an object, not a name), got {value!r}")
         self.velocity = velocity
         self.path = path if path is not None else LinearPath()
         self.coupling = coupling if coupling is not None else IndependentCoupling()
@@ -225,14 +229,14 @@ class FlowMatcher(Rebuildable, nn.Module):
         if net_features is not None and tuple(StandardNormal(net_features).event_shape) != self.event_shape:
             raise ValueError(f"event_shape = {event_shape!r}: the velocity network's features are {net_features!r}")
         net_context = getattr(velocity, "context_features", None)
-        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 0):
+        if context is not None and (isinstance(context, bool) or not isinstance(context, Integral) or context < 0):
             raise ValueError(f"context must be an int >= 0 (the context vector's size), got {context!r}")
         if context is not None and net_context is not None and context != net_context:
             raise ValueError(
-                f"context = {context}: the velocity network takes a context of {net_context} "
-                "(build the network with that context size)"
+                f"context = {context}: the velocity network takes a context of {net_context}; build the network "
+                f"with context={context}, or leave context out"
             )
-        self.context_features = int(context if context is not None else (net_context or 0))
+        self.context_features = int(context if context is not None else (net_context or 0))  # Python int
         context_dropout = check_real("context_dropout", context_dropout)
         if not 0.0 <= context_dropout < 1.0:
             raise ValueError(f"context_dropout must be in [0, 1), got {context_dropout}")

@@ -45,7 +45,8 @@ class ShortcutMatcher(FlowMatcher):
         velocity: ``net(x, t, context=None, step=None)``, e.g. ``VelocityMLP(..., step_input=True)``.
         args, matcher_options: the other arguments of :class:`FlowMatcher` (path, coupling, ...).
         self_consistency_fraction: share of each batch trained on the self-consistency target.
-        max_halvings: M: the smallest trained step is ``2**-M`` (default 7: 1/128).
+        max_halvings: M in 1..``MAX_HALVINGS`` (20): the smallest trained step is ``2**-M`` (default 7:
+            1/128).
 
     Inputs follow the input rule of :mod:`flowforge.validation`, as for :class:`FlowMatcher`:
     ``loss`` of 0 rows is a ``ValueError``, ``sample(steps=...)`` needs a positive int.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class _TimeInputs(nn.Module):
         if self.step_input:
             if step is None:
                 step = 0.0
-            elif not isinstance(step, Tensor) and not (isinstance(step, float | int) and 0 <= step < math.inf):
+            elif not isinstance(step, Tensor) and not (isinstance(step, Real) and 0 <= step < math.inf):
                 raise ValueError(
                     f"step must be a finite step size >= 0 or a tensor of shape ({x.shape[0]},), got {step!r}"
                 )
