@@ -76,7 +76,7 @@ class _TimeInputs(nn.Module):
     def forward(self, x: Tensor, t: Tensor, step: Tensor | float | None) -> list[Tensor]:
         if not isinstance(t, Tensor) or t.shape != (x.shape[0],):
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"t must be a tensor of shape ({x.shape[0]},) (one time per sample), got {shape}")
+            raise ValueError(f"t must have shape ({x.shape[0]},) (a tensor: one time per sample), got {shape}")
         times = [t if t.dtype == x.dtype else t.to(x.dtype)]
         if self.step_input:
             if step is None:
