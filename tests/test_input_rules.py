@@ -428,7 +428,9 @@ def test_unet_forward_casts_x_and_checks_t_and_step() -> None:
     net = UNetVelocity((1, 8, 8), channels=8, groups=4, step_input=True)
     x = torch.randn(2, 1, 8, 8)
     assert net(x.double(), torch.rand(2)).dtype == torch.float32
-    with pytest.raises(ValueError, match=re.escape("t must have shape (2,) (a tensor: one time per sample), got float")):
+    with pytest.raises(
+        ValueError, match=re.escape("t must have shape (2,) (a tensor: one time per sample), got float")
+    ):
         net(x, 0.5)
     with pytest.raises(ValueError, match=re.escape("step must have shape () or (2,), got (3,)")):
         net(x, torch.rand(2), step=torch.rand(3))
