@@ -408,7 +408,7 @@ def test_quality_against_nfe_checks_its_arguments_before_sampling() -> None:
         ({"features": (1, 8, 8.7)}, "features must be an image shape (C, H, W) of positive ints"),
         ({"channel_multipliers": (1, 1.5)}, "channel_multipliers must be one or more positive ints"),
         ({"context": True}, "context must be an int >= 0, got True"),
-        ({"blocks": 1.5}, "blocks must be an int >= 1, got 1.5"),
+        ({"blocks": 1.5}, "blocks must be a positive int, got 1.5"),
         ({"time_embedding": 2.0}, "time_embedding must be an int >= 0, got 2.0"),
         ({"attention": "no"}, "attention must be true or false, got 'no'"),
         ({"step_input": "yes"}, "step_input must be true or false, got 'yes'"),

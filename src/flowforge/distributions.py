@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowforge.validation import check_batched, check_sample_count
+from flowforge.validation import check_batched, check_sample_count, is_count
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
 def _event_shape(shape: int | Sequence[int]) -> torch.Size:
     dims = (shape,) if isinstance(shape, Integral) else tuple(shape) if isinstance(shape, Sequence) else ()
-    if not dims or any(isinstance(s, bool) or not isinstance(s, Integral) or s < 1 for s in dims):
+    if not dims or not all(is_count(s) for s in dims):
         raise ValueError(f"event shape must be a positive int or a tuple of positive ints, got {shape!r}")
     return torch.Size(int(s) for s in dims)
 

@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -153,11 +153,22 @@ def check_times(name: str, value: object, batch: int, batch_of: str, dtype: torc
     return value if dtype is None else value.to(dtype)
 
 
-def check_count(name: str, value: object) -> int:
-    """Check a count (``n``, ``steps``): a positive Python int, bools excluded; ``ValueError`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+def is_count(value: object, low: int = 1, high: int | None = None) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy, bools excluded) in ``[low, high]``."""
+    return (
+        not isinstance(value, bool) and isinstance(value, Integral) and value >= low and (high is None or value <= high)
+    )
+
+
+def check_count(name: str, value: object, *, low: int = 1, high: int | None = None) -> int:
+    """Check a count (``n``, ``steps``, a size): an integer in ``[low, high]`` (default: positive),
+    bools excluded; ``ValueError`` naming it otherwise. Returns it as a Python int."""
+    if not is_count(value, low, high):
+        allowed = (
+            f"an int in {low}..{high}" if high is not None else "a positive int" if low == 1 else f"an int >= {low}"
+        )
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
 
 
 def check_sample_count(n: object) -> int:

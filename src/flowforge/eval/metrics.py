@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from flowforge.flows.base import Flow
+from flowforge.validation import is_count
 
 
 @torch.no_grad()
@@ -230,9 +231,8 @@ def quality_against_nfe(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
         raise ValueError(f"steps must be a list of step counts, e.g. (1, 2, 4, 8, 16), got {steps!r}")
-    for k in steps:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"steps must hold positive ints, got {list(steps)!r}")
+    if not all(is_count(k) for k in steps):
+        raise ValueError(f"steps must hold positive ints, got {list(steps)!r}")
     if adaptive is not None and adaptive not in ADAPTIVE_METHODS:
         raise ValueError(f"adaptive = {adaptive!r} is not one of {', '.join(ADAPTIVE_METHODS)} (or None)")
     check_seed("seed", seed)

@@ -36,7 +36,7 @@ from flowforge.transforms import (
     Squeeze,
     Transform,
 )
-from flowforge.validation import check_count
+from flowforge.validation import check_count, is_count
 
 
 def _check_recipe_args(
@@ -48,14 +48,12 @@ def _check_recipe_args(
         )
     if isinstance(features, bool) or not isinstance(features, int) or features < 1:
         raise ValueError(f"{name} needs features >= 1, got {features!r}")
-    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-        raise ValueError(f"context must be an int >= 0, got {context!r}")
+    check_count("context", context, low=0)
     check_count("transforms", transforms)
     if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
         raise ValueError(f"hidden must be a list of layer widths, e.g. [64, 64] ([] for linear), got {hidden!r}")
-    for width in hidden:
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"hidden widths must be positive ints, got {list(hidden)!r}")
+    if not all(is_count(width) for width in hidden):
+        raise ValueError(f"hidden widths must be positive ints, got {list(hidden)!r}")
 
 
 def _coupling_stack(features: int, transforms: int, seed: int, make_layer: Any) -> list[Transform]:

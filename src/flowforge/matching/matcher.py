@@ -33,7 +33,6 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from math import prod
-from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -229,8 +228,8 @@ class FlowMatcher(Rebuildable, nn.Module):
         if net_features is not None and tuple(StandardNormal(net_features).event_shape) != self.event_shape:
             raise ValueError(f"event_shape = {event_shape!r}: the velocity network's features are {net_features!r}")
         net_context = getattr(velocity, "context_features", None)
-        if context is not None and (isinstance(context, bool) or not isinstance(context, Integral) or context < 0):
-            raise ValueError(f"context must be an int >= 0 (the context vector's size), got {context!r}")
+        if context is not None:
+            context = check_count("context", context, low=0)
         if context is not None and net_context is not None and context != net_context:
             raise ValueError(
                 f"context = {context}: the velocity network takes a context of {net_context}; build the network "

@@ -70,10 +70,8 @@ class ShortcutMatcher(FlowMatcher):
         self_consistency_fraction = check_real("self_consistency_fraction", self_consistency_fraction)
         if not 0.0 < self_consistency_fraction < 1.0:
             raise ValueError(f"self_consistency_fraction must be in (0, 1), got {self_consistency_fraction}")
-        if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or not 1 <= max_halvings <= MAX_HALVINGS:
-            raise ValueError(f"max_halvings must be an int in 1..{MAX_HALVINGS}, got {max_halvings!r}")
         self.self_consistency_fraction = float(self_consistency_fraction)
-        self.max_halvings = int(max_halvings)
+        self.max_halvings = check_count("max_halvings", max_halvings, high=MAX_HALVINGS)
 
     def loss(
         self,

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from flowforge.nn.velocity import _TimeInputs
 from flowforge.registry import register
-from flowforge.validation import check_batched, check_real, describe_shape, model_dtype
+from flowforge.validation import check_batched, check_count, check_real, describe_shape, is_count, model_dtype
 
 
 class _ResidualConvBlock(nn.Module):
@@ -104,11 +104,6 @@ class _Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _is_int(value: object, low: int) -> bool:
-    """A Python int (bools excluded) >= ``low``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 @register("unet", "velocity")
 class UNetVelocity(nn.Module):
     r"""A U-Net velocity field on (C, H, W) images, conditioned on time, a context and (optionally) a step size.
@@ -158,10 +153,10 @@ class UNetVelocity(nn.Module):
     ) -> None:
         super().__init__()
         shape = tuple(features) if isinstance(features, Sequence) and not isinstance(features, str) else ()
-        if len(shape) != 3 or not all(_is_int(s, 1) for s in shape):
+        if len(shape) != 3 or not all(is_count(s) for s in shape):
             raise ValueError(f"features must be an image shape (C, H, W) of positive ints, got {features!r}")
         multipliers = tuple(channel_multipliers) if isinstance(channel_multipliers, Sequence) else ()
-        if not multipliers or not all(_is_int(m, 1) for m in multipliers):
+        if not multipliers or not all(is_count(m) for m in multipliers):
             raise ValueError(f"channel_multipliers must be one or more positive ints, got {channel_multipliers!r}")
         for name, value, low in (
             ("context", context, 0),
@@ -171,8 +166,7 @@ class UNetVelocity(nn.Module):
             ("groups", groups, 1),
             ("time_embedding", time_embedding, 0),
         ):
-            if not _is_int(value, low):
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_count(name, value, low=low)
         for name, value in (("attention", attention), ("step_input", step_input)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
