@@ -431,6 +431,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--distillation-intervals {args.distillation_intervals}: need an integer >= 1")
     if args.sample_draws < 1:
         parser.error(f"--sample-draws {args.sample_draws}: need an integer >= 1")
+    if args.results.is_dir() or any(p.exists() and not p.is_dir() for p in args.results.parents):
+        parser.error(f"--results {args.results}: give a file name in a folder")
     return args
 
 
