@@ -319,6 +319,9 @@ PARSER_REFUSALS = [
     (["sample", "OUT", "--steps", "5000"], "'--steps'", "'5000'"),
     (["policy", "eval", "OUT", "--steps", "1001"], "'--steps'", "'1001'"),
     (["data", "collect", "--out", "OUT", "--seed", "-1"], "'--seed'", "'-1'"),
+    (["data", "collect", "--out", "OUT", "--images", "--size", "100000"], "'--size'", "'100000'"),
+    (["policy", "eval", "OUT", "--delay", "99999999999999999999"], "--delay", "0..1000"),
+    (["policy", "eval", "OUT", "--delay", "5-2"], "--delay", "'5-2'"),
     (["demo", "--bogus", "3"], "--bogus", "--bogus"),
     (["nonsense"], "No such command", "'nonsense'"),
 ]
@@ -379,6 +382,22 @@ def test_an_output_under_a_file_or_of_another_kind_is_refused_before_any_work(tm
         assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option} "), (args, lines)
         assert result.stdout == "" and existing.read_text() == "keep me", args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
+    # a folder that holds a run continues with --resume only; a data set's folder never takes a run
+    dataset = tmp_path / "data"
+    (dataset / "meta").mkdir(parents=True)
+    (dataset / "meta" / "info.json").write_text("{}")
+    refused = [
+        (["train", CONFIGS / "nice_moons.toml", "--out", run, *TINY], "holds a trained run already"),
+        (["policy", "train", policy_config, "--out", run], "holds a trained run already"),
+        (["policy", "train", policy_config, "--out", dataset], "is an episode data set"),
+    ]
+    if Path("/proc").is_dir():  # exists, but nothing can be made in it
+        refused.append((["policy", "eval", run, "--out", "/proc/r.json"], "cannot write in /proc"))
+    before = (run / "checkpoint.json").read_bytes()
+    for args, message in refused:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 2 and message in result.stderr and result.stdout == "", (args, result.output)
+    assert (run / "checkpoint.json").read_bytes() == before
     result = CliRunner().invoke(app, ["plot", str(run), "-o", str(tmp_path / "p.svg")])
     assert result.exit_code == 0 and (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
 
@@ -424,6 +443,20 @@ def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path: Path) 
         app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(tmp_path / "r"), "--resume", *TINY]
     )
     assert result.exit_code == 0 and "no checkpoint" not in result.stderr
+
+
+def test_resume_under_another_data_set_is_one_line_naming_it(tmp_path: Path) -> None:
+    out = str(tmp_path / "r")
+    result = CliRunner().invoke(app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", out, *TINY])
+    assert result.exit_code == 0, result.output
+    before = (tmp_path / "r" / "checkpoint.json").read_bytes()
+    result = CliRunner().invoke(
+        app,
+        ["train", str(CONFIGS / "nice_moons.toml"), "--out", out, "--resume", *TINY, "--set", 'data.name="spirals"'],
+    )
+    assert result.exit_code == 2, result.output
+    assert 'metadata.run.data.name: "moons" -> "spirals"' in result.stderr and len(result.stderr.splitlines()) == 1
+    assert (tmp_path / "r" / "checkpoint.json").read_bytes() == before
 
 
 def test_policy_train_says_nothing_before_its_data_is_checked(tmp_path: Path) -> None:
@@ -529,3 +562,23 @@ def test_data_collect_refuses_an_empty_camera_list_or_cameras_without_images(tmp
     result = runner.invoke(app, ["data", "collect", "--out", str(out), "--tasks", "reach-v3", *extra])
     assert result.exit_code == 2 and "name one or more cameras, with --images" in result.output
     assert not out.exists()
+
+
+def test_eval_refuses_pixel_counts_out_of_range(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nsf_digits.toml", run).exit_code == 0
+    for value, shown in ((99, "99"), (2.5, "2.5"), (-1, "-1")):
+        np.save(tmp_path / "bad.npy", np.full((10, 64), value, dtype=np.float32))
+        result = CliRunner().invoke(app, ["eval", str(run), "--data", str(tmp_path / "bad.npy")])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"holds {shown}; this run models pixel counts, integers in 0..16" in result.stderr
+
+
+def test_batches_of_one_are_refused_for_models_with_batch_statistics(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["demo", "--model", "residual", "--batch-size", "1", "--out", str(tmp_path / "d"), "--no-progress"]
+    )
+    assert result.exit_code == 2 and "--batch-size 1: residual's normalisation layers" in result.stderr
+    result = _train(CONFIGS / "residual_moons.toml", tmp_path / "r", "--set", "train.batch_size=1")
+    assert result.exit_code == 2 and "batch_size = 1: the model's ActNorm layers" in result.stderr, result.output
+    assert result.stdout == "" and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()

@@ -91,6 +91,10 @@ def test_the_core_package_does_not_import_metaworld() -> None:
             {"state_key": "observation.state", "state_dim": 5},
             r"does not fit reach-v3's observations: observation\['state'\] must be 5 numbers",
         ),
+        (
+            {"image_shape": (3, 36, 36), "cameras": ["wrist", "top"]},
+            r"the policy sees the cameras wrist, top; MetaWorld has no 'wrist'",
+        ),
     ],
 )
 def test_a_policy_for_another_robot_is_refused_before_the_first_episode(tmp_path, settings: dict, message: str) -> None:
@@ -107,3 +111,16 @@ def test_a_policy_for_another_robot_is_refused_before_the_first_episode(tmp_path
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and re.search(message, lines[0]), result.output
     assert not out.exists()
+
+
+def test_a_task_named_twice_is_refused(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from flowforge.checkpoint import save_model
+    from flowforge.cli import app
+    from flowforge.policy import ChunkPolicy, PolicyConfig
+
+    save_model(tmp_path / "policy", ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False)))
+    args = ["policy", "eval", str(tmp_path / "policy"), "--tasks", "reach-v3,push-v3,reach-v3", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "names reach-v3 more than once" in result.stderr, result.output

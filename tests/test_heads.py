@@ -197,7 +197,11 @@ def _poisoned_outputs_are_non_finite(policy: ChunkPolicy, tensor: torch.Tensor) 
     try:
         torch.manual_seed(0)
         loss = policy.loss(_batch())
-        actions = policy.predict_chunk(_batch()).actions
+        try:
+            actions = policy.predict_chunk(_batch()).actions
+        except ValueError as error:  # the policy refuses to return a non-finite chunk
+            assert "is not finite" in str(error)
+            return True
         return not bool(torch.isfinite(loss)) or not bool(torch.isfinite(actions).all())
     finally:
         with torch.no_grad():

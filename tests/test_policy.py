@@ -452,6 +452,24 @@ def test_a_non_finite_observation_never_becomes_an_action(kind: str, bad: float)
         assert np.isfinite(executor.act(good)).all()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_absurd_finite_observation_never_becomes_an_action(kind: str) -> None:
+    policy = _policy(kind).eval()
+    batch = _batch(rows=2)
+    batch["state"][1, 0, 0] = 3e38  # finite in float32, overflows in the network
+    try:
+        result = policy.predict_chunk(batch)
+    except ValueError as error:
+        assert "row 1 is not finite" in str(error)
+    else:  # a head whose arithmetic stays finite must then give finite actions
+        assert torch.isfinite(result.actions).all()
+    executor = ChunkExecutor(policy)
+    # float64 beyond float32's range becomes inf in the cast: refused before it enters the history
+    with pytest.raises(ValueError, match=r"observation\['state'\] holds inf at index 0 \(as float32\)"):
+        executor.act({"state": np.array([1e300, 0, 0, 0, 0]), "instruction": INSTRUCTIONS[0]})
+    assert len(executor.history) == 0
+
+
 def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:
     policy = _policy("flow").eval()
     batch = _batch(rows=2)
@@ -470,3 +488,18 @@ def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:
         policy.predict_chunk(batch, noise=noise)
     with pytest.raises(ValueError, match="state must hold floating-point numbers"):
         policy.predict_chunk({**batch, "state": torch.zeros(2, 2, 5, dtype=torch.long)})
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"sampling_steps": 10**23}, r"sampling_steps = 1\d+: expected an integer in \[1, 1000\]"),
+        ({"shortcut_halvings": 2000}, r"shortcut_halvings = 2000: expected an integer in \[1, 20\]"),
+        ({"rtc_training_delay": 8, "horizon": 8}, r"rtc_training_delay = 8: expected an integer in \[0, 7\]"),
+    ],
+)
+def test_policy_settings_beyond_what_can_run_are_refused(setting: dict, message: str) -> None:
+    from flowforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        PolicyConfig(**setting)

@@ -132,6 +132,48 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
         trainer.fit(resume=True)
 
 
+def test_resume_refuses_another_model_or_run_metadata_naming_the_setting(tmp_path: Path) -> None:
+    settings = TrainerConfig(steps=5, batch_size=8)
+    data = torch.randn(50, 2)
+    Trainer(
+        RealNVP(2, transforms=2, hidden=(8,)),
+        MaximumLikelihood(),
+        settings,
+        data=data,
+        directory=tmp_path,
+        metadata={"data": {"name": "moons"}},
+    ).fit()
+    other_model = Trainer(
+        RealNVP(2, transforms=2, hidden=(8,), activation=torch.nn.Tanh),
+        MaximumLikelihood(),
+        settings,
+        data=data,
+        directory=tmp_path,
+        metadata={"data": {"name": "moons"}},
+    )
+    with pytest.raises(CheckpointError, match=r"model\.arguments\.activation.*\"relu\" -> \"tanh\""):
+        other_model.fit(resume=True)
+    other_data = Trainer(
+        RealNVP(2, transforms=2, hidden=(8,)),
+        MaximumLikelihood(),
+        settings,
+        data=data,
+        directory=tmp_path,
+        metadata={"data": {"name": "checkerboard"}},
+    )
+    with pytest.raises(CheckpointError, match=r"metadata\.data\.name: \"moons\" -> \"checkerboard\""):
+        other_data.fit(resume=True)
+    same = Trainer(
+        RealNVP(2, transforms=2, hidden=(8,)),
+        MaximumLikelihood(),
+        settings,
+        data=data,
+        directory=tmp_path,
+        metadata={"data": {"name": "moons"}},
+    )
+    assert same.fit(resume=True).step == 5
+
+
 def test_maximum_likelihood_and_flow_matching_training_reduce_their_losses() -> None:
     data = toy_dataset("moons", 2000, seed=0)
     torch.manual_seed(0)
@@ -377,3 +419,10 @@ def test_tensorboard_logging_writes_event_files(tmp_path: Path) -> None:
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]
     assert [e.step for e in events.Scalars("validation")] == [3, 6]
+
+
+def test_trainer_flags_are_true_or_false() -> None:
+    with pytest.raises(ConfigError, match=r"progress = 'x': expected true or false \(or none\)"):
+        TrainerConfig(progress="x")
+    with pytest.raises(ConfigError, match=r"warmup_steps = 5: expected an integer in \[0, 4\]"):
+        TrainerConfig(steps=5, warmup_steps=5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -23,9 +24,9 @@ import flowforge
 from flowforge.config import MAX_SEED
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.utils.progress import progress_enabled
+from flowforge.validation import MAX_SAMPLER_STEPS
 
 #: The most solver steps a command takes (every family is at its best well below it).
-MAX_SAMPLER_STEPS = 1000
 #: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
 USER_ERRORS = (FlowforgeError, OSError, FloatingPointError, ImportError)
 #: The parser's exception classes, found through typer's public ``BadParameter`` because typer
@@ -146,6 +147,7 @@ def demo(
     from flowforge.data import TOY_DATASETS, toy_dataset
     from flowforge.eval import negative_log_likelihood, plot_density_2d
     from flowforge.train import fit_maximum_likelihood
+    from flowforge.transforms.normalization import ActNorm, BatchNorm
 
     if dataset not in TOY_DATASETS:
         raise ConfigError(f"--dataset: unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}")
@@ -157,6 +159,8 @@ def demo(
     train_data = toy_dataset(dataset, 20_000, seed=seed)
     test_data = toy_dataset(dataset, 10_000, seed=seed + 1)
     flow = registry.lookup("model", model)(2, transforms=transforms, hidden=(64, 64))
+    if batch_size < 2 and any(isinstance(m, ActNorm | BatchNorm) for m in flow.modules()):
+        raise ConfigError(f"--batch-size {batch_size}: {model}'s normalisation layers need batches of at least 2")
     typer.echo(f"training {model} ({transforms} layers) on {dataset}: {steps} steps, batch {batch_size}")
     start = time.perf_counter()
     losses = fit_maximum_likelihood(flow, train_data, steps=steps, batch_size=batch_size, seed=seed, progress=progress)
@@ -187,15 +191,35 @@ def _output_path(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Pat
         if parent.exists():  # the nearest folder that exists: the rest is made under it
             if not parent.is_dir():
                 raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
+            if not _writable(parent):
                 raise ConfigError(f"{option} {path}: cannot write in {parent}")
             break
     return path
 
 
-def _run_folder(out: Path | None, config: Path) -> Path:
-    """The run folder: ``--out`` or ``runs/<config name>``, checked by :func:`_output_path`."""
-    return _output_path(out if out is not None else Path("runs") / config.stem, "--out")
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in ``folder`` (tried: permissions alone miss /proc and read-only mounts)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _run_folder(out: Path | None, config: Path, resume: bool) -> Path:
+    """The run folder: ``--out`` or ``runs/<config name>``, checked by :func:`_output_path`; a folder
+    that holds a run already is continued with ``--resume`` only, never overwritten, and a data set's
+    folder is refused."""
+    folder = _output_path(out if out is not None else Path("runs") / config.stem, "--out")
+    if (folder / "checkpoint.json").is_file() and not resume:
+        raise ConfigError(
+            f"--out {folder}: holds a trained run already; pass --resume to continue it, or give another folder"
+        )
+    if (folder / "meta" / "info.json").is_file():
+        raise ConfigError(f"--out {folder}: is an episode data set; give a folder for the run")
+    return folder
 
 
 @app.command()
@@ -217,7 +241,7 @@ def train(
     if progress is not None:
         extra.append(f"train.progress={'true' if progress else 'false'}")
     run_config = runs.load_config(config, extra)
-    folder = _run_folder(out, config)
+    folder = _run_folder(out, config, resume)
     _, rank = init_distributed_from_environment()  # under torchrun: one process per rank
     prepared = runs.prepare_run(run_config, folder, str(config))
     if rank != 0:
@@ -383,7 +407,7 @@ def data_collect(
         str | None,
         typer.Option(help="Several cameras for --images, comma-separated MetaWorld names (corner,gripperPOV)."),
     ] = None,
-    size: Annotated[int, typer.Option(min=8, help="Image size in pixels.")] = 84,
+    size: Annotated[int, typer.Option(min=8, max=512, help="Image size in pixels.")] = 84,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
@@ -454,7 +478,7 @@ def policy_train(
     if progress is not None:
         extra.append(f"train.progress={'true' if progress else 'false'}")
     run = load_policy_config(config, extra)
-    directory = _run_folder(out, config)
+    directory = _run_folder(out, config, resume)
     prepared = prepare_policy_run(run, directory)
     _tell_if_nothing_to_resume(directory, resume)
     typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps into {directory}")
@@ -502,10 +526,10 @@ def policy_eval(
         _output_path(out, "--out", (".json",))
     if video is not None:
         _output_path(video, "--video")
+    delay_steps = _delay_option(delay)
     policy = load_policy(checkpoint)
     config = policy.policy_config
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
-    delay_steps = _delay_option(delay)
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
@@ -517,7 +541,11 @@ def policy_eval(
         names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in INSTRUCTIONS]
     if unknown or not names:
-        raise ConfigError(f"--tasks: unknown or no tasks: {', '.join(unknown) or '(none)'}; e.g. reach-v3,push-v3")
+        where = "--tasks" if tasks is not None else "the policy's instructions name no MetaWorld task; --tasks"
+        raise ConfigError(f"{where}: unknown or no tasks: {', '.join(unknown) or '(none)'}; e.g. reach-v3,push-v3")
+    repeated = sorted({t for t in names if names.count(t) > 1})
+    if repeated:
+        raise ConfigError(f"--tasks {tasks!r}: names {', '.join(repeated)} more than once; name each task once")
     report = evaluate(
         policy,
         names,
@@ -538,11 +566,15 @@ def policy_eval(
 
 def _delay_option(text: str) -> int | tuple[int, int] | str:
     """``--delay``: ``D``, ``LOW-HIGH`` (non-negative integers) or ``real``."""
+    from flowforge.policy.execution import MAX_DELAY
+
     if text == "real":
         return text
     parts = text.split("-")
     if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
         values = [int(p) for p in parts]
+        if values[-1] > MAX_DELAY or values[0] > values[-1]:
+            raise ConfigError(f"--delay {text!r}: expected control steps in 0..{MAX_DELAY}, a range's low end first")
         return values[0] if len(values) == 1 else (values[0], values[1])
     raise ConfigError(f"--delay {text!r}: expected control steps D, a range LOW-HIGH or real, e.g. 4, 2-6 or real")
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
 from flowforge.errors import ConfigError
+from flowforge.validation import is_count
 
 T = TypeVar("T")
 
@@ -228,11 +229,18 @@ def check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
 MAX_SEED = 2**32 - 1
 
 
+def check_integer(key: str, value: Any, *, low: int = 1, high: int | None = None, note: str = "") -> int:
+    """Refuse anything but an integer in ``[low, high]`` (bools excluded): ``key = v: expected an integer >= 1``;
+    ``note`` says where ``high`` comes from. Returns it as a Python int."""
+    if not is_count(value, low, high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{key} = {value!r}: expected an integer {allowed}{note}")
+    return int(value)
+
+
 def check_seed(key: str, value: Any) -> int:
-    """Check a seed: a Python int in ``[0, MAX_SEED]``, bools excluded."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(f"{key} = {value!r}: expected an integer in [0, {MAX_SEED}] (2**32 - 1)")
-    return value
+    """Check a seed: an integer in ``[0, MAX_SEED]``, bools excluded."""
+    return check_integer(key, value, low=0, high=MAX_SEED, note=" (2**32 - 1)")
 
 
 def check_range(
@@ -269,7 +277,9 @@ __all__ = [
     "build_config",
     "build_dataclass",
     "check_choice",
+    "check_integer",
     "check_range",
+    "check_seed",
     "parse_config",
     "parse_document",
     "read_config",

@@ -153,6 +153,10 @@ def check_times(name: str, value: object, batch: int, batch_of: str, dtype: torc
     return value if dtype is None else value.to(dtype)
 
 
+#: The most sampler steps a command or config may ask for (a step is one network evaluation or more).
+MAX_SAMPLER_STEPS = 1000
+
+
 def is_count(value: object, low: int = 1, high: int | None = None) -> bool:
     """Whether ``value`` is an integer (Python or NumPy, bools excluded) in ``[low, high]``."""
     return (

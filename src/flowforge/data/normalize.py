@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.errors import DataError
+from flowforge.validation import check_count
 
 MODES = ("mean_std", "min_max")
 #: The smallest scale: features whose spread is below it are shifted but not stretched.
@@ -43,8 +44,7 @@ class Normalizer(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be 'mean_std' or 'min_max', got {mode!r}")
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be an int >= 1, got {features!r}")
+        features = check_count("features", features)
         self.features, self.mode = features, mode
         self.register_buffer("shift", torch.zeros(features))
         self.register_buffer("scale", torch.ones(features))

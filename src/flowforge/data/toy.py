@@ -15,14 +15,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flowforge.validation import check_count
+
 
 def _rng(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_count("n", n)
 
 
 def two_moons(n: int, seed: int = 0, noise: float = 0.1) -> Tensor:

@@ -222,7 +222,7 @@ def evaluate(
     not the environment's (trained on another robot's data) is refused with a
     :class:`~flowforge.errors.ConfigError` before the first episode.
     """
-    from flowforge.envs.metaworld import MetaWorldEnv
+    from flowforge.envs.metaworld import CAMERAS, MetaWorldEnv
 
     policy.eval()
     executor = ChunkExecutor(
@@ -234,6 +234,12 @@ def evaluate(
     cameras = list(config.cameras) if config.cameras is not None and config.image_shape is not None else ["corner"]
     if config.image_shape is not None:
         image_size = config.image_shape[1]
+    foreign = [camera for camera in cameras if camera not in CAMERAS]
+    if foreign and policy.encoder.sees_images:
+        raise ConfigError(
+            f"the policy sees the cameras {', '.join(cameras)}; MetaWorld has no {foreign[0]!r} (its cameras: "
+            f"{', '.join(CAMERAS)}): it was trained on another robot's data"
+        )
     results, latencies, nfe = [], [], []
     bar = tqdm(total=len(tasks) * episodes, desc="episodes", disable=not progress, leave=False)
     try:

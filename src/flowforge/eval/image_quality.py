@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from flowforge.checkpoint import load_model, save_model
 from flowforge.data import DIGIT_LEVELS, digits_images
 from flowforge.registry import Rebuildable, register
-from flowforge.validation import check_batched, model_dtype
+from flowforge.validation import check_batched, check_count, model_dtype
 
 DIGIT_CLASSES = 10
 
@@ -132,8 +132,7 @@ class DigitsClassifier(Rebuildable, nn.Module):
 
 def _evaluate(classifier: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
     """``fn`` over ``x`` in chunks, without gradients, in evaluation mode (the mode is restored)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_count("batch_size", batch_size)
     was_training = classifier.training
     classifier.eval()
     try:
@@ -362,6 +361,11 @@ def frechet_classifier_distance(
     features = []
     for name, images in (("samples", samples), ("reference", reference)):
         images = check_batched(name, images, classifier.event_shape, finite=True)
+        if images.shape[0] < 2:
+            raise ValueError(
+                f"{name} has {images.shape[0]} row(s); the Fréchet distance fits a covariance to each set, "
+                "which needs at least 2 images"
+            )
         features.append(_evaluate(classifier, classifier.features, images, batch_size))
     return frechet_distance(features[0], features[1])
 

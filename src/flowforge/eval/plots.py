@@ -67,7 +67,7 @@ def plot_density_2d(
         ax.set_ylim(bounds[2], bounds[3])
         ax.set_aspect("equal")
     if losses:
-        axes[3].plot(losses, lw=0.8)
+        axes[3].plot(losses, lw=0.8, **_curve_markers(len(losses)))
         axes[3].set_title("training NLL (nats)")
         axes[3].set_xlabel("step")
     if title:
@@ -203,9 +203,19 @@ def grid_points(bounds: tuple[float, float, float, float], resolution: int = 100
     return xs, ys, torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
 
 
+def _curve_markers(points: int) -> dict[str, object]:
+    """Markers for a short curve: a line of one point draws nothing, and a few points read better as dots."""
+    return {"marker": "o", "markersize": 3} if points <= _MARKED_CURVE_POINTS else {}
+
+
+#: Curves with at most this many points are drawn with a marker on every point.
+_MARKED_CURVE_POINTS = 50
+
+
 def _plot_curve(ax, curve: tuple[Sequence[float], Sequence[float]]) -> None:
     steps, losses = curve
-    ax.plot(np.asarray(steps), np.asarray(losses), lw=0.8)
+    steps, losses = np.asarray(steps), np.asarray(losses)
+    ax.plot(steps, losses, lw=0.8, **_curve_markers(len(losses)))
     ax.set_title("training loss")
     ax.set_xlabel("step")
 

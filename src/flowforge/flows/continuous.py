@@ -16,7 +16,7 @@ from flowforge.flows.base import Flow
 from flowforge.nn import VelocityMLP
 from flowforge.registry import register
 from flowforge.transforms.continuous import ContinuousFlowTransform
-from flowforge.validation import check_batched, model_dtype
+from flowforge.validation import check_batched, check_count, model_dtype
 
 
 @register("cnf")
@@ -53,8 +53,7 @@ class CNF(Flow):
         *,
         steps: int = 20,
     ) -> None:
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"CNF needs features >= 1, got {features!r}")
+        features = check_count("features", features)
         velocity = VelocityMLP(features, context, hidden)
         transform = ContinuousFlowTransform(velocity, features, context, trace, method, steps, atol, rtol, adjoint)
         super().__init__(StandardNormal(features), transform)

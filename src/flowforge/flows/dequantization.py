@@ -31,7 +31,7 @@ from flowforge.nn import MLP
 from flowforge.nn.conv import ConvConditioner
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.elementwise import soft_clamp
-from flowforge.validation import model_dtype
+from flowforge.validation import check_count, model_dtype
 
 
 @register("dequantized")
@@ -63,8 +63,7 @@ class Dequantized(Rebuildable, nn.Module):
         super().__init__()
         if not isinstance(flow, Flow):
             raise TypeError(f"flow must be a flowforge Flow, got {type(flow).__name__}")
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-            raise ValueError(f"levels must be an int >= 2, got {levels!r}")
+        levels = check_count("levels", levels, low=2)
         self.flow = flow
         self.levels = levels
         self.variational = bool(variational)

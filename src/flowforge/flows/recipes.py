@@ -36,7 +36,7 @@ from flowforge.transforms import (
     Squeeze,
     Transform,
 )
-from flowforge.validation import check_count, is_count
+from flowforge.validation import check_choice, check_count, check_real, is_count
 
 
 def _check_recipe_args(
@@ -54,6 +54,18 @@ def _check_recipe_args(
         raise ValueError(f"hidden must be a list of layer widths, e.g. [64, 64] ([] for linear), got {hidden!r}")
     if not all(is_count(width) for width in hidden):
         raise ValueError(f"hidden widths must be positive ints, got {list(hidden)!r}")
+
+
+def _check_bool(name: str, value: object) -> bool:
+    """Refuse anything but a real ``bool`` (``"no"`` is truthy, ``1`` is not a flag) with a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_seed(seed: object) -> int:
+    """The seed of a recipe's fixed permutations: an int >= 0 (a float or None is refused)."""
+    return check_count("seed", seed, low=0)
 
 
 def _coupling_stack(features: int, transforms: int, seed: int, make_layer: Any) -> list[Transform]:
@@ -98,6 +110,7 @@ class RealNVP(Flow):
         seed: int = 0,
     ) -> None:
         _check_recipe_args("RealNVP", features, context, transforms, hidden)
+        seed = _check_seed(seed)
         layers = _coupling_stack(
             features,
             transforms,
@@ -131,6 +144,7 @@ class NICE(Flow):
         seed: int = 0,
     ) -> None:
         _check_recipe_args("NICE", features, context, transforms, hidden)
+        seed = _check_seed(seed)
         layers = _coupling_stack(
             features,
             transforms,
@@ -159,8 +173,7 @@ def _autoregressive_stack(
     :class:`BatchNorm` after every layer but the last (MAF paper). ``invert`` wraps each
     autoregressive layer in :class:`Invert` (IAF).
     """
-    if mixing not in _MIXINGS:
-        raise ValueError(f"mixing must be one of {_MIXINGS}, got {mixing!r}")
+    check_choice("mixing", mixing, _MIXINGS)
     natural = torch.arange(features)
     layers: list[Transform] = []
     for i in range(transforms):
@@ -215,6 +228,8 @@ class MAF(Flow):
     ) -> None:
         name = type(self).__name__
         _check_recipe_args(name, features, context, transforms, hidden, coupling=False)
+        _check_bool("residual", residual)
+        _check_bool("batch_norm", batch_norm)
         if batch_norm and self._inverted:
             raise ValueError(
                 f"{name} samples through the inverse of its layers, which BatchNorm allows in eval mode only"
@@ -232,6 +247,23 @@ class MAF(Flow):
         super().__init__(StandardNormal(features), Compose(layers))
 
     _inverted = False
+
+    def _check_sampling_mode(self) -> None:
+        """Sampling inverts every layer; a BatchNorm layer has an inverse in eval mode only."""
+        if self.training and any(isinstance(m, BatchNorm) for m in self.transform.modules()):
+            raise ValueError(
+                f"{type(self).__name__} with batch_norm=True samples in eval mode only: in training mode its "
+                "BatchNorm layers normalise with the statistics of each batch, which cannot be inverted. "
+                "Call .eval() before sampling (and .train() to resume training)"
+            )
+
+    def rsample(self, n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_sampling_mode()
+        return super().rsample(n, context)
+
+    def sample_and_log_prob(self, n: int, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_sampling_mode()
+        return super().sample_and_log_prob(n, context)
 
 
 @register("iaf")
@@ -284,7 +316,11 @@ class NSF(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
+        _check_bool("autoregressive", autoregressive)
+        _check_bool("residual", residual)
         _check_recipe_args("NSF", features, context, transforms, hidden, coupling=not autoregressive)
+        check_choice("mixing", mixing, _MIXINGS)
+        seed = _check_seed(seed)
         if autoregressive:
             layers = _autoregressive_stack(
                 features,
@@ -341,6 +377,7 @@ class ResidualFlow(Flow):
         actnorm: bool = True,
     ) -> None:
         _check_recipe_args("ResidualFlow", features, context, transforms, hidden, coupling=False)
+        _check_bool("actnorm", actnorm)
         layers: list[Transform] = []
         for _ in range(transforms):
             if actnorm:
@@ -350,13 +387,27 @@ class ResidualFlow(Flow):
 
 
 def _check_image_recipe(
-    name: str, shape: Sequence[int], levels: int, steps: int, hidden_channels: int, squeezes: int
+    name: str,
+    shape: Sequence[int],
+    levels: int,
+    steps: int,
+    hidden_channels: int,
+    context: int,
+    scale_bound: float,
+    squeezes_per_level: int,
 ) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"{name} needs shape=(C, H, W) with positive sizes, got {shape}")
-    if levels < 1 or steps < 1 or hidden_channels < 1:
-        raise ValueError(f"levels, steps and hidden_channels must be >= 1, got {levels}, {steps}, {hidden_channels}")
+    """Check a multi-scale recipe's arguments; return the shape as ints. The image is squeezed
+    ``levels + squeezes_per_level`` times (``squeezes_per_level``: 0 for Glow, -1 for RealNVP's)."""
+    sizes = () if isinstance(shape, str | bytes) or not hasattr(shape, "__iter__") else tuple(shape)
+    if len(sizes) != 3 or not all(is_count(s) for s in sizes):
+        raise ValueError(f"{name} needs shape=(C, H, W), three positive ints, got {shape!r}")
+    shape = tuple(int(s) for s in sizes)
+    levels = check_count("levels", levels)
+    check_count("steps", steps)
+    check_count("hidden_channels", hidden_channels)
+    check_count("context", context, low=0)
+    check_real("scale_bound", scale_bound, positive=True)
+    squeezes = levels + squeezes_per_level
     _, height, width = shape
     if height % 2**squeezes or width % 2**squeezes:
         raise ValueError(
@@ -403,7 +454,9 @@ class Glow(Flow):
         *,
         scale_bound: float = 3.0,
     ) -> None:
-        shape = _check_image_recipe("Glow", shape, levels, steps, hidden_channels, squeezes=levels)
+        shape = _check_image_recipe(
+            "Glow", shape, levels, steps, hidden_channels, context, scale_bound, squeezes_per_level=0
+        )
 
         def level(channels: int, remaining: int) -> Transform:
             squeezed = 4 * channels
@@ -457,7 +510,9 @@ class MultiscaleRealNVP(Flow):
         *,
         scale_bound: float = 3.0,
     ) -> None:
-        shape = _check_image_recipe("MultiscaleRealNVP", shape, levels, steps, hidden_channels, squeezes=levels - 1)
+        shape = _check_image_recipe(
+            "MultiscaleRealNVP", shape, levels, steps, hidden_channels, context, scale_bound, squeezes_per_level=-1
+        )
 
         def couplings(channels: int, mask: str) -> list[Transform]:
             layers: list[Transform] = []

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from flowforge.registry import register
+from flowforge.validation import check_real
 
 
 class Coupling:
@@ -69,6 +70,10 @@ class _PerConditionCoupling(Coupling):
     """Solves a pairing within each condition group; subclasses give ``pair(cost) -> noise index per data row``."""
 
     def __init__(self, per_condition: bool = True) -> None:
+        if not isinstance(per_condition, bool):
+            raise TypeError(
+                f"per_condition must be a bool (True or False), got {per_condition!r} ({type(per_condition).__name__})"
+            )
         self.per_condition = per_condition
 
     def pair(self, cost: np.ndarray) -> np.ndarray:
@@ -139,9 +144,9 @@ class SinkhornCoupling(_PerConditionCoupling):
 
     def __init__(self, reg: float = 0.05, per_condition: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__(per_condition)
-        if reg <= 0:
-            raise ValueError(f"reg must be > 0, got {reg}")
-        self.reg = float(reg)
+        self.reg = check_real("reg", reg, positive=True)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
 
     def pair(self, cost: np.ndarray) -> np.ndarray:

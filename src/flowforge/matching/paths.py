@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from flowforge.registry import register
+from flowforge.validation import check_real
 
 
 def _expand(coefficient: Tensor, like: Tensor) -> Tensor:
@@ -103,9 +104,9 @@ class LinearPath(AffinePath):
     """
 
     def __init__(self, sigma_min: float = 0.0) -> None:
-        if not 0.0 <= sigma_min < 1.0:
-            raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
-        self.sigma_min = float(sigma_min)
+        self.sigma_min = check_real("sigma_min", sigma_min, non_negative=True)
+        if self.sigma_min >= 1.0:
+            raise ValueError(f"sigma_min must be a finite number in [0, 1), got {sigma_min!r}")
 
     def schedule(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         slope = 1.0 - self.sigma_min
@@ -139,9 +140,13 @@ class VariancePreservingPath(AffinePath):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, s_min: float = 1e-5) -> None:
-        if not 0 < beta_min <= beta_max:
-            raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
-        self.beta_min, self.beta_max, self.s_min = float(beta_min), float(beta_max), float(s_min)
+        self.beta_min = check_real("beta_min", beta_min, positive=True)
+        self.beta_max = check_real("beta_max", beta_max, positive=True)
+        if self.beta_max < self.beta_min:
+            raise ValueError(f"beta_max must be a finite number >= beta_min ({beta_min!r}), got {beta_max!r}")
+        self.s_min = check_real("s_min", s_min, positive=True)
+        if self.s_min >= 1.0:
+            raise ValueError(f"s_min must be a finite number in (0, 1), got {s_min!r}")
 
     def schedule(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         s = (1.0 - t).clamp(min=self.s_min)
@@ -172,10 +177,11 @@ class StochasticInterpolantPath(AffinePath):
     """
 
     def __init__(self, base: AffinePath | None = None, gamma_scale: float = 1.0) -> None:
-        if gamma_scale < 0:
-            raise ValueError(f"gamma_scale must be >= 0, got {gamma_scale}")
+        if base is not None and not isinstance(base, AffinePath):
+            raise TypeError(f"base must be an AffinePath (e.g. LinearPath()) or None, got {type(base).__name__}")
+        gamma_scale = check_real("gamma_scale", gamma_scale, non_negative=True)
         self.base = base if base is not None else LinearPath()
-        self.gamma_scale = float(gamma_scale)
+        self.gamma_scale = gamma_scale
 
     def gamma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`\gamma_t` and :math:`\dot\gamma_t`."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flowforge.registry import register
+from flowforge.validation import check_real
 
 
 class TimeSampler:
@@ -56,9 +57,8 @@ class LogitNormalTime(TimeSampler):
     :math:`\varepsilon \sim \mathcal N(0, 1)`."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
-        if std <= 0:
-            raise ValueError(f"std must be > 0, got {std}")
-        self.mean, self.std = float(mean), float(std)
+        self.mean = check_real("mean", mean)
+        self.std = check_real("std", std, positive=True)
 
     def __call__(self, n, device=None, dtype=None, generator=None) -> Tensor:
         return torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, dtype=dtype)).to(device)
@@ -77,9 +77,11 @@ class ShiftedBetaTime(TimeSampler):
     """
 
     def __init__(self, alpha: float = 1.5, beta: float = 1.0, scale: float = 0.999) -> None:
-        if alpha <= 0 or beta <= 0 or not 0 < scale <= 1:
-            raise ValueError(f"need alpha > 0, beta > 0 and 0 < scale <= 1, got {alpha}, {beta}, {scale}")
-        self.alpha, self.beta, self.scale = float(alpha), float(beta), float(scale)
+        self.alpha = check_real("alpha", alpha, positive=True)
+        self.beta = check_real("beta", beta, positive=True)
+        self.scale = check_real("scale", scale, positive=True)
+        if self.scale > 1:
+            raise ValueError(f"scale must be a finite number in (0, 1], got {scale!r}")
 
     def __call__(self, n, device=None, dtype=None, generator=None) -> Tensor:
         # Beta(a, b) as X / (X + Y) with Gamma draws, so that a torch.Generator can seed it.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
 from flowforge.registry import register
+from flowforge.validation import check_count, check_real, is_count
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -43,8 +44,10 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     def __init__(self, dim: int = 32, max_frequency: float = 16.0) -> None:
         super().__init__()
-        if dim < 2 or dim % 2:
-            raise ValueError(f"the time embedding size must be even and >= 2, got {dim}")
+        if not is_count(dim, low=2) or dim % 2:
+            raise ValueError(f"the time embedding size dim must be an even int >= 2, got {dim!r}")
+        dim = int(dim)
+        max_frequency = check_real("max_frequency", max_frequency, positive=True)
         self.dim = dim
         angular = 2 * math.pi * torch.logspace(0.0, math.log10(max_frequency), dim // 2)
         # cos(a) = sin(a + pi/2): one fused multiply-add and one sine give both halves.
@@ -60,6 +63,27 @@ class SinusoidalTimeEmbedding(nn.Module):
         return torch.addcmul(shift, t[:, None], angular).sin()
 
 
+def _check_bool(name: str, value: object) -> bool:
+    """Refuse anything but a real ``bool`` (``"no"`` and ``1`` are not flags) with a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_sizes(features: object, context: object) -> tuple[int, int]:
+    """``features`` a positive int and ``context`` an int >= 0 (0: no context), as Python ints."""
+    return check_count("features", features), check_count("context", context, low=0)
+
+
+def _check_widths(name: str, widths: object) -> tuple[int, ...]:
+    """A sequence of positive int layer widths (floats are refused, not truncated)."""
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
+        raise ValueError(f"{name} must be a list of layer widths, e.g. [64, 64], got {widths!r}")
+    if not all(is_count(w) for w in widths):
+        raise ValueError(f"{name} widths must be positive ints, got {list(widths)!r}")
+    return tuple(int(w) for w in widths)
+
+
 class _TimeInputs(nn.Module):
     """The time (and optional step-size) features a velocity network sees, shared by both networks.
 
@@ -69,6 +93,10 @@ class _TimeInputs(nn.Module):
 
     def __init__(self, time_embedding: int, step_input: bool) -> None:
         super().__init__()
+        time_embedding = check_count("time_embedding", time_embedding, low=0)
+        if time_embedding and time_embedding % 2:
+            raise ValueError(f"time_embedding must be 0 (raw t) or an even int >= 2, got {time_embedding!r}")
+        _check_bool("step_input", step_input)
         self.embedding = SinusoidalTimeEmbedding(time_embedding) if time_embedding else None
         self.step_input = step_input
         self.size = (time_embedding or 1) * (2 if step_input else 1)
@@ -131,7 +159,9 @@ class VelocityMLP(nn.Module):
         step_input: bool = False,
     ) -> None:
         super().__init__()
-        self.features, self.context_features = int(features), int(context)
+        features, context = _check_sizes(features, context)
+        hidden = _check_widths("hidden", hidden)
+        self.features, self.context_features = features, context
         self.time_inputs = _TimeInputs(time_embedding, step_input)
         self.net = MLP(features + self.time_inputs.size + context, features, hidden, activation)
 
@@ -240,9 +270,10 @@ class ResidualVelocityMLP(nn.Module):
         step_input: bool = False,
     ) -> None:
         super().__init__()
-        if width < 1 or blocks < 0:
-            raise ValueError(f"width must be >= 1 and blocks >= 0, got width={width}, blocks={blocks}")
-        self.features, self.context_features = int(features), int(context)
+        features, context = _check_sizes(features, context)
+        width = check_count("width", width)
+        blocks = check_count("blocks", blocks, low=0)
+        self.features, self.context_features = features, context
         self.time_inputs = _TimeInputs(time_embedding, step_input)
         self.input = nn.Linear(features + self.time_inputs.size + context, width)
         self.blocks = nn.Sequential(*(_ResidualBlock(width, activation) for _ in range(blocks)))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowforge.validation import check_count
+
 VelocityField = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -84,8 +86,7 @@ def integrate_fixed(
 
     ``t1 < t0`` integrates backwards. ``f`` receives ``t`` of shape (batch,).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = check_count("steps", steps)
     if x0.dim() < 1:
         raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
     if _is_scalar(t0) and _is_scalar(t1):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from flowforge.ode.fixed import per_sample_time
+from flowforge.validation import check_count
 
 SDE_METHODS = ("euler_maruyama", "milstein")
 
@@ -54,8 +55,7 @@ def sdeint(
     """
     if method not in SDE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(SDE_METHODS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = check_count("steps", steps)
     if noise is not None and noise.shape != (steps, *x0.shape):
         raise ValueError(f"noise must have shape {(steps, *x0.shape)}, got {tuple(noise.shape)}")
     start = per_sample_time("t0", t_span[0], x0)

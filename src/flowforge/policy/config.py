@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from flowforge.config import check_choice, check_range
+from flowforge.config import check_choice, check_integer, check_range
 from flowforge.errors import ConfigError
+from flowforge.matching.shortcut import MAX_HALVINGS
 from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
 from flowforge.registry import names, register
+from flowforge.validation import MAX_SAMPLER_STEPS
 
 #: The data set features a policy can read as its state.
 STATE_KEYS = ("observation.environment_state", "observation.state")
@@ -181,41 +183,42 @@ class PolicyConfig:
         check_choice("kind", self.kind, names(HEAD_CATEGORY))
         check_choice("state_key", self.state_key, STATE_KEYS)
         for name in ("state_dim", "action_dim", "horizon", "obs_horizon", "width", "layers", "heads"):
-            _check_count(name, getattr(self, name))
+            check_integer(name, getattr(self, name))
         if self.width % self.heads:
             raise ConfigError(f"width = {self.width}: expected a multiple of heads = {self.heads}")
         if self.n_action_steps is None:
             self.n_action_steps = max(1, self.horizon // 2)
-        _check_count("n_action_steps", self.n_action_steps)
+        check_integer("n_action_steps", self.n_action_steps)
         if self.n_action_steps > self.horizon:
             raise ConfigError(f"n_action_steps = {self.n_action_steps}: expected at most horizon = {self.horizon}")
         self._check_vision()
-        _check_count("sampling_steps", self.sampling_steps)
+        check_integer("sampling_steps", self.sampling_steps, high=MAX_SAMPLER_STEPS)
         check_choice("method", self.method, (*TABLEAUS, *ADAPTIVE_METHODS))
         check_range("noise_scale", self.noise_scale, low=0)
-        _check_count("keyframe_stride", self.keyframe_stride)
+        check_integer("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
             raise ConfigError(
                 f"keyframe_stride = {self.keyframe_stride}: expected a divisor of horizon = {self.horizon}"
             )
         check_range("shortcut_fraction", self.shortcut_fraction, low=0, high=1)
-        _check_count("shortcut_halvings", self.shortcut_halvings)
+        check_integer("shortcut_halvings", self.shortcut_halvings, high=MAX_HALVINGS)
         check_range("meanflow_fraction", self.meanflow_fraction, low=0, high=1)
         check_range("meanflow_adaptive_power", self.meanflow_adaptive_power, low=0)
         check_range("consistency_delta", self.consistency_delta, low=0, high=1, low_open=True, high_open=True)
         check_range("consistency_velocity_weight", self.consistency_velocity_weight, low=0)
-        _check_count("consistency_segments", self.consistency_segments)
+        check_integer("consistency_segments", self.consistency_segments)
         check_range("time_embedding_frequency", self.time_embedding_frequency, low=1)
-        if isinstance(self.rtc_training_delay, bool) or not isinstance(self.rtc_training_delay, int):
-            raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay!r}: expected an integer >= 0")
-        if not 0 <= self.rtc_training_delay < self.horizon:
-            raise ConfigError(
-                f"rtc_training_delay = {self.rtc_training_delay}: expected 0 (off) to horizon - 1 = {self.horizon - 1}"
-            )
+        check_integer(
+            "rtc_training_delay",
+            self.rtc_training_delay,
+            low=0,
+            high=self.horizon - 1,
+            note=" (0: off; at most horizon - 1)",
+        )
         if self.rtc_training_delay and self.kind != "flow":
             raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay}: training-time RTC is for kind = 'flow'")
-        _check_count("diffusion_steps", self.diffusion_steps)
-        _check_count("inference_steps", self.inference_steps)
+        check_integer("diffusion_steps", self.diffusion_steps)
+        check_integer("inference_steps", self.inference_steps)
         if self.inference_steps > self.diffusion_steps:
             raise ConfigError(
                 f"inference_steps = {self.inference_steps}: expected at most diffusion_steps = {self.diffusion_steps}"
@@ -230,16 +233,14 @@ class PolicyConfig:
 
     def _check_vision(self) -> None:
         check_choice("image_encoder", self.image_encoder, IMAGE_ENCODERS)
-        _check_count("keypoints", self.keypoints)
+        check_integer("keypoints", self.keypoints)
         channels = self.image_channels
         if not isinstance(channels, list) or not 1 <= len(channels) <= 5:
             raise ConfigError(f"image_channels = {channels!r}: expected a list of 1 to 5 channel counts")
         for value in channels:
-            _check_count("image_channels", value)
+            check_integer("image_channels", value)
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
-        if isinstance(self.augmentation_pixels, bool) or not isinstance(self.augmentation_pixels, int):
-            raise ConfigError(f"augmentation_pixels = {self.augmentation_pixels!r}: expected an integer >= 0")
-        check_range("augmentation_pixels", self.augmentation_pixels, low=0)
+        check_integer("augmentation_pixels", self.augmentation_pixels, low=0)
         check_range("color_jitter", self.color_jitter, low=0, high=1, high_open=True)
         check_choice("image_normalization", self.image_normalization, IMAGE_NORMALIZATIONS)
         if self.cameras is not None:
@@ -269,11 +270,6 @@ class PolicyConfig:
                 f"{needed}x{needed} pixels{cropped}; the encoders take: "
                 + ", ".join(f"{name!r} >= {min_image_size(name, len(channels))}" for name in IMAGE_ENCODERS)
             )
-
-
-def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} = {value!r}: expected an integer >= 1")
 
 
 __all__ = ["DERIVED_FEATURES", "GOAL_KEY", "STATE_KEYS", "PolicyConfig"]

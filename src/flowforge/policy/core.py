@@ -342,6 +342,15 @@ class ChunkPolicy(Rebuildable, nn.Module):
             **settings,
         )
         actions = self.unnormalize_action(result.x)
+        finite = torch.isfinite(actions).flatten(1).all(1)
+        if not bool(finite.all()):
+            # Finite but absurd inputs (a state of 1e20) can overflow inside the network.
+            row = int((~finite).nonzero()[0])
+            state = batch["state"][row]
+            raise ValueError(
+                f"the policy's chunk for observation row {row} is not finite (its state spans "
+                f"{float(state.min()):.3g} to {float(state.max()):.3g}); refusing to act on it"
+            )
         return ChunkResult(actions, result.nfe, time.perf_counter() - start)
 
     # ---------------------------------------------------------------- input checks

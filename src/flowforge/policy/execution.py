@@ -56,7 +56,7 @@ import torch
 from flowforge.policy.config import DERIVED_FEATURES
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
 from flowforge.policy.heads import ChunkGuide, ChunkPrefix, rtc_weights
-from flowforge.validation import check_choice, check_real
+from flowforge.validation import check_choice, check_count, check_real, is_count
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
 #: requested ``delay`` steps before the current one runs out and switched to when it arrives) and
@@ -75,12 +75,17 @@ class ChunkTiming:
     origin: int
 
 
+#: The longest delay in control steps (12.5 s at MetaWorld's 80 Hz; a chunk covers well under a second).
+MAX_DELAY = 1000
+
+
 def _delay_range(delay: int | tuple[int, int]) -> tuple[int, int]:
     """``delay`` as ``(low, high)`` control steps: a fixed delay, or a range drawn from uniformly."""
     values = list(delay) if isinstance(delay, tuple | list) else [delay, delay]
-    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+    if len(values) != 2 or not all(is_count(v, low=0, high=MAX_DELAY) for v in values):
         raise ValueError(
-            f"delay must be an int >= 0, a range (low, high) of them (control steps) or 'real', got {delay!r}"
+            f"delay must be an int in 0..{MAX_DELAY}, a range (low, high) of them (control steps) or 'real', "
+            f"got {delay!r}"
         )
     if values[0] > values[1]:
         raise ValueError(f"delay = {delay!r}: the range's low end is above its high end")
@@ -92,12 +97,15 @@ def _checked_vector(observation: dict[str, Any], key: str) -> np.ndarray:
     value = np.asarray(observation[key])
     if value.ndim != 1 or not np.issubdtype(value.dtype, np.number):
         raise ValueError(f"observation[{key!r}] must be a vector of numbers, got {value.dtype} of shape {value.shape}")
+    with np.errstate(over="ignore"):
+        value = value.astype(np.float32)  # checked after the cast: 1e300 becomes inf here
     if not np.isfinite(value).all():
         bad = int(np.flatnonzero(~np.isfinite(value))[0])
         raise ValueError(
-            f"observation[{key!r}] holds {value[bad]} at index {bad}; a policy acts only on finite observations"
+            f"observation[{key!r}] holds {value[bad]} at index {bad} (as float32); a policy acts only on finite "
+            "observations"
         )
-    return value.astype(np.float32)
+    return value
 
 
 def _goal(observation: dict[str, Any], goal_key: str) -> np.ndarray:
@@ -169,10 +177,7 @@ class ChunkExecutor:
         #: largest value, ``delay``, is what requests plan for and what real-time chunking freezes.
         self.delay_range, self.delay = (low, high), high
         n_action_steps = config.n_action_steps if n_action_steps is None else n_action_steps
-        if isinstance(n_action_steps, bool) or not isinstance(n_action_steps, int):
-            raise ValueError(f"n_action_steps must be an int in 1..{config.horizon}, got {n_action_steps!r}")
-        if not 1 <= n_action_steps <= config.horizon:
-            raise ValueError(f"n_action_steps must be an int in 1..{config.horizon}, got {n_action_steps!r}")
+        n_action_steps = check_count("n_action_steps", n_action_steps, high=config.horizon)
         if temporal_ensemble is not None and (
             isinstance(temporal_ensemble, bool)
             or not isinstance(temporal_ensemble, int | float)

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.data.feature_stats import image_stats
+from flowforge.validation import check_count
 
 #: Image augmentations (``policy.augmentation``).
 AUGMENTATIONS = ("none", "shift", "crop")
@@ -96,8 +97,7 @@ class ImageAugmentation(nn.Module):
         super().__init__()
         if mode not in AUGMENTATIONS:
             raise ValueError(f"augmentation {mode!r} is not one of {', '.join(AUGMENTATIONS)}")
-        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-            raise ValueError(f"pixels = {pixels!r}: expected an integer >= 0")
+        pixels = check_count("pixels", pixels, low=0)
         if not 0 <= color_jitter < 1:
             raise ValueError(f"color_jitter = {color_jitter!r}: expected a number in [0, 1)")
         self.mode, self.pixels, self.color_jitter = mode, pixels, float(color_jitter)

@@ -592,8 +592,9 @@ def held_out_data(run: Run) -> Tensor | None:
 
 def checked_points(run: Run, x: Tensor, source: str) -> Tensor:
     """Points from ``source`` (a file or data set a user named) checked against what the run models:
-    ``(N, *event_shape)``, or flat rows of as many numbers for an image run (reshaped). Raises
-    :class:`DataError` naming ``source``, the shape found and the one expected."""
+    ``(N, *event_shape)``, or flat rows of as many numbers for an image run (reshaped), and integer
+    counts in range for a run on pixel counts. Raises :class:`DataError` naming ``source``, the
+    shape or value found and what is expected."""
     if run.reverse_kl:
         raise DataError(f"{source}: a reverse-KL run is scored against its target density, not data")
     expected = tuple(run.model.event_shape)
@@ -604,6 +605,12 @@ def checked_points(run: Run, x: Tensor, source: str) -> Tensor:
         found = "x".join(str(d) for d in x.shape[1:]) or "scalars"
         wanted = "x".join(str(d) for d in expected)
         raise DataError(f"{source}: points of shape {found}; this run models points of shape {wanted}")
+    levels = run_levels(run)
+    if levels is not None and len(x):
+        outside = (x != x.round()) | (x < 0) | (x > levels - 1)
+        if bool(outside.any()):
+            bad = float(x[outside][0])
+            raise DataError(f"{source}: holds {bad:g}; this run models pixel counts, integers in 0..{levels - 1}")
     return x
 
 

@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 from flowforge.checkpoint import load_model_from_manifest, read_manifest
-from flowforge.config import check_choice, parse_config, read_config
+from flowforge.config import check_choice, check_integer, parse_config, read_config
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError
 from flowforge.policy import POLICY_KINDS, build_policy
-from flowforge.policy.config import _check_count
 from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
     CAMERA_PREFIX,
@@ -117,7 +116,7 @@ class PolicyDistillConfig:
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, DISTILLATION_METHODS)
-        _check_count("intervals", self.intervals)
+        check_integer("intervals", self.intervals)
 
 
 #: Policy settings a distilled student may change from its teacher: how the head trains and samples.

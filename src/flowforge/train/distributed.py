@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from flowforge.errors import DataError
 from flowforge.train.objectives import Batch, Objective
+from flowforge.validation import check_count
 
 
 # ---------------------------------------------------------------- the process group
@@ -278,8 +279,7 @@ class ShardedBatches:
         seed: int = 0,
         workers: int = 0,
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"workers = {workers!r}: expected an integer >= 0 (DataLoader processes)")
+        workers = check_count("workers (DataLoader processes)", workers, low=0)
         rows = rows_of(data)
         if rows == 0:
             raise DataError("data has no rows to train on")

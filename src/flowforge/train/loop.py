@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from flowforge.checkpoint import write_atomic
-from flowforge.config import check_choice, check_range, check_seed
+from flowforge.config import check_choice, check_integer, check_range, check_seed
 from flowforge.errors import ConfigError
 from flowforge.train.distributed import (
     ShardedBatches,
@@ -65,14 +65,10 @@ from flowforge.train.state import (
     save_training_state,
 )
 from flowforge.transforms.base import Compose
+from flowforge.transforms.normalization import ActNorm, BatchNorm
 from flowforge.utils.progress import progress_bar
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key} = {value!r}: expected an integer >= {low}")
 
 
 def _check_flag(key: str, value: Any, optional: bool = False) -> None:
@@ -136,17 +132,12 @@ class TrainerConfig:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        _check_int("steps", self.steps, 1)
-        _check_int("batch_size", self.batch_size, 1)
+        check_integer("steps", self.steps, low=1)
+        check_integer("batch_size", self.batch_size, low=1)
         check_range("lr", self.lr, low=0, low_open=True)
         check_range("weight_decay", self.weight_decay, low=0)
         check_choice("schedule", self.schedule, SCHEDULES)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
-            raise ConfigError(f"warmup_steps = {self.warmup_steps!r}: expected an integer >= 0 and < steps")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ConfigError(
-                f"warmup_steps = {self.warmup_steps!r}: expected an integer >= 0 and < steps ({self.steps})"
-            )
+        check_integer("warmup_steps", self.warmup_steps, low=0, high=self.steps - 1, note=" (fewer than steps)")
         check_range("max_grad_norm", self.max_grad_norm, low=0, low_open=True, optional=True)
         check_range("ema_decay", self.ema_decay, low=0, high=1, low_open=True, high_open=True, optional=True)
         check_choice("precision", self.precision, PRECISIONS)
@@ -157,17 +148,18 @@ class TrainerConfig:
             )
         _check_flag("gradient_checkpointing", self.gradient_checkpointing)
         check_seed("seed", self.seed)
-        _check_int("eval_every", self.eval_every, 0)
+        check_integer("eval_every", self.eval_every, low=0)
         if self.patience is not None:
-            _check_int("patience", self.patience, 1)
+            check_integer("patience", self.patience, low=1)
             if self.eval_every < 1:
                 raise ConfigError(
                     f"patience = {self.patience!r}: patience needs eval_every >= 1 (validation is what early "
                     f"stopping watches), got eval_every = {self.eval_every}"
                 )
-        _check_int("checkpoint_every", self.checkpoint_every, 0)
-        _check_int("log_every", self.log_every, 1)
+        check_integer("checkpoint_every", self.checkpoint_every, low=0)
+        check_integer("log_every", self.log_every, low=1)
         _check_flag("tensorboard", self.tensorboard)
+        _check_flag("progress", self.progress, optional=True)
         _check_flag("progress", self.progress, optional=True)
         # Numbers as floats, so that the config reads back from JSON unchanged (resume compares it).
         self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
@@ -230,6 +222,12 @@ class Trainer:
             raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
         if objective.needs_data and data is None:
             raise ValueError(f"{type(objective).__name__} trains on data: pass data=")
+        batch_statistics = [type(m).__name__ for m in model.modules() if isinstance(m, ActNorm | BatchNorm)]
+        if batch_statistics and objective.needs_data and cfg.batch_size < 2:
+            raise ValueError(
+                f"batch_size = {cfg.batch_size}: the model's {batch_statistics[0]} layers estimate statistics "
+                "from each training batch, which needs at least 2 rows"
+            )
         if data is not None and context is not None and context.shape[0] != rows_of(data):
             raise ValueError(f"context must have one row per data point: {context.shape[0]} != {rows_of(data)}")
         parameter = next(model.parameters(), None)
@@ -471,6 +469,7 @@ class Trainer:
             config=asdict(self.config),
             rank=self.rank,
             world=self.world,
+            metadata=self.metadata,
         )
         self.state, self.best_weights = loaded.state, loaded.best_weights
 

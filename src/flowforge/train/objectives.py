@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from flowforge.validation import check_count
+
 #: ``(x, context)``: ``x`` a tensor of rows or a dict of tensors with the same rows.
 Batch = tuple[Tensor | dict[str, Tensor], Tensor | None]
 
@@ -211,9 +213,7 @@ class NegativeELBO(Objective):
     """
 
     def __init__(self, samples: int = 1) -> None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive int, got {samples!r}")
-        self.samples = samples
+        self.samples = check_count("samples", samples)
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
         x, context = batch

@@ -17,6 +17,7 @@ as well, a run killed at any moment and resumed ends with the same weights as an
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -204,6 +205,7 @@ def load_training_state(
     config: dict[str, Any],
     rank: int = 0,
     world: int = 1,
+    metadata: dict[str, Any] | None = None,
 ) -> LoadedTrainingState:
     """Restore a run saved by :func:`save_training_state`: the model, optimizer, schedule, scaler,
     EMA and objective in place, this process's random state, and the counters (returned).
@@ -212,7 +214,8 @@ def load_training_state(
     processes, rank 0's otherwise (a run resumed on another number of processes).
 
     Raises :class:`~flowforge.errors.CheckpointError` when the folder holds weights only, or was
-    trained under another config (``progress`` aside).
+    trained under another trainer config (``progress`` aside), another model config, or, when
+    ``metadata`` is given, other run metadata (the setting that changed is named).
     """
     directory = Path(directory)
     model, optimizer, scheduler, scaler, objective, ema = parts.unpacked()
@@ -224,6 +227,19 @@ def load_training_state(
     if saved != current:
         changed = sorted(k for k in current if saved.get(k) != current[k])
         raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
+    # The model's rebuild config and the run's metadata (its data, objective, statistics) must match
+    # too: weights trained on one setting must not continue, or be relabelled, under another.
+    compared = [("model", manifest.get("model"), _rebuild_config(model))]
+    if metadata is not None:
+        compared.append(("metadata", manifest.get("metadata"), metadata))
+    for where, before, now in compared:
+        changed = _changed_settings(before, _as_json(now), where)
+        if changed:
+            shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise CheckpointError(
+                f"cannot resume {directory}: the run was trained with other settings ({shown}); "
+                "resume with the settings it was started with, or start a new run in another folder"
+            )
     weights = load_tensors(directory, "model", manifest)
     if set(weights) != set(model.state_dict()):
         # An earlier layout of the model: its weights load renamed, but the optimizer and EMA
@@ -263,6 +279,36 @@ def load_training_state(
 def _device_of(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _rebuild_config(model: nn.Module) -> Any:
+    try:
+        return model_manifest(model)["model"]
+    except RebuildError:
+        return None
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from a manifest (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(value))
+
+
+def _changed_settings(saved: Any, current: Any, where: str) -> list[str]:
+    """Each ``where.key: saved -> current`` that differs between two JSON values (``progress`` aside)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        changed = []
+        for key in sorted(set(saved) | set(current)):
+            if key != "progress":
+                changed += _changed_settings(saved.get(key), current.get(key), f"{where}.{key}")
+        return changed
+    if saved == current:
+        return []
+    return [f"{where}: {_short(saved)} -> {_short(current)}"]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 __all__ = [

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from flowforge.nn import MADE
 from flowforge.transforms.base import Transform
 from flowforge.transforms.elementwise import AffineElementwise, ElementwiseTransformer
+from flowforge.validation import check_count
 
 
 class MaskedAutoregressive(Transform):
@@ -62,9 +63,18 @@ class MaskedAutoregressive(Transform):
         order: Sequence[int] | Tensor | None = None,
     ) -> None:
         super().__init__()
+        features = check_count("features", features)
+        context = check_count("context", context, low=0)
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be a bool (True or False), got {residual!r} ({type(residual).__name__})")
+        if transformer is not None and not isinstance(transformer, ElementwiseTransformer):
+            raise TypeError(
+                f"transformer must be an ElementwiseTransformer (e.g. AffineElementwise()) or None, "
+                f"got {type(transformer).__name__}"
+            )
         self.transformer = AffineElementwise() if transformer is None else transformer
-        self.features = int(features)
-        self.context_features = int(context)
+        self.features = features
+        self.context_features = context
         self.made = MADE(features, self.transformer.params_per_feature, context, hidden, residual, activation, order)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -108,8 +108,7 @@ class ContinuousFlowTransform(Transform):
         check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
         check_count("steps", steps)
         check_count("features", features)
-        if isinstance(context, bool) or not isinstance(context, int) or context < 0:
-            raise ValueError(f"context must be an int >= 0 (0: no context), got {context!r}")
+        context = check_count("context (0: no context)", context, low=0)
         if not isinstance(adjoint, bool):
             raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
         self.velocity = velocity

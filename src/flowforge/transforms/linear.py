@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.transforms.base import Transform
+from flowforge.validation import check_count
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -70,8 +71,7 @@ class LULinear(Transform):
 
     def __init__(self, features: int, identity_init: bool = True, min_diagonal: float = 1e-3) -> None:
         super().__init__()
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be a positive int, got {features!r}")
+        features = check_count("features", features)
         if not isinstance(identity_init, bool):
             raise ValueError(f"identity_init must be a bool, got {identity_init!r}")
         if not (0.0 < min_diagonal < 1.0):

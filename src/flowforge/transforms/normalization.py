@@ -22,13 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.transforms.base import Transform
-from flowforge.validation import describe_shape
-
-
-def _check_features(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+from flowforge.validation import check_count, describe_shape
 
 
 class ActNorm(Transform):
@@ -78,9 +72,9 @@ class ActNorm(Transform):
 
     def __init__(self, features: int, *, image: bool = False) -> None:
         super().__init__()
-        self.channels = _check_features("features", features)
+        self.channels = check_count("features", features)
         self.image = bool(image)
-        self.features = None if image else features
+        self.features = None if image else self.channels
         self.shift = nn.Parameter(torch.zeros(features))
         self.log_scale = nn.Parameter(torch.zeros(features))
         self.register_buffer("initialized", torch.tensor(False))
@@ -238,7 +232,7 @@ class BatchNorm(Transform):
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
-        self.features = _check_features("features", features)
+        self.features = check_count("features", features)
         if not (0.0 < momentum <= 1.0):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         if not (eps > 0 and math.isfinite(eps)):

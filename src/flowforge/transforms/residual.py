@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from flowforge.ode.divergence import roulette_weights
 from flowforge.transforms.base import Transform
+from flowforge.validation import check_count
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -235,10 +236,8 @@ class ResidualBlock(Transform):
         max_iterations: int = 2000,
     ) -> None:
         super().__init__()
-        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-            raise ValueError(f"features must be a positive int, got {features!r}")
-        if context < 0:
-            raise ValueError(f"context must be >= 0, got {context}")
+        features = check_count("features", features)
+        context = check_count("context", context, low=0)
         if not 0.0 < coefficient < 1.0:
             raise ValueError(f"coefficient must be in (0, 1) for g to be a contraction, got {coefficient}")
         if logdet not in ("series", "exact"):

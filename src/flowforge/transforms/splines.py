@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowforge.transforms.elementwise import ElementwiseTransformer
+from flowforge.validation import check_count, check_real
 
 #: Smallest bin width/height as a fraction of the interval, and smallest knot derivative.
 MIN_BIN_SIZE = 1e-3
@@ -92,6 +93,11 @@ def rational_quadratic_spline(
     >>> bool(torch.allclose(x_back, x, atol=1e-5)), bool(torch.isfinite(logdet).all())
     (True, True)
     """
+    bound = check_real("bound", bound)
+    if bound <= 0:
+        raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+    if not isinstance(inverse, bool):
+        raise TypeError(f"inverse must be a bool (True or False), got {inverse!r} ({type(inverse).__name__})")
     bins = unnormalized_widths.shape[-1]
     if unnormalized_heights.shape[-1] != bins or unnormalized_derivatives.shape[-1] != bins - 1:
         raise ValueError(
@@ -171,12 +177,16 @@ class RationalQuadraticSpline(ElementwiseTransformer):
 
     def __init__(self, bins: int = 8, bound: float = 5.0) -> None:
         super().__init__()
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an int >= 2, got {bins!r}")
-        if not (bound > 0 and math.isfinite(bound)):
-            raise ValueError(f"bound must be a positive finite number, got {bound}")
+        bins = check_count("bins", bins, low=2)
+        if bins * MIN_BIN_SIZE >= 1:
+            raise ValueError(
+                f"bins must be an int in 2..{round(1 / MIN_BIN_SIZE) - 1} (minimum bin size), got {bins!r}"
+            )
         self.bins = bins
-        self.bound = float(bound)
+        bound = check_real("bound", bound)
+        if bound <= 0:
+            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+        self.bound = bound
         self.params_per_feature = 3 * bins - 1
 
     def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
