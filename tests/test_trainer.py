@@ -133,45 +133,20 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_another_model_or_run_metadata_naming_the_setting(tmp_path: Path) -> None:
-    settings = TrainerConfig(steps=5, batch_size=8)
     data = torch.randn(50, 2)
-    Trainer(
-        RealNVP(2, transforms=2, hidden=(8,)),
-        MaximumLikelihood(),
-        settings,
-        data=data,
-        directory=tmp_path,
-        metadata={"data": {"name": "moons"}},
-    ).fit()
-    other_model = Trainer(
-        RealNVP(2, transforms=2, hidden=(8,), activation=torch.nn.Tanh),
-        MaximumLikelihood(),
-        settings,
-        data=data,
-        directory=tmp_path,
-        metadata={"data": {"name": "moons"}},
-    )
+
+    def trainer(data_name: str, **model_options) -> Trainer:
+        flow = RealNVP(2, transforms=2, hidden=(8,), **model_options)
+        settings = TrainerConfig(steps=5, batch_size=8)
+        metadata = {"data": {"name": data_name}}
+        return Trainer(flow, MaximumLikelihood(), settings, data=data, directory=tmp_path, metadata=metadata)
+
+    trainer("moons").fit()
     with pytest.raises(CheckpointError, match=r"model\.arguments\.activation.*\"relu\" -> \"tanh\""):
-        other_model.fit(resume=True)
-    other_data = Trainer(
-        RealNVP(2, transforms=2, hidden=(8,)),
-        MaximumLikelihood(),
-        settings,
-        data=data,
-        directory=tmp_path,
-        metadata={"data": {"name": "checkerboard"}},
-    )
+        trainer("moons", activation=torch.nn.Tanh).fit(resume=True)
     with pytest.raises(CheckpointError, match=r"metadata\.data\.name: \"moons\" -> \"checkerboard\""):
-        other_data.fit(resume=True)
-    same = Trainer(
-        RealNVP(2, transforms=2, hidden=(8,)),
-        MaximumLikelihood(),
-        settings,
-        data=data,
-        directory=tmp_path,
-        metadata={"data": {"name": "moons"}},
-    )
-    assert same.fit(resume=True).step == 5
+        trainer("checkerboard").fit(resume=True)
+    assert trainer("moons").fit(resume=True).step == 5
 
 
 def test_maximum_likelihood_and_flow_matching_training_reduce_their_losses() -> None:
