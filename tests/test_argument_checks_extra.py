@@ -17,7 +17,6 @@ from flowforge.matching.paths import LinearPath, StochasticInterpolantPath, Vari
 from flowforge.matching.time import LogitNormalTime, ShiftedBetaTime
 from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, VelocityMLP
 from flowforge.transforms import MaskedAutoregressive, RationalQuadraticSpline
-from flowforge.transforms.splines import rational_quadratic_spline
 
 NAN, INF = float("nan"), float("inf")
 
@@ -179,7 +178,6 @@ def test_recipes_refuse_bad_seeds(build) -> None:
         (lambda: MAF(3, batch_norm=1), "batch_norm"),
         (lambda: ResidualFlow(2, actnorm="no"), "actnorm"),
         (lambda: MaskedAutoregressive(3, residual="yes"), "residual"),
-        (lambda: rational_quadratic_spline(*[torch.zeros(2, k) for k in (1, 4, 4, 3)], 1.0, inverse="no"), "inverse"),
     ],
 )
 def test_boolean_arguments_must_be_bools(build, name) -> None:

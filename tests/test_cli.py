@@ -578,7 +578,7 @@ def test_batches_of_one_are_refused_for_models_with_batch_statistics(tmp_path: P
     result = CliRunner().invoke(
         app, ["demo", "--model", "residual", "--batch-size", "1", "--out", str(tmp_path / "d"), "--no-progress"]
     )
-    assert result.exit_code == 2 and "--batch-size 1: residual's normalisation layers" in result.stderr
+    assert result.exit_code == 2 and "--batch-size: batch_size = 1: the model's ActNorm layers" in result.stderr
     result = _train(CONFIGS / "residual_moons.toml", tmp_path / "r", "--set", "train.batch_size=1")
     assert result.exit_code == 2 and "batch_size = 1: the model's ActNorm layers" in result.stderr, result.output
     assert result.stdout == "" and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()

@@ -309,7 +309,7 @@ def test_bad_constructor_arguments_are_refused_with_the_choices() -> None:
         VAE(levels=1)
     with pytest.raises(ValueError, match=r"hidden must be a sequence of positive ints .* got \(0,\)"):
         VAE(hidden=(0,))
-    with pytest.raises(ValueError, match="latent must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="latent must be a positive int, got 0"):
         VAE(latent=0)
     with pytest.raises(TypeError, match=r"activation must be an nn.Module class"):
         VAE(activation="relu")

@@ -147,7 +147,7 @@ def demo(
     from flowforge.data import TOY_DATASETS, toy_dataset
     from flowforge.eval import negative_log_likelihood, plot_density_2d
     from flowforge.train import fit_maximum_likelihood
-    from flowforge.transforms.normalization import ActNorm, BatchNorm
+    from flowforge.train.loop import check_batch_statistics
 
     if dataset not in TOY_DATASETS:
         raise ConfigError(f"--dataset: unknown data set {dataset!r}; choose one of {', '.join(TOY_DATASETS)}")
@@ -159,8 +159,10 @@ def demo(
     train_data = toy_dataset(dataset, 20_000, seed=seed)
     test_data = toy_dataset(dataset, 10_000, seed=seed + 1)
     flow = registry.lookup("model", model)(2, transforms=transforms, hidden=(64, 64))
-    if batch_size < 2 and any(isinstance(m, ActNorm | BatchNorm) for m in flow.modules()):
-        raise ConfigError(f"--batch-size {batch_size}: {model}'s normalisation layers need batches of at least 2")
+    try:
+        check_batch_statistics(flow, batch_size)
+    except ValueError as error:
+        raise ConfigError(f"--batch-size: {error}") from error
     typer.echo(f"training {model} ({transforms} layers) on {dataset}: {steps} steps, batch {batch_size}")
     start = time.perf_counter()
     losses = fit_maximum_likelihood(flow, train_data, steps=steps, batch_size=batch_size, seed=seed, progress=progress)

@@ -175,6 +175,20 @@ def check_count(name: str, value: object, *, low: int = 1, high: int | None = No
     return int(value)
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Refuse anything but a real ``bool`` (``"no"`` is truthy, ``1`` is not a flag) with a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_widths(name: str, widths: object) -> tuple[int, ...]:
+    """Layer widths: a sequence (may be empty) of positive ints, as a tuple (floats are refused, not truncated)."""
+    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence) or not all(is_count(w) for w in widths):
+        raise ValueError(f"{name} must be a sequence of positive ints (layer widths, may be empty), got {widths!r}")
+    return tuple(int(w) for w in widths)
+
+
 def check_sample_count(n: object) -> int:
     """Check the number of samples requested from a flow or distribution."""
     return check_count("n", n)

@@ -36,7 +36,7 @@ from flowforge.transforms import (
     Squeeze,
     Transform,
 )
-from flowforge.validation import check_choice, check_count, check_real, is_count
+from flowforge.validation import check_bool, check_choice, check_count, check_real, is_count
 
 
 def _check_recipe_args(
@@ -54,13 +54,6 @@ def _check_recipe_args(
         raise ValueError(f"hidden must be a list of layer widths, e.g. [64, 64] ([] for linear), got {hidden!r}")
     if not all(is_count(width) for width in hidden):
         raise ValueError(f"hidden widths must be positive ints, got {list(hidden)!r}")
-
-
-def _check_bool(name: str, value: object) -> bool:
-    """Refuse anything but a real ``bool`` (``"no"`` is truthy, ``1`` is not a flag) with a ``TypeError``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
-    return value
 
 
 def _check_seed(seed: object) -> int:
@@ -228,8 +221,8 @@ class MAF(Flow):
     ) -> None:
         name = type(self).__name__
         _check_recipe_args(name, features, context, transforms, hidden, coupling=False)
-        _check_bool("residual", residual)
-        _check_bool("batch_norm", batch_norm)
+        check_bool("residual", residual)
+        check_bool("batch_norm", batch_norm)
         if batch_norm and self._inverted:
             raise ValueError(
                 f"{name} samples through the inverse of its layers, which BatchNorm allows in eval mode only"
@@ -316,8 +309,8 @@ class NSF(Flow):
         activation: type[nn.Module] = nn.ReLU,
         seed: int = 0,
     ) -> None:
-        _check_bool("autoregressive", autoregressive)
-        _check_bool("residual", residual)
+        check_bool("autoregressive", autoregressive)
+        check_bool("residual", residual)
         _check_recipe_args("NSF", features, context, transforms, hidden, coupling=not autoregressive)
         check_choice("mixing", mixing, _MIXINGS)
         seed = _check_seed(seed)
@@ -377,7 +370,7 @@ class ResidualFlow(Flow):
         actnorm: bool = True,
     ) -> None:
         _check_recipe_args("ResidualFlow", features, context, transforms, hidden, coupling=False)
-        _check_bool("actnorm", actnorm)
+        check_bool("actnorm", actnorm)
         layers: list[Transform] = []
         for _ in range(transforms):
             if actnorm:

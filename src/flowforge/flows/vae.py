@@ -119,6 +119,7 @@ from flowforge.validation import (
     check_count,
     check_floating,
     check_sample_count,
+    check_widths,
     describe_shape,
     finite_checks_enabled,
 )
@@ -133,22 +134,6 @@ CHUNK_ROWS = 8192
 #: Soft clamp on the discretised logistic's log-scale (pixel units): s in (e^-4, e^4).
 _LOGISTIC_LOG_SCALE_BOUND = 4.0
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_widths(name: str, value: object) -> tuple[int, ...]:
-    try:
-        widths = tuple(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of positive ints (may be empty), got {value!r}") from None
-    if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"{name} must be a sequence of positive ints (may be empty), got {value!r}")
-    return widths
 
 
 def _check_latents(z: object, latent: int) -> None:
@@ -212,18 +197,18 @@ class VAE(Rebuildable, nn.Module):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.features = _check_int("features", features, 1)
-        self.latent = _check_int("latent", latent, 1)
-        hidden = _check_widths("hidden", hidden)
-        flow_hidden = _check_widths("flow_hidden", flow_hidden)
-        prior_hidden = _check_widths("prior_hidden", prior_hidden)
+        self.features = check_count("features", features, low=1)
+        self.latent = check_count("latent", latent, low=1)
+        hidden = check_widths("hidden", hidden)
+        flow_hidden = check_widths("flow_hidden", flow_hidden)
+        prior_hidden = check_widths("prior_hidden", prior_hidden)
         self.posterior_kind = check_choice("posterior", posterior, POSTERIORS)
         self.prior_kind = check_choice("prior", prior, PRIORS)
         self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS)
-        _check_int("transforms", transforms, 1)
-        _check_int("prior_transforms", prior_transforms, 1)
-        _check_int("encoder_context", encoder_context, 0)
-        self.levels = _check_int("levels", levels, 2)
+        check_count("transforms", transforms, low=1)
+        check_count("prior_transforms", prior_transforms, low=1)
+        check_count("encoder_context", encoder_context, low=0)
+        self.levels = check_count("levels", levels, low=2)
         if not isinstance(activation, type) or not issubclass(activation, nn.Module):
             raise TypeError(f"activation must be an nn.Module class such as torch.nn.ReLU, got {activation!r}")
         if posterior == "coupling" and latent < 2:

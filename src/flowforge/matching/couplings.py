@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowforge.registry import register
-from flowforge.validation import check_real
+from flowforge.validation import check_bool, check_real
 
 
 class Coupling:
@@ -70,11 +70,7 @@ class _PerConditionCoupling(Coupling):
     """Solves a pairing within each condition group; subclasses give ``pair(cost) -> noise index per data row``."""
 
     def __init__(self, per_condition: bool = True) -> None:
-        if not isinstance(per_condition, bool):
-            raise TypeError(
-                f"per_condition must be a bool (True or False), got {per_condition!r} ({type(per_condition).__name__})"
-            )
-        self.per_condition = per_condition
+        self.per_condition = check_bool("per_condition", per_condition)
 
     def pair(self, cost: np.ndarray) -> np.ndarray:
         raise NotImplementedError

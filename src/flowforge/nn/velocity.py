@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
 from flowforge.registry import register
-from flowforge.validation import check_count, check_real, is_count
+from flowforge.validation import check_bool, check_count, check_real, check_widths, is_count
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -63,25 +63,9 @@ class SinusoidalTimeEmbedding(nn.Module):
         return torch.addcmul(shift, t[:, None], angular).sin()
 
 
-def _check_bool(name: str, value: object) -> bool:
-    """Refuse anything but a real ``bool`` (``"no"`` and ``1`` are not flags) with a ``TypeError``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
-    return value
-
-
 def _check_sizes(features: object, context: object) -> tuple[int, int]:
     """``features`` a positive int and ``context`` an int >= 0 (0: no context), as Python ints."""
     return check_count("features", features), check_count("context", context, low=0)
-
-
-def _check_widths(name: str, widths: object) -> tuple[int, ...]:
-    """A sequence of positive int layer widths (floats are refused, not truncated)."""
-    if isinstance(widths, str | bytes) or not isinstance(widths, Sequence):
-        raise ValueError(f"{name} must be a list of layer widths, e.g. [64, 64], got {widths!r}")
-    if not all(is_count(w) for w in widths):
-        raise ValueError(f"{name} widths must be positive ints, got {list(widths)!r}")
-    return tuple(int(w) for w in widths)
 
 
 class _TimeInputs(nn.Module):
@@ -96,7 +80,7 @@ class _TimeInputs(nn.Module):
         time_embedding = check_count("time_embedding", time_embedding, low=0)
         if time_embedding and time_embedding % 2:
             raise ValueError(f"time_embedding must be 0 (raw t) or an even int >= 2, got {time_embedding!r}")
-        _check_bool("step_input", step_input)
+        check_bool("step_input", step_input)
         self.embedding = SinusoidalTimeEmbedding(time_embedding) if time_embedding else None
         self.step_input = step_input
         self.size = (time_embedding or 1) * (2 if step_input else 1)
@@ -160,7 +144,7 @@ class VelocityMLP(nn.Module):
     ) -> None:
         super().__init__()
         features, context = _check_sizes(features, context)
-        hidden = _check_widths("hidden", hidden)
+        hidden = check_widths("hidden", hidden)
         self.features, self.context_features = features, context
         self.time_inputs = _TimeInputs(time_embedding, step_input)
         self.net = MLP(features + self.time_inputs.size + context, features, hidden, activation)

@@ -76,6 +76,16 @@ def _check_flag(key: str, value: Any, optional: bool = False) -> None:
         raise ConfigError(f"{key} = {value!r}: expected true or false" + (" (or none)" if optional else ""))
 
 
+def check_batch_statistics(model: nn.Module, batch_size: int) -> None:
+    """Refuse batches of one for a model whose ActNorm or BatchNorm layers estimate statistics from each batch."""
+    layers = [type(m).__name__ for m in model.modules() if isinstance(m, ActNorm | BatchNorm)]
+    if layers and batch_size < 2:
+        raise ValueError(
+            f"batch_size = {batch_size}: the model's {layers[0]} layers estimate statistics from each training "
+            "batch, which needs at least 2 rows"
+        )
+
+
 @dataclass
 class TrainerConfig:
     """Settings of a training run (all JSON-serialisable, stored in every checkpoint).
@@ -222,12 +232,8 @@ class Trainer:
             raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
         if objective.needs_data and data is None:
             raise ValueError(f"{type(objective).__name__} trains on data: pass data=")
-        batch_statistics = [type(m).__name__ for m in model.modules() if isinstance(m, ActNorm | BatchNorm)]
-        if batch_statistics and objective.needs_data and cfg.batch_size < 2:
-            raise ValueError(
-                f"batch_size = {cfg.batch_size}: the model's {batch_statistics[0]} layers estimate statistics "
-                "from each training batch, which needs at least 2 rows"
-            )
+        if objective.needs_data:
+            check_batch_statistics(model, cfg.batch_size)
         if data is not None and context is not None and context.shape[0] != rows_of(data):
             raise ValueError(f"context must have one row per data point: {context.shape[0]} != {rows_of(data)}")
         parameter = next(model.parameters(), None)

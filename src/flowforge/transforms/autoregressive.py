@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from flowforge.nn import MADE
 from flowforge.transforms.base import Transform
 from flowforge.transforms.elementwise import AffineElementwise, ElementwiseTransformer
-from flowforge.validation import check_count
+from flowforge.validation import check_bool, check_count
 
 
 class MaskedAutoregressive(Transform):
@@ -65,8 +65,7 @@ class MaskedAutoregressive(Transform):
         super().__init__()
         features = check_count("features", features)
         context = check_count("context", context, low=0)
-        if not isinstance(residual, bool):
-            raise TypeError(f"residual must be a bool (True or False), got {residual!r} ({type(residual).__name__})")
+        check_bool("residual", residual)
         if transformer is not None and not isinstance(transformer, ElementwiseTransformer):
             raise TypeError(
                 f"transformer must be an ElementwiseTransformer (e.g. AffineElementwise()) or None, "

@@ -93,11 +93,6 @@ def rational_quadratic_spline(
     >>> bool(torch.allclose(x_back, x, atol=1e-5)), bool(torch.isfinite(logdet).all())
     (True, True)
     """
-    bound = check_real("bound", bound)
-    if bound <= 0:
-        raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-    if not isinstance(inverse, bool):
-        raise TypeError(f"inverse must be a bool (True or False), got {inverse!r} ({type(inverse).__name__})")
     bins = unnormalized_widths.shape[-1]
     if unnormalized_heights.shape[-1] != bins or unnormalized_derivatives.shape[-1] != bins - 1:
         raise ValueError(
