@@ -94,6 +94,41 @@ def test_consistency_distillation_from_a_closed_form_teacher_learns_the_closed_f
     torch.testing.assert_close(samples.std(0), torch.full((2,), SCALE, dtype=torch.float64), atol=0.1, rtol=0)
 
 
+class OneStepMap(nn.Module):
+    """F(x, 0) = shift + (SCALE - 1) x: one consistency step maps N(0, I) to N(shift, SCALE^2 I)."""
+
+    features = 2
+
+    def __init__(self, shift) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x, t, context=None):
+        return self.shift + (SCALE - 1) * x
+
+
+def test_consistency_validation_scores_one_step_samples_against_the_data() -> None:
+    """The curriculum changes what the loss measures, so validation (and the best weights kept by
+    early stopping) compares one-step samples with held-out data: the exact map scores near zero, a
+    shifted one does not; fixed noise makes it repeatable and the caller's random stream is untouched."""
+    from flowforge.eval.metrics import energy_distance
+    from flowforge.train import FlowMatchingObjective
+
+    torch.manual_seed(0)
+    data = MU + SCALE * torch.randn(1500, 2, dtype=torch.float64)
+    exact = ConsistencyMatcher(OneStepMap(MU)).double()
+    shifted = ConsistencyMatcher(OneStepMap(MU + 0.5)).double()
+    state = torch.get_rng_state()
+    score = FlowMatchingObjective().validation(exact, (data, None))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert score == exact.validation_distance(data)
+    assert score < 0.01 < shifted.validation_distance(data)
+    torch.manual_seed(0)
+    assert score == energy_distance(exact.sample(1500), data)
+    torch.manual_seed(0)
+    assert exact.validation_distance(data, max_rows=100) == energy_distance(exact.sample(100), data[:100])
+
+
 def test_a_student_distilled_from_a_teacher_starts_as_its_one_step_euler_map() -> None:
     from flowforge.matching import ExactOTCoupling, VariancePreservingPath
 

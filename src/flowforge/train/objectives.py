@@ -60,6 +60,15 @@ class FlowMatchingObjective(Objective):
         x, context = batch
         return model.loss(x, context)
 
+    def validation(self, model: nn.Module, batch: Batch | None) -> float:
+        """The loss on the held-out batch; for a consistency model, whose loss changes meaning as its
+        curriculum refines the grid, the energy distance of its one-step samples to that batch
+        (``ConsistencyMatcher.validation_distance``)."""
+        x, context = batch
+        if hasattr(model, "validation_distance"):
+            return model.validation_distance(x, context)
+        return float(model.loss(x, context))
+
 
 class PolicyObjective(Objective):
     """A policy's own loss on a batch dict (``model.loss(batch)``): flow matching, regression or DDPM."""
