@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -556,12 +557,25 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
     assert not (tmp_path / "mixed").exists()
 
 
-@pytest.mark.parametrize("extra", [["--images", "--cameras", " , "], ["--cameras", "corner"]])
-def test_data_collect_refuses_an_empty_camera_list_or_cameras_without_images(tmp_path: Path, extra) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--images", "--cameras", " , "], "--cameras ' , ': an empty name"),
+        (["--cameras", "corner"], "--camera/--cameras choose the cameras of --images: add --images"),
+        (["--camera", "corner"], "--camera/--cameras choose the cameras of --images: add --images"),
+        (["--images", "--cameras", "corner,bogusCam"], "--cameras 'corner,bogusCam': unknown MetaWorld camera"),
+        (["--images", "--cameras", "corner,corner"], "--cameras 'corner,corner': corner named more than once"),
+        (["--images", "--camera", "topview", "--cameras", "corner"], "give one camera or the list, not both"),
+        (["--images", "--camera", "bogus"], "--camera 'bogus': unknown MetaWorld camera 'bogus'; known: topview"),
+        (["--tasks", "reach-v3,,push-v3"], "--tasks 'reach-v3,,push-v3': an empty name"),
+        (["--tasks", "reach-v3,reach"], "--tasks 'reach-v3,reach': unknown MetaWorld v3 task 'reach'"),
+    ],
+)
+def test_data_collect_refuses_bad_camera_and_task_lists_naming_the_option(tmp_path: Path, extra, message) -> None:
     out = tmp_path / "demos"
     result = runner.invoke(app, ["data", "collect", "--out", str(out), "--tasks", "reach-v3", *extra])
-    assert result.exit_code == 2 and "name one or more cameras, with --images" in result.output
-    assert not out.exists()
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert result.stdout == "" and not out.exists()
 
 
 def test_eval_refuses_pixel_counts_out_of_range(tmp_path: Path) -> None:
@@ -582,3 +596,41 @@ def test_batches_of_one_are_refused_for_models_with_batch_statistics(tmp_path: P
     result = _train(CONFIGS / "residual_moons.toml", tmp_path / "r", "--set", "train.batch_size=1")
     assert result.exit_code == 2 and "batch_size = 1: the model's ActNorm layers" in result.stderr, result.output
     assert result.stdout == "" and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_size_the_machine_cannot_allocate_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A batch of 10**13 rows asks the allocator for tens of terabytes: a refused size, not a traceback."""
+    out = tmp_path / "run"
+    args = ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, [*args, "--set", "train.batch_size=10000000000000"])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: out of memory (") and "GiB" in lines[0] and "batch size" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_a_data_file_too_small_for_the_test_metrics_is_refused_before_training(tmp_path: Path) -> None:
+    """The held-out split keeps at least two rows (MMD's within-sample terms need two); four rows train
+    and evaluate, three are refused before anything is written."""
+    config = tmp_path / "small.toml"
+    for rows, works in ((3, False), (4, True)):
+        np.save(tmp_path / "small.npy", np.random.default_rng(0).normal(size=(rows, 2)).astype(np.float32))
+        config.write_text(f'[model]\nkind = "realnvp"\n[data]\npath = "{tmp_path / "small.npy"}"\n')
+        out = tmp_path / f"run{rows}"
+        result = _train(config, out, "--set", "train.batch_size=2")
+        if works:
+            assert result.exit_code == 0 and "mmd" in result.output, result.output
+        else:
+            assert result.exit_code == 2 and "3 rows leave too few to train on" in result.stderr, result.output
+            assert not out.exists()
+
+
+def test_a_run_whose_config_was_edited_to_other_data_is_refused_with_the_shapes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    record = json.loads((run / "checkpoint.json").read_text())
+    record["metadata"]["run"]["data"]["name"] = "digits"
+    (run / "checkpoint.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(app, ["eval", str(run)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "the run's held-out split ([data] name = 'digits'): points of shape 64" in result.stderr

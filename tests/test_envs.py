@@ -123,4 +123,10 @@ def test_a_task_named_twice_is_refused(tmp_path) -> None:
     save_model(tmp_path / "policy", ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False)))
     args = ["policy", "eval", str(tmp_path / "policy"), "--tasks", "reach-v3,push-v3,reach-v3", "--no-progress"]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2 and "names reach-v3 more than once" in result.stderr, result.output
+    assert result.exit_code == 2 and "reach-v3 named more than once" in result.stderr, result.output
+    for execution, message in (
+        ("foo", "--execution 'foo': expected one of sync, async"),
+        ("rtc-trained", "trained without it"),
+    ):
+        result = CliRunner().invoke(app, [*args[:3], "--execution", execution, "--delay", "2"])
+        assert result.exit_code == 2 and message in result.stderr, result.output

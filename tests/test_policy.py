@@ -339,7 +339,7 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert report["mean_boundary_jump"] >= 0 and report["mean_action_change_within_chunks"] >= 0
     assert "within a chunk: mean" in delayed.output
     bad = runner.invoke(app, ["policy", "eval", str(run), "--tasks", "fly-v3"])
-    assert bad.exit_code != 0 and "unknown or no tasks" in bad.output
+    assert bad.exit_code == 2 and "--tasks 'fly-v3': unknown MetaWorld v3 task 'fly-v3'" in bad.stderr
 
 
 def test_a_distilled_student_starts_as_its_teacher_and_refuses_another_network(one_demo: Path, tmp_path: Path) -> None:

@@ -251,6 +251,34 @@ def test_the_frame_cache_round_trips_every_frame_and_resumes(tmp_path: Path, mon
         FrameCache.build(EpisodeDataset(other), key, tmp_path)
 
 
+def test_the_frame_cache_grows_with_a_data_set_that_gained_episodes(tmp_path: Path, monkeypatch) -> None:
+    """A resumed collection appends episodes: the cache keeps what it decoded and decodes the rest,
+    also when a kill left the grown array under the old record."""
+    import json
+
+    dataset = EpisodeDataset(FIXTURE)
+    key = "observation.images.wrist"
+    expected = FrameCache.build(dataset, key, tmp_path).take(range(int(sum(dataset.lengths))))
+    where = tmp_path / key
+    record = json.loads((where / "progress.json").read_text())
+    two = int(sum(dataset.lengths[:2]))
+    for grown_already in (False, True):
+        earlier = {**record, "episodes": 2, "source": {**record["source"], "lengths": record["source"]["lengths"][:2]}}
+        (where / "progress.json").write_text(json.dumps(earlier))  # the cache of the set before its third episode
+        if not grown_already:
+            np.save(where / "frames.npy", expected[:two].numpy())
+        real = EpisodeDataset.camera_frames
+        decoded = []
+        monkeypatch.setattr(
+            EpisodeDataset, "camera_frames", lambda s, e, k, f=None: decoded.append(e) or real(s, e, k, f)
+        )
+        cache = FrameCache.build(dataset, key, tmp_path)
+        monkeypatch.setattr(EpisodeDataset, "camera_frames", real)
+        assert decoded == [2] and torch.equal(cache.take(range(len(cache))), expected)
+        assert json.loads((where / "progress.json").read_text()) == record
+        assert not list(where.glob("*.growing.npy"))
+
+
 def test_a_second_builder_of_one_frame_cache_waits_for_the_first(tmp_path: Path) -> None:
     """Two runs started together on one data set build its cache in turn: one truncating the array
     while the other reads it would hand training frames of zeros."""

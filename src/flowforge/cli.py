@@ -10,9 +10,11 @@ number below an option's minimum, too); commands check their inputs before writi
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +48,11 @@ class _OneLineErrors(TyperGroup):
             message = " ".join(str(error).split()) or type(error).__name__
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code=2) from None
+        except (MemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            typer.echo(f"error: {_out_of_memory_message(error)}", err=True)
+            raise typer.Exit(code=2) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """The parser's own refusals (an unknown option, a value out of an option's range) as one
@@ -68,6 +75,21 @@ class _OneLineErrors(TyperGroup):
             typer.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """An allocation the machine cannot make (torch raises ``RuntimeError`` on the CPU,
+    ``torch.OutOfMemoryError`` on a GPU): a size in the user's config or options, not a bug."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
+def _out_of_memory_message(error: BaseException) -> str:
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB asked for one tensor)" if asked else ""
+    return (
+        f"out of memory{size}: a size in the config or options is too large for this machine; "
+        "lower the batch size, the model's widths or the chunk length"
+    )
 
 
 def _usage_message(error: Exception, given: list[str]) -> str:
@@ -404,7 +426,7 @@ def data_collect(
     episodes: Annotated[int, typer.Option(min=1, help="Successful episodes per task.")] = 10,
     env: Annotated[str, typer.Option(help="Simulator (metaworld).")] = "metaworld",
     images: Annotated[bool, typer.Option("--images/--no-images", help="Also store camera images.")] = False,
-    camera: Annotated[str, typer.Option(help="Camera for --images.")] = "corner",
+    camera: Annotated[str | None, typer.Option(help="Camera for --images (default corner).")] = None,
     cameras: Annotated[
         str | None,
         typer.Option(help="Several cameras for --images, comma-separated MetaWorld names (corner,gripperPOV)."),
@@ -416,23 +438,27 @@ def data_collect(
     """Roll out the scripted experts, keep successful episodes, write them in the LeRobot v3 layout."""
     if env != "metaworld":
         raise ConfigError(f"--env: unknown simulator {env!r}; available: metaworld")
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not names:
-        raise ConfigError(f"--tasks {tasks!r}: name at least one task, e.g. reach-v3,push-v3")
+    from flowforge.envs.metaworld import CAMERAS, INSTRUCTIONS
+
+    names = _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
+    if camera is not None and cameras is not None:
+        raise ConfigError(f"--camera {camera!r} and --cameras {cameras!r}: give one camera or the list, not both")
+    camera_names = None if cameras is None else _name_list("--cameras", cameras, CAMERAS, "MetaWorld camera")
+    if camera is not None:
+        _name_list("--camera", camera, CAMERAS, "MetaWorld camera")
+    if (camera is not None or cameras is not None) and not images:
+        raise ConfigError("--camera/--cameras choose the cameras of --images: add --images")
     _output_path(out, "--out")
     from flowforge.envs.collect import collect
 
     start = time.perf_counter()
     try:
-        camera_names = [c.strip() for c in cameras.split(",") if c.strip()] if cameras is not None else None
-        if camera_names == [] or (camera_names and not images):
-            raise ValueError(f"--cameras {cameras!r}: name one or more cameras, with --images")
         counts = collect(
             names,
             episodes,
             out,
             images=images,
-            camera=camera,
+            camera="corner" if camera is None else camera,
             cameras=camera_names,
             size=size,
             seed=seed,
@@ -522,13 +548,17 @@ def policy_eval(
     from flowforge.envs.evaluate import evaluate
     from flowforge.envs.metaworld import INSTRUCTIONS
     from flowforge.policy import ChunkExecutor
+    from flowforge.policy.execution import EXECUTIONS
     from flowforge.runs.policy import load_policy
 
     if out is not None:
         _output_path(out, "--out", (".json",))
     if video is not None:
         _output_path(video, "--video")
+    if execution not in EXECUTIONS:
+        raise ConfigError(f"--execution {execution!r}: expected one of {', '.join(EXECUTIONS)}")
     delay_steps = _delay_option(delay)
+    names = None if tasks is None else _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     policy = load_policy(checkpoint)
     config = policy.policy_config
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
@@ -536,18 +566,11 @@ def policy_eval(
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
         raise ConfigError(str(error)) from error
-    if tasks is None:
+    if names is None:
         by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
         names = [by_instruction[text] for text in config.instructions if text in by_instruction]
-    else:
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in INSTRUCTIONS]
-    if unknown or not names:
-        where = "--tasks" if tasks is not None else "the policy's instructions name no MetaWorld task; --tasks"
-        raise ConfigError(f"{where}: unknown or no tasks: {', '.join(unknown) or '(none)'}; e.g. reach-v3,push-v3")
-    repeated = sorted({t for t in names if names.count(t) > 1})
-    if repeated:
-        raise ConfigError(f"--tasks {tasks!r}: names {', '.join(repeated)} more than once; name each task once")
+        if not names:
+            raise ConfigError("the policy's instructions name no MetaWorld task: choose them with --tasks")
     report = evaluate(
         policy,
         names,
@@ -564,6 +587,21 @@ def policy_eval(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_dict(), indent=2))
         typer.echo(f"wrote {out}")
+
+
+def _name_list(option: str, text: str, allowed: Iterable[str], kind: str) -> list[str]:
+    """A comma-separated option (``--tasks``, ``--cameras``): each name non-empty, known and given once."""
+    allowed = list(allowed)
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"{option} {text!r}: an empty name; give comma-separated names, e.g. {','.join(allowed[:2])}")
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ConfigError(f"{option} {text!r}: unknown {kind} {unknown[0]!r}; known: {', '.join(allowed)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"{option} {text!r}: {', '.join(repeated)} named more than once; name each once")
+    return names
 
 
 def _delay_option(text: str) -> int | tuple[int, int] | str:

@@ -12,7 +12,8 @@ frames, both read by global frame index (the data set's row) a batch at a time:
   84x84 RGB is 21 KB a frame, 1.3 GB for 60,000 frames). ``progress.json`` beside it records the
   data set it was built from (folder, episode lengths, frame shape) and how many episodes are
   decoded; it is replaced atomically after each episode, so an interrupted build resumes from
-  there, and a cache of another data set is refused, never mixed. Two processes that build one
+  there. A data set that gained episodes (a resumed collection) grows its cache, keeping the frames
+  already decoded; a cache of another data set is refused, never mixed. Two processes that build one
   cache at once (two runs started together on one data set) take turns through a file lock.
 * :class:`EncodedFrames`: the PNG files of an image feature, held in memory as one byte buffer with
   offsets (no Python object per frame, so worker processes forked from the trainer share it), and
@@ -88,6 +89,39 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _extends(cached: Any, source: dict[str, Any]) -> bool:
+    """Whether ``source`` is the cached data set with episodes appended (a resumed collection)."""
+    if not isinstance(cached, dict) or not isinstance(cached.get("lengths"), list):
+        return False
+    same = all(cached.get(key) == source[key] for key in ("root", "feature", "shape"))
+    old = cached["lengths"]
+    return same and len(old) < len(source["lengths"]) and source["lengths"][: len(old)] == old
+
+
+def _extend(
+    record: dict[str, Any], source: dict[str, Any], frames_path: Path, record_path: Path, shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """Grow the cache to a data set that gained episodes, keeping the frames already decoded.
+
+    The larger array is written beside the old one and renamed over it before the record changes;
+    a process killed in between leaves the larger array under the old record, which the next call
+    recognises by its shape and only records."""
+    if frames_path.is_file():
+        frames = np.load(frames_path, mmap_mode="r")
+        if frames.shape != shape:
+            done = int(sum(record["source"]["lengths"][: record["episodes"]]))
+            partial = frames_path.with_suffix(".growing.npy")
+            grown = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            grown[:done] = frames[:done]
+            grown.flush()
+            del grown
+            os.replace(partial, frames_path)
+        del frames
+    record = {**record, "source": source}
+    _write_json(record_path, record)
+    return record
+
+
 class FrameCache:
     """One camera feature's frames, decoded, on disk, memory-mapped (see the module docstring).
 
@@ -141,6 +175,8 @@ class FrameCache:
                 record = json.loads(record_path.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise DataError(f"{record_path}: not a readable frame-cache record ({error})") from error
+            if record.get("source") != source and _extends(record.get("source"), source):
+                record = _extend(record, source, frames_path, record_path, shape)
             if record.get("source") != source:
                 differs = [k for k in source if record.get("source", {}).get(k) != source[k]]
                 raise DataError(

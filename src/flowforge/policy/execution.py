@@ -166,6 +166,12 @@ class ChunkExecutor:
         max_guidance = check_real("max_guidance", max_guidance, non_negative=True)
         if execution == "rtc-trained" and self.real:
             raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
+        if execution == "rtc-trained" and not config.rtc_training_delay:
+            raise ValueError(
+                f"execution='rtc-trained' samples with the executed prefix given, which a policy learns only when "
+                f"trained with rtc_training_delay >= 1 (a flow policy's [policy] setting); this {config.kind!r} "
+                "policy was trained without it: use execution='rtc' (flow heads) or 'async'"
+            )
         if execution == "rtc-trained" and high > config.rtc_training_delay:
             raise ValueError(
                 f"execution='rtc-trained' with delay = {delay} needs a flow policy trained with "

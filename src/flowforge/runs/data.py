@@ -175,9 +175,12 @@ def load_data(config: DataConfig) -> RunData:
     table = sklearn_dataset(config.name) if config.name is not None else load_table(config.path)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(table.shape[0], generator=generator)
-    n_test = max(1, round(config.test_fraction * table.shape[0]))
+    n_test = max(2, round(config.test_fraction * table.shape[0]))  # the sample metrics compare >= 2 rows
     if table.shape[0] - n_test < 2:
-        raise DataError(f"{config.path or config.name}: {table.shape[0]} rows leave too few to train on")
+        raise DataError(
+            f"{config.path or config.name}: {table.shape[0]} rows leave too few to train on (test_fraction = "
+            f"{config.test_fraction} holds out {n_test}, at least 2 for the test metrics; at least 2 must train)"
+        )
     test, train = table[order[:n_test]], table[order[n_test:]]
     if config.name in COUNT_DATASETS:
         return RunData(train, test, train, test, None, COUNT_DATASETS[config.name])

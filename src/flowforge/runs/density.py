@@ -587,7 +587,12 @@ def held_out_data(run: Run) -> Tensor | None:
     """The run's own test split in the data's units (``None`` for reverse KL)."""
     if run.reverse_kl:
         return None
-    return load_data(run.config.data).test_units
+    data = run.config.data
+    # Checked like a user's file: a hand-edited config may name a set of another shape.
+    source = (
+        f"the run's held-out split ([data] {'name = ' + repr(data.name) if data.name else 'path = ' + repr(data.path)})"
+    )
+    return checked_points(run, load_data(data).test_units, source)
 
 
 def checked_points(run: Run, x: Tensor, source: str) -> Tensor:
