@@ -262,16 +262,19 @@ def test_the_frame_cache_grows_with_a_data_set_that_gained_episodes(tmp_path: Pa
     where = tmp_path / key
     record = json.loads((where / "progress.json").read_text())
     two = int(sum(dataset.lengths[:2]))
+    real, decoded = EpisodeDataset.camera_frames, []
+
+    def counting(self, episode, feature, frames=None):
+        decoded.append(episode)
+        return real(self, episode, feature, frames)
+
     for grown_already in (False, True):
         earlier = {**record, "episodes": 2, "source": {**record["source"], "lengths": record["source"]["lengths"][:2]}}
         (where / "progress.json").write_text(json.dumps(earlier))  # the cache of the set before its third episode
         if not grown_already:
             np.save(where / "frames.npy", expected[:two].numpy())
-        real = EpisodeDataset.camera_frames
-        decoded = []
-        monkeypatch.setattr(
-            EpisodeDataset, "camera_frames", lambda s, e, k, f=None: decoded.append(e) or real(s, e, k, f)
-        )
+        decoded.clear()
+        monkeypatch.setattr(EpisodeDataset, "camera_frames", counting)
         cache = FrameCache.build(dataset, key, tmp_path)
         monkeypatch.setattr(EpisodeDataset, "camera_frames", real)
         assert decoded == [2] and torch.equal(cache.take(range(len(cache))), expected)
