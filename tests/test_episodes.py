@@ -110,7 +110,7 @@ def test_data_commands(state_set: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["data", "collect", "--out", str(tmp_path / "x"), "--tasks", "fly-v3", "--episodes", "1"]
     )
-    assert result.exit_code != 0 and "unknown MetaWorld task 'fly-v3'" in result.output
+    assert result.exit_code != 0 and "unknown MetaWorld v3 task 'fly-v3'" in result.output
     result = runner.invoke(app, ["data", "info", str(tmp_path / "nothing")])
     assert result.exit_code != 0 and "meta/info.json is missing" in result.output
 

@@ -112,7 +112,7 @@ def test_consistency_validation_scores_one_step_samples_against_the_data() -> No
     early stopping) compares one-step samples with held-out data: the exact map scores near zero, a
     shifted one does not; fixed noise makes it repeatable and the caller's random stream is untouched."""
     from flowforge.eval.metrics import energy_distance
-    from flowforge.train import FlowMatchingObjective
+    from flowforge.train.objectives import FlowMatchingObjective, one_step_sample_distance
 
     torch.manual_seed(0)
     data = MU + SCALE * torch.randn(1500, 2, dtype=torch.float64)
@@ -121,12 +121,12 @@ def test_consistency_validation_scores_one_step_samples_against_the_data() -> No
     state = torch.get_rng_state()
     score = FlowMatchingObjective().validation(exact, (data, None))
     assert torch.equal(torch.get_rng_state(), state)
-    assert score == exact.validation_distance(data)
-    assert score < 0.01 < shifted.validation_distance(data)
+    assert score == one_step_sample_distance(exact, data)
+    assert score < 0.01 < one_step_sample_distance(shifted, data)
     torch.manual_seed(0)
     assert score == energy_distance(exact.sample(1500), data)
     torch.manual_seed(0)
-    assert exact.validation_distance(data, max_rows=100) == energy_distance(exact.sample(100), data[:100])
+    assert one_step_sample_distance(exact, data, max_rows=100) == energy_distance(exact.sample(100), data[:100])
 
 
 def test_a_student_distilled_from_a_teacher_starts_as_its_one_step_euler_map() -> None:

@@ -267,28 +267,6 @@ class ConsistencyMatcher(FlowMatcher):
         prediction = self.consistency_function(noisy, early, context)
         return (prediction - target).flatten(1).square().sum(1).mean()
 
-    @torch.no_grad()
-    def validation_distance(
-        self, x1: Tensor, context: Tensor | None = None, max_rows: int = 2048, seed: int = 0
-    ) -> float:
-        """Energy distance between one-step samples and held-out data ``x1`` (its first ``max_rows``
-        rows, each sample drawn with its row's context), from noise of a fixed ``seed``.
-
-        The training loss is no yardstick across a run: the curriculum refines the grid, and the loss
-        on a finer grid measures a different gap (it rises while the samples improve). What a user of
-        a consistency model gets is its one-step samples, so validation and early stopping compare
-        those with the data. The fixed seed makes successive validations differ by the weights only.
-        """
-        from flowforge.eval.metrics import energy_distance  # eval imports the flows, which import this
-
-        rows = min(x1.shape[0], check_count("max_rows", max_rows))
-        x1 = x1[:rows]
-        context = None if context is None else context[:rows]
-        with torch.random.fork_rng(devices=[x1.device] if x1.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            samples = self.sample(rows) if context is None else self.sample(1, context)  # one draw per row
-        return energy_distance(samples.reshape(rows, -1), x1.reshape(rows, -1))
-
     # ------------------------------------------------------------------ sampling
     def rsample(
         self,
