@@ -63,11 +63,13 @@ def fit(
     indices: Tensor,
     lr: float = LR,
     clip_norm: float = CLIP_NORM,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[list[float], float]:
     """Minimise ``loss_of(batch)``; returns the wall time of every step and the last loss.
 
     Adam at ``lr`` with cosine decay to 0 over ``len(indices)`` steps, gradient-norm clipping at
-    ``clip_norm``; step ``i`` trains on ``data[indices[i]]``.
+    ``clip_norm``; step ``i`` trains on ``data[indices[i]]``; ``after_step`` runs after each
+    optimizer step, untimed (an EMA update, for example).
     """
     steps = indices.shape[0]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -83,6 +85,8 @@ def fit(
         optimizer.step()
         scheduler.step()
         times.append(time.perf_counter() - start)
+        if after_step is not None:
+            after_step()
     return times, loss.item()
 
 

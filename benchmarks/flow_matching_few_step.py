@@ -125,6 +125,7 @@ from flowforge.matching import (
     straightness,
 )
 from flowforge.nn import VelocityMLP
+from flowforge.train import ExponentialMovingAverage
 
 FEATURES = 2
 TIME_EMBEDDING = 32
@@ -159,25 +160,32 @@ class QualityResult:
     w2_draws: dict[int, list[float]] | None = None  # NFE -> W2 of each draw
 
 
-def train_matcher(matcher: FlowMatcher, data: Tensor, args: argparse.Namespace, seed: int) -> float:
-    indices = batch_indices(N_TRAIN, args.steps, args.batch, seed)
+def fit_matcher(
+    matcher: FlowMatcher, loss_of: Callable[[Tensor], Tensor], data: Tensor, indices: Tensor, ema: float
+) -> float:
+    """Train ``matcher`` on ``loss_of`` (the shared loop); with ``ema`` > 0 it ends holding the
+    exponential moving average of its weights (decay ``ema``). Returns the wall time."""
     start = time.perf_counter()
     matcher.train()
-    fit(list(matcher.parameters()), matcher.loss, data, indices)
+    average = ExponentialMovingAverage(matcher, ema) if ema else None
+    fit(list(matcher.parameters()), loss_of, data, indices, after_step=average and (lambda: average.update(matcher)))
+    if average is not None:
+        matcher.load_state_dict(average.shadow)
     matcher.eval()
     return time.perf_counter() - start
+
+
+def train_matcher(matcher: FlowMatcher, data: Tensor, args: argparse.Namespace, seed: int) -> float:
+    indices = batch_indices(N_TRAIN, args.steps, args.batch, seed)
+    return fit_matcher(matcher, matcher.loss, data, indices, args.ema)
 
 
 def train_distilled(
     student: ConsistencyMatcher, teacher: FlowMatcher, data: Tensor, args: argparse.Namespace, seed: int
 ) -> float:
     indices = batch_indices(N_TRAIN, args.steps, args.batch, seed)
-    start = time.perf_counter()
-    student.train()
     teacher.eval()
-    fit(list(student.parameters()), lambda x1: student.distillation_loss(x1, teacher), data, indices)
-    student.eval()
-    return time.perf_counter() - start
+    return fit_matcher(student, lambda x1: student.distillation_loss(x1, teacher), data, indices, args.ema)
 
 
 def consistency_model(args: argparse.Namespace) -> ConsistencyMatcher:
@@ -189,11 +197,7 @@ def consistency_model(args: argparse.Namespace) -> ConsistencyMatcher:
 def train_on_pairs(matcher: FlowMatcher, x0: Tensor, x1: Tensor, args: argparse.Namespace, seed: int) -> float:
     pairs = torch.cat([x0, x1], dim=1)
     indices = batch_indices(pairs.shape[0], args.steps, args.batch, seed)
-    start = time.perf_counter()
-    matcher.train()
-    fit(list(matcher.parameters()), lambda p: matcher.loss(p[:, FEATURES:], x0=p[:, :FEATURES]), pairs, indices)
-    matcher.eval()
-    return time.perf_counter() - start
+    return fit_matcher(matcher, lambda p: matcher.loss(p[:, FEATURES:], x0=p[:, :FEATURES]), pairs, indices, args.ema)
 
 
 def quality(dataset: str, args: argparse.Namespace) -> list[QualityResult]:
@@ -408,6 +412,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--meanflow-fraction", type=float, default=0.5, help="MeanFlow: share of rows with a span (default 0.5)"
     )
     parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="every model ends with the exponential moving average of its weights, this decay (default 0: off)",
+    )
+    parser.add_argument(
         "--consistency-huber",
         type=float,
         default=None,
@@ -429,6 +439,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.distillation_intervals < 1:
         parser.error(f"--distillation-intervals {args.distillation_intervals}: need an integer >= 1")
+    args.models = [name for name in MODELS if name in args.models]  # teachers train before their students
+    for student, teacher in (("reflow", "cfm"), ("cd", "ot-cfm")):
+        if student in args.models and teacher not in args.models:
+            parser.error(f"--models: {student} learns from {teacher}; add {teacher}")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema {args.ema}: need a decay in [0, 1) (0: off)")
     if args.sample_draws < 1:
         parser.error(f"--sample-draws {args.sample_draws}: need an integer >= 1")
     if args.results.is_dir() or any(p.exists() and not p.is_dir() for p in args.results.parents):
