@@ -634,3 +634,40 @@ def test_a_run_whose_config_was_edited_to_other_data_is_refused_with_the_shapes(
     result = CliRunner().invoke(app, ["eval", str(run)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "the run's held-out split ([data] name = 'digits'): points of shape 64" in result.stderr
+
+
+def test_sizes_beyond_the_bounds_are_refused_where_they_enter(tmp_path: Path) -> None:
+    """Sizes that would overflow an index or loop for hours are refused naming the setting and its range."""
+    huge = "99999999999999999999"
+    cases = [
+        (
+            ["--set", f"train.batch_size={huge}"],
+            "batch_size = 99999999999999999999: expected an integer in [1, 16777216]",
+        ),
+        (["--set", f"model.options.transforms={huge}"], "transforms must be an int in 1..1000"),
+    ]
+    for extra, message in cases:
+        result = _train(CONFIGS / "realnvp_moons.toml", tmp_path / "run", *extra)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert not (tmp_path / "run").exists()
+    result = runner.invoke(app, ["demo", "--batch-size", huge, "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--batch-size" in result.stderr and not (tmp_path / "d").exists()
+
+
+def test_a_model_that_gives_nan_writes_no_samples_and_a_bad_metrics_file_is_named(tmp_path: Path) -> None:
+    from flowforge import runs
+    from flowforge.errors import NumericalError
+
+    run_folder = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run_folder).exit_code == 0
+    run = runs.load_run(run_folder)
+    with torch.no_grad():
+        for parameter in run.model.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(NumericalError, match="5 of the model's 5 samples hold NaN or inf"):
+        runs.draw_samples(run, 5)
+    with (run_folder / "metrics.csv").open("a") as handle:
+        handle.write("9,abc,0.1,\n")
+    result = CliRunner().invoke(app, ["plot", str(run_folder), "-o", str(tmp_path / "p.png")])
+    assert result.exit_code == 2 and "metrics.csv, line" in result.stderr and "'abc' are not numbers" in result.stderr
+    assert not (tmp_path / "p.png").exists()

@@ -124,6 +124,10 @@ def test_a_task_named_twice_is_refused(tmp_path) -> None:
     args = ["policy", "eval", str(tmp_path / "policy"), "--tasks", "reach-v3,push-v3,reach-v3", "--no-progress"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "reach-v3 named more than once" in result.stderr, result.output
+    result = CliRunner().invoke(
+        app, [*args[:3], "--tasks", "reach-v3", "--noise-scale", "1e38", "--episodes", "1", "--max-steps", "5"]
+    )
+    assert result.exit_code == 2 and "is not finite" in result.stderr and "Traceback" not in result.output
     for execution, message in (
         ("foo", "--execution 'foo': expected one of sync, async"),
         ("rtc-trained", "trained without it"),

@@ -38,8 +38,8 @@ def test_bad_arguments_are_refused(recipe) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"transforms": True}, r"transforms must be a positive int, got True"),
-        ({"transforms": 2.0}, r"transforms must be a positive int, got 2.0"),
+        ({"transforms": True}, r"transforms must be an int in 1..1000, got True"),
+        ({"transforms": 2.0}, r"transforms must be an int in 1..1000, got 2.0"),
         ({"hidden": [1.5]}, r"hidden widths must be positive ints, got \[1.5\]"),
         ({"hidden": "64"}, r"hidden must be a list of layer widths"),
         ({"context": 1.0}, r"context must be an int >= 0, got 1.0"),

@@ -368,6 +368,10 @@ def test_decoding_in_workers_gives_the_batches_of_the_main_process(tmp_path: Pat
         ),
         ({"image_shape": [3, 12, 12], "image_channels": [4, 8, 8]}, r"'resnet-keypoints' needs at least 17x17"),
         ({"augmentation": "flip"}, r"augmentation = 'flip' is not one of none, shift, crop"),
+        (
+            {"image_shape": [3, 32, 32], "augmentation": "shift", "augmentation_pixels": 16},
+            r"augmentation_pixels = 16: a shift moves the image by less than half its side; expected at most 15",
+        ),
         ({"color_jitter": 1.5}, r"color_jitter = 1.5: expected a finite number >= 0 and < 1"),
         ({"cameras": ["corner", "corner"]}, r"cameras = \['corner', 'corner'\]: a camera is named twice"),
         ({"cameras": ["left.eye"]}, r"cameras: 'left.eye' is not a camera name"),

@@ -26,7 +26,7 @@ import flowforge
 from flowforge.config import MAX_SEED
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.utils.progress import progress_enabled
-from flowforge.validation import MAX_SAMPLER_STEPS
+from flowforge.validation import MAX_BATCH_SIZE, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_SAMPLES
 
 #: The most solver steps a command takes (every family is at its best well below it).
 #: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
@@ -156,8 +156,8 @@ def demo(
         str, typer.Option(help="A flow over vectors: realnvp, nice, maf, iaf, nsf, residual.")
     ] = "realnvp",
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 2000,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    transforms: Annotated[int, typer.Option(min=1, help="Flow layers.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH_SIZE)] = 256,
+    transforms: Annotated[int, typer.Option(min=1, max=MAX_LAYERS, help="Flow layers.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the plot.")] = Path("flowforge-demo"),
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     progress: Annotated[
@@ -312,7 +312,7 @@ def _held_out(run, data: str | None) -> torch.Tensor | None:
 @app.command()
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder written by `flowforge train`.")],
-    n: Annotated[int, typer.Option("-n", min=1, help="Number of samples.")] = 1000,
+    n: Annotated[int, typer.Option("-n", min=1, max=MAX_SAMPLES, help="Number of samples.")] = 1000,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.npy or .csv).")] = Path("samples.npy"),
     steps: Annotated[
         int,

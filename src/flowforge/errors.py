@@ -36,8 +36,21 @@ class ODESolverError(FlowforgeError, RuntimeError):
     """An ODE solve that cannot finish (step size underflow, too many steps, non-finite state)."""
 
 
+class NumericalError(FlowforgeError, ValueError):
+    """NaN or inf from a model and the input or settings given (diverged weights, an overflowing
+    temperature): what it would have produced is refused, never handed on."""
+
+
 class RebuildError(FlowforgeError, TypeError):
     """A model that cannot be saved so that it rebuilds: an argument is of a type with no registered name."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "FlowforgeError", "ODESolverError", "RebuildError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FlowforgeError",
+    "NumericalError",
+    "ODESolverError",
+    "RebuildError",
+]

@@ -155,6 +155,14 @@ def check_times(name: str, value: object, batch: int, batch_of: str, dtype: torc
 
 #: The most sampler steps a command or config may ask for (a step is one network evaluation or more).
 MAX_SAMPLER_STEPS = 1000
+#: The deepest stack of flow layers (or policy transformer layers) a model may be built with.
+MAX_LAYERS = 1000
+#: The largest minibatch (a larger one overflows the data sampler's index type before any memory check).
+MAX_BATCH_SIZE = 2**24
+#: The longest action chunk a policy may predict.
+MAX_HORIZON = 1000
+#: The most samples one command draws.
+MAX_SAMPLES = 10**7
 
 
 def is_count(value: object, low: int = 1, high: int | None = None) -> bool:

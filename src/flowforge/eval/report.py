@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from flowforge.errors import FlowforgeError
+from flowforge.errors import NumericalError
 from flowforge.eval.metrics import energy_distance, mmd, sliced_wasserstein
 
 
@@ -33,7 +33,7 @@ def sample_metrics(generated: Tensor, reference: Tensor, seed: int = 0) -> dict[
     generated, reference = generated.flatten(1).float(), reference.flatten(1).float()
     if not bool(torch.isfinite(generated).all()):
         bad = int((~torch.isfinite(generated)).any(1).sum())
-        raise FlowforgeError(
+        raise NumericalError(
             f"{bad} of the model's {generated.shape[0]} samples hold NaN or inf: the model diverged or its "
             "sampler is unstable; no sample metric can be computed"
         )

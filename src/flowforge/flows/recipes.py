@@ -36,7 +36,7 @@ from flowforge.transforms import (
     Squeeze,
     Transform,
 )
-from flowforge.validation import check_bool, check_choice, check_count, check_real, is_count
+from flowforge.validation import MAX_LAYERS, check_bool, check_choice, check_count, check_real, is_count
 
 
 def _check_recipe_args(
@@ -49,7 +49,7 @@ def _check_recipe_args(
     if isinstance(features, bool) or not isinstance(features, int) or features < 1:
         raise ValueError(f"{name} needs features >= 1, got {features!r}")
     check_count("context", context, low=0)
-    check_count("transforms", transforms)
+    check_count("transforms", transforms, high=MAX_LAYERS)
     if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
         raise ValueError(f"hidden must be a list of layer widths, e.g. [64, 64] ([] for linear), got {hidden!r}")
     if not all(is_count(width) for width in hidden):

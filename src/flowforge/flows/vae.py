@@ -114,6 +114,7 @@ from flowforge.transforms import (
 )
 from flowforge.transforms.elementwise import soft_clamp
 from flowforge.validation import (
+    MAX_LAYERS,
     check_batched,
     check_choice,
     check_count,
@@ -205,7 +206,7 @@ class VAE(Rebuildable, nn.Module):
         self.posterior_kind = check_choice("posterior", posterior, POSTERIORS)
         self.prior_kind = check_choice("prior", prior, PRIORS)
         self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS)
-        check_count("transforms", transforms, low=1)
+        check_count("transforms", transforms, high=MAX_LAYERS)
         check_count("prior_transforms", prior_transforms, low=1)
         check_count("encoder_context", encoder_context, low=0)
         self.levels = check_count("levels", levels, low=2)

@@ -17,7 +17,7 @@ from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
 from flowforge.registry import names, register
-from flowforge.validation import MAX_SAMPLER_STEPS
+from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS
 
 #: The data set features a policy can read as its state.
 STATE_KEYS = ("observation.environment_state", "observation.state")
@@ -182,8 +182,10 @@ class PolicyConfig:
 
         check_choice("kind", self.kind, names(HEAD_CATEGORY))
         check_choice("state_key", self.state_key, STATE_KEYS)
-        for name in ("state_dim", "action_dim", "horizon", "obs_horizon", "width", "layers", "heads"):
+        for name in ("state_dim", "action_dim", "obs_horizon", "width", "heads"):
             check_integer(name, getattr(self, name))
+        check_integer("horizon", self.horizon, high=MAX_HORIZON)
+        check_integer("layers", self.layers, high=MAX_LAYERS)
         if self.width % self.heads:
             raise ConfigError(f"width = {self.width}: expected a multiple of heads = {self.heads}")
         if self.n_action_steps is None:
@@ -260,6 +262,11 @@ class PolicyConfig:
         self.image_shape = [int(s) for s in self.image_shape]
         if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
             raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")
+        if self.augmentation == "shift" and 2 * self.augmentation_pixels >= min(self.image_shape[1:]):
+            raise ConfigError(
+                f"augmentation_pixels = {self.augmentation_pixels}: a shift moves the image by less than half its "
+                f"side; expected at most {(min(self.image_shape[1:]) - 1) // 2} for image_shape = {self.image_shape}"
+            )
         removed = 2 * self.augmentation_pixels if self.augmentation == "crop" else 0
         seen = min(self.image_shape[1:]) - removed
         needed = min_image_size(self.image_encoder, len(channels))

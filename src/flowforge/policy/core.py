@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.data.normalize import Normalizer
-from flowforge.errors import DataError
+from flowforge.errors import DataError, NumericalError
 from flowforge.policy.config import DERIVED_FEATURES, PolicyConfig
 from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
@@ -347,9 +347,10 @@ class ChunkPolicy(Rebuildable, nn.Module):
             # Finite but absurd inputs (a state of 1e20) can overflow inside the network.
             row = int((~finite).nonzero()[0])
             state = batch["state"][row]
-            raise ValueError(
+            raise NumericalError(
                 f"the policy's chunk for observation row {row} is not finite (its state spans "
-                f"{float(state.min()):.3g} to {float(state.max()):.3g}); refusing to act on it"
+                f"{float(state.min()):.3g} to {float(state.max()):.3g}, noise_scale = {sampling.noise_scale}); "
+                "refusing to act on it: the weights may have diverged, or the temperature is too large"
             )
         return ChunkResult(actions, result.nfe, time.perf_counter() - start)
 

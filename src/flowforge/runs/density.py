@@ -68,7 +68,7 @@ from flowforge import registry
 from flowforge.checkpoint import load_model, read_manifest, write_atomic
 from flowforge.config import apply_overrides, build_config, build_dataclass, check_choice, check_range, read_document
 from flowforge.data import DIGIT_LEVELS, TARGETS, Standardizer, target
-from flowforge.errors import CheckpointError, ConfigError, DataError, FlowforgeError
+from flowforge.errors import CheckpointError, ConfigError, DataError, NumericalError
 from flowforge.eval.image_quality import (
     DigitsClassifier,
     conditional_accuracy,
@@ -563,6 +563,12 @@ def draw_samples(
                 parts.append(model.sample(count))
             bar.update(count)
     x = torch.cat(parts).float()
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    if not bool(finite.all()):
+        raise NumericalError(
+            f"{int((~finite).sum())} of the model's {n} samples hold NaN or inf: the model diverged or its "
+            "sampler is unstable; nothing is written"
+        )
     if matches_counts(run):
         return model_units_to_counts(x, run_levels(run))
     return run.standardizer.inverse(x) if run.standardizer is not None else x
@@ -677,12 +683,6 @@ def image_sample_metrics(run: Run, test: Tensor, samples: int = 2000, steps: int
     train = split.train_units[:samples].float().reshape(-1, *shape)
     labels = None if split.train_context is None else split.train_context[:samples].argmax(1)
     drawn = draw_samples(run, train.shape[0], steps, labels=labels)
-    if not bool(torch.isfinite(drawn).all()):
-        bad = int((~torch.isfinite(drawn.flatten(1))).any(1).sum())
-        raise FlowforgeError(
-            f"{bad} of the model's {drawn.shape[0]} samples hold NaN or inf: the model diverged or its "
-            "sampler is unstable; no sample metric can be computed"
-        )
     classifier, accuracy = digits_classifier(run.config.data)
     drawn, reference = drawn.reshape(-1, *shape), test.float().reshape(-1, *shape)
     metrics = {
@@ -798,10 +798,16 @@ def training_curve(directory: Path) -> tuple[list[float], list[float]]:
     steps, losses = [], []
     if path.is_file():
         with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
+            for line, row in enumerate(csv.DictReader(handle), start=2):
                 if row.get("loss"):
-                    steps.append(float(row["step"]))
-                    losses.append(float(row["loss"]))
+                    try:
+                        steps.append(float(row["step"]))
+                        losses.append(float(row["loss"]))
+                    except (TypeError, ValueError) as error:
+                        raise DataError(
+                            f"{path}, line {line}: step {row.get('step')!r} and loss {row['loss']!r} are not numbers "
+                            "(the file was edited or truncated; delete it to plot without a training curve)"
+                        ) from error
     return steps, losses
 
 

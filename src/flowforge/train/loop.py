@@ -67,6 +67,7 @@ from flowforge.train.state import (
 from flowforge.transforms.base import Compose
 from flowforge.transforms.normalization import ActNorm, BatchNorm
 from flowforge.utils.progress import progress_bar
+from flowforge.validation import MAX_BATCH_SIZE
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -143,7 +144,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_integer("steps", self.steps, low=1)
-        check_integer("batch_size", self.batch_size, low=1)
+        check_integer("batch_size", self.batch_size, low=1, high=MAX_BATCH_SIZE, note=" (2**24)")
         check_range("lr", self.lr, low=0, low_open=True)
         check_range("weight_decay", self.weight_decay, low=0)
         check_choice("schedule", self.schedule, SCHEDULES)
