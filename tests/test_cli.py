@@ -561,12 +561,13 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
     ("extra", "message"),
     [
         (["--images", "--cameras", " , "], "--cameras ' , ': an empty name"),
-        (["--cameras", "corner"], "--camera/--cameras choose the cameras of --images: add --images"),
-        (["--camera", "corner"], "--camera/--cameras choose the cameras of --images: add --images"),
+        (["--cameras", "corner"], "--camera, --cameras and --size describe the images of --images: add --images"),
+        (["--camera", "corner"], "--camera, --cameras and --size describe the images of --images: add --images"),
         (["--images", "--cameras", "corner,bogusCam"], "--cameras 'corner,bogusCam': unknown MetaWorld camera"),
         (["--images", "--cameras", "corner,corner"], "--cameras 'corner,corner': corner named more than once"),
         (["--images", "--camera", "topview", "--cameras", "corner"], "give one camera or the list, not both"),
         (["--images", "--camera", "bogus"], "--camera 'bogus': unknown MetaWorld camera 'bogus'; known: topview"),
+        (["--size", "32"], "--camera, --cameras and --size describe the images of --images: add --images"),
         (["--tasks", "reach-v3,,push-v3"], "--tasks 'reach-v3,,push-v3': an empty name"),
         (["--tasks", "reach-v3,reach"], "--tasks 'reach-v3,reach': unknown MetaWorld v3 task 'reach'"),
     ],
@@ -599,14 +600,14 @@ def test_batches_of_one_are_refused_for_models_with_batch_statistics(tmp_path: P
 
 
 def test_a_size_the_machine_cannot_allocate_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    """A batch of 10**13 rows asks the allocator for tens of terabytes: a refused size, not a traceback."""
+    """A layer 10**12 wide asks the allocator for terabytes: a refused size, not a traceback."""
     out = tmp_path / "run"
     args = ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(out), "--no-progress"]
-    result = CliRunner().invoke(app, [*args, "--set", "train.batch_size=10000000000000"])
+    result = CliRunner().invoke(app, [*args, "--set", "model.options.hidden=[1000000000000]"])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert lines[0].startswith("error: out of memory (") and "GiB" in lines[0] and "batch size" in lines[0]
-    assert "Traceback" not in result.output
+    assert lines[0].startswith("error: out of memory (") and "GiB" in lines[0] and "widths" in lines[0]
+    assert "Traceback" not in result.output and not out.exists()
 
 
 def test_a_data_file_too_small_for_the_test_metrics_is_refused_before_training(tmp_path: Path) -> None:
@@ -671,3 +672,16 @@ def test_a_model_that_gives_nan_writes_no_samples_and_a_bad_metrics_file_is_name
     result = CliRunner().invoke(app, ["plot", str(run_folder), "-o", str(tmp_path / "p.png")])
     assert result.exit_code == 2 and "metrics.csv, line" in result.stderr and "'abc' are not numbers" in result.stderr
     assert not (tmp_path / "p.png").exists()
+
+
+def test_an_empty_argument_is_refused_instead_of_meaning_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for args, message in (
+        (["train", str(CONFIGS / "nice_moons.toml"), "--out", ""], "error: --out '': an empty value"),
+        (["train", str(CONFIGS / "nice_moons.toml"), "--out="], "error: --out '': an empty value"),
+        (["data", "collect", "--tasks", "reach-v3", "--out", ""], "error: --out '': an empty value"),
+        (["train", ""], "error: an empty argument ''"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "flowforge", *args], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith(message), (args, result.stderr)
+        assert result.stdout == "" and list(tmp_path.iterdir()) == []

@@ -60,6 +60,10 @@ class _OneLineErrors(TyperGroup):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         given = list(sys.argv[1:] if args is None else args)
+        empty = _empty_argument(given)
+        if empty is not None:
+            typer.echo(f"error: {empty}", err=True)
+            sys.exit(2)
         try:
             code = super().main(given, prog_name, complete_var, standalone_mode=False, **extra)
         except _CLICK_EXCEPTION as error:
@@ -75,6 +79,16 @@ class _OneLineErrors(TyperGroup):
             typer.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _empty_argument(given: list[str]) -> str | None:
+    """The refusal of an empty argument (``--out ''`` would otherwise mean the current folder), or None."""
+    for index, token in enumerate(given):
+        option, _, value = token.partition("=")
+        if token == "" or (token.startswith("--") and "=" in token and value == ""):
+            named = option if token else (given[index - 1] if index and given[index - 1].startswith("-") else None)
+            return f"{named} '': an empty value; give one" if named else "an empty argument ''; give a value"
+    return None
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -431,7 +445,7 @@ def data_collect(
         str | None,
         typer.Option(help="Several cameras for --images, comma-separated MetaWorld names (corner,gripperPOV)."),
     ] = None,
-    size: Annotated[int, typer.Option(min=8, max=512, help="Image size in pixels.")] = 84,
+    size: Annotated[int | None, typer.Option(min=8, max=512, help="Image size in pixels (default 84).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
@@ -446,8 +460,8 @@ def data_collect(
     camera_names = None if cameras is None else _name_list("--cameras", cameras, CAMERAS, "MetaWorld camera")
     if camera is not None:
         _name_list("--camera", camera, CAMERAS, "MetaWorld camera")
-    if (camera is not None or cameras is not None) and not images:
-        raise ConfigError("--camera/--cameras choose the cameras of --images: add --images")
+    if (camera is not None or cameras is not None or size is not None) and not images:
+        raise ConfigError("--camera, --cameras and --size describe the images of --images: add --images")
     _output_path(out, "--out")
     from flowforge.envs.collect import collect
 
@@ -460,7 +474,7 @@ def data_collect(
             images=images,
             camera="corner" if camera is None else camera,
             cameras=camera_names,
-            size=size,
+            size=84 if size is None else size,
             seed=seed,
             progress=progress,
         )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,9 @@ def expert_policy(task: str) -> Any:
     _require_metaworld()
     import metaworld.policies as policies
 
+    # The experts' controllers overshoot by design; every action is clipped to [-1, 1] before it is
+    # stepped and recorded (flowforge.envs.episode), so the warning would only add noise to stderr.
+    warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", module=r"metaworld\.")
     name = _POLICY_NAMES.get(task)
     if name is None:
         key = re.sub(r"[^a-z0-9]", "", task)

@@ -222,11 +222,6 @@ def load_training_state(
     manifest = read_manifest(directory, training=True)
     if "trainer" not in manifest:
         raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
-    saved = {k: v for k, v in manifest["trainer_config"].items() if k != "progress"}
-    current = {k: v for k, v in config.items() if k != "progress"}
-    if saved != current:
-        changed = sorted(k for k in current if saved.get(k) != current[k])
-        raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
     # The model's rebuild config and the run's metadata (its data, objective, statistics) must match
     # too: weights trained on one setting must not continue, or be relabelled, under another.
     compared = [("model", manifest.get("model"), _rebuild_config(model))]
@@ -240,6 +235,12 @@ def load_training_state(
                 f"cannot resume {directory}: the run was trained with other settings ({shown}); "
                 "resume with the settings it was started with, or start a new run in another folder"
             )
+    # After the model and run: another model or kind of run is the difference worth naming first.
+    saved = {k: v for k, v in manifest["trainer_config"].items() if k != "progress"}
+    current = {k: v for k, v in config.items() if k != "progress"}
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
     weights = load_tensors(directory, "model", manifest)
     if set(weights) != set(model.state_dict()):
         # An earlier layout of the model: its weights load renamed, but the optimizer and EMA
