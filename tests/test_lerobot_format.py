@@ -290,3 +290,20 @@ def test_every_feature_is_in_an_item(tmp_path: Path) -> None:
     verify_dataset(copy)
     _set_column(copy / DATA, "next.reward", lambda values: values.__setitem__(3, float("nan")))
     _expect_error(copy, 0, r"file-000\.parquet, row 3 \(frame_index 3\): next\.reward is nan")
+
+
+def test_statistics_of_other_data_and_an_emptied_task_table_are_refused(tmp_path: Path) -> None:
+    """Policies normalise with meta/stats.json: statistics that disagree with the data files (edited,
+    or copied from another set) are refused by the verification, naming the feature, statistic and dim."""
+    copy = _copy("shared", tmp_path)
+    stats_path = copy / "meta" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["action"]["std"] = [0.0 for _ in stats["action"]["std"]]
+    stats_path.write_text(json.dumps(stats))
+    with pytest.raises(DataError, match=r"stats\.json: 'action'\['std'\]\[0\] is 0, the data files give"):
+        verify_dataset(copy)
+    copy = _copy("split", tmp_path)
+    table = parquet.read_table(copy / "meta" / "tasks.parquet")
+    parquet.write_table(table.slice(0, 0), copy / "meta" / "tasks.parquet")
+    with pytest.raises(DataError, match=r"info\.json says total_tasks=\d+, the task table lists 0 tasks"):
+        verify_dataset(copy)

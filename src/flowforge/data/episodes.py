@@ -877,10 +877,27 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _check_stats_match(root: Path, key: str, stats: dict[str, Any], values: np.ndarray) -> None:
+    """meta/stats.json's min, max, mean and std of ``key`` against its values in the data files:
+    policies normalise with them, so statistics of other data (or edited ones) would train silently
+    on a wrong scale."""
+    recomputed = {"min": values.min(0), "max": values.max(0), "mean": values.mean(0), "std": values.std(0)}
+    for name, actual in recomputed.items():
+        stated = np.asarray(stats[name], dtype=np.float64).reshape(-1)
+        close = np.isclose(stated, actual, rtol=1e-3, atol=1e-4)
+        if not close.all():
+            dim = int(np.flatnonzero(~close)[0])
+            raise DataError(
+                f"{root}/meta/stats.json: {key!r}[{name!r}][{dim}] is {stated[dim]:.6g}, the data files give "
+                f"{actual[dim]:.6g}; the statistics belong to other data (policies normalise with them)"
+            )
+
+
 def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
     """Check a whole data set folder against its metadata; a :class:`DataError` names the file and what disagrees.
 
-    Reads info.json, tasks, stats.json and every meta/episodes file (counts, lengths, index ranges, video
+    Reads info.json, tasks, stats.json (whose state and action min, max, mean and std must be those of
+    the data files) and every meta/episodes file (counts, lengths, index ranges, video
     time ranges), then every data file: readable, the needed columns and one per feature, finite numbers of
     the declared shape, each episode's rows, frame indices and tasks, no rows of episodes that meta/episodes
     places elsewhere, and every image decoding to its declared size; then every video file: decodable, of
@@ -889,11 +906,12 @@ def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
     root = Path(root)
     info = read_info(root)
     tasks = read_tasks(root)
-    if tasks and "total_tasks" in info and len(tasks) != info["total_tasks"]:
+    if "total_tasks" in info and len(tasks) != info["total_tasks"]:
         raise DataError(
             f"{root}/meta/info.json says total_tasks={info['total_tasks']}, the task table lists {len(tasks)} tasks"
         )
-    read_stats(root, info)
+    stats = read_stats(root, info)
+    normalised = {key: [] for key in ("observation.state", "action") if key in stats and key in info["features"]}
     features = info["features"]
     files: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for entry in read_episodes(root, info):
@@ -904,6 +922,8 @@ def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
         path = _data_path(root, entries[0], info)
         columns = _read_columns(path)
         check_data_file(path, columns, entries, features, tasks)
+        for key, values in normalised.items():
+            values.append(np.asarray(columns[key], dtype=np.float64).reshape(len(columns[key]), -1))
         for key, feature in features.items():
             if feature.get("dtype") == "image":
                 shape = image_shape(feature)
@@ -918,6 +938,8 @@ def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
                 wanted.extend(
                     (start + float(columns["timestamp"][r]), entry["episode_index"], f) for f, r in enumerate(rows)
                 )
+    for key, values in normalised.items():
+        _check_stats_match(root, key, stats[key], np.concatenate(values))
     for video, (key, wanted) in queries.items():
         times = _video_times(video, key, image_shape(features[key]))
         if not len(times):
