@@ -441,3 +441,17 @@ def test_an_unknown_metaworld_camera_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(ValueError, match="unknown MetaWorld camera 'side'"):
         collect(["reach-v3"], 1, tmp_path / "out", images=True, cameras=["corner", "side"], progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_frame_cache_under_a_file_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    from flowforge.runs.policy import PolicyDataConfig
+
+    (tmp_path / "afile").write_text("not a folder")
+    for cache in ("afile", "afile/inside"):
+        config = PolicyDataConfig(root=str(tmp_path / "data"), frames="cache", cache=str(tmp_path / cache))
+        with pytest.raises(ConfigError, match=r"\[data\] cache = .* is a file or lies under one"):
+            config.cache_folder()
+    beside = PolicyDataConfig(root=str(tmp_path / "afile" / "data"), frames="cache")
+    with pytest.raises(ConfigError, match=r"the frame cache beside root"):
+        beside.cache_folder()
+    assert PolicyDataConfig(root=str(tmp_path / "data"), frames="cache").cache_folder() == tmp_path / "data.frames"

@@ -85,7 +85,11 @@ class PolicyDataConfig:
     def cache_folder(self) -> Path:
         """The frame cache folder: ``cache``, or ``<root>.frames`` beside the data set."""
         root = Path(self.root)
-        return Path(self.cache) if self.cache else root.with_name(root.name + ".frames")
+        folder = Path(self.cache) if self.cache else root.with_name(root.name + ".frames")
+        if self.frames == "cache" and any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
+            where = f"cache = {self.cache!r}" if self.cache else f"the frame cache beside root, {str(folder)!r},"
+            raise ConfigError(f"[data] {where} is a file or lies under one: the cache needs a folder")
+        return folder
 
 
 @dataclass
