@@ -167,9 +167,11 @@ def fit_matcher(
     exponential moving average of its weights (decay ``ema``). Returns the wall time."""
     start = time.perf_counter()
     matcher.train()
-    average = ExponentialMovingAverage(matcher, ema) if ema else None
-    fit(list(matcher.parameters()), loss_of, data, indices, after_step=average and (lambda: average.update(matcher)))
-    if average is not None:
+    if not ema:
+        fit(list(matcher.parameters()), loss_of, data, indices)
+    else:
+        average = ExponentialMovingAverage(matcher, ema)
+        fit(list(matcher.parameters()), loss_of, data, indices, after_step=lambda: average.update(matcher))
         matcher.load_state_dict(average.shadow)
     matcher.eval()
     return time.perf_counter() - start

@@ -126,6 +126,8 @@ def test_consistency_validation_scores_one_step_samples_against_the_data() -> No
     torch.manual_seed(0)
     assert score == energy_distance(exact.sample(1500), data)
     torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"x1 must hold one or more held-out rows, got shape \(0, 2\)"):
+        one_step_sample_distance(exact, data[:0])
     assert one_step_sample_distance(exact, data, max_rows=100) == energy_distance(exact.sample(100), data[:100])
 
 

@@ -472,11 +472,11 @@ def data_collect(
             episodes,
             out,
             images=images,
-            camera="corner" if camera is None else camera,
             cameras=camera_names,
-            size=84 if size is None else size,
             seed=seed,
             progress=progress,
+            # collect's own defaults (camera corner, 84 pixels) where the options were not given
+            **{k: v for k, v in (("camera", camera), ("size", size)) if v is not None},
         )
     except ValueError as error:  # an unknown task or camera, named in the message
         raise ConfigError(str(error)) from error

@@ -84,6 +84,8 @@ def one_step_sample_distance(
     those with the data; the fixed seed makes successive validations differ by the weights only,
     and the caller's random stream is left as it was.
     """
+    if x1.dim() < 1 or x1.shape[0] < 1:
+        raise ValueError(f"x1 must hold one or more held-out rows, got shape {tuple(x1.shape)}")
     rows = min(x1.shape[0], check_count("max_rows", max_rows))
     x1 = x1[:rows]
     context = None if context is None else context[:rows]
