@@ -220,11 +220,15 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it takes minutes)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: must be cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA GPU that torch can use")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats {args.repeats}, --warmup {args.warmup}: need repeats >= 1 and warmup >= 0")
+    if args.out is not None and (args.out.is_dir() or not args.out.name):
+        parser.error(f"--out {args.out}: give a file name")
+    device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     # The solver's stage-time cache is traced through: its tensors become constants of the graph.

@@ -89,6 +89,9 @@ def test_train_sample_eval_plot_on_a_tiny_config(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     for metric in ("nll", "bits_per_dim", "mmd", "energy_distance", "sliced_w2"):
         assert metric in result.output
+    assert "note" not in result.stderr
+    more = runner.invoke(app, ["eval", str(run), "--samples", "1000000"])  # more than the held-out data has
+    assert more.exit_code == 0 and "note: --samples 1000000: the held-out data has" in more.stderr, more.output
     result = runner.invoke(app, ["plot", str(run), "-o", str(tmp_path / "again.png")])
     assert result.exit_code == 0 and (tmp_path / "again.png").is_file()
 
@@ -455,9 +458,22 @@ def test_resume_under_another_data_set_is_one_line_naming_it(tmp_path: Path) -> 
         app,
         ["train", str(CONFIGS / "nice_moons.toml"), "--out", out, "--resume", *TINY, "--set", 'data.name="spirals"'],
     )
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 2 and result.stdout == "", result.output  # no "training ..." before the refusal
     assert 'metadata.run.data.name: "moons" -> "spirals"' in result.stderr and len(result.stderr.splitlines()) == 1
     assert (tmp_path / "r" / "checkpoint.json").read_bytes() == before
+
+
+def test_a_data_file_given_with_set_replaces_the_configs_built_in_set(tmp_path: Path) -> None:
+    points = tmp_path / "points.npy"
+    np.save(points, np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32))
+    out = tmp_path / "r"
+    args = ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(out), *TINY, "--set", f'data.path="{points}"']
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "checkpoint.json").read_text())["metadata"]["run"]["data"]
+    assert data["path"] == str(points) and data["name"] is None
+    both = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "s"), "--set", 'data.name="moons"'])
+    assert both.exit_code == 2 and "give exactly one of name" in both.stderr
 
 
 def test_policy_train_says_nothing_before_its_data_is_checked(tmp_path: Path) -> None:

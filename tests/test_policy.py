@@ -313,6 +313,13 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     result = runner.invoke(app, ["policy", "train", str(config), "--out", str(run), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "trained on 74 frames" in result.output or "trained on" in result.output
+    before = (run / "checkpoint.json").read_bytes()
+    wider = runner.invoke(
+        app,
+        ["policy", "train", str(config), "--out", str(run), "--resume", "--set", "policy.width=64", "--no-progress"],
+    )
+    assert wider.exit_code == 2 and wider.stdout == "" and "width: 32 -> 64" in wider.stderr, wider.output
+    assert (run / "checkpoint.json").read_bytes() == before
     out = tmp_path / "eval.json"
     videos = tmp_path / "gifs"
     args = ["policy", "eval", str(run), "--episodes", "1", "--max-steps", "20", "--out", str(out), "--no-progress"]

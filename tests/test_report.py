@@ -36,3 +36,10 @@ def test_figures_are_written_in_the_format_their_suffix_names(tmp_path) -> None:
         plt.close(fig)
         assert path.read_bytes().startswith(start), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf", "a.png", "a.svg", "sigma_0.5"]  # no temporary left
+
+
+def test_plot_bounds_give_a_constant_coordinate_a_range() -> None:
+    from flowforge.eval.plots import plot_bounds
+
+    points = torch.tensor([[1.0, -2.0], [3.0, -2.0]])
+    assert plot_bounds(points) == pytest.approx((0.7, 3.3, -2.5, -1.5))

@@ -286,6 +286,8 @@ def train(
         runs.train_run(prepared, resume=resume)
         return
     _tell_if_nothing_to_resume(folder, resume)
+    if resume:
+        prepared.trainer.check_resume()
     typer.echo(
         f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
         f"into {folder}"
@@ -371,7 +373,9 @@ def evaluate(
     data: Annotated[
         str | None, typer.Option(help="A built-in set or a file (default: the run's held-out split).")
     ] = None,
-    samples: Annotated[int, typer.Option(min=2, help="Points used for the sample metrics.")] = 2000,
+    samples: Annotated[
+        int, typer.Option(min=2, max=MAX_SAMPLES, help="Points used for the sample metrics (at most the held-out data's).")
+    ] = 2000,
     steps: Annotated[
         int, typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Sampler steps of a flow-matching model (as for sample).")
     ] = 10,
@@ -383,7 +387,10 @@ def evaluate(
     from flowforge.eval.report import format_metrics
 
     run = runs.load_run(checkpoint)
-    typer.echo(format_metrics(runs.evaluate_run(run, _held_out(run, data), samples, seed, steps)))
+    held_out = _held_out(run, data)
+    if held_out is not None and not run.reverse_kl and samples > held_out.shape[0]:
+        typer.echo(f"note: --samples {samples}: the held-out data has {held_out.shape[0]} points; using all", err=True)
+    typer.echo(format_metrics(runs.evaluate_run(run, held_out, samples, seed, steps)))
 
 
 @app.command()
@@ -523,6 +530,8 @@ def policy_train(
     directory = _run_folder(out, config, resume)
     prepared = prepare_policy_run(run, directory)
     _tell_if_nothing_to_resume(directory, resume)
+    if resume:
+        prepared.trainer.check_resume()
     typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps into {directory}")
     start = time.perf_counter()
     prepared.trainer.fit(resume=resume)

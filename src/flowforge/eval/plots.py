@@ -185,9 +185,11 @@ def plot_points_run(
 
 
 def plot_bounds(points: Tensor, pad: float = 0.15) -> tuple[float, float, float, float]:
-    """``(x0, x1, y0, y1)`` around the first two coordinates of ``points``, padded by ``pad`` of the range."""
+    """``(x0, x1, y0, y1)`` around the first two coordinates of ``points``, padded by ``pad`` of the
+    range (a coordinate that does not vary gets a range of 1 around its value, not an empty one)."""
     low, high = points[:, :2].min(0).values, points[:, :2].max(0).values
-    margin = pad * (high - low)
+    width = high - low
+    margin = torch.where(width > 0, pad * width, torch.full_like(width, 0.5))
     return (
         float(low[0] - margin[0]),
         float(high[0] + margin[0]),

@@ -221,11 +221,29 @@ OBJECTIVE_KEYS = {
 }
 
 
+#: The [data] keys that name where the data comes from; a config gives one of them.
+DATA_SOURCES = ("name", "path")
+
+
+def _drop_replaced_source(document: dict[str, Any], overrides: list[str] | None) -> None:
+    """An override of ``data.name`` or ``data.path`` replaces the file's other one: ``--set
+    data.path=...`` on a config of a built-in set trains on the file (both in overrides stays an error)."""
+    paths = {o.split("=", 1)[0].strip() for o in overrides or [] if isinstance(o, str) and "=" in o}
+    given = [key for key in DATA_SOURCES if f"data.{key}" in paths]
+    data = document.get("data")
+    if len(given) == 1 and isinstance(data, dict):
+        for key in DATA_SOURCES:
+            if key != given[0]:
+                data.pop(key, None)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read and check a run config file (plus ``table.key=value`` overrides). Settings the run
     would not read are refused too: ``[objective]`` keys of another objective, a ``[data]`` table
     for reverse KL (which trains on its target's density)."""
-    document = apply_overrides(read_document(path), overrides)
+    document = read_document(path)
+    _drop_replaced_source(document, overrides)
+    document = apply_overrides(document, overrides)
     config = build_config(RunConfig, document, str(path))
     kind = config.objective_kind()
     unused = sorted(set(document.get("objective", {})) - {"kind", *OBJECTIVE_KEYS[kind]})

@@ -60,6 +60,7 @@ from flowforge.train.state import (
     ExponentialMovingAverage,
     TrainingParts,
     TrainingState,
+    check_resumable,
     load_training_state,
     rng_state,
     save_training_state,
@@ -479,6 +480,13 @@ class Trainer:
             metadata=self.metadata,
         )
         self.state, self.best_weights = loaded.state, loaded.best_weights
+
+    def check_resume(self) -> None:
+        """Refuse, before anything runs, a ``fit(resume=True)`` that would find ``directory``'s
+        checkpoint made by another model, run or trainer config (:func:`check_resumable`); a
+        folder without a checkpoint passes (the run starts from step 0)."""
+        if self.directory is not None and (self.directory / "checkpoint.json").exists():
+            check_resumable(self.directory, self.model, config=asdict(self.config), metadata=self.metadata)
 
     def _parts(self) -> TrainingParts:
         return TrainingParts(self.model, self.optimizer, self.scheduler, self.scaler, self.objective, self.ema)

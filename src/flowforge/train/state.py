@@ -198,27 +198,15 @@ class LoadedTrainingState:
     best_weights: dict[str, Tensor] | None
 
 
-def load_training_state(
-    directory: str | Path,
-    parts: TrainingParts,
-    *,
-    config: dict[str, Any],
-    rank: int = 0,
-    world: int = 1,
-    metadata: dict[str, Any] | None = None,
-) -> LoadedTrainingState:
-    """Restore a run saved by :func:`save_training_state`: the model, optimizer, schedule, scaler,
-    EMA and objective in place, this process's random state, and the counters (returned).
+def check_resumable(
+    directory: str | Path, model: nn.Module, *, config: dict[str, Any], metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest of ``directory``'s training state, after checking that a run of ``model``
+    under trainer ``config`` (and run ``metadata``) may continue it; nothing is loaded.
 
-    A process takes its own saved random state when the checkpoint was written by as many
-    processes, rank 0's otherwise (a run resumed on another number of processes).
-
-    Raises :class:`~flowforge.errors.CheckpointError` when the folder holds weights only, or was
-    trained under another trainer config (``progress`` aside), another model config, or, when
-    ``metadata`` is given, other run metadata (the setting that changed is named).
+    Raises :class:`~flowforge.errors.CheckpointError` as :func:`load_training_state` does.
     """
     directory = Path(directory)
-    model, optimizer, scheduler, scaler, objective, ema = parts.unpacked()
     manifest = read_manifest(directory, training=True)
     if "trainer" not in manifest:
         raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
@@ -241,6 +229,31 @@ def load_training_state(
     if saved != current:
         changed = sorted(k for k in current if saved.get(k) != current[k])
         raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
+    return manifest
+
+
+def load_training_state(
+    directory: str | Path,
+    parts: TrainingParts,
+    *,
+    config: dict[str, Any],
+    rank: int = 0,
+    world: int = 1,
+    metadata: dict[str, Any] | None = None,
+) -> LoadedTrainingState:
+    """Restore a run saved by :func:`save_training_state`: the model, optimizer, schedule, scaler,
+    EMA and objective in place, this process's random state, and the counters (returned).
+
+    A process takes its own saved random state when the checkpoint was written by as many
+    processes, rank 0's otherwise (a run resumed on another number of processes).
+
+    Raises :class:`~flowforge.errors.CheckpointError` when the folder holds weights only, or was
+    trained under another trainer config (``progress`` aside), another model config, or, when
+    ``metadata`` is given, other run metadata (the setting that changed is named).
+    """
+    directory = Path(directory)
+    model, optimizer, scheduler, scaler, objective, ema = parts.unpacked()
+    manifest = check_resumable(directory, model, config=config, metadata=metadata)
     weights = load_tensors(directory, "model", manifest)
     if set(weights) != set(model.state_dict()):
         # An earlier layout of the model: its weights load renamed, but the optimizer and EMA
@@ -317,6 +330,7 @@ __all__ = [
     "LoadedTrainingState",
     "TrainingParts",
     "TrainingState",
+    "check_resumable",
     "load_training_state",
     "rng_state",
     "save_training_state",
