@@ -374,7 +374,7 @@ def evaluate(
         str | None, typer.Option(help="A built-in set or a file (default: the run's held-out split).")
     ] = None,
     samples: Annotated[
-        int, typer.Option(min=2, max=MAX_SAMPLES, help="Points used for the sample metrics (at most the held-out data's).")
+        int, typer.Option(min=2, max=MAX_SAMPLES, help="Points for the sample metrics (at most the held-out data's).")
     ] = 2000,
     steps: Annotated[
         int, typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Sampler steps of a flow-matching model (as for sample).")
