@@ -96,6 +96,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -274,12 +275,13 @@ def _spread(values: list[float]) -> str:
 
 
 def data_floor(dataset: str, args: argparse.Namespace) -> list[float]:
-    """W2 of ``FLOOR_DRAWS`` fresh ``--samples``-point draws of the data set's own generator to the
-    same held-out reference: what a perfect model scores, the floor under every W2 of the table."""
+    """W2 of ``FLOOR_DRAWS`` (or ``--sample-draws``, if more) fresh ``--samples``-point draws of the
+    data set's own generator to the same held-out reference: what a perfect model scores, the floor
+    under every W2 of the table."""
     reference = toy_split(dataset, args.seed)[1][: args.samples]
     return [
         wasserstein2(toy_dataset(dataset, args.samples, seed=args.seed + FLOOR_SEED_OFFSET + draw), reference)
-        for draw in range(FLOOR_DRAWS)
+        for draw in range(max(FLOOR_DRAWS, args.sample_draws))
     ]
 
 
@@ -518,6 +520,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             checks[f"{dataset}_best_one_step"] = best
             checks[f"{dataset}_one_step_vs_cfm_nfe10"] = one_step[best] / by_key[dataset, "cfm"].w2[10]
             checks[f"{dataset}_one_step_pass"] = one_step[best] <= by_key[dataset, "cfm"].w2[10]
+            draws = [by_key[dataset, name].w2_draws for name in (best, "cfm")]
+            if all(d is not None and len(d.get(k, [])) > 1 for d, k in zip(draws, (1, 10), strict=True)):
+                # The draws of the two models are independent: the difference's standard error adds up.
+                one, ten = draws[0][1], draws[1][10]
+                checks[f"{dataset}_one_step_minus_cfm_nfe10"] = statistics.fmean(one) - statistics.fmean(ten)
+                checks[f"{dataset}_one_step_minus_cfm_nfe10_se"] = math.sqrt(
+                    statistics.variance(one) / len(one) + statistics.variance(ten) / len(ten)
+                )
 
     if quality_results:
         print(f"\nW2 to held-out data ({args.samples} samples, Euler); straightness (normalised, 0 = straight)")
@@ -562,6 +572,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{value:.2f} -> {verdict} (goal <= 1; fresh data draws score "
                 f"{statistics.fmean(floors[dataset]):.3f} on average)"
             )
+            if f"{dataset}_one_step_minus_cfm_nfe10" in checks:
+                print(
+                    f"{dataset}: W2 difference (NFE-1 family - cfm at NFE 10) "
+                    f"{checks[f'{dataset}_one_step_minus_cfm_nfe10']:+.4f} +- "
+                    f"{checks[f'{dataset}_one_step_minus_cfm_nfe10_se']:.4f} (standard error over the draws)"
+                )
     verdicts = {k: v for k, v in checks.items() if k.endswith("_pass") and "few_step" not in k and "one_step" not in k}
     print(
         "speed goals: " + ", ".join(f"{k.removesuffix('_pass')} {'PASS' if v else 'FAIL'}" for k, v in verdicts.items())

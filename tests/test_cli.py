@@ -266,6 +266,7 @@ def test_a_malformed_data_file_fails_before_anything_is_written(tmp_path: Path) 
 
 
 # ---------------------------------------------------------------- one wrong value at a time
+VAE_CONFIG = '[model]\nkind = "vae"\n[data]\nname = "digits"\n[train]\nsteps = 10\n'
 BAD_VALUES = [
     # (override or None, file content or None, key the message must name)
     (["train.lr=nan"], None, "lr"),
@@ -292,6 +293,9 @@ BAD_VALUES = [
     (["model.options.transforms=true"], None, "transforms"),
     (["model.options.hidden=[1.5]"], None, "hidden"),
     (['objective.target="banana"'], None, "target"),  # not read by maximum likelihood
+    (["objective.kl_warmup_steps=100"], None, "kl_warmup_steps"),  # a VAE's alone
+    (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = -1\n", "kl_warmup_steps"),
+    (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = 11\n", "kl_warmup_steps = 11 is longer"),
     (None, '[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "reverse-kl"\n', "[data]"),
 ]
 
@@ -563,9 +567,18 @@ def test_every_help_text_renders_its_brackets() -> None:
 
 
 def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_path: Path) -> None:
-    result = _train(CONFIGS / "vae_digits.toml", tmp_path / "vae", "--set", "model.options.transforms=1")
+    result = _train(
+        CONFIGS / "vae_digits.toml",
+        tmp_path / "vae",
+        "--set",
+        "model.options.transforms=1",
+        "--set",
+        "objective.kl_warmup_steps=2",
+    )
     assert result.exit_code == 0, result.output
     assert "training vae (negative-elbo)" in result.output and "nll" in result.output
+    trainer = json.loads((tmp_path / "vae" / "checkpoint.json").read_text())["trainer"]
+    assert trainer["objective"] == {"steps_taken": 3}  # the warm-up's counter, for a resumed run
     config = tmp_path / "mixed.toml"
     config.write_text('[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "negative-elbo"\n')
     result = runner.invoke(app, ["train", str(config), "--out", str(tmp_path / "mixed"), *TINY])

@@ -261,6 +261,55 @@ def test_negative_elbo_is_minus_the_mean_elbo_and_trains_a_vae(tmp_path: Path) -
         NegativeELBO(samples=0)
 
 
+def test_kl_weight_scales_the_latent_term_linearly() -> None:
+    torch.manual_seed(0)
+    vae = VAE(64, 3, hidden=(16,), posterior="iaf", transforms=2, flow_hidden=(8,), encoder_context=4).double()
+    _randomize(vae)
+    data = _counts(8, 64)
+
+    def elbo(**kwargs) -> torch.Tensor:
+        torch.manual_seed(5)  # the same posterior draws for every weight
+        return vae.elbo(data, samples=3, **kwargs)
+
+    reconstruction, full, half = elbo(kl_weight=0.0), elbo(kl_weight=1.0), elbo(kl_weight=0.5)
+    torch.testing.assert_close(full, elbo())
+    torch.testing.assert_close(half, (reconstruction + full) / 2)
+    torch.testing.assert_close(elbo(kl_weight=3.0), 3 * full - 2 * reconstruction)
+    torch.manual_seed(5)
+    terms = vae._weight_terms(data, 3)
+    torch.testing.assert_close(reconstruction, terms[0].mean(0))
+    with pytest.raises(ValueError, match="kl_weight"):
+        vae.elbo(data, kl_weight=-0.5)
+
+
+def test_kl_warmup_raises_the_weight_linearly_and_resumes_where_it_stopped(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = VAE(64, 2, hidden=(16,), posterior="iaf", transforms=1, flow_hidden=(8,), encoder_context=4).double()
+    _randomize(vae)
+    data = _counts(16, 64)
+    objective = NegativeELBO(kl_warmup_steps=4)
+    for step in range(6):
+        torch.manual_seed(step)
+        loss = objective.loss(vae, (data, None))
+        torch.manual_seed(step)
+        torch.testing.assert_close(loss, -vae.elbo(data, kl_weight=min(1.0, step / 4)).mean())
+    torch.manual_seed(9)
+    checked = objective.validation(vae, (data, None))  # the bound itself, and no step counted
+    torch.manual_seed(9)
+    assert checked == pytest.approx(float(-vae.elbo(data).mean().detach())) and objective.steps_taken == 6
+    # The counter is the objective's state: a resumed run continues the schedule.
+    config = TrainerConfig(steps=3, batch_size=8, lr=1e-3, progress=False, checkpoint_every=3)
+    first = NegativeELBO(kl_warmup_steps=10)
+    Trainer(vae, first, config, data=data, directory=tmp_path / "run").fit()
+    assert first.steps_taken == 3
+    resumed = NegativeELBO(kl_warmup_steps=10)
+    Trainer(vae, resumed, config, data=data, directory=tmp_path / "run").load()
+    assert resumed.steps_taken == 3 and resumed.kl_weight() == pytest.approx(0.3)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="kl_warmup_steps must be an int >= 0"):
+            NegativeELBO(kl_warmup_steps=bad)
+
+
 # ---------------------------------------------------------------- (e) bad inputs
 def test_bad_data_is_refused_naming_the_argument_and_what_is_allowed() -> None:
     torch.manual_seed(0)

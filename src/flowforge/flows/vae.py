@@ -119,6 +119,7 @@ from flowforge.validation import (
     check_choice,
     check_count,
     check_floating,
+    check_real,
     check_sample_count,
     check_widths,
     describe_shape,
@@ -408,29 +409,46 @@ class VAE(Rebuildable, nn.Module):
         at a time (default: as many as keep ``chunk * batch <= CHUNK_ROWS``), so the result for a
         seed does not depend on ``chunk``; the encoder runs once.
         """
+        reconstruction, latent = self._weight_terms(x, k, chunk)
+        return reconstruction + latent
+
+    def _weight_terms(self, x: Tensor, k: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+        r"""The two terms of :meth:`log_weights`, each ``(k, batch)``: :math:`\log p(x \mid z_i)` and
+        :math:`\log p(z_i) - \log q(z_i \mid x)`."""
         x = self.check_data(x)
         k = check_count("k", k)
         if chunk is not None:
             check_count("chunk", chunk)
         batch = x.shape[0]
         if batch == 0:
-            return x.new_zeros(k, 0)
+            return x.new_zeros(k, 0), x.new_zeros(k, 0)
         per_pass = chunk or max(1, CHUNK_ROWS // batch)
         mu, log_sigma, h = self.encode(x)
         # All the noise at once (k x batch x latent numbers, small next to the decoder's output), so
         # that the result for a seed does not depend on the chunk size.
         noise = torch.randn(k, batch, self.latent, dtype=mu.dtype, device=mu.device)
-        parts = []
+        reconstruction, latent = [], []
         for eps in noise.split(per_pass):
             z, log_q = self._push(eps, mu, log_sigma, h)
-            parts.append(self._log_likelihood(x, z) + self._prior_log_prob(z) - log_q)
-        return torch.cat(parts, dim=0)
+            reconstruction.append(self._log_likelihood(x, z))
+            latent.append(self._prior_log_prob(z) - log_q)
+        return torch.cat(reconstruction, dim=0), torch.cat(latent, dim=0)
 
-    def elbo(self, x: Tensor, samples: int = 1) -> Tensor:
+    def elbo(self, x: Tensor, samples: int = 1, kl_weight: float = 1.0) -> Tensor:
         r"""Monte-Carlo ELBO per row, shape (batch,): the mean of ``samples`` log-weights
         :math:`\log p(x \mid z) + \log p(z) - \log q(z \mid x)`, :math:`z \sim q(z \mid x)` (an
-        unbiased estimate of the ELBO; with the exact posterior every draw equals :math:`\log p(x)`)."""
-        return self.log_weights(x, check_count("samples", samples)).mean(0)
+        unbiased estimate of the ELBO; with the exact posterior every draw equals :math:`\log p(x)`).
+
+        ``kl_weight`` :math:`\beta` scales the second part,
+        :math:`\log p(x \mid z) + \beta\,[\log p(z) - \log q(z \mid x)]`, whose expectation is
+        :math:`-\mathrm{KL}(q \,\|\, p)`: a KL warm-up raises it from 0 to 1 early in training
+        (:class:`~flowforge.train.objectives.NegativeELBO`). Only :math:`\beta = 1` is a bound on
+        :math:`\log p(x)`.
+        """
+        samples = check_count("samples", samples)
+        check_real("kl_weight", kl_weight, non_negative=True)
+        reconstruction, latent = self._weight_terms(x, samples)
+        return (reconstruction + latent if kl_weight == 1.0 else reconstruction + kl_weight * latent).mean(0)
 
     def iwae(self, x: Tensor, k: int, chunk: int | None = None) -> Tensor:
         r"""The importance-weighted bound :math:`\log \frac1k \sum_i e^{w_i}` per row, shape (batch,),

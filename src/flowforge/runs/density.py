@@ -157,13 +157,15 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     """The ``[objective]`` table: ``kind`` (``None``: the model's natural one); ``target`` and
-    ``samples`` for reverse KL; ``ml_weight`` and ``adversarial_weight`` for Flow-GAN."""
+    ``samples`` for reverse KL; ``ml_weight`` and ``adversarial_weight`` for Flow-GAN;
+    ``kl_warmup_steps`` for a VAE's negative ELBO (:class:`~flowforge.train.objectives.NegativeELBO`)."""
 
     kind: str | None = None
     target: str = "banana"
     samples: int = 256
     ml_weight: float = 1.0
     adversarial_weight: float = 1.0
+    kl_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.kind is not None:
@@ -175,6 +177,8 @@ class ObjectiveConfig:
         check_range("adversarial_weight", self.adversarial_weight, low=0)
         if self.ml_weight == 0 and self.adversarial_weight == 0:
             raise ConfigError("ml_weight = 0 and adversarial_weight = 0: at least one must be > 0")
+        if self.kl_warmup_steps < 0:
+            raise ConfigError(f"kl_warmup_steps = {self.kl_warmup_steps}: expected an integer >= 0 (0: no warm-up)")
 
 
 @dataclass
@@ -190,6 +194,11 @@ class RunConfig:
             raise ConfigError(f"[objective] kind = 'flow-matching' needs [model] kind {' or '.join(MATCHING_MODELS)}")
         if objective != "flow-matching" and kind in MATCHING_MODELS:
             raise ConfigError(f"[model] kind = {kind!r} trains with [objective] kind = 'flow-matching'")
+        if objective == "negative-elbo" and self.objective.kl_warmup_steps > self.train.steps:
+            raise ConfigError(
+                f"[objective] kl_warmup_steps = {self.objective.kl_warmup_steps} is longer than [train] steps = "
+                f"{self.train.steps}: the run would end before its loss is the ELBO; shorten the warm-up"
+            )
         if (objective == "negative-elbo") != (kind == "vae"):
             raise ConfigError(
                 f"[model] kind = {kind!r} with [objective] kind = {objective!r}: a vae trains with 'negative-elbo', "
@@ -215,7 +224,7 @@ class RunConfig:
 OBJECTIVE_KEYS = {
     "maximum-likelihood": (),
     "flow-matching": (),
-    "negative-elbo": (),
+    "negative-elbo": ("kl_warmup_steps",),
     "reverse-kl": ("target", "samples"),
     "adversarial": ("ml_weight", "adversarial_weight"),
 }
@@ -378,7 +387,7 @@ def build_objective(config: RunConfig, features: int, data: RunData | None = Non
     if kind == "maximum-likelihood":
         return MaximumLikelihood()
     if kind == "negative-elbo":
-        return NegativeELBO()
+        return NegativeELBO(kl_warmup_steps=config.objective.kl_warmup_steps)
     if kind == "flow-matching":
         return FlowMatchingObjective()
     return ReverseKL(config.objective.target, config.objective.samples)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flowforge.eval.metrics import energy_distance
 from flowforge.matching.consistency import ConsistencyMatcher
-from flowforge.validation import check_count
+from flowforge.validation import check_count, is_count
 
 #: ``(x, context)``: ``x`` a tensor of rows or a dict of tensors with the same rows.
 Batch = tuple[Tensor | dict[str, Tensor], Tensor | None]
@@ -239,21 +239,47 @@ class AdversarialML(Objective):
 class NegativeELBO(Objective):
     r"""The negative evidence lower bound of a :class:`~flowforge.flows.vae.VAE`:
     :math:`-\frac1B \sum_i \mathrm{ELBO}(x_i)`, each ELBO a Monte-Carlo estimate with ``samples``
-    reparametrised draws from the posterior (``model.elbo(x, samples)``). ``validation`` is the same
-    number, without gradients (noisy: one fresh draw per row and call).
+    reparametrised draws from the posterior (``model.elbo(x, samples)``). ``validation`` is the
+    true negative ELBO (:math:`\beta = 1`), without gradients (noisy: one fresh draw per row and call).
+
+    KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): with ``kl_warmup_steps`` = T > 0, training
+    step t (counted from 0) weighs the latent term :math:`\log p(z) - \log q(z \mid x)` by
+    :math:`\beta_t = \min(1, t / T)` (``model.elbo(x, samples, kl_weight=beta_t)``): the first steps
+    fit the decoder before the KL term pulls the posterior towards the prior, so fewer latent units
+    collapse onto it. The step counter is this objective's state (saved with a checkpoint, so a
+    resumed run continues the schedule); only steps with gradients count.
 
     Arguments:
         samples: posterior draws per row and step, a positive int.
+        kl_warmup_steps: steps over which :math:`\beta` rises linearly from 0 to 1 (0: no warm-up).
     """
 
-    def __init__(self, samples: int = 1) -> None:
+    def __init__(self, samples: int = 1, kl_warmup_steps: int = 0) -> None:
         self.samples = check_count("samples", samples)
+        if not is_count(kl_warmup_steps, low=0):
+            raise ValueError(f"kl_warmup_steps must be an int >= 0 (0: no warm-up), got {kl_warmup_steps!r}")
+        self.kl_warmup_steps = int(kl_warmup_steps)
+        self.steps_taken = 0
+
+    def kl_weight(self) -> float:
+        """:math:`\beta` of the next training step."""
+        return min(1.0, self.steps_taken / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
         x, context = batch
         if context is not None:
             raise ValueError("NegativeELBO trains unconditional VAEs: the batch's context must be None")
-        return -model.elbo(x, self.samples).mean()
+        if not torch.is_grad_enabled():  # validation: the bound itself
+            return -model.elbo(x, self.samples).mean()
+        beta = self.kl_weight()
+        self.steps_taken += 1
+        return -model.elbo(x, self.samples, kl_weight=beta).mean()
+
+    def state_dict(self) -> dict:
+        return {"steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_taken = int(state["steps_taken"])
 
 
 __all__ = [
