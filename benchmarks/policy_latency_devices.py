@@ -91,16 +91,12 @@ def autocast(device: torch.device, bf16: bool, cache: bool = True):
 
 
 def sampling_function(policy: ChunkPolicy, steps: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """``predict_chunk``'s computation without its input checks: ``(state, task_index, noise) ->
-    actions`` on tensors of fixed shapes, as a CUDA graph or ``torch.compile`` needs it."""
+    """``(state, task_index, noise) -> actions`` on tensors of fixed shapes, as a CUDA graph or
+    ``torch.compile`` needs it (:meth:`~flowforge.policy.ChunkPolicy.chunk_from_noise`)."""
     sampling = policy.sampling(steps)
 
     def sample(state: Tensor, task_index: Tensor, noise: Tensor) -> Tensor:
-        cache = policy.expert.encode(policy.prefix({"state": state, "task_index": task_index}, False), True)
-        chunk = policy.head.sample(
-            cache, noise, steps=sampling.steps, method=sampling.method, noise_scale=sampling.noise_scale
-        )
-        return policy.unnormalize_action(chunk.x)
+        return policy.chunk_from_noise({"state": state, "task_index": task_index}, noise, sampling)[0]
 
     return sample
 

@@ -137,6 +137,30 @@ def test_cached_and_uncached_sampling_are_equal_for_the_same_noise(kind: str) ->
 
 
 @pytest.mark.parametrize("kind", HEADS)
+def test_chunk_from_noise_is_predict_chunks_computation_and_replays_on_new_inputs(kind: str) -> None:
+    """The unchecked path that CUDA graphs and torch.compile capture gives predict_chunk's chunk, and
+    called again on the same tensors refilled in place (as a graph replays) the chunk of the new inputs."""
+    policy = _policy(kind).eval()
+    batches = [_batch(seed=seed) for seed in (1, 2)]
+    noises = [torch.randn(5, 8, 2, generator=torch.Generator().manual_seed(seed)) for seed in (3, 4)]
+    steps = None if kind == "mse" else 2  # a regression head takes no steps
+    sampling = policy.sampling(steps)
+    static = {key: batches[0][key].clone() for key in ("state", "image", "task_index")}
+    static_noise = noises[0].clone()
+    for batch, noise in zip(batches, noises, strict=True):
+        for key, buffer in static.items():
+            buffer.copy_(batch[key])
+        static_noise.copy_(noise)
+        torch.manual_seed(11)
+        expected = policy.predict_chunk(batch, steps=steps, noise=noise)
+        torch.manual_seed(11)
+        with torch.inference_mode():
+            actions, nfe = policy.chunk_from_noise(static, static_noise, sampling)
+        torch.testing.assert_close(actions, expected.actions, rtol=0, atol=0)
+        assert nfe == expected.nfe
+
+
+@pytest.mark.parametrize("kind", HEADS)
 def test_steps_k_cost_k_evaluations_per_level_and_leave_the_config_unchanged(kind: str) -> None:
     policy = _policy(kind).eval()
     before = dataclasses.replace(policy.policy_config)

@@ -331,17 +331,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
         if prefix is not None:
             settings["prefix"] = prefix.normalized(self.normalize_action, shape, self.policy_config.rtc_training_delay)
         start = time.perf_counter()
-        # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
-        prefix = self.prefix(batch, False) if use_cache else (lambda: self.prefix(batch, False))
-        result = self.head.sample(
-            self.expert.encode(prefix, use_cache),
-            noise,
-            steps=sampling.steps,
-            method=sampling.method,
-            noise_scale=sampling.noise_scale,
-            **settings,
-        )
-        actions = self.unnormalize_action(result.x)
+        actions, nfe = self.chunk_from_noise(batch, noise, sampling, use_cache=use_cache, **settings)
         finite = torch.isfinite(actions).flatten(1).all(1)
         if not bool(finite.all()):
             # Finite but absurd inputs (a state of 1e20) can overflow inside the network.
@@ -352,7 +342,31 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 f"{float(state.min()):.3g} to {float(state.max()):.3g}, noise_scale = {sampling.noise_scale}); "
                 "refusing to act on it: the weights may have diverged, or the temperature is too large"
             )
-        return ChunkResult(actions, result.nfe, time.perf_counter() - start)
+        return ChunkResult(actions, nfe, time.perf_counter() - start)
+
+    def chunk_from_noise(
+        self, batch: Batch, noise: Tensor, sampling: Sampling, *, use_cache: bool = True, **settings: Any
+    ) -> tuple[Tensor, int]:
+        """The computation of :meth:`predict_chunk` alone: the chunk (B, H, A) in action units
+        sampled from ``noise`` (B, H, A) for a batch already on the model's device, and its NFE.
+
+        Nothing is checked and no value leaves the device, so with tensors of fixed shapes it can
+        be captured as a CUDA graph or compiled (``torch.compile``), and replayed with new
+        observations and noise copied into the same tensors (``benchmarks/policy_latency_devices.py``).
+        Call it without gradients (``torch.inference_mode()``); ``sampling`` from :meth:`sampling`;
+        ``settings``: a normalised ``guide`` or ``prefix``, as :meth:`predict_chunk` makes them.
+        """
+        # Without a cache the policy re-encodes the observation (encoder and prefix) at every step.
+        prefix = self.prefix(batch, False) if use_cache else (lambda: self.prefix(batch, False))
+        result = self.head.sample(
+            self.expert.encode(prefix, use_cache),
+            noise,
+            steps=sampling.steps,
+            method=sampling.method,
+            noise_scale=sampling.noise_scale,
+            **settings,
+        )
+        return self.unnormalize_action(result.x), result.nfe
 
     # ---------------------------------------------------------------- input checks
     def checked_batch(self, batch: Batch) -> Batch:
