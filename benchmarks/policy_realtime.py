@@ -47,6 +47,7 @@ Needs the ``robot`` extra::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -128,7 +129,10 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
         print(f"[{phase}] {name}\n{report.table()}", flush=True)
         return report.to_dict()
 
-    return _cached(args.work / f"{phase}-{name}.json", compute)
+    # Every setting of the rollout is in the file name: another temperature or episode count is another result.
+    episodes = args.validation_episodes if validation else args.episodes
+    key = json.dumps({"episodes": episodes, **settings}, sort_keys=True)
+    return _cached(args.work / f"{phase}-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json", compute)
 
 
 def _few_step(args, kind: str, run: Path, steps: int) -> tuple[dict, float, dict[float, float]]:

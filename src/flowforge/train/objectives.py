@@ -262,7 +262,7 @@ class NegativeELBO(Objective):
         self.steps_taken = 0
 
     def kl_weight(self) -> float:
-        """:math:`\beta` of the next training step."""
+        r""":math:`\beta` of the next training step."""
         return min(1.0, self.steps_taken / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
