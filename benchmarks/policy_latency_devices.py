@@ -15,13 +15,14 @@ Ways of running one chunk (``mode``):
 * ``eager``: :meth:`~flowforge.policy.ChunkPolicy.predict_chunk` as evaluation calls it (input
   checks, the prefix's KV cache, the finiteness check of the chunk), float32.
 * ``eager-bf16``: the same under ``torch.autocast`` to bfloat16.
-* ``graph`` and ``graph-bf16`` (CUDA only): the sampling computation (encoder, prefix cache, every
-  solver step, unnormalisation) captured once as a CUDA graph for the batch size and step count,
+* ``graph`` and ``graph-bf16`` (CUDA only): the sampling computation
+  (:meth:`~flowforge.policy.ChunkPolicy.chunk_from_noise`: encoder, prefix cache, every solver
+  step, unnormalisation) captured once as a CUDA graph for the batch size and step count,
   then replayed: the observation and noise are copied into the graph's input buffers and the chunk
   out of its output buffer. The chunk is checked for finiteness on the host, as ``predict_chunk``
   checks it.
 * ``compile`` (flow head only; compiling takes tens of seconds per shape): the same computation
-  through ``torch.compile`` (``mode="max-autotune-no-cudagraphs"`` is not used: the default mode).
+  through ``torch.compile`` in its default mode.
 
 Every case is run alternately (one chunk of each case per round, ``--repeats`` rounds after
 ``--warmup``), so drifts in the machine's speed reach all alike; the table gives medians in
