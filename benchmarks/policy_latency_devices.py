@@ -102,7 +102,8 @@ def sampling_function(policy: ChunkPolicy, steps: int) -> Callable[[Tensor, Tens
     return sample
 
 
-def _refuse_non_finite(actions: Tensor) -> Tensor:
+def _checked_on_host(actions: Tensor) -> Tensor:
+    """The host copy of a chunk, refused when not finite (as ``predict_chunk`` refuses it)."""
     if not bool(torch.isfinite(actions).all()):
         raise RuntimeError("a non-finite chunk")
     return actions
@@ -152,7 +153,7 @@ def graph_case(policy: ChunkPolicy, head: str, rows: int, bf16: bool, example: t
         for buffer, value in zip(inputs, (state, task_index, noise), strict=True):
             buffer.copy_(value, non_blocking=True)
         graph.replay()
-        return _refuse_non_finite(output.float().cpu())
+        return _checked_on_host(output.float().cpu())
 
     return Case(head, rows, "graph-bf16" if bf16 else "graph", run)
 
@@ -167,7 +168,7 @@ def compiled_case(policy: ChunkPolicy, head: str, rows: int, example: tuple[Tens
 
     def run(state: Tensor, task_index: Tensor, noise: Tensor) -> Tensor:
         with torch.inference_mode():
-            return _refuse_non_finite(compiled(state.to(device), task_index.to(device), noise.to(device)).cpu())
+            return _checked_on_host(compiled(state.to(device), task_index.to(device), noise.to(device)).cpu())
 
     return Case(head, rows, "compile", run)
 

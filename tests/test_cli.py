@@ -293,6 +293,7 @@ BAD_VALUES = [
     (["model.options.transforms=true"], None, "transforms"),
     (["model.options.hidden=[1.5]"], None, "hidden"),
     (['objective.target="banana"'], None, "target"),  # not read by maximum likelihood
+    (['data.path=""'], None, "path = ''"),  # replaces the config's built-in set, and is empty
     (["objective.kl_warmup_steps=100"], None, "kl_warmup_steps"),  # a VAE's alone
     (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = -1\n", "kl_warmup_steps"),
     (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = 11\n", "kl_warmup_steps = 11 is longer"),

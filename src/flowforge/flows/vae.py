@@ -448,7 +448,7 @@ class VAE(Rebuildable, nn.Module):
         samples = check_count("samples", samples)
         check_real("kl_weight", kl_weight, non_negative=True)
         reconstruction, latent = self._weight_terms(x, samples)
-        return (reconstruction + latent if kl_weight == 1.0 else reconstruction + kl_weight * latent).mean(0)
+        return (reconstruction + kl_weight * latent).mean(0)
 
     def iwae(self, x: Tensor, k: int, chunk: int | None = None) -> Tensor:
         r"""The importance-weighted bound :math:`\log \frac1k \sum_i e^{w_i}` per row, shape (batch,),

@@ -88,6 +88,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.name is not None:
             check_choice("name", self.name, DATASETS)
+        if self.path is not None and not self.path.strip():
+            raise ConfigError(f"path = {self.path!r}: give a data file (.csv, .npy, .npz, .parquet)")
         if self.name is not None and self.path is not None:
             raise ConfigError(
                 f"name = {self.name!r} and path = {self.path!r}: give exactly one of name (a built-in set) or path"

@@ -269,10 +269,9 @@ class NegativeELBO(Objective):
         x, context = batch
         if context is not None:
             raise ValueError("NegativeELBO trains unconditional VAEs: the batch's context must be None")
-        if not torch.is_grad_enabled():  # validation: the bound itself
-            return -model.elbo(x, self.samples).mean()
-        beta = self.kl_weight()
-        self.steps_taken += 1
+        training = torch.is_grad_enabled()  # validation runs without gradients, on the bound itself
+        beta = self.kl_weight() if training else 1.0
+        self.steps_taken += int(training)
         return -model.elbo(x, self.samples, kl_weight=beta).mean()
 
     def state_dict(self) -> dict:
