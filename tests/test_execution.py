@@ -246,3 +246,35 @@ def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
         assert executor.delay >= 1  # requests plan for the measured delay
     with pytest.raises(ValueError, match="known delay bound"):
         ChunkExecutor(_policy("flow", rtc_training_delay=4), execution="rtc-trained", delay="real")
+
+
+@pytest.mark.parametrize(("execution", "delay"), [("sync", 0), ("rtc", 3), ("rtc-trained", 3), ("rtc", "real")])
+def test_warming_up_computes_each_kind_of_chunk_in_each_thread_and_changes_nothing(execution: str, delay) -> None:
+    import threading
+
+    policy = _policy("flow", rtc_training_delay=4 if execution == "rtc-trained" else 0)
+    executor = ChunkExecutor(policy, execution=execution, delay=delay)
+    calls = []
+    predict = policy.predict_chunk
+
+    def recorded(batch, *args, **kwargs):
+        calls.append((threading.current_thread().name.split("_")[0], "guide" in kwargs, "prefix" in kwargs))
+        return predict(batch, *args, **kwargs)
+
+    policy.predict_chunk = recorded
+    try:
+        executor.act(_observation(0))
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        history = list(executor.history)
+        executor.warm_up(_observation(7))
+        assert torch.equal(torch.get_rng_state(), before) and list(executor.history) == history
+        assert len(executor.chunks) == len(executor.timings) == 1 and executor.executed == [(0, 0)]
+    finally:
+        executor.close()
+    warmed = calls[1:]
+    kinds = {(False, False)} | ({(True, False)} if execution == "rtc" else set())
+    kinds |= {(False, True)} if execution == "rtc-trained" else set()
+    assert {call[1:] for call in warmed} == kinds
+    threads = {call[0] for call in warmed}
+    assert threads == ({"MainThread", "chunk-inference"} if delay == "real" else {"MainThread"})

@@ -178,7 +178,8 @@ def _rollout(
 
 def _check_fits(executor: ChunkExecutor, env) -> None:
     """Refuse, before the first episode, a policy whose actions or observations are not the
-    environment's (a policy trained on another robot's data): :class:`ConfigError` naming both."""
+    environment's (a policy trained on another robot's data): :class:`ConfigError` naming both;
+    then warm the executor up on the first observation (:meth:`ChunkExecutor.warm_up`)."""
     config = executor.policy.policy_config
     action_size = int(np.prod(env.action_space.shape))
     if config.action_dim != action_size:
@@ -187,10 +188,12 @@ def _check_fits(executor: ChunkExecutor, env) -> None:
             "(MetaWorld: hand x, y, z and gripper): it was trained for another robot"
         )
     observation, info = env.reset(seed=0)
+    observation = {**observation, "instruction": info["instruction"]}
     try:
-        executor.checked_observation({**observation, "instruction": info["instruction"]})
+        executor.checked_observation(observation)
     except ValueError as error:
         raise ConfigError(f"the policy does not fit {env.task}'s observations: {error}") from error
+    executor.warm_up(observation)  # one-time costs are not timed as the first episode's delays
 
 
 def evaluate(
