@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -298,6 +299,15 @@ BAD_VALUES = [
     (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = -1\n", "kl_warmup_steps"),
     (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = 11\n", "kl_warmup_steps = 11 is longer"),
     (None, '[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "reverse-kl"\n', "[data]"),
+    (["data.size=1180591620717411303424"], None, "size = 1180591620717411303424: expected integers of at most 64"),
+    (['model.options.activation=["relu"]'], None, "options.activation = ['relu']: expected a name"),
+    (["data.path=."], None, ".: a folder, not a file"),
+    (
+        ['data.name="digits-images"', 'model.kind="glow"', "data.test_fraction=0.0001"],
+        None,
+        "test_fraction = 0.0001 holds out 0 of the 1797 digits",
+    ),
+    (['data.name="digits-images"', 'model.kind="glow"', "data.test_fraction=0.9999"], None, "holds out 1797"),
 ]
 
 
@@ -331,6 +341,10 @@ PARSER_REFUSALS = [
     (["data", "collect", "--out", "OUT", "--images", "--size", "100000"], "'--size'", "'100000'"),
     (["policy", "eval", "OUT", "--delay", "99999999999999999999"], "--delay", "0..1000"),
     (["policy", "eval", "OUT", "--delay", "5-2"], "--delay", "'5-2'"),
+    (["policy", "eval", "OUT", "--delay", "1-\u00b2"], "--delay", "'1-\u00b2'"),  # a digit to str.isdigit only
+    (["policy", "eval", "OUT", "--max-steps", "501"], "'--max-steps'", "'501'"),  # MetaWorld stops at 500
+    (["policy", "eval", "OUT", "--episodes", "10001"], "'--episodes'", "'10001'"),
+    (["data", "collect", "--out", "OUT", "--tasks", "reach-v3", "--episodes", "10001"], "'--episodes'", "'10001'"),
     (["demo", "--bogus", "3"], "--bogus", "--bogus"),
     (["nonsense"], "No such command", "'nonsense'"),
 ]
@@ -421,6 +435,60 @@ def test_eval_refuses_points_the_run_does_not_model(tmp_path: Path) -> None:
         assert f"points of shape {found}; this run models points of shape 2" in result.stderr
     result = CliRunner().invoke(app, ["eval", str(run), "--data", "no-such-set"])
     assert result.exit_code == 2 and "--data 'no-such-set': neither a file" in result.stderr
+    np.save(tmp_path / "one.npy", np.zeros((1, 2), dtype=np.float32))
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(tmp_path / "one.npy")])
+    assert result.exit_code == 2 and "one.npy: 1 point; evaluation needs at least 2" in result.stderr, result.output
+
+
+def test_steps_are_refused_for_a_model_that_samples_in_one_pass(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    for args in (
+        ["sample", str(run), "--steps", "7", "-o", str(tmp_path / "s.npy")],
+        ["eval", str(run), "--steps", "3"],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "a nice model samples without a step count" in result.stderr, result.output
+        assert result.stdout == "" and not (tmp_path / "s.npy").exists()
+
+
+def test_weights_holding_nan_are_refused_on_load_naming_the_weight(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from flowforge.checkpoint import read_manifest
+
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    manifest = read_manifest(run)
+    path = run / manifest["files"]["model"]["file"]
+    weights = load_file(path)
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.numel() > 1)
+    weights[name][0] = float("nan")
+    save_file(weights, path)
+    record = json.loads((run / "checkpoint.json").read_text())
+    record["files"]["model"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (run / "checkpoint.json").write_text(json.dumps(record))
+    for args in (["eval", str(run)], ["sample", str(run), "-o", str(tmp_path / "s.npy")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "hold NaN or inf (" in result.stderr, result.output
+        assert not (tmp_path / "s.npy").exists()
+
+
+def test_resume_from_a_truncated_tensor_file_is_refused_before_anything_is_announced(tmp_path: Path) -> None:
+    from flowforge.checkpoint import read_manifest
+
+    out = tmp_path / "r"
+    assert CliRunner().invoke(app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(out), *TINY]).exit_code == 0
+    for group in ("model", "trainer"):
+        path = out / read_manifest(out)["files"][group]["file"]
+        kept = path.read_bytes()
+        path.write_bytes(kept[:100])
+        result = CliRunner().invoke(
+            app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(out), "--resume", *TINY]
+        )
+        assert result.exit_code == 2 and result.stdout == "", result.output
+        assert "does not match its recorded SHA-256" in result.stderr and len(result.stderr.splitlines()) == 1
+        path.write_bytes(kept)
 
 
 def test_a_checkpoints_standardisation_is_checked_on_load(tmp_path: Path) -> None:
@@ -499,6 +567,13 @@ def test_policy_config_values_are_typed(tmp_path: Path) -> None:
         ('policy.method="bogus"', "method"),
         ("policy.diffusion_steps=0", "diffusion_steps"),
         ("policy.noise_scale=inf", "noise_scale"),
+        ("policy.state_dim=5", "[policy] state_dim = 5: a policy run takes state_dim from its data set"),
+        ("policy.action_dim=7", "[policy] action_dim = 7: a policy run takes action_dim"),
+        ("policy.diffusion_steps=1180591620717411303424", "diffusion_steps = 1180591620717411303424"),
+        ("policy.width=64000000", "width = 64000000: expected an integer in [1, 16384]"),
+        ("policy.heads=256", "heads = 256: expected an integer in [1, 64] (at most width = 64)"),
+        ("policy.obs_horizon=1000000", "obs_horizon = 1000000: expected an integer in [1, 1000]"),
+        ("data.workers=100000", "workers = 100000: expected an integer in [0, 256] (DataLoader processes)"),
     ]:
         args = ["policy", "train", str(config), "--out", str(tmp_path / "p"), "--set", override]
         result = CliRunner().invoke(app, args)

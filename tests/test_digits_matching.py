@@ -234,3 +234,7 @@ def test_the_classifier_cache_follows_the_environment(monkeypatch, tmp_path) -> 
     monkeypatch.delenv(density.CACHE_VARIABLE)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert runs.classifier_cache() == tmp_path / "xdg" / "flowforge"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(density.CACHE_VARIABLE, str(tmp_path / "file" / "cache"))
+    with pytest.raises(ConfigError, match=r"file is a file; set \$FLOWFORGE_CACHE to a folder"):
+        density.digits_classifier(runs.DataConfig(name="digits-images"))  # before a classifier is trained

@@ -73,6 +73,8 @@ def test_images_are_rendered_headless_at_the_requested_size() -> None:
 def test_unknown_tasks_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown MetaWorld task 'fly-v3'"):
         MetaWorldEnv("fly-v3")
+    with pytest.raises(ValueError, match=r"max_steps must be an int in 1\.\.500, got 501"):
+        MetaWorldEnv("reach-v3", max_steps=501)  # MetaWorld itself ends every episode at 500
 
 
 def test_the_core_package_does_not_import_metaworld() -> None:

@@ -343,7 +343,8 @@ def read_manifest(directory: str | Path, *, training: bool = False) -> dict[str,
     """
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"{directory} is not a flowforge checkpoint: {MANIFEST} is missing")
+        found = "is a folder, not a file" if path.exists() else "is missing"
+        raise CheckpointError(f"{directory} is not a flowforge checkpoint: {MANIFEST} {found}")
     try:
         document = json.loads(path.read_bytes())
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
@@ -361,7 +362,25 @@ def load_tensors(directory: str | Path, group: str, manifest: dict[str, Any] | N
 
     The file must be a plain name inside ``directory`` whose resolved path (symlinks followed) stays inside it.
     """
+    data, path = _verified_bytes(Path(directory), group, manifest)
+    try:
+        return load_safetensors_bytes(data)
+    except SafetensorError as error:  # pragma: no cover - a matching hash makes this unreachable in practice
+        raise CheckpointError(f"{path} is not a valid safetensors file ({error})") from error
+
+
+def verify_files(directory: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Check every tensor file of a checkpoint against its recorded SHA-256 without decoding any
+    (what a resume does before it announces anything); a :class:`CheckpointError` names the file."""
     directory = Path(directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    files = manifest.get("files", {})
+    for group in files if isinstance(files, dict) else [None]:
+        _verified_bytes(directory, group, manifest)
+
+
+def _verified_bytes(directory: Path, group: Any, manifest: dict[str, Any] | None) -> tuple[bytes, Path]:
+    """The bytes of ``group``'s tensor file and its path, checked (see :func:`load_tensors`)."""
     manifest = manifest if manifest is not None else read_manifest(directory)
     where = directory / MANIFEST
     files = manifest.get("files", {})
@@ -384,18 +403,22 @@ def load_tensors(directory: str | Path, group: str, manifest: dict[str, Any] | N
         raise CheckpointError(f"{path} cannot be read ({error})") from error
     if hashlib.sha256(data).hexdigest() != entry["sha256"].lower():
         raise CheckpointError(f"{path} does not match its recorded SHA-256: the file is truncated or was modified")
-    try:
-        return load_safetensors_bytes(data)
-    except SafetensorError as error:  # pragma: no cover - a matching hash makes this unreachable in practice
-        raise CheckpointError(f"{path} is not a valid safetensors file ({error})") from error
+    return data, path
 
 
 def load_state_dict_checked(module: torch.nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
-    """``module.load_state_dict(state)`` with a message naming the checkpoint when the shapes or keys differ."""
+    """``module.load_state_dict(state)`` with a message naming the checkpoint when the shapes or keys
+    differ, or when a weight holds NaN or inf (such a model's every output would be NaN)."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"the weights in {source} do not fit this {type(module).__name__}: {error}") from error
+    for name, parameter in module.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise CheckpointError(
+                f"the weights in {source} hold NaN or inf ({name}): the model diverged before it was saved; "
+                "train again, or from an earlier checkpoint"
+            )
 
 
 def model_manifest(model: torch.nn.Module) -> dict[str, Any]:
@@ -480,5 +503,6 @@ __all__ = [
     "remove_stale_temporaries",
     "save_checkpoint",
     "save_model",
+    "verify_files",
     "write_atomic",
 ]

@@ -24,6 +24,7 @@ from typer.core import TyperGroup
 
 import flowforge
 from flowforge.config import MAX_SEED
+from flowforge.envs.metaworld import MAX_EPISODE_STEPS, MAX_EPISODES
 from flowforge.errors import ConfigError, FlowforgeError
 from flowforge.utils.progress import progress_enabled
 from flowforge.validation import MAX_BATCH_SIZE, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_SAMPLES
@@ -91,15 +92,26 @@ def _empty_argument(given: list[str]) -> str | None:
     return None
 
 
+#: torch's refusal of a tensor whose byte count does not fit in 64 bits (a size near 2**63).
+_SIZE_OVERFLOW = "Storage size calculation overflowed"
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     """An allocation the machine cannot make (torch raises ``RuntimeError`` on the CPU,
-    ``torch.OutOfMemoryError`` on a GPU): a size in the user's config or options, not a bug."""
-    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+    ``torch.OutOfMemoryError`` on a GPU), or one too large to count: a size in the user's config
+    or options, not a bug."""
+    return (
+        isinstance(error, (MemoryError, torch.OutOfMemoryError))
+        or "can't allocate memory" in str(error)
+        or _SIZE_OVERFLOW in str(error)
+    )
 
 
 def _out_of_memory_message(error: BaseException) -> str:
     asked = re.search(r"allocate (\d+) bytes", str(error))
     size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB asked for one tensor)" if asked else ""
+    if _SIZE_OVERFLOW in str(error):
+        size = " (a tensor of more than 2**63 bytes asked for)"
     return (
         f"out of memory{size}: a size in the config or options is too large for this machine; "
         "lower the batch size, the model's widths or the chunk length"
@@ -303,8 +315,20 @@ def train(
 def _tell_if_nothing_to_resume(folder: Path, resume: bool) -> None:
     """``--resume`` into a folder without a checkpoint starts from step 0 (so that a script can
     always pass it); say so, on stderr."""
-    if resume and not (folder / "checkpoint.json").is_file():
+    if resume and not (folder / "checkpoint.json").exists():
         typer.echo(f"note: --resume: no checkpoint in {folder} yet; training from step 0", err=True)
+
+
+def _sampler_steps(run, steps: int | None) -> int:
+    """``--steps`` of ``sample`` and ``eval``: 10 by default; refused for a model that samples in one pass."""
+    from flowforge.matching import FlowMatcher
+
+    if steps is not None and not isinstance(run.model, FlowMatcher):
+        raise ConfigError(
+            f"--steps {steps}: a {run.config.model.kind} model samples without a step count; --steps is for "
+            "flow-matching runs (flow-matching, shortcut, meanflow, consistency)"
+        )
+    return 10 if steps is None else steps
 
 
 def _held_out(run, data: str | None) -> torch.Tensor | None:
@@ -331,14 +355,14 @@ def sample(
     n: Annotated[int, typer.Option("-n", min=1, max=MAX_SAMPLES, help="Number of samples.")] = 1000,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.npy or .csv).")] = Path("samples.npy"),
     steps: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             max=MAX_SAMPLER_STEPS,
-            help="Solver steps of a flow-matching model: midpoint steps (flow matching), Euler steps told to the "
-            "network (shortcut, meanflow: 1 or 2 for few-step samples), consistency steps.",
+            help="Solver steps of a flow-matching model (default 10): midpoint steps (flow matching), Euler steps "
+            "told to the network (shortcut, meanflow: 1 or 2 for few-step samples), consistency steps.",
         ),
-    ] = 10,
+    ] = None,
     label: Annotated[
         int | None,
         typer.Option(
@@ -354,6 +378,7 @@ def sample(
 
     _output_path(output, "-o", (".npy", ".csv"))
     run = runs.load_run(checkpoint)
+    steps = _sampler_steps(run, steps)
     classes = runs.run_classes(run)
     if label is not None and not classes:
         raise ConfigError(f"--label {label}: this run is not class-conditional ([data] conditional = false)")
@@ -377,8 +402,9 @@ def evaluate(
         int, typer.Option(min=2, max=MAX_SAMPLES, help="Points for the sample metrics (at most the held-out data's).")
     ] = 2000,
     steps: Annotated[
-        int, typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Sampler steps of a flow-matching model (as for sample).")
-    ] = 10,
+        int | None,
+        typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Sampler steps of a flow-matching model (as for sample)."),
+    ] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
 ) -> None:
     """Print NLL, bits/dim, MMD, energy distance and sliced W2 (or KL to the target). A flow-matching
@@ -387,6 +413,7 @@ def evaluate(
     from flowforge.eval.report import format_metrics
 
     run = runs.load_run(checkpoint)
+    steps = _sampler_steps(run, steps)
     held_out = _held_out(run, data)
     if held_out is not None and not run.reverse_kl and samples > held_out.shape[0]:
         typer.echo(f"note: --samples {samples}: the held-out data has {held_out.shape[0]} points; using all", err=True)
@@ -403,8 +430,7 @@ def plot(
     """Plot a run: density and samples (2-D) or sample pairs (more dimensions), and its training curve."""
     from flowforge import runs
 
-    if output is not None:
-        _output_path(output, "-o", (".png", ".pdf", ".svg"))
+    _output_path(output or checkpoint / "plot.png", "-o" if output else "-o (default)", (".png", ".pdf", ".svg"))
     run = runs.load_run(checkpoint)
     typer.echo(f"wrote {runs.plot_run(run, output or checkpoint / 'plot.png', _held_out(run, None))}")
 
@@ -444,7 +470,9 @@ app.add_typer(data_app, name="data")
 def data_collect(
     out: Annotated[Path, typer.Option(help="Data set folder (created; an interrupted one is resumed).")],
     tasks: Annotated[str, typer.Option(help="Comma-separated MetaWorld v3 tasks, e.g. reach-v3,push-v3.")],
-    episodes: Annotated[int, typer.Option(min=1, help="Successful episodes per task.")] = 10,
+    episodes: Annotated[
+        int, typer.Option(min=1, max=MAX_EPISODES, help="Successful episodes per task (each task's seeds its own).")
+    ] = 10,
     env: Annotated[str, typer.Option(help="Simulator (metaworld).")] = "metaworld",
     images: Annotated[bool, typer.Option("--images/--no-images", help="Also store camera images.")] = False,
     camera: Annotated[str | None, typer.Option(help="Camera for --images (default corner).")] = None,
@@ -546,8 +574,12 @@ def policy_train(
 def policy_eval(
     checkpoint: Annotated[Path, typer.Argument(help="Trained policy folder.")],
     tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks (default: the policy's own).")] = None,
-    episodes: Annotated[int, typer.Option(min=1, help="Episodes per task (fresh seeds).")] = 10,
-    max_steps: Annotated[int, typer.Option(min=1, help="Step limit per episode.")] = 500,
+    episodes: Annotated[
+        int, typer.Option(min=1, max=MAX_EPISODES, help="Episodes per task (fresh seeds, each task's its own).")
+    ] = 10,
+    max_steps: Annotated[
+        int, typer.Option(min=1, max=MAX_EPISODE_STEPS, help="Step limit per episode (MetaWorld ends one at 500).")
+    ] = 500,
     video: Annotated[Path | None, typer.Option(help="Folder for rollout GIFs (2 per task).")] = None,
     steps: Annotated[
         int | None, typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Override the sampling steps.")
@@ -634,7 +666,7 @@ def _delay_option(text: str) -> int | tuple[int, int] | str:
     if text == "real":
         return text
     parts = text.split("-")
-    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+    if len(parts) in (1, 2) and all(re.fullmatch(r"\s*[0-9]+\s*", p) for p in parts):  # ASCII: '²' is a digit too
         values = [int(p) for p in parts]
         if values[-1] > MAX_DELAY or values[0] > values[-1]:
             raise ConfigError(f"--delay {text!r}: expected control steps in 0..{MAX_DELAY}, a range's low end first")

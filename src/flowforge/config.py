@@ -178,11 +178,18 @@ def build_dataclass(cls: type[T], values: dict[str, Any], where: str) -> T:
             raise ConfigError(f"{where} {key} = nan: expected {_type_name(hints[key])}")
         checked[key] = _coerce(hints[key], value, f"{where} {key}")
     try:
-        return cls(**checked)
+        built = cls(**checked)
     except ConfigError as error:
         raise ConfigError(f"{where} {error}") from error
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{where} {error}") from error
+    # After the dataclass's own checks (their bounds say more): an integer no check bounded must
+    # still fit TOML's 64 bits, or it overflows torch's sizes later.
+    for key, value in checked.items():
+        for number in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(number, int) and not isinstance(number, bool) and not -(2**63) <= number < 2**63:
+                raise ConfigError(f"{where} {key} = {value}: expected integers of at most 64 bits (|value| < 2**63)")
+    return built
 
 
 def parse_config(cls: type[T], text: str, source: str = "config", overrides: list[str] | None = None) -> T:

@@ -163,6 +163,10 @@ MAX_BATCH_SIZE = 2**24
 MAX_HORIZON = 1000
 #: The most samples one command draws.
 MAX_SAMPLES = 10**7
+#: The widest policy transformer (its attention and MLP matrices are width x 4 width).
+MAX_WIDTH = 2**14
+#: The most DataLoader worker processes a run starts.
+MAX_WORKERS = 256
 
 
 def is_count(value: object, low: int = 1, high: int | None = None) -> bool:

@@ -68,6 +68,12 @@ class Normalizer(nn.Module):
         for key, value in values.items():
             if value.numel() != self.features or not bool(torch.isfinite(value).all()):
                 raise DataError(f"statistics {key!r} must be {self.features} finite numbers, got {value.tolist()}")
+        if self.mode == "mean_std" and bool((values["std"] < 0).any()):
+            raise DataError(f"statistics 'std' must be >= 0, got {values['std'].tolist()}")
+        if self.mode == "min_max" and bool((values["min"] > values["max"]).any()):
+            raise DataError(
+                f"statistics 'min' must be <= 'max', got min {values['min'].tolist()}, max {values['max'].tolist()}"
+            )
         if self.mode == "mean_std":
             shift, scale = values["mean"], values["std"]
         else:

@@ -74,6 +74,11 @@ def digits_images(split: str = "train", test_fraction: float = 0.2, seed: int = 
     labels = torch.as_tensor(np.asarray(bunch.target, dtype=np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     test_size = round(test_fraction * len(labels))
+    if min(test_size, len(labels) - test_size) < 2:  # the sample metrics compare >= 2 images
+        raise DataError(
+            f"test_fraction = {test_fraction} holds out {test_size} of the {len(labels)} digits; the test and "
+            "training splits need at least 2 images each"
+        )
     chosen = order[:test_size] if split == "test" else order[test_size:]
     return pixels[chosen], labels[chosen]
 
@@ -100,7 +105,7 @@ def load_table(path: str | Path, columns: int | None = None) -> Tensor:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     suffix = path.suffix.lower()
     readers = {".csv": _read_csv, ".npy": _read_npy, ".npz": _read_npz, ".parquet": _read_parquet}
     if suffix not in readers:

@@ -46,7 +46,7 @@ from flowforge.data.episodes import decode_png, encode_png
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
 from flowforge.envs.episode import run_episode
-from flowforge.envs.metaworld import INSTRUCTIONS, ROBOT_STATE_DIM, MetaWorldEnv, check_cameras
+from flowforge.envs.metaworld import INSTRUCTIONS, ROBOT_STATE_DIM, TASK_SEED_STRIDE, MetaWorldEnv, check_cameras
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
@@ -449,7 +449,7 @@ def collect(
             return expert.get_action(observation["environment_state"])  # the expert reads object poses
 
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
-            episode_seed = seed * 1_000_003 + task_index * 10_007 + counts["attempted"]
+            episode_seed = seed * 1_000_003 + task_index * TASK_SEED_STRIDE + counts["attempted"]
             episode = run_episode(env, expert_actor, episode_seed, max_steps, keep=True)
             counts["attempted"] += 1
             if episode.success:

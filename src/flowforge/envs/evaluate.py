@@ -23,12 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from flowforge.envs.episode import run_episode
+from flowforge.envs.metaworld import TASK_SEED_STRIDE
 from flowforge.errors import ConfigError
 from flowforge.policy import ChunkExecutor, ChunkPolicy
+from flowforge.validation import check_count, is_count
 
-#: Evaluation seeds are EVALUATION_SEED_BASE + 10_007 * task position + episode.
+#: Evaluation seeds are EVALUATION_SEED_BASE + TASK_SEED_STRIDE * task position + episode.
 EVALUATION_SEED_BASE = 900_000_000
-#: Seeds for choosing settings by rollouts: VALIDATION_SEED_BASE + 10_007 * task position + episode.
+#: Seeds for choosing settings by rollouts: VALIDATION_SEED_BASE + TASK_SEED_STRIDE * task position + episode.
 VALIDATION_SEED_BASE = 800_000_000
 
 
@@ -38,7 +40,9 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     >>> [round(v, 3) for v in wilson_interval(45, 50)]
     [0.786, 0.957]
     """
-    if trials <= 0:
+    if not is_count(trials, 0) or not is_count(successes, 0, trials) or not (math.isfinite(z) and z > 0):
+        raise ValueError(f"expected 0 <= successes <= trials and z > 0, got {successes}, {trials}, {z}")
+    if trials == 0:
         return 0.0, 1.0
     p = successes / trials
     denominator = 1 + z * z / trials
@@ -158,6 +162,7 @@ def rollout(
     episode is reproducible and two settings of one policy are compared on the same scenes and
     the same noise.
     """
+    check_count("max_steps", max_steps)
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(seed)
         return _rollout(executor, env, seed, max_steps, record)
@@ -225,8 +230,16 @@ def evaluate(
     not the environment's (trained on another robot's data) is refused with a
     :class:`~flowforge.errors.ConfigError` before the first episode.
     """
-    from flowforge.envs.metaworld import CAMERAS, MetaWorldEnv
+    from flowforge.config import MAX_SEED
+    from flowforge.envs.metaworld import CAMERAS, MAX_EPISODES, MetaWorldEnv
 
+    if not isinstance(tasks, list | tuple) or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+    check_count("episodes", episodes, high=MAX_EPISODES)
+    check_count("videos_per_task", videos_per_task, low=0)
+    highest = seed_base + TASK_SEED_STRIDE * (len(tasks) - 1) + episodes - 1
+    if not is_count(seed_base, 0) or highest > MAX_SEED:
+        raise ValueError(f"seed_base must be an int >= 0 whose episode seeds stay <= {MAX_SEED}, got {seed_base!r}")
     policy.eval()
     executor = ChunkExecutor(
         policy, temporal_ensemble=temporal_ensemble, execution=execution, delay=delay, **(sampling or {})
@@ -254,7 +267,7 @@ def evaluate(
                     _check_fits(executor, env)
                 for episode in range(episodes):
                     record = video_dir is not None and episode < videos_per_task
-                    seed = seed_base + 10_007 * position + episode
+                    seed = seed_base + TASK_SEED_STRIDE * position + episode
                     success, steps, frames, chunk_latencies, chunk_nfe = rollout(executor, env, seed, max_steps, record)
                     result.successes.append(success)
                     result.steps.append(steps)

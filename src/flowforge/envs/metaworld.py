@@ -35,10 +35,19 @@ from typing import Any
 
 import numpy as np
 
+from flowforge.validation import check_count
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 #: The robot's own state: hand position (x, y, z) and gripper opening, MetaWorld's first four numbers.
 ROBOT_STATE_DIM = 4
+#: MetaWorld ends every episode after this many steps (its ``max_path_length``), whatever the time limit.
+MAX_EPISODE_STEPS = 500
+#: The first seeds of consecutive tasks in a collection or evaluation are this far apart (a prime).
+TASK_SEED_STRIDE = 10_007
+#: The most episodes per task one collection or evaluation runs: below the stride, so that each
+#: task's evaluation seeds stay its own.
+MAX_EPISODES = 10_000
 #: The cameras of MetaWorld's Sawyer scenes (``model.cam``), by name.
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 
@@ -166,7 +175,7 @@ class MetaWorldEnv:
         camera: MetaWorld camera name (``corner``, ``corner2``, ``corner3``, ``topview``, ``gripperPOV``, ...).
         cameras: several camera names (``None``: ``[camera]``); the observation's ``image`` is the first one's.
         size: image height and width.
-        max_steps: episode length before truncation (MetaWorld's default, 500, when None).
+        max_steps: episode length before truncation, 1 to 500 (MetaWorld's own limit, the default).
     """
 
     metadata = {"render_modes": ["rgb_array"]}  # noqa: RUF012 - gymnasium reads this class attribute
@@ -193,7 +202,7 @@ class MetaWorldEnv:
         if image:
             options.update(render_mode="rgb_array", camera_name=self.camera, width=size, height=size)
         if max_steps is not None:
-            options["max_episode_steps"] = max_steps
+            options["max_episode_steps"] = check_count("max_steps", max_steps, high=MAX_EPISODE_STEPS)
         # the passive checker only warns, about bounds MetaWorld declares loosely, on every env built
         self.env = gym.make("Meta-World/MT1", disable_env_checker=True, **options)
         self._seed = seed

@@ -17,7 +17,7 @@ from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
 from flowforge.registry import names, register
-from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS
+from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
 
 #: The data set features a policy can read as its state.
 STATE_KEYS = ("observation.environment_state", "observation.state")
@@ -159,6 +159,24 @@ class PolicyConfig:
     image_normalization: str = "fixed"
 
     @property
+    def goal_size(self) -> int:
+        """The goal's numbers at the end of the state vector (0 without ``goal_key``)."""
+        if self.goal_key is None or self.goal_key not in DERIVED_FEATURES:
+            return 0
+        _, start, end = DERIVED_FEATURES[self.goal_key]
+        return end - start
+
+    def check_state_layout(self) -> None:
+        """Refuse a ``state_dim`` no observation can fill: the state_key's numbers (twice with
+        ``previous_state``) plus the goal's. Checked when a policy is built (a run's config takes
+        ``state_dim`` from its data set)."""
+        own = self.state_dim - self.goal_size
+        if own < 1 or (self.previous_state and own % 2):
+            layout = "twice the state_key's numbers (previous_state)" if self.previous_state else "the state_key's"
+            goal = f" plus the goal's {self.goal_size}" if self.goal_key is not None else ""
+            raise ConfigError(f"state_dim = {self.state_dim}: expected {layout}{goal}, at least 1 of the state_key's")
+
+    @property
     def state_features(self) -> list[str]:
         """The features whose numbers make the state vector, in order (``state_key``, ``goal_key``);
         with ``previous_state`` the first one's previous frame follows it."""
@@ -182,8 +200,18 @@ class PolicyConfig:
 
         check_choice("kind", self.kind, names(HEAD_CATEGORY))
         check_choice("state_key", self.state_key, STATE_KEYS)
-        for name in ("state_dim", "action_dim", "obs_horizon", "width", "heads"):
+        if not isinstance(self.language, bool):
+            raise ConfigError(f"language = {self.language!r}: expected true or false")
+        if not isinstance(self.instructions, list | tuple) or not all(isinstance(t, str) for t in self.instructions):
+            raise ConfigError(f"instructions = {self.instructions!r}: expected a list of strings")
+        if len(set(self.instructions)) != len(self.instructions):
+            raise ConfigError(f"instructions = {self.instructions!r}: an instruction is listed twice")
+        for name in ("state_dim", "action_dim"):
             check_integer(name, getattr(self, name))
+
+        check_integer("width", self.width, high=MAX_WIDTH)
+        check_integer("heads", self.heads, high=self.width, note=f" (at most width = {self.width})")
+        check_integer("obs_horizon", self.obs_horizon, high=MAX_HORIZON)
         check_integer("horizon", self.horizon, high=MAX_HORIZON)
         check_integer("layers", self.layers, high=MAX_LAYERS)
         if self.width % self.heads:
@@ -259,6 +287,8 @@ class PolicyConfig:
                 raise ConfigError(f"cameras = {self.cameras}: set image_shape (e.g. [3, 84, 84]) to use images")
         if self.image_shape is None:
             return
+        if not isinstance(self.image_shape, list | tuple) or not all(is_count(side) for side in self.image_shape):
+            raise ConfigError(f"image_shape = {self.image_shape!r}: expected [3, H, W] of positive integers, or none")
         self.image_shape = [int(s) for s in self.image_shape]
         if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
             raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")

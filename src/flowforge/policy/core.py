@@ -43,7 +43,7 @@ from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
 from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, ChunkPrefix, Sampling
 from flowforge.registry import Rebuildable, lookup, names, register
-from flowforge.validation import check_choice
+from flowforge.validation import check_bool, check_choice
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
+        config.check_state_layout()
         self.policy_config = config
         self.encoder = ObservationEncoder(
             config.state_dim,
@@ -185,10 +186,38 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return self.encoder(observation, augment)
 
     def loss(self, batch: Batch) -> Tensor:
-        """The head's training loss on a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H)."""
+        """The head's training loss on a batch with ``action`` (B, H, A) and ``action_is_pad`` (B, H),
+        checked as :meth:`checked_training_batch` says."""
+        batch = self.checked_training_batch(batch)
         cache = self.expert.encode(self.prefix(batch))
-        action = batch["action"].to(self.action_normalizer.shift)
-        return self.head.loss(self.normalize_action(action), cache, batch.get("action_is_pad"))
+        return self.head.loss(self.normalize_action(batch["action"]), cache, batch.get("action_is_pad"))
+
+    def checked_training_batch(self, batch: Batch) -> Batch:
+        """:meth:`checked_batch` (float images allowed), and ``action`` a finite floating-point
+        ``(B, horizon, action_dim)`` tensor (in the model's dtype) and ``action_is_pad``, when given,
+        a bool ``(B, horizon)`` one."""
+        checked = self.checked_batch(batch, float_images=True)
+        if "action" not in batch:
+            raise ValueError("batch needs 'action' (batch, horizon, action_dim): the demonstrated chunks")
+        cfg = self.policy_config
+        rows = checked["state"].shape[0]
+        action = _as_tensor("action", batch["action"])
+        expected = (rows, cfg.horizon, cfg.action_dim)
+        if not action.is_floating_point() or tuple(action.shape) != expected:
+            raise ValueError(
+                f"action must be a float tensor of shape {expected}, got {action.dtype} of shape {tuple(action.shape)}"
+            )
+        _refuse_non_finite("action", action)
+        checked["action"] = action.to(self.action_normalizer.shift)
+        if batch.get("action_is_pad") is not None:
+            pad = _as_tensor("action_is_pad", batch["action_is_pad"])
+            if pad.dtype != torch.bool or tuple(pad.shape) != expected[:2]:
+                raise ValueError(
+                    f"action_is_pad must be a bool tensor of shape {expected[:2]}, got {pad.dtype} of shape "
+                    f"{tuple(pad.shape)}"
+                )
+            checked["action_is_pad"] = pad.to(action.device)
+        return checked
 
     def distillation_loss(
         self, batch: Batch, teacher: ChunkPolicy, method: str = "consistency", intervals: int = 18
@@ -204,13 +233,20 @@ class ChunkPolicy(Rebuildable, nn.Module):
         if self.policy_config.kind != "consistency":
             kind = self.policy_config.kind
             raise ValueError(f"distillation trains a 'consistency' head; this policy's kind is {kind!r}")
-        if teacher.policy_config.kind != "flow":
-            kind = teacher.policy_config.kind
-            raise ValueError(f"the teacher must be a 'flow' policy (an ODE to follow), got {kind!r}")
+        if not isinstance(teacher, ChunkPolicy) or teacher.policy_config.kind != "flow":
+            kind = teacher.policy_config.kind if isinstance(teacher, ChunkPolicy) else type(teacher).__name__
+            raise ValueError(f"the teacher must be a 'flow' ChunkPolicy (an ODE to follow), got {kind!r}")
+        mine, theirs = self.policy_config, teacher.policy_config
+        if (mine.horizon, mine.action_dim) != (theirs.horizon, theirs.action_dim):
+            raise ValueError(
+                f"the teacher predicts chunks of {theirs.horizon} x {theirs.action_dim}; this policy's are "
+                f"{mine.horizon} x {mine.action_dim}"
+            )
+        batch = self.checked_training_batch(batch)
         cache = self.expert.encode(self.prefix(batch))
         with torch.no_grad():
             teacher_cache = teacher.expert.encode(teacher.prefix(batch, augment=False))
-        action = self.normalize_action(batch["action"].to(self.action_normalizer.shift))
+        action = self.normalize_action(batch["action"])
         pad = batch.get("action_is_pad")
         if method == "trajectory":
             steps = teacher.policy_config.sampling_steps
@@ -238,26 +274,20 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 f"a {self.policy_config.kind!r} head has no chunk likelihood: log_prob needs a head that integrates a "
                 f"velocity field (policy.kind = {', '.join(map(repr, kinds))})"
             )
-        checked = self.checked_batch(batch)
-        if "action" not in batch:
-            raise ValueError("batch needs 'action' (batch, horizon, action_dim): the chunks to score")
-
-        cfg = self.policy_config
-        action = torch.as_tensor(batch["action"])
-        expected = (checked["state"].shape[0], cfg.horizon, cfg.action_dim)
-        if not action.is_floating_point() or tuple(action.shape) != expected:
-            raise ValueError(
-                f"action must be a float tensor of shape {expected}, got {action.dtype} of shape {tuple(action.shape)}"
-            )
-        _refuse_non_finite("action", action)
-        action = action.to(self.action_normalizer.shift)
+        checked = self.checked_training_batch({k: v for k, v in batch.items() if k != "action_is_pad"})
         with torch.no_grad():
             cache = self.expert.encode(self.prefix(checked, augment=False))
-        normalized = self.normalize_action(action)
+        normalized = self.normalize_action(checked["action"])
         log_density = self.head.log_prob(
             normalized, cache, trace=trace, method=method, steps=steps, noise_scale=noise_scale
         )
-        return log_density - cfg.horizon * self.action_normalizer.scale.log().sum()
+        if bool(log_density.isnan().any()):
+            rows = log_density.isnan().nonzero().flatten().tolist()
+            raise NumericalError(
+                f"log_prob is NaN for rows {rows[:5]}: their states or actions are too large for the model's "
+                "numbers (normalised, they overflow); -inf would be the density of a merely far chunk"
+            )
+        return log_density - self.policy_config.horizon * self.action_normalizer.scale.log().sum()
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
@@ -297,6 +327,10 @@ class ChunkPolicy(Rebuildable, nn.Module):
         batch = self.checked_batch(batch)
         rows = batch["state"].shape[0]
         shape = (rows, self.policy_config.horizon, self.policy_config.action_dim)
+        check_bool("use_cache", use_cache)
+        for name, value, cls in (("guide", guide, ChunkGuide), ("prefix", prefix, ChunkPrefix)):
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None, got {type(value).__name__}")
         if guide is not None and not getattr(self.head, "guidable", False):
             kind = self.policy_config.kind
             raise ValueError(f"a {kind!r} head cannot be guided: real-time chunking needs a flow head")
@@ -369,19 +403,20 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return self.unnormalize_action(result.x), result.nfe
 
     # ---------------------------------------------------------------- input checks
-    def checked_batch(self, batch: Batch) -> Batch:
+    def checked_batch(self, batch: Batch, float_images: bool = False) -> Batch:
         """``batch`` with NumPy arrays as tensors, after refusing what must never become an action.
 
         ``state`` must be a finite floating-point array of shape ``(batch, obs_horizon, state_dim)``
         with at least one row, and ``image`` (when the policy uses images) uint8 of shape
-        ``(batch, obs_horizon, 3, H, W)``. A ``ValueError`` names the key and what was wrong.
+        ``(batch, obs_horizon, 3, H, W)`` (or finite floats in 0-255 with ``float_images``: training
+        may differentiate through the pixels). A ``ValueError`` names the key and what was wrong.
         """
         if not isinstance(batch, dict) or "state" not in batch:
             raise ValueError("batch must be a dict with a 'state' entry of shape (batch, obs_horizon, state_dim)")
         cfg = self.policy_config
         checked = dict(batch)
-        state = torch.as_tensor(batch["state"])
-        if not state.is_floating_point():
+        state = _as_tensor("state", batch["state"])
+        if not state.is_floating_point() or state.is_complex():
             raise ValueError(f"state must hold floating-point numbers, got dtype {state.dtype}")
         if state.dim() != 3 or state.shape[1:] != (cfg.obs_horizon, cfg.state_dim):
             raise ValueError(
@@ -395,10 +430,13 @@ class ChunkPolicy(Rebuildable, nn.Module):
             expected = (state.shape[0], cfg.obs_horizon, *cfg.image_shape)
             for key, image in zip(cfg.image_keys, camera_images(batch, cfg), strict=True):
                 image = torch.as_tensor(image)
-                if image.dtype != torch.uint8 or tuple(image.shape) != expected:
+                allowed = image.dtype == torch.uint8 or (float_images and image.is_floating_point())
+                if not allowed or tuple(image.shape) != expected:
                     raise ValueError(
                         f"{key} must be uint8 of shape {expected}, got {image.dtype} of shape {tuple(image.shape)}"
                     )
+                if image.is_floating_point():
+                    _refuse_non_finite(key, image)
                 checked.pop("image", None)
                 checked[key] = image.to(self.state_normalizer.shift.device)
         return checked
@@ -459,6 +497,14 @@ def state_statistics(stats: dict[str, dict[str, Any]], config: PolicyConfig) -> 
         return parts[0]
     names = set.intersection(*(set(p) for p in parts)) - {"count"}
     return {name: np.concatenate([np.asarray(p[name], dtype=np.float64).reshape(-1) for p in parts]) for name in names}
+
+
+def _as_tensor(name: str, value: Any) -> Tensor:
+    """``value`` as a tensor; a ``ValueError`` naming ``name`` for what cannot be one (a string, None)."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from error
 
 
 def _refuse_non_finite(name: str, value: Tensor) -> None:

@@ -139,9 +139,14 @@ class ObservationEncoder(nn.Module):
             raise ValueError(f"image statistics for {len(stats)} cameras; the encoder sees {self.cameras}")
         for camera, entry in enumerate(stats):
             for name, buffer in (("mean", self.image_mean), ("std", self.image_std)):
+                if name not in entry or torch.as_tensor(entry[name]).numel() != 3:
+                    raise ValueError(f"image statistics of camera {camera}: {name!r} must be 3 numbers (R, G, B)")
                 value = torch.as_tensor(entry[name], dtype=buffer.dtype).reshape(3, 1, 1)
-                if not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"image statistics {name!r} of camera {camera}: {value.flatten().tolist()}")
+                if not bool(torch.isfinite(value).all()) or (name == "std" and bool((value < 0).any())):
+                    raise ValueError(
+                        f"image statistics {name!r} of camera {camera}: {value.flatten().tolist()}; expected finite "
+                        "numbers (a std >= 0)"
+                    )
                 buffer[camera].copy_(value.clamp_min(1e-3) if name == "std" else value)  # a flat channel: no blow-up
 
     def _pixels(self, images: Tensor, camera: int, frames: int, augment: bool | None) -> Tensor:
@@ -174,12 +179,24 @@ class ObservationEncoder(nn.Module):
 
     def _language(self, observation: Batch, rows: int) -> Tensor:
         if "task_index" in observation:
-            return self.instruction_embeddings[observation["task_index"]]
+            index = torch.as_tensor(observation["task_index"])
+            known = len(self.instructions)
+            if index.dtype not in (torch.int32, torch.int64) or tuple(index.shape) != (rows,):
+                raise ValueError(
+                    f"task_index must be {rows} integers (one per row), got {index.dtype} {tuple(index.shape)}"
+                )
+            if bool(((index < 0) | (index >= known)).any()):
+                raise ValueError(
+                    f"task_index must index the {known} instructions (0..{known - 1}), got {index.tolist()}"
+                )
+            return self.instruction_embeddings[index.to(self.instruction_embeddings.device)]
         texts = observation.get("instruction")
         if texts is None:
             raise ValueError("a language-conditioned policy needs 'task_index' or 'instruction' in the batch")
         if isinstance(texts, str):
             texts = [texts] * rows
+        if not isinstance(texts, list | tuple) or len(texts) != rows or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"instruction must be a string or {rows} strings (one per row), got {texts!r}")
         known = {text: i for i, text in enumerate(self.instructions)}
         vectors = []
         for text in texts:

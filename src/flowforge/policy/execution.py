@@ -95,7 +95,7 @@ def _delay_range(delay: int | tuple[int, int]) -> tuple[int, int]:
 def _checked_vector(observation: dict[str, Any], key: str) -> np.ndarray:
     """``observation[key]`` as a finite float32 vector (a ``ValueError`` names the entry otherwise)."""
     value = np.asarray(observation[key])
-    if value.ndim != 1 or not np.issubdtype(value.dtype, np.number):
+    if value.ndim != 1 or not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
         raise ValueError(f"observation[{key!r}] must be a vector of numbers, got {value.dtype} of shape {value.shape}")
     with np.errstate(over="ignore"):
         value = value.astype(np.float32)  # checked after the cast: 1e300 becomes inf here
@@ -117,7 +117,12 @@ def _goal(observation: dict[str, Any], goal_key: str) -> np.ndarray:
     source = source.removeprefix("observation.")
     if source not in observation:
         raise ValueError(f"observation has no {name!r} entry (nor {source!r}, which holds it): the policy's goal_key")
-    return _checked_vector(observation, source)[start:end]
+    vector = _checked_vector(observation, source)
+    if vector.size < end:
+        raise ValueError(
+            f"observation[{source!r}] has {vector.size} numbers; the goal is its numbers {start}..{end - 1}"
+        )
+    return vector[start:end]
 
 
 class ChunkExecutor:
@@ -151,6 +156,8 @@ class ChunkExecutor:
         max_guidance: float = 5.0,
         control_period: float = 1 / 80,
     ) -> None:
+        if not isinstance(policy, ChunkPolicy):
+            raise TypeError(f"policy must be a ChunkPolicy, got {type(policy).__name__}")
         config = policy.policy_config
         check_choice("execution", execution, EXECUTIONS)
         #: ``delay="real"``: chunks are computed by a background thread while the caller paces the
@@ -179,6 +186,7 @@ class ChunkExecutor:
             )
         self.execution, self.max_guidance = execution, max_guidance
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-inference") if self.real else None
+        self.closed = False
         #: the delay of each chunk is drawn uniformly from ``delay_range`` (torch's generator); its
         #: largest value, ``delay``, is what requests plan for and what real-time chunking freezes.
         self.delay_range, self.delay = (low, high), high
@@ -237,15 +245,16 @@ class ChunkExecutor:
             )
         checked = {**observation, key: _checked_vector(observation, key)}
         copies = 2 if config.previous_state else 1  # this frame's and the previous frame's
-        goal = 0
+        goal = config.goal_size
         if config.goal_key is not None:
             checked["goal"] = _goal(observation, config.goal_key)
-            goal = checked["goal"].size
+            if checked["goal"].size != goal:
+                raise ValueError(f"observation['goal'] must be {goal} numbers, got shape {checked['goal'].shape}")
         if copies * checked[key].size + goal != config.state_dim:
             parts = f"{key!r}" + (" twice (previous_state)" if copies == 2 else "")
             parts += f" and {goal} of the goal" if config.goal_key is not None else ""
             raise ValueError(
-                f"observation[{key!r}] must be {(config.state_dim - goal) / copies:g} numbers "
+                f"observation[{key!r}] must be {(config.state_dim - goal) // copies} numbers "
                 f"(the policy's state of {config.state_dim} is {parts}), got shape {checked[key].shape}"
             )
         if self.policy.encoder.sees_images:
@@ -326,6 +335,8 @@ class ChunkExecutor:
         ``delay="real"``). Nothing is logged or kept: the observation history and the caller's
         random state are as they were.
         """
+        if self.closed:
+            raise RuntimeError("this ChunkExecutor was closed: make a new one to act again")
         config = self.policy.policy_config
         history = self.history.copy()
         batch = self.batch(observation)
@@ -350,12 +361,15 @@ class ChunkExecutor:
             self._worker.submit(compute).result()
 
     def close(self) -> None:
-        """Stop the inference thread (``delay="real"``)."""
+        """Stop the inference thread (``delay="real"``); the executor acts no more after it."""
         if self._worker is not None:
             self._worker.shutdown(wait=True)
+        self.closed = True
 
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         """The next action for an observation dict (``state``, ``image`` when used, ``instruction``)."""
+        if self.closed:
+            raise RuntimeError("this ChunkExecutor was closed: make a new one to act again")
         batch = self.batch(observation)
         if self.temporal_ensemble is not None:
             chunk = self._chunk(batch)

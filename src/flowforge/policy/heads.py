@@ -58,7 +58,7 @@ from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import ShiftedBetaTime, UniformTime
 from flowforge.policy.expert import ActionExpert, ExpertCache
 from flowforge.registry import register_class
-from flowforge.validation import check_choice, check_count, check_real
+from flowforge.validation import MAX_SAMPLER_STEPS, check_choice, check_count, check_real, is_count
 
 #: The registry category of heads; ``policy.kind`` names one.
 HEAD_CATEGORY = "head"
@@ -106,13 +106,24 @@ class ChunkGuide:
     def normalized(self, normalize: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> ChunkGuide:
         """The guide in the model's units, checked against the chunk's ``shape``."""
         actions, weights = torch.as_tensor(self.actions), torch.as_tensor(self.weights)
-        if tuple(actions.shape) != tuple(shape) or not bool(torch.isfinite(actions).all()):
-            raise ValueError(f"guide.actions must be finite, of shape {tuple(shape)}, got {tuple(actions.shape)}")
-        if tuple(weights.shape) != (shape[1],) or not bool(((weights >= 0) & (weights <= 1)).all()):
+        _check_float_tensor("guide.actions", actions, shape)
+        if not weights.is_floating_point() or tuple(weights.shape) != (shape[1],):
+            raise ValueError(f"guide.weights must be {shape[1]} floating-point numbers, got {weights.dtype} {weights}")
+        if not bool(((weights >= 0) & (weights <= 1)).all()):
             raise ValueError(f"guide.weights must be {shape[1]} numbers in [0, 1], got {weights.tolist()}")
         check_real("max_guidance", self.max_guidance, non_negative=True)
         actions = actions.to(torch.get_default_dtype()) if not actions.is_floating_point() else actions
         return ChunkGuide(normalize(actions), weights.to(actions), float(self.max_guidance))
+
+
+def _check_float_tensor(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
+    """A guide's or prefix's actions: floating point, of the chunk's shape, finite (named otherwise)."""
+    if not value.is_floating_point() or tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must be floating-point of shape {tuple(shape)}, got {value.dtype} {tuple(value.shape)}"
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} holds NaN or inf; expected finite actions")
 
 
 def rtc_weights(horizon: int, frozen: int, overlap: int) -> Tensor:
@@ -214,7 +225,7 @@ class FlowHead(PolicyHead):
             config.method if method is None else method,
             config.noise_scale if noise_scale is None else noise_scale,
         )
-        check_count("steps", sampling.steps)
+        check_count("steps", sampling.steps, high=MAX_SAMPLER_STEPS)
         check_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
         check_real("noise_scale", sampling.noise_scale, non_negative=True)
         return sampling
@@ -317,13 +328,12 @@ class ChunkPrefix:
     def normalized(self, normalize: Callable[[Tensor], Tensor], shape: tuple[int, ...], trained: int) -> ChunkPrefix:
         """The prefix in the model's units, checked against the chunk's ``shape`` and the trained length."""
         actions = torch.as_tensor(self.actions)
-        if tuple(actions.shape) != tuple(shape) or not bool(torch.isfinite(actions).all()):
-            raise ValueError(f"prefix.actions must be finite, of shape {tuple(shape)}, got {tuple(actions.shape)}")
-        if isinstance(self.length, bool) or not isinstance(self.length, int) or not 0 <= self.length <= trained:
+        _check_float_tensor("prefix.actions", actions, shape)
+        if not is_count(self.length, 0, trained):
             raise ValueError(
                 f"prefix.length = {self.length}: the policy was trained with prefixes of 0 to {trained} actions"
             )
-        return ChunkPrefix(normalize(actions.to(torch.get_default_dtype())), self.length)
+        return ChunkPrefix(normalize(actions.to(torch.get_default_dtype())), int(self.length))
 
 
 class _PrefixField:

@@ -274,6 +274,11 @@ def _registered_option(options: dict[str, Any], key: str, category: str, aliases
     """Replace a registered name in ``options[key]`` by the class or an instance of it."""
     if key not in options:
         return
+    if not isinstance(options[key], str):
+        raise ConfigError(
+            f"[model] options.{key} = {options[key]!r}: expected a name (a string), one of "
+            f"{', '.join(registry.names(category))}"
+        )
     name = (aliases or {}).get(options[key], options[key])
     try:
         cls = registry.lookup(category, name)
@@ -643,8 +648,10 @@ def checked_points(run: Run, x: Tensor, source: str) -> Tensor:
         found = "x".join(str(d) for d in x.shape[1:]) or "scalars"
         wanted = "x".join(str(d) for d in expected)
         raise DataError(f"{source}: points of shape {found}; this run models points of shape {wanted}")
+    if len(x) < 2:  # the sample metrics compare sets of at least 2 points
+        raise DataError(f"{source}: {len(x)} point{'s' * (len(x) != 1)}; evaluation needs at least 2")
     levels = run_levels(run)
-    if levels is not None and len(x):
+    if levels is not None:
         outside = (x != x.round()) | (x < 0) | (x > levels - 1)
         if bool(outside.any()):
             bad = float(x[outside][0])
@@ -666,6 +673,19 @@ def classifier_cache() -> Path:
     return Path(base) / "flowforge"
 
 
+def _check_cache_folder(folder: Path) -> None:
+    """Refuse, before a classifier is trained for it, a cache folder that cannot be made or written."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():  # the nearest folder that exists: the rest is made under it
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                problem = "is a file" if not parent.is_dir() else "cannot be written"
+                raise ConfigError(
+                    f"the classifier cache {folder}: {parent} {problem}; set ${CACHE_VARIABLE} to a folder "
+                    "flowforge may write"
+                )
+            return
+
+
 def digits_classifier(data: DataConfig, cache: str | Path | None = None) -> tuple[DigitsClassifier, float]:
     """The digits classifier of ``data``'s split and its accuracy on the split's test images.
 
@@ -682,6 +702,7 @@ def digits_classifier(data: DataConfig, cache: str | Path | None = None) -> tupl
             return classifier, float(read_manifest(folder)["metadata"]["test_accuracy"])
         except (CheckpointError, KeyError, TypeError, ValueError):
             pass  # trained again below
+    _check_cache_folder(folder)
     trained = train_digits_classifier(test_fraction=data.test_fraction, split_seed=data.seed)
     save_classifier(trained.classifier, folder, trained.metadata())
     return trained.classifier, trained.test_accuracy

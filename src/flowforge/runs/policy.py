@@ -26,11 +26,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flowforge.checkpoint import load_model_from_manifest, read_manifest
-from flowforge.config import check_choice, check_integer, parse_config, read_config
+from flowforge.config import (
+    apply_overrides,
+    build_config,
+    check_choice,
+    check_integer,
+    parse_document,
+    read_document,
+)
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError
@@ -46,6 +54,7 @@ from flowforge.policy.data import (
 )
 from flowforge.policy.vision import image_statistics
 from flowforge.train import PolicyDistillation, PolicyObjective, Trainer, TrainerConfig
+from flowforge.validation import MAX_WORKERS
 
 #: How a policy run's camera frames reach training (``[data] frames``).
 FRAME_SOURCES = ("tensors", "memory", "cache", "decode")
@@ -74,8 +83,7 @@ class PolicyDataConfig:
 
     def __post_init__(self) -> None:
         check_choice("frames", self.frames, FRAME_SOURCES)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"workers = {self.workers!r}: expected an integer >= 0 (DataLoader processes)")
+        check_integer("workers", self.workers, low=0, high=MAX_WORKERS, note=" (DataLoader processes)")
         if self.workers and self.frames == "tensors":
             raise ConfigError(
                 f"workers = {self.workers}: frames = 'tensors' are indexed in memory; workers serve "
@@ -165,14 +173,30 @@ class PolicyRunConfig:
             )
 
 
+#: ``[policy]`` settings a run takes from its data set (:func:`prepare_policy`), never from the config.
+DATA_SETTINGS = ("state_dim", "action_dim", "instructions")
+
+
 def parse_policy_config(text: str, source: str = "config", overrides: list[str] | None = None) -> PolicyRunConfig:
     """Parse a policy run config (TOML), with ``table.key=value`` overrides in TOML syntax."""
-    return parse_config(PolicyRunConfig, text, source, overrides)
+    return _policy_run_config(apply_overrides(parse_document(text, source), overrides), source)
 
 
 def load_policy_config(path: str | Path, overrides: list[str] | None = None) -> PolicyRunConfig:
     """Read and check a policy run config file (the one reader of :mod:`flowforge.config`)."""
-    return read_config(PolicyRunConfig, path, overrides)
+    return _policy_run_config(apply_overrides(read_document(path), overrides), str(path))
+
+
+def _policy_run_config(document: dict[str, Any], source: str) -> PolicyRunConfig:
+    """Build the run config, refusing a ``[policy]`` setting the data set decides (it would be replaced)."""
+    table = document.get("policy")
+    given = [key for key in DATA_SETTINGS if isinstance(table, dict) and key in table]
+    if given:
+        raise ConfigError(
+            f"{source}: [policy] {given[0]} = {table[given[0]]!r}: a policy run takes {given[0]} from its data "
+            "set; leave it out"
+        )
+    return build_config(PolicyRunConfig, document, source)
 
 
 def prepare_policy(

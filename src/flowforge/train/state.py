@@ -36,6 +36,7 @@ from flowforge.checkpoint import (
     model_manifest,
     read_manifest,
     save_checkpoint,
+    verify_files,
 )
 from flowforge.errors import CheckpointError, RebuildError
 
@@ -202,7 +203,8 @@ def check_resumable(
     directory: str | Path, model: nn.Module, *, config: dict[str, Any], metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The manifest of ``directory``'s training state, after checking that a run of ``model``
-    under trainer ``config`` (and run ``metadata``) may continue it; nothing is loaded.
+    under trainer ``config`` (and run ``metadata``) may continue it and that its tensor files are
+    whole (their SHA-256); nothing is loaded.
 
     Raises :class:`~flowforge.errors.CheckpointError` as :func:`load_training_state` does.
     """
@@ -229,6 +231,7 @@ def check_resumable(
     if saved != current:
         changed = sorted(k for k in current if saved.get(k) != current[k])
         raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
+    verify_files(directory, manifest)
     return manifest
 
 
