@@ -48,6 +48,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
 from torch import nn
 
 from flowforge.errors import CheckpointError, RebuildError
@@ -94,7 +96,7 @@ def register(name: str, category: str = "model") -> Callable[[T], T]:
             if type(self).__init__ is __init__:  # the outermost registered constructor records
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
-                arguments = dict(list(bound.arguments.items())[1:])  # without self
+                arguments = {k: _snapshot(v) for k, v in list(bound.arguments.items())[1:]}  # without self
                 object.__setattr__(self, _ARGUMENTS, (signature, arguments))
 
         cls.__init__ = __init__
@@ -125,6 +127,23 @@ def name_of(obj: object) -> tuple[str, str] | None:
 
 
 # ---------------------------------------------------------------- encoding
+def _snapshot(value: Any) -> Any:
+    """An argument as recorded: containers copied (a list the caller changes later must not change
+    the saved model), NumPy scalars and arrays and one-number tensors as the Python values they
+    stand for (constructors accept them; a checkpoint stores JSON). Parts stay as they are."""
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value) if type(value) in (list, tuple) else [*map(_snapshot, value)]
+    if isinstance(value, range):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() <= 1:
+        return value.item() if value.dim() == 0 else [value.item()]
+    return value
+
+
 def _describe_type(value: object) -> str:
     cls = value if isinstance(value, type) else type(value)
     return f"{cls.__module__}.{cls.__qualname__}"

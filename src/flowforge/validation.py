@@ -187,6 +187,18 @@ def check_count(name: str, value: object, *, low: int = 1, high: int | None = No
     return int(value)
 
 
+def check_activation(name: str, value: object) -> type[nn.Module]:
+    """An activation argument: a ``torch.nn.Module`` class built without arguments (``nn.ReLU``, not
+    ``nn.ReLU()``, ``"relu"`` or ``torch.relu``); a ``TypeError`` naming it otherwise."""
+    if not (isinstance(value, type) and issubclass(value, nn.Module)):
+        raise TypeError(f"{name} must be a torch.nn.Module class such as torch.nn.ReLU, got {value!r}")
+    try:
+        value()
+    except TypeError as error:
+        raise TypeError(f"{name} = {value.__name__}: the class must build without arguments ({error})") from error
+    return value
+
+
 def check_bool(name: str, value: object) -> bool:
     """Refuse anything but a real ``bool`` (``"no"`` is truthy, ``1`` is not a flag) with a ``TypeError``."""
     if not isinstance(value, bool):

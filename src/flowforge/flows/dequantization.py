@@ -31,7 +31,7 @@ from flowforge.nn import MLP
 from flowforge.nn.conv import ConvConditioner
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.elementwise import soft_clamp
-from flowforge.validation import check_count, model_dtype
+from flowforge.validation import check_bool, check_count, model_dtype
 
 
 @register("dequantized")
@@ -66,7 +66,8 @@ class Dequantized(Rebuildable, nn.Module):
         levels = check_count("levels", levels, low=2)
         self.flow = flow
         self.levels = levels
-        self.variational = bool(variational)
+        self.variational = check_bool("variational", variational)
+        hidden = check_count("hidden", hidden)
         self.event_shape = flow.event_shape
         self.dims = math.prod(self.event_shape)
         self.noise_net: nn.Module | None = None

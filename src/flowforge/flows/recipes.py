@@ -42,11 +42,11 @@ from flowforge.validation import MAX_LAYERS, check_bool, check_choice, check_cou
 def _check_recipe_args(
     name: str, features: int, context: int, transforms: int, hidden: Sequence[int], coupling: bool = True
 ) -> None:
-    if coupling and (isinstance(features, bool) or not isinstance(features, int) or features < 2):
+    if coupling and not is_count(features, 2):
         raise ValueError(
             f"{name} needs features >= 2 (a coupling splits the features into two non-empty parts), got {features!r}"
         )
-    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+    if not is_count(features):
         raise ValueError(f"{name} needs features >= 1, got {features!r}")
     check_count("context", context, low=0)
     check_count("transforms", transforms, high=MAX_LAYERS)
@@ -395,7 +395,7 @@ def _check_image_recipe(
     if len(sizes) != 3 or not all(is_count(s) for s in sizes):
         raise ValueError(f"{name} needs shape=(C, H, W), three positive ints, got {shape!r}")
     shape = tuple(int(s) for s in sizes)
-    levels = check_count("levels", levels)
+    levels = check_count("levels", levels, high=MAX_LAYERS)
     check_count("steps", steps)
     check_count("hidden_channels", hidden_channels)
     check_count("context", context, low=0)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowforge.validation import check_activation
+
 
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (``mask[out, in]``)."""
@@ -92,6 +94,7 @@ class MADE(nn.Module):
         zero_init_output: bool = True,
     ) -> None:
         super().__init__()
+        activation = check_activation("activation", activation)
         hidden = tuple(int(h) for h in hidden)
         if features < 1 or params_per_feature < 1 or context < 0:
             raise ValueError(

@@ -7,6 +7,8 @@ from itertools import pairwise
 
 from torch import nn
 
+from flowforge.validation import check_activation
+
 
 class MLP(nn.Sequential):
     """``Linear -> activation -> ... -> Linear`` with the given hidden widths.
@@ -33,6 +35,7 @@ class MLP(nn.Sequential):
         activation: Callable[[], nn.Module] = nn.ReLU,
         zero_init_output: bool = False,
     ) -> None:
+        activation = check_activation("activation", activation)
         widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
         if any(w < 1 for w in widths):
             raise ValueError(

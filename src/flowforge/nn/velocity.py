@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
 from flowforge.registry import register
-from flowforge.validation import check_bool, check_count, check_real, check_widths, is_count
+from flowforge.validation import check_activation, check_bool, check_count, check_real, check_widths, is_count
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -257,6 +257,7 @@ class ResidualVelocityMLP(nn.Module):
         features, context = _check_sizes(features, context)
         width = check_count("width", width)
         blocks = check_count("blocks", blocks, low=0)
+        activation = check_activation("activation", activation)
         self.features, self.context_features = features, context
         self.time_inputs = _TimeInputs(time_embedding, step_input)
         self.input = nn.Linear(features + self.time_inputs.size + context, width)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,8 @@ def save_training_state(
         groups["best"] = best_weights
     try:
         rebuild = model_manifest(model)
-    except RebuildError:  # a hand-built model still resumes; it is rebuilt in code, not from the folder
+    except RebuildError as error:  # a hand-built model still resumes; it is rebuilt in code, not from the folder
+        warnings.warn(f"the checkpoint records no config to rebuild the model from: {error}", stacklevel=2)
         parameter = next(model.parameters())
         rebuild = {"model": None, "dtype": str(parameter.dtype).removeprefix("torch.")}
     manifest: dict[str, Any] = {

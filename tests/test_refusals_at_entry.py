@@ -1,0 +1,194 @@
+"""Bad input refused where it enters, naming it: a policy's training batch, likelihood, language
+inputs, guides and statistics; an executor's observations; evaluation's arguments; and the
+recorded arguments of a saved model, which later changes to the caller's objects do not reach."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowforge.checkpoint import load_model, save_model
+from flowforge.data.normalize import Normalizer
+from flowforge.errors import ConfigError, DataError, NumericalError
+from flowforge.flows import Glow, RealNVP
+from flowforge.policy import ChunkExecutor, ChunkPolicy, PolicyConfig
+from flowforge.policy.heads import ChunkGuide, ChunkPrefix
+
+SMALL = {
+    "state_key": "observation.state",
+    "state_dim": 3,
+    "action_dim": 2,
+    "horizon": 8,
+    "width": 16,
+    "layers": 1,
+    "heads": 2,
+    "language": False,
+}
+
+
+def _policy(**changes) -> ChunkPolicy:
+    torch.manual_seed(0)
+    return ChunkPolicy(PolicyConfig(**{**SMALL, **changes}))
+
+
+def _batch(rows: int = 4) -> dict:
+    return {"state": torch.randn(rows, 1, 3), "action": torch.randn(rows, 8, 2)}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b["state"].__setitem__((1, 0, 2), float("nan")), r"state holds nan at index \(1, 0, 2\)"),
+        (lambda b: b["action"].__setitem__((2, 3, 0), float("inf")), r"action holds inf at index \(2, 3, 0\)"),
+        (lambda b: b.update(action=torch.randn(3, 8, 2)), r"action must be a float tensor of shape \(4, 8, 2\)"),
+        (lambda b: b.update(action=torch.ones(4, 8, 2, dtype=torch.bool)), "action must be a float tensor"),
+        (lambda b: b.pop("action"), "batch needs 'action'"),
+        (lambda b: b.update(action_is_pad=torch.zeros(4, 8)), "action_is_pad must be a bool tensor of shape"),
+        (lambda b: b.update(state="abc"), "state must be a tensor or array of numbers, got str"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["flow", "mse", "meanflow"])
+def test_a_training_batch_is_checked_before_the_loss(kind: str, change, message: str) -> None:
+    policy = _policy(kind=kind).train()
+    batch = _batch()
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        policy.loss(batch)
+
+
+def test_a_likelihood_that_overflows_is_refused_not_nan() -> None:
+    policy = _policy().eval()
+    batch = {"state": torch.full((1, 1, 3), 1e30), "action": torch.zeros(1, 8, 2)}
+    with pytest.raises(NumericalError, match=r"log_prob is NaN for rows \[0\]"):
+        policy.log_prob(batch, steps=2, method="euler")
+    assert bool(torch.isfinite(policy.log_prob(_batch(1), steps=2, method="euler")).all())
+
+
+def test_language_inputs_are_checked() -> None:
+    policy = _policy(language=True, instructions=["reach", "push"]).eval()
+    policy.set_instruction_embeddings(torch.randn(2, 384))
+    state = torch.zeros(2, 1, 3)
+    for index, message in (
+        (torch.tensor([0, 2]), r"task_index must index the 2 instructions \(0\.\.1\), got \[0, 2\]"),
+        (torch.tensor([-1, 0]), "task_index must index the 2 instructions"),
+        (torch.tensor([0.0, 1.0]), "task_index must be 2 integers"),
+        (torch.tensor([0]), "task_index must be 2 integers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            policy.predict_chunk({"state": state, "task_index": index}, steps=2)
+    for texts in (["reach"] * 3, [3, 4]):
+        with pytest.raises(ValueError, match="instruction must be a string or 2 strings"):
+            policy.predict_chunk({"state": state, "instruction": texts}, steps=2)
+    assert policy.predict_chunk({"state": state, "task_index": torch.tensor([1, 0])}, steps=2).actions.shape == (
+        2,
+        8,
+        2,
+    )
+
+
+def test_guides_prefixes_steps_and_flags_are_checked() -> None:
+    policy = _policy(rtc_training_delay=3).eval()
+    state = {"state": torch.zeros(2, 1, 3)}
+    weights = torch.linspace(1, 0, 8)
+    with pytest.raises(ValueError, match="guide.actions must be floating-point"):
+        policy.predict_chunk(state, steps=2, guide=ChunkGuide(torch.zeros(2, 8, 2, dtype=torch.bool), weights))
+    with pytest.raises(ValueError, match="guide.weights must be 8 floating-point numbers"):
+        policy.predict_chunk(state, steps=2, guide=ChunkGuide(torch.zeros(2, 8, 2), torch.ones(8, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="prefix.actions must be floating-point"):
+        policy.predict_chunk(state, steps=2, prefix=ChunkPrefix(torch.zeros(2, 8, 2, dtype=torch.int64), 2))
+    with pytest.raises(TypeError, match="guide must be a ChunkGuide or None, got Tensor"):
+        policy.predict_chunk(state, steps=2, guide=torch.zeros(2, 8, 2))
+    with pytest.raises(ValueError, match=r"steps must be an int in 1\.\.1000, got 1000000000"):
+        policy.predict_chunk(state, steps=10**9)
+    with pytest.raises(TypeError, match="use_cache must be a bool"):
+        policy.predict_chunk(state, steps=2, use_cache="no")
+    given = policy.predict_chunk(state, steps=2, prefix=ChunkPrefix(torch.zeros(2, 8, 2), np.int64(2)))
+    assert torch.equal(given.actions[:, :2], torch.zeros(2, 2, 2))  # a NumPy length is a length
+
+
+def test_statistics_with_a_negative_spread_are_refused() -> None:
+    with pytest.raises(DataError, match=r"'std' must be >= 0"):
+        Normalizer(2).set_statistics({"mean": [0, 0], "std": [1, -1]})
+    with pytest.raises(DataError, match=r"'min' must be <= 'max'"):
+        Normalizer(2, mode="min_max").set_statistics({"min": [1, 0], "max": [-1, 1]})
+    policy = _policy(image_shape=[3, 40, 40], image_normalization="mean_std")
+    with pytest.raises(ValueError, match="expected finite numbers"):
+        policy.set_image_statistics([{"mean": [0.5] * 3, "std": [-0.5] * 3}])
+    with pytest.raises(ValueError, match="'std' must be 3 numbers"):
+        policy.set_image_statistics([{"mean": [0.5] * 3}])
+
+
+def test_settings_of_the_wrong_type_or_layout_are_refused() -> None:
+    for changes, message in (
+        ({"language": "no"}, "language = 'no': expected true or false"),
+        ({"language": True, "instructions": "reach"}, "instructions = 'reach': expected a list of strings"),
+        ({"language": True, "instructions": ["a", "a"]}, "listed twice"),
+        ({"image_shape": [3, 40.7, 40]}, r"image_shape = \[3, 40\.7, 40\]: expected \[3, H, W\] of positive integers"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            PolicyConfig(**{**SMALL, **changes})
+    with pytest.raises(ConfigError, match=r"state_dim = 3: expected twice the state_key's numbers"):
+        _policy(previous_state=True)
+    with pytest.raises(ConfigError, match=r"state_dim = 2: expected the state_key's plus the goal's 3"):
+        _policy(goal_key="observation.goal", state_dim=2)
+
+
+def test_an_observation_split_wrongly_between_state_and_goal_never_enters_the_history() -> None:
+    policy = _policy(goal_key="observation.goal", state_dim=6).eval()
+    executor = ChunkExecutor(policy, n_action_steps=1, steps=2)
+    executor.act({"state": np.zeros(3), "goal": np.ones(3)})
+    for observation, message in (
+        ({"state": np.zeros(5), "goal": np.zeros(1)}, r"observation\['goal'\] must be 3 numbers"),
+        ({"state": np.zeros(3), "environment_state": np.zeros(10)}, r"'environment_state'\] has 10 numbers"),
+        ({"state": np.zeros(3, dtype=np.complex64), "goal": np.zeros(3)}, "must be a vector of numbers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            executor.act(observation)
+    assert len(executor.history) == 1
+    executor.act({"state": np.zeros(3), "goal": np.ones(3)})  # the next valid frame is taken
+    executor.close()
+    with pytest.raises(RuntimeError, match="was closed"):
+        executor.act({"state": np.zeros(3), "goal": np.ones(3)})
+    with pytest.raises(TypeError, match="policy must be a ChunkPolicy"):
+        ChunkExecutor(object())
+
+
+def test_evaluation_arguments_are_checked_before_any_episode() -> None:
+    from flowforge.envs.evaluate import evaluate, wilson_interval
+
+    policy = _policy(state_dim=4, action_dim=4)
+    for args, changes, message in (
+        (["reach-v3"], {"episodes": 0}, "episodes must be an int in 1..10000"),
+        ([], {"episodes": 1}, "tasks must be a non-empty list of distinct task names"),
+        (["reach-v3", "reach-v3"], {"episodes": 1}, "distinct"),
+        (["reach-v3"], {"episodes": 1, "seed_base": -1}, "seed_base must be an int >= 0"),
+        (["reach-v3"], {"episodes": 1, "videos_per_task": -1}, "videos_per_task must be an int >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluate(policy, args, progress=False, **changes)
+    with pytest.raises(ValueError, match="expected 0 <= successes <= trials"):
+        wilson_interval(5, 3)
+
+
+def test_a_saved_model_keeps_the_arguments_it_was_built_with() -> None:
+    import tempfile
+
+    shape, hidden = [1, 4, 4], [8]
+    glow = Glow(shape, levels=1, steps=1, hidden_channels=4)
+    flow = RealNVP(3, transforms=2, hidden=hidden, seed=np.int64(3), scale_bound=np.float32(2.0))
+    shape[1], hidden[0] = 8, 16  # the caller's lists change after construction
+    x = torch.randn(5, 3)
+    with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+        save_model(first, glow)
+        save_model(second, flow)  # NumPy numbers are stored as the numbers they are
+        assert tuple(load_model(first).event_shape) == (1, 4, 4)
+        torch.testing.assert_close(load_model(second).log_prob(x), flow.log_prob(x), rtol=0, atol=0)
+
+
+def test_an_activation_must_be_a_module_class() -> None:
+    for activation in ("tanh", torch.nn.ReLU(), torch.relu):
+        with pytest.raises(TypeError, match="activation must be a torch.nn.Module class"):
+            RealNVP(2, activation=activation)
+    with pytest.raises(TypeError, match="activation = Linear: the class must build without arguments"):
+        RealNVP(2, activation=torch.nn.Linear)
