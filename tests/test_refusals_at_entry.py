@@ -91,11 +91,11 @@ def test_guides_prefixes_steps_and_flags_are_checked() -> None:
     policy = _policy(rtc_training_delay=3).eval()
     state = {"state": torch.zeros(2, 1, 3)}
     weights = torch.linspace(1, 0, 8)
-    with pytest.raises(ValueError, match="guide.actions must be floating-point"):
+    with pytest.raises(ValueError, match=r"guide\.actions must be floating-point"):
         policy.predict_chunk(state, steps=2, guide=ChunkGuide(torch.zeros(2, 8, 2, dtype=torch.bool), weights))
-    with pytest.raises(ValueError, match="guide.weights must be 8 floating-point numbers"):
+    with pytest.raises(ValueError, match=r"guide\.weights must be 8 floating-point numbers"):
         policy.predict_chunk(state, steps=2, guide=ChunkGuide(torch.zeros(2, 8, 2), torch.ones(8, dtype=torch.int64)))
-    with pytest.raises(ValueError, match="prefix.actions must be floating-point"):
+    with pytest.raises(ValueError, match=r"prefix\.actions must be floating-point"):
         policy.predict_chunk(state, steps=2, prefix=ChunkPrefix(torch.zeros(2, 8, 2, dtype=torch.int64), 2))
     with pytest.raises(TypeError, match="guide must be a ChunkGuide or None, got Tensor"):
         policy.predict_chunk(state, steps=2, guide=torch.zeros(2, 8, 2))
@@ -188,7 +188,7 @@ def test_a_saved_model_keeps_the_arguments_it_was_built_with() -> None:
 
 def test_an_activation_must_be_a_module_class() -> None:
     for activation in ("tanh", torch.nn.ReLU(), torch.relu):
-        with pytest.raises(TypeError, match="activation must be a torch.nn.Module class"):
+        with pytest.raises(TypeError, match=r"activation must be a torch\.nn\.Module class"):
             RealNVP(2, activation=activation)
     with pytest.raises(TypeError, match="activation = Linear: the class must build without arguments"):
         RealNVP(2, activation=torch.nn.Linear)
