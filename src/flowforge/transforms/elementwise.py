@@ -12,11 +12,12 @@ both of shape ``(batch, n)``.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
+
+from flowforge.validation import check_real
 
 
 class ElementwiseTransformer(nn.Module, ABC):
@@ -59,9 +60,7 @@ class AffineElementwise(ElementwiseTransformer):
 
     def __init__(self, scale_bound: float = 3.0) -> None:
         super().__init__()
-        if not (scale_bound > 0 and math.isfinite(scale_bound)):
-            raise ValueError(f"scale_bound must be a positive finite number, got {scale_bound}")
-        self.scale_bound = float(scale_bound)
+        self.scale_bound = check_real("scale_bound", scale_bound, positive=True)
 
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, raw = params.unbind(-1)

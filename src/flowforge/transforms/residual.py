@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from flowforge.ode.divergence import roulette_weights
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_count
+from flowforge.validation import check_count, check_real
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -91,6 +91,7 @@ class LipschitzLinear(nn.Module):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        coefficient = check_real("coefficient", coefficient)
         if not 0.0 < coefficient <= 1.0:
             raise ValueError(f"coefficient must be in (0, 1], got {coefficient}")
         if max_power_iterations < 1:
@@ -238,6 +239,7 @@ class ResidualBlock(Transform):
         super().__init__()
         features = check_count("features", features)
         context = check_count("context", context, low=0)
+        coefficient = check_real("coefficient", coefficient)
         if not 0.0 < coefficient < 1.0:
             raise ValueError(f"coefficient must be in (0, 1) for g to be a contraction, got {coefficient}")
         if logdet not in ("series", "exact"):
