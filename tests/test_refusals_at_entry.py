@@ -200,10 +200,10 @@ def test_numbers_of_the_wrong_type_are_refused_naming_them() -> None:
     for value in (True, "3", None):
         with pytest.raises(TypeError, match="scale_bound must be a finite number"):
             RealNVP(2, scale_bound=value)
-    with pytest.raises(TypeError, match="coefficient must be a finite number, got '0.9'"):
+    with pytest.raises(TypeError, match=r"coefficient must be a finite number, got '0\.9'"):
         ResidualFlow(2, coefficient="0.9")
     with pytest.raises(TypeError, match="variational must be a bool"):
         Dequantized(RealNVP(2, transforms=1), 4, variational="no")
-    with pytest.raises(ValueError, match="hidden must be a positive int, got 2.7"):
+    with pytest.raises(ValueError, match=r"hidden must be a positive int, got 2\.7"):
         Dequantized(RealNVP(2, transforms=1), 4, variational=True, hidden=2.7)
     assert RealNVP(np.int64(3), transforms=1).event_shape == (3,)
