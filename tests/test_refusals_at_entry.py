@@ -125,6 +125,7 @@ def test_settings_of_the_wrong_type_or_layout_are_refused() -> None:
         ({"language": True, "instructions": "reach"}, "instructions = 'reach': expected a list of strings"),
         ({"language": True, "instructions": ["a", "a"]}, "listed twice"),
         ({"image_shape": [3, 40.7, 40]}, r"image_shape = \[3, 40\.7, 40\]: expected \[3, H, W\] of positive integers"),
+        ({"kind": "meanflow", "method": "dopri5"}, "a meanflow head steps with its average velocity; use 'euler'"),
     ):
         with pytest.raises(ConfigError, match=message):
             PolicyConfig(**{**SMALL, **changes})

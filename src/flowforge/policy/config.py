@@ -16,7 +16,7 @@ from flowforge.matching.shortcut import MAX_HALVINGS
 from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
-from flowforge.registry import names, register
+from flowforge.registry import lookup, names, register
 from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
 
 #: The data set features a policy can read as its state.
@@ -224,6 +224,9 @@ class PolicyConfig:
         self._check_vision()
         check_integer("sampling_steps", self.sampling_steps, high=MAX_SAMPLER_STEPS)
         check_choice("method", self.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        own_steps = getattr(lookup(HEAD_CATEGORY, self.kind), "own_steps", "")
+        if own_steps and self.method != "euler":
+            raise ConfigError(f"method = {self.method!r}: {own_steps}; use 'euler'")
         check_range("noise_scale", self.noise_scale, low=0)
         check_integer("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
