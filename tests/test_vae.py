@@ -360,5 +360,9 @@ def test_bad_constructor_arguments_are_refused_with_the_choices() -> None:
         VAE(hidden=(0,))
     with pytest.raises(ValueError, match="latent must be a positive int, got 0"):
         VAE(latent=0)
-    with pytest.raises(TypeError, match=r"activation must be an nn.Module class"):
+    with pytest.raises(TypeError, match=r"activation must be a torch\.nn\.Module class"):
         VAE(activation="relu")
+    with pytest.raises(ValueError, match="bins must be a positive int, got 'x'"):
+        VAE(bins="x")  # refused although no spline reads it: it is saved with the model
+    with pytest.raises(ValueError, match=r"prior_transforms must be an int in 1\.\.1000"):
+        VAE(prior_transforms=10**9)

@@ -115,6 +115,7 @@ from flowforge.transforms import (
 from flowforge.transforms.elementwise import soft_clamp
 from flowforge.validation import (
     MAX_LAYERS,
+    check_activation,
     check_batched,
     check_choice,
     check_count,
@@ -208,11 +209,12 @@ class VAE(Rebuildable, nn.Module):
         self.prior_kind = check_choice("prior", prior, PRIORS)
         self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS)
         check_count("transforms", transforms, high=MAX_LAYERS)
-        check_count("prior_transforms", prior_transforms, low=1)
+        check_count("prior_transforms", prior_transforms, high=MAX_LAYERS)
         check_count("encoder_context", encoder_context, low=0)
+        check_count("bins", bins)  # checked whether or not a spline reads them: they are saved with the model
+        check_real("bound", bound, positive=True)
         self.levels = check_count("levels", levels, low=2)
-        if not isinstance(activation, type) or not issubclass(activation, nn.Module):
-            raise TypeError(f"activation must be an nn.Module class such as torch.nn.ReLU, got {activation!r}")
+        check_activation("activation", activation)
         if posterior == "coupling" and latent < 2:
             raise ValueError(f"posterior 'coupling' needs latent >= 2 (a coupling splits z in two), got {latent}")
         if prior == "realnvp" and latent < 2:
