@@ -208,3 +208,21 @@ def test_numbers_of_the_wrong_type_are_refused_naming_them() -> None:
     with pytest.raises(ValueError, match=r"hidden must be a positive int, got 2\.7"):
         Dequantized(RealNVP(2, transforms=1), 4, variational=True, hidden=2.7)
     assert RealNVP(np.int64(3), transforms=1).event_shape == (3,)
+
+
+def test_episode_and_frame_positions_do_not_wrap() -> None:
+    from pathlib import Path
+
+    from flowforge.data.episodes import EpisodeDataset
+
+    dataset = EpisodeDataset(Path(__file__).parent / "fixtures" / "lerobot_v3" / "shared", 1, 4)
+    key = "observation.images.wrist"
+    for call, message in (
+        (lambda: dataset.camera_frames(-1, key), r"episode -1: expected an int in 0\.\.1"),
+        (lambda: dataset.episode_columns(2), r"episode 2: expected an int in 0\.\.1"),
+        (lambda: dataset.camera_frames(0, key, [99]), r"frame 99 of episode 0: expected an int in 0\.\.4"),
+        (lambda: dataset[True], "index True out of range"),
+    ):
+        with pytest.raises(IndexError, match=message):
+            call()
+    assert dataset.camera_frames(1, key).shape[0] == dataset.lengths[1]

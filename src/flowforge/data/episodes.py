@@ -50,6 +50,7 @@ from torch import Tensor
 
 from flowforge.data.normalize import Normalizer
 from flowforge.errors import DataError
+from flowforge.validation import is_count
 
 EPISODE_COLUMNS = ("episode_index", "length", "data/chunk_index", "data/file_index")
 """The columns of ``meta/episodes`` this module needs (lerobot's table has more)."""
@@ -750,6 +751,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def episode_columns(self, episode: int) -> dict[str, Any]:
         """Every column of one episode's data file rows (by position in the data set), as lists with one
         entry per frame (video features are not columns: see :meth:`camera_frames`)."""
+        self._check_episode(episode)
         entry = self.episodes[episode]
         file_key = (int(entry["data/chunk_index"]), int(entry["data/file_index"]))
         if file_key not in self._cache:
@@ -778,7 +780,17 @@ class EpisodeDataset(torch.utils.data.Dataset):
             raise KeyError(f"{key!r} is not an image or video feature of {self.root}")
         columns = self.episode_columns(episode)
         frames = list(range(self.lengths[episode])) if frames is None else list(frames)
+        outside = [f for f in frames if not is_count(f, 0, self.lengths[episode] - 1)]
+        if outside:
+            raise IndexError(
+                f"frame {outside[0]!r} of episode {episode}: expected an int in 0..{self.lengths[episode] - 1}"
+            )
         return self._camera(key, columns, episode, frames)
+
+    def _check_episode(self, episode: int) -> None:
+        """Refuse an episode position outside ``0..episodes - 1`` (no Python-style negative index)."""
+        if not is_count(episode, 0, len(self.lengths) - 1):
+            raise IndexError(f"episode {episode!r}: expected an int in 0..{len(self.lengths) - 1}")
 
     def _camera(self, key: str, columns: dict[str, Any], episode: int, frames: list[int]) -> Tensor:
         feature, entry = self.features[key], self.episodes[episode]
@@ -814,7 +826,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
+        if not is_count(index, 0, len(self) - 1):
             raise IndexError(f"index {index} out of range for {len(self)} frames")
         episode = int(np.searchsorted(self.starts, index, side="right") - 1)
         frame = index - int(self.starts[episode])
