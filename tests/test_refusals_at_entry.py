@@ -226,3 +226,12 @@ def test_episode_and_frame_positions_do_not_wrap() -> None:
         with pytest.raises(IndexError, match=message):
             call()
     assert dataset.camera_frames(1, key).shape[0] == dataset.lengths[1]
+
+
+def test_ddpm_sampling_refuses_a_step_count_it_would_ignore() -> None:
+    policy = _policy(kind="ddpm", diffusion_steps=20).eval()
+    state = {"state": torch.zeros(1, 1, 3)}
+    with pytest.raises(ValueError, match="steps = 3: DDPM sampling runs every one of the 20 training steps"):
+        policy.predict_chunk(state, steps=3, method="ddpm")
+    assert policy.predict_chunk(state, method="ddpm").nfe == 20
+    assert policy.predict_chunk(state, steps=np.int64(4), method="ddim").nfe == 4

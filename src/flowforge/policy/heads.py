@@ -835,10 +835,16 @@ class DiffusionHead(PolicyHead):
             raise ValueError(f"noise_scale = {noise_scale!r}: only the flow policies take a sampling temperature")
         method = config.sampler if method is None else method
         check_choice("method", method, tuple(SCHEDULERS))
+        given = steps is not None
         steps = config.inference_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= config.diffusion_steps:
+        if not is_count(steps, 1, config.diffusion_steps):
             raise ValueError(f"steps must be an int in 1..{config.diffusion_steps} (the training steps), got {steps!r}")
-        return Sampling(config.diffusion_steps if method == "ddpm" else steps, method, 1.0)
+        if method == "ddpm" and given and steps != config.diffusion_steps:
+            raise ValueError(
+                f"steps = {steps!r}: DDPM sampling runs every one of the {config.diffusion_steps} training steps; "
+                "use method='ddim' for fewer"
+            )
+        return Sampling(config.diffusion_steps if method == "ddpm" else int(steps), method, 1.0)
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
         target = fill_padding(target, pad)
