@@ -235,3 +235,20 @@ def test_ddpm_sampling_refuses_a_step_count_it_would_ignore() -> None:
         policy.predict_chunk(state, steps=3, method="ddpm")
     assert policy.predict_chunk(state, method="ddpm").nfe == 20
     assert policy.predict_chunk(state, steps=np.int64(4), method="ddim").nfe == 4
+
+
+def test_a_part_kept_in_another_dtype_reloads_in_its_own() -> None:
+    import tempfile
+
+    from flowforge.flows import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(4, 2, (4,), prior="maf", prior_transforms=1, prior_hidden=(4,))
+    vae.prior.double()
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(folder, vae)
+        reloaded = load_model(folder)
+    assert {p.dtype for p in reloaded.prior.parameters()} == {torch.float64}
+    assert {p.dtype for p in reloaded.encoder.parameters()} == {torch.float32}
+    for mine, theirs in zip(vae.state_dict().values(), reloaded.state_dict().values(), strict=True):
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)

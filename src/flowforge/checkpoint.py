@@ -481,7 +481,13 @@ def load_model_from_manifest(
     if expected is not None and not isinstance(model, expected):
         raise CheckpointError(f"{directory} holds a {type(model).__name__}, not a {expected.__name__}")
     model = model.to(dtype)
-    load_state_dict_checked(model, load_tensors(directory, "model", manifest), directory)
+    state = load_tensors(directory, "model", manifest)
+    # A part kept in another dtype (a float64 prior in a float32 model) comes back in its own.
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        saved = state.get(name)
+        if saved is not None and saved.is_floating_point() and tensor.is_floating_point():
+            tensor.data = tensor.data.to(saved.dtype)
+    load_state_dict_checked(model, state, directory)
     return model.to(map_location) if map_location is not None else model
 
 
