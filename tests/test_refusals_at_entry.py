@@ -252,3 +252,18 @@ def test_a_part_kept_in_another_dtype_reloads_in_its_own() -> None:
     assert {p.dtype for p in reloaded.encoder.parameters()} == {torch.float32}
     for mine, theirs in zip(vae.state_dict().values(), reloaded.state_dict().values(), strict=True):
         assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+
+
+def test_the_scan_switch_reaches_training_batches_but_never_predictions() -> None:
+    from flowforge.validation import checks
+
+    policy = _policy().train()
+    batch = _batch()
+    batch["action"][0, 0, 0] = float("nan")
+    with checks(finite=False):  # a training step may skip the scans for speed
+        assert torch.isnan(policy.loss(batch))
+        state = torch.full((1, 1, 3), float("nan"))
+        with pytest.raises(ValueError, match="state holds nan"):  # a NaN observation never becomes an action
+            policy.eval().predict_chunk({"state": state}, steps=2)
+    with pytest.raises(ValueError, match="action holds nan"):
+        policy.train().loss(batch)

@@ -43,7 +43,7 @@ from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
 from flowforge.policy.heads import HEAD_CATEGORY, ChunkGuide, ChunkPrefix, Sampling
 from flowforge.registry import Rebuildable, lookup, names, register
-from flowforge.validation import check_bool, check_choice
+from flowforge.validation import check_bool, check_choice, finite_checks_enabled
 
 
 @dataclass(frozen=True)
@@ -193,10 +193,11 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return self.head.loss(self.normalize_action(batch["action"]), cache, batch.get("action_is_pad"))
 
     def checked_training_batch(self, batch: Batch) -> Batch:
-        """:meth:`checked_batch` (float images allowed), and ``action`` a finite floating-point
+        """:meth:`checked_batch` (``training=True``), and ``action`` a finite floating-point
         ``(B, horizon, action_dim)`` tensor (in the model's dtype) and ``action_is_pad``, when given,
-        a bool ``(B, horizon)`` one."""
-        checked = self.checked_batch(batch, float_images=True)
+        a bool ``(B, horizon)`` one. The NaN/inf scans of a training batch follow the process-wide
+        switch (:func:`flowforge.validation.checks`); those of :meth:`predict_chunk` never do."""
+        checked = self.checked_batch(batch, training=True)
         if "action" not in batch:
             raise ValueError("batch needs 'action' (batch, horizon, action_dim): the demonstrated chunks")
         cfg = self.policy_config
@@ -207,7 +208,8 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError(
                 f"action must be a float tensor of shape {expected}, got {action.dtype} of shape {tuple(action.shape)}"
             )
-        _refuse_non_finite("action", action)
+        if finite_checks_enabled():
+            _refuse_non_finite("action", action)
         checked["action"] = action.to(self.action_normalizer.shift)
         if batch.get("action_is_pad") is not None:
             pad = _as_tensor("action_is_pad", batch["action_is_pad"])
@@ -403,13 +405,14 @@ class ChunkPolicy(Rebuildable, nn.Module):
         return self.unnormalize_action(result.x), result.nfe
 
     # ---------------------------------------------------------------- input checks
-    def checked_batch(self, batch: Batch, float_images: bool = False) -> Batch:
+    def checked_batch(self, batch: Batch, training: bool = False) -> Batch:
         """``batch`` with NumPy arrays as tensors, after refusing what must never become an action.
 
         ``state`` must be a finite floating-point array of shape ``(batch, obs_horizon, state_dim)``
         with at least one row, and ``image`` (when the policy uses images) uint8 of shape
-        ``(batch, obs_horizon, 3, H, W)`` (or finite floats in 0-255 with ``float_images``: training
-        may differentiate through the pixels). A ``ValueError`` names the key and what was wrong.
+        ``(batch, obs_horizon, 3, H, W)``. With ``training`` (:meth:`checked_training_batch`) images may
+        also be finite floats in 0-255 (training may differentiate through the pixels), and the
+        NaN/inf scans follow the process-wide switch. A ``ValueError`` names the key and what was wrong.
         """
         if not isinstance(batch, dict) or "state" not in batch:
             raise ValueError("batch must be a dict with a 'state' entry of shape (batch, obs_horizon, state_dim)")
@@ -424,18 +427,19 @@ class ChunkPolicy(Rebuildable, nn.Module):
             )
         if state.shape[0] == 0:
             raise ValueError("state has 0 rows: a chunk is predicted for at least one observation")
-        _refuse_non_finite("state", state)
+        if not training or finite_checks_enabled():  # a prediction's state is always scanned
+            _refuse_non_finite("state", state)
         checked["state"] = state.to(self.state_normalizer.shift)
         if self.encoder.sees_images:
             expected = (state.shape[0], cfg.obs_horizon, *cfg.image_shape)
             for key, image in zip(cfg.image_keys, camera_images(batch, cfg), strict=True):
                 image = torch.as_tensor(image)
-                allowed = image.dtype == torch.uint8 or (float_images and image.is_floating_point())
+                allowed = image.dtype == torch.uint8 or (training and image.is_floating_point())
                 if not allowed or tuple(image.shape) != expected:
                     raise ValueError(
                         f"{key} must be uint8 of shape {expected}, got {image.dtype} of shape {tuple(image.shape)}"
                     )
-                if image.is_floating_point():
+                if image.is_floating_point() and finite_checks_enabled():
                     _refuse_non_finite(key, image)
                 checked.pop("image", None)
                 checked[key] = image.to(self.state_normalizer.shift.device)

@@ -335,8 +335,7 @@ class ChunkExecutor:
         ``delay="real"``). Nothing is logged or kept: the observation history and the caller's
         random state are as they were.
         """
-        if self.closed:
-            raise RuntimeError("this ChunkExecutor was closed: make a new one to act again")
+        self._refuse_if_closed()
         config = self.policy.policy_config
         history = self.history.copy()
         batch = self.batch(observation)
@@ -360,6 +359,10 @@ class ChunkExecutor:
         if self._worker is not None:
             self._worker.submit(compute).result()
 
+    def _refuse_if_closed(self) -> None:
+        if self.closed:
+            raise RuntimeError("this ChunkExecutor was closed: make a new one to act again")
+
     def close(self) -> None:
         """Stop the inference thread (``delay="real"``); the executor acts no more after it."""
         if self._worker is not None:
@@ -368,8 +371,7 @@ class ChunkExecutor:
 
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         """The next action for an observation dict (``state``, ``image`` when used, ``instruction``)."""
-        if self.closed:
-            raise RuntimeError("this ChunkExecutor was closed: make a new one to act again")
+        self._refuse_if_closed()
         batch = self.batch(observation)
         if self.temporal_ensemble is not None:
             chunk = self._chunk(batch)
