@@ -73,6 +73,21 @@ def test_every_shipped_config_parses_and_builds() -> None:
         assert sum(p.numel() for p in model.parameters()) > 0, path.name
 
 
+def test_every_shipped_config_saves_and_reloads_as_the_run_it_describes(tmp_path: Path) -> None:
+    """A run folder reloads through ``load_run``'s cross-checks of config against model for every kind."""
+    from flowforge import runs
+    from flowforge.checkpoint import save_model
+    from flowforge.runs.density import _run_metadata
+
+    for path in CONFIGS.glob("*.toml"):
+        config = runs.load_config(path)
+        data = None if config.objective_kind() == "reverse-kl" else runs.load_data(config.data)
+        model = runs.build_model(config, data)
+        save_model(tmp_path / path.stem, model, metadata=_run_metadata(config, data))
+        run = runs.load_run(tmp_path / path.stem)
+        assert type(run.model) is type(model) and run.config == config, path.name
+
+
 def test_train_sample_eval_plot_on_a_tiny_config(tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = _train(CONFIGS / "realnvp_moons.toml", run)
@@ -731,15 +746,27 @@ def test_a_data_file_too_small_for_the_test_metrics_is_refused_before_training(t
             assert not out.exists()
 
 
-def test_a_run_whose_config_was_edited_to_other_data_is_refused_with_the_shapes(tmp_path: Path) -> None:
+def test_a_run_whose_saved_config_was_edited_is_refused_on_load(tmp_path: Path) -> None:
+    """A checkpoint's run config that no longer describes its model (other data, other kind, a
+    standardisation it does not hold) is refused by sample and eval, saying what disagrees."""
     run = tmp_path / "run"
     assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
-    record = json.loads((run / "checkpoint.json").read_text())
-    record["metadata"]["run"]["data"]["name"] = "digits"
-    (run / "checkpoint.json").write_text(json.dumps(record))
-    result = CliRunner().invoke(app, ["eval", str(run)])
-    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert "the run's held-out split ([data] name = 'digits'): points of shape 64" in result.stderr
+    original = (run / "checkpoint.json").read_text()
+    edits = [
+        (("data", "name", "wine"), "names the data 'wine', points of shape [13]; the saved model's are [2]"),
+        (("data", "name", "digits"), "models pixel counts, but the saved model is not dequantized"),
+        (("model", "kind", "realnvp"), "names a realnvp model; the saved model is a nice"),
+        (("data", "standardize", True), "metadata.standardizer is missing, but the run config's data is standardised"),
+    ]
+    for (table, key, value), message in edits:
+        record = json.loads(original)
+        record["metadata"]["run"][table][key] = value
+        (run / "checkpoint.json").write_text(json.dumps(record))
+        for command in (["eval", str(run)], ["sample", str(run), "-n", "3", "--output", str(tmp_path / "s.csv")]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+            assert message in result.stderr, (table, key, result.stderr)
+            assert not (tmp_path / "s.csv").exists()
 
 
 def test_sizes_beyond_the_bounds_are_refused_where_they_enter(tmp_path: Path) -> None:

@@ -158,6 +158,33 @@ def model_units_to_counts(y: Tensor, levels: int) -> Tensor:
     return torch.floor(levels * (y + 1.0) / 2.0).clamp(0, levels - 1)
 
 
+def standardizes(config: DataConfig) -> bool:
+    """Whether a run on this data standardises it: 2-D sets only when asked, tables unless told not to,
+    pixel counts never (the model dequantizes them), and a run without data (reverse KL) never."""
+    if config.name is None and config.path is None:
+        return False
+    if config.name in TOY_DATASETS:
+        return bool(config.standardize)
+    if config.name in COUNT_DATASETS:
+        return False
+    return True if config.standardize is None else config.standardize
+
+
+def dataset_event_shape(config: DataConfig) -> tuple[int, ...] | None:
+    """The shape of one point of a built-in data set; ``None`` for data read from a file.
+
+    >>> dataset_event_shape(DataConfig(name="wine")), dataset_event_shape(DataConfig(name="digits-images"))
+    ((13,), (1, 8, 8))
+    """
+    if config.name is None:
+        return None
+    if config.name in TOY_DATASETS:
+        return (2,)
+    if config.name == "digits-images":
+        return (1, 8, 8)
+    return tuple(sklearn_dataset(config.name).shape[1:])
+
+
 def load_data(config: DataConfig) -> RunData:
     """Draw or read the data ``config`` names and split it (the same split for the same config)."""
     if config.name is None and config.path is None:
@@ -165,7 +192,7 @@ def load_data(config: DataConfig) -> RunData:
     if config.name in TOY_DATASETS:
         train = toy_dataset(config.name, config.size, seed=config.seed)
         test = toy_dataset(config.name, TOY_TEST_POINTS, seed=config.seed + 1)
-        return _standardized(train, test, bool(config.standardize))
+        return _standardized(train, test, standardizes(config))
     if config.name == "digits-images":
         train, train_labels = digits_images("train", config.test_fraction, config.seed)
         test, test_labels = digits_images("test", config.test_fraction, config.seed)
@@ -186,7 +213,7 @@ def load_data(config: DataConfig) -> RunData:
     test, train = table[order[:n_test]], table[order[n_test:]]
     if config.name in COUNT_DATASETS:
         return RunData(train, test, train, test, None, COUNT_DATASETS[config.name])
-    return _standardized(train, test, True if config.standardize is None else config.standardize)
+    return _standardized(train, test, standardizes(config))
 
 
 def one_hot(labels: Tensor, classes: int) -> Tensor:
@@ -213,7 +240,9 @@ __all__ = [
     "DataConfig",
     "RunData",
     "counts_to_model_units",
+    "dataset_event_shape",
     "load_data",
     "model_units_to_counts",
     "one_hot",
+    "standardizes",
 ]

@@ -87,9 +87,11 @@ from flowforge.runs.data import (
     DataConfig,
     RunData,
     counts_to_model_units,
+    dataset_event_shape,
     load_data,
     model_units_to_counts,
     one_hot,
+    standardizes,
 )
 from flowforge.train import (
     AdversarialML,
@@ -500,9 +502,48 @@ def load_run(directory: str | Path) -> Run:
     except (ConfigError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory}: the run config inside does not load ({error}); retrain the run") from error
     model = load_model(directory).eval()
+    _check_model_fits_run(model, config, directory)
+    if (standardizer is not None) != standardizes(config.data):
+        raise CheckpointError(
+            f"{directory / 'checkpoint.json'}: metadata.standardizer is "
+            f"{'missing' if standardizer is None else 'present'}, but the run config's data "
+            f"{'is' if standardizes(config.data) else 'is not'} standardised; retrain the run"
+        )
     if standardizer is not None:
         _check_standardizer(standardizer, tuple(model.event_shape), directory)
     return Run(config, model, standardizer, directory)
+
+
+def _check_model_fits_run(model: nn.Module, config: RunConfig, directory: Path) -> None:
+    """The saved model is the one the saved run config describes: its kind, its wrapping for pixel
+    counts, the shape of the data's points and the context of a conditional run."""
+    where = f"{directory / 'checkpoint.json'}: the run config inside"
+    flow = model.flow if isinstance(model, Dequantized) else model
+    described = registry.name_of(flow)
+    saved_kind = described[1] if described is not None else type(flow).__name__
+    if saved_kind != config.model.kind:
+        raise CheckpointError(f"{where} names a {config.model.kind} model; the saved model is a {saved_kind}")
+    dequantized = (
+        config.data.name in COUNT_DATASETS and config.model.kind not in MATCHING_MODELS and config.model.kind != "vae"
+    )
+    if isinstance(model, Dequantized) != dequantized:
+        raise CheckpointError(
+            f"{where} {'models' if dequantized else 'does not model'} pixel counts, but the saved model "
+            f"{'is not' if dequantized else 'is'} dequantized"
+        )
+    expected_shape = dataset_event_shape(config.data)
+    if expected_shape is not None and tuple(model.event_shape) != expected_shape:
+        raise CheckpointError(
+            f"{where} names the data {config.data.name!r}, points of shape {list(expected_shape)}; "
+            f"the saved model's are {list(model.event_shape)}"
+        )
+    expected_context = LABELLED_DATASETS[config.data.name] if config.data.conditional else 0
+    context = getattr(flow, "context_features", None) or 0
+    if context != expected_context:
+        raise CheckpointError(
+            f"{where} {'is conditional' if expected_context else 'is unconditional'} "
+            f"(a context of {expected_context}); the saved model takes a context of {context}"
+        )
 
 
 def _check_standardizer(standardizer: Standardizer, event_shape: tuple[int, ...], directory: Path) -> None:
