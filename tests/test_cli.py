@@ -817,3 +817,14 @@ def test_an_empty_argument_is_refused_instead_of_meaning_the_current_folder(tmp_
         result = subprocess.run([sys.executable, "-m", "flowforge", *args], capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.startswith(message), (args, result.stderr)
         assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_progress_flag_and_progress_override_together_are_refused(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["train", str(CONFIGS / "realnvp_moons.toml"), "--out", str(tmp_path / "run"), "--no-progress"]
+        + ["--set", "train.progress=true"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--no-progress and --set train.progress=true: both set the progress bar; give one" in result.stderr
+    assert not (tmp_path / "run").exists()

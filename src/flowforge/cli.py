@@ -287,9 +287,7 @@ def train(
     from flowforge.eval.report import format_metrics
     from flowforge.train import init_distributed_from_environment
 
-    extra = list(overrides or [])
-    if progress is not None:
-        extra.append(f"train.progress={'true' if progress else 'false'}")
+    extra = _overrides_with_progress(overrides, progress)
     run_config = runs.load_config(config, extra)
     folder = _run_folder(out, config, resume)
     _, rank = init_distributed_from_environment()  # under torchrun: one process per rank
@@ -310,6 +308,18 @@ def train(
     held_out = None if prepared.data is None else prepared.data.test_units
     typer.echo(format_metrics(runs.evaluate_run(run, held_out)))
     typer.echo(f"wrote {runs.plot_run(run, folder / 'plot.png', held_out)}")
+
+
+def _overrides_with_progress(overrides: list[str] | None, progress: bool | None) -> list[str]:
+    """The ``--set`` overrides plus ``--progress/--no-progress`` as ``train.progress``; both at once is refused."""
+    extra = list(overrides or [])
+    if progress is None:
+        return extra
+    for override in extra:
+        if override.split("=", 1)[0].strip().replace(" ", "") == "train.progress":
+            flag = "--progress" if progress else "--no-progress"
+            raise ConfigError(f"{flag} and --set {override}: both set the progress bar; give one")
+    return [*extra, f"train.progress={'true' if progress else 'false'}"]
 
 
 def _tell_if_nothing_to_resume(folder: Path, resume: bool) -> None:
@@ -551,9 +561,7 @@ def policy_train(
     """Train a policy (flow, hierarchical, mse or ddpm) on an episode data set."""
     from flowforge.runs.policy import load_policy_config, prepare_policy_run
 
-    extra = list(overrides or [])
-    if progress is not None:
-        extra.append(f"train.progress={'true' if progress else 'false'}")
+    extra = _overrides_with_progress(overrides, progress)
     run = load_policy_config(config, extra)
     directory = _run_folder(out, config, resume)
     prepared = prepare_policy_run(run, directory)
