@@ -124,6 +124,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         keys += ("validation_fraction", "eval_every")
     if args.kl_warmup_steps:
         keys += ("kl_warmup_steps",)
+    if args.ema_decay is not None:
+        keys += ("ema_decay",)
     return {"result_version": RESULT_VERSION, **{key: getattr(args, key) for key in keys}}
 
 
@@ -167,6 +169,7 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
         batch_size=args.batch,
         lr=args.lr,
         weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
         schedule="cosine",
         max_grad_norm=CLIP_NORM,
         seed=seed,
@@ -304,6 +307,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validations")
     parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="evaluate an exponential moving average of the weights with this decay (default: the last weights)",
+    )
+    parser.add_argument(
         "--kl-warmup-steps",
         type=int,
         default=None,
@@ -323,6 +332,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--weight-decay {args.weight_decay}: need a finite number >= 0")
     if not 0 <= args.validation_fraction < 0.5:
         parser.error(f"--validation-fraction {args.validation_fraction}: need a number in [0, 0.5)")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        parser.error(f"--ema-decay {args.ema_decay}: need a number in (0, 1)")
     if args.eval_every < 1:
         parser.error(f"--eval-every {args.eval_every}: need an integer >= 1")
     if args.kl_warmup_steps is None:

@@ -267,3 +267,24 @@ def test_the_scan_switch_reaches_training_batches_but_never_predictions() -> Non
             policy.eval().predict_chunk({"state": state}, steps=2)
     with pytest.raises(ValueError, match="action holds nan"):
         policy.train().loss(batch)
+
+
+def test_a_policy_too_large_for_memory_is_refused_naming_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    import flowforge.runs.policy as policy_runs
+    from flowforge.data.episodes import EpisodeDataset
+    from flowforge.errors import ConfigError
+    from flowforge.policy import PolicyConfig
+
+    def out_of_memory(config):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes.")
+
+    monkeypatch.setattr(policy_runs, "build_policy", out_of_memory)
+    dataset = EpisodeDataset(Path(__file__).parent / "fixtures" / "lerobot_v3" / "shared", 1, 4)
+    config = PolicyConfig(
+        horizon=4, n_action_steps=2, width=64, layers=2, language=False, state_key="observation.state"
+    )
+    message = r"\[policy\] width = 64, layers = 2, horizon = 4: a policy too large .* \(4\.0 GiB asked for one tensor\)"
+    with pytest.raises(ConfigError, match=message):
+        policy_runs.prepare_policy(config, dataset, progress=False)

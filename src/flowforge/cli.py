@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 import flowforge
 from flowforge.config import MAX_SEED
 from flowforge.envs.metaworld import MAX_EPISODE_STEPS, MAX_EPISODES
-from flowforge.errors import ConfigError, FlowforgeError
+from flowforge.errors import ConfigError, FlowforgeError, is_out_of_memory, memory_asked
 from flowforge.utils.progress import progress_enabled
 from flowforge.validation import MAX_BATCH_SIZE, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_SAMPLES
 
@@ -50,7 +50,7 @@ class _OneLineErrors(TyperGroup):
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code=2) from None
         except (MemoryError, RuntimeError) as error:
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
             typer.echo(f"error: {_out_of_memory_message(error)}", err=True)
             raise typer.Exit(code=2) from None
@@ -92,28 +92,9 @@ def _empty_argument(given: list[str]) -> str | None:
     return None
 
 
-#: torch's refusal of a tensor whose byte count does not fit in 64 bits (a size near 2**63).
-_SIZE_OVERFLOW = "Storage size calculation overflowed"
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    """An allocation the machine cannot make (torch raises ``RuntimeError`` on the CPU,
-    ``torch.OutOfMemoryError`` on a GPU), or one too large to count: a size in the user's config
-    or options, not a bug."""
-    return (
-        isinstance(error, (MemoryError, torch.OutOfMemoryError))
-        or "can't allocate memory" in str(error)
-        or _SIZE_OVERFLOW in str(error)
-    )
-
-
 def _out_of_memory_message(error: BaseException) -> str:
-    asked = re.search(r"allocate (\d+) bytes", str(error))
-    size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB asked for one tensor)" if asked else ""
-    if _SIZE_OVERFLOW in str(error):
-        size = " (a tensor of more than 2**63 bytes asked for)"
     return (
-        f"out of memory{size}: a size in the config or options is too large for this machine; "
+        f"out of memory{memory_asked(error)}: a size in the config or options is too large for this machine; "
         "lower the batch size, the model's widths or the chunk length"
     )
 

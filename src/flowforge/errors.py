@@ -15,6 +15,8 @@ True
 
 from __future__ import annotations
 
+import re
+
 
 class FlowforgeError(Exception):
     """Base class of every error flowforge raises for bad input, files or settings."""
@@ -45,6 +47,35 @@ class RebuildError(FlowforgeError, TypeError):
     """A model that cannot be saved so that it rebuilds: an argument is of a type with no registered name."""
 
 
+#: torch's refusal of a tensor whose byte count does not fit in 64 bits (a size near 2**63).
+_SIZE_OVERFLOW = "Storage size calculation overflowed"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation the machine cannot make (torch raises ``RuntimeError`` on the CPU,
+    ``torch.OutOfMemoryError`` on a GPU, itself a ``RuntimeError``), or one too large to count: a
+    size in the user's config or options, not a bug."""
+    message = str(error)
+    return (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in message
+        or _SIZE_OVERFLOW in message
+    )
+
+
+def memory_asked(error: BaseException) -> str:
+    """What an out-of-memory error asked for, as a parenthesis for a message ('' when it does not say).
+
+    >>> memory_asked(RuntimeError("can't allocate memory: you tried to allocate 2147483648 bytes."))
+    ' (2.0 GiB asked for one tensor)'
+    """
+    if _SIZE_OVERFLOW in str(error):
+        return " (a tensor of more than 2**63 bytes asked for)"
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    return f" ({int(asked.group(1)) / 2**30:,.1f} GiB asked for one tensor)" if asked else ""
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -53,4 +84,6 @@ __all__ = [
     "NumericalError",
     "ODESolverError",
     "RebuildError",
+    "is_out_of_memory",
+    "memory_asked",
 ]

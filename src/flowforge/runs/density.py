@@ -68,7 +68,7 @@ from flowforge import registry
 from flowforge.checkpoint import load_model, read_manifest, write_atomic
 from flowforge.config import apply_overrides, build_config, build_dataclass, check_choice, check_range, read_document
 from flowforge.data import DIGIT_LEVELS, TARGETS, Standardizer, target
-from flowforge.errors import CheckpointError, ConfigError, DataError, NumericalError
+from flowforge.errors import CheckpointError, ConfigError, DataError, NumericalError, is_out_of_memory, memory_asked
 from flowforge.eval.image_quality import (
     DigitsClassifier,
     conditional_accuracy,
@@ -326,6 +326,14 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
         raise ConfigError(f"{source}: {error}") from error
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: [model] options do not build a {kind} model: {error}") from error
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        shown = ", ".join(f"{key} = {value!r}" for key, value in config.model.options.items()) or "the defaults"
+        raise ConfigError(
+            f"{source}: [model] options ({shown}) build a {kind} model too large for this machine's "
+            f"memory{memory_asked(error)}; lower its widths or layers"
+        ) from error
 
 
 def _build_matcher(

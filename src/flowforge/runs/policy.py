@@ -41,7 +41,7 @@ from flowforge.config import (
 )
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
-from flowforge.errors import CheckpointError, ConfigError
+from flowforge.errors import CheckpointError, ConfigError, is_out_of_memory, memory_asked
 from flowforge.policy import POLICY_KINDS, build_policy
 from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
@@ -238,7 +238,15 @@ def prepare_policy(
     state_dim = int(tensors["state"].shape[-1])
     action_dim = int(tensors["action"].shape[-1])
     config = dataclasses.replace(config, state_dim=state_dim, action_dim=action_dim, instructions=instructions)
-    policy = build_policy(config)
+    try:
+        policy = build_policy(config)
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        raise ConfigError(
+            f"[policy] width = {config.width}, layers = {config.layers}, horizon = {config.horizon}: a policy too "
+            f"large for this machine's memory{memory_asked(error)}; lower them"
+        ) from error
     policy.set_statistics(dataset.stats)
     policy.set_instruction_embeddings()
     if config.image_shape is not None and config.image_normalization == "mean_std":
