@@ -319,7 +319,7 @@ def test_two_camera_windows_train_the_same_with_and_without_workers(tmp_path: Pa
     dataset = EpisodeDataset(FIXTURE, obs_horizon=2, action_horizon=4)
     config = PolicyConfig(
         state_key="observation.state", horizon=4, obs_horizon=2, width=16, layers=1, heads=2, language=False,
-        image_shape=[3, 84, 84], cameras=["wrist", "top"], image_encoder="resnet-keypoints", keypoints=4,
+        image_shape=[3, 32, 32], cameras=["wrist", "top"], image_encoder="resnet-keypoints", keypoints=4,
         image_channels=[4, 8], augmentation="crop", augmentation_pixels=2, image_normalization="mean_std",
         previous_state=True,
     )  # fmt: skip
@@ -394,6 +394,11 @@ def test_bad_vision_settings_are_refused_naming_them(changes: dict, message: str
         ({"state_key": "observation.environment_state"}, r"state_key = 'observation.environment_state': .* no such"),
         ({"goal_key": "observation.goal"}, r"goal_key = 'observation.goal': .* nor 'observation.environment_state'"),
         ({"image_encoder": "conv"}, r"image_shape = \[3, 32, 32\]: image_encoder = 'conv' needs at least 36x36"),
+        (
+            {"image_shape": [3, 84, 84]},
+            r"image_shape = \[3, 84, 84\]: the data's observation.images.wrist frames are \[3, 32, 32\]; "
+            r"set image_shape = \[3, 32, 32\]",
+        ),
     ],
 )
 def test_a_mode_or_camera_the_data_set_lacks_is_refused(changes: dict, message: str, tmp_path: Path) -> None:
@@ -403,7 +408,7 @@ def test_a_mode_or_camera_the_data_set_lacks_is_refused(changes: dict, message: 
     settings = {
         "state_key": "observation.state",
         "language": False,
-        "image_shape": [3, 84, 84],
+        "image_shape": [3, 32, 32],
         "cameras": ["wrist"],
         "image_encoder": "resnet-keypoints",
         **changes,

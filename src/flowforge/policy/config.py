@@ -53,8 +53,8 @@ class PolicyConfig:
         n_action_steps: actions executed from each chunk before replanning (``None``: half the chunk).
         width, layers, heads: the transformer's size.
         image_shape: ``(3, 84, 84)`` to use images, ``None`` for state only. A policy prepared from a
-            data set (``flowforge policy train``) takes the shape (channels, height, width) of the
-            data's images.
+            data set (``flowforge policy train``) must name the (channels, height, width) of the
+            data's images: frames are not resized.
         language: add an instruction token (frozen MiniLM embedding).
         instructions: the instructions seen in training; their embeddings live in the weights.
         sampling_steps, method: the flow's integration (``euler`` by default; any flowforge solver).

@@ -222,11 +222,16 @@ def prepare_policy(
         if first.startswith(CAMERA_PREFIX):  # record the camera's name: evaluation renders that one
             config = dataclasses.replace(config, cameras=[first.removeprefix(CAMERA_PREFIX)])
     if config.image_shape is not None:
-        # The data's image size, from its metadata: checked against the encoder (PolicyConfig's
-        # own check, on replace) before a frame is decoded or cached.
-        feature = dataset.features[camera_features(dataset, config.cameras)[0]]
-        height, width, channels = image_shape_of(feature)
-        config = dataclasses.replace(config, image_shape=[channels, height, width])
+        # The data's image size, from its metadata, before a frame is decoded or cached: a config
+        # asking for another size is refused (the frames are not resized).
+        key = camera_features(dataset, config.cameras)[0]
+        height, width, channels = image_shape_of(dataset.features[key])
+        if list(config.image_shape) != [channels, height, width]:
+            raise ConfigError(
+                f"image_shape = {list(config.image_shape)}: the data's {key} frames are "
+                f"{[channels, height, width]}; set image_shape = {[channels, height, width]} "
+                "(frames are used at the size they were collected at)"
+            )
     if frames == "tensors":
         data, instructions = policy_tensors(dataset, progress=progress, config=config)
         tensors = data
