@@ -139,3 +139,27 @@ def test_adaptive_bad_arguments() -> None:
         odeint(_linear, torch.zeros(2, 2), (0.0, 1.0), "rk4", adjoint=True)
     with pytest.raises(ValueError, match=r"adjoint=True needs f to be an nn\.Module"):
         odeint(_linear, torch.zeros(2, 2), (0.0, 1.0), "dopri5", adjoint=True)
+
+
+def test_bad_solver_inputs_are_refused_at_entry() -> None:
+    """Tolerances, times and starts that would give a wrong answer silently are refused, naming them."""
+    from flowforge.ode.sde import sdeint
+
+    def decay(x, t):
+        return -x
+
+    ones = torch.ones(2, 1)
+    cases = [
+        (lambda: odeint(decay, ones, (0.0, 1.0), "dopri5", atol=-1.0), ValueError, "atol must be a finite number > 0"),
+        (lambda: odeint(decay, ones, (0.0, 1.0), "bosh3", rtol=0.0), ValueError, "rtol must be a finite number > 0"),
+        (lambda: odeint(decay, ones, (0.0, float("nan")), "rk4"), ValueError, "t1 must be a finite number, got nan"),
+        (lambda: odeint(decay, ones, (torch.tensor([0.0, float("inf")]), 1.0), "dopri5"), ValueError, "t0 must hold"),
+        (lambda: odeint(decay, torch.ones(2, 1, dtype=torch.long), (0.0, 1.0)), TypeError, "x0 must be a floating"),
+        (lambda: odeint(decay, torch.full((2, 1), float("nan")), (0.0, 1.0)), ValueError, "x0 contains NaN"),
+        (lambda: odeint(lambda x, t: x**2, torch.full((2, 1), 5.0), (0.0, 1.0), "rk4"), ODESolverError, "NaN or inf"),
+        (lambda: sdeint(decay, decay, ones, (0.0, float("inf"))), ValueError, "t1 must be a finite number, got inf"),
+        (lambda: sdeint(decay, decay, ones, (0.0, 1.0), generator=5), TypeError, "generator must be a torch.Generator"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowforge.validation import check_count
+from flowforge.validation import check_batched, check_count, check_real, finite_checks_enabled
 
 VelocityField = Callable[[Tensor, Tensor], Tensor]
 
@@ -62,15 +62,30 @@ TABLEAUS: dict[str, ButcherTableau] = {
 }
 
 
+def check_start(x0: object) -> Tensor:
+    """A solve's initial state: a floating-point tensor of shape (batch, ...), finite when the
+    process-wide scan is on."""
+    if not isinstance(x0, Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor of shape (batch, ...), got {type(x0).__name__}")
+    if x0.dim() < 1:
+        raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
+    return check_batched("x0", x0, x0.shape[1:], finite=True)
+
+
 def per_sample_time(name: str, value: float | Tensor, x: Tensor) -> Tensor:
-    """A time given as a scalar or per sample, as a tensor of shape (batch,) in x's dtype and device."""
+    """A time given as a scalar or per sample, as a tensor of shape (batch,) in x's dtype and device;
+    NaN and inf are refused (scalars always, tensors when the process-wide scan is on)."""
+    if not isinstance(value, Tensor):
+        check_real(name, value)
     t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     if t.dim() == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
+        t = t.expand(x.shape[0])
+    elif t.shape != (x.shape[0],):
         raise ValueError(
             f"{name} must be a scalar or a tensor of shape ({x.shape[0]},) (one time per sample), got {tuple(t.shape)}"
         )
+    if finite_checks_enabled() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must hold finite times, got NaN or inf")
     return t
 
 
@@ -87,10 +102,9 @@ def integrate_fixed(
     ``t1 < t0`` integrates backwards. ``f`` receives ``t`` of shape (batch,).
     """
     steps = check_count("steps", steps)
-    if x0.dim() < 1:
-        raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
+    x0 = check_start(x0)
     if _is_scalar(t0) and _is_scalar(t1):
-        return _integrate_shared_time(f, x0, float(t0), float(t1), steps, tableau)
+        return _integrate_shared_time(f, x0, check_real("t0", t0), check_real("t1", t1), steps, tableau)
     start = per_sample_time("t0", t0, x0)
     h = (per_sample_time("t1", t1, x0) - start) / steps
     h_x = h.reshape(-1, *([1] * (x0.dim() - 1)))  # broadcast the step over the event dims

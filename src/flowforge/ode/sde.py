@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from flowforge.ode.fixed import per_sample_time
+from flowforge.ode.fixed import check_start, per_sample_time
 from flowforge.validation import check_count
 
 SDE_METHODS = ("euler_maruyama", "milstein")
@@ -56,6 +56,9 @@ def sdeint(
     if method not in SDE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(SDE_METHODS)}")
     steps = check_count("steps", steps)
+    x0 = check_start(x0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if noise is not None and noise.shape != (steps, *x0.shape):
         raise ValueError(f"noise must have shape {(steps, *x0.shape)}, got {tuple(noise.shape)}")
     start = per_sample_time("t0", t_span[0], x0)

@@ -19,7 +19,8 @@ import torchdiffeq
 from torch import Tensor, nn
 
 from flowforge.errors import ODESolverError
-from flowforge.ode.fixed import TABLEAUS, VelocityField, integrate_fixed, per_sample_time
+from flowforge.ode.fixed import TABLEAUS, VelocityField, check_start, integrate_fixed, per_sample_time
+from flowforge.validation import check_count, check_real, finite_checks_enabled
 
 #: Adaptive-step methods, solved by torchdiffeq.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -70,7 +71,8 @@ def odeint(
             it is told about.
 
     Raises:
-        ODESolverError: the adaptive step size underflowed or ``max_steps`` was exceeded.
+        ODESolverError: the adaptive step size underflowed, ``max_steps`` was exceeded, or the
+            solution went NaN or inf from a finite start.
 
     >>> import torch
     >>> x1 = odeint(lambda x, t: -x, torch.ones(2, 1), (0.0, 1.0), method="rk4", steps=20)
@@ -85,15 +87,17 @@ def odeint(
     if method in TABLEAUS:
         if adjoint:
             raise ValueError("adjoint=True needs an adaptive method; fixed-step methods backpropagate directly")
-        return integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method])
+        return _finite_end(integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method]), method, steps)
     if method not in ADAPTIVE_METHODS:
         raise ValueError(
             f"unknown method {method!r}; fixed-step: {', '.join(TABLEAUS)}; adaptive: {', '.join(ADAPTIVE_METHODS)}"
         )
     if adjoint and not isinstance(f, nn.Module):
         raise ValueError("adjoint=True needs f to be an nn.Module (its parameters are what the adjoint differentiates)")
-    if x0.dim() < 1:
-        raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
+    x0 = check_start(x0)
+    check_real("atol", atol, positive=True)
+    check_real("rtol", rtol, positive=True)
+    max_steps = check_count("max_steps", max_steps)
     start = per_sample_time("t0", t_span[0], x0)
     span = per_sample_time("t1", t_span[1], x0) - start
     field = _UnitIntervalField(f, start, span, x0.dim() - 1)
@@ -122,4 +126,15 @@ def odeint(
                 "use a fixed-step method"
             ) from error
         raise
-    return path[-1]
+    return _finite_end(path[-1], method, steps)
+
+
+def _finite_end(x: Tensor, method: str, steps: int) -> Tensor:
+    """The end state, refused when it went non-finite from a finite start (when the process-wide scan is on)."""
+    if finite_checks_enabled() and not bool(torch.isfinite(x).all()):
+        hint = "an adaptive method or more steps" if method in TABLEAUS else "a smaller max step or a fixed-step method"
+        raise ODESolverError(
+            f"{method} ({steps} steps) reached NaN or inf from a finite start: the field blows up on this "
+            f"interval or the steps are too large for it; try {hint}"
+        )
+    return x
