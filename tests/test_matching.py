@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.matching import (
+    ConsistencyMatcher,
     CosinePath,
     ExactOTCoupling,
     FlowMatcher,
@@ -518,3 +519,68 @@ def test_traced_sampling_follows_parameter_updates_and_falls_back_where_a_trace_
     model.trace_fixed_steps = True
     model.rsample(4, steps=3).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_reflow_and_straightness_check_their_arguments_as_sampling_does() -> None:
+    flow = FlowMatcher(VelocityMLP(2, hidden=(8,)))
+    cases = [
+        (lambda: reflow_pairs(flow, 4, steps=2, batch_size=-1), ValueError, "batch_size must be a positive int"),
+        (lambda: reflow_pairs(flow, 4, guidance_scale=3.0), ValueError, "guidance needs a conditional model"),
+        (lambda: reflow_pairs(flow, 4, context=torch.randn(4, 3)), ValueError, "this model takes no context"),
+        (lambda: reflow_pairs(flow, 4, method="euler_ish"), ValueError, "method"),
+        (lambda: straightness(flow, 8, steps=0), ValueError, "steps must be a positive int"),
+        (lambda: straightness(flow, 8, steps=2.5), ValueError, "steps must be a positive int"),
+    ]
+    conditional = FlowMatcher(VelocityMLP(2, hidden=(8,), context=3))
+    cases += [
+        (lambda: reflow_pairs(conditional, 4), ValueError, "this model is conditional"),
+        (lambda: reflow_pairs(conditional, 4, context=torch.randn(3, 3)), ValueError, "one row per pair"),
+        (lambda: straightness(conditional, 2, context=torch.full((2, 3), math.nan)), ValueError, "NaN"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    x0, x1 = reflow_pairs(flow, 5, steps=2, batch_size=2)  # every row filled across uneven batches
+    assert x1.shape == (5, 2) and torch.isfinite(x1).all() and not torch.equal(x0, x1)
+
+
+def test_a_consistency_model_refuses_to_be_solved_as_an_ode() -> None:
+    model = ConsistencyMatcher(VelocityMLP(2, hidden=(8,)))
+    for call in (
+        lambda: model.sample_sde(4),
+        lambda: model.velocity_at(torch.randn(2, 2), 0.5),
+        lambda: reflow_pairs(model, 4),
+        lambda: straightness(model, 4),
+    ):
+        with pytest.raises(ValueError, match="it is not a velocity field"):
+            call()
+    assert model.sample(3, steps=2).shape == (3, 2)
+
+
+@pytest.mark.parametrize("path", [CosinePath(), LinearPath(sigma_min=0.05)])
+def test_consistency_distillation_refuses_a_teacher_on_another_path(path: AffinePath) -> None:
+    student = ConsistencyMatcher(VelocityMLP(2, hidden=(8,)))
+    teacher = FlowMatcher(VelocityMLP(2, hidden=(8,)), path)
+    calls = (lambda: student.distillation_loss(torch.randn(8, 2), teacher), lambda: student.distilled_from(teacher))
+    for call in calls:
+        with pytest.raises(ValueError, match="linear path with sigma_min = 0"):
+            call()
+
+
+def test_a_float64_network_samples_in_float64() -> None:
+    flow = FlowMatcher(VelocityMLP(2, hidden=(8,), context=3).double(), context_dropout=0.1)
+    context = torch.randn(2, 3, dtype=torch.float64)
+    assert flow.sample(4, context, steps=2, guidance_scale=2.0).dtype == torch.float64
+    assert flow.sample_sde(4, context, steps=2).dtype == torch.float64
+
+
+def test_seeded_sampling_is_the_same_whether_or_not_the_solve_was_just_traced() -> None:
+    """The second call with one signature traces the solve; its probes leave the caller's random state alone."""
+    flow = FlowMatcher(VelocityMLP(2, hidden=(8,)))
+    draws = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        draws.append((flow.sample(3, steps=4), torch.randn(1)))
+    for samples, after in draws[1:]:
+        torch.testing.assert_close(samples, draws[0][0])
+        assert torch.equal(after, draws[0][1])

@@ -319,7 +319,7 @@ def _outputs(model: nn.Module) -> list[torch.Tensor]:
     if isinstance(model, FlowMatcher):
         x = torch.randn(3, *event, dtype=torch.float64)
         t = torch.rand(3, dtype=torch.float64)
-        return [model.velocity_at(x, t, context, None), model.loss(x, context)]
+        return [model.velocity(x, t, context), model.loss(x, context)]  # the network itself (any family)
     x = torch.randn(3, *event, dtype=torch.float64) * 0.3 + 0.5
     return [model.log_prob(x, context)]
 

@@ -459,6 +459,9 @@ def load_model(
         expected: refuse a model that is not an instance of this class (``None``: any).
         map_location: device to move the model to.
 
+    The model comes back in training mode, as a freshly built module does (dropout active): call
+    ``.eval()`` before sampling or scoring with it.
+
     Raises :class:`~flowforge.errors.CheckpointError` for a missing, truncated, tampered or foreign
     checkpoint, a config that does not build, or weights that do not fit.
     """

@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from itertools import chain
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -78,8 +79,14 @@ def lognormal_interval_weights(times: Tensor, mean: float, std: float) -> Tensor
 
 
 def _check_teacher(teacher: object) -> None:
+    """A teacher is a flow whose ODE runs on the student's path: the linear one with sigma_min = 0."""
     if not isinstance(teacher, FlowMatcher) or isinstance(teacher, ConsistencyMatcher):
         raise TypeError(f"teacher must be a trained FlowMatcher (an ODE to follow), got {type(teacher).__name__}")
+    if type(teacher.path) is not LinearPath or teacher.path.sigma_min != 0:
+        raise ValueError(
+            f"the teacher's path is {teacher.path!r}: a consistency student follows the ODE of the linear path "
+            "with sigma_min = 0 (its network reads as a velocity of that path), so only such a teacher can teach it"
+        )
 
 
 @register("consistency")
@@ -210,11 +217,6 @@ class ConsistencyMatcher(FlowMatcher):
         the coupling, context size and context dropout default to the teacher's.
         """
         _check_teacher(teacher)
-        if type(teacher.path) is not LinearPath:
-            raise ValueError(
-                f"the teacher's path is {teacher.path!r}: a consistency student's network reads as a velocity "
-                "of the linear path, so only a linear-path teacher's network can start it"
-            )
         options = {
             "coupling": teacher.coupling,
             "event_shape": teacher.event_shape,
@@ -325,6 +327,24 @@ class ConsistencyMatcher(FlowMatcher):
             "a consistency model has no tractable density (its map from noise to data is not an ODE flow); "
             "use a FlowMatcher or MeanFlowMatcher for log_prob"
         )
+
+    def _no_velocity(self, what: str) -> NoReturn:
+        raise ValueError(
+            f"{what}: a consistency model's network maps a noisy point to the data end; it is not a velocity "
+            "field, so there is no ODE or SDE to solve with it; sample with sample(n, steps=k)"
+        )
+
+    def velocity_at(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Refused: the network is not a velocity (see :meth:`sampling_field`)."""
+        self._no_velocity("velocity_at")
+
+    def sample_sde(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Refused: there is no velocity, so no SDE with the ODE's marginals."""
+        self._no_velocity("sample_sde")
+
+    def sampling_field(self, *args: Any, **kwargs: Any) -> Callable[[Tensor, Tensor], Tensor]:
+        """Refused: an ODE solve (reflow pairs, straightness) would read :math:`F` as a velocity."""
+        self._no_velocity("an ODE solve")
 
     def extra_repr(self) -> str:
         return (

@@ -32,6 +32,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from itertools import chain
 from math import prod
 
 import torch
@@ -114,10 +115,15 @@ def _traced_solve(
 
 
 def _trace(solve: nn.Module, inputs: tuple[Tensor, ...]) -> Callable | None:
-    # Two probes: fresh noise, and the example mirrored (a branch on a sign flips on it).
-    probes = [(torch.randn_like(inputs[0]), *inputs[1:]), (-inputs[0], *inputs[1:])]
+    # Two probes: fresh noise, and the example mirrored (a branch on a sign flips on it). Tracing
+    # and probing leave the caller's random state as it was: a seeded sample is the same either way.
+    example = inputs[0]
+    generator = torch.Generator(device=example.device).manual_seed(0)
+    noise = torch.randn(example.shape, generator=generator, dtype=example.dtype, device=example.device)
+    probes = [(noise, *inputs[1:]), (-example, *inputs[1:])]
+    devices = [example.device] if example.device.type == "cuda" else []
     try:
-        with warnings.catch_warnings():
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings: the probes below are the real check
             traced = torch.jit.trace(solve, inputs, check_trace=False)
             faithful = all(torch.allclose(traced(*probe), solve(*probe), rtol=1e-5, atol=1e-6) for probe in probes)
@@ -243,6 +249,11 @@ class FlowMatcher(Rebuildable, nn.Module):
             raise ValueError("context_dropout needs a conditional model (context > 0)")
         self.context_dropout = float(context_dropout)
         self.null_context = nn.Parameter(torch.zeros(self.context_features)) if context_dropout else None
+        anchor = next((p for p in chain(velocity.parameters(), velocity.buffers()) if p.is_floating_point()), None)
+        if anchor is not None:  # the noise and the null context in the network's dtype and on its device
+            self.base.to(device=anchor.device, dtype=anchor.dtype)
+            if self.null_context is not None:
+                self.null_context.data = self.null_context.data.to(device=anchor.device, dtype=anchor.dtype)
 
     # ------------------------------------------------------------------ checks
     def _check(self, name: str, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None]:

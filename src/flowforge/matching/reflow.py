@@ -28,6 +28,20 @@ from torch import Tensor
 
 from flowforge.matching.functional import integrate
 from flowforge.matching.matcher import FlowMatcher
+from flowforge.validation import check_count, check_sample_count
+
+
+def _checked_draws(matcher: FlowMatcher, n: object, context: Tensor | None, row: str) -> tuple[int, Tensor | None]:
+    """``n`` draws and their context (one row per draw, checked and cast as the samplers check it)."""
+    if not isinstance(matcher, FlowMatcher):
+        raise TypeError(f"matcher must be a FlowMatcher, got {type(matcher).__name__}")
+    n = check_sample_count(n)
+    context = matcher._check_context(context)
+    if context is not None and context.shape[0] != n:
+        raise ValueError(
+            f"context must have one row per {row}: shape ({n}, {matcher.context_features}), got {tuple(context.shape)}"
+        )
+    return n, context
 
 
 @torch.no_grad()
@@ -50,8 +64,10 @@ def reflow_pairs(
         batch_size: pairs solved at once.
         guidance_scale: classifier-free guidance weight of the teacher.
     """
-    if context is not None and context.shape[0] != n:
-        raise ValueError(f"context must have one row per pair: shape ({n}, {matcher.context_features})")
+    n, context = _checked_draws(matcher, n, context, "pair")
+    batch_size = check_count("batch_size", batch_size)
+    matcher._check_solver(steps, method, 1e-5, 1e-5)
+    guidance_scale = matcher._check_guidance(guidance_scale, context)
     noise = matcher.base.sample(n)
     data = torch.empty_like(noise)
     for start in range(0, n, batch_size):
@@ -81,8 +97,8 @@ def straightness(
     >>> straightness(FlowMatcher(VelocityMLP(2, hidden=(8,))), n=16, steps=8) >= 0
     True
     """
-    if context is not None and context.shape[0] != n:
-        raise ValueError(f"context must have one row per trajectory: shape ({n}, {matcher.context_features})")
+    n, context = _checked_draws(matcher, n, context, "trajectory")
+    steps = check_count("steps", steps)
     field = matcher.sampling_field(context, None, "euler", steps)
     x = start = matcher.base.sample(n)
     h = 1.0 / steps
