@@ -158,3 +158,55 @@ def test_a_seed_out_of_range_is_refused_before_the_folder_is_made(tmp_path: Path
     with pytest.raises(ConfigError, match=r"seed = .*expected an integer in \[0, 4294967295\]"):
         collect(["reach-v3"], 1, tmp_path / "demos", seed=seed)
     assert not (tmp_path / "demos").exists()
+
+
+def _copy_of(reference: dict, tmp_path: Path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(reference["root"], root, symlinks=True)
+    return root
+
+
+def test_committed_episodes_without_their_record_are_refused_and_kept(reference: dict, tmp_path: Path) -> None:
+    """A folder whose info.json lists episodes its collection record does not (record lost, or
+    episodes added by another program) is refused: restarting or resuming it would delete data."""
+    root = _copy_of(reference, tmp_path)
+    record_path = root / "meta" / "collection.json"
+    record = json.loads(record_path.read_text())
+    record_path.unlink()
+    before = _files(root)
+    with pytest.raises(DataError, match="lists committed episodes, but .* is missing"):
+        collect(["push-v3"], 1, root, progress=False)
+    assert _files(root) == before
+    record_path.write_text(json.dumps({**record, "episodes": record["episodes"][:1]}))
+    with pytest.raises(DataError, match="records 1 episodes, but .*info.json lists 2"):
+        collect(TASKS, EPISODES, root, progress=False)
+    record_path.write_text(json.dumps({**record, "settings": None}))
+    with pytest.raises(DataError, match="not a collection record"):
+        collect(TASKS, EPISODES, root, progress=False)
+    _check_committed(root, EPISODES, reference)
+
+
+def test_a_second_collection_into_a_busy_folder_is_refused(reference: dict, tmp_path: Path) -> None:
+    from flowforge.utils.locks import exclusive_lock
+
+    root = _copy_of(reference, tmp_path)
+    with exclusive_lock(root / collect_module.LOCK), pytest.raises(DataError, match="another collection is writing"):
+        collect(TASKS, EPISODES + 1, root, progress=False)
+    _check_committed(root, EPISODES, reference)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"episodes": 1.5}, "episodes must be a positive int, got 1.5"),
+        ({"max_attempts_factor": 0}, "max_attempts_factor must be a positive int, got 0"),
+        ({"max_steps": 0}, r"max_steps must be an int in 1\.\.500, got 0"),
+        ({"size": 33.5, "images": True}, "size must be an int >= 8, got 33.5"),
+        ({"images": "yes"}, "images"),
+    ],
+)
+def test_bad_collection_settings_are_refused_before_the_folder_is_made(tmp_path: Path, setting, message) -> None:
+    settings = {"episodes": 1, **setting}
+    with pytest.raises((TypeError, ValueError), match=message):
+        collect(TASKS, root=tmp_path / "new", progress=False, **settings)
+    assert not (tmp_path / "new").exists()

@@ -251,6 +251,22 @@ def test_the_frame_cache_round_trips_every_frame_and_resumes(tmp_path: Path, mon
         FrameCache.build(EpisodeDataset(other), key, tmp_path)
 
 
+def test_a_frame_cache_cut_short_is_refused_then_rebuilt_whole(tmp_path: Path) -> None:
+    """Mapping a short array read-write would pad it with black frames; it is refused on open and
+    decoded again by the next build."""
+    import os
+
+    dataset = EpisodeDataset(FIXTURE)
+    key = "observation.images.wrist"
+    expected = torch.cat([dataset.camera_frames(e, key) for e in range(len(dataset.lengths))])
+    FrameCache.build(dataset, key, tmp_path)
+    frames = tmp_path / key / "frames.npy"
+    os.truncate(frames, frames.stat().st_size // 2)
+    with pytest.raises(DataError, match=r"frames\.npy is \d+ bytes, expected \d+ \(truncated or overwritten\)"):
+        FrameCache(tmp_path, key)
+    assert torch.equal(FrameCache.build(dataset, key, tmp_path).take(range(len(expected))), expected)
+
+
 def test_the_frame_cache_grows_with_a_data_set_that_gained_episodes(tmp_path: Path, monkeypatch) -> None:
     """A resumed collection appends episodes: the cache keeps what it decoded and decodes the rest,
     also when a kill left the grown array under the old record."""
@@ -289,7 +305,7 @@ def test_a_second_builder_of_one_frame_cache_waits_for_the_first(tmp_path: Path)
     import sys
     import time
 
-    from flowforge.data.frame_cache import _exclusive
+    from flowforge.utils.locks import exclusive_lock
 
     key = "observation.images.wrist"
     where = tmp_path / key
@@ -299,7 +315,7 @@ def test_a_second_builder_of_one_frame_cache_waits_for_the_first(tmp_path: Path)
         "from flowforge.data.frame_cache import FrameCache; print('building', flush=True); "
         "FrameCache.build(EpisodeDataset(sys.argv[1]), sys.argv[2], sys.argv[3])"
     )
-    with _exclusive(where / ".lock"):  # the first builder, still at work
+    with exclusive_lock(where / ".lock"):  # the first builder, still at work
         builder = subprocess.Popen(
             [sys.executable, "-c", code, str(FIXTURE), key, str(tmp_path)], stdout=subprocess.PIPE, text=True
         )

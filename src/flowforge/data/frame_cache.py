@@ -29,10 +29,9 @@ window). All three have ``take(index) -> (len(index), 3, H, W)`` uint8 and pickl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from torch import Tensor
 
 from flowforge.data.episodes import EpisodeDataset, decode_png, image_shape
 from flowforge.errors import DataError
+from flowforge.utils.locks import exclusive_lock
 
 CACHE_FORMAT = "flowforge-frame-cache"
 CACHE_VERSION = 1
@@ -72,23 +72,6 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created when missing): two processes that build one cache,
-    such as two training runs started together on one data set, take turns instead of racing."""
-    try:
-        import fcntl
-    except ImportError:  # no POSIX file locks on this system: builds of one cache must not overlap
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _extends(cached: Any, source: dict[str, Any]) -> bool:
     """Whether ``source`` is the cached data set with episodes appended (a resumed collection)."""
     if not isinstance(cached, dict) or not isinstance(cached.get("lengths"), list):
@@ -106,6 +89,9 @@ def _extend(
     The larger array is written beside the old one and renamed over it before the record changes;
     a process killed in between leaves the larger array under the old record, which the next call
     recognises by its shape and only records."""
+    old_shape = (int(sum(record["source"]["lengths"])), *record["source"]["shape"])
+    if frames_path.is_file() and all(_frames_file_problem(frames_path, s) for s in (old_shape, shape)):
+        frames_path.unlink()  # cut short or overwritten: nothing in it can be trusted; the build starts again
     if frames_path.is_file():
         frames = np.load(frames_path, mmap_mode="r")
         if frames.shape != shape:
@@ -120,6 +106,29 @@ def _extend(
     record = {**record, "source": source}
     _write_json(record_path, record)
     return record
+
+
+def _frames_file_problem(path: Path, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with the cache array ``path`` for frames of ``shape`` (``None``: nothing). Read
+    from its header and size, before it is mapped: mapping a short file read-write would extend it
+    with zeros (black frames), and read-only would fail with a bare error."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                found, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                found, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            offset = handle.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError) as error:
+        return f"not a readable array ({error})"
+    if tuple(found) != tuple(shape) or dtype != np.uint8:
+        return f"holds {dtype} {tuple(found)}, expected uint8 {tuple(shape)}"
+    expected = offset + int(np.prod(shape, dtype=np.int64))
+    if size != expected:
+        return f"is {size} bytes, expected {expected} (truncated or overwritten)"
+    return None
 
 
 class FrameCache:
@@ -148,6 +157,9 @@ class FrameCache:
                 "build it again to finish it"
             )
         self.shape = (int(sum(lengths)), *self.record["source"]["shape"])
+        problem = _frames_file_problem(self.folder / "frames.npy", self.shape)
+        if problem:
+            raise DataError(f"{self.folder / 'frames.npy'} {problem}; build the cache again")
         self._frames: np.ndarray | None = None
 
     @classmethod
@@ -158,7 +170,7 @@ class FrameCache:
         source = _source(dataset, feature)
         where = Path(folder) / feature
         where.mkdir(parents=True, exist_ok=True)
-        with _exclusive(where / ".lock"):
+        with exclusive_lock(where / ".lock"):
             cls._build(dataset, feature, source, where, progress)
         return cls(folder, feature)
 
@@ -183,16 +195,14 @@ class FrameCache:
                     f"{where} caches another data set (its {', '.join(differs) or 'record'} differ from "
                     f"{dataset.root}'s); remove it or choose another folder"
                 )
-            if not frames_path.is_file():
-                record = None  # the record outlived its array: start again
+            if not frames_path.is_file() or _frames_file_problem(frames_path, shape):
+                record = None  # the record outlived its array, or the array was cut short: start again
         if record is None:
             frames = np.lib.format.open_memmap(frames_path, mode="w+", dtype=np.uint8, shape=shape)
             record = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": source, "episodes": 0}
             _write_json(record_path, record)
         else:
-            frames = np.load(frames_path, mmap_mode="r+")
-            if frames.shape != shape or frames.dtype != np.uint8:
-                raise DataError(f"{frames_path}: holds {frames.dtype} {frames.shape}, expected uint8 {shape}")
+            frames = np.load(frames_path, mmap_mode="r+")  # checked above: its full size, shape and dtype
         starts = np.cumsum([0, *source["lengths"]])
         episodes = range(record["episodes"], len(source["lengths"]))
         for episode in tqdm(episodes, desc=f"cache {feature}", disable=not progress, leave=False):

@@ -46,7 +46,16 @@ from flowforge.data.episodes import decode_png, encode_png
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
 from flowforge.envs.episode import run_episode
-from flowforge.envs.metaworld import INSTRUCTIONS, ROBOT_STATE_DIM, TASK_SEED_STRIDE, MetaWorldEnv, check_cameras
+from flowforge.envs.metaworld import (
+    INSTRUCTIONS,
+    MAX_EPISODE_STEPS,
+    ROBOT_STATE_DIM,
+    TASK_SEED_STRIDE,
+    MetaWorldEnv,
+    check_cameras,
+)
+from flowforge.utils.locks import FolderBusy, exclusive_lock
+from flowforge.validation import check_bool, check_count
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
@@ -67,6 +76,8 @@ NUMERIC_FEATURES = (
 #: as ``observation.state``); a collection is resumed only in its own layout.
 LAYOUT = 2
 MARKER = ".flowforge-collection"
+#: Held by the collection writing the folder (a POSIX lock; the file stays, empty).
+LOCK = ".flowforge-collection.lock"
 """File written into a new folder before anything else: the folder is a collection in progress."""
 _PREVIOUS = ".meta-previous"  # the old metadata folder while ``meta`` is swapped by renames
 _NEXT_LINK = ".meta.next"  # the new link, renamed over ``meta`` at the commit point
@@ -303,7 +314,7 @@ def _only_temporary_files(folder: Path) -> bool:
     """Whether ``folder`` holds nothing but the temporary files (and their folders) a killed collection leaves."""
     for entry in folder.iterdir():
         if entry.is_symlink() or entry.is_file():
-            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            if not (entry.name.startswith(".") and entry.name.endswith(".tmp")) and entry.name != LOCK:
                 return False
         elif not _only_temporary_files(entry):
             return False
@@ -322,8 +333,18 @@ def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
             record = json.loads(state_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"{state_file}: not a readable collection record ({error})") from error
-        if not isinstance(record, dict) or not all(k in record for k in ("settings", "tasks", "episodes")):
-            raise DataError(f"{state_file}: not a collection record (needs settings, tasks, episodes)")
+        kinds = {"settings": dict, "tasks": dict, "episodes": list, "task_list": list}
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), kind) for k, kind in kinds.items()):
+            raise DataError(
+                f"{state_file}: not a collection record (needs settings and tasks (tables), episodes and "
+                "task_list (lists))"
+            )
+        committed = _committed_episodes(state_file.parent)
+        if committed is not None and committed != len(record["episodes"]):
+            raise DataError(
+                f"{state_file} records {len(record['episodes'])} episodes, but {state_file.parent / 'info.json'} "
+                f"lists {committed}: the folder was changed by another program; collect into a new folder"
+            )
         if record["settings"].get("layout") != settings["layout"]:
             raise DataError(
                 f"{root} was collected in an earlier layout (the 39-d state as observation.state); "
@@ -334,9 +355,23 @@ def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
         return record
     if root.exists() and not root.is_dir():
         raise DataError(f"{root} exists and is not a folder; choose an empty folder")
+    if _committed_episodes(meta):
+        raise DataError(
+            f"{meta / 'info.json'} lists committed episodes, but {state_file} (the collection record) is missing: "
+            "the folder was not written by a collection that can resume; collect into a new folder"
+        )
     if root.exists() and not (root / MARKER).is_file() and not _only_temporary_files(root):
         raise DataError(f"{root} exists and is not a collection to resume; choose an empty folder")
     return None
+
+
+def _committed_episodes(meta: Path) -> int | None:
+    """The episode count ``meta/info.json`` lists (``None`` when there is no readable count)."""
+    try:
+        count = json.loads((meta / "info.json").read_text()).get("total_episodes")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _clean(root: Path, committed: int) -> None:
@@ -386,11 +421,8 @@ def collect(
     ``{"attempted", "succeeded"}`` counts (the expert's success rate). Resumes an interrupted run.
 
     With ``images``, each frame stores the image of ``camera``, or of every one of ``cameras`` (MetaWorld
-    camera names, e.g. ``["corner", "gripperPOV"]``), as the feature ``observation.images.<camera>``."""
-    from tqdm.auto import tqdm
-
-    from flowforge.utils.progress import progress_enabled
-
+    camera names, e.g. ``["corner", "gripperPOV"]``), as the feature ``observation.images.<camera>``.
+    Two collections into one folder at once are refused: the second raises a :class:`DataError`."""
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of MetaWorld task names, got the string {tasks!r}")
     tasks = list(tasks)
@@ -399,10 +431,11 @@ def collect(
     for task in tasks:
         if task not in INSTRUCTIONS:
             raise ValueError(f"tasks: unknown MetaWorld task {task!r}; the v3 tasks are: {', '.join(INSTRUCTIONS)}")
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
-    if size < 8:
-        raise ValueError(f"size must be >= 8 pixels, got {size}")
+    episodes = check_count("episodes", episodes)
+    size = check_count("size", size, low=8)
+    max_steps = check_count("max_steps", max_steps, high=MAX_EPISODE_STEPS)
+    max_attempts_factor = check_count("max_attempts_factor", max_attempts_factor)
+    images = check_bool("images", images)
     check_seed("seed", seed)
     cameras = check_cameras([camera] if cameras is None else cameras)
     root = Path(root)
@@ -416,10 +449,35 @@ def collect(
     }
     if len(cameras) > 1:  # one camera keeps the settings of earlier collections, which then resume
         settings["cameras"] = cameras
-    record = _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
+    _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(root / LOCK, wait=False):
+            return _collect_locked(root, tasks, episodes, settings, cameras, max_attempts_factor, progress)
+    except FolderBusy:
+        raise DataError(
+            f"{root}: another collection is writing into this folder; wait for it to finish or choose another folder"
+        ) from None
+
+
+def _collect_locked(
+    root: Path,
+    tasks: list[str],
+    episodes: int,
+    settings: dict[str, Any],
+    cameras: list[str],
+    max_attempts_factor: int,
+    progress: bool | None,
+) -> dict[str, dict[str, int]]:
+    """:func:`collect`'s work, done while holding the folder's lock (the record is read again under it)."""
+    from tqdm.auto import tqdm
+
+    from flowforge.utils.progress import progress_enabled
+
+    images, size, seed, max_steps = settings["images"], settings["size"], settings["seed"], settings["max_steps"]
+    record = _open_folder(root, settings)
     rebuild = False
     if record is None:  # new, or started without a commit: begin again
-        root.mkdir(parents=True, exist_ok=True)
         if not (root / MARKER).is_file():
             _write_file(root / MARKER, (json.dumps({"settings": settings}) + "\n").encode(), "marker")
         _clean(root, 0)
