@@ -174,11 +174,11 @@ def test_committed_episodes_without_their_record_are_refused_and_kept(reference:
     record = json.loads(record_path.read_text())
     record_path.unlink()
     before = _files(root)
-    with pytest.raises(DataError, match="lists committed episodes, but .* is missing"):
+    with pytest.raises(DataError, match=r"lists committed episodes, but .* is missing"):
         collect(["push-v3"], 1, root, progress=False)
     assert _files(root) == before
     record_path.write_text(json.dumps({**record, "episodes": record["episodes"][:1]}))
-    with pytest.raises(DataError, match="records 1 episodes, but .*info.json lists 2"):
+    with pytest.raises(DataError, match=r"records 1 episodes, but .*info\.json lists 2"):
         collect(TASKS, EPISODES, root, progress=False)
     record_path.write_text(json.dumps({**record, "settings": None}))
     with pytest.raises(DataError, match="not a collection record"):
