@@ -12,6 +12,7 @@ standard fixes bit for bit, and swscale's yuv420p -> RGB24), so video frames mus
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -177,11 +178,34 @@ def test_a_timestamp_beyond_the_tolerance_names_the_file_and_feature(tmp_path: P
     assert np.array_equal(EpisodeDataset(copy)[7][TOP][0].numpy(), _lerobot(expected, "shared", TOP)[7])
     verify_dataset(copy)
     _set_column(copy / DATA, "timestamp", _shift(7, 1.5e-4))  # now 2e-4 s away from every frame
-    message = r"file-000\.mp4: feature 'observation\.images\.top', episode 1.*no frame within 0\.0001 s of 0\.7002"
-    EpisodeDataset(copy)[6]  # the rows before it still read
-    _expect_error(copy, 7, message)
+    # lerobot's timestamp sync check: each row one frame (0.1 s at 10 fps) after the one before, within 1e-4 s
+    message = r"file-000\.parquet, row 7: episode 1's timestamp .* is 0\.10\d+ s after the frame before; at 10 fps"
+    _expect_error(copy, 6, message)
     looser = EpisodeDataset(copy, tolerance_s=1e-3)[7][TOP][0]  # a wider tolerance takes the nearest frame
     assert np.array_equal(looser.numpy(), _lerobot(expected, "shared", TOP)[7])
+    verify_dataset(copy, tolerance_s=1e-3)
+
+
+def test_timestamps_that_do_not_follow_the_frame_rate_are_refused(tmp_path: Path) -> None:
+    """Every timestamp 0 would show one video frame for the whole episode."""
+    copy = _copy("shared", tmp_path)
+
+    def zeros(values: list) -> None:
+        values[:] = [0.0] * len(values)
+
+    _set_column(copy / DATA, "timestamp", zeros)
+    _expect_error(copy, 0, r"row 1: episode 0's timestamp 0\.0 is 0 s after the frame before; at 10 fps")
+
+
+def test_a_video_span_that_does_not_fit_the_episode_is_refused(tmp_path: Path) -> None:
+    """An edited from_timestamp would make an episode read another episode's frames."""
+    copy = _copy("shared", tmp_path)
+
+    def from_zero(values: list) -> None:
+        values[1] = 0.0
+
+    _set_column(copy / EPISODES, "videos/observation.images.top/from_timestamp", from_zero)
+    _expect_error(copy, 0, r"feature 'observation\.images\.top': from_timestamp 0\.0 \.\. to_timestamp .* spans")
 
 
 def test_an_episode_moved_in_its_video_is_refused(tmp_path: Path) -> None:
@@ -307,3 +331,41 @@ def test_statistics_of_other_data_and_an_emptied_task_table_are_refused(tmp_path
     parquet.write_table(table.slice(0, 0), copy / "meta" / "tasks.parquet")
     with pytest.raises(DataError, match=r"info\.json says total_tasks=\d+, the task table lists 0 tasks"):
         verify_dataset(copy)
+
+
+def test_values_the_declared_dtype_cannot_hold_are_refused(tmp_path: Path) -> None:
+    copy = _copy("shared", tmp_path)
+    info_path = copy / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.state"]["dtype"] = "int64"
+    info_path.write_text(json.dumps(info))
+    message = r"row 0 \(frame_index 0\): observation\.state\[0\] is 0\.18\d*, which info\.json's dtype int64"
+    _expect_error(copy, 0, message)
+
+
+def test_a_data_set_without_task_index_reads_every_frame(tmp_path: Path) -> None:
+    """The column is optional: each frame falls back to its episode's task (it used to end iteration at frame 1)."""
+    copy = _copy("shared", tmp_path)
+    info_path = copy / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    del info["features"]["task_index"]
+    info_path.write_text(json.dumps(info))
+    table = parquet.read_table(copy / DATA)
+    parquet.write_table(table.drop(["task_index"]), copy / DATA)
+    dataset = EpisodeDataset(copy)
+    items = list(dataset)
+    assert len(items) == len(dataset) and all(isinstance(item["task"], str) and item["task"] for item in items)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"obs_horizon": 2.5}, "obs_horizon must be"),
+        ({"action_horizon": 10**9}, "action_horizon must be an int in 1..1000"),
+        ({"cache_files": 0}, "cache_files must be a positive int"),
+        ({"tolerance_s": math.inf}, "tolerance_s must be a finite number > 0"),
+    ],
+)
+def test_bad_dataset_settings_are_refused_naming_them(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EpisodeDataset(FIXTURES / "shared", **setting)

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from flowforge.data.normalize import Normalizer
 from flowforge.errors import DataError
-from flowforge.validation import is_count
+from flowforge.validation import MAX_HORIZON, check_count, check_real, is_count
 
 EPISODE_COLUMNS = ("episode_index", "length", "data/chunk_index", "data/file_index")
 """The columns of ``meta/episodes`` this module needs (lerobot's table has more)."""
@@ -401,6 +401,13 @@ def read_episodes(root: str | Path, info: dict[str, Any]) -> list[dict[str, Any]
                     f"{file}, row {row}: feature {key!r}: from_timestamp {first!r} .. to_timestamp {last!r} "
                     "must be finite seconds, 0 <= from <= to"
                 )
+            span = entry["length"] / info["fps"]
+            if _is_int(entry["length"]) and abs((last - first) - span) >= 0.5 / info["fps"]:
+                raise DataError(
+                    f"{file}, row {row}: feature {key!r}: from_timestamp {first!r} .. to_timestamp {last!r} spans "
+                    f"{last - first:.6g} s; the episode's {entry['length']} frames at {info['fps']} fps take "
+                    f"{span:.6g} s"
+                )
     frames = sum(int(e["length"]) for e in episodes)
     if frames != info["total_frames"]:
         raise DataError(
@@ -476,6 +483,21 @@ def _numeric_column(
             f"{path}, row {row} (frame_index {frames[row]}): {name}{where} is {value} "
             f"({len(bad)} non-finite value(s) in that column); {kind} must be finite numbers"
         )
+    declared = numeric_dtype(dtype)
+    if declared is not None and declared.kind in "biu":  # integers stored as floats are read back exactly
+        flat = array.reshape(len(array), -1)
+        if declared.kind == "b":
+            fits = (flat == 0) | (flat == 1)
+        else:
+            limits = np.iinfo(declared)
+            fits = (flat == np.round(flat)) & (flat >= limits.min) & (flat <= limits.max)
+        if not fits.all():
+            row, element = (int(i) for i in np.argwhere(~fits)[0])
+            where = f"[{element}]" if array.ndim > 1 else ""
+            raise DataError(
+                f"{path}, row {row} (frame_index {frames[row]}): {name}{where} is {float(flat[row, element])!r}, which "
+                f"info.json's dtype {dtype} cannot hold"
+            )
     return array
 
 
@@ -493,12 +515,16 @@ def check_data_file(
     entries: list[dict[str, Any]],
     features: dict[str, Any],
     tasks: dict[int, str] | None = None,
+    fps: float | None = None,
+    tolerance_s: float = TOLERANCE_S,
 ) -> None:
     """Check the columns of one data file against the meta/episodes rows that point at it: the needed
     columns and one for every feature except videos, every numeric feature finite and of the shape
     info.json gives, strings, image bytes present, each episode's row count, its frame indices
     ``0 .. length-1`` in order, its global ``index`` range, no rows of other episodes and, given the
-    ``tasks`` table, every ``task_index`` in it and the episode's tasks as meta/episodes lists them."""
+    ``tasks`` table, every ``task_index`` in it and the episode's tasks as meta/episodes lists them;
+    given ``fps``, timestamps one frame (1/fps s, within ``tolerance_s``) apart, as lerobot checks
+    them (a video frame is found by its row's timestamp)."""
     missing = [c for c in FRAME_COLUMNS if c not in columns]
     missing += [k for k, f in features.items() if f.get("dtype") != "video" and k not in columns and k not in missing]
     if any(f.get("dtype") == "video" for f in features.values()) and "timestamp" not in columns:
@@ -540,6 +566,15 @@ def check_data_file(
                 raise DataError(
                     f"{path}, row {row}: episode {episode} has frame_index {frames[row]!r} where {expected} "
                     f"belongs (frame indices must run 0 .. {length - 1} in order)"
+                )
+        if fps is not None and "timestamp" in columns and len(rows) > 1:
+            steps = np.diff(np.asarray([columns["timestamp"][row] for row in rows], dtype=np.float64))
+            off = np.flatnonzero(np.abs(steps - 1.0 / fps) >= tolerance_s)
+            if len(off):
+                row = rows[int(off[0]) + 1]
+                raise DataError(
+                    f"{path}, row {row}: episode {episode}'s timestamp {columns['timestamp'][row]!r} is "
+                    f"{steps[off[0]]:.6g} s after the frame before; at {fps} fps frames are {1.0 / fps:.6g} s apart"
                 )
         index, first = columns.get("index"), entry.get("dataset_from_index")
         if index is not None and first is not None:
@@ -709,10 +744,10 @@ class EpisodeDataset(torch.utils.data.Dataset):
         cache_files: int = 8,
         tolerance_s: float = TOLERANCE_S,
     ) -> None:
-        if obs_horizon < 1 or action_horizon < 1:
-            raise ValueError(f"horizons must be >= 1, got {obs_horizon} and {action_horizon}")
-        if not tolerance_s > 0:
-            raise ValueError(f"tolerance_s must be > 0, got {tolerance_s}")
+        obs_horizon = check_count("obs_horizon", obs_horizon, high=MAX_HORIZON)
+        action_horizon = check_count("action_horizon", action_horizon, high=MAX_HORIZON)
+        cache_files = check_count("cache_files", cache_files)
+        tolerance_s = check_real("tolerance_s", tolerance_s, positive=True)
         self.root = Path(root)
         self.info = read_info(self.root)
         self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
@@ -758,7 +793,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             path = _data_path(self.root, entry, self.info)
             columns = _read_columns(path)
             entries = [e for e in self.episodes if (e["data/chunk_index"], e["data/file_index"]) == file_key]
-            check_data_file(path, columns, entries, self.features, self.tasks)
+            check_data_file(path, columns, entries, self.features, self.tasks, self.info["fps"], self.tolerance_s)
             self._cache[file_key] = columns
             if len(self._cache) > self.cache_files:
                 self._cache.popitem(last=False)
@@ -844,7 +879,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             "episode_index": int(self.episodes[episode]["episode_index"]),
             "frame_index": frame,
         }
-        task_index = columns.get("task_index", [None])[frame]
+        task_index = columns["task_index"][frame] if "task_index" in columns else None
         item["task"] = self.tasks.get(task_index, str((self.episodes[episode].get("tasks") or [""])[0]))
         for key, feature in self.features.items():
             if key in item:
@@ -933,7 +968,7 @@ def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
     for entries in files.values():
         path = _data_path(root, entries[0], info)
         columns = _read_columns(path)
-        check_data_file(path, columns, entries, features, tasks)
+        check_data_file(path, columns, entries, features, tasks, info["fps"], tolerance_s)
         for key, values in normalised.items():
             values.append(np.asarray(columns[key], dtype=np.float64).reshape(len(columns[key]), -1))
         for key, feature in features.items():
