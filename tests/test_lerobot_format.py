@@ -369,3 +369,23 @@ def test_a_data_set_without_task_index_reads_every_frame(tmp_path: Path) -> None
 def test_bad_dataset_settings_are_refused_naming_them(setting: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EpisodeDataset(FIXTURES / "shared", **setting)
+
+
+def test_training_refuses_statistics_of_other_data(tmp_path: Path) -> None:
+    """A policy normalises with stats.json: edited entries for its state or action are refused when
+    its training windows are read, naming the entry (they used to set the scale silently)."""
+    from flowforge.policy import PolicyConfig
+    from flowforge.policy.data import policy_tensors
+
+    config = PolicyConfig(horizon=4, n_action_steps=2, language=False, state_key="observation.state")
+    for key in ("observation.state", "action"):
+        copy = _copy("shared", tmp_path / key)
+        stats_path = copy / "meta" / "stats.json"
+        stats = json.loads(stats_path.read_text())
+        stats[key]["std"] = [100 * value for value in stats[key]["std"]]
+        stats_path.write_text(json.dumps(stats))
+        message = rf"stats\.json: '{key}'\['std'\]\[0\] is .*; the statistics belong to other data"
+        with pytest.raises(DataError, match=message):
+            policy_tensors(EpisodeDataset(copy, 1, 4), progress=False, config=config)
+    tensors, _ = policy_tensors(EpisodeDataset(FIXTURES / "shared", 1, 4), progress=False, config=config)
+    assert tensors["action"].shape[1:] == (4, 2)

@@ -60,3 +60,10 @@ def test_a_policy_checkpoint_with_the_old_normaliser_keys_still_loads() -> None:
     again.load_state_dict(legacy)
     torch.testing.assert_close(again.action_normalizer.scale, policy.action_normalizer.scale)
     torch.testing.assert_close(again.state_normalizer.shift, policy.state_normalizer.shift)
+
+
+def test_statistics_beyond_float32_are_refused() -> None:
+    """A mean of 1e39 would become a shift of inf in float32 buffers and every normalised value -inf."""
+    for stats in ({"mean": [1e39], "std": [1.0]}, {"mean": [0.0], "std": [1e39]}):
+        with pytest.raises(DataError, match=r"statistics too large for torch\.float32"):
+            Normalizer.from_statistics(stats)

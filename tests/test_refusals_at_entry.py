@@ -288,3 +288,21 @@ def test_a_policy_too_large_for_memory_is_refused_naming_its_size(monkeypatch: p
     message = r"\[policy\] width = 64, layers = 2, horizon = 4: a policy too large .* \(4\.0 GiB asked for one tensor\)"
     with pytest.raises(ConfigError, match=message):
         policy_runs.prepare_policy(config, dataset, progress=False)
+
+
+def test_a_derived_goal_needs_its_numbers_in_the_source_feature() -> None:
+    """A 20-number environment state has no numbers 36..38 to take the goal from: refused, not an empty goal."""
+    from types import SimpleNamespace
+
+    from flowforge.errors import ConfigError
+    from flowforge.policy import PolicyConfig
+    from flowforge.policy.data import check_observation_mode
+
+    features = {"observation.environment_state": {"dtype": "float32", "shape": [20]}, "action": {"shape": [4]}}
+    dataset = SimpleNamespace(features=features, root="short", camera_keys=[])
+    config = PolicyConfig(language=False, state_key="observation.environment_state", goal_key="observation.goal")
+    message = r"goal_key = 'observation.goal' is numbers 36\.\.38 of 'observation.environment_state'; short's"
+    with pytest.raises(ConfigError, match=message):
+        check_observation_mode(dataset, config)
+    features["observation.environment_state"]["shape"] = [39]
+    check_observation_mode(dataset, config)

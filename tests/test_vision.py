@@ -476,3 +476,7 @@ def test_a_frame_cache_under_a_file_is_refused_naming_the_setting(tmp_path: Path
     with pytest.raises(ConfigError, match=r"the frame cache beside root"):
         beside.cache_folder()
     assert PolicyDataConfig(root=str(tmp_path / "data"), frames="cache").cache_folder() == tmp_path / "data.frames"
+    with pytest.MonkeyPatch.context() as patch:  # a run started inside its data set (root = ".")
+        (tmp_path / "data").mkdir()
+        patch.chdir(tmp_path / "data")
+        assert PolicyDataConfig(root=".", frames="cache").cache_folder() == (tmp_path / "data.frames").resolve()

@@ -924,7 +924,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _check_stats_match(root: Path, key: str, stats: dict[str, Any], values: np.ndarray) -> None:
+def check_stats_match(root: Path, key: str, stats: dict[str, Any], values: np.ndarray) -> None:
     """meta/stats.json's min, max, mean and std of ``key`` against its values in the data files:
     policies normalise with them, so statistics of other data (or edited ones) would train silently
     on a wrong scale."""
@@ -986,7 +986,7 @@ def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
                     (start + float(columns["timestamp"][r]), entry["episode_index"], f) for f, r in enumerate(rows)
                 )
     for key, values in normalised.items():
-        _check_stats_match(root, key, stats[key], np.concatenate(values))
+        check_stats_match(root, key, stats[key], np.concatenate(values))
     for video, (key, wanted) in queries.items():
         times = _video_times(video, key, image_shape(features[key]))
         if not len(times):

@@ -78,6 +78,12 @@ class Normalizer(nn.Module):
             shift, scale = values["mean"], values["std"]
         else:
             shift, scale = (values["max"] + values["min"]) / 2, (values["max"] - values["min"]) / 2
+        limit = torch.finfo(self.shift.dtype).max  # the buffers' numbers: a larger statistic would become inf
+        if bool((shift.abs() > limit).any() or (scale.abs() > limit).any()):
+            raise DataError(
+                f"statistics too large for {self.shift.dtype} (at most {limit:.4g}): shift {shift.tolist()}, "
+                f"scale {scale.tolist()}"
+            )
         self.shift.copy_(shift)
         self.scale.copy_(scale.clamp_min(SCALE_FLOOR))
 

@@ -208,10 +208,12 @@ def integrate(
     t_span: tuple[float, float] = (0.0, 1.0),
     atol: float = 1e-5,
     rtol: float = 1e-5,
+    check_end: bool = True,
 ) -> Integration:
-    """Integrate ``dx/dt = field(x, t)`` over ``t_span`` with any flowforge solver; the end state and its NFE."""
+    """Integrate ``dx/dt = field(x, t)`` over ``t_span`` with any flowforge solver; the end state and
+    its NFE (``check_end``: as :func:`~flowforge.ode.odeint`)."""
     if method in TABLEAUS:
-        x = odeint(field, x0, t_span, method, steps)
+        x = odeint(field, x0, t_span, method, steps, check_end=check_end)
         return Integration(x, steps * len(TABLEAUS[method].b))
     check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
     calls = 0
@@ -221,7 +223,7 @@ def integrate(
         calls += 1
         return field(x, t)
 
-    x = odeint(counted, x0, t_span, method, steps, atol=atol, rtol=rtol)
+    x = odeint(counted, x0, t_span, method, steps, atol=atol, rtol=rtol, check_end=check_end)
     return Integration(x, calls)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from flowforge.data.episodes import EpisodeDataset
+from flowforge.data.episodes import EpisodeDataset, check_stats_match
 from flowforge.errors import ConfigError, DataError
 from flowforge.policy.config import DERIVED_FEATURES, PolicyConfig
 
@@ -71,8 +71,14 @@ def check_observation_mode(dataset: EpisodeDataset, config: PolicyConfig) -> Non
     for setting, key in (("state_key", config.state_key), ("goal_key", config.goal_key)):
         if key is None or key in dataset.features:
             continue
-        source = DERIVED_FEATURES.get(key, (None,))[0]
+        source, start, end = DERIVED_FEATURES.get(key, (None, 0, 0))
         if source is not None and source in dataset.features:
+            size = int(np.prod(dataset.features[source].get("shape", [0])))
+            if size < end:
+                raise ConfigError(
+                    f"{setting} = {key!r} is numbers {start}..{end - 1} of {source!r}; {dataset.root}'s "
+                    f"{source} has {size} numbers"
+                )
             continue
         derived = f" nor {source!r}, from which it is derived" if source is not None else ""
         older = (
@@ -145,9 +151,15 @@ def _windows(
     parts: dict[str, list[Tensor]] = {"state": [], "action": [], "action_is_pad": [], "task_index": []}
     parts.update({key: [] for key in image_features})
     observed_global = []
+    # The features whose stats.json entries normalise the policy: checked against the data read here.
+    state_keys = config.state_features if config is not None else [state_key]
+    normalised = {DERIVED_FEATURES.get(key, (key,))[0] for key in state_keys} | {"action"}
+    raw: dict[str, list[np.ndarray]] = {key: [] for key in sorted(normalised) if key in dataset.stats}
     for episode in tqdm(range(len(dataset.lengths)), desc="episodes", disable=not progress, leave=False):
         columns = dataset.episode_columns(episode)
         length = dataset.lengths[episode]
+        for key, values in raw.items():
+            values.append(np.asarray(columns[key], dtype=np.float64).reshape(length, -1))
         windows, observed = _episode_windows(columns, length, obs_h, act_h, config, state_key)
         for key, value in windows.items():
             parts[key].append(value)
@@ -158,6 +170,8 @@ def _windows(
         parts["task_index"].append(torch.full((length,), instructions.index(task), dtype=torch.long))
         for key, feature in image_features.items():
             parts[key].append(dataset.camera_frames(episode, feature)[observed])
+    for key, values in raw.items():
+        check_stats_match(dataset.root, key, dataset.stats[key], np.concatenate(values))
     return {key: torch.cat(values) for key, values in parts.items()}, instructions, torch.cat(observed_global)
 
 

@@ -274,7 +274,7 @@ class FlowHead(PolicyHead):
         if prefix is not None:  # the given actions start (and stay) as they are
             field = _PrefixField(field, prefix)
             start = torch.cat([prefix.actions[:, : prefix.length], start[:, prefix.length :]], dim=1)
-        return integrate(field, start, method=method, steps=steps)
+        return integrate(field, start, method=method, steps=steps, check_end=False)  # the policy checks its chunks
 
     def log_prob(
         self,
@@ -487,7 +487,7 @@ class ShortcutHead(FlowHead):
         def field(x: Tensor, t: Tensor) -> Tensor:
             return cache.denoise(x, t, torch.full_like(t, step))
 
-        return integrate(field, noise_scale * noise, method=method, steps=steps)
+        return integrate(field, noise_scale * noise, method=method, steps=steps, check_end=False)
 
     def log_prob(self, chunk: Tensor, cache: ExpertCache, **settings: Any) -> Tensor:
         """The likelihood of the instantaneous field (:math:`d = 0`), as :meth:`FlowHead.log_prob`."""

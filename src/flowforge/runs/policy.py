@@ -93,6 +93,10 @@ class PolicyDataConfig:
     def cache_folder(self) -> Path:
         """The frame cache folder: ``cache``, or ``<root>.frames`` beside the data set."""
         root = Path(self.root)
+        if root.name in ("", ".."):  # "." and ".." have no name to put ".frames" after: use the folder's own
+            root = root.resolve()
+        if not self.cache and not root.name:
+            raise ConfigError(f"[data] root = {self.root!r}: give the frame cache a folder (cache = ...)")
         folder = Path(self.cache) if self.cache else root.with_name(root.name + ".frames")
         if self.frames == "cache" and any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
             where = f"cache = {self.cache!r}" if self.cache else f"the frame cache beside root, {str(folder)!r},"
