@@ -223,3 +223,24 @@ def test_plot_class_grid_refuses_bad_inputs(samples, labels, message, tmp_path: 
     with pytest.raises(ValueError, match=message):
         plot_class_grid(samples, labels, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_covariances_and_classifier_sizes_that_are_not_what_they_claim_are_refused() -> None:
+    eye = torch.eye(2)
+    for cov, message in ((-eye, "positive semi-definite"), (torch.tensor([[1.0, 0.3], [0.0, 1.0]]), "symmetric")):
+        with pytest.raises(ValueError, match=message):
+            gaussian_frechet_distance(torch.zeros(2), cov, torch.zeros(2), eye)
+    for arguments, message in (
+        ({"shape": (1, 8.9, 8)}, r"shape must be \(C, H, W\) of positive ints"),
+        ({"shape": "188"}, r"shape must be \(C, H, W\) of positive ints"),
+        ({"levels": 2.5}, "levels must be an int >= 2, got 2.5"),
+        ({"classes": 2.5}, "classes must be an int >= 2"),
+        ({"hidden": True}, "hidden must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DigitsClassifier(**arguments)
+    classifier = DigitsClassifier()
+    samples = torch.rand(6, 1, 8, 8) * 16
+    one_hot = torch.nn.functional.one_hot(torch.arange(6) % 10, 10)  # integer one-hot rows
+    by_class = conditional_accuracy(classifier, samples, one_hot.argmax(1))
+    assert conditional_accuracy(classifier, samples, one_hot) == by_class

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from flowforge.checkpoint import load_model, save_model
 from flowforge.data import DIGIT_LEVELS, digits_images
 from flowforge.registry import Rebuildable, register
-from flowforge.validation import check_batched, check_count, model_dtype
+from flowforge.validation import check_batched, check_count, is_count, model_dtype
 
 DIGIT_CLASSES = 10
 
@@ -84,14 +84,13 @@ class DigitsClassifier(Rebuildable, nn.Module):
         levels: int = DIGIT_LEVELS,
     ) -> None:
         super().__init__()
+        if isinstance(shape, str) or not isinstance(shape, Sequence) or not all(is_count(s) for s in shape):
+            raise ValueError(f"shape must be (C, H, W) of positive ints, got {shape!r}")
         shape = tuple(int(s) for s in shape)
-        if len(shape) != 3 or min(shape) < 1 or shape[1] % 4 or shape[2] % 4:
+        if len(shape) != 3 or shape[1] % 4 or shape[2] % 4:
             raise ValueError(f"shape must be (C, H, W) with H and W divisible by 4, got {shape}")
-        if classes < 2 or channels < 1 or hidden < 1 or levels < 2:
-            raise ValueError(
-                "classes and levels must be >= 2 and channels, hidden >= 1, got "
-                f"classes={classes}, channels={channels}, hidden={hidden}, levels={levels}"
-            )
+        classes, levels = check_count("classes", classes, low=2), check_count("levels", levels, low=2)
+        channels, hidden = check_count("channels", channels), check_count("hidden", hidden)
         self.event_shape = shape
         self.classes, self.levels = int(classes), int(levels)
         wide = 2 * channels
@@ -254,8 +253,8 @@ def conditional_accuracy(
         raise ValueError("samples has 0 rows; the accuracy of nothing is undefined")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor of shape ({samples.shape[0]},), got {type(labels).__name__}")
-    if labels.dim() == 2 and labels.shape[1] == classifier.classes and labels.is_floating_point():
-        labels = labels.argmax(1)
+    if labels.dim() == 2 and labels.shape[1] == classifier.classes and not labels.is_complex():
+        labels = labels.argmax(1)  # one-hot rows, of any real dtype
     if labels.shape != (samples.shape[0],):
         raise ValueError(
             f"labels must have shape ({samples.shape[0]},) (one class per sample) or "
@@ -327,6 +326,15 @@ def gaussian_frechet_distance(mean_a: Any, cov_a: Any, mean_b: Any, cov_b: Any) 
     ):
         if d < 1 or value.shape != shape:
             raise ValueError(f"{name} must have shape {shape if d >= 1 else '(d,)'} (d from mean_a), got {value.shape}")
+    for name, sigma in (("cov_a", sigma_a), ("cov_b", sigma_b)):
+        scale = max(float(np.abs(sigma).max()), 1.0)
+        if not np.allclose(sigma, sigma.T, rtol=1e-6, atol=1e-9 * scale):
+            raise ValueError(f"{name} must be symmetric (a covariance); it differs from its transpose")
+        lowest = float(np.linalg.eigvalsh(sigma).min())
+        if lowest < -1e-8 * scale:
+            raise ValueError(
+                f"{name} must be positive semi-definite (a covariance); its smallest eigenvalue is {lowest:.6g}"
+            )
     root_a = _symmetric_sqrt(sigma_a)
     middle = root_a @ sigma_b @ root_a
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
