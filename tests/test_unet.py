@@ -178,3 +178,20 @@ def test_forward_mode_derivatives_match_finite_differences() -> None:
         eps = 1e-6
         central = (field(x + eps * tangent, t + eps, step) - field(x - eps * tangent, t - eps, step)) / (2 * eps)
     torch.testing.assert_close(derivative, central, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("network", ["velocity-mlp", "residual-velocity-mlp"])
+def test_the_vector_networks_refuse_a_context_they_do_not_take_and_integer_times(network: str) -> None:
+    """Called directly (not through a matcher's checks), a network neither drops a context nor
+    fails inside a matrix product."""
+    cls = registry.lookup("velocity", network)
+    x, t = torch.randn(3, 2), torch.rand(3)
+    with pytest.raises(ValueError, match="this network takes no context"):
+        cls(2)(x, t, torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"this network is conditional: pass a context of shape \(batch, 2\)"):
+        cls(2, context=2)(x, t)
+    with pytest.raises(ValueError, match=r"context must have shape \(batch, 2\)"):
+        cls(2, context=2)(x, t, torch.randn(3, 5))
+    with pytest.raises(TypeError, match="t must be a floating-point tensor"):
+        cls(2)(x, torch.zeros(3, dtype=torch.long))
+    assert cls(2, context=2)(x, t, torch.randn(3, 2)).shape == (3, 2)

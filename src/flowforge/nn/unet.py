@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowforge.nn.velocity import _TimeInputs
+from flowforge.nn.velocity import _TimeInputs, network_context
 from flowforge.registry import register
 from flowforge.validation import check_batched, check_count, check_real, describe_shape, is_count, model_dtype
 
@@ -235,15 +235,9 @@ class UNetVelocity(nn.Module):
         e = self.time_mlp(times[0])
         if self.step_mlp is not None:
             e = e + self.step_mlp(times[1])
-        if self.context_projection is not None:
-            if context is None:
-                raise ValueError(
-                    f"this network is conditional: pass a context of shape (batch, {self.context_features})"
-                )
-            context = check_batched("context", context, (self.context_features,), batch=x.shape[0], dtype=x.dtype)
+        context = network_context(context, self.context_features, x)
+        if context is not None:
             e = e + self.context_projection(context)
-        elif context is not None:
-            raise ValueError("this network takes no context (built with context=0); got one")
         return e
 
     def forward(

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
 from flowforge.registry import register
-from flowforge.validation import check_activation, check_bool, check_count, check_real, check_widths, is_count
+from flowforge.validation import (
+    check_activation,
+    check_batched,
+    check_bool,
+    check_count,
+    check_real,
+    check_widths,
+    is_count,
+)
 
 
 class SinusoidalTimeEmbedding(nn.Module):
@@ -68,6 +76,18 @@ def _check_sizes(features: object, context: object) -> tuple[int, int]:
     return check_count("features", features), check_count("context", context, low=0)
 
 
+def network_context(context: object, size: int, x: Tensor) -> Tensor | None:
+    """A velocity network's context: ``(batch, size)`` for a conditional network, ``None`` for one
+    built with ``context=0`` (shape and type only: the samplers call networks at every step)."""
+    if size:
+        if context is None:
+            raise ValueError(f"this network is conditional: pass a context of shape (batch, {size})")
+        return check_batched("context", context, (size,), batch=x.shape[0], dtype=x.dtype)
+    if context is not None:
+        raise ValueError("this network takes no context (built with context=0); got one")
+    return None
+
+
 class _TimeInputs(nn.Module):
     """The time (and optional step-size) features a velocity network sees, shared by both networks.
 
@@ -89,6 +109,8 @@ class _TimeInputs(nn.Module):
         if not isinstance(t, Tensor) or t.shape != (x.shape[0],):
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"t must have shape ({x.shape[0]},) (a tensor: one time per sample), got {shape}")
+        if not t.is_floating_point():
+            raise TypeError(f"t must be a floating-point tensor of times in [0, 1], got dtype {t.dtype}")
         times = [t if t.dtype == x.dtype else t.to(x.dtype)]
         if self.step_input:
             if step is None:
@@ -152,7 +174,7 @@ class VelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        context = context if self.context_features else None
+        context = network_context(context, self.context_features, x)
         return _run_layers(self.net, self.time_inputs.network_input(x, t, context, step))
 
     def time_conditioning(
@@ -267,7 +289,7 @@ class ResidualVelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        context = context if self.context_features else None
+        context = network_context(context, self.context_features, x)
         return self.output(self.blocks(self.input(self.time_inputs.network_input(x, t, context, step))))
 
 
