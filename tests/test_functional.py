@@ -145,3 +145,19 @@ def test_the_adaptive_mean_flow_weight_divides_each_rows_error_by_itself_held_fi
         torch.testing.assert_close(got, want)
     plain = mean_flow_loss(average_velocity, x0, x1, start, span, path, mask=mask)
     assert not torch.allclose(weighted, plain)
+
+
+def test_masked_mean_is_the_weighted_mean_for_any_weights_and_refuses_bad_ones() -> None:
+    values = torch.arange(4.0)
+    torch.testing.assert_close(masked_mean(values, weights=torch.full((4,), 0.1)), torch.tensor(1.5))
+    torch.testing.assert_close(masked_mean(values, weights=torch.tensor([0.0, 0.0, 0.0, 0.2])), torch.tensor(3.0))
+    assert masked_mean(values, mask=torch.zeros(4, dtype=torch.bool)) == 0  # nothing counted
+    for weights in (torch.tensor([1.0, 1.0, 1.0, -2.9]), torch.tensor([1.0, 1.0, 1.0, float("nan")])):
+        with pytest.raises(ValueError, match="weights must be finite numbers >= 0"):
+            masked_mean(values, weights=weights)
+
+
+def test_the_flow_matching_loss_refuses_times_outside_the_unit_interval() -> None:
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\].*got 5\.\.5"):
+        flow_matching_loss(lambda x, t: x, x, x, torch.full((4,), 5.0), LinearPath())

@@ -157,3 +157,36 @@ def test_negative_log_likelihood_refuses_non_finite_or_empty_data() -> None:
         negative_log_likelihood(flow, torch.zeros(0, 2))  # was a ZeroDivisionError
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         negative_log_likelihood(flow, torch.zeros(3, 2), batch_size=0)
+
+
+def test_bits_per_dim_and_the_nfe_curve_check_their_arguments() -> None:
+    import numpy as np
+
+    from flowforge.eval.metrics import bits_per_dim, quality_against_nfe
+    from flowforge.matching import FlowMatcher
+    from flowforge.nn import VelocityMLP
+
+    for call, message in (
+        (lambda: bits_per_dim(math.nan, 2), "nll_nats must be a finite number"),
+        (lambda: bits_per_dim(1.0, 1.5), "dims must be a positive int"),
+        (lambda: bits_per_dim(1.0, True), "dims must be a positive int"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=message):
+            call()
+    model = FlowMatcher(VelocityMLP(2, hidden=(8,)))
+    with pytest.raises(ValueError, match="there is no point to measure"):
+        quality_against_nfe(model, lambda x: 0.0, 8, steps=(), adaptive=None)
+    with pytest.raises(TypeError, match=r"metric must return a number, got '1\.0'"):
+        quality_against_nfe(model, lambda x: "1.0", 8, steps=(1,), adaptive=None)
+    points = quality_against_nfe(model, lambda x: torch.tensor(1.0), np.int64(8), steps=(np.int64(2),), adaptive=None)
+    assert [(p.nfe, p.value) for p in points] == [(2, 1.0)]
+
+
+def test_sde_sampling_reports_its_nfe() -> None:
+    from flowforge.matching import FlowMatcher
+    from flowforge.nn import VelocityMLP
+
+    model = FlowMatcher(VelocityMLP(2, hidden=(8,)))
+    model.sample(3, steps=4, method="rk4")
+    model.sample_sde(3, steps=7)
+    assert model.last_nfe == 7

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from flowforge.flows.base import Flow
-from flowforge.validation import is_count
+from flowforge.validation import MAX_SAMPLER_STEPS, check_count, check_real, check_sample_count, is_count
 
 
 @torch.no_grad()
@@ -61,9 +61,8 @@ def bits_per_dim(nll_nats: float, dims: int) -> float:
     >>> round(bits_per_dim(64 * math.log(2), 64), 6)
     1.0
     """
-    if dims < 1:
-        raise ValueError(f"dims must be >= 1, got {dims}")
-    return nll_nats / (dims * math.log(2))
+    dims = check_count("dims", dims)
+    return check_real("nll_nats", nll_nats) / (dims * math.log(2))
 
 
 def _as_samples(name: str, value: object, min_rows: int, flat: bool = True) -> Tensor:
@@ -227,12 +226,14 @@ def quality_against_nfe(
     from flowforge.matching import ConsistencyMatcher, FlowMatcher  # models sit below eval
     from flowforge.ode import ADAPTIVE_METHODS
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    n = check_sample_count(n)
     if isinstance(steps, str | bytes) or not isinstance(steps, Sequence):
         raise ValueError(f"steps must be a list of step counts, e.g. (1, 2, 4, 8, 16), got {steps!r}")
-    if not all(is_count(k) for k in steps):
-        raise ValueError(f"steps must hold positive ints, got {list(steps)!r}")
+    if not all(is_count(k, high=MAX_SAMPLER_STEPS) for k in steps):
+        raise ValueError(f"steps must hold ints in 1..{MAX_SAMPLER_STEPS}, got {list(steps)!r}")
+    steps = [int(k) for k in steps]
+    if not steps and adaptive is None:
+        raise ValueError("steps is empty and adaptive is None: there is no point to measure")
     if adaptive is not None and adaptive not in ADAPTIVE_METHODS:
         raise ValueError(f"adaptive = {adaptive!r} is not one of {', '.join(ADAPTIVE_METHODS)} (or None)")
     check_seed("seed", seed)
@@ -241,7 +242,12 @@ def quality_against_nfe(
     def measure(label: str, draw: Callable[[], Tensor]) -> None:
         torch.manual_seed(seed)
         samples = draw()
-        value = float(metric(samples))
+        value = metric(samples)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"metric must return a number, got {value!r} ({type(value).__name__}) at {label}")
+        value = float(value)
         if not math.isfinite(value):
             raise FloatingPointError(f"metric gave {value} for the samples at {label}: expected a finite number")
         points.append(NFEPoint(label, int(model.last_nfe), value))

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from flowforge.matching.matcher import FlowMatcher
 from flowforge.matching.paths import LinearPath, _expand
+from flowforge.matching.time import UniformTime
 from flowforge.registry import register
 from flowforge.validation import check_count, check_real, model_dtype
 
@@ -130,6 +131,11 @@ class ConsistencyMatcher(FlowMatcher):
         super().__init__(velocity, *args, **matcher_options)
         if type(self.path) is not LinearPath or self.path.sigma_min != 0:
             raise ValueError(f"a consistency model uses the linear path with sigma_min = 0; got path={self.path!r}")
+        if not isinstance(self.time_sampler, UniformTime):
+            raise ValueError(
+                f"time_sampler = {self.time_sampler!r}: a consistency model draws its times on its Karras grid, "
+                "weighted by time_mean and time_std; leave time_sampler out"
+            )
         self.total_steps = check_count("total_steps", total_steps)
         self.initial_intervals = check_count("initial_intervals", initial_intervals)
         self.final_intervals = check_count("final_intervals", final_intervals)
@@ -286,6 +292,8 @@ class ConsistencyMatcher(FlowMatcher):
         ``method`` must be ``"euler"`` (the only way this model steps) and ``guidance_scale``
         ``None``; ``atol``/``rtol`` are accepted for the common signature."""
         check_count("steps", steps)
+        check_real("atol", atol, positive=True)
+        check_real("rtol", rtol, positive=True)
         if method != "euler":
             raise ValueError(f"a consistency model samples by its own steps: method must be 'euler', got {method!r}")
         if guidance_scale is not None:

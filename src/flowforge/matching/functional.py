@@ -37,7 +37,7 @@ from torch import Tensor
 
 from flowforge.matching.paths import AffinePath
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint
-from flowforge.validation import check_choice
+from flowforge.validation import check_choice, finite_checks_enabled
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,9 @@ def flow_matching_loss(
         mask: which elements count (bool, a leading shape of the data); ``None``: all.
         weights: per-element weights (a leading shape of the data); ``None``: 1.
     """
+    if finite_checks_enabled() and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+        span = f"{float(t.min()):.6g}..{float(t.max()):.6g}"
+        raise ValueError(f"t must hold times in [0, 1] (t=0 noise, t=1 data), got {span}")
     x_t, target = path.sample(x0, x1, t)
     return masked_mean((velocity(x_t, t) - target).square(), mask, weights)
 
@@ -192,11 +195,14 @@ def masked_mean(values: Tensor, mask: Tensor | None = None, weights: Tensor | No
         return values.mean()
     scale = values.new_ones(())
     if weights is not None:
+        if finite_checks_enabled() and not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise ValueError("weights must be finite numbers >= 0 (NaN, inf or a negative weight found)")
         scale = _broadcast(weights.to(values.dtype), values, "weights")
     if mask is not None:
         scale = scale * _broadcast(mask, values, "mask").to(values.dtype)
     scale = scale.expand_as(values)
-    return (values * scale).sum() / scale.sum().clamp_min(1.0)
+    # Nothing counted: the numerator is 0 too, and the floor turns 0/0 into 0 (weights below 1 stay exact).
+    return (values * scale).sum() / scale.sum().clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def integrate(

@@ -498,6 +498,7 @@ class FlowMatcher(Rebuildable, nn.Module):
         x0, context, shape = self._noise_and_context(n, context)
         guidance_scale = self._check_guidance(guidance_scale, context)
         if x0.shape[0] == 0:
+            self.last_nfe = 0
             return x0.reshape(shape)
         path = self.path
 
@@ -511,7 +512,9 @@ class FlowMatcher(Rebuildable, nn.Module):
         def diffusion(x: Tensor, t: Tensor) -> Tensor:
             return noise_scale * _expand(path.schedule(t)[1], x)
 
-        return sdeint(drift, diffusion, x0, (0.0, 1.0), steps, generator=generator).reshape(shape)
+        x = sdeint(drift, diffusion, x0, (0.0, 1.0), steps, generator=generator)
+        self.last_nfe = steps  # one drift evaluation (one velocity) per step
+        return x.reshape(shape)
 
     # ------------------------------------------------------------------ likelihood
     def log_prob(
