@@ -555,6 +555,10 @@ def test_a_consistency_model_refuses_to_be_solved_as_an_ode() -> None:
         with pytest.raises(ValueError, match="it is not a velocity field"):
             call()
     assert model.sample(3, steps=2).shape == (3, 2)
+    with pytest.raises(ValueError, match="atol must be a finite number > 0"):
+        model.sample(3, atol=-1.0)
+    with pytest.raises(ValueError, match="draws its times on its Karras grid"):
+        ConsistencyMatcher(VelocityMLP(2, hidden=(8,)), time_sampler=LogitNormalTime())
 
 
 @pytest.mark.parametrize("path", [CosinePath(), LinearPath(sigma_min=0.05)])
