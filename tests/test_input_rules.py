@@ -391,7 +391,7 @@ def test_quality_against_nfe_checks_its_arguments_before_sampling() -> None:
 
     for options, message in (
         ({"steps": 4}, "steps must be a list of step counts"),
-        ({"steps": (1, 2.5)}, "steps must hold positive ints"),
+        ({"steps": (1, 2.5)}, "steps must hold ints in 1..1000"),
         ({"adaptive": "foo"}, "adaptive = 'foo' is not one of dopri5"),
         ({"seed": 2**70}, "seed = "),
     ):

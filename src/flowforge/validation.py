@@ -73,6 +73,16 @@ def checks(*, finite: bool) -> Iterator[None]:
         set_finite_checks(previous)
 
 
+def all_finite(value: Tensor) -> bool:
+    """Whether every entry of a floating-point tensor is finite: one sum when they are (a NaN or
+    inf makes the sum NaN or inf), an exact scan when the sum is not (it may only have overflowed)."""
+    if not value.is_floating_point() or value.numel() == 0:
+        return not value.is_complex() or bool(torch.isfinite(value).all())
+    if math.isfinite(float(value.detach().sum())):
+        return True
+    return bool(torch.isfinite(value).all())
+
+
 def describe_shape(shape: Sequence[int | str]) -> str:
     """Format a shape such as ``("batch", 3)`` as ``(batch, 3)``."""
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
@@ -117,7 +127,7 @@ def check_batched(
             f"that of {batch_of} ({batch}), got {value.shape[0]}"
         )
     check_floating(name, value)
-    if finite and _finite_checks and not bool(torch.isfinite(value).all()):
+    if finite and _finite_checks and not all_finite(value):
         bad = int((~torch.isfinite(value)).flatten(1).any(1).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or inf (first at batch index {bad}); expected finite values")
     return value if dtype is None else value.to(dtype)

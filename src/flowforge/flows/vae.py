@@ -115,6 +115,7 @@ from flowforge.transforms import (
 from flowforge.transforms.elementwise import soft_clamp
 from flowforge.validation import (
     MAX_LAYERS,
+    all_finite,
     check_activation,
     check_batched,
     check_choice,
@@ -144,7 +145,7 @@ def _check_latents(z: object, latent: int) -> None:
     if not isinstance(z, Tensor) or z.dim() < 1 or z.shape[-1] != latent:
         raise ValueError(f"z must have shape (..., {latent}), got {tuple(getattr(z, 'shape', ())) or type(z).__name__}")
     check_floating("z", z)
-    if finite_checks_enabled() and not bool(torch.isfinite(z).all()):
+    if finite_checks_enabled() and not all_finite(z):
         raise ValueError("z must be finite (NaN or inf found)")
 
 

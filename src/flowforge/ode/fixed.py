@@ -15,13 +15,22 @@ network ``f(x, t)`` is called with a time vector ``t`` of shape (batch,) on ever
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from flowforge.validation import check_batched, check_count, check_real, finite_checks_enabled
+from flowforge.errors import ODESolverError
+from flowforge.validation import (
+    all_finite,
+    check_batched,
+    check_count,
+    check_floating,
+    check_real,
+    finite_checks_enabled,
+)
 
 VelocityField = Callable[[Tensor, Tensor], Tensor]
 
@@ -62,14 +71,36 @@ TABLEAUS: dict[str, ButcherTableau] = {
 }
 
 
-def check_start(x0: object) -> Tensor:
-    """A solve's initial state: a floating-point tensor of shape (batch, ...), finite when the
-    process-wide scan is on."""
+def check_start(x0: object, finite: bool = True) -> Tensor:
+    """A solve's initial state: a floating-point tensor of shape (batch, ...), and finite (when
+    ``finite`` and the process-wide scan is on)."""
     if not isinstance(x0, Tensor):
         raise TypeError(f"x0 must be a torch.Tensor of shape (batch, ...), got {type(x0).__name__}")
     if x0.dim() < 1:
         raise ValueError("x0 must have a batch dimension: shape (batch, ...)")
-    return check_batched("x0", x0, x0.shape[1:], finite=True)
+    check_floating("x0", x0)
+    if finite and finite_checks_enabled() and not all_finite(x0):
+        check_batched("x0", x0, x0.shape[1:], finite=True)  # raises, naming the first bad row
+    return x0
+
+
+def _time(name: str, value: float | Tensor) -> float:
+    """A shared start or end time as a finite float (the common case, a Python float, costs one test)."""
+    if type(value) is float and math.isfinite(value):
+        return value
+    return check_real(name, value)
+
+
+def checked_end(x1: Tensor, x0: Tensor, solve: str, hint: str) -> Tensor:
+    """``x1``, refused when it is NaN or inf (when the process-wide scan is on): as the start's NaN
+    when the start holds one, else as a solve that blew up. One scan when all is well."""
+    if finite_checks_enabled() and not all_finite(x1):
+        check_start(x0)  # a NaN start is the caller's input: named as such
+        raise ODESolverError(
+            f"{solve} reached NaN or inf from a finite start: the field blows up on this "
+            f"interval or the steps are too large for it; try {hint}"
+        )
+    return x1
 
 
 def per_sample_time(name: str, value: float | Tensor, x: Tensor) -> Tensor:
@@ -84,7 +115,7 @@ def per_sample_time(name: str, value: float | Tensor, x: Tensor) -> Tensor:
         raise ValueError(
             f"{name} must be a scalar or a tensor of shape ({x.shape[0]},) (one time per sample), got {tuple(t.shape)}"
         )
-    if finite_checks_enabled() and not bool(torch.isfinite(t).all()):
+    if finite_checks_enabled() and not all_finite(t):
         raise ValueError(f"{name} must hold finite times, got NaN or inf")
     return t
 
@@ -96,15 +127,19 @@ def integrate_fixed(
     t1: float | Tensor,
     steps: int,
     tableau: ButcherTableau,
+    check_end: bool = True,
 ) -> Tensor:
     """Integrate ``dx/dt = f(x, t)`` from ``t0`` to ``t1`` in ``steps`` equal steps; return x(t1).
 
-    ``t1 < t0`` integrates backwards. ``f`` receives ``t`` of shape (batch,).
+    ``t1 < t0`` integrates backwards. ``f`` receives ``t`` of shape (batch,). A NaN/inf start, or
+    an end that went NaN/inf, raises (when the process-wide scan is on and ``check_end``; a caller
+    that checks its results in its own terms turns it off).
     """
     steps = check_count("steps", steps)
-    x0 = check_start(x0)
+    x0 = check_start(x0, finite=False)  # scanned with the end, once
     if _is_scalar(t0) and _is_scalar(t1):
-        return _integrate_shared_time(f, x0, check_real("t0", t0), check_real("t1", t1), steps, tableau)
+        x1 = _integrate_shared_time(f, x0, _time("t0", t0), _time("t1", t1), steps, tableau)
+        return checked_end(x1, x0, f"{tableau.name} ({steps} steps)", _FIXED_HINT) if check_end else x1
     start = per_sample_time("t0", t0, x0)
     h = (per_sample_time("t1", t1, x0) - start) / steps
     h_x = h.reshape(-1, *([1] * (x0.dim() - 1)))  # broadcast the step over the event dims
@@ -123,7 +158,10 @@ def integrate_fixed(
             if b_i != 0.0:
                 update = b_i * k_i if update is None else update + b_i * k_i
         x = x + h_x * update
-    return x
+    return checked_end(x, x0, f"{tableau.name} ({steps} steps)", _FIXED_HINT) if check_end else x
+
+
+_FIXED_HINT = "an adaptive method or more steps"
 
 
 def _is_scalar(value: float | Tensor) -> bool:

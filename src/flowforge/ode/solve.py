@@ -19,8 +19,8 @@ import torchdiffeq
 from torch import Tensor, nn
 
 from flowforge.errors import ODESolverError
-from flowforge.ode.fixed import TABLEAUS, VelocityField, check_start, integrate_fixed, per_sample_time
-from flowforge.validation import check_count, check_real, finite_checks_enabled
+from flowforge.ode.fixed import TABLEAUS, VelocityField, check_start, checked_end, integrate_fixed, per_sample_time
+from flowforge.validation import check_count, check_real
 
 #: Adaptive-step methods, solved by torchdiffeq.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -91,8 +91,7 @@ def odeint(
     if method in TABLEAUS:
         if adjoint:
             raise ValueError("adjoint=True needs an adaptive method; fixed-step methods backpropagate directly")
-        x1 = integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method])
-        return _finite_end(x1, method, steps) if check_end else x1
+        return integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method], check_end=check_end)
     if method not in ADAPTIVE_METHODS:
         raise ValueError(
             f"unknown method {method!r}; fixed-step: {', '.join(TABLEAUS)}; adaptive: {', '.join(ADAPTIVE_METHODS)}"
@@ -131,15 +130,6 @@ def odeint(
                 "use a fixed-step method"
             ) from error
         raise
-    return _finite_end(path[-1], method, steps) if check_end else path[-1]
-
-
-def _finite_end(x: Tensor, method: str, steps: int) -> Tensor:
-    """The end state, refused when it went non-finite from a finite start (when the process-wide scan is on)."""
-    if finite_checks_enabled() and not bool(torch.isfinite(x).all()):
-        hint = "an adaptive method or more steps" if method in TABLEAUS else "a smaller max step or a fixed-step method"
-        raise ODESolverError(
-            f"{method} ({steps} steps) reached NaN or inf from a finite start: the field blows up on this "
-            f"interval or the steps are too large for it; try {hint}"
-        )
-    return x
+    if not check_end:
+        return path[-1]
+    return checked_end(path[-1], x0, method, "tighter tolerances or a fixed-step method")

@@ -58,7 +58,7 @@ from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import ShiftedBetaTime, UniformTime
 from flowforge.policy.expert import ActionExpert, ExpertCache
 from flowforge.registry import register_class
-from flowforge.validation import MAX_SAMPLER_STEPS, check_choice, check_count, check_real, is_count
+from flowforge.validation import MAX_SAMPLER_STEPS, all_finite, check_choice, check_count, check_real, is_count
 
 #: The registry category of heads; ``policy.kind`` names one.
 HEAD_CATEGORY = "head"
@@ -122,7 +122,7 @@ def _check_float_tensor(name: str, value: Tensor, shape: tuple[int, ...]) -> Non
         raise ValueError(
             f"{name} must be floating-point of shape {tuple(shape)}, got {value.dtype} {tuple(value.shape)}"
         )
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise ValueError(f"{name} holds NaN or inf; expected finite actions")
 
 
