@@ -307,6 +307,7 @@ class FlowHead(PolicyHead):
             trace = "exact" if features <= EXACT_TRACE_LIMIT else "hutchinson"
         velocity = _ChunkVelocity(cache, chunk.shape[1:])
         transform = ContinuousFlowTransform(velocity, features, 0, trace, method, steps, atol, rtol)
+        transform.check_end = False  # the policy names the rows whose likelihood is not finite
         # Without an outer graph each step's divergence takes only its own Jacobian, and nothing is
         # kept across solver steps (with one, an exact trace at batch 64 held 24 GB).
         with torch.no_grad():

@@ -119,6 +119,9 @@ class ContinuousFlowTransform(Transform):
 
     #: number of velocity evaluations of the most recent solve (forward or inverse).
     last_nfe: int = 0
+    #: refuse a solve whose end went NaN or inf (:func:`~flowforge.ode.odeint`); a caller that
+    #: names the bad rows itself (a policy's chunk likelihood) sets it to False on its instance.
+    check_end: bool = True
 
     def _solve(self, x: Tensor, context: Tensor | None, t0: float, t1: float, regularize: bool = False) -> Tensor:
         """Integrate the augmented state from t0 to t1; returns the final state."""
@@ -146,6 +149,7 @@ class ContinuousFlowTransform(Transform):
             rtol=self.rtol,
             adjoint=self.adjoint,
             adjoint_tensors=(field.context,) if needs_grad else (),
+            check_end=self.check_end,
         )
         self.last_nfe = field.nfe
         return end
