@@ -306,3 +306,52 @@ def test_a_derived_goal_needs_its_numbers_in_the_source_feature() -> None:
         check_observation_mode(dataset, config)
     features["observation.environment_state"]["shape"] = [39]
     check_observation_mode(dataset, config)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.eval_every=5", r"\[train\] eval_every = 5: a policy run has no validation split"),
+        ("train.patience=2", r"patience = 2: patience needs eval_every >= 1"),
+        ("train.gradient_checkpointing=true", r"\[train\] gradient_checkpointing = true"),
+    ],
+)
+def test_trainer_settings_a_policy_run_cannot_use_are_refused(setting: str, message: str) -> None:
+    from flowforge.errors import ConfigError
+    from flowforge.runs.policy import parse_policy_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_policy_config('[data]\nroot = "data/x"\n', overrides=[setting])
+
+
+def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_path) -> None:
+    """Other [train] settings are refused before the data is read; a data set collected anew under
+    the same folder (other statistics) is refused by its fingerprint."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from flowforge.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "lerobot_v3" / "shared", data)
+    config = tmp_path / "policy.toml"
+    config.write_text(
+        f'[data]\nroot = "{data}"\n[policy]\nstate_key = "observation.state"\nlanguage = false\n'
+        "horizon = 4\nn_action_steps = 2\nwidth = 16\nlayers = 1\nheads = 2\n"
+        "[train]\nsteps = 4\nbatch_size = 4\nwarmup_steps = 0\ncheckpoint_every = 2\n"
+    )
+    run = tmp_path / "run"
+    train = ["policy", "train", str(config), "--out", str(run), "--no-progress"]
+    result = CliRunner().invoke(app, train)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*train, "--resume", "--set", "train.lr=0.5"])
+    assert result.exit_code == 2 and "metadata.policy_run.train.lr: 0.001 -> 0.5" in result.stderr, result.output
+    stats_path = data / "meta" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats["timestamp"]["max"] = [value + 1 for value in stats["timestamp"]["max"]]  # not a normaliser's
+    stats_path.write_text(json.dumps(stats))
+    result = CliRunner().invoke(app, [*train, "--resume"])
+    assert result.exit_code == 2 and "metadata.data_set.stats_sha256" in result.stderr, result.output

@@ -132,6 +132,22 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
         trainer.fit(resume=True)
 
 
+@pytest.mark.parametrize("step", [-5, 6, 1_000_000])
+def test_resume_refuses_an_edited_step_count(tmp_path: Path, step) -> None:
+    """A step outside 0..steps (or not an int) would train a finished run again, or never finish."""
+    import json
+
+    settings = TrainerConfig(steps=5, batch_size=8, warmup_steps=0, progress=False)
+    data = torch.randn(50, 2)
+    Trainer(RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), settings, data=data, directory=tmp_path).fit()
+    record = json.loads((tmp_path / "checkpoint.json").read_text())
+    record["trainer"]["state"]["step"] = step
+    (tmp_path / "checkpoint.json").write_text(json.dumps(record))
+    trainer = Trainer(RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), settings, data=data, directory=tmp_path)
+    with pytest.raises(CheckpointError, match=r"trainer\.state\.step = .*: expected an int in 0\.\.5"):
+        trainer.fit(resume=True)
+
+
 def test_resume_refuses_another_model_or_run_metadata_naming_the_setting(tmp_path: Path) -> None:
     data = torch.randn(50, 2)
 

@@ -248,9 +248,24 @@ def _run_folder(out: Path | None, config: Path, resume: bool) -> Path:
         raise ConfigError(
             f"--out {folder}: holds a trained run already; pass --resume to continue it, or give another folder"
         )
-    if (folder / "meta" / "info.json").is_file():
-        raise ConfigError(f"--out {folder}: is an episode data set; give a folder for the run")
+    data_set = _data_set_holding(folder)
+    if data_set is not None:
+        if data_set == folder.resolve():
+            raise ConfigError(f"--out {folder}: is an episode data set; give a folder for the run")
+        raise ConfigError(
+            f"--out {folder}: lies inside the episode data set {data_set}, which a collection rewrites; "
+            "give a folder outside it"
+        )
     return folder
+
+
+def _data_set_holding(path: Path) -> Path | None:
+    """The episode data set folder that is ``path`` or holds it (a collection rewrites its folders), else None."""
+    resolved = path.resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / "meta" / "info.json").is_file():
+            return folder
+    return None
 
 
 @app.command()
@@ -540,11 +555,13 @@ def policy_train(
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Train a policy (flow, hierarchical, mse or ddpm) on an episode data set."""
-    from flowforge.runs.policy import load_policy_config, prepare_policy_run
+    from flowforge.runs.policy import check_resume_tables, load_policy_config, prepare_policy_run
 
     extra = _overrides_with_progress(overrides, progress)
     run = load_policy_config(config, extra)
     directory = _run_folder(out, config, resume)
+    if resume:
+        check_resume_tables(run, directory)  # before the data set is read or a frame cache made
     prepared = prepare_policy_run(run, directory)
     _tell_if_nothing_to_resume(directory, resume)
     if resume:
@@ -597,6 +614,7 @@ def policy_eval(
 
     if out is not None:
         _output_path(out, "--out", (".json",))
+        _refuse_metadata_file(out, "--out")
     if video is not None:
         _output_path(video, "--video")
     if execution not in EXECUTIONS:
@@ -628,9 +646,25 @@ def policy_eval(
     )
     typer.echo(report.table())
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.to_dict(), indent=2))
+        from flowforge.checkpoint import write_atomic
+
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        except OSError as error:  # a full disk or a file-size limit: the earlier file is kept whole
+            raise ConfigError(f"--out {out}: cannot write the results ({error.strerror or error})") from error
         typer.echo(f"wrote {out}")
+
+
+def _refuse_metadata_file(path: Path, option: str) -> None:
+    """Refuse to write over a checkpoint's manifest or into a data set's metadata: results written
+    there would destroy the run or the data set they describe."""
+    resolved = path.resolve()
+    if resolved.name == "checkpoint.json" and resolved.is_file():
+        raise ConfigError(f"{option} {path}: is a checkpoint's manifest; write the results to another file")
+    data_set = _data_set_holding(path)
+    if data_set is not None:
+        raise ConfigError(f"{option} {path}: lies inside the episode data set {data_set}; write it elsewhere")
 
 
 def _name_list(option: str, text: str, allowed: Iterable[str], kind: str) -> list[str]:

@@ -24,6 +24,8 @@ policy from the ``config`` it records, with its normalisers and instruction embe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,22 @@ class PolicyRunConfig:
     def __post_init__(self) -> None:
         if not self.data.root:
             raise ConfigError("[data] root (the episode data set folder) is required")
+        # A policy run trains on every window: there is no validation split to evaluate or stop on.
+        if self.train.eval_every:
+            raise ConfigError(
+                f"[train] eval_every = {self.train.eval_every}: a policy run has no validation split; "
+                "evaluate with `flowforge policy eval` (leave eval_every at 0)"
+            )
+        if self.train.patience is not None:
+            raise ConfigError(
+                f"[train] patience = {self.train.patience}: early stopping needs a validation split, "
+                "which a policy run has not; leave patience out"
+            )
+        if self.train.gradient_checkpointing:
+            raise ConfigError(
+                "[train] gradient_checkpointing = true: it recomputes the layers of flow stacks; a policy's "
+                "transformer does not use it; leave it out"
+            )
         if self.distill.teacher and (self.policy.kind != "consistency" or self.policy.consistency_segments != 1):
             raise ConfigError(
                 f"[distill] teacher = {self.distill.teacher!r}: distillation trains a one-segment consistency "
@@ -303,7 +321,10 @@ def prepare_policy_run(config: PolicyRunConfig, directory: str | Path) -> Prepar
     policy, data = prepare_policy(
         config.policy, dataset, progress=progress, frames=config.data.frames, cache=config.data.cache_folder()
     )
-    metadata = {"policy_run": {"data": asdict(config.data), "train": asdict(config.train)}}
+    metadata = {
+        "policy_run": {"data": asdict(config.data), "train": asdict(config.train)},
+        "data_set": data_set_fingerprint(dataset),
+    }
     objective = PolicyObjective()
     if config.distill.teacher:
         teacher = _teacher_of(policy, config.distill.teacher)
@@ -319,6 +340,36 @@ def prepare_policy_run(config: PolicyRunConfig, directory: str | Path) -> Prepar
         workers=config.data.workers,
     )
     return PreparedPolicyRun(policy, data, trainer)
+
+
+def check_resume_tables(config: PolicyRunConfig, directory: str | Path) -> None:
+    """Refuse, before the data set is read (or a frame cache made), resuming ``directory``'s run with
+    other ``[data]`` or ``[train]`` settings; the trainer checks the rest once the policy is built."""
+    directory = Path(directory)
+    if not (directory / "checkpoint.json").is_file():
+        return
+    metadata = read_manifest(directory, training=True).get("metadata")
+    saved = metadata.get("policy_run") if isinstance(metadata, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"cannot resume {directory}: it was not written by `flowforge policy train`")
+    current = json.loads(json.dumps({"data": asdict(config.data), "train": asdict(config.train)}))
+    for table, settings in current.items():
+        before = saved.get(table) if isinstance(saved.get(table), dict) else {}
+        for key in sorted(set(before) | set(settings)):
+            if key != "progress" and before.get(key) != settings.get(key):
+                raise CheckpointError(
+                    f"cannot resume {directory}: the run was trained with other settings (metadata.policy_run."
+                    f"{table}.{key}: {before.get(key)!r} -> {settings.get(key)!r}); resume with the settings it "
+                    "was started with, or start a new run in another folder"
+                )
+
+
+def data_set_fingerprint(dataset: EpisodeDataset) -> dict[str, Any]:
+    """What a resumed run must find again in its data set: its size and the statistics the policy
+    normalises with (a SHA-256 of stats.json's content), so a data set collected anew under the same
+    folder name is refused, not trained on with the old normalisers."""
+    stats = json.dumps(dataset.stats, sort_keys=True).encode()
+    return {"episodes": len(dataset.lengths), "frames": len(dataset), "stats_sha256": hashlib.sha256(stats).hexdigest()}
 
 
 def train_policy(

@@ -292,7 +292,14 @@ def load_training_state(
         live = model.state_dict()
         ema.shadow = {k: v.to(live[k].device) for k, v in load_tensors(directory, "ema", manifest).items()}
     best = load_tensors(directory, "best", manifest) if "best" in manifest["files"] else None
-    return LoadedTrainingState(TrainingState(**trainer["state"]), best)
+    state = TrainingState(**trainer["state"])
+    steps, done = config.get("steps"), state.step
+    if isinstance(steps, int) and (isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= steps):
+        raise CheckpointError(
+            f"{directory / 'checkpoint.json'}: trainer.state.step = {done!r}: expected an int in 0..{steps} "
+            "(the run's steps); the checkpoint was edited"
+        )
+    return LoadedTrainingState(state, best)
 
 
 def _device_of(model: nn.Module) -> torch.device:
