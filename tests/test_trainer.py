@@ -143,7 +143,8 @@ def test_resume_refuses_an_edited_step_count(tmp_path: Path, step) -> None:
     record = json.loads((tmp_path / "checkpoint.json").read_text())
     record["trainer"]["state"]["step"] = step
     (tmp_path / "checkpoint.json").write_text(json.dumps(record))
-    trainer = Trainer(RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), settings, data=data, directory=tmp_path)
+    model = RealNVP(2, transforms=2, hidden=(8,))
+    trainer = Trainer(model, MaximumLikelihood(), settings, data=data, directory=tmp_path)
     with pytest.raises(CheckpointError, match=r"trainer\.state\.step = .*: expected an int in 0\.\.5"):
         trainer.fit(resume=True)
 
