@@ -189,3 +189,19 @@ def density_mass_2d(
     with torch.no_grad():
         total = sum(float(log_prob(chunk).exp().sum()) for chunk in grid.split(65536))
     return total * h * h
+
+
+def edit_checkpoint(directory, change: Callable[[dict], None]) -> None:
+    """Edit a checkpoint's manifest with ``change`` and save it again as flowforge would have written
+    it (the settings digest in the model file renewed): for tests of the checks behind that digest,
+    which a plain edit of checkpoint.json never reaches."""
+    import json
+    from pathlib import Path
+
+    from flowforge.checkpoint import save_checkpoint
+
+    directory = Path(directory)
+    manifest = json.loads((directory / "checkpoint.json").read_text())
+    groups = {group: load((directory / entry["file"]).read_bytes()) for group, entry in manifest["files"].items()}
+    change(manifest)
+    save_checkpoint(directory, groups, {k: v for k, v in manifest.items() if k not in ("format", "version", "files")})

@@ -25,6 +25,7 @@ from flowforge.checkpoint import (
 )
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Flow, RealNVP
 from flowforge.train.state import TrainingParts, TrainingState, rng_state, save_training_state
+from tests.invariants import edit_checkpoint
 
 RECIPES = [
     (RealNVP, {"features": 3, "context": 2, "transforms": 2, "hidden": (8,)}),
@@ -107,8 +108,11 @@ def test_loading_checks_the_class_and_the_shapes(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "realnvp" / "checkpoint.json").read_text())
     manifest["model"]["arguments"]["hidden"] = [7]  # the weights no longer fit the rebuilt flow
     (tmp_path / "realnvp" / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"its settings .* are not the ones model-.* was saved with"):
+        Flow.load(tmp_path / "realnvp")  # a plain edit: the settings digest in the model file differs
+    edit_checkpoint(tmp_path / "realnvp", lambda record: record["model"]["arguments"].__setitem__("hidden", [7]))
     with pytest.raises(CheckpointError, match="do not fit"):
-        Flow.load(tmp_path / "realnvp")
+        Flow.load(tmp_path / "realnvp")  # saved as flowforge would: the shapes are what disagrees
 
 
 def test_a_version_1_checkpoint_still_loads(tmp_path: Path) -> None:

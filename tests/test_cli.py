@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from flowforge import __version__
 from flowforge.cli import app
+from tests.invariants import edit_checkpoint
 
 runner = CliRunner()
 
@@ -517,9 +518,9 @@ def test_a_checkpoints_standardisation_is_checked_on_load(tmp_path: Path) -> Non
         (lambda stats: stats["std"].__setitem__(0, 0.0), "finite means and finite scales > 0"),
         (lambda stats: stats["mean"].pop(), "has mean [12] and std [13]; the model's points are [13]"),
     ):
-        changed = json.loads(json.dumps(manifest))
-        change(changed["metadata"]["standardizer"])
-        (run / "checkpoint.json").write_text(json.dumps(changed))
+        metadata = json.loads(json.dumps(manifest["metadata"]))
+        change(metadata["standardizer"])
+        edit_checkpoint(run, lambda record, metadata=metadata: record.__setitem__("metadata", metadata))
         result = CliRunner().invoke(app, ["sample", str(run), "-o", str(tmp_path / "s.npy")])
         assert result.exit_code == 2 and message in result.stderr, result.stderr
         assert not (tmp_path / "s.npy").exists()
@@ -759,10 +760,19 @@ def test_a_run_whose_saved_config_was_edited_is_refused_on_load(tmp_path: Path) 
         (("model", "kind", "realnvp"), "names a realnvp model; the saved model is a nice"),
         (("data", "standardize", True), "metadata.standardizer is missing, but the run config's data is standardised"),
     ]
-    for (table, key, value), message in edits:
-        record = json.loads(original)
-        record["metadata"]["run"][table][key] = value
-        (run / "checkpoint.json").write_text(json.dumps(record))
+    edited = json.loads(original)
+    edited["metadata"]["run"]["data"]["name"] = "wine"
+    (run / "checkpoint.json").write_text(json.dumps(edited))  # a plain edit: the settings digest differs
+    result = CliRunner().invoke(app, ["sample", str(run), "-n", "3", "--output", str(tmp_path / "s.csv")])
+    assert result.exit_code == 2 and "the manifest was edited" in result.stderr, result.output
+    for (table, key, value), message in edits:  # edits saved as flowforge would: the cross-checks behind it
+
+        def change(record: dict, table=table, key=key, value=value) -> None:
+            settings = json.loads(original)["metadata"]["run"]
+            settings[table][key] = value
+            record["metadata"]["run"] = settings
+
+        edit_checkpoint(run, change)
         for command in (["eval", str(run)], ["sample", str(run), "-n", "3", "--output", str(tmp_path / "s.csv")]):
             result = CliRunner().invoke(app, command)
             assert result.exit_code == 2 and "Traceback" not in result.output, result.output

@@ -347,6 +347,19 @@ def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_
     train = ["policy", "train", str(config), "--out", str(run), "--no-progress"]
     result = CliRunner().invoke(app, train)
     assert result.exit_code == 0, result.output
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited)
+    text = (edited / "checkpoint.json").read_text()
+    assert '"kind": "flow"' in text
+    (edited / "checkpoint.json").write_text(text.replace('"kind": "flow"', '"kind": "ddpm"', 1))
+    result = CliRunner().invoke(app, ["policy", "eval", str(edited), "--episodes", "1", "--max-steps", "2"])
+    assert result.exit_code == 2 and "the manifest was edited" in result.stderr, result.output
+    for out, message in ((run / "checkpoint.json", "is a checkpoint's manifest"), (data / "r.json", "lies inside")):
+        result = CliRunner().invoke(app, ["policy", "eval", str(run), "--episodes", "1", "--out", str(out)])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert (run / "checkpoint.json").read_text().startswith("{") and not (data / "r.json").exists()
+    result = CliRunner().invoke(app, ["policy", "train", str(config), "--out", str(data / "meta" / "run")])
+    assert result.exit_code == 2 and "lies inside the episode data set" in result.stderr, result.output
     result = CliRunner().invoke(app, [*train, "--resume", "--set", "train.lr=0.5"])
     assert result.exit_code == 2 and "metadata.policy_run.train.lr: 0.001 -> 0.5" in result.stderr, result.output
     stats_path = data / "meta" / "stats.json"

@@ -135,14 +135,19 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize("step", [-5, 6, 1_000_000])
 def test_resume_refuses_an_edited_step_count(tmp_path: Path, step) -> None:
     """A step outside 0..steps (or not an int) would train a finished run again, or never finish."""
-    import json
+    from tests.invariants import edit_checkpoint
 
     settings = TrainerConfig(steps=5, batch_size=8, warmup_steps=0, progress=False)
     data = torch.randn(50, 2)
     Trainer(RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), settings, data=data, directory=tmp_path).fit()
-    record = json.loads((tmp_path / "checkpoint.json").read_text())
-    record["trainer"]["state"]["step"] = step
-    (tmp_path / "checkpoint.json").write_text(json.dumps(record))
+    (tmp_path / "checkpoint.json").write_text(
+        (tmp_path / "checkpoint.json").read_text().replace('"step": 5,', f'"step": {step},', 1)
+    )
+    with pytest.raises(CheckpointError, match="the manifest was edited"):  # a plain edit
+        Trainer(
+            RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), settings, data=data, directory=tmp_path
+        ).fit(resume=True)
+    edit_checkpoint(tmp_path, lambda record: record["trainer"]["state"].__setitem__("step", step))  # saved anew
     model = RealNVP(2, transforms=2, hidden=(8,))
     trainer = Trainer(model, MaximumLikelihood(), settings, data=data, directory=tmp_path)
     with pytest.raises(CheckpointError, match=r"trainer\.state\.step = .*: expected an int in 0\.\.5"):

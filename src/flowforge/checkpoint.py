@@ -155,8 +155,12 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory)
     files = {}
+    # The settings the weights were saved with travel inside the model's tensor file (hashed with
+    # it), so an edit of checkpoint.json that would rebuild another model is refused on load.
+    described = {_SETTINGS_DIGEST: settings_digest(json.loads(json.dumps(manifest, allow_nan=True)))}
     for group, tensors in tensor_files.items():
-        data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        metadata = described if group == "model" else None
+        data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
         digest = hashlib.sha256(data).hexdigest()
         name = f"{group}-{digest[:16]}.safetensors"
         target = directory / name
@@ -170,6 +174,30 @@ def save_checkpoint(
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return directory
+
+
+#: The key, in the model tensor file's safetensors metadata, of the SHA-256 of the manifest's settings.
+_SETTINGS_DIGEST = "flowforge_settings_sha256"
+#: The manifest entries that describe what the weights are (the file list and format aside).
+_SETTINGS = ("model", "class", "config", "dtype", "metadata", "trainer_config", "trainer")
+
+
+def settings_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest entries that describe the weights (model config, dtype, run metadata,
+    trainer config and state), as they read back from JSON."""
+    described = {key: manifest[key] for key in _SETTINGS if key in manifest}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def _saved_digest(data: bytes) -> str | None:
+    """The settings digest in a safetensors file's metadata (``None`` in files written before it)."""
+    try:
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + length])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata.get(_SETTINGS_DIGEST) if isinstance(metadata, dict) else None
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
@@ -403,6 +431,12 @@ def _verified_bytes(directory: Path, group: Any, manifest: dict[str, Any] | None
         raise CheckpointError(f"{path} cannot be read ({error})") from error
     if hashlib.sha256(data).hexdigest() != entry["sha256"].lower():
         raise CheckpointError(f"{path} does not match its recorded SHA-256: the file is truncated or was modified")
+    saved = _saved_digest(data) if group == "model" and manifest.get("version") != 1 else None
+    if saved is not None and saved != settings_digest(manifest):
+        raise CheckpointError(
+            f"{where}: its settings (model config, dtype, run metadata or trainer state) are not the ones "
+            f"{path.name} was saved with: the manifest was edited; retrain, or restore the original file"
+        )
     return data, path
 
 
