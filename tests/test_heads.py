@@ -49,10 +49,11 @@ def _policy(kind: str, seed: int = 0, **changes) -> ChunkPolicy:
         language=True,
         instructions=["reach", "push", "open"],
         keyframe_stride=2,
-        diffusion_steps=12,
-        inference_steps=4,
-        sampling_steps=5,
     )
+    if kind == "ddpm":  # each head is given only the settings it reads (the others refuse theirs)
+        settings.update(diffusion_steps=12, inference_steps=4)
+    elif kind != "mse":
+        settings.update(sampling_steps=5)
     settings.update(changes)
     torch.manual_seed(seed)
     policy = ChunkPolicy(PolicyConfig(**settings))

@@ -43,9 +43,9 @@ def _config(kind: str = "flow", image: bool = False, **changes) -> PolicyConfig:
         language=True,
         instructions=INSTRUCTIONS,
         keyframe_stride=4,
-        diffusion_steps=20,
-        inference_steps=5,
     )
+    if kind == "ddpm":  # the baseline's own settings (other heads refuse them)
+        settings.update(diffusion_steps=20, inference_steps=5)
     settings.update(changes)
     return PolicyConfig(**settings)
 

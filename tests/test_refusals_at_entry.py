@@ -334,6 +334,7 @@ def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_
     from typer.testing import CliRunner
 
     from flowforge.cli import app
+    from tests.invariants import edit_checkpoint
 
     data = tmp_path / "data"
     shutil.copytree(Path(__file__).parent / "fixtures" / "lerobot_v3" / "shared", data)
@@ -360,6 +361,11 @@ def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_
     assert (run / "checkpoint.json").read_text().startswith("{") and not (data / "r.json").exists()
     result = CliRunner().invoke(app, ["policy", "train", str(config), "--out", str(data / "meta" / "run")])
     assert result.exit_code == 2 and "lies inside the episode data set" in result.stderr, result.output
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial)
+    edit_checkpoint(partial, lambda record: record["trainer"]["state"].__setitem__("step", 2))
+    result = CliRunner().invoke(app, ["policy", "eval", str(partial), "--episodes", "1"])
+    assert f"note: {partial} is a run stopped at step 2 of 4" in result.stderr, result.output
     result = CliRunner().invoke(app, [*train, "--resume", "--set", "train.lr=0.5"])
     assert result.exit_code == 2 and "metadata.policy_run.train.lr: 0.001 -> 0.5" in result.stderr, result.output
     stats_path = data / "meta" / "stats.json"
@@ -368,3 +374,21 @@ def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_
     stats_path.write_text(json.dumps(stats))
     result = CliRunner().invoke(app, [*train, "--resume"])
     assert result.exit_code == 2 and "metadata.data_set.stats_sha256" in result.stderr, result.output
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ('kind = "mse"\nnoise_scale = 0.2', r"\[policy\] noise_scale = 0\.2: kind = 'mse' does not use it"),
+        ('kind = "ddpm"\nsampling_steps = 50', r"\[policy\] sampling_steps = 50: kind = 'ddpm' does not use it"),
+        ('kind = "flow"\ninference_steps = 5', r"\[policy\] inference_steps = 5: kind = 'flow' does not use it"),
+    ],
+)
+def test_a_run_config_refuses_settings_its_head_would_ignore(settings: str, message: str) -> None:
+    from flowforge.errors import ConfigError
+    from flowforge.runs.policy import parse_policy_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_policy_config(f'[data]\nroot = "data/x"\n[policy]\n{settings}\n')
+    parse_policy_config('[data]\nroot = "data/x"\n[policy]\nkind = "flow"\ndiffusion_steps = 100\n')  # the default
+    parse_policy_config('[data]\nroot = "data/x"\n[policy]\nkind = "ddpm"\ndiffusion_steps = 7\ninference_steps = 3\n')

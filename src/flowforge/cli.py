@@ -622,6 +622,7 @@ def policy_eval(
     delay_steps = _delay_option(delay)
     names = None if tasks is None else _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     policy = load_policy(checkpoint)
+    _tell_if_unfinished(checkpoint)
     config = policy.policy_config
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
     try:
@@ -665,6 +666,24 @@ def _refuse_metadata_file(path: Path, option: str) -> None:
     data_set = _data_set_holding(path)
     if data_set is not None:
         raise ConfigError(f"{option} {path}: lies inside the episode data set {data_set}; write it elsewhere")
+
+
+def _tell_if_unfinished(folder: Path) -> None:
+    """Say on stderr when a run stopped before its last step is evaluated (a killed or running
+    training): its weights are the last checkpoint's, not the moving average a finished run keeps."""
+    from flowforge.checkpoint import read_manifest
+
+    manifest = read_manifest(folder)
+    state = manifest.get("trainer", {}).get("state", {}) if isinstance(manifest.get("trainer"), dict) else {}
+    config = manifest.get("trainer_config") if isinstance(manifest.get("trainer_config"), dict) else {}
+    step, steps = state.get("step"), config.get("steps")
+    if isinstance(step, int) and isinstance(steps, int) and step < steps:
+        average = " (not the moving average a finished run keeps)" if config.get("ema_decay") else ""
+        typer.echo(
+            f"note: {folder} is a run stopped at step {step} of {steps}; its last checkpoint's weights{average} "
+            "are evaluated",
+            err=True,
+        )
 
 
 def _name_list(option: str, text: str, allowed: Iterable[str], kind: str) -> list[str]:

@@ -8,7 +8,7 @@ value fails with the key's name before any model exists.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from flowforge.config import check_choice, check_integer, check_range
 from flowforge.errors import ConfigError
@@ -30,6 +30,11 @@ GOAL_KEY = "observation.goal"
 #: 18-35, goal 36-38).
 DERIVED_FEATURES = {GOAL_KEY: ("observation.environment_state", 36, 39)}
 _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+#: Settings only the DDPM baseline reads, and the sampling settings only flow heads read.
+DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
+FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
 
 
 @register("policy-config", "config")
@@ -252,7 +257,7 @@ class PolicyConfig:
             raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay}: training-time RTC is for kind = 'flow'")
         check_integer("diffusion_steps", self.diffusion_steps)
         check_integer("inference_steps", self.inference_steps)
-        if self.inference_steps > self.diffusion_steps:
+        if self.kind == "ddpm" and self.inference_steps > self.diffusion_steps:
             raise ConfigError(
                 f"inference_steps = {self.inference_steps}: expected at most diffusion_steps = {self.diffusion_steps}"
             )
@@ -312,4 +317,30 @@ class PolicyConfig:
             )
 
 
-__all__ = ["DERIVED_FEATURES", "GOAL_KEY", "STATE_KEYS", "PolicyConfig"]
+def check_used_settings(config: PolicyConfig, source: str = "config") -> None:
+    """Refuse a head's own settings given to a head that would ignore them (a temperature for the
+    MSE baseline, DDIM steps for a flow): a run config says what its policy does. Checked where run
+    configs enter (saved policies of earlier releases, which carry such defaults, still load)."""
+    defaults = {f.name: f.default for f in fields(config)}
+    unused = []
+    if config.kind != "ddpm":
+        unused += [(name, "the DDPM baseline") for name in DDPM_SETTINGS]
+    if config.kind in ("mse", "ddpm"):
+        unused += [(name, "the flow heads") for name in FLOW_SAMPLING_SETTINGS]
+    for name, user in unused:
+        if getattr(config, name) != defaults[name]:
+            raise ConfigError(
+                f"{source}: [policy] {name} = {getattr(config, name)!r}: kind = {config.kind!r} does not use it "
+                f"(it is for {user}); leave it out"
+            )
+
+
+__all__ = [
+    "DDPM_SETTINGS",
+    "DERIVED_FEATURES",
+    "FLOW_SAMPLING_SETTINGS",
+    "GOAL_KEY",
+    "STATE_KEYS",
+    "PolicyConfig",
+    "check_used_settings",
+]

@@ -843,7 +843,7 @@ class DiffusionHead(PolicyHead):
         if method == "ddpm" and given and steps != config.diffusion_steps:
             raise ValueError(
                 f"steps = {steps!r}: DDPM sampling runs every one of the {config.diffusion_steps} training steps; "
-                "use method='ddim' for fewer"
+                "use the DDIM sampler for fewer (method='ddim', or sampler = 'ddim' in the policy config)"
             )
         return Sampling(config.diffusion_steps if method == "ddpm" else int(steps), method, 1.0)
 

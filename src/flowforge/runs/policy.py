@@ -45,6 +45,7 @@ from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError, is_out_of_memory, memory_asked
 from flowforge.policy import POLICY_KINDS, build_policy
+from flowforge.policy.config import check_used_settings
 from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
     CAMERA_PREFIX,
@@ -218,7 +219,9 @@ def _policy_run_config(document: dict[str, Any], source: str) -> PolicyRunConfig
             f"{source}: [policy] {given[0]} = {table[given[0]]!r}: a policy run takes {given[0]} from its data "
             "set; leave it out"
         )
-    return build_config(PolicyRunConfig, document, source)
+    run = build_config(PolicyRunConfig, document, source)
+    check_used_settings(run.policy, source)
+    return run
 
 
 def prepare_policy(
