@@ -78,7 +78,9 @@ def test_an_interrupted_collection_resumes(tmp_path: Path) -> None:
     seeds = [json.loads((tmp_path / "meta" / "collection.json").read_text())["episodes"][i]["seed"] for i in (0, 1)]
     assert seeds[0] != seeds[1]
     assert len(EpisodeDataset(tmp_path)) == json.loads((tmp_path / "meta" / "info.json").read_text())["total_frames"]
-    with pytest.raises(DataError, match="resume with the same settings"):
+    with pytest.raises(
+        DataError, match=r"collected with other settings: images False \(now True\); resume with the same settings"
+    ):
         collect(["reach-v3"], 3, tmp_path, images=True, progress=False)
 
 

@@ -351,7 +351,13 @@ def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
                 "collect into a new folder"
             )
         if record["settings"] != settings:
-            raise DataError(f"{root} was collected with {record['settings']}; resume with the same settings")
+            before = record["settings"]
+            differ = ", ".join(
+                f"{key} {before.get(key)!r} (now {settings.get(key)!r})"
+                for key in sorted(set(before) | set(settings))
+                if before.get(key) != settings.get(key)
+            )
+            raise DataError(f"{root} was collected with other settings: {differ}; resume with the same settings")
         return record
     if root.exists() and not root.is_dir():
         raise DataError(f"{root} exists and is not a folder; choose an empty folder")
