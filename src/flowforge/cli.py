@@ -523,7 +523,14 @@ def data_collect(
         raise ConfigError(str(error)) from error
     for task, count in counts.items():
         rate = count["succeeded"] / max(count["attempted"], 1)
-        typer.echo(f"{task}: kept {count['succeeded']} of {count['attempted']} expert episodes ({rate:.0%} success)")
+        more = (
+            f"; it held {count['succeeded']} already, more than --episodes {episodes}"
+            if count["succeeded"] > episodes
+            else ""
+        )
+        typer.echo(
+            f"{task}: kept {count['succeeded']} of {count['attempted']} expert episodes ({rate:.0%} success){more}"
+        )
     typer.echo(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
