@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
 from flowforge.checkpoint import (
@@ -110,6 +112,12 @@ def test_loading_checks_the_class_and_the_shapes(tmp_path: Path) -> None:
     (tmp_path / "realnvp" / "checkpoint.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"its settings .* are not the ones model-.* was saved with"):
         Flow.load(tmp_path / "realnvp")  # a plain edit: the settings digest in the model file differs
+    manifest["version"] = 1  # claiming the format before the digest does not skip it
+    (tmp_path / "realnvp" / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="the manifest was edited"):
+        Flow.load(tmp_path / "realnvp")
+    manifest["version"] = 2
+    (tmp_path / "realnvp" / "checkpoint.json").write_text(json.dumps(manifest))
     edit_checkpoint(tmp_path / "realnvp", lambda record: record["model"]["arguments"].__setitem__("hidden", [7]))
     with pytest.raises(CheckpointError, match="do not fit"):
         Flow.load(tmp_path / "realnvp")  # saved as flowforge would: the shapes are what disagrees
@@ -125,6 +133,9 @@ def test_a_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
     del config["activation"]  # version 1 left it out
     manifest.update(version=1, config=config)
     manifest["class"] = "RealNVP"
+    weights = tmp_path / "old" / manifest["files"]["model"]["file"]
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights)  # version 1 kept no digest there
+    manifest["files"]["model"]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     path.write_text(json.dumps(manifest))
     x = torch.randn(4, 2)
     torch.testing.assert_close(Flow.load(tmp_path / "old").log_prob(x), flow.log_prob(x))

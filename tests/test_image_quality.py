@@ -239,6 +239,9 @@ def test_covariances_and_classifier_sizes_that_are_not_what_they_claim_are_refus
     ):
         with pytest.raises(ValueError, match=message):
             DigitsClassifier(**arguments)
+    features = torch.randn(50, 64)  # fewer samples than features, in float32: round-off eigenvalues < 0
+    cov = torch.cov(features.T)
+    assert gaussian_frechet_distance(features.mean(0), cov, features.mean(0), cov) < 1e-3
     classifier = DigitsClassifier()
     samples = torch.rand(6, 1, 8, 8) * 16
     one_hot = torch.nn.functional.one_hot(torch.arange(6) % 10, 10)  # integer one-hot rows

@@ -389,3 +389,29 @@ def test_training_refuses_statistics_of_other_data(tmp_path: Path) -> None:
             policy_tensors(EpisodeDataset(copy, 1, 4), progress=False, config=config)
     tensors, _ = policy_tensors(EpisodeDataset(FIXTURES / "shared", 1, 4), progress=False, config=config)
     assert tensors["action"].shape[1:] == (4, 2)
+
+
+def test_a_long_episode_of_float32_timestamps_passes_the_sync_check() -> None:
+    """Near 1,000 s a float32 timestamp rounds by about 1e-4 s: regular frames must still pass."""
+    from flowforge.data.episodes import check_data_file
+
+    fps, frames = 30, 60_000
+    columns = {
+        "timestamp": (np.arange(frames, dtype=np.float32) / np.float32(fps)).tolist(),
+        "frame_index": list(range(frames)),
+        "episode_index": [0] * frames,
+        "index": list(range(frames)),
+        "task_index": [0] * frames,
+        "observation.state": [[0.0]] * frames,
+        "action": [[0.0]] * frames,
+    }
+    features = {
+        "observation.state": {"dtype": "float32", "shape": [1]},
+        "action": {"dtype": "float32", "shape": [1]},
+        "timestamp": {"dtype": "float32", "shape": [1]},
+    }
+    entries = [{"episode_index": 0, "length": frames, "tasks": ["t"]}]
+    check_data_file(Path("long.parquet"), columns, entries, features, {0: "t"}, fps)
+    columns["timestamp"][30_000] += 0.01
+    with pytest.raises(DataError, match=r"row 30000: episode 0's timestamp"):
+        check_data_file(Path("long.parquet"), columns, entries, features, {0: "t"}, fps)

@@ -366,6 +366,12 @@ def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_
     edit_checkpoint(partial, lambda record: record["trainer"]["state"].__setitem__("step", 2))
     result = CliRunner().invoke(app, ["policy", "eval", str(partial), "--episodes", "1"])
     assert f"note: {partial} is a run stopped at step 2 of 4" in result.stderr, result.output
+    before_fingerprints = tmp_path / "before"  # a run saved before runs recorded their data set resumes
+    shutil.copytree(run, before_fingerprints)
+    edit_checkpoint(before_fingerprints, lambda record: record["metadata"].pop("data_set"))
+    before = ["policy", "train", str(config), "--out", str(before_fingerprints), "--no-progress", "--resume"]
+    result = CliRunner().invoke(app, [*before, "--set", "train.steps=4"])
+    assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, [*train, "--resume", "--set", "train.lr=0.5"])
     assert result.exit_code == 2 and "metadata.policy_run.train.lr: 0.001 -> 0.5" in result.stderr, result.output
     stats_path = data / "meta" / "stats.json"

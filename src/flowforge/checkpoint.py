@@ -431,7 +431,7 @@ def _verified_bytes(directory: Path, group: Any, manifest: dict[str, Any] | None
         raise CheckpointError(f"{path} cannot be read ({error})") from error
     if hashlib.sha256(data).hexdigest() != entry["sha256"].lower():
         raise CheckpointError(f"{path} does not match its recorded SHA-256: the file is truncated or was modified")
-    saved = _saved_digest(data) if group == "model" and manifest.get("version") != 1 else None
+    saved = _saved_digest(data) if group == "model" else None  # files written before the digest hold none
     if saved is not None and saved != settings_digest(manifest):
         raise CheckpointError(
             f"{where}: its settings (model config, dtype, run metadata or trainer state) are not the ones "

@@ -568,8 +568,11 @@ def check_data_file(
                     f"belongs (frame indices must run 0 .. {length - 1} in order)"
                 )
         if fps is not None and "timestamp" in columns and len(rows) > 1:
-            steps = np.diff(np.asarray([columns["timestamp"][row] for row in rows], dtype=np.float64))
-            off = np.flatnonzero(np.abs(steps - 1.0 / fps) >= tolerance_s)
+            times = np.asarray([columns["timestamp"][row] for row in rows], dtype=np.float64)
+            steps = np.diff(times)
+            # Timestamps are stored as float32: their own rounding grows with t (1e-4 s near 1,000 s).
+            rounding = 2 * np.spacing(np.abs(times[1:]).astype(np.float32)).astype(np.float64)
+            off = np.flatnonzero(np.abs(steps - 1.0 / fps) >= tolerance_s + rounding)
             if len(off):
                 row = rows[int(off[0]) + 1]
                 raise DataError(

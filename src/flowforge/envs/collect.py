@@ -325,8 +325,10 @@ def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """Read-only look at ``root``: the committed record to resume, ``None`` for a new or restarted
     collection; a :class:`DataError` for a folder that is not a collection or has other settings."""
     meta = root / "meta"
+    if meta.is_symlink():  # one generation for both reads: a commit in between switches the link
+        meta = Path(os.path.realpath(meta))
     state_file = meta / "collection.json"
-    if not os.path.lexists(meta) and (root / _PREVIOUS / "collection.json").is_file():
+    if not os.path.lexists(root / "meta") and (root / _PREVIOUS / "collection.json").is_file():
         state_file = root / _PREVIOUS / "collection.json"  # killed between the two renames of a swap
     if state_file.is_file():
         try:
@@ -455,15 +457,32 @@ def collect(
     }
     if len(cameras) > 1:  # one camera keeps the settings of earlier collections, which then resume
         settings["cameras"] = cameras
-    _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
+    try:
+        _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
+    except DataError:
+        if _busy(root):  # read while another collection committed: that is the refusal to report
+            raise DataError(f"{root}: {_BUSY}") from None
+        raise
     root.mkdir(parents=True, exist_ok=True)
     try:
         with exclusive_lock(root / LOCK, wait=False):
             return _collect_locked(root, tasks, episodes, settings, cameras, max_attempts_factor, progress)
     except FolderBusy:
-        raise DataError(
-            f"{root}: another collection is writing into this folder; wait for it to finish or choose another folder"
-        ) from None
+        raise DataError(f"{root}: {_BUSY}") from None
+
+
+_BUSY = "another collection is writing into this folder; wait for it to finish or choose another folder"
+
+
+def _busy(root: Path) -> bool:
+    """Whether another process holds ``root``'s collection lock (the lock file is never created here)."""
+    if not (root / LOCK).is_file():
+        return False
+    try:
+        with exclusive_lock(root / LOCK, wait=False):
+            return False
+    except FolderBusy:
+        return True
 
 
 def _collect_locked(

@@ -324,10 +324,9 @@ def prepare_policy_run(config: PolicyRunConfig, directory: str | Path) -> Prepar
     policy, data = prepare_policy(
         config.policy, dataset, progress=progress, frames=config.data.frames, cache=config.data.cache_folder()
     )
-    metadata = {
-        "policy_run": {"data": asdict(config.data), "train": asdict(config.train)},
-        "data_set": data_set_fingerprint(dataset),
-    }
+    metadata = {"policy_run": {"data": asdict(config.data), "train": asdict(config.train)}}
+    if not _saved_without_fingerprint(Path(directory)):  # runs started before it resume as they were
+        metadata["data_set"] = data_set_fingerprint(dataset)
     objective = PolicyObjective()
     if config.distill.teacher:
         teacher = _teacher_of(policy, config.distill.teacher)
@@ -365,6 +364,14 @@ def check_resume_tables(config: PolicyRunConfig, directory: str | Path) -> None:
                     f"{table}.{key}: {before.get(key)!r} -> {settings.get(key)!r}); resume with the settings it "
                     "was started with, or start a new run in another folder"
                 )
+
+
+def _saved_without_fingerprint(directory: Path) -> bool:
+    """Whether ``directory`` holds a policy run saved before runs recorded their data set's fingerprint."""
+    if not (directory / "checkpoint.json").is_file():
+        return False
+    metadata = read_manifest(directory).get("metadata")
+    return isinstance(metadata, dict) and "policy_run" in metadata and "data_set" not in metadata
 
 
 def data_set_fingerprint(dataset: EpisodeDataset) -> dict[str, Any]:
