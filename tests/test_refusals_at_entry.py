@@ -388,6 +388,8 @@ def test_a_policy_run_resumes_only_on_the_data_and_settings_it_started_with(tmp_
         ('kind = "mse"\nnoise_scale = 0.2', r"\[policy\] noise_scale = 0\.2: kind = 'mse' does not use it"),
         ('kind = "ddpm"\nsampling_steps = 50', r"\[policy\] sampling_steps = 50: kind = 'ddpm' does not use it"),
         ('kind = "flow"\ninference_steps = 5', r"\[policy\] inference_steps = 5: kind = 'flow' does not use it"),
+        ('kind = "flow"\nshortcut_fraction = 0.3', r"shortcut_fraction = 0\.3: kind = 'flow' .* the shortcut head"),
+        ('kind = "meanflow"\nkeyframe_stride = 2', r"keyframe_stride = 2: kind = 'meanflow' .* the hierarchical"),
     ],
 )
 def test_a_run_config_refuses_settings_its_head_would_ignore(settings: str, message: str) -> None:

@@ -35,6 +35,14 @@ _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 #: Settings only the DDPM baseline reads, and the sampling settings only flow heads read.
 DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
 FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
+#: The settings each other head reads and no other head does.
+HEAD_SETTINGS = {
+    "ddpm": DDPM_SETTINGS,
+    "hierarchical": ("keyframe_stride",),
+    "shortcut": ("shortcut_fraction", "shortcut_halvings"),
+    "meanflow": ("meanflow_fraction", "meanflow_adaptive_power"),
+    "consistency": ("consistency_delta", "consistency_velocity_weight", "consistency_segments"),
+}
 
 
 @register("policy-config", "config")
@@ -323,8 +331,9 @@ def check_used_settings(config: PolicyConfig, source: str = "config") -> None:
     configs enter (saved policies of earlier releases, which carry such defaults, still load)."""
     defaults = {f.name: f.default for f in fields(config)}
     unused = []
-    if config.kind != "ddpm":
-        unused += [(name, "the DDPM baseline") for name in DDPM_SETTINGS]
+    for kind, settings in HEAD_SETTINGS.items():
+        if config.kind != kind:
+            unused += [(name, "the DDPM baseline" if kind == "ddpm" else f"the {kind} head") for name in settings]
     if config.kind in ("mse", "ddpm"):
         unused += [(name, "the flow heads") for name in FLOW_SAMPLING_SETTINGS]
     for name, user in unused:
@@ -340,6 +349,7 @@ __all__ = [
     "DERIVED_FEATURES",
     "FLOW_SAMPLING_SETTINGS",
     "GOAL_KEY",
+    "HEAD_SETTINGS",
     "STATE_KEYS",
     "PolicyConfig",
     "check_used_settings",
