@@ -681,9 +681,10 @@ def _tell_if_unfinished(folder: Path) -> None:
     from flowforge.checkpoint import read_manifest
 
     manifest = read_manifest(folder)
-    state = manifest.get("trainer", {}).get("state", {}) if isinstance(manifest.get("trainer"), dict) else {}
-    config = manifest.get("trainer_config") if isinstance(manifest.get("trainer_config"), dict) else {}
-    step, steps = state.get("step"), config.get("steps")
+    trainer, config = manifest.get("trainer"), manifest.get("trainer_config")
+    state = trainer.get("state") if isinstance(trainer, dict) else None
+    config = config if isinstance(config, dict) else {}
+    step, steps = (state.get("step") if isinstance(state, dict) else None), config.get("steps")
     if isinstance(step, int) and isinstance(steps, int) and step < steps:
         average = " (not the moving average a finished run keeps)" if config.get("ema_decay") else ""
         typer.echo(

@@ -155,12 +155,18 @@ def check_times(name: str, value: object, batch: int, batch_of: str, dtype: torc
     """Check training or query times: a floating-point tensor of shape ``(batch,)`` with values in
     [0, 1] (the scan obeys the process-wide switch); return it cast to ``dtype``."""
     check_batched(name, value, (), batch=batch, batch_of=batch_of)
-    if _finite_checks and value.numel() and not bool(((value >= 0) & (value <= 1)).all()):
-        bad = int((~((value >= 0) & (value <= 1))).nonzero()[0, 0])
-        raise ValueError(
-            f"{name} must hold times in [0, 1] (t=0 noise, t=1 data), got {float(value[bad]):.6g} at index {bad}"
-        )
+    check_unit_times(name, value)
     return value if dtype is None else value.to(dtype)
+
+
+def check_unit_times(name: str, value: Tensor) -> None:
+    """Refuse times outside [0, 1] in a tensor of any shape (the scan obeys the process-wide switch)."""
+    if _finite_checks and value.numel() and not bool(((value >= 0) & (value <= 1)).all()):
+        bad = tuple(int(i) for i in (~((value >= 0) & (value <= 1))).nonzero()[0])
+        at = bad[0] if len(bad) == 1 else bad
+        raise ValueError(
+            f"{name} must hold times in [0, 1] (t=0 noise, t=1 data), got {float(value[bad]):.6g} at index {at}"
+        )
 
 
 #: The most sampler steps a command or config may ask for (a step is one network evaluation or more).

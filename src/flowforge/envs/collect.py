@@ -76,9 +76,9 @@ NUMERIC_FEATURES = (
 #: as ``observation.state``); a collection is resumed only in its own layout.
 LAYOUT = 2
 MARKER = ".flowforge-collection"
-#: Held by the collection writing the folder (a POSIX lock; the file stays, empty).
-LOCK = ".flowforge-collection.lock"
 """File written into a new folder before anything else: the folder is a collection in progress."""
+LOCK = ".flowforge-collection.lock"
+"""Held (a POSIX lock) by the collection writing the folder; the file stays, empty."""
 _PREVIOUS = ".meta-previous"  # the old metadata folder while ``meta`` is swapped by renames
 _NEXT_LINK = ".meta.next"  # the new link, renamed over ``meta`` at the commit point
 _GENERATION = re.compile(r"\.meta-\d{6}")

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from flowforge.matching.paths import AffinePath
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint
-from flowforge.validation import check_choice, finite_checks_enabled
+from flowforge.validation import check_choice, check_unit_times, finite_checks_enabled
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,7 @@ def flow_matching_loss(
         mask: which elements count (bool, a leading shape of the data); ``None``: all.
         weights: per-element weights (a leading shape of the data); ``None``: 1.
     """
-    if finite_checks_enabled() and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
-        span = f"{float(t.min()):.6g}..{float(t.max()):.6g}"
-        raise ValueError(f"t must hold times in [0, 1] (t=0 noise, t=1 data), got {span}")
+    check_unit_times("t", t)
     x_t, target = path.sample(x0, x1, t)
     return masked_mean((velocity(x_t, t) - target).square(), mask, weights)
 

@@ -294,6 +294,13 @@ def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     return {k: options.pop(k) for k in list(options) if k in parameters}
 
 
+def dequantizes(kind: str, levels: int | None) -> bool:
+    """Whether a run wraps its model in :class:`~flowforge.flows.Dequantized`: on integer data
+    (``levels`` values per entry), but not a flow-matching model (it dequantizes per batch in its
+    objective) or a VAE (it models the counts itself)."""
+    return levels is not None and kind not in MATCHING_MODELS and kind != "vae"
+
+
 def build_model(config: RunConfig, data: RunData | None, source: str = "config") -> nn.Module:
     """The model a run trains, from its config and the data's shape (dequantized for integer data)."""
     kind = config.model.kind
@@ -319,7 +326,7 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
                     "(use glow or multiscale-realnvp for images, or [data] name = 'digits')"
                 )
             model = cls(event_shape[0], **options)
-        if data is not None and data.levels is not None and kind != "vae":  # a VAE models the counts itself
+        if data is not None and dequantizes(kind, data.levels):
             model = Dequantized(model, data.levels, variational=config.model.dequantization == "variational")
         return model
     except ConfigError as error:
@@ -531,9 +538,7 @@ def _check_model_fits_run(model: nn.Module, config: RunConfig, directory: Path) 
     saved_kind = described[1] if described is not None else type(flow).__name__
     if saved_kind != config.model.kind:
         raise CheckpointError(f"{where} names a {config.model.kind} model; the saved model is a {saved_kind}")
-    dequantized = (
-        config.data.name in COUNT_DATASETS and config.model.kind not in MATCHING_MODELS and config.model.kind != "vae"
-    )
+    dequantized = dequantizes(config.model.kind, COUNT_DATASETS.get(config.data.name))
     if isinstance(model, Dequantized) != dequantized:
         raise CheckpointError(
             f"{where} {'models' if dequantized else 'does not model'} pixel counts, but the saved model "
