@@ -48,8 +48,9 @@ def _policy(kind: str, seed: int = 0, **changes) -> ChunkPolicy:
         image_shape=[3, 36, 36],
         language=True,
         instructions=["reach", "push", "open"],
-        keyframe_stride=2,
     )
+    if kind == "hierarchical":
+        settings.update(keyframe_stride=2)
     if kind == "ddpm":  # each head is given only the settings it reads (the others refuse theirs)
         settings.update(diffusion_steps=12, inference_steps=4)
     elif kind != "mse":

@@ -245,6 +245,30 @@ def test_config_errors() -> None:
         _policy().predict_chunk({"state": torch.zeros(2, 5), "task_index": torch.zeros(2, dtype=torch.long)})
 
 
+def test_a_config_refuses_another_heads_settings_and_a_saved_one_still_loads(tmp_path: Path) -> None:
+    from flowforge.checkpoint import save_model
+    from flowforge.runs.policy import load_policy
+    from tests.invariants import edit_checkpoint
+
+    with pytest.raises(ValueError, match=r"noise_scale = 0\.2: kind = 'mse' does not use it .*the flow heads"):
+        _config("mse", noise_scale=0.2)
+    with pytest.raises(ValueError, match=r"diffusion_steps = 20: kind = 'flow' does not use it .*DDPM baseline"):
+        _config("flow", diffusion_steps=20)
+    policy = _policy("mse")
+    save_model(tmp_path, policy)
+
+    def as_an_earlier_release_saved_it(manifest: dict) -> None:  # before configs refused unused settings
+        manifest["model"]["arguments"]["config"]["arguments"]["noise_scale"] = 0.2
+
+    edit_checkpoint(tmp_path, as_an_earlier_release_saved_it)
+    loaded = load_policy(tmp_path)
+    assert loaded.policy_config.noise_scale == 0.2
+    batch = _batch()
+    torch.testing.assert_close(loaded.predict_chunk(batch).actions, policy.eval().predict_chunk(batch).actions)
+    with pytest.raises(ValueError, match=r"noise_scale = 0\.2: kind = 'mse'"):  # only loading is lenient
+        dataclasses.replace(loaded.policy_config)
+
+
 def test_wilson_interval() -> None:
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and 0.25 < high < 0.35

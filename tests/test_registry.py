@@ -136,6 +136,7 @@ CASES: dict[str, list] = {
             likelihood="gaussian",
             levels=9,
             activation=nn.Tanh,
+            decoder_dropout=0.1,
         ),
         lambda: VAE(3, 2, (), "iaf", prior="maf", likelihood="gaussian"),
         lambda: VAE(4, 2, (8,), "coupling", 3, prior="realnvp", likelihood="gaussian"),
@@ -161,6 +162,21 @@ CASES: dict[str, list] = {
 EXEMPT = {("sinkhorn", "generator"), ("iaf", "batch_norm")}
 
 
+#: Each head's own non-default settings (a config refuses another head's).
+_FLOW_SAMPLING = dict(sampling_steps=4, method="midpoint", noise_scale=0.5)
+_OWN_SETTINGS = {
+    "flow": dict(_FLOW_SAMPLING, rtc_training_delay=3),
+    "hierarchical": dict(_FLOW_SAMPLING, keyframe_stride=2),
+    "mse": {},
+    "ddpm": dict(diffusion_steps=12, inference_steps=3, sampler="ddpm"),
+    "shortcut": dict(sampling_steps=2, noise_scale=0.5, shortcut_fraction=0.3, shortcut_halvings=5),
+    "meanflow": dict(sampling_steps=2, meanflow_fraction=0.5, meanflow_adaptive_power=0.25),
+    "consistency": dict(
+        sampling_steps=2, consistency_delta=0.1, consistency_velocity_weight=0.5, consistency_segments=3
+    ),
+}
+
+
 def _policy_case(kind: str, **changes):
     def build():
         settings = dict(
@@ -177,23 +193,10 @@ def _policy_case(kind: str, **changes):
             image_shape=[3, 48, 48],
             language=True,
             instructions=["reach the goal", "open the drawer"],
-            sampling_steps=4,
-            method="midpoint",
-            noise_scale=0.5,
-            keyframe_stride=2,
-            shortcut_fraction=0.3,
-            shortcut_halvings=5,
-            meanflow_fraction=0.5,
-            meanflow_adaptive_power=0.25,
-            consistency_delta=0.1,
-            consistency_velocity_weight=0.5,
-            consistency_segments=3,
             time_embedding_frequency=4.0,
-            diffusion_steps=12,
-            inference_steps=3,
-            sampler="ddpm",
             state_normalization="min_max",
             action_normalization="mean_std",
+            **_OWN_SETTINGS[kind],
         )
         settings.update(changes)
         policy = registry.lookup("policy", "chunk-policy")(PolicyConfig(**settings))
@@ -205,10 +208,13 @@ def _policy_case(kind: str, **changes):
 
 
 POLICY_CASES = {
-    "flow": _policy_case("flow", rtc_training_delay=3),
+    "flow": _policy_case("flow"),
     "hierarchical": _policy_case("hierarchical"),
     "mse": _policy_case("mse", language=False, instructions=[]),
     "ddpm": _policy_case("ddpm"),
+    "shortcut": _policy_case("shortcut"),
+    "meanflow": _policy_case("meanflow"),
+    "consistency": _policy_case("consistency"),
     "flow-vision": _policy_case(
         "flow",
         previous_state=True,

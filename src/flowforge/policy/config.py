@@ -7,7 +7,10 @@ value fails with the key's name before any model exists.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
 from flowforge.config import check_choice, check_integer, check_range
@@ -276,6 +279,7 @@ class PolicyConfig:
             raise ConfigError(f"previous_state = {self.previous_state!r}: expected true or false")
         if self.goal_key is not None:
             check_choice("goal_key", self.goal_key, (GOAL_KEY,))
+        check_used_settings(self)
 
     def _check_vision(self) -> None:
         check_choice("image_encoder", self.image_encoder, IMAGE_ENCODERS)
@@ -325,10 +329,28 @@ class PolicyConfig:
             )
 
 
-def check_used_settings(config: PolicyConfig, source: str = "config") -> None:
+#: Set while a saved policy is rebuilt: policies saved before :func:`check_used_settings` existed may
+#: carry another head's settings, which never did anything, and must still load.
+_LOADING_SAVED = contextvars.ContextVar("loading_saved_policy", default=False)
+
+
+@contextlib.contextmanager
+def loading_saved_policy() -> Iterator[None]:
+    """Within this block :class:`PolicyConfig` accepts other heads' settings (see :func:`check_used_settings`)."""
+    token = _LOADING_SAVED.set(True)
+    try:
+        yield
+    finally:
+        _LOADING_SAVED.reset(token)
+
+
+def check_used_settings(config: PolicyConfig) -> None:
     """Refuse a head's own settings given to a head that would ignore them (a temperature for the
-    MSE baseline, DDIM steps for a flow): a run config says what its policy does. Checked where run
-    configs enter (saved policies of earlier releases, which carry such defaults, still load)."""
+    MSE baseline, DDIM steps for a flow): a config says what its policy does. Every new
+    :class:`PolicyConfig` is checked; saved policies of earlier releases load under
+    :func:`loading_saved_policy`."""
+    if _LOADING_SAVED.get():
+        return
     defaults = {f.name: f.default for f in fields(config)}
     unused = []
     for kind, settings in HEAD_SETTINGS.items():
@@ -339,7 +361,7 @@ def check_used_settings(config: PolicyConfig, source: str = "config") -> None:
     for name, user in unused:
         if getattr(config, name) != defaults[name]:
             raise ConfigError(
-                f"{source}: [policy] {name} = {getattr(config, name)!r}: kind = {config.kind!r} does not use it "
+                f"{name} = {getattr(config, name)!r}: kind = {config.kind!r} does not use it "
                 f"(it is for {user}); leave it out"
             )
 
@@ -353,4 +375,5 @@ __all__ = [
     "STATE_KEYS",
     "PolicyConfig",
     "check_used_settings",
+    "loading_saved_policy",
 ]
