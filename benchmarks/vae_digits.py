@@ -24,7 +24,9 @@ budget: ``--steps`` Adam steps of ``--batch`` images (AdamW with ``--weight-deca
 lr ``--lr`` with cosine decay to 0, gradient-norm clipping at 10, for each of ``--seeds`` (the seed
 builds the model and orders the batches). With ``--validation-fraction f`` a fixed share f of the
 training images is held out, the ELBO on it is checked every ``--eval-every`` steps, and the
-weights of the best check are the ones evaluated (the Trainer's early-stopping weights).
+weights of the best check are the ones evaluated (the Trainer's early-stopping weights). With
+``--decoder-dropout p`` every configuration's decoder drops its hidden units with probability p in
+training (``VAE(decoder_dropout=p)``; off when the bounds are evaluated).
 Recorded per (configuration, seed), in eval mode without gradients: on the test images, with
 ``--k`` (1000) posterior draws per image, the ELBO (the mean of the draws' log-weights
 log p(x, z) - log q(z | x)) and the importance-weighted bound IWAE-k = log mean exp of the same
@@ -93,7 +95,13 @@ RESULT_VERSION = 2
 
 def build(name: str, args: argparse.Namespace) -> VAE:
     """The VAE of configuration ``name``: the same encoder and decoder for all three."""
-    common = dict(latent=args.latent, hidden=tuple(args.hidden), likelihood="categorical", levels=17)
+    common = dict(
+        latent=args.latent,
+        hidden=tuple(args.hidden),
+        likelihood="categorical",
+        levels=17,
+        decoder_dropout=args.decoder_dropout,
+    )
     if name == "gaussian":
         return VAE(64, posterior="gaussian", **common)
     flow = dict(
@@ -126,6 +134,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         keys += ("kl_warmup_steps",)
     if args.ema_decay is not None:
         keys += ("ema_decay",)
+    if args.decoder_dropout:
+        keys += ("decoder_dropout",)
     return {"result_version": RESULT_VERSION, **{key: getattr(args, key) for key in keys}}
 
 
@@ -320,6 +330,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="encoder widths (decoder reversed)")
+    parser.add_argument(
+        "--decoder-dropout",
+        type=float,
+        default=0.0,
+        help="dropout probability after the decoder's hidden activations, in training only (0: none)",
+    )
     parser.add_argument("--iaf-transforms", type=int, default=8)
     parser.add_argument("--flow-hidden", type=int, nargs="+", default=[128, 128], help="IAF MADE widths")
     parser.add_argument("--context", type=int, default=32, help="size of the encoder's h(x)")
@@ -334,6 +350,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--validation-fraction {args.validation_fraction}: need a number in [0, 0.5)")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         parser.error(f"--ema-decay {args.ema_decay}: need a number in (0, 1)")
+    if not 0 <= args.decoder_dropout < 1:
+        parser.error(f"--decoder-dropout {args.decoder_dropout}: need a probability in [0, 1)")
     if args.eval_every < 1:
         parser.error(f"--eval-every {args.eval_every}: need an integer >= 1")
     if args.kl_warmup_steps is None:

@@ -15,6 +15,7 @@ from flowforge.flows.recipes import MAF, NICE, NSF, Glow, MultiscaleRealNVP, Rea
 from flowforge.matching.couplings import ExactOTCoupling, SinkhornCoupling
 from flowforge.matching.paths import LinearPath, StochasticInterpolantPath, VariancePreservingPath
 from flowforge.matching.time import LogitNormalTime, ShiftedBetaTime
+from flowforge.nn.mlp import MLP
 from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, VelocityMLP
 from flowforge.transforms import MaskedAutoregressive, RationalQuadraticSpline
 
@@ -28,6 +29,9 @@ NAN, INF = float("nan"), float("inf")
     ("build", "error", "name"),
     [
         (lambda: VelocityMLP(2, context=-1), ValueError, "context"),
+        (lambda: MLP(2, 2, dropout=-0.1), ValueError, "dropout"),
+        (lambda: MLP(2, 2, dropout=NAN), ValueError, "dropout"),
+        (lambda: MLP(2, 2, dropout="0.5"), TypeError, "dropout"),
         (lambda: VelocityMLP(2.5), ValueError, "features"),
         (lambda: VelocityMLP(True), ValueError, "features"),
         (lambda: VelocityMLP(2, hidden=(8.5,)), ValueError, "hidden"),

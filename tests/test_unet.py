@@ -124,7 +124,7 @@ def test_bad_inputs_are_refused_with_the_expected_shape() -> None:
         ({"groups": 3}, r"channels \(8\) must be divisible by groups \(3\)"),
         ({"attention": True, "heads": 3}, r"heads \(3\) must divide the lowest resolution's width"),
         ({"channel_multipliers": ()}, "channel_multipliers must be one or more positive ints"),
-        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"dropout must be a probability in \[0, 1\), got 1\.0"),
     ],
 )
 def test_bad_settings_are_refused_naming_them(changes: dict, message: str) -> None:

@@ -220,6 +220,7 @@ def _non_default() -> VAE:
         likelihood="logistic",
         levels=9,
         activation=nn.Tanh,
+        decoder_dropout=0.25,
     )
 
 
@@ -229,6 +230,7 @@ def test_a_saved_vae_rebuilds_with_every_argument_and_gives_the_same_elbo(tmp_pa
     _randomize(vae)
     config = registry.to_config(vae)
     assert config["__object__"] == "vae" and config["arguments"]["activation"] == {"__class__": "tanh"}
+    assert config["arguments"]["decoder_dropout"] == 0.25
     save_model(tmp_path / "vae", vae)
     loaded = load_model(tmp_path / "vae")
     assert isinstance(loaded, VAE) and registry.to_config(loaded) == config
@@ -239,6 +241,35 @@ def test_a_saved_vae_rebuilds_with_every_argument_and_gives_the_same_elbo(tmp_pa
         outputs.append((model.elbo(x), model.iwae(x, 20), model.sample(3)))
     for before, after in zip(*outputs, strict=True):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_decoder_dropout_acts_in_training_only() -> None:
+    torch.manual_seed(0)
+    vae = VAE(5, 3, (8, 6), decoder_dropout=0.5)
+    z = torch.randn(64, 3)
+
+    def without_dropout(h: torch.Tensor) -> torch.Tensor:
+        for layer in vae.decoder:
+            h = h if isinstance(layer, nn.Dropout) else layer(h)
+        return h
+
+    assert sum(isinstance(layer, nn.Dropout) for layer in vae.decoder) == 2  # one per hidden layer
+    vae.eval()
+    torch.testing.assert_close(vae.decoder(z), without_dropout(z), rtol=0, atol=0)
+    x = _counts(4, 5)
+    torch.manual_seed(1)
+    first = vae.elbo(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(vae.elbo(x), first, rtol=0, atol=0)
+    vae.train()
+    linear, relu, dropout = list(vae.decoder)[:3]
+    before = relu(linear(z))
+    after = dropout(before)
+    active = before > 0
+    dropped = (after == 0) & active
+    assert 0.3 < float(dropped.sum() / active.sum()) < 0.7  # about half the active units
+    kept = active & ~dropped
+    torch.testing.assert_close(after[kept], 2 * before[kept])  # scaled by 1 / (1 - p)
 
 
 def test_negative_elbo_is_minus_the_mean_elbo_and_trains_a_vae(tmp_path: Path) -> None:
@@ -364,5 +395,7 @@ def test_bad_constructor_arguments_are_refused_with_the_choices() -> None:
         VAE(activation="relu")
     with pytest.raises(ValueError, match="bins must be a positive int, got 'x'"):
         VAE(bins="x")  # refused although no spline reads it: it is saved with the model
+    with pytest.raises(ValueError, match=r"decoder_dropout must be a probability in \[0, 1\), got 1"):
+        VAE(decoder_dropout=1)
     with pytest.raises(ValueError, match=r"prior_transforms must be an int in 1\.\.1000"):
         VAE(prior_transforms=10**9)

@@ -263,3 +263,11 @@ def check_real(
         allowed = "a finite number" + (" > 0" if positive else " >= 0" if non_negative else "")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return number
+
+
+def check_dropout(name: str, value: object) -> float:
+    """A dropout probability: a finite number in [0, 1). Returns it as a float."""
+    number = check_real(name, value)
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return number

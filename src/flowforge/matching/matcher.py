@@ -50,6 +50,7 @@ from flowforge.validation import (
     check_batched,
     check_choice,
     check_count,
+    check_dropout,
     check_real,
     check_sample_count,
     check_times,
@@ -242,9 +243,7 @@ class FlowMatcher(Rebuildable, nn.Module):
                 f"with context={context}, or leave context out"
             )
         self.context_features = int(context if context is not None else (net_context or 0))  # Python int
-        context_dropout = check_real("context_dropout", context_dropout)
-        if not 0.0 <= context_dropout < 1.0:
-            raise ValueError(f"context_dropout must be in [0, 1), got {context_dropout}")
+        context_dropout = check_dropout("context_dropout", context_dropout)
         if context_dropout and not self.context_features:
             raise ValueError("context_dropout needs a conditional model (context > 0)")
         self.context_dropout = float(context_dropout)

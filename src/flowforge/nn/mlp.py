@@ -7,7 +7,7 @@ from itertools import pairwise
 
 from torch import nn
 
-from flowforge.validation import check_activation
+from flowforge.validation import check_activation, check_dropout
 
 
 class MLP(nn.Sequential):
@@ -20,6 +20,8 @@ class MLP(nn.Sequential):
         activation: constructor of the activation module placed after each hidden layer.
         zero_init_output: start the last layer at zero, so that a conditioner built on it
             makes its transform the identity at initialisation (stable deep stacks).
+        dropout: probability of :class:`torch.nn.Dropout` after each hidden activation (training
+            mode only; 0: no dropout layers, so the layer indices are those of a plain MLP).
 
     >>> import torch
     >>> net = MLP(3, 2, hidden=(16, 16))
@@ -34,8 +36,10 @@ class MLP(nn.Sequential):
         hidden: Sequence[int] = (64, 64),
         activation: Callable[[], nn.Module] = nn.ReLU,
         zero_init_output: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         activation = check_activation("activation", activation)
+        dropout = check_dropout("dropout", dropout)
         widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
         if any(w < 1 for w in widths):
             raise ValueError(
@@ -45,6 +49,8 @@ class MLP(nn.Sequential):
         for i, (a, b) in enumerate(pairwise(widths)):
             if i > 0:
                 layers.append(activation())
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
             layers.append(nn.Linear(a, b))
         super().__init__(*layers)
         self.in_features = widths[0]

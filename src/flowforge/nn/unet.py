@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from flowforge.nn.velocity import _TimeInputs, network_context
 from flowforge.registry import register
-from flowforge.validation import check_batched, check_count, check_real, describe_shape, is_count, model_dtype
+from flowforge.validation import check_batched, check_count, check_dropout, describe_shape, is_count, model_dtype
 
 
 class _ResidualConvBlock(nn.Module):
@@ -170,7 +170,7 @@ class UNetVelocity(nn.Module):
         for name, value in (("attention", attention), ("step_input", step_input)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
-        dropout = check_real("dropout", dropout)
+        dropout = check_dropout("dropout", dropout)
         factor = 2 ** (len(multipliers) - 1)
         if shape[1] % factor or shape[2] % factor:
             raise ValueError(
@@ -184,8 +184,6 @@ class UNetVelocity(nn.Module):
                 f"heads ({heads}) must divide the lowest resolution's width "
                 f"({channels} * {multipliers[-1]} = {channels * multipliers[-1]})"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.features = shape
         self.context_features = int(context)
         self.step_input = bool(step_input)
