@@ -133,7 +133,7 @@ CASES: dict[str, list] = {
             prior="nsf",
             prior_transforms=2,
             prior_hidden=(8,),
-            likelihood="gaussian",
+            likelihood="logistic",
             levels=9,
             activation=nn.Tanh,
             decoder_dropout=0.1,
@@ -318,7 +318,7 @@ def _outputs(model: nn.Module) -> list[torch.Tensor]:
     torch.manual_seed(7)
     event = tuple(getattr(model, "event_shape", (2,)))
     context_size = getattr(model, "context_features", 0) or 0
-    if isinstance(model, Dequantized):
+    if isinstance(model, Dequantized) or getattr(model, "discrete", False):  # counts (a VAE's discrete decoder)
         x = torch.randint(0, model.levels, (3, *event)).double()
         return [model.log_prob(x)]
     context = torch.randn(3, context_size, dtype=torch.float64) if context_size else None

@@ -125,6 +125,7 @@ def test_bad_inputs_are_refused_with_the_expected_shape() -> None:
         ({"attention": True, "heads": 3}, r"heads \(3\) must divide the lowest resolution's width"),
         ({"channel_multipliers": ()}, "channel_multipliers must be one or more positive ints"),
         ({"dropout": 1.0}, r"dropout must be a probability in \[0, 1\), got 1\.0"),
+        ({"heads": 2}, "heads = 2: attention = False does not read it"),
     ],
 )
 def test_bad_settings_are_refused_naming_them(changes: dict, message: str) -> None:

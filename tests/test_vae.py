@@ -127,9 +127,15 @@ def test_iwae_does_not_depend_on_the_chunk_size() -> None:
 
 # ---------------------------------------------------------------- (b) the flow posterior's density
 def _flow_vae(posterior: str, **options) -> VAE:
+    """A small VAE; the flow settings given only to the parts that read them (a VAE refuses the rest)."""
     torch.manual_seed(0)
-    options = {"hidden": (8,), "transforms": 3, "flow_hidden": (8,), "encoder_context": 4, **options}
-    vae = VAE(5, 3, posterior=posterior, **options).double()
+    if posterior != "gaussian":
+        options = {"transforms": 3, "flow_hidden": (8,), "encoder_context": 4, **options}
+    if options.get("prior", "gaussian") == "gaussian":
+        options = {k: v for k, v in options.items() if k not in ("prior_transforms", "prior_hidden")}
+    if posterior != "spline" and options.get("prior") != "nsf":
+        options = {k: v for k, v in options.items() if k not in ("bins", "bound")}
+    vae = VAE(5, 3, posterior=posterior, hidden=(8,), **options).double()
     _randomize(vae)
     return vae
 
@@ -397,5 +403,39 @@ def test_bad_constructor_arguments_are_refused_with_the_choices() -> None:
         VAE(bins="x")  # refused although no spline reads it: it is saved with the model
     with pytest.raises(ValueError, match=r"decoder_dropout must be a probability in \[0, 1\), got 1"):
         VAE(decoder_dropout=1)
+    with pytest.raises(ValueError, match=r"decoder_dropout = 0\.2: the decoder has no hidden layers"):
+        VAE(hidden=(), decoder_dropout=0.2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"transforms": 8}, r"transforms = 8: posterior = 'gaussian' does not read it \(a flow posterior does\)"),
+        ({"encoder_context": 0}, "encoder_context = 0: posterior = 'gaussian' does not read it"),
+        ({"posterior": "iaf", "prior_hidden": (8,)}, r"prior_hidden = \(8,\): prior = 'gaussian' does not read it"),
+        ({"posterior": "iaf", "bins": 5}, "bins = 5: posterior = 'iaf' and prior = 'gaussian' do not read it"),
+        ({"likelihood": "gaussian", "levels": 9}, "levels = 9: likelihood = 'gaussian' does not read it"),
+    ],
+)
+def test_settings_the_model_would_not_read_are_refused_and_saved_ones_still_rebuild(
+    options: dict, message: str, tmp_path: Path
+) -> None:
+    from tests.invariants import edit_checkpoint
+
+    with pytest.raises(ValueError, match=message):
+        VAE(5, 2, (8,), **options)
+    read = {k: v for k, v in options.items() if k in ("posterior", "likelihood")}
+    vae = VAE(5, 2, (8,), **read)
+    save_model(tmp_path, vae)
+
+    def as_an_earlier_release_saved_it(manifest: dict) -> None:  # before the VAE refused such settings
+        manifest["model"]["arguments"].update({k: list(v) if isinstance(v, tuple) else v for k, v in options.items()})
+
+    edit_checkpoint(tmp_path, as_an_earlier_release_saved_it)
+    loaded = load_model(tmp_path)
+    assert registry.to_config(loaded)["arguments"] == {
+        **registry.to_config(vae)["arguments"],
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+    }
     with pytest.raises(ValueError, match=r"prior_transforms must be an int in 1\.\.1000"):
         VAE(prior_transforms=10**9)

@@ -27,7 +27,10 @@ bound, so no argument can be left out by hand). :func:`to_config` turns them int
 
 Anything else (an unregistered activation, a hand-written network) is refused when the model is
 saved, by a :class:`~flowforge.errors.RebuildError` naming the argument and its type, never
-dropped. :func:`from_config` calls the constructors again with the decoded arguments.
+dropped. :func:`from_config` calls the constructors again with the decoded arguments; while it
+does, :func:`rebuilding` is true, so a constructor that refuses settings it would ignore (another
+head's in a policy config, the flow posterior's in a Gaussian VAE) still rebuilds a model saved
+before it refused them: such settings never did anything.
 
 >>> import torch
 >>> from flowforge.flows import RealNVP
@@ -41,6 +44,7 @@ dropped. :func:`from_config` calls the constructors again with the decoded argum
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import functools
@@ -257,10 +261,25 @@ def from_config(config: dict[str, Any], where: str = "config") -> Any:
                 kwargs[parameter.name] = value
         if decoded:
             raise CheckpointError(f"{where}: {cls.__qualname__} takes no argument(s) {', '.join(sorted(decoded))}")
+    token = _REBUILDING.set(True)
     try:
         return cls(*args, **kwargs)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{where} does not build a {cls.__qualname__}: {error}") from error
+    finally:
+        _REBUILDING.reset(token)
+
+
+_REBUILDING = contextvars.ContextVar("flowforge_rebuilding", default=False)
+
+
+def rebuilding() -> bool:
+    """Whether the constructor running now is :func:`from_config` rebuilding a saved config.
+
+    Constructors consult it only to skip refusing settings they would ignore (see the module
+    docstring); every value is still checked.
+    """
+    return _REBUILDING.get()
 
 
 class Rebuildable:
@@ -298,6 +317,7 @@ __all__ = [
     "lookup",
     "name_of",
     "names",
+    "rebuilding",
     "register",
     "register_class",
     "to_config",

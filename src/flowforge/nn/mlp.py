@@ -41,6 +41,8 @@ class MLP(nn.Sequential):
         activation = check_activation("activation", activation)
         dropout = check_dropout("dropout", dropout)
         widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+        if dropout and len(widths) < 3:
+            raise ValueError(f"dropout = {dropout}: dropout acts after hidden layers, and hidden is empty")
         if any(w < 1 for w in widths):
             raise ValueError(
                 f"MLP widths must be positive, got in={in_features}, hidden={tuple(hidden)}, out={out_features}"

@@ -7,10 +7,7 @@ value fails with the key's name before any model exists.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
 from flowforge.config import check_choice, check_integer, check_range
@@ -19,7 +16,7 @@ from flowforge.matching.shortcut import MAX_HALVINGS
 from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
-from flowforge.registry import lookup, names, register
+from flowforge.registry import lookup, names, rebuilding, register
 from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
 
 #: The data set features a policy can read as its state.
@@ -329,27 +326,12 @@ class PolicyConfig:
             )
 
 
-#: Set while a saved policy is rebuilt: policies saved before :func:`check_used_settings` existed may
-#: carry another head's settings, which never did anything, and must still load.
-_LOADING_SAVED = contextvars.ContextVar("loading_saved_policy", default=False)
-
-
-@contextlib.contextmanager
-def loading_saved_policy() -> Iterator[None]:
-    """Within this block :class:`PolicyConfig` accepts other heads' settings (see :func:`check_used_settings`)."""
-    token = _LOADING_SAVED.set(True)
-    try:
-        yield
-    finally:
-        _LOADING_SAVED.reset(token)
-
-
 def check_used_settings(config: PolicyConfig) -> None:
     """Refuse a head's own settings given to a head that would ignore them (a temperature for the
     MSE baseline, DDIM steps for a flow): a config says what its policy does. Every new
-    :class:`PolicyConfig` is checked; saved policies of earlier releases load under
-    :func:`loading_saved_policy`."""
-    if _LOADING_SAVED.get():
+    :class:`PolicyConfig` is checked; saved policies of earlier releases, which may carry such
+    settings, still rebuild (:func:`flowforge.registry.rebuilding`)."""
+    if rebuilding():
         return
     defaults = {f.name: f.default for f in fields(config)}
     unused = []
@@ -375,5 +357,4 @@ __all__ = [
     "STATE_KEYS",
     "PolicyConfig",
     "check_used_settings",
-    "loading_saved_policy",
 ]

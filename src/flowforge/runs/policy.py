@@ -45,7 +45,6 @@ from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError, is_out_of_memory, memory_asked
 from flowforge.policy import POLICY_KINDS, build_policy
-from flowforge.policy.config import loading_saved_policy
 from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
     CAMERA_PREFIX,
@@ -434,6 +433,5 @@ def load_policy(directory: str | Path, map_location: str | torch.device | None =
         config = arguments["config"]
     if config is not None:
         manifest = {**manifest, "model": {"__object__": "chunk-policy", "arguments": {"config": config}}}
-    with loading_saved_policy():
-        policy = load_model_from_manifest(directory, manifest, ChunkPolicy, map_location)
+    policy = load_model_from_manifest(directory, manifest, ChunkPolicy, map_location)
     return policy.eval()
