@@ -218,8 +218,7 @@ def _policy_run_config(document: dict[str, Any], source: str) -> PolicyRunConfig
             f"{source}: [policy] {given[0]} = {table[given[0]]!r}: a policy run takes {given[0]} from its data "
             "set; leave it out"
         )
-    run = build_config(PolicyRunConfig, document, source)
-    return run
+    return build_config(PolicyRunConfig, document, source)
 
 
 def prepare_policy(
