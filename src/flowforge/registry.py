@@ -27,10 +27,11 @@ bound, so no argument can be left out by hand). :func:`to_config` turns them int
 
 Anything else (an unregistered activation, a hand-written network) is refused when the model is
 saved, by a :class:`~flowforge.errors.RebuildError` naming the argument and its type, never
-dropped. :func:`from_config` calls the constructors again with the decoded arguments; while it
-does, :func:`rebuilding` is true, so a constructor that refuses settings it would ignore (another
-head's in a policy config, the flow posterior's in a Gaussian VAE) still rebuilds a model saved
-before it refused them: such settings never did anything.
+dropped. :func:`from_config` calls the constructors again with the decoded arguments. A
+constructor refuses settings it would not read (another head's in a policy config, the flow
+posterior's in a Gaussian VAE) with :func:`refuse_unread`, which lets them pass while
+:func:`from_config` runs (:func:`rebuilding`): a model saved before it refused them still
+rebuilds, and such settings never did anything.
 
 >>> import torch
 >>> from flowforge.flows import RealNVP
@@ -56,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowforge.errors import CheckpointError, RebuildError
+from flowforge.errors import CheckpointError, ConfigError, RebuildError
 
 T = TypeVar("T", bound=type)
 
@@ -274,12 +275,23 @@ _REBUILDING = contextvars.ContextVar("flowforge_rebuilding", default=False)
 
 
 def rebuilding() -> bool:
-    """Whether the constructor running now is :func:`from_config` rebuilding a saved config.
-
-    Constructors consult it only to skip refusing settings they would ignore (see the module
-    docstring); every value is still checked.
-    """
+    """Whether the constructor running now is :func:`from_config` rebuilding a saved config."""
     return _REBUILDING.get()
+
+
+def refuse_unread(cls: type, given: dict[str, Any], why: str) -> None:
+    """Refuse settings a ``cls`` being built would not read: the first of ``given`` (name -> value)
+    that is not its default in ``cls``'s signature raises ``ConfigError("name = value: why; leave
+    it out")``. Skipped while :func:`from_config` rebuilds a saved config (see the module
+    docstring); the values themselves are checked by the constructor either way."""
+    if rebuilding():
+        return
+    parameters = inspect.signature(cls).parameters
+    for name, value in given.items():
+        default = parameters[name].default
+        same = list(value) == list(default) if isinstance(default, tuple | list) else value == default
+        if not same:
+            raise ConfigError(f"{name} = {value!r}: {why}; leave it out")
 
 
 class Rebuildable:
@@ -318,6 +330,7 @@ __all__ = [
     "name_of",
     "names",
     "rebuilding",
+    "refuse_unread",
     "register",
     "register_class",
     "to_config",

@@ -91,7 +91,6 @@ Example (train it with :class:`~flowforge.train.objectives.NegativeELBO` and the
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -102,7 +101,7 @@ from torch import Tensor, nn
 from flowforge.flows.base import Flow
 from flowforge.flows.recipes import MAF, NSF, RealNVP
 from flowforge.nn import MLP
-from flowforge.registry import Rebuildable, rebuilding, register
+from flowforge.registry import Rebuildable, refuse_unread, register
 from flowforge.transforms import (
     AffineCoupling,
     AffineElementwise,
@@ -151,7 +150,7 @@ def _check_latents(z: object, latent: int) -> None:
         raise ValueError("z must be finite (NaN or inf found)")
 
 
-def _refuse_unused(given: dict[str, object], posterior: str, prior: str, likelihood: str) -> None:
+def _refuse_unread(given: dict[str, object], posterior: str, prior: str, likelihood: str) -> None:
     """Refuse an argument the chosen posterior, prior and decoder never read, given a value other
     than its default (flow layers for a Gaussian posterior, spline bins for an affine one)."""
     readers = {
@@ -172,13 +171,9 @@ def _refuse_unused(given: dict[str, object], posterior: str, prior: str, likelih
             f"likelihood = {likelihood!r} does not read it (the discrete likelihoods do)",
         ),
     }
-    defaults = {name: parameter.default for name, parameter in inspect.signature(VAE.__init__).parameters.items()}
     for names, (read, why) in readers.items():
-        for name in names:
-            value, default = given[name], defaults[name]
-            same = tuple(value) == tuple(default) if isinstance(default, tuple) else value == default
-            if not read and not same:
-                raise ValueError(f"{name} = {value!r}: {why}; leave it out")
+        if not read:
+            refuse_unread(VAE, {name: given[name] for name in names}, why)
 
 
 @register("vae")
@@ -255,18 +250,17 @@ class VAE(Rebuildable, nn.Module):
         decoder_dropout = check_dropout("decoder_dropout", decoder_dropout)
         if decoder_dropout and not hidden:
             raise ValueError(f"decoder_dropout = {decoder_dropout}: the decoder has no hidden layers (hidden = ())")
-        if not rebuilding():  # a VAE saved before this rule still rebuilds (nothing read these)
-            given = dict(
-                transforms=transforms,
-                flow_hidden=flow_hidden,
-                encoder_context=encoder_context,
-                bins=bins,
-                bound=bound,
-                prior_transforms=prior_transforms,
-                prior_hidden=prior_hidden,
-                levels=levels,
-            )
-            _refuse_unused(given, posterior, prior, likelihood)
+        given = dict(
+            transforms=transforms,
+            flow_hidden=flow_hidden,
+            encoder_context=encoder_context,
+            bins=bins,
+            bound=bound,
+            prior_transforms=prior_transforms,
+            prior_hidden=prior_hidden,
+            levels=levels,
+        )
+        _refuse_unread(given, posterior, prior, likelihood)  # not when a saved VAE rebuilds
         if posterior == "coupling" and latent < 2:
             raise ValueError(f"posterior 'coupling' needs latent >= 2 (a coupling splits z in two), got {latent}")
         if prior == "realnvp" and latent < 2:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.nn.velocity import _TimeInputs, network_context
-from flowforge.registry import rebuilding, register
+from flowforge.registry import refuse_unread, register
 from flowforge.validation import check_batched, check_count, check_dropout, describe_shape, is_count, model_dtype
 
 
@@ -171,10 +171,8 @@ class UNetVelocity(nn.Module):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
         dropout = check_dropout("dropout", dropout)
-        if not attention and heads != 4 and not rebuilding():  # 4: the default; a saved net still rebuilds
-            raise ValueError(
-                f"heads = {heads}: attention = False does not read it; set attention = True or leave it out"
-            )
+        if not attention:
+            refuse_unread(UNetVelocity, {"heads": heads}, "attention = False does not read it (attention = True does)")
         factor = 2 ** (len(multipliers) - 1)
         if shape[1] % factor or shape[2] % factor:
             raise ValueError(

@@ -8,7 +8,7 @@ value fails with the key's name before any model exists.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from flowforge.config import check_choice, check_integer, check_range
 from flowforge.errors import ConfigError
@@ -16,7 +16,7 @@ from flowforge.matching.shortcut import MAX_HALVINGS
 from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
-from flowforge.registry import lookup, names, rebuilding, register
+from flowforge.registry import lookup, names, refuse_unread, register
 from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
 
 #: The data set features a policy can read as its state.
@@ -330,22 +330,15 @@ def check_used_settings(config: PolicyConfig) -> None:
     """Refuse a head's own settings given to a head that would ignore them (a temperature for the
     MSE baseline, DDIM steps for a flow): a config says what its policy does. Every new
     :class:`PolicyConfig` is checked; saved policies of earlier releases, which may carry such
-    settings, still rebuild (:func:`flowforge.registry.rebuilding`)."""
-    if rebuilding():
-        return
-    defaults = {f.name: f.default for f in fields(config)}
-    unused = []
+    settings, still rebuild (:func:`flowforge.registry.refuse_unread`)."""
     for kind, settings in HEAD_SETTINGS.items():
         if config.kind != kind:
-            unused += [(name, "the DDPM baseline" if kind == "ddpm" else f"the {kind} head") for name in settings]
+            user = "the DDPM baseline" if kind == "ddpm" else f"the {kind} head"
+            given = {name: getattr(config, name) for name in settings}
+            refuse_unread(PolicyConfig, given, f"kind = {config.kind!r} does not use it (it is for {user})")
     if config.kind in ("mse", "ddpm"):
-        unused += [(name, "the flow heads") for name in FLOW_SAMPLING_SETTINGS]
-    for name, user in unused:
-        if getattr(config, name) != defaults[name]:
-            raise ConfigError(
-                f"{name} = {getattr(config, name)!r}: kind = {config.kind!r} does not use it "
-                f"(it is for {user}); leave it out"
-            )
+        given = {name: getattr(config, name) for name in FLOW_SAMPLING_SETTINGS}
+        refuse_unread(PolicyConfig, given, f"kind = {config.kind!r} does not use it (it is for the flow heads)")
 
 
 __all__ = [
