@@ -324,6 +324,12 @@ BAD_VALUES = [
         "test_fraction = 0.0001 holds out 0 of the 1797 digits",
     ),
     (['data.name="digits-images"', 'model.kind="glow"', "data.test_fraction=0.9999"], None, "holds out 1797"),
+    (['model.dequantization="variational"'], None, "dequantization = 'variational': the data are not integer"),
+    (
+        ['data.name="digits"', 'model.kind="flow-matching"', 'model.dequantization="variational"'],
+        None,
+        "dequantization = 'variational': a flow matcher dequantizes each batch uniformly",
+    ),
 ]
 
 

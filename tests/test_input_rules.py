@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from flowforge.flows import CNF, Dequantized, RealNVP
+from flowforge.flows import CNF, MAF, NSF, Dequantized, RealNVP
 from flowforge.matching import ConsistencyMatcher, FlowMatcher, LinearPath, ShortcutMatcher
 from flowforge.nn import VelocityMLP
 from flowforge.transforms.continuous import ContinuousFlowTransform
@@ -275,8 +275,11 @@ def test_shortcut_sample_steps_are_checked() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"steps": 0}, "steps must be a positive int, got 0"),
-        ({"steps": 2.5}, "steps must be a positive int, got 2.5"),
+        ({"method": "rk4", "steps": 0}, "steps must be a positive int, got 0"),
+        ({"method": "rk4", "steps": 2.5}, "steps must be a positive int, got 2.5"),
+        ({"steps": 20}, "steps = 20: method 'dopri5' chooses its own steps"),
+        ({"method": "rk4", "atol": 1e-5}, "atol = 1e-05: method 'rk4' takes equal steps and reads no tolerance"),
+        ({"method": "euler", "rtol": 1e-3}, "rtol = 0.001: method 'euler' takes equal steps"),
         ({"atol": 0.0}, "atol must be a finite number > 0, got 0.0"),
         ({"rtol": NAN}, "rtol must be a finite number > 0, got nan"),
         ({"atol": INF}, "atol must be a finite number > 0, got inf"),
@@ -301,7 +304,7 @@ def test_constructor_types_are_checked() -> None:
 def test_fixed_step_sampling_still_works_with_checks() -> None:
     matcher = _matcher()
     assert math.isfinite(float(matcher.sample(3, steps=2, method="rk4").sum()))
-    assert matcher.sample(3, steps=1, method="dopri5", atol=1e-3, rtol=1e-3).shape == (3, 2)
+    assert matcher.sample(3, method="dopri5", atol=1e-3, rtol=1e-3).shape == (3, 2)
 
 
 # ------------------------------------------------------------------ the newer families' arguments
@@ -436,3 +439,48 @@ def test_unet_forward_casts_x_and_checks_t_and_step() -> None:
         net(x, torch.rand(2), step=torch.rand(3))
     with pytest.raises(ValueError, match="step must be a finite step size >= 0"):
         net(x, torch.rand(2), step=NAN)
+
+
+def test_adjoint_with_a_fixed_step_method_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="adjoint = True needs an adaptive method; method 'rk4' takes fixed steps"):
+        CNF(2, hidden=(4,), method="rk4", adjoint=True)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: RealNVP(2, seed=3), "seed = 3: no permutation is drawn (2 features, 8 couplings"),
+        (lambda: RealNVP(4, transforms=2, seed=3), "seed = 3: no permutation is drawn (4 features, 2 couplings"),
+        (lambda: NSF(4, seed=1), "seed = 1: autoregressive layers draw no permutation"),
+        (lambda: NSF(4, autoregressive=False, residual=True), "residual = True: coupling layers"),
+        (lambda: NSF(4, autoregressive=False, mixing="lu"), "mixing = 'lu': coupling layers"),
+        (lambda: MAF(3, hidden=(16,), residual=True), "residual = True: hidden = [16] has no layer after the first"),
+        (lambda: MAF(3, transforms=1, mixing="lu"), "mixing = 'lu': transforms = 1 leaves no gap between layers"),
+        (lambda: MAF(3, transforms=1, batch_norm=True), "batch_norm = True: transforms = 1 leaves no gap"),
+        (lambda: Dequantized(RealNVP(2), 17, hidden=64), "hidden = 64: uniform dequantization"),
+    ],
+)
+def test_a_recipe_refuses_a_setting_its_other_options_leave_unread(build, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message) + ".*; leave it out"):
+        build()
+
+
+def test_the_settings_a_recipe_reads_still_build_and_a_saved_one_rebuilds() -> None:
+    from flowforge.registry import from_config
+
+    torch.manual_seed(0)
+    read = [
+        RealNVP(3, transforms=3, seed=3),
+        NSF(4, autoregressive=False, seed=2),
+        MAF(3, hidden=(8, 8), residual=True),
+        Dequantized(RealNVP(2), 17, variational=True, hidden=8),
+    ]
+    assert [type(model).__name__ for model in read] == ["RealNVP", "NSF", "MAF", "Dequantized"]
+    # saved before the rule: a 2-feature RealNVP with a seed of its own still loads, same weights
+    flow = RealNVP(2, transforms=2, hidden=(4,))
+    saved = flow.to_config()
+    saved["arguments"]["seed"] = 5
+    rebuilt = from_config(saved)
+    rebuilt.load_state_dict(flow.state_dict())
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(rebuilt.log_prob(x), flow.log_prob(x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -163,3 +164,48 @@ def test_bad_solver_inputs_are_refused_at_entry() -> None:
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_a_setting_the_method_would_not_read_is_refused_not_dropped() -> None:
+    """steps of an adaptive method, tolerances of a fixed-step one: each refused by name, at every
+    entry that takes them, and a config saved before the rule still rebuilds."""
+    from flowforge.flows import CNF
+    from flowforge.matching import FlowMatcher
+    from flowforge.matching.functional import integrate
+    from flowforge.nn import VelocityMLP
+    from flowforge.ode import solver_settings
+    from flowforge.registry import from_config
+
+    assert solver_settings("rk4") == (10, None, None)
+    assert solver_settings("rk4", default_steps=50) == (50, None, None)
+    assert solver_settings("dopri5", rtol=1e-3) == (None, 1e-5, 1e-3)
+    ones = torch.ones(2, 1)
+    matcher = FlowMatcher(VelocityMLP(1, hidden=(4,)))
+    cnf = CNF(1, hidden=(4,), method="rk4", steps=3)
+    adaptive_steps = "steps = 8: method 'dopri5' chooses its own steps"
+    fixed_tolerance = "atol = 0.001: method 'rk4' takes equal steps and reads no tolerance"
+    cases = [
+        (lambda: odeint(_linear, ones, (0.0, 1.0), "dopri5", 8), adaptive_steps),
+        (lambda: odeint(_linear, ones, (0.0, 1.0), "rk4", atol=1e-3), fixed_tolerance),
+        (lambda: integrate(_linear, ones, method="dopri5", steps=8), adaptive_steps),
+        (lambda: matcher.sample(2, steps=8, method="dopri5"), adaptive_steps),
+        (lambda: matcher.sample(2, method="rk4", atol=1e-3), fixed_tolerance),
+        (lambda: matcher.log_prob(ones, steps=8), adaptive_steps),
+        (lambda: matcher.log_prob(ones, method="rk4", atol=1e-3), fixed_tolerance),
+        (lambda: CNF(1, hidden=(4,), steps=8), adaptive_steps),
+        (lambda: CNF(1, hidden=(4,), method="rk4", atol=1e-3), fixed_tolerance),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    # before the rule every CNF saved all three; rebuilt, the method keeps what it reads
+    saved = cnf.to_config()
+    saved["arguments"].update(atol=1e-5, rtol=1e-5)
+    rebuilt = from_config(saved)
+    assert (rebuilt.transform.steps, rebuilt.transform.atol, rebuilt.transform.rtol) == (3, None, None)
+    saved["arguments"].update(method="dopri5", steps=20, atol=1e-4)
+    rebuilt = from_config(saved)
+    assert (rebuilt.transform.steps, rebuilt.transform.atol, rebuilt.transform.rtol) == (None, 1e-4, 1e-5)
+    # the defaults fill in what the method reads: 50 fixed steps for a likelihood, as documented
+    x = torch.randn(3, 1)
+    torch.testing.assert_close(matcher.log_prob(x, method="rk4"), matcher.log_prob(x, method="rk4", steps=50))

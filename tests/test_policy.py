@@ -19,6 +19,7 @@ from flowforge.policy import (
     DiffusionHead,
     HierarchicalFlowHead,
     PolicyConfig,
+    Sampling,
     build_policy,
 )
 from tests.invariants import parameters_without_gradient
@@ -267,6 +268,50 @@ def test_a_config_refuses_another_heads_settings_and_a_saved_one_still_loads(tmp
     torch.testing.assert_close(loaded.predict_chunk(batch).actions, policy.eval().predict_chunk(batch).actions)
     with pytest.raises(ValueError, match=r"noise_scale = 0\.2: kind = 'mse'"):  # only loading is lenient
         dataclasses.replace(loaded.policy_config)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"augmentation": "crop"}, "augmentation = 'crop': image_shape is not set"),
+        ({"cameras": ["corner"]}, r"cameras = \['corner'\]: set image_shape \(e\.g\. \[3, 84, 84\]\) to use images"),
+        ({"image_normalization": "mean_std"}, "image_normalization = 'mean_std': image_shape is not set"),
+        ({"image": True, "keypoints": 8}, "keypoints = 8: image_encoder = 'conv' has its own three convolutions"),
+        ({"image": True, "image_channels": [8, 16]}, r"image_channels = \[8, 16\]: image_encoder = 'conv'"),
+        ({"image": True, "augmentation_pixels": 6}, "augmentation_pixels = 6: augmentation = 'none' moves no pixel"),
+        ({"kind": "mse", "time_embedding_frequency": 4.0}, "time_embedding_frequency = 4.0: kind = 'mse' regresses"),
+    ],
+)
+def test_a_config_refuses_image_and_time_settings_its_policy_would_not_read(changes: dict, message: str) -> None:
+    changes = dict(changes)
+    kind, image = changes.pop("kind", "flow"), changes.pop("image", False)
+    with pytest.raises(ValueError, match=message):
+        _config(kind, image, **changes)
+
+
+def test_the_image_settings_an_encoder_reads_are_accepted() -> None:
+    config = _config(
+        "flow", True, image_encoder="resnet-keypoints", keypoints=8, image_channels=[8, 16], augmentation="shift"
+    )
+    assert (config.keypoints, config.image_channels, config.augmentation_pixels) == (8, [8, 16], 4)
+    assert _config("flow", True, augmentation="crop", augmentation_pixels=6).augmentation_pixels == 6
+
+
+def test_an_adaptive_solver_takes_no_step_count() -> None:
+    """A policy sampling with dopri5 chooses its own steps: a step count given to it, in the config or
+    in a call, is refused by name; with none given it samples, and a fixed-step override still works."""
+    with pytest.raises(ValueError, match=r"sampling_steps = 12: method = 'dopri5' chooses its own steps"):
+        _config("flow", method="dopri5", sampling_steps=12)
+    policy = _policy("flow", method="dopri5").eval()
+    batch = _batch()
+    assert policy.sampling() == Sampling(None, "dopri5", 1.0)
+    assert torch.isfinite(policy.predict_chunk(batch).actions).all()
+    with pytest.raises(ValueError, match=r"steps = 4: method 'dopri5' chooses its own steps"):
+        policy.predict_chunk(batch, steps=4)
+    assert policy.predict_chunk(batch, steps=4, method="rk4").nfe == 16
+    with pytest.raises(ValueError, match=r"steps = 4: method 'dopri5' chooses its own steps"):
+        policy.log_prob(batch, steps=4)
+    assert policy.log_prob(batch, method="rk4", steps=4).shape == (6,)
 
 
 def test_wilson_interval() -> None:

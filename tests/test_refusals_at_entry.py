@@ -177,7 +177,7 @@ def test_a_saved_model_keeps_the_arguments_it_was_built_with() -> None:
 
     shape, hidden = [1, 4, 4], [8]
     glow = Glow(shape, levels=1, steps=1, hidden_channels=4)
-    flow = RealNVP(3, transforms=2, hidden=hidden, seed=np.int64(3), scale_bound=np.float32(2.0))
+    flow = RealNVP(3, transforms=3, hidden=hidden, seed=np.int64(3), scale_bound=np.float32(2.0))
     shape[1], hidden[0] = 8, 16  # the caller's lists change after construction
     x = torch.randn(5, 3)
     with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:

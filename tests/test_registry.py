@@ -48,14 +48,14 @@ CASES: dict[str, list] = {
     "realnvp": [lambda: RealNVP(3, 2, 3, (8, 7), scale_bound=2.0, activation=nn.Tanh, seed=5)],
     "nice": [lambda: NICE(3, 2, 3, (8,), activation=nn.GELU, seed=2)],
     "maf": [
-        lambda: MAF(3, 2, 3, (8,), residual=True, mixing="lu", batch_norm=True, scale_bound=2.0, activation=nn.ELU)
+        lambda: MAF(3, 2, 3, (8, 8), residual=True, mixing="lu", batch_norm=True, scale_bound=2.0, activation=nn.ELU)
     ],
     "iaf": [
-        lambda: IAF(3, 2, 2, (8,), residual=True, mixing="lu", scale_bound=2.5, activation=nn.Tanh),
+        lambda: IAF(3, 2, 2, (8, 8), residual=True, mixing="lu", scale_bound=2.5, activation=nn.Tanh),
     ],
     "nsf": [
-        lambda: NSF(3, 2, 2, (8,), bins=5, bound=3.0, autoregressive=False, activation=nn.SiLU, seed=4),
-        lambda: NSF(3, 2, 2, (8,), bins=4, residual=True, mixing="lu"),
+        lambda: NSF(3, 2, 3, (8,), bins=5, bound=3.0, autoregressive=False, activation=nn.SiLU, seed=4),
+        lambda: NSF(3, 2, 2, (8, 8), bins=4, residual=True, mixing="lu"),
     ],
     "cnf": [
         lambda: CNF(2, 2, (8,), trace="hutchinson", method="bosh3", atol=1e-4, rtol=1e-4, adjoint=True),
@@ -193,11 +193,12 @@ def _policy_case(kind: str, **changes):
             image_shape=[3, 48, 48],
             language=True,
             instructions=["reach the goal", "open the drawer"],
-            time_embedding_frequency=4.0,
             state_normalization="min_max",
             action_normalization="mean_std",
             **_OWN_SETTINGS[kind],
         )
+        if kind != "mse":  # the regression head embeds no flow time
+            settings["time_embedding_frequency"] = 4.0
         settings.update(changes)
         policy = registry.lookup("policy", "chunk-policy")(PolicyConfig(**settings))
         if settings["language"]:

@@ -143,7 +143,8 @@ def test_spatial_softmax_finds_the_peak_of_one_hot_maps() -> None:
 
 @pytest.mark.parametrize("image_encoder", ["conv", "resnet-keypoints"])
 def test_each_cameras_tokens_reach_the_expert(image_encoder: str) -> None:
-    policy = _policy(image_encoder=image_encoder).train()
+    keypoint_settings = {} if image_encoder == "resnet-keypoints" else {"keypoints": 32, "image_channels": [16, 32, 64]}
+    policy = _policy(image_encoder=image_encoder, **keypoint_settings).train()  # conv: the defaults, unread
     batch = _batch(policy)
     for key in policy.policy_config.image_keys:  # pixel values as floats, so that they have a gradient
         batch[key] = batch[key].float().requires_grad_()

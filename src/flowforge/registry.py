@@ -287,8 +287,10 @@ def refuse_unread(cls: type, given: dict[str, Any], why: str) -> None:
     if rebuilding():
         return
     parameters = inspect.signature(cls).parameters
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     for name, value in given.items():
-        default = parameters[name].default
+        factory = factories.get(name, dataclasses.MISSING)
+        default = parameters[name].default if factory is dataclasses.MISSING else factory()
         same = list(value) == list(default) if isinstance(default, tuple | list) else value == default
         if not same:
             raise ConfigError(f"{name} = {value!r}: {why}; leave it out")

@@ -29,7 +29,8 @@ class CNF(Flow):
         hidden: hidden widths of the velocity MLP (input ``[x, t, context]``).
         trace: ``"exact"`` (cost grows with ``features``) or ``"hutchinson"`` (one probe, unbiased).
         method, atol, rtol, adjoint, steps: see :class:`ContinuousFlowTransform`; all checked here,
-            at construction.
+            at construction (``steps`` only with a fixed-step method, ``atol``/``rtol`` only with
+            an adaptive one).
 
     Inputs follow the input rule of :mod:`flowforge.validation`, like every :class:`Flow`:
     ``log_prob`` of 0 rows is an empty ``(0,)`` tensor (no solve).
@@ -47,11 +48,11 @@ class CNF(Flow):
         hidden: Sequence[int] = (64, 64),
         trace: str = "exact",
         method: str = "dopri5",
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float | None = None,
+        rtol: float | None = None,
         adjoint: bool = False,
         *,
-        steps: int = 20,
+        steps: int | None = None,
     ) -> None:
         features = check_count("features", features)
         velocity = VelocityMLP(features, context, hidden)

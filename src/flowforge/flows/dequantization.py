@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from flowforge.flows.base import Flow
 from flowforge.nn import MLP
 from flowforge.nn.conv import ConvConditioner
-from flowforge.registry import Rebuildable, register
+from flowforge.registry import Rebuildable, refuse_unread, register
 from flowforge.transforms.elementwise import soft_clamp
 from flowforge.validation import check_bool, check_count, model_dtype
 
@@ -68,6 +68,10 @@ class Dequantized(Rebuildable, nn.Module):
         self.levels = levels
         self.variational = check_bool("variational", variational)
         hidden = check_count("hidden", hidden)
+        if not self.variational:
+            refuse_unread(
+                Dequantized, {"hidden": hidden}, "uniform dequantization (variational = false) has no noise network"
+            )
         self.event_shape = flow.event_shape
         self.dims = math.prod(self.event_shape)
         self.noise_net: nn.Module | None = None

@@ -15,7 +15,7 @@ from torch import nn
 
 from flowforge.distributions import DiagNormal, StandardNormal
 from flowforge.flows.base import Flow
-from flowforge.registry import register
+from flowforge.registry import refuse_unread, register
 from flowforge.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -61,9 +61,16 @@ def _check_seed(seed: object) -> int:
     return check_count("seed", seed, low=0)
 
 
-def _coupling_stack(features: int, transforms: int, seed: int, make_layer: Any) -> list[Transform]:
+def _coupling_stack(cls: type, features: int, transforms: int, seed: int, make_layer: Any) -> list[Transform]:
     """Couplings with alternating parity masks; above two features, a fixed random permutation
-    after every pair of couplings, so that every feature comes to condition every other."""
+    after every pair of couplings, so that every feature comes to condition every other. A
+    ``seed`` other than ``cls``'s default is refused where no permutation is drawn."""
+    if features <= 2 or transforms < 3:
+        why = (
+            f"no permutation is drawn ({features} features, {transforms} couplings; one follows every "
+            "second coupling but the last, above two features)"
+        )
+        refuse_unread(cls, {"seed": seed}, why)
     layers: list[Transform] = []
     for i in range(transforms):
         layers.append(make_layer(torch.arange(features) % 2 == i % 2))
@@ -105,6 +112,7 @@ class RealNVP(Flow):
         _check_recipe_args("RealNVP", features, context, transforms, hidden)
         seed = _check_seed(seed)
         layers = _coupling_stack(
+            RealNVP,
             features,
             transforms,
             seed,
@@ -139,6 +147,7 @@ class NICE(Flow):
         _check_recipe_args("NICE", features, context, transforms, hidden)
         seed = _check_seed(seed)
         layers = _coupling_stack(
+            NICE,
             features,
             transforms,
             seed,
@@ -151,6 +160,7 @@ _MIXINGS = ("reverse", "lu")
 
 
 def _autoregressive_stack(
+    cls: type,
     features: int,
     transforms: int,
     make_layer: Any,
@@ -164,9 +174,13 @@ def _autoregressive_stack(
     of a reverse permutation between layers, at no cost. ``mixing="lu"`` keeps the natural
     order and puts a learnable :class:`LULinear` between layers. ``batch_norm`` adds a
     :class:`BatchNorm` after every layer but the last (MAF paper). ``invert`` wraps each
-    autoregressive layer in :class:`Invert` (IAF).
+    autoregressive layer in :class:`Invert` (IAF). With one layer there is nothing in between:
+    ``mixing`` or ``batch_norm`` other than ``cls``'s defaults is refused.
     """
     check_choice("mixing", mixing, _MIXINGS)
+    if transforms == 1:
+        given = {"mixing": mixing} | ({"batch_norm": batch_norm} if batch_norm else {})
+        refuse_unread(cls, given, "transforms = 1 leaves no gap between layers to fill")
     natural = torch.arange(features)
     layers: list[Transform] = []
     for i in range(transforms):
@@ -228,6 +242,7 @@ class MAF(Flow):
                 f"{name} samples through the inverse of its layers, which BatchNorm allows in eval mode only"
             )
         layers = _autoregressive_stack(
+            type(self),
             features,
             transforms,
             lambda order: MaskedAutoregressive(
@@ -315,7 +330,9 @@ class NSF(Flow):
         check_choice("mixing", mixing, _MIXINGS)
         seed = _check_seed(seed)
         if autoregressive:
+            refuse_unread(NSF, {"seed": seed}, "autoregressive layers draw no permutation (they alternate orders)")
             layers = _autoregressive_stack(
+                NSF,
                 features,
                 transforms,
                 lambda order: MaskedAutoregressive(
@@ -324,7 +341,10 @@ class NSF(Flow):
                 mixing=mixing,
             )
         else:
+            why = "coupling layers (autoregressive = false) have no MADE and mix by permutations"
+            refuse_unread(NSF, {"residual": residual, "mixing": mixing}, why)
             layers = _coupling_stack(
+                NSF,
                 features,
                 transforms,
                 seed,

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from flowforge.matching.matcher import FlowMatcher
 from flowforge.matching.paths import LinearPath, _expand
 from flowforge.matching.time import UniformTime
+from flowforge.ode import solver_settings
 from flowforge.registry import register
 from flowforge.validation import check_count, check_real, model_dtype
 
@@ -280,22 +281,21 @@ class ConsistencyMatcher(FlowMatcher):
         self,
         n: int,
         context: Tensor | None = None,
-        steps: int = 1,
+        steps: int | None = None,
         method: str = "euler",
         guidance_scale: float | None = None,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float | None = None,
+        rtol: float | None = None,
     ) -> Tensor:
-        """Differentiable samples: one evaluation of :math:`f` from noise, or ``steps`` evaluations of
-        multistep consistency sampling (step i re-noises the estimate to :math:`t = i/k` with fresh
-        noise paired to it by the model's coupling, as in training, and applies :math:`f` again).
-        ``method`` must be ``"euler"`` (the only way this model steps) and ``guidance_scale``
-        ``None``; ``atol``/``rtol`` are accepted for the common signature."""
-        check_count("steps", steps)
-        check_real("atol", atol, positive=True)
-        check_real("rtol", rtol, positive=True)
+        """Differentiable samples: one evaluation of :math:`f` from noise, or ``steps`` (default 1)
+        evaluations of multistep consistency sampling (step i re-noises the estimate to
+        :math:`t = i/k` with fresh noise paired to it by the model's coupling, as in training, and
+        applies :math:`f` again). ``method`` must be ``"euler"`` (the only way this model steps) and
+        ``guidance_scale`` ``None``; ``atol``/``rtol``, in the common signature, are refused, as for
+        any fixed-step method."""
         if method != "euler":
             raise ValueError(f"a consistency model samples by its own steps: method must be 'euler', got {method!r}")
+        steps = solver_settings(method, steps, atol, rtol, default_steps=1)[0]
         if guidance_scale is not None:
             raise ValueError(f"a consistency model samples without guidance; got guidance_scale={guidance_scale}")
         x0, context, shape = self._noise_and_context(n, context)
@@ -318,11 +318,11 @@ class ConsistencyMatcher(FlowMatcher):
         self,
         n: int,
         context: Tensor | None = None,
-        steps: int = 1,
+        steps: int | None = None,
         method: str = "euler",
         guidance_scale: float | None = None,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float | None = None,
+        rtol: float | None = None,
     ) -> Tensor:
         """Samples without gradients; arguments as :meth:`rsample`."""
         return self.rsample(n, context, steps, method, guidance_scale, atol, rtol)

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from flowforge.matching.paths import AffinePath
-from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint
-from flowforge.validation import check_choice, check_unit_times, finite_checks_enabled
+from flowforge.ode import TABLEAUS, odeint, solver_settings
+from flowforge.validation import check_unit_times, finite_checks_enabled
 
 
 @dataclass(frozen=True)
@@ -208,18 +208,19 @@ def integrate(
     x0: Tensor,
     *,
     method: str = "euler",
-    steps: int = 10,
+    steps: int | None = None,
     t_span: tuple[float, float] = (0.0, 1.0),
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    atol: float | None = None,
+    rtol: float | None = None,
     check_end: bool = True,
 ) -> Integration:
     """Integrate ``dx/dt = field(x, t)`` over ``t_span`` with any flowforge solver; the end state and
-    its NFE (``check_end``: as :func:`~flowforge.ode.odeint`)."""
+    its NFE (``steps``, ``atol``, ``rtol`` and ``check_end``: as :func:`~flowforge.ode.odeint`,
+    which refuses a setting the method does not read)."""
+    steps, atol, rtol = solver_settings(method, steps, atol, rtol)
     if method in TABLEAUS:
         x = odeint(field, x0, t_span, method, steps, check_end=check_end)
         return Integration(x, steps * len(TABLEAUS[method].b))
-    check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
     calls = 0
 
     def counted(x: Tensor, t: Tensor) -> Tensor:

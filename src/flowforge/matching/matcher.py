@@ -43,12 +43,11 @@ from flowforge.matching.couplings import Coupling, IndependentCoupling
 from flowforge.matching.functional import flow_matching_loss, integrate
 from flowforge.matching.paths import AffinePath, LinearPath, _expand
 from flowforge.matching.time import TimeSampler, UniformTime
-from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, ButcherTableau, FixedStepSolve, sdeint
+from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, ButcherTableau, FixedStepSolve, sdeint, solver_settings
 from flowforge.registry import Rebuildable, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import (
     check_batched,
-    check_choice,
     check_count,
     check_dropout,
     check_real,
@@ -289,12 +288,6 @@ class FlowMatcher(Rebuildable, nn.Module):
             )
         return guidance_scale
 
-    def _check_solver(self, steps: object, method: object, atol: object, rtol: object) -> None:
-        check_count("steps", steps)
-        check_choice("method", method, _METHODS)
-        check_real("atol", atol, positive=True)
-        check_real("rtol", rtol, positive=True)
-
     # ------------------------------------------------------------------ training
     def loss(
         self,
@@ -422,26 +415,27 @@ class FlowMatcher(Rebuildable, nn.Module):
         self,
         n: int,
         context: Tensor | None = None,
-        steps: int = 10,
+        steps: int | None = None,
         method: str = "euler",
         guidance_scale: float | None = None,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float | None = None,
+        rtol: float | None = None,
     ) -> Tensor:
         """Differentiable samples: integrate the ODE from noise (t = 0) to data (t = 1).
 
         Arguments:
             n: draws (per context row).
             context: (B, context) for a conditional model.
-            steps: fixed steps (the NFE is ``steps`` x stages of ``method``).
+            steps: steps of a fixed-step method, default 10 (the NFE is ``steps`` x stages of ``method``).
             method: ``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"`` or an adaptive method
-                (``"dopri5"``, ...; then ``atol``/``rtol`` apply and ``steps`` does not).
+                (``"dopri5"``, ...; then ``atol``/``rtol`` apply and ``steps`` is refused).
             guidance_scale: classifier-free guidance weight (None: the plain conditional model).
-            atol, rtol: tolerances of an adaptive method (finite, > 0).
+            atol, rtol: tolerances of an adaptive method (finite, > 0; default 1e-5); refused with
+                a fixed-step one.
 
-        Every argument is checked here, once (``steps`` a positive int, ``method`` a known solver).
+        Every argument is checked here, once (:func:`~flowforge.ode.solver_settings`).
         """
-        self._check_solver(steps, method, atol, rtol)
+        steps, atol, rtol = solver_settings(method, steps, atol, rtol)
         x0, context, shape = self._noise_and_context(n, context)
         guidance_scale = self._check_guidance(guidance_scale, context)
         if x0.shape[0] == 0:
@@ -453,9 +447,10 @@ class FlowMatcher(Rebuildable, nn.Module):
         return result.x.reshape(shape)
 
     def sampling_field(
-        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
+        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int | None
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        """The field ``f(x, t)`` the ODE sampler integrates (a few-step model also uses the step size)."""
+        """The field ``f(x, t)`` the ODE sampler integrates (a few-step model also uses the step size;
+        ``steps`` is None for an adaptive method)."""
         return _SamplingField(self, context, guidance_scale, {})
 
     @torch.no_grad()
@@ -463,11 +458,11 @@ class FlowMatcher(Rebuildable, nn.Module):
         self,
         n: int,
         context: Tensor | None = None,
-        steps: int = 10,
+        steps: int | None = None,
         method: str = "euler",
         guidance_scale: float | None = None,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float | None = None,
+        rtol: float | None = None,
     ) -> Tensor:
         """Samples from the ODE, without gradients; arguments as :meth:`rsample`."""
         return self.rsample(n, context, steps, method, guidance_scale, atol, rtol)
@@ -522,22 +517,25 @@ class FlowMatcher(Rebuildable, nn.Module):
         context: Tensor | None = None,
         trace: str = "exact",
         method: str = "dopri5",
-        steps: int = 50,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        steps: int | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
         guidance_scale: float | None = None,
     ) -> Tensor:
         r"""Log-density of the model's ODE at ``x`` (batch, *event), by the instantaneous change of variables.
 
         Integrates :math:`(x, \ell)` from data (t = 1) back to noise (t = 0) with
         :math:`\dot\ell = \nabla\!\cdot v` (:class:`~flowforge.transforms.ContinuousFlowTransform`);
-        ``trace="exact"`` or ``"hutchinson"`` (unbiased, one Rademacher probe per solve). Every argument
-        is checked here, once; ``x`` of 0 rows gives an empty ``(0,)`` tensor.
+        ``trace="exact"`` or ``"hutchinson"`` (unbiased, one Rademacher probe per solve). ``steps``
+        (default 50) for a fixed-step ``method``, ``atol``/``rtol`` (default 1e-5) for an adaptive
+        one; the other kind is refused. Every argument is checked here, once; ``x`` of 0 rows gives
+        an empty ``(0,)`` tensor.
         """
+        steps, atol, rtol = solver_settings(method, steps, atol, rtol, default_steps=50)
         x, context = self._check("x", x, context)
         guidance_scale = self._check_guidance(guidance_scale, context)
         features = prod(self.event_shape)
-        # The transform checks trace, method, steps, atol and rtol as it is built.
+        # The transform checks trace as it is built.
         transform = ContinuousFlowTransform(
             _FlatVelocity(self, guidance_scale), features, self.context_features, trace, method, steps, atol, rtol
         )

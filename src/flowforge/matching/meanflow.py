@@ -38,9 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.matching.functional import mean_flow_loss
-from flowforge.matching.matcher import _METHODS, FlowMatcher, _SamplingField
+from flowforge.matching.matcher import FlowMatcher, _SamplingField
+from flowforge.ode import solver_settings
 from flowforge.registry import register
-from flowforge.validation import check_choice, check_count, check_real
+from flowforge.validation import check_real
 
 
 @register("meanflow")
@@ -146,14 +147,14 @@ class MeanFlowMatcher(FlowMatcher):
         return guided
 
     def sampling_field(
-        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
+        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int | None
     ) -> Callable[[Tensor, Tensor], Tensor]:
         return _SamplingField(self, context, guidance_scale, {"step": self.span_for(method, steps)})
 
-    def span_for(self, method: str, steps: int) -> float:
-        """The span the network is told: ``1/steps`` for Euler, 0 (the instantaneous field) otherwise."""
-        check_count("steps", steps)
-        check_choice("method", method, _METHODS)
+    def span_for(self, method: str, steps: int | None = None) -> float:
+        """The span the network is told: ``1/steps`` for Euler, 0 (the instantaneous field) otherwise
+        (an adaptive method, which takes no ``steps``, included)."""
+        steps = solver_settings(method, steps)[0]
         return 1.0 / steps if method == "euler" else 0.0
 
     def extra_repr(self) -> str:

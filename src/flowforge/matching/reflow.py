@@ -28,6 +28,7 @@ from torch import Tensor
 
 from flowforge.matching.functional import integrate
 from flowforge.matching.matcher import FlowMatcher
+from flowforge.ode import solver_settings
 from flowforge.validation import check_count, check_sample_count
 
 
@@ -49,7 +50,7 @@ def reflow_pairs(
     matcher: FlowMatcher,
     n: int,
     context: Tensor | None = None,
-    steps: int = 100,
+    steps: int | None = None,
     method: str = "rk4",
     batch_size: int = 4096,
     guidance_scale: float | None = None,
@@ -60,13 +61,14 @@ def reflow_pairs(
         matcher: the trained flow.
         n: number of pairs.
         context: (n, context): one condition per pair, for a conditional model.
-        steps, method: the solver for the pairs (accurate pairs make a better student).
+        steps, method: the solver for the pairs (accurate pairs make a better student): 100 steps
+            of ``method`` by default; an adaptive method takes no ``steps``.
         batch_size: pairs solved at once.
         guidance_scale: classifier-free guidance weight of the teacher.
     """
     n, context = _checked_draws(matcher, n, context, "pair")
     batch_size = check_count("batch_size", batch_size)
-    matcher._check_solver(steps, method, 1e-5, 1e-5)
+    steps = solver_settings(method, steps, default_steps=100)[0]
     guidance_scale = matcher._check_guidance(guidance_scale, context)
     noise = matcher.base.sample(n)
     data = torch.empty_like(noise)

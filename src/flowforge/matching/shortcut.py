@@ -29,9 +29,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from flowforge.matching.functional import flow_matching_loss, shortcut_loss, shortcut_step
-from flowforge.matching.matcher import _METHODS, FlowMatcher, _SamplingField
+from flowforge.matching.matcher import FlowMatcher, _SamplingField
+from flowforge.ode import solver_settings
 from flowforge.registry import register
-from flowforge.validation import check_choice, check_count, check_real
+from flowforge.validation import check_count, check_real
 
 #: The largest ``max_halvings``: the smallest step, 2**-20, is still resolved by float32 times.
 MAX_HALVINGS = 20
@@ -113,16 +114,16 @@ class ShortcutMatcher(FlowMatcher):
         return loss
 
     def sampling_field(
-        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int
+        self, context: Tensor | None, guidance_scale: float | None, method: str, steps: int | None
     ) -> Callable[[Tensor, Tensor], Tensor]:
         return _SamplingField(self, context, guidance_scale, {"step": self.step_input_for(method, steps)})
 
-    def step_input_for(self, method: str, steps: int) -> float:
+    def step_input_for(self, method: str, steps: int | None = None) -> float:
         """The step size the network is told: ``1/steps`` for Euler with a trained step (a power of two
-        from 1 down to ``2**(1 - max_halvings)``), otherwise 0, the instantaneous velocity."""
-        check_count("steps", steps)
-        check_choice("method", method, _METHODS)
-        return shortcut_step(method, steps, self.max_halvings)
+        from 1 down to ``2**(1 - max_halvings)``), otherwise 0, the instantaneous velocity (an
+        adaptive method, which takes no ``steps``, included)."""
+        steps = solver_settings(method, steps)[0]
+        return 0.0 if steps is None else shortcut_step(method, steps, self.max_halvings)
 
     def extra_repr(self) -> str:
         return (

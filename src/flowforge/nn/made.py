@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowforge.registry import refuse_unread
 from flowforge.validation import check_activation
 
 
@@ -105,6 +106,10 @@ class MADE(nn.Module):
             raise ValueError(f"hidden must hold at least one positive width, got {hidden}")
         if residual and len(set(hidden)) != 1:
             raise ValueError(f"residual blocks need equal hidden widths, got {hidden}")
+        if len(hidden) == 1:
+            refuse_unread(
+                MADE, {"residual": residual}, f"hidden = {list(hidden)} has no layer after the first to make residual"
+            )
         # A copy: layers built from one order tensor must not share storage (safetensors refuses aliasing).
         order_t = torch.arange(features) if order is None else torch.as_tensor(order, dtype=torch.long).clone()
         if order_t.shape != (features,) or not torch.equal(order_t.sort().values, torch.arange(features)):

@@ -2,10 +2,11 @@
 
 from flowforge.ode.fixed import TABLEAUS, ButcherTableau, FixedStepSolve, integrate_fixed
 from flowforge.ode.sde import SDE_METHODS, sdeint
-from flowforge.ode.solve import ADAPTIVE_METHODS, ODESolverError, odeint
+from flowforge.ode.solve import ADAPTIVE_METHODS, DEFAULT_TOLERANCE, ODESolverError, odeint, solver_settings
 
 __all__ = [
     "ADAPTIVE_METHODS",
+    "DEFAULT_TOLERANCE",
     "SDE_METHODS",
     "TABLEAUS",
     "ButcherTableau",
@@ -14,4 +15,5 @@ __all__ = [
     "integrate_fixed",
     "odeint",
     "sdeint",
+    "solver_settings",
 ]

@@ -20,10 +20,51 @@ from torch import Tensor, nn
 
 from flowforge.errors import ODESolverError
 from flowforge.ode.fixed import TABLEAUS, VelocityField, check_start, checked_end, integrate_fixed, per_sample_time
-from flowforge.validation import check_count, check_real
+from flowforge.validation import check_choice, check_count, check_real
 
 #: Adaptive-step methods, solved by torchdiffeq.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: ``atol`` and ``rtol`` of an adaptive method when none are given.
+DEFAULT_TOLERANCE = 1e-5
+
+
+def solver_settings(
+    method: str,
+    steps: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    *,
+    default_steps: int = 10,
+) -> tuple[int | None, float | None, float | None]:
+    """Check one solve's settings together and fill in the ones left unset: ``(steps, atol, rtol)``.
+
+    A fixed-step method (:data:`~flowforge.ode.TABLEAUS`) takes ``steps`` equal steps
+    (``default_steps`` when ``None``) and no tolerance; an adaptive one (:data:`ADAPTIVE_METHODS`)
+    chooses its own steps to meet ``atol`` and ``rtol`` (:data:`DEFAULT_TOLERANCE` when ``None``).
+    A setting the method would not read is refused, naming it, rather than dropped: a caller who
+    asks for ``steps=100`` of ``dopri5`` would otherwise get a solve of another accuracy than the
+    one asked for. The setting that does not apply comes back as ``None``.
+
+    >>> solver_settings("rk4"), solver_settings("dopri5", atol=1e-7)
+    ((10, None, None), (None, 1e-07, 1e-05))
+    """
+    check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
+    if method in TABLEAUS:
+        for name, value in (("atol", atol), ("rtol", rtol)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} = {value!r}: method {method!r} takes equal steps and reads no tolerance; leave it "
+                    f"out, or pick an adaptive method ({', '.join(ADAPTIVE_METHODS)})"
+                )
+        return check_count("steps", default_steps if steps is None else steps), None, None
+    if steps is not None:
+        raise ValueError(
+            f"steps = {steps!r}: method {method!r} chooses its own steps (atol and rtol set its accuracy); "
+            f"leave it out, or pick a fixed-step method ({', '.join(TABLEAUS)})"
+        )
+    atol = check_real("atol", DEFAULT_TOLERANCE if atol is None else atol, positive=True)
+    rtol = check_real("rtol", DEFAULT_TOLERANCE if rtol is None else rtol, positive=True)
+    return None, atol, rtol
 
 
 class _UnitIntervalField(nn.Module):
@@ -44,10 +85,10 @@ def odeint(
     x0: Tensor,
     t_span: tuple[float | Tensor, float | Tensor],
     method: str = "rk4",
-    steps: int = 10,
+    steps: int | None = None,
     *,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    atol: float | None = None,
+    rtol: float | None = None,
     adjoint: bool = False,
     max_steps: int = 10_000,
     adjoint_tensors: tuple[Tensor, ...] = (),
@@ -62,8 +103,9 @@ def odeint(
         t_span: start and end time, each a float or a tensor of shape (batch,) (per-sample times).
         method: a fixed-step method (:data:`~flowforge.ode.TABLEAUS`) or an adaptive one
             (:data:`ADAPTIVE_METHODS`).
-        steps: number of equal steps (fixed-step methods).
-        atol, rtol: error tolerances (adaptive methods).
+        steps: number of equal steps of a fixed-step method (default 10).
+        atol, rtol: error tolerances of an adaptive method (default 1e-5). A setting the method
+            does not read is refused (:func:`solver_settings`).
         adjoint: backpropagate by solving the adjoint ODE (memory independent of the number of
             steps) instead of through the solver's operations (adaptive methods).
         max_steps: give up after this many adaptive steps.
@@ -88,19 +130,14 @@ def odeint(
     """
     if len(t_span) != 2:
         raise ValueError(f"t_span must be (t0, t1), got {len(t_span)} values")
+    steps, atol, rtol = solver_settings(method, steps, atol, rtol)
     if method in TABLEAUS:
         if adjoint:
             raise ValueError("adjoint=True needs an adaptive method; fixed-step methods backpropagate directly")
         return integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method], check_end=check_end)
-    if method not in ADAPTIVE_METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; fixed-step: {', '.join(TABLEAUS)}; adaptive: {', '.join(ADAPTIVE_METHODS)}"
-        )
     if adjoint and not isinstance(f, nn.Module):
         raise ValueError("adjoint=True needs f to be an nn.Module (its parameters are what the adjoint differentiates)")
     x0 = check_start(x0)
-    check_real("atol", atol, positive=True)
-    check_real("rtol", rtol, positive=True)
     max_steps = check_count("max_steps", max_steps)
     start = per_sample_time("t0", t_span[0], x0)
     span = per_sample_time("t1", t_span[1], x0) - start

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from flowforge.config import check_choice, check_integer, check_range
 from flowforge.errors import ConfigError
 from flowforge.matching.shortcut import MAX_HALVINGS
+from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
 from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
@@ -36,6 +37,16 @@ _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
 FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
 #: The settings each other head reads and no other head does.
+#: Settings only a policy that sees images reads (``image_shape`` set; ``cameras`` has its own check).
+VISION_SETTINGS = (
+    "image_encoder",
+    "keypoints",
+    "image_channels",
+    "augmentation",
+    "augmentation_pixels",
+    "color_jitter",
+    "image_normalization",
+)
 HEAD_SETTINGS = {
     "ddpm": DDPM_SETTINGS,
     "hierarchical": ("keyframe_stride",),
@@ -209,8 +220,6 @@ class PolicyConfig:
         return self.state_key.removeprefix("observation.")
 
     def __post_init__(self) -> None:
-        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
-
         check_choice("kind", self.kind, names(HEAD_CATEGORY))
         check_choice("state_key", self.state_key, STATE_KEYS)
         if not isinstance(self.language, bool):
@@ -328,7 +337,9 @@ class PolicyConfig:
 
 def check_used_settings(config: PolicyConfig) -> None:
     """Refuse a head's own settings given to a head that would ignore them (a temperature for the
-    MSE baseline, DDIM steps for a flow): a config says what its policy does. Every new
+    MSE baseline, DDIM steps for a flow), a step count given to an adaptive solver, and image
+    settings a policy would not read (any without ``image_shape``, the keypoint encoder's with
+    the conv encoder, shift pixels without augmentation): a config says what its policy does. Every new
     :class:`PolicyConfig` is checked; saved policies of earlier releases, which may carry such
     settings, still rebuild (:func:`flowforge.registry.refuse_unread`)."""
     for kind, settings in HEAD_SETTINGS.items():
@@ -339,6 +350,22 @@ def check_used_settings(config: PolicyConfig) -> None:
     if config.kind in ("mse", "ddpm"):
         given = {name: getattr(config, name) for name in FLOW_SAMPLING_SETTINGS}
         refuse_unread(PolicyConfig, given, f"kind = {config.kind!r} does not use it (it is for the flow heads)")
+    elif config.method in ADAPTIVE_METHODS:
+        why = f"method = {config.method!r} chooses its own steps (an adaptive solver)"
+        refuse_unread(PolicyConfig, {"sampling_steps": config.sampling_steps}, why)
+    if config.kind == "mse":
+        why = "kind = 'mse' regresses chunks from learned queries, with no flow time to embed"
+        refuse_unread(PolicyConfig, {"time_embedding_frequency": config.time_embedding_frequency}, why)
+    if config.image_shape is None:
+        given = {name: getattr(config, name) for name in VISION_SETTINGS}
+        refuse_unread(PolicyConfig, given, "image_shape is not set: a state-only policy has no camera to read")
+        return
+    if config.image_encoder == "conv":
+        why = "image_encoder = 'conv' has its own three convolutions (this is the resnet-keypoints encoder's)"
+        refuse_unread(PolicyConfig, {"keypoints": config.keypoints, "image_channels": config.image_channels}, why)
+    if config.augmentation == "none":
+        why = "augmentation = 'none' moves no pixel"
+        refuse_unread(PolicyConfig, {"augmentation_pixels": config.augmentation_pixels}, why)
 
 
 __all__ = [
@@ -348,6 +375,7 @@ __all__ = [
     "GOAL_KEY",
     "HEAD_SETTINGS",
     "STATE_KEYS",
+    "VISION_SETTINGS",
     "PolicyConfig",
     "check_used_settings",
 ]

@@ -261,15 +261,16 @@ class ChunkPolicy(Rebuildable, nn.Module):
         *,
         trace: str = "auto",
         method: str = "dopri5",
-        steps: int = 20,
+        steps: int | None = None,
         noise_scale: float = 1.0,
     ) -> Tensor:
         r"""Log-density (B,) of each chunk ``batch["action"]`` (B, H, A), in the data's units, given its
         observation: the head's (:meth:`~flowforge.policy.heads.FlowHead.log_prob`) in normalised
         units minus :math:`H \sum_j \log s_j`, the log-determinant of the action normaliser
         (scales :math:`s_j`). Flow heads only; ``trace``: ``"exact"``, ``"hutchinson"`` or ``"auto"``
-        (exact up to 64 numbers per chunk). Each chunk is scored whole: ``action_is_pad`` is not
-        read, and padded steps (a data set's last action repeated) count like any other."""
+        (exact up to 64 numbers per chunk); ``steps`` only for a fixed-step ``method``. Each chunk
+        is scored whole: ``action_is_pad`` is not read, and padded steps (a data set's last action
+        repeated) count like any other."""
         if not hasattr(self.head, "log_prob"):
             kinds = [kind for kind in names(HEAD_CATEGORY) if hasattr(lookup(HEAD_CATEGORY, kind), "log_prob")]
             raise ValueError(

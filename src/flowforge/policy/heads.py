@@ -77,11 +77,12 @@ def head(name: str) -> Callable[[type], type]:
 class Sampling:
     """How one chunk is sampled, resolved from a call's arguments and the config's defaults.
 
-    ``steps``: solver steps (flow heads) or denoising steps (diffusion); ``method``: a flowforge
-    solver (flow heads) or ``"ddim"``/``"ddpm"``; ``noise_scale``: the flow heads' temperature.
+    ``steps``: solver steps (flow heads; None for an adaptive solver, which chooses its own) or
+    denoising steps (diffusion); ``method``: a flowforge solver (flow heads) or
+    ``"ddim"``/``"ddpm"``; ``noise_scale``: the flow heads' temperature.
     """
 
-    steps: int
+    steps: int | None
     method: str
     noise_scale: float
 
@@ -213,20 +214,18 @@ class FlowHead(PolicyHead):
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
     ) -> Sampling:
-        from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
+        from flowforge.ode import TABLEAUS, solver_settings
 
         config = self.config
         if self.own_steps:  # a head with its own update: Euler-like steps only
             method = "euler" if method is None else method
             if method != "euler":
                 raise ValueError(f"method = {method!r}: {self.own_steps}; use 'euler'")
-        sampling = Sampling(
-            config.sampling_steps if steps is None else steps,
-            config.method if method is None else method,
-            config.noise_scale if noise_scale is None else noise_scale,
-        )
-        check_count("steps", sampling.steps, high=MAX_SAMPLER_STEPS)
-        check_choice("method", sampling.method, (*TABLEAUS, *ADAPTIVE_METHODS))
+        method = config.method if method is None else method
+        if method in TABLEAUS:  # an adaptive method reads no step count
+            steps = check_count("steps", config.sampling_steps if steps is None else steps, high=MAX_SAMPLER_STEPS)
+        steps = solver_settings(method, steps)[0]  # checks the method; refuses steps for an adaptive one
+        sampling = Sampling(steps, method, config.noise_scale if noise_scale is None else noise_scale)
         check_real("noise_scale", sampling.noise_scale, non_negative=True)
         return sampling
 
@@ -283,10 +282,10 @@ class FlowHead(PolicyHead):
         *,
         trace: str = "auto",
         method: str = "dopri5",
-        steps: int = 20,
+        steps: int | None = None,
         noise_scale: float = 1.0,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        atol: float | None = None,
+        rtol: float | None = None,
     ) -> Tensor:
         r"""Log-density (B,) of normalised chunks (B, H, A) under this head's ODE, given ``cache``.
 
@@ -296,7 +295,8 @@ class FlowHead(PolicyHead):
         :math:`\tau` = ``noise_scale`` (the density of what sampling at that temperature draws).
         ``trace``: ``"exact"`` (H A backward passes per evaluation), ``"hutchinson"`` (one
         Rademacher probe per solve, unbiased), or ``"auto"``: exact up to :data:`EXACT_TRACE_LIMIT`
-        numbers per chunk.
+        numbers per chunk. ``steps`` (default 20) for a fixed-step ``method``, ``atol``/``rtol``
+        (default 1e-5) for an adaptive one, as :class:`~flowforge.transforms.ContinuousFlowTransform`.
         """
         from flowforge.transforms.continuous import ContinuousFlowTransform
 

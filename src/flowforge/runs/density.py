@@ -306,6 +306,16 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
     kind = config.model.kind
     options = dict(config.model.options)
     event_shape = data.event_shape if data is not None else (TARGETS[config.objective.target].features,)
+    if config.model.dequantization != "uniform" and not (data is not None and dequantizes(kind, data.levels)):
+        reads = (
+            "a flow matcher dequantizes each batch uniformly"
+            if kind in MATCHING_MODELS
+            else ("a vae models the counts itself" if kind == "vae" else "the data are not integer counts")
+        )
+        raise ConfigError(
+            f"{source}: [model] dequantization = {config.model.dequantization!r}: {reads}, so nothing is "
+            "dequantized; leave it out"
+        )
     cls = registry.lookup("model", kind)
     try:
         _registered_option(options, "activation", "activation")

@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, odeint
+from flowforge.ode import TABLEAUS, odeint, solver_settings
 from flowforge.ode.divergence import ExactDivergence, HutchinsonDivergence
+from flowforge.registry import rebuilding
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_choice, check_count, check_real
+from flowforge.validation import check_count
 
 
 class _AugmentedField(nn.Module):
@@ -82,12 +83,15 @@ class ContinuousFlowTransform(Transform):
         context: size of the context (0 for none).
         trace: ``"exact"`` or ``"hutchinson"`` (Rademacher probes).
         method: an adaptive (``"dopri5"``, ...) or fixed-step (``"rk4"``, ...) method.
-        steps: steps of a fixed-step method (a positive int).
-        atol, rtol: tolerances of an adaptive method (finite, > 0).
+        steps: steps of a fixed-step method (a positive int; default 20).
+        atol, rtol: tolerances of an adaptive method (finite, > 0; default 1e-5).
         adjoint: backpropagate through the adjoint ODE (memory independent of the step count).
 
     Every argument is checked here, at construction (:mod:`flowforge.validation`), so a bad
-    setting fails before any solve. A batch of 0 rows maps to 0 rows without a solve.
+    setting fails before any solve; a setting the method would not read (``steps`` of an
+    adaptive method, tolerances of a fixed-step one) is refused
+    (:func:`~flowforge.ode.solver_settings`), except while a saved model is rebuilt. A batch of
+    0 rows maps to 0 rows without a solve.
     """
 
     def __init__(
@@ -97,24 +101,29 @@ class ContinuousFlowTransform(Transform):
         context: int = 0,
         trace: str = "exact",
         method: str = "dopri5",
-        steps: int = 20,
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
+        steps: int | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
         adjoint: bool = False,
     ) -> None:
         super().__init__()
         if trace not in ("exact", "hutchinson"):
             raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
-        check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
-        check_count("steps", steps)
+        if rebuilding():  # a model saved before the rule carries all three: keep the ones it reads
+            steps, atol, rtol = (steps, None, None) if method in TABLEAUS else (None, atol, rtol)
+        steps, atol, rtol = solver_settings(method, steps, atol, rtol, default_steps=20)
         check_count("features", features)
         context = check_count("context (0: no context)", context, low=0)
         if not isinstance(adjoint, bool):
             raise TypeError(f"adjoint must be True or False, got {adjoint!r}")
+        if adjoint and method in TABLEAUS:  # odeint refuses it too, but only at the first solve
+            raise ValueError(
+                f"adjoint = True needs an adaptive method; method {method!r} takes fixed steps and "
+                "backpropagates through them directly"
+            )
         self.velocity = velocity
         self.features, self.context_features = int(features), int(context)
-        self.trace, self.method, self.steps = trace, method, steps
-        self.atol, self.rtol = check_real("atol", atol, positive=True), check_real("rtol", rtol, positive=True)
+        self.trace, self.method, self.steps, self.atol, self.rtol = trace, method, steps, atol, rtol
         self.adjoint = adjoint
 
     #: number of velocity evaluations of the most recent solve (forward or inverse).
