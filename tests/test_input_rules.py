@@ -484,3 +484,12 @@ def test_the_settings_a_recipe_reads_still_build_and_a_saved_one_rebuilds() -> N
     rebuilt.load_state_dict(flow.state_dict())
     x = torch.randn(4, 2)
     torch.testing.assert_close(rebuilt.log_prob(x), flow.log_prob(x))
+
+
+def test_a_coupling_grouped_by_condition_needs_a_conditional_model() -> None:
+    from flowforge.matching import ExactOTCoupling
+
+    with pytest.raises(ValueError, match="per_condition = False: an unconditional model has no conditions"):
+        FlowMatcher(VelocityMLP(2, hidden=(4,)), coupling=ExactOTCoupling(per_condition=False))
+    conditional = FlowMatcher(VelocityMLP(2, 3, hidden=(4,)), coupling=ExactOTCoupling(per_condition=False))
+    assert conditional.coupling.per_condition is False
