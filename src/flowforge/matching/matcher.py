@@ -43,7 +43,7 @@ from flowforge.matching.couplings import Coupling, IndependentCoupling
 from flowforge.matching.functional import flow_matching_loss, integrate
 from flowforge.matching.paths import AffinePath, LinearPath, _expand
 from flowforge.matching.time import TimeSampler, UniformTime
-from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, ButcherTableau, FixedStepSolve, sdeint, solver_settings
+from flowforge.ode import ButcherTableau, FixedStepSolve, sdeint, solver_settings
 from flowforge.registry import Rebuildable, refuse_unread, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import (
@@ -55,9 +55,6 @@ from flowforge.validation import (
     check_times,
     model_dtype,
 )
-
-#: every solver name the ODE samplers accept.
-_METHODS = (*TABLEAUS, *ADAPTIVE_METHODS)
 
 
 class _FlatVelocity(nn.Module):
