@@ -298,17 +298,17 @@ def test_the_image_settings_an_encoder_reads_are_accepted() -> None:
 
 
 def test_an_adaptive_solver_takes_no_step_count() -> None:
-    """A policy sampling with dopri5 chooses its own steps: a step count given to it, in the config or
-    in a call, is refused by name; with none given it samples, and a fixed-step override still works."""
-    with pytest.raises(ValueError, match=r"sampling_steps = 12: method = 'dopri5' chooses its own steps"):
-        _config("flow", method="dopri5", sampling_steps=12)
-    policy = _policy("flow", method="dopri5").eval()
+    """A policy sampling with dopri5 chooses its own steps: a step count given to a call for it is
+    refused by name; with none given it samples, and a call for a fixed-step method takes the
+    config's sampling_steps."""
+    policy = _policy("flow", method="dopri5", sampling_steps=3).eval()
     batch = _batch()
     assert policy.sampling() == Sampling(None, "dopri5", 1.0)
     assert torch.isfinite(policy.predict_chunk(batch).actions).all()
     with pytest.raises(ValueError, match=r"steps = 4: method 'dopri5' chooses its own steps"):
         policy.predict_chunk(batch, steps=4)
     assert policy.predict_chunk(batch, steps=4, method="rk4").nfe == 16
+    assert policy.predict_chunk(batch, method="rk4").nfe == 12  # the config's 3 steps, 4 stages each
     with pytest.raises(ValueError, match=r"steps = 4: method 'dopri5' chooses its own steps"):
         policy.log_prob(batch, steps=4)
     assert policy.log_prob(batch, method="rk4", steps=4).shape == (6,)

@@ -337,9 +337,11 @@ class PolicyConfig:
 
 def check_used_settings(config: PolicyConfig) -> None:
     """Refuse a head's own settings given to a head that would ignore them (a temperature for the
-    MSE baseline, DDIM steps for a flow), a step count given to an adaptive solver, and image
-    settings a policy would not read (any without ``image_shape``, the keypoint encoder's with
-    the conv encoder, shift pixels without augmentation): a config says what its policy does. Every new
+    MSE baseline, DDIM steps for a flow) and image settings a policy would not read (any without
+    ``image_shape``, the keypoint encoder's with the conv encoder, shift pixels without
+    augmentation): a config says what its policy does. (``sampling_steps`` beside an adaptive
+    ``method``, like ``inference_steps`` beside ``sampler = "ddpm"``, stays: it is the step count
+    of a call that asks for a fixed-step method.) Every new
     :class:`PolicyConfig` is checked; saved policies of earlier releases, which may carry such
     settings, still rebuild (:func:`flowforge.registry.refuse_unread`)."""
     for kind, settings in HEAD_SETTINGS.items():
@@ -350,9 +352,6 @@ def check_used_settings(config: PolicyConfig) -> None:
     if config.kind in ("mse", "ddpm"):
         given = {name: getattr(config, name) for name in FLOW_SAMPLING_SETTINGS}
         refuse_unread(PolicyConfig, given, f"kind = {config.kind!r} does not use it (it is for the flow heads)")
-    elif config.method in ADAPTIVE_METHODS:
-        why = f"method = {config.method!r} chooses its own steps (an adaptive solver)"
-        refuse_unread(PolicyConfig, {"sampling_steps": config.sampling_steps}, why)
     if config.kind == "mse":
         why = "kind = 'mse' regresses chunks from learned queries, with no flow time to embed"
         refuse_unread(PolicyConfig, {"time_embedding_frequency": config.time_embedding_frequency}, why)
