@@ -140,15 +140,22 @@ class FlowforgeModel(Model):
         )
         lambda_k, lambda_j = args.lambda_k, args.lambda_j
         transform = self.flow.transform
-        train_method = args.rnode_train_method
+        # RNODE may train with a fixed-step solver (steps, no tolerance); evaluation always uses
+        # dopri5 at --tol (tolerances, no step count).
+        fixed = args.rnode_train_method in TABLEAUS
+        training = (
+            (args.rnode_train_method, args.rnode_train_steps, None, None)
+            if fixed
+            else ("dopri5", None, args.tol, args.tol)
+        )
+        evaluation = (transform.method, transform.steps, transform.atol, transform.rtol)
 
         def regularised(x: Tensor) -> Tensor:
-            # RNODE may train with a fixed-step solver; evaluation always uses dopri5 at --tol.
-            transform.method, transform.steps = train_method, args.rnode_train_steps
+            transform.method, transform.steps, transform.atol, transform.rtol = training
             try:
                 log_prob, kinetic, jacobian = self.flow.log_prob_and_regularization(x)
             finally:
-                transform.method = "dopri5"
+                transform.method, transform.steps, transform.atol, transform.rtol = evaluation
             return log_prob - lambda_k * kinetic - lambda_j * jacobian
 
         self.objective = regularised if regularise else self.flow.log_prob
