@@ -458,6 +458,8 @@ def test_adjoint_with_a_fixed_step_method_is_refused_at_construction() -> None:
         (lambda: MAF(3, transforms=1, mixing="lu"), "mixing = 'lu': transforms = 1 leaves no gap between layers"),
         (lambda: MAF(3, transforms=1, batch_norm=True), "batch_norm = True: transforms = 1 leaves no gap"),
         (lambda: Dequantized(RealNVP(2), 17, hidden=64), "hidden = 64: uniform dequantization"),
+        (lambda: RealNVP(2, hidden=(), activation=torch.nn.Tanh), "activation = 'tanh': hidden = [] makes each"),
+        (lambda: VelocityMLP(2, hidden=(), activation=torch.nn.GELU), "activation = 'gelu': hidden = [] makes one"),
     ],
 )
 def test_a_recipe_refuses_a_setting_its_other_options_leave_unread(build, message: str) -> None:

@@ -293,7 +293,8 @@ def refuse_unread(cls: type, given: dict[str, Any], why: str) -> None:
         default = parameters[name].default if factory is dataclasses.MISSING else factory()
         same = list(value) == list(default) if isinstance(default, tuple | list) else value == default
         if not same:
-            raise ConfigError(f"{name} = {value!r}: {why}; leave it out")
+            shown = repr(_NAMES[value][1]) if isinstance(value, type) and value in _NAMES else repr(value)
+            raise ConfigError(f"{name} = {shown}: {why}; leave it out")
 
 
 class Rebuildable:

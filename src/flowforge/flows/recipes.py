@@ -36,7 +36,15 @@ from flowforge.transforms import (
     Squeeze,
     Transform,
 )
-from flowforge.validation import MAX_LAYERS, check_bool, check_choice, check_count, check_real, is_count
+from flowforge.validation import (
+    MAX_LAYERS,
+    check_activation,
+    check_bool,
+    check_choice,
+    check_count,
+    check_real,
+    is_count,
+)
 
 
 def _check_recipe_args(
@@ -61,10 +69,16 @@ def _check_seed(seed: object) -> int:
     return check_count("seed", seed, low=0)
 
 
-def _coupling_stack(cls: type, features: int, transforms: int, seed: int, make_layer: Any) -> list[Transform]:
+def _coupling_stack(
+    cls: type, features: int, transforms: int, seed: int, make_layer: Any, hidden: Sequence[int], activation: Any
+) -> list[Transform]:
     """Couplings with alternating parity masks; above two features, a fixed random permutation
     after every pair of couplings, so that every feature comes to condition every other. A
-    ``seed`` other than ``cls``'s default is refused where no permutation is drawn."""
+    ``seed`` other than ``cls``'s default is refused where no permutation is drawn, and an
+    ``activation`` where the conditioners have no hidden layer to apply it to."""
+    if not hidden:
+        given = {"activation": check_activation("activation", activation)}
+        refuse_unread(cls, given, "hidden = [] makes each conditioner one linear map")
     if features <= 2 or transforms < 3:
         why = (
             f"no permutation is drawn ({features} features, {transforms} couplings; one follows every "
@@ -117,6 +131,8 @@ class RealNVP(Flow):
             transforms,
             seed,
             lambda mask: AffineCoupling(mask, context, hidden, activation, scale_bound),
+            hidden,
+            activation,
         )
         super().__init__(StandardNormal(features), Compose(layers))
 
@@ -152,6 +168,8 @@ class NICE(Flow):
             transforms,
             seed,
             lambda mask: AdditiveCoupling(mask, context, hidden, activation),
+            hidden,
+            activation,
         )
         super().__init__(DiagNormal(features), Compose(layers))
 
@@ -349,6 +367,8 @@ class NSF(Flow):
                 transforms,
                 seed,
                 lambda mask: Coupling(mask, RationalQuadraticSpline(bins, bound), context, hidden, activation),
+                hidden,
+                activation,
             )
         super().__init__(StandardNormal(features), Compose(layers))
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.nn.mlp import MLP
-from flowforge.registry import register
+from flowforge.registry import refuse_unread, register
 from flowforge.validation import (
     check_activation,
     check_batched,
@@ -167,6 +167,11 @@ class VelocityMLP(nn.Module):
         super().__init__()
         features, context = _check_sizes(features, context)
         hidden = check_widths("hidden", hidden)
+        activation = check_activation("activation", activation)
+        if not hidden:
+            refuse_unread(
+                VelocityMLP, {"activation": activation}, "hidden = [] makes one linear map, with no activation"
+            )
         self.features, self.context_features = features, context
         self.time_inputs = _TimeInputs(time_embedding, step_input)
         self.net = MLP(features + self.time_inputs.size + context, features, hidden, activation)
