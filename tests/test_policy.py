@@ -579,3 +579,27 @@ def test_policy_settings_beyond_what_can_run_are_refused(setting: dict, message:
 
     with pytest.raises(ConfigError, match=message):
         PolicyConfig(**setting)
+
+
+def test_evaluation_in_processes_reports_what_one_process_does() -> None:
+    """Tasks split over processes keep their seeds: the same successes, lengths, jumps and NFE."""
+    pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
+    from flowforge.envs.evaluate import evaluate
+
+    torch.manual_seed(0)
+    policy = build_policy(PolicyConfig(horizon=8, n_action_steps=4, width=32, layers=1, heads=2, language=False))
+    tasks = ["reach-v3", "push-v3", "drawer-open-v3"]
+    settings = dict(max_steps=12, progress=False, sampling={"steps": 2})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process runs: the same arithmetic, so the same actions
+    try:
+        alone = evaluate(policy, tasks, 2, **settings)
+        split = evaluate(policy, tasks, 2, processes=2, **settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert [t.task for t in split.tasks] == tasks and split.nfe == alone.nfe
+    for one, other in zip(alone.tasks, split.tasks, strict=True):
+        assert (one.successes, one.steps, one.waited) == (other.successes, other.steps, other.waited)
+        np.testing.assert_allclose(other.jumps, one.jumps, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"processes \(at most one per task\) must be an int in 1\.\.3, got 4"):
+        evaluate(policy, tasks, 1, processes=4, **settings)

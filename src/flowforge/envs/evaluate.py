@@ -12,6 +12,7 @@ An episode succeeds when MetaWorld's success flag rises before the step limit.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ def evaluate(
     temporal_ensemble: float | None = None,
     execution: str = "sync",
     delay: int | tuple[int, int] | str = 0,
+    processes: int = 1,
 ) -> EvaluationReport:
     """Evaluate ``policy`` on each task for ``episodes`` fresh-seed episodes.
 
@@ -229,6 +231,12 @@ def evaluate(
     waited and the action jumps where chunks took over. A policy whose action or state sizes are
     not the environment's (trained on another robot's data) is refused with a
     :class:`~flowforge.errors.ConfigError` before the first episode.
+
+    ``processes`` > 1 splits the tasks into that many consecutive groups, each evaluated in a
+    process of its own with one torch thread (the policy travels as a checkpoint). Every episode
+    seeds its scene and its noise from its own seed, so the report is the one a single process
+    gives, task for task; only the chunk latencies differ, measured with the processes sharing
+    the cores.
     """
     from flowforge.config import MAX_SEED
     from flowforge.envs.metaworld import CAMERAS, MAX_EPISODES, MetaWorldEnv
@@ -240,10 +248,24 @@ def evaluate(
     highest = seed_base + TASK_SEED_STRIDE * (len(tasks) - 1) + episodes - 1
     if not is_count(seed_base, 0) or highest > MAX_SEED:
         raise ValueError(f"seed_base must be an int >= 0 whose episode seeds stay <= {MAX_SEED}, got {seed_base!r}")
+    processes = check_count("processes (at most one per task)", processes, high=len(tasks))
     policy.eval()
     executor = ChunkExecutor(
         policy, temporal_ensemble=temporal_ensemble, execution=execution, delay=delay, **(sampling or {})
     )
+    if processes > 1:  # every setting is checked above, in this process, before any is started
+        executor.close()
+        settings = dict(
+            max_steps=max_steps,
+            image_size=image_size,
+            video_dir=video_dir,
+            videos_per_task=videos_per_task,
+            sampling=sampling,
+            temporal_ensemble=temporal_ensemble,
+            execution=execution,
+            delay=delay,
+        )
+        return _evaluate_in_processes(policy, list(tasks), episodes, seed_base, processes, progress, settings)
     needs_image = policy.encoder.sees_images or video_dir is not None
     config = policy.policy_config
     # The policy's cameras (an unnamed one is the corner camera earlier policies were trained on).
@@ -288,3 +310,53 @@ def evaluate(
         bar.close()
         executor.close()
     return EvaluationReport(results, latencies, nfe)
+
+
+def _evaluate_group(
+    checkpoint: str, tasks: list[str], episodes: int, seed_base: int, settings: dict
+) -> EvaluationReport:
+    """One process's share of :func:`evaluate`: the policy from ``checkpoint``, one torch thread."""
+    from flowforge.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    return evaluate(load_model(checkpoint), tasks, episodes, seed_base=seed_base, progress=False, **settings)
+
+
+def _evaluate_in_processes(
+    policy: ChunkPolicy,
+    tasks: list[str],
+    episodes: int,
+    seed_base: int,
+    processes: int,
+    progress: bool,
+    settings: dict,
+) -> EvaluationReport:
+    """:func:`evaluate` over ``processes`` consecutive groups of tasks; each group's seeds are the
+    ones its tasks have at their positions in ``tasks``, so the merged report is a single run's."""
+    import multiprocessing
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flowforge.checkpoint import save_model
+
+    bounds = [round(i * len(tasks) / processes) for i in range(processes + 1)]
+    groups = [(first, tasks[first:last]) for first, last in itertools.pairwise(bounds)]
+    with tempfile.TemporaryDirectory(prefix="flowforge-evaluate-") as folder:
+        save_model(folder, policy)
+        # spawn: a forked child of a process that has run torch's thread pool can hang in it
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            futures = [
+                pool.submit(_evaluate_group, folder, group, episodes, seed_base + TASK_SEED_STRIDE * first, settings)
+                for first, group in groups
+            ]
+            reports = []
+            with tqdm(total=len(tasks), desc="tasks", disable=not progress, leave=False) as bar:
+                for future in futures:  # in task order; each blocks until its group is done
+                    reports.append(future.result())
+                    bar.update(len(reports[-1].tasks))
+    return EvaluationReport(
+        [t for r in reports for t in r.tasks],
+        [x for r in reports for x in r.latencies],
+        [n for r in reports for n in r.nfe],
+    )
