@@ -116,7 +116,8 @@ def _evaluate(
     policy = load_policy(run)
     start = time.perf_counter()
     extra = {"seed_base": VALIDATION_SEED_BASE} if validation else {}
-    report = evaluate(policy, tasks, episodes, progress=args.progress, sampling=sampling, **extra)
+    processes = min(args.eval_processes, len(tasks))
+    report = evaluate(policy, tasks, episodes, progress=args.progress, sampling=sampling, processes=processes, **extra)
     result = report.to_dict() | {"seconds": time.perf_counter() - start}
     print(f"[{'validate' if validation else 'eval'}] {name}\n{report.table()}", flush=True)
     path.write_text(json.dumps(result, indent=1))
@@ -195,9 +196,17 @@ def main() -> None:
     parser.add_argument("--image-frames", type=int, default=2, help="observation frames of the image policy")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--eval-processes",
+        type=int,
+        default=1,
+        help="evaluate the tasks in this many processes (one torch thread each; same seeds, same results)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
+    if args.eval_processes < 1:
+        parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -125,7 +125,8 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
         episodes, extra = (
             (args.validation_episodes, {"seed_base": VALIDATION_SEED_BASE}) if validation else (args.episodes, {})
         )
-        report = evaluate(policy, MT10, episodes, progress=False, **settings, **extra)
+        processes = min(args.eval_processes, len(MT10))
+        report = evaluate(policy, MT10, episodes, progress=False, processes=processes, **settings, **extra)
         print(f"[{phase}] {name}\n{report.table()}", flush=True)
         return report.to_dict()
 
@@ -271,8 +272,16 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--likelihood-frames", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--eval-processes",
+        type=int,
+        default=1,
+        help="evaluate the tasks in this many processes (one torch thread each; same seeds, same results)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.eval_processes < 1:
+        parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
     args.delays = [int(d) for d in args.delays.split(",")]
     try:
         args.few_step_noise_scales = [float(s) for s in args.few_step_noise_scales.split(",")]

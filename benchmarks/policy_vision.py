@@ -286,7 +286,14 @@ def _evaluate(
     start = time.perf_counter()
     extra = {"seed_base": VALIDATION_SEED_BASE} if validation else {}
     report = evaluate(
-        policy, tasks, episodes, max_steps=args.max_steps, progress=args.progress, sampling=sampling, **extra
+        policy,
+        tasks,
+        episodes,
+        max_steps=args.max_steps,
+        progress=args.progress,
+        sampling=sampling,
+        processes=min(args.eval_processes, len(tasks)),
+        **extra,
     )
     result = report.to_dict() | {"seconds": time.perf_counter() - start}
     print(f"[{phase}] {name}\n{report.table()}", flush=True)
@@ -346,9 +353,17 @@ def main() -> None:
     parser.add_argument("--step-time-steps", type=int, default=10, help="steps timed before each training run")
     parser.add_argument("--render-frames", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--eval-processes",
+        type=int,
+        default=1,
+        help="evaluate the tasks in this many processes (one torch thread each; same seeds, same results)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
+    if args.eval_processes < 1:
+        parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
     torch.set_num_threads(args.threads)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]

@@ -416,6 +416,8 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert "within a chunk: mean" in delayed.output
     bad = runner.invoke(app, ["policy", "eval", str(run), "--tasks", "fly-v3"])
     assert bad.exit_code == 2 and "--tasks 'fly-v3': unknown MetaWorld v3 task 'fly-v3'" in bad.stderr
+    many = runner.invoke(app, [*args, "--processes", "2"])
+    assert many.exit_code == 2 and "--processes 2: at most one per task (1)" in many.stderr, many.output
 
 
 def test_a_distilled_student_starts_as_its_teacher_and_refuses_another_network(one_demo: Path, tmp_path: Path) -> None:

@@ -608,6 +608,12 @@ def policy_eval(
         typer.Option(help="Inference delay in control steps (MetaWorld: 80 Hz): D, LOW-HIGH drawn per chunk, or real."),
     ] = "0",
     out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Evaluate the tasks in this many processes (at most one per task; same seeds, same report)."
+        ),
+    ] = 1,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Roll a trained policy out in MetaWorld; print success per task with 95% intervals, latency and NFE."""
@@ -641,6 +647,8 @@ def policy_eval(
         names = [by_instruction[text] for text in config.instructions if text in by_instruction]
         if not names:
             raise ConfigError("the policy's instructions name no MetaWorld task: choose them with --tasks")
+    if processes > len(names):
+        raise ConfigError(f"--processes {processes}: at most one per task ({len(names)})")
     report = evaluate(
         policy,
         names,
@@ -651,6 +659,7 @@ def policy_eval(
         sampling=sampling,
         execution=execution,
         delay=delay_steps,
+        processes=processes,
     )
     typer.echo(report.table())
     if out is not None:
