@@ -13,7 +13,9 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
    Goals at D = 4: RTC (either variant) within 2 points of the D = 0 synchronous policy; its
    boundary jump at most half of naive async's; where async loses more than 5 points, RTC at
    least 10 points above it. A jump is read against the ordinary change between two steps of one
-   chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105).
+   chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105), and
+   against its other part, the deviation of the action sent from the one the chunk left behind
+   had planned for that step (a jump is at most that deviation plus the plan's own change).
 2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and one-segment consistency
    heads distilled from the flow model for ``--distill-steps``, starting from its weights
    (``[distill]`` of the policy config): ``consistency-distilled`` by consistency distillation,
@@ -331,15 +333,16 @@ def main() -> None:
 
     print(
         "\nExecution with inference delay (flow head, success / mean jump / max jump / length with waits / "
-        "mean change within a chunk)"
+        "mean change within a chunk / mean deviation from the plan left behind)"
     )
     for name, result in results.items():
         if name.startswith("flow-"):
-            within = result.get("mean_action_change_within_chunks")  # absent from evaluations of older releases
+            # absent from evaluations of older releases
+            within, deviation = result.get("mean_action_change_within_chunks"), result.get("mean_deviation_from_plan")
             print(
                 f"{name:26s} {result['average_success']:6.1%}  {result['mean_boundary_jump'] or 0:.3f}  "
                 f"{result['max_boundary_jump'] or 0:.3f}  {result['mean_episode_length_with_waits']:.1f}  "
-                f"{'-' if within is None else f'{within:.3f}'}"
+                f"{'-' if within is None else f'{within:.3f}'}  {'-' if deviation is None else f'{deviation:.3f}'}"
             )
     print("\nFew-step heads (average success; temperature chosen on validation seeds)")
     for name, result in results.items():

@@ -190,6 +190,18 @@ def test_boundary_jumps_and_the_boundary_plot(tmp_path) -> None:
         ]
         changes = executor.within_chunk_changes()
         assert len(changes) + len(switches) == len(actions) - 1
+        deviations = executor.plan_deviations()  # chunks of 8 executing 4 leave a planned next action
+        assert len(deviations) == len(switches)
+        for k, deviation in zip(switches, deviations, strict=True):
+            (old, j) = executor.executed[k - 1]
+            planned = np.clip(executor.chunks[old].actions[0, j + 1].numpy(), -1, 1)
+            assert deviation == pytest.approx(float(np.linalg.norm(actions[k] - planned)))
+        # the triangle inequality ties the three: jump <= deviation + the plan's own change
+        for k, deviation in zip(switches, deviations, strict=True):
+            (old, j) = executor.executed[k - 1]
+            plan = np.clip(executor.chunks[old].actions[0, j : j + 2].numpy(), -1, 1)
+            planned_change = float(np.linalg.norm(plan[1] - plan[0]))
+            assert float(np.linalg.norm(actions[k] - actions[k - 1])) <= deviation + planned_change + 1e-6
         assert sorted(changes + executor.boundary_jumps()) == sorted(
             float(np.linalg.norm(actions[k] - actions[k - 1])) for k in range(1, len(actions))
         )

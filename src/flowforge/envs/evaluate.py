@@ -65,6 +65,8 @@ class TaskResult:
     jumps: list[float] = field(default_factory=list)
     #: action changes between steps of one chunk (ordinary motion), all episodes together.
     changes: list[float] = field(default_factory=list)
+    #: at take-overs, the action sent against the one the chunk left behind had planned.
+    deviations: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -101,8 +103,11 @@ class EvaluationReport:
         lines.append(f"{'average':32s} {self.average_success:8.1%}")
         jumps = [j for t in self.tasks for j in t.jumps]
         changes = [c for t in self.tasks for c in t.changes]
+        deviations = [d for t in self.tasks for d in t.deviations]
         if jumps:
             ordinary = f" (within a chunk: mean {statistics.fmean(changes):.3f})" if changes else ""
+            if deviations:
+                ordinary += f"; from the plan left behind: mean {statistics.fmean(deviations):.3f}"
             lines.append(
                 f"action jump where chunks take over: mean {statistics.fmean(jumps):.3f}, max {max(jumps):.3f}"
                 f"{ordinary}; mean episode length with waits {self.mean_length_with_waits:.1f} steps"
@@ -117,6 +122,7 @@ class EvaluationReport:
     def to_dict(self) -> dict:
         jumps = [j for t in self.tasks for j in t.jumps]
         changes = [c for t in self.tasks for c in t.changes]
+        deviations = [d for t in self.tasks for d in t.deviations]
         return {
             "tasks": {
                 t.task: {
@@ -137,6 +143,7 @@ class EvaluationReport:
             "mean_boundary_jump": statistics.fmean(jumps) if jumps else None,
             "max_boundary_jump": max(jumps) if jumps else None,
             "mean_action_change_within_chunks": statistics.fmean(changes) if changes else None,
+            "mean_deviation_from_plan": statistics.fmean(deviations) if deviations else None,
         }
 
 
@@ -296,6 +303,7 @@ def evaluate(
                     result.waited.append(executor.waited)
                     result.jumps += executor.boundary_jumps()
                     result.changes += executor.within_chunk_changes()
+                    result.deviations += executor.plan_deviations()
                     latencies += chunk_latencies
                     nfe += chunk_nfe
                     if record and frames:

@@ -408,6 +408,22 @@ class ChunkExecutor:
         taken_over = set(switches)
         return [float(changes[k - 1]) for k in range(1, len(changes) + 1) if k not in taken_over]
 
+    def plan_deviations(self) -> list[float]:
+        """At every take-over where the chunk left behind had planned an action for that step: the
+        size (L2 norm, clipped actions) of the difference between the action sent and the one the
+        old chunk planned. A boundary jump is this deviation plus the plan's own change at that step;
+        this part is what continuing a chunk (RTC) removes and switching to a fresh one (async) does not."""
+        _, switches = self.sent_actions()
+        horizon = self.policy.policy_config.horizon
+        deviations = []
+        for k in switches:
+            (new, i), (old, j) = self.executed[k], self.executed[k - 1]
+            if j + 1 < horizon:
+                sent = np.clip(self.chunks[new].actions[0, i].cpu().numpy(), -1.0, 1.0)
+                planned = np.clip(self.chunks[old].actions[0, j + 1].cpu().numpy(), -1.0, 1.0)
+                deviations.append(float(np.linalg.norm(sent - planned)))
+        return deviations
+
     def _action_changes(self) -> tuple[np.ndarray, list[int]]:
         """The L2 norm of ``action[k] - action[k - 1]`` for k = 1..T-1 of the actions sent, and the take-over steps."""
         actions, switches = self.sent_actions()
