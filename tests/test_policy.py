@@ -605,3 +605,31 @@ def test_evaluation_in_processes_reports_what_one_process_does() -> None:
         np.testing.assert_allclose(other.jumps, one.jumps, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"processes \(at most one per task\) must be an int in 1\.\.3, got 4"):
         evaluate(policy, tasks, 1, processes=4, **settings)
+
+
+def _lingering_worker(parent: int) -> None:
+    """A stand-in evaluation worker that would sleep a minute: the watch must end it first."""
+    import time
+
+    from flowforge.envs.evaluate import _exit_with_parent
+
+    _exit_with_parent(parent)
+    time.sleep(60)
+
+
+def test_an_evaluation_worker_ends_when_its_parent_is_gone() -> None:
+    """A killed evaluation leaves no worker behind: each one ends once its parent is not the one it
+    started with (here a parent id that is not its own, as after the parent died)."""
+    import multiprocessing
+    import os
+    import time
+
+    context = multiprocessing.get_context("spawn")
+    worker = context.Process(target=_lingering_worker, args=(os.getpid() + 1_000_000,))
+    start = time.perf_counter()
+    worker.start()
+    worker.join(timeout=45)
+    alive = worker.is_alive()
+    if alive:
+        worker.kill()
+    assert not alive and worker.exitcode == 1 and time.perf_counter() - start < 45

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,6 +323,18 @@ def evaluate(
     return EvaluationReport(results, latencies, nfe)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Evaluation worker initializer: end this process once the process that started it is gone
+    (killed), instead of lingering with its share of the episodes."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _evaluate_group(
     checkpoint: str, tasks: list[str], episodes: int, seed_base: int, settings: dict
 ) -> EvaluationReport:
@@ -353,7 +368,9 @@ def _evaluate_in_processes(
         save_model(folder, policy)
         # spawn: a forked child of a process that has run torch's thread pool can hang in it
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            processes, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = [
                 pool.submit(_evaluate_group, folder, group, episodes, seed_base + TASK_SEED_STRIDE * first, settings)
                 for first, group in groups
