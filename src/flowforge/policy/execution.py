@@ -411,8 +411,9 @@ class ChunkExecutor:
     def plan_deviations(self) -> list[float]:
         """At every take-over where the chunk left behind had planned an action for that step: the
         size (L2 norm, clipped actions) of the difference between the action sent and the one the
-        old chunk planned. A boundary jump is this deviation plus the plan's own change at that step;
-        this part is what continuing a chunk (RTC) removes and switching to a fresh one (async) does not."""
+        old chunk planned. A boundary jump is at most this deviation plus the plan's own change at
+        that step; the deviation is the part that continuing a chunk (RTC) reduces and switching to
+        a fresh one (async) does not."""
         _, switches = self.sent_actions()
         horizon = self.policy.policy_config.horizon
         deviations = []
