@@ -279,18 +279,28 @@ def rebuilding() -> bool:
     return _REBUILDING.get()
 
 
+def _signature_default(cls: type, name: str) -> Any:
+    """The default of constructor argument ``name`` in ``cls`` or the nearest base that takes it."""
+    for klass in cls.__mro__[:-1]:  # not object
+        parameter = inspect.signature(klass).parameters.get(name)
+        if parameter is not None:
+            return parameter.default
+    raise KeyError(f"{cls.__qualname__} takes no argument {name!r}")
+
+
 def refuse_unread(cls: type, given: dict[str, Any], why: str) -> None:
     """Refuse settings a ``cls`` being built would not read: the first of ``given`` (name -> value)
-    that is not its default in ``cls``'s signature raises ``ConfigError("name = value: why; leave
-    it out")``. Skipped while :func:`from_config` rebuilds a saved config (see the module
-    docstring); the values themselves are checked by the constructor either way."""
+    that is not its default raises ``ConfigError("name = value: why; leave it out")``. The default
+    is read from the signature of ``cls`` or, for a subclass whose own constructor does not name
+    the setting, of the nearest base that does. Skipped while :func:`from_config` rebuilds a saved
+    config (see the module docstring); the values themselves are checked by the constructor either
+    way."""
     if rebuilding():
         return
-    parameters = inspect.signature(cls).parameters
     factories = {f.name: f.default_factory for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     for name, value in given.items():
         factory = factories.get(name, dataclasses.MISSING)
-        default = parameters[name].default if factory is dataclasses.MISSING else factory()
+        default = _signature_default(cls, name) if factory is dataclasses.MISSING else factory()
         same = list(value) == list(default) if isinstance(default, tuple | list) else value == default
         if not same:
             shown = repr(_NAMES[value][1]) if isinstance(value, type) and value in _NAMES else repr(value)

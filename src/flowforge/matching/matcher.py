@@ -39,13 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.distributions import StandardNormal
-from flowforge.errors import ConfigError
 from flowforge.matching.couplings import Coupling, IndependentCoupling
 from flowforge.matching.functional import flow_matching_loss, integrate
 from flowforge.matching.paths import AffinePath, LinearPath, _expand
 from flowforge.matching.time import TimeSampler, UniformTime
 from flowforge.ode import ButcherTableau, FixedStepSolve, sdeint, solver_settings
-from flowforge.registry import Rebuildable, rebuilding, register
+from flowforge.registry import Rebuildable, refuse_unread, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import (
     check_batched,
@@ -244,10 +243,9 @@ class FlowMatcher(Rebuildable, nn.Module):
         if context_dropout and not self.context_features:
             raise ValueError("context_dropout needs a conditional model (context > 0)")
         self.context_dropout = float(context_dropout)
-        if not self.context_features and getattr(self.coupling, "per_condition", True) is False and not rebuilding():
-            raise ConfigError(
-                "per_condition = False: an unconditional model has no conditions to pair noise within; leave it out"
-            )
+        if not self.context_features and hasattr(self.coupling, "per_condition"):
+            why = "an unconditional model has no conditions to pair noise within"
+            refuse_unread(type(self.coupling), {"per_condition": self.coupling.per_condition}, why)
         self.null_context = nn.Parameter(torch.zeros(self.context_features)) if context_dropout else None
         anchor = next((p for p in chain(velocity.parameters(), velocity.buffers()) if p.is_floating_point()), None)
         if anchor is not None:  # the noise and the null context in the network's dtype and on its device
