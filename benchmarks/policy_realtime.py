@@ -16,6 +16,9 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
    chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105), and
    against its other part, the deviation of the action sent from the one the chunk left behind
    had planned for that step (a jump is at most that deviation plus the plan's own change).
+   ``--rtc-schedule`` and ``--max-guidance`` set RTC's prefix weights and guidance clip; the
+   ``guidance leverage`` line measures how far the guidance can move this model's chunks at all
+   (:func:`_guidance_leverage`).
 2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and one-segment consistency
    heads distilled from the flow model for ``--distill-steps``, starting from its weights
    (``[distill]`` of the policy config): ``consistency-distilled`` by consistency distillation,
@@ -61,6 +64,7 @@ import torch
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import VALIDATION_SEED_BASE, evaluate
+from flowforge.policy.heads import RTC_SCHEDULES
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
@@ -228,6 +232,51 @@ def _likelihood(args, run: Path) -> dict:
     return _cached(args.work / "likelihood.json", compute)
 
 
+#: Flow times at which :func:`_guidance_leverage` measures the Jacobian of the predicted chunk.
+LEVERAGE_TIMES = (0.05, 0.3, 0.6, 0.9)
+
+
+def _guidance_leverage(args, run: Path, frames: int = 40) -> dict:
+    r"""How far real-time chunking's guidance can move a chunk. Its pull is
+    :math:`c_t J^\top [W \odot (Y - \hat A)]` with :math:`J = \partial \hat A / \partial x_t` and
+    :math:`\hat A = x_t + (1 - t) v(x_t, t)`; a model sure of its chunk (a narrow conditional) has
+    :math:`\hat A` nearly independent of :math:`x_t`, so :math:`J` is small and the pull is weak
+    against the model's own pull to that chunk. Reported: the mean and largest singular value of
+    :math:`J` (64 x 64 at the MT10 size, exact), averaged over ``frames`` held-out observations, at
+    :data:`LEVERAGE_TIMES`, with :math:`x_t = (1 - t)\,s\,\varepsilon + t A` (A the observation's
+    own expert chunk, normalised; s the temperature)."""
+
+    def compute() -> dict:
+        heldout = EpisodeDataset(args.work / "heldout", 1, 16)
+        policy = load_policy(run).eval()
+        generator = np.random.default_rng(1)
+        torch.manual_seed(1)
+        rows = [int(i) for i in generator.choice(len(heldout), size=min(frames, len(heldout)), replace=False)]
+        values: dict[str, list[float]] = {}
+        for row in rows:
+            item = heldout[row]
+            batch = policy.checked_batch(
+                {"state": item["observation.environment_state"][None], "instruction": [item["task"]]}
+            )
+            with torch.no_grad():
+                cache = policy.expert.encode(policy.prefix(batch, False))
+            chunk = policy.normalize_action(item["action"][None])
+            for t in LEVERAGE_TIMES:
+                x = (1 - t) * args.noise_scale * torch.randn_like(chunk) + t * chunk
+                time_ = torch.full((1,), t)
+
+                def predicted(x: torch.Tensor, time_: torch.Tensor = time_, t: float = t, cache=cache) -> torch.Tensor:
+                    return x + (1 - t) * cache.denoise(x, time_)
+
+                jacobian = torch.autograd.functional.jacobian(predicted, x).reshape(chunk.numel(), chunk.numel())
+                singular = torch.linalg.svdvals(jacobian)
+                values.setdefault(f"{t:g} mean", []).append(float(singular.mean()))
+                values.setdefault(f"{t:g} max", []).append(float(singular.max()))
+        return {"frames": len(rows), **{key: float(np.mean(v)) for key, v in values.items()}}
+
+    return _cached(args.work / f"guidance-leverage-{args.noise_scale:g}.json", compute)
+
+
 def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
     from flowforge.envs.evaluate import rollout
     from flowforge.envs.metaworld import MetaWorldEnv
@@ -270,6 +319,13 @@ def main() -> None:
     parser.add_argument(
         "--few-step-noise-scales", default="0.5,1", help="the few-step heads' temperatures tried on validation seeds"
     )
+    parser.add_argument(
+        "--rtc-schedule",
+        default="exp",
+        choices=RTC_SCHEDULES,
+        help="real-time chunking's prefix weights over the overlap after the frozen steps (exp: the paper's)",
+    )
+    parser.add_argument("--max-guidance", type=float, default=5.0, help="real-time chunking's guidance clip beta")
     parser.add_argument("--validation-episodes", type=int, default=20, help="per task, for choosing temperatures")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--likelihood-frames", type=int, default=400)
@@ -291,6 +347,8 @@ def main() -> None:
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales!r}: need comma-separated numbers")
     if not args.few_step_noise_scales or not all(0 <= s < float("inf") for s in args.few_step_noise_scales):
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales}: each must be finite and >= 0")
+    if not 0 <= args.max_guidance < float("inf"):
+        parser.error(f"--max-guidance {args.max_guidance}: need a finite number >= 0")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     for option in ("steps", "distill_steps"):
@@ -309,6 +367,15 @@ def main() -> None:
     collect(MT10, 5, args.work / "heldout", seed=1, progress=False)  # other scenes, for the likelihood
     runs = {kind: _train(args, kind, args.work / "mt10") for kind in models}
     sampling = {"noise_scale": args.noise_scale}
+    # Only settings away from the defaults enter the guided rollouts' settings (and so their cache keys).
+    guidance = {
+        key: value
+        for key, value, default in (
+            ("guidance_schedule", args.rtc_schedule, "exp"),
+            ("max_guidance", args.max_guidance, 5.0),
+        )
+        if value != default
+    }
     results: dict[str, dict] = {}
     for delay in args.delays:
         for execution in ("sync", "async", "rtc", "rtc-trained"):
@@ -316,7 +383,17 @@ def main() -> None:
             if model not in runs or (delay == 0 and execution == "async"):  # async without delay is sync
                 continue
             name = f"flow-{execution}-D{delay}"
-            results[name] = _evaluate(args, name, runs[model], sampling=sampling, execution=execution, delay=delay)
+            settings = {**sampling, **guidance} if execution == "rtc" else sampling
+            results[name] = _evaluate(args, name, runs[model], sampling=settings, execution=execution, delay=delay)
+    if "flow" in runs:
+        leverage = _guidance_leverage(args, runs["flow"])
+        print(
+            "guidance leverage (singular values of d(predicted chunk)/d(noisy chunk), mean / largest): "
+            + ", ".join(
+                f"t = {t:g}: {leverage[f'{t:g} mean']:.3f} / {leverage[f'{t:g} max']:.3f}" for t in LEVERAGE_TIMES
+            ),
+            flush=True,
+        )
     temperatures: dict[str, dict] = {}
     for kind in FEW_STEP:
         if kind in runs:

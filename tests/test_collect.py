@@ -186,13 +186,17 @@ def test_committed_episodes_without_their_record_are_refused_and_kept(reference:
     _check_committed(root, EPISODES, reference)
 
 
-def test_a_second_collection_into_a_busy_folder_is_refused(reference: dict, tmp_path: Path) -> None:
+def test_a_second_collection_into_a_busy_folder_is_refused_unless_complete(reference: dict, tmp_path: Path) -> None:
     from flowforge.utils.locks import exclusive_lock
 
     root = _copy_of(reference, tmp_path)
     with exclusive_lock(root / collect_module.LOCK), pytest.raises(DataError, match="another collection is writing"):
         collect(TASKS, EPISODES + 1, root, progress=False)
     _check_committed(root, EPISODES, reference)
+    before = _files(root)
+    with exclusive_lock(root / collect_module.LOCK):  # what is asked for is committed already: no lock needed
+        assert collect(TASKS, EPISODES, root, progress=False) == reference["counts"]
+    assert _files(root) == before
 
 
 @pytest.mark.parametrize(

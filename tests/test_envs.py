@@ -115,7 +115,7 @@ def test_a_policy_for_another_robot_is_refused_before_the_first_episode(tmp_path
     assert not out.exists()
 
 
-def test_a_task_named_twice_is_refused(tmp_path) -> None:
+def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from flowforge.checkpoint import save_model
@@ -136,3 +136,6 @@ def test_a_task_named_twice_is_refused(tmp_path) -> None:
     ):
         result = CliRunner().invoke(app, [*args[:3], "--execution", execution, "--delay", "2"])
         assert result.exit_code == 2 and message in result.stderr, result.output
+    guided = [*args[:3], "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "12", "--execution", "rtc"]
+    result = CliRunner().invoke(app, [*guided, "--delay", "2", "--rtc-schedule", "ones", "--max-guidance", "10"])
+    assert result.exit_code == 0 and "reach-v3" in result.output, result.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowforge.policy import ChunkExecutor, ChunkPolicy, PolicyConfig
-from flowforge.policy.heads import ChunkGuide, rtc_weights
+from flowforge.policy.heads import RTC_SCHEDULES, ChunkGuide, rtc_weights
 
 
 def _policy(kind: str, **changes) -> ChunkPolicy:
@@ -129,6 +129,40 @@ def test_bad_execution_settings_are_refused() -> None:
             ChunkExecutor(policy, execution="rtc", delay=1, max_guidance=value)
     with pytest.raises(ValueError, match="or 'real'"):
         ChunkExecutor(policy, execution="async", delay="fast")
+    with pytest.raises(ValueError, match="unknown guidance_schedule .cosine.; choose one of .exp."):
+        ChunkExecutor(policy, execution="rtc", delay=1, guidance_schedule="cosine")
+    for setting in ({"max_guidance": 20.0}, {"guidance_schedule": "ones"}):
+        with pytest.raises(ValueError, match="guides real-time chunking, which execution='async' does not run"):
+            ChunkExecutor(policy, execution="async", delay=1, **setting)
+
+
+def test_rtc_schedules_weigh_the_overlap_between_frozen_and_free() -> None:
+    """Every schedule: 1 on the frozen steps, 0 past the overlap; over the rest, 'ones' holds the old plan,
+    'zeros' leaves it free, and 'exp' and 'linear' decay from it ('exp' faster)."""
+    weights = {name: rtc_weights(12, frozen=3, overlap=9, schedule=name) for name in RTC_SCHEDULES}
+    for w in weights.values():
+        assert w.shape == (12,) and (w[:3] == 1).all() and (w[9:] == 0).all()
+    assert (weights["ones"][3:9] == 1).all() and (weights["zeros"][3:9] == 0).all()
+    for name in ("exp", "linear"):
+        middle = weights[name][3:9]
+        assert (middle > 0).all() and (middle < 1).all() and (middle.diff() < 0).all()
+    assert (weights["exp"][3:9] < weights["linear"][3:9]).all()
+    with pytest.raises(ValueError, match="unknown schedule .steps.; choose one of"):
+        rtc_weights(12, frozen=3, overlap=9, schedule="steps")
+
+
+def test_a_stronger_schedule_holds_the_overlap_closer_to_the_old_plan() -> None:
+    """Guided with the same noise, the overlap after the frozen steps ends nearer the target with
+    'ones' than with 'zeros', and the frozen steps are pulled either way."""
+    policy = _policy("flow")
+    state, noise = torch.randn(1, 1, 3), torch.randn(1, 8, 2)
+    target = torch.full((1, 8, 2), 0.5)
+    distance = {}
+    for name in ("zeros", "ones"):
+        guide = ChunkGuide(target, rtc_weights(8, frozen=2, overlap=6, schedule=name))
+        chunk = policy.predict_chunk({"state": state}, noise=noise, guide=guide).actions
+        distance[name] = ((chunk - target).abs().mean(dim=(0, 2))).tolist()
+    assert sum(distance["ones"][2:6]) < 0.5 * sum(distance["zeros"][2:6])
 
 
 def test_training_time_rtc_gives_the_prefix_time_one_and_no_loss() -> None:

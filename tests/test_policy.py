@@ -408,6 +408,10 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert rtc.exit_code == 2 and "cannot be guided" in rtc.stderr
     garbled = runner.invoke(app, [*args, "--execution", "async", "--delay", "soon"])
     assert garbled.exit_code == 2 and "--delay 'soon'" in garbled.stderr
+    unguided = runner.invoke(app, [*args, "--execution", "async", "--delay", "2", "--rtc-schedule", "ones"])
+    assert unguided.exit_code == 2 and "--rtc-schedule ones: guides --execution rtc, not async" in unguided.stderr
+    schedule = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--rtc-schedule", "cosine"])
+    assert schedule.exit_code == 2 and "--rtc-schedule 'cosine': expected one of exp, linear" in schedule.stderr
     delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())

@@ -607,6 +607,17 @@ def policy_eval(
         str,
         typer.Option(help="Inference delay in control steps (MetaWorld: 80 Hz): D, LOW-HIGH drawn per chunk, or real."),
     ] = "0",
+    max_guidance: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="--execution rtc: the guidance clip beta (default 5, the paper's)."),
+    ] = None,
+    rtc_schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="--execution rtc: prefix weights over the overlap after the frozen steps: exp (the paper's, "
+            "default), linear, ones or zeros."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
     processes: Annotated[
         int,
@@ -623,6 +634,7 @@ def policy_eval(
     from flowforge.envs.metaworld import INSTRUCTIONS
     from flowforge.policy import ChunkExecutor
     from flowforge.policy.execution import EXECUTIONS
+    from flowforge.policy.heads import RTC_SCHEDULES
     from flowforge.runs.policy import load_policy
 
     if out is not None:
@@ -632,12 +644,22 @@ def policy_eval(
         _output_path(video, "--video")
     if execution not in EXECUTIONS:
         raise ConfigError(f"--execution {execution!r}: expected one of {', '.join(EXECUTIONS)}")
+    guidance_options = [
+        f"{option} {value}"
+        for option, value in (("--max-guidance", max_guidance), ("--rtc-schedule", rtc_schedule))
+        if value is not None
+    ]
+    if guidance_options and execution != "rtc":
+        raise ConfigError(f"{', '.join(guidance_options)}: guides --execution rtc, not {execution}; leave it out")
+    if rtc_schedule is not None and rtc_schedule not in RTC_SCHEDULES:
+        raise ConfigError(f"--rtc-schedule {rtc_schedule!r}: expected one of {', '.join(RTC_SCHEDULES)}")
     delay_steps = _delay_option(delay)
     names = None if tasks is None else _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     policy = load_policy(checkpoint)
     _tell_if_unfinished(checkpoint)
     config = policy.policy_config
-    sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
+    given = (("steps", steps), ("noise_scale", noise_scale), ("max_guidance", max_guidance))
+    sampling = {k: v for k, v in (*given, ("guidance_schedule", rtc_schedule)) if v is not None}
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head

@@ -234,8 +234,9 @@ def evaluate(
     Images are rendered when the policy uses them (from its cameras, at its image size), or when
     ``video_dir`` asks for GIFs (``image_size`` pixels for a policy without images; the first
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
-    ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``),
-    checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
+    ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``;
+    with ``execution="rtc"`` also ``max_guidance`` and ``guidance_schedule``), checked before the
+    first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
     ``execution`` and ``delay``: how chunks run with an inference delay of ``delay`` control steps
     (:class:`~flowforge.policy.execution.ChunkExecutor`). The report counts the steps the robot
     waited and the action jumps where chunks took over. A policy whose action or state sizes are

@@ -20,7 +20,8 @@ per control step:
   out, from the observation at that step, and takes over when it arrives, at its index D (its
   first D actions were for steps already gone); ``rtc``: async with real-time chunking (Black et
   al. 2025): the new chunk is inpainted to agree with the D actions that run meanwhile and,
-  with decaying weights, with the rest of the current plan (:class:`~flowforge.policy.heads.ChunkGuide`).
+  with decaying weights (``guidance_schedule``), with the rest of the current plan
+  (:class:`~flowforge.policy.heads.ChunkGuide`).
   Past a chunk's end its last action is held. :attr:`ChunkExecutor.executed` records, per control
   step, which chunk and index the action came from, and :attr:`ChunkExecutor.timings` when each
   chunk was requested and arrived.
@@ -55,7 +56,7 @@ import torch
 
 from flowforge.policy.config import DERIVED_FEATURES
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
-from flowforge.policy.heads import ChunkGuide, ChunkPrefix, rtc_weights
+from flowforge.policy.heads import RTC_SCHEDULES, ChunkGuide, ChunkPrefix, rtc_weights
 from flowforge.validation import check_choice, check_count, check_real, is_count
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
@@ -139,7 +140,10 @@ class ChunkExecutor:
             inference thread, with the caller pacing the steps at ``control_period`` seconds
             (:func:`flowforge.envs.episode.run_episode`'s ``pace``).
         control_period: seconds per control step with ``delay="real"`` (MetaWorld: 1/80).
-        max_guidance: real-time chunking's guidance clip :math:`\beta`.
+        max_guidance: real-time chunking's guidance clip :math:`\beta` (``execution="rtc"`` only).
+        guidance_schedule: real-time chunking's prefix weights over the overlap after the frozen
+            steps, one of :data:`~flowforge.policy.heads.RTC_SCHEDULES` (``"exp"``: the paper's;
+            :func:`~flowforge.policy.heads.rtc_weights`; ``execution="rtc"`` only).
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class ChunkExecutor:
         execution: str = "sync",
         delay: int | tuple[int, int] | str = 0,
         max_guidance: float = 5.0,
+        guidance_schedule: str = "exp",
         control_period: float = 1 / 80,
     ) -> None:
         if not isinstance(policy, ChunkPolicy):
@@ -171,6 +176,19 @@ class ChunkExecutor:
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
         max_guidance = check_real("max_guidance", max_guidance, non_negative=True)
+        check_choice("guidance_schedule", guidance_schedule, RTC_SCHEDULES)
+        unread = [
+            f"{name} = {value!r}"
+            for name, value, default in (
+                ("max_guidance", max_guidance, 5.0),
+                ("guidance_schedule", guidance_schedule, "exp"),
+            )
+            if value != default
+        ]
+        if unread and execution != "rtc":
+            raise ValueError(
+                f"{', '.join(unread)}: guides real-time chunking, which execution={execution!r} does not run"
+            )
         if execution == "rtc-trained" and self.real:
             raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
         if execution == "rtc-trained" and not config.rtc_training_delay:
@@ -184,7 +202,7 @@ class ChunkExecutor:
                 f"execution='rtc-trained' with delay = {delay} needs a flow policy trained with "
                 f"rtc_training_delay >= {high} (this one: {config.rtc_training_delay})"
             )
-        self.execution, self.max_guidance = execution, max_guidance
+        self.execution, self.max_guidance, self.guidance_schedule = execution, max_guidance, guidance_schedule
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-inference") if self.real else None
         self.closed = False
         #: the delay of each chunk is drawn uniformly from ``delay_range`` (torch's generator); its
@@ -344,7 +362,9 @@ class ChunkExecutor:
         actions = torch.zeros(1, config.horizon, config.action_dim)
         frozen = min(max(self.delay, 1), config.horizon - 1)
         if self.execution == "rtc":
-            weights = rtc_weights(config.horizon, frozen=frozen, overlap=config.horizon)
+            weights = rtc_weights(
+                config.horizon, frozen=frozen, overlap=config.horizon, schedule=self.guidance_schedule
+            )
             extra["guide"] = ChunkGuide(actions, weights, self.max_guidance)
         elif self.execution == "rtc-trained":
             extra["prefix"] = ChunkPrefix(actions, min(frozen, config.rtc_training_delay))
@@ -505,7 +525,9 @@ class ChunkExecutor:
             return None
         frozen = min(self.delay, len(planned))
         target = np.concatenate([planned, np.repeat(planned[-1:], horizon - len(planned), axis=0)])[:horizon]
-        weights = rtc_weights(horizon, frozen=frozen, overlap=min(len(planned), horizon))
+        weights = rtc_weights(
+            horizon, frozen=frozen, overlap=min(len(planned), horizon), schedule=self.guidance_schedule
+        )
         return ChunkGuide(torch.as_tensor(target[None]), weights, self.max_guidance)
 
 

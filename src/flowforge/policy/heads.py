@@ -127,19 +127,35 @@ def _check_float_tensor(name: str, value: Tensor, shape: tuple[int, ...]) -> Non
         raise ValueError(f"{name} holds NaN or inf; expected finite actions")
 
 
-def rtc_weights(horizon: int, frozen: int, overlap: int) -> Tensor:
-    r"""Real-time chunking's prefix weights (H,): 1 on the ``frozen`` steps, then
-    :math:`c_i \frac{e^{c_i} - 1}{e - 1}` with :math:`c_i = \frac{o - i}{o - d + 1}` decaying to 0
-    over the rest of the ``overlap`` o (steps that still have a planned action), 0 after.
+#: Real-time chunking's prefix-weight schedules over the overlap after the frozen steps (see :func:`rtc_weights`).
+RTC_SCHEDULES = ("exp", "linear", "ones", "zeros")
+
+
+def rtc_weights(horizon: int, frozen: int, overlap: int, schedule: str = "exp") -> Tensor:
+    r"""Real-time chunking's prefix weights (H,): 1 on the ``frozen`` steps, then a schedule over
+    the rest of the ``overlap`` o (steps that still have a planned action), 0 after.
+
+    With :math:`c_i = \frac{o - i}{o - d + 1}` (d = ``frozen``), the schedules are ``"exp"``
+    :math:`c_i \frac{e^{c_i} - 1}{e - 1}` (the paper's, decaying to 0), ``"linear"`` :math:`c_i`,
+    ``"ones"`` 1 (hold the whole overlap to the old plan: the smoothest take-over, the least room
+    to react to the new observation) and ``"zeros"`` 0 (only the frozen steps are guided).
 
     >>> [round(w, 2) for w in rtc_weights(6, frozen=2, overlap=5).tolist()]
     [1.0, 1.0, 0.49, 0.19, 0.04, 0.0]
+    >>> [round(w, 2) for w in rtc_weights(6, frozen=2, overlap=5, schedule="linear").tolist()]
+    [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
     """
+    check_choice("schedule", schedule, RTC_SCHEDULES)
     index = torch.arange(horizon, dtype=torch.float64)
     overlap = min(max(overlap, frozen), horizon)
     c = (overlap - index) / (overlap - frozen + 1)
-    decaying = c * (torch.exp(c) - 1) / (math.e - 1)
-    weights = torch.where(index < frozen, torch.ones_like(index), torch.where(index < overlap, decaying, 0.0))
+    over_overlap = {
+        "exp": c * (torch.exp(c) - 1) / (math.e - 1),
+        "linear": c,
+        "ones": torch.ones_like(c),
+        "zeros": torch.zeros_like(c),
+    }[schedule]
+    weights = torch.where(index < frozen, torch.ones_like(index), torch.where(index < overlap, over_overlap, 0.0))
     return weights.float()
 
 
@@ -871,6 +887,7 @@ class DiffusionHead(PolicyHead):
 __all__ = [
     "EXACT_TRACE_LIMIT",
     "HEAD_CATEGORY",
+    "RTC_SCHEDULES",
     "SCHEDULERS",
     "ChunkGuide",
     "ChunkPrefix",
