@@ -611,6 +611,25 @@ def test_evaluation_in_processes_reports_what_one_process_does() -> None:
         evaluate(policy, tasks, 1, processes=4, **settings)
 
 
+def test_an_evaluation_script_without_a_main_guard_is_told_what_to_add(tmp_path) -> None:
+    """Spawned evaluation processes import the main script; one that calls evaluate at its top level
+    breaks them, and the error says so instead of only 'process pool broken'."""
+    pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from flowforge.envs.evaluate import evaluate\n"
+        "from flowforge.policy import PolicyConfig, build_policy\n"
+        "config = PolicyConfig(horizon=8, n_action_steps=4, width=16, layers=1, heads=2, language=False)\n"
+        "policy = build_policy(config)\n"
+        "evaluate(policy, ['reach-v3', 'push-v3'], 1, max_steps=2, progress=False, processes=2)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and 'needs `if __name__ == "__main__":`' in done.stderr, done.stderr[-2000:]
+
+
 def _lingering_worker(parent: int) -> None:
     """A stand-in evaluation worker that would sleep a minute: the watch must end it first."""
     import time

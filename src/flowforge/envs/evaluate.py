@@ -247,7 +247,8 @@ def evaluate(
     process of its own with one torch thread (the policy travels as a checkpoint). Every episode
     seeds its scene and its noise from its own seed, so the report is the one a single process
     gives, task for task; only the chunk latencies differ, measured with the processes sharing
-    the cores.
+    the cores. The processes are spawned, so each imports the calling script first: a script
+    that calls this at its top level needs ``if __name__ == "__main__":`` around the call.
     """
     from flowforge.config import MAX_SEED
     from flowforge.envs.metaworld import CAMERAS, MAX_EPISODES, MetaWorldEnv
@@ -360,6 +361,7 @@ def _evaluate_in_processes(
     import multiprocessing
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from flowforge.checkpoint import save_model
 
@@ -379,7 +381,15 @@ def _evaluate_in_processes(
             reports = []
             with tqdm(total=len(tasks), desc="tasks", disable=not progress, leave=False) as bar:
                 for future in futures:  # in task order; each blocks until its group is done
-                    reports.append(future.result())
+                    try:
+                        reports.append(future.result())
+                    except BrokenProcessPool as error:
+                        raise RuntimeError(
+                            f"an evaluation process ended before reporting (processes = {processes}). Each one "
+                            "starts by importing the main script: a script that calls evaluate at its top "
+                            'level needs `if __name__ == "__main__":` around that call; otherwise the '
+                            "process was killed (memory?) or crashed, and processes=1 shows why"
+                        ) from error
                     bar.update(len(reports[-1].tasks))
     return EvaluationReport(
         [t for r in reports for t in r.tasks],
