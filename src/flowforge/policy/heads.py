@@ -137,8 +137,8 @@ def rtc_weights(horizon: int, frozen: int, overlap: int, schedule: str = "exp") 
 
     With :math:`c_i = \frac{o - i}{o - d + 1}` (d = ``frozen``), the schedules are ``"exp"``
     :math:`c_i \frac{e^{c_i} - 1}{e - 1}` (the paper's, decaying to 0), ``"linear"`` :math:`c_i`,
-    ``"ones"`` 1 (hold the whole overlap to the old plan: the smoothest take-over, the least room
-    to react to the new observation) and ``"zeros"`` 0 (only the frozen steps are guided).
+    ``"ones"`` 1 (hold the whole overlap to the old plan, leaving the least room to react to the
+    new observation) and ``"zeros"`` 0 (only the frozen steps are guided).
 
     >>> [round(w, 2) for w in rtc_weights(6, frozen=2, overlap=5).tolist()]
     [1.0, 1.0, 0.49, 0.19, 0.04, 0.0]
