@@ -321,11 +321,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--rtc-schedule",
-        default="exp",
         choices=RTC_SCHEDULES,
-        help="real-time chunking's prefix weights over the overlap after the frozen steps (exp: the paper's)",
+        help="real-time chunking's prefix weights over the overlap after the frozen steps (default exp, the paper's)",
     )
-    parser.add_argument("--max-guidance", type=float, default=5.0, help="real-time chunking's guidance clip beta")
+    parser.add_argument(
+        "--max-guidance", type=float, help="real-time chunking's guidance clip beta (default 5, the paper's)"
+    )
     parser.add_argument("--validation-episodes", type=int, default=20, help="per task, for choosing temperatures")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--likelihood-frames", type=int, default=400)
@@ -347,7 +348,7 @@ def main() -> None:
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales!r}: need comma-separated numbers")
     if not args.few_step_noise_scales or not all(0 <= s < float("inf") for s in args.few_step_noise_scales):
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales}: each must be finite and >= 0")
-    if not 0 <= args.max_guidance < float("inf"):
+    if args.max_guidance is not None and not 0 <= args.max_guidance < float("inf"):
         parser.error(f"--max-guidance {args.max_guidance}: need a finite number >= 0")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
@@ -367,14 +368,11 @@ def main() -> None:
     collect(MT10, 5, args.work / "heldout", seed=1, progress=False)  # other scenes, for the likelihood
     runs = {kind: _train(args, kind, args.work / "mt10") for kind in models}
     sampling = {"noise_scale": args.noise_scale}
-    # Only settings away from the defaults enter the guided rollouts' settings (and so their cache keys).
+    # Only the settings given enter the guided rollouts' settings (and so their cache keys).
     guidance = {
         key: value
-        for key, value, default in (
-            ("guidance_schedule", args.rtc_schedule, "exp"),
-            ("max_guidance", args.max_guidance, 5.0),
-        )
-        if value != default
+        for key, value in (("guidance_schedule", args.rtc_schedule), ("max_guidance", args.max_guidance))
+        if value is not None
     }
     results: dict[str, dict] = {}
     for delay in args.delays:

@@ -131,7 +131,7 @@ def test_bad_execution_settings_are_refused() -> None:
         ChunkExecutor(policy, execution="async", delay="fast")
     with pytest.raises(ValueError, match=r"unknown guidance_schedule 'cosine'; choose one of 'exp'"):
         ChunkExecutor(policy, execution="rtc", delay=1, guidance_schedule="cosine")
-    for setting in ({"max_guidance": 20.0}, {"guidance_schedule": "ones"}):
+    for setting in ({"max_guidance": 5.0}, {"guidance_schedule": "exp"}, {"max_guidance": 20.0}):
         with pytest.raises(ValueError, match="guides real-time chunking, which execution='async' does not run"):
             ChunkExecutor(policy, execution="async", delay=1, **setting)
 

@@ -140,10 +140,11 @@ class ChunkExecutor:
             inference thread, with the caller pacing the steps at ``control_period`` seconds
             (:func:`flowforge.envs.episode.run_episode`'s ``pace``).
         control_period: seconds per control step with ``delay="real"`` (MetaWorld: 1/80).
-        max_guidance: real-time chunking's guidance clip :math:`\beta` (``execution="rtc"`` only).
+        max_guidance: real-time chunking's guidance clip :math:`\beta` (``execution="rtc"`` only;
+            ``None``: the paper's 5, :class:`~flowforge.policy.heads.ChunkGuide`'s default).
         guidance_schedule: real-time chunking's prefix weights over the overlap after the frozen
-            steps, one of :data:`~flowforge.policy.heads.RTC_SCHEDULES` (``"exp"``: the paper's;
-            :func:`~flowforge.policy.heads.rtc_weights`; ``execution="rtc"`` only).
+            steps, one of :data:`~flowforge.policy.heads.RTC_SCHEDULES` (``execution="rtc"`` only;
+            ``None``: the paper's ``"exp"``, :func:`~flowforge.policy.heads.rtc_weights`' default).
     """
 
     def __init__(
@@ -157,8 +158,8 @@ class ChunkExecutor:
         noise_scale: float | None = None,
         execution: str = "sync",
         delay: int | tuple[int, int] | str = 0,
-        max_guidance: float = 5.0,
-        guidance_schedule: str = "exp",
+        max_guidance: float | None = None,
+        guidance_schedule: str | None = None,
         control_period: float = 1 / 80,
     ) -> None:
         if not isinstance(policy, ChunkPolicy):
@@ -175,20 +176,21 @@ class ChunkExecutor:
             raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
-        max_guidance = check_real("max_guidance", max_guidance, non_negative=True)
-        check_choice("guidance_schedule", guidance_schedule, RTC_SCHEDULES)
-        unread = [
+        given = [
             f"{name} = {value!r}"
-            for name, value, default in (
-                ("max_guidance", max_guidance, 5.0),
-                ("guidance_schedule", guidance_schedule, "exp"),
-            )
-            if value != default
+            for name, value in (("max_guidance", max_guidance), ("guidance_schedule", guidance_schedule))
+            if value is not None
         ]
-        if unread and execution != "rtc":
+        if given and execution != "rtc":
             raise ValueError(
-                f"{', '.join(unread)}: guides real-time chunking, which execution={execution!r} does not run"
+                f"{', '.join(given)}: guides real-time chunking, which execution={execution!r} does not run"
             )
+        if max_guidance is None:
+            max_guidance = ChunkGuide.max_guidance
+        max_guidance = check_real("max_guidance", max_guidance, non_negative=True)
+        if guidance_schedule is None:
+            guidance_schedule = RTC_SCHEDULES[0]
+        check_choice("guidance_schedule", guidance_schedule, RTC_SCHEDULES)
         if execution == "rtc-trained" and self.real:
             raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
         if execution == "rtc-trained" and not config.rtc_training_delay:

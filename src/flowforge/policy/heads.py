@@ -102,7 +102,7 @@ class ChunkGuide:
 
     actions: Tensor
     weights: Tensor
-    max_guidance: float = 5.0
+    max_guidance: float = 5.0  # the paper's
 
     def normalized(self, normalize: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> ChunkGuide:
         """The guide in the model's units, checked against the chunk's ``shape``."""
@@ -127,11 +127,12 @@ def _check_float_tensor(name: str, value: Tensor, shape: tuple[int, ...]) -> Non
         raise ValueError(f"{name} holds NaN or inf; expected finite actions")
 
 
-#: Real-time chunking's prefix-weight schedules over the overlap after the frozen steps (see :func:`rtc_weights`).
+#: Real-time chunking's prefix-weight schedules over the overlap after the frozen steps (see
+#: :func:`rtc_weights`); the first, the paper's, is the default.
 RTC_SCHEDULES = ("exp", "linear", "ones", "zeros")
 
 
-def rtc_weights(horizon: int, frozen: int, overlap: int, schedule: str = "exp") -> Tensor:
+def rtc_weights(horizon: int, frozen: int, overlap: int, schedule: str = RTC_SCHEDULES[0]) -> Tensor:
     r"""Real-time chunking's prefix weights (H,): 1 on the ``frozen`` steps, then a schedule over
     the rest of the ``overlap`` o (steps that still have a planned action), 0 after.
 
