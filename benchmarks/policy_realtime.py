@@ -16,8 +16,9 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
    chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105), and
    against its other part, the deviation of the action sent from the one the chunk left behind
    had planned for that step (a jump is at most that deviation plus the plan's own change).
-   ``--rtc-schedule`` and ``--max-guidance`` set RTC's prefix weights and guidance clip; the
-   ``guidance leverage`` line measures how far the guidance can move this model's chunks at all
+   ``--rtc-schedule``, ``--max-guidance`` and ``--rtc-jacobian`` set RTC's prefix weights,
+   guidance clip and how the guidance reaches the noisy chunk; the ``guidance leverage`` line
+   measures how far the paper's vector-Jacobian guidance can move this model's chunks at all
    (:func:`_guidance_leverage`).
 2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and one-segment consistency
    heads distilled from the flow model for ``--distill-steps``, starting from its weights
@@ -64,7 +65,7 @@ import torch
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import VALIDATION_SEED_BASE, evaluate
-from flowforge.policy.heads import RTC_SCHEDULES
+from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
@@ -327,6 +328,11 @@ def main() -> None:
     parser.add_argument(
         "--max-guidance", type=float, help="real-time chunking's guidance clip beta (default 5, the paper's)"
     )
+    parser.add_argument(
+        "--rtc-jacobian",
+        choices=GUIDANCE_JACOBIANS,
+        help="how real-time chunking's guidance reaches the noisy chunk (default vjp, the paper's)",
+    )
     parser.add_argument("--validation-episodes", type=int, default=20, help="per task, for choosing temperatures")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--likelihood-frames", type=int, default=400)
@@ -371,7 +377,11 @@ def main() -> None:
     # Only the settings given enter the guided rollouts' settings (and so their cache keys).
     guidance = {
         key: value
-        for key, value in (("guidance_schedule", args.rtc_schedule), ("max_guidance", args.max_guidance))
+        for key, value in (
+            ("guidance_schedule", args.rtc_schedule),
+            ("max_guidance", args.max_guidance),
+            ("guidance_jacobian", args.rtc_jacobian),
+        )
         if value is not None
     }
     results: dict[str, dict] = {}

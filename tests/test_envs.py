@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -137,5 +138,12 @@ def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path)
         result = CliRunner().invoke(app, [*args[:3], "--execution", execution, "--delay", "2"])
         assert result.exit_code == 2 and message in result.stderr, result.output
     guided = [*args[:3], "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "12", "--execution", "rtc"]
-    result = CliRunner().invoke(app, [*guided, "--delay", "2", "--rtc-schedule", "ones", "--max-guidance", "10"])
+    settings = ["--rtc-schedule", "ones", "--max-guidance", "10", "--rtc-jacobian", "identity"]
+    out = tmp_path / "rtc.json"
+    result = CliRunner().invoke(app, [*guided, "--delay", "2", *settings, "--out", str(out)])
     assert result.exit_code == 0 and "reach-v3" in result.output, result.output
+    recorded = json.loads(out.read_text())["settings"]
+    assert recorded["execution"] == "rtc" and recorded["delay"] == 2 and recorded["episodes"] == 1
+    sampling = recorded["sampling"]
+    assert sampling["guidance_schedule"] == "ones" and sampling["max_guidance"] == 10
+    assert sampling["guidance_jacobian"] == "identity"

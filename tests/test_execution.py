@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from flowforge.matching.functional import integrate
 from flowforge.policy import ChunkExecutor, ChunkPolicy, PolicyConfig
-from flowforge.policy.heads import RTC_SCHEDULES, ChunkGuide, rtc_weights
+from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES, ChunkGuide, _GuidedField, rtc_weights
 
 
 def _policy(kind: str, **changes) -> ChunkPolicy:
@@ -109,6 +110,64 @@ def test_guidance_with_zero_weights_is_plain_sampling_and_pulls_the_frozen_steps
         _policy("mse").predict_chunk({"state": state}, guide=free)
 
 
+def test_identity_guidance_is_the_vjp_where_the_jacobian_is_one_and_still_pulls_where_it_vanishes() -> None:
+    """With v = 0 the predicted chunk is x itself (Jacobian I): both forms add the same guidance. With a
+    velocity that sends every x to one chunk c (Jacobian 0: a policy sure of its chunk), the
+    vector-Jacobian product adds nothing, while the identity form adds c_t W (Y - c)."""
+    torch.manual_seed(0)
+    target, x, t = torch.full((1, 8, 2), 0.5), torch.randn(1, 8, 2), torch.tensor([0.3])
+    weights = rtc_weights(8, frozen=3, overlap=6)
+    by_form = {form: ChunkGuide(target, weights, jacobian=form) for form in GUIDANCE_JACOBIANS}
+
+    def still(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    pulled = {form: _GuidedField(still, guide)(x, t) for form, guide in by_form.items()}
+    torch.testing.assert_close(pulled["identity"], pulled["vjp"])
+    assert (pulled["vjp"][:, :3].sign() == (target - x)[:, :3].sign()).all()
+    chunk = torch.randn(1, 8, 2)
+
+    def sure(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (chunk - x) / (1 - t).reshape(-1, 1, 1)
+
+    torch.testing.assert_close(_GuidedField(sure, by_form["vjp"])(x, t), sure(x, t))
+    r2 = 0.7**2 / (0.3**2 + 0.7**2)
+    strength = min(5.0, 0.7 / (0.3 * r2))  # 2.76: under the clip at t = 0.3
+    expected = sure(x, t) + strength * weights[None, :, None] * (target - chunk)
+    torch.testing.assert_close(_GuidedField(sure, by_form["identity"])(x, t), expected)
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+@pytest.mark.parametrize("max_guidance", [5.0, 10.0])
+def test_identity_guidance_on_a_sure_policy_ends_where_the_last_step_puts_it(steps: int, max_guidance: float) -> None:
+    """The velocity of a policy sure of its chunk c undoes every guidance step but the last, so k
+    Euler steps end at c + (s / k) W (Y - c), s = min(beta, ((k - 1)^2 + 1) / (k - 1))."""
+    torch.manual_seed(0)
+    chunk, target = torch.randn(1, 8, 2), torch.full((1, 8, 2), 0.5)
+    weights = rtc_weights(8, frozen=3, overlap=6)
+
+    def sure(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (chunk - x) / (1 - t).reshape(-1, 1, 1)
+
+    field = _GuidedField(sure, ChunkGuide(target, weights, max_guidance, jacobian="identity"))
+    end = integrate(field, torch.randn(1, 8, 2), method="euler", steps=steps, check_end=False).x
+    strength = min(max_guidance, ((steps - 1) ** 2 + 1) / (steps - 1))
+    torch.testing.assert_close(end, chunk + strength / steps * weights[None, :, None] * (target - chunk))
+
+
+def test_identity_guidance_through_the_policy_pulls_the_frozen_steps() -> None:
+    policy = _policy("flow")
+    state, noise = torch.randn(1, 1, 3), torch.randn(1, 8, 2)
+    target = torch.full((1, 8, 2), 0.5)
+    plain = policy.predict_chunk({"state": state}, noise=noise).actions
+    guide = ChunkGuide(target, rtc_weights(8, frozen=3, overlap=6), jacobian="identity")
+    guided = policy.predict_chunk({"state": state}, noise=noise, guide=guide).actions
+    assert (guided[:, :3] - target[:, :3]).abs().mean() < 0.5 * (plain[:, :3] - target[:, :3]).abs().mean()
+    torch.testing.assert_close(guided[:, 6:], plain[:, 6:], atol=0.3, rtol=0)  # the free steps barely move
+    with pytest.raises(ValueError, match=r"unknown guide\.jacobian 'exact'; choose one of 'vjp'"):
+        policy.predict_chunk({"state": state}, guide=ChunkGuide(target, torch.ones(8), jacobian="exact"))
+
+
 def test_bad_execution_settings_are_refused() -> None:
     policy = _policy("flow")
     with pytest.raises(ValueError, match="execution"):
@@ -131,7 +190,15 @@ def test_bad_execution_settings_are_refused() -> None:
         ChunkExecutor(policy, execution="async", delay="fast")
     with pytest.raises(ValueError, match=r"unknown guidance_schedule 'cosine'; choose one of 'exp'"):
         ChunkExecutor(policy, execution="rtc", delay=1, guidance_schedule="cosine")
-    for setting in ({"max_guidance": 5.0}, {"guidance_schedule": "exp"}, {"max_guidance": 20.0}):
+    with pytest.raises(ValueError, match=r"unknown guidance_jacobian 'exact'; choose one of 'vjp', 'identity'"):
+        ChunkExecutor(policy, execution="rtc", delay=1, guidance_jacobian="exact")
+    settings = (
+        {"max_guidance": 5.0},
+        {"guidance_schedule": "exp"},
+        {"max_guidance": 20.0},
+        {"guidance_jacobian": "vjp"},
+    )
+    for setting in settings:
         with pytest.raises(ValueError, match="guides real-time chunking, which execution='async' does not run"):
             ChunkExecutor(policy, execution="async", delay=1, **setting)
 

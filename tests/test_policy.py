@@ -412,6 +412,10 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert unguided.exit_code == 2 and "--rtc-schedule ones: guides --execution rtc, not async" in unguided.stderr
     schedule = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--rtc-schedule", "cosine"])
     assert schedule.exit_code == 2 and "--rtc-schedule 'cosine': expected one of exp, linear" in schedule.stderr
+    jacobian = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--rtc-jacobian", "exact"])
+    assert jacobian.exit_code == 2 and "--rtc-jacobian 'exact': expected one of vjp, identity" in jacobian.stderr
+    unguided = runner.invoke(app, [*args, "--execution", "sync", "--rtc-jacobian", "identity"])
+    assert unguided.exit_code == 2 and "--rtc-jacobian identity: guides --execution rtc, not sync" in unguided.stderr
     delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())
@@ -604,6 +608,7 @@ def test_evaluation_in_processes_reports_what_one_process_does() -> None:
     finally:
         torch.set_num_threads(threads)
     assert [t.task for t in split.tasks] == tasks and split.nfe == alone.nfe
+    assert split.settings == alone.settings and alone.settings["sampling"] == {"steps": 2}
     for one, other in zip(alone.tasks, split.tasks, strict=True):
         assert (one.successes, one.steps, one.waited) == (other.successes, other.steps, other.waited)
         np.testing.assert_allclose(other.jumps, one.jumps, rtol=1e-5, atol=1e-6)

@@ -618,6 +618,13 @@ def policy_eval(
             "default), linear, ones or zeros."
         ),
     ] = None,
+    rtc_jacobian: Annotated[
+        str | None,
+        typer.Option(
+            help="--execution rtc: how the guidance reaches the noisy chunk: vjp (the paper's, default) or "
+            "identity (no backward pass; keeps its grip on a policy sure of its chunks)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
     processes: Annotated[
         int,
@@ -634,7 +641,7 @@ def policy_eval(
     from flowforge.envs.metaworld import INSTRUCTIONS
     from flowforge.policy import ChunkExecutor
     from flowforge.policy.execution import EXECUTIONS
-    from flowforge.policy.heads import RTC_SCHEDULES
+    from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES
     from flowforge.runs.policy import load_policy
 
     if out is not None:
@@ -646,20 +653,27 @@ def policy_eval(
         raise ConfigError(f"--execution {execution!r}: expected one of {', '.join(EXECUTIONS)}")
     guidance_options = [
         f"{option} {value}"
-        for option, value in (("--max-guidance", max_guidance), ("--rtc-schedule", rtc_schedule))
+        for option, value in (
+            ("--max-guidance", max_guidance),
+            ("--rtc-schedule", rtc_schedule),
+            ("--rtc-jacobian", rtc_jacobian),
+        )
         if value is not None
     ]
     if guidance_options and execution != "rtc":
         raise ConfigError(f"{', '.join(guidance_options)}: guides --execution rtc, not {execution}; leave it out")
     if rtc_schedule is not None and rtc_schedule not in RTC_SCHEDULES:
         raise ConfigError(f"--rtc-schedule {rtc_schedule!r}: expected one of {', '.join(RTC_SCHEDULES)}")
+    if rtc_jacobian is not None and rtc_jacobian not in GUIDANCE_JACOBIANS:
+        raise ConfigError(f"--rtc-jacobian {rtc_jacobian!r}: expected one of {', '.join(GUIDANCE_JACOBIANS)}")
     delay_steps = _delay_option(delay)
     names = None if tasks is None else _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     policy = load_policy(checkpoint)
     _tell_if_unfinished(checkpoint)
     config = policy.policy_config
     given = (("steps", steps), ("noise_scale", noise_scale), ("max_guidance", max_guidance))
-    sampling = {k: v for k, v in (*given, ("guidance_schedule", rtc_schedule)) if v is not None}
+    chosen = (("guidance_schedule", rtc_schedule), ("guidance_jacobian", rtc_jacobian))
+    sampling = {k: v for k, v in (*given, *chosen) if v is not None}
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head

@@ -18,7 +18,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,14 @@ class TaskResult:
 
 @dataclass
 class EvaluationReport:
-    """Per-task results, and the policy's chunk latencies (seconds) and evaluations per chunk."""
+    """Per-task results, the policy's chunk latencies (seconds) and evaluations per chunk, and the
+    settings the episodes ran with (episodes, seeds, execution, delay, sampling), so that a saved
+    report says what it measured."""
 
     tasks: list[TaskResult]
     latencies: list[float]
     nfe: list[int]
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def mean_length_with_waits(self) -> float | None:
@@ -127,6 +130,7 @@ class EvaluationReport:
         changes = [c for t in self.tasks for c in t.changes]
         deviations = [d for t in self.tasks for d in t.deviations]
         return {
+            "settings": self.settings,
             "tasks": {
                 t.task: {
                     "success_rate": t.rate,
@@ -235,8 +239,8 @@ def evaluate(
     ``video_dir`` asks for GIFs (``image_size`` pixels for a policy without images; the first
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
     ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``;
-    with ``execution="rtc"`` also ``max_guidance`` and ``guidance_schedule``), checked before the
-    first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
+    with ``execution="rtc"`` also ``max_guidance``, ``guidance_schedule`` and ``guidance_jacobian``),
+    checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
     ``execution`` and ``delay``: how chunks run with an inference delay of ``delay`` control steps
     (:class:`~flowforge.policy.execution.ChunkExecutor`). The report counts the steps the robot
     waited and the action jumps where chunks took over. A policy whose action or state sizes are
@@ -265,6 +269,15 @@ def evaluate(
     executor = ChunkExecutor(
         policy, temporal_ensemble=temporal_ensemble, execution=execution, delay=delay, **(sampling or {})
     )
+    recorded = {
+        "episodes": episodes,
+        "seed_base": seed_base,
+        "max_steps": max_steps,
+        "execution": execution,
+        "delay": list(delay) if isinstance(delay, tuple) else delay,
+        "temporal_ensemble": temporal_ensemble,
+        "sampling": dict(sampling or {}),
+    }
     if processes > 1:  # every setting is checked above, in this process, before any is started
         executor.close()
         settings = dict(
@@ -277,7 +290,8 @@ def evaluate(
             execution=execution,
             delay=delay,
         )
-        return _evaluate_in_processes(policy, list(tasks), episodes, seed_base, processes, progress, settings)
+        report = _evaluate_in_processes(policy, list(tasks), episodes, seed_base, processes, progress, settings)
+        return replace(report, settings=recorded)
     needs_image = policy.encoder.sees_images or video_dir is not None
     config = policy.policy_config
     # The policy's cameras (an unnamed one is the corner camera earlier policies were trained on).
@@ -322,7 +336,7 @@ def evaluate(
     finally:
         bar.close()
         executor.close()
-    return EvaluationReport(results, latencies, nfe)
+    return EvaluationReport(results, latencies, nfe, recorded)
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -21,7 +21,8 @@ per control step:
   first D actions were for steps already gone); ``rtc``: async with real-time chunking (Black et
   al. 2025): the new chunk is inpainted to agree with the D actions that run meanwhile and,
   with decaying weights (``guidance_schedule``), with the rest of the current plan
-  (:class:`~flowforge.policy.heads.ChunkGuide`).
+  (:class:`~flowforge.policy.heads.ChunkGuide`; ``guidance_jacobian`` says how the guidance
+  reaches the noisy chunk).
   Past a chunk's end its last action is held. :attr:`ChunkExecutor.executed` records, per control
   step, which chunk and index the action came from, and :attr:`ChunkExecutor.timings` when each
   chunk was requested and arrived.
@@ -53,10 +54,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from flowforge.policy.config import DERIVED_FEATURES
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
-from flowforge.policy.heads import RTC_SCHEDULES, ChunkGuide, ChunkPrefix, rtc_weights
+from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES, ChunkGuide, ChunkPrefix, rtc_weights
 from flowforge.validation import check_choice, check_count, check_real, is_count
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
@@ -145,6 +147,10 @@ class ChunkExecutor:
         guidance_schedule: real-time chunking's prefix weights over the overlap after the frozen
             steps, one of :data:`~flowforge.policy.heads.RTC_SCHEDULES` (``execution="rtc"`` only;
             ``None``: the paper's ``"exp"``, :func:`~flowforge.policy.heads.rtc_weights`' default).
+        guidance_jacobian: how real-time chunking's guidance reaches the noisy chunk, one of
+            :data:`~flowforge.policy.heads.GUIDANCE_JACOBIANS` (``execution="rtc"`` only; ``None``:
+            the paper's ``"vjp"``; ``"identity"`` needs no backward pass and keeps its grip on a
+            policy that is sure of its chunks, see :class:`~flowforge.policy.heads.ChunkGuide`).
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class ChunkExecutor:
         delay: int | tuple[int, int] | str = 0,
         max_guidance: float | None = None,
         guidance_schedule: str | None = None,
+        guidance_jacobian: str | None = None,
         control_period: float = 1 / 80,
     ) -> None:
         if not isinstance(policy, ChunkPolicy):
@@ -178,7 +185,11 @@ class ChunkExecutor:
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
         given = [
             f"{name} = {value!r}"
-            for name, value in (("max_guidance", max_guidance), ("guidance_schedule", guidance_schedule))
+            for name, value in (
+                ("max_guidance", max_guidance),
+                ("guidance_schedule", guidance_schedule),
+                ("guidance_jacobian", guidance_jacobian),
+            )
             if value is not None
         ]
         if given and execution != "rtc":
@@ -191,6 +202,9 @@ class ChunkExecutor:
         if guidance_schedule is None:
             guidance_schedule = RTC_SCHEDULES[0]
         check_choice("guidance_schedule", guidance_schedule, RTC_SCHEDULES)
+        if guidance_jacobian is None:
+            guidance_jacobian = ChunkGuide.jacobian
+        check_choice("guidance_jacobian", guidance_jacobian, GUIDANCE_JACOBIANS)
         if execution == "rtc-trained" and self.real:
             raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
         if execution == "rtc-trained" and not config.rtc_training_delay:
@@ -205,6 +219,7 @@ class ChunkExecutor:
                 f"rtc_training_delay >= {high} (this one: {config.rtc_training_delay})"
             )
         self.execution, self.max_guidance, self.guidance_schedule = execution, max_guidance, guidance_schedule
+        self.guidance_jacobian = guidance_jacobian
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-inference") if self.real else None
         self.closed = False
         #: the delay of each chunk is drawn uniformly from ``delay_range`` (torch's generator); its
@@ -367,7 +382,7 @@ class ChunkExecutor:
             weights = rtc_weights(
                 config.horizon, frozen=frozen, overlap=config.horizon, schedule=self.guidance_schedule
             )
-            extra["guide"] = ChunkGuide(actions, weights, self.max_guidance)
+            extra["guide"] = self._chunk_guide(actions, weights)
         elif self.execution == "rtc-trained":
             extra["prefix"] = ChunkPrefix(actions, min(frozen, config.rtc_training_delay))
 
@@ -530,7 +545,10 @@ class ChunkExecutor:
         weights = rtc_weights(
             horizon, frozen=frozen, overlap=min(len(planned), horizon), schedule=self.guidance_schedule
         )
-        return ChunkGuide(torch.as_tensor(target[None]), weights, self.max_guidance)
+        return self._chunk_guide(torch.as_tensor(target[None]), weights)
+
+    def _chunk_guide(self, actions: Tensor, weights: Tensor) -> ChunkGuide:
+        return ChunkGuide(actions, weights, self.max_guidance, self.guidance_jacobian)
 
 
 __all__ = ["EXECUTIONS", "ChunkExecutor", "ChunkTiming"]
