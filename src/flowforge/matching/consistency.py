@@ -99,6 +99,8 @@ class ConsistencyMatcher(FlowMatcher):
         velocity: ``net(x, t, context=None) -> F`` (the velocity-field contract).
         args, matcher_options: the other arguments of :class:`FlowMatcher` (coupling,
             context_dropout, ...). The path is the linear one (the parametrisation assumes it).
+            Consistency sampling takes no guidance, so ``context_dropout`` > 0 acts only as a
+            regulariser here: the null context it trains is never sampled from.
         total_steps: training steps the curriculum spans.
         initial_intervals, final_intervals: the curriculum's first and last N (powers of two apart).
         sigma_min, sigma_max, rho: the Karras grid.
