@@ -651,29 +651,29 @@ def policy_eval(
         _output_path(video, "--video")
     if execution not in EXECUTIONS:
         raise ConfigError(f"--execution {execution!r}: expected one of {', '.join(EXECUTIONS)}")
-    guidance_options = [
-        f"{option} {value}"
-        for option, value in (
-            ("--max-guidance", max_guidance),
-            ("--rtc-schedule", rtc_schedule),
-            ("--rtc-jacobian", rtc_jacobian),
+    # RTC's settings given: option -> (ChunkExecutor argument, value, its choices or None for a number)
+    guidance = {
+        option: (name, value, choices)
+        for option, name, value, choices in (
+            ("--max-guidance", "max_guidance", max_guidance, None),
+            ("--rtc-schedule", "guidance_schedule", rtc_schedule, RTC_SCHEDULES),
+            ("--rtc-jacobian", "guidance_jacobian", rtc_jacobian, GUIDANCE_JACOBIANS),
         )
         if value is not None
-    ]
-    if guidance_options and execution != "rtc":
-        raise ConfigError(f"{', '.join(guidance_options)}: guides --execution rtc, not {execution}; leave it out")
-    if rtc_schedule is not None and rtc_schedule not in RTC_SCHEDULES:
-        raise ConfigError(f"--rtc-schedule {rtc_schedule!r}: expected one of {', '.join(RTC_SCHEDULES)}")
-    if rtc_jacobian is not None and rtc_jacobian not in GUIDANCE_JACOBIANS:
-        raise ConfigError(f"--rtc-jacobian {rtc_jacobian!r}: expected one of {', '.join(GUIDANCE_JACOBIANS)}")
+    }
+    if guidance and execution != "rtc":
+        given = ", ".join(f"{option} {value}" for option, (_, value, _) in guidance.items())
+        raise ConfigError(f"{given}: guides --execution rtc, not {execution}; leave it out")
+    for option, (_, value, choices) in guidance.items():
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{option} {value!r}: expected one of {', '.join(choices)}")
     delay_steps = _delay_option(delay)
     names = None if tasks is None else _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     policy = load_policy(checkpoint)
     _tell_if_unfinished(checkpoint)
     config = policy.policy_config
-    given = (("steps", steps), ("noise_scale", noise_scale), ("max_guidance", max_guidance))
-    chosen = (("guidance_schedule", rtc_schedule), ("guidance_jacobian", rtc_jacobian))
-    sampling = {k: v for k, v in (*given, *chosen) if v is not None}
+    sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
+    sampling |= {name: value for name, value, _ in guidance.values()}
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
