@@ -5,7 +5,8 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
 
 1. **Execution methods with delay.** The flow policy is rolled out with ``sync``, ``async`` and
    ``rtc``, and a second flow policy trained with training-time real-time chunking
-   (``rtc_training_delay`` = the largest delay; ``flow-rtc`` below) with ``rtc-trained``: training
+   (``rtc_training_delay`` = the largest delay, noise of ``--rtc-prefix-noise`` on its training
+   prefixes, ``--rtc-unprefixed-fraction`` of its rows without one; ``flow-rtc`` below) with ``rtc-trained``: training
    with clean prefixes costs the plain policy success, so each method gets the policy it is meant
    for. Delays ``D`` in ``--delays`` (control steps),
    ``--episodes`` fresh-seed episodes per task: success, the mean and largest action jump where a
@@ -74,6 +75,9 @@ FEW_STEP = ("shortcut", "meanflow", "consistency", "consistency-distilled", "con
 #: The consistency heads distilled from the flow model, by distillation method.
 DISTILLED = {"consistency-distilled": "consistency", "consistency-trajectory": "trajectory"}
 MODELS = ("flow", "flow-rtc", *FEW_STEP)
+#: flow-rtc's noise on its training prefixes and fraction of rows without one (``policy.rtc_prefix_noise``,
+#: ``policy.rtc_unprefixed_fraction``): see the README's seventh run.
+RTC_PREFIX_NOISE, RTC_UNPREFIXED_FRACTION = 0.2, 0.5
 
 
 def _cached(path: Path, compute):
@@ -91,6 +95,19 @@ def _train(args, name: str, data: Path) -> Path:
     trained first if it is not yet)."""
     run = args.work / "runs" / name
     if (run / "trained.json").exists():
+        if name == "flow-rtc":
+            config = load_policy(run).policy_config
+            asked = {
+                "rtc_training_delay": max(args.delays),
+                "rtc_prefix_noise": args.rtc_prefix_noise,
+                "rtc_unprefixed_fraction": args.rtc_unprefixed_fraction,
+            }
+            trained = {key: getattr(config, key) for key in asked}
+            if trained != asked:
+                raise SystemExit(
+                    f"{run} was trained with {trained}, not {asked}: move it away to train again, or ask for "
+                    "its settings (--delays, --rtc-prefix-noise, --rtc-unprefixed-fraction)"
+                )
         return run
     kind = "flow" if name == "flow-rtc" else "consistency" if name in DISTILLED else name
     steps = args.distill_steps if name in DISTILLED else args.steps
@@ -111,7 +128,11 @@ def _train(args, name: str, data: Path) -> Path:
             f"train.lr={args.distill_lr}",
         ]
     if name == "flow-rtc":
-        overrides.append(f"policy.rtc_training_delay={max(args.delays)}")
+        overrides += [
+            f"policy.rtc_training_delay={max(args.delays)}",
+            f"policy.rtc_prefix_noise={args.rtc_prefix_noise}",
+            f"policy.rtc_unprefixed_fraction={args.rtc_unprefixed_fraction}",
+        ]
     if name == "meanflow":  # its loss differentiates the expert in time: a smooth time embedding,
         # with which the plain squared error trains better than the adaptive weight
         overrides += ["policy.time_embedding_frequency=4.0", "policy.meanflow_adaptive_power=0.0"]
@@ -137,9 +158,11 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
         print(f"[{phase}] {name}\n{report.table()}", flush=True)
         return report.to_dict()
 
-    # Every setting of the rollout is in the file name: another temperature or episode count is another result.
+    # Every setting of the rollout, and the weights, are in the file name: another temperature,
+    # episode count or retrained model is another result.
     episodes = args.validation_episodes if validation else args.episodes
-    key = json.dumps({"episodes": episodes, **settings}, sort_keys=True)
+    weights = json.loads((run / "checkpoint.json").read_text())["files"]["model"]["sha256"]
+    key = json.dumps({"episodes": episodes, "weights": weights, **settings}, sort_keys=True)
     return _cached(args.work / f"{phase}-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json", compute)
 
 
@@ -318,6 +341,18 @@ def main() -> None:
     parser.add_argument("--delays", default="0,2,4,6")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="the flow policies' temperature")
     parser.add_argument(
+        "--rtc-prefix-noise",
+        type=float,
+        default=RTC_PREFIX_NOISE,
+        help="flow-rtc's policy.rtc_prefix_noise: the spread of the noise on its training prefixes",
+    )
+    parser.add_argument(
+        "--rtc-unprefixed-fraction",
+        type=float,
+        default=RTC_UNPREFIXED_FRACTION,
+        help="flow-rtc's policy.rtc_unprefixed_fraction: the fraction of its training rows without a prefix",
+    )
+    parser.add_argument(
         "--few-step-noise-scales", default="0.5,1", help="the few-step heads' temperatures tried on validation seeds"
     )
     parser.add_argument(
@@ -356,6 +391,10 @@ def main() -> None:
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales}: each must be finite and >= 0")
     if args.max_guidance is not None and not 0 <= args.max_guidance < float("inf"):
         parser.error(f"--max-guidance {args.max_guidance}: need a finite number >= 0")
+    if not 0 <= args.rtc_prefix_noise < float("inf"):
+        parser.error(f"--rtc-prefix-noise {args.rtc_prefix_noise}: need a finite number >= 0")
+    if not 0 < args.rtc_unprefixed_fraction <= 1:
+        parser.error(f"--rtc-unprefixed-fraction {args.rtc_unprefixed_fraction}: need a number in (0, 1]")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     for option in ("steps", "distill_steps"):

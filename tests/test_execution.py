@@ -258,6 +258,81 @@ def test_training_time_rtc_gives_the_prefix_time_one_and_no_loss() -> None:
     torch.testing.assert_close(policy.loss(batch), reference)  # no loss on the prefix
 
 
+@pytest.mark.parametrize("unprefixed", [None, 0.5])
+def test_training_time_rtc_weights_every_step_as_plain_training(unprefixed: float | None) -> None:
+    """Over the prefix lengths' distribution, each step's weight times the chance that it is trained
+    is 1 for every step: the first steps, trained in fewer rows, weigh as much as the rest."""
+    delay, horizon = 5, 8
+    policy = _policy("flow", rtc_training_delay=delay, rtc_unprefixed_fraction=unprefixed)
+    torch.manual_seed(0)
+    lengths = policy.head.prefix_lengths(60_000)
+    chance = torch.stack([(lengths == length).float().mean() for length in range(delay + 1)])
+    expected = (
+        torch.full((delay + 1,), 1 / (delay + 1))
+        if unprefixed is None
+        else torch.tensor([unprefixed] + [(1 - unprefixed) / delay] * delay)
+    )
+    torch.testing.assert_close(chance, expected, atol=0.01, rtol=0)
+    weights = policy.head.prefix_step_weights(horizon).double()
+    trained = torch.stack([torch.arange(horizon) >= length for length in range(delay + 1)]).double()
+    torch.testing.assert_close(expected.double() @ (trained * weights), torch.ones(horizon, dtype=torch.float64))
+
+
+def test_training_time_rtc_loss_is_the_step_weighted_mean() -> None:
+    """A row with no prefix and a row with a prefix of 3, whose errors sit on one step each, give
+    the loss the weights say."""
+    policy = _policy("flow", rtc_training_delay=5)
+    weights = policy.head.prefix_step_weights(8)
+    lengths = torch.tensor([0, 3])
+    policy.head.prefix_lengths = lambda rows: lengths
+    batch = {"state": torch.randn(2, 1, 3), "action": torch.zeros(2, 8, 2)}
+    target = policy.normalize_action(batch["action"])
+    errors = torch.zeros(2, 8, 2)
+    errors[0, 0] = 1.0  # step 0 of the row without prefix: weight 6
+    errors[1, 5] = 2.0  # step 5 of the other: weight 1
+
+    def exact(x, t, cache, interval=None):
+        # the straight path's own velocity, x1 - x0 = (x1 - x_t) / (1 - t), plus the planted errors
+        return (target - x) / (1 - t[..., None]).clamp_min(1e-6) + errors
+
+    policy.expert.denoise = exact
+    kept = torch.arange(8)[None] >= lengths[:, None]
+    expected = (6 * 2 * 1.0**2 + 1 * 2 * 2.0**2) / (2 * float((kept * weights).sum()))
+    torch.testing.assert_close(policy.loss(batch), torch.tensor(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_training_time_rtc_prefix_noise_perturbs_only_the_given_actions() -> None:
+    from flowforge.errors import ConfigError
+
+    policy = _policy("flow", rtc_training_delay=4, rtc_prefix_noise=0.3)
+    lengths = torch.tensor([4, 0, 2])
+    policy.head.prefix_lengths = lambda rows: lengths
+    batch = {"state": torch.randn(3, 1, 3), "action": torch.rand(3, 8, 2) * 2 - 1}
+    seen = {}
+    denoise = policy.expert.denoise
+
+    def spy(x, t, cache, interval=None):
+        seen["x"], seen["t"] = x, t
+        return denoise(x, t, cache, interval)
+
+    policy.expert.denoise = spy
+    policy.loss(batch)
+    target = policy.normalize_action(batch["action"])
+    given = torch.arange(8)[None] < lengths[:, None]
+    moved = (seen["x"][given] - target[given]).abs()
+    assert float(moved.min()) > 0 and 0.05 < float(moved.mean()) < 0.6  # N(0, 0.3^2): mean |e| = 0.24
+    assert bool((seen["t"][given] == 1).all())
+    with pytest.raises(ConfigError, match=r"rtc_prefix_noise = 0.1: .*rtc_training_delay >= 1"):
+        PolicyConfig(rtc_prefix_noise=0.1)
+    with pytest.raises(ConfigError, match="rtc_prefix_noise = -1"):
+        PolicyConfig(rtc_training_delay=2, rtc_prefix_noise=-1)
+    with pytest.raises(ConfigError, match=r"rtc_unprefixed_fraction = 0.5: .*rtc_training_delay >= 1"):
+        PolicyConfig(rtc_unprefixed_fraction=0.5)
+    for fraction in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="rtc_unprefixed_fraction = "):
+            PolicyConfig(rtc_training_delay=2, rtc_unprefixed_fraction=fraction)
+
+
 def test_a_trained_policy_completes_given_actions() -> None:
     from flowforge.policy.heads import ChunkPrefix
 

@@ -114,7 +114,22 @@ class PolicyConfig:
         rtc_training_delay: training-time real-time chunking (flow head): each training chunk
             starts with a clean prefix of 0 to ``rtc_training_delay`` actions at time 1 (data),
             which carry no loss, so that the policy can complete a chunk whose first actions are
-            given (``execution="rtc-trained"``); 0: off.
+            given (``execution="rtc-trained"``); 0: off. Each later step's loss is weighted by
+            how rarely it is trained, so that every step of a chunk keeps its weight (see
+            :meth:`~flowforge.policy.heads.FlowHead.filled_loss`).
+        rtc_prefix_noise: the spread (in normalised action units, actions scaled to [-1, 1] by
+            ``min_max``) of Gaussian noise added to the clean prefixes of training-time real-time
+            chunking (still given at time 1). At run time the given actions come from the
+            policy's own earlier chunk, not from the expert; a policy trained on exact expert
+            prefixes leans on them (MT10 at D = 4, temperature 1: 91.0% with 0, 93.5% with 0.1,
+            94.8% with 0.2, 94.6% with 0.3).
+            0: exact prefixes; needs ``rtc_training_delay`` >= 1.
+        rtc_unprefixed_fraction: the fraction of training rows given no prefix; the others draw
+            their length uniformly from 1 to ``rtc_training_delay``. ``None``: lengths uniform on
+            0..``rtc_training_delay`` (the fraction 1 / (d + 1)). More rows without a prefix keep
+            the policy reading its observation where a prefix would tell it the way (MT10, d = 4,
+            prefix noise 0.2, temperature 1, D = 4: 95.7% with 0.5 against 94.8% with ``None``;
+            reach 93% against 85%). Needs ``rtc_training_delay`` >= 1.
         diffusion_steps, inference_steps, sampler: the DDPM baseline (``"ddim"`` or ``"ddpm"``).
         state_normalization, action_normalization: ``"mean_std"`` or ``"min_max"``.
         previous_state: also give the policy, with each frame's state, the state of the frame
@@ -166,6 +181,8 @@ class PolicyConfig:
     consistency_segments: int = 1
     time_embedding_frequency: float = 100.0
     rtc_training_delay: int = 0
+    rtc_prefix_noise: float = 0.0
+    rtc_unprefixed_fraction: float | None = None
     diffusion_steps: int = 100
     inference_steps: int = 10
     sampler: str = "ddim"
@@ -272,6 +289,20 @@ class PolicyConfig:
         )
         if self.rtc_training_delay and self.kind != "flow":
             raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay}: training-time RTC is for kind = 'flow'")
+        check_range("rtc_prefix_noise", self.rtc_prefix_noise, low=0)
+        # A fraction of 0 would leave a chunk's first step untrained (a prefix always covers it).
+        check_range(
+            "rtc_unprefixed_fraction", self.rtc_unprefixed_fraction, low=0, high=1, low_open=True, optional=True
+        )
+        for name, value in (
+            ("rtc_prefix_noise", self.rtc_prefix_noise or None),
+            ("rtc_unprefixed_fraction", self.rtc_unprefixed_fraction),
+        ):
+            if value is not None and not self.rtc_training_delay:
+                raise ConfigError(
+                    f"{name} = {value}: it shapes training-time RTC's prefixes, which "
+                    "rtc_training_delay = 0 does not give (set rtc_training_delay >= 1)"
+                )
         check_integer("diffusion_steps", self.diffusion_steps)
         check_integer("inference_steps", self.inference_steps)
         if self.kind == "ddpm" and self.inference_steps > self.diffusion_steps:

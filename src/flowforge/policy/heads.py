@@ -266,26 +266,61 @@ class FlowHead(PolicyHead):
         return self.filled_loss(fill_padding(target, pad), cache, pad)
 
     def filled_loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
-        """:meth:`loss` of a chunk whose padded steps are already filled (:func:`fill_padding`).
+        r""":meth:`loss` of a chunk whose padded steps are already filled (:func:`fill_padding`).
 
-        With ``rtc_training_delay`` > 0 (training-time real-time chunking) each row's first
-        :meth:`prefix_lengths` actions are given clean, at time 1, and carry no loss.
+        With ``rtc_training_delay`` d > 0 (training-time real-time chunking) each row's first L
+        actions (:meth:`prefix_lengths`: L = 0 in a fraction f of the rows,
+        ``rtc_unprefixed_fraction``, else uniform on 1..d; by default uniform on 0..d,
+        f = 1 / (d + 1)) are given at time 1 and carry no loss; with ``rtc_prefix_noise``
+        :math:`\sigma` they are given as :math:`a + \sigma\epsilon`, the loss's target unchanged.
+        Step i is then trained only in the rows with L <= i, a fraction
+        :math:`P(L \le i) = f + (1 - f)\min(i, d) / d`, so its loss is weighted by
+        :math:`1 / P(L \le i)` (:meth:`prefix_step_weights`): every step keeps the weight it has
+        without prefixes. Unweighted, the first steps, which a chunk with no prefix executes (the
+        first of an episode, and every one at D = 0), got f of it (MT10, d = 4, f = 1/5: the
+        first action 0.21 from the expert's against the plain policy's 0.12, reach 58% against
+        93% at D = 0; weighted, 0.16 and 78%).
         """
         noise = torch.randn_like(target)
         t = self.time_sampler(target.shape[0], device=target.device, dtype=target.dtype)
-        kept = _kept(pad)
-        if getattr(self.config, "rtc_training_delay", 0):
-            given = (
-                torch.arange(target.shape[1], device=target.device)[None]
-                < self.prefix_lengths(target.shape[0])[:, None]
-            )
+        kept, weights = _kept(pad), None
+        config = self.config
+        if getattr(config, "rtc_training_delay", 0):
+            steps = torch.arange(target.shape[1], device=target.device)
+            given = steps[None] < self.prefix_lengths(target.shape[0]).to(target.device)[:, None]
             t = torch.where(given, torch.ones_like(t)[:, None], t[:, None])
             kept = ~given if kept is None else kept & ~given
-        return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=kept)
+            weights = self.prefix_step_weights(target.shape[1]).to(target)[None].expand(target.shape[:2])
+            if config.rtc_prefix_noise:  # the prefix enters as x_1 (time 1): perturb it there only
+                jittered = target + config.rtc_prefix_noise * torch.randn_like(target)
+                target = torch.where(given[..., None], jittered, target)
+        return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=kept, weights=weights)
 
     def prefix_lengths(self, rows: int) -> Tensor:
-        """Training-time RTC: each row's clean prefix length, uniform in 0..``rtc_training_delay``."""
-        return torch.randint(0, self.config.rtc_training_delay + 1, (rows,))
+        """Training-time RTC: each row's clean prefix length (see :meth:`filled_loss`)."""
+        delay, fraction = self.config.rtc_training_delay, self.config.rtc_unprefixed_fraction
+        if fraction is None:
+            return torch.randint(0, delay + 1, (rows,))
+        lengths = torch.randint(1, delay + 1, (rows,))
+        return torch.where(torch.rand(rows) < fraction, torch.zeros_like(lengths), lengths)
+
+    def prefix_step_weights(self, horizon: int) -> Tensor:
+        """Training-time RTC: the loss weight (horizon,) of each step of a chunk, 1 / P(L <= i) for
+        the prefix lengths L of :meth:`prefix_lengths` (see :meth:`filled_loss`).
+
+        >>> from types import SimpleNamespace
+        >>> head = FlowHead(SimpleNamespace(rtc_training_delay=3, rtc_unprefixed_fraction=None))
+        >>> [round(w, 2) for w in head.prefix_step_weights(6).tolist()]
+        [4.0, 2.0, 1.33, 1.0, 1.0, 1.0]
+        >>> head.config.rtc_unprefixed_fraction = 0.5
+        >>> [round(w, 2) for w in head.prefix_step_weights(6).tolist()]
+        [2.0, 1.5, 1.2, 1.0, 1.0, 1.0]
+        """
+        delay, fraction = self.config.rtc_training_delay, self.config.rtc_unprefixed_fraction
+        if fraction is None:
+            fraction = 1 / (delay + 1)
+        covered = torch.arange(horizon, dtype=torch.float64).clamp(max=delay) / delay
+        return (1 / (fraction + (1 - fraction) * covered)).float()
 
     #: the head's sampling can be guided towards given actions (:class:`ChunkGuide`).
     guidable: ClassVar[bool] = True

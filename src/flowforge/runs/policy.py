@@ -154,6 +154,8 @@ HEAD_SETTINGS = frozenset(
         "consistency_velocity_weight",
         "consistency_segments",
         "rtc_training_delay",
+        "rtc_prefix_noise",
+        "rtc_unprefixed_fraction",
         "diffusion_steps",
         "inference_steps",
         "sampler",
