@@ -6,9 +6,9 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
 1. **Execution methods with delay.** The flow policy is rolled out with ``sync``, ``async`` and
    ``rtc``, and a second flow policy trained with training-time real-time chunking
    (``rtc_training_delay`` = the largest delay, noise of ``--rtc-prefix-noise`` on its training
-   prefixes, ``--rtc-unprefixed-fraction`` of its rows without one; ``flow-rtc`` below) with ``rtc-trained``: training
-   with clean prefixes costs the plain policy success, so each method gets the policy it is meant
-   for. Delays ``D`` in ``--delays`` (control steps),
+   prefixes, ``--rtc-unprefixed-fraction`` of its rows without one; ``flow-rtc`` below) with
+   ``rtc-trained``: training with prefixes costs the plain policy success, so each method gets
+   the policy it is meant for. Delays ``D`` in ``--delays`` (control steps),
    ``--episodes`` fresh-seed episodes per task: success, the mean and largest action jump where a
    chunk takes over, and the episode length counting the steps the robot waited.
    Goals at D = 4: RTC (either variant) within 2 points of the D = 0 synchronous policy; its

@@ -114,9 +114,9 @@ class PolicyConfig:
         rtc_training_delay: training-time real-time chunking (flow head): each training chunk
             starts with a clean prefix of 0 to ``rtc_training_delay`` actions at time 1 (data),
             which carry no loss, so that the policy can complete a chunk whose first actions are
-            given (``execution="rtc-trained"``); 0: off. Each later step's loss is weighted by
-            how rarely it is trained, so that every step of a chunk keeps its weight (see
-            :meth:`~flowforge.policy.heads.FlowHead.filled_loss`).
+            given (``execution="rtc-trained"``); 0: off. Each step's loss is divided by the
+            fraction of rows that train it (a prefix covers it in the others), so that every step
+            of a chunk keeps its weight (see :meth:`~flowforge.policy.heads.FlowHead.filled_loss`).
         rtc_prefix_noise: the spread (in normalised action units, actions scaled to [-1, 1] by
             ``min_max``) of Gaussian noise added to the clean prefixes of training-time real-time
             chunking (still given at time 1). At run time the given actions come from the
