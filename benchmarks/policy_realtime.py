@@ -393,8 +393,8 @@ def main() -> None:
         parser.error(f"--max-guidance {args.max_guidance}: need a finite number >= 0")
     if not 0 <= args.rtc_prefix_noise < float("inf"):
         parser.error(f"--rtc-prefix-noise {args.rtc_prefix_noise}: need a finite number >= 0")
-    if not 0 < args.rtc_unprefixed_fraction <= 1:
-        parser.error(f"--rtc-unprefixed-fraction {args.rtc_unprefixed_fraction}: need a number in (0, 1]")
+    if not 0 < args.rtc_unprefixed_fraction < 1:
+        parser.error(f"--rtc-unprefixed-fraction {args.rtc_unprefixed_fraction}: need a number in (0, 1)")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     for option in ("steps", "distill_steps"):

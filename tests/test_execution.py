@@ -328,7 +328,7 @@ def test_training_time_rtc_prefix_noise_perturbs_only_the_given_actions() -> Non
         PolicyConfig(rtc_training_delay=2, rtc_prefix_noise=-1)
     with pytest.raises(ConfigError, match=r"rtc_unprefixed_fraction = 0.5: .*rtc_training_delay >= 1"):
         PolicyConfig(rtc_unprefixed_fraction=0.5)
-    for fraction in (0.0, 1.5, float("nan")):
+    for fraction in (0.0, 1.0, 1.5, float("nan")):
         with pytest.raises(ConfigError, match="rtc_unprefixed_fraction = "):
             PolicyConfig(rtc_training_delay=2, rtc_unprefixed_fraction=fraction)
 

@@ -124,8 +124,8 @@ class PolicyConfig:
             prefixes leans on them (MT10 at D = 4, temperature 1: 91.0% with 0, 93.5% with 0.1,
             94.8% with 0.2, 94.6% with 0.3).
             0: exact prefixes; needs ``rtc_training_delay`` >= 1.
-        rtc_unprefixed_fraction: the fraction of training rows given no prefix; the others draw
-            their length uniformly from 1 to ``rtc_training_delay``. ``None``: lengths uniform on
+        rtc_unprefixed_fraction: the fraction f (0 < f < 1) of training rows given no prefix; the
+            others draw their length uniformly from 1 to ``rtc_training_delay``. ``None``: lengths uniform on
             0..``rtc_training_delay`` (the fraction 1 / (d + 1)). More rows without a prefix keep
             the policy reading its observation where a prefix would tell it the way (MT10, d = 4,
             prefix noise 0.2, temperature 1, D = 4: 95.7% with 0.5 against 94.8% with ``None``;
@@ -290,9 +290,16 @@ class PolicyConfig:
         if self.rtc_training_delay and self.kind != "flow":
             raise ConfigError(f"rtc_training_delay = {self.rtc_training_delay}: training-time RTC is for kind = 'flow'")
         check_range("rtc_prefix_noise", self.rtc_prefix_noise, low=0)
-        # A fraction of 0 would leave a chunk's first step untrained (a prefix always covers it).
+        # At 0 a prefix always covers a chunk's first step, which is then never trained; at 1 the
+        # policy never sees a prefix, which rtc-trained execution would still give it.
         check_range(
-            "rtc_unprefixed_fraction", self.rtc_unprefixed_fraction, low=0, high=1, low_open=True, optional=True
+            "rtc_unprefixed_fraction",
+            self.rtc_unprefixed_fraction,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+            optional=True,
         )
         for name, value in (
             ("rtc_prefix_noise", self.rtc_prefix_noise or None),
