@@ -8,17 +8,20 @@ What it measures (MetaWorld MT10, the simulator's state + language, 50 demonstra
    (``rtc_training_delay`` = the largest delay, noise of ``--rtc-prefix-noise`` on its training
    prefixes, ``--rtc-unprefixed-fraction`` of its rows without one; ``flow-rtc`` below) with
    ``rtc-trained``: training with prefixes costs the plain policy success, so each method gets
-   the policy it is meant for. Delays ``D`` in ``--delays`` (control steps),
-   ``--episodes`` fresh-seed episodes per task: success, the mean and largest action jump where a
-   chunk takes over, and the episode length counting the steps the robot waited.
+   the policy it is meant for; ``rtc-trained-guided`` is that policy with both variants at once
+   (its prefix given, the next steps guided to the old plan: :data:`TRAINED_GUIDANCE`). Delays
+   ``D`` in ``--delays`` (control steps), ``--episodes`` fresh-seed episodes per task: success,
+   the mean and largest action jump where a chunk takes over, and the episode length counting the
+   steps the robot waited.
    Goals at D = 4: RTC (either variant) within 2 points of the D = 0 synchronous policy; its
    boundary jump at most half of naive async's; where async loses more than 5 points, RTC at
    least 10 points above it. A jump is read against the ordinary change between two steps of one
    chunk, which evaluation reports next to it (and the demonstrations' own: a mean of 0.105), and
    against its other part, the deviation of the action sent from the one the chunk left behind
    had planned for that step (a jump is at most that deviation plus the plan's own change).
-   ``--rtc-schedule``, ``--max-guidance`` and ``--rtc-jacobian`` set RTC's prefix weights,
-   guidance clip and how the guidance reaches the noisy chunk; the ``guidance leverage`` line
+   ``--rtc-schedule``, ``--max-guidance``, ``--rtc-jacobian`` and ``--rtc-overlap`` set RTC's
+   prefix weights, guidance clip, how the guidance reaches the noisy chunk and how many steps
+   after the frozen ones it reaches; the ``guidance leverage`` line
    measures how far the paper's vector-Jacobian guidance can move this model's chunks at all
    (:func:`_guidance_leverage`).
 2. **Few-step heads** (``shortcut``, ``meanflow``, ``consistency``, and one-segment consistency
@@ -78,6 +81,18 @@ MODELS = ("flow", "flow-rtc", *FEW_STEP)
 #: flow-rtc's noise on its training prefixes and fraction of rows without one (``policy.rtc_prefix_noise``,
 #: ``policy.rtc_unprefixed_fraction``): see the README's seventh run.
 RTC_PREFIX_NOISE, RTC_UNPREFIXED_FRACTION = 0.2, 0.5
+#: Execution methods measured with delay: ``rtc-trained-guided`` is ``rtc-trained`` with
+#: ``overlap_guidance`` (both RTC variants at once: the prefix given, the rest of the overlap guided).
+METHODS = ("sync", "async", "rtc", "rtc-trained", "rtc-trained-guided")
+#: ``rtc-trained-guided``'s guidance (the ``--rtc-*`` options set ``rtc``'s): the identity guidance
+#: held to the old plan over 3 steps after the frozen ones, linearly released (the README's eighth run).
+TRAINED_GUIDANCE = {
+    "overlap_guidance": True,
+    "guidance_jacobian": "identity",
+    "max_guidance": 10.0,
+    "guidance_schedule": "linear",
+    "guided_overlap": 3,
+}
 
 
 def _cached(path: Path, compute):
@@ -312,11 +327,13 @@ def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
     traces = {}
     env = MetaWorldEnv("push-v3", max_steps=200)
     try:
-        for execution in ("sync", "async", "rtc", "rtc-trained"):
+        for method in METHODS:
+            execution = method.removesuffix("-guided")
             policy = policies["flow-rtc" if execution == "rtc-trained" else "flow"]
-            executor = ChunkExecutor(policy, execution=execution, delay=delay, noise_scale=args.noise_scale)
+            guided = TRAINED_GUIDANCE if method == "rtc-trained-guided" else {}
+            executor = ChunkExecutor(policy, execution=execution, delay=delay, noise_scale=args.noise_scale, **guided)
             rollout(executor, env, seed=900_000_123, max_steps=120)
-            traces[f"{execution}, D = {delay}"] = executor.sent_actions()
+            traces[f"{method}, D = {delay}"] = executor.sent_actions()
     finally:
         env.close()
     return plot_chunk_boundaries(traces, path)
@@ -368,6 +385,11 @@ def main() -> None:
         choices=GUIDANCE_JACOBIANS,
         help="how real-time chunking's guidance reaches the noisy chunk (default vjp, the paper's)",
     )
+    parser.add_argument(
+        "--rtc-overlap",
+        type=int,
+        help="steps after the frozen ones that real-time chunking guides (default: the whole plan left, the paper's)",
+    )
     parser.add_argument("--validation-episodes", type=int, default=20, help="per task, for choosing temperatures")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--likelihood-frames", type=int, default=400)
@@ -389,6 +411,8 @@ def main() -> None:
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales!r}: need comma-separated numbers")
     if not args.few_step_noise_scales or not all(0 <= s < float("inf") for s in args.few_step_noise_scales):
         parser.error(f"--few-step-noise-scales {args.few_step_noise_scales}: each must be finite and >= 0")
+    if args.rtc_overlap is not None and not 0 <= args.rtc_overlap <= 16:
+        parser.error(f"--rtc-overlap {args.rtc_overlap}: need an integer in 0..16 (the chunk's steps)")
     if args.max_guidance is not None and not 0 <= args.max_guidance < float("inf"):
         parser.error(f"--max-guidance {args.max_guidance}: need a finite number >= 0")
     if not 0 <= args.rtc_prefix_noise < float("inf"):
@@ -420,17 +444,22 @@ def main() -> None:
             ("guidance_schedule", args.rtc_schedule),
             ("max_guidance", args.max_guidance),
             ("guidance_jacobian", args.rtc_jacobian),
+            ("guided_overlap", args.rtc_overlap),
         )
         if value is not None
     }
     results: dict[str, dict] = {}
     for delay in args.delays:
-        for execution in ("sync", "async", "rtc", "rtc-trained"):
+        for method in METHODS:
+            execution = method.removesuffix("-guided")
             model = "flow-rtc" if execution == "rtc-trained" else "flow"
             if model not in runs or (delay == 0 and execution == "async"):  # async without delay is sync
                 continue
-            name = f"flow-{execution}-D{delay}"
-            settings = {**sampling, **guidance} if execution == "rtc" else sampling
+            name = f"flow-{method}-D{delay}"
+            settings = {
+                "rtc": {**sampling, **guidance},
+                "rtc-trained-guided": {**sampling, **TRAINED_GUIDANCE},
+            }.get(method, sampling)
             results[name] = _evaluate(args, name, runs[model], sampling=settings, execution=execution, delay=delay)
     if "flow" in runs:
         leverage = _guidance_leverage(args, runs["flow"])
@@ -486,7 +515,7 @@ def main() -> None:
     checks = {}
     if 4 in args.delays:
         naive = results["flow-async-D4"]
-        for variant in ("rtc", "rtc-trained"):
+        for variant in METHODS[2:]:
             rtc = results[f"flow-{variant}-D4"]
             checks[f"{variant} at D=4 within 2 points of sync at D=0"] = rtc["average_success"] >= base - 0.02
             checks[f"{variant} boundary jump at most half of async's"] = (

@@ -147,3 +147,13 @@ def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path)
     sampling = recorded["sampling"]
     assert sampling["guidance_schedule"] == "ones" and sampling["max_guidance"] == 10
     assert sampling["guidance_jacobian"] == "identity"
+    trained = ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False, rtc_training_delay=2))
+    save_model(tmp_path / "trained", trained)
+    both = [*guided[:2], str(tmp_path / "trained"), *guided[3:-1], "rtc-trained", "--delay", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, [*both, "--max-guidance", "10"])
+    assert result.exit_code == 2 and "rtc-trained; add --overlap-guidance" in result.stderr, result.output
+    result = CliRunner().invoke(app, [*both, "--overlap-guidance", "--max-guidance", "10"])
+    assert result.exit_code == 0 and "reach-v3" in result.output, result.output
+    recorded = json.loads(out.read_text())["settings"]
+    assert recorded["execution"] == "rtc-trained"
+    assert recorded["sampling"] == {"overlap_guidance": True, "max_guidance": 10}

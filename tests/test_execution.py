@@ -35,14 +35,15 @@ def _observation(step: int) -> dict:
     return {"state": np.array([step, np.sin(step), 1.0], dtype=np.float32)}
 
 
-@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained"])
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained", "rtc-trained, guided"])
 @pytest.mark.parametrize("delay", [0, 1, 2, 3, 4, 6, 9, (1, 4), (0, 7)])
 def test_what_the_robot_received_is_what_the_executor_says_it_executed(execution: str, delay) -> None:
     low, high = delay if isinstance(delay, tuple) else (delay, delay)
+    execution, guided = execution.split(", ")[0], execution.endswith("guided")
     if execution == "rtc-trained" and high > 7:
         pytest.skip("a chunk of 8 holds at most 7 given actions")
     policy = _policy("flow", rtc_training_delay=7 if execution == "rtc-trained" else 0)
-    executor = ChunkExecutor(policy, execution=execution, delay=delay)
+    executor = ChunkExecutor(policy, execution=execution, delay=delay, overlap_guidance=guided)
     torch.manual_seed(1)
     sent = [executor.act(_observation(step)) for step in range(40)]
     chunks = [c.actions[0].numpy() for c in executor.chunks]
@@ -192,11 +193,15 @@ def test_bad_execution_settings_are_refused() -> None:
         ChunkExecutor(policy, execution="rtc", delay=1, guidance_schedule="cosine")
     with pytest.raises(ValueError, match=r"unknown guidance_jacobian 'exact'; choose one of 'vjp', 'identity'"):
         ChunkExecutor(policy, execution="rtc", delay=1, guidance_jacobian="exact")
+    for overlap in (-1, 9, 2.0, True):
+        with pytest.raises(ValueError, match=rf"guided_overlap must be an int in 0\.\.8, got {overlap!r}"):
+            ChunkExecutor(policy, execution="rtc", delay=1, guided_overlap=overlap)
     settings = (
         {"max_guidance": 5.0},
         {"guidance_schedule": "exp"},
         {"max_guidance": 20.0},
         {"guidance_jacobian": "vjp"},
+        {"guided_overlap": 3},
     )
     for setting in settings:
         with pytest.raises(ValueError, match="guides real-time chunking, which execution='async' does not run"):
@@ -216,6 +221,30 @@ def test_rtc_schedules_weigh_the_overlap_between_frozen_and_free() -> None:
     assert (weights["exp"][3:9] < weights["linear"][3:9]).all()
     with pytest.raises(ValueError, match=r"unknown schedule 'steps'; choose one of"):
         rtc_weights(12, frozen=3, overlap=9, schedule="steps")
+
+
+@pytest.mark.parametrize("guided_overlap", [None, 0, 1, 3])
+def test_the_guided_overlap_ends_that_many_steps_after_the_frozen_ones(guided_overlap: int | None) -> None:
+    """The guide's weights: 1 on the D frozen steps, the schedule over the next ``guided_overlap``
+    steps (by default every step the current plan still has), 0 after."""
+    policy = _policy("flow")
+    executor = ChunkExecutor(
+        policy, execution="rtc", delay=2, guidance_schedule="linear", guided_overlap=guided_overlap
+    )
+    guides = []
+    predict = policy.predict_chunk
+
+    def recorded(batch, *args, **kwargs):
+        guides.append(kwargs.get("guide"))
+        return predict(batch, *args, **kwargs)
+
+    policy.predict_chunk = recorded
+    for step in range(6):
+        executor.act(_observation(step))
+    weights = guides[1].weights  # requested at step 2: the first chunk has 6 planned actions left
+    ends = 6 if guided_overlap is None else 2 + guided_overlap
+    torch.testing.assert_close(weights, rtc_weights(8, frozen=2, overlap=ends, schedule="linear"))
+    assert (weights[:2] == 1).all() and (weights[ends:] == 0).all() and (weights[2:ends] > 0).all()
 
 
 def test_a_stronger_schedule_holds_the_overlap_closer_to_the_old_plan() -> None:
@@ -347,6 +376,39 @@ def test_a_trained_policy_completes_given_actions() -> None:
         _policy("flow").predict_chunk({"state": state}, prefix=ChunkPrefix(given, 2))
     with pytest.raises(ValueError, match="rtc_training_delay >= 6"):
         ChunkExecutor(policy, execution="rtc-trained", delay=6)
+
+
+@pytest.mark.parametrize("jacobian", GUIDANCE_JACOBIANS)
+def test_a_guided_prefix_stays_given_and_the_guide_pulls_the_overlap_after_it(jacobian: str) -> None:
+    from flowforge.policy.heads import ChunkPrefix
+
+    policy = _policy("flow", rtc_training_delay=4)
+    state, noise = torch.randn(2, 1, 3), torch.randn(2, 8, 2)
+    plan = torch.rand(2, 8, 2) * 2 - 1
+    prefix = ChunkPrefix(plan, 3)
+    completed = policy.predict_chunk({"state": state}, noise=noise, prefix=prefix).actions
+    free = ChunkGuide(plan, torch.zeros(8), jacobian=jacobian)
+    unguided = policy.predict_chunk({"state": state}, noise=noise, prefix=prefix, guide=free).actions
+    torch.testing.assert_close(unguided, completed)  # zero weights: training-time RTC alone
+    guide = ChunkGuide(plan, rtc_weights(8, frozen=3, overlap=6), max_guidance=10.0, jacobian=jacobian)
+    guided = policy.predict_chunk({"state": state}, noise=noise, prefix=prefix, guide=guide).actions
+    torch.testing.assert_close(guided[:, :3], plan[:, :3], rtol=1e-5, atol=1e-5)  # still executed as given
+    before = (completed[:, 3:5] - plan[:, 3:5]).abs().mean()
+    assert (guided[:, 3:5] - plan[:, 3:5]).abs().mean() < 0.8 * before  # the overlap after it is pulled
+    torch.testing.assert_close(guided[:, 6:], completed[:, 6:], atol=0.3, rtol=0)  # the free steps barely move
+
+
+def test_overlap_guidance_is_for_training_time_rtc_only() -> None:
+    trained = _policy("flow", rtc_training_delay=4)
+    for execution in ("sync", "async", "rtc"):
+        with pytest.raises(ValueError, match="overlap_guidance = True guides the overlap after training-time RTC"):
+            ChunkExecutor(trained, execution=execution, delay=2, overlap_guidance=True)
+    with pytest.raises(ValueError, match="which execution='rtc-trained' does not run without overlap_guidance"):
+        ChunkExecutor(trained, execution="rtc-trained", delay=2, max_guidance=10.0)
+    with pytest.raises(TypeError, match=r"overlap_guidance must be a bool \(True or False\), got 1"):
+        ChunkExecutor(trained, execution="rtc-trained", delay=2, overlap_guidance=1)
+    executor = ChunkExecutor(trained, execution="rtc-trained", delay=2, overlap_guidance=True, max_guidance=10.0)
+    assert executor.guided and executor.max_guidance == 10.0
     with pytest.raises(ValueError, match="training-time RTC is for kind = 'flow'"):
         PolicyConfig(kind="ddpm", rtc_training_delay=2)
 
@@ -436,12 +498,16 @@ def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
         ChunkExecutor(_policy("flow", rtc_training_delay=4), execution="rtc-trained", delay="real")
 
 
-@pytest.mark.parametrize(("execution", "delay"), [("sync", 0), ("rtc", 3), ("rtc-trained", 3), ("rtc", "real")])
+@pytest.mark.parametrize(
+    ("execution", "delay"),
+    [("sync", 0), ("rtc", 3), ("rtc-trained", 3), ("rtc-trained, guided", 3), ("rtc", "real")],
+)
 def test_warming_up_computes_each_kind_of_chunk_in_each_thread_and_changes_nothing(execution: str, delay) -> None:
     import threading
 
+    execution, guided = execution.split(", ")[0], execution.endswith("guided")
     policy = _policy("flow", rtc_training_delay=4 if execution == "rtc-trained" else 0)
-    executor = ChunkExecutor(policy, execution=execution, delay=delay)
+    executor = ChunkExecutor(policy, execution=execution, delay=delay, overlap_guidance=guided)
     calls = []
     predict = policy.predict_chunk
 
@@ -462,7 +528,7 @@ def test_warming_up_computes_each_kind_of_chunk_in_each_thread_and_changes_nothi
         executor.close()
     warmed = calls[1:]
     kinds = {(False, False)} | ({(True, False)} if execution == "rtc" else set())
-    kinds |= {(False, True)} if execution == "rtc-trained" else set()
+    kinds |= {(guided, True)} if execution == "rtc-trained" else set()
     assert {call[1:] for call in warmed} == kinds
     threads = {call[0] for call in warmed}
     assert threads == ({"MainThread", "chunk-inference"} if delay == "real" else {"MainThread"})

@@ -409,13 +409,18 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     garbled = runner.invoke(app, [*args, "--execution", "async", "--delay", "soon"])
     assert garbled.exit_code == 2 and "--delay 'soon'" in garbled.stderr
     unguided = runner.invoke(app, [*args, "--execution", "async", "--delay", "2", "--rtc-schedule", "ones"])
-    assert unguided.exit_code == 2 and "--rtc-schedule ones: guides --execution rtc, not async" in unguided.stderr
+    assert unguided.exit_code == 2 and "--rtc-schedule ones: guides --execution rtc" in unguided.stderr
+    assert "not async; leave it out" in unguided.stderr
+    long = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--rtc-overlap", "99"])
+    assert long.exit_code == 2 and "--rtc-overlap 99: at most the policy's chunk of" in long.stderr, long.output
+    overlap = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--overlap-guidance"])
+    assert overlap.exit_code == 2 and "--overlap-guidance: guides --execution rtc-trained, not rtc" in overlap.stderr
     schedule = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--rtc-schedule", "cosine"])
     assert schedule.exit_code == 2 and "--rtc-schedule 'cosine': expected one of exp, linear" in schedule.stderr
     jacobian = runner.invoke(app, [*args, "--execution", "rtc", "--delay", "2", "--rtc-jacobian", "exact"])
     assert jacobian.exit_code == 2 and "--rtc-jacobian 'exact': expected one of vjp, identity" in jacobian.stderr
     unguided = runner.invoke(app, [*args, "--execution", "sync", "--rtc-jacobian", "identity"])
-    assert unguided.exit_code == 2 and "--rtc-jacobian identity: guides --execution rtc, not sync" in unguided.stderr
+    assert unguided.exit_code == 2 and "--rtc-jacobian identity: guides --execution rtc" in unguided.stderr
     delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())

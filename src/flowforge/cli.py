@@ -625,6 +625,22 @@ def policy_eval(
             "identity (no backward pass; keeps its grip on a policy sure of its chunks)."
         ),
     ] = None,
+    rtc_overlap: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="--execution rtc: how many steps after the frozen ones are guided, the schedule decaying over "
+            "them (default: all the current plan still has, the paper's).",
+        ),
+    ] = None,
+    overlap_guidance: Annotated[
+        bool,
+        typer.Option(
+            "--overlap-guidance",
+            help="--execution rtc-trained: also guide the chunk towards the rest of the current plan, as rtc "
+            "does (then --max-guidance, --rtc-schedule, --rtc-jacobian and --rtc-overlap apply).",
+        ),
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
     processes: Annotated[
         int,
@@ -658,12 +674,18 @@ def policy_eval(
             ("--max-guidance", "max_guidance", max_guidance, None),
             ("--rtc-schedule", "guidance_schedule", rtc_schedule, RTC_SCHEDULES),
             ("--rtc-jacobian", "guidance_jacobian", rtc_jacobian, GUIDANCE_JACOBIANS),
+            ("--rtc-overlap", "guided_overlap", rtc_overlap, None),
         )
         if value is not None
     }
-    if guidance and execution != "rtc":
+    if overlap_guidance and execution != "rtc-trained":
+        raise ConfigError(f"--overlap-guidance: guides --execution rtc-trained, not {execution}; leave it out")
+    if guidance and execution != "rtc" and not overlap_guidance:
         given = ", ".join(f"{option} {value}" for option, (_, value, _) in guidance.items())
-        raise ConfigError(f"{given}: guides --execution rtc, not {execution}; leave it out")
+        hint = "add --overlap-guidance" if execution == "rtc-trained" else "leave it out"
+        raise ConfigError(
+            f"{given}: guides --execution rtc (or rtc-trained with --overlap-guidance), not {execution}; {hint}"
+        )
     for option, (_, value, choices) in guidance.items():
         if choices is not None and value not in choices:
             raise ConfigError(f"{option} {value!r}: expected one of {', '.join(choices)}")
@@ -672,8 +694,12 @@ def policy_eval(
     policy = load_policy(checkpoint)
     _tell_if_unfinished(checkpoint)
     config = policy.policy_config
+    if rtc_overlap is not None and rtc_overlap > config.horizon:
+        raise ConfigError(f"--rtc-overlap {rtc_overlap}: at most the policy's chunk of {config.horizon} steps")
     sampling = {k: v for k, v in (("steps", steps), ("noise_scale", noise_scale)) if v is not None}
     sampling |= {name: value for name, value, _ in guidance.values()}
+    if overlap_guidance:
+        sampling["overlap_guidance"] = True
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head

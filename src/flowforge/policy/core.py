@@ -324,7 +324,8 @@ class ChunkPolicy(Rebuildable, nn.Module):
         actions (real-time chunking, :class:`~flowforge.policy.heads.ChunkGuide`; flow heads only).
         ``prefix``: complete a chunk whose first actions are given (training-time real-time
         chunking, :class:`~flowforge.policy.heads.ChunkPrefix`; a flow policy trained with
-        ``rtc_training_delay``).
+        ``rtc_training_delay``). Given both, the prefix is completed and the guide pulls the rest
+        (the guide's error on the given actions is zero: there each prediction is the action itself).
         """
         sampling = self.sampling(steps, method, noise_scale)
         batch = self.checked_batch(batch)
@@ -339,8 +340,6 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError(f"a {kind!r} head cannot be guided: real-time chunking needs a flow head")
         if prefix is not None and not self.policy_config.rtc_training_delay:
             raise ValueError("prefix: this policy was not trained to complete given actions (rtc_training_delay = 0)")
-        if prefix is not None and guide is not None:
-            raise ValueError("give a guide (inference-time RTC) or a prefix (training-time RTC), not both")
         # Guidance differentiates through the expert, which inference mode forbids.
         with torch.inference_mode(guide is None), torch.no_grad():
             return self._predict(batch, sampling, shape, use_cache, noise, guide, prefix)

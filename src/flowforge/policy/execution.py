@@ -22,7 +22,9 @@ per control step:
   al. 2025): the new chunk is inpainted to agree with the D actions that run meanwhile and,
   with decaying weights (``guidance_schedule``), with the rest of the current plan
   (:class:`~flowforge.policy.heads.ChunkGuide`; ``guidance_jacobian`` says how the guidance
-  reaches the noisy chunk).
+  reaches the noisy chunk); ``rtc-trained``: async, the new chunk of a policy trained with
+  prefixes (``rtc_training_delay``) completes the D actions that run meanwhile, given as they are,
+  and with ``overlap_guidance`` is also guided, as ``rtc``, towards the rest of the current plan.
   Past a chunk's end its last action is held. :attr:`ChunkExecutor.executed` records, per control
   step, which chunk and index the action came from, and :attr:`ChunkExecutor.timings` when each
   chunk was requested and arrived.
@@ -59,12 +61,13 @@ from torch import Tensor
 from flowforge.policy.config import DERIVED_FEATURES
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
 from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES, ChunkGuide, ChunkPrefix, rtc_weights
-from flowforge.validation import check_choice, check_count, check_real, is_count
+from flowforge.validation import check_bool, check_choice, check_count, check_real, is_count
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
 #: requested ``delay`` steps before the current one runs out and switched to when it arrives) and
 #: ``rtc`` (async, with real-time chunking's guided inpainting of the actions that run meanwhile) and
-#: ``rtc-trained`` (async; a policy trained with clean prefixes completes the actions that run meanwhile).
+#: ``rtc-trained`` (async; a policy trained with clean prefixes completes the actions that run meanwhile,
+#: and with ``overlap_guidance`` is guided as ``rtc`` over the rest of the overlap).
 EXECUTIONS = ("sync", "async", "rtc", "rtc-trained")
 
 
@@ -136,21 +139,29 @@ class ChunkExecutor:
         n_action_steps: actions executed from each chunk before replanning (default: the policy's).
         temporal_ensemble: ``m`` of ACT's temporal ensembling (predict every step), or ``None``.
         steps, method, noise_scale: sampling settings of every chunk (default: the policy's config).
-        execution: ``"sync"``, ``"async"`` or ``"rtc"`` (see the module docstring).
+        execution: ``"sync"``, ``"async"``, ``"rtc"`` or ``"rtc-trained"`` (see the module docstring).
         delay: inference delay D in control steps, a range ``(low, high)`` from which each chunk's
             delay is drawn uniformly (requests plan for ``high``), or ``"real"``: a background
             inference thread, with the caller pacing the steps at ``control_period`` seconds
             (:func:`flowforge.envs.episode.run_episode`'s ``pace``).
         control_period: seconds per control step with ``delay="real"`` (MetaWorld: 1/80).
-        max_guidance: real-time chunking's guidance clip :math:`\beta` (``execution="rtc"`` only;
-            ``None``: the paper's 5, :class:`~flowforge.policy.heads.ChunkGuide`'s default).
+        max_guidance: real-time chunking's guidance clip :math:`\beta` (guided executions only:
+            ``"rtc"``, or ``"rtc-trained"`` with ``overlap_guidance``; ``None``: the paper's 5,
+            :class:`~flowforge.policy.heads.ChunkGuide`'s default).
         guidance_schedule: real-time chunking's prefix weights over the overlap after the frozen
-            steps, one of :data:`~flowforge.policy.heads.RTC_SCHEDULES` (``execution="rtc"`` only;
+            steps, one of :data:`~flowforge.policy.heads.RTC_SCHEDULES` (guided executions only;
             ``None``: the paper's ``"exp"``, :func:`~flowforge.policy.heads.rtc_weights`' default).
         guidance_jacobian: how real-time chunking's guidance reaches the noisy chunk, one of
-            :data:`~flowforge.policy.heads.GUIDANCE_JACOBIANS` (``execution="rtc"`` only; ``None``:
+            :data:`~flowforge.policy.heads.GUIDANCE_JACOBIANS` (guided executions only; ``None``:
             the paper's ``"vjp"``; ``"identity"`` needs no backward pass and keeps its grip on a
             policy that is sure of its chunks, see :class:`~flowforge.policy.heads.ChunkGuide`).
+        guided_overlap: how many steps after the frozen ones the guidance reaches, the schedule
+            decaying over them (guided executions only; ``None``: every step the current plan still
+            has, the paper's). A short overlap holds the new chunk to the old plan where it takes
+            over and leaves the steps after free to follow the newer observation.
+        overlap_guidance: ``execution="rtc-trained"`` only: besides completing the given prefix,
+            guide the new chunk towards the rest of the current plan with real-time chunking's
+            decaying weights, as ``"rtc"`` does after its frozen steps (both variants at once).
     """
 
     def __init__(
@@ -167,6 +178,8 @@ class ChunkExecutor:
         max_guidance: float | None = None,
         guidance_schedule: str | None = None,
         guidance_jacobian: str | None = None,
+        guided_overlap: int | None = None,
+        overlap_guidance: bool = False,
         control_period: float = 1 / 80,
     ) -> None:
         if not isinstance(policy, ChunkPolicy):
@@ -189,12 +202,21 @@ class ChunkExecutor:
                 ("max_guidance", max_guidance),
                 ("guidance_schedule", guidance_schedule),
                 ("guidance_jacobian", guidance_jacobian),
+                ("guided_overlap", guided_overlap),
             )
             if value is not None
         ]
-        if given and execution != "rtc":
+        check_bool("overlap_guidance", overlap_guidance)
+        if overlap_guidance and execution != "rtc-trained":
+            raise ValueError(
+                f"overlap_guidance = True guides the overlap after training-time RTC's prefix "
+                f"(execution='rtc-trained'); execution={execution!r} "
+                + ("always guides it" if execution == "rtc" else "has no prefix")
+            )
+        if given and not (execution == "rtc" or overlap_guidance):
             raise ValueError(
                 f"{', '.join(given)}: guides real-time chunking, which execution={execution!r} does not run"
+                + (" without overlap_guidance = True" if execution == "rtc-trained" else "")
             )
         if max_guidance is None:
             max_guidance = ChunkGuide.max_guidance
@@ -205,6 +227,10 @@ class ChunkExecutor:
         if guidance_jacobian is None:
             guidance_jacobian = ChunkGuide.jacobian
         check_choice("guidance_jacobian", guidance_jacobian, GUIDANCE_JACOBIANS)
+        if guided_overlap is not None:
+            check_count("guided_overlap", guided_overlap, low=0, high=config.horizon)
+        #: steps after the frozen ones that the guidance reaches (the schedule decays over them).
+        self.guided_overlap = config.horizon if guided_overlap is None else guided_overlap
         if execution == "rtc-trained" and self.real:
             raise ValueError("execution='rtc-trained' needs a known delay bound: give delay as steps, not 'real'")
         if execution == "rtc-trained" and not config.rtc_training_delay:
@@ -218,6 +244,8 @@ class ChunkExecutor:
                 f"execution='rtc-trained' with delay = {delay} needs a flow policy trained with "
                 f"rtc_training_delay >= {high} (this one: {config.rtc_training_delay})"
             )
+        #: the chunks are guided towards the plan in effect (``rtc``; ``rtc-trained`` with overlap_guidance).
+        self.guided = execution == "rtc" or overlap_guidance
         self.execution, self.max_guidance, self.guidance_schedule = execution, max_guidance, guidance_schedule
         self.guidance_jacobian = guidance_jacobian
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-inference") if self.real else None
@@ -378,12 +406,15 @@ class ChunkExecutor:
         extra: dict[str, Any] = {}
         actions = torch.zeros(1, config.horizon, config.action_dim)
         frozen = min(max(self.delay, 1), config.horizon - 1)
-        if self.execution == "rtc":
+        if self.guided:
             weights = rtc_weights(
-                config.horizon, frozen=frozen, overlap=config.horizon, schedule=self.guidance_schedule
+                config.horizon,
+                frozen=frozen,
+                overlap=min(config.horizon, frozen + self.guided_overlap),
+                schedule=self.guidance_schedule,
             )
             extra["guide"] = self._chunk_guide(actions, weights)
-        elif self.execution == "rtc-trained":
+        if self.execution == "rtc-trained":
             extra["prefix"] = ChunkPrefix(actions, min(frozen, config.rtc_training_delay))
 
         def compute() -> None:
@@ -482,7 +513,7 @@ class ChunkExecutor:
     def _request(self, batch: Batch, step: int) -> tuple[int, np.ndarray]:
         """Compute a chunk from the observation at ``step``; it arrives its delay later (the first
         chunk of an episode, and every synchronous one, while the robot waits its delay)."""
-        guide = self._guide(step) if self.execution == "rtc" else None
+        guide = self._guide(step) if self.guided else None
         prefix = self._prefix(step) if self.execution == "rtc-trained" else None
         waits = self._plan is None or self.execution == "sync"
         if self.real and not waits:  # computed meanwhile; it takes over when done (see _arrive)
@@ -532,7 +563,8 @@ class ChunkExecutor:
 
     def _guide(self, step: int) -> ChunkGuide | None:
         """Real-time chunking: the new chunk (index 0 = ``step``) must agree with the actions of the chunk
-        in effect that execute during the delay, and softly with the rest of what it still plans."""
+        in effect that execute during the delay, and softly with the rest of what it still plans. (With
+        a prefix the first part holds already: there each prediction is the given action itself.)"""
         if self._plan is None:
             return None
         horizon = self.policy.policy_config.horizon
@@ -543,7 +575,10 @@ class ChunkExecutor:
         frozen = min(self.delay, len(planned))
         target = np.concatenate([planned, np.repeat(planned[-1:], horizon - len(planned), axis=0)])[:horizon]
         weights = rtc_weights(
-            horizon, frozen=frozen, overlap=min(len(planned), horizon), schedule=self.guidance_schedule
+            horizon,
+            frozen=frozen,
+            overlap=min(len(planned), horizon, frozen + self.guided_overlap),
+            schedule=self.guidance_schedule,
         )
         return self._chunk_guide(torch.as_tensor(target[None]), weights)
 

@@ -426,14 +426,18 @@ class _GuidedField:
         self.velocity, self.guide = velocity, guide
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        remaining = (1 - t).reshape(-1, 1, 1)
+        # Per-token times (B, H) come from a given prefix (time 1: nothing remains to integrate
+        # there, so its prediction is itself); the guidance strength follows the chunk's flow time.
+        per_token = t.dim() == 2
+        remaining = (1 - t)[..., None] if per_token else (1 - t).reshape(-1, 1, 1)
+        times, t = t, (t.min(dim=1).values if per_token else t)
         if self.guide.jacobian == "identity":
-            v = self.velocity(x, t)
+            v = self.velocity(x, times)
             pull = (self.guide.actions - (x + remaining * v)) * self.guide.weights[None, :, None]
         else:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
-                v = self.velocity(x, t)
+                v = self.velocity(x, times)
                 predicted = x + remaining * v
                 error = (self.guide.actions - predicted) * self.guide.weights[None, :, None]
                 (pull,) = torch.autograd.grad(predicted, x, error)
