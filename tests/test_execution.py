@@ -376,6 +376,8 @@ def test_a_trained_policy_completes_given_actions() -> None:
         _policy("flow").predict_chunk({"state": state}, prefix=ChunkPrefix(given, 2))
     with pytest.raises(ValueError, match="rtc_training_delay >= 6"):
         ChunkExecutor(policy, execution="rtc-trained", delay=6)
+    with pytest.raises(ValueError, match="training-time RTC is for kind = 'flow'"):
+        PolicyConfig(kind="ddpm", rtc_training_delay=2)
 
 
 @pytest.mark.parametrize("jacobian", GUIDANCE_JACOBIANS)
@@ -409,8 +411,6 @@ def test_overlap_guidance_is_for_training_time_rtc_only() -> None:
         ChunkExecutor(trained, execution="rtc-trained", delay=2, overlap_guidance=1)
     executor = ChunkExecutor(trained, execution="rtc-trained", delay=2, overlap_guidance=True, max_guidance=10.0)
     assert executor.guided and executor.max_guidance == 10.0
-    with pytest.raises(ValueError, match="training-time RTC is for kind = 'flow'"):
-        PolicyConfig(kind="ddpm", rtc_training_delay=2)
 
 
 def test_boundary_jumps_and_the_boundary_plot(tmp_path) -> None:
