@@ -87,7 +87,7 @@ METHODS = ("sync", "async", "rtc", "rtc-trained", "rtc-trained-guided")
 #: ``rtc-trained-guided``'s guidance (the ``--rtc-*`` options set ``rtc``'s): the paper's
 #: vector-Jacobian guidance and schedule with the clip at 10, the smallest jump that kept the success
 #: in the README's eighth run (the identity guidance over 3 steps reached half of async's jump and
-#: lost 2.6 points).
+#: lost 3.5 points).
 TRAINED_GUIDANCE = {"overlap_guidance": True, "max_guidance": 10.0}
 
 
