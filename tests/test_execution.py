@@ -3,6 +3,8 @@ executed, for every method and delay; real-time chunking's guidance."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,23 @@ def test_each_chunk_is_computed_from_the_observation_at_its_request() -> None:
         state = torch.as_tensor(_observation(timing.requested)["state"])[None, None]
         expected = policy.predict_chunk({"state": state}).actions
         torch.testing.assert_close(result.actions, expected)
+
+
+@pytest.mark.parametrize("execution", ["async", "rtc"])
+@pytest.mark.parametrize("n_action_steps", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_after_the_first_chunk_each_runs_for_the_longer_of_the_delay_and_its_executed_part_after_it(
+    execution: str, n_action_steps: int
+) -> None:
+    delay = 3
+    executor = ChunkExecutor(_policy("flow"), execution=execution, delay=delay, n_action_steps=n_action_steps)
+    for step in range(60):
+        executor.act(_observation(step))
+    later = [timing for timing in executor.timings if timing.arrived < 60][1:]
+    # The first chunk runs while the second is computed from the observation D steps before its end.
+    assert later[0].requested == max(n_action_steps - delay, 1)
+    # A chunk arrives at index D: the next is requested at once unless its executed part is longer.
+    assert {b.arrived - a.arrived for a, b in itertools.pairwise(later)} == {max(n_action_steps - delay, delay)}
+    assert all(t.requested == t.arrived - delay for t in later)
 
 
 def test_without_delay_every_method_is_the_synchronous_policy() -> None:

@@ -18,7 +18,9 @@ per control step:
   robot stands still for D steps while each chunk is computed (:attr:`ChunkExecutor.waited`);
   ``async``: the next chunk is requested D steps before the executed part of the current one runs
   out, from the observation at that step, and takes over when it arrives, at its index D (its
-  first D actions were for steps already gone); ``rtc``: async with real-time chunking (Black et
+  first D actions were for steps already gone). One chunk is computed at a time, so after the first
+  chunk each runs for max(``n_action_steps`` - D, D) steps: any ``n_action_steps`` up to 2D replans
+  as soon as a chunk arrives. ``rtc``: async with real-time chunking (Black et
   al. 2025): the new chunk is inpainted to agree with the D actions that run meanwhile and,
   with decaying weights (``guidance_schedule``), with the rest of the current plan
   (:class:`~flowforge.policy.heads.ChunkGuide`; ``guidance_jacobian`` says how the guidance
