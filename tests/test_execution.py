@@ -84,7 +84,7 @@ def test_each_chunk_is_computed_from_the_observation_at_its_request() -> None:
 
 @pytest.mark.parametrize("execution", ["async", "rtc"])
 @pytest.mark.parametrize("n_action_steps", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_after_the_first_chunk_each_runs_for_the_longer_of_the_delay_and_its_executed_part_after_it(
+def test_after_the_first_chunk_each_runs_for_the_longer_of_the_delay_and_n_action_steps_minus_it(
     execution: str, n_action_steps: int
 ) -> None:
     delay = 3
