@@ -92,7 +92,7 @@ def test_after_the_first_chunk_each_runs_for_the_longer_of_the_delay_and_n_actio
     for step in range(60):
         executor.act(_observation(step))
     later = [timing for timing in executor.timings if timing.arrived < 60][1:]
-    # The second is requested D steps before the first's executed part ends (at once, if that is shorter).
+    # The second is requested D steps before the first's executed part ends (at its step 1 if that is sooner).
     assert later[0].requested == max(n_action_steps - delay, 1)
     # A chunk arrives at index D: the next is requested at once unless its executed part is longer.
     assert {b.arrived - a.arrived for a, b in itertools.pairwise(later)} == {max(n_action_steps - delay, delay)}
