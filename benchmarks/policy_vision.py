@@ -101,6 +101,18 @@ ABLATIONS = {
 #: The full-state variant: MetaWorld's 39 numbers (goal and object poses included, so no goal of its
 #: own; ``goal_key = None`` is set in :func:`_config`, TOML having no null) with the same images.
 FULL_STATE = ['policy.state_key="observation.environment_state"', "policy.previous_state=false"]
+#: The MT10 models: name -> overrides of the base config. ``flow-uniform-time`` is the flow head
+#: trained at flow times drawn uniformly instead of from pi0's shifted Beta, which puts almost no
+#: weight near the data end where the last steps set a chunk's fine detail (peg insertion).
+MODELS = {
+    "flow": [],
+    "ddpm": ['policy.kind="ddpm"'],
+    "mse": ['policy.kind="mse"'],
+    "flow-full-state": FULL_STATE,
+    "flow-uniform-time": ['policy.time_sampler="uniform"'],
+}
+#: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
+FLOW_MODELS = ("flow", "flow-uniform-time")
 
 
 def _load(path: Path) -> dict | None:
@@ -334,7 +346,7 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(MT10), help="the multi-task set (MT10)")
     parser.add_argument("--ablation-tasks", default=",".join(ABLATION_TASKS))
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"some of {', '.join(ABLATIONS)}")
-    parser.add_argument("--models", default="flow,ddpm,mse,flow-full-state")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"some of {', '.join(MODELS)}")
     parser.add_argument("--cameras", default="corner,gripperPOV")
     parser.add_argument("--demos", type=int, default=50, help="expert demonstrations per task")
     parser.add_argument("--hours", type=float, default=2.0, help="the length of one MT10 training run")
@@ -377,6 +389,9 @@ def main() -> None:
     if bad:
         parser.error(f"--ablations: unknown {', '.join(bad)}; choose from {', '.join(ABLATIONS)}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        parser.error(f"--models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
     try:
         args.noise_scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
     except ValueError:
@@ -406,9 +421,8 @@ def main() -> None:
             steps = steps or sizing.get("mt10", {}).get("steps")
             ablation_steps = ablation_steps or sizing.get("ablation", {}).get("steps")
         for model in models:
-            overrides = FULL_STATE if model == "flow-full-state" else [f'policy.kind="{model}"']
             sampling = {"method": "ddim", "steps": 10} if model == "ddpm" else {}
-            runs[model] = (_train(args, model, data, steps, overrides), args.tasks, sampling)
+            runs[model] = (_train(args, model, data, steps, MODELS[model]), args.tasks, sampling)
         for name in ablations:
             run = _train(args, f"ablation-{name}", ablation_data, ablation_steps, ABLATIONS[name])
             runs[f"ablation-{name}"] = (run, ablation_tasks, {})
@@ -419,7 +433,7 @@ def main() -> None:
         for name, (run, tasks, sampling) in runs.items():
             episodes = (
                 args.episodes
-                if name == "flow"
+                if name in FLOW_MODELS
                 else args.ablation_episodes
                 if name.startswith("ablation-")
                 else args.baseline_episodes
@@ -434,6 +448,20 @@ def main() -> None:
                 results[flow_name] = _evaluate(
                     args, flow_name, runs["flow"][0], args.tasks, args.episodes, noise_scale=chosen
                 )
+            if "flow-uniform-time" in runs:
+                # the flow time law chosen on validation seeds too, each at its own best temperature
+                uniform = _evaluate(
+                    args,
+                    "flow-uniform-time-noise1",
+                    runs["flow-uniform-time"][0],
+                    args.tasks,
+                    args.validation_episodes,
+                    True,
+                    noise_scale=1.0,
+                )["average_success"]
+                summary["flow_time"] = {"shifted-beta": validation[chosen], "uniform": uniform}
+                if uniform > validation[chosen]:
+                    flow_name = "flow-uniform-time"
         summary["results"] = results
         main_results = {n: r for n, r in results.items() if not n.startswith("ablation-")}
         if main_results:
@@ -456,6 +484,11 @@ def main() -> None:
             print(f"\nThe flow head's temperature on validation seeds ({args.validation_episodes} episodes a task)")
             for scale, rate in entry["validation"].items():
                 print(f"  noise_scale {scale:<5g} {rate:6.1%}" + ("   <- chosen" if scale == entry["chosen"] else ""))
+        if "flow_time" in summary:
+            print("\nThe flow head's time law on the same validation seeds (each at its best temperature)")
+            for law, rate in summary["flow_time"].items():
+                chosen = (law == "uniform") == (flow_name == "flow-uniform-time")
+                print(f"  time_sampler {law:13s} {rate:6.1%}" + ("   <- chosen" if chosen else ""))
         checks = {}
         if flow_name in results:
             flow = results[flow_name]["average_success"]

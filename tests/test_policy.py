@@ -280,6 +280,9 @@ def test_a_config_refuses_another_heads_settings_and_a_saved_one_still_loads(tmp
         ({"image": True, "image_channels": [8, 16]}, r"image_channels = \[8, 16\]: image_encoder = 'conv'"),
         ({"image": True, "augmentation_pixels": 6}, "augmentation_pixels = 6: augmentation = 'none' moves no pixel"),
         ({"kind": "mse", "time_embedding_frequency": 4.0}, "time_embedding_frequency = 4.0: kind = 'mse' regresses"),
+        ({"kind": "ddpm", "time_sampler": "uniform"}, "time_sampler = 'uniform': kind = 'ddpm' draws no flow time"),
+        ({"kind": "meanflow", "time_sampler": "uniform"}, "time_sampler = 'uniform': kind = 'meanflow' draws no"),
+        ({"time_sampler": "beta"}, "time_sampler = 'beta' is not one of uniform, logit-normal, shifted-beta"),
     ],
 )
 def test_a_config_refuses_image_and_time_settings_its_policy_would_not_read(changes: dict, message: str) -> None:
@@ -287,6 +290,44 @@ def test_a_config_refuses_image_and_time_settings_its_policy_would_not_read(chan
     kind, image = changes.pop("kind", "flow"), changes.pop("image", False)
     with pytest.raises(ValueError, match=message):
         _config(kind, image, **changes)
+
+
+@pytest.mark.parametrize("kind", ["flow", "hierarchical", "shortcut"])
+def test_the_flow_time_law_is_a_setting_that_the_loss_draws_from_and_a_saved_policy_keeps(
+    kind: str, tmp_path: Path
+) -> None:
+    from flowforge.checkpoint import save_model
+    from flowforge.runs.policy import load_policy
+
+    # P(t > 0.9): 0.1 under U(0, 1); (1 - 0.9 / 0.999)^1.5 = 0.031 under pi0's shifted Beta(1.5, 1).
+    expected = {"uniform": 0.1, "shifted-beta": (1 - 0.9 / 0.999) ** 1.5}
+    for law, share in expected.items():
+        policy = _policy(kind, time_sampler=law)
+        drawn = []
+        heads = [policy.head.coarse, policy.head.fine] if kind == "hierarchical" else [policy.head]
+        for head in heads:
+            draw = head.time_sampler
+
+            def recorded(*args, draw=draw, drawn=drawn, **kwargs):
+                times = draw(*args, **kwargs)
+                drawn.append(times)
+                return times
+
+            head.time_sampler = recorded
+        torch.manual_seed(0)
+        for _ in range(200):
+            policy.loss(_batch())
+        times = torch.cat(drawn)
+        assert len(times) >= 200 * 6 * len(heads) // 2  # the shortcut head draws for its flow-matching rows
+        above = (times > 0.9).double().mean().item()
+        assert abs(above - share) < 4 * (share * (1 - share) / len(times)) ** 0.5, (law, above)
+    saved = _policy(kind, time_sampler="uniform")
+    save_model(tmp_path, saved)
+    loaded = load_policy(tmp_path)
+    assert loaded.policy_config.time_sampler == "uniform"
+    assert type(loaded.head.time_sampler if kind != "hierarchical" else loaded.head.fine.time_sampler).__name__ == (
+        "UniformTime"
+    )
 
 
 def test_the_image_settings_an_encoder_reads_are_accepted() -> None:

@@ -166,10 +166,12 @@ EXEMPT = {("sinkhorn", "generator"), ("iaf", "batch_norm")}
 _FLOW_SAMPLING = dict(sampling_steps=4, method="midpoint", noise_scale=0.5)
 _OWN_SETTINGS = {
     "flow": dict(_FLOW_SAMPLING, rtc_training_delay=3, rtc_prefix_noise=0.2, rtc_unprefixed_fraction=0.5),
-    "hierarchical": dict(_FLOW_SAMPLING, keyframe_stride=2),
+    "hierarchical": dict(_FLOW_SAMPLING, keyframe_stride=2, time_sampler="logit-normal"),
     "mse": {},
     "ddpm": dict(diffusion_steps=12, inference_steps=3, sampler="ddpm"),
-    "shortcut": dict(sampling_steps=2, noise_scale=0.5, shortcut_fraction=0.3, shortcut_halvings=5),
+    "shortcut": dict(
+        sampling_steps=2, noise_scale=0.5, shortcut_fraction=0.3, shortcut_halvings=5, time_sampler="uniform"
+    ),
     "meanflow": dict(sampling_steps=2, meanflow_fraction=0.5, meanflow_adaptive_power=0.25),
     "consistency": dict(
         sampling_steps=2, consistency_delta=0.1, consistency_velocity_weight=0.5, consistency_segments=3

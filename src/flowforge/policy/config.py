@@ -36,6 +36,9 @@ _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 #: Settings only the DDPM baseline reads, and the sampling settings only flow heads read.
 DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
 FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
+#: The heads whose flow-matching loss draws its times from ``time_sampler`` (MeanFlow and
+#: consistency draw their own, uniform times; MSE and DDPM have no flow time).
+FLOW_TIME_KINDS = ("flow", "hierarchical", "shortcut")
 #: The settings each other head reads and no other head does.
 #: Settings only a policy that sees images reads (``image_shape`` set; ``cameras`` has its own check).
 VISION_SETTINGS = (
@@ -59,7 +62,7 @@ HEAD_SETTINGS = {
 @register("policy-config", "config")
 @dataclass
 class PolicyConfig:
-    """Everything that rebuilds a policy (kept as JSON in its checkpoint).
+    r"""Everything that rebuilds a policy (kept as JSON in its checkpoint).
 
     Arguments:
         kind: the head, a name registered in :mod:`flowforge.policy.heads`: ``"flow"``,
@@ -86,6 +89,14 @@ class PolicyConfig:
             tau * eps with eps ~ N(0, I). 1 samples the learned distribution; below 1 concentrates
             the samples towards its mode (Glow's temperature), which suits near-deterministic
             demonstrations; 0 makes the policy deterministic.
+        time_sampler: the law of the flow time t (0 noise, 1 data) at which the flow-matching loss
+            is taken, a name registered in :mod:`flowforge.matching.time` (the heads of
+            :data:`FLOW_TIME_KINDS`). ``"shifted-beta"``, pi0's: :math:`t = 0.999\,(1 - u)`,
+            :math:`u \sim \mathrm{Beta}(1.5, 1)`, density proportional to
+            :math:`(1 - t/0.999)^{1/2}`: most of it at the noise end, none at the data end.
+            ``"uniform"``: :math:`t \sim U(0, 1)`, as much weight near the data, where the last
+            integration steps set a chunk's fine detail. ``"logit-normal"``:
+            :math:`\operatorname{sigmoid}(\mathcal N(0, 1))`, most of it in the middle.
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
         shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows
             (0.5) and its number M of step sizes: it learns steps 1, 1/2, ..., 2^(1-M) from
@@ -171,6 +182,7 @@ class PolicyConfig:
     sampling_steps: int = 10
     method: str = "euler"
     noise_scale: float = 1.0
+    time_sampler: str = "shifted-beta"
     keyframe_stride: int = 4
     shortcut_fraction: float = 0.5
     shortcut_halvings: int = 3
@@ -267,6 +279,7 @@ class PolicyConfig:
         if own_steps and self.method != "euler":
             raise ConfigError(f"method = {self.method!r}: {own_steps}; use 'euler'")
         check_range("noise_scale", self.noise_scale, low=0)
+        check_choice("time_sampler", self.time_sampler, names("time"))
         check_integer("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
             raise ConfigError(
@@ -390,6 +403,9 @@ def check_used_settings(config: PolicyConfig) -> None:
     if config.kind in ("mse", "ddpm"):
         given = {name: getattr(config, name) for name in FLOW_SAMPLING_SETTINGS}
         refuse_unread(PolicyConfig, given, f"kind = {config.kind!r} does not use it (it is for the flow heads)")
+    if config.kind not in FLOW_TIME_KINDS:
+        why = f"kind = {config.kind!r} draws no flow time from it (it is for the {', '.join(FLOW_TIME_KINDS)} heads)"
+        refuse_unread(PolicyConfig, {"time_sampler": config.time_sampler}, why)
     if config.kind == "mse":
         why = "kind = 'mse' regresses chunks from learned queries, with no flow time to embed"
         refuse_unread(PolicyConfig, {"time_embedding_frequency": config.time_embedding_frequency}, why)
@@ -409,6 +425,7 @@ __all__ = [
     "DDPM_SETTINGS",
     "DERIVED_FEATURES",
     "FLOW_SAMPLING_SETTINGS",
+    "FLOW_TIME_KINDS",
     "GOAL_KEY",
     "HEAD_SETTINGS",
     "STATE_KEYS",

@@ -16,8 +16,8 @@ Every head has one contract, so that a policy is an encoder, an expert and any h
 A head is one class registered by name (:func:`head`) and chosen by ``policy.kind``:
 
 * ``flow`` (:class:`FlowHead`): conditional flow matching on the linear path,
-  :math:`x_t = t\,A + (1 - t)\,\varepsilon`, :math:`u_t = A - \varepsilon`, with times from a
-  shifted Beta (pi0's, weighted towards noise), through
+  :math:`x_t = t\,A + (1 - t)\,\varepsilon`, :math:`u_t = A - \varepsilon`, with times from
+  ``time_sampler`` (by default pi0's shifted Beta, weighted towards noise), through
   :func:`~flowforge.matching.functional.flow_matching_loss`; sampled by
   :func:`~flowforge.matching.functional.integrate` from :math:`\tau\varepsilon` (``noise_scale``
   :math:`\tau`, the temperature) with any flowforge solver.
@@ -55,9 +55,9 @@ from flowforge.matching.functional import (
     shortcut_step,
 )
 from flowforge.matching.paths import LinearPath
-from flowforge.matching.time import ShiftedBetaTime, UniformTime
+from flowforge.matching.time import UniformTime
 from flowforge.policy.expert import ActionExpert, ExpertCache
-from flowforge.registry import register_class
+from flowforge.registry import lookup, register_class
 from flowforge.validation import MAX_SAMPLER_STEPS, all_finite, check_choice, check_count, check_real, is_count
 
 #: The registry category of heads; ``policy.kind`` names one.
@@ -242,7 +242,8 @@ class FlowHead(PolicyHead):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.path = LinearPath()
-        self.time_sampler = ShiftedBetaTime()
+        # Policies saved before the setting existed (and plain namespaces) train with pi0's law.
+        self.time_sampler = lookup("time", getattr(config, "time_sampler", "shifted-beta"))()
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
