@@ -319,16 +319,16 @@ def _evaluate(
     return _save(path, result)
 
 
-def _flow_temperature(args, run: Path) -> tuple[float, float, dict[float, float]]:
+def _flow_temperature(args, run: Path) -> tuple[float, float, dict[float, dict]]:
     """The flow head's temperature (``noise_scale``) chosen on validation seeds among
-    ``--noise-scales`` (ties go to the higher one), the config's own, and each one's success."""
+    ``--noise-scales`` (ties go to the higher one), the config's own, and each one's report."""
     validation = {
         scale: _evaluate(
             args, f"flow-noise{scale:g}", run, args.tasks, args.validation_episodes, True, noise_scale=scale
-        )["average_success"]
+        )
         for scale in args.noise_scales
     }
-    chosen = max(validation, key=lambda scale: (validation[scale], scale))
+    chosen = max(validation, key=lambda scale: (validation[scale]["average_success"], scale))
     return chosen, load_policy(run).policy_config.noise_scale, validation
 
 
@@ -457,7 +457,11 @@ def main() -> None:
         flow_name = "flow"  # the flow result the goals judge: at the temperature validation chose
         if "flow" in runs:
             chosen, configured, validation = _flow_temperature(args, runs["flow"][0])
-            summary["flow_temperature"] = {"validation": validation, "chosen": chosen, "config": configured}
+            summary["flow_temperature"] = {
+                "validation": {scale: report["average_success"] for scale, report in validation.items()},
+                "chosen": chosen,
+                "config": configured,
+            }
             if chosen != configured:
                 flow_name = f"flow-noise{chosen:g}"
                 results[flow_name] = _evaluate(
@@ -465,26 +469,31 @@ def main() -> None:
                 )
             # The time law is chosen on the same validation seeds: the shifted Beta at the
             # temperature chosen above, the others at 1; the best one is the flow result judged.
-            laws = {"shifted-beta": (flow_name, f"flow-noise{chosen:g}", validation[chosen])}
+            flow_validation = validation[chosen]  # the judged setting's episodes on validation seeds
+            laws = {"shifted-beta": (flow_name, flow_validation)}
             for name, law in FLOW_TIME_MODELS.items():
                 if name in runs:
-                    rate = _evaluate(
-                        args,
-                        f"{name}-noise1",
-                        runs[name][0],
-                        args.tasks,
-                        args.validation_episodes,
-                        True,
-                        noise_scale=1.0,
-                    )["average_success"]
-                    laws[law] = (name, f"{name}-noise1", rate)
+                    laws[law] = (
+                        name,
+                        _evaluate(
+                            args,
+                            f"{name}-noise1",
+                            runs[name][0],
+                            args.tasks,
+                            args.validation_episodes,
+                            True,
+                            noise_scale=1.0,
+                        ),
+                    )
             if len(laws) > 1:
-                best = max(laws, key=lambda law: laws[law][2])  # ties keep the earlier, pi0's
-                flow_name = laws[best][0]
+                best = max(laws, key=lambda law: laws[law][1]["average_success"])  # ties keep the earlier, pi0's
+                flow_name, flow_validation = laws[best]
                 if flow_name in FLOW_TIME_MODELS:
                     results[flow_name] = _evaluate(args, flow_name, runs[flow_name][0], args.tasks, args.episodes)
-                summary["flow_time"] = {"validation": {law: rate for law, (*_, rate) in laws.items()}, "chosen": best}
-            flow_validation = next(seen for name, seen, _ in laws.values() if name == flow_name)
+                summary["flow_time"] = {
+                    "validation": {law: report["average_success"] for law, (_, report) in laws.items()},
+                    "chosen": best,
+                }
         summary["results"] = results
         main_results = {n: r for n, r in results.items() if not n.startswith("ablation-")}
         if main_results:
@@ -530,7 +539,7 @@ def main() -> None:
             summary["pooled"] = {
                 name: _pooled([results[name], validation], args.tasks)
                 for name, validation in (
-                    (flow_name, _load(args.work / f"validate-{flow_validation}.json")),
+                    (flow_name, flow_validation),
                     ("ddpm", ddpm_validation),
                 )
             }
