@@ -78,8 +78,8 @@ def init_distributed_from_environment() -> tuple[int, int]:
 
     Does nothing outside ``torchrun`` (no ``WORLD_SIZE``) or when a group already exists. The group
     it creates is destroyed when the interpreter exits: left to C++ static destruction, gloo's
-    threads are torn down while still joinable, and about one process in six aborted at exit
-    (``terminate called without an active exception``) after its work was done.
+    threads are torn down while still joinable, and about one two-process launch in six ended in
+    an abort (``terminate called without an active exception``) after its work was done.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
