@@ -8,10 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from flowforge.checkpoint import load_tensors
-from flowforge.train import Trainer, TrainerConfig, distributed_world
+from flowforge.errors import ConfigError
+from flowforge.train import Trainer, TrainerConfig, distributed_world, init_distributed_from_environment
 
 SCRIPT = textwrap.dedent(
     """
@@ -86,6 +88,14 @@ def test_without_a_process_group_training_is_single_process() -> None:
     assert distributed_world() == (1, 0)
     trainer = Trainer(torch.nn.Linear(2, 2), _Quadratic(), TrainerConfig(steps=2, batch_size=3))
     assert (trainer.world, trainer.rank) == (1, 0)
+
+
+@pytest.mark.parametrize("value", ["two", "1.5", "0", "-1", ""])
+def test_a_world_size_that_is_not_a_process_count_is_refused_naming_it(value: str, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(ConfigError, match=f"WORLD_SIZE = {value!r}: expected .* integer >= 1"):
+        init_distributed_from_environment()
+    assert distributed_world() == (1, 0)
 
 
 class _Quadratic:

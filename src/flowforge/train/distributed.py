@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from flowforge.errors import DataError
+from flowforge.errors import ConfigError, DataError
 from flowforge.train.objectives import Batch, Objective
 from flowforge.validation import check_count
 
@@ -76,12 +76,13 @@ def distributed_world() -> tuple[int, int]:
 def init_distributed_from_environment() -> tuple[int, int]:
     """Join the process group ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU).
 
-    Does nothing outside ``torchrun`` (no ``WORLD_SIZE``) or when a group already exists. The group
+    Does nothing outside ``torchrun`` (no ``WORLD_SIZE``) or when a group already exists; refuses a
+    ``WORLD_SIZE`` that is not a positive integer with a :class:`ConfigError`. The group
     it creates is destroyed when the interpreter exits: left to C++ static destruction, gloo's
     threads are torn down while still joinable, and about one two-process launch in six ended in
     an abort (``terminate called without an active exception``) after its work was done.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size_from_environment()
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
@@ -89,6 +90,20 @@ def init_distributed_from_environment() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return distributed_world()
+
+
+def _world_size_from_environment() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 when unset); a :class:`ConfigError` naming it otherwise."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(value)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ConfigError(
+            f"environment variable WORLD_SIZE = {value!r}: expected the number of processes, an integer >= 1"
+        )
+    return world
 
 
 def _destroy_process_group() -> None:
