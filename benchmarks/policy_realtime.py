@@ -68,9 +68,10 @@ import torch
 
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
-from flowforge.envs.evaluate import VALIDATION_SEED_BASE, evaluate
+from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
 from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
+from flowforge.validation import MAX_CANDIDATES
 from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,8 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
         episodes, extra = (
             (args.validation_episodes, {"seed_base": VALIDATION_SEED_BASE}) if validation else (args.episodes, {})
         )
+        if not validation and args.episode_offset:
+            extra = {"seed_base": EVALUATION_SEED_BASE + args.episode_offset}
         processes = min(args.eval_processes, len(MT10))
         report = evaluate(policy, MT10, episodes, progress=False, processes=processes, **settings, **extra)
         print(f"[{phase}] {name}\n{report.table()}", flush=True)
@@ -173,7 +176,8 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
     # episode count or retrained model is another result.
     episodes = args.validation_episodes if validation else args.episodes
     weights = json.loads((run / "checkpoint.json").read_text())["files"]["model"]["sha256"]
-    key = json.dumps({"episodes": episodes, "weights": weights, **settings}, sort_keys=True)
+    offset = {} if validation or not args.episode_offset else {"episode_offset": args.episode_offset}
+    key = json.dumps({"episodes": episodes, "weights": weights, **offset, **settings}, sort_keys=True)
     return _cached(args.work / f"{phase}-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json", compute)
 
 
@@ -386,6 +390,19 @@ def main() -> None:
         type=int,
         help="steps after the frozen ones that real-time chunking guides (default: the whole plan left, the paper's)",
     )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="also run the RTC variants sampling this many chunks, keeping the one that joins the last action "
+        "sent most closely (ChunkExecutor's candidates; 1: only the plain runs)",
+    )
+    parser.add_argument(
+        "--episode-offset",
+        type=int,
+        default=0,
+        help="evaluate each task's episodes from this one on (another range of fresh seeds)",
+    )
     parser.add_argument("--validation-episodes", type=int, default=20, help="per task, for choosing temperatures")
     parser.add_argument("--latency-repeats", type=int, default=100)
     parser.add_argument("--likelihood-frames", type=int, default=400)
@@ -415,6 +432,10 @@ def main() -> None:
         parser.error(f"--rtc-prefix-noise {args.rtc_prefix_noise}: need a finite number >= 0")
     if not 0 < args.rtc_unprefixed_fraction < 1:
         parser.error(f"--rtc-unprefixed-fraction {args.rtc_unprefixed_fraction}: need a number in (0, 1)")
+    if not 1 <= args.candidates <= MAX_CANDIDATES:
+        parser.error(f"--candidates {args.candidates}: need an integer in 1..{MAX_CANDIDATES}")
+    if not 0 <= args.episode_offset <= 10**6:
+        parser.error(f"--episode-offset {args.episode_offset}: need an integer in 0..1000000")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     for option in ("steps", "distill_steps"):
@@ -457,6 +478,10 @@ def main() -> None:
                 "rtc-trained-guided": {**sampling, **TRAINED_GUIDANCE},
             }.get(method, sampling)
             results[name] = _evaluate(args, name, runs[model], sampling=settings, execution=execution, delay=delay)
+            if args.candidates > 1 and execution.startswith("rtc"):
+                name = f"flow-{method}-x{args.candidates}-D{delay}"
+                settings = {**settings, "candidates": args.candidates}
+                results[name] = _evaluate(args, name, runs[model], sampling=settings, execution=execution, delay=delay)
     if "flow" in runs:
         leverage = _guidance_leverage(args, runs["flow"])
         print(
@@ -511,7 +536,8 @@ def main() -> None:
     checks = {}
     if 4 in args.delays:
         naive = results["flow-async-D4"]
-        for variant in METHODS[2:]:
+        variants = [*METHODS[2:]] + ([f"{m}-x{args.candidates}" for m in METHODS[2:]] if args.candidates > 1 else [])
+        for variant in variants:
             rtc = results[f"flow-{variant}-D4"]
             checks[f"{variant} at D=4 within 2 points of sync at D=0"] = rtc["average_success"] >= base - 0.02
             checks[f"{variant} boundary jump at most half of async's"] = (

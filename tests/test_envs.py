@@ -140,13 +140,13 @@ def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path)
     guided = [*args[:3], "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "12", "--execution", "rtc"]
     settings = ["--rtc-schedule", "ones", "--max-guidance", "10", "--rtc-jacobian", "identity"]
     out = tmp_path / "rtc.json"
-    result = CliRunner().invoke(app, [*guided, "--delay", "2", *settings, "--out", str(out)])
+    result = CliRunner().invoke(app, [*guided, "--delay", "2", *settings, "--candidates", "3", "--out", str(out)])
     assert result.exit_code == 0 and "reach-v3" in result.output, result.output
     recorded = json.loads(out.read_text())["settings"]
     assert recorded["execution"] == "rtc" and recorded["delay"] == 2 and recorded["episodes"] == 1
     sampling = recorded["sampling"]
     assert sampling["guidance_schedule"] == "ones" and sampling["max_guidance"] == 10
-    assert sampling["guidance_jacobian"] == "identity"
+    assert sampling["guidance_jacobian"] == "identity" and sampling["candidates"] == 3
     trained = ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False, rtc_training_delay=2))
     save_model(tmp_path / "trained", trained)
     both = [*guided[:2], str(tmp_path / "trained"), *guided[3:-1], "rtc-trained", "--delay", "2", "--out", str(out)]

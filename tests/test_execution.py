@@ -71,6 +71,57 @@ def test_what_the_robot_received_is_what_the_executor_says_it_executed(execution
         assert low <= executor.waited <= high * len(executor.timings)
 
 
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained", "rtc-trained, guided"])
+@pytest.mark.parametrize("delay", [0, 3, (1, 5)])
+def test_candidates_keep_the_chunk_that_joins_the_last_action_sent_most_closely(execution: str, delay) -> None:
+    execution, guided = execution.split(", ")[0], execution.endswith("guided")
+    policy = _policy("flow", rtc_training_delay=5 if execution == "rtc-trained" else 0)
+    executor = ChunkExecutor(policy, execution=execution, delay=delay, overlap_guidance=guided, candidates=5)
+    sampled = []  # every predict_chunk's batch, guide, prefix and chunks
+    predict = policy.predict_chunk
+
+    def recorded(batch, *args, **kwargs):
+        result = predict(batch, *args, **kwargs)
+        sampled.append((batch, kwargs.get("guide"), kwargs.get("prefix"), result.actions.clone()))
+        return result
+
+    policy.predict_chunk = recorded
+    torch.manual_seed(1)
+    sent = [executor.act(_observation(step)) for step in range(40)]
+    assert len(sampled) == len(executor.chunks) >= 5
+    for number, ((batch, guide, prefix, candidates), timing) in enumerate(zip(sampled, executor.timings, strict=True)):
+        kept = executor.chunks[number].actions
+        if number == 0:  # an episode's first chunk joins nothing: one is sampled
+            assert len(candidates) == 1 and torch.equal(kept, candidates)
+            continue
+        assert len(candidates) == 5 and batch["state"].shape[0] == 5
+        assert all(torch.equal(row, batch["state"][0]) for row in batch["state"])  # the one observation
+        for given in (guide, prefix):
+            if given is not None:
+                assert all(torch.equal(row, given.actions[0]) for row in given.actions)
+        index = timing.arrived - timing.origin  # where the chunk took over
+        before = np.clip(sent[timing.arrived - 1], -1, 1) if timing.arrived < len(sent) else None
+        if before is None:
+            continue  # still on its way when the episode ended
+        distance = (candidates[:, index].clamp(-1, 1) - torch.as_tensor(before)).norm(dim=-1)
+        chosen = [row for row in range(5) if torch.equal(candidates[row], kept[0])]
+        assert chosen == [int(distance.argmin())]
+    for step, (number, index) in enumerate(executor.executed):  # the books stay exact
+        np.testing.assert_array_equal(sent[step], executor.chunks[number].actions[0, index].numpy())
+
+
+def test_candidates_make_the_take_over_smoother_than_one_draw() -> None:
+    policy = _policy("flow")
+    jumps = {}
+    for candidates in (1, 8):
+        executor = ChunkExecutor(policy, execution="async", delay=2, candidates=candidates)
+        torch.manual_seed(3)
+        for _ in range(60):
+            executor.act(_observation(0))
+        jumps[candidates] = np.mean(executor.boundary_jumps())
+    assert jumps[8] < 0.6 * jumps[1]
+
+
 def test_each_chunk_is_computed_from_the_observation_at_its_request() -> None:
     policy = _policy("mse")  # deterministic: a chunk is a function of its observation
     executor = ChunkExecutor(policy, execution="async", delay=3)
@@ -225,6 +276,13 @@ def test_bad_execution_settings_are_refused() -> None:
     for setting in settings:
         with pytest.raises(ValueError, match="guides real-time chunking, which execution='async' does not run"):
             ChunkExecutor(policy, execution="async", delay=1, **setting)
+    for candidates in (0, 257, 2.0, True):
+        with pytest.raises(ValueError, match=rf"candidates must be an int in 1\.\.256, got {candidates!r}"):
+            ChunkExecutor(policy, execution="async", delay=1, candidates=candidates)
+    with pytest.raises(ValueError, match="candidates = 4 chooses where a chunk takes over; temporal_ensemble"):
+        ChunkExecutor(policy, temporal_ensemble=0.1, candidates=4)
+    with pytest.raises(ValueError, match="candidates = 4: a 'mse' head gives one chunk per observation"):
+        ChunkExecutor(_policy("mse"), execution="async", delay=1, candidates=4)
 
 
 def test_rtc_schedules_weigh_the_overlap_between_frozen_and_free() -> None:
@@ -531,7 +589,8 @@ def test_warming_up_computes_each_kind_of_chunk_in_each_thread_and_changes_nothi
     predict = policy.predict_chunk
 
     def recorded(batch, *args, **kwargs):
-        calls.append((threading.current_thread().name.split("_")[0], "guide" in kwargs, "prefix" in kwargs))
+        given = (kwargs.get("guide") is not None, kwargs.get("prefix") is not None)
+        calls.append((threading.current_thread().name.split("_")[0], *given))
         return predict(batch, *args, **kwargs)
 
     policy.predict_chunk = recorded

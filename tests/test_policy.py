@@ -462,6 +462,11 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     assert jacobian.exit_code == 2 and "--rtc-jacobian 'exact': expected one of vjp, identity" in jacobian.stderr
     unguided = runner.invoke(app, [*args, "--execution", "sync", "--rtc-jacobian", "identity"])
     assert unguided.exit_code == 2 and "--rtc-jacobian identity: guides --execution rtc" in unguided.stderr
+    single = runner.invoke(app, [*args, "--execution", "async", "--delay", "2", "--candidates", "4"])
+    assert single.exit_code == 2 and "candidates = 4: a 'mse' head gives one chunk" in single.stderr, single.output
+    for candidates in ("0", "257"):
+        none = runner.invoke(app, [*args, "--candidates", candidates])
+        assert none.exit_code == 2 and "--candidates" in none.stderr and len(none.stderr.strip().splitlines()) == 1
     delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())

@@ -27,7 +27,7 @@ from flowforge.config import MAX_SEED
 from flowforge.envs.metaworld import MAX_EPISODE_STEPS, MAX_EPISODES
 from flowforge.errors import ConfigError, FlowforgeError, is_out_of_memory, memory_asked
 from flowforge.utils.progress import progress_enabled
-from flowforge.validation import MAX_BATCH_SIZE, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_SAMPLES
+from flowforge.validation import MAX_BATCH_SIZE, MAX_CANDIDATES, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_SAMPLES
 
 #: The most solver steps a command takes (every family is at its best well below it).
 #: Exceptions that mean "the user's input or environment", printed as one line with exit code 2.
@@ -641,6 +641,15 @@ def policy_eval(
             "does (then --max-guidance, --rtc-schedule, --rtc-jacobian and --rtc-overlap apply).",
         ),
     ] = False,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_CANDIDATES,
+            help="Sample this many chunks for every chunk after an episode's first and keep the one whose "
+            "action where it takes over lies closest to the last action sent (noise-sampling heads).",
+        ),
+    ] = 1,
     out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
     processes: Annotated[
         int,
@@ -700,6 +709,8 @@ def policy_eval(
     sampling |= {name: value for name, value, _ in guidance.values()}
     if overlap_guidance:
         sampling["overlap_guidance"] = True
+    if candidates > 1:
+        sampling["candidates"] = candidates
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head

@@ -179,6 +179,8 @@ MAX_BATCH_SIZE = 2**24
 MAX_HORIZON = 1000
 #: The most samples one command draws.
 MAX_SAMPLES = 10**7
+#: The most chunks a policy's executor samples to keep one (``candidates``).
+MAX_CANDIDATES = 256
 #: The widest policy transformer (its attention and MLP matrices are width x 4 width).
 MAX_WIDTH = 2**14
 #: The most DataLoader worker processes a run starts.

@@ -31,6 +31,17 @@ per control step:
   step, which chunk and index the action came from, and :attr:`ChunkExecutor.timings` when each
   chunk was requested and arrived.
 
+* **Candidates** (``candidates = N``): every chunk but an episode's first is sampled N times in
+  one batch, from the same observation (and guide or prefix), and the one whose action where it
+  takes over lies closest to the action sent just before is kept: with
+  :math:`A^{(1)}, \dots, A^{(N)}` drawn from the policy and :math:`a_{k-1}` the last action of the
+  chunk in effect, the kept chunk is :math:`\arg\min_n \lVert A^{(n)}_d - a_{k-1} \rVert_2` (actions
+  clipped to [-1, 1] as sent; :math:`d` the index at which it takes over). Each candidate is a
+  draw of the policy given the newer observation, so the choice never returns to the old plan
+  where no draw agrees with it; it picks, among the ways the policy would go on, the one that
+  joins the motion smoothly (the backward coherence of Liu et al. 2024's bidirectional decoding,
+  taken at the take-over step). The jump left is the smallest of N draws' instead of one draw's.
+
 Sampling settings (``steps``, ``method``, ``noise_scale``) are given to the executor and passed to
 every :meth:`~flowforge.policy.ChunkPolicy.predict_chunk`; the policy's config is never changed.
 Every predicted chunk's :class:`~flowforge.policy.ChunkResult` is kept in :attr:`ChunkExecutor.chunks`.
@@ -63,7 +74,7 @@ from torch import Tensor
 from flowforge.policy.config import DERIVED_FEATURES
 from flowforge.policy.core import Batch, ChunkPolicy, ChunkResult
 from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES, ChunkGuide, ChunkPrefix, rtc_weights
-from flowforge.validation import check_bool, check_choice, check_count, check_real, is_count
+from flowforge.validation import MAX_CANDIDATES, check_bool, check_choice, check_count, check_real, is_count
 
 #: Execution methods: ``sync`` (the robot waits for every chunk), ``async`` (the next chunk is
 #: requested ``delay`` steps before the current one runs out and switched to when it arrives) and
@@ -164,6 +175,9 @@ class ChunkExecutor:
         overlap_guidance: ``execution="rtc-trained"`` only: besides completing the given prefix,
             guide the new chunk towards the rest of the current plan with real-time chunking's
             decaying weights, as ``"rtc"`` does after its frozen steps (both variants at once).
+        candidates: chunks sampled (in one batch) for every chunk after an episode's first, of
+            which the one joining the last action sent most smoothly is kept (see the module
+            docstring); 1 (the default) samples one. Needs a head that samples from noise.
     """
 
     def __init__(
@@ -182,6 +196,7 @@ class ChunkExecutor:
         guidance_jacobian: str | None = None,
         guided_overlap: int | None = None,
         overlap_guidance: bool = False,
+        candidates: int = 1,
         control_period: float = 1 / 80,
     ) -> None:
         if not isinstance(policy, ChunkPolicy):
@@ -196,6 +211,15 @@ class ChunkExecutor:
         low, high = (1, 1) if self.real else _delay_range(delay)
         if temporal_ensemble is not None and (execution != "sync" or high):
             raise ValueError("temporal_ensemble predicts at every step: it runs with execution='sync' and delay=0")
+        #: chunks sampled for every chunk after an episode's first; the smoothest take-over is kept.
+        self.candidates = check_count("candidates", candidates, high=MAX_CANDIDATES)
+        if self.candidates > 1 and temporal_ensemble is not None:
+            raise ValueError(f"candidates = {candidates} chooses where a chunk takes over; temporal_ensemble averages")
+        if self.candidates > 1 and not policy.head.samples_from_noise:
+            raise ValueError(
+                f"candidates = {candidates}: a {config.kind!r} head gives one chunk per observation; "
+                "only heads that sample from noise have others to choose among"
+            )
         if execution == "rtc" and not getattr(policy.head, "guidable", False):
             raise ValueError(f"execution='rtc' guides a flow head; a {config.kind!r} head cannot be guided")
         given = [
@@ -374,11 +398,41 @@ class ChunkExecutor:
         return batch
 
     # ---------------------------------------------------------------- acting
-    def _chunk(self, batch: Batch, guide: ChunkGuide | None = None, prefix: ChunkPrefix | None = None) -> np.ndarray:
-        return self._keep(self._predict(batch, guide, prefix))
+    def _chunk(
+        self,
+        batch: Batch,
+        guide: ChunkGuide | None = None,
+        prefix: ChunkPrefix | None = None,
+        joins: tuple[np.ndarray, int] | None = None,
+    ) -> np.ndarray:
+        return self._keep(self._predict(batch, guide, prefix, joins))
 
-    def _predict(self, batch: Batch, guide: ChunkGuide | None, prefix: ChunkPrefix | None) -> ChunkResult:
-        return self.policy.predict_chunk(batch, **self.sampling, guide=guide, prefix=prefix)
+    def _predict(
+        self,
+        batch: Batch,
+        guide: ChunkGuide | None,
+        prefix: ChunkPrefix | None,
+        joins: tuple[np.ndarray, int] | None = None,
+    ) -> ChunkResult:
+        """One chunk; with ``candidates`` > 1 and ``joins`` = (the last action sent before it takes
+        over, the index at which it does), the candidate joining that action most closely."""
+        if self.candidates == 1 or joins is None:
+            return self.policy.predict_chunk(batch, **self.sampling, guide=guide, prefix=prefix)
+        n = self.candidates
+        rows: Batch = {
+            key: value * n if isinstance(value, list) else value.expand(n, *value.shape[1:])
+            for key, value in batch.items()
+        }
+        if guide is not None:
+            guide = dataclasses.replace(guide, actions=torch.as_tensor(guide.actions).expand(n, -1, -1))
+        if prefix is not None:
+            prefix = dataclasses.replace(prefix, actions=torch.as_tensor(prefix.actions).expand(n, -1, -1))
+        result = self.policy.predict_chunk(rows, **self.sampling, guide=guide, prefix=prefix)
+        last, index = joins
+        takeover = result.actions[:, min(index, result.actions.shape[1] - 1)].clamp(-1.0, 1.0)
+        distance = (takeover - torch.as_tensor(np.clip(last, -1.0, 1.0)).to(takeover)).norm(dim=-1)
+        kept = int(distance.argmin())
+        return dataclasses.replace(result, actions=result.actions[kept : kept + 1])
 
     def _keep(self, result: ChunkResult) -> np.ndarray:
         """Log a computed chunk (in the caller's thread, in request order) and return its actions."""
@@ -395,8 +449,8 @@ class ChunkExecutor:
         The first chunk a process computes is several times slower than the next, and the first
         guided one (``rtc``: its vector-Jacobian product) far more (about 0.9 s against 0.05 s at
         the MT10 size on one CPU thread); with ``delay="real"`` that is a second of the robot
-        holding its last action. This runs a plain chunk, then a guided or prefixed one as the
-        execution asks, in each thread that will compute them (and the inference thread with
+        holding its last action. This runs a plain chunk, then a guided or prefixed one (a batch
+        of ``candidates``) as the execution asks, in each thread that will compute them (and the inference thread with
         ``delay="real"``). Nothing is logged or kept: the observation history and the caller's
         random state are as they were.
         """
@@ -419,11 +473,14 @@ class ChunkExecutor:
         if self.execution == "rtc-trained":
             extra["prefix"] = ChunkPrefix(actions, min(frozen, config.rtc_training_delay))
 
+        # with candidates, the chunks after the first are sampled as a batch of them
+        joins = (np.zeros(config.action_dim, dtype=np.float32), frozen) if self.candidates > 1 else None
+
         def compute() -> None:
             with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-                self.policy.predict_chunk(batch, **self.sampling)
-                if extra:
-                    self.policy.predict_chunk(batch, **self.sampling, **extra)
+                self._predict(batch, None, None)
+                if extra or joins is not None:
+                    self._predict(batch, extra.get("guide"), extra.get("prefix"), joins)
 
         compute()  # the first chunk of an episode is computed here, while the robot waits
         if self._worker is not None:
@@ -520,17 +577,27 @@ class ChunkExecutor:
         waits = self._plan is None or self.execution == "sync"
         if self.real and not waits:  # computed meanwhile; it takes over when done (see _arrive)
             self.timings.append(ChunkTiming(requested=step, arrived=-1, origin=step))
-            return len(self.timings) - 1, self._worker.submit(self._predict, batch, guide, prefix)
-        chunk = self._chunk(batch, guide, prefix)
-        if self.real:
-            delay = math.ceil(self.chunks[-1].seconds / self.control_period)
-        else:
+            joins = self._joins(step, self.delay)  # the delay measured so far
+            return len(self.timings) - 1, self._worker.submit(self._predict, batch, guide, prefix, joins)
+        if not self.real:  # drawn first: where the chunk takes over decides which candidate joins best
             low, high = self.delay_range
             delay = low if low == high else int(torch.randint(low, high + 1, ()))
+        chunk = self._chunk(batch, guide, prefix, self._joins(step, 0 if waits else delay))
+        if self.real:
+            delay = math.ceil(self.chunks[-1].seconds / self.control_period)
         if waits:
             self.waited += delay
         self.timings.append(ChunkTiming(requested=step, arrived=step if waits else step + delay, origin=step))
         return len(self.timings) - 1, chunk
+
+    def _joins(self, step: int, takeover: int) -> tuple[np.ndarray, int] | None:
+        """For a chunk requested at ``step`` that takes over at its index ``takeover``: the action the
+        chunk in effect sends just before (its last action past its end), and that index; ``None``
+        for an episode's first chunk, which joins nothing."""
+        if self._plan is None or self.candidates == 1:
+            return None
+        sent = min(self._index(step) + takeover - 1, len(self._plan) - 1)
+        return self._plan[sent], takeover
 
     def _arrive(self, step: int) -> None:
         if self._pending is None:
