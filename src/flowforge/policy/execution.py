@@ -41,6 +41,9 @@ per control step:
   where no draw agrees with it; it picks, among the ways the policy would go on, the one that
   joins the motion smoothly (the backward coherence of Liu et al. 2024's bidirectional decoding,
   taken at the take-over step). The jump left is the smallest of N draws' instead of one draw's.
+  The price: the draw that changes least where it takes over lags the others a little, which
+  costs success where a late correction matters (MetaWorld MT10 at D = 4 with ``rtc-trained``:
+  4 candidates halve async's jump and lose about 0.6 points more than one draw; README).
 
 Sampling settings (``steps``, ``method``, ``noise_scale``) are given to the executor and passed to
 every :meth:`~flowforge.policy.ChunkPolicy.predict_chunk`; the policy's config is never changed.
@@ -450,9 +453,9 @@ class ChunkExecutor:
         guided one (``rtc``: its vector-Jacobian product) far more (about 0.9 s against 0.05 s at
         the MT10 size on one CPU thread); with ``delay="real"`` that is a second of the robot
         holding its last action. This runs a plain chunk, then a guided or prefixed one (a batch
-        of ``candidates``) as the execution asks, in each thread that will compute them (and the inference thread with
-        ``delay="real"``). Nothing is logged or kept: the observation history and the caller's
-        random state are as they were.
+        of ``candidates``) as the execution asks, in each thread that will compute them (and the
+        inference thread with ``delay="real"``). Nothing is logged or kept: the observation history
+        and the caller's random state are as they were.
         """
         self._refuse_if_closed()
         config = self.policy.policy_config
