@@ -541,13 +541,22 @@ class _Line:
         return observation, 0.0, False, False, {"instruction": "", "is_success": False}
 
 
-@pytest.mark.parametrize("execution", ["sync", "async", "rtc"])
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc, 3 candidates"])
 def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
     from flowforge.envs.episode import run_episode
 
+    execution, candidates = execution.split(", ")[0], 3 if execution.endswith("candidates") else 1
     policy = _policy("flow")
     period = 0.002  # a fast controller: inference takes several control steps
-    executor = ChunkExecutor(policy, execution=execution, delay="real", control_period=period)
+    executor = ChunkExecutor(policy, execution=execution, delay="real", control_period=period, candidates=candidates)
+    rows = []  # the batch size of every chunk computed, in the inference thread too
+    predict = policy.predict_chunk
+
+    def recorded(batch, *args, **kwargs):
+        rows.append(batch["state"].shape[0])
+        return predict(batch, *args, **kwargs)
+
+    policy.predict_chunk = recorded
     sent = []
 
     def act(observation):
@@ -560,6 +569,8 @@ def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
     finally:
         executor.close()
     chunks = [c.actions[0].numpy() for c in executor.chunks]
+    assert all(c.actions.shape[0] == 1 for c in executor.chunks)  # one chunk kept of the candidates
+    assert rows[0] == 1 and set(rows[1:]) == {candidates}, rows
     assert len(executor.executed) == 60
     for step, (number, index) in enumerate(executor.executed):
         timing = executor.timings[number]
