@@ -71,11 +71,12 @@ def test_what_the_robot_received_is_what_the_executor_says_it_executed(execution
         assert low <= executor.waited <= high * len(executor.timings)
 
 
-@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained", "rtc-trained, guided"])
+@pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained", "rtc-trained, guided", "async, ddpm"])
 @pytest.mark.parametrize("delay", [0, 3, (1, 5)])
 def test_candidates_keep_the_chunk_that_joins_the_last_action_sent_most_closely(execution: str, delay) -> None:
-    execution, guided = execution.split(", ")[0], execution.endswith("guided")
-    policy = _policy("flow", rtc_training_delay=5 if execution == "rtc-trained" else 0)
+    execution, guided, ddpm = execution.split(", ")[0], execution.endswith("guided"), execution.endswith("ddpm")
+    trained = 5 if execution == "rtc-trained" else 0
+    policy = _policy("ddpm") if ddpm else _policy("flow", rtc_training_delay=trained)  # DDPM samples from noise too
     executor = ChunkExecutor(policy, execution=execution, delay=delay, overlap_guidance=guided, candidates=5)
     sampled = []  # every predict_chunk's batch, guide, prefix and chunks
     predict = policy.predict_chunk

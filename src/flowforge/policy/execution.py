@@ -114,6 +114,12 @@ def _delay_range(delay: int | tuple[int, int]) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def _as_sent(actions: np.ndarray) -> np.ndarray:
+    """Actions as the robot receives them: clipped to the action space, [-1, 1] (jumps, deviations
+    and the choice among candidates are all measured on these)."""
+    return np.clip(actions, -1.0, 1.0)
+
+
 def _checked_vector(observation: dict[str, Any], key: str) -> np.ndarray:
     """``observation[key]`` as a finite float32 vector (a ``ValueError`` names the entry otherwise)."""
     value = np.asarray(observation[key])
@@ -419,7 +425,7 @@ class ChunkExecutor:
     ) -> ChunkResult:
         """One chunk; with ``candidates`` > 1 and ``joins`` = (the last action sent before it takes
         over, the index at which it does), the candidate joining that action most closely."""
-        if self.candidates == 1 or joins is None:
+        if joins is None:  # one chunk asked for, or an episode's first
             return self.policy.predict_chunk(batch, **self.sampling, guide=guide, prefix=prefix)
         n = self.candidates
         rows: Batch = {
@@ -432,9 +438,8 @@ class ChunkExecutor:
             prefix = dataclasses.replace(prefix, actions=torch.as_tensor(prefix.actions).expand(n, -1, -1))
         result = self.policy.predict_chunk(rows, **self.sampling, guide=guide, prefix=prefix)
         last, index = joins
-        takeover = result.actions[:, min(index, result.actions.shape[1] - 1)].clamp(-1.0, 1.0)
-        distance = (takeover - torch.as_tensor(np.clip(last, -1.0, 1.0)).to(takeover)).norm(dim=-1)
-        kept = int(distance.argmin())
+        takeover = _as_sent(result.actions[:, min(index, result.actions.shape[1] - 1)].cpu().numpy())
+        kept = int(np.linalg.norm(takeover - _as_sent(last), axis=-1).argmin())
         return dataclasses.replace(result, actions=result.actions[kept : kept + 1])
 
     def _keep(self, result: ChunkResult) -> np.ndarray:
@@ -550,8 +555,8 @@ class ChunkExecutor:
         for k in switches:
             (new, i), (old, j) = self.executed[k], self.executed[k - 1]
             if j + 1 < horizon:
-                sent = np.clip(self.chunks[new].actions[0, i].cpu().numpy(), -1.0, 1.0)
-                planned = np.clip(self.chunks[old].actions[0, j + 1].cpu().numpy(), -1.0, 1.0)
+                sent = _as_sent(self.chunks[new].actions[0, i].cpu().numpy())
+                planned = _as_sent(self.chunks[old].actions[0, j + 1].cpu().numpy())
                 deviations.append(float(np.linalg.norm(sent - planned)))
         return deviations
 
@@ -563,7 +568,7 @@ class ChunkExecutor:
     def sent_actions(self) -> tuple[np.ndarray, list[int]]:
         """This episode's actions as sent (T, A), clipped to the action space, and the steps where a
         new chunk took over (for :func:`flowforge.eval.plots.plot_chunk_boundaries`)."""
-        actions = [np.clip(self.chunks[n].actions[0, i].cpu().numpy(), -1.0, 1.0) for n, i in self.executed]
+        actions = [_as_sent(self.chunks[n].actions[0, i].cpu().numpy()) for n, i in self.executed]
         switches = [k for k in range(1, len(self.executed)) if self.executed[k][0] != self.executed[k - 1][0]]
         return np.stack(actions) if actions else np.zeros((0, self.policy.policy_config.action_dim)), switches
 
