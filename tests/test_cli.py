@@ -697,6 +697,9 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
         (["--size", "32"], "--camera, --cameras and --size describe the images of --images: add --images"),
         (["--tasks", "reach-v3,,push-v3"], "--tasks 'reach-v3,,push-v3': an empty name"),
         (["--tasks", "reach-v3,reach"], "--tasks 'reach-v3,reach': unknown MetaWorld v3 task 'reach'"),
+        (["--action-noise", "1.5"], "--action-noise"),
+        (["--action-noise", "-0.1"], "--action-noise"),
+        (["--action-noise", "abc"], "--action-noise"),
     ],
 )
 def test_data_collect_refuses_bad_camera_and_task_lists_naming_the_option(tmp_path: Path, extra, message) -> None:

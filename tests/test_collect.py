@@ -207,6 +207,9 @@ def test_a_second_collection_into_a_busy_folder_is_refused_unless_complete(refer
         ({"max_steps": 0}, r"max_steps must be an int in 1\.\.500, got 0"),
         ({"size": 33.5, "images": True}, "size must be an int >= 8, got 33.5"),
         ({"images": "yes"}, "images"),
+        ({"action_noise": -0.1}, r"action_noise must be a finite number >= 0, got -0\.1"),
+        ({"action_noise": 1.5}, r"action_noise must be at most 1 \(actions span \[-1, 1\]\), got 1\.5"),
+        ({"action_noise": float("nan")}, "action_noise must be a finite number >= 0, got nan"),
     ],
 )
 def test_bad_collection_settings_are_refused_before_the_folder_is_made(tmp_path: Path, setting, message) -> None:
@@ -214,3 +217,38 @@ def test_bad_collection_settings_are_refused_before_the_folder_is_made(tmp_path:
     with pytest.raises((TypeError, ValueError), match=message):
         collect(TASKS, root=tmp_path / "new", progress=False, **settings)
     assert not (tmp_path / "new").exists()
+
+
+def test_action_noise_stores_the_experts_labels_and_what_the_robot_received(reference: dict, tmp_path: Path) -> None:
+    """With action noise the robot receives the expert's action plus a correlated perturbation:
+    ``action`` holds the expert's action at every state visited (the same rule as the clean
+    collection's, so its first label matches it), ``action.executed`` what was sent, inside [-1, 1],
+    off the labels by about the noise's spread and correlated from step to step. A folder is
+    resumed only with its own noise."""
+    import numpy as np
+
+    from flowforge.envs.metaworld import MetaWorldEnv
+
+    root = tmp_path / "noisy"
+    assert collect(TASKS, 1, root, progress=False, action_noise=0.2)["reach-v3"]["succeeded"] == 1
+    data = EpisodeDataset(root)
+    assert data.features["action.executed"] == data.features["action"]
+    columns = data.episode_columns(0)
+    labels = np.asarray(columns["action"], dtype=np.float64)
+    executed = np.asarray(columns["action.executed"], dtype=np.float64)
+    assert np.abs(executed).max() <= 1.0
+    noise = executed - labels
+    inside = (np.abs(executed) < 1).all(1)  # where clipping did not cut the perturbation
+    assert 0.08 < noise[inside].std() < 0.35
+    assert np.corrcoef(noise[inside][:-1, 0], noise[inside][1:, 0])[0, 1] > 0.5  # rho = exp(-1/8) = 0.88
+    # the labels are the expert's answers to the states actually visited
+    env = MetaWorldEnv("reach-v3", seed=0)
+    expert = env.expert()
+    states = np.asarray(columns["observation.environment_state"])
+    for frame in (0, len(states) // 2, len(states) - 1):
+        np.testing.assert_allclose(labels[frame], np.clip(expert.get_action(states[frame]), -1, 1), atol=1e-6)
+    env.close()
+    np.testing.assert_allclose(labels[0], np.asarray(reference["actions"][0][0]), atol=1e-6)  # same first state
+    assert "action.executed" not in EpisodeDataset(reference["root"]).features  # clean folders are unchanged
+    with pytest.raises(DataError, match=r"action_noise 0\.2 \(now None\)"):
+        collect(TASKS, 1, root, progress=False)

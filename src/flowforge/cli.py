@@ -488,6 +488,15 @@ def data_collect(
     ] = None,
     size: Annotated[int | None, typer.Option(min=8, max=512, help="Image size in pixels (default 84).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED)] = 0,
+    action_noise: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Perturb what the robot receives by noise of this spread (DART): action then holds the "
+            "expert's action at every state visited, action.executed what was sent.",
+        ),
+    ] = 0.0,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Roll out the scripted experts, keep successful episodes, write them in the LeRobot v3 layout."""
@@ -515,6 +524,7 @@ def data_collect(
             images=images,
             cameras=camera_names,
             seed=seed,
+            action_noise=action_noise,
             progress=progress,
             # collect's own defaults (camera corner, 84 pixels) where the options were not given
             **{k: v for k, v in (("camera", camera), ("size", size)) if v is not None},

@@ -55,7 +55,7 @@ from flowforge.envs.metaworld import (
     check_cameras,
 )
 from flowforge.utils.locks import FolderBusy, exclusive_lock
-from flowforge.validation import check_bool, check_count
+from flowforge.validation import check_bool, check_count, check_real
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
@@ -65,6 +65,7 @@ NUMERIC_FEATURES = (
     "observation.state",
     "observation.environment_state",
     "action",
+    "action.executed",
     "timestamp",
     "frame_index",
     "episode_index",
@@ -79,6 +80,8 @@ MARKER = ".flowforge-collection"
 """File written into a new folder before anything else: the folder is a collection in progress."""
 LOCK = ".flowforge-collection.lock"
 """Held (a POSIX lock) by the collection writing the folder; the file stays, empty."""
+#: Correlation time, in control steps, of ``collect``'s ``action_noise`` (an Ornstein-Uhlenbeck process).
+ACTION_NOISE_STEPS = 8
 _PREVIOUS = ".meta-previous"  # the old metadata folder while ``meta`` is swapped by renames
 _NEXT_LINK = ".meta.next"  # the new link, renamed over ``meta`` at the commit point
 _GENERATION = re.compile(r"\.meta-\d{6}")
@@ -201,6 +204,8 @@ def _features(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "index": {"dtype": "int64", "shape": [1], "names": None},
         "task_index": {"dtype": "int64", "shape": [1], "names": None},
     }
+    if settings.get("action_noise"):
+        features["action.executed"] = dict(features["action"])
     if settings["images"]:
         size = settings["size"]
         for camera in _cameras(settings):
@@ -423,6 +428,7 @@ def collect(
     seed: int = 0,
     max_steps: int = 500,
     max_attempts_factor: int = 3,
+    action_noise: float = 0.0,
     progress: bool | None = None,
 ) -> dict[str, dict[str, int]]:
     """Collect ``episodes`` successful expert episodes per task into ``root``; returns the per-task
@@ -431,7 +437,16 @@ def collect(
     With ``images``, each frame stores the image of ``camera``, or of every one of ``cameras`` (MetaWorld
     camera names, e.g. ``["corner", "gripperPOV"]``), as the feature ``observation.images.<camera>``.
     Two collections into one folder at once are refused: the second raises a :class:`DataError`,
-    unless everything it asks for is committed already (then it returns the recorded counts)."""
+    unless everything it asks for is committed already (then it returns the recorded counts).
+
+    ``action_noise`` :math:`\\sigma > 0` perturbs what the robot receives, as DART does (Laskey et al.
+    2017): the expert's action plus :math:`n_t`, an Ornstein-Uhlenbeck process of stationary spread
+    :math:`\\sigma` per dimension and correlation time :data:`ACTION_NOISE_STEPS`,
+    :math:`n_{t+1} = \\rho n_t + \\sqrt{1 - \\rho^2}\\,\\sigma\\epsilon_t` with
+    :math:`\\rho = e^{-1/8}` (drawn from each attempt's seed). ``action`` then stores the expert's
+    action at every state visited (the label a policy learns), and ``action.executed`` what the
+    robot received (clipped to [-1, 1]). A policy trained on such data sees states off the expert's
+    own path, each with the expert's way back (MT10: see the README)."""
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of MetaWorld task names, got the string {tasks!r}")
     tasks = list(tasks)
@@ -445,6 +460,9 @@ def collect(
     max_steps = check_count("max_steps", max_steps, high=MAX_EPISODE_STEPS)
     max_attempts_factor = check_count("max_attempts_factor", max_attempts_factor)
     images = check_bool("images", images)
+    action_noise = check_real("action_noise", action_noise, non_negative=True)
+    if action_noise > 1:
+        raise ValueError(f"action_noise must be at most 1 (actions span [-1, 1]), got {action_noise!r}")
     check_seed("seed", seed)
     cameras = check_cameras([camera] if cameras is None else cameras)
     root = Path(root)
@@ -458,6 +476,8 @@ def collect(
     }
     if len(cameras) > 1:  # one camera keeps the settings of earlier collections, which then resume
         settings["cameras"] = cameras
+    if action_noise:  # likewise: collections without noise keep their settings
+        settings["action_noise"] = action_noise
     try:
         record = _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
     except DataError:
@@ -480,6 +500,26 @@ def collect(
 
 
 _BUSY = "another collection is writing into this folder; wait for it to finish or choose another folder"
+
+
+def _expert_actor(expert: Any, labels: list[np.ndarray], noise: float, seed: int) -> Any:
+    """The actor of one attempt: the expert's action (appended to ``labels``, clipped as sent) plus,
+    with ``noise`` > 0, :func:`collect`'s Ornstein-Uhlenbeck perturbation drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    rho = float(np.exp(-1.0 / ACTION_NOISE_STEPS))
+    state = np.zeros(ACTION_DIM)
+
+    def act(observation: dict[str, Any]) -> np.ndarray:
+        nonlocal state
+        # the expert reads object poses
+        label = np.clip(expert.get_action(observation["environment_state"]), -1.0, 1.0).astype(np.float32)
+        labels.append(label)
+        if not noise:
+            return label
+        state = rho * state + np.sqrt(1 - rho**2) * noise * rng.standard_normal(ACTION_DIM)
+        return (label + state).astype(np.float32)
+
+    return act
 
 
 def _busy(root: Path) -> bool:
@@ -535,13 +575,11 @@ def _collect_locked(
             _commit(root, record, fps, episode_stats)
             rebuild = False
         expert = env.expert()
-
-        def expert_actor(observation: dict[str, Any], expert=expert) -> np.ndarray:
-            return expert.get_action(observation["environment_state"])  # the expert reads object poses
-
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
             episode_seed = seed * 1_000_003 + task_index * TASK_SEED_STRIDE + counts["attempted"]
-            episode = run_episode(env, expert_actor, episode_seed, max_steps, keep=True)
+            labels: list[np.ndarray] = []
+            actor = _expert_actor(expert, labels, settings.get("action_noise", 0.0), episode_seed)
+            episode = run_episode(env, actor, episode_seed, max_steps, keep=True)
             counts["attempted"] += 1
             if episode.success:
                 index = len(record["episodes"])
@@ -550,13 +588,15 @@ def _collect_locked(
                 arrays = {
                     "observation.state": np.stack([o["state"] for o in episode.observations]),
                     "observation.environment_state": np.stack([o["environment_state"] for o in episode.observations]),
-                    "action": np.stack(episode.actions),
+                    "action": np.stack(labels),
                     "timestamp": np.arange(length, dtype=np.float32) / fps,
                     "frame_index": np.arange(length),
                     "episode_index": np.full(length, index),
                     "index": np.arange(start, start + length),
                     "task_index": np.full(length, task_index),
                 }
+                if settings.get("action_noise"):
+                    arrays["action.executed"] = np.stack(episode.actions)
                 columns: dict[str, list] = {key: values.tolist() for key, values in arrays.items()}
                 for key in image_keys:
                     entry = "image." + key.removeprefix("observation.images.")
