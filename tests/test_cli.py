@@ -697,12 +697,12 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
         (["--size", "32"], "--camera, --cameras and --size describe the images of --images: add --images"),
         (["--tasks", "reach-v3,,push-v3"], "--tasks 'reach-v3,,push-v3': an empty name"),
         (["--tasks", "reach-v3,reach"], "--tasks 'reach-v3,reach': unknown MetaWorld v3 task 'reach'"),
-        (["--action-noise", "1.5"], "--action-noise"),
-        (["--action-noise", "-0.1"], "--action-noise"),
-        (["--action-noise", "abc"], "--action-noise"),
+        (["--action-noise", "1.5"], "Invalid value for '--action-noise'"),
+        (["--action-noise", "-0.1"], "Invalid value for '--action-noise'"),
+        (["--action-noise", "abc"], "Invalid value for '--action-noise'"),
     ],
 )
-def test_data_collect_refuses_bad_camera_and_task_lists_naming_the_option(tmp_path: Path, extra, message) -> None:
+def test_data_collect_refuses_bad_options_naming_the_option(tmp_path: Path, extra, message) -> None:
     out = tmp_path / "demos"
     result = runner.invoke(app, ["data", "collect", "--out", str(out), "--tasks", "reach-v3", *extra])
     assert result.exit_code == 2 and message in result.stderr, result.output

@@ -5,7 +5,9 @@ Each attempt resets the task with its own seed, rolls out the task's expert unti
 (hand position and gripper opening) as ``observation.state``, MetaWorld's whole 39-d vector (object
 and goal poses included) as ``observation.environment_state``, the action, and with ``images`` the
 frame of each camera inside the Parquet file as PNG bytes (feature dtype ``"image"``,
-``observation.images.<camera>``; several cameras with ``cameras``). The metadata is
+``observation.images.<camera>``; several cameras with ``cameras``); with ``action_noise`` the
+robot receives a perturbed action, stored as ``action.executed`` next to the expert's own
+(``action``). The metadata is
 LeRobot v3.0's: ``info.json``, ``tasks.parquet``, the episodes table with each episode's data file
 index and statistics (``stats/<feature>/<stat>`` columns), and ``stats.json`` with ``min``, ``max``,
 ``mean``, ``std``, ``count`` and the quantiles ``q01 q10 q50 q90 q99`` of every feature
