@@ -8,7 +8,8 @@ environment on Python 3.12 (it brings its own torch, so it is never a dependency
     python interop/lerobot_check.py --lerobot-python /work/lerobot-venv/bin/python
 
 flowforge -> lerobot: ``flowforge data collect`` writes two folders (state, full state, actions,
-84x84 camera images); lerobot opens each and reads every frame, trains ACT on one for a few steps
+84x84 camera images) and a third with action noise (``action.executed``); lerobot opens each and
+reads every frame, trains ACT on one for a few steps
 with ``lerobot-train`` (defaults, on the CPU, without downloading pretrained backbone weights),
 resumes recording into a copy (one more episode with lerobot's own recorder) and merges the two
 with ``aggregate_datasets``; flowforge reads the resumed and the merged folders back.
@@ -75,10 +76,11 @@ def main() -> None:
             return None
 
     # ---------------------------------------------------------------- flowforge -> lerobot
-    first, second = work / "ours_a", work / "ours_b"
+    first, second, noisy = work / "ours_a", work / "ours_b", work / "ours_action_noise"
     collect(["reach-v3", "push-v3"], 1, first, images=True, progress=False)
     collect(["drawer-open-v3"], 2, second, images=True, progress=False)
-    for folder in (first, second):
+    collect(["reach-v3"], 2, noisy, action_noise=0.1, progress=False)  # with action.executed
+    for folder in (first, second, noisy):
         ours = EpisodeDataset(folder)
 
         def opened(folder=folder, ours=ours) -> str:
@@ -87,6 +89,7 @@ def main() -> None:
             assert found["episodes"] == len(ours.lengths)
             assert found["tasks"] == sorted(set(ours.tasks.values()) if isinstance(ours.tasks, dict) else ours.tasks)
             assert {"q01", "q10", "q50", "q90", "q99", "count"} <= set(found["stats_keys"])
+            assert sorted(found["features"]) == sorted(ours.features), (found["features"], list(ours.features))
             return f"{found['frames']} frames, {found['episodes']} episodes, features {found['features']}"
 
         check(f"lerobot opens {folder.name} and reads every frame", opened)
