@@ -700,6 +700,7 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
         (["--action-noise", "1.5"], "Invalid value for '--action-noise'"),
         (["--action-noise", "-0.1"], "Invalid value for '--action-noise'"),
         (["--action-noise", "abc"], "Invalid value for '--action-noise'"),
+        (["--action-noise", "nan"], "Invalid value for '--action-noise'"),
     ],
 )
 def test_data_collect_refuses_bad_options_naming_the_option(tmp_path: Path, extra, message) -> None:

@@ -61,13 +61,15 @@ from flowforge.validation import check_bool, check_count, check_real
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
+#: What the robot received, stored next to the expert's ``action`` when collected with action noise.
+EXECUTED_ACTION = "action.executed"
 ROBOT_STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper_opening")
 #: Numeric columns of a data file, each with statistics.
 NUMERIC_FEATURES = (
     "observation.state",
     "observation.environment_state",
     "action",
-    "action.executed",
+    EXECUTED_ACTION,
     "timestamp",
     "frame_index",
     "episode_index",
@@ -207,7 +209,7 @@ def _features(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "task_index": {"dtype": "int64", "shape": [1], "names": None},
     }
     if settings.get("action_noise"):
-        features["action.executed"] = dict(features["action"])
+        features[EXECUTED_ACTION] = dict(features["action"])
     if settings["images"]:
         size = settings["size"]
         for camera in _cameras(settings):
@@ -445,10 +447,10 @@ def collect(
     2017): the expert's action plus :math:`n_t`, an Ornstein-Uhlenbeck process of stationary spread
     :math:`\\sigma` per dimension and correlation time :data:`ACTION_NOISE_STEPS`,
     :math:`n_{t+1} = \\rho n_t + \\sqrt{1 - \\rho^2}\\,\\sigma\\epsilon_t` with
-    :math:`\\rho = e^{-1/8}` (drawn from each attempt's seed). ``action`` then stores the expert's
-    action at every state visited (the label a policy learns), and ``action.executed`` what the
-    robot received (clipped to [-1, 1]). A policy trained on such data sees states off the expert's
-    own path, each with the expert's way back (MT10: see the README)."""
+    :math:`\\rho = e^{-1/8}` and :math:`n_0 = 0` (drawn from each attempt's seed). ``action`` then
+    stores the expert's action at every state visited (the label a policy learns), and
+    ``action.executed`` what the robot received (clipped to [-1, 1]). A policy trained on such data
+    sees states off the expert's own path, each with the expert's way back (MT10: see the README)."""
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of MetaWorld task names, got the string {tasks!r}")
     tasks = list(tasks)
@@ -550,6 +552,7 @@ def _collect_locked(
     from flowforge.utils.progress import progress_enabled
 
     images, size, seed, max_steps = settings["images"], settings["size"], settings["seed"], settings["max_steps"]
+    action_noise = settings.get("action_noise", 0.0)
     record = _open_folder(root, settings)
     rebuild = False
     if record is None:  # new, or started without a commit: begin again
@@ -580,7 +583,7 @@ def _collect_locked(
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
             episode_seed = seed * 1_000_003 + task_index * TASK_SEED_STRIDE + counts["attempted"]
             labels: list[np.ndarray] = []
-            actor = _expert_actor(expert, labels, settings.get("action_noise", 0.0), episode_seed)
+            actor = _expert_actor(expert, labels, action_noise, episode_seed)
             episode = run_episode(env, actor, episode_seed, max_steps, keep=True)
             counts["attempted"] += 1
             if episode.success:
@@ -597,8 +600,8 @@ def _collect_locked(
                     "index": np.arange(start, start + length),
                     "task_index": np.full(length, task_index),
                 }
-                if settings.get("action_noise"):
-                    arrays["action.executed"] = np.stack(episode.actions)
+                if action_noise:
+                    arrays[EXECUTED_ACTION] = np.stack(episode.actions)
                 columns: dict[str, list] = {key: values.tolist() for key, values in arrays.items()}
                 for key in image_keys:
                     entry = "image." + key.removeprefix("observation.images.")
