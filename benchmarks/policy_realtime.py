@@ -83,15 +83,15 @@ FEW_STEP = ("shortcut", "meanflow", "consistency", "consistency-distilled", "con
 DISTILLED = {"consistency-distilled": "consistency", "consistency-trajectory": "trajectory"}
 MODELS = ("flow", "flow-rtc", *FEW_STEP)
 #: flow-rtc's noise on its training prefixes and fraction of rows without one (``policy.rtc_prefix_noise``,
-#: ``policy.rtc_unprefixed_fraction``): see the README's seventh run.
+#: ``policy.rtc_unprefixed_fraction``): see the seventh run in docs/benchmarks/policy_realtime.md.
 RTC_PREFIX_NOISE, RTC_UNPREFIXED_FRACTION = 0.2, 0.5
 #: Execution methods measured with delay: ``rtc-trained-guided`` is ``rtc-trained`` with
 #: ``overlap_guidance`` (both RTC variants at once: the prefix given, the rest of the overlap guided).
 METHODS = ("sync", "async", "rtc", "rtc-trained", "rtc-trained-guided")
 #: ``rtc-trained-guided``'s guidance (the ``--rtc-*`` options set ``rtc``'s): the paper's
 #: vector-Jacobian guidance and schedule with the clip at 10, the smallest jump that kept the success
-#: in the README's eighth run (the identity guidance over 3 steps reached half of async's jump and
-#: lost 3.5 points).
+#: in the eighth run of docs/benchmarks/policy_realtime.md (the identity guidance over 3 steps reached
+#: half of async's jump and lost 3.5 points).
 TRAINED_GUIDANCE = {"overlap_guidance": True, "max_guidance": 10.0}
 
 
@@ -401,7 +401,7 @@ def main() -> None:
         default=4,
         help="also run the RTC variants sampling this many chunks, keeping the one that joins the last action "
         "sent most closely (ChunkExecutor's candidates; 1: only the plain runs; with rtc-trained, 4 came "
-        "nearest to both goals at D = 4, see the README's tenth run)",
+        "nearest to both goals at D = 4, see the tenth run in docs/benchmarks/policy_realtime.md)",
     )
     parser.add_argument(
         "--episode-offset",

@@ -1,4 +1,5 @@
-"""The README's code examples run as written, and its first two commands stay the set-up commands."""
+"""The README's code examples run as written, its first two commands stay the set-up commands, and
+the names and documents it and docs/ point to exist."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: The README and the longer documents it points to.
+DOCUMENTS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
@@ -27,11 +31,12 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
         assert command in ci, f"{command!r} is not run by .ci/run"
 
 
-def test_every_dotted_name_the_readme_shows_exists() -> None:
-    """``flowforge.a.b.C`` in the README: a module, or an attribute of the longest importable prefix."""
+def test_every_dotted_name_the_documents_show_exists() -> None:
+    """``flowforge.a.b.C`` in the README or docs/: a module, or an attribute of the longest importable prefix."""
     import importlib
 
-    names = sorted(set(re.findall(r"flowforge(?:\.[A-Za-z_][A-Za-z0-9_]*)+", README.read_text())))
+    text = "\n".join(d.read_text() for d in DOCUMENTS)
+    names = sorted(set(re.findall(r"flowforge(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)))
     assert names
     missing = []
     for name in names:
@@ -50,3 +55,19 @@ def test_every_dotted_name_the_readme_shows_exists() -> None:
         else:
             missing.append(name)
     assert missing == []
+
+
+#: A path into the repository as the documents write it: ``docs/benchmarks/x.md``, ``benchmarks/x.py``, ...
+REPOSITORY_PATH = re.compile(r"(?<![\w./-])((?:docs|benchmarks|configs|interop)/[\w./-]*\.(?:md|py|toml))")
+
+
+def test_every_file_the_documents_point_to_exists() -> None:
+    """Every path such as ``docs/benchmarks/x.md``, ``benchmarks/x.py`` or ``configs/x.toml`` in the
+    README or docs/ names a file of the repository, and the README points to every document in docs/."""
+    pointed = {(d, p) for d in DOCUMENTS for p in REPOSITORY_PATH.findall(d.read_text())}
+    assert len(pointed) > 10
+    missing = sorted(f"{d.name}: {p}" for d, p in pointed if not (ROOT / p).is_file())
+    assert missing == []
+    from_readme = set(REPOSITORY_PATH.findall(README.read_text()))
+    unlinked = [str(d.relative_to(ROOT)) for d in DOCUMENTS[1:] if str(d.relative_to(ROOT)) not in from_readme]
+    assert unlinked == []

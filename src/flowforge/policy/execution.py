@@ -42,8 +42,10 @@ per control step:
   joins the motion smoothly (the backward coherence of Liu et al. 2024's bidirectional decoding,
   taken at the take-over step). The jump left is the smallest of N draws' instead of one draw's.
   The price: the draw that changes least where it takes over lags the others a little, which
-  costs success where a late correction matters (MetaWorld MT10 at D = 4 with ``rtc-trained``:
-  4 candidates halve async's jump and lose about 0.6 points more than one draw; README).
+  costs success where a late correction matters (MetaWorld MT10 at D = 4 with ``rtc-trained``,
+  10,000 training steps: 4 candidates halve async's jump and lose about 0.7 points more than one
+  draw; at 30,000 steps the policy's draws differ less and 4 candidates bring the jump to 0.69x of
+  async's; docs/benchmarks/policy_realtime.md, tenth and eleventh runs).
 
 Sampling settings (``steps``, ``method``, ``noise_scale``) are given to the executor and passed to
 every :meth:`~flowforge.policy.ChunkPolicy.predict_chunk`; the policy's config is never changed.
