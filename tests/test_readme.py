@@ -61,11 +61,17 @@ def test_every_dotted_name_the_documents_show_exists() -> None:
 REPOSITORY_PATH = re.compile(r"(?<![\w./-])((?:docs|benchmarks|configs|interop)/[\w./-]*\.(?:md|py|toml))")
 
 
+#: Code whose docstrings and comments point to documents (a run log, a config).
+CODE = sorted([*(ROOT / "src" / "flowforge").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+
+
 def test_every_file_the_documents_point_to_exists() -> None:
     """Every path such as ``docs/benchmarks/x.md``, ``benchmarks/x.py`` or ``configs/x.toml`` in the
-    README or docs/ names a file of the repository, and the README points to every document in docs/."""
-    pointed = {(d, p) for d in DOCUMENTS for p in REPOSITORY_PATH.findall(d.read_text())}
+    README, docs/ or the code's own docstrings and comments names a file of the repository, and the
+    README points to every document in docs/."""
+    pointed = {(d, p) for d in [*DOCUMENTS, *CODE] for p in REPOSITORY_PATH.findall(d.read_text())}
     assert len(pointed) > 10
+    assert any(d in CODE and p.startswith("docs/") for d, p in pointed)
     missing = sorted(f"{d.name}: {p}" for d, p in pointed if not (ROOT / p).is_file())
     assert missing == []
     from_readme = set(REPOSITORY_PATH.findall(README.read_text()))
