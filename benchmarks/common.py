@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: the toy-data split, the maximum-likelihood training loop.
+"""Shared pieces of the benchmark scripts: the toy-data split, the maximum-likelihood training loop,
+and the stored policy evaluations of the resumable robot benchmarks.
 
 Every script that trains flows side by side uses this one loop, so that all libraries see the same
 optimizer (Adam), learning-rate schedule (cosine decay to 0 over the run), gradient clipping and
@@ -107,6 +108,31 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def model_weights_digest(run: Path) -> str:
+    """The SHA-256 of a trained policy run's model weights, as its checkpoint records them."""
+    return json.loads((run / "checkpoint.json").read_text())["files"]["model"]["sha256"]
+
+
+def stored_evaluation(path: Path, run: Path, tasks: Sequence[str], **settings: Any) -> dict | None:
+    """The evaluation stored at ``path`` by a resumable benchmark phase, when it rolled out ``run``'s
+    present weights (its ``weights`` entry) on ``tasks`` with ``settings`` (compared with its report's
+    ``settings``: ``episodes``, ``seed_base``, ``max_steps``, ``sampling``, ...). ``None`` when there
+    is none, or when it was made with a model trained since, or with other tasks or settings: then
+    it is made again, never reused."""
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    recorded = stored.get("settings", {})
+    same = (
+        stored.get("weights") == model_weights_digest(run)
+        and set(stored.get("tasks", {})) == set(tasks)
+        and all(recorded.get(key) == value for key, value in settings.items())
+    )
+    if not same:
+        print(f"{path.name}: stored with other weights, tasks or settings; evaluating again", flush=True)
+    return stored if same else None
 
 
 def training_setup(n_test: int = N_TEST) -> dict[str, Any]:

@@ -54,9 +54,10 @@ from pathlib import Path
 
 import torch
 
+from common import model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
-from flowforge.envs.evaluate import VALIDATION_SEED_BASE, evaluate
+from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 
 MT10 = [
@@ -111,14 +112,17 @@ def _evaluate(
 ) -> dict:
     """Evaluate a run; ``sampling``: the sampling arguments of every chunk (steps, method, noise_scale)."""
     path = args.work / f"{'validate' if validation else 'eval'}-{name}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    seed_base = VALIDATION_SEED_BASE if validation else EVALUATION_SEED_BASE
+    done = stored_evaluation(path, run, tasks, episodes=episodes, seed_base=seed_base, sampling=sampling)
+    if done is not None:
+        return done
     policy = load_policy(run)
     start = time.perf_counter()
-    extra = {"seed_base": VALIDATION_SEED_BASE} if validation else {}
     processes = min(args.eval_processes, len(tasks))
-    report = evaluate(policy, tasks, episodes, progress=args.progress, sampling=sampling, processes=processes, **extra)
-    result = report.to_dict() | {"seconds": time.perf_counter() - start}
+    report = evaluate(
+        policy, tasks, episodes, progress=args.progress, sampling=sampling, processes=processes, seed_base=seed_base
+    )
+    result = report.to_dict() | {"seconds": time.perf_counter() - start, "weights": model_weights_digest(run)}
     print(f"[{'validate' if validation else 'eval'}] {name}\n{report.table()}", flush=True)
     path.write_text(json.dumps(result, indent=1))
     return result

@@ -69,6 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import model_weights_digest  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
@@ -178,7 +179,7 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
     # Every setting of the rollout, and the weights, are in the file name: another temperature,
     # episode count or retrained model is another result.
     episodes = args.validation_episodes if validation else args.episodes
-    weights = json.loads((run / "checkpoint.json").read_text())["files"]["model"]["sha256"]
+    weights = model_weights_digest(run)
     offset = {} if validation or not args.episode_offset else {"episode_offset": args.episode_offset}
     key = json.dumps({"episodes": episodes, "weights": weights, **offset, **settings}, sort_keys=True)
     return _cached(args.work / f"{phase}-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.json", compute)

@@ -41,8 +41,9 @@ runs) on this machine (``sizing.json``; ``--steps`` and ``--ablation-steps`` fix
 
 Every phase stores its result under ``--work`` (data sets, frame caches, run folders, ``*.json``)
 and is skipped when its result exists, so an interrupted run continues where it stopped (a training
-run resumes from its last checkpoint). The tables are printed and written to
-``benchmarks/results/policy_vision.json``.
+run resumes from its last checkpoint). A stored evaluation is reused only when it rolled out the
+model's present weights with the episodes, seeds, step limit and sampling asked for now; otherwise
+it is made again. The tables are printed and written to ``benchmarks/results/policy_vision.json``.
 
 How to run
 ----------
@@ -66,9 +67,10 @@ from pathlib import Path
 
 import torch
 
+from common import model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
-from flowforge.envs.evaluate import VALIDATION_SEED_BASE, evaluate, wilson_interval
+from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate, wilson_interval
 from flowforge.envs.metaworld import render_rate
 from flowforge.runs.policy import load_policy, load_policy_config, prepare_policy, train_policy
 from flowforge.train.distributed import ShardedBatches
@@ -298,23 +300,24 @@ def _evaluate(
     """Roll a run out on fresh seeds (``validation``: on the seeds kept for choosing settings)."""
     phase = "validate" if validation else "eval"
     path = args.work / f"{phase}-{name}.json"
-    done = _load(path)
+    seed_base = VALIDATION_SEED_BASE if validation else EVALUATION_SEED_BASE
+    settings = {"episodes": episodes, "seed_base": seed_base, "max_steps": args.max_steps, "sampling": sampling}
+    done = stored_evaluation(path, run, tasks, **settings)
     if done is not None:
         return done
     policy = load_policy(run)
     start = time.perf_counter()
-    extra = {"seed_base": VALIDATION_SEED_BASE} if validation else {}
     report = evaluate(
         policy,
         tasks,
         episodes,
         max_steps=args.max_steps,
+        seed_base=seed_base,
         progress=args.progress,
         sampling=sampling,
         processes=min(args.eval_processes, len(tasks)),
-        **extra,
     )
-    result = report.to_dict() | {"seconds": time.perf_counter() - start}
+    result = report.to_dict() | {"seconds": time.perf_counter() - start, "weights": model_weights_digest(run)}
     print(f"[{phase}] {name}\n{report.table()}", flush=True)
     return _save(path, result)
 
