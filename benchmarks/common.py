@@ -119,11 +119,15 @@ def stored_evaluation(path: Path, run: Path, tasks: Sequence[str], **settings: A
     """The evaluation stored at ``path`` by a resumable benchmark phase, when it rolled out ``run``'s
     present weights (its ``weights`` entry) on ``tasks`` with ``settings`` (compared with its report's
     ``settings``: ``episodes``, ``seed_base``, ``max_steps``, ``sampling``, ...). ``None`` when there
-    is none, or when it was made with a model trained since, or with other tasks or settings: then
-    it is made again, never reused."""
+    is none, when it was made with a model trained since or with other tasks or settings, or when the
+    file is not readable JSON: then it is made again, never reused."""
     if not path.exists():
         return None
-    stored = json.loads(path.read_text())
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:  # cut short by a killed process
+        print(f"{path.name}: not readable JSON; evaluating again", flush=True)
+        return None
     recorded = stored.get("settings", {})
     same = (
         stored.get("weights") == model_weights_digest(run)

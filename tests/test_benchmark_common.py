@@ -67,3 +67,10 @@ def test_a_stored_evaluation_of_other_tasks_or_a_retrained_model_is_made_again(s
     retrained = _run(tmp_path, "b" * 64)
     assert common.stored_evaluation(path, retrained, ["reach-v3", "push-v3"], **SETTINGS) is None
     assert common.stored_evaluation(tmp_path / "missing.json", run, ["reach-v3"], **SETTINGS) is None
+
+
+def test_a_stored_evaluation_cut_short_is_made_again(stored, capsys) -> None:
+    path, run = stored
+    path.write_text(path.read_text()[:20])
+    assert _common().stored_evaluation(path, run, ["reach-v3", "push-v3"], **SETTINGS) is None
+    assert "not readable JSON" in capsys.readouterr().out
