@@ -120,8 +120,14 @@ MODELS = {
     "mse": ['policy.kind="mse"'],
     "flow-full-state": FULL_STATE,
 } | {name: [f'policy.time_sampler="{law}"'] for name, law in FLOW_TIME_MODELS.items()}
+#: Fine-tuned on demonstrations collected with DART action noise (``--action-noise``), each from the
+#: trained weights of its MT10 model (``--fine-tune-steps``): name -> the model it starts from.
+DART_MODELS = {"flow-dart": "flow", "ddpm-dart": "ddpm"}
+MODELS |= {name: MODELS[base] for name, base in DART_MODELS.items()}
 #: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
-FLOW_MODELS = ("flow", *FLOW_TIME_MODELS)
+FLOW_MODELS = ("flow", "flow-dart", *FLOW_TIME_MODELS)
+#: The models sampled with DDIM at 10 steps.
+DDPM_MODELS = ("ddpm", "ddpm-dart")
 
 
 def _load(path: Path) -> dict | None:
@@ -165,10 +171,19 @@ def _render(args) -> dict:
     return _save(path, {"task": args.tasks[0], "size": 84, "frames_per_second": rates})
 
 
-def _collect(args, tasks: list[str], name: str) -> Path:
+def _collect(args, tasks: list[str], name: str, action_noise: float = 0.0) -> Path:
     root = args.work / name
     start = time.perf_counter()
-    counts = collect(tasks, args.demos, root, images=True, cameras=args.cameras, size=84, progress=args.progress)
+    counts = collect(
+        tasks,
+        args.demos,
+        root,
+        images=True,
+        cameras=args.cameras,
+        size=84,
+        action_noise=action_noise,
+        progress=args.progress,
+    )
     record = args.work / f"{name}-collect.json"
     if not record.exists():
         _save(record, {"counts": counts, "seconds": time.perf_counter() - start})
@@ -277,19 +292,27 @@ def _ablation_step_times(args, data: Path, ablations: list[str]) -> dict:
     return table
 
 
-def _train(args, name: str, data: Path, steps: int, overrides: list[str]) -> Path:
+def _train(args, name: str, data: Path, steps: int, overrides: list[str], start_from: Path | None = None) -> Path:
+    """Train (or resume) the run ``name``; ``start_from``: a trained run whose weights it starts from."""
     run = args.work / "runs" / name
     done = run / "trained.json"
     if done.exists():
         return run
+    if start_from is not None and not (start_from / "trained.json").exists():
+        base = start_from.name
+        raise SystemExit(f"[train] {name} starts from the trained {base}: train that first (--models {base},{name})")
     step_seconds = _time_model(args, data, overrides)[0]
     config = _config(args, data, steps, overrides)
-    print(f"[train] {name}: {steps} steps ({step_seconds:.2f} s a step)", flush=True)
+    began = f" from {start_from.name}'s weights" if start_from is not None else ""
+    print(f"[train] {name}: {steps} steps{began} ({step_seconds:.2f} s a step)", flush=True)
     start = time.perf_counter()
-    policy, _ = train_policy(config, run, resume=(run / "checkpoint.json").exists())
+    policy, _ = train_policy(config, run, resume=(run / "checkpoint.json").exists(), start_from=start_from)
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in policy.parameters())
-    _save(done, {"steps": steps, "seconds": seconds, "step_seconds": step_seconds, "parameters": parameters})
+    record = {"steps": steps, "seconds": seconds, "step_seconds": step_seconds, "parameters": parameters}
+    if start_from is not None:
+        record["started_from"] = {"run": start_from.name, "weights": model_weights_digest(start_from)}
+    _save(done, record)
     print(f"[train] {name}: {seconds:.0f} s, {parameters:,} parameters", flush=True)
     return run
 
@@ -322,17 +345,34 @@ def _evaluate(
     return _save(path, result)
 
 
-def _flow_temperature(args, run: Path) -> tuple[float, float, dict[float, dict]]:
+def _flow_temperature(args, run: Path, name: str = "flow") -> tuple[float, float, dict[float, dict]]:
     """The flow head's temperature (``noise_scale``) chosen on validation seeds among
     ``--noise-scales`` (ties go to the higher one), the config's own, and each one's report."""
     validation = {
         scale: _evaluate(
-            args, f"flow-noise{scale:g}", run, args.tasks, args.validation_episodes, True, noise_scale=scale
+            args, f"{name}-noise{scale:g}", run, args.tasks, args.validation_episodes, True, noise_scale=scale
         )
         for scale in args.noise_scales
     }
     chosen = max(validation, key=lambda scale: (validation[scale]["average_success"], scale))
     return chosen, load_policy(run).policy_config.noise_scale, validation
+
+
+def _judged_temperature(args, name: str, run: Path, results: dict[str, dict]) -> tuple[str, dict, dict]:
+    """Choose the flow model ``name``'s temperature on validation seeds and, when it is not the
+    config's, roll it out there on the evaluation seeds too (into ``results``). Returns the name of
+    the result the goals judge, that setting's validation report, and the summary entry."""
+    chosen, configured, validation = _flow_temperature(args, run, name)
+    judged = name
+    if chosen != configured:
+        judged = f"{name}-noise{chosen:g}"
+        results[judged] = _evaluate(args, judged, run, args.tasks, args.episodes, noise_scale=chosen)
+    entry = {
+        "validation": {scale: report["average_success"] for scale, report in validation.items()},
+        "chosen": chosen,
+        "config": configured,
+    }
+    return judged, validation[chosen], entry
 
 
 def _pooled(reports: list[dict], tasks: list[str]) -> tuple[int, int]:
@@ -368,6 +408,10 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=2.0, help="the length of one MT10 training run")
     parser.add_argument("--ablation-hours", type=float, default=0.5, help="the length of one ablation run")
     parser.add_argument("--steps", type=int, default=None, help="MT10 training steps (default: from --hours)")
+    parser.add_argument(
+        "--action-noise", type=float, default=0.1, help="DART action noise of the data the *-dart models fine-tune on"
+    )
+    parser.add_argument("--fine-tune-steps", type=int, default=10000, help="training steps of the *-dart models")
     parser.add_argument("--ablation-steps", type=int, default=None, help="default: from --ablation-hours")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of training and throughput")
@@ -416,15 +460,21 @@ def main() -> None:
         parser.error(f"--noise-scales {args.noise_scales}: name one or more temperatures, each in [0, 1]")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
+    if not 0 < args.action_noise <= 1:  # NaN fails too
+        parser.error(f"--action-noise {args.action_noise}: need a number in (0, 1] (actions span [-1, 1])")
+    if args.fine_tune_steps < 1:
+        parser.error(f"--fine-tune-steps {args.fine_tune_steps}: need an integer >= 1")
     args.work.mkdir(parents=True, exist_ok=True)  # only once every argument is valid
 
     summary: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
     if "render" in phases:
         summary["render"] = _render(args)
-    data = ablation_data = None
+    data = ablation_data = dart_data = None
     if any(p in phases for p in ("collect", "throughput", "train", "steptime", "eval")):
         # the MT10 set is only made when an MT10 model or the throughput table needs it
         data = _collect(args, args.tasks, "mt10-images") if models or "throughput" in phases else None
+        if any(model in DART_MODELS for model in models):
+            dart_data = _collect(args, args.tasks, f"mt10-images-dart{args.action_noise:g}", args.action_noise)
         ablation_data = _collect(args, ablation_tasks, "ablation-images") if ablations else None
     if "throughput" in phases:
         summary["throughput"] = _throughput(args, ablation_data or data)
@@ -437,8 +487,14 @@ def main() -> None:
             steps = steps or sizing.get("mt10", {}).get("steps")
             ablation_steps = ablation_steps or sizing.get("ablation", {}).get("steps")
         for model in models:
-            sampling = {"method": "ddim", "steps": 10} if model == "ddpm" else {}
-            runs[model] = (_train(args, model, data, steps, MODELS[model]), args.tasks, sampling)
+            sampling = {"method": "ddim", "steps": 10} if model in DDPM_MODELS else {}
+            if model in DART_MODELS:
+                run = _train(
+                    args, model, dart_data, args.fine_tune_steps, MODELS[model], args.work / "runs" / DART_MODELS[model]
+                )
+            else:
+                run = _train(args, model, data, steps, MODELS[model])
+            runs[model] = (run, args.tasks, sampling)
         for name in ablations:
             run = _train(args, f"ablation-{name}", ablation_data, ablation_steps, ABLATIONS[name])
             runs[f"ablation-{name}"] = (run, ablation_tasks, {})
@@ -458,21 +514,15 @@ def main() -> None:
             )
             results[name] = _evaluate(args, name, run, tasks, episodes, **sampling)
         flow_name = "flow"  # the flow result the goals judge: at the temperature validation chose
+        temperatures = summary["flow_temperature"] = {}
+        # each flow head judged (at its chosen setting) -> its episodes on the validation seeds
+        flow_validations: dict[str, dict] = {}
         if "flow" in runs:
-            chosen, configured, validation = _flow_temperature(args, runs["flow"][0])
-            summary["flow_temperature"] = {
-                "validation": {scale: report["average_success"] for scale, report in validation.items()},
-                "chosen": chosen,
-                "config": configured,
-            }
-            if chosen != configured:
-                flow_name = f"flow-noise{chosen:g}"
-                results[flow_name] = _evaluate(
-                    args, flow_name, runs["flow"][0], args.tasks, args.episodes, noise_scale=chosen
-                )
+            flow_name, flow_validation, temperatures["flow"] = _judged_temperature(
+                args, "flow", runs["flow"][0], results
+            )
             # The time law is chosen on the same validation seeds: the shifted Beta at the
             # temperature chosen above, the others at 1; the best one is the flow result judged.
-            flow_validation = validation[chosen]  # the judged setting's episodes on validation seeds
             laws = {"shifted-beta": (flow_name, flow_validation)}
             for name, law in FLOW_TIME_MODELS.items():
                 if name in runs:
@@ -497,6 +547,12 @@ def main() -> None:
                     "validation": {law: report["average_success"] for law, (_, report) in laws.items()},
                     "chosen": best,
                 }
+            flow_validations[flow_name] = flow_validation
+        dart_name = "flow-dart"
+        if "flow-dart" in runs:
+            dart_name, flow_validations[dart_name], temperatures["flow-dart"] = _judged_temperature(
+                args, "flow-dart", runs["flow-dart"][0], results
+            )
         summary["results"] = results
         main_results = {n: r for n, r in results.items() if not n.startswith("ablation-")}
         if main_results:
@@ -514,9 +570,8 @@ def main() -> None:
                     f"{name:26s} {ablation_results[name]['average_success']:8.1%} "
                     f"{seconds:8.2f} {trained.get('parameters', 0):11,d}"
                 )
-        if "flow_temperature" in summary:
-            entry = summary["flow_temperature"]
-            print(f"\nThe flow head's temperature on validation seeds ({args.validation_episodes} episodes a task)")
+        for name, entry in temperatures.items():
+            print(f"\n{name}: the temperature on validation seeds ({args.validation_episodes} episodes a task)")
             for scale, rate in entry["validation"].items():
                 print(f"  noise_scale {scale:<5g} {rate:6.1%}" + ("   <- chosen" if scale == entry["chosen"] else ""))
         if "flow_time" in summary:
@@ -525,29 +580,31 @@ def main() -> None:
             for law, rate in entry["validation"].items():
                 print(f"  time_sampler {law:13s} {rate:6.1%}" + ("   <- chosen" if law == entry["chosen"] else ""))
         checks = {}
-        if flow_name in results:
-            flow = results[flow_name]["average_success"]
-            checks[f"{flow_name} >= 90% on MT10 from pixels"] = flow >= 0.9
-            for other in ("ddpm", "mse"):
+        # the flow heads judged, each against the baselines trained on its data
+        for judged, baselines in ((flow_name, ("ddpm", "mse")), (dart_name, ("ddpm-dart",))):
+            if judged not in results:
+                continue
+            flow = results[judged]["average_success"]
+            checks[f"{judged} >= 90% on MT10 from pixels"] = flow >= 0.9
+            for other in baselines:
                 if other in results:
-                    checks[f"{flow_name} ahead of {other}"] = flow > results[other]["average_success"]
-        if flow_name in results and "ddpm" in runs and "flow_temperature" in summary:
+                    checks[f"{judged} ahead of {other}"] = flow > results[other]["average_success"]
+        pooled = summary["pooled"] = {}
+        for judged, ddpm in ((flow_name, "ddpm"), (dart_name, "ddpm-dart")):
+            if judged not in flow_validations or ddpm not in runs:
+                continue
             # Both heads sit at the ceiling: pooling the evaluation seeds with the validation seeds
             # (the judged flow setting's episodes there, and DDPM's on the same seeds, where nothing
             # is chosen for it) doubles each sample behind the comparison.
-            ddpm_run, _, ddpm_sampling = runs["ddpm"]
+            ddpm_run, _, ddpm_sampling = runs[ddpm]
             ddpm_validation = _evaluate(
-                args, "ddpm", ddpm_run, args.tasks, args.validation_episodes, True, **ddpm_sampling
+                args, ddpm, ddpm_run, args.tasks, args.validation_episodes, True, **ddpm_sampling
             )
-            summary["pooled"] = {
-                name: _pooled([results[name], validation], args.tasks)
-                for name, validation in (
-                    (flow_name, flow_validation),
-                    ("ddpm", ddpm_validation),
-                )
-            }
+            pooled[judged] = _pooled([results[judged], flow_validations[judged]], args.tasks)
+            pooled[ddpm] = _pooled([results[ddpm], ddpm_validation], args.tasks)
+        if pooled:
             print("\nEvaluation and validation seeds together (95% Wilson intervals)")
-            for name, (successes, episodes) in summary["pooled"].items():
+            for name, (successes, episodes) in pooled.items():
                 low, high = wilson_interval(successes, episodes)
                 print(
                     f"  {name:26s} {successes:5d} of {episodes:5d} {successes / episodes:6.1%}  [{low:.1%}, {high:.1%}]"

@@ -531,6 +531,50 @@ def test_a_distilled_student_starts_as_its_teacher_and_refuses_another_network(o
         assert any(not torch.equal(moved[k], v) for k, v in teacher.state_dict().items())
 
 
+def test_a_run_started_from_another_takes_its_weights_and_keeps_its_own_statistics(
+    one_demo: Path, tmp_path: Path
+) -> None:
+    from flowforge.envs.collect import collect
+    from flowforge.errors import ConfigError
+    from flowforge.runs.policy import parse_policy_config, prepare_policy_run, train_policy
+
+    def config(root: Path, kind: str = "flow", width: int = 32, steps: int = 20, lr: float = 1e-3) -> str:
+        return (
+            f'[policy]\nkind = "{kind}"\nhorizon = 8\nwidth = {width}\nlayers = 1\nlanguage = false\n'
+            f'[data]\nroot = "{root}"\n[train]\nsteps = {steps}\nbatch_size = 16\nwarmup_steps = 0\n'
+            f"lr = {lr}\nema_decay = 0.9\nprogress = false\n"
+        )
+
+    base_run = tmp_path / "base"
+    base, _ = train_policy(parse_policy_config(config(one_demo)), base_run)
+    noisy = tmp_path / "noisy"  # another data set, with other statistics
+    collect(["reach-v3"], 1, noisy, seed=1, action_noise=0.3, progress=False)
+    refusals = {
+        "no trained policy there": (config(noisy), tmp_path / "missing"),
+        r"width = 64 \(trained 32\)": (config(noisy, width=64), base_run),
+        r"kind = 'ddpm' \(trained 'flow'\)": (config(noisy, kind="ddpm"), base_run),
+    }
+    for message, (text, start_from) in refusals.items():
+        with pytest.raises(ConfigError, match=message):
+            train_policy(parse_policy_config(text), tmp_path / "refused", start_from=start_from)
+        assert not (tmp_path / "refused").exists()
+    # A vanishing learning rate: the tuned run keeps the base's weights (its average of the weights
+    # included, which starts from them), while its buffers are those a fresh run on its data computes.
+    tuned, _ = train_policy(
+        parse_policy_config(config(noisy, steps=1, lr=1e-12)), tmp_path / "tuned", start_from=base_run
+    )
+    fresh = prepare_policy_run(parse_policy_config(config(noisy)), tmp_path / "fresh").policy
+    weights = dict(base.named_parameters())
+    for name, parameter in tuned.named_parameters():
+        torch.testing.assert_close(parameter, weights[name], msg=name)
+    statistics = dict(fresh.named_buffers())
+    for name, buffer in tuned.named_buffers():
+        torch.testing.assert_close(buffer, statistics[name], msg=name)
+    assert not torch.allclose(tuned.state_normalizer.scale, base.state_normalizer.scale)
+    manifest = json.loads((tmp_path / "tuned" / "checkpoint.json").read_text())
+    assert manifest["metadata"]["started_from"] == str(base_run)
+
+
 def _one_demo_batch(root: Path, policy) -> dict:
     from flowforge.data.episodes import EpisodeDataset
     from flowforge.runs.policy import prepare_policy

@@ -310,13 +310,23 @@ class PreparedPolicyRun:
         return self.data.tensors if isinstance(self.data, PolicyWindows) else self.data
 
 
-def prepare_policy_run(config: PolicyRunConfig, directory: str | Path) -> PreparedPolicyRun:
+def prepare_policy_run(
+    config: PolicyRunConfig, directory: str | Path, start_from: str | Path | None = None
+) -> PreparedPolicyRun:
     """Read the run's data set and build its policy, objective and trainer; every refusal (a
     missing teacher, a feature or camera the data lacks) comes before anything is written (a frame
-    cache, ``frames = "cache"``, aside: that is made here, once the config has passed)."""
+    cache, ``frames = "cache"``, aside: that is made here, once the config has passed).
+
+    ``start_from``: the folder of a trained policy run whose learned weights the policy starts from
+    (fine-tuning on another data set). Only parameters are taken; the buffers stay the new run's
+    own, so the policy normalises states, actions and pixels with the statistics of the data it is
+    now trained on. Its kind, network and inputs must be the policy's (sampling settings may differ).
+    A resumed run continues from its own checkpoint instead."""
     teacher_folder = config.distill.teacher
     if teacher_folder and not (Path(teacher_folder) / "checkpoint.json").is_file():  # before the data is read
         raise ConfigError(f"[distill] teacher = {teacher_folder!r}: no trained policy there (no checkpoint.json)")
+    if start_from is not None and not (Path(start_from) / "checkpoint.json").is_file():
+        raise ConfigError(f"start_from = {str(start_from)!r}: no trained policy there (no checkpoint.json)")
     torch.manual_seed(config.train.seed)
     dataset = EpisodeDataset(config.data.root, config.policy.obs_horizon, config.policy.horizon)
     progress = config.train.progress is not False
@@ -331,6 +341,9 @@ def prepare_policy_run(config: PolicyRunConfig, directory: str | Path) -> Prepar
         teacher = _teacher_of(policy, config.distill.teacher)
         objective = PolicyDistillation(teacher, config.distill.method, config.distill.intervals)
         metadata["policy_run"]["distill"] = asdict(config.distill)
+    if start_from is not None:
+        _start_from(policy, start_from)  # before the trainer copies the weights into its average
+        metadata["started_from"] = str(start_from)
     trainer = Trainer(
         policy,
         objective,
@@ -382,11 +395,12 @@ def data_set_fingerprint(dataset: EpisodeDataset) -> dict[str, Any]:
 
 
 def train_policy(
-    config: PolicyRunConfig, directory: str | Path, resume: bool = False
+    config: PolicyRunConfig, directory: str | Path, resume: bool = False, start_from: str | Path | None = None
 ) -> tuple[ChunkPolicy, dict[str, torch.Tensor]]:
     """Train the run's policy into ``directory`` (checkpoint and metrics); returns it and its
-    training tensors (without the camera frames when they are read per batch)."""
-    prepared = prepare_policy_run(config, directory)
+    training tensors (without the camera frames when they are read per batch). ``start_from``: a
+    trained run whose learned weights it starts from (:func:`prepare_policy_run`)."""
+    prepared = prepare_policy_run(config, directory, start_from)
     prepared.trainer.fit(resume=resume)
     return prepared.policy, prepared.tensors
 
@@ -400,14 +414,33 @@ def _teacher_of(student: ChunkPolicy, folder: str) -> ChunkPolicy:
             f"[distill] teacher = {folder!r} is a {teacher.policy_config.kind!r} policy; distillation follows a "
             "'flow' policy's ODE"
         )
-    mine, theirs = asdict(student.policy_config), asdict(teacher.policy_config)
-    differing = sorted(key for key in mine if key not in HEAD_SETTINGS and mine[key] != theirs.get(key))
+    differing = _differing_settings(student, teacher, HEAD_SETTINGS, "teacher")
     if differing:
-        shown = ", ".join(f"{key} = {mine[key]!r} (teacher {theirs.get(key)!r})" for key in differing)
-        raise ConfigError(f"[distill] the student's network or inputs differ from the teacher's: {shown}")
+        raise ConfigError(f"[distill] the student's network or inputs differ from the teacher's: {differing}")
     student.load_state_dict(teacher.state_dict())
     teacher.requires_grad_(False)
     return teacher
+
+
+def _start_from(policy: ChunkPolicy, folder: str | Path) -> None:
+    """Copy the learned weights (parameters, not buffers) of the trained policy in ``folder`` into
+    ``policy``; refused with a :class:`ConfigError` unless the two share kind, network and inputs."""
+    base = load_policy(folder)
+    differing = _differing_settings(policy, base, HEAD_SETTINGS - {"kind"}, "trained")
+    if differing:
+        raise ConfigError(f"start_from = {str(folder)!r}: its policy differs from this run's: {differing}")
+    weights = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            parameter.copy_(weights[name])
+
+
+def _differing_settings(policy: ChunkPolicy, other: ChunkPolicy, free: frozenset[str], label: str) -> str:
+    """The policy settings outside ``free`` in which ``policy`` differs from ``other``, shown as
+    ``key = mine (label theirs)``; empty when none does."""
+    mine, theirs = asdict(policy.policy_config), asdict(other.policy_config)
+    differing = sorted(key for key in mine if key not in free and mine[key] != theirs.get(key))
+    return ", ".join(f"{key} = {mine[key]!r} ({label} {theirs.get(key)!r})" for key in differing)
 
 
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:
