@@ -23,6 +23,12 @@ What it measures
    the flow head >= 90% on average and ahead of both baselines. DDPM is also rolled out on the
    validation seeds, and each of the two heads' evaluation and validation episodes are pooled:
    twice the sample for a comparison near 100% (nothing is chosen for DDPM on those seeds).
+   **DART data**: the trained flow head and DDPM are each fine-tuned for ``--fine-tune-steps``
+   (10,000) on the same number of demonstrations collected again with DART action noise
+   (``--action-noise`` 0.1: the robot receives the expert's action plus correlated noise, the data
+   holds the expert's action at every state visited), starting from their trained weights and
+   normalising with the new data's statistics (``flow-dart``, ``ddpm-dart``), and are judged the
+   same way: temperature chosen on validation seeds, the two heads pooled, flow ahead of DDPM.
 3. **What privileged state was worth**: the same flow model with MetaWorld's whole 39-d state
    (object and goal poses) instead of the robot's own state and the goal.
 4. **Ablations on reach, push and pick-place** (one model for the three tasks):

@@ -573,6 +573,18 @@ def test_a_run_started_from_another_takes_its_weights_and_keeps_its_own_statisti
     assert not torch.allclose(tuned.state_normalizer.scale, base.state_normalizer.scale)
     manifest = json.loads((tmp_path / "tuned" / "checkpoint.json").read_text())
     assert manifest["metadata"]["started_from"] == str(base_run)
+    # The CLI: one line and exit 2 before anything is written; a resumed run names the same base.
+    config_file = tmp_path / "tune.toml"
+    config_file.write_text(config(noisy, steps=2))
+    runner, run = CliRunner(), tmp_path / "cli-tuned"
+    train = ["policy", "train", str(config_file), "--out", str(run), "--no-progress"]
+    missing = runner.invoke(app, [*train, "--start-from", str(tmp_path / "missing")])
+    assert missing.exit_code == 2 and missing.stdout == "" and "no trained policy there" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not run.exists()
+    tuned = runner.invoke(app, [*train, "--start-from", str(base_run)])
+    assert tuned.exit_code == 0 and f"from the weights of {base_run}" in tuned.output, tuned.output
+    forgotten = runner.invoke(app, [*train, "--resume", "--set", "train.steps=2"])
+    assert forgotten.exit_code == 2 and "started_from" in forgotten.stderr, forgotten.output
 
 
 def _one_demo_batch(root: Path, policy) -> dict:

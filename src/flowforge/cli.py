@@ -569,6 +569,14 @@ def policy_train(
         list[str] | None, typer.Option("--set", help="Override a setting: table.key=value (TOML value).")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run's checkpoint.")] = False,
+    start_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fine-tune: start from this trained policy run's weights (same kind, network and inputs); "
+            "states, actions and pixels are normalised with this data set's statistics. A resumed run "
+            "continues from its own checkpoint and must name the same run."
+        ),
+    ] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Train a policy (flow, hierarchical, mse or ddpm) on an episode data set."""
@@ -579,11 +587,12 @@ def policy_train(
     directory = _run_folder(out, config, resume)
     if resume:
         check_resume_tables(run, directory)  # before the data set is read or a frame cache made
-    prepared = prepare_policy_run(run, directory)
+    prepared = prepare_policy_run(run, directory, start_from)
     _tell_if_nothing_to_resume(directory, resume)
     if resume:
         prepared.trainer.check_resume()
-    typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps into {directory}")
+    began = f" from the weights of {start_from}" if start_from is not None else ""
+    typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps{began} into {directory}")
     start = time.perf_counter()
     prepared.trainer.fit(resume=resume)
     parameters = sum(p.numel() for p in prepared.policy.parameters())
