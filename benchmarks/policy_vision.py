@@ -488,8 +488,9 @@ def main() -> None:
     runs: dict[str, tuple[Path, list[str], dict]] = {}
     if "train" in phases or "eval" in phases:
         steps, ablation_steps = args.steps, args.ablation_steps
-        if (models and steps is None) or (ablations and ablation_steps is None):
-            summary["sizing"] = sizing = _sizing(args, data if models else None, ablation_data)
+        from_scratch = [model for model in models if model not in DART_MODELS]  # the others: --fine-tune-steps
+        if (from_scratch and steps is None) or (ablations and ablation_steps is None):
+            summary["sizing"] = sizing = _sizing(args, data if from_scratch else None, ablation_data)
             steps = steps or sizing.get("mt10", {}).get("steps")
             ablation_steps = ablation_steps or sizing.get("ablation", {}).get("steps")
         for model in models:
