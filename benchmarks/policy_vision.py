@@ -351,9 +351,11 @@ def _evaluate(
     return _save(path, result)
 
 
-def _flow_temperature(args, run: Path, name: str = "flow") -> tuple[float, float, dict[float, dict]]:
-    """The flow head's temperature (``noise_scale``) chosen on validation seeds among
-    ``--noise-scales`` (ties go to the higher one), the config's own, and each one's report."""
+def _judged_temperature(args, name: str, run: Path, results: dict[str, dict]) -> tuple[str, dict, dict]:
+    """Choose the flow model ``name``'s temperature (``noise_scale``) on validation seeds among
+    ``--noise-scales`` (ties go to the higher one) and, when it is not the config's, roll it out
+    there on the evaluation seeds too (into ``results``). Returns the name of the result the goals
+    judge, that setting's validation report, and the summary entry."""
     validation = {
         scale: _evaluate(
             args, f"{name}-noise{scale:g}", run, args.tasks, args.validation_episodes, True, noise_scale=scale
@@ -361,14 +363,7 @@ def _flow_temperature(args, run: Path, name: str = "flow") -> tuple[float, float
         for scale in args.noise_scales
     }
     chosen = max(validation, key=lambda scale: (validation[scale]["average_success"], scale))
-    return chosen, load_policy(run).policy_config.noise_scale, validation
-
-
-def _judged_temperature(args, name: str, run: Path, results: dict[str, dict]) -> tuple[str, dict, dict]:
-    """Choose the flow model ``name``'s temperature on validation seeds and, when it is not the
-    config's, roll it out there on the evaluation seeds too (into ``results``). Returns the name of
-    the result the goals judge, that setting's validation report, and the summary entry."""
-    chosen, configured, validation = _flow_temperature(args, run, name)
+    configured = load_policy(run).policy_config.noise_scale
     judged = name
     if chosen != configured:
         judged = f"{name}-noise{chosen:g}"

@@ -553,6 +553,8 @@ def test_a_run_started_from_another_takes_its_weights_and_keeps_its_own_statisti
         "no trained policy there": (config(noisy), tmp_path / "missing"),
         r"width = 64 \(trained 32\)": (config(noisy, width=64), base_run),
         r"kind = 'ddpm' \(trained 'flow'\)": (config(noisy, kind="ddpm"), base_run),
+        "must name the folder of a trained policy run, got ''": (config(noisy), ""),
+        "must name the folder of a trained policy run, got nan": (config(noisy), float("nan")),
     }
     for message, (text, start_from) in refusals.items():
         with pytest.raises(ConfigError, match=message):

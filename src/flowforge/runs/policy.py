@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,8 @@ def prepare_policy_run(
     teacher_folder = config.distill.teacher
     if teacher_folder and not (Path(teacher_folder) / "checkpoint.json").is_file():  # before the data is read
         raise ConfigError(f"[distill] teacher = {teacher_folder!r}: no trained policy there (no checkpoint.json)")
+    if start_from is not None and (not isinstance(start_from, str | os.PathLike) or not str(start_from)):
+        raise ConfigError(f"start_from must name the folder of a trained policy run, got {start_from!r}")
     if start_from is not None and not (Path(start_from) / "checkpoint.json").is_file():
         raise ConfigError(f"start_from = {str(start_from)!r}: no trained policy there (no checkpoint.json)")
     torch.manual_seed(config.train.seed)
