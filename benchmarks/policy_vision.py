@@ -19,16 +19,21 @@ What it measures
    judge. The same flow model trained at other flow time laws (``policy.time_sampler``: uniform
    and logit-normal, :data:`FLOW_TIME_MODELS`) than pi0's shifted Beta, which favours the noise
    end, is scored on the same validation seeds at temperature 1; the best law's model is the
-   flow head judged (ties keep pi0's), and only it is rolled out on the evaluation seeds. Goal:
-   the flow head >= 90% on average and ahead of both baselines. DDPM is also rolled out on the
-   validation seeds, and each of the two heads' evaluation and validation episodes are pooled:
-   twice the sample for a comparison near 100% (nothing is chosen for DDPM on those seeds).
+   flow head judged (ties keep pi0's), and only it is rolled out on the evaluation seeds. Then
+   every MT10 head (the judged flow setting, DDPM, MSE) chooses on the same validation seeds how
+   many actions of each chunk it executes before asking for the next (``n_action_steps``: the
+   config's 8 and ``--action-steps``, 4 and 2; ties keep the config's); a count other than the
+   config's is rolled out on the evaluation seeds too, and is the result the goals judge. Goal:
+   the flow head >= 90% on average and ahead of both baselines. The flow head's and DDPM's
+   evaluation and validation episodes, each at its judged setting, are pooled: twice the sample
+   for a comparison near 100%.
    **DART data**: the trained flow head and DDPM are each fine-tuned for ``--fine-tune-steps``
    (10,000) on the same number of demonstrations collected again with DART action noise
    (``--action-noise`` 0.1: the robot receives the expert's action plus correlated noise, the data
    holds the expert's action at every state visited), starting from their trained weights and
    normalising with the new data's statistics (``flow-dart``, ``ddpm-dart``), and are judged the
-   same way: temperature chosen on validation seeds, the two heads pooled, flow ahead of DDPM.
+   same way: temperature and action steps chosen on validation seeds, the two heads pooled, flow
+   ahead of DDPM.
 3. **What privileged state was worth**: the same flow model with MetaWorld's whole 39-d state
    (object and goal poses) instead of the robot's own state and the goal.
 4. **Ablations on reach, push and pick-place** (one model for the three tasks):
@@ -376,6 +381,44 @@ def _judged_temperature(args, name: str, run: Path, results: dict[str, dict]) ->
     return judged, validation[chosen], entry
 
 
+def _judged_action_steps(
+    args, name: str, run: Path, sampling: dict, episodes: int, results: dict[str, dict], validation: str | None = None
+) -> tuple[str, dict, dict]:
+    """Choose how many actions of each chunk the head whose result is ``name`` (rolled out with
+    ``sampling``) executes before it asks for the next, among the config's ``n_action_steps`` and
+    ``--action-steps``, on the validation seeds (``validation``: the name its episodes there at the
+    config's count are stored under; default ``name``). Ties keep the config's count, then the
+    larger (fewer chunks a second). When another count is chosen it is rolled out on ``episodes``
+    evaluation episodes per task too (into ``results``). Returns the name of the result the goals
+    judge, that setting's validation report, and the summary entry."""
+    configured = load_policy(run).policy_config.n_action_steps
+    stored_as = validation or name
+    reports = {configured: _evaluate(args, stored_as, run, args.tasks, args.validation_episodes, True, **sampling)}
+    for count in args.action_steps:
+        if count not in reports:
+            reports[count] = _evaluate(
+                args,
+                f"{name}-actions{count}",
+                run,
+                args.tasks,
+                args.validation_episodes,
+                True,
+                **sampling,
+                n_action_steps=count,
+            )
+    chosen = max(reports, key=lambda count: (reports[count]["average_success"], count == configured, count))
+    judged = name
+    if chosen != configured:
+        judged = f"{name}-actions{chosen}"
+        results[judged] = _evaluate(args, judged, run, args.tasks, episodes, **sampling, n_action_steps=chosen)
+    entry = {
+        "validation": {count: report["average_success"] for count, report in reports.items()},
+        "chosen": chosen,
+        "config": configured,
+    }
+    return judged, reports[chosen], entry
+
+
 def _pooled(reports: list[dict], tasks: list[str]) -> tuple[int, int]:
     """Successes and episodes of ``tasks`` over several evaluation reports (their ``to_dict()``)."""
     outcomes = [success for report in reports for task in tasks for success in report["tasks"][task]["successes"]]
@@ -420,7 +463,13 @@ def main() -> None:
     parser.add_argument("--baseline-episodes", type=int, default=20, help="per task, DDPM, MSE and full state")
     parser.add_argument("--ablation-episodes", type=int, default=20, help="per task")
     parser.add_argument("--noise-scales", default="1,0.5", help="flow temperatures to choose from on validation seeds")
-    parser.add_argument("--validation-episodes", type=int, default=20, help="per task and temperature")
+    parser.add_argument(
+        "--action-steps",
+        default="4,2",
+        help="actions executed per chunk to choose from on validation seeds, besides the config's, for every MT10 "
+        "head ('': the config's only)",
+    )
+    parser.add_argument("--validation-episodes", type=int, default=20, help="per task and setting")
     parser.add_argument("--max-steps", type=int, default=500, help="control steps per evaluation episode")
     parser.add_argument("--throughput-steps", type=int, default=30)
     parser.add_argument("--step-time-steps", type=int, default=10, help="steps timed before each training run")
@@ -459,6 +508,13 @@ def main() -> None:
         parser.error(f"--noise-scales {args.noise_scales!r}: need numbers separated by commas")
     if not args.noise_scales or any(not 0 <= scale <= 1 for scale in args.noise_scales):  # NaN fails too
         parser.error(f"--noise-scales {args.noise_scales}: name one or more temperatures, each in [0, 1]")
+    try:
+        args.action_steps = [int(count) for count in args.action_steps.split(",") if count.strip()]
+    except ValueError:
+        parser.error(f"--action-steps {args.action_steps!r}: need whole numbers separated by commas")
+    horizon = load_policy_config(CONFIG).policy.horizon
+    if any(not 1 <= count <= horizon for count in args.action_steps):
+        parser.error(f"--action-steps {args.action_steps}: each count must be in 1..{horizon} (the chunk's length)")
     if args.validation_episodes < 1:
         parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     if not 0 < args.action_noise <= 1:  # NaN fails too
@@ -517,6 +573,7 @@ def main() -> None:
             results[name] = _evaluate(args, name, run, tasks, episodes, **sampling)
         flow_name = "flow"  # the flow result the goals judge: at the temperature validation chose
         temperatures = summary["flow_temperature"] = {}
+        action_steps = summary["action_steps"] = {}  # every head judged -> its choice of n_action_steps
         # each flow head judged (at its chosen setting) -> its episodes on the validation seeds
         flow_validations: dict[str, dict] = {}
         if "flow" in runs:
@@ -540,21 +597,49 @@ def main() -> None:
                             noise_scale=1.0,
                         ),
                     )
+            chosen_scale = temperatures["flow"]["chosen"]
+            flow_run, flow_sampling = runs["flow"][0], {"noise_scale": chosen_scale}
+            validated_as = f"flow-noise{chosen_scale:g}"
             if len(laws) > 1:
                 best = max(laws, key=lambda law: laws[law][1]["average_success"])  # ties keep the earlier, pi0's
                 flow_name, flow_validation = laws[best]
                 if flow_name in FLOW_TIME_MODELS:
                     results[flow_name] = _evaluate(args, flow_name, runs[flow_name][0], args.tasks, args.episodes)
+                    flow_run, flow_sampling = runs[flow_name][0], {"noise_scale": 1.0}
+                    validated_as = f"{flow_name}-noise1"
                 summary["flow_time"] = {
                     "validation": {law: report["average_success"] for law, (_, report) in laws.items()},
                     "chosen": best,
                 }
+            flow_name, flow_validation, action_steps["flow"] = _judged_action_steps(
+                args, flow_name, flow_run, flow_sampling, args.episodes, results, validated_as
+            )
             flow_validations[flow_name] = flow_validation
         dart_name = "flow-dart"
         if "flow-dart" in runs:
-            dart_name, flow_validations[dart_name], temperatures["flow-dart"] = _judged_temperature(
-                args, "flow-dart", runs["flow-dart"][0], results
+            dart_run = runs["flow-dart"][0]
+            dart_name, _, temperatures["flow-dart"] = _judged_temperature(args, "flow-dart", dart_run, results)
+            chosen_scale = temperatures["flow-dart"]["chosen"]
+            dart_name, flow_validations[dart_name], action_steps["flow-dart"] = _judged_action_steps(
+                args,
+                dart_name,
+                dart_run,
+                {"noise_scale": chosen_scale},
+                args.episodes,
+                results,
+                f"flow-dart-noise{chosen_scale:g}",
             )
+        # The baselines get the same choice of action steps, on the same validation seeds; DDPM is
+        # rolled out there in any case, to pool its episodes with the flow head's.
+        judged_baselines: dict[str, str] = {}  # baseline -> the name of its result the goals judge
+        baseline_validations: dict[str, dict] = {}
+        for head in ("ddpm", "mse", "ddpm-dart"):
+            if head in runs and (head in DDPM_MODELS or args.action_steps):
+                run, _, sampling = runs[head]
+                judged, baseline_validations[judged], action_steps[head] = _judged_action_steps(
+                    args, head, run, sampling, args.baseline_episodes, results
+                )
+                judged_baselines[head] = judged
         summary["results"] = results
         main_results = {n: r for n, r in results.items() if not n.startswith("ablation-")}
         if main_results:
@@ -576,6 +661,11 @@ def main() -> None:
             print(f"\n{name}: the temperature on validation seeds ({args.validation_episodes} episodes a task)")
             for scale, rate in entry["validation"].items():
                 print(f"  noise_scale {scale:<5g} {rate:6.1%}" + ("   <- chosen" if scale == entry["chosen"] else ""))
+        for name, entry in action_steps.items():
+            print(f"\n{name}: actions run per chunk on validation seeds ({args.validation_episodes} episodes a task)")
+            for count, rate in entry["validation"].items():
+                mark = "   <- chosen" if count == entry["chosen"] else ""
+                print(f"  n_action_steps {count:<3d} {rate:6.1%}{mark}")
         if "flow_time" in summary:
             print("\nThe flow head's time law on the same validation seeds (pi0's at its temperature, others at 1)")
             entry = summary["flow_time"]
@@ -588,22 +678,18 @@ def main() -> None:
                 continue
             flow = results[judged]["average_success"]
             checks[f"{judged} >= 90% on MT10 from pixels"] = flow >= 0.9
-            for other in baselines:
+            for other in (judged_baselines.get(head, head) for head in baselines):
                 if other in results:
                     checks[f"{judged} ahead of {other}"] = flow > results[other]["average_success"]
         pooled = summary["pooled"] = {}
         for judged, ddpm in ((flow_name, "ddpm"), (dart_name, "ddpm-dart")):
-            if judged not in flow_validations or ddpm not in runs:
+            if judged not in flow_validations or ddpm not in judged_baselines:
                 continue
             # Both heads sit at the ceiling: pooling the evaluation seeds with the validation seeds
-            # (the judged flow setting's episodes there, and DDPM's on the same seeds, where nothing
-            # is chosen for it) doubles each sample behind the comparison.
-            ddpm_run, _, ddpm_sampling = runs[ddpm]
-            ddpm_validation = _evaluate(
-                args, ddpm, ddpm_run, args.tasks, args.validation_episodes, True, **ddpm_sampling
-            )
+            # (each head's judged setting's episodes there) doubles each sample behind the comparison.
+            ddpm = judged_baselines[ddpm]
             pooled[judged] = _pooled([results[judged], flow_validations[judged]], args.tasks)
-            pooled[ddpm] = _pooled([results[ddpm], ddpm_validation], args.tasks)
+            pooled[ddpm] = _pooled([results[ddpm], baseline_validations[ddpm]], args.tasks)
         if pooled:
             print("\nEvaluation and validation seeds together (95% Wilson intervals)")
             for name, (successes, episodes) in pooled.items():

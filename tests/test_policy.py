@@ -467,6 +467,15 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     for candidates in ("0", "257"):
         none = runner.invoke(app, [*args, "--candidates", candidates])
         assert none.exit_code == 2 and "--candidates" in none.stderr and len(none.stderr.strip().splitlines()) == 1
+    past = runner.invoke(app, [*args, "--n-action-steps", "9"])
+    assert past.exit_code == 2 and "--n-action-steps 9: at most the policy's chunk of 8" in past.stderr, past.output
+    assert not out.exists() or json.loads(out.read_text())["settings"]["sampling"] == {}
+    replanning = runner.invoke(app, [*args, "--n-action-steps", "1"])
+    assert replanning.exit_code == 0, replanning.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["sampling"] == {"n_action_steps": 1}
+    # one action of each chunk runs: every step is a take-over, none is a step within a chunk
+    assert report["mean_action_change_within_chunks"] is None and report["mean_boundary_jump"] is not None
     delayed = runner.invoke(app, [*args, "--execution", "async", "--delay", "3"])
     assert delayed.exit_code == 0, delayed.output
     report = json.loads(out.read_text())

@@ -669,6 +669,14 @@ def policy_eval(
             "action where it takes over lies closest to the last action sent (noise-sampling heads).",
         ),
     ] = 1,
+    n_action_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Actions executed from each chunk before the next is asked for (default: the policy's "
+            "n_action_steps; at most its chunk).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the results to this .json file.")] = None,
     processes: Annotated[
         int,
@@ -730,6 +738,12 @@ def policy_eval(
         sampling["overlap_guidance"] = True
     if candidates > 1:
         sampling["candidates"] = candidates
+    if n_action_steps is not None:
+        if n_action_steps > config.horizon:
+            raise ConfigError(
+                f"--n-action-steps {n_action_steps}: at most the policy's chunk of {config.horizon} steps"
+            )
+        sampling["n_action_steps"] = n_action_steps
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head

@@ -240,8 +240,9 @@ def evaluate(
     ``videos_per_task`` episodes of each task, named ``<task>-<episode>-<success|failure>.gif``).
     ``sampling``: the sampling arguments of every chunk (``steps``, ``method``, ``noise_scale``;
     with ``execution="rtc"`` also ``max_guidance``, ``guidance_schedule``, ``guidance_jacobian`` and
-    ``guided_overlap``; with ``"rtc-trained"`` also ``overlap_guidance`` and, with it, those four),
-    checked before the first episode; ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
+    ``guided_overlap``; with ``"rtc-trained"`` also ``overlap_guidance`` and, with it, those four;
+    and the executor's ``candidates`` and ``n_action_steps``), checked before the first episode;
+    ``temporal_ensemble``: ACT's ensembling weight, or ``None``;
     ``execution`` and ``delay``: how chunks run with an inference delay of ``delay`` control steps
     (:class:`~flowforge.policy.execution.ChunkExecutor`). The report counts the steps the robot
     waited and the action jumps where chunks took over. A policy whose action or state sizes are
