@@ -469,7 +469,7 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
         assert none.exit_code == 2 and "--candidates" in none.stderr and len(none.stderr.strip().splitlines()) == 1
     past = runner.invoke(app, [*args, "--n-action-steps", "9"])
     assert past.exit_code == 2 and "--n-action-steps 9: at most the policy's chunk of 8" in past.stderr, past.output
-    assert not out.exists() or json.loads(out.read_text())["settings"]["sampling"] == {}
+    assert json.loads(out.read_text())["settings"]["sampling"] == {}  # the refusal left the last report
     replanning = runner.invoke(app, [*args, "--n-action-steps", "1"])
     assert replanning.exit_code == 0, replanning.output
     report = json.loads(out.read_text())
