@@ -75,6 +75,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -356,29 +357,46 @@ def _evaluate(
     return _save(path, result)
 
 
+def _chosen_on_validation(
+    args, run: Path, episodes: int, results: dict[str, dict], settings: dict, preference
+) -> tuple[Any, dict[Any, dict]]:
+    """Roll each of ``settings`` (value -> (name of its validation result, name of its evaluation
+    result, sampling)) out on the validation seeds and choose the value with the best success,
+    ties going to the largest ``preference(value)``. The chosen value's evaluation result, when
+    ``results`` lacks it (it holds the config's), is rolled out on ``episodes`` evaluation episodes
+    per task. Returns the chosen value and every value's validation report."""
+    reports = {
+        value: _evaluate(args, stored, run, args.tasks, args.validation_episodes, True, **sampling)
+        for value, (stored, _, sampling) in settings.items()
+    }
+    chosen = max(reports, key=lambda value: (reports[value]["average_success"], preference(value)))
+    _, judged, sampling = settings[chosen]
+    if judged not in results:
+        results[judged] = _evaluate(args, judged, run, args.tasks, episodes, **sampling)
+    return chosen, reports
+
+
 def _judged_temperature(args, name: str, run: Path, results: dict[str, dict]) -> tuple[str, dict, dict]:
     """Choose the flow model ``name``'s temperature (``noise_scale``) on validation seeds among
-    ``--noise-scales`` (ties go to the higher one) and, when it is not the config's, roll it out
-    there on the evaluation seeds too (into ``results``). Returns the name of the result the goals
-    judge, that setting's validation report, and the summary entry."""
-    validation = {
-        scale: _evaluate(
-            args, f"{name}-noise{scale:g}", run, args.tasks, args.validation_episodes, True, noise_scale=scale
+    ``--noise-scales`` (ties go to the higher one); one other than the config's is rolled out on
+    the evaluation seeds too. Returns the name of the result the goals judge, that setting's
+    validation report, and the summary entry."""
+    configured = load_policy(run).policy_config.noise_scale
+    settings = {
+        scale: (
+            f"{name}-noise{scale:g}",
+            name if scale == configured else f"{name}-noise{scale:g}",
+            {"noise_scale": scale},
         )
         for scale in args.noise_scales
     }
-    chosen = max(validation, key=lambda scale: (validation[scale]["average_success"], scale))
-    configured = load_policy(run).policy_config.noise_scale
-    judged = name
-    if chosen != configured:
-        judged = f"{name}-noise{chosen:g}"
-        results[judged] = _evaluate(args, judged, run, args.tasks, args.episodes, noise_scale=chosen)
+    chosen, reports = _chosen_on_validation(args, run, args.episodes, results, settings, lambda scale: scale)
     entry = {
-        "validation": {scale: report["average_success"] for scale, report in validation.items()},
+        "validation": {scale: report["average_success"] for scale, report in reports.items()},
         "chosen": chosen,
         "config": configured,
     }
-    return judged, validation[chosen], entry
+    return settings[chosen][1], reports[chosen], entry
 
 
 def _judged_action_steps(
@@ -388,35 +406,23 @@ def _judged_action_steps(
     ``sampling``) executes before it asks for the next, among the config's ``n_action_steps`` and
     ``--action-steps``, on the validation seeds (``validation``: the name its episodes there at the
     config's count are stored under; default ``name``). Ties keep the config's count, then the
-    larger (fewer chunks a second). When another count is chosen it is rolled out on ``episodes``
-    evaluation episodes per task too (into ``results``). Returns the name of the result the goals
-    judge, that setting's validation report, and the summary entry."""
+    larger (fewer chunks a second); another count is rolled out on ``episodes`` evaluation episodes
+    per task too. Returns the name of the result the goals judge, that setting's validation report,
+    and the summary entry."""
     configured = load_policy(run).policy_config.n_action_steps
-    stored_as = validation or name
-    reports = {configured: _evaluate(args, stored_as, run, args.tasks, args.validation_episodes, True, **sampling)}
+    settings = {configured: (validation or name, name, sampling)}
     for count in args.action_steps:
-        if count not in reports:
-            reports[count] = _evaluate(
-                args,
-                f"{name}-actions{count}",
-                run,
-                args.tasks,
-                args.validation_episodes,
-                True,
-                **sampling,
-                n_action_steps=count,
-            )
-    chosen = max(reports, key=lambda count: (reports[count]["average_success"], count == configured, count))
-    judged = name
-    if chosen != configured:
-        judged = f"{name}-actions{chosen}"
-        results[judged] = _evaluate(args, judged, run, args.tasks, episodes, **sampling, n_action_steps=chosen)
+        label = f"{name}-actions{count}"  # its validation and its evaluation result
+        settings.setdefault(count, (label, label, {**sampling, "n_action_steps": count}))
+    chosen, reports = _chosen_on_validation(
+        args, run, episodes, results, settings, lambda count: (count == configured, count)
+    )
     entry = {
         "validation": {count: report["average_success"] for count, report in reports.items()},
         "chosen": chosen,
         "config": configured,
     }
-    return judged, reports[chosen], entry
+    return settings[chosen][1], reports[chosen], entry
 
 
 def _pooled(reports: list[dict], tasks: list[str]) -> tuple[int, int]:
