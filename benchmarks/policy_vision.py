@@ -34,6 +34,10 @@ What it measures
    normalising with the new data's statistics (``flow-dart``, ``ddpm-dart``), and are judged the
    same way: temperature and action steps chosen on validation seeds, the two heads pooled, flow
    ahead of DDPM.
+   **Two frames**: the flow head and DDPM trained from scratch, as their one-frame models, on two
+   observation frames (``policy.obs_horizon = 2``: both cameras, the state and the goal of the
+   frame before as well, Diffusion Policy's default; ``flow-history``, ``ddpm-history``), judged
+   as the DART pair is.
 3. **What privileged state was worth**: the same flow model with MetaWorld's whole 39-d state
    (object and goal poses) instead of the robot's own state and the goal.
 4. **Ablations on reach, push and pick-place** (one model for the three tasks):
@@ -136,10 +140,16 @@ MODELS = {
 #: trained weights of its MT10 model (``--fine-tune-steps``): name -> the model it starts from.
 DART_MODELS = {"flow-dart": "flow", "ddpm-dart": "ddpm"}
 MODELS |= {name: MODELS[base] for name, base in DART_MODELS.items()}
+#: Two observation frames (images, state and goal of the frame before as well, Diffusion Policy's
+#: ``n_obs_steps = 2``), trained from scratch like their one-frame models: name -> that model.
+HISTORY_MODELS = {"flow-history": "flow", "ddpm-history": "ddpm"}
+MODELS |= {name: [*MODELS[base], "policy.obs_horizon=2"] for name, base in HISTORY_MODELS.items()}
+#: Each flow head judged against the DDPM trained like it (same data, same observation): flow -> DDPM.
+FLOW_VARIANT_PAIRS = {"flow-dart": "ddpm-dart", "flow-history": "ddpm-history"}
 #: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
-FLOW_MODELS = ("flow", "flow-dart", *FLOW_TIME_MODELS)
+FLOW_MODELS = ("flow", *FLOW_VARIANT_PAIRS, *FLOW_TIME_MODELS)
 #: The models sampled with DDIM at 10 steps.
-DDPM_MODELS = ("ddpm", "ddpm-dart")
+DDPM_MODELS = ("ddpm", *FLOW_VARIANT_PAIRS.values())
 
 
 def _load(path: Path) -> dict | None:
@@ -621,25 +631,29 @@ def main() -> None:
                 args, flow_name, flow_run, flow_sampling, args.episodes, results, validated_as
             )
             flow_validations[flow_name] = flow_validation
-        dart_name = "flow-dart"
-        if "flow-dart" in runs:
-            dart_run = runs["flow-dart"][0]
-            dart_name, _, temperatures["flow-dart"] = _judged_temperature(args, "flow-dart", dart_run, results)
-            chosen_scale = temperatures["flow-dart"]["chosen"]
-            dart_name, flow_validations[dart_name], action_steps["flow-dart"] = _judged_action_steps(
+        # each flow variant (DART data, two frames) -> the name of its result the goals judge
+        judged_variants = {variant: variant for variant in FLOW_VARIANT_PAIRS}
+        for variant in FLOW_VARIANT_PAIRS:
+            if variant not in runs:
+                continue
+            variant_run = runs[variant][0]
+            judged, _, temperatures[variant] = _judged_temperature(args, variant, variant_run, results)
+            chosen_scale = temperatures[variant]["chosen"]
+            judged, flow_validations[judged], action_steps[variant] = _judged_action_steps(
                 args,
-                dart_name,
-                dart_run,
+                judged,
+                variant_run,
                 {"noise_scale": chosen_scale},
                 args.episodes,
                 results,
-                f"flow-dart-noise{chosen_scale:g}",
+                f"{variant}-noise{chosen_scale:g}",
             )
+            judged_variants[variant] = judged
         # The baselines get the same choice of action steps, on the same validation seeds; DDPM is
         # rolled out there in any case, to pool its episodes with the flow head's.
         judged_baselines: dict[str, str] = {}  # baseline -> the name of its result the goals judge
         baseline_validations: dict[str, dict] = {}
-        for head in ("ddpm", "mse", "ddpm-dart"):
+        for head in ("ddpm", "mse", *FLOW_VARIANT_PAIRS.values()):
             if head in runs and (head in DDPM_MODELS or args.action_steps):
                 run, _, sampling = runs[head]
                 judged, baseline_validations[judged], action_steps[head] = _judged_action_steps(
@@ -678,17 +692,19 @@ def main() -> None:
             for law, rate in entry["validation"].items():
                 print(f"  time_sampler {law:13s} {rate:6.1%}" + ("   <- chosen" if law == entry["chosen"] else ""))
         checks = {}
-        # the flow heads judged, each against the baselines trained on its data
-        for judged, baselines in ((flow_name, ("ddpm", "mse")), (dart_name, ("ddpm-dart",))):
+        # each flow head judged -> the DDPM trained on its data with its observation
+        ddpm_of = {flow_name: "ddpm"} | {judged_variants[flow]: ddpm for flow, ddpm in FLOW_VARIANT_PAIRS.items()}
+        for judged, ddpm in ddpm_of.items():
             if judged not in results:
                 continue
+            baselines = (ddpm, "mse") if judged == flow_name else (ddpm,)
             flow = results[judged]["average_success"]
             checks[f"{judged} >= 90% on MT10 from pixels"] = flow >= 0.9
             for other in (judged_baselines.get(head, head) for head in baselines):
                 if other in results:
                     checks[f"{judged} ahead of {other}"] = flow > results[other]["average_success"]
         pooled = summary["pooled"] = {}
-        for judged, ddpm in ((flow_name, "ddpm"), (dart_name, "ddpm-dart")):
+        for judged, ddpm in ddpm_of.items():
             if judged not in flow_validations or ddpm not in judged_baselines:
                 continue
             # Both heads sit at the ceiling: pooling the evaluation seeds with the validation seeds
