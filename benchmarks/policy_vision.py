@@ -631,11 +631,9 @@ def main() -> None:
                 args, flow_name, flow_run, flow_sampling, args.episodes, results, validated_as
             )
             flow_validations[flow_name] = flow_validation
-        # each flow variant (DART data, two frames) -> the name of its result the goals judge
-        judged_variants = {variant: variant for variant in FLOW_VARIANT_PAIRS}
-        for variant in FLOW_VARIANT_PAIRS:
-            if variant not in runs:
-                continue
+        # each flow variant run (DART data, two frames) -> the name of its result the goals judge
+        judged_variants: dict[str, str] = {}
+        for variant in (variant for variant in FLOW_VARIANT_PAIRS if variant in runs):
             variant_run = runs[variant][0]
             judged, _, temperatures[variant] = _judged_temperature(args, variant, variant_run, results)
             chosen_scale = temperatures[variant]["chosen"]
@@ -693,7 +691,7 @@ def main() -> None:
                 print(f"  time_sampler {law:13s} {rate:6.1%}" + ("   <- chosen" if law == entry["chosen"] else ""))
         checks = {}
         # each flow head judged -> the DDPM trained on its data with its observation
-        ddpm_of = {flow_name: "ddpm"} | {judged_variants[flow]: ddpm for flow, ddpm in FLOW_VARIANT_PAIRS.items()}
+        ddpm_of = {flow_name: "ddpm"} | {judged: FLOW_VARIANT_PAIRS[flow] for flow, judged in judged_variants.items()}
         for judged, ddpm in ddpm_of.items():
             if judged not in results:
                 continue
