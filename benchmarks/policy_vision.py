@@ -7,21 +7,22 @@ What it measures
 2. **MT10 from pixels, one model for all ten tasks** (``configs/policy/mt10_images.toml``): the
    robot's own state (hand position and gripper opening, with the previous frame's), the goal
    position as its own observation (reach's goal is a dot of about 2x2 pixels the colour of the
-   arm, and its height cannot be read from one view), two 84x84 cameras (corner and gripperPOV) and
-   the instruction; ``--demos`` expert demonstrations per task. Three heads on the same encoder
-   (residual GroupNorm stages with spatial-softmax keypoints, random crops in training): the flow
-   head, DDPM (sampled with DDIM at 10 steps) and MSE regression. Success on fresh seeds:
-   ``--episodes`` per task for the flow head, ``--baseline-episodes`` for the baselines, with 95%
-   Wilson intervals. The flow head's temperature (``noise_scale``) is chosen among
+   arm, and its height cannot be read from one view), two 84x84 cameras (corner and gripperPOV)
+   and the instruction; ``--demos`` expert demonstrations per task. Three heads on the same
+   encoder (residual GroupNorm stages with spatial-softmax keypoints, random crops in training):
+   the flow head, DDPM (sampled with DDIM at 10 steps) and MSE regression. Success on fresh
+   seeds: ``--episodes`` per task for the flow head, ``--baseline-episodes`` for the baselines,
+   with 95% Wilson intervals. The flow head's temperature (``noise_scale``) is chosen among
    ``--noise-scales`` (1 and 0.5) on ``--validation-episodes`` per task from a seed range the
    evaluation never uses, as ``policy_mt10.py`` chooses it; the flow head is reported at the
    config's temperature (1) and, when validation chose another, at that one too, which the goals
-   judge. The same flow model trained at other flow time laws (``policy.time_sampler``: uniform
-   and logit-normal, :data:`FLOW_TIME_MODELS`) than pi0's shifted Beta, which favours the noise
-   end, is scored on the same validation seeds at temperature 1; the best law's model is the
-   flow head judged (ties keep pi0's), and only it is rolled out on the evaluation seeds. Then
-   every MT10 head (the judged flow setting, DDPM, MSE) chooses on the same validation seeds how
-   many actions of each chunk it executes before asking for the next (``n_action_steps``: the
+   judge (when ``--noise-scales`` leaves the config's out, only at the chosen one). The same
+   flow model trained at other flow time laws (``policy.time_sampler``: uniform and
+   logit-normal, :data:`FLOW_TIME_MODELS`) than pi0's shifted Beta, which favours the noise end,
+   is scored on the same validation seeds at temperature 1; the best law's model is the flow
+   head judged (ties keep pi0's), and only it is rolled out on the evaluation seeds. Then every
+   MT10 head (the judged flow setting, DDPM, MSE) chooses on the same validation seeds how many
+   actions of each chunk it executes before asking for the next (``n_action_steps``: the
    config's 8 and ``--action-steps``, 4 and 2; ties keep the config's); a count other than the
    config's is rolled out on the evaluation seeds too, and is the result the goals judge. Goal:
    the flow head >= 90% on average and ahead of both baselines. The flow head's and DDPM's
@@ -579,6 +580,9 @@ def main() -> None:
         for name, (run, tasks, sampling) in runs.items():
             if name in FLOW_TIME_MODELS and "flow" in runs:
                 continue  # scored against pi0's law on validation seeds below; only the chosen one here
+            chooses_temperature = name in ("flow", *FLOW_VARIANT_PAIRS)
+            if chooses_temperature and load_policy(run).policy_config.noise_scale not in args.noise_scales:
+                continue  # judged only at a temperature of --noise-scales: rolled out at the chosen one below
             episodes = (
                 args.episodes
                 if name in FLOW_MODELS
