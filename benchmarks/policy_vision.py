@@ -328,15 +328,21 @@ def _train(args, name: str, data: Path, steps: int, overrides: list[str], start_
     config = _config(args, data, steps, overrides)
     began = f" from {start_from.name}'s weights" if start_from is not None else ""
     print(f"[train] {name}: {steps} steps{began} ({step_seconds:.2f} s a step)", flush=True)
+    checkpoint = run / "checkpoint.json"
+    # ``seconds`` below times this process only: a resumed run says from which step
+    resumed_at = json.loads(checkpoint.read_text())["trainer"]["state"]["step"] if checkpoint.exists() else 0
     start = time.perf_counter()
-    policy, _ = train_policy(config, run, resume=(run / "checkpoint.json").exists(), start_from=start_from)
+    policy, _ = train_policy(config, run, resume=checkpoint.exists(), start_from=start_from)
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in policy.parameters())
     record = {"steps": steps, "seconds": seconds, "step_seconds": step_seconds, "parameters": parameters}
+    if resumed_at:
+        record["resumed_at_step"] = resumed_at
     if start_from is not None:
         record["started_from"] = {"run": start_from.name, "weights": model_weights_digest(start_from)}
     _save(done, record)
-    print(f"[train] {name}: {seconds:.0f} s, {parameters:,} parameters", flush=True)
+    since = f" since step {resumed_at}" if resumed_at else ""
+    print(f"[train] {name}: {seconds:.0f} s{since}, {parameters:,} parameters", flush=True)
     return run
 
 
