@@ -85,6 +85,7 @@ from typing import Any
 import torch
 
 from common import model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
+from flowforge.checkpoint import read_manifest
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate, wilson_interval
@@ -330,7 +331,7 @@ def _train(args, name: str, data: Path, steps: int, overrides: list[str], start_
     print(f"[train] {name}: {steps} steps{began} ({step_seconds:.2f} s a step)", flush=True)
     checkpoint = run / "checkpoint.json"
     # ``seconds`` below times this process only: a resumed run says from which step
-    resumed_at = json.loads(checkpoint.read_text())["trainer"]["state"]["step"] if checkpoint.exists() else 0
+    resumed_at = read_manifest(run, training=True)["trainer"]["state"]["step"] if checkpoint.exists() else 0
     start = time.perf_counter()
     policy, _ = train_policy(config, run, resume=checkpoint.exists(), start_from=start_from)
     seconds = time.perf_counter() - start
