@@ -34,7 +34,8 @@ What it measures
    holds the expert's action at every state visited), starting from their trained weights and
    normalising with the new data's statistics (``flow-dart``, ``ddpm-dart``), and are judged the
    same way: temperature and action steps chosen on validation seeds, the two heads pooled, flow
-   ahead of DDPM.
+   ahead of DDPM. The same pair is also trained from scratch on that data alone, as the MT10
+   models are on theirs (``flow-dart-scratch``, ``ddpm-dart-scratch``), and judged the same way.
    **Two frames**: the flow head and DDPM trained from scratch, as their one-frame models, on two
    observation frames (``policy.obs_horizon = 2``: both cameras, the state and the goal of the
    frame before as well, Diffusion Policy's default; ``flow-history``, ``ddpm-history``), judged
@@ -142,12 +143,20 @@ MODELS = {
 #: trained weights of its MT10 model (``--fine-tune-steps``): name -> the model it starts from.
 DART_MODELS = {"flow-dart": "flow", "ddpm-dart": "ddpm"}
 MODELS |= {name: MODELS[base] for name, base in DART_MODELS.items()}
+#: Trained from scratch, as their MT10 models, on the DART data alone instead of fine-tuned on it:
+#: name -> that model.
+DART_SCRATCH_MODELS = {"flow-dart-scratch": "flow", "ddpm-dart-scratch": "ddpm"}
+MODELS |= {name: MODELS[base] for name, base in DART_SCRATCH_MODELS.items()}
 #: Two observation frames (images, state and goal of the frame before as well, Diffusion Policy's
 #: ``n_obs_steps = 2``), trained from scratch like their one-frame models: name -> that model.
 HISTORY_MODELS = {"flow-history": "flow", "ddpm-history": "ddpm"}
 MODELS |= {name: [*MODELS[base], "policy.obs_horizon=2"] for name, base in HISTORY_MODELS.items()}
 #: Each flow head judged against the DDPM trained like it (same data, same observation): flow -> DDPM.
-FLOW_VARIANT_PAIRS = {"flow-dart": "ddpm-dart", "flow-history": "ddpm-history"}
+FLOW_VARIANT_PAIRS = {
+    "flow-dart": "ddpm-dart",
+    "flow-dart-scratch": "ddpm-dart-scratch",
+    "flow-history": "ddpm-history",
+}
 #: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
 FLOW_MODELS = ("flow", *FLOW_VARIANT_PAIRS, *FLOW_TIME_MODELS)
 #: The models sampled with DDIM at 10 steps.
@@ -554,7 +563,7 @@ def main() -> None:
     if any(p in phases for p in ("collect", "throughput", "train", "steptime", "eval")):
         # the MT10 set is only made when an MT10 model or the throughput table needs it
         data = _collect(args, args.tasks, "mt10-images") if models or "throughput" in phases else None
-        if any(model in DART_MODELS for model in models):
+        if any(model in DART_MODELS or model in DART_SCRATCH_MODELS for model in models):
             dart_data = _collect(args, args.tasks, f"mt10-images-dart{args.action_noise:g}", args.action_noise)
         ablation_data = _collect(args, ablation_tasks, "ablation-images") if ablations else None
     if "throughput" in phases:
@@ -575,7 +584,7 @@ def main() -> None:
                     args, model, dart_data, args.fine_tune_steps, MODELS[model], args.work / "runs" / DART_MODELS[model]
                 )
             else:
-                run = _train(args, model, data, steps, MODELS[model])
+                run = _train(args, model, dart_data if model in DART_SCRATCH_MODELS else data, steps, MODELS[model])
             runs[model] = (run, args.tasks, sampling)
         for name in ablations:
             run = _train(args, f"ablation-{name}", ablation_data, ablation_steps, ABLATIONS[name])
