@@ -35,7 +35,8 @@ What it measures
    normalising with the new data's statistics (``flow-dart``, ``ddpm-dart``), and are judged the
    same way: temperature and action steps chosen on validation seeds, the two heads pooled, flow
    ahead of DDPM. The same pair is also trained from scratch on that data alone, as the MT10
-   models are on theirs (``flow-dart-scratch``, ``ddpm-dart-scratch``), and judged the same way.
+   models are on theirs (``flow-dart-scratch``, ``ddpm-dart-scratch``), and judged the same way,
+   with MSE trained the same way (``mse-dart-scratch``) as its second baseline.
    **Two frames**: the flow head and DDPM trained from scratch, as their one-frame models, on two
    observation frames (``policy.obs_horizon = 2``: both cameras, the state and the goal of the
    frame before as well, Diffusion Policy's default; ``flow-history``, ``ddpm-history``), judged
@@ -145,7 +146,7 @@ DART_MODELS = {"flow-dart": "flow", "ddpm-dart": "ddpm"}
 MODELS |= {name: MODELS[base] for name, base in DART_MODELS.items()}
 #: Trained from scratch, as their MT10 models, on the DART data alone instead of fine-tuned on it:
 #: name -> that model.
-DART_SCRATCH_MODELS = {"flow-dart-scratch": "flow", "ddpm-dart-scratch": "ddpm"}
+DART_SCRATCH_MODELS = {"flow-dart-scratch": "flow", "ddpm-dart-scratch": "ddpm", "mse-dart-scratch": "mse"}
 MODELS |= {name: MODELS[base] for name, base in DART_SCRATCH_MODELS.items()}
 #: Two observation frames (images, state and goal of the frame before as well, Diffusion Policy's
 #: ``n_obs_steps = 2``), trained from scratch like their one-frame models: name -> that model.
@@ -157,6 +158,8 @@ FLOW_VARIANT_PAIRS = {
     "flow-dart-scratch": "ddpm-dart-scratch",
     "flow-history": "ddpm-history",
 }
+#: Each flow head judged against the MSE head trained like it too, where one is: flow -> MSE.
+FLOW_VARIANT_MSE = {"flow-dart-scratch": "mse-dart-scratch"}
 #: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
 FLOW_MODELS = ("flow", *FLOW_VARIANT_PAIRS, *FLOW_TIME_MODELS)
 #: The models sampled with DDIM at 10 steps.
@@ -671,7 +674,7 @@ def main() -> None:
         # rolled out there in any case, to pool its episodes with the flow head's.
         judged_baselines: dict[str, str] = {}  # baseline -> the name of its result the goals judge
         baseline_validations: dict[str, dict] = {}
-        for head in ("ddpm", "mse", *FLOW_VARIANT_PAIRS.values()):
+        for head in ("ddpm", "mse", *FLOW_VARIANT_PAIRS.values(), *FLOW_VARIANT_MSE.values()):
             if head in runs and (head in DDPM_MODELS or args.action_steps):
                 run, _, sampling = runs[head]
                 judged, baseline_validations[judged], action_steps[head] = _judged_action_steps(
@@ -710,12 +713,15 @@ def main() -> None:
             for law, rate in entry["validation"].items():
                 print(f"  time_sampler {law:13s} {rate:6.1%}" + ("   <- chosen" if law == entry["chosen"] else ""))
         checks = {}
-        # each flow head judged -> the DDPM trained on its data with its observation
-        ddpm_of = {flow_name: "ddpm"} | {judged: FLOW_VARIANT_PAIRS[flow] for flow, judged in judged_variants.items()}
-        for judged, ddpm in ddpm_of.items():
+        # each flow head judged -> the baselines trained on its data with its observation, DDPM first
+        baselines_of = {flow_name: ("ddpm", "mse")} | {
+            judged: (FLOW_VARIANT_PAIRS[flow], *([FLOW_VARIANT_MSE[flow]] if flow in FLOW_VARIANT_MSE else []))
+            for flow, judged in judged_variants.items()
+        }
+        ddpm_of = {judged: baselines[0] for judged, baselines in baselines_of.items()}
+        for judged, baselines in baselines_of.items():
             if judged not in results:
                 continue
-            baselines = (ddpm, "mse") if judged == flow_name else (ddpm,)
             flow = results[judged]["average_success"]
             checks[f"{judged} >= 90% on MT10 from pixels"] = flow >= 0.9
             for other in (judged_baselines.get(head, head) for head in baselines):
