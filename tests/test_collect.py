@@ -199,6 +199,26 @@ def test_a_second_collection_into_a_busy_folder_is_refused_unless_complete(refer
     assert _files(root) == before
 
 
+def test_a_complete_folder_is_answered_without_reading_its_episodes(
+    reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking again for what is committed returns the record's counts at once: no episode is read
+    back (with images that decodes every frame) and nothing is written. Asking for more still
+    reads them, to resume."""
+    root = _copy_of(reference, tmp_path)
+    before = _files(root)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a committed episode was read back")
+
+    monkeypatch.setattr(collect_module, "_episode_columns", no_reading)
+    assert collect(TASKS, EPISODES, root, progress=False) == reference["counts"]
+    assert collect(TASKS, EPISODES - 1, root, progress=False) == reference["counts"]
+    assert _files(root) == before
+    with pytest.raises(AssertionError, match="read back"):
+        collect(TASKS, EPISODES + 1, root, progress=False)
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [

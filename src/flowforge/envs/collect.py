@@ -495,15 +495,27 @@ def collect(
     except FolderBusy:
         # Busy, but what is asked for is committed already (two benchmark copies started together):
         # nothing to write, so the answer is the record's.
-        if record is not None and (root / "meta").is_symlink():
-            counts = {task: record["tasks"].get(task, {"attempted": 0, "succeeded": 0}) for task in tasks}
-            limit = max_attempts_factor * episodes
-            if all(c["succeeded"] >= episodes or c["attempted"] >= limit for c in counts.values()):
-                return {task: dict(c) for task, c in counts.items()}
+        counts = _committed_counts(root, record, tasks, episodes, max_attempts_factor)
+        if counts is not None:
+            return counts
         raise DataError(f"{root}: {_BUSY}") from None
 
 
 _BUSY = "another collection is writing into this folder; wait for it to finish or choose another folder"
+
+
+def _committed_counts(
+    root: Path, record: dict[str, Any] | None, tasks: list[str], episodes: int, max_attempts_factor: int
+) -> dict[str, dict[str, int]] | None:
+    """The per-task counts when everything asked for is committed already (each task has its
+    ``episodes``, or ran out of attempts) in the current metadata scheme; otherwise None."""
+    if record is None or not (root / "meta").is_symlink():
+        return None
+    counts = {task: record["tasks"].get(task, {"attempted": 0, "succeeded": 0}) for task in tasks}
+    limit = max_attempts_factor * episodes
+    if all(c["succeeded"] >= episodes or c["attempted"] >= limit for c in counts.values()):
+        return {task: dict(c) for task, c in counts.items()}
+    return None
 
 
 def _expert_actor(expert: Any, labels: list[np.ndarray], noise: float, seed: int) -> Any:
@@ -562,6 +574,9 @@ def _collect_locked(
         record = _new_record(settings)
     else:
         _clean(root, len(record["episodes"]))
+        done = _committed_counts(root, record, tasks, episodes, max_attempts_factor)
+        if done is not None:  # nothing to add: skip reading back every episode's frames for statistics
+            return done
         rebuild = not (root / "meta").is_symlink()  # written before this scheme: rebuild from the record
     image_keys = [f"observation.images.{name}" for name in cameras] if images else []
     # Every committed episode's statistics, read back from its data file (not kept in the record).
