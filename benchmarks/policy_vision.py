@@ -209,6 +209,7 @@ def _render(args) -> dict:
 
 def _collect(args, tasks: list[str], name: str, action_noise: float = 0.0) -> Path:
     root = args.work / name
+    collected_before = (root / "meta").exists()  # then this call's time is not the collection's
     start = time.perf_counter()
     counts = collect(
         tasks,
@@ -222,7 +223,8 @@ def _collect(args, tasks: list[str], name: str, action_noise: float = 0.0) -> Pa
     )
     record = args.work / f"{name}-collect.json"
     if not record.exists():
-        _save(record, {"counts": counts, "seconds": time.perf_counter() - start})
+        seconds = "seconds_resuming" if collected_before else "seconds"
+        _save(record, {"counts": counts, seconds: time.perf_counter() - start})
     return root
 
 
