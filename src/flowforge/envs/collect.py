@@ -436,7 +436,8 @@ def collect(
     progress: bool | None = None,
 ) -> dict[str, dict[str, int]]:
     """Collect ``episodes`` successful expert episodes per task into ``root``; returns the per-task
-    ``{"attempted", "succeeded"}`` counts (the expert's success rate). Resumes an interrupted run.
+    ``{"attempted", "succeeded"}`` counts (the expert's success rate). Resumes an interrupted run;
+    a folder that holds everything asked for already is answered from its record, nothing read back.
 
     With ``images``, each frame stores the image of ``camera``, or of every one of ``cameras`` (MetaWorld
     camera names, e.g. ``["corner", "gripperPOV"]``), as the feature ``observation.images.<camera>``.
