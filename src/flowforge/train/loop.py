@@ -172,7 +172,6 @@ class TrainerConfig:
         check_integer("log_every", self.log_every, low=1)
         _check_flag("tensorboard", self.tensorboard)
         _check_flag("progress", self.progress, optional=True)
-        _check_flag("progress", self.progress, optional=True)
         # Numbers as floats, so that the config reads back from JSON unchanged (resume compares it).
         self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
         if self.max_grad_norm is not None:
