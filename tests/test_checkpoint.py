@@ -21,6 +21,7 @@ from flowforge.checkpoint import (
     decode_state,
     encode_state,
     load_model,
+    load_state_dict_checked,
     load_tensors,
     read_manifest,
     save_checkpoint,
@@ -415,3 +416,21 @@ def test_temporary_files_of_a_killed_write_are_never_read_and_removed_by_the_nex
     assert len(list(directory.glob("*.safetensors"))) == 1
     with torch.no_grad():
         torch.testing.assert_close(Flow.load(directory).log_prob(x), flow.log_prob(x), rtol=0, atol=0)
+
+
+def test_a_buffer_holding_nan_is_refused_on_load_and_a_mask_of_minus_inf_is_not() -> None:
+    """A normaliser's statistics are buffers: NaN there makes every output NaN, so loading refuses it;
+    -inf is a legitimate value of an attention mask, so only NaN is refused."""
+
+    class Normalised(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.register_buffer("scale", torch.ones(2))
+            self.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+
+    state = Normalised().state_dict()
+    load_state_dict_checked(Normalised(), state, "ok")
+    state["scale"] = torch.tensor([1.0, float("nan")])
+    with pytest.raises(CheckpointError, match=r"the buffers in bad hold NaN \(scale\)"):
+        load_state_dict_checked(Normalised(), state, "bad")

@@ -412,6 +412,7 @@ def test_an_output_under_a_file_or_of_another_kind_is_refused_before_any_work(tm
     cases = [
         (["demo", "--out", under, "--steps", "1"], "--out"),
         (["train", CONFIGS / "nice_moons.toml", "--out", under, *TINY], "--out"),
+        (["train", CONFIGS / "nice_moons.toml", "--out", tmp_path / "a\nb", *TINY], "--out"),
         (["sample", run, "-o", under / "s.npy"], "-o"),
         (["plot", run, "-o", under / "p.png"], "-o"),
         (["plot", run, "-o", tmp_path / "p.txt"], "-o"),
@@ -438,6 +439,13 @@ def test_an_output_under_a_file_or_of_another_kind_is_refused_before_any_work(tm
     ]
     if Path("/proc").is_dir():  # exists, but nothing can be made in it
         refused.append((["policy", "eval", run, "--out", "/proc/r.json"], "cannot write in /proc"))
+        cache = ["--set", 'data.frames="cache"', "--set", 'data.cache="/proc/frames"']
+        refused.append(
+            (
+                ["policy", "train", policy_config, "--out", tmp_path / "p", *cache],
+                "[data] cache /proc/frames: cannot write in /proc",
+            )
+        )
     before = (run / "checkpoint.json").read_bytes()
     for args, message in refused:
         result = CliRunner().invoke(app, [str(a) for a in args])
@@ -455,6 +463,8 @@ def test_eval_refuses_points_the_run_does_not_model(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["eval", str(run), "--data", str(data)])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert f"points of shape {found}; this run models points of shape 2" in result.stderr
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(tmp_path)])
+    assert result.exit_code == 2 and ": a folder; give a data file" in result.stderr, result.output
     result = CliRunner().invoke(app, ["eval", str(run), "--data", "no-such-set"])
     assert result.exit_code == 2 and "--data 'no-such-set': neither a file" in result.stderr
     np.save(tmp_path / "one.npy", np.zeros((1, 2), dtype=np.float32))
@@ -700,7 +710,9 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
         (["--action-noise", "1.5"], "Invalid value for '--action-noise'"),
         (["--action-noise", "-0.1"], "Invalid value for '--action-noise'"),
         (["--action-noise", "abc"], "Invalid value for '--action-noise'"),
-        (["--action-noise", "nan"], "Invalid value for '--action-noise'"),
+        (["--action-noise", "nan"], "'--action-noise': expected a finite number >= 0 and <= 1 (got 'nan')"),
+        (["--action-noise=-inf"], "'--action-noise': expected a finite number >= 0 and <= 1 (got '-inf')"),
+        (["--images", "--size", "nan"], "Invalid value for '--size'"),
     ],
 )
 def test_data_collect_refuses_bad_options_naming_the_option(tmp_path: Path, extra, message) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from flowforge.config import apply_overrides, check_choice, check_range, parse_config, read_config
 from flowforge.errors import ConfigError, FlowforgeError
+from flowforge.train import TrainerConfig
 
 
 @dataclass
@@ -38,6 +40,11 @@ class Run:
     model: Model = field(default_factory=Model)
 
 
+@dataclass
+class Training:
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+
+
 def test_values_are_typed_and_converted() -> None:
     text = (
         '[model]\nwidth = 3\nscale = 2\nname = "b"\nenabled = false\nhidden = [1, 2]\nshape = [3, 4]\n'
@@ -64,6 +71,8 @@ def test_values_are_typed_and_converted() -> None:
         ("[modle]\nwidth = 2", "r.toml: unknown table [modle] (did you mean [model]?)"),
         ("model = 3", "r.toml: model = 3 must be a table [model]"),
         ("[model]\nscale = nan", "r.toml: [model] scale = nan: expected a finite number > 0"),
+        ("[model]\nwidth = nan", "r.toml: [model] width = nan: expected an integer"),
+        ("[model]\nlimit = nan", "r.toml: [model] limit = nan: expected a finite number (or none)"),
         ("[model]\nscale = -1", "r.toml: [model] scale = -1.0: expected a finite number > 0"),
         ('[model]\nname = "alpah"', "r.toml: [model] name = 'alpah' is not one of a, b, alpha (did you mean 'alpha'?)"),
         ("[model\n", "r.toml: not valid TOML"),
@@ -74,6 +83,17 @@ def test_each_error_names_file_table_key_value_and_what_is_allowed(text: str, me
         parse_config(Run, text, "r.toml")
     assert str(caught.value).startswith(message), str(caught.value)
     assert "\n" not in str(caught.value) and isinstance(caught.value, FlowforgeError)
+
+
+def test_nan_for_an_integer_or_optional_number_is_refused_with_the_settings_range() -> None:
+    """TOML's nan reaches the dataclass's own check, which names the range; nothing is built."""
+    for setting, message in (
+        ("ema_decay", "ema_decay = nan: expected a finite number > 0 and < 1 (or none)"),
+        ("max_grad_norm", "max_grad_norm = nan: expected a finite number > 0 (or none)"),
+        ("steps", "steps = nan: expected an integer >= 1"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"r.toml: [train] {message}")):
+            parse_config(Training, f"[train]\n{setting} = nan", "r.toml")
 
 
 def test_overrides_set_nested_values_and_refuse_paths_through_settings() -> None:
@@ -89,6 +109,8 @@ def test_overrides_set_nested_values_and_refuse_paths_through_settings() -> None
 def test_files_that_are_missing_or_not_text_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         read_config(Run, tmp_path / "none.toml")
+    with pytest.raises(ConfigError, match=r"a folder, not a config file; give a \.toml file"):
+        read_config(Run, tmp_path)
     binary = tmp_path / "b.toml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ConfigError, match="not a text file"):

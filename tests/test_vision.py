@@ -396,6 +396,7 @@ def test_decoding_in_workers_gives_the_batches_of_the_main_process(tmp_path: Pat
         ({"goal_key": "observation.target"}, r"goal_key = 'observation.target' is not one of observation.goal"),
         ({"image_normalization": "batch"}, r"image_normalization = 'batch' is not one of fixed, mean_std"),
         ({"keypoints": 0}, r"keypoints = 0: expected an integer >= 1"),
+        ({"image_channels": [8, 0]}, r"image_channels\[1\] = 0: expected an integer >= 1"),
     ],
 )
 def test_bad_vision_settings_are_refused_naming_them(changes: dict, message: str) -> None:
@@ -481,3 +482,34 @@ def test_a_frame_cache_under_a_file_is_refused_naming_the_setting(tmp_path: Path
         (tmp_path / "data").mkdir()
         patch.chdir(tmp_path / "data")
         assert PolicyDataConfig(root=".", frames="cache").cache_folder() == (tmp_path / "data.frames").resolve()
+
+
+def test_a_mismatched_start_or_resume_is_refused_before_a_frame_cache_is_made(tmp_path: Path) -> None:
+    """A run that starts from (or resumes) a trained policy with other settings is refused before
+    the data set's frames are decoded into a cache: nothing is written."""
+    from flowforge.errors import CheckpointError
+    from flowforge.runs.policy import check_resume_tables, parse_policy_config, train_policy
+
+    def config(cache: Path, width: int = 16) -> str:
+        return (
+            f'[policy]\nstate_key = "observation.state"\nhorizon = 4\nwidth = {width}\nlayers = 1\nheads = 2\n'
+            'language = false\nimage_shape = [3, 32, 32]\ncameras = ["wrist"]\nimage_encoder = "resnet-keypoints"\n'
+            f'keypoints = 4\nimage_channels = [4, 8]\n[data]\nroot = "{FIXTURE}"\nframes = "cache"\n'
+            f'cache = "{cache}"\n[train]\nsteps = 2\nbatch_size = 4\nwarmup_steps = 0\nprogress = false\n'
+        )
+
+    base = tmp_path / "base"
+    train_policy(parse_policy_config(config(tmp_path / "base-cache")), base)
+    assert (tmp_path / "base-cache").is_dir()
+    wider = parse_policy_config(config(tmp_path / "new-cache", width=32))
+    with pytest.raises(
+        ConfigError, match=r"start_from = .*: its policy differs from this run's: width = 32 \(trained 16\)"
+    ):
+        train_policy(wider, tmp_path / "tuned", start_from=base)
+    assert not (tmp_path / "new-cache").exists() and not (tmp_path / "tuned").exists()
+    shutil.rmtree(tmp_path / "base-cache")
+    resumed = parse_policy_config(config(tmp_path / "base-cache", width=32))
+    with pytest.raises(CheckpointError, match=r"cannot resume .*\(policy\.width: 16 -> 32\)"):
+        check_resume_tables(resumed, base)
+    assert not (tmp_path / "base-cache").exists()
+    check_resume_tables(parse_policy_config(config(tmp_path / "base-cache")), base)  # the same settings resume

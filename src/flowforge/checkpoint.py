@@ -442,7 +442,7 @@ def _verified_bytes(directory: Path, group: Any, manifest: dict[str, Any] | None
 
 def load_state_dict_checked(module: torch.nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
     """``module.load_state_dict(state)`` with a message naming the checkpoint when the shapes or keys
-    differ, or when a weight holds NaN or inf (such a model's every output would be NaN)."""
+    differ, when a weight holds NaN or inf, or a buffer NaN (such a model's every output would be NaN)."""
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -452,6 +452,12 @@ def load_state_dict_checked(module: torch.nn.Module, state: dict[str, Tensor], s
             raise CheckpointError(
                 f"the weights in {source} hold NaN or inf ({name}): the model diverged before it was saved; "
                 "train again, or from an earlier checkpoint"
+            )
+    for name, buffer in module.named_buffers():  # statistics, normalisers (a mask may hold -inf: NaN only)
+        if buffer.is_floating_point() and bool(torch.isnan(buffer).any()):
+            raise CheckpointError(
+                f"the buffers in {source} hold NaN ({name}): every output would be NaN; train again, or from an "
+                "earlier checkpoint"
             )
 
 

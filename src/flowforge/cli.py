@@ -9,14 +9,16 @@ number below an option's minimum, too); commands check their inputs before writi
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -109,10 +111,25 @@ def _usage_message(error: Exception, given: list[str]) -> str:
             token = given[index]
             for name in param.opts:
                 if token == name and index + 1 < len(given):
-                    return f"{message} (got {given[index + 1]!r})"
+                    return _refused_value(message, name, param, given[index + 1])
                 if token.startswith(name + "="):
-                    return f"{message} (got {token[len(name) + 1 :]!r})"
+                    return _refused_value(message, name, param, token[len(name) + 1 :])
     return message
+
+
+def _refused_value(message: str, option: str, param: Any, value: str) -> str:
+    """The parser's refusal with the value given; for nan or inf, the whole range the option allows
+    (the parser names only the first bound it compared)."""
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    try:
+        finite = math.isfinite(float(value)) or float not in (annotation, *typing.get_args(annotation))
+    except ValueError:
+        finite = True
+    if finite or (low is None and high is None):
+        return f"{message} (got {value!r})"
+    bounds = " and ".join(f"{sign} {bound:g}" for sign, bound in ((">=", low), ("<=", high)) if bound is not None)
+    return f"Invalid value for '{option}': expected a finite number {bounds} (got {value!r})"
 
 
 app = typer.Typer(
@@ -211,7 +228,9 @@ def demo(
 def _output_path(path: Path, option: str, suffixes: tuple[str, ...] = ()) -> Path:
     """An output the command will write, checked before any work: a folder (no ``suffixes``) that
     is not an existing file, or a file with one of ``suffixes`` that is not a folder; either way
-    under a folder that exists (or can be made) and can be written."""
+    under a folder that exists (or can be made) and can be written; a name without control characters."""
+    if any(ord(character) < 32 or ord(character) == 127 for character in str(path)):
+        raise ConfigError(f"{option} {str(path)!r}: a control character in the name; give a printable one")
     if not suffixes and path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: exists and is not a folder; give a folder")
     if suffixes and path.is_dir():
@@ -344,6 +363,8 @@ def _held_out(run, data: str | None) -> torch.Tensor | None:
 
     if data is None:
         return runs.held_out_data(run)
+    if Path(data).is_dir():
+        raise ConfigError(f"--data {data!r}: a folder; give a data file (.csv, .npy, .npz, .parquet) or a built-in set")
     if Path(data).suffix:
         return runs.checked_points(run, load_table(data, columns=None), f"--data {data}")
     try:
@@ -585,6 +606,8 @@ def policy_train(
     extra = _overrides_with_progress(overrides, progress)
     run = load_policy_config(config, extra)
     directory = _run_folder(out, config, resume)
+    if run.data.frames == "cache":
+        _output_path(run.data.cache_folder(), "[data] cache")
     if resume:
         check_resume_tables(run, directory)  # before the data set is read or a frame cache made
     prepared = prepare_policy_run(run, directory, start_from)

@@ -47,6 +47,8 @@ T = TypeVar("T")
 def read_document(path: str | Path) -> dict[str, Any]:
     """The TOML document in ``path`` (a :class:`ConfigError` for a missing, binary or malformed file)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file; give a .toml file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -162,27 +164,39 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: settings of type {annotation!r} cannot be read from a config")  # pragma: no cover
 
 
+def _nan_refused(where: str, key: str, annotation: Any) -> ConfigError:
+    """The refusal of ``nan`` for a setting whose type takes no nan (an integer, an optional number)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    expected = "an integer" if int in (annotation, *options) and float not in options else "a finite number"
+    return ConfigError(f"{where} {key} = nan: expected {expected}{' (or none)' if type(None) in options else ''}")
+
+
 def build_dataclass(cls: type[T], values: dict[str, Any], where: str) -> T:
     """Build ``cls`` from a table, checking every key and value (``where``: e.g. ``run.toml: [train]``)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a table, got {values!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    checked = {}
+    checked, nan_keys = {}, []
     for key, value in values.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(fields)}"
             raise ConfigError(f"{where} has no setting {key!r}{hint}")
         if isinstance(value, float) and math.isnan(value) and hints[key] is not float:
-            raise ConfigError(f"{where} {key} = nan: expected {_type_name(hints[key])}")
+            # TOML's nan for an integer or an optional number: the dataclass's own check names its range.
+            nan_keys.append(key)
+            checked[key] = value
+            continue
         checked[key] = _coerce(hints[key], value, f"{where} {key}")
     try:
         built = cls(**checked)
-    except ConfigError as error:
+    except (ConfigError, ValueError, TypeError) as error:
+        if nan_keys and not any(key in str(error) for key in nan_keys):
+            raise _nan_refused(where, nan_keys[0], hints[nan_keys[0]]) from error
         raise ConfigError(f"{where} {error}") from error
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{where} {error}") from error
+    if nan_keys:  # no check of the dataclass's looked at it
+        raise _nan_refused(where, nan_keys[0], hints[nan_keys[0]])
     # After the dataclass's own checks (their bounds say more): an integer no check bounded must
     # still fit TOML's 64 bits, or it overflows torch's sizes later.
     for key, value in checked.items():

@@ -344,8 +344,8 @@ class PolicyConfig:
         channels = self.image_channels
         if not isinstance(channels, list) or not 1 <= len(channels) <= 5:
             raise ConfigError(f"image_channels = {channels!r}: expected a list of 1 to 5 channel counts")
-        for value in channels:
-            check_integer("image_channels", value)
+        for index, value in enumerate(channels):
+            check_integer(f"image_channels[{index}]", value)
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_integer("augmentation_pixels", self.augmentation_pixels, low=0)
         check_range("color_jitter", self.color_jitter, low=0, high=1, high_open=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowforge.config import check_choice, check_range, check_seed
+from flowforge.config import check_choice, check_integer, check_range, check_seed
 from flowforge.data import (
     DIGIT_LEVELS,
     SKLEARN_DATASETS,
@@ -94,8 +94,7 @@ class DataConfig:
             raise ConfigError(
                 f"name = {self.name!r} and path = {self.path!r}: give exactly one of name (a built-in set) or path"
             )
-        if self.size < 2:
-            raise ConfigError(f"size = {self.size}: expected an integer >= 2 (points drawn for training)")
+        check_integer("size", self.size, low=2, note=" (points drawn for training)")
         check_range("test_fraction", self.test_fraction, low=0, high=1, low_open=True, high_open=True)
         check_seed("seed", self.seed)
         if self.name in COUNT_DATASETS and self.standardize:

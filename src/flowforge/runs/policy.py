@@ -330,6 +330,9 @@ def prepare_policy_run(
         raise ConfigError(f"start_from must name the folder of a trained policy run, got {start_from!r}")
     if start_from is not None and not (Path(start_from) / "checkpoint.json").is_file():
         raise ConfigError(f"start_from = {str(start_from)!r}: no trained policy there (no checkpoint.json)")
+    # Both trained runs are read, and their settings compared, before the data set is (or a frame cache made).
+    teacher = _load_teacher(config.policy, teacher_folder) if teacher_folder else None
+    base = _load_base(config.policy, start_from) if start_from is not None else None
     torch.manual_seed(config.train.seed)
     dataset = EpisodeDataset(config.data.root, config.policy.obs_horizon, config.policy.horizon)
     progress = config.train.progress is not False
@@ -340,12 +343,12 @@ def prepare_policy_run(
     if not _saved_without_fingerprint(Path(directory)):  # runs started before it resume as they were
         metadata["data_set"] = data_set_fingerprint(dataset)
     objective = PolicyObjective()
-    if config.distill.teacher:
-        teacher = _teacher_of(policy, config.distill.teacher)
+    if teacher is not None:
+        _follow_teacher(policy, teacher, teacher_folder)
         objective = PolicyDistillation(teacher, config.distill.method, config.distill.intervals)
         metadata["policy_run"]["distill"] = asdict(config.distill)
-    if start_from is not None:
-        _start_from(policy, start_from)  # before the trainer copies the weights into its average
+    if base is not None:
+        _start_from(policy, base, start_from)  # before the trainer copies the weights into its average
         metadata["started_from"] = str(start_from)
     trainer = Trainer(
         policy,
@@ -361,7 +364,8 @@ def prepare_policy_run(
 
 def check_resume_tables(config: PolicyRunConfig, directory: str | Path) -> None:
     """Refuse, before the data set is read (or a frame cache made), resuming ``directory``'s run with
-    other ``[data]`` or ``[train]`` settings; the trainer checks the rest once the policy is built."""
+    other ``[data]``, ``[train]`` or ``[policy]`` settings (those the data fills in aside); the
+    trainer checks the rest once the policy is built."""
     directory = Path(directory)
     if not (directory / "checkpoint.json").is_file():
         return
@@ -379,6 +383,14 @@ def check_resume_tables(config: PolicyRunConfig, directory: str | Path) -> None:
                     f"{table}.{key}: {before.get(key)!r} -> {settings.get(key)!r}); resume with the settings it "
                     "was started with, or start a new run in another folder"
                 )
+    saved_policy, free = asdict(load_policy(directory).policy_config), _filled_in(config.policy)
+    for key, value in asdict(config.policy).items():
+        if key not in free and saved_policy.get(key) != value:
+            raise CheckpointError(
+                f"cannot resume {directory}: the run was trained with other settings (policy.{key}: "
+                f"{saved_policy.get(key)!r} -> {value!r}); resume with the settings it was started with, or start a "
+                "new run in another folder"
+            )
 
 
 def _saved_without_fingerprint(directory: Path) -> bool:
@@ -408,28 +420,49 @@ def train_policy(
     return prepared.policy, prepared.tensors
 
 
-def _teacher_of(student: ChunkPolicy, folder: str) -> ChunkPolicy:
-    """The trained flow policy in ``folder``, frozen, after ``student`` has been given its weights
-    (refused with a :class:`ConfigError` unless the two share network and inputs)."""
+#: Policy settings a run fills in from its data set: compared with a trained run's once the data is read.
+DATA_SETTINGS = frozenset({"state_dim", "action_dim", "instructions"})
+
+
+def _load_teacher(config: PolicyConfig, folder: str) -> ChunkPolicy:
+    """The trained flow policy in ``folder``, refused with a :class:`ConfigError` unless the student's
+    ``config`` shares its network and inputs (the settings the data fills in are compared later)."""
     teacher = load_policy(folder)
     if teacher.policy_config.kind != "flow":
         raise ConfigError(
             f"[distill] teacher = {folder!r} is a {teacher.policy_config.kind!r} policy; distillation follows a "
             "'flow' policy's ODE"
         )
-    differing = _differing_settings(student, teacher, HEAD_SETTINGS, "teacher")
+    differing = _differing_settings(config, teacher.policy_config, HEAD_SETTINGS | _filled_in(config), "teacher")
+    if differing:
+        raise ConfigError(f"[distill] the student's network or inputs differ from the teacher's: {differing}")
+    return teacher
+
+
+def _follow_teacher(student: ChunkPolicy, teacher: ChunkPolicy, folder: str) -> None:
+    """Give ``student`` (built from the data) the weights of ``teacher``, which is frozen."""
+    differing = _differing_settings(student.policy_config, teacher.policy_config, HEAD_SETTINGS, "teacher")
     if differing:
         raise ConfigError(f"[distill] the student's network or inputs differ from the teacher's: {differing}")
     student.load_state_dict(teacher.state_dict())
     teacher.requires_grad_(False)
-    return teacher
 
 
-def _start_from(policy: ChunkPolicy, folder: str | Path) -> None:
-    """Copy the learned weights (parameters, not buffers) of the trained policy in ``folder`` into
-    ``policy``; refused with a :class:`ConfigError` unless the two share kind, network and inputs."""
+def _load_base(config: PolicyConfig, folder: str | Path) -> ChunkPolicy:
+    """The trained policy in ``folder`` that a run starts from, refused with a :class:`ConfigError`
+    unless ``config`` shares its kind, network and inputs (those the data fills in are compared later)."""
     base = load_policy(folder)
-    differing = _differing_settings(policy, base, HEAD_SETTINGS - {"kind"}, "trained")
+    free = (HEAD_SETTINGS - {"kind"}) | _filled_in(config)
+    differing = _differing_settings(config, base.policy_config, free, "trained")
+    if differing:
+        raise ConfigError(f"start_from = {str(folder)!r}: its policy differs from this run's: {differing}")
+    return base
+
+
+def _start_from(policy: ChunkPolicy, base: ChunkPolicy, folder: str | Path) -> None:
+    """Copy the learned weights (parameters, not buffers) of ``base`` into ``policy`` (built from the
+    data); refused with a :class:`ConfigError` unless the two share kind, network and inputs."""
+    differing = _differing_settings(policy.policy_config, base.policy_config, HEAD_SETTINGS - {"kind"}, "trained")
     if differing:
         raise ConfigError(f"start_from = {str(folder)!r}: its policy differs from this run's: {differing}")
     weights = dict(base.named_parameters())
@@ -438,12 +471,19 @@ def _start_from(policy: ChunkPolicy, folder: str | Path) -> None:
             parameter.copy_(weights[name])
 
 
-def _differing_settings(policy: ChunkPolicy, other: ChunkPolicy, free: frozenset[str], label: str) -> str:
-    """The policy settings outside ``free`` in which ``policy`` differs from ``other``, shown as
+def _filled_in(config: PolicyConfig) -> frozenset[str]:
+    """The settings of ``config`` that building its policy from a data set fills in."""
+    return DATA_SETTINGS | ({"cameras"} if config.cameras is None else set())
+
+
+def _differing_settings(mine: PolicyConfig, theirs: PolicyConfig, free: frozenset[str], label: str) -> str:
+    """The policy settings outside ``free`` in which ``mine`` differs from ``theirs``, shown as
     ``key = mine (label theirs)``; empty when none does."""
-    mine, theirs = asdict(policy.policy_config), asdict(other.policy_config)
-    differing = sorted(key for key in mine if key not in free and mine[key] != theirs.get(key))
-    return ", ".join(f"{key} = {mine[key]!r} ({label} {theirs.get(key)!r})" for key in differing)
+    mine_settings, their_settings = asdict(mine), asdict(theirs)
+    differing = sorted(
+        key for key in mine_settings if key not in free and mine_settings[key] != their_settings.get(key)
+    )
+    return ", ".join(f"{key} = {mine_settings[key]!r} ({label} {their_settings.get(key)!r})" for key in differing)
 
 
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:
