@@ -25,6 +25,7 @@ from flowforge.checkpoint import (
     load_tensors,
     read_manifest,
     save_checkpoint,
+    save_model,
 )
 from flowforge.flows import CNF, IAF, MAF, NICE, NSF, Flow, RealNVP
 from flowforge.train.state import TrainingParts, TrainingState, rng_state, save_training_state
@@ -434,3 +435,19 @@ def test_a_buffer_holding_nan_is_refused_on_load_and_a_mask_of_minus_inf_is_not(
     state["scale"] = torch.tensor([1.0, float("nan")])
     with pytest.raises(CheckpointError, match=r"the buffers in bad hold NaN \(scale\)"):
         load_state_dict_checked(Normalised(), state, "bad")
+
+
+def test_metadata_that_would_not_read_back_is_refused_at_save(tmp_path: Path) -> None:
+    flow = RealNVP(2, transforms=2)
+    for metadata, error, message in (
+        ("x", TypeError, "metadata must be a dict of JSON values, got str"),
+        ({"a": object()}, ValueError, "metadata must hold JSON values"),
+        ({"loss": float("nan")}, ValueError, "metadata must hold JSON values"),
+        ({1: 2}, ValueError, r"keys must be strings .*would load as \{'1': 2\}"),
+        ({"shape": (1, 2)}, ValueError, "its sequences lists"),
+    ):
+        with pytest.raises(error, match=message):
+            save_model(tmp_path / "m", flow, metadata)
+        assert not (tmp_path / "m").exists()
+    save_model(tmp_path / "m", flow, {"steps": 3, "note": ["a", 1.5]})
+    assert read_manifest(tmp_path / "m")["metadata"] == {"steps": 3, "note": ["a", 1.5]}

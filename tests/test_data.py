@@ -230,3 +230,24 @@ def test_standardizer_round_trip() -> None:
     z = standardizer.transform(data)
     torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(standardizer.inverse(z), data)
+
+
+def test_standardizer_and_bits_per_dim_refuse_what_would_give_nan() -> None:
+    with pytest.raises(ValueError, match=r"std must be > 0 in every column, got \[1.0, 0.0\]"):
+        Standardizer(torch.zeros(2), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="mean holds NaN or inf"):
+        Standardizer(torch.tensor([float("nan"), 0.0]), torch.ones(2))
+    with pytest.raises(ValueError, match="mean and std must have one entry per column each, got 2 and 3"):
+        Standardizer(torch.zeros(2), torch.ones(3))
+    standardizer = Standardizer.fit(torch.tensor([[1.0, 2.0]]))  # one row: no spread, scale 1
+    assert standardizer.std.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="data has 3 columns; this standardizer was fitted on 2"):
+        standardizer.transform(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="data contains NaN or inf"):
+        Standardizer.fit(torch.tensor([[float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="data has 0 rows"):
+        Standardizer.fit(torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="nll_nats must be a finite number, got nan"):
+        digits_bits_per_dim(float("nan"))
+    with pytest.raises(ValueError, match="dims must be a positive int, got 0"):
+        digits_bits_per_dim(1.0, dims=0)

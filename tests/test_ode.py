@@ -160,6 +160,21 @@ def test_bad_solver_inputs_are_refused_at_entry() -> None:
         (lambda: odeint(lambda x, t: x**2, torch.full((2, 1), 5.0), (0.0, 1.0), "rk4"), ODESolverError, "NaN or inf"),
         (lambda: sdeint(decay, decay, ones, (0.0, float("inf"))), ValueError, "t1 must be a finite number, got inf"),
         (lambda: sdeint(decay, decay, ones, (0.0, 1.0), generator=5), TypeError, "generator must be a torch.Generator"),
+        (lambda: sdeint(decay, decay, ones, (0.0,)), ValueError, r"t_span must be \(start, end\), got \(0.0,\)"),
+        (lambda: sdeint(decay, decay, ones, (0, 1), 2, noise=[[1.0]]), TypeError, "noise must be a torch.Tensor"),
+        (lambda: sdeint(decay, decay, ones, (0, 1), 2, noise=torch.ones(2, 2, 1).long()), TypeError, "noise must be a"),
+        (
+            lambda: sdeint(decay, decay, ones, (0, 1), 2, noise=torch.full((2, 2, 1), float("nan"))),
+            ValueError,
+            "noise holds",
+        ),
+        (
+            lambda: sdeint(lambda x, t: x**3, decay, torch.full((2, 1), 9.0), (0.0, 1.0), 5),
+            ODESolverError,
+            "NaN or inf",
+        ),
+        (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (0.0, 1.0), "rk4"), ValueError, r"f returned \(2, 1"),
+        (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (torch.zeros(2), 1.0)), ValueError, "a velocity has"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

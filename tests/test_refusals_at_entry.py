@@ -86,6 +86,39 @@ def test_language_inputs_are_checked() -> None:
         2,
     )
 
+    for embeddings, message in (
+        (torch.randn(3, 384), r"embeddings must be a floating-point tensor of shape \(2, 384\).*\(3, 384\)"),
+        (torch.ones(2, 384, dtype=torch.int64), "embeddings must be a floating-point tensor"),
+        (torch.full((2, 384), float("nan")), "embeddings hold NaN or inf"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            policy.set_instruction_embeddings(embeddings)
+    with pytest.raises(ValueError, match=r"without language input \(language = false\)"):
+        _policy().set_instruction_embeddings(torch.randn(2, 384))
+
+
+def test_numbers_too_large_for_the_models_dtype_are_refused_where_they_enter() -> None:
+    """float64 1e300 is finite, but inf once cast to the policy's float32: refused, not turned into NaN."""
+    policy = _policy()
+    huge = torch.full((2, 1, 3), 1e300, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"state holds 1e\+300 at index \(0, 0, 0\) \(beyond the range of"):
+        policy.eval().predict_chunk({"state": huge}, steps=2)
+    with pytest.raises(ValueError, match=r"action holds 1e\+300 .*beyond the range of torch.float32"):
+        policy.train().loss(
+            {"state": torch.zeros(2, 1, 3), "action": torch.full((2, 8, 2), 1e300, dtype=torch.float64)}
+        )
+    flow = RealNVP(2, context=1, transforms=2)
+    with pytest.raises(ValueError, match=r"context contains NaN or inf \(first at batch index 0, values beyond"):
+        flow.sample(2, torch.full((1, 1), 1e300, dtype=torch.float64))
+    images = _policy(image_shape=[3, 32, 32], cameras=["wrist"], image_encoder="resnet-keypoints")
+    batch = {
+        "state": torch.zeros(2, 1, 3),
+        "action": torch.zeros(2, 8, 2),
+        "image.wrist": torch.full((2, 1, 3, 32, 32), 300.0),
+    }
+    with pytest.raises(ValueError, match=r"image.wrist holds values outside 0-255 \(300.0 to 300.0\)"):
+        images.train().loss(batch)
+
 
 def test_guides_prefixes_steps_and_flags_are_checked() -> None:
     policy = _policy(rtc_training_delay=3).eval()
@@ -124,7 +157,7 @@ def test_settings_of_the_wrong_type_or_layout_are_refused() -> None:
         ({"language": "no"}, "language = 'no': expected true or false"),
         ({"language": True, "instructions": "reach"}, "instructions = 'reach': expected a list of strings"),
         ({"language": True, "instructions": ["a", "a"]}, "listed twice"),
-        ({"image_shape": [3, 40.7, 40]}, r"image_shape = \[3, 40\.7, 40\]: expected \[3, H, W\] of positive integers"),
+        ({"image_shape": [3, 40.7, 40]}, r"image_shape = \[3, 40\.7, 40\]: expected \[3, H, W\] of integers in 1"),
         ({"kind": "meanflow", "method": "dopri5"}, "a meanflow head steps with its average velocity; use 'euler'"),
     ):
         with pytest.raises(ConfigError, match=message):

@@ -423,3 +423,37 @@ def test_trainer_flags_are_true_or_false() -> None:
         TrainerConfig(progress="x")
     with pytest.raises(ConfigError, match=r"warmup_steps = 5: expected an integer in \[0, 4\]"):
         TrainerConfig(steps=5, warmup_steps=5)
+
+
+def test_the_moving_average_refuses_a_decay_outside_zero_to_one() -> None:
+    from flowforge.train.state import ExponentialMovingAverage
+
+    model = torch.nn.Linear(2, 2)
+    for decay in (float("nan"), 0, 1, 1.5, "0.9"):
+        with pytest.raises(ConfigError, match=r"decay = .*: expected a finite number > 0 and < 1"):
+            ExponentialMovingAverage(model, decay)
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        ExponentialMovingAverage("model", 0.9)
+    average = ExponentialMovingAverage(model, 0.75)
+    before = average.shadow["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    average.update(model)
+    torch.testing.assert_close(average.shadow["weight"], before + 1.0)  # a quarter of the way
+
+
+def test_objectives_refuse_their_settings_where_they_are_built() -> None:
+    from flowforge.train import PolicyDistillation, ReverseKL
+
+    teacher = torch.nn.Linear(1, 1)
+    for arguments, error, message in (
+        ({"teacher": "runs/flow"}, TypeError, "teacher must be a trained flow ChunkPolicy, got str"),
+        ({"teacher": teacher, "method": "bogus"}, ValueError, "unknown method 'bogus'; choose one of 'consistency'"),
+        ({"teacher": teacher, "intervals": 0}, ValueError, "intervals must be a positive int, got 0"),
+    ):
+        with pytest.raises(error, match=message):
+            PolicyDistillation(**arguments)
+    with pytest.raises(ValueError, match="samples must be a positive int, got 0"):
+        ReverseKL("banana", samples=0)
+    with pytest.raises(TypeError, match="target must be a log-density callable or a built-in name, got int"):
+        ReverseKL(5)

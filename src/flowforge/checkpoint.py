@@ -472,9 +472,27 @@ def model_manifest(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def save_model(directory: str | Path, model: torch.nn.Module, metadata: dict | None = None) -> Path:
-    """Save a registered model's weights and the config that rebuilds it (see :func:`load_model`)."""
+    """Save a registered model's weights and the config that rebuilds it (see :func:`load_model`);
+    ``metadata``: a dict of JSON values (string keys, lists, finite numbers), kept in the manifest."""
+    if metadata is not None:
+        _check_metadata(metadata)
     manifest = {**model_manifest(model), "metadata": metadata or {}}
     return save_checkpoint(directory, {"model": model.state_dict()}, manifest)
+
+
+def _check_metadata(metadata: object) -> None:
+    """Refuse metadata that would not read back from the manifest as it was given."""
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of JSON values, got {type(metadata).__name__}")
+    try:
+        read_back = json.loads(json.dumps(metadata, allow_nan=False))
+    except (TypeError, ValueError) as error:  # an object JSON cannot hold, NaN or inf
+        raise ValueError(f"metadata must hold JSON values (finite numbers, strings, lists, dicts): {error}") from error
+    if read_back != metadata:
+        raise ValueError(
+            "metadata would not read back as given: its keys must be strings and its sequences lists "
+            f"(it would load as {read_back!r})"
+        )
 
 
 def _legacy_config(manifest: dict[str, Any], directory: Path) -> dict[str, Any]:

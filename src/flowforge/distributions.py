@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowforge.validation import check_batched, check_sample_count, is_count
+from flowforge.config import MAX_SEED
+from flowforge.validation import check_batched, check_count, check_real, check_sample_count, is_count
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -132,11 +133,14 @@ class GaussianMixture(BaseDistribution):
         self.event_shape = _event_shape(features)
         if len(self.event_shape) != 1:
             raise ValueError("GaussianMixture is defined over vectors: features must be an int")
-        if components < 1:
-            raise ValueError(f"components must be >= 1, got {components}")
-        generator = torch.Generator().manual_seed(seed)
+        components = check_count("components", components)
+        spread = check_real("spread", spread, positive=True)
+        generator = torch.Generator().manual_seed(check_count("seed", seed, low=0, high=MAX_SEED))
+        loc = spread * torch.randn(components, features, generator=generator)
+        if not bool(torch.isfinite(loc.square().sum(-1)).all()):  # log_prob squares the distances
+            raise ValueError(f"spread = {spread!r}: the means' squared norms overflow {loc.dtype}; give a smaller one")
         self.logits = nn.Parameter(torch.zeros(components))
-        self.loc = nn.Parameter(spread * torch.randn(components, features, generator=generator))
+        self.loc = nn.Parameter(loc)
         self.log_scale = nn.Parameter(torch.zeros(components, features))
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -174,8 +178,15 @@ class BoxUniform(BaseDistribution):
             raise ValueError(
                 f"low and high must be tensors of one shape, got {tuple(low_t.shape)} and {tuple(high_t.shape)}"
             )
+        for name, bound in (("low", low_t), ("high", high_t)):
+            if not bool(torch.isfinite(bound).all()):
+                raise ValueError(f"{name} must be finite in every dimension, got {bound.tolist()}")
+        if not bool(torch.isfinite(high_t - low_t).all()):
+            raise ValueError(f"high - low must be finite in {low_t.dtype}, got {low_t.tolist()} to {high_t.tolist()}")
         if not bool((high_t > low_t).all()):
-            raise ValueError("high must exceed low in every dimension")
+            raise ValueError(
+                f"high must exceed low in every dimension, got low {low_t.tolist()}, high {high_t.tolist()}"
+            )
         self.event_shape = low_t.shape
         self.register_buffer("low", low_t)
         self.register_buffer("high", high_t)

@@ -127,10 +127,12 @@ def check_batched(
             f"that of {batch_of} ({batch}), got {value.shape[0]}"
         )
     check_floating(name, value)
-    if finite and _finite_checks and not all_finite(value):
-        bad = int((~torch.isfinite(value)).flatten(1).any(1).nonzero()[0, 0])
-        raise ValueError(f"{name} contains NaN or inf (first at batch index {bad}); expected finite values")
-    return value if dtype is None else value.to(dtype)
+    cast = value if dtype is None else value.to(dtype)
+    if finite and _finite_checks and not all_finite(cast):  # after the cast: 1e300 in float64 is inf in float32
+        bad = int((~torch.isfinite(cast)).flatten(1).any(1).nonzero()[0, 0])
+        beyond = f", values beyond the range of {cast.dtype}" if all_finite(value) else ""
+        raise ValueError(f"{name} contains NaN or inf (first at batch index {bad}{beyond}); expected finite values")
+    return cast
 
 
 def check_floating(name: str, value: Tensor) -> None:

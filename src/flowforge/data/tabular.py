@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from flowforge.errors import DataError
+from flowforge.validation import check_batched, check_count, check_real
 
 SKLEARN_DATASETS = ("iris", "wine", "breast_cancer", "diabetes", "digits")
 DIGIT_LEVELS = 17  # pixel counts 0..16
@@ -86,7 +87,8 @@ def digits_images(split: str = "train", test_fraction: float = 0.2, seed: int = 
 def digits_bits_per_dim(nll_nats: float, dims: int = 64) -> float:
     r"""Bits per dimension of the discrete digits from the mean NLL (nats) of their dequantized version
     in [0, 1): :math:`(\mathrm{NLL} + D \log 17) / (D \log 2)`."""
-    return (nll_nats + dims * math.log(DIGIT_LEVELS)) / (dims * math.log(2))
+    dims = check_count("dims", dims)
+    return (check_real("nll_nats", nll_nats) + dims * math.log(DIGIT_LEVELS)) / (dims * math.log(2))
 
 
 def load_table(path: str | Path, columns: int | None = None) -> Tensor:
@@ -297,18 +299,41 @@ class Standardizer:
     """
 
     def __init__(self, mean: Tensor, std: Tensor) -> None:
+        for name, value in (("mean", mean), ("std", std)):
+            if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() != 1:
+                raise TypeError(f"{name} must be a 1-D floating-point tensor (one entry per column), got {value!r}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} holds NaN or inf: {value.tolist()}")
+        if mean.shape != std.shape:
+            raise ValueError(f"mean and std must have one entry per column each, got {len(mean)} and {len(std)}")
+        if not bool((std > 0).all()):
+            raise ValueError(f"std must be > 0 in every column, got {std.tolist()}")
         self.mean, self.std = mean, std
 
     @classmethod
     def fit(cls, data: Tensor) -> Standardizer:
-        std = data.std(0)
+        """The statistics of ``data`` (rows, columns): finite floats, at least one row."""
+        data = cls._checked("data", data)
+        check_batched("data", data, data.shape[1:], finite=True)
+        if len(data) == 0:
+            raise ValueError("data has 0 rows: a standardizer is fitted on at least one")
+        std = data.std(0) if len(data) > 1 else torch.zeros(data.shape[1], dtype=data.dtype)
         return cls(data.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
 
     def transform(self, data: Tensor) -> Tensor:
-        return (data - self.mean) / self.std
+        return (self._checked("data", data, len(self.mean)) - self.mean) / self.std
 
     def inverse(self, data: Tensor) -> Tensor:
-        return data * self.std + self.mean
+        return self._checked("data", data, len(self.mean)) * self.std + self.mean
+
+    @staticmethod
+    def _checked(name: str, data: object, columns: int | None = None) -> Tensor:
+        if not isinstance(data, Tensor) or not data.is_floating_point() or data.dim() != 2:
+            shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(f"{name} must be a 2-D floating-point tensor (rows, columns), got {shape}")
+        if columns is not None and data.shape[1] != columns:
+            raise ValueError(f"{name} has {data.shape[1]} columns; this standardizer was fitted on {columns}")
+        return data
 
 
 __all__ = [

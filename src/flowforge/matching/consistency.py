@@ -60,6 +60,11 @@ from flowforge.ode import solver_settings
 from flowforge.registry import register
 from flowforge.validation import check_count, check_real, model_dtype
 
+#: How a consistency model is distilled from a flow teacher: ``"consistency"`` (the student's values at
+#: adjacent grid times agree, the later one through one teacher step) or ``"trajectory"`` (regressed
+#: onto the end of the teacher's own ODE trajectory); the policy heads offer both.
+DISTILLATION_METHODS = ("consistency", "trajectory")
+
 
 def karras_times(intervals: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
     """The grid :math:`0 = t_0 < \\dots < t_N = 1` (float64): interior points at the Karras levels."""
@@ -365,4 +370,4 @@ class ConsistencyMatcher(FlowMatcher):
         )
 
 
-__all__ = ["ConsistencyMatcher", "karras_times", "lognormal_interval_weights"]
+__all__ = ["DISTILLATION_METHODS", "ConsistencyMatcher", "karras_times", "lognormal_interval_weights"]

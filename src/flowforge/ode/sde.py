@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from flowforge.ode.fixed import check_start, per_sample_time
-from flowforge.validation import check_count
+from flowforge.ode.fixed import check_start, checked_end, per_sample_time
+from flowforge.validation import all_finite, check_count, check_floating, finite_checks_enabled
 
 SDE_METHODS = ("euler_maruyama", "milstein")
 
@@ -59,8 +59,16 @@ def sdeint(
     x0 = check_start(x0)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if noise is not None and noise.shape != (steps, *x0.shape):
-        raise ValueError(f"noise must have shape {(steps, *x0.shape)}, got {tuple(noise.shape)}")
+    if noise is not None:
+        if not isinstance(noise, Tensor):
+            raise TypeError(f"noise must be a torch.Tensor of shape {(steps, *x0.shape)}, got {type(noise).__name__}")
+        if noise.shape != (steps, *x0.shape):
+            raise ValueError(f"noise must have shape {(steps, *x0.shape)}, got {tuple(noise.shape)}")
+        check_floating("noise", noise)
+        if finite_checks_enabled() and not all_finite(noise):
+            raise ValueError("noise holds NaN or inf; expected finite standard-normal draws")
+    if not isinstance(t_span, tuple | list) or len(t_span) != 2:
+        raise ValueError(f"t_span must be (start, end), got {t_span!r}")
     start = per_sample_time("t0", t_span[0], x0)
     h = (per_sample_time("t1", t_span[1], x0) - start) / steps
     h_x = h.reshape(-1, *([1] * (x0.dim() - 1)))
@@ -78,7 +86,7 @@ def sdeint(
             x = step + g * dw + correction
         else:
             x = step + g * dw
-    return x
+    return checked_end(x, x0, method, "more steps, or check that drift and diffusion are finite here")
 
 
 __all__ = ["SDE_METHODS", "sdeint"]

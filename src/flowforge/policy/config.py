@@ -34,6 +34,8 @@ _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 #: Settings only the DDPM baseline reads, and the sampling settings only flow heads read.
+#: The largest image side (and keypoint count) a policy takes: frames are used at the size collected.
+MAX_IMAGE_SIDE = 1024
 DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
 FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
 #: The heads whose flow-matching loss draws its times from ``time_sampler`` (MeanFlow and
@@ -258,7 +260,7 @@ class PolicyConfig:
         if len(set(self.instructions)) != len(self.instructions):
             raise ConfigError(f"instructions = {self.instructions!r}: an instruction is listed twice")
         for name in ("state_dim", "action_dim"):
-            check_integer(name, getattr(self, name))
+            check_integer(name, getattr(self, name), high=MAX_WIDTH)
 
         check_integer("width", self.width, high=MAX_WIDTH)
         check_integer("heads", self.heads, high=self.width, note=f" (at most width = {self.width})")
@@ -323,8 +325,8 @@ class PolicyConfig:
                     f"{name} = {value}: it shapes training-time RTC's prefixes, which "
                     "rtc_training_delay = 0 does not give (set rtc_training_delay >= 1)"
                 )
-        check_integer("diffusion_steps", self.diffusion_steps)
-        check_integer("inference_steps", self.inference_steps)
+        check_integer("diffusion_steps", self.diffusion_steps, high=MAX_SAMPLER_STEPS)
+        check_integer("inference_steps", self.inference_steps, high=MAX_SAMPLER_STEPS)
         if self.kind == "ddpm" and self.inference_steps > self.diffusion_steps:
             raise ConfigError(
                 f"inference_steps = {self.inference_steps}: expected at most diffusion_steps = {self.diffusion_steps}"
@@ -340,12 +342,12 @@ class PolicyConfig:
 
     def _check_vision(self) -> None:
         check_choice("image_encoder", self.image_encoder, IMAGE_ENCODERS)
-        check_integer("keypoints", self.keypoints)
+        check_integer("keypoints", self.keypoints, high=MAX_IMAGE_SIDE)
         channels = self.image_channels
         if not isinstance(channels, list) or not 1 <= len(channels) <= 5:
             raise ConfigError(f"image_channels = {channels!r}: expected a list of 1 to 5 channel counts")
         for index, value in enumerate(channels):
-            check_integer(f"image_channels[{index}]", value)
+            check_integer(f"image_channels[{index}]", value, high=MAX_WIDTH)
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_integer("augmentation_pixels", self.augmentation_pixels, low=0)
         check_range("color_jitter", self.color_jitter, low=0, high=1, high_open=True)
@@ -364,8 +366,12 @@ class PolicyConfig:
                 raise ConfigError(f"cameras = {self.cameras}: set image_shape (e.g. [3, 84, 84]) to use images")
         if self.image_shape is None:
             return
-        if not isinstance(self.image_shape, list | tuple) or not all(is_count(side) for side in self.image_shape):
-            raise ConfigError(f"image_shape = {self.image_shape!r}: expected [3, H, W] of positive integers, or none")
+        if not isinstance(self.image_shape, list | tuple) or not all(
+            is_count(side, 1, MAX_IMAGE_SIDE) for side in self.image_shape
+        ):
+            raise ConfigError(
+                f"image_shape = {self.image_shape!r}: expected [3, H, W] of integers in 1..{MAX_IMAGE_SIDE}, or none"
+            )
         self.image_shape = [int(s) for s in self.image_shape]
         if len(self.image_shape) != 3 or self.image_shape[0] != 3 or min(self.image_shape) < 1:
             raise ConfigError(f"image_shape = {self.image_shape}: expected [3, H, W] (RGB) or none")

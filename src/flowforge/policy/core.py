@@ -28,6 +28,7 @@ composition every kind shares, so that comparisons between kinds are about the h
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from flowforge.data.normalize import Normalizer
 from flowforge.errors import DataError, NumericalError
+from flowforge.matching.consistency import DISTILLATION_METHODS
 from flowforge.policy.config import DERIVED_FEATURES, PolicyConfig
 from flowforge.policy.encoders import Batch, ObservationEncoder
 from flowforge.policy.expert import ActionExpert
@@ -97,10 +99,6 @@ def _upgrade_released_keys(state_dict: dict[str, Tensor], prefix: str, *args: An
                 break
 
 
-#: How a consistency head can be distilled from a flow policy (:meth:`ChunkPolicy.distillation_loss`).
-DISTILLATION_METHODS = ("consistency", "trajectory")
-
-
 @register("chunk-policy", "policy")
 class ChunkPolicy(Rebuildable, nn.Module):
     """Encoder + action expert + head + normalisers, built from a :class:`PolicyConfig` (see the
@@ -155,7 +153,8 @@ class ChunkPolicy(Rebuildable, nn.Module):
         self.encoder.set_image_statistics(stats)
 
     def set_instruction_embeddings(self, embeddings: Tensor | None = None) -> None:
-        """Store the embeddings of ``config.instructions`` (computed with MiniLM when not given)."""
+        """Store the embeddings of ``config.instructions`` (computed with MiniLM when not given); see
+        :meth:`~flowforge.policy.encoders.ObservationEncoder.set_instruction_embeddings`."""
         self.encoder.set_instruction_embeddings(embeddings)
 
     # ---------------------------------------------------------------- normalisation
@@ -208,9 +207,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError(
                 f"action must be a float tensor of shape {expected}, got {action.dtype} of shape {tuple(action.shape)}"
             )
-        if finite_checks_enabled():
-            _refuse_non_finite("action", action)
         checked["action"] = action.to(self.action_normalizer.shift)
+        if finite_checks_enabled():
+            _refuse_non_finite("action", checked["action"], action)
         if batch.get("action_is_pad") is not None:
             pad = _as_tensor("action_is_pad", batch["action_is_pad"])
             if pad.dtype != torch.bool or tuple(pad.shape) != expected[:2]:
@@ -427,9 +426,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
             )
         if state.shape[0] == 0:
             raise ValueError("state has 0 rows: a chunk is predicted for at least one observation")
-        if not training or finite_checks_enabled():  # a prediction's state is always scanned
-            _refuse_non_finite("state", state)
         checked["state"] = state.to(self.state_normalizer.shift)
+        if not training or finite_checks_enabled():  # a prediction's state is always scanned
+            _refuse_non_finite("state", checked["state"], state)  # after the cast: 1e300 is inf in float32
         if self.encoder.sees_images:
             expected = (state.shape[0], cfg.obs_horizon, *cfg.image_shape)
             for key, image in zip(cfg.image_keys, camera_images(batch, cfg), strict=True):
@@ -441,6 +440,11 @@ class ChunkPolicy(Rebuildable, nn.Module):
                     )
                 if image.is_floating_point() and finite_checks_enabled():
                     _refuse_non_finite(key, image)
+                    if bool(((image < 0) | (image > 255)).any()):
+                        raise ValueError(
+                            f"{key} holds values outside 0-255 ({image.min().item()} to {image.max().item()}); "
+                            "float images are pixel values in 0-255"
+                        )
                 checked.pop("image", None)
                 checked[key] = image.to(self.state_normalizer.shift.device)
         return checked
@@ -511,11 +515,15 @@ def _as_tensor(name: str, value: Any) -> Tensor:
         raise ValueError(f"{name} must be a tensor or array of numbers, got {type(value).__name__}") from error
 
 
-def _refuse_non_finite(name: str, value: Tensor) -> None:
+def _refuse_non_finite(name: str, value: Tensor, given: Tensor | None = None) -> None:
+    """Refuse NaN or inf in ``value``; ``given``: the tensor before its cast to the model's dtype, to
+    name a finite number too large for that dtype."""
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         index = tuple(int(i) for i in (~finite).nonzero()[0])
-        raise ValueError(f"{name} holds {value[index].item()} at index {index}; expected finite values")
+        original = value[index].item() if given is None else given[index].item()
+        beyond = "" if math.isinf(original) or math.isnan(original) else f" (beyond the range of {value.dtype})"
+        raise ValueError(f"{name} holds {original} at index {index}{beyond}; expected finite values")
 
 
 __all__ = ["ChunkPolicy", "ChunkResult", "PolicyConfig", "Sampling", "camera_images", "state_statistics"]

@@ -170,11 +170,23 @@ class ObservationEncoder(nn.Module):
         return self.instructions is not None
 
     def set_instruction_embeddings(self, embeddings: Tensor | None = None) -> None:
-        """Fill the instruction table (MiniLM embeddings of ``instructions`` when not given)."""
+        """Fill the instruction table (MiniLM embeddings of ``instructions`` when not given): a finite
+        floating-point tensor of shape ``(len(instructions), embedding size)``."""
         if self.instructions is None:
+            if embeddings is not None:
+                raise ValueError("embeddings given to a policy without language input (language = false)")
             return
         if embeddings is None:
             embeddings = encode_instructions(self.instructions)
+        expected = tuple(self.instruction_embeddings.shape)
+        embeddings = torch.as_tensor(embeddings)
+        if not embeddings.is_floating_point() or tuple(embeddings.shape) != expected:
+            raise ValueError(
+                f"embeddings must be a floating-point tensor of shape {expected} (one row per instruction), got "
+                f"{embeddings.dtype} of shape {tuple(embeddings.shape)}"
+            )
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings hold NaN or inf; expected finite values")
         self.instruction_embeddings.copy_(embeddings)
 
     def _language(self, observation: Batch, rows: int) -> Tensor:

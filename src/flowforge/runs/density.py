@@ -523,19 +523,20 @@ def load_run(directory: str | Path) -> Run:
             }
         )
         stats = metadata.get("standardizer")
-        standardizer = None if stats is None else Standardizer(torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
+        statistics = None if stats is None else (torch.tensor(stats["mean"]), torch.tensor(stats["std"]))
     except (ConfigError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory}: the run config inside does not load ({error}); retrain the run") from error
     model = load_model(directory).eval()
     _check_model_fits_run(model, config, directory)
-    if (standardizer is not None) != standardizes(config.data):
+    if (statistics is not None) != standardizes(config.data):
         raise CheckpointError(
             f"{directory / 'checkpoint.json'}: metadata.standardizer is "
-            f"{'missing' if standardizer is None else 'present'}, but the run config's data "
+            f"{'missing' if statistics is None else 'present'}, but the run config's data "
             f"{'is' if standardizes(config.data) else 'is not'} standardised; retrain the run"
         )
-    if standardizer is not None:
-        _check_standardizer(standardizer, tuple(model.event_shape), directory)
+    standardizer = None
+    if statistics is not None:
+        standardizer = _checked_standardizer(*statistics, tuple(model.event_shape), directory)
     return Run(config, model, standardizer, directory)
 
 
@@ -569,9 +570,8 @@ def _check_model_fits_run(model: nn.Module, config: RunConfig, directory: Path) 
         )
 
 
-def _check_standardizer(standardizer: Standardizer, event_shape: tuple[int, ...], directory: Path) -> None:
+def _checked_standardizer(mean: Tensor, std: Tensor, event_shape: tuple[int, ...], directory: Path) -> Standardizer:
     """A checkpoint's standardisation: one finite mean and positive, finite scale per feature."""
-    mean, std = standardizer.mean, standardizer.std
     where = f"{directory / 'checkpoint.json'}: metadata.standardizer"
     if tuple(mean.shape) != event_shape or tuple(std.shape) != event_shape:
         raise CheckpointError(
@@ -581,6 +581,7 @@ def _check_standardizer(standardizer: Standardizer, event_shape: tuple[int, ...]
         raise CheckpointError(f"{where}: mean and std must be floating-point numbers")
     if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
         raise CheckpointError(f"{where}: expected finite means and finite scales > 0 (NaN, inf or 0 found)")
+    return Standardizer(mean, std)
 
 
 # ---------------------------------------------------------------- sampling and densities

@@ -45,8 +45,9 @@ from flowforge.config import (
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError, is_out_of_memory, memory_asked
+from flowforge.matching.consistency import DISTILLATION_METHODS
 from flowforge.policy import POLICY_KINDS, build_policy
-from flowforge.policy.core import DISTILLATION_METHODS, ChunkPolicy, PolicyConfig
+from flowforge.policy.core import ChunkPolicy, PolicyConfig
 from flowforge.policy.data import (
     CAMERA_PREFIX,
     PolicyWindows,

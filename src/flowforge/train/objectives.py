@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.eval.metrics import energy_distance
-from flowforge.matching.consistency import ConsistencyMatcher
-from flowforge.validation import check_count, is_count
+from flowforge.matching.consistency import DISTILLATION_METHODS, ConsistencyMatcher
+from flowforge.validation import check_choice, check_count, is_count
 
 #: ``(x, context)``: ``x`` a tensor of rows or a dict of tensors with the same rows.
 Batch = tuple[Tensor | dict[str, Tensor], Tensor | None]
@@ -108,9 +108,12 @@ class PolicyDistillation(Objective):
     (``model.distillation_loss(batch, teacher, method, intervals)``); validation uses the same loss."""
 
     def __init__(self, teacher: nn.Module, method: str = "consistency", intervals: int = 18) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a trained flow ChunkPolicy, got {type(teacher).__name__}")
+        check_choice("method", method, DISTILLATION_METHODS)
         self.teacher = teacher.eval()
         self.method = method
-        self.intervals = intervals
+        self.intervals = check_count("intervals", intervals)
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
         data, _ = batch
@@ -139,8 +142,10 @@ class ReverseKL(Objective):
             from flowforge.data.targets import target as named_target
 
             target = named_target(target)
+        if not callable(target):
+            raise TypeError(f"target must be a log-density callable or a built-in name, got {type(target).__name__}")
         self.target = target
-        self.samples = int(samples)
+        self.samples = check_count("samples", samples)
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
         x, log_q = model.sample_and_log_prob(self.samples)

@@ -39,6 +39,7 @@ from flowforge.checkpoint import (
     save_checkpoint,
     verify_files,
 )
+from flowforge.config import check_range
 from flowforge.errors import CheckpointError, RebuildError
 
 
@@ -56,7 +57,10 @@ class ExponentialMovingAverage:
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_range("decay", decay, low=0, high=1, low_open=True, high_open=True)
+        self.decay = float(decay)
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
