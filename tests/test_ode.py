@@ -175,6 +175,10 @@ def test_bad_solver_inputs_are_refused_at_entry() -> None:
         ),
         (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (0.0, 1.0), "rk4"), ValueError, r"f returned \(2, 1"),
         (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (torch.zeros(2), 1.0)), ValueError, "a velocity has"),
+        (lambda: odeint(decay, ones, 0.5), ValueError, r"t_span must be \(t0, t1\), got 0\.5"),
+        (lambda: odeint(decay, ones, (0.0, 1e300), "rk4"), ValueError, r"t1 - t0 = 1e\+300: beyond the range of"),
+        (lambda: odeint(decay, ones, (0.0, 1e300), "dopri5"), ValueError, r"t1 = 1e\+300: beyond the range of"),
+        (lambda: odeint(decay, ones, (0.0, 1.0), "rk4", max_steps=5), ValueError, "max_steps = 5: rk4 takes exactly"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

@@ -433,3 +433,11 @@ def test_a_run_config_refuses_settings_its_head_would_ignore(settings: str, mess
         parse_policy_config(f'[data]\nroot = "data/x"\n[policy]\n{settings}\n')
     parse_policy_config('[data]\nroot = "data/x"\n[policy]\nkind = "flow"\ndiffusion_steps = 100\n')  # the default
     parse_policy_config('[data]\nroot = "data/x"\n[policy]\nkind = "ddpm"\ndiffusion_steps = 7\ninference_steps = 3\n')
+
+
+def test_a_flow_distributions_sample_shape_is_checked() -> None:
+    distribution = RealNVP(2, transforms=2).distribution()
+    assert distribution.sample((3, 2)).shape == (3, 2, 2) and distribution.sample().shape == (2,)
+    for shape in ((-1,), (0,), (2.5,), 3):
+        with pytest.raises(ValueError, match="sample_shape must be a tuple of positive ints"):
+            distribution.rsample(shape)

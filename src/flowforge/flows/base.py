@@ -32,7 +32,7 @@ from flowforge.checkpoint import load_model, save_model
 from flowforge.distributions import BaseDistribution
 from flowforge.registry import Rebuildable
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_batched, check_sample_count, describe_shape, model_dtype
+from flowforge.validation import check_batched, check_sample_count, describe_shape, is_count, model_dtype
 
 
 class Flow(Rebuildable, nn.Module):
@@ -224,6 +224,8 @@ class FlowDistribution(Distribution):
         return constraints.independent(constraints.real, len(self.event_shape))
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        if not isinstance(sample_shape, tuple | list | torch.Size) or not all(is_count(s) for s in sample_shape):
+            raise ValueError(f"sample_shape must be a tuple of positive ints, got {sample_shape!r}")
         sample_shape = torch.Size(sample_shape)
         x = self.flow.rsample(max(prod(sample_shape), 1), self.context)
         return x.reshape(*sample_shape, *self.batch_shape, *self.event_shape)

@@ -91,6 +91,12 @@ def _time(name: str, value: float | Tensor) -> float:
     return check_real(name, value)
 
 
+def _check_fits(name: str, value: float, dtype: torch.dtype) -> None:
+    """Refuse a finite time too large for the state's dtype (it would overflow to inf there)."""
+    if not abs(value) <= torch.finfo(dtype).max:
+        raise ValueError(f"{name} = {value!r}: beyond the range of {dtype}, the state's dtype")
+
+
 def checked_end(x1: Tensor, x0: Tensor, solve: str, hint: str) -> Tensor:
     """``x1``, refused when it is NaN or inf (when the process-wide scan is on): as the start's NaN
     when the start holds one, else as a solve that blew up. One scan when all is well."""
@@ -107,7 +113,7 @@ def per_sample_time(name: str, value: float | Tensor, x: Tensor) -> Tensor:
     """A time given as a scalar or per sample, as a tensor of shape (batch,) in x's dtype and device;
     NaN and inf are refused (scalars always, tensors when the process-wide scan is on)."""
     if not isinstance(value, Tensor):
-        check_real(name, value)
+        _check_fits(name, check_real(name, value), x.dtype)
     t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     if t.dim() == 0:
         t = t.expand(x.shape[0])
@@ -138,7 +144,9 @@ def integrate_fixed(
     steps = check_count("steps", steps)
     x0 = check_start(x0, finite=False)  # scanned with the end, once
     if _is_scalar(t0) and _is_scalar(t1):
-        x1 = _integrate_shared_time(f, x0, _time("t0", t0), _time("t1", t1), steps, tableau)
+        start, end = _time("t0", t0), _time("t1", t1)
+        _check_fits("t1 - t0", end - start, x0.dtype)
+        x1 = _integrate_shared_time(f, x0, start, end, steps, tableau)
         return checked_end(x1, x0, f"{tableau.name} ({steps} steps)", _FIXED_HINT) if check_end else x1
     start = per_sample_time("t0", t0, x0)
     h = (per_sample_time("t1", t1, x0) - start) / steps

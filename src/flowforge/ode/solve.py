@@ -90,7 +90,7 @@ def odeint(
     atol: float | None = None,
     rtol: float | None = None,
     adjoint: bool = False,
-    max_steps: int = 10_000,
+    max_steps: int | None = None,
     adjoint_tensors: tuple[Tensor, ...] = (),
     check_end: bool = True,
 ) -> Tensor:
@@ -108,7 +108,8 @@ def odeint(
             does not read is refused (:func:`solver_settings`).
         adjoint: backpropagate by solving the adjoint ODE (memory independent of the number of
             steps) instead of through the solver's operations (adaptive methods).
-        max_steps: give up after this many adaptive steps.
+        max_steps: give up after this many adaptive steps (default 10,000); refused with a fixed-step
+            method, which takes exactly ``steps``.
         adjoint_tensors: tensors other than ``f``'s parameters that ``f`` reads and that need
             gradients (a context from an embedding net, say); the adjoint only differentiates what
             it is told about.
@@ -128,17 +129,19 @@ def odeint(
     >>> torch.allclose(x1, torch.full((2, 1), torch.e ** -1), atol=1e-6)
     True
     """
-    if len(t_span) != 2:
-        raise ValueError(f"t_span must be (t0, t1), got {len(t_span)} values")
+    if not isinstance(t_span, tuple | list) or len(t_span) != 2:
+        raise ValueError(f"t_span must be (t0, t1), got {t_span!r}")
     steps, atol, rtol = solver_settings(method, steps, atol, rtol)
     if method in TABLEAUS:
         if adjoint:
             raise ValueError("adjoint=True needs an adaptive method; fixed-step methods backpropagate directly")
+        if max_steps is not None:
+            raise ValueError(f"max_steps = {max_steps!r}: {method} takes exactly steps = {steps}; leave max_steps out")
         return integrate_fixed(f, x0, t_span[0], t_span[1], steps, TABLEAUS[method], check_end=check_end)
     if adjoint and not isinstance(f, nn.Module):
         raise ValueError("adjoint=True needs f to be an nn.Module (its parameters are what the adjoint differentiates)")
     x0 = check_start(x0)
-    max_steps = check_count("max_steps", max_steps)
+    max_steps = 10_000 if max_steps is None else check_count("max_steps", max_steps)
     start = per_sample_time("t0", t_span[0], x0)
     span = per_sample_time("t1", t_span[1], x0) - start
     field = _UnitIntervalField(f, start, span, x0.dim() - 1)
