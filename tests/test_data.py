@@ -251,3 +251,12 @@ def test_standardizer_and_bits_per_dim_refuse_what_would_give_nan() -> None:
         digits_bits_per_dim(float("nan"))
     with pytest.raises(ValueError, match="dims must be a positive int, got 0"):
         digits_bits_per_dim(1.0, dims=0)
+
+
+def test_a_toy_sets_seed_is_checked() -> None:
+    from flowforge.data import toy_dataset
+
+    assert torch.equal(toy_dataset("moons", 5, seed=3), toy_dataset("moons", 5, seed=3))
+    for seed in (-1, 1.5, 2**32):
+        with pytest.raises(ValueError, match=r"seed must be an int in 0\.\.4294967295"):
+            toy_dataset("moons", 5, seed=seed)

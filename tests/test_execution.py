@@ -255,6 +255,7 @@ def test_bad_execution_settings_are_refused() -> None:
         ChunkExecutor(_policy("ddpm"), execution="rtc", delay=2)
     with pytest.raises(ValueError, match="temporal_ensemble must be a finite number >= 0 or None, got True"):
         ChunkExecutor(policy, temporal_ensemble=True)
+    assert ChunkExecutor(policy, temporal_ensemble=np.float32(0.1)).temporal_ensemble == pytest.approx(0.1)
     for value in (-1.0, float("nan")):
         with pytest.raises(ValueError, match="max_guidance must be a finite number >= 0"):
             ChunkExecutor(policy, execution="rtc", delay=1, max_guidance=value)

@@ -305,3 +305,11 @@ def test_quality_against_nfe_covers_fixed_steps_adaptive_and_the_cnf() -> None:
     assert len(cnf) == 1 and cnf[0].label == "adaptive" and cnf[0].nfe > 0
     with pytest.raises(TypeError, match="reports no NFE"):
         quality_against_nfe(nn.Linear(2, 2), mean_norm, 4)
+
+
+def test_the_consistency_interval_count_is_asked_for_a_training_step() -> None:
+    model = ConsistencyMatcher(VelocityMLP(2, hidden=(8,)))
+    assert model.intervals(0) == model.initial_intervals and model.intervals(10**9) == model.final_intervals
+    for step in (-1, 1.5, "a"):
+        with pytest.raises(ValueError, match=r"step must be an int >= 0"):
+            model.intervals(step)

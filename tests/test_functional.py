@@ -161,3 +161,17 @@ def test_the_flow_matching_loss_refuses_times_outside_the_unit_interval() -> Non
     x = torch.randn(4, 2)
     with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\].*got 5 at index 0"):
         flow_matching_loss(lambda x, t: x, x, x, torch.full((4,), 5.0), LinearPath())
+
+
+def test_the_loss_refuses_unpaired_or_empty_batches_and_a_path_by_name() -> None:
+    def velocity(x, t):
+        return x
+
+    rows = torch.zeros(3, 2)
+    for x0, x1, t, path, error, message in (
+        (torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0), LinearPath(), ValueError, "got \\(0, 2\\) and"),
+        (rows, torch.zeros(2, 2), torch.zeros(3), LinearPath(), ValueError, "paired rows of one shape"),
+        (rows, rows, torch.zeros(3), "linear", TypeError, "path must be an AffinePath"),
+    ):
+        with pytest.raises(error, match=message):
+            flow_matching_loss(velocity, x0, x1, t, path)

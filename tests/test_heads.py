@@ -538,3 +538,20 @@ def test_consistency_distillation_targets_the_teachers_ode_map() -> None:
     assert float(head.distillation_loss(garbage, SimpleNamespace(denoise=exact_student), pad, teacher, 18)) < 1e-6
     with pytest.raises(ValueError, match="needs one segment"):
         _policy("consistency", consistency_segments=2).head.distillation_loss(target, None, None, teacher, 18)
+
+
+def test_schedulers_and_rtc_weights_refuse_arguments_outside_their_ranges() -> None:
+    from flowforge.policy.heads import rtc_weights
+
+    alpha_bar = cosine_alpha_bar(100)
+    for call, message in (
+        (lambda: DDIMScheduler(alpha_bar, 0), r"steps must be an int in 1\.\.100, got 0"),
+        (lambda: DDIMScheduler(alpha_bar, 101), r"steps must be an int in 1\.\.100, got 101"),
+        (lambda: DDIMScheduler(alpha_bar, 10, float("nan")), "clip must be a finite number > 0, got nan"),
+        (lambda: rtc_weights(0, frozen=0, overlap=0), "horizon must be a positive int, got 0"),
+        (lambda: rtc_weights(6, frozen=-1, overlap=5), r"frozen must be an int in 0\.\.6, got -1"),
+        (lambda: rtc_weights(6, frozen=2, overlap=-3), "overlap must be an int >= 0, got -3"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert len(DDIMScheduler(alpha_bar, 100).timesteps) == 100

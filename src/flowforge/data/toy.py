@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from flowforge.config import MAX_SEED
 from flowforge.validation import check_count
 
 
@@ -124,4 +125,4 @@ def toy_dataset(name: str, n: int, seed: int = 0) -> Tensor:
     """
     if name not in TOY_DATASETS:
         raise ValueError(f"unknown 2-D data set {name!r}; choose one of {', '.join(TOY_DATASETS)}")
-    return TOY_DATASETS[name](n, seed=seed)
+    return TOY_DATASETS[name](n, seed=check_count("seed", seed, low=0, high=MAX_SEED))

@@ -172,7 +172,7 @@ class ConsistencyMatcher(FlowMatcher):
 
     def intervals(self, step: int | None = None) -> int:
         """N at a training step (default: the current one): doubling from the initial to the final N."""
-        step = int(self.training_step) if step is None else step
+        step = int(self.training_step) if step is None else check_count("step", step, low=0)
         doublings = math.floor(math.log2(self.final_intervals / self.initial_intervals))
         stage_length = max(self.total_steps // (doublings + 1), 1)
         return min(self.initial_intervals * 2 ** (step // stage_length), self.final_intervals)

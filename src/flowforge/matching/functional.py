@@ -77,6 +77,12 @@ def flow_matching_loss(
         mask: which elements count (bool, a leading shape of the data); ``None``: all.
         weights: per-element weights (a leading shape of the data); ``None``: 1.
     """
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"path must be an AffinePath (LinearPath, ...), got {type(path).__name__}")
+    if x0.shape != x1.shape or x1.dim() == 0 or x1.shape[0] == 0:
+        raise ValueError(
+            f"x0 and x1 must be paired rows of one shape (batch >= 1, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
     check_unit_times("t", t)
     x_t, target = path.sample(x0, x1, t)
     return masked_mean((velocity(x_t, t) - target).square(), mask, weights)

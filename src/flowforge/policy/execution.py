@@ -70,6 +70,7 @@ import statistics
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -294,7 +295,7 @@ class ChunkExecutor:
         n_action_steps = check_count("n_action_steps", n_action_steps, high=config.horizon)
         if temporal_ensemble is not None and (
             isinstance(temporal_ensemble, bool)
-            or not isinstance(temporal_ensemble, int | float)
+            or not isinstance(temporal_ensemble, Real)  # a NumPy number too, as everywhere else
             or not math.isfinite(temporal_ensemble)
             or temporal_ensemble < 0
         ):

@@ -163,6 +163,9 @@ def rtc_weights(horizon: int, frozen: int, overlap: int, schedule: str = RTC_SCH
     [1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
     """
     check_choice("schedule", schedule, RTC_SCHEDULES)
+    horizon = check_count("horizon", horizon)
+    frozen = check_count("frozen", frozen, low=0, high=horizon)
+    overlap = check_count("overlap", overlap, low=0)
     index = torch.arange(horizon, dtype=torch.float64)
     overlap = min(max(overlap, frozen), horizon)
     c = (overlap - index) / (overlap - frozen + 1)
@@ -845,7 +848,8 @@ class DDIMScheduler:
     """
 
     def __init__(self, alpha_bar: Tensor, steps: int, clip: float | None = None) -> None:
-        self.alpha_bar, self.clip = alpha_bar, clip
+        check_count("steps", steps, high=len(alpha_bar))
+        self.alpha_bar, self.clip = alpha_bar, check_real("clip", clip, positive=True, optional=True)
         self.timesteps = self._timesteps(len(alpha_bar), steps)
 
     @staticmethod
