@@ -7,7 +7,7 @@ from itertools import pairwise
 
 from torch import nn
 
-from flowforge.validation import check_activation, check_dropout
+from flowforge.validation import check_activation, check_count, check_dropout
 
 
 class MLP(nn.Sequential):
@@ -40,13 +40,15 @@ class MLP(nn.Sequential):
     ) -> None:
         activation = check_activation("activation", activation)
         dropout = check_dropout("dropout", dropout)
-        widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+        if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
+            raise TypeError(f"hidden must be a sequence of layer widths, e.g. (64, 64), got {hidden!r}")
+        widths = [
+            check_count("in_features", in_features),
+            *(check_count(f"hidden[{i}]", h) for i, h in enumerate(hidden)),
+            check_count("out_features", out_features),
+        ]
         if dropout and len(widths) < 3:
             raise ValueError(f"dropout = {dropout}: dropout acts after hidden layers, and hidden is empty")
-        if any(w < 1 for w in widths):
-            raise ValueError(
-                f"MLP widths must be positive, got in={in_features}, hidden={tuple(hidden)}, out={out_features}"
-            )
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(pairwise(widths)):
             if i > 0:
