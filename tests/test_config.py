@@ -73,6 +73,7 @@ def test_values_are_typed_and_converted() -> None:
         ("[model]\nscale = nan", "r.toml: [model] scale = nan: expected a finite number > 0"),
         ("[model]\nwidth = nan", "r.toml: [model] width = nan: expected an integer"),
         ("[model]\nlimit = nan", "r.toml: [model] limit = nan: expected a finite number (or none)"),
+        ("[model]\ninner = nan", "r.toml: [model] inner = nan: expected a table"),
         ("[model]\nscale = -1", "r.toml: [model] scale = -1.0: expected a finite number > 0"),
         ('[model]\nname = "alpah"', "r.toml: [model] name = 'alpah' is not one of a, b, alpha (did you mean 'alpha'?)"),
         ("[model\n", "r.toml: not valid TOML"),

@@ -164,6 +164,12 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: settings of type {annotation!r} cannot be read from a config")  # pragma: no cover
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a setting of this type is a number (an int, a float, or either or none)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(kind in (annotation, *options) for kind in (int, float))
+
+
 def _nan_refused(where: str, key: str, annotation: Any) -> ConfigError:
     """The refusal of ``nan`` for a setting whose type takes no nan (an integer, an optional number)."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
@@ -184,6 +190,8 @@ def build_dataclass(cls: type[T], values: dict[str, Any], where: str) -> T:
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(fields)}"
             raise ConfigError(f"{where} has no setting {key!r}{hint}")
         if isinstance(value, float) and math.isnan(value) and hints[key] is not float:
+            if not _numeric(hints[key]):
+                raise ConfigError(f"{where} {key} = nan: expected {_type_name(hints[key])}")
             # TOML's nan for an integer or an optional number: the dataclass's own check names its range.
             nan_keys.append(key)
             checked[key] = value
