@@ -530,8 +530,9 @@ def test_a_checkpoints_standardisation_is_checked_on_load(tmp_path: Path) -> Non
     assert _train(CONFIGS / "maf_wine.toml", run).exit_code == 0
     manifest = json.loads((run / "checkpoint.json").read_text())
     for change, message in (
-        (lambda stats: stats["std"].__setitem__(0, float("nan")), "finite means and finite scales > 0"),
-        (lambda stats: stats["std"].__setitem__(0, 0.0), "finite means and finite scales > 0"),
+        (lambda stats: stats["std"].__setitem__(0, float("nan")), "metadata.standardizer: std holds NaN or inf"),
+        (lambda stats: stats["std"].__setitem__(0, 0.0), "metadata.standardizer: std must be > 0 in every column"),
+        (lambda stats: stats["mean"].__setitem__(1, float("inf")), "metadata.standardizer: mean holds NaN or inf"),
         (lambda stats: stats["mean"].pop(), "has mean [12] and std [13]; the model's points are [13]"),
     ):
         metadata = json.loads(json.dumps(manifest["metadata"]))

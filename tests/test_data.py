@@ -260,3 +260,13 @@ def test_a_toy_sets_seed_is_checked() -> None:
     for seed in (-1, 1.5, 2**32):
         with pytest.raises(ValueError, match=r"seed must be an int in 0\.\.4294967295"):
             toy_dataset("moons", 5, seed=seed)
+
+
+def test_a_standardizer_refuses_data_that_is_not_a_table_of_floats() -> None:
+    standardizer = Standardizer.fit(torch.zeros(3, 2))
+    with pytest.raises(TypeError, match=r"data must be a floating-point tensor \(rows, columns\), got list"):
+        Standardizer.fit([[1.0]])
+    with pytest.raises(TypeError, match=r"got torch\.int64"):
+        standardizer.transform(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"data must be 2-D \(rows, columns\), got shape \(3,\)"):
+        standardizer.inverse(torch.zeros(3))

@@ -164,17 +164,22 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: settings of type {annotation!r} cannot be read from a config")  # pragma: no cover
 
 
+def _kinds(annotation: Any) -> tuple[Any, ...]:
+    """The types a setting of this annotation may take: its own, and each of a union's."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return (annotation, *typing.get_args(annotation)) if union else (annotation,)
+
+
 def _numeric(annotation: Any) -> bool:
     """Whether a setting of this type is a number (an int, a float, or either or none)."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
-    return any(kind in (annotation, *options) for kind in (int, float))
+    return int in _kinds(annotation) or float in _kinds(annotation)
 
 
 def _nan_refused(where: str, key: str, annotation: Any) -> ConfigError:
     """The refusal of ``nan`` for a setting whose type takes no nan (an integer, an optional number)."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
-    expected = "an integer" if int in (annotation, *options) and float not in options else "a finite number"
-    return ConfigError(f"{where} {key} = nan: expected {expected}{' (or none)' if type(None) in options else ''}")
+    kinds = _kinds(annotation)
+    expected = "a finite number" if float in kinds else "an integer"
+    return ConfigError(f"{where} {key} = nan: expected {expected}{' (or none)' if type(None) in kinds else ''}")
 
 
 def build_dataclass(cls: type[T], values: dict[str, Any], where: str) -> T:

@@ -313,7 +313,7 @@ class Standardizer:
     @classmethod
     def fit(cls, data: Tensor) -> Standardizer:
         """The statistics of ``data`` (rows, columns): finite floats, at least one row."""
-        data = cls._checked("data", data)
+        data = cls._checked(data)
         check_batched("data", data, data.shape[1:], finite=True)
         if len(data) == 0:
             raise ValueError("data has 0 rows: a standardizer is fitted on at least one")
@@ -321,18 +321,21 @@ class Standardizer:
         return cls(data.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
 
     def transform(self, data: Tensor) -> Tensor:
-        return (self._checked("data", data, len(self.mean)) - self.mean) / self.std
+        return (self._checked(data, len(self.mean)) - self.mean) / self.std
 
     def inverse(self, data: Tensor) -> Tensor:
-        return self._checked("data", data, len(self.mean)) * self.std + self.mean
+        return self._checked(data, len(self.mean)) * self.std + self.mean
 
     @staticmethod
-    def _checked(name: str, data: object, columns: int | None = None) -> Tensor:
-        if not isinstance(data, Tensor) or not data.is_floating_point() or data.dim() != 2:
-            shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-            raise ValueError(f"{name} must be a 2-D floating-point tensor (rows, columns), got {shape}")
+    def _checked(data: object, columns: int | None = None) -> Tensor:
+        """``data`` as (rows, columns) floats, with ``columns`` columns when given."""
+        if not isinstance(data, Tensor) or not data.is_floating_point():
+            kind = data.dtype if isinstance(data, Tensor) else type(data).__name__
+            raise TypeError(f"data must be a floating-point tensor (rows, columns), got {kind}")
+        if data.dim() != 2:
+            raise ValueError(f"data must be 2-D (rows, columns), got shape {tuple(data.shape)}")
         if columns is not None and data.shape[1] != columns:
-            raise ValueError(f"{name} has {data.shape[1]} columns; this standardizer was fitted on {columns}")
+            raise ValueError(f"data has {data.shape[1]} columns; this standardizer was fitted on {columns}")
         return data
 
 

@@ -577,11 +577,10 @@ def _checked_standardizer(mean: Tensor, std: Tensor, event_shape: tuple[int, ...
         raise CheckpointError(
             f"{where} has mean {list(mean.shape)} and std {list(std.shape)}; the model's points are {list(event_shape)}"
         )
-    if not (mean.is_floating_point() and std.is_floating_point()):
-        raise CheckpointError(f"{where}: mean and std must be floating-point numbers")
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-        raise CheckpointError(f"{where}: expected finite means and finite scales > 0 (NaN, inf or 0 found)")
-    return Standardizer(mean, std)
+    try:
+        return Standardizer(mean, std)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: {error}") from error
 
 
 # ---------------------------------------------------------------- sampling and densities

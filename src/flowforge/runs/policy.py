@@ -384,14 +384,13 @@ def check_resume_tables(config: PolicyRunConfig, directory: str | Path) -> None:
                     f"{table}.{key}: {before.get(key)!r} -> {settings.get(key)!r}); resume with the settings it "
                     "was started with, or start a new run in another folder"
                 )
-    saved_policy, free = asdict(load_policy(directory).policy_config), _filled_in(config.policy)
-    for key, value in asdict(config.policy).items():
-        if key not in free and saved_policy.get(key) != value:
-            raise CheckpointError(
-                f"cannot resume {directory}: the run was trained with other settings (policy.{key}: "
-                f"{saved_policy.get(key)!r} -> {value!r}); resume with the settings it was started with, or start a "
-                "new run in another folder"
-            )
+    changed = _differences(config.policy, load_policy(directory).policy_config, _filled_in(config.policy))
+    if changed:
+        key, now, before = changed[0]
+        raise CheckpointError(
+            f"cannot resume {directory}: the run was trained with other settings (policy.{key}: {before!r} -> "
+            f"{now!r}); resume with the settings it was started with, or start a new run in another folder"
+        )
 
 
 def _saved_without_fingerprint(directory: Path) -> bool:
@@ -477,14 +476,19 @@ def _filled_in(config: PolicyConfig) -> frozenset[str]:
     return DATA_SETTINGS | ({"cameras"} if config.cameras is None else set())
 
 
-def _differing_settings(mine: PolicyConfig, theirs: PolicyConfig, free: frozenset[str], label: str) -> str:
-    """The policy settings outside ``free`` in which ``mine`` differs from ``theirs``, shown as
-    ``key = mine (label theirs)``; empty when none does."""
+def _differences(mine: PolicyConfig, theirs: PolicyConfig, free: frozenset[str]) -> list[tuple[str, Any, Any]]:
+    """``(key, mine, theirs)`` for every policy setting outside ``free`` in which the two differ, by key."""
     mine_settings, their_settings = asdict(mine), asdict(theirs)
-    differing = sorted(
-        key for key in mine_settings if key not in free and mine_settings[key] != their_settings.get(key)
-    )
-    return ", ".join(f"{key} = {mine_settings[key]!r} ({label} {their_settings.get(key)!r})" for key in differing)
+    return [
+        (key, value, their_settings.get(key))
+        for key, value in sorted(mine_settings.items())
+        if key not in free and value != their_settings.get(key)
+    ]
+
+
+def _differing_settings(mine: PolicyConfig, theirs: PolicyConfig, free: frozenset[str], label: str) -> str:
+    """:func:`_differences` shown as ``key = mine (label theirs)``; empty when there are none."""
+    return ", ".join(f"{key} = {value!r} ({label} {other!r})" for key, value, other in _differences(mine, theirs, free))
 
 
 def load_policy(directory: str | Path, map_location: str | torch.device | None = None) -> ChunkPolicy:
