@@ -770,7 +770,7 @@ def policy_eval(
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
-        raise ConfigError(str(error)) from error
+        raise ConfigError(_as_eval_flags(str(error))) from error
     if names is None:
         by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
         names = [by_instruction[text] for text in config.instructions if text in by_instruction]
@@ -800,6 +800,34 @@ def policy_eval(
         except OSError as error:  # a full disk or a file-size limit: the earlier file is kept whole
             raise ConfigError(f"--out {out}: cannot write the results ({error.strerror or error})") from error
         typer.echo(f"wrote {out}")
+
+
+# ChunkExecutor's arguments as `policy eval` spells them, so that its refusals name the flag given
+_EXECUTOR_FLAGS = {
+    "overlap_guidance": "--overlap-guidance",
+    "noise_scale": "--noise-scale",
+    "n_action_steps": "--n-action-steps",
+    "guidance_schedule": "--rtc-schedule",
+    "guidance_jacobian": "--rtc-jacobian",
+    "guided_overlap": "--rtc-overlap",
+    "max_guidance": "--max-guidance",
+    "candidates": "--candidates",
+    "execution": "--execution",
+    "delay": "--delay",
+    "steps": "--steps",
+}
+_EXECUTOR_ARGUMENT = re.compile(r"\b(" + "|".join(_EXECUTOR_FLAGS) + r")\s*=\s*(True\b)?")
+
+
+def _as_eval_flags(message: str) -> str:
+    """A ``ChunkExecutor`` refusal with its ``argument = value`` spelled as the flag: ``noise_scale =
+    0.5`` becomes ``--noise-scale 0.5`` and ``overlap_guidance = True`` becomes ``--overlap-guidance``."""
+
+    def flag(match: re.Match[str]) -> str:
+        name = _EXECUTOR_FLAGS[match.group(1)]
+        return name if match.group(2) else name + " "
+
+    return _EXECUTOR_ARGUMENT.sub(flag, message)
 
 
 def _refuse_metadata_file(path: Path, option: str) -> None:
