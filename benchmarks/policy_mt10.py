@@ -76,10 +76,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(args: argparse.Namespace, kind: str, data: Path, image: bool = False):
+    steps = args.image_steps if image else args.steps
     overrides = [
         f'policy.kind="{kind}"',
         f'data.root="{data}"',
-        f"train.steps={args.image_steps if image else args.steps}",
+        f"train.steps={steps}",
+        f"train.warmup_steps={min(500, steps // 10)}",  # the config's 500 at the default steps
         f"train.seed={args.seed}",
         "train.progress=true" if args.progress else "train.progress=false",
     ]

@@ -424,7 +424,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.eval_processes < 1:
         parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
-    args.delays = [int(d) for d in args.delays.split(",")]
+    try:
+        args.delays = sorted({int(d) for d in args.delays.split(",")})
+    except ValueError:
+        parser.error(f"--delays {args.delays!r}: need comma-separated control steps, e.g. 0,2,4,6")
+    if args.delays[0] < 0 or args.delays[-1] > 16:
+        parser.error(f"--delays {','.join(map(str, args.delays))}: need delays in 0..16 (the chunk's steps)")
     try:
         args.few_step_noise_scales = [float(s) for s in args.few_step_noise_scales.split(",")]
     except ValueError:
@@ -507,6 +512,9 @@ def main() -> None:
                 temperatures[name] = {"chosen": chosen, "validation": validation}
     if not all(name in runs for name in ("flow", "flow-rtc", *FEW_STEP)):
         print("evaluations of these models done; the summary needs every model (run without --models)")
+        return
+    if 0 not in args.delays:
+        print("evaluations at these delays done; the summary compares with the synchronous policy at D = 0")
         return
     latency = _latency(args, runs)
     likelihood = _likelihood(args, runs["flow"])

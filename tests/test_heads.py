@@ -162,6 +162,21 @@ def test_chunk_from_noise_is_predict_chunks_computation_and_replays_on_new_input
         assert nfe == expected.nfe
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.parametrize("kind", HEADS)
+def test_chunk_from_noise_reads_no_value_back_to_the_host(kind: str) -> None:
+    """A value read back (``.item()``, ``bool(tensor)``) breaks a compiled graph and cannot be captured
+    in a CUDA graph: the sampling path, language lookup included, traces as one graph."""
+    policy = _policy(kind).eval()
+    batch = {key: value for key, value in _batch().items() if key in ("state", "image", "task_index")}
+    sampling, noise = policy.sampling(None if kind == "mse" else 2), torch.randn(5, 8, 2)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(policy.chunk_from_noise)(batch, noise, sampling)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+
+
 @pytest.mark.parametrize("kind", HEADS)
 def test_steps_k_cost_k_evaluations_per_level_and_leave_the_config_unchanged(kind: str) -> None:
     policy = _policy(kind).eval()

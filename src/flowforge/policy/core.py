@@ -447,7 +447,33 @@ class ChunkPolicy(Rebuildable, nn.Module):
                         )
                 checked.pop("image", None)
                 checked[key] = image.to(self.state_normalizer.shift.device)
+        if self.encoder.instructions is not None:
+            self._check_language(checked, state.shape[0], scan=not training or finite_checks_enabled())
         return checked
+
+    def _check_language(self, batch: Batch, rows: int, scan: bool) -> None:
+        """Refuse a ``task_index`` that is not one index per row into the policy's instructions
+        (``scan``: its values too; a negative one would pick an instruction from the end), or an
+        ``instruction`` that is not one string, or one per row."""
+        instructions = self.encoder.instructions
+        if "task_index" in batch:
+            index = _as_tensor("task_index", batch["task_index"])
+            if index.dtype not in (torch.int32, torch.int64) or tuple(index.shape) != (rows,):
+                raise ValueError(
+                    f"task_index must be {rows} integers (one per row), got {index.dtype} {tuple(index.shape)}"
+                )
+            if scan and bool(((index < 0) | (index >= len(instructions))).any()):
+                raise ValueError(
+                    f"task_index must index the {len(instructions)} instructions (0..{len(instructions) - 1}), "
+                    f"got {index.tolist()}"
+                )
+            batch["task_index"] = index
+        elif "instruction" in batch:
+            texts = batch["instruction"]
+            if not isinstance(texts, str) and (
+                not isinstance(texts, list | tuple) or len(texts) != rows or not all(isinstance(t, str) for t in texts)
+            ):
+                raise ValueError(f"instruction must be a string or {rows} strings (one per row), got {texts!r}")
 
     def _checked_noise(self, noise: Tensor, rows: int) -> Tensor:
         noise = torch.as_tensor(noise)

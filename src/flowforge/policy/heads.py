@@ -847,10 +847,14 @@ class DDIMScheduler:
     with min-max normalisation), or ``None``.
     """
 
-    def __init__(self, alpha_bar: Tensor, steps: int, clip: float | None = None) -> None:
+    def __init__(
+        self, alpha_bar: Tensor, steps: int, clip: float | None = None, timesteps: list[int] | None = None
+    ) -> None:
         check_count("steps", steps, high=len(alpha_bar))
         self.alpha_bar, self.clip = alpha_bar, check_real("clip", clip, positive=True, optional=True)
-        self.timesteps = self._timesteps(len(alpha_bar), steps)
+        #: ``timesteps``: the schedule made before (:meth:`DiffusionHead.sampling` keeps them), so
+        #: that sampling reads no value back from a tensor and compiles in one piece.
+        self.timesteps = self._timesteps(len(alpha_bar), steps) if timesteps is None else timesteps
 
     @staticmethod
     def _timesteps(total: int, steps: int) -> list[int]:
@@ -906,6 +910,8 @@ class DiffusionHead(PolicyHead):
         super().__init__(config)
         # Derived from the config, so not saved: a checkpoint carries only what training learned.
         self.register_buffer("alpha_bar", cosine_alpha_bar(config.diffusion_steps), persistent=False)
+        # Each (method, steps)'s diffusion steps, made once by sampling(), outside any compiled region.
+        self._schedules: dict[tuple[str, int], list[int]] = {}
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
@@ -926,7 +932,10 @@ class DiffusionHead(PolicyHead):
                 f"steps = {steps!r}: DDPM sampling runs every one of the {config.diffusion_steps} training steps; "
                 "use the DDIM sampler for fewer (method='ddim', or sampler = 'ddim' in the policy config)"
             )
-        return Sampling(config.diffusion_steps if method == "ddpm" else int(steps), method, 1.0)
+        steps = config.diffusion_steps if method == "ddpm" else int(steps)
+        if (method, steps) not in self._schedules:
+            self._schedules[method, steps] = SCHEDULERS[method]._timesteps(config.diffusion_steps, steps)
+        return Sampling(steps, method, 1.0)
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
         target = fill_padding(target, pad)
@@ -940,7 +949,7 @@ class DiffusionHead(PolicyHead):
 
     def sample(self, cache: ExpertCache, noise: Tensor, *, steps: int, method: str, noise_scale: float) -> Integration:
         clip = 1.5 if self.config.action_normalization == "min_max" else None  # a little room around [-1, 1]
-        scheduler = SCHEDULERS[method](self.alpha_bar, steps, clip)
+        scheduler = SCHEDULERS[method](self.alpha_bar, steps, clip, self._schedules.get((method, steps)))
         total = self.config.diffusion_steps
         x = noise
         for i, k in enumerate(scheduler.timesteps):
