@@ -59,13 +59,12 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import flowforge.validation
-from common import parameter_count, write_results
+from common import RESULTS_DIR, parameter_count, write_results
 
 MODELS = ("MAF", "NSF")
 LIBRARIES = ("flowforge", "zuko", "normflows", "nflows")
@@ -75,7 +74,7 @@ BOUND = 5.0  # spline interval [-BOUND, BOUND]: zuko's NSF fixes it at 5
 TRAIN_SPEEDUP = 1.3  # goal: flowforge training step <= fastest peer / TRAIN_SPEEDUP
 SAMPLE_SPEEDUP = 2.0  # goal: flowforge MAF sampling (32 features) <= zuko / SAMPLE_SPEEDUP
 SAMPLE_GOAL_FEATURES = 32
-RESULTS = Path(__file__).resolve().parent / "results" / "autoregressive_speed.json"
+RESULTS = RESULTS_DIR / "autoregressive_speed.json"
 
 
 @dataclass

@@ -88,6 +88,7 @@ from torch import Tensor, nn
 
 from common import (
     N_TRAIN,
+    RESULTS_DIR,
     LogProb,
     batch_indices,
     parameter_count,
@@ -106,7 +107,7 @@ FEATURES = 2
 NFE_RATIO_GOAL = 0.5  # regularised NFE <= NFE_RATIO_GOAL x unregularised NFE
 NLL_TOLERANCE = 0.05  # nats: regularised NLL <= unregularised NLL + NLL_TOLERANCE
 MODELS = ("ff-mle", "ff-rnode", "zuko-mle")
-RESULTS = Path(__file__).resolve().parent / "results" / "cnf_regularisation.json"
+RESULTS = RESULTS_DIR / "cnf_regularisation.json"
 
 
 class Model:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,10 @@ from torch import Tensor, nn
 from flowforge.data import toy_dataset
 
 LogProb = Callable[[Tensor], Tensor]
+
+#: Where the scripts write their tables (JSON) and figures: ``benchmarks/results/`` (git-ignored), or
+#: the folder ``FLOWFORGE_BENCHMARK_RESULTS`` names (a trial run that must leave measured results alone).
+RESULTS_DIR = Path(os.environ.get("FLOWFORGE_BENCHMARK_RESULTS") or Path(__file__).resolve().parent / "results")
 
 LR = 1e-3
 CLIP_NORM = 10.0

@@ -53,19 +53,18 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from common import parameter_count, write_results
+from common import RESULTS_DIR, parameter_count, write_results
 from flowforge.data import toy_dataset
 from flowforge.flows import MAF, RealNVP
 from flowforge.train import MaximumLikelihood, Trainer, TrainerConfig, init_distributed_from_environment
 from flowforge.train.distributed import ShardedBatches, data_parallel
 from flowforge.train.objectives import Batch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ddp_step_time.json"
+RESULTS = RESULTS_DIR / "ddp_step_time.json"
 PATHS = ("flat", "ddp", "ddp-unused")
 
 

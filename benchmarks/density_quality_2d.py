@@ -39,7 +39,6 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import zuko
@@ -50,6 +49,7 @@ from common import (
     LR,
     N_TEST,
     N_TRAIN,
+    RESULTS_DIR,
     LogProb,
     batch_indices,
     parameter_count,
@@ -66,7 +66,7 @@ FEATURES = 2
 DATASETS = ("moons", "8gaussians", "checkerboard", "pinwheel", "spirals", "rings")
 MODELS = (("flowforge", "MAF"), ("zuko", "MAF"), ("flowforge", "NSF"), ("zuko", "NSF"))
 TOLERANCE = 0.02  # nats: the goal is flowforge NSF <= zuko NSF + TOLERANCE on every data set
-RESULTS = Path(__file__).resolve().parent / "results" / "density_quality_2d.json"
+RESULTS = RESULTS_DIR / "density_quality_2d.json"
 
 
 def build(library: str, model: str, args: argparse.Namespace) -> tuple[nn.Module, LogProb]:

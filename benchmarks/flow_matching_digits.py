@@ -89,7 +89,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from common import parameter_count, write_results
+from common import RESULTS_DIR, parameter_count, write_results
 from flowforge import runs
 from flowforge.checkpoint import write_atomic
 from flowforge.data import digits_images
@@ -100,7 +100,7 @@ from flowforge.runs.data import one_hot
 from flowforge.train import Objective, Trainer, TrainerConfig
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results" / "flow_matching_digits.json"
+RESULTS = RESULTS_DIR / "flow_matching_digits.json"
 LEVELS = 17
 CLASSES = 10
 #: model -> registered kind (cd: a consistency model trained by distillation from fm).

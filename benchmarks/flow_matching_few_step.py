@@ -113,7 +113,7 @@ from flow_matching.utils import ModelWrapper
 from torch import Tensor
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
 
-from common import LR, N_TRAIN, batch_indices, fit, parameter_count, toy_split, write_results
+from common import LR, N_TRAIN, RESULTS_DIR, batch_indices, fit, parameter_count, toy_split, write_results
 from flowforge.data import TOY_DATASETS, toy_dataset
 from flowforge.matching import (
     ConsistencyMatcher,
@@ -133,7 +133,7 @@ TIME_EMBEDDING = 32
 MODELS = ("cfm", "ot-cfm", "reflow", "shortcut", "meanflow", "ct", "cd")
 FEW_STEP_MODELS = ("meanflow", "ct", "cd")  # the families whose NFE-1 samples are checked against cfm at NFE 10
 SAMPLING_SPEEDUP_GOAL = 2.0  # flow_matching time / flowforge time at batch 16
-RESULTS = Path(__file__).resolve().parent / "results" / "flow_matching_few_step.json"
+RESULTS = RESULTS_DIR / "flow_matching_few_step.json"
 FLOOR_DRAWS = 3
 FLOOR_SEED_OFFSET = 20_000  # fresh draws, apart from the training and held-out seeds
 SAMPLE_SEED_STRIDE = 1_000  # a model's sample draw d at NFE k is seeded with seed + k + 1000 d

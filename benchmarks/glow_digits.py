@@ -77,14 +77,13 @@ import normflows as nf
 import torch
 from torch import Tensor, nn
 
-from common import CLIP_NORM, LR, batch_indices, fit, parameter_count, write_results
+from common import CLIP_NORM, LR, RESULTS_DIR, batch_indices, fit, parameter_count, write_results
 from flowforge.data import digits_images
 from flowforge.flows import Dequantized, Glow, MultiscaleRealNVP
 
 LEVELS = 17  # pixel values 0..16
 SHAPE = (1, 8, 8)
 DIMS = math.prod(SHAPE)
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS = RESULTS_DIR / "glow_digits.json"
 SAMPLES_PNG = RESULTS_DIR / "glow_digits_samples.png"
 REFERENCE = "nf-glow"

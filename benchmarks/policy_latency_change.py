@@ -34,6 +34,8 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
+from common import RESULTS_DIR  # benchmarks/ is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MEASURE = r"""
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--before", default="5123853", help="the earlier git revision")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=100, help="chunks per round and side")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "policy_latency_change.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "policy_latency_change.json")
     args = parser.parse_args()
     sides = {"after": ROOT / "src"}
     with tempfile.TemporaryDirectory() as folder:

@@ -55,9 +55,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from common import RESULTS_DIR  # benchmarks/ is on sys.path
 from flowforge.policy import ChunkPolicy, PolicyConfig, build_policy
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Each head and the solver steps it samples with.
 HEADS = {"flow": 10, "shortcut": 1, "meanflow": 1, "consistency": 1}
 BATCHES = (1, 64)
@@ -231,7 +231,7 @@ def main() -> None:
         torch.set_num_threads(1)
     # The solver's stage-time cache is traced through: its tensors become constants of the graph.
     warnings.filterwarnings("ignore", message=".*functools.lru_cache")
-    out = args.out or ROOT / "benchmarks" / "results" / f"policy_latency_{device.type}.json"
+    out = args.out or RESULTS_DIR / f"policy_latency_{device.type}.json"
     modes = ["eager-bf16"] + (["graph", "graph-bf16"] if device.type == "cuda" else [])
     modes += [] if args.no_compile else ["compile"]
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

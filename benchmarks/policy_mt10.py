@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from common import model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
+from common import RESULTS_DIR, model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
@@ -289,7 +289,7 @@ def main() -> None:
     print("\nGoals")
     for name, passed in checks.items():
         print(f"  {'PASS' if passed else 'FAIL'}  {name}")
-    out = ROOT / "benchmarks" / "results" / "policy_mt10.json"
+    out = RESULTS_DIR / "policy_mt10.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "settings": {k: str(v) for k, v in vars(args).items()},

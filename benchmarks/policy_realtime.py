@@ -69,7 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import model_weights_digest  # benchmarks/ is on sys.path
+from common import RESULTS_DIR, model_weights_digest  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
@@ -326,7 +326,7 @@ def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
     from flowforge.eval.plots import plot_chunk_boundaries
     from flowforge.policy import ChunkExecutor
 
-    path = ROOT / "benchmarks" / "results" / "policy_realtime_boundaries.png"
+    path = RESULTS_DIR / "policy_realtime_boundaries.png"
     policies = {name: load_policy(runs[name]) for name in ("flow", "flow-rtc")}
     traces = {}
     env = MetaWorldEnv("push-v3", max_steps=200)
@@ -571,7 +571,7 @@ def main() -> None:
     print("\nGoals")
     for name, passed in checks.items():
         print(f"  {'PASS' if passed else 'FAIL'}  {name}")
-    out = ROOT / "benchmarks" / "results" / "policy_realtime.json"
+    out = RESULTS_DIR / "policy_realtime.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "results": results,

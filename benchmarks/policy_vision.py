@@ -86,7 +86,7 @@ from typing import Any
 
 import torch
 
-from common import model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
+from common import RESULTS_DIR, model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
 from flowforge.checkpoint import read_manifest
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
@@ -757,7 +757,7 @@ def main() -> None:
         print(f"\nTraining throughput (batch {args.batch}, frames/s)")
         for name, entry in summary["throughput"].items():
             print(f"  {name:22s} {entry['frames_per_second']:8.0f}   prepared in {entry['preparation_seconds']:.0f} s")
-    out = ROOT / "benchmarks" / "results" / "policy_vision.json"
+    out = RESULTS_DIR / "policy_vision.json"
     if args.work.resolve().is_relative_to(Path("/tmp").resolve()):
         out = args.work / "policy_vision.json"  # a smoke test leaves the repository's results alone
     _save(out, summary)

@@ -36,7 +36,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import zuko
@@ -44,6 +43,7 @@ from torch import nn
 
 from common import (
     N_TRAIN,
+    RESULTS_DIR,
     LogProb,
     batch_indices,
     test_nll,
@@ -59,7 +59,7 @@ Builder = Callable[[int, Sequence[int]], tuple[nn.Module, LogProb]]
 
 FEATURES = 2
 TOLERANCE = 0.02  # nats: the goal is flowforge <= zuko + TOLERANCE
-RESULTS = Path(__file__).resolve().parent / "results" / "realnvp_vs_zuko.json"
+RESULTS = RESULTS_DIR / "realnvp_vs_zuko.json"
 
 
 def build_flowforge(transforms: int, hidden: Sequence[int]) -> tuple[nn.Module, LogProb]:

@@ -75,13 +75,13 @@ from typing import Any
 
 import torch
 
-from common import parameter_count, write_results
+from common import RESULTS_DIR, parameter_count, write_results
 from flowforge.data import digits_images
 from flowforge.flows.vae import VAE
 from flowforge.train.loop import Trainer, TrainerConfig
 from flowforge.train.objectives import NegativeELBO
 
-RESULTS = Path(__file__).resolve().parent / "results" / "vae_digits.json"
+RESULTS = RESULTS_DIR / "vae_digits.json"
 CONFIGS = ("gaussian", "iaf", "iaf-flow-prior")
 BASELINE, CHALLENGER = "gaussian", "iaf"
 CLIP_NORM = 10.0
