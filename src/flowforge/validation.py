@@ -116,10 +116,11 @@ def check_batched(
             or non-finite entries.
     """
     event_shape = tuple(int(s) for s in event_shape)
-    expected = describe_shape(("batch", *event_shape))
     if not isinstance(value, Tensor):
+        expected = describe_shape(("batch", *event_shape))
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(value).__name__}")
     if value.dim() != 1 + len(event_shape) or tuple(value.shape[1:]) != event_shape:
+        expected = describe_shape(("batch", *event_shape))
         raise ValueError(f"{name} must have shape {expected}, got {describe_shape(tuple(value.shape))}")
     if batch is not None and value.shape[0] != batch:
         raise ValueError(

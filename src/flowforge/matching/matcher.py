@@ -161,7 +161,9 @@ class _SamplingField:
         return self.matcher.velocity.time_conditioning(times, self.context, **self.net_inputs)
 
     def solve_on_grid(self, x0: Tensor, times: Tensor, h: float, steps: int, tableau: ButcherTableau) -> Tensor | None:
-        if torch.is_grad_enabled():
+        # Under torch.compile the solve is traced by the compiler itself: a TorchScript function
+        # would break its graph.
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         stage_times = times.unsqueeze(1).expand(-1, x0.shape[0])
         inputs = (x0, stage_times) if self.context is None else (x0, stage_times, self.context)

@@ -97,7 +97,9 @@ class ActNorm(Transform):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
 
-    def _initialize(self, x: Tensor) -> None:
+    def _initialize(self, x: Tensor, unless_initialized: bool = False) -> None:
+        """Set shift and scale from the batch ``x``; ``unless_initialized``: keep those of an
+        initialised layer, decided on the device (a compiled graph reads no flag back)."""
         dims = [0, *range(2, x.dim())]
         if x.numel() // self.channels < 2:
             raise ValueError(
@@ -118,8 +120,12 @@ class ActNorm(Transform):
                 mean, second = moments[: self.channels], moments[self.channels :]
                 var = second - mean.square()
             var = var.clamp_min(self.min_init_variance)
+            log_scale = -0.5 * var.log()
+            if unless_initialized:
+                mean = torch.where(self.initialized, self.shift, mean)
+                log_scale = torch.where(self.initialized, self.log_scale, log_scale)
             self.shift.copy_(mean)
-            self.log_scale.copy_(-0.5 * var.log())
+            self.log_scale.copy_(log_scale)
             self.initialized.fill_(True)
 
     def _broadcast(self, param: Tensor, value: Tensor) -> Tensor:
@@ -132,7 +138,9 @@ class ActNorm(Transform):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check("x", x)
         if self.training and not self._known_initialized:
-            if not bool(self.initialized):
+            if torch.compiler.is_compiling():
+                self._initialize(x, unless_initialized=True)
+            elif not bool(self.initialized):
                 self._initialize(x)
             self._known_initialized = True
         z = (x - self._broadcast(self.shift, x)) * self._broadcast(self.log_scale, x).exp()
