@@ -115,6 +115,42 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def parse_tasks(option: str, text: str, at_least: int = 1) -> list[str]:
+    """A ``--tasks`` option: comma-separated MetaWorld v3 task names, each known and named once, at
+    least ``at_least`` of them; a ``ValueError`` says what is wrong."""
+    from flowforge.envs.metaworld import INSTRUCTIONS
+
+    tasks = [task.strip() for task in text.split(",") if task.strip()]
+    unknown = [task for task in tasks if task not in INSTRUCTIONS]
+    if unknown:
+        raise ValueError(f"{option} {text!r}: unknown MetaWorld v3 task {unknown[0]!r}")
+    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
+    if repeated:
+        raise ValueError(f"{option} {text!r}: {', '.join(repeated)} named more than once; name each once")
+    if len(tasks) < at_least:
+        raise ValueError(f"{option} {text!r}: need at least {at_least} tasks")
+    return tasks
+
+
+def claim_work_folder(work: Path, **task_sets: Sequence[str]) -> None:
+    """Record a work folder's task sets on its first run, and refuse other sets later: its data
+    sets, models and evaluations belong to the tasks they were made for (a data set collected
+    again with other tasks would hold both). A ``ValueError`` names the sets recorded."""
+    path = work / "tasks.json"
+    given = {name: sorted(tasks) for name, tasks in task_sets.items()}
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    changed = [name for name in given if name in recorded and recorded[name] != given[name]]
+    if changed:
+        name = changed[0]
+        raise ValueError(
+            f"--{name.replace('_', '-')}: {work} holds the runs of {','.join(recorded[name])}; name those tasks "
+            "or give another --work"
+        )
+    if any(name not in recorded for name in given):
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**recorded, **given}, indent=2) + "\n")
+
+
 def model_weights_digest(run: Path) -> str:
     """The SHA-256 of a trained policy run's model weights, as its checkpoint records them."""
     return json.loads((run / "checkpoint.json").read_text())["files"]["model"]["sha256"]

@@ -42,6 +42,7 @@ Needs the ``robot`` extra (``pip install -e '.[robot]'``)::
 
     python benchmarks/policy_mt10.py                      # everything (hours on a 2-core CPU)
     python benchmarks/policy_mt10.py --steps 3000 --episodes 10 --models flow,mse   # a quick look
+    python benchmarks/policy_mt10.py --tasks reach-v3,push-v3 ...   # other tasks (one --work per task set)
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS_DIR, model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
+from common import (  # benchmarks/ is on sys.path
+    RESULTS_DIR,
+    claim_work_folder,
+    model_weights_digest,
+    parse_tasks,
+    stored_evaluation,
+)
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
@@ -188,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_mt10"))
     parser.add_argument("--models", default="flow,hierarchical,mse,ddpm")
+    parser.add_argument("--tasks", default=",".join(MT10), help="the tasks of the multi-task model (MT10)")
     parser.add_argument("--demos", type=int, default=50)
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--episodes", type=int, default=50)
@@ -213,14 +221,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.eval_processes < 1:
         parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
+    try:
+        tasks = parse_tasks("--tasks", args.tasks)
+        image_tasks = parse_tasks("--image-tasks", args.image_tasks, at_least=0)
+        claim_work_folder(args.work, tasks=tasks, image_tasks=image_tasks)  # only once every argument is valid
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
     data = args.work / "mt10"
-    collect(MT10, args.demos, data, progress=args.progress)
+    collect(tasks, args.demos, data, progress=args.progress)
     runs = {kind: _train(args, kind, kind, data) for kind in models}
-    image_tasks = [t.strip() for t in args.image_tasks.split(",") if t.strip()]
     image_data = None
     if image_tasks and args.image_steps > 0:
         image_data = args.work / "images"
@@ -230,28 +242,29 @@ def main() -> None:
     results = {}
     for kind in models:
         sampling = {"method": "ddim", "steps": 10} if kind == "ddpm" else {}
-        results[kind] = _evaluate(args, kind, runs[kind], MT10, args.episodes, **sampling)
+        results[kind] = _evaluate(args, kind, runs[kind], tasks, args.episodes, **sampling)
     flow_name, chosen_scale, validation = "flow", 1.0, {}
     scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
     if "flow" in models and len(scales) > 1 and args.validation_episodes > 0:
         for scale in scales:
             name = f"flow-noise{scale:g}"
-            report = _evaluate(args, name, runs["flow"], MT10, args.validation_episodes, True, noise_scale=scale)
+            report = _evaluate(args, name, runs["flow"], tasks, args.validation_episodes, True, noise_scale=scale)
             validation[scale] = report["average_success"]
         chosen_scale = max(scales, key=lambda s: (validation[s], s))  # ties go to the higher temperature
         if chosen_scale != 1.0:
             flow_name = f"flow-noise{chosen_scale:g}"
-            results[flow_name] = _evaluate(args, flow_name, runs["flow"], MT10, args.episodes, noise_scale=chosen_scale)
+            run = runs["flow"]
+            results[flow_name] = _evaluate(args, flow_name, run, tasks, args.episodes, noise_scale=chosen_scale)
     if "ddpm" in models and args.ddpm100_episodes > 0:
-        results["ddpm100"] = _evaluate(args, "ddpm100", runs["ddpm"], MT10, args.ddpm100_episodes, method="ddpm")
+        results["ddpm100"] = _evaluate(args, "ddpm100", runs["ddpm"], tasks, args.ddpm100_episodes, method="ddpm")
     if "flow-images" in runs:
         results["flow-images"] = _evaluate(args, "flow-images", runs["flow-images"], image_tasks, args.image_episodes)
     latency = _latencies(args, runs, image_data)
 
-    print("\nMT10 success (state + language), one model per column")
+    print(f"\n{'MT10' if tasks == MT10 else ', '.join(tasks)}: success (state + language), one model per column")
     names = [n for n in results if n != "flow-images"]
     print(f"{'task':26s} " + " ".join(f"{n:>14s}" for n in names))
-    for task in MT10:
+    for task in tasks:
         cells = []
         for n in names:
             entry = results[n]["tasks"].get(task)

@@ -55,6 +55,7 @@ Needs the ``robot`` extra::
 
     python benchmarks/policy_realtime.py                                  # everything (hours on 2 cores)
     python benchmarks/policy_realtime.py --episodes 5 --steps 2000        # a quick look
+    python benchmarks/policy_realtime.py --tasks reach-v3,push-v3 ...     # other tasks (one --work per set)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS_DIR, model_weights_digest  # benchmarks/ is on sys.path
+from common import RESULTS_DIR, claim_work_folder, model_weights_digest, parse_tasks  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
@@ -171,8 +172,8 @@ def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) 
         )
         if not validation and args.episode_offset:
             extra = {"seed_base": EVALUATION_SEED_BASE + args.episode_offset}
-        processes = min(args.eval_processes, len(MT10))
-        report = evaluate(policy, MT10, episodes, progress=False, processes=processes, **settings, **extra)
+        processes = min(args.eval_processes, len(args.tasks))
+        report = evaluate(policy, args.tasks, episodes, progress=False, processes=processes, **settings, **extra)
         print(f"[{phase}] {name}\n{report.table()}", flush=True)
         return report.to_dict()
 
@@ -329,7 +330,7 @@ def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
     path = RESULTS_DIR / "policy_realtime_boundaries.png"
     policies = {name: load_policy(runs[name]) for name in ("flow", "flow-rtc")}
     traces = {}
-    env = MetaWorldEnv("push-v3", max_steps=200)
+    env = MetaWorldEnv("push-v3" if "push-v3" in args.tasks else args.tasks[0], max_steps=200)
     try:
         for method in METHODS:
             execution = method.removesuffix("-guided")
@@ -361,6 +362,11 @@ def main() -> None:
         help="their peak learning rate (they start from the flow head's weights; 3e-4 first undid them)",
     )
     parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument(
+        "--tasks",
+        default=",".join(MT10),
+        help="the tasks (MT10); at least two, the likelihood pairing each chunk with another task's",
+    )
     parser.add_argument("--delays", default="0,2,4,6")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="the flow policies' temperature")
     parser.add_argument(
@@ -459,11 +465,15 @@ def main() -> None:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    try:
+        args.tasks = parse_tasks("--tasks", args.tasks, at_least=2)
+        claim_work_folder(args.work, tasks=args.tasks)  # only once every argument is valid
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
 
-    collect(MT10, args.demos, args.work / "mt10", progress=False)
-    collect(MT10, 5, args.work / "heldout", seed=1, progress=False)  # other scenes, for the likelihood
+    collect(args.tasks, args.demos, args.work / "mt10", progress=False)
+    collect(args.tasks, 5, args.work / "heldout", seed=1, progress=False)  # other scenes, for the likelihood
     runs = {kind: _train(args, kind, args.work / "mt10") for kind in models}
     sampling = {"noise_scale": args.noise_scale}
     # Only the settings given enter the guided rollouts' settings (and so their cache keys).

@@ -69,9 +69,7 @@ Needs the ``robot`` extra (``pip install -e '.[robot]'``) and headless rendering
 
     python benchmarks/policy_vision.py                        # everything (about a day on a 2-core CPU)
     python benchmarks/policy_vision.py --phases render,throughput
-    python benchmarks/policy_vision.py --tasks reach-v3 --ablation-tasks reach-v3 --demos 1 --steps 20 \\
-        --ablation-steps 20 --ablations keypoints+aug+2cam,conv+noaug+1cam --episodes 1 --baseline-episodes 1 \\
-        --ablation-episodes 1 --max-steps 50 --throughput-steps 3 --render-frames 20 --work /tmp/vision  # a smoke test
+    pytest -m slow tests/test_benchmark_scripts.py -k policy_vision   # every phase at toy sizes (minutes)
 """
 
 from __future__ import annotations
@@ -86,7 +84,13 @@ from typing import Any
 
 import torch
 
-from common import RESULTS_DIR, model_weights_digest, stored_evaluation  # benchmarks/ is on sys.path
+from common import (  # benchmarks/ is on sys.path
+    RESULTS_DIR,
+    claim_work_folder,
+    model_weights_digest,
+    parse_tasks,
+    stored_evaluation,
+)
 from flowforge.checkpoint import read_manifest
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
@@ -529,9 +533,7 @@ def main() -> None:
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
-    ablation_tasks = [t.strip() for t in args.ablation_tasks.split(",") if t.strip()]
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad:
@@ -559,7 +561,12 @@ def main() -> None:
         parser.error(f"--action-noise {args.action_noise}: need a number in (0, 1] (actions span [-1, 1])")
     if args.fine_tune_steps < 1:
         parser.error(f"--fine-tune-steps {args.fine_tune_steps}: need an integer >= 1")
-    args.work.mkdir(parents=True, exist_ok=True)  # only once every argument is valid
+    try:
+        args.tasks = parse_tasks("--tasks", args.tasks)
+        ablation_tasks = parse_tasks("--ablation-tasks", args.ablation_tasks, at_least=0)
+        claim_work_folder(args.work, tasks=args.tasks, ablation_tasks=ablation_tasks)  # once every argument is valid
+    except ValueError as error:
+        parser.error(str(error))
 
     summary: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
     if "render" in phases:
@@ -758,8 +765,6 @@ def main() -> None:
         for name, entry in summary["throughput"].items():
             print(f"  {name:22s} {entry['frames_per_second']:8.0f}   prepared in {entry['preparation_seconds']:.0f} s")
     out = RESULTS_DIR / "policy_vision.json"
-    if args.work.resolve().is_relative_to(Path("/tmp").resolve()):
-        out = args.work / "policy_vision.json"  # a smoke test leaves the repository's results alone
     _save(out, summary)
     print(f"wrote {out}")
 

@@ -1,5 +1,6 @@
-"""The density benchmark scripts run end to end at toy sizes (slow: ``pytest -m slow``, after
-``pip install -e ".[bench]"`` and ``pip install --no-deps torchcfm``).
+"""The benchmark scripts run end to end at toy sizes (slow: ``pytest -m slow``, after
+``pip install -e ".[bench,robot]"`` and ``pip install --no-deps torchcfm``; the density scripts
+take about a minute together, the robot ones a few minutes each).
 
 A benchmark is run rarely and by hand, so a script can stop working unnoticed when the library
 changes under it (a new input check refusing what it passes, a renamed argument). Each case runs
@@ -54,6 +55,26 @@ SCRIPTS = {
         "--context 4 --prior-transforms 1 --prior-hidden 8 8 --k 2 --threads 1",
     ),
     "ddp_step_time": ((), "--batch 16 --rows 256 --steps 2 --repeats 1 --warmup 1 --processes 2"),
+    # The robot benchmarks: every model, phase and execution method, on one or two tasks.
+    "policy_mt10": (
+        ("metaworld",),
+        "--work {work} --tasks reach-v3,push-v3 --models flow,hierarchical,mse,ddpm --demos 2 --steps 20 "
+        "--episodes 1 --ddpm100-episodes 1 --noise-scales 1,0.5 --validation-episodes 1 --image-tasks reach-v3 "
+        "--image-demos 2 --image-steps 20 --image-episodes 1 --image-batch 8 --latency-repeats 3 --threads 1",
+    ),
+    "policy_realtime": (
+        ("metaworld",),
+        "--work {work} --tasks reach-v3,push-v3 --demos 2 --steps 20 --distill-steps 20 --episodes 1 --delays 0,4 "
+        "--candidates 2 --few-step-noise-scales 1 --validation-episodes 1 --latency-repeats 3 --likelihood-frames 16 "
+        "--threads 1",
+    ),
+    "policy_vision": (
+        ("metaworld",),
+        "--work {work} --tasks reach-v3 --ablation-tasks reach-v3 --demos 1 --steps 20 --fine-tune-steps 20 "
+        "--ablation-steps 20 --batch 8 --episodes 1 --baseline-episodes 1 --ablation-episodes 1 "
+        "--validation-episodes 1 --noise-scales 1,0.5 --action-steps 4,2 --max-steps 50 --throughput-steps 3 "
+        "--step-time-steps 2 --render-frames 20 --threads 1",
+    ),
 }
 
 
@@ -66,8 +87,9 @@ def test_the_benchmark_script_runs_and_writes_its_table(script: str, tmp_path: P
         pytest.skip(f"needs {', '.join(missing)} (the bench extra)")
     results = tmp_path / "results"
     env = {**os.environ, "FLOWFORGE_BENCHMARK_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    env.setdefault("MUJOCO_GL", "egl")
     command = [sys.executable, str(BENCHMARKS / f"{script}.py"), *arguments.format(work=tmp_path / "work").split()]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     table = json.loads((results / f"{script}.json").read_text())  # written where it was told, and whole
     assert table
