@@ -132,23 +132,26 @@ def parse_tasks(option: str, text: str, at_least: int = 1) -> list[str]:
     return tasks
 
 
-def claim_work_folder(work: Path, **task_sets: Sequence[str]) -> None:
-    """Record a work folder's task sets on its first run, and refuse other sets later: its data
-    sets, models and evaluations belong to the tasks they were made for (a data set collected
-    again with other tasks would hold both). A ``ValueError`` names the sets recorded."""
+def claim_work_folder(work: Path, **task_sets: tuple[Sequence[str], Path]) -> None:
+    """Bind a work folder to its task sets, ``name=(tasks, data set folder)``: recorded on the first
+    run (or read from a data set collected before there was a record), other sets refused later.
+    Its data sets, models and evaluations belong to the tasks they were made for (a data set
+    collected again with other tasks would hold both). A ``ValueError`` names the sets recorded."""
     path = work / "tasks.json"
-    given = {name: sorted(tasks) for name, tasks in task_sets.items()}
     recorded = json.loads(path.read_text()) if path.exists() else {}
-    changed = [name for name in given if name in recorded and recorded[name] != given[name]]
-    if changed:
-        name = changed[0]
-        raise ValueError(
-            f"--{name.replace('_', '-')}: {work} holds the runs of {','.join(recorded[name])}; name those tasks "
-            "or give another --work"
-        )
-    if any(name not in recorded for name in given):
-        work.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**recorded, **given}, indent=2) + "\n")
+    for name, (_, data) in task_sets.items():
+        collection = data / "meta" / "collection.json"
+        if name not in recorded and collection.exists():
+            recorded[name] = sorted(json.loads(collection.read_text())["task_list"])
+    for name, (tasks, _) in task_sets.items():
+        if name in recorded and recorded[name] != sorted(tasks):
+            raise ValueError(
+                f"--{name.replace('_', '-')}: {work} holds the runs of {','.join(recorded[name])}; name those "
+                "tasks or give another --work"
+            )
+        recorded[name] = sorted(tasks)
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recorded, indent=2) + "\n")
 
 
 def model_weights_digest(run: Path) -> str:

@@ -88,7 +88,8 @@ def _config(args: argparse.Namespace, kind: str, data: Path, image: bool = False
         f'policy.kind="{kind}"',
         f'data.root="{data}"',
         f"train.steps={steps}",
-        f"train.warmup_steps={min(500, steps // 10)}",  # the config's 500 at the default steps
+        # the config's 500 wherever it fits (runs made before stay resumable), a tenth of a shorter run
+        f"train.warmup_steps={500 if steps > 500 else steps // 10}",
         f"train.seed={args.seed}",
         "train.progress=true" if args.progress else "train.progress=false",
     ]
@@ -224,7 +225,9 @@ def main() -> None:
     try:
         tasks = parse_tasks("--tasks", args.tasks)
         image_tasks = parse_tasks("--image-tasks", args.image_tasks, at_least=0)
-        claim_work_folder(args.work, tasks=tasks, image_tasks=image_tasks)  # only once every argument is valid
+        claim_work_folder(
+            args.work, tasks=(tasks, args.work / "mt10"), image_tasks=(image_tasks, args.work / "images")
+        )  # only once every argument is valid
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)

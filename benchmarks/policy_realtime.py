@@ -434,8 +434,8 @@ def main() -> None:
         args.delays = sorted({int(d) for d in args.delays.split(",")})
     except ValueError:
         parser.error(f"--delays {args.delays!r}: need comma-separated control steps, e.g. 0,2,4,6")
-    if args.delays[0] < 0 or args.delays[-1] > 16:
-        parser.error(f"--delays {','.join(map(str, args.delays))}: need delays in 0..16 (the chunk's steps)")
+    if args.delays[0] < 0 or args.delays[-1] > 15:
+        parser.error(f"--delays {','.join(map(str, args.delays))}: need delays in 0..15 (under the chunk's 16 steps)")
     try:
         args.few_step_noise_scales = [float(s) for s in args.few_step_noise_scales.split(",")]
     except ValueError:
@@ -467,7 +467,7 @@ def main() -> None:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     try:
         args.tasks = parse_tasks("--tasks", args.tasks, at_least=2)
-        claim_work_folder(args.work, tasks=args.tasks)  # only once every argument is valid
+        claim_work_folder(args.work, tasks=(args.tasks, args.work / "mt10"))  # only once every argument is valid
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)

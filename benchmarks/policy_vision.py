@@ -564,7 +564,11 @@ def main() -> None:
     try:
         args.tasks = parse_tasks("--tasks", args.tasks)
         ablation_tasks = parse_tasks("--ablation-tasks", args.ablation_tasks, at_least=0)
-        claim_work_folder(args.work, tasks=args.tasks, ablation_tasks=ablation_tasks)  # once every argument is valid
+        claim_work_folder(
+            args.work,
+            tasks=(args.tasks, args.work / "mt10-images"),
+            ablation_tasks=(ablation_tasks, args.work / "ablation-images"),
+        )  # once every argument is valid
     except ValueError as error:
         parser.error(str(error))
 

@@ -152,6 +152,8 @@ def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path)
     both = [*guided[:2], str(tmp_path / "trained"), *guided[3:-1], "rtc-trained", "--delay", "2", "--out", str(out)]
     result = CliRunner().invoke(app, [*both, "--max-guidance", "10"])
     assert result.exit_code == 2 and "rtc-trained; add --overlap-guidance" in result.stderr, result.output
+    result = CliRunner().invoke(app, [*both[:-4], "--delay", "2-4"])  # a range, as it was given
+    assert result.exit_code == 2 and "'rtc-trained' with --delay 2-4 needs" in result.stderr, result.output
     result = CliRunner().invoke(app, [*both, "--overlap-guidance", "--max-guidance", "10"])
     assert result.exit_code == 0 and "reach-v3" in result.output, result.output
     recorded = json.loads(out.read_text())["settings"]

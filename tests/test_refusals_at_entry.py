@@ -14,6 +14,7 @@ from flowforge.errors import ConfigError, DataError, NumericalError
 from flowforge.flows import Glow, RealNVP
 from flowforge.policy import ChunkExecutor, ChunkPolicy, PolicyConfig
 from flowforge.policy.heads import ChunkGuide, ChunkPrefix
+from flowforge.validation import checks
 
 SMALL = {
     "state_key": "observation.state",
@@ -80,6 +81,19 @@ def test_language_inputs_are_checked() -> None:
     for texts in (["reach"] * 3, [3, 4]):
         with pytest.raises(ValueError, match="instruction must be a string or 2 strings"):
             policy.predict_chunk({"state": state, "instruction": texts}, steps=2)
+    # training and likelihoods refuse a wrong index too, with the NaN scan off: it is no NaN scan
+    training = {"state": state, "action": torch.zeros(2, 8, 2), "task_index": torch.tensor([-1, 0])}
+    with checks(finite=False):
+        for call in (policy.loss, lambda batch: policy.log_prob(batch, steps=2, method="euler")):
+            with pytest.raises(ValueError, match="task_index must index the 2 instructions"):
+                call(training)
+    # a distillation teacher reads the batch's index into its own instructions
+    student = _policy(kind="consistency", language=True, instructions=["reach", "push"])
+    teacher = _policy(language=True, instructions=["reach"])
+    for model in (student, teacher):
+        model.set_instruction_embeddings(torch.randn(len(model.encoder.instructions), 384))
+    with pytest.raises(ValueError, match=r"task_index must index the 1 instructions \(0\.\.0\), got \[1, 0\]"):
+        student.distillation_loss({**training, "task_index": torch.tensor([1, 0])}, teacher)
     assert policy.predict_chunk({"state": state, "task_index": torch.tensor([1, 0])}, steps=2).actions.shape == (
         2,
         8,
@@ -288,7 +302,6 @@ def test_a_part_kept_in_another_dtype_reloads_in_its_own() -> None:
 
 
 def test_the_scan_switch_reaches_training_batches_but_never_predictions() -> None:
-    from flowforge.validation import checks
 
     policy = _policy().train()
     batch = _batch()

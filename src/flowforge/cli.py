@@ -770,7 +770,8 @@ def policy_eval(
     try:
         ChunkExecutor(policy, execution=execution, delay=delay_steps, **sampling)  # checks every setting once
     except ValueError as error:  # e.g. a temperature for a DDPM policy, rtc for a regression head
-        raise ConfigError(_as_eval_flags(str(error))) from error
+        message = _as_eval_flags(str(error)).replace(f"--delay {delay_steps!r}", f"--delay {delay}")
+        raise ConfigError(message) from error
     if names is None:
         by_instruction = {text: task for task, text in INSTRUCTIONS.items()}
         names = [by_instruction[text] for text in config.instructions if text in by_instruction]

@@ -245,8 +245,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
             )
         batch = self.checked_training_batch(batch)
         cache = self.expert.encode(self.prefix(batch))
+        observation = teacher.checked_batch(batch, training=True)  # its own state size, cameras and instructions
         with torch.no_grad():
-            teacher_cache = teacher.expert.encode(teacher.prefix(batch, augment=False))
+            teacher_cache = teacher.expert.encode(teacher.prefix(observation, augment=False))
         action = self.normalize_action(batch["action"])
         pad = batch.get("action_is_pad")
         if method == "trajectory":
@@ -448,12 +449,12 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 checked.pop("image", None)
                 checked[key] = image.to(self.state_normalizer.shift.device)
         if self.encoder.instructions is not None:
-            self._check_language(checked, state.shape[0], scan=not training or finite_checks_enabled())
+            self._check_language(checked, state.shape[0])
         return checked
 
-    def _check_language(self, batch: Batch, rows: int, scan: bool) -> None:
-        """Refuse a ``task_index`` that is not one index per row into the policy's instructions
-        (``scan``: its values too; a negative one would pick an instruction from the end), or an
+    def _check_language(self, batch: Batch, rows: int) -> None:
+        """Refuse a ``task_index`` that is not one index per row into the policy's instructions (a
+        negative one would pick an instruction from the end; always scanned, NaN scan or not), or an
         ``instruction`` that is not one string, or one per row."""
         instructions = self.encoder.instructions
         if "task_index" in batch:
@@ -462,7 +463,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 raise ValueError(
                     f"task_index must be {rows} integers (one per row), got {index.dtype} {tuple(index.shape)}"
                 )
-            if scan and bool(((index < 0) | (index >= len(instructions))).any()):
+            if bool(((index < 0) | (index >= len(instructions))).any()):
                 raise ValueError(
                     f"task_index must index the {len(instructions)} instructions (0..{len(instructions) - 1}), "
                     f"got {index.tolist()}"
