@@ -117,16 +117,11 @@ def write_results(path: Path, payload: dict[str, Any]) -> None:
 
 def parse_tasks(option: str, text: str, at_least: int = 1) -> list[str]:
     """A ``--tasks`` option: comma-separated MetaWorld v3 task names, each known and named once, at
-    least ``at_least`` of them; a ``ValueError`` says what is wrong."""
+    least ``at_least`` of them (with 0, an empty text is none); a ``ValueError`` says what is wrong."""
+    from flowforge.config import name_list
     from flowforge.envs.metaworld import INSTRUCTIONS
 
-    tasks = [task.strip() for task in text.split(",") if task.strip()]
-    unknown = [task for task in tasks if task not in INSTRUCTIONS]
-    if unknown:
-        raise ValueError(f"{option} {text!r}: unknown MetaWorld v3 task {unknown[0]!r}")
-    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
-    if repeated:
-        raise ValueError(f"{option} {text!r}: {', '.join(repeated)} named more than once; name each once")
+    tasks = name_list(option, text, INSTRUCTIONS, "MetaWorld v3 task") if text.strip() else []
     if len(tasks) < at_least:
         raise ValueError(f"{option} {text!r}: need at least {at_least} tasks")
     return tasks

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import typing
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 import flowforge
-from flowforge.config import MAX_SEED
+from flowforge.config import MAX_SEED, name_list
 from flowforge.envs.metaworld import MAX_EPISODE_STEPS, MAX_EPISODES
 from flowforge.errors import ConfigError, FlowforgeError, is_out_of_memory, memory_asked
 from flowforge.utils.progress import progress_enabled
@@ -525,12 +524,12 @@ def data_collect(
         raise ConfigError(f"--env: unknown simulator {env!r}; available: metaworld")
     from flowforge.envs.metaworld import CAMERAS, INSTRUCTIONS
 
-    names = _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
+    names = name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     if camera is not None and cameras is not None:
         raise ConfigError(f"--camera {camera!r} and --cameras {cameras!r}: give one camera or the list, not both")
-    camera_names = None if cameras is None else _name_list("--cameras", cameras, CAMERAS, "MetaWorld camera")
+    camera_names = None if cameras is None else name_list("--cameras", cameras, CAMERAS, "MetaWorld camera")
     if camera is not None:
-        _name_list("--camera", camera, CAMERAS, "MetaWorld camera")
+        name_list("--camera", camera, CAMERAS, "MetaWorld camera")
     if (camera is not None or cameras is not None or size is not None) and not images:
         raise ConfigError("--camera, --cameras and --size describe the images of --images: add --images")
     _output_path(out, "--out")
@@ -749,7 +748,7 @@ def policy_eval(
         if choices is not None and value not in choices:
             raise ConfigError(f"{option} {value!r}: expected one of {', '.join(choices)}")
     delay_steps = _delay_option(delay)
-    names = None if tasks is None else _name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
+    names = None if tasks is None else name_list("--tasks", tasks, INSTRUCTIONS, "MetaWorld v3 task")
     policy = load_policy(checkpoint)
     _tell_if_unfinished(checkpoint)
     config = policy.policy_config
@@ -859,21 +858,6 @@ def _tell_if_unfinished(folder: Path) -> None:
             "are evaluated",
             err=True,
         )
-
-
-def _name_list(option: str, text: str, allowed: Iterable[str], kind: str) -> list[str]:
-    """A comma-separated option (``--tasks``, ``--cameras``): each name non-empty, known and given once."""
-    allowed = list(allowed)
-    names = [name.strip() for name in text.split(",")]
-    if not all(names):
-        raise ConfigError(f"{option} {text!r}: an empty name; give comma-separated names, e.g. {','.join(allowed[:2])}")
-    unknown = [name for name in names if name not in allowed]
-    if unknown:
-        raise ConfigError(f"{option} {text!r}: unknown {kind} {unknown[0]!r}; known: {', '.join(allowed)}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ConfigError(f"{option} {text!r}: {', '.join(repeated)} named more than once; name each once")
-    return names
 
 
 def _delay_option(text: str) -> int | tuple[int, int] | str:

@@ -306,6 +306,23 @@ def check_range(
         raise ConfigError(f"{key} = {value!r}: expected {expected}")
 
 
+def name_list(option: str, text: str, allowed: typing.Iterable[str], kind: str) -> list[str]:
+    """A comma-separated option (``--tasks``, ``--cameras``) as its names, each non-empty, one of
+    ``allowed`` and given once; a :class:`ConfigError` names the option, its text and the fault.
+    ``kind`` says what a name is (``"MetaWorld v3 task"``)."""
+    allowed = list(allowed)
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"{option} {text!r}: an empty name; give comma-separated names, e.g. {','.join(allowed[:2])}")
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise ConfigError(f"{option} {text!r}: unknown {kind} {unknown[0]!r}; known: {', '.join(allowed)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"{option} {text!r}: {', '.join(repeated)} named more than once; name each once")
+    return names
+
+
 __all__ = [
     "apply_overrides",
     "build_config",
@@ -314,6 +331,7 @@ __all__ = [
     "check_integer",
     "check_range",
     "check_seed",
+    "name_list",
     "parse_config",
     "parse_document",
     "read_config",
