@@ -854,10 +854,11 @@ class DDIMScheduler:
         self.alpha_bar, self.clip = alpha_bar, check_real("clip", clip, positive=True, optional=True)
         #: ``timesteps``: the schedule made before (:meth:`DiffusionHead.sampling` keeps them), so
         #: that sampling reads no value back from a tensor and compiles in one piece.
-        self.timesteps = self._timesteps(len(alpha_bar), steps) if timesteps is None else timesteps
+        self.timesteps = self.schedule(len(alpha_bar), steps) if timesteps is None else timesteps
 
     @staticmethod
-    def _timesteps(total: int, steps: int) -> list[int]:
+    def schedule(total: int, steps: int) -> list[int]:
+        """The ``steps`` diffusion steps visited, evenly spaced from ``total - 1`` down to 0."""
         return torch.linspace(total - 1, 0, steps).round().long().tolist()
 
     def _levels(self, i: int) -> tuple[Tensor, Tensor]:
@@ -884,7 +885,7 @@ class DDPMScheduler(DDIMScheduler):
     step returns the estimate itself. It always runs all K steps: ``steps`` is not read."""
 
     @staticmethod
-    def _timesteps(total: int, steps: int) -> list[int]:
+    def schedule(total: int, steps: int) -> list[int]:
         return list(range(total - 1, -1, -1))
 
     def step(self, x: Tensor, eps: Tensor, i: int) -> Tensor:
@@ -934,7 +935,7 @@ class DiffusionHead(PolicyHead):
             )
         steps = config.diffusion_steps if method == "ddpm" else int(steps)
         if (method, steps) not in self._schedules:
-            self._schedules[method, steps] = SCHEDULERS[method]._timesteps(config.diffusion_steps, steps)
+            self._schedules[method, steps] = SCHEDULERS[method].schedule(config.diffusion_steps, steps)
         return Sampling(steps, method, 1.0)
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
