@@ -138,8 +138,11 @@ def test_reverse_kl_config_reports_a_kl(tmp_path: Path) -> None:
         app, ["train", str(CONFIGS / "reverse_kl_banana.toml"), "--out", str(tmp_path / "kl"), "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    kl = float(re.search(r"kl (-?[\d.]+)", result.output).group(1))
-    assert kl < 0.05  # see test_trainer.test_reverse_kl_learns_the_banana for the threshold
+    trained = re.search(r"kl (-?[\d.]+)", result.output).group(1)
+    assert float(trained) < 0.05  # see test_trainer.test_reverse_kl_learns_the_banana for the threshold
+    for _ in range(2):  # the Monte-Carlo KL is drawn with --seed's samples: the same figure every time
+        again = runner.invoke(app, ["eval", str(tmp_path / "kl")])
+        assert again.exit_code == 0 and re.search(r"kl (-?[\d.]+)", again.output).group(1) == trained, again.output
     assert (tmp_path / "kl" / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -470,6 +473,11 @@ def test_eval_refuses_points_the_run_does_not_model(tmp_path: Path) -> None:
     np.save(tmp_path / "one.npy", np.zeros((1, 2), dtype=np.float32))
     result = CliRunner().invoke(app, ["eval", str(run), "--data", str(tmp_path / "one.npy")])
     assert result.exit_code == 2 and "one.npy: 1 point; evaluation needs at least 2" in result.stderr, result.output
+    np.save(tmp_path / "few.npy", np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(tmp_path / "few.npy")])
+    assert result.exit_code == 0 and "note" not in result.stderr, result.output  # the default asked for nothing
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(tmp_path / "few.npy"), "--samples", "60"])
+    assert result.exit_code == 0 and "note: --samples 60: the held-out data has 50 points" in result.stderr
 
 
 def test_steps_are_refused_for_a_model_that_samples_in_one_pass(tmp_path: Path) -> None:
@@ -553,6 +561,7 @@ def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path: Path) 
         app, ["train", str(CONFIGS / "nice_moons.toml"), "--out", str(tmp_path / "r"), "--resume", *TINY]
     )
     assert result.exit_code == 0 and "no checkpoint" not in result.stderr
+    assert "into " + str(tmp_path / "r") + ": finished at step 3, nothing left to train" in result.stdout
 
 
 def test_resume_under_another_data_set_is_one_line_naming_it(tmp_path: Path) -> None:

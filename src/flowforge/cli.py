@@ -314,7 +314,7 @@ def train(
         prepared.trainer.check_resume()
     typer.echo(
         f"training {run_config.model.kind} ({run_config.objective_kind()}) for {run_config.train.steps} steps "
-        f"into {folder}"
+        f"into {folder}{_resumed_at(folder, resume, run_config.train.steps)}"
     )
     start = time.perf_counter()
     run = runs.train_run(prepared, resume=resume)
@@ -341,6 +341,20 @@ def _tell_if_nothing_to_resume(folder: Path, resume: bool) -> None:
     always pass it); say so, on stderr."""
     if resume and not (folder / "checkpoint.json").exists():
         typer.echo(f"note: --resume: no checkpoint in {folder} yet; training from step 0", err=True)
+
+
+def _resumed_at(folder: Path, resume: bool, steps: int) -> str:
+    """What a ``--resume`` continues from, for the line that announces training: the step its
+    checkpoint reached, or that the run had finished (then it is only evaluated again)."""
+    from flowforge.checkpoint import read_manifest
+
+    if not resume or not (folder / "checkpoint.json").exists():
+        return ""
+    state = read_manifest(folder).get("trainer", {}).get("state", {})
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or step <= 0:
+        return ""
+    return f", resuming at step {step}" if step < steps else f": finished at step {step}, nothing left to train"
 
 
 def _sampler_steps(run, steps: int | None) -> int:
@@ -425,8 +439,11 @@ def evaluate(
         str | None, typer.Option(help="A built-in set or a file (default: the run's held-out split).")
     ] = None,
     samples: Annotated[
-        int, typer.Option(min=2, max=MAX_SAMPLES, help="Points for the sample metrics (at most the held-out data's).")
-    ] = 2000,
+        int | None,
+        typer.Option(
+            min=2, max=MAX_SAMPLES, help="Points for the sample metrics (default 2000, at most the held-out data's)."
+        ),
+    ] = None,
     steps: Annotated[
         int | None,
         typer.Option(min=1, max=MAX_SAMPLER_STEPS, help="Sampler steps of a flow-matching model (as for sample)."),
@@ -441,9 +458,9 @@ def evaluate(
     run = runs.load_run(checkpoint)
     steps = _sampler_steps(run, steps)
     held_out = _held_out(run, data)
-    if held_out is not None and not run.reverse_kl and samples > held_out.shape[0]:
+    if samples is not None and held_out is not None and not run.reverse_kl and samples > held_out.shape[0]:
         typer.echo(f"note: --samples {samples}: the held-out data has {held_out.shape[0]} points; using all", err=True)
-    typer.echo(format_metrics(runs.evaluate_run(run, held_out, samples, seed, steps)))
+    typer.echo(format_metrics(runs.evaluate_run(run, held_out, samples or 2000, seed, steps)))
 
 
 @app.command()
@@ -614,7 +631,8 @@ def policy_train(
     if resume:
         prepared.trainer.check_resume()
     began = f" from the weights of {start_from}" if start_from is not None else ""
-    typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps{began} into {directory}")
+    resumed = _resumed_at(directory, resume, run.train.steps)
+    typer.echo(f"training a {run.policy.kind} policy for {run.train.steps} steps{began} into {directory}{resumed}")
     start = time.perf_counter()
     prepared.trainer.fit(resume=resume)
     parameters = sum(p.numel() for p in prepared.policy.parameters())

@@ -824,13 +824,13 @@ def evaluate_run(
     target for reverse-KL runs; for a flow-matching model on pixel counts, the classifier's metrics
     of :func:`image_sample_metrics` instead. ``samples`` caps the held-out points (and the
     samples); ``steps``: the sampler's steps (flow-matching models)."""
+    torch.manual_seed(seed)  # every metric drawn from samples repeats with the same seed
     if run.reverse_kl:
         objective = ReverseKL(run.config.objective.target, run.config.objective.samples)
         return {"kl": objective.kl(run.model, 20_000)}
     if data is None:
         raise DataError("evaluating a run needs held-out data")
     test = data[:samples]
-    torch.manual_seed(seed)
     if matches_counts(run):
         return image_sample_metrics(run, test, samples, steps)
     metrics = {}
