@@ -168,6 +168,10 @@ def test_resume_refuses_another_model_or_run_metadata_naming_the_setting(tmp_pat
         trainer("moons", activation=torch.nn.Tanh).fit(resume=True)
     with pytest.raises(CheckpointError, match=r"metadata\.data\.name: \"moons\" -> \"checkerboard\""):
         trainer("checkerboard").fit(resume=True)
+    # both at once are named together (a model setting derived from a run setting shows next to it)
+    both = r"activation\.__class__: \"relu\" -> \"tanh\"; metadata\.data\.name: \"moons\" -> \"checkerboard\""
+    with pytest.raises(CheckpointError, match=both):
+        trainer("checkerboard", activation=torch.nn.Tanh).fit(resume=True)
     assert trainer("moons").fit(resume=True).step == 5
 
 

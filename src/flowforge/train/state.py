@@ -223,14 +223,15 @@ def check_resumable(
     compared = [("model", manifest.get("model"), _rebuild_config(model))]
     if metadata is not None:
         compared.append(("metadata", manifest.get("metadata"), metadata))
-    for where, before, now in compared:
-        changed = _changed_settings(before, _as_json(now), where)
-        if changed:
-            shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
-            raise CheckpointError(
-                f"cannot resume {directory}: the run was trained with other settings ({shown}); "
-                "resume with the settings it was started with, or start a new run in another folder"
-            )
+    # Both named together: a model setting derived from a run setting (a curriculum's length from
+    # [train] steps) shows next to the setting the user changed.
+    changed = [change for where, before, now in compared for change in _changed_settings(before, _as_json(now), where)]
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise CheckpointError(
+            f"cannot resume {directory}: the run was trained with other settings ({shown}); "
+            "resume with the settings it was started with, or start a new run in another folder"
+        )
     # After the model and run: another model or kind of run is the difference worth naming first.
     saved = {k: v for k, v in manifest["trainer_config"].items() if k != "progress"}
     current = {k: v for k, v in config.items() if k != "progress"}
