@@ -14,9 +14,11 @@ import copy
 import pytest
 import torch
 
-from flowforge.flows import MAF, Glow, RealNVP
+from flowforge.distributions import StandardNormal
+from flowforge.flows import MAF, Flow, Glow, RealNVP
 from flowforge.matching import FlowMatcher
 from flowforge.nn import VelocityMLP
+from flowforge.transforms import ActNorm
 from flowforge.validation import checks
 
 # The solvers' stage times are cached per grid; traced, they are simply computed again.
@@ -62,6 +64,19 @@ def test_actnorm_initialises_inside_a_compiled_first_step_as_in_eager() -> None:
         torch.testing.assert_close(log_prob(x), eager.log_prob(x))
     for (name, value), expected in zip(compiled.state_dict().items(), eager.state_dict().values(), strict=True):
         torch.testing.assert_close(value, expected, msg=name)
+
+
+def test_a_loaded_actnorm_trains_compiled_from_a_batch_of_one() -> None:
+    """A layer loaded already initialised knows it from the load, so a compiled training step does
+    not initialise again, and takes any batch, as eager does."""
+    torch.manual_seed(0)
+    trained = Flow(StandardNormal(2), ActNorm(2)).train()
+    trained.log_prob(torch.randn(16, 2) * 3 + 1)  # the first training batch initialises the layer
+    loaded = Flow(StandardNormal(2), ActNorm(2)).train()
+    loaded.load_state_dict(trained.state_dict())
+    one = torch.randn(1, 2)
+    log_prob = torch.compile(loaded.log_prob, backend="eager", fullgraph=True)
+    torch.testing.assert_close(log_prob(one), trained.log_prob(one))
 
 
 def test_flow_matching_samples_compile_whole_on_every_call() -> None:

@@ -79,13 +79,14 @@ class ActNorm(Transform):
         self.log_scale = nn.Parameter(torch.zeros(features))
         self.register_buffer("initialized", torch.tensor(False))
         # Python mirror of ``initialized`` so that training steps do not read the buffer (a GPU
-        # sync) every call; reset whenever a state dict is loaded.
+        # sync) every call; read once from every state dict loaded.
         self._known_initialized = False
-        self.register_load_state_dict_post_hook(ActNorm._forget_initialization)
+        self.register_load_state_dict_post_hook(ActNorm._read_initialization)
 
     @staticmethod
-    def _forget_initialization(module: nn.Module, incompatible_keys: Any) -> None:
-        module._known_initialized = False
+    def _read_initialization(module: nn.Module, incompatible_keys: Any) -> None:
+        # Once, eagerly, at load: a loaded layer then never asks again, compiled or not.
+        module._known_initialized = module.initialized.device.type != "meta" and bool(module.initialized)
 
     def _check(self, name: str, value: Tensor) -> None:
         image_shape = describe_shape(("batch", self.channels, "H", "W"))
