@@ -123,7 +123,7 @@ def parse_tasks(option: str, text: str, at_least: int = 1) -> list[str]:
 
     tasks = name_list(option, text, INSTRUCTIONS, "MetaWorld v3 task") if text.strip() else []
     if len(tasks) < at_least:
-        raise ValueError(f"{option} {text!r}: need at least {at_least} tasks")
+        raise ValueError(f"{option} {text!r}: need at least {at_least} task names")
     return tasks
 
 
@@ -133,11 +133,11 @@ def claim_work_folder(work: Path, **task_sets: tuple[Sequence[str], Path]) -> No
     Its data sets, models and evaluations belong to the tasks they were made for (a data set
     collected again with other tasks would hold both). A ``ValueError`` names the sets recorded."""
     path = work / "tasks.json"
-    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded = _json_object(path)  # a record cut short by a killed process is made again
     for name, (_, data) in task_sets.items():
-        collection = data / "meta" / "collection.json"
-        if name not in recorded and collection.exists():
-            recorded[name] = sorted(json.loads(collection.read_text())["task_list"])
+        collected = _json_object(data / "meta" / "collection.json").get("task_list")
+        if name not in recorded and isinstance(collected, list):
+            recorded[name] = sorted(collected)
     for name, (tasks, _) in task_sets.items():
         if name in recorded and recorded[name] != sorted(tasks):
             raise ValueError(
@@ -146,7 +146,18 @@ def claim_work_folder(work: Path, **task_sets: tuple[Sequence[str], Path]) -> No
             )
         recorded[name] = sorted(tasks)
     work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(recorded, indent=2) + "\n")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(recorded, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; empty when there is none or it is not readable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def model_weights_digest(run: Path) -> str:

@@ -309,7 +309,6 @@ def train(
     if rank != 0:
         runs.train_run(prepared, resume=resume)
         return
-    _tell_if_nothing_to_resume(folder, resume)
     if resume:
         prepared.trainer.check_resume()
     typer.echo(
@@ -336,25 +335,33 @@ def _overrides_with_progress(overrides: list[str] | None, progress: bool | None)
     return [*extra, f"train.progress={'true' if progress else 'false'}"]
 
 
-def _tell_if_nothing_to_resume(folder: Path, resume: bool) -> None:
-    """``--resume`` into a folder without a checkpoint starts from step 0 (so that a script can
-    always pass it); say so, on stderr."""
-    if resume and not (folder / "checkpoint.json").exists():
-        typer.echo(f"note: --resume: no checkpoint in {folder} yet; training from step 0", err=True)
-
-
 def _resumed_at(folder: Path, resume: bool, steps: int) -> str:
-    """What a ``--resume`` continues from, for the line that announces training: the step its
-    checkpoint reached, or that the run had finished (then it is only evaluated again)."""
-    from flowforge.checkpoint import read_manifest
-
-    if not resume or not (folder / "checkpoint.json").exists():
+    """What a ``--resume`` continues from, for the line that announces training (after the
+    checkpoint was checked): the step its checkpoint reached, or that the run had finished (then it
+    is only evaluated again). Without a checkpoint it starts from step 0 (so that a script can always
+    pass ``--resume``), said on stderr."""
+    if not resume:
         return ""
-    state = read_manifest(folder).get("trainer", {}).get("state", {})
-    step = state.get("step") if isinstance(state, dict) else None
-    if not isinstance(step, int) or step <= 0:
+    if not (folder / "checkpoint.json").exists():
+        typer.echo(f"note: --resume: no checkpoint in {folder} yet; training from step 0", err=True)
+        return ""
+    step, _, _ = _checkpoint_progress(folder)
+    if step is None or step <= 0:
         return ""
     return f", resuming at step {step}" if step < steps else f": finished at step {step}, nothing left to train"
+
+
+def _checkpoint_progress(folder: Path) -> tuple[int | None, int | None, dict[str, Any]]:
+    """The step a run's checkpoint reached, the steps its trainer config asks for (``None`` where
+    the manifest holds none) and that config."""
+    from flowforge.checkpoint import read_manifest
+
+    manifest = read_manifest(folder)
+    trainer, config = manifest.get("trainer"), manifest.get("trainer_config")
+    state = trainer.get("state") if isinstance(trainer, dict) else None
+    config = config if isinstance(config, dict) else {}
+    step, steps = (state.get("step") if isinstance(state, dict) else None), config.get("steps")
+    return (step if isinstance(step, int) else None), (steps if isinstance(steps, int) else None), config
 
 
 def _sampler_steps(run, steps: int | None) -> int:
@@ -460,7 +467,8 @@ def evaluate(
     held_out = _held_out(run, data)
     if samples is not None and held_out is not None and not run.reverse_kl and samples > held_out.shape[0]:
         typer.echo(f"note: --samples {samples}: the held-out data has {held_out.shape[0]} points; using all", err=True)
-    typer.echo(format_metrics(runs.evaluate_run(run, held_out, samples or 2000, seed, steps)))
+    counted = {} if samples is None else {"samples": samples}  # evaluate_run's default otherwise
+    typer.echo(format_metrics(runs.evaluate_run(run, held_out, seed=seed, steps=steps, **counted)))
 
 
 @app.command()
@@ -627,7 +635,6 @@ def policy_train(
     if resume:
         check_resume_tables(run, directory)  # before the data set is read or a frame cache made
     prepared = prepare_policy_run(run, directory, start_from)
-    _tell_if_nothing_to_resume(directory, resume)
     if resume:
         prepared.trainer.check_resume()
     began = f" from the weights of {start_from}" if start_from is not None else ""
@@ -745,12 +752,12 @@ def policy_eval(
         raise ConfigError(f"--execution {execution!r}: expected one of {', '.join(EXECUTIONS)}")
     # RTC's settings given: option -> (ChunkExecutor argument, value, its choices or None for a number)
     guidance = {
-        option: (name, value, choices)
-        for option, name, value, choices in (
-            ("--max-guidance", "max_guidance", max_guidance, None),
-            ("--rtc-schedule", "guidance_schedule", rtc_schedule, RTC_SCHEDULES),
-            ("--rtc-jacobian", "guidance_jacobian", rtc_jacobian, GUIDANCE_JACOBIANS),
-            ("--rtc-overlap", "guided_overlap", rtc_overlap, None),
+        _EXECUTOR_FLAGS[name]: (name, value, choices)
+        for name, value, choices in (
+            ("max_guidance", max_guidance, None),
+            ("guidance_schedule", rtc_schedule, RTC_SCHEDULES),
+            ("guidance_jacobian", rtc_jacobian, GUIDANCE_JACOBIANS),
+            ("guided_overlap", rtc_overlap, None),
         )
         if value is not None
     }
@@ -862,14 +869,8 @@ def _refuse_metadata_file(path: Path, option: str) -> None:
 def _tell_if_unfinished(folder: Path) -> None:
     """Say on stderr when a run stopped before its last step is evaluated (a killed or running
     training): its weights are the last checkpoint's, not the moving average a finished run keeps."""
-    from flowforge.checkpoint import read_manifest
-
-    manifest = read_manifest(folder)
-    trainer, config = manifest.get("trainer"), manifest.get("trainer_config")
-    state = trainer.get("state") if isinstance(trainer, dict) else None
-    config = config if isinstance(config, dict) else {}
-    step, steps = (state.get("step") if isinstance(state, dict) else None), config.get("steps")
-    if isinstance(step, int) and isinstance(steps, int) and step < steps:
+    step, steps, config = _checkpoint_progress(folder)
+    if step is not None and steps is not None and step < steps:
         average = " (not the moving average a finished run keeps)" if config.get("ema_decay") else ""
         typer.echo(
             f"note: {folder} is a run stopped at step {step} of {steps}; its last checkpoint's weights{average} "
