@@ -65,20 +65,9 @@ from common import (  # benchmarks/ is on sys.path
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
+from flowforge.envs.metaworld import MT10
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 
-MT10 = [
-    "reach-v3",
-    "push-v3",
-    "pick-place-v3",
-    "door-open-v3",
-    "drawer-open-v3",
-    "drawer-close-v3",
-    "button-press-topdown-v3",
-    "peg-insert-side-v3",
-    "window-open-v3",
-    "window-close-v3",
-]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -264,7 +253,7 @@ def main() -> None:
         results["flow-images"] = _evaluate(args, "flow-images", runs["flow-images"], image_tasks, args.image_episodes)
     latency = _latencies(args, runs, image_data)
 
-    print(f"\n{'MT10' if tasks == MT10 else ', '.join(tasks)}: success (state + language), one model per column")
+    print(f"\n{'MT10' if tuple(tasks) == MT10 else ', '.join(tasks)}: success (state + language), one model per column")
     names = [n for n in results if n != "flow-images"]
     print(f"{'task':26s} " + " ".join(f"{n:>14s}" for n in names))
     for task in tasks:

@@ -74,10 +74,10 @@ from common import RESULTS_DIR, claim_work_folder, model_weights_digest, parse_t
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
+from flowforge.envs.metaworld import MT10
 from flowforge.policy.heads import GUIDANCE_JACOBIANS, RTC_SCHEDULES
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
 from flowforge.validation import MAX_CANDIDATES
-from policy_mt10 import MT10  # the ten tasks, as the MT10 benchmark names them (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW_STEP = ("shortcut", "meanflow", "consistency", "consistency-distilled", "consistency-trajectory")

@@ -95,22 +95,10 @@ from flowforge.checkpoint import read_manifest
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate, wilson_interval
-from flowforge.envs.metaworld import render_rate
+from flowforge.envs.metaworld import MT10, render_rate
 from flowforge.runs.policy import load_policy, load_policy_config, prepare_policy, train_policy
 from flowforge.train.distributed import ShardedBatches
 
-MT10 = [
-    "reach-v3",
-    "push-v3",
-    "pick-place-v3",
-    "door-open-v3",
-    "drawer-open-v3",
-    "drawer-close-v3",
-    "button-press-topdown-v3",
-    "peg-insert-side-v3",
-    "window-open-v3",
-    "window-close-v3",
-]
 ABLATION_TASKS = ["reach-v3", "push-v3", "pick-place-v3"]
 PHASES = ("render", "collect", "throughput", "train", "steptime", "eval")
 ROOT = Path(__file__).resolve().parents[1]

@@ -77,6 +77,11 @@ def test_box_uniform() -> None:
     assert samples.dtype == torch.float64
     with pytest.raises(ValueError, match="high must exceed low"):
         BoxUniform([0.0], [0.0])
+    # Far from 0 the float32 spacing is coarse: low + (high - low) u rounds up to high for many u,
+    # a point outside [low, high) that log_prob scores -inf. Every draw stays inside.
+    far = BoxUniform([1e6], [1e6 + 1])
+    torch.manual_seed(0)
+    assert torch.isfinite(far.log_prob(far.sample(20_000))).all()
 
 
 def test_follows_module_dtype_and_checks_shapes() -> None:

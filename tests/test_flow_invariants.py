@@ -168,5 +168,7 @@ def test_distribution_view(case: FlowCase, context: int) -> None:
     assert log_prob.shape == (2, 3, *batch)
     flat_context = None if c is None else c.repeat(6, 1)
     torch.testing.assert_close(log_prob.reshape(-1), flow.log_prob(x.reshape(-1, case.features), flat_context))
+    single = d.sample()  # the empty sample shape, as torch.distributions allows
+    assert single.shape == (*batch, case.features) and d.log_prob(single).shape == batch
     with pytest.raises(ValueError, match="value must have shape"):
         d.log_prob(torch.zeros(2, case.features + 1))

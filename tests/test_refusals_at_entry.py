@@ -454,3 +454,64 @@ def test_a_flow_distributions_sample_shape_is_checked() -> None:
     for shape in ((-1,), (0,), (2.5,), 3):
         with pytest.raises(ValueError, match="sample_shape must be a tuple of positive ints"):
             distribution.rsample(shape)
+
+
+def test_the_layers_settings_are_checked_where_they_enter() -> None:
+    """The layers under the recipes check their own settings: a scale bound of 0 would make 0 tanh(0 / 0)
+    a NaN log-determinant, and a fractional context would be cut down unseen."""
+    from flowforge.distributions import GaussianMixture
+    from flowforge.flows import Dequantized
+    from flowforge.transforms import AffineCoupling, BatchNorm, LipschitzLinear, LULinear, ResidualBlock
+    from flowforge.transforms.coupling import ImageAffineCoupling
+    from flowforge.transforms.multiscale import Split
+
+    refused = [
+        (lambda: ImageAffineCoupling(4, scale_bound=0.0), ValueError, r"scale_bound must be a finite number > 0"),
+        (lambda: Split(4, scale_bound=0.0), ValueError, r"scale_bound must be a finite number > 0, got 0\.0"),
+        (lambda: AffineCoupling(torch.tensor([True, False]), context=2.5), ValueError, r"context must be an int"),
+        (lambda: ImageAffineCoupling(4, context=2.5), ValueError, r"context must be an int >= 0, got 2\.5"),
+        (lambda: ResidualBlock(2, inverse_tolerance=-1.0), ValueError, r"inverse_tolerance must be a finite number >"),
+        (lambda: ResidualBlock(2, inverse_tolerance=float("nan")), ValueError, "inverse_tolerance must be"),
+        (lambda: ResidualBlock(2, max_iterations=2.5), ValueError, r"max_iterations must be a positive int"),
+        (lambda: LipschitzLinear(2, 2, tolerance=-1), ValueError, r"tolerance must be a finite number > 0"),
+        (lambda: BatchNorm(2, momentum="0.1"), TypeError, r"momentum must be a finite number, got '0\.1'"),
+        (lambda: LULinear(2, min_diagonal="a"), TypeError, r"min_diagonal must be a finite number, got 'a'"),
+    ]
+    for build, error, message in refused:
+        with pytest.raises(error, match=message):
+            build()
+    assert GaussianMixture((2,)).sample(3).shape == (3, 2)  # a one-dimensional event given as a tuple
+
+    model = Dequantized(RealNVP(2, transforms=1), levels=4)
+    counts = torch.randint(0, 4, (5, 2))
+    for draws in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"draws must be a positive int, got {draws}"):
+            model.bits_per_dim(counts, draws=draws)
+    with pytest.raises(ValueError, match="k has 0 rows"):
+        model.bits_per_dim(counts[:0])
+    with pytest.raises(TypeError, match=r"k must be a torch\.Tensor of counts, got ndarray"):
+        model.log_prob(counts.numpy())
+
+
+def test_likelihoods_that_differentiate_inside_refuse_inference_mode() -> None:
+    """A CNF's divergence and a residual block's series need autograd, which inference mode cannot give
+    back: a clear refusal, and under no_grad the same value as with gradients."""
+    from flowforge.flows import CNF, ResidualFlow
+    from flowforge.matching import FlowMatcher
+    from flowforge.nn import VelocityMLP
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2)
+    likelihoods = [
+        CNF(2, hidden=(8,), method="rk4", steps=4).log_prob,
+        ResidualFlow(2, transforms=1, hidden=(8,), logdet="exact").eval().log_prob,
+        lambda points: FlowMatcher(VelocityMLP(2, hidden=(8,))).log_prob(points, method="rk4", steps=4),
+    ]
+    for log_prob in likelihoods:
+        torch.manual_seed(1)
+        expected = log_prob(x)
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=r"cannot run under torch\.inference_mode"):
+            log_prob(x)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            torch.testing.assert_close(log_prob(x), expected.detach())

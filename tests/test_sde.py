@@ -56,3 +56,12 @@ def test_bad_arguments() -> None:
         sdeint(lambda x, t: x, lambda x, t: x, x0, (0.0, 1.0), method="srk9")
     with pytest.raises(ValueError, match="noise must have shape"):
         sdeint(lambda x, t: x, lambda x, t: x, x0, (0.0, 1.0), steps=4, noise=torch.zeros(3, 3, 2))
+
+
+@pytest.mark.parametrize("method", ["euler_maruyama", "milstein"])
+def test_a_row_with_a_zero_time_span_stays_where_it_starts(method: str) -> None:
+    """Milstein's correction divides by the square root of the step: a span of 0 (one row here) gives
+    0 / 0 unless guarded; every method returns that row's start, and the other row moves."""
+    x0 = torch.ones(2, 1)
+    end = sdeint(lambda x, t: -x, lambda x, t: 0.5 * x, x0, (torch.tensor([0.0, 1.0]), 1.0), steps=4, method=method)
+    assert torch.equal(end[1], x0[1]) and torch.isfinite(end).all() and not torch.equal(end[0], x0[0])

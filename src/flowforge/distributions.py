@@ -132,7 +132,8 @@ class GaussianMixture(BaseDistribution):
         super().__init__()
         self.event_shape = _event_shape(features)
         if len(self.event_shape) != 1:
-            raise ValueError("GaussianMixture is defined over vectors: features must be an int")
+            raise ValueError(f"GaussianMixture is defined over vectors: features must be an int, got {features!r}")
+        features = self.event_shape[0]
         components = check_count("components", components)
         spread = check_real("spread", spread, positive=True)
         generator = torch.Generator().manual_seed(check_count("seed", seed, low=0, high=MAX_SEED))
@@ -200,7 +201,8 @@ class BoxUniform(BaseDistribution):
     def rsample(self, n: int) -> Tensor:
         n = check_sample_count(n)
         u = torch.rand((n, *self.event_shape), device=self.low.device, dtype=self.low.dtype)
-        return self.low + (self.high - self.low) * u
+        # low + (high - low) u can round up to high, outside [low, high): keep it below.
+        return torch.minimum(self.low + (self.high - self.low) * u, torch.nextafter(self.high, self.low))
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.event_shape)}"

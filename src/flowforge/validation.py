@@ -190,6 +190,16 @@ MAX_WIDTH = 2**14
 MAX_WORKERS = 256
 
 
+def check_autograd_available(what: str) -> None:
+    """Refuse ``what``, which differentiates the model inside itself, under ``torch.inference_mode``:
+    there autograd cannot be switched back on (``torch.no_grad`` leaves that possible)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} differentiates the model inside itself and cannot run under torch.inference_mode(); "
+            "use torch.no_grad() instead"
+        )
+
+
 def is_count(value: object, low: int = 1, high: int | None = None) -> bool:
     """Whether ``value`` is an integer (Python or NumPy, bools excluded) in ``[low, high]``."""
     return (

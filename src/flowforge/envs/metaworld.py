@@ -48,6 +48,19 @@ TASK_SEED_STRIDE = 10_007
 #: The most episodes per task one collection or evaluation runs: below the stride, so that each
 #: task's evaluation seeds stay its own.
 MAX_EPISODES = 10_000
+#: MetaWorld's MT10 benchmark: its ten tasks in the benchmark's order.
+MT10 = (
+    "reach-v3",
+    "push-v3",
+    "pick-place-v3",
+    "door-open-v3",
+    "drawer-open-v3",
+    "drawer-close-v3",
+    "button-press-topdown-v3",
+    "peg-insert-side-v3",
+    "window-open-v3",
+    "window-close-v3",
+)
 #: The cameras of MetaWorld's Sawyer scenes (``model.cam``), by name.
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 

@@ -108,6 +108,8 @@ class Flow(Rebuildable, nn.Module):
         """Same as :meth:`log_prob` (``flow(x, c)`` goes through module hooks and DDP)."""
         x = check_batched("x", x, self.event_shape, finite=True, dtype=model_dtype(self))
         embedded = self._embed(context, batch=x.shape[0], batch_of="x")
+        if x.shape[0] == 0:  # nothing to score: no transform runs (a fresh ActNorm or a training BatchNorm needs rows)
+            return x.new_zeros(0)
         z, logabsdet = self.transform(x, embedded)
         return self.base.log_prob(z) + logabsdet
 
@@ -228,7 +230,7 @@ class FlowDistribution(Distribution):
             raise ValueError(f"sample_shape must be a tuple of positive ints, got {sample_shape!r}")
         sample_shape = torch.Size(sample_shape)
         x = self.flow.rsample(max(prod(sample_shape), 1), self.context)
-        return x.reshape(*sample_shape, *self.batch_shape, *self.event_shape)
+        return x.reshape((*sample_shape, *self.batch_shape, *self.event_shape))
 
     def log_prob(self, value: Tensor) -> Tensor:
         tail = (*self.batch_shape, *self.event_shape)
@@ -241,4 +243,4 @@ class FlowDistribution(Distribution):
         context = None
         if self.context is not None:
             context = self.context.repeat(prod(sample_shape), *([1] * (self.context.dim() - 1)))
-        return self.flow.log_prob(flat, context).reshape(*sample_shape, *self.batch_shape)
+        return self.flow.log_prob(flat, context).reshape((*sample_shape, *self.batch_shape))

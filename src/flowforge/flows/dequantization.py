@@ -84,7 +84,9 @@ class Dequantized(Rebuildable, nn.Module):
 
     def _check(self, k: Tensor) -> Tensor:
         """``k`` checked (shape, whole numbers in range) and cast to the flow's dtype."""
-        if not isinstance(k, Tensor) or tuple(k.shape[1:]) != tuple(self.event_shape) or k.dim() < 2:
+        if not isinstance(k, Tensor):
+            raise TypeError(f"k must be a torch.Tensor of counts, got {type(k).__name__}")
+        if tuple(k.shape[1:]) != tuple(self.event_shape) or k.dim() < 2:
             raise ValueError(
                 f"k must have shape (batch, {', '.join(map(str, self.event_shape))}), "
                 f"got {tuple(getattr(k, 'shape', ()))}"
@@ -128,7 +130,13 @@ class Dequantized(Rebuildable, nn.Module):
 
     @torch.no_grad()
     def bits_per_dim(self, k: Tensor, context: Tensor | None = None, draws: int = 1) -> float:
-        """Mean of :math:`-\\log_2 P(k) / D` over the rows, the bound averaged over ``draws`` noise draws."""
+        """Mean of :math:`-\\log_2 P(k) / D` over the rows (at least one), the bound averaged over
+        ``draws`` (>= 1) noise draws."""
+        draws = check_count("draws", draws)
+        if isinstance(k, Tensor) and k.dim() and k.shape[0] == 0:
+            raise ValueError(
+                f"k has 0 rows (shape {tuple(k.shape)}): bits per dimension is a mean over rows and needs one"
+            )
         total = sum(float(self.log_prob(k, context).mean()) for _ in range(draws)) / draws
         return -total / (self.dims * math.log(2))
 

@@ -320,20 +320,6 @@ class ConsistencyMatcher(FlowMatcher):
         self.last_nfe = steps
         return x.reshape(shape)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        n: int,
-        context: Tensor | None = None,
-        steps: int | None = None,
-        method: str = "euler",
-        guidance_scale: float | None = None,
-        atol: float | None = None,
-        rtol: float | None = None,
-    ) -> Tensor:
-        """Samples without gradients; arguments as :meth:`rsample`."""
-        return self.rsample(n, context, steps, method, guidance_scale, atol, rtol)
-
     def log_prob(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Refused: a consistency function maps noise to data in jumps and defines no density; a
         :class:`FlowMatcher` or :class:`~flowforge.matching.MeanFlowMatcher` (its instantaneous field)

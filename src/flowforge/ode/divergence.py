@@ -45,8 +45,11 @@ class ExactDivergence:
         if batched not in (True, False, "auto"):
             raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
         self.batched = batched
+        self._batching_failed = False
 
     def _use_batched(self, features: int) -> bool:
+        if self._batching_failed:
+            return False
         if self.batched == "auto":
             return 4 <= features <= self.BATCHED_MAX_FEATURES
         return bool(self.batched)
@@ -57,11 +60,17 @@ class ExactDivergence:
         features = x.shape[1]
         if self._use_batched(features):
             basis = torch.eye(features, dtype=v.dtype, device=v.device)[:, None, :].expand(features, *v.shape)
-            (rows,) = torch.autograd.grad(
-                v, x, basis, create_graph=create_graph, retain_graph=True, is_grads_batched=True
-            )  # rows[i] = d v_i / d x, shape (D, batch, D)
-            total = rows.diagonal(dim1=0, dim2=2).sum(-1)
-            return (total, rows.square().sum((0, 2))) if frobenius else total
+            try:
+                (rows,) = torch.autograd.grad(
+                    v, x, basis, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+                )  # rows[i] = d v_i / d x, shape (D, batch, D)
+            except RuntimeError:
+                # Some layers' double backward has no batching rule (GroupNorm's, in a U-Net): the
+                # loop below gives the same rows; an error of the model itself recurs there.
+                self._batching_failed = True
+            else:
+                total = rows.diagonal(dim1=0, dim2=2).sum(-1)
+                return (total, rows.square().sum((0, 2))) if frobenius else total
         total = torch.zeros(x.shape[0], dtype=v.dtype, device=v.device)
         squares = torch.zeros_like(total)
         for i in range(x.shape[1]):

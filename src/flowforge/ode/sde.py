@@ -82,7 +82,9 @@ def sdeint(
         step = x + f * h_x
         if method == "milstein":
             support = step + g * sqrt_h
-            correction = (diffusion(support, t) - g) * (dw.square() - h_x.abs()) / (2 * sqrt_h)
+            # A row of zero span has a numerator of exactly 0: the floor keeps 0 / 0 from making NaN.
+            denominator = (2 * sqrt_h).clamp_min(torch.finfo(sqrt_h.dtype).tiny)
+            correction = (diffusion(support, t) - g) * (dw.square() - h_x.abs()) / denominator
             x = step + g * dw + correction
         else:
             x = step + g * dw

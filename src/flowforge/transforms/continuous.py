@@ -23,7 +23,7 @@ from flowforge.ode import TABLEAUS, odeint, solver_settings
 from flowforge.ode.divergence import ExactDivergence, HutchinsonDivergence
 from flowforge.registry import rebuilding
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_count
+from flowforge.validation import check_autograd_available, check_count
 
 
 class _AugmentedField(nn.Module):
@@ -46,6 +46,7 @@ class _AugmentedField(nn.Module):
     def forward(self, state: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         outer_grad = torch.is_grad_enabled()
+        check_autograd_available("a continuous flow's log-determinant (the divergence of its velocity)")
         with torch.enable_grad():
             x = state[:, : self.features]
             if not x.requires_grad:

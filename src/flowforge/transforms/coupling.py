@@ -32,6 +32,7 @@ from flowforge.transforms.elementwise import (
     ElementwiseTransformer,
     soft_clamp,
 )
+from flowforge.validation import check_count, check_real
 
 
 def _as_mask(mask: Sequence[bool] | Tensor) -> Tensor:
@@ -71,10 +72,9 @@ class Coupling(Transform):
     ) -> None:
         super().__init__()
         mask = _as_mask(mask)
-        if context < 0:
-            raise ValueError(f"context must be >= 0, got {context}")
+        context = check_count("context", context, low=0)
         self.features = mask.numel()
-        self.context_features = int(context)
+        self.context_features = context
         self.transformer = transformer
         kept = mask.nonzero().flatten()
         changed = (~mask).nonzero().flatten()
@@ -200,13 +200,13 @@ class ImageAffineCoupling(Transform):
             raise ValueError(f"mask must be 'channel' or 'checkerboard', got {mask!r}")
         if parity not in (0, 1):
             raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+        channels = check_count("channels", channels)
         if mask == "channel" and channels < 2:
             raise ValueError(f"a channel coupling needs at least 2 channels, got {channels}")
-        if context < 0:
-            raise ValueError(f"context must be >= 0, got {context}")
         self.channels, self.mask, self.parity = channels, mask, parity
-        self.context_features = int(context)
-        self.scale_bound = float(scale_bound)
+        self.context_features = check_count("context", context, low=0)
+        hidden_channels = check_count("hidden_channels", hidden_channels)
+        self.scale_bound = check_real("scale_bound", scale_bound, positive=True)
         if mask == "channel":
             first = channels // 2
             self.kept = slice(0, first) if parity == 0 else slice(first, channels)

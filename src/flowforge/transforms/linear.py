@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_count
+from flowforge.validation import check_count, check_real
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:
@@ -74,10 +74,11 @@ class LULinear(Transform):
         features = check_count("features", features)
         if not isinstance(identity_init, bool):
             raise ValueError(f"identity_init must be a bool, got {identity_init!r}")
+        min_diagonal = check_real("min_diagonal", min_diagonal)
         if not (0.0 < min_diagonal < 1.0):
             raise ValueError(f"min_diagonal must be in (0, 1), got {min_diagonal}")
         self.features = features
-        self.min_diagonal = float(min_diagonal)
+        self.min_diagonal = min_diagonal
         if identity_init:
             permutation = torch.arange(features)
             lower = torch.eye(features)

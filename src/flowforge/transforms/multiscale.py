@@ -27,6 +27,7 @@ from flowforge.nn.conv import ConvConditioner
 from flowforge.transforms.base import Transform
 from flowforge.transforms.coupling import check_image
 from flowforge.transforms.elementwise import soft_clamp
+from flowforge.validation import check_count, check_real
 
 
 def _check_squeezable(name: str, value: Tensor) -> None:
@@ -92,15 +93,18 @@ class Split(Transform):
         scale_bound: float = 3.0,
     ) -> None:
         super().__init__()
+        channels = check_count("channels", channels)
         if channels < 2:
             raise ValueError(f"Split needs at least 2 channels, got {channels}")
+        context = check_count("context", context, low=0)
+        hidden_channels = check_count("hidden_channels", hidden_channels)
         if inner is not None and not isinstance(inner, Transform):
             raise TypeError(f"inner must be a flowforge Transform or None, got {type(inner).__name__}")
         self.channels = channels
         self.kept_channels = channels - channels // 2
         self.inner = inner
         self.context_features = max(int(context), inner.context_features if inner is not None else 0)
-        self.scale_bound = float(scale_bound)
+        self.scale_bound = check_real("scale_bound", scale_bound, positive=True)
         self.prior = ConvConditioner(self.kept_channels, 2 * (channels // 2), hidden_channels, context)
         self._prior_context = int(context)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_count, describe_shape
+from flowforge.validation import check_count, check_real, describe_shape
 
 
 class ActNorm(Transform):
@@ -242,12 +242,11 @@ class BatchNorm(Transform):
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         self.features = check_count("features", features)
+        momentum = check_real("momentum", momentum)
         if not (0.0 < momentum <= 1.0):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a positive finite number, got {eps}")
-        self.momentum = float(momentum)
-        self.eps = float(eps)
+        self.momentum = momentum
+        self.eps = check_real("eps", eps, positive=True)
         self.log_gamma = nn.Parameter(torch.zeros(features))
         self.beta = nn.Parameter(torch.zeros(features))
         self.register_buffer("running_mean", torch.zeros(features))

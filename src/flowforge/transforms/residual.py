@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from flowforge.ode.divergence import roulette_weights
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_count, check_real
+from flowforge.validation import check_autograd_available, check_count, check_real
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -89,13 +89,13 @@ class LipschitzLinear(nn.Module):
         tolerance: float | None = None,
     ) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        in_features = check_count("in_features", in_features)
+        out_features = check_count("out_features", out_features)
         coefficient = check_real("coefficient", coefficient)
         if not 0.0 < coefficient <= 1.0:
             raise ValueError(f"coefficient must be in (0, 1], got {coefficient}")
-        if max_power_iterations < 1:
-            raise ValueError(f"max_power_iterations must be >= 1, got {max_power_iterations}")
+        max_power_iterations = check_count("max_power_iterations", max_power_iterations)
+        tolerance = check_real("tolerance", tolerance, positive=True, optional=True)
         self.in_features, self.out_features = in_features, out_features
         self.coefficient = float(coefficient)
         self.max_power_iterations = max_power_iterations
@@ -112,13 +112,16 @@ class LipschitzLinear(nn.Module):
         weight = self.weight.detach()
         tolerance = self.tolerance or (1e-10 if weight.dtype == torch.float64 else 1e-5)
         u, v = self.left_vector, self.right_vector
-        sigma = 0.0
+        sigma = float(u @ weight @ v)
         for _ in range(self.max_power_iterations):
-            v = _unit(weight.T @ u)
-            u = _unit(weight @ v)
-            previous, sigma = sigma, float(u @ weight @ v)
+            v_next = _unit(weight.T @ u)
+            u_next = _unit(weight @ v_next)
+            previous, sigma = sigma, float(u_next @ weight @ v_next)
             if abs(sigma - previous) <= tolerance * abs(sigma):
+                # Keep the vectors that already gave this estimate: iterating again from them (after a
+                # reload, a copy, a refresh) is then a no-op, and a saved model reloads exactly.
                 break
+            u, v = u_next, v_next
         self.left_vector.copy_(u)
         self.right_vector.copy_(v)
 
@@ -244,12 +247,13 @@ class ResidualBlock(Transform):
             raise ValueError(f"coefficient must be in (0, 1) for g to be a contraction, got {coefficient}")
         if logdet not in ("series", "exact"):
             raise ValueError(f"logdet must be 'series' or 'exact', got {logdet!r}")
-        if min_terms < 1 or eval_min_terms < 1:
-            raise ValueError(f"min_terms and eval_min_terms must be >= 1, got {min_terms}, {eval_min_terms}")
+        min_terms = check_count("min_terms", min_terms)
+        eval_min_terms = check_count("eval_min_terms", eval_min_terms)
+        stop_probability = check_real("stop_probability", stop_probability)
         if not 0.0 < stop_probability < 1.0:
             raise ValueError(f"stop_probability must be in (0, 1), got {stop_probability}")
-        if max_iterations < 1:
-            raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
+        inverse_tolerance = check_real("inverse_tolerance", inverse_tolerance, positive=True, optional=True)
+        max_iterations = check_count("max_iterations", max_iterations)
         self.features = features
         self.context_features = int(context)
         self.coefficient = float(coefficient)
@@ -292,6 +296,7 @@ class ResidualBlock(Transform):
 
     def _residual_and_logdet(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         create_graph = torch.is_grad_enabled()
+        check_autograd_available("a residual block's log-determinant (vector-Jacobian products of its branch)")
         with torch.enable_grad():
             # A fresh node to differentiate against, so that the series' vector-Jacobian products
             # stop here and never run hooks placed upstream (see _attach_implicit_gradient).
