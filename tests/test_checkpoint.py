@@ -451,3 +451,17 @@ def test_metadata_that_would_not_read_back_is_refused_at_save(tmp_path: Path) ->
         assert not (tmp_path / "m").exists()
     save_model(tmp_path / "m", flow, {"steps": 3, "note": ["a", 1.5]})
     assert read_manifest(tmp_path / "m")["metadata"] == {"steps": 3, "note": ["a", 1.5]}
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_write(tmp_path: Path) -> None:
+    """A temporary file is made readable by its owner alone; the file it becomes follows the umask."""
+    import os
+
+    from flowforge.checkpoint import write_atomic
+
+    ordinary = tmp_path / "ordinary"
+    ordinary.write_bytes(b"x")
+    atomic = tmp_path / "atomic"
+    write_atomic(atomic, b"x")
+    assert atomic.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]

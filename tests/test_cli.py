@@ -160,6 +160,10 @@ def test_every_flow_matching_family_config_trains_evaluates_and_samples(tmp_path
         assert ("nll" in result.output) == (name != "consistency_8gaussians.toml"), result.output
         result = runner.invoke(app, ["sample", str(tmp_path / name), "-n", "4", "-o", str(tmp_path / f"{name}.npy")])
         assert result.exit_code == 0, result.output
+    # The residual velocity network takes its own options (width, blocks), not the MLP's defaults.
+    residual = ["--set", 'model.options={velocity = "residual-velocity-mlp", width = 16, blocks = 1}']
+    result = _train(CONFIGS / "shortcut_8gaussians.toml", tmp_path / "residual", *residual)
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(
@@ -442,10 +446,10 @@ def test_an_output_under_a_file_or_of_another_kind_is_refused_before_any_work(tm
     ]
     if Path("/proc").is_dir():  # exists, but nothing can be made in it
         refused.append((["policy", "eval", run, "--out", "/proc/r.json"], "cannot write in /proc"))
-        cache = ["--set", 'data.frames="cache"', "--set", 'data.cache="/proc/frames"']
+        cache = ["--set", 'data.cache="/proc/frames"']
         refused.append(
             (
-                ["policy", "train", policy_config, "--out", tmp_path / "p", *cache],
+                ["policy", "train", CONFIGS / "policy" / "mt10_images.toml", "--out", tmp_path / "p", *cache],
                 "[data] cache /proc/frames: cannot write in /proc",
             )
         )
@@ -868,3 +872,14 @@ def test_progress_flag_and_progress_override_together_are_refused(tmp_path: Path
     assert result.exit_code == 2, result.output
     assert "--no-progress and --set train.progress=true: both set the progress bar; give one" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_never_writes_over_the_runs_own_files(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(CONFIGS / "nice_moons.toml", run).exit_code == 0
+    history = (run / "metrics.csv").read_bytes()
+    for target, message in (("metrics.csv", "is the training history of the run"), ("checkpoint.json", "-o")):
+        result = runner.invoke(app, ["sample", str(run), "-n", "3", "-o", str(run / target)])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert (run / "metrics.csv").read_bytes() == history
+    assert runner.invoke(app, ["sample", str(run), "-n", "3", "-o", str(run / "samples.csv")]).exit_code == 0

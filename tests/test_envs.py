@@ -71,6 +71,35 @@ def test_images_are_rendered_headless_at_the_requested_size() -> None:
     env.close()
 
 
+def test_the_first_frame_draws_the_goal_where_the_reset_put_it() -> None:
+    """A reset moves the goal's site in the model, and the scene's positions follow only when the
+    physics runs forward: the first frame must already show the scene as it is (reach's goal marker
+    is its only sight of the goal)."""
+    import mujoco
+
+    env = MetaWorldEnv("reach-v3", image=True, size=84)
+    for seed in (2, 3):
+        first = env.reset(seed=seed)[0]["image"]
+        scene = env.env.unwrapped
+        mujoco.mj_forward(scene.model, scene.data)
+        np.testing.assert_array_equal(first, env.render_camera())
+    env.close()
+
+
+def test_the_adapters_arguments_are_checked_naming_them() -> None:
+    for settings, error, message in [
+        ({"seed": -1}, ValueError, r"seed must be an int in 0\.\.4294967295, got -1"),
+        ({"seed": 1.5}, ValueError, "seed must be an int"),
+        ({"size": 84.5}, ValueError, r"size must be an int >= 8, got 84\.5"),
+        ({"size": 4}, ValueError, "size must be an int >= 8, got 4"),
+        ({"image": "no"}, TypeError, "image must be a bool"),
+    ]:
+        with pytest.raises(error, match=message):
+            MetaWorldEnv("reach-v3", **settings)
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        MetaWorldEnv("reach-v3").reset(seed=2**40)
+
+
 def test_unknown_tasks_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown MetaWorld task 'fly-v3'"):
         MetaWorldEnv("fly-v3")

@@ -383,6 +383,12 @@ def test_log_prob_is_for_flow_heads_and_checks_its_chunks() -> None:
         policy.log_prob(batch, method="rk4", steps=2, trace="exact"),
         policy.log_prob(unpadded, method="rk4", steps=2, trace="exact"),
     )
+    # A fixed-step method scores each chunk alike in any batch (an adaptive one shares its steps).
+    together = policy.log_prob(unpadded, method="rk4", steps=4)
+    alone = torch.cat(
+        [policy.log_prob({k: v[i : i + 1] for k, v in unpadded.items()}, method="rk4", steps=4) for i in range(5)]
+    )
+    torch.testing.assert_close(together, alone)
 
 
 def test_few_step_heads_tell_the_expert_their_step() -> None:
@@ -458,6 +464,31 @@ def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkey
     assert jvp_rows == [2] and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None for p in policy.expert.parameters())
+
+
+@pytest.mark.parametrize(("fraction", "span_rows"), [(0.0, []), (1.0, [8]), (0.1, [1])])
+def test_meanflow_trains_the_share_of_span_rows_it_is_given(monkeypatch, fraction: float, span_rows: list) -> None:
+    """0 is plain flow matching and 1 spans only, as asked; strictly between, a batch keeps one row of
+    each part however small the share (0.1 of 8 rows rounds to 1)."""
+    policy = _policy("meanflow", meanflow_fraction=fraction)
+    jvp_rows: list[int] = []
+    original = torch.func.jvp
+
+    def counting(function, primals, tangents):
+        jvp_rows.append(primals[0].shape[0])
+        return original(function, primals, tangents)
+
+    monkeypatch.setattr(torch.func, "jvp", counting)
+    assert torch.isfinite(policy.loss(_batch(8)))
+    assert jvp_rows == span_rows
+
+
+def test_a_shortcut_head_needs_both_of_its_parts() -> None:
+    from flowforge.errors import ConfigError
+
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ConfigError, match=rf"shortcut_fraction = {fraction}: expected a finite number > 0 and < 1"):
+            _policy("shortcut", shortcut_fraction=fraction)
 
 
 def test_meanflow_draws_its_times_and_span_ends_uniformly(monkeypatch) -> None:

@@ -436,6 +436,12 @@ def test_policy_cli_trains_saves_and_evaluates(one_demo: Path, tmp_path: Path) -
     refused = runner.invoke(app, [*args, "--noise-scale", "0.5"])  # an MSE policy has no temperature
     assert refused.exit_code == 2 and "takes no noise_scale" in refused.stderr and not out.exists()
     assert refused.stderr.startswith("error: --noise-scale 0.5: ")  # the flag given, not the argument it sets
+    from flowforge.cli import _as_eval_flags
+
+    assert _as_eval_flags("max_guidance must be a finite number >= 0, got inf") == (
+        "--max-guidance must be a finite number >= 0, got inf"
+    )
+    assert _as_eval_flags("steps must be an int in 1..100, got 101") == "--steps must be an int in 1..100, got 101"
     result = runner.invoke(app, [*args, "--video", str(videos)])
     assert result.exit_code == 0, result.output
     assert "reach-v3" in result.output and "median chunk latency" in result.output

@@ -81,6 +81,13 @@ def test_language_inputs_are_checked() -> None:
     for texts in (["reach"] * 3, [3, 4]):
         with pytest.raises(ValueError, match="instruction must be a string or 2 strings"):
             policy.predict_chunk({"state": state, "instruction": texts}, steps=2)
+    # Both given: they must name the same instructions (otherwise the index would win unseen).
+    both = {"state": state, "task_index": torch.tensor([1, 1]), "instruction": ["push", "reach"]}
+    with pytest.raises(ValueError, match="disagree at row 1: task_index 1 is 'push', instruction is 'reach'"):
+        policy.predict_chunk(both, steps=2)
+    with pytest.raises(ValueError, match="disagree at row 0"):
+        policy.predict_chunk({**both, "instruction": "reach"}, steps=2)
+    assert policy.predict_chunk({**both, "instruction": "push"}, steps=2).actions.shape == (2, 8, 2)
     # training and likelihoods refuse a wrong index too, with the NaN scan off: it is no NaN scan
     training = {"state": state, "action": torch.zeros(2, 8, 2), "task_index": torch.tensor([-1, 0])}
     with checks(finite=False):

@@ -439,8 +439,15 @@ def test_a_mode_or_camera_the_data_set_lacks_is_refused(changes: dict, message: 
 def test_the_data_tables_frame_settings_are_checked() -> None:
     from flowforge.runs.policy import load_policy_config, parse_policy_config
 
-    run = parse_policy_config('[data]\nroot = "data/x"\nframes = "cache"\nworkers = 2\n')
+    images = "[policy]\nimage_shape = [3, 84, 84]\n"
+    run = parse_policy_config('[data]\nroot = "data/x"\nframes = "cache"\nworkers = 2\n' + images)
     assert run.data.cache_folder() == Path("data/x.frames") and run.data.workers == 2
+    # A policy without cameras reads no frames: settings of how frames are read are refused for it.
+    for setting in ('frames = "cache"', 'cache = "c"\nframes = "cache"', 'frames = "memory"\nworkers = 1'):
+        with pytest.raises(ConfigError, match=r"this policy reads no camera frames \(policy.image_shape is not set\)"):
+            parse_policy_config(f'[data]\nroot = "x"\n{setting}\n')
+    with pytest.raises(ConfigError, match=r"cache = 'c': only frames = 'cache' reads a frame cache"):
+        parse_policy_config('[data]\nroot = "x"\ncache = "c"\nframes = "memory"\n' + images)
     with pytest.raises(ConfigError, match=r"frames = 'disk' is not one of tensors, memory, cache, decode"):
         parse_policy_config('[data]\nroot = "x"\nframes = "disk"\n')
     with pytest.raises(ConfigError, match=r"workers = 2: frames = 'tensors' are indexed in memory"):

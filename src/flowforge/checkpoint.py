@@ -27,6 +27,7 @@ encoded losslessly by :func:`encode_state` and restored by :func:`decode_state`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -64,11 +65,21 @@ _MISSING = object()
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
+@functools.cache  # read once: reading the umask sets it for an instant, which other threads could see
+def _file_mode() -> int:
+    """The permissions ``open`` gives a new file under the process's umask (mkstemp's are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename; the
+    file gets the permissions an ordinary write would give it."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(descriptor, _file_mode())
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -424,6 +424,7 @@ def sample(
     from flowforge import runs
 
     _output_path(output, "-o", (".npy", ".csv"))
+    _refuse_metadata_file(output, "-o")
     run = runs.load_run(checkpoint)
     steps = _sampler_steps(run, steps)
     classes = runs.run_classes(run)
@@ -748,6 +749,7 @@ def policy_eval(
         _refuse_metadata_file(out, "--out")
     if video is not None:
         _output_path(video, "--video")
+        _refuse_metadata_file(video, "--video")
     if execution not in EXECUTIONS:
         raise ConfigError(f"--execution {execution!r}: expected one of {', '.join(EXECUTIONS)}")
     # RTC's settings given: option -> (ChunkExecutor argument, value, its choices or None for a number)
@@ -842,25 +844,30 @@ _EXECUTOR_FLAGS = {
     "steps": "--steps",
 }
 _EXECUTOR_ARGUMENT = re.compile(r"\b(" + "|".join(_EXECUTOR_FLAGS) + r")\s*=\s*(True\b)?")
+_EXECUTOR_SUBJECT = re.compile(r"^(" + "|".join(_EXECUTOR_FLAGS) + r")(?= must\b)")
 
 
 def _as_eval_flags(message: str) -> str:
-    """A ``ChunkExecutor`` refusal with its ``argument = value`` spelled as the flag: ``noise_scale =
-    0.5`` becomes ``--noise-scale 0.5`` and ``overlap_guidance = True`` becomes ``--overlap-guidance``."""
+    """A ``ChunkExecutor`` refusal with its arguments spelled as the flags: ``noise_scale = 0.5``
+    becomes ``--noise-scale 0.5``, ``overlap_guidance = True`` ``--overlap-guidance``, and a message
+    that opens ``max_guidance must be ...`` opens ``--max-guidance must be ...``."""
 
     def flag(match: re.Match[str]) -> str:
         name = _EXECUTOR_FLAGS[match.group(1)]
         return name if match.group(2) else name + " "
 
+    message = _EXECUTOR_SUBJECT.sub(lambda match: _EXECUTOR_FLAGS[match.group(1)], message)
     return _EXECUTOR_ARGUMENT.sub(flag, message)
 
 
 def _refuse_metadata_file(path: Path, option: str) -> None:
-    """Refuse to write over a checkpoint's manifest or into a data set's metadata: results written
-    there would destroy the run or the data set they describe."""
+    """Refuse to write over a checkpoint's manifest or a run's training history, or into a data
+    set: results written there would destroy the run or the data set they describe."""
     resolved = path.resolve()
     if resolved.name == "checkpoint.json" and resolved.is_file():
         raise ConfigError(f"{option} {path}: is a checkpoint's manifest; write the results to another file")
+    if resolved.name == "metrics.csv" and (resolved.parent / "checkpoint.json").is_file():
+        raise ConfigError(f"{option} {path}: is the training history of the run beside it; write to another file")
     data_set = _data_set_holding(path)
     if data_set is not None:
         raise ConfigError(f"{option} {path}: lies inside the episode data set {data_set}; write it elsewhere")

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from flowforge.validation import check_count
+from flowforge.config import MAX_SEED
+from flowforge.validation import check_bool, check_count
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -205,11 +206,12 @@ class MetaWorldEnv:
     ) -> None:
         _check_task(task)
         self.cameras = check_cameras([camera] if cameras is None else cameras)
+        seed = check_count("seed", seed, low=0, high=MAX_SEED)
+        image = check_bool("image", image)
+        size = check_count("size", size, low=8)
         _require_metaworld()
         import gymnasium as gym
 
-        if size < 8:
-            raise ValueError(f"size must be >= 8 pixels, got {size}")
         self.task, self.image, self.camera, self.size = task, image, self.cameras[0], size
         options: dict[str, Any] = {"env_name": task, "seed": seed}
         if image:
@@ -289,8 +291,15 @@ class MetaWorldEnv:
     def reset(self, seed: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Start an episode; its scene (goal and object positions) is a function of ``seed`` alone
         (the constructor's seed when None)."""
-        self.env.unwrapped.seed(self._seed if seed is None else seed)
+        self.env.unwrapped.seed(self._seed if seed is None else check_count("seed", seed, low=0, high=MAX_SEED))
         state, info = self.env.reset()
+        if self.image:
+            # The reset moved the goal's site in the model; the scene's positions follow only at the
+            # next physics step, so the first frame would draw the goal marker where it was before.
+            import mujoco
+
+            scene = self.env.unwrapped
+            mujoco.mj_forward(scene.model, scene.data)
         info = {**info, "task": self.task, "instruction": self.instruction, "is_success": False}
         return self._observation(state), info
 

@@ -101,11 +101,13 @@ class PolicyConfig:
             :math:`\operatorname{sigmoid}(\mathcal N(0, 1))`, most of it in the middle.
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
         shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows
-            (0.5) and its number M of step sizes: it learns steps 1, 1/2, ..., 2^(1-M) from
-            self-consistency, built from the instantaneous velocity's Euler step 2^-M. A policy
-            samples in 1-4 steps, and a short ladder (M = 3) with half the rows on it keeps the
-            one-step map close to the demonstrations (MT10 figures in the README).
-        meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching).
+            (0.5, in (0, 1): each batch trains both parts) and its number M of step sizes: it learns
+            steps 1, 1/2, ..., 2^(1-M) from self-consistency, built from the instantaneous
+            velocity's Euler step 2^-M. A policy samples in 1-4 steps, and a short ladder (M = 3)
+            with half the rows on it keeps the one-step map close to the demonstrations (MT10
+            figures in the README).
+        meanflow_fraction: the meanflow head's share of rows with a span (the rest flow matching), in
+            [0, 1]; strictly between, every batch of two rows or more trains both parts.
         meanflow_adaptive_power: the power p of the meanflow head's adaptive loss weight (0: plain
             squared error; see ``mean_flow_loss``). The default 1 keeps the loss bounded at the
             default time-embedding frequency; with ``time_embedding_frequency = 4`` the plain
@@ -287,7 +289,8 @@ class PolicyConfig:
             raise ConfigError(
                 f"keyframe_stride = {self.keyframe_stride}: expected a divisor of horizon = {self.horizon}"
             )
-        check_range("shortcut_fraction", self.shortcut_fraction, low=0, high=1)
+        # Both parts are needed: the self-consistency rows make the few steps, the flow-matching rows anchor them.
+        check_range("shortcut_fraction", self.shortcut_fraction, low=0, high=1, low_open=True, high_open=True)
         check_integer("shortcut_halvings", self.shortcut_halvings, high=MAX_HALVINGS)
         check_range("meanflow_fraction", self.meanflow_fraction, low=0, high=1)
         check_range("meanflow_adaptive_power", self.meanflow_adaptive_power, low=0)

@@ -520,7 +520,9 @@ class ChunkExecutor:
             return ((weights[:, None] * actions).sum(0) / weights.sum()).astype(np.float32)
         step = self._step
         if self._plan is None or (self.execution == "sync" and self._index(step) >= self.n_action_steps):
-            # Nothing to execute meanwhile: the robot stands still while the chunk is computed.
+            # Nothing to execute meanwhile: the robot stands still while the chunk is computed. The
+            # next request waits for the next step even where the delay is longer than the executed
+            # part: at this step it would see the observation this chunk was computed from.
             self._start(self._request(batch, step), arrives=step)
         elif self.execution != "sync":
             self._arrive(step)

@@ -132,8 +132,8 @@ class ChunkGuide:
             raise ValueError(f"guide.weights must be {shape[1]} numbers in [0, 1], got {weights.tolist()}")
         check_real("max_guidance", self.max_guidance, non_negative=True)
         check_choice("guide.jacobian", self.jacobian, GUIDANCE_JACOBIANS)
-        actions = actions.to(torch.get_default_dtype()) if not actions.is_floating_point() else actions
-        return ChunkGuide(normalize(actions), weights.to(actions), float(self.max_guidance), self.jacobian)
+        actions = normalize(actions.to(torch.get_default_dtype()) if not actions.is_floating_point() else actions)
+        return ChunkGuide(actions, weights.to(actions), float(self.max_guidance), self.jacobian)
 
 
 #: How real-time chunking's guidance reaches the noisy chunk (see :class:`ChunkGuide`); the first,
@@ -623,7 +623,11 @@ class MeanFlowHead(FlowHead):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         rows = target.shape[0]
-        span_rows = min(max(round(rows * self.config.meanflow_fraction), 1), rows - 1) if rows > 1 else rows
+        fraction = self.config.meanflow_fraction
+        if fraction in (0.0, 1.0):  # plain flow matching, or spans only: as asked
+            span_rows = round(rows * fraction)
+        else:  # both parts in every batch that has two rows
+            span_rows = min(max(round(rows * fraction), 1), rows - 1) if rows > 1 else rows
         first = self.time_sampler(rows, device=target.device, dtype=target.dtype)
         second = self.time_sampler(rows, device=target.device, dtype=target.dtype)
         spanned = torch.arange(rows, device=target.device) < span_rows

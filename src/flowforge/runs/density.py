@@ -383,7 +383,7 @@ def _build_matcher(
     _registered_option(options, "path", "path")
     _registered_option(options, "time_sampler", "time")
     options.setdefault("coupling", registry.lookup("coupling", "exact-ot")())
-    defaults = {} if image else VECTOR_VELOCITY_DEFAULTS
+    defaults = {} if image else _accepted(velocity_cls, dict(VECTOR_VELOCITY_DEFAULTS))
     velocity_options = {**defaults, **_accepted(velocity_cls, options)}
     velocity = velocity_cls(
         event_shape if image else event_shape[0],

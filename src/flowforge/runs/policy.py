@@ -93,6 +93,11 @@ class PolicyDataConfig:
                 f"workers = {self.workers}: frames = 'tensors' are indexed in memory; workers serve "
                 "frames = 'memory', 'cache' or 'decode'"
             )
+        if self.cache and self.frames != "cache":
+            raise ConfigError(
+                f"cache = {self.cache!r}: only frames = 'cache' reads a frame cache, got frames = {self.frames!r}; "
+                "leave it out"
+            )
 
     def cache_folder(self) -> Path:
         """The frame cache folder: ``cache``, or ``<root>.frames`` beside the data set."""
@@ -175,6 +180,14 @@ class PolicyRunConfig:
     def __post_init__(self) -> None:
         if not self.data.root:
             raise ConfigError("[data] root (the episode data set folder) is required")
+        if not self.policy.image_keys:
+            defaults = PolicyDataConfig(root=self.data.root)
+            for name in ("frames", "cache", "workers"):
+                if getattr(self.data, name) != getattr(defaults, name):
+                    raise ConfigError(
+                        f"[data] {name} = {getattr(self.data, name)!r}: this policy reads no camera frames "
+                        "(policy.image_shape is not set); leave it out"
+                    )
         # A policy run trains on every window: there is no validation split to evaluate or stop on.
         if self.train.eval_every:
             raise ConfigError(
