@@ -277,6 +277,8 @@ def test_list_names_everything() -> None:
     assert result.exit_code == 0
     for word in ("realnvp", "flow-matching", "reverse-kl", "checkerboard", "digits", "banana"):
         assert word in result.output
+    models = next(line for line in result.output.splitlines() if line.startswith("models:"))
+    assert "dequantized" not in models  # not a kind a config can name: the run wraps its model itself
 
 
 def test_a_malformed_data_file_fails_before_anything_is_written(tmp_path: Path) -> None:
@@ -324,7 +326,7 @@ BAD_VALUES = [
     (None, '[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "reverse-kl"\n', "[data]"),
     (["data.size=1180591620717411303424"], None, "size = 1180591620717411303424: expected integers of at most 64"),
     (['model.options.activation=["relu"]'], None, "options.activation = ['relu']: expected a name"),
-    (["data.path=."], None, ".: a folder, not a file"),
+    (["data.path=."], None, f"{Path.cwd()}: a folder, not a file"),  # named as the absolute path the run keeps
     (
         ['data.name="digits-images"', 'model.kind="glow"', "data.test_fraction=0.0001"],
         None,
@@ -337,6 +339,13 @@ BAD_VALUES = [
         None,
         "dequantization = 'variational': a flow matcher dequantizes each batch uniformly",
     ),
+    # Options that do not fit the data, refused before training (they failed in its first step).
+    (["model.options.context=3"], None, "options.context = 3: a realnvp run trains on its data alone"),
+    (['model.kind="vae"', "model.options={}"], None, "'vae' models integer counts 0..16 (options.levels = 17)"),
+    (['model.kind="nsf"', "model.options.bound=1e300"], None, r"bound must be in (0, 1e+08]"),
+    # Sizes the run would not read.
+    (["data.test_fraction=0.9"], None, "test_fraction = 0.9: a 2-D set (moons) is tested on 5000 points"),
+    (['data.name="wine"', "data.size=100"], None, "size = 100: only a 2-D set is drawn at a size"),
 ]
 
 
@@ -883,3 +892,45 @@ def test_sample_never_writes_over_the_runs_own_files(tmp_path: Path) -> None:
         assert result.exit_code == 2 and message in result.stderr, result.output
     assert (run / "metrics.csv").read_bytes() == history
     assert runner.invoke(app, ["sample", str(run), "-n", "3", "-o", str(run / "samples.csv")]).exit_code == 0
+
+
+def test_resume_leaves_a_run_that_stopped_early_as_it_was(tmp_path: Path) -> None:
+    from flowforge.checkpoint import read_manifest
+
+    run = tmp_path / "run"
+    settings = ["--set", "train.steps=2000", "--set", "train.eval_every=20", "--set", "train.patience=1"]
+    first = runner.invoke(
+        app, ["train", str(CONFIGS / "realnvp_moons.toml"), "--out", str(run), *settings, "--no-progress"]
+    )
+    assert first.exit_code == 0, first.output
+    step = read_manifest(run)["trainer"]["state"]["step"]
+    assert step < 2000  # it stopped early
+    weights = sorted((p.name, p.read_bytes()) for p in run.glob("*.safetensors"))
+    again = runner.invoke(
+        app, ["train", str(CONFIGS / "realnvp_moons.toml"), "--out", str(run), *settings, "--no-progress", "--resume"]
+    )
+    assert again.exit_code == 0, again.output
+    assert f"finished at step {step} (stopped early), nothing left to train" in again.output
+    assert sorted((p.name, p.read_bytes()) for p in run.glob("*.safetensors")) == weights
+
+
+def test_a_one_column_data_file_trains_and_plots_from_anywhere(tmp_path: Path, monkeypatch) -> None:
+    """One-dimensional data get histograms and a density curve; the file's path is kept absolute, so
+    eval and plot find it from another folder."""
+    import numpy as np
+
+    work = tmp_path / "work"
+    work.mkdir()
+    np.save(work / "one_col.npy", np.random.default_rng(0).normal(size=(200, 1)).astype(np.float32))
+    (work / "one.toml").write_text(
+        '[model]\nkind = "maf"\noptions = { transforms = 1, hidden = [8] }\n[data]\npath = "one_col.npy"\n'
+    )
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", "one.toml", "--out", str(tmp_path / "run"), *TINY])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "plot.png").is_file()
+    monkeypatch.chdir(tmp_path)
+    for args in (["eval", "run"], ["plot", "run", "-o", "again.png"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "again.png").is_file()

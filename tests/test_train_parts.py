@@ -25,6 +25,7 @@ def test_the_package_exports_what_it_always_did() -> None:
         "ReverseKL",
         "Trainer",
         "TrainerConfig",
+        "TrainingInterrupted",
         "TrainingState",
         "distributed_world",
         "fit_maximum_likelihood",

@@ -93,6 +93,63 @@ def test_a_run_killed_midway_resumes_to_the_same_weights(tmp_path: Path) -> None
     assert isinstance(Flow.load(tmp_path / "killed"), RealNVP)  # a training checkpoint is also a model checkpoint
 
 
+def test_ctrl_c_saves_the_finished_step_and_the_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """SIGINT is held until the step in progress ends; the checkpoint then saved resumes exactly."""
+    from flowforge.train import TrainingInterrupted
+
+    class InterruptedAt(MaximumLikelihood):
+        def __init__(self, at: int | None) -> None:
+            self.at, self.calls = at, 0
+
+        def loss(self, model, batch):
+            self.calls += 1
+            if self.calls == self.at:
+                signal.raise_signal(signal.SIGINT)  # in the middle of a step
+            return super().loss(model, batch)
+
+    def run(directory: Path, at: int | None, resume: bool = False):
+        torch.manual_seed(5)
+        flow = RealNVP(2, transforms=2, hidden=(8,))
+        config = TrainerConfig(steps=40, batch_size=16, checkpoint_every=0, ema_decay=0.9, progress=False)
+        data = toy_dataset("moons", 400, seed=0)
+        return Trainer(flow, InterruptedAt(at), config, data=data, directory=directory).fit(resume=resume), flow
+
+    run(tmp_path / "straight", None)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match=r"stopped at step 17: the checkpoint in .* continue with --resume"):
+        run(tmp_path / "stopped", 17)
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler of the caller is back
+    assert read_manifest(tmp_path / "stopped")["trainer"]["state"]["step"] == 17
+    state, _ = run(tmp_path / "stopped", None, resume=True)
+    assert state.step == 40
+    expected = load_tensors(tmp_path / "straight", "model")
+    for name, value in load_tensors(tmp_path / "stopped", "model").items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_run_that_stopped_early_is_not_trained_again_on_resume(tmp_path: Path) -> None:
+    class Worsening(MaximumLikelihood):
+        def __init__(self) -> None:
+            self.checks = 0
+
+        def validation(self, model, batch) -> float:
+            self.checks += 1
+            return float(self.checks)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        config = TrainerConfig(steps=1000, batch_size=16, eval_every=10, patience=2, progress=False)
+        data, held_out = torch.randn(100, 2), torch.randn(20, 2)
+        flow = RealNVP(2, transforms=2, hidden=(8,))
+        return Trainer(flow, Worsening(), config, data=data, validation_data=held_out, directory=tmp_path)
+
+    assert trainer().fit().step == 30
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    again = trainer()
+    assert again.fit(resume=True).step == 30
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # left as it was
+
+
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     flow = RealNVP(2, transforms=2, hidden=(8,))
     trainer = Trainer(

@@ -50,6 +50,9 @@ class _OneLineErrors(TyperGroup):
             message = " ".join(str(error).split()) or type(error).__name__
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt as error:  # Ctrl-C: training says what it saved
+            typer.echo(f"interrupted{': ' + str(error) if str(error) else ''}", err=True)
+            raise typer.Exit(code=130) from None
         except (MemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise
@@ -178,7 +181,7 @@ def demo(
     model: Annotated[
         str, typer.Option(help="A flow over vectors: realnvp, nice, maf, iaf, nsf, residual.")
     ] = "realnvp",
-    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 2000,
+    steps: Annotated[int, typer.Option(min=1, max=2**63 - 1, help="Training steps.")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH_SIZE)] = 256,
     transforms: Annotated[int, typer.Option(min=1, max=MAX_LAYERS, help="Flow layers.")] = 8,
     out: Annotated[Path, typer.Option(help="Folder for the plot.")] = Path("flowforge-demo"),
@@ -345,23 +348,31 @@ def _resumed_at(folder: Path, resume: bool, steps: int) -> str:
     if not (folder / "checkpoint.json").exists():
         typer.echo(f"note: --resume: no checkpoint in {folder} yet; training from step 0", err=True)
         return ""
-    step, _, _ = _checkpoint_progress(folder)
+    step, end, _ = _checkpoint_progress(folder)
     if step is None or step <= 0:
         return ""
-    return f", resuming at step {step}" if step < steps else f": finished at step {step}, nothing left to train"
+    stopped_early = step == end and step < steps
+    if step < steps and not stopped_early:
+        return f", resuming at step {step}"
+    return f": finished at step {step}{' (stopped early)' if stopped_early else ''}, nothing left to train"
 
 
 def _checkpoint_progress(folder: Path) -> tuple[int | None, int | None, dict[str, Any]]:
-    """The step a run's checkpoint reached, the steps its trainer config asks for (``None`` where
-    the manifest holds none) and that config."""
+    """The step a run's checkpoint reached, the step it ends at (its trainer config's steps, or the
+    step where its patience ran out; ``None`` where the manifest holds none) and that config."""
     from flowforge.checkpoint import read_manifest
 
     manifest = read_manifest(folder)
     trainer, config = manifest.get("trainer"), manifest.get("trainer_config")
     state = trainer.get("state") if isinstance(trainer, dict) else None
+    state = state if isinstance(state, dict) else {}
     config = config if isinstance(config, dict) else {}
-    step, steps = (state.get("step") if isinstance(state, dict) else None), config.get("steps")
-    return (step if isinstance(step, int) else None), (steps if isinstance(steps, int) else None), config
+    step, steps = state.get("step"), config.get("steps")
+    step, steps = (step if isinstance(step, int) else None), (steps if isinstance(steps, int) else None)
+    patience, waited = config.get("patience"), state.get("evaluations_without_improvement")
+    if step is not None and isinstance(patience, int) and isinstance(waited, int) and waited >= patience:
+        steps = step  # stopped early: the run ended there
+    return step, steps, config
 
 
 def _sampler_steps(run, steps: int | None) -> int:
@@ -496,7 +507,8 @@ def list_choices() -> None:
     from flowforge.runs.data import COUNT_DATASETS
 
     rows = [
-        ("models", registry.names("model")),
+        ("models", runs.model_kinds()),  # [model] kind values; a dequantized wrapper is made by the run
+        ("dequantization", runs.density.DEQUANTIZATIONS),
         ("policy heads", registry.names("head")),
         ("velocity nets", registry.names("velocity")),
         ("paths", registry.names("path")),
@@ -510,7 +522,7 @@ def list_choices() -> None:
         ("targets", TARGETS),
     ]
     for label, values in rows:
-        typer.echo(f"{label + ':':15}{', '.join(values)}")
+        typer.echo(f"{label + ':':16}{', '.join(values)}")
     typer.echo(f"{'files:':15}path = a .csv, .npy, .npz or .parquet file")
 
 

@@ -184,6 +184,39 @@ def plot_points_run(
     return save_figure(fig, path)
 
 
+def plot_line_run(
+    path: str | Path,
+    title: str,
+    reference: Tensor,
+    samples: Tensor,
+    curve: tuple[Sequence[float], Sequence[float]],
+    density: tuple[Tensor, Tensor] | None = None,
+) -> Path:
+    """A run over one-dimensional points at a glance: histograms of the data (with the model's
+    density ``(xs, p(xs))`` over it) and of the model's samples, and the training curve."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    reference, samples = reference.detach().cpu().float()[:, 0], samples.detach().cpu().float()[:, 0]
+    low, high, _, _ = plot_bounds(torch.stack([reference, reference], 1))
+    fig = Figure(figsize=(12, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    bins = np.linspace(low, high, 60)
+    axes[0].hist(reference.numpy(), bins=bins, density=True, color="tab:blue", alpha=0.6, label="held-out data")
+    if density is not None:
+        axes[0].plot(density[0].numpy(), density[1].numpy(), color="black", label="model density")
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[0].set_title("data and model density")
+    axes[1].hist(samples.numpy(), bins=bins, density=True, color="tab:orange", alpha=0.6)
+    axes[1].set_title("model samples")
+    for ax in axes[:2]:
+        ax.set_xlim(low, high)
+    _plot_curve(axes[2], curve)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def plot_bounds(points: Tensor, pad: float = 0.15) -> tuple[float, float, float, float]:
     """``(x0, x1, y0, y1)`` around the first two coordinates of ``points``, padded by ``pad`` of the
     range (a coordinate that does not vary gets a range of 1 around its value, not an empty one)."""

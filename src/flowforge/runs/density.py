@@ -53,6 +53,7 @@ of the images gives it (the bound on the discrete NLL is in :mod:`flowforge.runs
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import math
 import os
@@ -67,7 +68,7 @@ from torch import Tensor, nn
 from flowforge import registry
 from flowforge.checkpoint import load_model, read_manifest, write_atomic
 from flowforge.config import apply_overrides, build_config, build_dataclass, check_choice, check_range, read_document
-from flowforge.data import DIGIT_LEVELS, TARGETS, Standardizer, target
+from flowforge.data import DIGIT_LEVELS, TARGETS, TOY_DATASETS, Standardizer, target
 from flowforge.errors import CheckpointError, ConfigError, DataError, NumericalError, is_out_of_memory, memory_asked
 from flowforge.eval.image_quality import (
     DigitsClassifier,
@@ -77,13 +78,21 @@ from flowforge.eval.image_quality import (
     save_classifier,
     train_digits_classifier,
 )
-from flowforge.eval.plots import grid_points, plot_bounds, plot_class_grid, plot_image_run, plot_points_run
+from flowforge.eval.plots import (
+    grid_points,
+    plot_bounds,
+    plot_class_grid,
+    plot_image_run,
+    plot_line_run,
+    plot_points_run,
+)
 from flowforge.eval.report import likelihood_metrics, sample_metrics
 from flowforge.flows import Dequantized
 from flowforge.matching import ConsistencyMatcher, FlowMatcher, MeanFlowMatcher, ShortcutMatcher
 from flowforge.runs.data import (
     COUNT_DATASETS,
     LABELLED_DATASETS,
+    TOY_TEST_POINTS,
     DataConfig,
     RunData,
     counts_to_model_units,
@@ -268,7 +277,35 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: [data] {', '.join(document['data'])}: a reverse-KL run trains on its target's density "
             f"({config.objective.target!r}), not on data; remove the [data] table"
         )
+    _refuse_unread_sizes(config, document, str(path))
+    if config.data.path is not None:  # kept as an absolute path: eval, plot and resume find it from anywhere
+        absolute = str(Path(config.data.path).resolve())
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=absolute))
     return config
+
+
+def _refuse_unread_sizes(config: RunConfig, document: dict[str, Any], source: str) -> None:
+    """Refuse the sizes a run would not read: a 2-D set's test fraction (it is tested on
+    ``TOY_TEST_POINTS`` fresh points), a table's size (it has its own rows), a reverse-KL batch (it
+    draws ``[objective] samples``)."""
+    given = document.get("data", {})
+    data = config.data
+    if data.name in TOY_DATASETS and "test_fraction" in given:
+        raise ConfigError(
+            f"{source}: [data] test_fraction = {data.test_fraction!r}: a 2-D set ({data.name}) is tested on "
+            f"{TOY_TEST_POINTS} points drawn apart from its training points; remove it"
+        )
+    if data.name not in TOY_DATASETS and "size" in given:
+        where = f"the data file {data.path}" if data.path is not None else f"the built-in set {data.name!r}"
+        raise ConfigError(
+            f"{source}: [data] size = {data.size!r}: only a 2-D set is drawn at a size; {where} has its own rows "
+            "(test_fraction splits them); remove it"
+        )
+    if config.objective_kind() == "reverse-kl" and "batch_size" in document.get("train", {}):
+        raise ConfigError(
+            f"{source}: [train] batch_size = {config.train.batch_size!r}: a reverse-KL run draws "
+            f"[objective] samples = {config.objective.samples} points a step, not batches of data; remove it"
+        )
 
 
 # ---------------------------------------------------------------- models
@@ -317,6 +354,19 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
             "dequantized; leave it out"
         )
     cls = registry.lookup("model", kind)
+    if kind not in MATCHING_MODELS and "context" in options:  # a matcher names it in its own refusal
+        raise ConfigError(
+            f"{source}: [model] options.context = {options['context']!r}: a {kind} run trains on its data alone "
+            "(only flow-matching models take a condition, from [data] conditional); remove it"
+        )
+    if kind == "vae" and data is not None:
+        levels = options.get("levels", inspect.signature(cls.__init__).parameters["levels"].default)
+        if data.levels is None or data.levels != levels:
+            has = "real numbers" if data.levels is None else f"integers 0..{data.levels - 1}"
+            raise ConfigError(
+                f"{source}: [model] kind = 'vae' models integer counts 0..{levels - 1} (options.levels = {levels}); "
+                f"the data hold {has} (use [data] name = 'digits', or set options.levels to the data's)"
+            )
     try:
         _registered_option(options, "activation", "activation")
         if kind in MATCHING_MODELS:
@@ -866,6 +916,13 @@ def plot_run(run: Run, path: str | Path, data: Tensor | None, samples: int = 200
         return plot_image_run(path, f"{title} on {run.config.data.name}", data, drawn, DIGIT_LEVELS, curve)
     drawn = draw_samples(run, samples).cpu()
     reference = drawn if data is None else data.detach().cpu().float()
+    if reference.shape[1] == 1:
+        line = None
+        if has_density(run.model):
+            low, high, _, _ = plot_bounds(reference.repeat(1, 2))
+            xs = torch.linspace(low, high, 400)
+            line = (xs, log_prob_in_data_units(run, xs[:, None]).exp().cpu())
+        return plot_line_run(path, title, reference, drawn, curve, line)
     bounds = plot_bounds(reference)
     density = target_density = None
     if reference.shape[1] == 2:

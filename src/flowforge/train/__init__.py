@@ -9,7 +9,7 @@ DistributedDataParallel and the data loader), :mod:`~flowforge.train.loop` (``Tr
 
 from flowforge.train.distributed import distributed_world, init_distributed_from_environment
 from flowforge.train.fit import fit_maximum_likelihood
-from flowforge.train.loop import Trainer, TrainerConfig
+from flowforge.train.loop import Trainer, TrainerConfig, TrainingInterrupted
 from flowforge.train.objectives import (
     AdversarialML,
     FlowMatchingObjective,
@@ -35,6 +35,7 @@ __all__ = [
     "ReverseKL",
     "Trainer",
     "TrainerConfig",
+    "TrainingInterrupted",
     "TrainingState",
     "distributed_world",
     "fit_maximum_likelihood",

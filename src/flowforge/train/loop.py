@@ -33,6 +33,8 @@ from __future__ import annotations
 import csv
 import io
 import random
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,40 @@ def check_batch_statistics(model: nn.Module, batch_size: int) -> None:
         )
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) after the step in progress, its checkpoint saved."""
+
+    def __init__(self, step: int, directory: Path | None) -> None:
+        where = f"the checkpoint in {directory} holds it; continue with --resume" if directory else "nothing saved"
+        super().__init__(f"training stopped at step {step}: {where}")
+        self.step, self.directory = step, directory
+
+
+class _DeferredInterrupt:
+    """Holds a Ctrl-C until the training step in progress ends, so that the checkpoint then saved is
+    whole; a second Ctrl-C stops at once. Only in the main thread of a single process (the processes
+    of a data-parallel run would stop at different steps)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 @dataclass
 class TrainerConfig:
     """Settings of a training run (all JSON-serialisable, stored in every checkpoint).
@@ -110,7 +146,9 @@ class TrainerConfig:
         seed: >= 0; seeds the data order and the global RNGs at the start of the run.
         eval_every: validate every this many steps (0: never); patience: stop after this many
             validations without improvement, >= 1 (None: never), restoring the best weights.
-        checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end).
+        checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end),
+            so that a killed run loses at most that many; a run stopped with Ctrl-C saves one after
+            the step in progress either way.
         log_every: record the loss in the history every this many steps, >= 1.
         tensorboard: also write the loss, learning rate and validation to TensorBoard event files
             in ``<directory>/tensorboard`` (needs the ``tensorboard`` package).
@@ -138,7 +176,7 @@ class TrainerConfig:
     seed: int = 0
     eval_every: int = 0
     patience: int | None = None
-    checkpoint_every: int = 0
+    checkpoint_every: int = 500
     log_every: int = 10
     tensorboard: bool = False
     progress: bool | None = None
@@ -295,6 +333,11 @@ class Trainer:
                 raise ValueError("resume=True needs a directory to resume from")
             if (self.directory / "checkpoint.json").exists():
                 self.load()
+                if self.state.step >= cfg.steps or self._patience_ran_out():
+                    # A finished run (its steps done, or stopped early) is left as it is: its
+                    # checkpoint already holds the final weights (the best, or the moving average).
+                    self.model.eval()
+                    return self.state
         if self.state.step == 0:
             # Each process draws its own model noise (flow-matching times, reverse-KL samples); the
             # data order comes from the sampler, a function of the seed and the step alone.
@@ -312,22 +355,18 @@ class Trainer:
         bar = progress_bar(cfg.steps, "train", cfg.progress if self.rank == 0 else False, initial=self.state.step)
         stopped_early = False
         self.writer = self._tensorboard_writer()
-        while self.state.step < cfg.steps and not stopped_early:
-            loss_tensor = self._step()
-            self.state.step += 1
-            step = self.state.step
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss = float(loss_tensor)  # read back only when logged: no device sync on other steps
-                self.state.history.append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if self.writer is not None:
-                    self.writer.add_scalar("loss", loss, step)
-                    self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                stopped_early = self._validate()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and self.directory is not None:
-                self._checkpoint()
+        with _DeferredInterrupt(self.world == 1) as interrupt:
+            while self.state.step < cfg.steps and not stopped_early:
+                self._train_one_step(bar)
+                stopped_early = self._after_step()
+                if interrupt.requested and not stopped_early and self.state.step < cfg.steps:
+                    bar.close()
+                    if self.writer is not None:
+                        self.writer.close()
+                    saved = self.directory is not None
+                    if saved:
+                        self._checkpoint()
+                    raise TrainingInterrupted(self.state.step, self.directory if saved else None)
         bar.close()
         if self.writer is not None:
             self.writer.close()
@@ -343,6 +382,29 @@ class Trainer:
         if self.world > 1:
             torch.distributed.barrier()  # the checkpoint is complete before any process moves on
         return self.state
+
+    def _train_one_step(self, bar: Any) -> None:
+        """One optimizer step, counted, logged every ``log_every`` steps."""
+        cfg = self.config
+        loss_tensor = self._step()
+        self.state.step += 1
+        step = self.state.step
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss = float(loss_tensor)  # read back only when logged: no device sync on other steps
+            self.state.history.append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.writer is not None:
+                self.writer.add_scalar("loss", loss, step)
+                self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
+
+    def _after_step(self) -> bool:
+        """Validation and the periodic checkpoint after a step; whether early stopping ends the run."""
+        cfg, step = self.config, self.state.step
+        stopped_early = bool(cfg.eval_every and step % cfg.eval_every == 0 and self._validate())
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and self.directory is not None:
+            self._checkpoint()
+        return stopped_early
 
     def _to_device(self, data: Tensor | dict[str, Tensor] | Dataset) -> Tensor | dict[str, Tensor] | Dataset:
         """Floating tensors take the model's dtype; integer and boolean ones (masks, uint8 images) keep theirs.
@@ -439,6 +501,10 @@ class Trainer:
             self.best_weights = current
         else:
             self.state.evaluations_without_improvement += 1
+        return self._patience_ran_out()
+
+    def _patience_ran_out(self) -> bool:
+        """Whether early stopping has ended the run (``patience`` validations without improvement)."""
         patience = self.config.patience
         return patience is not None and self.state.evaluations_without_improvement >= patience
 
@@ -500,4 +566,4 @@ class Trainer:
         write_atomic(self.directory / "metrics.csv", buffer.getvalue().encode())
 
 
-__all__ = ["PRECISIONS", "Trainer", "TrainerConfig"]
+__all__ = ["PRECISIONS", "Trainer", "TrainerConfig", "TrainingInterrupted"]

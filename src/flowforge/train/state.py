@@ -233,8 +233,8 @@ def check_resumable(
             "resume with the settings it was started with, or start a new run in another folder"
         )
     # After the model and run: another model or kind of run is the difference worth naming first.
-    saved = {k: v for k, v in manifest["trainer_config"].items() if k != "progress"}
-    current = {k: v for k, v in config.items() if k != "progress"}
+    saved = {k: v for k, v in manifest["trainer_config"].items() if k not in NOT_COMPARED}
+    current = {k: v for k, v in config.items() if k not in NOT_COMPARED}
     if saved != current:
         changed = sorted(k for k in current if saved.get(k) != current[k])
         raise CheckpointError(f"cannot resume {directory}: the trainer config differs in {', '.join(changed)}")
@@ -258,7 +258,7 @@ def load_training_state(
     processes, rank 0's otherwise (a run resumed on another number of processes).
 
     Raises :class:`~flowforge.errors.CheckpointError` when the folder holds weights only, or was
-    trained under another trainer config (``progress`` aside), another model config, or, when
+    trained under another trainer config (:data:`NOT_COMPARED` aside), another model config, or, when
     ``metadata`` is given, other run metadata (the setting that changed is named).
     """
     directory = Path(directory)
@@ -319,17 +319,22 @@ def _rebuild_config(model: nn.Module) -> Any:
         return None
 
 
+#: Settings a resumed run may change: they do not change what it trains (a progress bar, how often
+#: it saves a checkpoint).
+NOT_COMPARED = frozenset({"progress", "checkpoint_every"})
+
+
 def _as_json(value: Any) -> Any:
     """``value`` as it reads back from a manifest (tuples as lists, keys as strings)."""
     return json.loads(json.dumps(value))
 
 
 def _changed_settings(saved: Any, current: Any, where: str) -> list[str]:
-    """Each ``where.key: saved -> current`` that differs between two JSON values (``progress`` aside)."""
+    """Each ``where.key: saved -> current`` that differs between two JSON values (:data:`NOT_COMPARED` aside)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         changed = []
         for key in sorted(set(saved) | set(current)):
-            if key != "progress":
+            if key not in NOT_COMPARED:
                 changed += _changed_settings(saved.get(key), current.get(key), f"{where}.{key}")
         return changed
     if saved == current:

@@ -156,6 +156,10 @@ def _spline(
     return outputs, torch.where(inside, log_derivative, 0.0)
 
 
+#: The widest interval a spline may cover, [-bound, bound].
+MAX_SPLINE_BOUND = 1e8
+
+
 class RationalQuadraticSpline(ElementwiseTransformer):
     r"""Elementwise monotone rational-quadratic spline with ``bins`` bins on ``[-bound, bound]``.
 
@@ -179,8 +183,10 @@ class RationalQuadraticSpline(ElementwiseTransformer):
             )
         self.bins = bins
         bound = check_real("bound", bound)
-        if bound <= 0:
-            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+        if not 0 < bound <= MAX_SPLINE_BOUND:
+            raise ValueError(
+                f"bound must be in (0, {MAX_SPLINE_BOUND:g}] (knots and slopes finite in float32), got {bound!r}"
+            )
         self.bound = bound
         self.params_per_feature = 3 * bins - 1
 
