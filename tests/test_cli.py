@@ -934,3 +934,7 @@ def test_a_one_column_data_file_trains_and_plots_from_anywhere(tmp_path: Path, m
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
     assert (tmp_path / "again.png").is_file()
+    # A file changed after training would give another held-out split: refused, saying so.
+    np.save(work / "one_col.npy", np.random.default_rng(1).normal(size=(200, 1)).astype(np.float32))
+    result = runner.invoke(app, ["eval", "run"])
+    assert result.exit_code == 2 and "the data file changed since the run trained on it" in result.stderr

@@ -449,17 +449,23 @@ def test_the_consistency_target_is_the_demonstrated_chunk_where_the_later_time_r
     torch.testing.assert_close(loss, expected)
 
 
-def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkeypatch) -> None:
-    policy = _policy("meanflow", meanflow_fraction=0.25)
-    batch = _batch(8)
-    jvp_rows: list[int] = []
+def _count_jvp_rows(monkeypatch) -> list[int]:
+    """The rows of every Jacobian-vector product taken from now on (the meanflow head's span rows)."""
+    rows: list[int] = []
     original = torch.func.jvp
 
     def counting(function, primals, tangents):
-        jvp_rows.append(primals[0].shape[0])
+        rows.append(primals[0].shape[0])
         return original(function, primals, tangents)
 
     monkeypatch.setattr(torch.func, "jvp", counting)
+    return rows
+
+
+def test_meanflow_runs_the_jacobian_vector_product_on_its_span_rows_alone(monkeypatch) -> None:
+    policy = _policy("meanflow", meanflow_fraction=0.25)
+    batch = _batch(8)
+    jvp_rows = _count_jvp_rows(monkeypatch)
     loss = policy.loss(batch)
     assert jvp_rows == [2] and torch.isfinite(loss)
     loss.backward()
@@ -471,14 +477,7 @@ def test_meanflow_trains_the_share_of_span_rows_it_is_given(monkeypatch, fractio
     """0 is plain flow matching and 1 spans only, as asked; strictly between, a batch keeps one row of
     each part however small the share (0.1 of 8 rows rounds to 1)."""
     policy = _policy("meanflow", meanflow_fraction=fraction)
-    jvp_rows: list[int] = []
-    original = torch.func.jvp
-
-    def counting(function, primals, tangents):
-        jvp_rows.append(primals[0].shape[0])
-        return original(function, primals, tangents)
-
-    monkeypatch.setattr(torch.func, "jvp", counting)
+    jvp_rows = _count_jvp_rows(monkeypatch)
     assert torch.isfinite(policy.loss(_batch(8)))
     assert jvp_rows == span_rows
 

@@ -127,21 +127,24 @@ def test_ctrl_c_saves_the_finished_step_and_the_run_resumes_to_the_same_weights(
         assert torch.equal(value, expected[name]), name
 
 
+class _Worsening(MaximumLikelihood):
+    """Validation gets worse at every check, so the first checkpoint is the best."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def validation(self, model, batch) -> float:
+        self.checks += 1
+        return float(self.checks)
+
+
 def test_a_run_that_stopped_early_is_not_trained_again_on_resume(tmp_path: Path) -> None:
-    class Worsening(MaximumLikelihood):
-        def __init__(self) -> None:
-            self.checks = 0
-
-        def validation(self, model, batch) -> float:
-            self.checks += 1
-            return float(self.checks)
-
     def trainer() -> Trainer:
         torch.manual_seed(0)
         config = TrainerConfig(steps=1000, batch_size=16, eval_every=10, patience=2, progress=False)
         data, held_out = torch.randn(100, 2), torch.randn(20, 2)
         flow = RealNVP(2, transforms=2, hidden=(8,))
-        return Trainer(flow, Worsening(), config, data=data, validation_data=held_out, directory=tmp_path)
+        return Trainer(flow, _Worsening(), config, data=data, validation_data=held_out, directory=tmp_path)
 
     assert trainer().fit().step == 30
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -300,20 +303,10 @@ def test_ema_weights_are_the_ones_kept() -> None:
 
 
 def test_early_stopping_restores_the_best_weights() -> None:
-    class Worsening(MaximumLikelihood):
-        """Validation gets worse at every check, so the first checkpoint is the best."""
-
-        def __init__(self) -> None:
-            self.checks = 0
-
-        def validation(self, model, batch) -> float:
-            self.checks += 1
-            return float(self.checks)
-
     torch.manual_seed(0)
     flow = RealNVP(2, transforms=2, hidden=(8,))
     config = TrainerConfig(steps=1000, batch_size=16, eval_every=10, patience=3, lr=1e-2)
-    trainer = Trainer(flow, Worsening(), config, data=torch.randn(100, 2), validation_data=torch.randn(20, 2))
+    trainer = Trainer(flow, _Worsening(), config, data=torch.randn(100, 2), validation_data=torch.randn(20, 2))
     state = trainer.fit()
     assert state.step == 40  # best at 10, then three validations without improvement
     for name, value in flow.state_dict().items():

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import inspect
 import math
 import os
@@ -535,12 +536,24 @@ def train_run(prepared: PreparedRun, resume: bool = False) -> Run:
 
 def _run_metadata(config: RunConfig, data: RunData | None) -> dict:
     standardizer = data.standardizer if data is not None else None
-    return {
+    metadata = {
         "run": asdict(config),
         "standardizer": None
         if standardizer is None
         else {"mean": standardizer.mean.tolist(), "std": standardizer.std.tolist()},
     }
+    if config.data.path is not None and data is not None:  # a file can change after training; a built-in set cannot
+        metadata["data_file_sha256"] = _file_digest(Path(config.data.path))
+    return metadata
+
+
+def _file_digest(path: Path) -> str:
+    """The SHA-256 of a data file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_run(directory: str | Path) -> Run:
@@ -744,6 +757,15 @@ def held_out_data(run: Run) -> Tensor | None:
     source = (
         f"the run's held-out split ([data] {'name = ' + repr(data.name) if data.name else 'path = ' + repr(data.path)})"
     )
+    trained_on = read_manifest(run.directory).get("metadata", {}).get("data_file_sha256")
+    if data.path is not None and trained_on is not None and Path(data.path).is_file():
+        now = _file_digest(Path(data.path))
+        if now != trained_on:
+            raise DataError(
+                f"{data.path}: the data file changed since the run trained on it (SHA-256 {trained_on[:12]}... then, "
+                f"{now[:12]}... now): its held-out split would be other points; restore the file or give points "
+                "with --data"
+            )
     return checked_points(run, load_data(data).test_units, source)
 
 
