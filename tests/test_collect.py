@@ -272,3 +272,16 @@ def test_action_noise_stores_the_experts_labels_and_what_the_robot_received(refe
     assert "action.executed" not in EpisodeDataset(reference["root"]).features  # clean folders are unchanged
     with pytest.raises(DataError, match=r"action_noise 0\.2 \(now None\)"):
         collect(TASKS, 1, root, progress=False)
+
+
+def test_a_collection_with_images_resumed_between_episodes_is_byte_identical(tmp_path: Path) -> None:
+    """Each episode's frames, its first included, are a function of its seed alone: a collection
+    stopped after one episode and resumed writes the files an uninterrupted one writes."""
+    settings = {"images": True, "size": 32, "progress": False}
+    collect(["push-v3"], 1, tmp_path / "resumed", **settings)
+    collect(["push-v3"], 2, tmp_path / "resumed", **settings)
+    collect(["push-v3"], 2, tmp_path / "straight", **settings)
+    data = sorted(p.relative_to(tmp_path / "straight") for p in (tmp_path / "straight" / "data").rglob("*.parquet"))
+    assert len(data) == 2
+    for name in data:
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
