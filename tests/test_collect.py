@@ -270,7 +270,7 @@ def test_action_noise_stores_the_experts_labels_and_what_the_robot_received(refe
     env.close()
     np.testing.assert_allclose(labels[0], np.asarray(reference["actions"][0][0]), atol=1e-6)  # same first state
     assert "action.executed" not in EpisodeDataset(reference["root"]).features  # clean folders are unchanged
-    with pytest.raises(DataError, match=r"action_noise 0\.2 \(now None\)"):
+    with pytest.raises(DataError, match=r"action_noise 0\.2 \(now not set\)"):
         collect(TASKS, 1, root, progress=False)
 
 

@@ -363,8 +363,12 @@ def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
             )
         if record["settings"] != settings:
             before = record["settings"]
+
+            def shown(values: dict, key: str) -> str:  # a setting left at its default is not recorded
+                return repr(values[key]) if key in values else "not set"
+
             differ = ", ".join(
-                f"{key} {before.get(key)!r} (now {settings.get(key)!r})"
+                f"{key} {shown(before, key)} (now {shown(settings, key)})"
                 for key in sorted(set(before) | set(settings))
                 if before.get(key) != settings.get(key)
             )
