@@ -58,15 +58,7 @@ from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import UniformTime
 from flowforge.policy.expert import ActionExpert, ExpertCache
 from flowforge.registry import lookup, register_class
-from flowforge.validation import (
-    MAX_SAMPLER_STEPS,
-    all_finite,
-    check_autograd_available,
-    check_choice,
-    check_count,
-    check_real,
-    is_count,
-)
+from flowforge.validation import MAX_SAMPLER_STEPS, all_finite, check_choice, check_count, check_real, is_count
 
 #: The registry category of heads; ``policy.kind`` names one.
 HEAD_CATEGORY = "head"
@@ -447,7 +439,6 @@ class _GuidedField:
             v = self.velocity(x, times)
             pull = (self.guide.actions - (x + remaining * v)) * self.guide.weights[None, :, None]
         else:
-            check_autograd_available("guidance through the vector-Jacobian product of the head")
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
                 v = self.velocity(x, times)

@@ -46,7 +46,6 @@ class _AugmentedField(nn.Module):
     def forward(self, state: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         outer_grad = torch.is_grad_enabled()
-        check_autograd_available("a continuous flow's log-determinant (the divergence of its velocity)")
         with torch.enable_grad():
             x = state[:, : self.features]
             if not x.requires_grad:
@@ -135,6 +134,7 @@ class ContinuousFlowTransform(Transform):
 
     def _solve(self, x: Tensor, context: Tensor | None, t0: float, t1: float, regularize: bool = False) -> Tensor:
         """Integrate the augmented state from t0 to t1; returns the final state."""
+        check_autograd_available("a continuous flow's log-determinant (the divergence of its velocity)")
         divergence = ExactDivergence() if self.trace == "exact" else HutchinsonDivergence()
         divergence.reset(x)
         field = _AugmentedField(
