@@ -160,6 +160,33 @@ def test_a_seed_out_of_range_is_refused_before_the_folder_is_made(tmp_path: Path
     assert not (tmp_path / "demos").exists()
 
 
+def test_a_seed_whose_episode_seeds_would_pass_the_limit_is_refused_before_the_folder_is_made(tmp_path: Path) -> None:
+    """Each collection seed spans 1,000,003 episode seeds: 4294 is the last whose fit in 32 bits."""
+    from typer.testing import CliRunner
+
+    from flowforge.cli import app
+
+    with pytest.raises(ValueError, match=r"seed must be an int in 0\.\.4294 for this collection .* got 5000"):
+        collect(["reach-v3"], 1, tmp_path / "demos", seed=5000)
+    result = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "collect",
+            "--tasks",
+            "reach-v3",
+            "--episodes",
+            "1",
+            "--out",
+            str(tmp_path / "demos"),
+            "--seed",
+            "4295",
+        ],
+    )
+    assert result.exit_code == 2 and "--seed must be an int in 0..4294 for this collection" in result.stderr
+    assert not (tmp_path / "demos").exists()
+
+
 def _copy_of(reference: dict, tmp_path: Path) -> Path:
     root = tmp_path / "copy"
     shutil.copytree(reference["root"], root, symlinks=True)

@@ -270,3 +270,34 @@ def test_a_standardizer_refuses_data_that_is_not_a_table_of_floats() -> None:
         standardizer.transform(torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"data must be 2-D \(rows, columns\), got shape \(3,\)"):
         standardizer.inverse(torch.zeros(3))
+
+
+def test_a_csv_row_of_empty_cells_is_refused_and_columns_is_checked(tmp_path: Path) -> None:
+    table = tmp_path / "missing.csv"
+    table.write_text("a,b\n1,2\n,\n\n3,4\n")  # line 3 lost both numbers; line 4 is blank
+    with pytest.raises(DataError, match=r"row 3, column 1: '' is not a number"):
+        load_table(table)
+    table.write_text("a,b\n1,2\n\n3,4\n")
+    assert load_table(table).shape == (2, 2)
+    for columns in (0, -1, 2.0, "2"):
+        with pytest.raises(ValueError, match="columns must be a positive int"):
+            load_table(table, columns=columns)
+
+
+def test_generators_refuse_settings_that_would_give_nan_or_fail_inside_torch() -> None:
+    from flowforge.data import toy
+    from flowforge.data.tabular import digits_images
+
+    refusals = [
+        (lambda: toy.two_moons(4, noise=float("nan")), "noise must be a finite number >= 0, got nan"),
+        (lambda: toy.rings(4, noise=float("inf")), "noise must be a finite number >= 0, got inf"),
+        (lambda: toy.eight_gaussians(4, std=-1.0), "std must be a finite number >= 0, got -1.0"),
+        (lambda: toy.two_moons(4, seed=-1), r"seed must be an int in 0\.\.4294967295, got -1"),
+        (lambda: toy.pinwheel(4, arms=0), "arms must be a positive int, got 0"),
+        (lambda: digits_images("test", 0.2, seed=2**70), r"seed must be an int in 0\.\.4294967295"),
+        (lambda: digits_images("test", "0.2"), "test_fraction must be a finite number"),
+        (lambda: dequantize_digits(torch.zeros(0, 64)), r"pixels must be a non-empty tensor .* got \(0, 64\)"),
+    ]
+    for call, message in refusals:
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()

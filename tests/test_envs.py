@@ -159,6 +159,17 @@ def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path)
     result = CliRunner().invoke(
         app, [*args[:3], "--tasks", "reach-v3", "--noise-scale", "1e38", "--episodes", "1", "--max-steps", "5"]
     )
+    assert result.exit_code == 2 and "--noise-scale must be at most 100" in result.stderr, result.output
+    import torch
+
+    diverged = ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False))
+    with torch.no_grad():
+        for parameter in diverged.parameters():
+            parameter.mul_(1e30)  # weights that overflow: every chunk is inf or NaN
+    save_model(tmp_path / "diverged", diverged)
+    result = CliRunner().invoke(
+        app, [*args[:2], str(tmp_path / "diverged"), "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "5"]
+    )
     assert result.exit_code == 2 and "is not finite" in result.stderr and "Traceback" not in result.output
     for execution, message in (
         ("foo", "--execution 'foo': expected one of sync, async"),

@@ -207,6 +207,8 @@ def test_identity_guidance_is_the_vjp_where_the_jacobian_is_one_and_still_pulls_
     strength = min(5.0, 0.7 / (0.3 * r2))  # 2.76: under the clip at t = 0.3
     expected = sure(x, t) + strength * weights[None, :, None] * (target - chunk)
     torch.testing.assert_close(_GuidedField(sure, by_form["identity"])(x, t), expected)
+    unclipped = ChunkGuide(target, weights, 1e39, jacobian="identity")  # past float32: clips nothing
+    torch.testing.assert_close(_GuidedField(sure, unclipped)(x, t), expected)
 
 
 @pytest.mark.parametrize("steps", [4, 10])
@@ -543,6 +545,26 @@ class _Line:
         return observation, 0.0, False, False, {"instruction": "", "is_success": False}
 
 
+def test_a_paced_episode_does_not_hurry_after_a_step_that_overran() -> None:
+    """A controller at a fixed rate: after the actor blocks for five periods, every later step still
+    lasts a full period (the clock does not catch up by running the next steps unpaced)."""
+    import time
+
+    from flowforge.envs.episode import run_episode
+
+    period, called = 0.02, []
+
+    def act(observation):
+        called.append(time.perf_counter())
+        if len(called) == 2:
+            time.sleep(5 * period)  # a chunk computed while the robot waits
+        return np.zeros(2, dtype=np.float32)
+
+    run_episode(_Line(), act, seed=0, max_steps=7, pace=period)
+    gaps = np.diff(called)
+    assert gaps[1] >= 5 * period and (gaps[2:] >= 0.95 * period).all(), gaps
+
+
 @pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc, 3 candidates"])
 def test_a_real_background_delay_keeps_exact_books(execution: str) -> None:
     from flowforge.envs.episode import run_episode
@@ -623,3 +645,28 @@ def test_warming_up_computes_each_kind_of_chunk_in_each_thread_and_changes_nothi
     assert {call[1:] for call in warmed} == kinds
     threads = {call[0] for call in warmed}
     assert threads == ({"MainThread", "chunk-inference"} if delay == "real" else {"MainThread"})
+
+
+def test_a_gif_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """An episode's GIF interrupted while it is encoded (Ctrl-C during an evaluation) leaves no
+    empty or truncated file under its name; a finished one holds every frame."""
+    from PIL import Image
+
+    from flowforge.envs.evaluate import save_gif
+
+    frames = [np.full((8, 8, 3), 40 * i, dtype=np.uint8) for i in range(4)]
+    with Image.open(save_gif(frames, tmp_path / "whole.gif")) as image:
+        assert image.n_frames == 4
+
+    def interrupted(self, target, *args, **kwargs):  # the header written, then Ctrl-C
+        if hasattr(target, "write"):
+            target.write(b"GIF89a")
+        else:
+            with open(target, "wb") as handle:
+                handle.write(b"GIF89a")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_gif(frames, tmp_path / "cut.gif")
+    assert not (tmp_path / "cut.gif").exists()

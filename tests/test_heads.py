@@ -373,6 +373,10 @@ def test_log_prob_is_for_flow_heads_and_checks_its_chunks() -> None:
         _policy("flow").log_prob({**batch, "action": batch["action"][:, :4]})
     with pytest.raises(ValueError, match="trace"):
         _policy("flow").log_prob(batch, trace="sometimes")
+    with pytest.raises(ValueError, match=r"steps must be an int in 1\.\.1000, got 5000"):  # as sampling's cap
+        _policy("flow").log_prob(batch, method="euler", steps=5000)
+    with pytest.raises(ValueError, match=r"noise_scale must be at most 100 \(a temperature"):
+        _policy("flow").log_prob(batch, noise_scale=1e30)
     with pytest.raises(
         ValueError, match=r"velocity field \(policy.kind = 'flow', 'shortcut', 'meanflow', 'consistency'"
     ):
@@ -583,6 +587,45 @@ def test_consistency_distillation_targets_the_teachers_ode_map() -> None:
     assert float(head.distillation_loss(garbage, SimpleNamespace(denoise=exact_student), pad, teacher, 18)) < 1e-6
     with pytest.raises(ValueError, match="needs one segment"):
         _policy("consistency", consistency_segments=2).head.distillation_loss(target, None, None, teacher, 18)
+
+
+def test_a_policy_is_distilled_only_from_a_teacher_with_its_action_normaliser() -> None:
+    """The teacher's velocities live in its normalised action units: another normaliser is refused."""
+    student, teacher = _policy("consistency"), _policy("flow").eval()
+    assert torch.isfinite(student.distillation_loss(_batch(), teacher))
+    teacher.set_statistics(
+        {
+            "observation.state": {"mean": [0.1] * 4, "std": [2.0] * 4, "min": [-3.0] * 4, "max": [3.0] * 4},
+            "action": {"mean": [0.0] * 2, "std": [1.0] * 2, "min": [-200.0, -1.0], "max": [200.0, 1.0]},
+        }
+    )
+    with pytest.raises(ValueError, match=r"the teacher normalises actions otherwise than this policy \(shift"):
+        student.distillation_loss(_batch(), teacher)
+
+
+def test_a_teacher_trained_with_any_flow_time_law_can_be_distilled(tmp_path: Path) -> None:
+    """The law of the flow times is how a head trains, not its network: a consistency student, which
+    draws no flow times, follows a teacher trained with another law."""
+    from flowforge.runs.policy import _load_teacher
+
+    teacher = _policy("flow", time_sampler="uniform")
+    save_model(tmp_path / "teacher", teacher)
+    student = dataclasses.replace(teacher.policy_config, kind="consistency", time_sampler="shifted-beta")
+    assert _load_teacher(student, str(tmp_path / "teacher")).policy_config.time_sampler == "uniform"
+
+
+def test_a_shortcut_policy_samples_with_an_adaptive_solver_on_its_instantaneous_velocity() -> None:
+    """An adaptive solver takes no step count, so the expert is told d = 0, as any other solver
+    that takes no trained Euler step (rk4 here)."""
+    smooth = {"time_embedding_frequency": 1.0}  # a field smooth in t, so that both solves converge
+    policy = _policy("shortcut", **smooth).eval()
+    batch = {k: v for k, v in _batch().items() if k not in ("action", "action_is_pad")}
+    noise = torch.randn(5, 8, 2, generator=torch.Generator().manual_seed(2))
+    adaptive = policy.predict_chunk(batch, method="dopri5", noise=noise).actions
+    fixed = policy.predict_chunk(batch, method="rk4", steps=20, noise=noise).actions
+    torch.testing.assert_close(adaptive, fixed, rtol=0, atol=1e-3)
+    configured = _policy("shortcut", method="dopri5", **smooth).eval()
+    torch.testing.assert_close(configured.predict_chunk(batch, noise=noise).actions, adaptive)
 
 
 def test_schedulers_and_rtc_weights_refuse_arguments_outside_their_ranges() -> None:

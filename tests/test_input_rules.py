@@ -120,8 +120,10 @@ def test_dequantized_takes_integer_counts() -> None:
         out = _same_random(lambda: model.log_prob(counts))  # noqa: B023
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, _same_random(lambda: model.log_prob(k.float())))
-    with pytest.raises(ValueError, match=r"k must hold integers in 0\.\.4"):
-        model.log_prob(k + 5)
+    with pytest.raises(ValueError, match=r"k must hold integers in 0\.\.4: k\[0, 0\] is 5\.0"):
+        model.log_prob(k.clamp(max=0) + torch.tensor([5, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"k must hold integers in 0\.\.4: k\[0, 1\] is nan"):
+        model.log_prob(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
     with pytest.raises(TypeError, match="k must hold counts"):
         model.log_prob(k.bool())
 

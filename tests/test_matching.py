@@ -588,3 +588,12 @@ def test_seeded_sampling_is_the_same_whether_or_not_the_solve_was_just_traced() 
     for samples, after in draws[1:]:
         torch.testing.assert_close(samples, draws[0][0])
         assert torch.equal(after, draws[0][1])
+
+
+def test_couplings_and_time_laws_show_the_arguments_they_were_built_with() -> None:
+    assert repr(ExactOTCoupling()) == "ExactOTCoupling(per_condition=True)"
+    assert repr(LogitNormalTime(mean=0.5)) == "LogitNormalTime(mean=0.5, std=1.0)"
+    assert repr(UniformTime()) == "UniformTime()"
+    shown = FlowMatcher(VelocityMLP(2, hidden=(4,)), coupling=SinkhornCoupling(reg=0.1)).extra_repr()
+    assert "coupling=SinkhornCoupling(reg=0.1, per_condition=True, generator=None)" in shown
+    assert "_rebuild" not in shown and "Signature" not in shown

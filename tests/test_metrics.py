@@ -190,3 +190,30 @@ def test_sde_sampling_reports_its_nfe() -> None:
     model.sample(3, steps=4, method="rk4")
     model.sample_sde(3, steps=7)
     assert model.last_nfe == 7
+
+
+@pytest.mark.parametrize("name", list(SAMPLE_METRICS))
+def test_sample_metrics_do_not_move_when_both_sets_are_shifted_far_from_the_origin(name: str) -> None:
+    """Every metric is shift-invariant: with both sets 1e8 away (float64) it must score as at the
+    origin (the matrix-product form of the distances lost every digit there), and a set against
+    itself scores 0 even with more than 25 rows."""
+    metric = SAMPLE_METRICS[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(60, 3, generator=g, dtype=torch.float64) + 0.5
+    kwargs = {"generator": torch.Generator().manual_seed(1)} if name == "sliced_wasserstein" else {}
+    near = metric(x, y, **kwargs)
+    kwargs = {"generator": torch.Generator().manual_seed(1)} if name == "sliced_wasserstein" else {}
+    assert metric(x + 1e8, y + 1e8, **kwargs) == pytest.approx(near, rel=1e-6)
+    if name in ("energy_distance", "wasserstein"):
+        assert metric(x + 1e4, x + 1e4) == 0.0
+    with pytest.raises(ValueError, match="too large to score"):
+        metric(x * 1e200, y * 1e200)  # finite, but the squared distances overflow
+
+
+def test_an_exact_wasserstein_that_stopped_before_the_optimum_is_refused() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g) + 0.3
+    assert wasserstein(x, y) > 0
+    with pytest.raises(ValueError, match=r"not solved .* raise max_iterations \(now 10\)"):
+        wasserstein(x, y, max_iterations=10)  # POT stops early: its plan is not the optimum

@@ -27,6 +27,19 @@ def test_the_inverse_is_exact_and_constants_are_floored(mode: str) -> None:
         )
 
 
+def test_integer_inputs_are_read_as_numbers_and_another_width_is_refused() -> None:
+    normalizer = Normalizer.from_statistics(STATS, "mean_std")
+    counts = torch.tensor([[3, -1, 5]])  # integers: the statistics must not be truncated to them
+    torch.testing.assert_close(normalizer.normalize(counts), normalizer.normalize(counts.float()))
+    assert normalizer.unnormalize(torch.zeros(1, 3, dtype=torch.long)).tolist() == [[1.0, -2.0, 5.0]]
+    for wrong in (torch.zeros(2, 1), torch.zeros(3, 2), torch.zeros(2, 4)):
+        with pytest.raises(ValueError, match=r"x must have 3 numbers in its last dimension .* got shape"):
+            normalizer.normalize(wrong)  # a width of 1 would broadcast over the 3 features
+    # min_max reads min and max: their size counts, whatever size a mean given beside them has
+    ranged = Normalizer.from_statistics({"mean": [0.0], "min": [0.0, 1.0], "max": [1.0, 3.0]}, "min_max")
+    assert ranged.features == 2
+
+
 def test_statistics_are_buffers_that_a_state_dict_carries() -> None:
     fitted = Normalizer.from_statistics(STATS, "mean_std")
     assert set(fitted.state_dict()) == {"shift", "scale"}

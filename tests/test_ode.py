@@ -135,6 +135,24 @@ def test_a_blow_up_is_a_clear_error() -> None:
         odeint(lambda x, t: x.square(), torch.ones(1, 1, dtype=torch.float64), (0.0, 2.0), "dopri5", max_steps=500)
 
 
+def test_an_adjoint_backward_solve_that_runs_out_of_steps_is_a_clear_error() -> None:
+    """The forward solve fits in max_steps; the backward one (state, adjoint and parameter
+    gradients together) does not, and must say so as the forward one would, not assert."""
+
+    class Wavy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return 5 * torch.sin(self.w * x)
+
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x1 = odeint(Wavy(), x0, (0.0, 1.0), "dopri5", adjoint=True, max_steps=30, atol=1e-7, rtol=1e-7)
+    with pytest.raises(ODESolverError, match=r"in the adjoint's backward solve: max_num_steps exceeded"):
+        x1.sum().backward()
+
+
 def test_adaptive_bad_arguments() -> None:
     with pytest.raises(ValueError, match="adjoint=True needs an adaptive method"):
         odeint(_linear, torch.zeros(2, 2), (0.0, 1.0), "rk4", adjoint=True)
@@ -175,6 +193,10 @@ def test_bad_solver_inputs_are_refused_at_entry() -> None:
         ),
         (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (0.0, 1.0), "rk4"), ValueError, r"f returned \(2, 1"),
         (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (torch.zeros(2), 1.0)), ValueError, "a velocity has"),
+        (lambda: odeint(lambda x, t: x[:, :1], torch.ones(2, 2), (0, 1), "dopri5"), ValueError, r"f returned \(2, 1"),
+        (lambda: sdeint(lambda x, t: x[:, 0], decay, torch.ones(2, 2), (0, 1)), ValueError, r"drift returned \(2,\)"),
+        (lambda: sdeint(decay, lambda x, t: torch.ones(3), torch.ones(2, 2), (0, 1)), ValueError, "diffusion returned"),
+        (lambda: sdeint(decay, lambda x, t: torch.ones(2, 2, 2), torch.ones(2, 2), (0, 1)), ValueError, "broadcasts"),
         (lambda: odeint(decay, ones, 0.5), ValueError, r"t_span must be \(t0, t1\), got 0\.5"),
         (lambda: odeint(decay, ones, (0.0, 1e300), "rk4"), ValueError, r"t1 - t0 = 1e\+300: beyond the range of"),
         (lambda: odeint(decay, ones, (0.0, 1e300), "dopri5"), ValueError, r"t1 = 1e\+300: beyond the range of"),

@@ -128,6 +128,10 @@ def test_noise_scale_is_the_sampling_temperature(kind: str) -> None:
         PolicyConfig(noise_scale=-0.1)
     with pytest.raises(ValueError, match="noise_scale must be a finite number >= 0, got nan"):
         policy.predict_chunk(batch, noise_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"noise_scale must be at most 100 \(a temperature"):
+        policy.predict_chunk(batch, noise_scale=1e30)  # finite, but the network's numbers would overflow
+    with pytest.raises(ValueError, match="noise_scale = 101: expected a finite number >= 0 and <= 100"):
+        PolicyConfig(noise_scale=101)
 
 
 # ---------------------------------------------------------------- training
@@ -141,6 +145,10 @@ def test_loss_ignores_padded_steps(kind: str) -> None:
     changed["action"][0, 5:] += 100.0  # only the padded steps of row 0
     torch.manual_seed(5)
     torch.testing.assert_close(policy.loss(changed), reference, rtol=0, atol=0)
+    changed["action"][0, 5:] = float("nan")  # what a data set stores there is neither scanned nor read
+    torch.manual_seed(5)
+    torch.testing.assert_close(policy.loss(changed), reference, rtol=0, atol=0)
+    changed["action"][0, 5:] = batch["action"][0, 5:] + 100.0
     changed["action"][0, 2] += 1.0  # a real step
     torch.manual_seed(5)
     assert not torch.equal(policy.loss(changed), reference)
@@ -679,6 +687,17 @@ def test_an_absurd_finite_observation_never_becomes_an_action(kind: str) -> None
     with pytest.raises(ValueError, match=r"observation\['state'\] holds inf at index 0 \(as float32\)"):
         executor.act({"state": np.array([1e300, 0, 0, 0, 0]), "instruction": INSTRUCTIONS[0]})
     assert len(executor.history) == 0
+    # Finite in float32 and refused only by the chunk it makes: the frame leaves the history too.
+    good = {"state": np.zeros(5, dtype=np.float32), "instruction": INSTRUCTIONS[0]}
+    for _ in range(executor.n_action_steps):  # the next step computes a chunk
+        executor.act(good)
+    before = [frame["state"] for frame in executor.history]
+    try:
+        executor.act({**good, "state": np.array([3e38, 0, 0, 0, 0], dtype=np.float32)})
+    except ValueError:
+        assert len(executor.history) == len(before)
+        assert all(np.array_equal(f["state"], b) for f, b in zip(executor.history, before, strict=True))
+    assert np.isfinite(executor.act(good)).all()
 
 
 def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:
@@ -697,6 +716,12 @@ def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:
     noise[0, 1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"noise holds nan at index \(0, 1, 2\)"):
         policy.predict_chunk(batch, noise=noise)
+    huge = torch.zeros(2, 8, 3, dtype=torch.float64)
+    huge[1, 0, 0] = 1e39  # finite in float64, inf in the model's float32
+    with pytest.raises(
+        ValueError, match=r"noise holds 1e\+39 at index \(1, 0, 0\) \(beyond the range of torch\.float32"
+    ):
+        policy.predict_chunk(batch, noise=huge)
     with pytest.raises(ValueError, match="state must hold floating-point numbers"):
         policy.predict_chunk({**batch, "state": torch.zeros(2, 2, 5, dtype=torch.long)})
 

@@ -289,6 +289,19 @@ def test_learning_rate_schedules() -> None:
     assert max(values) == pytest.approx(1.0, abs=1e-3) and values.index(max(values)) == 30
     assert values[0] < 0.05 and values[-1] < 0.01
     assert learning_rate_factor(TrainerConfig(steps=10, schedule="constant"))(7) == 1.0
+    with pytest.raises(ConfigError, match=r"^warmup_steps = 5: the one-cycle schedule rises to the peak itself"):
+        TrainerConfig(steps=20, warmup_steps=5, schedule="one-cycle")  # it would rise, fall to 0.04 and rise again
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used() -> None:
+    config = TrainerConfig(steps=10, batch_size=8, lr=1.0, warmup_steps=4, log_every=1, max_grad_norm=None)
+    trainer = Trainer(RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), config, data=torch.randn(40, 2))
+    used = []
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, *_: used.append(optimizer.param_groups[0]["lr"]))
+    state = trainer.fit()
+    factor = learning_rate_factor(config)
+    assert used == pytest.approx([factor(s) for s in range(10)])  # 0.25, 0.5, 0.75, 1, 1, ..., 0.067
+    assert [row["lr"] for row in state.history if "lr" in row] == pytest.approx(used)
 
 
 def test_ema_weights_are_the_ones_kept() -> None:
@@ -449,8 +462,79 @@ def test_adversarial_training_moves_samples_to_the_data_and_checkpoints_the_disc
     Trainer(RealNVP(2, transforms=4, hidden=(32,)), resumed, config, data=data, directory=tmp_path).load()
     for name, value in objective.discriminator.state_dict().items():
         assert torch.equal(resumed.discriminator.state_dict()[name], value), name
-    with pytest.raises(ValueError, match="not both 0"):
+    with pytest.raises(ValueError, match="at least one weight must be > 0"):
         AdversarialML(features=2, ml_weight=0.0, adversarial_weight=0.0)
+
+
+def test_adversarial_settings_are_refused_where_they_enter() -> None:
+    from flowforge.train import AdversarialML
+
+    refusals = {
+        "ml_weight must be a finite number >= 0, got nan": {"ml_weight": float("nan")},
+        "ml_weight must be a finite number >= 0, got -1": {"ml_weight": -1},
+        "adversarial_weight must be a finite number >= 0, got inf": {"adversarial_weight": float("inf")},
+        "lr must be a finite number > 0, got -1": {"lr": -1},
+        "hidden must be a sequence of positive ints": {"hidden": (8.5,)},
+        "features must be": {"features": 0},
+    }
+    for message, settings in refusals.items():
+        with pytest.raises((ValueError, TypeError), match=message):
+            AdversarialML(**{"features": 2, **settings})
+    flow, config = RealNVP(2, transforms=2, hidden=(8,)), TrainerConfig(steps=2, batch_size=8, progress=False)
+    trainer = Trainer(flow, AdversarialML(3, hidden=(8,)), config, data=torch.randn(64, 2))
+    with pytest.raises(ValueError, match=r"AdversarialML\(features=3\) got data of shape \(8, 2\)"):
+        trainer.fit()
+
+
+def test_a_float64_flow_gan_run_resumes_exactly_and_refuses_another_objective(tmp_path: Path) -> None:
+    """The discriminator takes the flow's dtype before its optimizer state loads (a float64 run
+    could not resume); a checkpoint that does not fit the objective is refused before anything loads."""
+    from flowforge.train import AdversarialML, TrainingInterrupted
+
+    class InterruptedAt(AdversarialML):
+        def __init__(self, at: int | None, hidden: tuple[int, ...] = (8,)) -> None:
+            super().__init__(2, hidden=hidden)
+            self.at, self.calls = at, 0
+
+        def loss(self, model, batch):
+            self.calls += 1
+            if self.calls == self.at:
+                signal.raise_signal(signal.SIGINT)
+            return super().loss(model, batch)
+
+    data = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    config = TrainerConfig(steps=10, batch_size=32, checkpoint_every=0, progress=False)
+
+    def trainer(directory: Path, objective) -> Trainer:  # objective: built after the seed
+        torch.manual_seed(3)
+        flow = RealNVP(2, transforms=2, hidden=(8,)).double()
+        return Trainer(flow, objective(), config, data=data, directory=directory)
+
+    trainer(tmp_path / "straight", lambda: InterruptedAt(None)).fit()
+    with pytest.raises(TrainingInterrupted):
+        trainer(tmp_path / "stopped", lambda: InterruptedAt(5)).fit()
+    refusals = {
+        "the saved state of its InterruptedAt does not fit this one": lambda: InterruptedAt(None, hidden=(16,)),
+        "trained with the objective InterruptedAt, not MaximumLikelihood": MaximumLikelihood,
+    }
+    for message, objective in refusals.items():
+        refused = trainer(tmp_path / "stopped", objective)
+        before = {k: v.clone() for k, v in refused.model.state_dict().items()}
+        with pytest.raises(CheckpointError, match=message):
+            refused.fit(resume=True)
+        assert all(torch.equal(v, before[k]) for k, v in refused.model.state_dict().items())  # nothing loaded
+    trainer(tmp_path / "stopped", lambda: AdversarialML(2, hidden=(8,))).fit(resume=True)  # the class it derives from
+    expected = load_tensors(tmp_path / "straight", "model")
+    for name, value in load_tensors(tmp_path / "stopped", "model").items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_data_the_trainer_cannot_read_is_refused_before_training() -> None:
+    flow, config = RealNVP(2, transforms=2, hidden=(8,)), TrainerConfig(steps=20, batch_size=8, eval_every=10)
+    with pytest.raises(ValueError, match="eval_every = 10: validation scores held-out data; pass validation_data"):
+        Trainer(flow, MaximumLikelihood(), config, data=torch.randn(40, 2))
+    with pytest.raises(TypeError, match="data must be a tensor, a dict of tensors or a torch Dataset, got list"):
+        Trainer(flow, MaximumLikelihood(), TrainerConfig(steps=2, batch_size=8), data=[[0.0, 1.0]] * 8)
 
 
 def test_tensorboard_logging_writes_event_files(tmp_path: Path) -> None:

@@ -587,8 +587,9 @@ def data_collect(
             # collect's own defaults (camera corner, 84 pixels) where the options were not given
             **{k: v for k, v in (("camera", camera), ("size", size)) if v is not None},
         )
-    except ValueError as error:  # an unknown task or camera, named in the message
-        raise ConfigError(str(error)) from error
+    except ValueError as error:  # an unknown task or camera, or a seed too large: named as the flag
+        message = _COLLECT_SUBJECT.sub(lambda match: "--" + match.group(1).replace("_", "-"), str(error))
+        raise ConfigError(message) from error
     for task, count in counts.items():
         rate = count["succeeded"] / max(count["attempted"], 1)
         more = (
@@ -857,6 +858,9 @@ _EXECUTOR_FLAGS = {
 }
 _EXECUTOR_ARGUMENT = re.compile(r"\b(" + "|".join(_EXECUTOR_FLAGS) + r")\s*=\s*(True\b)?")
 _EXECUTOR_SUBJECT = re.compile(r"^(" + "|".join(_EXECUTOR_FLAGS) + r")(?= must\b)")
+
+
+_COLLECT_SUBJECT = re.compile(r"^(seed|episodes|size|action_noise|cameras|tasks)(?= must\b)")
 
 
 def _as_eval_flags(message: str) -> str:

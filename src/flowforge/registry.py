@@ -132,6 +132,19 @@ def name_of(obj: object) -> tuple[str, str] | None:
 
 
 # ---------------------------------------------------------------- encoding
+def constructor_repr(obj: object) -> str:
+    """``Name(argument=value, ...)``: a registered object shown by the arguments it was built with
+    (its public attributes when none were recorded)."""
+    recorded = getattr(obj, _ARGUMENTS, None)
+    if recorded is None:
+        fields = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+    else:
+        signature, arguments = recorded
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        fields = {k: v for k, v in arguments.items() if v or signature.parameters[k].kind not in variadic}
+    return f"{type(obj).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
 def _snapshot(value: Any) -> Any:
     """An argument as recorded: containers copied (a list the caller changes later must not change
     the saved model), NumPy scalars and arrays and one-number tensors as the Python values they
@@ -338,6 +351,7 @@ for _name, _activation in (
 
 __all__ = [
     "Rebuildable",
+    "constructor_repr",
     "from_config",
     "lookup",
     "name_of",

@@ -174,6 +174,9 @@ def check_unit_times(name: str, value: Tensor) -> None:
 
 #: The most sampler steps a command or config may ask for (a step is one network evaluation or more).
 MAX_SAMPLER_STEPS = 1000
+#: The hottest sampling temperature (``noise_scale``) a policy takes: 1 samples the learned law, 0 its
+#: mode; far above 1 a chunk is the noise, and past this the network's numbers overflow.
+MAX_NOISE_SCALE = 100.0
 #: The deepest stack of flow layers (or policy transformer layers) a model may be built with.
 MAX_LAYERS = 1000
 #: The largest minibatch (a larger one overflows the data sampler's index type before any memory check).
@@ -277,6 +280,18 @@ def check_real(
     if not math.isfinite(number) or (positive and number <= 0) or (non_negative and number < 0):
         allowed = "a finite number" + (" > 0" if positive else " >= 0" if non_negative else "")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def check_noise_scale(value: object, *, positive: bool = False) -> float:
+    """A policy's sampling temperature: a finite number in [0, :data:`MAX_NOISE_SCALE`] (> 0 with
+    ``positive``: a likelihood divides by it). Returns it as a float."""
+    number = check_real("noise_scale", value, positive=positive, non_negative=not positive)
+    if number > MAX_NOISE_SCALE:
+        raise ValueError(
+            f"noise_scale must be at most {MAX_NOISE_SCALE:g} (a temperature: 1 samples the learned law, 0 its "
+            f"mode), got {value!r}"
+        )
     return number
 
 

@@ -52,7 +52,8 @@ class Normalizer(nn.Module):
     @classmethod
     def from_statistics(cls, stats: dict[str, Any], mode: str = "mean_std") -> Normalizer:
         """A normaliser fitted to ``stats`` (``mean``, ``std``, ``min``, ``max`` lists, as in stats.json)."""
-        features = len(np.atleast_1d(np.asarray(stats.get("mean", stats.get("min", [])))))
+        read = "min" if mode == "min_max" else "mean"  # the statistic this mode reads fixes the size
+        features = len(np.atleast_1d(np.asarray(stats.get(read, []))))
         normalizer = cls(max(features, 1), mode)
         normalizer.set_statistics(stats)
         return normalizer
@@ -88,12 +89,23 @@ class Normalizer(nn.Module):
         self.scale.copy_(scale.clamp_min(SCALE_FLOOR))
 
     def normalize(self, x: Tensor) -> Tensor:
-        """``(x - shift) / scale`` over the last dimension."""
+        """``(x - shift) / scale`` over the last dimension (integers are read as the statistics' floats)."""
+        x = self._checked("x", x)
         return (x - self.shift.to(x.dtype)) / self.scale.to(x.dtype)
 
     def unnormalize(self, y: Tensor) -> Tensor:
         """The inverse: ``y * scale + shift``."""
+        y = self._checked("y", y)
         return y * self.scale.to(y.dtype) + self.shift.to(y.dtype)
+
+    def _checked(self, name: str, value: Tensor) -> Tensor:
+        """``value`` with this normaliser's features last, and floating (integers would truncate the statistics)."""
+        if value.shape[-1:] != (self.features,):
+            raise ValueError(
+                f"{name} must have {self.features} numbers in its last dimension (the normaliser's features), "
+                f"got shape {tuple(value.shape)}"
+            )
+        return value if value.is_floating_point() else value.to(self.shift.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.normalize(x)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowforge.config import MAX_SEED
 from flowforge.errors import DataError
 from flowforge.validation import check_batched, check_count, check_real
 
@@ -47,6 +48,9 @@ def sklearn_dataset(name: str) -> Tensor:
 
 def dequantize_digits(pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Uniformly dequantized digits in [0, 1): ``(pixels + U(0, 1)) / 17``."""
+    if not isinstance(pixels, Tensor) or pixels.numel() == 0:
+        shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+        raise DataError(f"pixels must be a non-empty tensor of digit pixel counts, got {shape}")
     if pixels.min() < 0 or pixels.max() > DIGIT_LEVELS - 1 or not torch.equal(pixels, pixels.round()):
         raise DataError(f"digit pixels must be integers in 0..{DIGIT_LEVELS - 1}")
     noise = torch.rand(pixels.shape, generator=generator, dtype=torch.float32)
@@ -66,8 +70,9 @@ def digits_images(split: str = "train", test_fraction: float = 0.2, seed: int = 
     """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    if not 0.0 < test_fraction < 1.0:
+    if not 0.0 < check_real("test_fraction", test_fraction) < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    check_count("seed", seed, low=0, high=MAX_SEED)
     import sklearn.datasets
 
     bunch = sklearn.datasets.load_digits()
@@ -106,6 +111,8 @@ def load_table(path: str | Path, columns: int | None = None) -> Tensor:
     :class:`DataError` naming the file (and the NPZ member), the row and the column.
     """
     path = Path(path)
+    if columns is not None:
+        check_count("columns", columns)
     if not path.is_file():
         raise DataError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     suffix = path.suffix.lower()
@@ -161,7 +168,8 @@ def _read_csv(path: Path) -> _Read:
         raise DataError(f"{path}: not a readable CSV file ({error})") from error
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error})") from error
-    records = [(line, row) for line, row in records if any(cell.strip() for cell in row)]  # blank lines
+    # Blank lines only: a record of empty cells ("," or ",,") is a row whose numbers are missing.
+    records = [(line, row) for line, row in records if len(row) > 1 or (row and row[0].strip())]
     if records and not any(_is_number(cell.strip()) for cell in records[0][1]):
         records = records[1:]  # a header of column names
     values = []

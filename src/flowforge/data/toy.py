@@ -16,11 +16,16 @@ import torch
 from torch import Tensor
 
 from flowforge.config import MAX_SEED
-from flowforge.validation import check_count
+from flowforge.validation import check_count, check_real
 
 
 def _rng(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(check_count("seed", seed, low=0, high=MAX_SEED))
+
+
+def _spread(name: str, value: float) -> float:
+    """A noise level or width: a finite number >= 0."""
+    return check_real(name, value, non_negative=True)
 
 
 def _check_n(n: int) -> None:
@@ -36,7 +41,7 @@ def two_moons(n: int, seed: int = 0, noise: float = 0.1) -> Tensor:
     x = torch.where(upper, torch.cos(angle), 1.0 - torch.cos(angle))
     y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
     points = 1.5 * (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25]))
-    return points + noise * torch.randn(n, 2, generator=g)
+    return points + _spread("noise", noise) * torch.randn(n, 2, generator=g)
 
 
 def eight_gaussians(n: int, seed: int = 0, radius: float = 2.5, std: float = 0.25) -> Tensor:
@@ -44,8 +49,8 @@ def eight_gaussians(n: int, seed: int = 0, radius: float = 2.5, std: float = 0.2
     _check_n(n)
     g = _rng(seed)
     angle = (math.pi / 4) * torch.randint(0, 8, (n,), generator=g)
-    centers = radius * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    return centers + std * torch.randn(n, 2, generator=g)
+    centers = _spread("radius", radius) * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    return centers + _spread("std", std) * torch.randn(n, 2, generator=g)
 
 
 def checkerboard(n: int, seed: int = 0) -> Tensor:
@@ -61,6 +66,7 @@ def checkerboard(n: int, seed: int = 0) -> Tensor:
 def pinwheel(n: int, seed: int = 0, arms: int = 5) -> Tensor:
     """Gaussian blobs stretched radially and sheared into curved arms."""
     _check_n(n)
+    arms = check_count("arms", arms)
     g = _rng(seed)
     arm = torch.randint(0, arms, (n,), generator=g)
     radial = 1.0 + 0.3 * torch.randn(n, generator=g)
@@ -83,7 +89,7 @@ def two_spirals(n: int, seed: int = 0, noise: float = 0.1) -> Tensor:
     turn = 3 * math.pi * torch.sqrt(torch.rand(n, generator=g))
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     points = sign[:, None] * torch.stack([-turn * torch.cos(turn), turn * torch.sin(turn)], 1) / 3.0
-    return points + noise * torch.randn(n, 2, generator=g)
+    return points + _spread("noise", noise) * torch.randn(n, 2, generator=g)
 
 
 def rings(n: int, seed: int = 0, noise: float = 0.08) -> Tensor:
@@ -94,7 +100,7 @@ def rings(n: int, seed: int = 0, noise: float = 0.08) -> Tensor:
     ring = torch.multinomial(radii / radii.sum(), n, replacement=True, generator=g)
     angle = 2 * math.pi * torch.rand(n, generator=g)
     points = radii[ring, None] * torch.stack([torch.cos(angle), torch.sin(angle)], 1)
-    return points + noise * torch.randn(n, 2, generator=g)
+    return points + _spread("noise", noise) * torch.randn(n, 2, generator=g)
 
 
 def swiss_roll(n: int, seed: int = 0, noise: float = 0.1) -> Tensor:
@@ -103,7 +109,7 @@ def swiss_roll(n: int, seed: int = 0, noise: float = 0.1) -> Tensor:
     g = _rng(seed)
     t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=g))
     points = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 4.5
-    return points + noise * torch.randn(n, 2, generator=g)
+    return points + _spread("noise", noise) * torch.randn(n, 2, generator=g)
 
 
 TOY_DATASETS: dict[str, Callable[..., Tensor]] = {
@@ -125,4 +131,4 @@ def toy_dataset(name: str, n: int, seed: int = 0) -> Tensor:
     """
     if name not in TOY_DATASETS:
         raise ValueError(f"unknown 2-D data set {name!r}; choose one of {', '.join(TOY_DATASETS)}")
-    return TOY_DATASETS[name](n, seed=check_count("seed", seed, low=0, high=MAX_SEED))
+    return TOY_DATASETS[name](n, seed=seed)

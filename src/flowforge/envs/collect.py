@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from flowforge.config import check_seed
+from flowforge.config import MAX_SEED, check_seed
 from flowforge.data.episodes import decode_png, encode_png
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
@@ -61,6 +61,9 @@ from flowforge.validation import check_bool, check_count, check_real
 
 CODEBASE_VERSION = "v3.0"
 STATE_DIM, ACTION_DIM = 39, 4
+#: A collection's seed s gives its episodes the seeds s x this + the task's offset + the attempt (a prime:
+#: collections with other seeds never share an episode).
+EPISODE_SEEDS_PER_SEED = 1_000_003
 #: What the robot received, stored next to the expert's ``action`` when collected with action noise.
 EXECUTED_ACTION = "action.executed"
 ROBOT_STATE_NAMES = ("hand_x", "hand_y", "hand_z", "gripper_opening")
@@ -473,6 +476,13 @@ def collect(
     if action_noise > 1:
         raise ValueError(f"action_noise must be at most 1 (actions span [-1, 1]), got {action_noise!r}")
     check_seed("seed", seed)
+    highest = seed * EPISODE_SEEDS_PER_SEED + (len(tasks) - 1) * TASK_SEED_STRIDE + max_attempts_factor * episodes - 1
+    if highest > MAX_SEED:
+        raise ValueError(
+            f"seed must be an int in 0..{(MAX_SEED - highest) // EPISODE_SEEDS_PER_SEED + seed} for this collection "
+            f"(seed x {EPISODE_SEEDS_PER_SEED:,} + each task's and attempt's offset is an episode's seed, at most "
+            f"{MAX_SEED}), got {seed}"
+        )
     cameras = check_cameras([camera] if cameras is None else cameras)
     root = Path(root)
     settings = {
@@ -601,7 +611,7 @@ def _collect_locked(
             rebuild = False
         expert = env.expert()
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
-            episode_seed = seed * 1_000_003 + task_index * TASK_SEED_STRIDE + counts["attempted"]
+            episode_seed = seed * EPISODE_SEEDS_PER_SEED + task_index * TASK_SEED_STRIDE + counts["attempted"]
             labels: list[np.ndarray] = []
             actor = _expert_actor(expert, labels, action_noise, episode_seed)
             episode = run_episode(env, actor, episode_seed, max_steps, keep=True)

@@ -52,7 +52,8 @@ def run_episode(
 
     ``pace``: seconds per control step; each step then lasts at least that long, as on a robot
     whose controller runs at a fixed rate (MetaWorld's: 1/80 s), so that time an actor spends
-    thinking in the background passes in control steps.
+    thinking in the background passes in control steps; a step that took longer (the actor
+    blocked) is followed by steps of the full period, not by shorter ones that catch up.
     """
     observation, info = env.reset(seed=seed)
     episode = Episode(success=False, steps=0)
@@ -66,7 +67,9 @@ def run_episode(
         observation, _, terminated, truncated, info = env.step(action)
         episode.steps = step
         if pace is not None:
-            tick += pace
+            # A step that overran (a chunk computed while the robot waited) is not made up for by
+            # hurrying the steps after it: a controller at a fixed rate never runs faster.
+            tick = max(tick + pace, time.perf_counter())
             time.sleep(max(0.0, tick - time.perf_counter()))
         if info["is_success"]:
             episode.success = True

@@ -12,6 +12,7 @@ An episode succeeds when MetaWorld's success flag rises before the step limit.
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
@@ -155,13 +156,18 @@ class EvaluationReport:
 
 
 def save_gif(frames: list[np.ndarray], path: str | Path, fps: int = 20) -> Path:
-    """Write (h, w, 3) uint8 frames as an animated GIF."""
+    """Write (h, w, 3) uint8 frames as an animated GIF, atomically (an interrupted write leaves no
+    truncated file under the name)."""
     from PIL import Image
+
+    from flowforge.checkpoint import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [Image.fromarray(np.asarray(f)) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    encoded = io.BytesIO()
+    images[0].save(encoded, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    write_atomic(path, encoded.getvalue())
     return path
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -97,7 +98,24 @@ def _pair(name_x: str, x: Tensor, name_y: str, y: Tensor, min_rows: int = 1) -> 
         )
     _check_finite(name_x, x)
     _check_finite(name_y, y)
-    return x.double(), y.double()
+    # Every metric here is unchanged by a common shift: centring on the pooled mean keeps data far from
+    # the origin from losing its digits to the squares of large coordinates.
+    x, y = x.double(), y.double()
+    centre = torch.cat([x, y]).mean(0)
+    x, y = x - centre, y - centre
+    largest = float(torch.cat([x, y]).abs().max())
+    if largest > math.sqrt(torch.finfo(torch.float64).max / (4 * x.shape[1])):  # the largest squared distance
+        raise ValueError(
+            "x and y hold numbers too large to score (their squared distances would overflow float64); "
+            "rescale both sets alike"
+        )
+    return x, y
+
+
+def _distances(x: Tensor, y: Tensor) -> Tensor:
+    """Exact pairwise Euclidean distances: cdist's matrix-product shortcut (taken above 25 rows)
+    loses the small distances between close points to cancellation."""
+    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def _is_real(value: object) -> bool:
@@ -128,7 +146,7 @@ def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> floa
         if not bandwidths or not all(_is_real(h) and 0 < h < math.inf for h in bandwidths):
             raise ValueError(f"bandwidths must be one or more positive finite numbers, got {bandwidths}")
     pooled = torch.cat([x, y])
-    distances = torch.cdist(pooled, pooled).square()
+    distances = _distances(pooled, pooled).square()
     if bandwidths is None:
         median = distances.sqrt().flatten().median().clamp(min=1e-12)
         bandwidths = [0.5 * float(median), float(median), 2.0 * float(median)]
@@ -148,7 +166,7 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
     2.0
     """
     x, y = _pair("x", x, "y", y)
-    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+    return float(2 * _distances(x, y).mean() - _distances(x, x).mean() - _distances(y, y).mean())
 
 
 def wasserstein(x: Tensor, y: Tensor, p: int = 2, max_iterations: int = 100_000_000) -> float:
@@ -164,9 +182,19 @@ def wasserstein(x: Tensor, y: Tensor, p: int = 2, max_iterations: int = 100_000_
     if not (_is_integer(max_iterations) and max_iterations >= 1):
         raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
     x, y = _pair("x", x, "y", y)
-    cost = torch.cdist(x, y).pow(p).cpu().numpy()
+    cost = _distances(x, y).pow(p).cpu().numpy()
+    if not np.isfinite(cost).all():
+        raise ValueError(f"x and y are too far apart to score: their distances to the power p = {p} overflow float64")
     a, b = np.full(x.shape[0], 1.0 / x.shape[0]), np.full(y.shape[0], 1.0 / y.shape[0])
-    return float(ot.emd2(a, b, cost, numItermax=max_iterations)) ** (1.0 / p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # POT's warnings become the error below
+        total, log = ot.emd2(a, b, cost, numItermax=max_iterations, log=True)
+    if log.get("result_code") != 1:  # 1: optimal; otherwise the plan is not the optimum
+        raise ValueError(
+            f"the exact transport problem was not solved ({log.get('warning') or 'no optimum'}); W_p would be wrong: "
+            f"raise max_iterations (now {max_iterations})"
+        )
+    return float(total) ** (1.0 / p)
 
 
 def sliced_wasserstein(
@@ -189,7 +217,10 @@ def sliced_wasserstein(
     directions = directions / directions.norm(dim=0, keepdim=True)
     projected_x = (x @ directions.to(x.device)).sort(0).values
     projected_y = (y @ directions.to(y.device)).sort(0).values
-    return float((projected_x - projected_y).abs().pow(p).mean()) ** (1.0 / p)
+    result = float((projected_x - projected_y).abs().pow(p).mean()) ** (1.0 / p)
+    if not math.isfinite(result):
+        raise ValueError(f"x and y are too far apart to score: their distances to the power p = {p} overflow float64")
+    return result
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,12 @@ class Dequantized(Rebuildable, nn.Module):
         if k.dtype == torch.bool or k.dtype.is_complex:
             raise TypeError(f"k must hold counts as an integer or floating-point tensor, got dtype {k.dtype}")
         k = k.to(model_dtype(self.flow))
-        if bool((k < 0).any()) or bool((k > self.levels - 1).any()) or not torch.equal(k, k.round()):
-            raise ValueError(f"k must hold integers in 0..{self.levels - 1}")
+        bad = ~((k >= 0) & (k <= self.levels - 1) & (k == k.round()))  # NaN fails every comparison
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"k must hold integers in 0..{self.levels - 1}: k[{', '.join(map(str, index))}] is {float(k[index])}"
+            )
         return k
 
     def dequantize(self, k: Tensor) -> tuple[Tensor, Tensor]:

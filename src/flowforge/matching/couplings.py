@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowforge.registry import register
+from flowforge.registry import constructor_repr, register
 from flowforge.validation import check_bool, check_real
 
 
@@ -40,8 +40,7 @@ class Coupling:
         return x0
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
+        return constructor_repr(self)
 
 
 @register("independent", "coupling")

@@ -124,10 +124,12 @@ def shortcut_loss(
     return masked_mean((velocity(x_t, t, 2 * d) - target).square(), mask)
 
 
-def shortcut_step(method: str, steps: int, max_halvings: int) -> float:
+def shortcut_step(method: str, steps: int | None, max_halvings: int) -> float:
     """The step a shortcut model is told when sampling with ``steps`` steps of ``method``: ``1/steps``
     for Euler with a trained step (a power of two from 1 down to ``2**(1 - max_halvings)``), otherwise
-    0, the instantaneous velocity."""
+    0, the instantaneous velocity (an adaptive method, whose ``steps`` is None, included)."""
+    if steps is None:
+        return 0.0
     trained = steps & (steps - 1) == 0 and steps < 2**max_halvings
     return 1.0 / steps if method == "euler" and trained else 0.0
 

@@ -122,8 +122,7 @@ class ShortcutMatcher(FlowMatcher):
         """The step size the network is told: ``1/steps`` for Euler with a trained step (a power of two
         from 1 down to ``2**(1 - max_halvings)``), otherwise 0, the instantaneous velocity (an
         adaptive method, which takes no ``steps``, included)."""
-        steps = solver_settings(method, steps)[0]
-        return 0.0 if steps is None else shortcut_step(method, steps, self.max_halvings)
+        return shortcut_step(method, solver_settings(method, steps)[0], self.max_halvings)
 
     def extra_repr(self) -> str:
         return (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowforge.registry import register
+from flowforge.registry import constructor_repr, register
 from flowforge.validation import check_real
 
 
@@ -35,8 +35,7 @@ class TimeSampler:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"
+        return constructor_repr(self)
 
 
 @register("uniform", "time")

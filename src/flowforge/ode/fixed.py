@@ -162,7 +162,7 @@ def integrate_fixed(
                     x_i = x_i + (a_ij * h_x) * k_j
             stages.append(f(x_i, t + c_i * h))
             if n == 0 and len(stages) == 1:
-                _check_velocity_shape(stages[0], x0)
+                check_velocity_shape(stages[0], x0)
         update = None
         for b_i, k_i in zip(tableau.b, stages, strict=True):
             if b_i != 0.0:
@@ -174,12 +174,14 @@ def integrate_fixed(
 _FIXED_HINT = "an adaptive method or more steps"
 
 
-def _check_velocity_shape(velocity: object, x0: Tensor) -> None:
+def check_velocity_shape(velocity: object, x0: Tensor, name: str = "f") -> None:
     """Refuse a field whose value does not have the state's shape (a (batch, 1) velocity would
     otherwise broadcast over a (batch, 2) state and give a wrong answer silently)."""
     if not isinstance(velocity, Tensor) or velocity.shape != x0.shape:
         shape = tuple(velocity.shape) if isinstance(velocity, Tensor) else type(velocity).__name__
-        raise ValueError(f"f returned {shape} for a state of shape {tuple(x0.shape)}; a velocity has the state's shape")
+        raise ValueError(
+            f"{name} returned {shape} for a state of shape {tuple(x0.shape)}; a velocity has the state's shape"
+        )
 
 
 def _is_scalar(value: float | Tensor) -> bool:
@@ -226,7 +228,7 @@ def _integrate_shared_time(
             index = n * stage_count + i
             stages.append(at_stage(x_i, index) if at_stage is not None else f(x_i, times[index].expand(batch)))
             if index == 0:
-                _check_velocity_shape(stages[0], x0)
+                check_velocity_shape(stages[0], x0)
         for b_i, k_i in zip(tableau.b, stages, strict=True):
             if b_i != 0.0:
                 x = torch.add(x, k_i, alpha=b_i * h)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from flowforge.ode.fixed import check_start, checked_end, per_sample_time
+from flowforge.ode.fixed import check_start, check_velocity_shape, checked_end, per_sample_time
 from flowforge.validation import all_finite, check_count, check_floating, finite_checks_enabled
 
 SDE_METHODS = ("euler_maruyama", "milstein")
@@ -79,6 +79,9 @@ def sdeint(
         draw = noise[n] if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         dw = draw * sqrt_h
         f, g = drift(x, t), diffusion(x, t)
+        if n == 0:
+            check_velocity_shape(f, x0, "drift")
+            _check_diffusion_shape(g, x0)
         step = x + f * h_x
         if method == "milstein":
             support = step + g * sqrt_h
@@ -89,6 +92,20 @@ def sdeint(
         else:
             x = step + g * dw
     return checked_end(x, x0, method, "more steps, or check that drift and diffusion are finite here")
+
+
+def _check_diffusion_shape(g: object, x0: Tensor) -> None:
+    """Refuse a diffusion that does not broadcast to the state without changing its shape."""
+    try:
+        fits = isinstance(g, Tensor) and torch.broadcast_shapes(g.shape, x0.shape) == x0.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+        raise ValueError(
+            f"diffusion returned {shape} for a state of shape {tuple(x0.shape)}; diagonal noise is a tensor that "
+            "broadcasts to the state (per element, or (batch, 1, ...) per sample)"
+        )
 
 
 __all__ = ["SDE_METHODS", "sdeint"]

@@ -14,12 +14,22 @@ tensors on devices without float64).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torchdiffeq
 from torch import Tensor, nn
 
 from flowforge.errors import ODESolverError
-from flowforge.ode.fixed import TABLEAUS, VelocityField, check_start, checked_end, integrate_fixed, per_sample_time
+from flowforge.ode.fixed import (
+    TABLEAUS,
+    VelocityField,
+    check_start,
+    check_velocity_shape,
+    checked_end,
+    integrate_fixed,
+    per_sample_time,
+)
 from flowforge.validation import check_choice, check_count, check_real
 
 #: Adaptive-step methods, solved by torchdiffeq.
@@ -77,7 +87,34 @@ class _UnitIntervalField(nn.Module):
         self.span_x = span.reshape(-1, *([1] * event_dims))
 
     def forward(self, s: Tensor, x: Tensor) -> Tensor:
-        return self.span_x * self.f(x, self.start + s * self.span)
+        velocity = self.f(x, self.start + s * self.span)
+        check_velocity_shape(velocity, x)  # a wrong shape would fail inside torchdiffeq, unnamed
+        return self.span_x * velocity
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """torchdiffeq's adjoint solve as one autograd node whose backward pass reports a failed solve
+    as :class:`~flowforge.errors.ODESolverError`, as the forward pass does (torchdiffeq stops a
+    backward solve that runs out of steps with a bare ``AssertionError``). The inner solve is kept
+    as a graph of its own and differentiated in :meth:`backward`, as reentrant checkpointing does."""
+
+    @staticmethod
+    def forward(ctx, solve: Callable[[Tensor], Tensor], explain: Callable[[str], str], x0: Tensor, *inputs: Tensor):
+        with torch.enable_grad():
+            start = x0.detach().requires_grad_(x0.requires_grad)
+            end = solve(start)
+        ctx.start, ctx.end, ctx.inputs, ctx.explain = start, end, inputs, explain
+        return end.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        targets = (ctx.start, *ctx.inputs)
+        wanted = [t for t in targets if t.requires_grad]
+        try:
+            grads = iter(torch.autograd.grad(ctx.end, wanted, grad, allow_unused=True))
+        except AssertionError as error:
+            raise ODESolverError(ctx.explain(f"in the adjoint's backward solve: {error}")) from error
+        return (None, None, *(next(grads) if t.requires_grad else None for t in targets))
 
 
 def odeint(
@@ -147,29 +184,32 @@ def odeint(
     field = _UnitIntervalField(f, start, span, x0.dim() - 1)
     s = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
     options = {"max_num_steps": max_steps}
+
+    def explain(message: str) -> str:
+        return (
+            f"{method} gave up ({message}): the field is stiff or blows up on this interval, or atol={atol}, "
+            f"rtol={rtol} are too tight for max_steps={max_steps}; loosen the tolerances, raise max_steps or "
+            "use a fixed-step method"
+        )
+
     try:
         if adjoint:
-            path = torchdiffeq.odeint_adjoint(
-                field,
-                x0,
-                s,
-                rtol=rtol,
-                atol=atol,
-                method=method,
-                options=options,
-                adjoint_params=(*f.parameters(), *(t for t in adjoint_tensors if t.requires_grad)),
-            )
+            adjoint_params = (*f.parameters(), *(t for t in adjoint_tensors if t.requires_grad))
+
+            def solve(start: Tensor) -> Tensor:
+                path = torchdiffeq.odeint_adjoint(
+                    field, start, s, rtol=rtol, atol=atol, method=method, options=options, adjoint_params=adjoint_params
+                )
+                return path[-1]
+
+            end = _AdjointSolve.apply(solve, explain, x0, *adjoint_params)
         else:
-            path = torchdiffeq.odeint(field, x0, s, rtol=rtol, atol=atol, method=method, options=options)
+            end = torchdiffeq.odeint(field, x0, s, rtol=rtol, atol=atol, method=method, options=options)[-1]
     except AssertionError as error:  # torchdiffeq reports a failed solve with bare asserts
         message = str(error)
         if "underflow" in message or "max_num_steps" in message:
-            raise ODESolverError(
-                f"{method} gave up ({message}): the field is stiff or blows up on this interval, or atol={atol}, "
-                f"rtol={rtol} are too tight for max_steps={max_steps}; loosen the tolerances, raise max_steps or "
-                "use a fixed-step method"
-            ) from error
+            raise ODESolverError(explain(message)) from error
         raise
     if not check_end:
-        return path[-1]
-    return checked_end(path[-1], x0, method, "tighter tolerances or a fixed-step method")
+        return end
+    return checked_end(end, x0, method, "tighter tolerances or a fixed-step method")

@@ -18,7 +18,7 @@ from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
 from flowforge.policy.heads import HEAD_CATEGORY
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
 from flowforge.registry import lookup, names, refuse_unread, register
-from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
+from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_NOISE_SCALE, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
 
 #: The data set features a policy can read as its state.
 STATE_KEYS = ("observation.environment_state", "observation.state")
@@ -282,7 +282,7 @@ class PolicyConfig:
         own_steps = getattr(lookup(HEAD_CATEGORY, self.kind), "own_steps", "")
         if own_steps and self.method != "euler":
             raise ConfigError(f"method = {self.method!r}: {own_steps}; use 'euler'")
-        check_range("noise_scale", self.noise_scale, low=0)
+        check_range("noise_scale", self.noise_scale, low=0, high=MAX_NOISE_SCALE)
         check_choice("time_sampler", self.time_sampler, names("time"))
         check_integer("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:

@@ -208,8 +208,6 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 f"action must be a float tensor of shape {expected}, got {action.dtype} of shape {tuple(action.shape)}"
             )
         checked["action"] = action.to(self.action_normalizer.shift)
-        if finite_checks_enabled():
-            _refuse_non_finite("action", checked["action"], action)
         if batch.get("action_is_pad") is not None:
             pad = _as_tensor("action_is_pad", batch["action_is_pad"])
             if pad.dtype != torch.bool or tuple(pad.shape) != expected[:2]:
@@ -218,6 +216,12 @@ class ChunkPolicy(Rebuildable, nn.Module):
                     f"{tuple(pad.shape)}"
                 )
             checked["action_is_pad"] = pad.to(action.device)
+        if finite_checks_enabled():
+            # Padded steps never reach the model (the heads fill them first): what they hold is not scanned.
+            pad = checked.get("action_is_pad")
+            real = checked["action"] if pad is None else checked["action"].masked_fill(pad[..., None], 0.0)
+            given = action if pad is None else action.masked_fill(pad[..., None].to(action.device), 0.0)
+            _refuse_non_finite("action", real, given)
         return checked
 
     def distillation_loss(
@@ -242,6 +246,17 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError(
                 f"the teacher predicts chunks of {theirs.horizon} x {theirs.action_dim}; this policy's are "
                 f"{mine.horizon} x {mine.action_dim}"
+            )
+        mine_actions, their_actions = self.action_normalizer, teacher.action_normalizer
+        if not (
+            torch.allclose(mine_actions.shift, their_actions.shift.to(mine_actions.shift))
+            and torch.allclose(mine_actions.scale, their_actions.scale.to(mine_actions.scale))
+        ):
+            raise ValueError(
+                "the teacher normalises actions otherwise than this policy (shift "
+                f"{their_actions.shift.tolist()} and scale {their_actions.scale.tolist()} against "
+                f"{mine_actions.shift.tolist()} and {mine_actions.scale.tolist()}): its velocities would act on "
+                "chunks in other units; give the student the teacher's normalisers (a [distill] run copies them)"
             )
         batch = self.checked_training_batch(batch)
         cache = self.expert.encode(self.prefix(batch))
@@ -359,7 +374,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
     ) -> ChunkResult:
         rows = shape[0]
         if noise is not None:
-            noise = self._checked_noise(noise, rows).to(batch["state"])  # a supplied draw may live elsewhere
+            noise = self._checked_noise(noise, rows, batch["state"])
         elif self.head.samples_from_noise:
             noise = torch.randn(shape).to(batch["state"])
         else:  # one pass: the random state stays untouched
@@ -496,7 +511,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
                             f"{indexed!r}, instruction is {text!r}; give one of them"
                         )
 
-    def _checked_noise(self, noise: Tensor, rows: int) -> Tensor:
+    def _checked_noise(self, noise: Tensor, rows: int, like: Tensor) -> Tensor:
+        """The supplied draw on ``like``'s device and dtype (it may live elsewhere), refused where it
+        is not finite there (a float64 number past float32's range included)."""
         noise = torch.as_tensor(noise)
         expected = (rows, self.policy_config.horizon, self.policy_config.action_dim)  # the whole chunk
         if not noise.is_floating_point() or tuple(noise.shape) != expected:
@@ -504,8 +521,9 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 f"noise must be a floating-point tensor of shape {expected}, got {noise.dtype} of shape "
                 f"{tuple(noise.shape)}"
             )
-        _refuse_non_finite("noise", noise)
-        return noise
+        cast = noise.to(like)
+        _refuse_non_finite("noise", cast, noise)
+        return cast
 
 
 def camera_images(batch: Batch, config: PolicyConfig) -> list[Tensor]:

@@ -508,9 +508,20 @@ class ChunkExecutor:
         self.closed = True
 
     def act(self, observation: dict[str, Any]) -> np.ndarray:
-        """The next action for an observation dict (``state``, ``image`` when used, ``instruction``)."""
+        """The next action for an observation dict (``state``, ``image`` when used, ``instruction``).
+
+        An observation refused here, or one whose chunk is refused (a state that overflows the
+        network), leaves the observation history as it was: the next valid one acts normally."""
         self._refuse_if_closed()
+        history = self.history.copy()
         batch = self.batch(observation)
+        try:
+            return self._act(batch)
+        except Exception:
+            self.history = history
+            raise
+
+    def _act(self, batch: Batch) -> np.ndarray:
         if self.temporal_ensemble is not None:
             chunk = self._chunk(batch)
             self._ensemble = [(s, c) for s, c in self._ensemble if self._step - s < len(c)] + [(self._step, chunk)]

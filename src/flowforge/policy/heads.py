@@ -58,7 +58,15 @@ from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import UniformTime
 from flowforge.policy.expert import ActionExpert, ExpertCache
 from flowforge.registry import lookup, register_class
-from flowforge.validation import MAX_SAMPLER_STEPS, all_finite, check_choice, check_count, check_real, is_count
+from flowforge.validation import (
+    MAX_SAMPLER_STEPS,
+    all_finite,
+    check_choice,
+    check_count,
+    check_noise_scale,
+    check_real,
+    is_count,
+)
 
 #: The registry category of heads; ``policy.kind`` names one.
 HEAD_CATEGORY = "head"
@@ -263,7 +271,7 @@ class FlowHead(PolicyHead):
             steps = check_count("steps", config.sampling_steps if steps is None else steps, high=MAX_SAMPLER_STEPS)
         steps = solver_settings(method, steps)[0]  # checks the method; refuses steps for an adaptive one
         sampling = Sampling(steps, method, config.noise_scale if noise_scale is None else noise_scale)
-        check_real("noise_scale", sampling.noise_scale, non_negative=True)
+        check_noise_scale(sampling.noise_scale)
         return sampling
 
     def loss(self, target: Tensor, cache: ExpertCache, pad: Tensor | None) -> Tensor:
@@ -373,7 +381,9 @@ class FlowHead(PolicyHead):
         from flowforge.transforms.continuous import ContinuousFlowTransform
 
         check_choice("trace", trace, ("auto", "exact", "hutchinson"))
-        check_real("noise_scale", noise_scale, positive=True)
+        check_noise_scale(noise_scale, positive=True)
+        if steps is not None:
+            check_count("steps", steps, high=MAX_SAMPLER_STEPS)
         features = chunk.shape[1] * chunk.shape[2]
         if trace == "auto":
             trace = "exact" if features <= EXACT_TRACE_LIMIT else "hutchinson"
@@ -446,7 +456,9 @@ class _GuidedField:
                 error = (self.guide.actions - predicted) * self.guide.weights[None, :, None]
                 (pull,) = torch.autograd.grad(predicted, x, error)
         r2 = (1 - t) ** 2 / (t**2 + (1 - t) ** 2)
-        strength = ((1 - t) / (t * r2).clamp_min(1e-12)).clamp(max=self.guide.max_guidance)
+        # A clip beyond the dtype's range clips nothing (torch refuses to convert it).
+        clip = min(self.guide.max_guidance, torch.finfo(t.dtype).max)
+        strength = ((1 - t) / (t * r2).clamp_min(1e-12)).clamp(max=clip)
         return v.detach() + strength.reshape(-1, 1, 1) * pull
 
 

@@ -152,6 +152,7 @@ HEAD_SETTINGS = frozenset(
         "sampling_steps",
         "method",
         "noise_scale",
+        "time_sampler",
         "keyframe_stride",
         "shortcut_fraction",
         "shortcut_halvings",

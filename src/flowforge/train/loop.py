@@ -135,7 +135,8 @@ class TrainerConfig:
         lr: peak learning rate, finite and > 0; weight_decay: AdamW decoupled weight decay, finite
             and >= 0 (0: Adam).
         schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"one-cycle"``.
-        warmup_steps: linear warm-up from 0 before the schedule, in ``[0, steps)``.
+        warmup_steps: linear warm-up from 0 before the schedule, in ``[0, steps)``; 0 with
+            ``"one-cycle"``, which warms up itself.
         max_grad_norm: clip the global gradient norm to this finite value > 0 (None: off).
         ema_decay: keep an exponential moving average of the weights with this decay in (0, 1)
             (None: off); evaluation, the saved model and the returned model use it.
@@ -188,6 +189,12 @@ class TrainerConfig:
         check_range("weight_decay", self.weight_decay, low=0)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_integer("warmup_steps", self.warmup_steps, low=0, high=self.steps - 1, note=" (fewer than steps)")
+        if self.schedule == "one-cycle" and self.warmup_steps:
+            raise ConfigError(
+                f"warmup_steps = {self.warmup_steps}: the one-cycle schedule rises to the peak itself (over its "
+                "first 30 % of steps), so a warm-up before it would rise twice; leave warmup_steps at 0, or pick "
+                "'cosine' or 'constant'"
+            )
         check_range("max_grad_norm", self.max_grad_norm, low=0, low_open=True, optional=True)
         check_range("ema_decay", self.ema_decay, low=0, high=1, low_open=True, high_open=True, optional=True)
         check_choice("precision", self.precision, PRECISIONS)
@@ -279,6 +286,10 @@ class Trainer:
         if parameter is None:
             raise ValueError("the model has no parameters to train")
         self.device, self.dtype = parameter.device, parameter.dtype
+        # Before any checkpoint is loaded: an objective's own modules and optimizer state (Flow-GAN's
+        # discriminator) must already have the model's device and dtype when their state loads.
+        if hasattr(objective, "to"):
+            objective.to(self.device, self.dtype)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision = 'fp16': needs the model on a CUDA device; use 'bf16' on a CPU")
         self.world, self.rank = distributed_world()
@@ -311,6 +322,11 @@ class Trainer:
         )
         if cfg.patience is not None and self.validation_batch is None and objective.needs_data:
             raise ValueError("early stopping (patience) needs validation_data")
+        if cfg.eval_every and self.validation_batch is None and objective.needs_data:
+            raise ValueError(
+                f"eval_every = {cfg.eval_every}: validation scores held-out data; pass validation_data, "
+                "or leave eval_every at 0"
+            )
         self.directory = None if directory is None else Path(directory)
         optimizer_class = torch.optim.AdamW if cfg.weight_decay else torch.optim.Adam
         self.optimizer = optimizer_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -392,11 +408,11 @@ class Trainer:
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             loss = float(loss_tensor)  # read back only when logged: no device sync on other steps
-            self.state.history.append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            self.state.history.append({"step": step, "loss": loss, "lr": self.step_lr})
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, step)
-                self.writer.add_scalar("lr", self.scheduler.get_last_lr()[0], step)
+                self.writer.add_scalar("lr", self.step_lr, step)
 
     def _after_step(self) -> bool:
         """Validation and the periodic checkpoint after a step; whether early stopping ends the run."""
@@ -414,6 +430,8 @@ class Trainer:
         if isinstance(data, dict):
             rows_of(data)  # refuses tensors with different numbers of rows
             return {k: self._to_device(v) for k, v in data.items()}
+        if not isinstance(data, Tensor):
+            raise TypeError(f"data must be a tensor, a dict of tensors or a torch Dataset, got {type(data).__name__}")
         return data.to(self.device, self.dtype) if data.is_floating_point() else data.to(self.device)
 
     def _loss(self, batch: Batch | None) -> Tensor:
@@ -461,6 +479,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used (the scheduler moves on)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from flowforge.eval.metrics import energy_distance
 from flowforge.matching.consistency import DISTILLATION_METHODS, ConsistencyMatcher
-from flowforge.validation import check_choice, check_count, is_count
+from flowforge.validation import check_choice, check_count, check_real, check_widths, is_count
 
 #: ``(x, context)``: ``x`` a tensor of rows or a dict of tensors with the same rows.
 Batch = tuple[Tensor | dict[str, Tensor], Tensor | None]
@@ -45,6 +45,10 @@ class Objective:
     @torch.no_grad()
     def validation(self, model: nn.Module, batch: Batch | None) -> float:
         return float(self.loss(model, batch))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move what the objective owns (modules it trains) to the model's device and dtype; the
+        :class:`~flowforge.train.Trainer` calls it once, before any checkpoint is loaded."""
 
 
 class MaximumLikelihood(Objective):
@@ -202,20 +206,38 @@ class AdversarialML(Objective):
     ) -> None:
         from flowforge.nn import MLP
 
+        ml_weight = check_real("ml_weight", ml_weight, non_negative=True)
+        adversarial_weight = check_real("adversarial_weight", adversarial_weight, non_negative=True)
+        if ml_weight + adversarial_weight == 0:
+            raise ValueError("ml_weight = 0 and adversarial_weight = 0: at least one weight must be > 0")
+        lr = check_real("lr", lr, positive=True)
         if discriminator is None:
             if features is None:
                 raise ValueError("give features (for the default discriminator) or a discriminator")
-            discriminator = MLP(features, 1, hidden, nn.LeakyReLU)
-        if ml_weight < 0 or adversarial_weight < 0 or ml_weight + adversarial_weight == 0:
-            raise ValueError("the weights must be >= 0 and not both 0")
+            features = check_count("features", features)
+            discriminator = MLP(features, 1, check_widths("hidden", hidden), nn.LeakyReLU)
+        elif not isinstance(discriminator, nn.Module):
+            raise TypeError(f"discriminator must be an nn.Module, got {type(discriminator).__name__}")
+        else:
+            features = None  # a module of the caller's: its input size is its own business
+        self.features = features
         self.discriminator = discriminator
-        self.ml_weight, self.adversarial_weight = float(ml_weight), float(adversarial_weight)
+        self.ml_weight, self.adversarial_weight = ml_weight, adversarial_weight
         self.optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The discriminator in the flow's device and dtype (in place: its optimizer keeps its parameters)."""
+        self.discriminator.to(device, dtype)
 
     def loss(self, model: nn.Module, batch: Batch | None) -> Tensor:
         x, context = batch
         if context is not None:
             raise ValueError("AdversarialML trains unconditional flows")
+        if self.features is not None and (x.dim() != 2 or x.shape[1] != self.features):
+            raise ValueError(
+                f"AdversarialML(features={self.features}) got data of shape {tuple(x.shape)}: its discriminator "
+                f"reads rows of {self.features} numbers"
+            )
         discriminator = self.discriminator.to(x.device, x.dtype)
         fake = model.rsample(x.shape[0])
         real_logits, fake_logits = discriminator(x), discriminator(fake.detach())

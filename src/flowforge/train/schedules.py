@@ -12,6 +12,8 @@ progress after the warm-up, the factor at step :math:`s` (counted from 0) is
             \text{ then a cosine fall to } 10^{-3}
     \end{cases}
 
+(one-cycle has its own rise, so a :class:`~flowforge.train.TrainerConfig` refuses a warm-up with it).
+
 ``torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config))`` applies it.
 
 >>> from flowforge.train import TrainerConfig

@@ -175,6 +175,7 @@ def save_training_state(
         "rng": encode_state(rng_states, tensors, "rng."),
         "state": asdict(state),
         "objective": None if objective_state is None else encode_state(objective_state, tensors, "objective."),
+        "objective_classes": _objective_classes(objective),
     }
     groups = {"model": model.state_dict(), "trainer": tensors}
     if ema is not None:
@@ -272,9 +273,10 @@ def load_training_state(
             f"cannot resume {directory}: it was written by an earlier layout of {type(model).__name__}; "
             "load it for evaluation, or start a new run"
         )
-    load_state_dict_checked(model, weights, directory)
     tensors = load_tensors(directory, "trainer", manifest)
     trainer = manifest["trainer"]
+    _load_objective_state(directory, objective, trainer, tensors)  # first: a mismatch leaves the model as it was
+    load_state_dict_checked(model, weights, directory)
     optimizer.load_state_dict(decode_state(trainer["optimizer"], tensors))
     scheduler.load_state_dict(decode_state(trainer["scheduler"], tensors))
     if scaler is not None and trainer["scaler"] is not None:
@@ -291,8 +293,6 @@ def load_training_state(
                 "numpy": decode_state(trainer["numpy_rng"], tensors),
             }
         )
-    if trainer.get("objective") is not None:
-        objective.load_state_dict(decode_state(trainer["objective"], tensors))
     if ema is not None:
         live = model.state_dict()
         ema.shadow = {k: v.to(live[k].device) for k, v in load_tensors(directory, "ema", manifest).items()}
@@ -305,6 +305,38 @@ def load_training_state(
             "(the run's steps); the checkpoint was edited"
         )
     return LoadedTrainingState(state, best)
+
+
+def _objective_classes(objective: object) -> list[str]:
+    """The objective's class and the classes it derives from, most derived first (the common base aside)."""
+    return [c.__name__ for c in type(objective).__mro__ if c.__name__ not in ("Objective", "object")]
+
+
+def _load_objective_state(directory: Path, objective: object, trainer: dict[str, Any], tensors: dict) -> None:
+    """Restore the objective's own state (Flow-GAN's discriminator and its optimizer), refusing an
+    objective of another class or shape than the run's."""
+    saved_classes, current_classes = trainer.get("objective_classes"), _objective_classes(objective)
+    current_class = current_classes[0]
+    # A subclass of the run's objective (or the class it subclassed) may continue it.
+    related = not saved_classes or saved_classes[0] in current_classes or current_class in saved_classes
+    saved_state = trainer.get("objective")
+    if not related or (saved_state is not None) != hasattr(objective, "load_state_dict"):
+        saved_class = saved_classes[0] if saved_classes else "of another kind"
+        raise CheckpointError(
+            f"cannot resume {directory}: the run was trained with the objective {saved_class}, "
+            f"not {current_class}; resume with the objective it was started with"
+        )
+    if saved_state is None:
+        return
+    try:
+        objective.load_state_dict(decode_state(saved_state, tensors))
+    except (RuntimeError, KeyError, ValueError) as error:
+        said = " ".join(str(error).split()) or type(error).__name__
+        said = said if len(said) <= 200 else said[:197] + "..."
+        raise CheckpointError(
+            f"cannot resume {directory}: the saved state of its {current_class} does not fit this one ({said}); "
+            "build the objective with the arguments the run was started with"
+        ) from error
 
 
 def _device_of(model: nn.Module) -> torch.device:
