@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 import flowforge.validation
-from common import RESULTS_DIR, parameter_count, write_results
+from common import RESULTS_DIR, nonnegative_int, parameter_count, positive_int, seed_int, write_results
 
 MODELS = ("MAF", "NSF")
 LIBRARIES = ("flowforge", "zuko", "normflows", "nflows")
@@ -392,21 +392,29 @@ def library_versions() -> dict[str, str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="flows (default MAF NSF)")
-    parser.add_argument("--features", type=int, nargs="+", default=[8, 32], help="feature counts (default 8 32)")
-    parser.add_argument("--transforms", type=int, default=5, help="autoregressive layers (default 5)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="MADE hidden widths (default 64 64)")
-    parser.add_argument("--bins", type=int, default=8, help="spline bins for NSF (default 8)")
-    parser.add_argument("--batch", type=int, default=512, help="training batch size (default 512)")
-    parser.add_argument("--samples", type=int, default=4096, help="points drawn per sampling call (default 4096)")
-    parser.add_argument("--train-repeats", type=int, default=15, help="timed training steps (default 15)")
-    parser.add_argument("--sample-repeats", type=int, default=5, help="timed sampling calls (default 5)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
-    parser.add_argument("--sample-warmup", type=int, default=1, help="untimed sampling calls first (default 1)")
+    parser.add_argument(
+        "--features", type=positive_int, nargs="+", default=[8, 32], help="feature counts (default 8 32)"
+    )
+    parser.add_argument("--transforms", type=positive_int, default=5, help="autoregressive layers (default 5)")
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[64, 64], help="MADE hidden widths (default 64 64)"
+    )
+    parser.add_argument("--bins", type=positive_int, default=8, help="spline bins for NSF (default 8)")
+    parser.add_argument("--batch", type=positive_int, default=512, help="training batch size (default 512)")
+    parser.add_argument(
+        "--samples", type=positive_int, default=4096, help="points drawn per sampling call (default 4096)"
+    )
+    parser.add_argument("--train-repeats", type=positive_int, default=15, help="timed training steps (default 15)")
+    parser.add_argument("--sample-repeats", type=positive_int, default=5, help="timed sampling calls (default 5)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed training steps first (default 3)")
+    parser.add_argument(
+        "--sample-warmup", type=nonnegative_int, default=1, help="untimed sampling calls first (default 1)"
+    )
     parser.add_argument(
         "--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES, help="libraries (default all)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the data and the weights (default 0)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed for the data and the weights (default 0)")
     parser.add_argument(
         "--no-finite-checks", action="store_true", help="turn off flowforge's NaN/inf input scan while timing"
     )

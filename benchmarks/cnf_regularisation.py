@@ -91,7 +91,11 @@ from common import (
     RESULTS_DIR,
     LogProb,
     batch_indices,
+    nonnegative_float,
     parameter_count,
+    positive_float,
+    positive_int,
+    seed_int,
     test_nll,
     toy_split,
     train,
@@ -338,12 +342,14 @@ def print_table(results: list[RunResult], checks: dict[str, dict[str, float | bo
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
-    parser.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden widths (default 64 64)")
-    parser.add_argument("--tol", type=float, default=1e-5, help="dopri5 atol = rtol (default 1e-5)")
-    parser.add_argument("--lambda-k", type=float, default=0.05, help="kinetic-energy weight (default 0.05)")
-    parser.add_argument("--lambda-j", type=float, default=0.05, help="Jacobian-norm weight (default 0.05)")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps (default 1000)")
+    parser.add_argument("--batch", type=positive_int, default=256, help="minibatch size (default 256)")
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[64, 64], help="hidden widths (default 64 64)"
+    )
+    parser.add_argument("--tol", type=positive_float, default=1e-5, help="dopri5 atol = rtol (default 1e-5)")
+    parser.add_argument("--lambda-k", type=nonnegative_float, default=0.05, help="kinetic-energy weight (default 0.05)")
+    parser.add_argument("--lambda-j", type=nonnegative_float, default=0.05, help="Jacobian-norm weight (default 0.05)")
     parser.add_argument(
         "--rnode-train-method",
         default="rk4",
@@ -351,11 +357,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="solver of ff-rnode's training solves (default rk4; dopri5 means at --tol); evaluation: dopri5 at --tol",
     )
     parser.add_argument(
-        "--rnode-train-steps", type=int, default=4, help="steps of a fixed-step --rnode-train-method (default 4)"
+        "--rnode-train-steps",
+        type=positive_int,
+        default=4,
+        help="steps of a fixed-step --rnode-train-method (default 4)",
     )
-    parser.add_argument("--test-size", type=int, default=5000, help="test points (default 5000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--test-size", type=positive_int, default=5000, help="test points (default 5000)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed (default 0)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument(
         "--datasets",
         nargs="+",
@@ -367,7 +376,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train (default: all three)"
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON written at the end (default {RESULTS})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.results.is_dir() or not args.results.name:
+        parser.error(f"--results {args.results}: give a file name")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -9,6 +9,7 @@ on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -108,11 +109,82 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON, atomically (a killed process leaves the old file or the
+    new one, never a part), creating the folder."""
+    from flowforge.checkpoint import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value stored in ``path``, or ``None`` when there is none or it is not readable (a
+    file cut short by a process killed before atomic writes): a resumable phase then makes it again."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def write_results(path: Path, payload: dict[str, Any]) -> None:
     """Write a benchmark's results as indented JSON (creating the git-ignored results folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(path, payload)
     print(f"wrote {path}")
+
+
+def _integer_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    allowed = f"an int >= {low}" if high is None else f"an int in {low}..{high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _finite_number(positive: bool) -> Callable[[str], float]:
+    allowed = "a finite number " + ("> 0" if positive else ">= 0")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: argparse types of the scripts' options, checked before any work: a count (>= 1), a count that may
+#: be 0 (0: none, or that part skipped), a seed, and finite numbers > 0 or >= 0.
+positive_int = _integer_at_least(1)
+nonnegative_int = _integer_at_least(0)
+seed_int = _integer_at_least(0, 2**32 - 1)
+positive_float = _finite_number(positive=True)
+nonnegative_float = _finite_number(positive=False)
+
+
+def run_resumable(main: Callable[[], None]) -> None:
+    """Run a resumable script's ``main``; Ctrl-C ends it with one line instead of a traceback
+    (training saves its step first; finished phases are kept) and exit status 130."""
+    from flowforge.train import TrainingInterrupted
+
+    try:
+        main()
+    except TrainingInterrupted as stop:
+        print(f"interrupted: training stopped at step {stop.step}; run the same command again to resume", flush=True)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume (finished phases are kept)", flush=True)
+        raise SystemExit(130) from None
 
 
 def parse_tasks(option: str, text: str, at_least: int = 1) -> list[str]:
@@ -145,19 +217,37 @@ def claim_work_folder(work: Path, **task_sets: tuple[Sequence[str], Path]) -> No
                 "tasks or give another --work"
             )
         recorded[name] = sorted(tasks)
-    work.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(recorded, indent=2) + "\n")
-    temporary.replace(path)
+    write_json(path, recorded)
 
 
 def _json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``; empty when there is none or it is not readable."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    value = read_json(path)
     return value if isinstance(value, dict) else {}
+
+
+#: Run settings a finished run may differ in from the one asked for: how it reported and saved progress.
+UNCOMPARED_SETTINGS = frozenset({"progress", "checkpoint_every"})
+
+
+def differing_policy_settings(run: Path, config: Any) -> list[str]:
+    """The ``[data]`` and ``[train]`` settings of the trained policy ``run`` that differ from
+    ``config``'s (a :class:`~flowforge.runs.policy.PolicyRunConfig`), as ``section.key: trained ->
+    asked``: a resumable phase that finds a finished run must not report it under other settings."""
+    from dataclasses import asdict
+
+    manifest = read_json(run / "checkpoint.json") or {}
+    stored = manifest.get("metadata", {}).get("policy_run", {})
+    asked = json.loads(json.dumps({"data": asdict(config.data), "train": asdict(config.train)}))
+    changed = []
+    for section, settings in asked.items():
+        for key, value in settings.items():
+            trained = stored.get(section, {}).get(key)
+            if key == "root" and trained is not None and value is not None:
+                trained, value = str(Path(trained).resolve()), str(Path(value).resolve())
+            if key not in UNCOMPARED_SETTINGS and trained != value:
+                changed.append(f"{section}.{key}: {trained!r} -> {value!r}")
+    return changed
 
 
 def model_weights_digest(run: Path) -> str:
@@ -173,9 +263,8 @@ def stored_evaluation(path: Path, run: Path, tasks: Sequence[str], **settings: A
     file is not readable JSON: then it is made again, never reused."""
     if not path.exists():
         return None
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError:  # cut short by a killed process
+    stored = read_json(path)
+    if not isinstance(stored, dict):  # cut short by a killed process
         print(f"{path.name}: not readable JSON; evaluating again", flush=True)
         return None
     recorded = stored.get("settings", {})

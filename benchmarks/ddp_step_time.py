@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from common import RESULTS_DIR, parameter_count, write_results
+from common import RESULTS_DIR, nonnegative_int, parameter_count, positive_int, write_results
 from flowforge.data import toy_dataset
 from flowforge.flows import MAF, RealNVP
 from flowforge.train import MaximumLikelihood, Trainer, TrainerConfig, init_distributed_from_environment
@@ -212,12 +212,12 @@ def print_table(rows: Sequence[Row]) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to time")
-    parser.add_argument("--batch", type=int, default=256, help="global batch (default 256)")
-    parser.add_argument("--rows", type=int, default=20_000, help="training rows (default 20000)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per round (default 30)")
-    parser.add_argument("--repeats", type=int, default=7, help="rounds per path (default 7)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per path (default 10)")
-    parser.add_argument("--processes", type=int, default=2, help="processes when started without torchrun")
+    parser.add_argument("--batch", type=positive_int, default=256, help="global batch (default 256)")
+    parser.add_argument("--rows", type=positive_int, default=20_000, help="training rows (default 20000)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per round (default 30)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="rounds per path (default 7)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=10, help="untimed steps per path (default 10)")
+    parser.add_argument("--processes", type=positive_int, default=2, help="processes when started without torchrun")
     return parser.parse_args(argv)
 
 

@@ -53,6 +53,8 @@ from common import (
     LogProb,
     batch_indices,
     parameter_count,
+    positive_int,
+    seed_int,
     test_nll,
     toy_split,
     train,
@@ -166,12 +168,14 @@ def print_table(results: list[RunResult], summary: dict[str, object], args: argp
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=2000, help="training steps per model (default 2000)")
-    parser.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
-    parser.add_argument("--transforms", type=int, default=5, help="autoregressive layers (default 5)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="MADE hidden widths (default 64 64)")
-    parser.add_argument("--bins", type=int, default=8, help="spline bins for NSF (default 8)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="training steps per model (default 2000)")
+    parser.add_argument("--batch", type=positive_int, default=256, help="minibatch size (default 256)")
+    parser.add_argument("--transforms", type=positive_int, default=5, help="autoregressive layers (default 5)")
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[64, 64], help="MADE hidden widths (default 64 64)"
+    )
+    parser.add_argument("--bins", type=positive_int, default=8, help="spline bins for NSF (default 8)")
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="seeds (default 0)")
     parser.add_argument(
         "--datasets", nargs="+", default=list(DATASETS), choices=sorted(TOY_DATASETS), help="2-D data sets"
     )

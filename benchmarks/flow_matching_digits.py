@@ -89,9 +89,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from common import RESULTS_DIR, parameter_count, write_results
+from common import (
+    RESULTS_DIR,
+    UNCOMPARED_SETTINGS,
+    parameter_count,
+    positive_float,
+    positive_int,
+    read_json,
+    run_resumable,
+    seed_int,
+    write_json,
+    write_results,
+)
 from flowforge import runs
-from flowforge.checkpoint import write_atomic
 from flowforge.data import digits_images
 from flowforge.eval.image_quality import conditional_accuracy, frechet_classifier_distance
 from flowforge.eval.plots import plot_class_grid
@@ -124,29 +134,24 @@ FD_TOLERANCE = 0.10
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/flow-matching-digits"), help="cache folder")
-    parser.add_argument("--steps", type=int, default=1200, help="training steps of every model (default 1200)")
-    parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    parser.add_argument("--channels", type=int, default=32, help="U-Net base channels (default 32)")
-    parser.add_argument("--shortcut-halvings", type=int, default=3, help="shortcut max_halvings (default 3)")
-    parser.add_argument("--shortcut-fraction", type=float, default=0.5, help="shortcut self-consistency share")
+    parser.add_argument("--steps", type=positive_int, default=1200, help="training steps of every model (default 1200)")
+    parser.add_argument("--batch", type=positive_int, default=128, help="batch size (default 128)")
+    parser.add_argument("--channels", type=positive_int, default=32, help="U-Net base channels (default 32)")
+    parser.add_argument("--shortcut-halvings", type=positive_int, default=3, help="shortcut max_halvings (default 3)")
+    parser.add_argument("--shortcut-fraction", type=positive_float, default=0.5, help="shortcut self-consistency share")
     parser.add_argument(
         "--ct-intervals",
-        type=int,
+        type=positive_int,
         nargs=2,
         default=[10, 1280],
         metavar=("INITIAL", "FINAL"),
         help="consistency training's curriculum: first and last number of intervals (default 10 1280)",
     )
-    parser.add_argument("--glow-steps", type=int, default=600, help="Glow training steps (default 600)")
+    parser.add_argument("--glow-steps", type=positive_int, default=600, help="Glow training steps (default 600)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
-    parser.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="training and sampling seed (default 0)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     return parser.parse_args(argv)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 # ---------------------------------------------------------------- training
@@ -191,13 +196,37 @@ class Distillation(Objective):
         return model.distillation_loss(runs.counts_to_model_units(x, LEVELS), self.teacher, context)
 
 
+def _trained(folder: Path, config: runs.RunConfig) -> tuple[runs.Run, dict] | None:
+    """The finished run in ``folder`` and its record, when there is one; refused (the script stops)
+    when it was trained under another config than ``config``: its figures would be reported under
+    settings it was not trained with."""
+    info = read_json(folder / "trained.json")
+    if not isinstance(info, dict):
+        return None
+    run = runs.load_run(folder)
+    trained, asked = (json.loads(json.dumps(asdict(c))) for c in (run.config, config))
+    changed = [
+        f"{section}.{key}: {trained[section].get(key)!r} -> {value!r}"
+        for section, settings in asked.items()
+        if isinstance(settings, dict)
+        for key, value in settings.items()
+        if key not in UNCOMPARED_SETTINGS and trained.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise SystemExit(
+            f"{folder} was trained with other settings ({'; '.join(changed)}): give another --work to train "
+            "again (its scores are kept beside the models), or ask for its settings"
+        )
+    return run, info
+
+
 def train_model(name: str, args: argparse.Namespace, trained: dict[str, runs.Run]) -> tuple[runs.Run, dict]:
     """Train ``name`` into ``<work>/models/<name>`` (resuming a checkpoint), or load it when done."""
     folder = args.work / "models" / name
-    marker = folder / "trained.json"
-    if marker.is_file():
-        return runs.load_run(folder), json.loads(marker.read_text())
     config = run_config(name, args)
+    done = _trained(folder, config)
+    if done is not None:
+        return done
     print(f"training {name} ({MODELS[name]}) for {args.steps} steps", flush=True)
     start, cpu = time.perf_counter(), time.process_time()
     if name == "cd":
@@ -226,19 +255,19 @@ def train_model(name: str, args: argparse.Namespace, trained: dict[str, runs.Run
         "parameters": parameter_count(run.model),
         "kind": MODELS[name],
     }
-    _write_json(marker, info)
+    write_json(folder / "trained.json", info)
     print(f"  {name}: {info['parameters']:,} parameters, {info['train_cpu_s']:.0f} s CPU", flush=True)
     return run, info
 
 
 def train_glow(args: argparse.Namespace) -> tuple[runs.Run, dict]:
     folder = args.work / "models" / "glow"
-    marker = folder / "trained.json"
-    if marker.is_file():
-        return runs.load_run(folder), json.loads(marker.read_text())
     overrides = [f"train.steps={args.glow_steps}", "train.progress=false", "train.checkpoint_every=200"]
     overrides.append(f"train.warmup_steps={min(50, args.glow_steps - 1)}")
     config = runs.load_config(ROOT.parent / "configs" / "glow_digits.toml", overrides)
+    done = _trained(folder, config)
+    if done is not None:
+        return done
     print(f"training glow for {args.glow_steps} steps", flush=True)
     start, cpu = time.perf_counter(), time.process_time()
     run = runs.train_run(runs.prepare_run(config, folder, "glow"), resume=True)
@@ -248,7 +277,7 @@ def train_glow(args: argparse.Namespace) -> tuple[runs.Run, dict]:
         "parameters": parameter_count(run.model),
         "kind": "glow",
     }
-    _write_json(marker, info)
+    write_json(folder / "trained.json", info)
     print(f"  glow: {info['parameters']:,} parameters, {info['train_cpu_s']:.0f} s CPU", flush=True)
     return run, info
 
@@ -281,13 +310,14 @@ def draw(
 
 def score(key: str, classifier, samples: Tensor, reference: Tensor, labels: Tensor | None, work: Path) -> dict:
     path = work / "metrics" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    stored = read_json(path)  # None when missing or cut short: scored again
+    if isinstance(stored, dict):
+        return stored
     samples = samples.float()
     metrics = {"fd": frechet_classifier_distance(classifier, samples, reference)}
     if labels is not None:
         metrics["accuracy"] = conditional_accuracy(classifier, samples, labels)
-    _write_json(path, metrics)
+    write_json(path, metrics)
     return metrics
 
 
@@ -474,4 +504,4 @@ def print_table(rows: list[dict], reference_fd: float, accuracy: float, models: 
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import time
@@ -113,7 +112,20 @@ from flow_matching.utils import ModelWrapper
 from torch import Tensor
 from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
 
-from common import LR, N_TRAIN, RESULTS_DIR, batch_indices, fit, parameter_count, toy_split, write_results
+from common import (
+    LR,
+    N_TRAIN,
+    RESULTS_DIR,
+    batch_indices,
+    fit,
+    parameter_count,
+    positive_float,
+    positive_int,
+    read_json,
+    seed_int,
+    toy_split,
+    write_results,
+)
 from flowforge.data import TOY_DATASETS, toy_dataset
 from flowforge.matching import (
     ConsistencyMatcher,
@@ -379,21 +391,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--datasets", nargs="+", default=["8gaussians", "moons", "checkerboard"], choices=sorted(TOY_DATASETS)
     )
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per model (default 3000)")
-    parser.add_argument("--batch", type=int, default=256, help="training batch (default 256)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256, 256], help="hidden widths")
-    parser.add_argument("--reflow-pairs", type=int, default=20_000, help="pairs generated for reflow")
-    parser.add_argument("--samples", type=int, default=5000, help="samples per W2 estimate (default 5000)")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 10], help="NFEs to evaluate")
+    parser.add_argument("--steps", type=positive_int, default=3000, help="training steps per model (default 3000)")
+    parser.add_argument("--batch", type=positive_int, default=256, help="training batch (default 256)")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[256, 256, 256], help="hidden widths")
+    parser.add_argument("--reflow-pairs", type=positive_int, default=20_000, help="pairs generated for reflow")
+    parser.add_argument("--samples", type=positive_int, default=5000, help="samples per W2 estimate (default 5000)")
+    parser.add_argument("--nfe", type=positive_int, nargs="+", default=[1, 2, 4, 10], help="NFEs to evaluate")
     parser.add_argument(
         "--sample-draws",
-        type=int,
+        type=positive_int,
         default=1,
         help="independent sample draws per model and NFE; W2 is their mean (default 1)",
     )
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls per measurement (default 200)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=positive_int, default=200, help="timed calls per measurement (default 200)")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument("--skip-quality", action="store_true", help="only the speed measurements")
     parser.add_argument(
         "--quality-from",
@@ -401,19 +413,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="re-report the quality results of a previous run's JSON instead of training (speed measured anew)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON written (default {RESULTS.name})")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"JSON written (default {RESULTS})")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to train")
     parser.add_argument(
-        "--shortcut-halvings", type=int, default=2, help="shortcut model: smallest step 2**-M (default 2)"
+        "--shortcut-halvings", type=positive_int, default=2, help="shortcut model: smallest step 2**-M (default 2)"
     )
     parser.add_argument(
         "--shortcut-fraction",
-        type=float,
+        type=positive_float,
         default=0.5,
         help="shortcut model: self-consistency share of a batch (default 0.5)",
     )
     parser.add_argument(
-        "--meanflow-fraction", type=float, default=0.5, help="MeanFlow: share of rows with a span (default 0.5)"
+        "--meanflow-fraction",
+        type=positive_float,
+        default=0.5,
+        help="MeanFlow: share of rows with a span (default 0.5)",
     )
     parser.add_argument(
         "--ema",
@@ -429,28 +444,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--distillation-intervals",
-        type=int,
+        type=positive_int,
         default=18,
         help="cd: intervals of the distillation grid, one Heun step of the teacher each (default 18)",
     )
     parser.add_argument(
         "--speed-hidden",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[64, 64],
         help="hidden widths of the second, control-loop-sized network timed for sampling (default 64 64)",
     )
     args = parser.parse_args(argv)
-    if args.distillation_intervals < 1:
-        parser.error(f"--distillation-intervals {args.distillation_intervals}: need an integer >= 1")
     args.models = [name for name in MODELS if name in args.models]  # teachers train before their students
     for student, teacher in (("reflow", "cfm"), ("cd", "ot-cfm")):
         if student in args.models and teacher not in args.models:
             parser.error(f"--models: {student} learns from {teacher}; add {teacher}")
     if not 0 <= args.ema < 1:
         parser.error(f"--ema {args.ema}: need a decay in [0, 1) (0: off)")
-    if args.sample_draws < 1:
-        parser.error(f"--sample-draws {args.sample_draws}: need an integer >= 1")
     if args.results.is_dir() or any(p.exists() and not p.is_dir() for p in args.results.parents):
         parser.error(f"--results {args.results}: give a file name in a folder")
     return args
@@ -466,7 +477,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     quality_results: list[QualityResult] = []
     if args.quality_from is not None:  # a previous run's trained-model results, re-reported
-        for row in json.loads(args.quality_from.read_text())["quality"]:
+        stored = read_json(args.quality_from)
+        if not isinstance(stored, dict) or "quality" not in stored:
+            raise SystemExit(f"--quality-from {args.quality_from}: not a results file of this script")
+        for row in stored["quality"]:
             row["w2"] = {int(k): v for k, v in row["w2"].items()}
             if row.get("w2_draws") is not None:
                 row["w2_draws"] = {int(k): v for k, v in row["w2_draws"].items()}

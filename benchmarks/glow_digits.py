@@ -77,7 +77,17 @@ import normflows as nf
 import torch
 from torch import Tensor, nn
 
-from common import CLIP_NORM, LR, RESULTS_DIR, batch_indices, fit, parameter_count, write_results
+from common import (
+    CLIP_NORM,
+    LR,
+    RESULTS_DIR,
+    batch_indices,
+    fit,
+    parameter_count,
+    positive_int,
+    seed_int,
+    write_results,
+)
 from flowforge.data import digits_images
 from flowforge.flows import Dequantized, Glow, MultiscaleRealNVP
 
@@ -330,18 +340,23 @@ def save_samples(panels: dict[str, Tensor], path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=1200, help="training steps (default 1200)")
-    parser.add_argument("--batch", type=int, default=64, help="minibatch size (default 64)")
-    parser.add_argument("--levels", type=int, default=2, help="scales L (default 2)")
-    parser.add_argument("--flow-steps", type=int, default=4, help="Glow steps K per scale (default 4)")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden channels H (default 64)")
+    parser.add_argument("--steps", type=positive_int, default=1200, help="training steps (default 1200)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="minibatch size (default 64)")
+    parser.add_argument("--levels", type=positive_int, default=2, help="scales L (default 2)")
+    parser.add_argument("--flow-steps", type=positive_int, default=4, help="Glow steps K per scale (default 4)")
+    parser.add_argument("--hidden", type=positive_int, default=64, help="hidden channels H (default 64)")
     parser.add_argument(
-        "--realnvp-steps", type=int, default=None, help="MultiscaleRealNVP steps S (default round(L K / (2L - 1)))"
+        "--realnvp-steps",
+        type=positive_int,
+        default=None,
+        help="MultiscaleRealNVP steps S (default round(L K / (2L - 1)))",
     )
-    parser.add_argument("--draws", type=int, default=4, help="dequantization draws for test bits/dim (default 4)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+    parser.add_argument(
+        "--draws", type=positive_int, default=4, help="dequantization draws for test bits/dim (default 4)"
+    )
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0], help="seeds (default 0)")
     parser.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS), help="models to run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     return parser.parse_args(argv)
 
 

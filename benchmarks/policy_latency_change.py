@@ -34,7 +34,7 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
-from common import RESULTS_DIR  # benchmarks/ is on sys.path
+from common import RESULTS_DIR, positive_int, write_json  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,10 +85,15 @@ def _measure(source: Path, repeats: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="5123853", help="the earlier git revision")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=100, help="chunks per round and side")
+    parser.add_argument("--rounds", type=positive_int, default=6)
+    parser.add_argument("--repeats", type=positive_int, default=100, help="chunks per round and side")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "policy_latency_change.json")
     args = parser.parse_args()
+    if args.out.is_dir() or not args.out.name:
+        parser.error(f"--out {args.out}: give a file name")
+    revision = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.before}^{{commit}}"], cwd=ROOT)
+    if revision.returncode != 0:
+        parser.error(f"--before {args.before!r}: not a revision of this repository")
     sides = {"after": ROOT / "src"}
     with tempfile.TemporaryDirectory() as folder:
         sides["before"] = _extract(args.before, Path(folder))
@@ -108,8 +113,7 @@ def main() -> None:
         print(f"{name:10s} {before:15.3f} ms {after:15.3f} ms {after / before:14.3f}x")
     ratio = medians["after"]["cached"] / medians["before"]["cached"]
     print(f"\nGoal: cached within 5% of before: {'PASS' if ratio <= 1.05 else 'FAIL'} ({ratio:.3f}x)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"before": args.before, "medians_ms": medians, "cached_ratio": ratio}, indent=1))
+    write_json(args.out, {"before": args.before, "medians_ms": medians, "cached_ratio": ratio})
     print(f"wrote {args.out}")
 
 

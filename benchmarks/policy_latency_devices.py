@@ -43,7 +43,6 @@ Results go to ``benchmarks/results/policy_latency_<device>.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -55,7 +54,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common import RESULTS_DIR  # benchmarks/ is on sys.path
+from common import RESULTS_DIR, nonnegative_int, positive_int, write_json  # benchmarks/ is on sys.path
 from flowforge.policy import ChunkPolicy, PolicyConfig, build_policy
 
 #: Each head and the solver steps it samples with.
@@ -213,8 +212,8 @@ def build_cases(device: torch.device, modes: list[str], compile_batches: tuple[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=100)
+    parser.add_argument("--warmup", type=nonnegative_int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out (it takes minutes)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -222,8 +221,6 @@ def main() -> None:
         parser.error(f"--device {args.device!r}: must be cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no CUDA GPU that torch can use")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error(f"--repeats {args.repeats}, --warmup {args.warmup}: need repeats >= 1 and warmup >= 0")
     if args.out is not None and (args.out.is_dir() or not args.out.name):
         parser.error(f"--out {args.out}: give a file name")
     device = torch.device(args.device)
@@ -262,9 +259,8 @@ def main() -> None:
         print(f"  {name}: {value:.2e}")
     for name, message in checks["failures"].items():
         print(f"  failed: {name}: {message}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"device": hardware, "torch": torch.__version__, "repeats": args.repeats, "medians_ms": medians, **checks}
-    out.write_text(json.dumps(payload, indent=1))
+    write_json(out, payload)
     print(f"wrote {out}")
 
 

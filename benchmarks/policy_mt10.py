@@ -48,7 +48,6 @@ Needs the ``robot`` extra (``pip install -e '.[robot]'``)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -58,15 +57,25 @@ import torch
 from common import (  # benchmarks/ is on sys.path
     RESULTS_DIR,
     claim_work_folder,
+    differing_policy_settings,
     model_weights_digest,
+    nonnegative_int,
     parse_tasks,
+    positive_int,
+    read_json,
+    run_resumable,
+    seed_int,
     stored_evaluation,
+    write_json,
 )
+from flowforge.config import name_list
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
 from flowforge.envs.metaworld import MT10
+from flowforge.policy import POLICY_KINDS
 from flowforge.runs.policy import load_policy, load_policy_config, train_policy
+from flowforge.validation import MAX_NOISE_SCALE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,14 +103,20 @@ def _config(args: argparse.Namespace, kind: str, data: Path, image: bool = False
 def _train(args, name: str, kind: str, data: Path, image: bool = False) -> Path:
     run = args.work / "runs" / name
     done = run / "trained.json"
-    if done.exists():
-        return run
     config = _config(args, kind, data, image)
+    if done.exists():  # reused only under the settings asked for
+        changed = differing_policy_settings(run, config)
+        if changed:
+            raise SystemExit(
+                f"{run} was trained with other settings ({'; '.join(changed)}): move it away to train again, "
+                "or ask for its settings"
+            )
+        return run
     start = time.perf_counter()
     print(f"[train] {name}: {config.train.steps} steps", flush=True)
     train_policy(config, run, resume=(run / "checkpoint.json").exists())
     seconds = time.perf_counter() - start
-    done.write_text(json.dumps({"steps": config.train.steps, "seconds": seconds}))
+    write_json(done, {"steps": config.train.steps, "seconds": seconds})
     print(f"[train] {name}: {seconds:.0f} s", flush=True)
     return run
 
@@ -123,7 +138,7 @@ def _evaluate(
     )
     result = report.to_dict() | {"seconds": time.perf_counter() - start, "weights": model_weights_digest(run)}
     print(f"[{'validate' if validation else 'eval'}] {name}\n{report.table()}", flush=True)
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)
     return result
 
 
@@ -148,7 +163,7 @@ def _paired_latency(policy, batch: dict, repeats: int) -> tuple[float, float, in
 def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
     """Median chunk latencies; entries already measured (by an earlier or parallel run) are kept."""
     path = args.work / "latency.json"
-    table = json.loads(path.read_text()) if path.exists() else {}
+    table = read_json(path) or {}
     state_set = EpisodeDataset(args.work / "mt10", 1, 16)
     item = state_set[0]
     state_batch = {"state": item["observation.environment_state"][None], "instruction": [item["task"]]}
@@ -176,8 +191,8 @@ def _latencies(args, runs: dict[str, Path], image_data: Path | None) -> dict:
         cached, uncached, nfe = _paired_latency(load_policy(runs["flow-images"]), batch, args.latency_repeats)
         table["flow images cached"] = {"ms": 1000 * cached, "nfe": nfe}
         table["flow images uncached"] = {"ms": 1000 * uncached, "nfe": nfe}
-    latest = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps(latest | table, indent=1))
+    latest = read_json(path) or {}
+    write_json(path, latest | table)
     return latest | table
 
 
@@ -186,41 +201,45 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_mt10"))
     parser.add_argument("--models", default="flow,hierarchical,mse,ddpm")
     parser.add_argument("--tasks", default=",".join(MT10), help="the tasks of the multi-task model (MT10)")
-    parser.add_argument("--demos", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--ddpm100-episodes", type=int, default=10)
+    parser.add_argument("--demos", type=positive_int, default=50)
+    parser.add_argument("--steps", type=positive_int, default=10000)
+    parser.add_argument("--episodes", type=positive_int, default=50)
+    parser.add_argument("--ddpm100-episodes", type=nonnegative_int, default=10)
     parser.add_argument("--noise-scales", default="1,0.5,0.25,0", help="flow temperatures to choose from")
-    parser.add_argument("--validation-episodes", type=int, default=50, help="per task and temperature")
+    parser.add_argument("--validation-episodes", type=nonnegative_int, default=50, help="per task and temperature")
     parser.add_argument("--image-tasks", default="reach-v3,push-v3,drawer-open-v3")
-    parser.add_argument("--image-demos", type=int, default=20)
-    parser.add_argument("--image-steps", type=int, default=5000)
-    parser.add_argument("--image-episodes", type=int, default=20)
-    parser.add_argument("--image-batch", type=int, default=64)
-    parser.add_argument("--image-frames", type=int, default=2, help="observation frames of the image policy")
-    parser.add_argument("--latency-repeats", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--image-demos", type=positive_int, default=20)
+    parser.add_argument("--image-steps", type=nonnegative_int, default=5000)
+    parser.add_argument("--image-episodes", type=positive_int, default=20)
+    parser.add_argument("--image-batch", type=positive_int, default=64)
+    parser.add_argument("--image-frames", type=positive_int, default=2, help="observation frames of the image policy")
+    parser.add_argument("--latency-repeats", type=positive_int, default=100)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument(
         "--eval-processes",
-        type=int,
+        type=positive_int,
         default=1,
         help="evaluate the tasks in this many processes (one torch thread each; same seeds, same results)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
-    if args.eval_processes < 1:
-        parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
     try:
         tasks = parse_tasks("--tasks", args.tasks)
         image_tasks = parse_tasks("--image-tasks", args.image_tasks, at_least=0)
+        models = name_list("--models", args.models, POLICY_KINDS, "policy kind")
+        try:
+            scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--noise-scales {args.noise_scales!r}: need comma-separated numbers") from None
+        if not scales or not all(0 <= scale <= MAX_NOISE_SCALE for scale in scales):  # NaN fails too
+            raise ValueError(f"--noise-scales {args.noise_scales!r}: name temperatures in [0, {MAX_NOISE_SCALE:g}]")
         claim_work_folder(
             args.work, tasks=(tasks, args.work / "mt10"), image_tasks=(image_tasks, args.work / "images")
         )  # only once every argument is valid
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
 
     data = args.work / "mt10"
     collect(tasks, args.demos, data, progress=args.progress)
@@ -236,7 +255,6 @@ def main() -> None:
         sampling = {"method": "ddim", "steps": 10} if kind == "ddpm" else {}
         results[kind] = _evaluate(args, kind, runs[kind], tasks, args.episodes, **sampling)
     flow_name, chosen_scale, validation = "flow", 1.0, {}
-    scales = [float(s) for s in args.noise_scales.split(",") if s.strip()]
     if "flow" in models and len(scales) > 1 and args.validation_episodes > 0:
         for scale in scales:
             name = f"flow-noise{scale:g}"
@@ -302,9 +320,9 @@ def main() -> None:
         "validation": {f"{s:g}": rate for s, rate in validation.items()},
         "latency": latency,
     }
-    out.write_text(json.dumps(summary | {"goals": checks}, indent=1))
+    write_json(out, summary | {"goals": checks})
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

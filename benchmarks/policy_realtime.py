@@ -70,7 +70,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import RESULTS_DIR, claim_work_folder, model_weights_digest, parse_tasks  # benchmarks/ is on sys.path
+from common import (  # benchmarks/ is on sys.path
+    RESULTS_DIR,
+    claim_work_folder,
+    differing_policy_settings,
+    model_weights_digest,
+    nonnegative_float,
+    nonnegative_int,
+    parse_tasks,
+    positive_float,
+    positive_int,
+    read_json,
+    run_resumable,
+    seed_int,
+    write_json,
+)
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate
@@ -99,33 +113,50 @@ TRAINED_GUIDANCE = {"overlap_guidance": True, "max_guidance": 10.0}
 
 def _cached(path: Path, compute):
     """The JSON at ``path``, computed and written first when missing (a resumable phase)."""
-    if path.exists():
-        return json.loads(path.read_text())
+    stored = read_json(path)
+    if stored is not None:
+        return stored
     result = compute()
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result)
     return result
 
 
 def _train(args, name: str, data: Path) -> Path:
     """Train the model ``name``: a head kind, ``flow-rtc`` (the flow head with training-time RTC), or
     one of :data:`DISTILLED` (a one-segment consistency head distilled from the ``flow`` model,
-    trained first if it is not yet)."""
+    trained first if it is not yet). A finished run is reused only under the settings asked for."""
     run = args.work / "runs" / name
+    config = _run_config(args, name, data)
     if (run / "trained.json").exists():
         if name == "flow-rtc":
-            config = load_policy(run).policy_config
+            policy_config = load_policy(run).policy_config
             asked = {
                 "rtc_training_delay": max(args.delays),
                 "rtc_prefix_noise": args.rtc_prefix_noise,
                 "rtc_unprefixed_fraction": args.rtc_unprefixed_fraction,
             }
-            trained = {key: getattr(config, key) for key in asked}
+            trained = {key: getattr(policy_config, key) for key in asked}
             if trained != asked:
                 raise SystemExit(
                     f"{run} was trained with {trained}, not {asked}: move it away to train again, or ask for "
                     "its settings (--delays, --rtc-prefix-noise, --rtc-unprefixed-fraction)"
                 )
+        changed = differing_policy_settings(run, config)
+        if changed:
+            raise SystemExit(
+                f"{run} was trained with other settings ({'; '.join(changed)}): move it away to train again, "
+                "or ask for its settings"
+            )
         return run
+    start = time.perf_counter()
+    print(f"[train] {name}: {config.train.steps} steps", flush=True)
+    train_policy(config, run, resume=(run / "checkpoint.json").exists())
+    write_json(run / "trained.json", {"seconds": time.perf_counter() - start})
+    return run
+
+
+def _run_config(args, name: str, data: Path):
+    """The run config of the model ``name`` (for a distilled head, after its teacher is trained)."""
     kind = "flow" if name == "flow-rtc" else "consistency" if name in DISTILLED else name
     steps = args.distill_steps if name in DISTILLED else args.steps
     overrides = [
@@ -153,12 +184,7 @@ def _train(args, name: str, data: Path) -> Path:
     if name == "meanflow":  # its loss differentiates the expert in time: a smooth time embedding,
         # with which the plain squared error trains better than the adaptive weight
         overrides += ["policy.time_embedding_frequency=4.0", "policy.meanflow_adaptive_power=0.0"]
-    config = load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
-    start = time.perf_counter()
-    print(f"[train] {name}: {config.train.steps} steps", flush=True)
-    train_policy(config, run, resume=(run / "checkpoint.json").exists())
-    (run / "trained.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    return run
+    return load_policy_config(ROOT / "configs" / "policy" / "mt10.toml", overrides)
 
 
 def _evaluate(args, name: str, run: Path, validation: bool = False, **settings) -> dict:
@@ -213,7 +239,7 @@ def _latency(args, runs: dict[str, Path]) -> dict:
         if kind in runs:
             cases.update({f"{kind}, 1 step": (kind, 1), f"{kind}, 2 steps": (kind, 2)})
     path = args.work / "latency.json"
-    if path.exists() and not set(cases) <= set(json.loads(path.read_text())):
+    if path.exists() and not set(cases) <= set(read_json(path) or {}):
         path.unlink()  # measured before a head joined: all heads are measured again, alternately
 
     def compute() -> dict:
@@ -318,7 +344,9 @@ def _guidance_leverage(args, run: Path, frames: int = 40) -> dict:
                 values.setdefault(f"{t:g} max", []).append(float(singular.max()))
         return {"frames": len(rows), **{key: float(np.mean(v)) for key, v in values.items()}}
 
-    return _cached(args.work / f"guidance-leverage-{args.noise_scale:g}.json", compute)
+    # keyed by the weights too: a model trained again is measured again
+    weights = model_weights_digest(run)[:16]
+    return _cached(args.work / f"guidance-leverage-{args.noise_scale:g}-{weights}.json", compute)
 
 
 def _boundary_plot(args, runs: dict[str, Path], delay: int) -> Path:
@@ -350,28 +378,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/policy_realtime"))
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--demos", type=int, default=50)
-    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--demos", type=positive_int, default=50)
+    parser.add_argument("--steps", type=positive_int, default=10000)
     parser.add_argument(
-        "--distill-steps", type=int, default=5000, help="steps of the consistency heads distilled from the flow head"
+        "--distill-steps",
+        type=positive_int,
+        default=5000,
+        help="steps of the consistency heads distilled from the flow head",
     )
     parser.add_argument(
         "--distill-lr",
-        type=float,
+        type=positive_float,
         default=1e-4,
         help="their peak learning rate (they start from the flow head's weights; 3e-4 first undid them)",
     )
-    parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--episodes", type=positive_int, default=50)
     parser.add_argument(
         "--tasks",
         default=",".join(MT10),
         help="the tasks (MT10); at least two, the likelihood pairing each chunk with another task's",
     )
     parser.add_argument("--delays", default="0,2,4,6")
-    parser.add_argument("--noise-scale", type=float, default=0.5, help="the flow policies' temperature")
+    parser.add_argument("--noise-scale", type=nonnegative_float, default=0.5, help="the flow policies' temperature")
     parser.add_argument(
         "--rtc-prefix-noise",
-        type=float,
+        type=nonnegative_float,
         default=RTC_PREFIX_NOISE,
         help="flow-rtc's policy.rtc_prefix_noise: the spread of the noise on its training prefixes",
     )
@@ -390,7 +421,9 @@ def main() -> None:
         help="real-time chunking's prefix weights over the overlap after the frozen steps (default exp, the paper's)",
     )
     parser.add_argument(
-        "--max-guidance", type=float, help="real-time chunking's guidance clip beta (default 5, the paper's)"
+        "--max-guidance",
+        type=nonnegative_float,
+        help="real-time chunking's guidance clip beta (default 5, the paper's)",
     )
     parser.add_argument(
         "--rtc-jacobian",
@@ -404,7 +437,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--candidates",
-        type=int,
+        type=positive_int,
         default=4,
         help="also run the RTC variants sampling this many chunks, keeping the one that joins the last action "
         "sent most closely (ChunkExecutor's candidates; 1: only the plain runs; with rtc-trained, 4 came "
@@ -412,24 +445,24 @@ def main() -> None:
     )
     parser.add_argument(
         "--episode-offset",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="evaluate each task's episodes from this one on (another range of fresh seeds)",
     )
-    parser.add_argument("--validation-episodes", type=int, default=20, help="per task, for choosing temperatures")
-    parser.add_argument("--latency-repeats", type=int, default=100)
-    parser.add_argument("--likelihood-frames", type=int, default=400)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--validation-episodes", type=positive_int, default=20, help="per task, for choosing temperatures"
+    )
+    parser.add_argument("--latency-repeats", type=positive_int, default=100)
+    parser.add_argument("--likelihood-frames", type=positive_int, default=400)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument(
         "--eval-processes",
-        type=int,
+        type=positive_int,
         default=1,
         help="evaluate the tasks in this many processes (one torch thread each; same seeds, same results)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     args = parser.parse_args()
-    if args.eval_processes < 1:
-        parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
     try:
         args.delays = sorted({int(d) for d in args.delays.split(",")})
     except ValueError:
@@ -454,17 +487,10 @@ def main() -> None:
         parser.error(f"--candidates {args.candidates}: need an integer in 1..{MAX_CANDIDATES}")
     if not 0 <= args.episode_offset <= 10**6:
         parser.error(f"--episode-offset {args.episode_offset}: need an integer in 0..1000000")
-    if args.validation_episodes < 1:
-        parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
-    for option in ("steps", "distill_steps"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')} {getattr(args, option)}: need an integer >= 1")
-    if not 0 < args.distill_lr < float("inf"):
-        parser.error(f"--distill-lr {args.distill_lr}: need a finite number > 0")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if unknown or not models:
+        parser.error(f"--models {args.models!r}: name one or more of {', '.join(MODELS)}")
     try:
         args.tasks = parse_tasks("--tasks", args.tasks, at_least=2)
         claim_work_folder(args.work, tasks=(args.tasks, args.work / "mt10"))  # only once every argument is valid
@@ -591,9 +617,9 @@ def main() -> None:
         "plot": str(plot),
         "goals": checks,
     }
-    out.write_text(json.dumps(summary, indent=1))
+    write_json(out, summary)
     print(f"wrote {out} and {plot}")
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -88,14 +87,23 @@ from common import (  # benchmarks/ is on sys.path
     RESULTS_DIR,
     claim_work_folder,
     model_weights_digest,
+    nonnegative_float,
+    nonnegative_int,
     parse_tasks,
+    positive_float,
+    positive_int,
+    read_json,
+    run_resumable,
+    seed_int,
     stored_evaluation,
+    write_json,
 )
 from flowforge.checkpoint import read_manifest
+from flowforge.config import name_list
 from flowforge.data.episodes import EpisodeDataset
 from flowforge.envs.collect import collect
 from flowforge.envs.evaluate import EVALUATION_SEED_BASE, VALIDATION_SEED_BASE, evaluate, wilson_interval
-from flowforge.envs.metaworld import MT10, render_rate
+from flowforge.envs.metaworld import CAMERAS, MT10, render_rate
 from flowforge.runs.policy import load_policy, load_policy_config, prepare_policy, train_policy
 from flowforge.train.distributed import ShardedBatches
 
@@ -159,14 +167,12 @@ DDPM_MODELS = ("ddpm", *FLOW_VARIANT_PAIRS.values())
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    value = read_json(path)  # None when missing or cut short: made again
+    return value if isinstance(value, dict) else None
 
 
 def _save(path: Path, value: dict) -> dict:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=1))
-    temporary.replace(path)
+    write_json(path, value)
     return value
 
 
@@ -297,7 +303,17 @@ def _sizing(args, data: Path, ablation_data: Path | None) -> dict:
     with the run's own data pipeline; fixed once, so that every run of a table gets the same steps."""
     path = args.work / "sizing.json"
     sizing = _load(path) or {}
-    for name, root, hours in (("mt10", data, args.hours), ("ablation", ablation_data, args.ablation_hours)):
+    options = (
+        ("mt10", data, args.hours, "--hours"),
+        ("ablation", ablation_data, args.ablation_hours, "--ablation-hours"),
+    )
+    for name, root, hours, option in options:
+        if name in sizing and sizing[name].get("hours") != hours:
+            recorded = sizing[name]
+            raise SystemExit(
+                f"{option} {hours:g}: {path} sized the {name} runs for {recorded.get('hours')} h "
+                f"({recorded.get('steps')} steps); ask for that, or give another --work"
+            )
         if root is None or name in sizing:  # a table sized once keeps its steps
             continue
         seconds = _time_model(args, root, [])[0]
@@ -478,20 +494,27 @@ def main() -> None:
     parser.add_argument("--ablations", default=",".join(ABLATIONS), help=f"some of {', '.join(ABLATIONS)}")
     parser.add_argument("--models", default=",".join(MODELS), help=f"some of {', '.join(MODELS)}")
     parser.add_argument("--cameras", default="corner,gripperPOV")
-    parser.add_argument("--demos", type=int, default=50, help="expert demonstrations per task")
-    parser.add_argument("--hours", type=float, default=2.0, help="the length of one MT10 training run")
-    parser.add_argument("--ablation-hours", type=float, default=0.5, help="the length of one ablation run")
-    parser.add_argument("--steps", type=int, default=None, help="MT10 training steps (default: from --hours)")
+    parser.add_argument("--demos", type=positive_int, default=50, help="expert demonstrations per task")
+    parser.add_argument("--hours", type=positive_float, default=2.0, help="the length of one MT10 training run")
+    parser.add_argument("--ablation-hours", type=positive_float, default=0.5, help="the length of one ablation run")
+    parser.add_argument("--steps", type=positive_int, default=None, help="MT10 training steps (default: from --hours)")
     parser.add_argument(
-        "--action-noise", type=float, default=0.1, help="DART action noise of the data the *-dart models fine-tune on"
+        "--action-noise",
+        type=nonnegative_float,
+        default=0.1,
+        help="DART action noise of the data the *-dart models fine-tune on",
     )
-    parser.add_argument("--fine-tune-steps", type=int, default=10000, help="training steps of the *-dart models")
-    parser.add_argument("--ablation-steps", type=int, default=None, help="default: from --ablation-hours")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of training and throughput")
-    parser.add_argument("--episodes", type=int, default=50, help="per task, the flow head")
-    parser.add_argument("--baseline-episodes", type=int, default=20, help="per task, DDPM, MSE and full state")
-    parser.add_argument("--ablation-episodes", type=int, default=20, help="per task")
+    parser.add_argument(
+        "--fine-tune-steps", type=positive_int, default=10000, help="training steps of the *-dart models"
+    )
+    parser.add_argument("--ablation-steps", type=positive_int, default=None, help="default: from --ablation-hours")
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument(
+        "--workers", type=nonnegative_int, default=1, help="DataLoader workers of training and throughput"
+    )
+    parser.add_argument("--episodes", type=positive_int, default=50, help="per task, the flow head")
+    parser.add_argument("--baseline-episodes", type=positive_int, default=20, help="per task, DDPM, MSE and full state")
+    parser.add_argument("--ablation-episodes", type=positive_int, default=20, help="per task")
     parser.add_argument("--noise-scales", default="1,0.5", help="flow temperatures to choose from on validation seeds")
     parser.add_argument(
         "--action-steps",
@@ -499,29 +522,30 @@ def main() -> None:
         help="actions executed per chunk to choose from on validation seeds, besides the config's, for every MT10 "
         "head ('': the config's only)",
     )
-    parser.add_argument("--validation-episodes", type=int, default=20, help="per task and setting")
-    parser.add_argument("--max-steps", type=int, default=500, help="control steps per evaluation episode")
-    parser.add_argument("--throughput-steps", type=int, default=30)
-    parser.add_argument("--step-time-steps", type=int, default=10, help="steps timed before each training run")
-    parser.add_argument("--render-frames", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--validation-episodes", type=positive_int, default=20, help="per task and setting")
+    parser.add_argument("--max-steps", type=positive_int, default=500, help="control steps per evaluation episode")
+    parser.add_argument("--throughput-steps", type=positive_int, default=30)
+    parser.add_argument("--step-time-steps", type=positive_int, default=10, help="steps timed before each training run")
+    parser.add_argument("--render-frames", type=positive_int, default=200)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument(
         "--eval-processes",
-        type=int,
+        type=positive_int,
         default=1,
         help="evaluate the tasks in this many processes (one torch thread each; same seeds, same results)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
-    if args.eval_processes < 1:
-        parser.error(f"--eval-processes {args.eval_processes}: need an integer >= 1")
     torch.set_num_threads(args.threads)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown:
         parser.error(f"--phases: unknown {', '.join(unknown)}; choose from {', '.join(PHASES)}")
-    args.cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+    try:
+        args.cameras = name_list("--cameras", args.cameras, CAMERAS, "camera")
+    except ValueError as error:
+        parser.error(str(error))
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad:
@@ -543,12 +567,8 @@ def main() -> None:
     horizon = load_policy_config(CONFIG).policy.horizon
     if any(not 1 <= count <= horizon for count in args.action_steps):
         parser.error(f"--action-steps {args.action_steps}: each count must be in 1..{horizon} (the chunk's length)")
-    if args.validation_episodes < 1:
-        parser.error(f"--validation-episodes {args.validation_episodes}: need an integer >= 1")
     if not 0 < args.action_noise <= 1:  # NaN fails too
         parser.error(f"--action-noise {args.action_noise}: need a number in (0, 1] (actions span [-1, 1])")
-    if args.fine_tune_steps < 1:
-        parser.error(f"--fine-tune-steps {args.fine_tune_steps}: need an integer >= 1")
     try:
         args.tasks = parse_tasks("--tasks", args.tasks)
         ablation_tasks = parse_tasks("--ablation-tasks", args.ablation_tasks, at_least=0)
@@ -757,9 +777,10 @@ def main() -> None:
         for name, entry in summary["throughput"].items():
             print(f"  {name:22s} {entry['frames_per_second']:8.0f}   prepared in {entry['preparation_seconds']:.0f} s")
     out = RESULTS_DIR / "policy_vision.json"
-    _save(out, summary)
+    # A run of some phases keeps what the others wrote before (a run of every phase replaces it all).
+    _save(out, (_load(out) or {}) | summary)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

@@ -46,6 +46,8 @@ from common import (
     RESULTS_DIR,
     LogProb,
     batch_indices,
+    positive_int,
+    seed_int,
     test_nll,
     toy_split,
     train,
@@ -136,11 +138,13 @@ def print_table(results: list[RunResult], summary: dict[str, float | bool]) -> N
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
-    parser.add_argument("--batch", type=int, default=256, help="minibatch size (default 256)")
-    parser.add_argument("--transforms", type=int, default=8, help="coupling layers (default 8)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden widths (default 64 64)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    parser.add_argument("--steps", type=positive_int, default=3000, help="training steps (default 3000)")
+    parser.add_argument("--batch", type=positive_int, default=256, help="minibatch size (default 256)")
+    parser.add_argument("--transforms", type=positive_int, default=8, help="coupling layers (default 8)")
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[64, 64], help="hidden widths (default 64 64)"
+    )
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--dataset", default="moons", choices=sorted(TOY_DATASETS), help="2-D data set")
     return parser.parse_args(argv)
 

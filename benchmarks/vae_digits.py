@@ -75,7 +75,18 @@ from typing import Any
 
 import torch
 
-from common import RESULTS_DIR, parameter_count, write_results
+from common import (
+    RESULTS_DIR,
+    nonnegative_float,
+    parameter_count,
+    positive_float,
+    positive_int,
+    read_json,
+    run_resumable,
+    seed_int,
+    write_json,
+    write_results,
+)
 from flowforge.data import digits_images
 from flowforge.flows.vae import VAE
 from flowforge.train.loop import Trainer, TrainerConfig
@@ -170,8 +181,9 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
     are the ones evaluated."""
     folder = work_folder(args)
     result_path = folder / f"{name}-seed{seed}.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    stored = read_json(result_path)  # None when missing or cut short: trained and scored again
+    if isinstance(stored, dict):
+        return stored
     fit_rows, validation = split_validation(train, args.validation_fraction)
     torch.manual_seed(seed)
     model = build(name, args)
@@ -222,8 +234,7 @@ def run_phase(name: str, seed: int, args: argparse.Namespace, train: torch.Tenso
         "eval_s": eval_s,
         "settings": settings(args),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(result, indent=1))
+    write_json(result_path, result)
     return result
 
 
@@ -305,18 +316,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--work", type=Path, default=Path("benchmark-work/vae_digits"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=positive_int, default=4000)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW's decoupled weight decay")
     parser.add_argument(
         "--validation-fraction",
         type=float,
         default=0.0,
         help="share of the training images held out to keep the weights of the best validation ELBO (0: none)",
     )
-    parser.add_argument("--eval-every", type=int, default=100, help="steps between validations")
+    parser.add_argument("--eval-every", type=positive_int, default=100, help="steps between validations")
     parser.add_argument(
         "--ema-decay",
         type=float,
@@ -329,21 +340,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="steps over which the ELBO's KL weight rises from 0 to 1 (default: a third of --steps; 0: none)",
     )
-    parser.add_argument("--latent", type=int, default=16)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="encoder widths (decoder reversed)")
+    parser.add_argument("--latent", type=positive_int, default=16)
+    parser.add_argument(
+        "--hidden", type=positive_int, nargs="+", default=[128, 128], help="encoder widths (decoder reversed)"
+    )
     parser.add_argument(
         "--decoder-dropout",
         type=float,
         default=0.4,
         help="dropout probability after the decoder's hidden activations, in training only (0: none)",
     )
-    parser.add_argument("--iaf-transforms", type=int, default=8)
-    parser.add_argument("--flow-hidden", type=int, nargs="+", default=[128, 128], help="IAF MADE widths")
-    parser.add_argument("--context", type=int, default=32, help="size of the encoder's h(x)")
-    parser.add_argument("--prior-transforms", type=int, default=4)
-    parser.add_argument("--prior-hidden", type=int, nargs="+", default=[128, 128])
-    parser.add_argument("--k", type=int, default=1000, help="importance samples of the test IWAE bound")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--iaf-transforms", type=positive_int, default=8)
+    parser.add_argument("--flow-hidden", type=positive_int, nargs="+", default=[128, 128], help="IAF MADE widths")
+    parser.add_argument("--context", type=positive_int, default=32, help="size of the encoder's h(x)")
+    parser.add_argument("--prior-transforms", type=positive_int, default=4)
+    parser.add_argument("--prior-hidden", type=positive_int, nargs="+", default=[128, 128])
+    parser.add_argument("--k", type=positive_int, default=1000, help="importance samples of the test IWAE bound")
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
         parser.error(f"--weight-decay {args.weight_decay}: need a finite number >= 0")
@@ -355,8 +368,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.ema_decay = None
     if not 0 <= args.decoder_dropout < 1:
         parser.error(f"--decoder-dropout {args.decoder_dropout}: need a probability in [0, 1)")
-    if args.eval_every < 1:
-        parser.error(f"--eval-every {args.eval_every}: need an integer >= 1")
     if args.kl_warmup_steps is None:
         args.kl_warmup_steps = args.steps // KL_WARMUP_SHARE
     if not 0 <= args.kl_warmup_steps <= args.steps:
@@ -407,4 +418,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_resumable(main)

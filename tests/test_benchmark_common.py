@@ -74,3 +74,69 @@ def test_a_stored_evaluation_cut_short_is_made_again(stored, capsys) -> None:
     path.write_text(path.read_text()[:20])
     assert _common().stored_evaluation(path, run, ["reach-v3", "push-v3"], **SETTINGS) is None
     assert "not readable JSON" in capsys.readouterr().out
+
+
+def test_results_are_written_whole_and_a_file_cut_short_reads_as_missing(tmp_path: Path) -> None:
+    common = _common()
+    path = tmp_path / "results" / "table.json"
+    common.write_json(path, {"a": 1})
+    assert common.read_json(path) == {"a": 1} and [p.name for p in path.parent.iterdir()] == ["table.json"]
+    path.write_text('{"a": ')  # what a process killed while writing in place used to leave
+    assert common.read_json(path) is None and common.read_json(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("positive_int", "0", "expected an int >= 1, got '0'"),
+        ("positive_int", "2.5", "expected an int >= 1, got '2.5'"),
+        ("nonnegative_int", "-1", "expected an int >= 0, got '-1'"),
+        ("seed_int", str(2**32), "expected an int in 0..4294967295"),
+        ("positive_float", "nan", "expected a finite number > 0, got 'nan'"),
+        ("positive_float", "0", "expected a finite number > 0, got '0'"),
+        ("nonnegative_float", "-1", "expected a finite number >= 0, got '-1'"),
+        ("nonnegative_float", "abc", "expected a finite number >= 0, got 'abc'"),
+    ],
+)
+def test_option_types_refuse_values_before_any_work(kind: str, text: str, message: str, capsys) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--value", type=getattr(_common(), kind))
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--value", text])
+    assert stop.value.code == 2 and f"argument --value: {message}" in capsys.readouterr().err
+
+
+def test_a_finished_policy_run_names_the_settings_it_was_trained_with(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    common = _common()
+    run = tmp_path / "run"
+    run.mkdir()
+    trained = {"data": {"root": str(tmp_path / "mt10")}, "train": {"steps": 30, "progress": True}}
+    (run / "checkpoint.json").write_text(json.dumps({"metadata": {"policy_run": trained}}))
+
+    def asked(steps: int, root: Path) -> SimpleNamespace:  # a PolicyRunConfig's two sections
+        from dataclasses import make_dataclass
+
+        data = make_dataclass("Data", [("root", str)])(str(root))
+        train = make_dataclass("Train", [("steps", int), ("progress", bool)])(steps, False)
+        return SimpleNamespace(data=data, train=train)
+
+    assert common.differing_policy_settings(run, asked(30, tmp_path / "." / "mt10")) == []  # progress aside
+    assert common.differing_policy_settings(run, asked(60, tmp_path / "mt10")) == ["train.steps: 30 -> 60"]
+
+
+def test_ctrl_c_in_a_resumable_script_is_one_line_and_exit_130(capsys) -> None:
+    from flowforge.train import TrainingInterrupted
+
+    def training():
+        raise TrainingInterrupted(134, Path("runs/flow"))
+
+    with pytest.raises(SystemExit) as stop:
+        _common().run_resumable(training)
+    assert stop.value.code == 130
+    assert (
+        capsys.readouterr().out == "interrupted: training stopped at step 134; run the same command again to resume\n"
+    )
