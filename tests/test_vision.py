@@ -168,6 +168,11 @@ def test_a_policy_refuses_the_images_of_another_camera() -> None:
     two = _policy().eval()
     with pytest.raises(ValueError, match=r"no 'image\.gripperPOV'.*cameras corner, gripperPOV"):
         two.predict_chunk({k: v for k, v in _batch(two).items() if k != "image.gripperPOV"})
+    with pytest.raises(ValueError, match=r"images of another camera, 'image'.*cameras corner, gripperPOV"):
+        two.predict_chunk({**_batch(two), "image": torch.zeros(5)})  # an unnamed camera beside the named ones
+    with pytest.raises(ValueError, match=r"images of another camera, 'image'"):
+        images = other["image.gripperPOV"]
+        policy.predict_chunk({**batch, "image.corner": images, "image": images})  # the one camera given twice
     executor = ChunkExecutor(policy)
     frame = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
     observation = {"state": np.zeros(4, dtype=np.float32), "image.gripperPOV": frame}
@@ -250,6 +255,25 @@ def test_the_frame_cache_round_trips_every_frame_and_resumes(tmp_path: Path, mon
     shutil.copytree(FIXTURE, other)
     with pytest.raises(DataError, match="caches another data set"):
         FrameCache.build(EpisodeDataset(other), key, tmp_path)
+
+
+def test_a_frame_cache_of_a_data_set_collected_again_in_its_folder_is_refused(tmp_path: Path) -> None:
+    """Same folder, same episode lengths, other frames (collected again with another seed): the
+    episodes' recorded pixel statistics tell the cache apart; a grown data set still extends it."""
+    key = "observation.images.wrist"
+    dataset = EpisodeDataset(FIXTURE)
+    FrameCache.build(dataset, key, tmp_path)
+    grown = EpisodeDataset(FIXTURE)
+    grown.lengths = grown.lengths[:2]  # the cache of the first two episodes, extended by the third below
+    grown.episodes = grown.episodes[:2]
+    shutil.rmtree(tmp_path / key)
+    FrameCache.build(grown, key, tmp_path)
+    assert len(FrameCache.build(dataset, key, tmp_path)) == sum(dataset.lengths)
+    again = EpisodeDataset(FIXTURE)
+    stats = f"stats/{key}/mean"
+    again.episodes[1] = {**again.episodes[1], stats: np.asarray(again.episodes[1][stats]) + 0.01}
+    with pytest.raises(DataError, match=r"caches another data set \(its episode_stats differ"):
+        FrameCache.build(again, key, tmp_path)
 
 
 def test_a_frame_cache_cut_short_is_refused_then_rebuilt_whole(tmp_path: Path) -> None:
@@ -381,7 +405,7 @@ def test_decoding_in_workers_gives_the_batches_of_the_main_process(tmp_path: Pat
         (
             {"image_shape": [3, 40, 40], "image_encoder": "conv", "augmentation": "crop"},
             r"image_shape = \[3, 40, 40\]: image_encoder = 'conv' needs at least 36x36 pixels after "
-            r"augmentation = 'crop' removes 6 of each side's pixels",
+            r"augmentation = 'crop' removes 6 pixels from each side's length",
         ),
         ({"image_shape": [3, 12, 12], "image_channels": [4, 8, 8]}, r"'resnet-keypoints' needs at least 17x17"),
         ({"augmentation": "flip"}, r"augmentation = 'flip' is not one of none, shift, crop"),

@@ -11,9 +11,11 @@ frames, both read by global frame index (the data set's row) a batch at a time:
   ``.npy`` format, read memory-mapped (the operating system keeps the pages it reads in its cache;
   84x84 RGB is 21 KB a frame, 1.3 GB for 60,000 frames). ``progress.json`` beside it records the
   data set it was built from (folder, episode lengths, frame shape) and how many episodes are
-  decoded; it is replaced atomically after each episode, so an interrupted build resumes from
-  there. A data set that gained episodes (a resumed collection) grows its cache, keeping the frames
-  already decoded; a cache of another data set is refused, never mixed. Two processes that build one
+  decoded, with a digest of each episode's recorded pixel statistics (a data set collected again
+  into the same folder is told apart); it is replaced atomically after each episode, so an
+  interrupted build resumes from there. A data set that gained episodes (a resumed collection)
+  grows its cache, keeping the frames already decoded; a cache of another data set is refused,
+  never mixed. Two processes that build one
   cache at once (two runs started together on one data set) take turns through a file lock.
 * :class:`EncodedFrames`: the PNG files of an image feature, held in memory as one byte buffer with
   offsets (no Python object per frame, so worker processes forked from the trainer share it), and
@@ -29,6 +31,7 @@ window). All three have ``take(index) -> (len(index), 3, H, W)`` uint8 and pickl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -59,7 +62,17 @@ def _source(dataset: EpisodeDataset, key: str) -> dict[str, Any]:
         "feature": key,
         "shape": [channels, height, width],
         "lengths": [int(n) for n in dataset.lengths],
+        "episode_stats": [_episode_fingerprint(episode, key) for episode in dataset.episodes],
     }
+
+
+def _episode_fingerprint(episode: dict[str, Any], key: str) -> str:
+    """A digest of the camera's statistics that the data set records for one episode (means,
+    deviations, extremes of its pixels): a data set collected again with other frames in an
+    episode of the same length gives another one. Empty where the data set records none."""
+    prefix = f"stats/{key}/"
+    stats = {name: np.asarray(value).tolist() for name, value in sorted(episode.items()) if name.startswith(prefix)}
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16] if stats else ""
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -77,8 +90,9 @@ def _extends(cached: Any, source: dict[str, Any]) -> bool:
     if not isinstance(cached, dict) or not isinstance(cached.get("lengths"), list):
         return False
     same = all(cached.get(key) == source[key] for key in ("root", "feature", "shape"))
-    old = cached["lengths"]
-    return same and len(old) < len(source["lengths"]) and source["lengths"][: len(old)] == old
+    old, fingerprints = cached["lengths"], cached.get("episode_stats")
+    kept = isinstance(fingerprints, list) and source["episode_stats"][: len(fingerprints)] == fingerprints
+    return same and kept and len(old) < len(source["lengths"]) and source["lengths"][: len(old)] == old
 
 
 def _extend(

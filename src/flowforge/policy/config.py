@@ -387,7 +387,9 @@ class PolicyConfig:
         seen = min(self.image_shape[1:]) - removed
         needed = min_image_size(self.image_encoder, len(channels))
         if seen < needed:
-            cropped = f" after augmentation = 'crop' removes {removed} of each side's pixels" if removed else ""
+            cropped = (
+                f" after augmentation = 'crop' removes {removed} pixels from each side's length" if removed else ""
+            )
             raise ConfigError(
                 f"image_shape = {self.image_shape}: image_encoder = {self.image_encoder!r} needs at least "
                 f"{needed}x{needed} pixels{cropped}; the encoders take: "

@@ -532,7 +532,8 @@ def camera_images(batch: Batch, config: PolicyConfig) -> list[Tensor]:
     policy's cameras and those of the batch when one is missing or another camera's images come."""
     keys = config.image_keys
     given = sorted(k for k in batch if k == "image" or k.startswith("image."))
-    foreign = [k for k in given if k != "image" and k not in keys]
+    # "image" stands for the only camera of a one-camera policy; beside named cameras it is another's
+    foreign = [k for k in given if k not in keys and (k != "image" or len(keys) > 1 or keys[0] in batch)]
     missing = [k for k in keys if k not in batch and not (len(keys) == 1 and "image" in batch)]
     if foreign or missing:
         trained = ", ".join(config.cameras) if config.cameras is not None else "one unnamed camera ('image')"
