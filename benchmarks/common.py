@@ -250,6 +250,17 @@ def differing_policy_settings(run: Path, config: Any) -> list[str]:
     return changed
 
 
+def refuse_other_settings(run: Path, config: Any) -> None:
+    """Stop the script when the finished policy ``run`` was trained under other settings than
+    ``config``'s (:func:`differing_policy_settings`), naming them."""
+    changed = differing_policy_settings(run, config)
+    if changed:
+        raise SystemExit(
+            f"{run} was trained with other settings ({'; '.join(changed)}): move it away to train again, "
+            "or ask for its settings"
+        )
+
+
 def model_weights_digest(run: Path) -> str:
     """The SHA-256 of a trained policy run's model weights, as its checkpoint records them."""
     return json.loads((run / "checkpoint.json").read_text())["files"]["model"]["sha256"]

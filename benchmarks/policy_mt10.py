@@ -57,12 +57,12 @@ import torch
 from common import (  # benchmarks/ is on sys.path
     RESULTS_DIR,
     claim_work_folder,
-    differing_policy_settings,
     model_weights_digest,
     nonnegative_int,
     parse_tasks,
     positive_int,
     read_json,
+    refuse_other_settings,
     run_resumable,
     seed_int,
     stored_evaluation,
@@ -105,12 +105,7 @@ def _train(args, name: str, kind: str, data: Path, image: bool = False) -> Path:
     done = run / "trained.json"
     config = _config(args, kind, data, image)
     if done.exists():  # reused only under the settings asked for
-        changed = differing_policy_settings(run, config)
-        if changed:
-            raise SystemExit(
-                f"{run} was trained with other settings ({'; '.join(changed)}): move it away to train again, "
-                "or ask for its settings"
-            )
+        refuse_other_settings(run, config)
         return run
     start = time.perf_counter()
     print(f"[train] {name}: {config.train.steps} steps", flush=True)

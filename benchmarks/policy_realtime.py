@@ -73,7 +73,6 @@ import torch
 from common import (  # benchmarks/ is on sys.path
     RESULTS_DIR,
     claim_work_folder,
-    differing_policy_settings,
     model_weights_digest,
     nonnegative_float,
     nonnegative_int,
@@ -81,6 +80,7 @@ from common import (  # benchmarks/ is on sys.path
     positive_float,
     positive_int,
     read_json,
+    refuse_other_settings,
     run_resumable,
     seed_int,
     write_json,
@@ -141,12 +141,7 @@ def _train(args, name: str, data: Path) -> Path:
                     f"{run} was trained with {trained}, not {asked}: move it away to train again, or ask for "
                     "its settings (--delays, --rtc-prefix-noise, --rtc-unprefixed-fraction)"
                 )
-        changed = differing_policy_settings(run, config)
-        if changed:
-            raise SystemExit(
-                f"{run} was trained with other settings ({'; '.join(changed)}): move it away to train again, "
-                "or ask for its settings"
-            )
+        refuse_other_settings(run, config)
         return run
     start = time.perf_counter()
     print(f"[train] {name}: {config.train.steps} steps", flush=True)
