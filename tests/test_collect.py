@@ -187,6 +187,23 @@ def test_a_seed_whose_episode_seeds_would_pass_the_limit_is_refused_before_the_f
     assert not (tmp_path / "demos").exists()
 
 
+def test_a_collection_inside_a_data_set_or_a_run_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flowforge.cli import app
+
+    data_set, run = tmp_path / "set", tmp_path / "run"
+    (data_set / "meta").mkdir(parents=True)
+    (data_set / "meta" / "info.json").write_text("{}")
+    run.mkdir()
+    (run / "checkpoint.json").write_text("{}")
+    for out, holder in ((data_set / "sub", "episode data set"), (run / "sub", "run")):
+        arguments = ["data", "collect", "--tasks", "reach-v3", "--episodes", "1", "--out", str(out)]
+        result = CliRunner().invoke(app, arguments)
+        assert result.exit_code == 2 and f"lies inside the {holder} " in result.stderr, result.output
+        assert not out.exists()
+
+
 def _copy_of(reference: dict, tmp_path: Path) -> Path:
     root = tmp_path / "copy"
     shutil.copytree(reference["root"], root, symlinks=True)

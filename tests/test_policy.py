@@ -811,3 +811,31 @@ def test_an_evaluation_worker_ends_when_its_parent_is_gone() -> None:
     if alive:
         worker.kill()
     assert not alive and worker.exitcode == 1 and time.perf_counter() - start < 45
+
+
+def test_a_policy_run_resumes_from_another_folder_with_its_data_set_spelled_otherwise(
+    one_demo: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """``[data] root`` is kept absolute: the run resumes from any working folder, however the
+    same data set is spelled there (it compared the spelling, so only the first folder could)."""
+    import os
+
+    from flowforge.errors import CheckpointError
+    from flowforge.runs.policy import parse_policy_config, train_policy
+
+    def config(root: str, steps: int) -> str:
+        return (
+            f'[policy]\nkind = "mse"\nhorizon = 8\nwidth = 16\nlayers = 1\nheads = 2\nlanguage = false\n'
+            f'[data]\nroot = "{root}"\n[train]\nsteps = {steps}\nbatch_size = 8\nwarmup_steps = 0\nprogress = false\n'
+        )
+
+    monkeypatch.chdir(one_demo.parent)
+    train_policy(parse_policy_config(config(one_demo.name, 3)), tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["metadata"]["policy_run"]["data"]
+    assert stored["root"] == str(one_demo.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative = os.path.relpath(one_demo, tmp_path / "elsewhere")
+    train_policy(parse_policy_config(config(relative, 3)), tmp_path / "run", resume=True)  # finished: kept
+    with pytest.raises(CheckpointError, match=r"other settings \(metadata\.policy_run\.train\.steps: 3 -> 5\)"):
+        train_policy(parse_policy_config(config(relative, 5)), tmp_path / "run", resume=True)

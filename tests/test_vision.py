@@ -465,7 +465,7 @@ def test_the_data_tables_frame_settings_are_checked() -> None:
 
     images = "[policy]\nimage_shape = [3, 84, 84]\n"
     run = parse_policy_config('[data]\nroot = "data/x"\nframes = "cache"\nworkers = 2\n' + images)
-    assert run.data.cache_folder() == Path("data/x.frames") and run.data.workers == 2
+    assert run.data.cache_folder() == Path("data/x.frames").resolve() and run.data.workers == 2  # kept absolute
     # A policy without cameras reads no frames: settings of how frames are read are refused for it.
     for setting in ('frames = "cache"', 'cache = "c"\nframes = "cache"', 'frames = "memory"\nworkers = 1'):
         with pytest.raises(ConfigError, match=r"this policy reads no camera frames \(policy.image_shape is not set\)"):
@@ -505,6 +505,15 @@ def test_a_frame_cache_under_a_file_is_refused_naming_the_setting(tmp_path: Path
         config = PolicyDataConfig(root=str(tmp_path / "data"), frames="cache", cache=str(tmp_path / cache))
         with pytest.raises(ConfigError, match=r"\[data\] cache = .* is a file or lies under one"):
             config.cache_folder()
+    data_set, run = tmp_path / "set", tmp_path / "run"
+    (data_set / "meta").mkdir(parents=True)
+    (data_set / "meta" / "info.json").write_text("{}")
+    run.mkdir()
+    (run / "checkpoint.json").write_text("{}")
+    for cache, holder in ((data_set / "cache", "episode data set"), (data_set, "episode data set"), (run, "run")):
+        config = PolicyDataConfig(root=str(tmp_path / "data"), frames="cache", cache=str(cache))
+        with pytest.raises(ConfigError, match=rf"\[data\] cache = .*: lies inside the {holder} "):
+            config.cache_folder()  # a collection rewrites a data set's folders; a run's are its own
     beside = PolicyDataConfig(root=str(tmp_path / "afile" / "data"), frames="cache")
     with pytest.raises(ConfigError, match=r"the frame cache beside root"):
         beside.cache_folder()

@@ -269,7 +269,9 @@ def _run_folder(out: Path | None, config: Path, resume: bool) -> Path:
         raise ConfigError(
             f"--out {folder}: holds a trained run already; pass --resume to continue it, or give another folder"
         )
-    data_set = _data_set_holding(folder)
+    from flowforge.data.episodes import data_set_holding
+
+    data_set = data_set_holding(folder)
     if data_set is not None:
         if data_set == folder.resolve():
             raise ConfigError(f"--out {folder}: is an episode data set; give a folder for the run")
@@ -278,15 +280,6 @@ def _run_folder(out: Path | None, config: Path, resume: bool) -> Path:
             "give a folder outside it"
         )
     return folder
-
-
-def _data_set_holding(path: Path) -> Path | None:
-    """The episode data set folder that is ``path`` or holds it (a collection rewrites its folders), else None."""
-    resolved = path.resolve()
-    for folder in (resolved, *resolved.parents):
-        if (folder / "meta" / "info.json").is_file():
-            return folder
-    return None
 
 
 @app.command()
@@ -571,6 +564,12 @@ def data_collect(
     if (camera is not None or cameras is not None or size is not None) and not images:
         raise ConfigError("--camera, --cameras and --size describe the images of --images: add --images")
     _output_path(out, "--out")
+    from flowforge.data.episodes import data_set_holding, run_holding
+
+    # --out may be a data set to resume, but not a folder inside one or inside a run
+    for holder, what in ((data_set_holding(out.resolve().parent), "episode data set"), (run_holding(out), "run")):
+        if holder is not None:
+            raise ConfigError(f"--out {out}: lies inside the {what} {holder}; give a folder outside it")
     from flowforge.envs.collect import collect
 
     start = time.perf_counter()
@@ -884,7 +883,9 @@ def _refuse_metadata_file(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path}: is a checkpoint's manifest; write the results to another file")
     if resolved.name == "metrics.csv" and (resolved.parent / "checkpoint.json").is_file():
         raise ConfigError(f"{option} {path}: is the training history of the run beside it; write to another file")
-    data_set = _data_set_holding(path)
+    from flowforge.data.episodes import data_set_holding
+
+    data_set = data_set_holding(path)
     if data_set is not None:
         raise ConfigError(f"{option} {path}: lies inside the episode data set {data_set}; write it elsewhere")
 

@@ -69,6 +69,25 @@ _BOOKKEEPING = ("episode_index", "frame_index", "timestamp", "index", "task_inde
 _EPISODES_FILE = re.compile(r"chunk-(\d+)/file-(\d+)\.parquet")
 
 
+def data_set_holding(path: str | Path) -> Path | None:
+    """The episode data set folder that is ``path`` or holds it (a collection rewrites its
+    folders), resolved; ``None`` when there is none."""
+    resolved = Path(path).resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / "meta" / "info.json").is_file():
+            return folder
+    return None
+
+
+def run_holding(path: str | Path) -> Path | None:
+    """The trained run folder (one with a ``checkpoint.json``) that is ``path`` or holds it, resolved."""
+    resolved = Path(path).resolve()
+    for folder in (resolved, *resolved.parents):
+        if (folder / "checkpoint.json").is_file():
+            return folder
+    return None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 

@@ -42,7 +42,7 @@ from flowforge.config import (
     parse_document,
     read_document,
 )
-from flowforge.data.episodes import EpisodeDataset
+from flowforge.data.episodes import EpisodeDataset, data_set_holding, run_holding
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError, is_out_of_memory, memory_asked
 from flowforge.matching.consistency import DISTILLATION_METHODS
@@ -110,6 +110,12 @@ class PolicyDataConfig:
         if self.frames == "cache" and any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
             where = f"cache = {self.cache!r}" if self.cache else f"the frame cache beside root, {str(folder)!r},"
             raise ConfigError(f"[data] {where} is a file or lies under one: the cache needs a folder")
+        if self.frames == "cache":
+            for holder, what in ((data_set_holding(folder), "episode data set"), (run_holding(folder), "run")):
+                if holder is not None:  # a collection rewrites a data set's folders; a run's are its own
+                    raise ConfigError(
+                        f"[data] cache = {str(folder)!r}: lies inside the {what} {holder}; give a folder outside it"
+                    )
         return folder
 
 
@@ -236,7 +242,11 @@ def _policy_run_config(document: dict[str, Any], source: str) -> PolicyRunConfig
             f"{source}: [policy] {given[0]} = {table[given[0]]!r}: a policy run takes {given[0]} from its data "
             "set; leave it out"
         )
-    return build_config(PolicyRunConfig, document, source)
+    config = build_config(PolicyRunConfig, document, source)
+    # Kept as absolute paths: a run resumes, and its cache is found, from any working folder.
+    data = config.data
+    absolute = {key: str(Path(getattr(data, key)).resolve()) for key in ("root", "cache") if getattr(data, key)}
+    return dataclasses.replace(config, data=dataclasses.replace(data, **absolute)) if absolute else config
 
 
 def prepare_policy(
