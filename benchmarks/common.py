@@ -230,34 +230,34 @@ def _json_object(path: Path) -> dict[str, Any]:
 UNCOMPARED_SETTINGS = frozenset({"progress", "checkpoint_every"})
 
 
-def differing_policy_settings(run: Path, config: Any) -> list[str]:
-    """The ``[data]`` and ``[train]`` settings of the trained policy ``run`` that differ from
-    ``config``'s (a :class:`~flowforge.runs.policy.PolicyRunConfig`), as ``section.key: trained ->
-    asked``: a resumable phase that finds a finished run must not report it under other settings."""
+def changed_settings(trained: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """The settings of a finished run (``trained``: sections of settings, as its checkpoint records
+    them) that differ from those ``asked`` for, as ``section.key: trained -> asked``
+    (:data:`UNCOMPARED_SETTINGS` aside): a resumable phase must not report a run under other settings."""
+    trained, asked = json.loads(json.dumps(trained)), json.loads(json.dumps(asked))
+    return [
+        f"{section}.{key}: {trained.get(section, {}).get(key)!r} -> {value!r}"
+        for section, settings in asked.items()
+        if isinstance(settings, dict)
+        for key, value in settings.items()
+        if key not in UNCOMPARED_SETTINGS and trained.get(section, {}).get(key) != value
+    ]
+
+
+def policy_settings_changed(run: Path, config: Any) -> list[str]:
+    """:func:`changed_settings` of the trained policy ``run``'s ``[data]`` and ``[train]`` against
+    ``config``'s (a :class:`~flowforge.runs.policy.PolicyRunConfig`, whose folders are absolute)."""
     from dataclasses import asdict
 
-    manifest = read_json(run / "checkpoint.json") or {}
-    stored = manifest.get("metadata", {}).get("policy_run", {})
-    asked = json.loads(json.dumps({"data": asdict(config.data), "train": asdict(config.train)}))
-    changed = []
-    for section, settings in asked.items():
-        for key, value in settings.items():
-            trained = stored.get(section, {}).get(key)
-            if key == "root" and trained is not None and value is not None:
-                trained, value = str(Path(trained).resolve()), str(Path(value).resolve())
-            if key not in UNCOMPARED_SETTINGS and trained != value:
-                changed.append(f"{section}.{key}: {trained!r} -> {value!r}")
-    return changed
+    stored = (read_json(run / "checkpoint.json") or {}).get("metadata", {}).get("policy_run", {})
+    return changed_settings(stored, {"data": asdict(config.data), "train": asdict(config.train)})
 
 
-def refuse_other_settings(run: Path, config: Any) -> None:
-    """Stop the script when the finished policy ``run`` was trained under other settings than
-    ``config``'s (:func:`differing_policy_settings`), naming them."""
-    changed = differing_policy_settings(run, config)
+def refuse_other_settings(folder: Path, changed: list[str], remedy: str = "move it away to train again") -> None:
+    """Stop the script when the finished run in ``folder`` was trained under ``changed`` settings, naming them."""
     if changed:
         raise SystemExit(
-            f"{run} was trained with other settings ({'; '.join(changed)}): move it away to train again, "
-            "or ask for its settings"
+            f"{folder} was trained with other settings ({'; '.join(changed)}): {remedy}, or ask for its settings"
         )
 
 

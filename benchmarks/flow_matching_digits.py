@@ -80,7 +80,6 @@ Jacobian-vector product per step), consistency training 186 s, distillation 265-
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -91,11 +90,12 @@ from torch import Tensor, nn
 
 from common import (
     RESULTS_DIR,
-    UNCOMPARED_SETTINGS,
+    changed_settings,
     parameter_count,
     positive_float,
     positive_int,
     read_json,
+    refuse_other_settings,
     run_resumable,
     seed_int,
     write_json,
@@ -204,19 +204,8 @@ def _trained(folder: Path, config: runs.RunConfig) -> tuple[runs.Run, dict] | No
     if not isinstance(info, dict):
         return None
     run = runs.load_run(folder)
-    trained, asked = (json.loads(json.dumps(asdict(c))) for c in (run.config, config))
-    changed = [
-        f"{section}.{key}: {trained[section].get(key)!r} -> {value!r}"
-        for section, settings in asked.items()
-        if isinstance(settings, dict)
-        for key, value in settings.items()
-        if key not in UNCOMPARED_SETTINGS and trained.get(section, {}).get(key) != value
-    ]
-    if changed:
-        raise SystemExit(
-            f"{folder} was trained with other settings ({'; '.join(changed)}): give another --work to train "
-            "again (its scores are kept beside the models), or ask for its settings"
-        )
+    changed = changed_settings(asdict(run.config), asdict(config))
+    refuse_other_settings(folder, changed, "give another --work to train again (its scores are kept beside the models)")
     return run, info
 
 

@@ -60,6 +60,7 @@ from common import (  # benchmarks/ is on sys.path
     model_weights_digest,
     nonnegative_int,
     parse_tasks,
+    policy_settings_changed,
     positive_int,
     read_json,
     refuse_other_settings,
@@ -105,7 +106,7 @@ def _train(args, name: str, kind: str, data: Path, image: bool = False) -> Path:
     done = run / "trained.json"
     config = _config(args, kind, data, image)
     if done.exists():  # reused only under the settings asked for
-        refuse_other_settings(run, config)
+        refuse_other_settings(run, policy_settings_changed(run, config))
         return run
     start = time.perf_counter()
     print(f"[train] {name}: {config.train.steps} steps", flush=True)

@@ -77,6 +77,7 @@ from common import (  # benchmarks/ is on sys.path
     nonnegative_float,
     nonnegative_int,
     parse_tasks,
+    policy_settings_changed,
     positive_float,
     positive_int,
     read_json,
@@ -141,7 +142,7 @@ def _train(args, name: str, data: Path) -> Path:
                     f"{run} was trained with {trained}, not {asked}: move it away to train again, or ask for "
                     "its settings (--delays, --rtc-prefix-noise, --rtc-unprefixed-fraction)"
                 )
-        refuse_other_settings(run, config)
+        refuse_other_settings(run, policy_settings_changed(run, config))
         return run
     start = time.perf_counter()
     print(f"[train] {name}: {config.train.steps} steps", flush=True)

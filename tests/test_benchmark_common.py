@@ -114,18 +114,23 @@ def test_a_finished_policy_run_names_the_settings_it_was_trained_with(tmp_path: 
     common = _common()
     run = tmp_path / "run"
     run.mkdir()
-    trained = {"data": {"root": str(tmp_path / "mt10")}, "train": {"steps": 30, "progress": True}}
+    root = str(tmp_path / "mt10")
+    trained = {"data": {"root": root}, "train": {"steps": 30, "progress": True}}
     (run / "checkpoint.json").write_text(json.dumps({"metadata": {"policy_run": trained}}))
 
-    def asked(steps: int, root: Path) -> SimpleNamespace:  # a PolicyRunConfig's two sections
+    def asked(steps: int) -> SimpleNamespace:  # a PolicyRunConfig's two sections
         from dataclasses import make_dataclass
 
-        data = make_dataclass("Data", [("root", str)])(str(root))
+        data = make_dataclass("Data", [("root", str)])(root)
         train = make_dataclass("Train", [("steps", int), ("progress", bool)])(steps, False)
         return SimpleNamespace(data=data, train=train)
 
-    assert common.differing_policy_settings(run, asked(30, tmp_path / "." / "mt10")) == []  # progress aside
-    assert common.differing_policy_settings(run, asked(60, tmp_path / "mt10")) == ["train.steps: 30 -> 60"]
+    assert common.policy_settings_changed(run, asked(30)) == []  # how it reported progress aside
+    changed = common.policy_settings_changed(run, asked(60))
+    assert changed == ["train.steps: 30 -> 60"]
+    common.refuse_other_settings(run, [])  # nothing changed: the run is reused
+    with pytest.raises(SystemExit, match=r"trained with other settings \(train\.steps: 30 -> 60\): move it away"):
+        common.refuse_other_settings(run, changed)
 
 
 def test_ctrl_c_in_a_resumable_script_is_one_line_and_exit_130(capsys) -> None:

@@ -564,12 +564,11 @@ def data_collect(
     if (camera is not None or cameras is not None or size is not None) and not images:
         raise ConfigError("--camera, --cameras and --size describe the images of --images: add --images")
     _output_path(out, "--out")
-    from flowforge.data.episodes import data_set_holding, run_holding
+    from flowforge.data.episodes import data_set_or_run_holding
 
-    # --out may be a data set to resume, but not a folder inside one or inside a run
-    for holder, what in ((data_set_holding(out.resolve().parent), "episode data set"), (run_holding(out), "run")):
-        if holder is not None:
-            raise ConfigError(f"--out {out}: lies inside the {what} {holder}; give a folder outside it")
+    holder = data_set_or_run_holding(out.resolve().parent)  # --out itself may be a data set to resume
+    if holder is not None:
+        raise ConfigError(f"--out {out}: lies inside the {holder[1]} {holder[0]}; give a folder outside it")
     from flowforge.envs.collect import collect
 
     start = time.perf_counter()

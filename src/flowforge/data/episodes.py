@@ -79,12 +79,17 @@ def data_set_holding(path: str | Path) -> Path | None:
     return None
 
 
-def run_holding(path: str | Path) -> Path | None:
-    """The trained run folder (one with a ``checkpoint.json``) that is ``path`` or holds it, resolved."""
+def data_set_or_run_holding(path: str | Path) -> tuple[Path, str] | None:
+    """The episode data set or trained run folder (one with a ``checkpoint.json``) that is ``path``
+    or holds it, resolved, with what it is (``"episode data set"`` or ``"run"``); ``None`` when
+    neither does. Nothing else may be written there: a collection rewrites a data set's folders,
+    and a run's are its own."""
     resolved = Path(path).resolve()
     for folder in (resolved, *resolved.parents):
+        if (folder / "meta" / "info.json").is_file():
+            return folder, "episode data set"
         if (folder / "checkpoint.json").is_file():
-            return folder
+            return folder, "run"
     return None
 
 

@@ -42,7 +42,7 @@ from flowforge.config import (
     parse_document,
     read_document,
 )
-from flowforge.data.episodes import EpisodeDataset, data_set_holding, run_holding
+from flowforge.data.episodes import EpisodeDataset, data_set_or_run_holding
 from flowforge.data.episodes import image_shape as image_shape_of
 from flowforge.errors import CheckpointError, ConfigError, is_out_of_memory, memory_asked
 from flowforge.matching.consistency import DISTILLATION_METHODS
@@ -110,12 +110,11 @@ class PolicyDataConfig:
         if self.frames == "cache" and any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
             where = f"cache = {self.cache!r}" if self.cache else f"the frame cache beside root, {str(folder)!r},"
             raise ConfigError(f"[data] {where} is a file or lies under one: the cache needs a folder")
-        if self.frames == "cache":
-            for holder, what in ((data_set_holding(folder), "episode data set"), (run_holding(folder), "run")):
-                if holder is not None:  # a collection rewrites a data set's folders; a run's are its own
-                    raise ConfigError(
-                        f"[data] cache = {str(folder)!r}: lies inside the {what} {holder}; give a folder outside it"
-                    )
+        holder = data_set_or_run_holding(folder) if self.frames == "cache" else None
+        if holder is not None:
+            raise ConfigError(
+                f"[data] cache = {str(folder)!r}: lies inside the {holder[1]} {holder[0]}; give a folder outside it"
+            )
         return folder
 
 
