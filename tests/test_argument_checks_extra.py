@@ -279,3 +279,210 @@ def test_density_plot_with_a_one_step_loss_curve(tmp_path) -> None:
     flow = RealNVP(2, transforms=2, hidden=(8,))
     path = plot_density_2d(flow, torch.randn(50, 2), tmp_path / "density.png", losses=[1.0], samples=50)
     assert path.exists() and path.stat().st_size > 0
+
+
+# -- 2. few-step models, the digits classifier, straightness --------------------------------
+
+
+@pytest.mark.parametrize("kind", ["shortcut", "MeanFlow"])
+def test_a_few_step_model_refuses_a_network_without_a_step_input_where_it_enters(kind: str) -> None:
+    from flowforge.matching import MeanFlowMatcher, ShortcutMatcher
+
+    model = ShortcutMatcher if kind == "shortcut" else MeanFlowMatcher
+    with pytest.raises(ValueError, match=rf"velocity: a {kind} model .* this VelocityMLP has no step-size input"):
+        model(VelocityMLP(2, hidden=(8,)))
+    with pytest.raises(ValueError, match="ResidualVelocityMLP has no step-size input"):
+        model(ResidualVelocityMLP(2, width=8, blocks=1))
+    assert model(VelocityMLP(2, hidden=(8,), step_input=True)).loss(torch.randn(4, 2)).dim() == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"learning_rate": True}, TypeError, "learning_rate must be a finite number, got True"),
+        ({"learning_rate": NAN}, ValueError, "learning_rate must be a finite number > 0"),
+        ({"seed": 1.5}, ValueError, r"seed must be an int in 0\.\.4294967295, got 1\.5"),
+        ({"seed": "a"}, ValueError, "seed must be an int"),
+    ],
+)
+def test_the_digits_classifier_names_a_bad_learning_rate_or_seed(arguments, error, message) -> None:
+    from flowforge.eval.image_quality import train_digits_classifier
+
+    with pytest.raises(error, match=message):
+        train_digits_classifier(epochs=1, **arguments)
+
+
+def test_straightness_takes_a_bool_for_normalized() -> None:
+    from flowforge.matching import FlowMatcher, straightness
+
+    with pytest.raises(TypeError, match=r"normalized must be a bool \(True or False\), got 'no'"):
+        straightness(FlowMatcher(VelocityMLP(2, hidden=(8,))), n=4, steps=2, normalized="no")
+
+
+# -- 3. flows and transforms ---------------------------------------------------------------
+
+
+def _flow_parts():
+    from flowforge.distributions import StandardNormal
+    from flowforge.flows import Flow
+    from flowforge.transforms import AffineCoupling
+
+    return Flow, StandardNormal, AffineCoupling
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda F, N, C: F(N(2), C([True, False]), context_net=torch.nn.Linear(5, 3)),
+            "context_net: the transform takes no context",
+        ),
+        (
+            lambda F, N, C: F(N(2), C([True, False], context=3), context_net=torch.nn.Linear(5, 4)),
+            "context_net gives 4 features but the transform takes a context of 3",
+        ),
+        (
+            lambda F, N, C: F(N(2), C([True, False], context=3), context_features=5),
+            r"context_features must be the transform's context size \(3\) without a context_net, got 5",
+        ),
+        (
+            lambda F, N, C: F(N(2), C([True, False], context=3), context_features=-1),
+            "context_features must be an int >= 0",
+        ),
+        (
+            lambda F, N, C: F(N(2), C([True, False]), context_features=3),
+            r"context_features must be the transform's context size \(0\)",
+        ),
+    ],
+)
+def test_a_flow_refuses_a_context_it_could_never_use(build, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build(*_flow_parts())
+
+
+def test_a_flow_with_a_context_net_reads_its_context() -> None:
+    Flow, StandardNormal, AffineCoupling = _flow_parts()
+    torch.manual_seed(0)
+    flow = Flow(StandardNormal(2), AffineCoupling([True, False], context=3), context_net=torch.nn.Linear(5, 3))
+    torch.nn.init.normal_(flow.transform.conditioner[-1].weight)  # the conditioner starts at zero
+    x = torch.randn(4, 2)
+    assert not torch.equal(flow.log_prob(x, torch.randn(4, 5)), flow.log_prob(x, torch.randn(4, 5)))
+    flow.log_prob(x, torch.randn(4, 5)).sum().backward()
+    assert flow.context_net.weight.grad is not None and flow.context_net.weight.grad.abs().sum() > 0
+
+
+def test_layers_that_take_contexts_of_different_sizes_are_not_composed() -> None:
+    from flowforge.transforms import AffineCoupling, Compose, ImageAffineCoupling, Split
+
+    with pytest.raises(ValueError, match=r"transforms take contexts of different sizes: \[2, 3\]"):
+        Compose(AffineCoupling([True, False], context=2), AffineCoupling([False, True], context=3))
+    mixed = Compose(AffineCoupling([True, False], context=2), AffineCoupling([False, True]))
+    assert mixed.context_features == 2
+    with pytest.raises(ValueError, match="inner takes a context of 3 features but Split's context is 2"):
+        Split(4, inner=ImageAffineCoupling(2, context=3, hidden_channels=4), context=2, hidden_channels=4)
+    assert Split(4, inner=ImageAffineCoupling(2, context=3, hidden_channels=4), hidden_channels=4).context_features == 3
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (
+            lambda: _transforms().Permutation([0.0, 1.9, 2.2]),
+            ValueError,
+            r"permutation must be .* got \[0\.0, 1\.9, 2\.2\]",
+        ),
+        (lambda: _transforms().Permutation([True, False]), ValueError, "permutation must be"),
+        (
+            lambda: MaskedAutoregressive(3, order=[0.0, 1.5, 2.0]),
+            ValueError,
+            r"order must be a 1-D arrangement of the ints 0\.\.2",
+        ),
+        (
+            lambda: MaskedAutoregressive(3, order=[0, 2]),
+            ValueError,
+            r"order must be a 1-D arrangement of the ints 0\.\.2",
+        ),
+        (lambda: _transforms().Permutation.random(-2), ValueError, "features must be a positive int, got -2"),
+        (lambda: _transforms().Permutation.reverse(0), ValueError, "features must be a positive int, got 0"),
+        (lambda: _transforms().Permutation.random(3, seed=2.5), ValueError, "seed must be an int in 0..4294967295"),
+        (lambda: _transforms().ActNorm(3, image="no"), TypeError, "image must be a bool"),
+        (
+            lambda: _transforms().ImageAffineCoupling(4, parity=1.0),
+            ValueError,
+            r"parity must be an int in 0\.\.1, got 1\.0",
+        ),
+        (
+            lambda: _transforms().ImageAffineCoupling(4, parity=True),
+            ValueError,
+            "parity must be an int in 0..1, got True",
+        ),
+        (lambda: _distributions().DiagNormal(2, learnable="no"), TypeError, "learnable must be a bool"),
+        (
+            lambda: _transforms().Standardize(torch.tensor([NAN, 0.0]), torch.ones(2)),
+            ValueError,
+            "mean must be finite, got nan at index 0",
+        ),
+        (
+            lambda: _transforms().Standardize(torch.zeros(2), torch.tensor([INF, 1.0])),
+            ValueError,
+            "std must be finite, got inf at index 0",
+        ),
+        (
+            lambda: _transforms().Standardize(torch.zeros(2), torch.tensor([1.0, 0.0])),
+            ValueError,
+            "std must be positive in every feature, got 0 at index 1",
+        ),
+        (lambda: _transforms().Standardize("ab", torch.ones(2)), TypeError, "mean must be a vector of numbers"),
+        (
+            lambda: _transforms().Coupling([True, False], torch.nn.Linear(2, 2)),
+            TypeError,
+            "transformer must be an ElementwiseTransformer",
+        ),
+        (lambda: _transforms().InvertibleConv1x1(0), ValueError, "channels must be a positive int, got 0"),
+        (
+            lambda: _transforms().ResidualBlock(2, hidden=(0,)),
+            ValueError,
+            r"hidden must be a sequence of positive ints",
+        ),
+        (
+            lambda: _transforms().ContinuousFlowTransform(None, 2, method="rk4", steps=2),
+            TypeError,
+            "velocity must be an nn.Module",
+        ),
+    ],
+)
+def test_transform_arguments_are_refused_naming_them(build, error, message) -> None:
+    with pytest.raises(error, match=message):
+        build()
+
+
+def _transforms():
+    import flowforge.transforms as transforms
+
+    return transforms
+
+
+def _distributions():
+    import flowforge.distributions as distributions
+
+    return distributions
+
+
+def test_standardize_takes_numpy_statistics_into_a_float32_flow() -> None:
+    from flowforge.distributions import StandardNormal
+    from flowforge.flows import Flow
+    from flowforge.transforms import AffineCoupling, Compose, Standardize
+
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(50, 2))
+    layer = Standardize(data.mean(0), [float(s) for s in data.std(0)])  # float64 array and a list
+    flow = Flow(StandardNormal(2), Compose(layer, AffineCoupling([True, False])))
+    x = torch.as_tensor(data[:4], dtype=torch.float32)
+    expected = StandardNormal(2).log_prob((x - layer.mean) / layer.std) - layer.std.log().sum()
+    torch.testing.assert_close(flow.log_prob(x), expected)
+
+
+def test_a_residual_block_inverts_an_empty_batch() -> None:
+    from flowforge.transforms import ResidualBlock
+
+    x, logdet = ResidualBlock(2, hidden=(4,)).eval().inverse(torch.zeros(0, 2))
+    assert x.shape == (0, 2) and logdet.shape == (0,)

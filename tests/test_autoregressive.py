@@ -52,7 +52,7 @@ def test_made_first_feature_depends_on_context() -> None:
 
 
 def test_made_refuses_bad_orders_and_widths() -> None:
-    with pytest.raises(ValueError, match="permutation of range"):
+    with pytest.raises(ValueError, match=r"order must be a 1-D arrangement of the ints 0\.\.2, each once"):
         MADE(3, 1, order=[0, 0, 1])
     with pytest.raises(ValueError, match="equal hidden widths"):
         MADE(3, 1, hidden=(8, 16), residual=True)

@@ -31,6 +31,7 @@ from flowforge.matching import (
     reflow_pairs,
     straightness,
 )
+from flowforge.matching.functional import flow_matching_loss, mean_flow_loss, shortcut_loss
 from flowforge.matching.paths import AffinePath
 from flowforge.nn import ResidualVelocityMLP, VelocityMLP
 from tests.invariants import density_mass_2d, parameters_without_gradient
@@ -101,6 +102,18 @@ def test_schedule_derivatives_match_autograd(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(PATHS))
+def test_schedule_derivatives_at_the_data_end_are_their_limits(name: str) -> None:
+    # the interpolant's spread sqrt(sigma^2 + gamma^2) vanishes at t = 1, where its slope is 0/0
+    path = PATHS[name]
+    ends = torch.tensor([1.0 - 1e-7, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(*path.schedule(ends)[3], atol=1e-5, rtol=0)
+    matcher, _, _ = _gaussian_matcher(path)
+    x, t = torch.randn(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    v = matcher.velocity(x, t)
+    assert torch.isfinite(path.velocity_to_data(v, x, t)).all()
+
+
+@pytest.mark.parametrize("name", list(PATHS))
 def test_conversions_recover_the_gaussian_posterior_and_score(name: str) -> None:
     path = PATHS[name]
     matcher, _, _ = _gaussian_matcher(path)
@@ -160,7 +173,7 @@ def test_ot_couplings_pair_within_each_condition() -> None:
     x0, x1 = torch.randn(40, 2, generator=g), torch.randn(40, 2, generator=g) + 3
     labels = torch.randint(0, 3, (40,), generator=g)
     context = nn.functional.one_hot(labels, 3).float()
-    for coupling in (ExactOTCoupling(), SinkhornCoupling(reg=0.05, generator=g)):
+    for coupling in (ExactOTCoupling(), SinkhornCoupling(reg=0.05, seed=0)):
         paired = coupling(x0, x1, context)
         for label in range(3):
             members = labels == label
@@ -178,7 +191,7 @@ def test_sinkhorn_with_small_regularisation_approaches_exact_ot() -> None:
     x0, x1 = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
     exact = float((ExactOTCoupling()(x0, x1) - x1).square().sum())
     independent = float((IndependentCoupling()(x0, x1) - x1).square().sum())
-    sinkhorn = float((SinkhornCoupling(reg=0.02, generator=g)(x0, x1) - x1).square().sum())
+    sinkhorn = float((SinkhornCoupling(reg=0.02, seed=1)(x0, x1) - x1).square().sum())
     # Draws with replacement can even undercut the best permutation, so compare in both directions.
     assert abs(sinkhorn - exact) < 0.1 * (independent - exact)
 
@@ -188,6 +201,72 @@ def test_couplings_reject_mismatched_batches() -> None:
         ExactOTCoupling()(torch.randn(4, 2), torch.randn(5, 2))
     with pytest.raises(ValueError, match="reg"):
         SinkhornCoupling(reg=0.0)
+    with pytest.raises(ValueError, match=r"seed must be an int in 0..4294967295, got -1"):
+        SinkhornCoupling(seed=-1)
+
+
+def test_sinkhorn_pairs_a_batch_with_a_far_outlier() -> None:
+    # one data row far from the rest makes C / reg pass float64's exp range in plain Sinkhorn
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = torch.randn(64, 2, generator=g), torch.randn(64, 2, generator=g)
+    x1[0] = 20.0
+    paired = SinkhornCoupling(reg=0.05, seed=0)(x0, x1)
+    rows = {tuple(r) for r in x0.tolist()}
+    assert all(tuple(r) in rows for r in paired.tolist())
+    # the outlier draws the noise row nearest to it, as the exact pairing gives it one far out
+    assert float((paired[0] - x1[0]).norm()) < float((x0 - x1[0]).norm(dim=1).median())
+
+
+def test_sinkhorn_draws_follow_its_seed_and_survive_a_reload(tmp_path) -> None:
+    from flowforge.checkpoint import load_model, save_model
+
+    g = torch.Generator().manual_seed(4)
+    x0, x1 = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
+    first, second = SinkhornCoupling(reg=0.5, seed=11), SinkhornCoupling(reg=0.5, seed=11)
+    torch.testing.assert_close(first(x0, x1), second(x0, x1))
+    matcher = FlowMatcher(VelocityMLP(2, hidden=(4,)), coupling=SinkhornCoupling(reg=0.5, seed=11))
+    save_model(tmp_path / "m", matcher)
+    rebuilt = load_model(tmp_path / "m").coupling
+    torch.testing.assert_close(rebuilt(x0, x1), SinkhornCoupling(reg=0.5, seed=11)(x0, x1))
+
+
+class _SqueezedVelocity(nn.Module):
+    """A network that forgets the feature axis: (batch,) for a (batch, 1) state."""
+
+    features = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x: Tensor, t: Tensor, *more: Tensor) -> Tensor:
+        extra = more[-1][:, None] if more and isinstance(more[-1], Tensor) else torch.zeros_like(t)[:, None]
+        return self.linear(torch.cat([x, t[:, None], extra], 1)).squeeze(-1)
+
+
+def test_losses_refuse_a_velocity_of_another_shape_than_the_state() -> None:
+    x0, x1 = torch.randn(8, 1), torch.randn(8, 1)
+    net = _SqueezedVelocity()
+    with pytest.raises(ValueError, match=r"velocity returned \(8,\) for a state of shape \(8, 1\)"):
+        flow_matching_loss(net, x0, x1, torch.rand(8), LinearPath())
+    with pytest.raises(ValueError, match=r"velocity returned \(8,\) for a state of shape \(8, 1\)"):
+        shortcut_loss(net, x0, x1, LinearPath(), max_halvings=3)
+    span = torch.full((8,), 0.25)
+    for spans in (span, torch.zeros(8)):  # with the Jacobian-vector product and without
+        with pytest.raises(ValueError, match=r"average_velocity returned \(8,\) for a state of shape \(8, 1\)"):
+            mean_flow_loss(net, x0, x1, torch.rand(8) * 0.5, spans, LinearPath())
+    with pytest.raises(ValueError, match=r"velocity returned \(4, 1\) for a state of shape \(4, 2\)"):
+        flow_matching_loss(lambda x, t: x[:, :1], torch.randn(4, 2), torch.randn(4, 2), torch.rand(4), LinearPath())
+
+
+def test_flow_matching_loss_refuses_times_of_another_batch_or_an_integer_type() -> None:
+    x0, x1 = torch.randn(4, 2), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"t must have a leading shape of the data's \(4, 2\), got \(1,\)"):
+        flow_matching_loss(lambda x, t: x, x0, x1, torch.tensor([0.5]), LinearPath())
+    with pytest.raises(ValueError, match=r"got \(\)"):
+        flow_matching_loss(lambda x, t: x, x0, x1, torch.tensor(0.5), LinearPath())
+    with pytest.raises(TypeError, match=r"t must hold floating-point times, got torch\.int64"):
+        flow_matching_loss(lambda x, t: x, x0, x1, torch.zeros(4, dtype=torch.long), LinearPath())
 
 
 # ---------------------------------------------------------------- time samplers
@@ -240,6 +319,21 @@ def test_samplers_reproduce_the_gaussian(method: str) -> None:
     # standard errors: 0.6 / sqrt(4000) = 0.009 for the mean, 0.007 for the standard deviation
     torch.testing.assert_close(x.mean(0), mean, atol=0.04, rtol=0)
     torch.testing.assert_close(x.std(0), torch.full((2,), scale, dtype=torch.float64), atol=0.04, rtol=0)
+
+
+def test_sde_samples_follow_the_generator_alone() -> None:
+    matcher, _, _ = _gaussian_matcher()
+    draws = []
+    for global_seed in (1, 2):  # the global state plays no part
+        torch.manual_seed(global_seed)
+        draws.append(matcher.sample_sde(5, steps=4, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    matcher.sample_sde(5, steps=4, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(torch.get_rng_state(), state)  # nor is it moved
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, got int"):
+        matcher.sample_sde(5, steps=4, generator=7)
 
 
 def test_sde_with_zero_noise_is_the_euler_ode() -> None:
@@ -595,5 +689,5 @@ def test_couplings_and_time_laws_show_the_arguments_they_were_built_with() -> No
     assert repr(LogitNormalTime(mean=0.5)) == "LogitNormalTime(mean=0.5, std=1.0)"
     assert repr(UniformTime()) == "UniformTime()"
     shown = FlowMatcher(VelocityMLP(2, hidden=(4,)), coupling=SinkhornCoupling(reg=0.1)).extra_repr()
-    assert "coupling=SinkhornCoupling(reg=0.1, per_condition=True, generator=None)" in shown
+    assert "coupling=SinkhornCoupling(reg=0.1, per_condition=True, seed=None)" in shown
     assert "_rebuild" not in shown and "Signature" not in shown

@@ -71,7 +71,7 @@ CASES: dict[str, list] = {
         lambda: FlowMatcher(
             ResidualVelocityMLP(2, 2, width=8, blocks=1, activation=nn.Tanh, time_embedding=4, step_input=True),
             CosinePath(),
-            SinkhornCoupling(reg=0.1, per_condition=False),
+            SinkhornCoupling(reg=0.1, per_condition=False, seed=7),
             LogitNormalTime(0.5, 2.0),
             event_shape=2,
             context=2,
@@ -383,9 +383,6 @@ def test_an_unregistered_argument_is_refused_at_save_time_naming_it(tmp_path: Pa
     with pytest.raises(RebuildError, match=r"argument RealNVP\.activation is the class .*Swish.*no registered name"):
         flow.save(tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    matcher = FlowMatcher(VelocityMLP(2, hidden=(8,)), coupling=SinkhornCoupling(generator=torch.Generator()))
-    with pytest.raises(RebuildError, match=r"coupling\.generator is a torch\._C\.Generator"):
-        save_model(tmp_path / "y", matcher)
 
 
 def test_a_hand_built_flow_is_refused_with_a_message(tmp_path: Path) -> None:

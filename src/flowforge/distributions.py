@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.config import MAX_SEED
-from flowforge.validation import check_batched, check_count, check_real, check_sample_count, is_count
+from flowforge.validation import check_batched, check_bool, check_count, check_real, check_sample_count, is_count
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -92,7 +92,7 @@ class DiagNormal(BaseDistribution):
         super().__init__()
         self.event_shape = _event_shape(shape)
         loc, log_scale = torch.zeros(self.event_shape), torch.zeros(self.event_shape)
-        if learnable:
+        if check_bool("learnable", learnable):
             self.loc, self.log_scale = nn.Parameter(loc), nn.Parameter(log_scale)
         else:
             self.register_buffer("loc", loc)

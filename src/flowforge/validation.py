@@ -240,6 +240,28 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_permutation(name: str, value: object, size: int | None = None) -> Tensor:
+    """An arrangement of ``0..n-1`` (``n`` = ``size`` when given) as a new 1-D long tensor: integers
+    only (floats and bools are refused, not truncated), each once."""
+    try:
+        values = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a 1-D arrangement of the ints 0..n-1, got {value!r}") from error
+    integral = not values.is_floating_point() and not values.is_complex() and values.dtype != torch.bool
+    n = values.numel() if size is None else size
+    if (
+        not integral
+        or values.dim() != 1
+        or values.numel() != n
+        or n == 0
+        or not torch.equal(values.long().sort().values, torch.arange(n))
+    ):
+        shown = value if isinstance(value, list | tuple) or not values.dim() else values.tolist()
+        allowed = f"0..{n - 1}" if n else "0..n-1"
+        raise ValueError(f"{name} must be a 1-D arrangement of the ints {allowed}, each once, got {shown!r}")
+    return values.long().clone()
+
+
 def check_widths(name: str, widths: object) -> tuple[int, ...]:
     """Layer widths: a sequence (may be empty) of positive ints, as a tuple (floats are refused, not truncated)."""
     if isinstance(widths, str | bytes) or not isinstance(widths, Sequence) or not all(is_count(w) for w in widths):

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.checkpoint import load_model, save_model
+from flowforge.config import MAX_SEED
 from flowforge.data import DIGIT_LEVELS, digits_images
 from flowforge.registry import Rebuildable, register
-from flowforge.validation import check_batched, check_count, is_count, model_dtype
+from flowforge.validation import check_batched, check_count, check_real, is_count, model_dtype
 
 DIGIT_CLASSES = 10
 
@@ -181,8 +182,8 @@ def train_digits_classifier(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("channels", channels), ("hidden", hidden)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
+    learning_rate = check_real("learning_rate", learning_rate, positive=True)
+    seed = check_count("seed", seed, low=0, high=MAX_SEED)
     train_x, train_y = digits_images("train", test_fraction, split_seed)
     test_x, test_y = digits_images("test", test_fraction, split_seed)
     start = time.perf_counter()

@@ -32,7 +32,7 @@ from flowforge.checkpoint import load_model, save_model
 from flowforge.distributions import BaseDistribution
 from flowforge.registry import Rebuildable
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_batched, check_sample_count, describe_shape, is_count, model_dtype
+from flowforge.validation import check_batched, check_count, check_sample_count, describe_shape, is_count, model_dtype
 
 
 class Flow(Rebuildable, nn.Module):
@@ -76,10 +76,27 @@ class Flow(Rebuildable, nn.Module):
                 f"transform acts on {transform.features} features but the base distribution has event shape "
                 f"{describe_shape(tuple(self.event_shape))}"
             )
-        if context_features is None:
-            context_features = (
-                transform.context_features if context_net is None else getattr(context_net, "in_features", None)
-            )
+        wanted = transform.context_features  # what the transform sees: the net's output, or the raw context
+        if context_net is not None:
+            if not isinstance(context_net, nn.Module):
+                raise TypeError(f"context_net must be an nn.Module or None, got {type(context_net).__name__}")
+            if not wanted:
+                raise ValueError(
+                    "context_net: the transform takes no context, so the net's output would be ignored; "
+                    "build the transform with a context of the net's output size"
+                )
+            out = getattr(context_net, "out_features", None)
+            if isinstance(out, int) and out != wanted:
+                raise ValueError(f"context_net gives {out} features but the transform takes a context of {wanted}")
+        if context_features is not None:
+            context_features = check_count("context_features", context_features, low=0 if context_net is None else 1)
+            if context_net is None and context_features != wanted:
+                raise ValueError(
+                    f"context_features must be the transform's context size ({wanted}) without a context_net, "
+                    f"got {context_features}"
+                )
+        else:
+            context_features = wanted if context_net is None else getattr(context_net, "in_features", None)
         #: size of the raw context, 0 for an unconditional flow, None when unknown (any size).
         self.context_features: int | None = context_features
         self.conditional = context_net is not None or transform.context_features > 0

@@ -32,7 +32,8 @@ The layers are flowforge transforms used in their generative (``inverse``) direc
 * ``"spline"``: inverse autoregressive rational-quadratic splines (``bins``, ``bound``).
 
 Every conditioner sees :math:`h(x)` as its context, and starts at zero, so a fresh flow
-posterior is :math:`q_0`.
+posterior is :math:`q_0` (for ``"coupling"`` over more than two latent coordinates, up to the fixed
+shuffles of coordinates placed between pairs of couplings).
 
 **Prior**: :math:`\mathcal N(0, I)` (``"gaussian"``) or a flowforge flow over the latent,
 ``"maf"``, ``"realnvp"`` or ``"nsf"`` (the recipes of :mod:`flowforge.flows.recipes`, each of

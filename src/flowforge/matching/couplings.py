@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowforge.config import MAX_SEED
 from flowforge.registry import constructor_repr, register
-from flowforge.validation import check_bool, check_real
+from flowforge.validation import check_bool, check_count, check_real
 
 
 class Coupling:
@@ -134,35 +135,43 @@ class SinkhornCoupling(_PerConditionCoupling):
     Arguments:
         reg: entropic regularisation (relative to the mean cost).
         per_condition: solve within groups of identical context rows.
-        generator: random generator for the draws.
+        seed: seed of the coupling's own random generator for the draws (a rebuilt model starts it
+            again from the seed); ``None``: PyTorch's global generator.
     """
 
-    def __init__(self, reg: float = 0.05, per_condition: bool = True, generator: torch.Generator | None = None) -> None:
+    def __init__(self, reg: float = 0.05, per_condition: bool = True, seed: int | None = None) -> None:
         super().__init__(per_condition)
         self.reg = check_real("reg", reg, positive=True)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.generator = generator
+        self.seed = None if seed is None else check_count("seed", seed, low=0, high=MAX_SEED)
+        self.generator = None if seed is None else torch.Generator().manual_seed(self.seed)
 
     def pair(self, cost: np.ndarray) -> np.ndarray:
         import ot
 
         n = cost.shape[0]
         weights = np.full(n, 1.0 / n)
-        # Costs are scaled to mean 1, so plain Sinkhorn is safe in float64 down to reg ~ 0.01 (exp(-C/reg)
-        # underflows near C/reg ~ 700) and ~10x faster than the log-domain one, used below that.
+        scaled = cost / max(cost.mean(), 1e-12)
+        # Plain Sinkhorn is ~10x faster than the log-domain one but exp(-C/reg) underflows in float64
+        # near C/reg ~ 700: an outlier far from the batch's mean cost gets there even at reg = 0.05.
         # stopThr bounds the marginal error; 1e-5 is far below what drawing partners can resolve.
+        plain = scaled.max() / self.reg < 500
         plan = ot.sinkhorn(
             weights,
             weights,
-            cost / max(cost.mean(), 1e-12),
+            scaled,
             self.reg,
-            method="sinkhorn" if self.reg >= 0.01 else "sinkhorn_log",
+            method="sinkhorn" if plain else "sinkhorn_log",
             numItermax=10_000,
             stopThr=1e-5,
         )
         columns = torch.from_numpy(np.ascontiguousarray(plan.T)).clamp(min=0)
-        columns = columns / columns.sum(1, keepdim=True)
+        totals = columns.sum(1, keepdim=True)
+        if not bool(torch.isfinite(columns).all()) or not bool((totals > 0).all()):
+            raise ValueError(
+                f"Sinkhorn's plan at reg={self.reg!r} has a column without mass (a data row no noise row reaches); "
+                "a larger reg, or ExactOTCoupling, pairs this batch"
+            )
+        columns = columns / totals
         return torch.multinomial(columns, 1, generator=self.generator).squeeze(1).numpy()
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from flowforge.matching.paths import AffinePath
 from flowforge.ode import TABLEAUS, odeint, solver_settings
+from flowforge.ode.fixed import check_velocity_shape
 from flowforge.validation import check_unit_times, finite_checks_enabled
 
 
@@ -83,9 +84,15 @@ def flow_matching_loss(
         raise ValueError(
             f"x0 and x1 must be paired rows of one shape (batch >= 1, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}"
         )
+    if not t.is_floating_point():
+        raise TypeError(f"t must hold floating-point times, got {t.dtype}")
+    if t.dim() == 0 or t.shape != x1.shape[: t.dim()]:
+        raise ValueError(f"t must have a leading shape of the data's {tuple(x1.shape)}, got {tuple(t.shape)}")
     check_unit_times("t", t)
     x_t, target = path.sample(x0, x1, t)
-    return masked_mean((velocity(x_t, t) - target).square(), mask, weights)
+    prediction = velocity(x_t, t)
+    check_velocity_shape(prediction, target, "velocity")
+    return masked_mean((prediction - target).square(), mask, weights)
 
 
 def shortcut_loss(
@@ -119,6 +126,7 @@ def shortcut_loss(
     d_query = torch.where(exponent == max_halvings, torch.zeros_like(d), d)
     with torch.no_grad():
         first = velocity(x_t, t, d_query)
+        check_velocity_shape(first, x_t, "velocity")
         x_mid = x_t + d.reshape(-1, *([1] * (x_t.dim() - 1))) * first
         target = 0.5 * (first + velocity(x_mid, t + d, d_query))
     return masked_mean((velocity(x_t, t, 2 * d) - target).square(), mask)
@@ -174,12 +182,14 @@ def mean_flow_loss(
     if guided_velocity is not None:
         v = guided_velocity(x_s, v).detach()
     if bool((span == 0).all()):  # flow matching alone: the derivative is multiplied by 0, so skip it
-        prediction, target = average_velocity(x_s, start, span), v.detach()
+        prediction, derivative = average_velocity(x_s, start, span), None
     else:
         prediction, derivative = torch.func.jvp(
             average_velocity, (x_s, start, span), (v, torch.ones_like(start), -torch.ones_like(span))
         )
-        target = (v + span.reshape(-1, *([1] * (v.dim() - 1))) * derivative).detach()
+    check_velocity_shape(prediction, v, "average_velocity")
+    target = v if derivative is None else v + span.reshape(-1, *([1] * (v.dim() - 1))) * derivative
+    target = target.detach()
     squared = (prediction - target).square()
     if adaptive_power == 0:
         return masked_mean(squared, mask)

@@ -399,16 +399,28 @@ class FlowMatcher(Rebuildable, nn.Module):
         return unconditional + guidance_scale * (conditional - unconditional)
 
     # ------------------------------------------------------------------ sampling
-    def _noise_and_context(self, n: int, context: Tensor | None) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
+    def _noise_and_context(
+        self, n: int, context: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
         """Noise for ``n`` draws (per context row), the context repeated to match, the output shape.
-        With a context of 0 rows the noise is empty: the samplers return it without a solve."""
+        With a context of 0 rows the noise is empty: the samplers return it without a solve. With a
+        ``generator`` the noise is drawn from it (the global random state is left as it was)."""
         n = check_sample_count(n)
         context = self._check_context(context)
         rows = n if context is None else n * context.shape[0]
         shape = (n, *self.event_shape) if context is None else (n, context.shape[0], *self.event_shape)
         if rows == 0:
             return self.base.sample(1)[:0], context, shape
-        x0 = self.base.sample(rows)  # on the model's device and dtype (the base holds a buffer)
+        if generator is None:
+            x0 = self.base.sample(rows)  # on the model's device and dtype (the base holds a buffer)
+        else:
+            # any base distribution draws from the global state: seed a private copy of it from the generator
+            devices = {
+                tensor.device for tensor in (*self.parameters(), *self.buffers()) if tensor.device.type == "cuda"
+            }
+            with torch.random.fork_rng(devices=list(devices)):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+                x0 = self.base.sample(rows)
         if context is not None:
             context = context.repeat(n, 1)  # draw-major: rows i*B .. i*B+B-1 are draw i
         return x0, context, shape
@@ -487,11 +499,14 @@ class FlowMatcher(Rebuildable, nn.Module):
         which vanishes at the data end where the score is singular, so
         :math:`\tfrac12 g_t^2 \nabla\log p_t = -\tfrac12\,\text{noise\_scale}^2\,\sigma_t\,\hat x_0`
         stays finite. ``noise_scale = 0`` is the Euler ODE sampler. ``steps`` (a positive int) and
-        ``noise_scale`` (finite, >= 0) are checked here, once.
+        ``noise_scale`` (finite, >= 0) are checked here, once. ``generator`` draws both the starting
+        noise and the Brownian increments: the same seed gives the same samples.
         """
         check_count("steps", steps)
         noise_scale = check_real("noise_scale", noise_scale, non_negative=True)
-        x0, context, shape = self._noise_and_context(n, context)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        x0, context, shape = self._noise_and_context(n, context, generator)
         guidance_scale = self._check_guidance(guidance_scale, context)
         if x0.shape[0] == 0:
             self.last_nfe = 0

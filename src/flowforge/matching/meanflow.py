@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from flowforge.matching.functional import mean_flow_loss
 from flowforge.matching.matcher import FlowMatcher, _SamplingField
+from flowforge.nn.velocity import check_step_input
 from flowforge.ode import solver_settings
 from flowforge.registry import register
 from flowforge.validation import check_real
@@ -74,6 +75,7 @@ class MeanFlowMatcher(FlowMatcher):
         guidance_scale: float = 1.0,
         **matcher_options: Any,
     ) -> None:
+        check_step_input(velocity, "MeanFlow")
         super().__init__(velocity, *args, **matcher_options)
         span_fraction = check_real("span_fraction", span_fraction)
         if not 0.0 <= span_fraction <= 1.0:

@@ -197,8 +197,13 @@ class StochasticInterpolantPath(AffinePath):
         alpha, sigma, d_alpha, d_sigma = self.base.schedule(t)
         gamma, d_gamma = self.gamma(t)
         total = torch.sqrt(sigma.square() + gamma.square())
-        # d/dt sqrt(s^2 + g^2); where both vanish (t = 1 on the linear path) the ratio is 0/0: use 0.
-        d_total = (sigma * d_sigma + gamma * d_gamma) / total.clamp(min=torch.finfo(total.dtype).tiny)
+        # d/dt sqrt(s^2 + g^2). Where both vanish (t = 1 on the linear path) the ratio is 0/0; both
+        # vanish linearly there, so the total falls as |t - 1| sqrt(s'^2 + g'^2): its slope from the left.
+        d_total = torch.where(
+            total > 0,
+            (sigma * d_sigma + gamma * d_gamma) / total.clamp(min=torch.finfo(total.dtype).tiny),
+            -torch.sqrt(d_sigma.square() + d_gamma.square()),
+        )
         return alpha, total, d_alpha, d_total
 
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from flowforge.matching.functional import integrate
 from flowforge.matching.matcher import FlowMatcher
 from flowforge.ode import solver_settings
-from flowforge.validation import check_count, check_sample_count
+from flowforge.validation import check_bool, check_count, check_sample_count
 
 
 def _checked_draws(matcher: FlowMatcher, n: object, context: Tensor | None, row: str) -> tuple[int, Tensor | None]:
@@ -101,6 +101,7 @@ def straightness(
     """
     n, context = _checked_draws(matcher, n, context, "trajectory")
     steps = check_count("steps", steps)
+    normalized = check_bool("normalized", normalized)
     field = matcher.sampling_field(context, None, "euler", steps)
     x = start = matcher.base.sample(n)
     h = 1.0 / steps

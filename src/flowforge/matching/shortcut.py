@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from flowforge.matching.functional import flow_matching_loss, shortcut_loss, shortcut_step
 from flowforge.matching.matcher import FlowMatcher, _SamplingField
+from flowforge.nn.velocity import check_step_input
 from flowforge.ode import solver_settings
 from flowforge.registry import register
 from flowforge.validation import check_count, check_real
@@ -67,6 +68,7 @@ class ShortcutMatcher(FlowMatcher):
         max_halvings: int = 7,
         **matcher_options: Any,
     ) -> None:
+        check_step_input(velocity, "shortcut")
         super().__init__(velocity, *args, **matcher_options)
         self_consistency_fraction = check_real("self_consistency_fraction", self_consistency_fraction)
         if not 0.0 < self_consistency_fraction < 1.0:

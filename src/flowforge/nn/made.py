@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.registry import refuse_unread
-from flowforge.validation import check_activation
+from flowforge.validation import check_activation, check_permutation
 
 
 class MaskedLinear(nn.Linear):
@@ -111,9 +111,7 @@ class MADE(nn.Module):
                 MADE, {"residual": residual}, f"hidden = {list(hidden)} has no layer after the first to make residual"
             )
         # A copy: layers built from one order tensor must not share storage (safetensors refuses aliasing).
-        order_t = torch.arange(features) if order is None else torch.as_tensor(order, dtype=torch.long).clone()
-        if order_t.shape != (features,) or not torch.equal(order_t.sort().values, torch.arange(features)):
-            raise ValueError(f"order must be a permutation of range({features}), got {order_t.tolist()}")
+        order_t = torch.arange(features) if order is None else check_permutation("order", order, features)
 
         self.features, self.params_per_feature, self.context_features = features, params_per_feature, context
         self.residual = residual

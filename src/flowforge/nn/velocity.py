@@ -217,6 +217,18 @@ class VelocityMLP(nn.Module):
         return velocity
 
 
+def check_step_input(velocity: object, model: str) -> None:
+    """Refuse a flowforge velocity network built without a step-size input (``step_input=False``) for
+    the few-step ``model`` that needs one, where the network enters rather than at its first loss.
+    A network of the user's own is taken as it is: its call fails on a ``step`` it cannot take."""
+    inputs = getattr(velocity, "time_inputs", None)
+    if isinstance(inputs, _TimeInputs) and not inputs.step_input:
+        raise ValueError(
+            f"velocity: a {model} model tells its network the step size, and this {type(velocity).__name__} "
+            "has no step-size input; build it with step_input=True"
+        )
+
+
 def _run_layers(layers: Iterable[nn.Module], h: Tensor) -> Tensor:
     """``layers(h)`` without the per-module call machinery for plain Linear and SiLU layers.
 

@@ -21,7 +21,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from flowforge.validation import check_batched, describe_shape
+from flowforge.config import MAX_SEED
+from flowforge.validation import check_batched, check_count, check_permutation, describe_shape
 
 
 class Transform(nn.Module, ABC):
@@ -97,7 +98,12 @@ class Compose(Transform):
         if len(sizes) > 1:
             raise ValueError(f"transforms act on different feature sizes: {sorted(sizes)}")
         self.features = sizes.pop() if sizes else None
-        self.context_features = max(t.context_features for t in transforms)
+        contexts = {t.context_features for t in transforms} - {0}  # unconditional layers ignore the context
+        if len(contexts) > 1:
+            raise ValueError(
+                f"transforms take contexts of different sizes: {sorted(contexts)}; one context feeds them all"
+            )
+        self.context_features = contexts.pop() if contexts else 0
 
     #: Recompute each layer's activations in the backward pass instead of storing them
     #: (``torch.utils.checkpoint``): memory of one layer instead of the whole stack, for one
@@ -173,24 +179,21 @@ class Permutation(Transform):
 
     def __init__(self, permutation: Sequence[int] | Tensor) -> None:
         super().__init__()
-        perm = torch.as_tensor(permutation, dtype=torch.long)
-        n = perm.numel()
-        if perm.dim() != 1 or n == 0 or not torch.equal(perm.sort().values, torch.arange(n)):
-            raise ValueError(f"permutation must be a 1-D arrangement of 0..n-1, got {perm.tolist()}")
-        self.features = n
+        perm = check_permutation("permutation", permutation)
+        self.features = perm.numel()
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))
 
     @classmethod
     def reverse(cls, features: int) -> Permutation:
         """The permutation that reverses the order of ``features`` features."""
-        return cls(torch.arange(features - 1, -1, -1))
+        return cls(torch.arange(check_count("features", features) - 1, -1, -1))
 
     @classmethod
     def random(cls, features: int, seed: int = 0) -> Permutation:
         """A uniformly random permutation drawn from a generator seeded with ``seed``."""
-        generator = torch.Generator().manual_seed(seed)
-        return cls(torch.randperm(features, generator=generator))
+        generator = torch.Generator().manual_seed(check_count("seed", seed, low=0, high=MAX_SEED))
+        return cls(torch.randperm(check_count("features", features), generator=generator))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check_input("x", x, None)

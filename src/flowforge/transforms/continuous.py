@@ -107,6 +107,8 @@ class ContinuousFlowTransform(Transform):
         adjoint: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(velocity, nn.Module):
+            raise TypeError(f"velocity must be an nn.Module net(x, t, context) -> v, got {type(velocity).__name__}")
         if trace not in ("exact", "hutchinson"):
             raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
         if rebuilding():  # a model saved before the rule carries all three: keep the ones it reads

@@ -73,6 +73,11 @@ class Coupling(Transform):
         super().__init__()
         mask = _as_mask(mask)
         context = check_count("context", context, low=0)
+        if not isinstance(transformer, ElementwiseTransformer):
+            raise TypeError(
+                "transformer must be an ElementwiseTransformer (e.g. AffineElementwise()), "
+                f"got {type(transformer).__name__}"
+            )
         self.features = mask.numel()
         self.context_features = context
         self.transformer = transformer
@@ -198,8 +203,7 @@ class ImageAffineCoupling(Transform):
         super().__init__()
         if mask not in ("channel", "checkerboard"):
             raise ValueError(f"mask must be 'channel' or 'checkerboard', got {mask!r}")
-        if parity not in (0, 1):
-            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+        parity = check_count("parity", parity, low=0, high=1)
         channels = check_count("channels", channels)
         if mask == "channel" and channels < 2:
             raise ValueError(f"a channel coupling needs at least 2 channels, got {channels}")

@@ -145,6 +145,18 @@ class LULinear(Transform):
         return f"features={self.features}, min_diagonal={self.min_diagonal}"
 
 
+def _statistic(name: str, value: object) -> Tensor:
+    """A statistic of :class:`Standardize` as a finite tensor of PyTorch's default dtype."""
+    try:
+        tensor = torch.as_tensor(value, dtype=torch.get_default_dtype())
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a vector of numbers (a tensor, array or list), got {value!r}") from error
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).flatten().nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {float(tensor.flatten()[bad])} at index {bad}")
+    return tensor
+
+
 class Standardize(Transform):
     r"""The fixed map :math:`z = (x - \mu) / s` with per-feature statistics of the training data.
 
@@ -161,12 +173,15 @@ class Standardize(Transform):
 
     def __init__(self, mean: Tensor, std: Tensor) -> None:
         super().__init__()
+        # in PyTorch's default dtype, as every layer's parameters are built (NumPy's statistics are float64)
+        mean, std = (_statistic(name, value) for name, value in (("mean", mean), ("std", std)))
         if mean.dim() != 1 or mean.shape != std.shape:
             raise ValueError(
                 f"mean and std must be vectors of one size, got {tuple(mean.shape)} and {tuple(std.shape)}"
             )
         if not bool((std > 0).all()):
-            raise ValueError("std must be positive in every feature")
+            bad = int((~(std > 0)).nonzero()[0])
+            raise ValueError(f"std must be positive in every feature, got {float(std[bad]):g} at index {bad}")
         self.features = mean.shape[0]
         self.register_buffer("mean", mean.detach().clone())
         self.register_buffer("std", std.detach().clone())
@@ -199,7 +214,7 @@ class InvertibleConv1x1(Transform):
 
     def __init__(self, channels: int, identity_init: bool = False) -> None:
         super().__init__()
-        self.channels = channels
+        self.channels = check_count("channels", channels)
         self.linear = LULinear(channels, identity_init=identity_init)
 
     def _check(self, name: str, value: Tensor) -> None:

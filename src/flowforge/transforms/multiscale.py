@@ -102,8 +102,14 @@ class Split(Transform):
             raise TypeError(f"inner must be a flowforge Transform or None, got {type(inner).__name__}")
         self.channels = channels
         self.kept_channels = channels - channels // 2
+        inner_context = inner.context_features if inner is not None else 0
+        if context and inner_context and inner_context != context:
+            raise ValueError(
+                f"inner takes a context of {inner_context} features but Split's context is {context}; "
+                "one context feeds both"
+            )
         self.inner = inner
-        self.context_features = max(int(context), inner.context_features if inner is not None else 0)
+        self.context_features = max(context, inner_context)
         self.scale_bound = check_real("scale_bound", scale_bound, positive=True)
         self.prior = ConvConditioner(self.kept_channels, 2 * (channels // 2), hidden_channels, context)
         self._prior_context = int(context)

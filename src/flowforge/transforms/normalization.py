@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_count, check_real, describe_shape
+from flowforge.validation import check_bool, check_count, check_real, describe_shape
 
 
 class ActNorm(Transform):
@@ -73,7 +73,7 @@ class ActNorm(Transform):
     def __init__(self, features: int, *, image: bool = False) -> None:
         super().__init__()
         self.channels = check_count("features", features)
-        self.image = bool(image)
+        self.image = check_bool("image", image)
         self.features = None if image else self.channels
         self.shift = nn.Parameter(torch.zeros(features))
         self.log_scale = nn.Parameter(torch.zeros(features))

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from flowforge.ode.divergence import roulette_weights
 from flowforge.transforms.base import Transform
-from flowforge.validation import check_autograd_available, check_count, check_real
+from flowforge.validation import check_autograd_available, check_count, check_real, check_widths
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -242,6 +242,7 @@ class ResidualBlock(Transform):
         super().__init__()
         features = check_count("features", features)
         context = check_count("context", context, low=0)
+        hidden = check_widths("hidden", hidden)
         coefficient = check_real("coefficient", coefficient)
         if not 0.0 < coefficient < 1.0:
             raise ValueError(f"coefficient must be in (0, 1) for g to be a contraction, got {coefficient}")
@@ -329,6 +330,9 @@ class ResidualBlock(Transform):
     def inverse_without_logdet(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """The fixed-point inverse alone (sampling skips the series log-determinant)."""
         self.check_input("z", z, context)
+        if z.shape[0] == 0:
+            self.last_iterations = 0
+            return z
         tolerance = self._tolerance(z.dtype)
         with torch.no_grad():
             weights = self.residual.normalized_weights()  # the same g at every iteration
