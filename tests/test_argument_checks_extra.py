@@ -486,3 +486,96 @@ def test_a_residual_block_inverts_an_empty_batch() -> None:
 
     x, logdet = ResidualBlock(2, hidden=(4,)).eval().inverse(torch.zeros(0, 2))
     assert x.shape == (0, 2) and logdet.shape == (0,)
+
+
+# -- 4. networks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (lambda: MaskedAutoregressive(3, hidden="64"), ValueError, "hidden must be a sequence of positive ints"),
+        (lambda: _made()(3, 2, hidden=(8.7,)), ValueError, "hidden must be a sequence of positive ints"),
+        (lambda: _made()(3, 2, hidden=(8, 8), residual="no"), TypeError, "residual must be a bool"),
+        (lambda: _made()(True, 2), ValueError, "features must be a positive int, got True"),
+        (lambda: _made()(3, 2)(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "this MADE takes no context"),
+        (lambda: _made()(3, 2, context=2)(torch.randn(4, 3)), ValueError, r"context of shape \(batch, 2\) is required"),
+        (lambda: _conv()(2, 4, context=3)(torch.randn(1, 2, 4, 4)), ValueError, r"context of shape \(batch, 3\)"),
+        (lambda: _conv()(2.5, 4), ValueError, "in_channels must be a positive int, got 2.5"),
+        (
+            lambda: VelocityMLP(2)(torch.randn(4, 3), torch.rand(4)),
+            ValueError,
+            r"x must have shape \(batch, 2\), got \(4, 3\)",
+        ),
+        (lambda: ResidualVelocityMLP(2, width=8, blocks=1)(torch.randn(4), torch.rand(4)), ValueError, r"got \(4,\)"),
+        (
+            lambda: VelocityMLP(2, step_input=True)(torch.randn(4, 2), torch.rand(4), step=True),
+            ValueError,
+            "step must be a finite step size >= 0",
+        ),
+    ],
+)
+def test_network_arguments_and_inputs_are_refused_naming_them(build, error, message) -> None:
+    with pytest.raises(error, match=message):
+        build()
+
+
+def _made():
+    from flowforge.nn.made import MADE
+
+    return MADE
+
+
+def _conv():
+    from flowforge.nn.conv import ConvConditioner
+
+    return ConvConditioner
+
+
+def test_a_velocity_mlp_takes_a_float64_state_into_a_float32_network() -> None:
+    net = VelocityMLP(2, hidden=(8,))
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert net(x, torch.zeros(3)).dtype == torch.float32
+    torch.testing.assert_close(net(x, torch.zeros(3)), net(x.float(), torch.zeros(3)))
+
+
+def test_velocity_networks_honour_every_hook() -> None:
+    net = VelocityMLP(2, hidden=(8,))
+    fired: list[str] = []
+    handles = [
+        net.net.register_forward_hook(lambda *_: fired.append("net")),
+        net.net[0].register_full_backward_hook(lambda *_: fired.append("first layer backward")),
+    ]
+    x = torch.randn(3, 2, requires_grad=True)
+    net(x, torch.rand(3)).sum().backward()
+    assert fired == ["net", "first layer backward"]
+    for handle in handles:
+        handle.remove()
+    fired.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, *_: fired.append(type(module).__name__)
+    )
+    try:
+        net(x, torch.rand(3))
+    finally:
+        handle.remove()
+    assert fired.count("Linear") == 2 and "VelocityMLP" in fired
+
+
+def test_flow_matching_validation_builds_no_graph() -> None:
+    from flowforge.matching import FlowMatcher
+    from flowforge.train import FlowMatchingObjective
+
+    seen = []
+    matcher = FlowMatcher(VelocityMLP(2, hidden=(8,)))
+    matcher.velocity.register_forward_hook(lambda module, inputs, output: seen.append(output.requires_grad))
+    FlowMatchingObjective().validation(matcher, (torch.randn(8, 2), None))
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("setting", ["layers", "heads", "mlp_ratio"])
+def test_the_policy_transformer_refuses_a_zero_size(setting: str) -> None:
+    from flowforge.nn.transformer import PrefixSuffixTransformer
+
+    with pytest.raises(ValueError, match=rf"{setting} must be a positive int, got 0"):
+        PrefixSuffixTransformer(width=32, **{setting: 0})

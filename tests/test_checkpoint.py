@@ -465,3 +465,40 @@ def test_atomic_writes_get_the_permissions_of_an_ordinary_write(tmp_path: Path) 
     write_atomic(atomic, b"x")
     assert atomic.stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_a_save_keeps_the_users_own_tensor_files_and_repairs_a_damaged_one(tmp_path: Path) -> None:
+    (tmp_path / "my_pretrained_encoder.safetensors").write_bytes(b"the user's")
+    (tmp_path / "notes.txt").write_text("kept")
+    model = RealNVP(2, transforms=2, hidden=(8,))
+    save_model(tmp_path, model)
+    assert (tmp_path / "my_pretrained_encoder.safetensors").read_bytes() == b"the user's"
+    assert (tmp_path / "notes.txt").exists()
+    weights = next(tmp_path.glob("model-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:40])  # damaged in place, same name
+    save_model(tmp_path, model)  # saving the same model again writes the file anew
+    reloaded = load_model(tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_model(tmp_path, model)  # other weights: the earlier save's tensor file goes
+    assert len(list(tmp_path.glob("model-*.safetensors"))) == 1
+
+
+def test_a_save_with_a_value_that_is_no_tensor_writes_nothing(tmp_path: Path) -> None:
+    from flowforge.checkpoint import model_manifest, save_checkpoint
+
+    model = RealNVP(2, transforms=2, hidden=(8,))
+    with pytest.raises(TypeError, match=r"tensor_files\['extra'\]\['x'\] must be a torch\.Tensor, got int"):
+        save_checkpoint(tmp_path / "run", {"model": model.state_dict(), "extra": {"x": 1}}, model_manifest(model))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_edited_manifest_is_refused_before_its_model_is_built(tmp_path: Path) -> None:
+    save_model(tmp_path, RealNVP(2, transforms=2, hidden=(8,)))
+    manifest = json.loads((tmp_path / "checkpoint.json").read_text())
+    manifest["model"]["arguments"]["hidden"] = [2**62]  # built first, this would ask for exabytes
+    (tmp_path / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="edited"):
+        load_model(tmp_path)

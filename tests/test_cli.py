@@ -325,6 +325,10 @@ BAD_VALUES = [
     (None, VAE_CONFIG + "[objective]\nkl_warmup_steps = 11\n", "kl_warmup_steps = 11 is longer"),
     (None, '[model]\nkind = "realnvp"\n[data]\nname = "moons"\n[objective]\nkind = "reverse-kl"\n', "[data]"),
     (["data.size=1180591620717411303424"], None, "size = 1180591620717411303424: expected integers of at most 64"),
+    (["model.options.hiden=[8]"], None, "options.hiden: a realnvp model takes no such option (did you mean 'hidden'?)"),
+    (["model.options.hidden=[99999999999999999999]"], None, "options.hidden[0] = 99999999999999999999: expected"),
+    ([f"train.lr={10**400}"], None, "lr = 10000000000000000000...(401 digits)"),
+    (["model.options.seed=4294967296"], None, "seed must be an int in 0..4294967295, got 4294967296"),
     (['model.options.activation=["relu"]'], None, "options.activation = ['relu']: expected a name"),
     (["data.path=."], None, f"{Path.cwd()}: a folder, not a file"),  # named as the absolute path the run keeps
     (
@@ -833,7 +837,11 @@ def test_sizes_beyond_the_bounds_are_refused_where_they_enter(tmp_path: Path) ->
             ["--set", f"train.batch_size={huge}"],
             "batch_size = 99999999999999999999: expected an integer in [1, 16777216]",
         ),
-        (["--set", f"model.options.transforms={huge}"], "transforms must be an int in 1..1000"),
+        (
+            ["--set", f"model.options.transforms={huge}"],
+            f"options.transforms = {huge}: expected integers of at most 64",
+        ),
+        (["--set", "model.options.transforms=1001"], "transforms must be an int in 1..1000"),
     ]
     for extra, message in cases:
         result = _train(CONFIGS / "realnvp_moons.toml", tmp_path / "run", *extra)

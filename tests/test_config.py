@@ -128,3 +128,18 @@ def test_range_checks() -> None:
     for value in (float("inf"), -0.1, 1.5, True, "1"):
         with pytest.raises(ConfigError, match=r"^p = .*: expected a finite number >= 0 and <= 1$"):
             check_range("p", value, low=0, high=1)
+
+
+def test_an_integer_beyond_a_float_or_64_bits_is_refused_naming_it_wherever_it_sits() -> None:
+    huge = 10**400
+    with pytest.raises(ConfigError, match=r"lr = 1000.*\(401 digits\): expected a finite number > 0"):
+        TrainerConfig(lr=huge)
+    with pytest.raises(ConfigError, match=r"x = 1000.*401 digits.*expected a finite number"):
+        check_range("x", huge)
+    from flowforge.runs.density import RunConfig as DensityRunConfig
+
+    text = '[data]\nname = "moons"\n[model]\nkind = "realnvp"\n[train]\nsteps = 1\n'
+    with pytest.raises(ConfigError, match=r"\[train\] lr = .*expected a number of a float's range"):
+        parse_config(DensityRunConfig, text, overrides=[f"train.lr={huge}"])
+    with pytest.raises(ConfigError, match=r"options\.hidden\[0\] = 9{20}: expected integers of at most 64"):
+        parse_config(DensityRunConfig, text, overrides=["model.options.hidden=[99999999999999999999]"])

@@ -66,7 +66,10 @@ def test_tables_round_trip_through_every_format(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("x,y\n1,2\n3\n", r"bad\.csv, row 3: expected 2 columns, got 1"),
+        ("x,y\n1,2\n3\n", r"bad\.csv, row 3: expected 2 columns \(as many as the header names\), got 1"),
+        ("1,2\n3\n", r"bad\.csv, row 2: expected 2 columns, got 1"),
+        ("a,b,c\n1,2\n3,4\n", r"bad\.csv, row 2: expected 3 columns \(as many as the header names\), got 2"),
+        (",\n1,2\n3,4\n", r"bad\.csv, row 1, column 1: '' is not a number"),
         ("1,2\n3,abc\n", r"bad\.csv, row 2, column 2: 'abc' is not a number"),
         ("x,y\n1,2\n3,nan\n", r"bad\.csv, row 3, column 2: nan \(NaN/inf is not allowed\)"),
         ("x,y\n", r"bad\.csv: the table has no rows"),
@@ -301,3 +304,14 @@ def test_generators_refuse_settings_that_would_give_nan_or_fail_inside_torch() -
     for call, message in refusals:
         with pytest.raises((ValueError, TypeError), match=message):
             call()
+
+
+def test_dequantized_digits_name_the_bad_pixel() -> None:
+    from flowforge.data.tabular import dequantize_digits
+
+    with pytest.raises(DataError, match=r"integers in 0\.\.16, got 17 at index \(1,\)"):
+        dequantize_digits(torch.tensor([3.0, 17.0]))
+    with pytest.raises(DataError, match=r"got nan at index \(0,\)"):
+        dequantize_digits(torch.tensor([float("nan"), 1.0]))
+    with pytest.raises(DataError, match=r"got dtype torch\.bool"):
+        dequantize_digits(torch.tensor([True, False]))

@@ -69,6 +69,12 @@ def test_what_the_robot_received_is_what_the_executor_says_it_executed(execution
         assert executor.waited == low * waits
     else:
         assert low <= executor.waited <= high * len(executor.timings)
+    if execution == "rtc-trained":
+        # each chunk starts with the actions that ran while it was computed, given as they ran (the
+        # old plan's held last action included where the delay outlasts the plan)
+        for number, timing in enumerate(executor.timings[1:], start=1):
+            for i in range(min(timing.arrived, 40) - timing.origin):
+                np.testing.assert_allclose(sent[timing.origin + i], chunks[number][i], atol=1e-5)
 
 
 @pytest.mark.parametrize("execution", ["sync", "async", "rtc", "rtc-trained", "rtc-trained, guided", "async, ddpm"])
@@ -670,3 +676,64 @@ def test_a_gif_is_written_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         save_gif(frames, tmp_path / "cut.gif")
     assert not (tmp_path / "cut.gif").exists()
+
+
+def test_a_chunk_refused_in_the_inference_thread_is_not_waited_for_again() -> None:
+    import time
+
+    from flowforge.errors import NumericalError
+
+    executor = ChunkExecutor(_policy("flow"), execution="async", delay="real", control_period=10.0)
+    overflowing = {"state": np.array([3e38, -3e38, 3e38], dtype=np.float32)}
+    outcomes = []
+    try:
+        for step in range(10):
+            try:
+                executor.act(overflowing if step == 3 else _observation(step))
+                outcomes.append("ok")
+            except NumericalError:
+                outcomes.append("refused")
+            time.sleep(0.02)
+    finally:
+        executor.close()
+    assert outcomes.count("refused") == 1 and outcomes[-1] == "ok", outcomes
+
+
+def test_the_executor_hands_out_copies_and_keeps_copies_of_frames() -> None:
+    executor = ChunkExecutor(_policy("flow"))
+    action = executor.act(_observation(0))
+    before = executor.chunks[0].actions[0, 0].clone()
+    action *= 0
+    torch.testing.assert_close(executor.chunks[0].actions[0, 0], before)
+    policy = _policy("flow", obs_horizon=2, image_shape=[3, 36, 36])
+    executor = ChunkExecutor(policy)
+    frame = np.zeros((36, 36, 3), np.uint8)
+    executor.act({**_observation(0), "image": frame})
+    frame[:] = 255  # the caller renders the next frame into the same buffer
+    assert float(executor.batch({**_observation(1), "image": frame})["image"][0, 0].float().mean()) == 0.0
+
+
+def test_temporal_ensembling_records_the_actions_it_sent() -> None:
+    executor = ChunkExecutor(_policy("flow"), temporal_ensemble=0.3)
+    sent = np.stack([executor.act(_observation(step)) for step in range(12)])
+    recorded, switches = executor.sent_actions()
+    np.testing.assert_allclose(recorded, np.clip(sent, -1, 1))
+    assert switches == [] and executor.boundary_jumps() == [] and len(executor.within_chunk_changes()) == 11
+
+
+def test_a_float64_policy_keeps_given_actions_in_float64() -> None:
+    from flowforge.policy.heads import ChunkPrefix
+
+    policy = _policy("flow", rtc_training_delay=3).double()
+    given = torch.randn(1, 8, 2, dtype=torch.float64) * 1.2345678901234
+    result = policy.predict_chunk({"state": torch.randn(1, 1, 3, dtype=torch.float64)}, prefix=ChunkPrefix(given, 3))
+    torch.testing.assert_close(result.actions[0, :3], given[0, :3], rtol=0, atol=1e-12)
+
+
+def test_a_window_whose_first_action_is_padding_is_refused() -> None:
+    policy = _policy("flow").train()
+    action, pad = torch.randn(4, 8, 2), torch.zeros(4, 8, dtype=torch.bool)
+    pad[2, 0] = True
+    action[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"action_is_pad\[2, 0\] is True: a window's first action is real"):
+        policy.loss({"state": torch.randn(4, 1, 3), "action": action, "action_is_pad": pad})

@@ -198,7 +198,8 @@ def test_bad_solver_inputs_are_refused_at_entry() -> None:
         (lambda: sdeint(decay, lambda x, t: torch.ones(3), torch.ones(2, 2), (0, 1)), ValueError, "diffusion returned"),
         (lambda: sdeint(decay, lambda x, t: torch.ones(2, 2, 2), torch.ones(2, 2), (0, 1)), ValueError, "broadcasts"),
         (lambda: odeint(decay, ones, 0.5), ValueError, r"t_span must be \(t0, t1\), got 0\.5"),
-        (lambda: odeint(decay, ones, (0.0, 1e300), "rk4"), ValueError, r"t1 - t0 = 1e\+300: beyond the range of"),
+        (lambda: odeint(decay, ones, (0.0, 1e300), "rk4"), ValueError, r"t1 = 1e\+300: beyond the range of"),
+        (lambda: odeint(decay, ones, (-3e38, 3e38), "rk4"), ValueError, r"t1 - t0 = 6e\+38: beyond the range of"),
         (lambda: odeint(decay, ones, (0.0, 1e300), "dopri5"), ValueError, r"t1 = 1e\+300: beyond the range of"),
         (lambda: odeint(decay, ones, (0.0, 1.0), "rk4", max_steps=5), ValueError, "max_steps = 5: rk4 takes exactly"),
     ]
@@ -250,3 +251,38 @@ def test_a_setting_the_method_would_not_read_is_refused_not_dropped() -> None:
     # the defaults fill in what the method reads: 50 fixed steps for a likelihood, as documented
     x = torch.randn(3, 1)
     torch.testing.assert_close(matcher.log_prob(x, method="rk4"), matcher.log_prob(x, method="rk4", steps=50))
+
+
+def test_a_scalar_time_tensor_keeps_its_gradient_through_a_fixed_step_solve() -> None:
+    # x(t1) = x0 exp(-t1): d/dt1 sum(x(t1)) = -2 exp(-1) at t1 = 1 for two ones
+    for method, steps in (("rk4", 20), ("dopri5", None)):
+        t1 = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        x0 = torch.ones(2, 1, dtype=torch.float64)
+        odeint(lambda x, t: -x, x0, (0.0, t1), method, steps).sum().backward()
+        assert t1.grad is not None, method
+        expected = torch.tensor(-2 * math.exp(-1), dtype=torch.float64)
+        torch.testing.assert_close(t1.grad, expected, rtol=1e-5 if method == "rk4" else 1e-3, atol=0)
+
+
+def test_an_adaptive_solve_of_an_empty_batch_is_empty() -> None:
+    end = odeint(lambda x, t: -x, torch.ones(0, 1), (0.0, 1.0), "dopri5")
+    assert end.shape == (0, 1)
+
+
+def test_a_shared_time_beyond_the_state_dtype_is_named() -> None:
+    with pytest.raises(ValueError, match=r"t1 = 70000\.0: beyond the range of torch\.float16"):
+        odeint(lambda x, t: torch.zeros_like(x), torch.zeros(2, 1, dtype=torch.float16), (60000.0, 70000.0), "euler", 4)
+
+
+def test_sde_noise_takes_the_state_dtype() -> None:
+    from flowforge.ode import sdeint
+
+    end = sdeint(
+        lambda x, t: -x,
+        lambda x, t: torch.ones_like(x),
+        torch.zeros(3, 2),
+        (0.0, 1.0),
+        steps=5,
+        noise=torch.randn(5, 3, 2, dtype=torch.float64),
+    )
+    assert end.dtype == torch.float32

@@ -43,3 +43,56 @@ def test_plot_bounds_give_a_constant_coordinate_a_range() -> None:
 
     points = torch.tensor([[1.0, -2.0], [3.0, -2.0]])
     assert plot_bounds(points) == pytest.approx((0.7, 3.3, -2.5, -1.5))
+
+
+def test_likelihood_metrics_refuse_what_has_no_nll() -> None:
+    from flowforge.errors import NumericalError
+
+    with pytest.raises(ValueError, match="dims must be a positive int, got 0"):
+        likelihood_metrics(torch.tensor([1.0]), 0)
+    with pytest.raises(ValueError, match="dims must be a positive int, got -2"):
+        likelihood_metrics(torch.tensor([1.0]), -2)
+    for log_probs in (torch.tensor([]), torch.zeros(3, 4)):
+        with pytest.raises(ValueError, match=r"log_probs must have shape \(n,\) with n >= 1"):
+            likelihood_metrics(log_probs, 2)
+    with pytest.raises(NumericalError, match="1 of 2 log-densities are NaN"):
+        likelihood_metrics(torch.tensor([1.0, float("nan")]), 2)
+    assert likelihood_metrics(torch.tensor([0.0, -float("inf")]), 2)["nll"] == float("inf")
+    with pytest.raises(ValueError, match=r"generated must hold at least 2 samples"):
+        sample_metrics(torch.randn(1, 2), torch.randn(5, 2))
+
+
+def test_plots_bound_finite_points_and_take_parameterless_flows_and_array_losses(tmp_path) -> None:
+    import numpy as np
+
+    from flowforge.distributions import StandardNormal
+    from flowforge.eval.plots import density_grid, plot_bounds, plot_density_2d
+    from flowforge.flows import Flow
+    from flowforge.transforms import Permutation
+
+    assert plot_bounds(torch.tensor([[float("nan"), 0.0], [0.0, 0.0], [2.0, 1.0]])) == pytest.approx(
+        (-0.3, 2.3, -0.15, 1.15)
+    )
+    with pytest.raises(ValueError, match=r"points has no finite row to bound the plot \(1 rows, none finite\)"):
+        plot_bounds(torch.tensor([[float("inf"), 0.0]]))
+    with pytest.raises(ValueError, match=r"points must have shape \(n, d\) with d >= 2"):
+        plot_bounds(torch.zeros(3))
+    fixed = Flow(StandardNormal(2), Permutation([1, 0]))  # no parameters at all
+    _, _, density = density_grid(fixed, (-1.0, 1.0, -1.0, 1.0), 5)
+    torch.testing.assert_close(density[2, 2], torch.tensor(1 / (2 * torch.pi)))
+    written = plot_density_2d(fixed, torch.randn(20, 2), tmp_path / "d.png", losses=np.array([3.0, 2.0]), samples=10)
+    assert written.stat().st_size > 0
+
+
+def test_a_class_grid_refuses_non_finite_pixels_and_reads_a_column_of_labels(tmp_path) -> None:
+    from flowforge.eval.plots import _class_rows, plot_class_grid
+
+    samples = torch.rand(6, 1, 4, 4)
+    rows = _class_rows(samples, torch.tensor([[0], [0], [1], [1], [2], [2]]))
+    assert [row.shape[0] for row in rows] == [2, 2, 2]
+    with pytest.raises(ValueError, match="must be one-hot"):
+        _class_rows(samples, torch.full((6, 3), 1 / 3))
+    samples[3, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"samples of class 1 hold NaN or inf \(its sample 0\)"):
+        plot_class_grid(samples, torch.tensor([0, 0, 0, 1, 1, 1]), tmp_path / "g.png")
+    assert not (tmp_path / "g.png").exists()

@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
@@ -163,28 +164,51 @@ def save_checkpoint(
     for group in tensor_files:
         if not isinstance(group, str) or not _is_plain_name(group):
             raise ValueError(f"tensor_files: group {group!r} must be a plain name (no '/', not hidden)")
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(directory)
-    files = {}
+    # Everything is serialised before anything is written: a bad value leaves the folder as it was.
     # The settings the weights were saved with travel inside the model's tensor file (hashed with
     # it), so an edit of checkpoint.json that would rebuild another model is refused on load.
     described = {_SETTINGS_DIGEST: settings_digest(json.loads(json.dumps(manifest, allow_nan=True)))}
+    serialised = {}
     for group, tensors in tensor_files.items():
+        for key, value in tensors.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"tensor_files[{group!r}][{key!r}] must be a torch.Tensor, got {type(value).__name__}")
         metadata = described if group == "model" else None
-        data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
+        serialised[group] = save_safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)
+    files = {}
+    for group, data in serialised.items():
         digest = hashlib.sha256(data).hexdigest()
         name = f"{group}-{digest[:16]}.safetensors"
         target = directory / name
-        if target.is_symlink() or not target.is_file():  # a file of that content is kept; anything else is replaced
+        if not _holds(target, digest):  # a file of exactly these bytes is kept; anything else is replaced
             write_atomic(target, data)
         files[group] = {"file": name, "sha256": digest}
     document = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
     write_atomic(directory / MANIFEST, (json.dumps(document, indent=2, allow_nan=True) + "\n").encode())
     keep = {entry["file"] for entry in files.values()}
     for stale in directory.glob("*.safetensors"):
-        if stale.name not in keep:
+        # only tensor files of earlier saves (named <group>-<hash>): a user's own files stay
+        if stale.name not in keep and _TENSOR_FILE.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
     return directory
+
+
+#: The name of a tensor file :func:`save_checkpoint` writes: its group and the start of its SHA-256.
+_TENSOR_FILE = re.compile(r"[^.][^/]*-[0-9a-f]{16}\.safetensors")
+
+
+def _holds(path: Path, digest: str) -> bool:
+    """Whether ``path`` is a regular file whose bytes have the SHA-256 ``digest``."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    except OSError:
+        return False
 
 
 #: The key, in the model tensor file's safetensors metadata, of the SHA-256 of the manifest's settings.
@@ -549,11 +573,15 @@ def load_model_from_manifest(
     config = manifest.get("model") if "model" in manifest else _legacy_config(manifest, directory)
     if config is None:
         raise CheckpointError(f"{directory} holds weights of a model with no registered config; rebuild it in code")
+    # The weights first: their hashes and the settings digest they carry refuse an edited manifest
+    # before its config builds anything (an edited width could ask for any amount of memory).
+    state = load_tensors(directory, "model", manifest)
     model = registry.from_config(config, where=f"{directory / MANIFEST}: model")
+    if not isinstance(model, torch.nn.Module):
+        raise CheckpointError(f"{directory} holds a {type(model).__name__}, which is not a model with weights")
     if expected is not None and not isinstance(model, expected):
         raise CheckpointError(f"{directory} holds a {type(model).__name__}, not a {expected.__name__}")
     model = model.to(dtype)
-    state = load_tensors(directory, "model", manifest)
     # A part kept in another dtype (a float64 prior in a float32 model) comes back in its own.
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         saved = state.get(name)

@@ -156,7 +156,12 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} = {value!r}: expected a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(
+                f"{where} = {_short(value)}: expected a number of a float's range (|value| < 1.8e308)"
+            ) from None
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where} = {value!r}: expected a string (in quotes)")
@@ -211,12 +216,42 @@ def build_dataclass(cls: type[T], values: dict[str, Any], where: str) -> T:
     if nan_keys:  # no check of the dataclass's looked at it
         raise _nan_refused(where, nan_keys[0], hints[nan_keys[0]])
     # After the dataclass's own checks (their bounds say more): an integer no check bounded must
-    # still fit TOML's 64 bits, or it overflows torch's sizes later.
+    # still fit TOML's 64 bits, or it overflows torch's sizes later (inside tables and lists too).
     for key, value in checked.items():
-        for number in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(number, int) and not isinstance(number, bool) and not -(2**63) <= number < 2**63:
-                raise ConfigError(f"{where} {key} = {value}: expected integers of at most 64 bits (|value| < 2**63)")
+        for path, number in _integers(key, value):
+            if not -(2**63) <= number < 2**63:
+                raise ConfigError(
+                    f"{where} {path} = {_short(number)}: expected integers of at most 64 bits (|value| < 2**63)"
+                )
     return built
+
+
+def _integers(path: str, value: Any) -> typing.Iterator[tuple[str, int]]:
+    """Every integer in ``value`` (a setting, a table of settings, lists), with its path (``options.hidden[0]``)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _integers(f"{path}.{key}", item)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _integers(f"{path}[{index}]", item)
+
+
+def _finite(value: int | float) -> bool:
+    """Finite as a float: NaN, inf and an integer beyond a float's range are not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _short(value: Any) -> str:
+    """A value for a message, a huge integer shortened (401 digits say nothing more than 30)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def parse_config(cls: type[T], text: str, source: str = "config", overrides: list[str] | None = None) -> T:
@@ -298,8 +333,8 @@ def check_range(
     expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
     if optional:
         expected += " (or none)"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        raise ConfigError(f"{key} = {_short(value)}: expected {expected}")
     if low is not None and (value < low or (low_open and value == low)):
         raise ConfigError(f"{key} = {value!r}: expected {expected}")
     if high is not None and (value > high or (high_open and value == high)):

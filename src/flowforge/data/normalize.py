@@ -28,7 +28,8 @@ from flowforge.errors import DataError
 from flowforge.validation import check_count
 
 MODES = ("mean_std", "min_max")
-#: The smallest scale: features whose spread is below it are shifted but not stretched.
+#: The smallest scale: a feature whose spread is below it is divided by this floor instead (a constant
+#: feature maps to 0, a nearly constant one is stretched at most 1/SCALE_FLOOR times).
 SCALE_FLOOR = 1e-4
 
 

@@ -51,9 +51,16 @@ def dequantize_digits(pixels: Tensor, generator: torch.Generator | None = None) 
     if not isinstance(pixels, Tensor) or pixels.numel() == 0:
         shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
         raise DataError(f"pixels must be a non-empty tensor of digit pixel counts, got {shape}")
-    if pixels.min() < 0 or pixels.max() > DIGIT_LEVELS - 1 or not torch.equal(pixels, pixels.round()):
-        raise DataError(f"digit pixels must be integers in 0..{DIGIT_LEVELS - 1}")
-    noise = torch.rand(pixels.shape, generator=generator, dtype=torch.float32)
+    if pixels.dtype == torch.bool or pixels.is_complex():
+        raise DataError(f"pixels must hold digit pixel counts (numbers), got dtype {pixels.dtype}")
+    outside = (pixels < 0) | (pixels > DIGIT_LEVELS - 1) | (pixels != pixels.round())
+    if bool(outside.any()):
+        index = tuple(int(i) for i in outside.nonzero()[0])
+        raise DataError(
+            f"digit pixels must be integers in 0..{DIGIT_LEVELS - 1}, got {float(pixels[index]):g} at index {index}"
+        )
+    where = generator.device if generator is not None else pixels.device
+    noise = torch.rand(pixels.shape, generator=generator, dtype=torch.float32, device=where).to(pixels.device)
     return (pixels.float() + noise) / DIGIT_LEVELS
 
 
@@ -170,15 +177,18 @@ def _read_csv(path: Path) -> _Read:
         raise DataError(f"{path}: cannot read the file ({error})") from error
     # Blank lines only: a record of empty cells ("," or ",,") is a row whose numbers are missing.
     records = [(line, row) for line, row in records if len(row) > 1 or (row and row[0].strip())]
-    if records and not any(_is_number(cell.strip()) for cell in records[0][1]):
-        records = records[1:]  # a header of column names
+    width, named = None, ""
+    first = records[0][1] if records else []
+    # a header names its columns: no cell a number, at least one not blank (a row of blanks is missing numbers)
+    if first and not any(_is_number(cell.strip()) for cell in first) and any(cell.strip() for cell in first):
+        width, named = len(first), " (as many as the header names)"
+        records = records[1:]
     values = []
-    width = None
     for line, row in records:
         if width is None:
             width = len(row)
         elif len(row) != width:
-            raise DataError(f"{path}, row {line}: expected {width} columns, got {len(row)}")
+            raise DataError(f"{path}, row {line}: expected {width} columns{named}, got {len(row)}")
         parsed = []
         for column, cell in enumerate(row, start=1):
             text = cell.strip()

@@ -1,7 +1,7 @@
 """Built-in 2-D data sets, generated on the fly (nothing is downloaded).
 
-Each generator takes ``n`` and a ``seed`` and returns a float32 tensor of shape ``(n, 2)``
-scaled to lie roughly within ``[-4, 4]^2``.
+Each generator takes ``n`` and a ``seed`` and returns a tensor of shape ``(n, 2)`` in PyTorch's
+default dtype (float32 unless changed), scaled to lie roughly within ``[-4, 4]^2``.
 
 >>> two_moons(5, seed=0).shape
 torch.Size([5, 2])

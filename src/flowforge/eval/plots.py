@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from flowforge.flows.base import Flow
+from flowforge.validation import model_dtype
 
 
 @torch.no_grad()
@@ -24,10 +26,12 @@ def density_grid(
     """
     if tuple(flow.event_shape) != (2,):
         raise ValueError(f"density_grid needs a flow over 2 features, got event shape {tuple(flow.event_shape)}")
-    parameter = next(flow.parameters())
+    # a flow of fixed layers (a permutation, a standardisation) may hold buffers only, or nothing
+    held = next(chain(flow.parameters(), flow.buffers()), None)
+    dtype, device = model_dtype(flow), held.device if held is not None else torch.device("cpu")
     x0, x1, y0, y1 = bounds
-    xs = torch.linspace(x0, x1, resolution, dtype=parameter.dtype, device=parameter.device)
-    ys = torch.linspace(y0, y1, resolution, dtype=parameter.dtype, device=parameter.device)
+    xs = torch.linspace(x0, x1, resolution, dtype=dtype, device=device)
+    ys = torch.linspace(y0, y1, resolution, dtype=dtype, device=device)
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
     density = flow.log_prob(grid).exp().reshape(resolution, resolution)
     return xs.cpu(), ys.cpu(), density.cpu()
@@ -48,10 +52,12 @@ def plot_density_2d(
 
     data = data.detach().cpu()
     bounds = plot_bounds(data)
+    losses = None if losses is None else np.asarray(losses, dtype=float).reshape(-1)
     xs, ys, density = (t.numpy() for t in density_grid(flow, bounds))
     drawn = flow.sample(samples).cpu().numpy()
 
-    panels = 4 if losses else 3
+    curve = losses is not None and losses.size > 0
+    panels = 4 if curve else 3
     fig = Figure(figsize=(4 * panels, 4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
@@ -66,7 +72,7 @@ def plot_density_2d(
         ax.set_xlim(bounds[0], bounds[1])
         ax.set_ylim(bounds[2], bounds[3])
         ax.set_aspect("equal")
-    if losses:
+    if curve:
         axes[3].plot(losses, lw=0.8, **_curve_markers(len(losses)))
         axes[3].set_title("training NLL (nats)")
         axes[3].set_xlabel("step")
@@ -219,8 +225,16 @@ def plot_line_run(
 
 def plot_bounds(points: Tensor, pad: float = 0.15) -> tuple[float, float, float, float]:
     """``(x0, x1, y0, y1)`` around the first two coordinates of ``points``, padded by ``pad`` of the
-    range (a coordinate that does not vary gets a range of 1 around its value, not an empty one)."""
-    low, high = points[:, :2].min(0).values, points[:, :2].max(0).values
+    range (a coordinate that does not vary gets a range of 1 around its value, not an empty one).
+    Rows holding NaN or inf (a diverged model's samples) are left out; with no finite row at all the
+    points are refused."""
+    if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] < 2:
+        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
+        raise ValueError(f"points must have shape (n, d) with d >= 2, got {shape}")
+    finite = points[:, :2][torch.isfinite(points[:, :2]).all(1)]
+    if finite.shape[0] == 0:
+        raise ValueError(f"points has no finite row to bound the plot ({points.shape[0]} rows, none finite)")
+    low, high = finite.min(0).values, finite.max(0).values
     width = high - low
     margin = torch.where(width > 0, pad * width, torch.full_like(width, 0.5))
     return (
@@ -328,6 +342,10 @@ def plot_class_grid(
     if channels not in (1, 3):
         raise ValueError(f"samples must have 1 or 3 channels, got {channels}")
     shown = [row[:columns].detach().cpu().double() for row in rows]
+    for k, row in enumerate(shown):
+        if not bool(torch.isfinite(row).all()):
+            index = int((~torch.isfinite(row)).flatten(1).any(1).nonzero()[0])
+            raise ValueError(f"samples of class {k} hold NaN or inf (its sample {index}): nothing to show for it")
     drawn = torch.cat(shown) if any(row.shape[0] for row in shown) else torch.zeros(1)
     if value_range is None:
         low, high = float(drawn.min()), float(drawn.max())
@@ -377,8 +395,12 @@ def _class_rows(samples: Tensor | Sequence[Tensor], labels: Tensor | None) -> li
             raise TypeError(
                 f"labels must be a torch.Tensor of shape ({samples.shape[0]},), got {type(labels).__name__}"
             )
-        if labels.dim() == 2 and labels.shape[0] == samples.shape[0]:
+        if labels.dim() == 2 and labels.shape[0] == samples.shape[0] and labels.shape[1] > 1:
+            if not bool(((labels == 0) | (labels == 1)).all()) or not bool((labels.sum(1) == 1).all()):
+                raise ValueError("labels of shape (N, classes) must be one-hot: 0s and one 1 in each row")
             labels = labels.argmax(1)
+        elif labels.dim() == 2 and labels.shape == (samples.shape[0], 1):
+            labels = labels[:, 0]  # a column of class numbers
         if labels.shape != (samples.shape[0],):
             raise ValueError(
                 f"labels must have shape ({samples.shape[0]},) (one class per sample) or "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flowforge.config import MAX_SEED
 from flowforge.distributions import DiagNormal, StandardNormal
 from flowforge.flows.base import Flow
 from flowforge.registry import refuse_unread, register
@@ -65,8 +66,9 @@ def _check_recipe_args(
 
 
 def _check_seed(seed: object) -> int:
-    """The seed of a recipe's fixed permutations: an int >= 0 (a float or None is refused)."""
-    return check_count("seed", seed, low=0)
+    """The seed of a recipe's fixed permutations: an int in ``0..MAX_SEED`` (a float or None is
+    refused); layer ``i`` draws its permutation from ``(seed + i) mod 2**32``."""
+    return check_count("seed", seed, low=0, high=MAX_SEED)
 
 
 def _coupling_stack(
@@ -89,7 +91,7 @@ def _coupling_stack(
     for i in range(transforms):
         layers.append(make_layer(torch.arange(features) % 2 == i % 2))
         if features > 2 and i % 2 == 1 and i < transforms - 1:
-            layers.append(Permutation.random(features, seed=seed + i))
+            layers.append(Permutation.random(features, seed=(seed + i) % (MAX_SEED + 1)))
     return layers
 
 

@@ -17,13 +17,14 @@ computed once and never again (:meth:`MADE.autoregressive_inverse`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowforge.registry import refuse_unread
-from flowforge.validation import check_activation, check_permutation
+from flowforge.validation import check_activation, check_bool, check_count, check_permutation, check_widths
 
 
 class MaskedLinear(nn.Linear):
@@ -62,6 +63,10 @@ def _hidden_degrees(width: int, lowest: int, levels: int) -> Tensor:
     return lowest + (torch.arange(width) * levels) // width
 
 
+def _refresh_order(module: MADE, incompatible_keys: Any) -> None:
+    module._order_list = module.order.tolist()
+
+
 class MADE(nn.Module):
     """Masked MLP with the autoregressive property for any input order.
 
@@ -96,14 +101,13 @@ class MADE(nn.Module):
     ) -> None:
         super().__init__()
         activation = check_activation("activation", activation)
-        hidden = tuple(int(h) for h in hidden)
-        if features < 1 or params_per_feature < 1 or context < 0:
-            raise ValueError(
-                f"MADE needs features >= 1, params_per_feature >= 1 and context >= 0, "
-                f"got {features}, {params_per_feature}, {context}"
-            )
-        if not hidden or any(h < 1 for h in hidden):
-            raise ValueError(f"hidden must hold at least one positive width, got {hidden}")
+        features = check_count("features", features)
+        params_per_feature = check_count("params_per_feature", params_per_feature)
+        context = check_count("context", context, low=0)
+        hidden = check_widths("hidden", hidden)
+        if not hidden:
+            raise ValueError("hidden must hold at least one positive width, got ()")
+        residual = check_bool("residual", residual)
         if residual and len(set(hidden)) != 1:
             raise ValueError(f"residual blocks need equal hidden widths, got {hidden}")
         if len(hidden) == 1:
@@ -143,15 +147,25 @@ class MADE(nn.Module):
             nn.init.zeros_(self.output_layer.bias)
         # _units_up_to[l][m + 2]: how many units of layer l have degree <= m, for m = -2 .. D-1.
         self._units_up_to = [[int((d <= m).sum()) for m in range(-2, features)] for d in degrees]
+        # The order as a Python list (the inverse walks it; a list keeps compiled graphs static),
+        # refreshed whenever a state dict replaces the buffer.
         self._order_list = order_t.tolist()
+        self.register_load_state_dict_post_hook(_refresh_order)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Parameters for every feature, shape (batch, D, P); row j depends on x[order[:rank(j)]] only."""
+        self._check_context(context)
         inputs = x if self.context_features == 0 else torch.cat([x, context], dim=1)
         h = self.input_layer(inputs)
         for layer in self.hidden_layers:
             h = layer(h) if self.residual else layer(self.activation(h))
         return self.output_layer(self.activation(h)).unflatten(1, (self.features, self.params_per_feature))
+
+    def _check_context(self, context: Tensor | None) -> None:
+        if self.context_features and context is None:
+            raise ValueError(f"this MADE is conditional: context of shape (batch, {self.context_features}) is required")
+        if not self.context_features and context is not None:
+            raise ValueError("this MADE takes no context: context must be None")
 
     def autoregressive_inverse(
         self,
@@ -166,7 +180,9 @@ class MADE(nn.Module):
         where its inputs become final), so the whole solve costs one masked network pass plus
         ``D`` small steps. Returns ``x`` and the summed log-derivatives, shape (batch,).
         """
+        self._check_context(context)
         batch, D, P = z.shape[0], self.features, self.params_per_feature
+        order = self._order_list
         act = self.activation
         layers = [self.input_layer, *self.hidden_layers]
         x_weight = self.input_layer.masked_weight()[:, : self.features][:, self.order]  # columns in rank order
@@ -208,7 +224,7 @@ class MADE(nn.Module):
                         )
                 pre[l] = torch.cat([pre[l], new], dim=1)
                 post[l] = torch.cat([post[l], act(new)], dim=1)
-            j = self._order_list[r]
+            j = order[r]
             rows = slice(j * P, (j + 1) * P)
             last_end = up_to[-1][r + 1]
             params = F.linear(post[-1], out_weight[rows, :last_end], out_bias[rows])

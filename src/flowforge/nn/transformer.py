@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowforge.validation import check_count
+
 
 def block_causal_mask(prefix: int, suffix: int, device: torch.device | None = None) -> Tensor:
     """Boolean (L, L) with L = prefix + suffix: ``mask[i, j]`` is True when token i may attend to token j.
@@ -93,6 +95,8 @@ class PrefixSuffixTransformer(nn.Module):
 
     def __init__(self, width: int = 128, layers: int = 4, heads: int = 4, mlp_ratio: int = 4) -> None:
         super().__init__()
+        for name, value in (("width", width), ("layers", layers), ("heads", heads), ("mlp_ratio", mlp_ratio)):
+            check_count(name, value)
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
         self.width, self.heads = width, heads

@@ -22,6 +22,7 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from flowforge.nn.mlp import MLP
 from flowforge.registry import refuse_unread, register
@@ -115,7 +116,9 @@ class _TimeInputs(nn.Module):
         if self.step_input:
             if step is None:
                 step = 0.0
-            elif not isinstance(step, Tensor) and not (isinstance(step, Real) and 0 <= step < math.inf):
+            elif isinstance(step, bool) or (
+                not isinstance(step, Tensor) and not (isinstance(step, Real) and 0 <= step < math.inf)
+            ):
                 raise ValueError(
                     f"step must be a finite step size >= 0 or a tensor of shape ({x.shape[0]},), got {step!r}"
                 )
@@ -179,6 +182,7 @@ class VelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
+        x = _checked_state(x, self.features, self.net[0].weight)
         context = network_context(context, self.context_features, x)
         return _run_layers(self.net, self.time_inputs.network_input(x, t, context, step))
 
@@ -217,6 +221,15 @@ class VelocityMLP(nn.Module):
         return velocity
 
 
+def _checked_state(x: object, features: int, weight: Tensor) -> Tensor:
+    """The state ``x`` of shape (batch, features) in the network's dtype (a float64 state into a
+    float32 network is cast, as the U-Net does); attribute checks only, no device sync."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != features:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (batch, {features}), got {shape}")
+    return x if x.dtype == weight.dtype else x.to(weight.dtype)
+
+
 def check_step_input(velocity: object, model: str) -> None:
     """Refuse a flowforge velocity network built without a step-size input (``step_input=False``) for
     the few-step ``model`` that needs one, where the network enters rather than at its first loss.
@@ -229,14 +242,37 @@ def check_step_input(velocity: object, model: str) -> None:
         )
 
 
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    """Whether a module hook is registered for every module (``register_module_forward_hook`` and kin)."""
+    return any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS)
+
+
 def _run_layers(layers: Iterable[nn.Module], h: Tensor) -> Tensor:
     """``layers(h)`` without the per-module call machinery for plain Linear and SiLU layers.
 
     Samplers call the velocity many times on small batches, where ``nn.Module.__call__`` costs
-    about as much as the matrix products. A layer with hooks is called normally.
+    about as much as the matrix products. Hooks are honoured: ``layers`` (a module) with any hook
+    of its own, or any module hook registered globally, is called normally, and so is each layer
+    with a hook (forward, forward-pre or backward).
     """
+    if _global_hooks() or (isinstance(layers, nn.Module) and _own_hooks(layers)):
+        return layers(h)
     for layer in layers:
-        if layer._forward_hooks or layer._forward_pre_hooks:
+        if _own_hooks(layer):
             h = layer(h)
         elif type(layer) is nn.Linear:
             h = F.linear(h, layer.weight, layer.bias)
@@ -306,6 +342,7 @@ class ResidualVelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
+        x = _checked_state(x, self.features, self.input.weight)
         context = network_context(context, self.context_features, x)
         return self.output(self.blocks(self.input(self.time_inputs.network_input(x, t, context, step))))
 

@@ -143,9 +143,12 @@ def integrate_fixed(
     """
     steps = check_count("steps", steps)
     x0 = check_start(x0, finite=False)  # scanned with the end, once
-    if _is_scalar(t0) and _is_scalar(t1):
+    # a time tensor that carries a gradient stays a tensor (per-sample path): a float would cut its graph
+    carries_gradient = any(isinstance(t, Tensor) and t.requires_grad for t in (t0, t1))
+    if _is_scalar(t0) and _is_scalar(t1) and not carries_gradient:
         start, end = _time("t0", t0), _time("t1", t1)
-        _check_fits("t1 - t0", end - start, x0.dtype)
+        for name, value in (("t0", start), ("t1", end), ("t1 - t0", end - start)):
+            _check_fits(name, value, x0.dtype)
         x1 = _integrate_shared_time(f, x0, start, end, steps, tableau)
         return checked_end(x1, x0, f"{tableau.name} ({steps} steps)", _FIXED_HINT) if check_end else x1
     start = per_sample_time("t0", t0, x0)

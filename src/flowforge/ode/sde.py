@@ -67,6 +67,7 @@ def sdeint(
         check_floating("noise", noise)
         if finite_checks_enabled() and not all_finite(noise):
             raise ValueError("noise holds NaN or inf; expected finite standard-normal draws")
+        noise = noise.to(dtype=x0.dtype, device=x0.device)  # the state's dtype rules, as for every input
     if not isinstance(t_span, tuple | list) or len(t_span) != 2:
         raise ValueError(f"t_span must be (start, end), got {t_span!r}")
     start = per_sample_time("t0", t_span[0], x0)
@@ -76,7 +77,11 @@ def sdeint(
     x = x0
     for n in range(steps):
         t = start + n * h
-        draw = noise[n] if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        if noise is not None:
+            draw = noise[n]
+        else:  # drawn where the generator lives (a CPU generator for a CUDA state too), then moved
+            where = generator.device if generator is not None else x.device
+            draw = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=where).to(x.device)
         dw = draw * sqrt_h
         f, g = drift(x, t), diffusion(x, t)
         if n == 0:

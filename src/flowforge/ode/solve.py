@@ -181,6 +181,8 @@ def odeint(
     max_steps = 10_000 if max_steps is None else check_count("max_steps", max_steps)
     start = per_sample_time("t0", t_span[0], x0)
     span = per_sample_time("t1", t_span[1], x0) - start
+    if x0.shape[0] == 0:  # nothing to solve; torchdiffeq's step-size control would underflow on it
+        return x0.clone()
     field = _UnitIntervalField(f, start, span, x0.dim() - 1)
     s = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
     options = {"max_num_steps": max_steps}

@@ -215,7 +215,13 @@ class ChunkPolicy(Rebuildable, nn.Module):
                     f"action_is_pad must be a bool tensor of shape {expected[:2]}, got {pad.dtype} of shape "
                     f"{tuple(pad.shape)}"
                 )
-            checked["action_is_pad"] = pad.to(action.device)
+            if bool(pad[:, 0].any()):
+                row = int(pad[:, 0].nonzero()[0])
+                raise ValueError(
+                    f"action_is_pad[{row}, 0] is True: a window's first action is real (padding fills the "
+                    "steps past an episode's end)"
+                )
+            checked["action_is_pad"] = pad.to(checked["action"].device)
         if finite_checks_enabled():
             # Padded steps never reach the model (the heads fill them first): what they hold is not scanned.
             pad = checked.get("action_is_pad")

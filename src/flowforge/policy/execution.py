@@ -319,6 +319,7 @@ class ChunkExecutor:
         self.history: deque[dict[str, Any]] = deque(maxlen=config.obs_horizon + int(config.previous_state))
         self._queue: deque[np.ndarray] = deque()
         self._ensemble: list[tuple[int, np.ndarray]] = []  # (step predicted at, chunk)
+        self._ensembled: list[np.ndarray] = []  # with temporal ensembling: the averaged actions sent
         self._step = 0
         self.chunks.clear()
         self.timings.clear()
@@ -367,6 +368,7 @@ class ChunkExecutor:
                         f"observation[{name!r}] must be uint8 of shape ({height}, {width}, 3), got {image.dtype} "
                         f"of shape {image.shape}"
                     )
+                checked[name] = image.copy()  # the history keeps this frame, whatever the caller's buffer becomes
         if config.language and not isinstance(observation.get("instruction"), str):
             raise ValueError("observation['instruction'] must be the task's instruction (a string)")
         return checked
@@ -451,7 +453,7 @@ class ChunkExecutor:
         if self.real:  # plan requests for the delay measured so far, in whole control steps
             measured = statistics.median(c.seconds for c in self.chunks)
             self.delay = max(1, math.ceil(measured / self.control_period))
-        return result.actions[0].cpu().numpy()
+        return result.actions[0].cpu().numpy().copy()  # the plan: a copy, so the logged chunk stays as computed
 
     def warm_up(self, observation: dict[str, Any]) -> None:
         """Compute and discard the chunks this execution will request, for one observation, so that
@@ -528,7 +530,9 @@ class ChunkExecutor:
             weights = np.array([math.exp(-self.temporal_ensemble * i) for i in range(len(self._ensemble))])
             actions = np.stack([c[self._step - s] for s, c in self._ensemble])
             self._step += 1
-            return ((weights[:, None] * actions).sum(0) / weights.sum()).astype(np.float32)
+            sent = ((weights[:, None] * actions).sum(0) / weights.sum()).astype(np.float32)
+            self._ensembled.append(sent)
+            return sent.copy()
         step = self._step
         if self._plan is None or (self.execution == "sync" and self._index(step) >= self.n_action_steps):
             # Nothing to execute meanwhile: the robot stands still while the chunk is computed. The
@@ -544,7 +548,7 @@ class ChunkExecutor:
         index = min(self._index(step), len(self._plan) - 1)  # past the chunk's end: hold its last action
         self.executed.append((self._plan_number, index))
         self._step += 1
-        return self._plan[index]
+        return self._plan[index].copy()  # the caller's to change: the logged chunk stays as computed
 
     def boundary_jumps(self) -> list[float]:
         """The size (L2 norm) of the change of the action sent, clipped to the action space, at every
@@ -583,7 +587,12 @@ class ChunkExecutor:
 
     def sent_actions(self) -> tuple[np.ndarray, list[int]]:
         """This episode's actions as sent (T, A), clipped to the action space, and the steps where a
-        new chunk took over (for :func:`flowforge.eval.plots.plot_chunk_boundaries`)."""
+        new chunk took over (for :func:`flowforge.eval.plots.plot_chunk_boundaries`). With temporal
+        ensembling every action is an average of several chunks, so no chunk takes over: every change
+        is read as motion within a chunk and there are no take-over steps."""
+        if self.temporal_ensemble is not None:
+            sent = [_as_sent(action) for action in self._ensembled]
+            return np.stack(sent) if sent else np.zeros((0, self.policy.policy_config.action_dim)), []
         actions = [_as_sent(self.chunks[n].actions[0, i].cpu().numpy()) for n, i in self.executed]
         switches = [k for k in range(1, len(self.executed)) if self.executed[k][0] != self.executed[k - 1][0]]
         return np.stack(actions) if actions else np.zeros((0, self.policy.policy_config.action_dim)), switches
@@ -630,8 +639,8 @@ class ChunkExecutor:
         if isinstance(chunk, Future):
             if not chunk.done():
                 return
+            self._pending = None  # a chunk refused in the inference thread is not waited for again
             self._start((number, self._keep(chunk.result())), arrives=step)
-            self._pending = None
         elif self.timings[number].arrived == step:
             self._start(self._pending, arrives=step)
             self._pending = None
@@ -647,12 +656,13 @@ class ChunkExecutor:
         effect that execute during the delay, given."""
         if self._plan is None:
             return None
-        planned = self._plan[self._index(step) :][: self.delay]
+        planned = self._plan[self._index(step) :]
         if len(planned) == 0:
             return None
         horizon = self.policy.policy_config.horizon
-        actions = np.concatenate([planned, np.repeat(planned[-1:], horizon - len(planned), axis=0)])
-        return ChunkPrefix(torch.as_tensor(actions[None]), len(planned))
+        # past the plan's end the robot holds its last action: those held actions run during the delay too
+        actions = np.concatenate([planned, np.repeat(planned[-1:], horizon, axis=0)])[:horizon]
+        return ChunkPrefix(torch.as_tensor(actions[None]), min(self.delay, horizon))
 
     def _guide(self, step: int) -> ChunkGuide | None:
         """Real-time chunking: the new chunk (index 0 = ``step``) must agree with the actions of the chunk
@@ -665,12 +675,13 @@ class ChunkExecutor:
         planned = self._plan[start:]  # the current chunk's actions for steps step, step + 1, ...
         if len(planned) == 0:
             return None
-        frozen = min(self.delay, len(planned))
-        target = np.concatenate([planned, np.repeat(planned[-1:], horizon - len(planned), axis=0)])[:horizon]
+        # the D actions that run meanwhile are frozen, the held last action past the plan's end included
+        frozen = min(self.delay, horizon)
+        target = np.concatenate([planned, np.repeat(planned[-1:], horizon, axis=0)])[:horizon]
         weights = rtc_weights(
             horizon,
             frozen=frozen,
-            overlap=min(len(planned), horizon, frozen + self.guided_overlap),
+            overlap=max(frozen, min(len(planned), horizon, frozen + self.guided_overlap)),
             schedule=self.guidance_schedule,
         )
         return self._chunk_guide(torch.as_tensor(target[None]), weights)

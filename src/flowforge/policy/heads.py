@@ -416,7 +416,7 @@ class ChunkPrefix:
             raise ValueError(
                 f"prefix.length = {self.length}: the policy was trained with prefixes of 0 to {trained} actions"
             )
-        return ChunkPrefix(normalize(actions.to(torch.get_default_dtype())), int(self.length))
+        return ChunkPrefix(normalize(actions), int(self.length))  # the caller moves it to the model's dtype
 
 
 class _PrefixField:

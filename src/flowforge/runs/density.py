@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import math
@@ -310,6 +311,22 @@ def _refuse_unread_sizes(config: RunConfig, document: dict[str, Any], source: st
 
 
 # ---------------------------------------------------------------- models
+def _refuse_unknown_options(kind: str, options: dict[str, Any], signature: inspect.Signature) -> None:
+    """Name an option the model's constructor does not take, with the nearest known one (a
+    constructor that takes any keyword is left to refuse what it does not know)."""
+    arguments = list(signature.parameters.values())[2:]  # after self and the shape or features
+    if any(argument.kind is inspect.Parameter.VAR_KEYWORD for argument in arguments):
+        return
+    known = [argument.name for argument in arguments if argument.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in options:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(
+                f"[model] options.{key}: a {kind} model takes no such option{hint}; known: {', '.join(known)}"
+            )
+
+
 def _registered_option(options: dict[str, Any], key: str, category: str, aliases: dict[str, str] | None = None) -> None:
     """Replace a registered name in ``options[key]`` by the class or an instance of it."""
     if key not in options:
@@ -373,6 +390,7 @@ def build_model(config: RunConfig, data: RunData | None, source: str = "config")
         if kind in MATCHING_MODELS:
             return _build_matcher(config, cls, options, event_shape, data.context_features if data is not None else 0)
         parameters = list(inspect.signature(cls.__init__).parameters)
+        _refuse_unknown_options(kind, options, inspect.signature(cls.__init__))
         if parameters[1] == "shape":
             if len(event_shape) != 3:
                 raise ConfigError(

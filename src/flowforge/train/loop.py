@@ -134,7 +134,8 @@ class TrainerConfig:
             the number of processes, each of which trains on ``batch_size / P`` rows.
         lr: peak learning rate, finite and > 0; weight_decay: AdamW decoupled weight decay, finite
             and >= 0 (0: Adam).
-        schedule: ``"constant"``, ``"cosine"`` (to 0 at the last step) or ``"one-cycle"``.
+        schedule: ``"constant"``, ``"cosine"`` (towards 0, which it reaches one step after the last)
+            or ``"one-cycle"``.
         warmup_steps: linear warm-up from 0 before the schedule, in ``[0, steps)``; 0 with
             ``"one-cycle"``, which warms up itself.
         max_grad_norm: clip the global gradient norm to this finite value > 0 (None: off).
@@ -350,8 +351,15 @@ class Trainer:
             if (self.directory / "checkpoint.json").exists():
                 self.load()
                 if self.state.step >= cfg.steps or self._patience_ran_out():
-                    # A finished run (its steps done, or stopped early) is left as it is: its
-                    # checkpoint already holds the final weights (the best, or the moving average).
+                    # A finished run (its steps done, or stopped early). Its last checkpoint holds the
+                    # final weights (the best, or the moving average) unless the process died between
+                    # the periodic save of the last step and the final one: then finish it here.
+                    if self._use_final_weights() and self.directory is not None:
+                        self._checkpoint()
+                        if self.rank == 0:
+                            self._write_metrics()
+                        if self.world > 1:
+                            torch.distributed.barrier()
                     self.model.eval()
                     return self.state
         if self.state.step == 0:
@@ -386,10 +394,7 @@ class Trainer:
         bar.close()
         if self.writer is not None:
             self.writer.close()
-        if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
-        elif self.ema is not None:
-            self.model.load_state_dict(self.ema.shadow)
+        self._use_final_weights()
         self.model.eval()
         if self.directory is not None:
             self._checkpoint()
@@ -564,6 +569,8 @@ class Trainer:
             metadata=self.metadata,
         )
         self.state, self.best_weights = loaded.state, loaded.best_weights
+        if self.ema is not None:
+            self.ema.updates = self.state.step  # one update per optimizer step
 
     def check_resume(self) -> None:
         """Refuse, before anything runs, a ``fit(resume=True)`` that would find ``directory``'s
@@ -571,6 +578,18 @@ class Trainer:
         folder without a checkpoint passes (the run starts from step 0)."""
         if self.directory is not None and (self.directory / "checkpoint.json").exists():
             check_resumable(self.directory, self.model, config=asdict(self.config), metadata=self.metadata)
+
+    def _use_final_weights(self) -> bool:
+        """Load the weights a finished run ends with (the best validated, else the moving average);
+        returns whether that changed the model."""
+        final = self.best_weights if self.best_weights is not None else self.ema.shadow if self.ema else None
+        if final is None:
+            return False
+        live = self.model.state_dict()
+        if all(torch.equal(live[name], value.to(live[name].device)) for name, value in final.items()):
+            return False
+        self.model.load_state_dict(final)
+        return True
 
     def _parts(self) -> TrainingParts:
         return TrainingParts(self.model, self.optimizer, self.scheduler, self.scaler, self.objective, self.ema)

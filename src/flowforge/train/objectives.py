@@ -66,6 +66,7 @@ class FlowMatchingObjective(Objective):
         x, context = batch
         return model.loss(x, context)
 
+    @torch.no_grad()
     def validation(self, model: nn.Module, batch: Batch | None) -> float:
         """The loss on the held-out batch; for a :class:`~flowforge.matching.ConsistencyMatcher`,
         :func:`one_step_sample_distance` to it."""

@@ -7,19 +7,22 @@ progress after the warm-up, the factor at step :math:`s` (counted from 0) is
     f(s) = \frac{s + 1}{W} \quad (s < W), \qquad
     f(s) = \begin{cases}
         1 & \text{constant} \\
-        \tfrac12\big(1 + \cos(\pi p)\big) & \text{cosine (to 0 at the last step)} \\
+        \tfrac12\big(1 + \cos(\pi p)\big) & \text{cosine} \\
         \text{one-cycle} & \text{a cosine rise over } p < 0.3 \text{ from } 0.04 \text{ to } 1,
-            \text{ then a cosine fall to } 10^{-3}
+            \text{ then a cosine fall towards } 10^{-3}
     \end{cases}
 
 (one-cycle has its own rise, so a :class:`~flowforge.train.TrainerConfig` refuses a warm-up with it).
+The falls end at :math:`s = T`, one past the last step (as PyTorch's and Hugging Face's cosine
+schedules do): the last step runs at :math:`\tfrac12(1 - \cos(\pi/(T - W)))` of the peak with
+cosine (0.0245 for 10 steps, 2.5e-6 for 1,000), not at 0, so every step trains.
 
 ``torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(config))`` applies it.
 
 >>> from flowforge.train import TrainerConfig
 >>> factor = learning_rate_factor(TrainerConfig(steps=110, warmup_steps=10, schedule="cosine"))
->>> [round(factor(s), 3) for s in (0, 9, 60, 110)]
-[0.1, 1.0, 0.5, 0.0]
+>>> [round(factor(s), 4) for s in (0, 9, 60, 109)]
+[0.1, 1.0, 0.5, 0.0002]
 """
 
 from __future__ import annotations
