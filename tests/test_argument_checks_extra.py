@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import flowforge.distributions as distributions
+import flowforge.transforms as transforms
 from flowforge.eval.image_quality import DigitsClassifier, frechet_classifier_distance, frechet_distance
 from flowforge.eval.metrics import mmd
 from flowforge.eval.plots import _plot_curve, plot_density_2d
@@ -15,6 +17,8 @@ from flowforge.flows.recipes import MAF, NICE, NSF, Glow, MultiscaleRealNVP, Rea
 from flowforge.matching.couplings import ExactOTCoupling, SinkhornCoupling
 from flowforge.matching.paths import LinearPath, StochasticInterpolantPath, VariancePreservingPath
 from flowforge.matching.time import LogitNormalTime, ShiftedBetaTime
+from flowforge.nn.conv import ConvConditioner
+from flowforge.nn.made import MADE
 from flowforge.nn.mlp import MLP
 from flowforge.nn.velocity import ResidualVelocityMLP, SinusoidalTimeEmbedding, VelocityMLP
 from flowforge.transforms import MaskedAutoregressive, RationalQuadraticSpline
@@ -387,11 +391,11 @@ def test_layers_that_take_contexts_of_different_sizes_are_not_composed() -> None
     ("build", "error", "message"),
     [
         (
-            lambda: _transforms().Permutation([0.0, 1.9, 2.2]),
+            lambda: transforms.Permutation([0.0, 1.9, 2.2]),
             ValueError,
             r"permutation must be .* got \[0\.0, 1\.9, 2\.2\]",
         ),
-        (lambda: _transforms().Permutation([True, False]), ValueError, "permutation must be"),
+        (lambda: transforms.Permutation([True, False]), ValueError, "permutation must be"),
         (
             lambda: MaskedAutoregressive(3, order=[0.0, 1.5, 2.0]),
             ValueError,
@@ -402,50 +406,50 @@ def test_layers_that_take_contexts_of_different_sizes_are_not_composed() -> None
             ValueError,
             r"order must be a 1-D arrangement of the ints 0\.\.2",
         ),
-        (lambda: _transforms().Permutation.random(-2), ValueError, "features must be a positive int, got -2"),
-        (lambda: _transforms().Permutation.reverse(0), ValueError, "features must be a positive int, got 0"),
-        (lambda: _transforms().Permutation.random(3, seed=2.5), ValueError, "seed must be an int in 0..4294967295"),
-        (lambda: _transforms().ActNorm(3, image="no"), TypeError, "image must be a bool"),
+        (lambda: transforms.Permutation.random(-2), ValueError, "features must be a positive int, got -2"),
+        (lambda: transforms.Permutation.reverse(0), ValueError, "features must be a positive int, got 0"),
+        (lambda: transforms.Permutation.random(3, seed=2.5), ValueError, "seed must be an int in 0..4294967295"),
+        (lambda: transforms.ActNorm(3, image="no"), TypeError, "image must be a bool"),
         (
-            lambda: _transforms().ImageAffineCoupling(4, parity=1.0),
+            lambda: transforms.ImageAffineCoupling(4, parity=1.0),
             ValueError,
             r"parity must be an int in 0\.\.1, got 1\.0",
         ),
         (
-            lambda: _transforms().ImageAffineCoupling(4, parity=True),
+            lambda: transforms.ImageAffineCoupling(4, parity=True),
             ValueError,
             "parity must be an int in 0..1, got True",
         ),
-        (lambda: _distributions().DiagNormal(2, learnable="no"), TypeError, "learnable must be a bool"),
+        (lambda: distributions.DiagNormal(2, learnable="no"), TypeError, "learnable must be a bool"),
         (
-            lambda: _transforms().Standardize(torch.tensor([NAN, 0.0]), torch.ones(2)),
+            lambda: transforms.Standardize(torch.tensor([NAN, 0.0]), torch.ones(2)),
             ValueError,
             "mean must be finite, got nan at index 0",
         ),
         (
-            lambda: _transforms().Standardize(torch.zeros(2), torch.tensor([INF, 1.0])),
+            lambda: transforms.Standardize(torch.zeros(2), torch.tensor([INF, 1.0])),
             ValueError,
             "std must be finite, got inf at index 0",
         ),
         (
-            lambda: _transforms().Standardize(torch.zeros(2), torch.tensor([1.0, 0.0])),
+            lambda: transforms.Standardize(torch.zeros(2), torch.tensor([1.0, 0.0])),
             ValueError,
             "std must be positive in every feature, got 0 at index 1",
         ),
-        (lambda: _transforms().Standardize("ab", torch.ones(2)), TypeError, "mean must be a vector of numbers"),
+        (lambda: transforms.Standardize("ab", torch.ones(2)), TypeError, "mean must be a vector of numbers"),
         (
-            lambda: _transforms().Coupling([True, False], torch.nn.Linear(2, 2)),
+            lambda: transforms.Coupling([True, False], torch.nn.Linear(2, 2)),
             TypeError,
             "transformer must be an ElementwiseTransformer",
         ),
-        (lambda: _transforms().InvertibleConv1x1(0), ValueError, "channels must be a positive int, got 0"),
+        (lambda: transforms.InvertibleConv1x1(0), ValueError, "channels must be a positive int, got 0"),
         (
-            lambda: _transforms().ResidualBlock(2, hidden=(0,)),
+            lambda: transforms.ResidualBlock(2, hidden=(0,)),
             ValueError,
             r"hidden must be a sequence of positive ints",
         ),
         (
-            lambda: _transforms().ContinuousFlowTransform(None, 2, method="rk4", steps=2),
+            lambda: transforms.ContinuousFlowTransform(None, 2, method="rk4", steps=2),
             TypeError,
             "velocity must be an nn.Module",
         ),
@@ -454,18 +458,6 @@ def test_layers_that_take_contexts_of_different_sizes_are_not_composed() -> None
 def test_transform_arguments_are_refused_naming_them(build, error, message) -> None:
     with pytest.raises(error, match=message):
         build()
-
-
-def _transforms():
-    import flowforge.transforms as transforms
-
-    return transforms
-
-
-def _distributions():
-    import flowforge.distributions as distributions
-
-    return distributions
 
 
 def test_standardize_takes_numpy_statistics_into_a_float32_flow() -> None:
@@ -495,13 +487,17 @@ def test_a_residual_block_inverts_an_empty_batch() -> None:
     ("build", "error", "message"),
     [
         (lambda: MaskedAutoregressive(3, hidden="64"), ValueError, "hidden must be a sequence of positive ints"),
-        (lambda: _made()(3, 2, hidden=(8.7,)), ValueError, "hidden must be a sequence of positive ints"),
-        (lambda: _made()(3, 2, hidden=(8, 8), residual="no"), TypeError, "residual must be a bool"),
-        (lambda: _made()(True, 2), ValueError, "features must be a positive int, got True"),
-        (lambda: _made()(3, 2)(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "this MADE takes no context"),
-        (lambda: _made()(3, 2, context=2)(torch.randn(4, 3)), ValueError, r"context of shape \(batch, 2\) is required"),
-        (lambda: _conv()(2, 4, context=3)(torch.randn(1, 2, 4, 4)), ValueError, r"context of shape \(batch, 3\)"),
-        (lambda: _conv()(2.5, 4), ValueError, "in_channels must be a positive int, got 2.5"),
+        (lambda: MADE(3, 2, hidden=(8.7,)), ValueError, "hidden must be a sequence of positive ints"),
+        (lambda: MADE(3, 2, hidden=(8, 8), residual="no"), TypeError, "residual must be a bool"),
+        (lambda: MADE(True, 2), ValueError, "features must be a positive int, got True"),
+        (lambda: MADE(3, 2)(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "this MADE takes no context"),
+        (lambda: MADE(3, 2, context=2)(torch.randn(4, 3)), ValueError, r"context of shape \(batch, 2\) is required"),
+        (
+            lambda: ConvConditioner(2, 4, context=3)(torch.randn(1, 2, 4, 4)),
+            ValueError,
+            r"context of shape \(batch, 3\)",
+        ),
+        (lambda: ConvConditioner(2.5, 4), ValueError, "in_channels must be a positive int, got 2.5"),
         (
             lambda: VelocityMLP(2)(torch.randn(4, 3), torch.rand(4)),
             ValueError,
@@ -518,18 +514,6 @@ def test_a_residual_block_inverts_an_empty_batch() -> None:
 def test_network_arguments_and_inputs_are_refused_naming_them(build, error, message) -> None:
     with pytest.raises(error, match=message):
         build()
-
-
-def _made():
-    from flowforge.nn.made import MADE
-
-    return MADE
-
-
-def _conv():
-    from flowforge.nn.conv import ConvConditioner
-
-    return ConvConditioner
 
 
 def test_a_velocity_mlp_takes_a_float64_state_into_a_float32_network() -> None:

@@ -659,10 +659,11 @@ class ChunkExecutor:
         planned = self._plan[self._index(step) :]
         if len(planned) == 0:
             return None
-        horizon = self.policy.policy_config.horizon
+        config = self.policy.policy_config
         # past the plan's end the robot holds its last action: those held actions run during the delay too
-        actions = np.concatenate([planned, np.repeat(planned[-1:], horizon, axis=0)])[:horizon]
-        return ChunkPrefix(torch.as_tensor(actions[None]), min(self.delay, horizon))
+        actions = np.concatenate([planned, np.repeat(planned[-1:], config.horizon, axis=0)])[: config.horizon]
+        # (a measured delay beyond the trained prefixes gives as many as the policy was trained with)
+        return ChunkPrefix(torch.as_tensor(actions[None]), min(self.delay, config.horizon, config.rtc_training_delay))
 
     def _guide(self, step: int) -> ChunkGuide | None:
         """Real-time chunking: the new chunk (index 0 = ``step``) must agree with the actions of the chunk

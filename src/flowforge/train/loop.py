@@ -1,7 +1,7 @@
 r"""One training loop for every model, with the objective as a pluggable piece.
 
 :class:`Trainer` minimises an :class:`~flowforge.train.Objective` (:mod:`flowforge.train.objectives`)
-and adds what every run needs: Adam(W), a learning-rate schedule (``constant``, ``cosine`` to
+and adds what every run needs: Adam(W), a learning-rate schedule (``constant``, ``cosine`` towards
 zero, ``one-cycle``, :mod:`flowforge.train.schedules`) after a linear warm-up, gradient-norm
 clipping, an exponential moving average of the weights, bf16 autocast (fp16 with a gradient
 scaler on CUDA), periodic validation with early stopping (the best weights are restored), a

@@ -44,22 +44,24 @@ from flowforge.errors import CheckpointError, RebuildError
 
 
 class ExponentialMovingAverage:
-    r"""Shadow weights :math:`\bar\theta \leftarrow \beta_n\bar\theta + (1-\beta_n)\theta` after
-    update :math:`n = 0, 1, \dots` (floating-point parameters and buffers; integer buffers are copied),
-    with the decay warmed up as :math:`\beta_n = \min(\beta, (1 + n) / (10 + n))`.
+    r"""Shadow weights :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta` after every
+    step (floating-point parameters and buffers; integer buffers are copied), the first update a copy.
 
-    Without the warm-up the shadow would keep the initial weights for about :math:`1/(1-\beta)`
-    steps: a layer initialised from the first batch (ActNorm) would sit in the shadow at its
-    untrained zero for thousands of steps. The warm-up follows the live weights closely at first and
-    reaches ``decay`` after :math:`(10\beta - 1)/(1 - \beta)` updates (8,991 for 0.999).
+    The first update copies the weights after the first step instead of averaging them with the
+    initial ones: a layer initialised from the first batch (ActNorm) would otherwise sit in the
+    shadow near its unfitted start for about :math:`1/(1-\beta)` steps, and a model ending with its
+    average would be scored with it. Later updates average as usual.
 
     >>> model = nn.Linear(1, 1, bias=False)
     >>> ema = ExponentialMovingAverage(model, decay=0.5)
     >>> with torch.no_grad():
     ...     _ = model.weight.fill_(ema.shadow["weight"].item() + 2.0)
-    >>> ema.update(model)  # the first update moves 9/10 of the way
-    >>> round(float(model.weight.detach() - ema.shadow["weight"]), 4)
-    0.2
+    >>> ema.update(model)  # the first update copies
+    >>> with torch.no_grad():
+    ...     _ = model.weight.add_(2.0)
+    >>> ema.update(model)  # then half of the way
+    >>> float(model.weight.detach() - ema.shadow["weight"])
+    1.0
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -72,8 +74,8 @@ class ExponentialMovingAverage:
         self.updates = 0
 
     def current_decay(self) -> float:
-        """The decay of the next update, warmed up (see the class docstring)."""
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        """The decay of the next update: 0 for the first (a copy), ``decay`` after it."""
+        return 0.0 if self.updates == 0 else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
