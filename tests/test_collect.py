@@ -161,13 +161,16 @@ def test_a_seed_out_of_range_is_refused_before_the_folder_is_made(tmp_path: Path
 
 
 def test_a_seed_whose_episode_seeds_would_pass_the_limit_is_refused_before_the_folder_is_made(tmp_path: Path) -> None:
-    """Each collection seed spans 1,000,003 episode seeds: 4294 is the last whose fit in 32 bits."""
+    """Each collection seed spans 1,000,003 episode seeds: 799 is the last whose stay below the
+    validation and evaluation seeds (from 800,000,000); a task's attempts stay within its stride."""
     from typer.testing import CliRunner
 
     from flowforge.cli import app
 
-    with pytest.raises(ValueError, match=r"seed must be an int in 0\.\.4294 for this collection .* got 5000"):
-        collect(["reach-v3"], 1, tmp_path / "demos", seed=5000)
+    with pytest.raises(ValueError, match=r"seed must be an int in 0\.\.799 for this collection .* got 900"):
+        collect(["reach-v3"], 1, tmp_path / "demos", seed=900)
+    with pytest.raises(ValueError, match=r"episodes must be at most 3335 with max_attempts_factor 3 .* got 5000"):
+        collect(["reach-v3"], 5000, tmp_path / "demos")
     result = CliRunner().invoke(
         app,
         [
@@ -180,10 +183,10 @@ def test_a_seed_whose_episode_seeds_would_pass_the_limit_is_refused_before_the_f
             "--out",
             str(tmp_path / "demos"),
             "--seed",
-            "4295",
+            "800",
         ],
     )
-    assert result.exit_code == 2 and "--seed must be an int in 0..4294 for this collection" in result.stderr
+    assert result.exit_code == 2 and "--seed must be an int in 0..799 for this collection" in result.stderr
     assert not (tmp_path / "demos").exists()
 
 

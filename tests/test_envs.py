@@ -199,3 +199,51 @@ def test_a_task_named_twice_is_refused_and_guidance_settings_reach_rtc(tmp_path)
     recorded = json.loads(out.read_text())["settings"]
     assert recorded["execution"] == "rtc-trained"
     assert recorded["sampling"] == {"overlap_guidance": True, "max_guidance": 10}
+
+
+def test_a_non_finite_or_misshapen_action_never_reaches_the_simulator() -> None:
+    from flowforge.envs.episode import run_episode
+
+    env = MetaWorldEnv("reach-v3", seed=0)
+    try:
+        with pytest.raises(ValueError, match=r"action holds nan at index 0: a robot command must be finite"):
+            run_episode(env, lambda observation: np.full(4, np.nan), seed=1, max_steps=3)
+        env.reset(seed=1)
+        with pytest.raises(ValueError, match=r"action must have shape \(4,\) .* got \(3,\)"):
+            env.step(np.array([0.5, 0.0, 0.0]))
+        for arguments, message in (
+            ({"max_steps": 0}, "max_steps must be a positive int, got 0"),
+            ({"max_steps": 3, "pace": float("nan")}, "pace must be a finite number > 0"),
+            ({"max_steps": 3, "pace": -1.0}, "pace must be a finite number > 0"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                run_episode(env, lambda observation: np.zeros(4), seed=1, **arguments)
+    finally:
+        env.close()
+
+
+def test_evaluation_settings_are_checked_before_any_episode(monkeypatch) -> None:
+    from flowforge.envs import evaluate as evaluation
+    from flowforge.policy import ChunkPolicy, PolicyConfig
+
+    policy = ChunkPolicy(PolicyConfig(width=16, layers=1, heads=2, language=False))
+    started = []
+    monkeypatch.setattr(evaluation, "_evaluate_in_processes", lambda *arguments, **settings: started.append(1))
+    for arguments, message in (
+        ({"tasks": ["reach-v3", "reach-v9"]}, "unknown MetaWorld task 'reach-v9'"),
+        ({"max_steps": 0}, "max_steps must be an int in 1..500, got 0"),
+        ({"max_steps": 10**6}, "max_steps must be an int in 1..500"),
+        ({"image_size": 2}, "image_size must be an int >= 8, got 2"),
+    ):
+        settings = {"tasks": ["reach-v3", "push-v3"], "episodes": 1, "max_steps": 2, "progress": False, **arguments}
+        with pytest.raises(ValueError, match=message):
+            evaluation.evaluate(policy, settings.pop("tasks"), settings.pop("episodes"), processes=2, **settings)
+    assert started == []
+
+
+def test_render_rate_names_a_bad_frame_count() -> None:
+    from flowforge.envs.metaworld import render_rate
+
+    for frames in (-5, 2.5, 9):
+        with pytest.raises(ValueError, match="frames must be an int >= 10"):
+            render_rate(cameras=["corner"], size=16, frames=frames)

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from flowforge.config import MAX_SEED, check_seed
+from flowforge.config import check_seed
 from flowforge.data.episodes import decode_png, encode_png
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
@@ -476,12 +476,21 @@ def collect(
     if action_noise > 1:
         raise ValueError(f"action_noise must be at most 1 (actions span [-1, 1]), got {action_noise!r}")
     check_seed("seed", seed)
-    highest = seed * EPISODE_SEEDS_PER_SEED + (len(tasks) - 1) * TASK_SEED_STRIDE + max_attempts_factor * episodes - 1
-    if highest > MAX_SEED:
+    from flowforge.envs.evaluate import VALIDATION_SEED_BASE
+
+    if max_attempts_factor * episodes > TASK_SEED_STRIDE:  # a task's attempts would reach the next task's seeds
         raise ValueError(
-            f"seed must be an int in 0..{(MAX_SEED - highest) // EPISODE_SEEDS_PER_SEED + seed} for this collection "
-            f"(seed x {EPISODE_SEEDS_PER_SEED:,} + each task's and attempt's offset is an episode's seed, at most "
-            f"{MAX_SEED}), got {seed}"
+            f"episodes must be at most {TASK_SEED_STRIDE // max_attempts_factor} with max_attempts_factor "
+            f"{max_attempts_factor} (each task has {TASK_SEED_STRIDE:,} attempt seeds), got {episodes}"
+        )
+    # demonstrations stay below the seeds kept for choosing settings and for evaluation
+    last = VALIDATION_SEED_BASE - 1
+    highest = seed * EPISODE_SEEDS_PER_SEED + (len(tasks) - 1) * TASK_SEED_STRIDE + max_attempts_factor * episodes - 1
+    if highest > last:
+        raise ValueError(
+            f"seed must be an int in 0..{(last - highest) // EPISODE_SEEDS_PER_SEED + seed} for this collection "
+            f"(seed x {EPISODE_SEEDS_PER_SEED:,} + each task's and attempt's offset is an episode's seed, below "
+            f"the validation and evaluation seeds from {VALIDATION_SEED_BASE:,}), got {seed}"
         )
     cameras = check_cameras([camera] if cameras is None else cameras)
     root = Path(root)

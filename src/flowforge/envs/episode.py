@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from flowforge.validation import check_count, check_real
+
 
 @dataclass
 class Episode:
@@ -55,6 +57,8 @@ def run_episode(
     thinking in the background passes in control steps; a step that took longer (the actor
     blocked) is followed by steps of the full period, not by shorter ones that catch up.
     """
+    max_steps = check_count("max_steps", max_steps)
+    pace = check_real("pace", pace, positive=True, optional=True)
     observation, info = env.reset(seed=seed)
     episode = Episode(success=False, steps=0)
     tick = time.perf_counter()

@@ -263,11 +263,15 @@ def evaluate(
     that calls this at its top level needs ``if __name__ == "__main__":`` around the call.
     """
     from flowforge.config import MAX_SEED
-    from flowforge.envs.metaworld import CAMERAS, MAX_EPISODES, MetaWorldEnv
+    from flowforge.envs.metaworld import CAMERAS, MAX_EPISODE_STEPS, MAX_EPISODES, MetaWorldEnv, _check_task
 
     if not isinstance(tasks, list | tuple) or not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be a non-empty list of distinct task names, got {tasks!r}")
+    for task in tasks:
+        _check_task(task)
     check_count("episodes", episodes, high=MAX_EPISODES)
+    check_count("max_steps", max_steps, high=MAX_EPISODE_STEPS)
+    check_count("image_size", image_size, low=8)
     check_count("videos_per_task", videos_per_task, low=0)
     highest = seed_base + TASK_SEED_STRIDE * (len(tasks) - 1) + episodes - 1
     if not is_count(seed_base, 0) or highest > MAX_SEED:

@@ -304,7 +304,16 @@ class MetaWorldEnv:
         return self._observation(state), info
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        state, reward, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
+        action = np.asarray(action, dtype=np.float32)
+        # MuJoCo meets a NaN control by resetting its state and going on: the episode would end as an
+        # ordinary failure. A wrong size is only a stripped-out assert under ``python -O``.
+        expected = tuple(self.env.action_space.shape)
+        if action.shape != expected:
+            raise ValueError(f"action must have shape {expected} (hand x, y, z and gripper), got {action.shape}")
+        if not np.isfinite(action).all():
+            bad = int(np.flatnonzero(~np.isfinite(action))[0])
+            raise ValueError(f"action holds {action[bad]} at index {bad}: a robot command must be finite")
+        state, reward, terminated, truncated, info = self.env.step(action)
         info = {
             **info,
             "task": self.task,
@@ -321,11 +330,12 @@ def render_rate(
     task: str = "reach-v3", cameras: list[str] | None = None, size: int = 84, frames: int = 200, seed: int = 0
 ) -> dict[str, float]:
     """Frames per second the renderer gives each of ``cameras`` (default: corner and gripperPOV) at
-    ``size`` x ``size``, in this process: ``frames`` renders per camera along an expert episode
-    (restarted when it ends), only the rendering timed (median over blocks of 10 frames, so a busy
-    machine's pauses count less)."""
+    ``size`` x ``size``, in this process: ``frames`` renders per camera (at least 10, rounded down
+    to a multiple of 10) along an expert episode (restarted when it ends), only the rendering timed
+    (median over blocks of 10 frames, so a busy machine's pauses count less)."""
     import time
 
+    frames = check_count("frames", frames, low=10)
     cameras = check_cameras(cameras or ["corner", "gripperPOV"])
     env = MetaWorldEnv(task, seed=seed, image=True, cameras=cameras, size=size)
     try:
