@@ -490,8 +490,12 @@ def test_a_residual_block_inverts_an_empty_batch() -> None:
         (lambda: MADE(3, 2, hidden=(8.7,)), ValueError, "hidden must be a sequence of positive ints"),
         (lambda: MADE(3, 2, hidden=(8, 8), residual="no"), TypeError, "residual must be a bool"),
         (lambda: MADE(True, 2), ValueError, "features must be a positive int, got True"),
-        (lambda: MADE(3, 2)(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "this MADE takes no context"),
-        (lambda: MADE(3, 2, context=2)(torch.randn(4, 3)), ValueError, r"context of shape \(batch, 2\) is required"),
+        (lambda: MADE(3, 2)(torch.randn(4, 3), torch.randn(4, 2)), ValueError, "this network takes no context"),
+        (
+            lambda: MADE(3, 2, context=2)(torch.randn(4, 3)),
+            ValueError,
+            r"this network is conditional: pass a context of shape \(batch, 2\)",
+        ),
         (
             lambda: ConvConditioner(2, 4, context=3)(torch.randn(1, 2, 4, 4)),
             ValueError,

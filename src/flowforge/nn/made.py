@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowforge.nn.velocity import network_context
 from flowforge.registry import refuse_unread
 from flowforge.validation import check_activation, check_bool, check_count, check_permutation, check_widths
 
@@ -154,18 +155,12 @@ class MADE(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Parameters for every feature, shape (batch, D, P); row j depends on x[order[:rank(j)]] only."""
-        self._check_context(context)
-        inputs = x if self.context_features == 0 else torch.cat([x, context], dim=1)
+        context = network_context(context, self.context_features, x)
+        inputs = x if context is None else torch.cat([x, context], dim=1)
         h = self.input_layer(inputs)
         for layer in self.hidden_layers:
             h = layer(h) if self.residual else layer(self.activation(h))
         return self.output_layer(self.activation(h)).unflatten(1, (self.features, self.params_per_feature))
-
-    def _check_context(self, context: Tensor | None) -> None:
-        if self.context_features and context is None:
-            raise ValueError(f"this MADE is conditional: context of shape (batch, {self.context_features}) is required")
-        if not self.context_features and context is not None:
-            raise ValueError("this MADE takes no context: context must be None")
 
     def autoregressive_inverse(
         self,
@@ -180,7 +175,7 @@ class MADE(nn.Module):
         where its inputs become final), so the whole solve costs one masked network pass plus
         ``D`` small steps. Returns ``x`` and the summed log-derivatives, shape (batch,).
         """
-        self._check_context(context)
+        context = network_context(context, self.context_features, z)
         batch, D, P = z.shape[0], self.features, self.params_per_feature
         order = self._order_list
         act = self.activation

@@ -182,7 +182,7 @@ class VelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        x = _checked_state(x, self.features, self.net[0].weight)
+        x = check_batched("x", x, (self.features,), dtype=self.net[0].weight.dtype)
         context = network_context(context, self.context_features, x)
         return _run_layers(self.net, self.time_inputs.network_input(x, t, context, step))
 
@@ -219,15 +219,6 @@ class VelocityMLP(nn.Module):
                 return _run_layers(rest, torch.addmm(offsets[k], x, weight_x))
 
         return velocity
-
-
-def _checked_state(x: object, features: int, weight: Tensor) -> Tensor:
-    """The state ``x`` of shape (batch, features) in the network's dtype (a float64 state into a
-    float32 network is cast, as the U-Net does); attribute checks only, no device sync."""
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != features:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (batch, {features}), got {shape}")
-    return x if x.dtype == weight.dtype else x.to(weight.dtype)
 
 
 def check_step_input(velocity: object, model: str) -> None:
@@ -342,7 +333,7 @@ class ResidualVelocityMLP(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor | None = None, step: Tensor | float | None = None
     ) -> Tensor:
-        x = _checked_state(x, self.features, self.input.weight)
+        x = check_batched("x", x, (self.features,), dtype=self.input.weight.dtype)
         context = network_context(context, self.context_features, x)
         return self.output(self.blocks(self.input(self.time_inputs.network_input(x, t, context, step))))
 
