@@ -128,21 +128,25 @@ def test_the_older_tasks_file_is_read_when_there_is_no_tasks_table(state_set: Pa
     assert EpisodeDataset(copy)[0]["task"] == "reach the goal position"
 
 
-def test_a_lerobot_style_folder_with_multi_episode_files_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_lerobot_style_folder_with_multi_episode_files_reads(tmp_path: Path, plain: bool) -> None:
     """The v3 layout as lerobot writes it: several episodes per data file, tasks as a Parquet table,
-    images as {"bytes", "path"} structs."""
+    images as {"bytes", "path"} structs, and (``plain``) features of shape [1] as plain numbers."""
     import pyarrow as pa
     import pyarrow.parquet as parquet
 
     from flowforge.data.episodes import encode_png
 
     lengths = [3, 4]
-    rows = {"observation.state": [], "action": [], "episode_index": [], "frame_index": [], "task_index": []}
+    rows = {"observation.state": [], "observation.gripper": [], "action": [], "episode_index": [], "frame_index": []}
+    rows["task_index"] = []
     images = []
     for episode, length in enumerate(lengths):
         for frame in range(length):
             rows["observation.state"].append([float(episode), float(frame)])
-            rows["action"].append([float(10 * episode + frame)])
+            action, gripper = float(10 * episode + frame), float(frame) / 10
+            rows["action"].append(action if plain else [action])
+            rows["observation.gripper"].append(gripper if plain else [gripper])
             rows["episode_index"].append(episode)
             rows["frame_index"].append(frame)
             rows["task_index"].append(episode)
@@ -171,6 +175,7 @@ def test_a_lerobot_style_folder_with_multi_episode_files_reads(tmp_path: Path) -
     )
     features = {
         "observation.state": {"dtype": "float32", "shape": [2]},
+        "observation.gripper": {"dtype": "float32", "shape": [1]},
         "action": {"dtype": "float32", "shape": [1]},
         "observation.images.top": {"dtype": "image", "shape": [4, 4, 3]},
     }
@@ -182,6 +187,14 @@ def test_a_lerobot_style_folder_with_multi_episode_files_reads(tmp_path: Path) -
     assert item["action"][:, 0].tolist() == [11.0, 12.0, 13.0] and item["action_is_pad"].tolist() == [False] * 3
     assert item["observation.images.top"].shape == (1, 3, 4, 4) and int(item["observation.images.top"].max()) == 40
     assert data[6]["action_is_pad"].tolist() == [False, True, True]
+    assert item["observation.gripper"].shape == (1, 1)  # (obs_horizon, *shape) however it is stored
+    # policy training reads the same shapes: a one-number action stays one number per step
+    from flowforge.policy.config import PolicyConfig
+    from flowforge.policy.data import policy_tensors
+
+    config = PolicyConfig(state_key="observation.state", state_dim=2, action_dim=1, horizon=3, language=False)
+    tensors, _ = policy_tensors(data, progress=False, config=config)
+    assert tensors["action"].shape == (7, 3, 1) and tensors["action"][4, :, 0].tolist() == [11.0, 12.0, 13.0]
 
 
 def _damaged_copy(state_set: Path, tmp_path: Path) -> Path:
@@ -347,3 +360,38 @@ def test_a_row_count_mismatch_with_meta_episodes_is_found_when_loading(state_set
     data[0]  # episode 0 is whole
     with pytest.raises(DataError, match=r"file-001\.parquet: episode 1 has \d+ frames .*meta/episodes says \d+"):
         data[len(data) - 1]
+
+
+@pytest.mark.parametrize("old_removed", [False, True])
+def test_a_reader_sees_one_generation_of_metadata_while_a_collection_commits(
+    state_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_removed: bool
+) -> None:
+    import os
+    import shutil
+
+    import flowforge.data.episodes as episodes
+
+    root = tmp_path / "collecting"
+    shutil.copytree(state_set, root, symlinks=True)  # meta: the link to one generation, as collect leaves it
+    old = Path(os.readlink(root / "meta")).name
+    new = root / ".meta-999999"  # the next generation: the same episodes, marked in two of its files
+    shutil.copytree(root / old, new)
+    info = json.loads((new / "info.json").read_text())
+    (new / "info.json").write_text(json.dumps({**info, "generation": "new"}))
+    stats = json.loads((new / "stats.json").read_text())
+    (new / "stats.json").write_text(json.dumps({**stats, "marker": {}}))
+    read_info, switched = episodes.read_info, []
+
+    def read_info_then_commit(*args, **kwargs):  # the collection commits right after info.json is read
+        read = read_info(*args, **kwargs)
+        if not switched:
+            switched.append(True)
+            os.symlink(new.name, root / ".meta-next")
+            os.replace(root / ".meta-next", root / "meta")
+            if old_removed:
+                shutil.rmtree(root / old)
+        return read
+
+    monkeypatch.setattr(episodes, "read_info", read_info_then_commit)
+    data = EpisodeDataset(root)
+    assert switched and (data.info.get("generation") == "new") == ("marker" in data.stats) == old_removed

@@ -685,11 +685,11 @@ def test_a_chunk_refused_in_the_inference_thread_is_not_waited_for_again() -> No
 
     executor = ChunkExecutor(_policy("flow"), execution="async", delay="real", control_period=10.0)
     overflowing = {"state": np.array([3e38, -3e38, 3e38], dtype=np.float32)}
-    outcomes = []
+    outcomes, sent = [], []
     try:
         for step in range(10):
             try:
-                executor.act(overflowing if step == 3 else _observation(step))
+                sent.append(executor.act(overflowing if step == 3 else _observation(step)))
                 outcomes.append("ok")
             except NumericalError:
                 outcomes.append("refused")
@@ -697,6 +697,26 @@ def test_a_chunk_refused_in_the_inference_thread_is_not_waited_for_again() -> No
     finally:
         executor.close()
     assert outcomes.count("refused") == 1 and outcomes[-1] == "ok", outcomes
+    # the refused chunk left no timing behind: chunk numbers still name the chunks that were sent
+    assert len(executor.timings) == len(executor.chunks)
+    recorded, _ = executor.sent_actions()
+    np.testing.assert_allclose(recorded, np.clip(np.stack(sent), -1, 1))
+
+
+@pytest.mark.parametrize("obs_horizon", [2, 3])
+def test_a_bad_frame_already_in_the_history_refuses_one_chunk_not_every_later_one(obs_horizon: int) -> None:
+    from flowforge.errors import NumericalError
+
+    executor = ChunkExecutor(_policy("flow", obs_horizon=obs_horizon))  # chunks requested at steps 0, 4, 8, ...
+    overflowing = {"state": np.array([3e38, -3e38, 3e38], dtype=np.float32)}  # finite: it enters the history
+    outcomes = []
+    for step in range(12):
+        try:
+            executor.act(overflowing if step == 3 else _observation(step))
+            outcomes.append("ok")
+        except NumericalError:
+            outcomes.append("refused")
+    assert outcomes == ["ok"] * 4 + ["refused"] + ["ok"] * 7, outcomes
 
 
 def test_the_executor_hands_out_copies_and_keeps_copies_of_frames() -> None:

@@ -40,6 +40,20 @@ def test_image_statistics_are_per_channel_in_zero_one() -> None:
     assert np.asarray(merged["q99"]).shape == (3, 1, 1) and merged["count"] == [6]
 
 
+def test_statistics_refuse_what_would_make_them_nan_or_wrong() -> None:
+    values = np.zeros((3, 2))
+    values[1, 1] = np.nan
+    with pytest.raises(ValueError, match="values hold nan at frame 1, dimension 1"):
+        feature_stats(values)
+    with pytest.raises(ValueError, match=r"at least one frame, got shape \(0, 2\)"):
+        feature_stats(np.zeros((0, 2)))
+    with pytest.raises(ValueError, match=r"frames must be uint8 pixels .* got float32"):
+        image_stats(np.full((2, 4, 4, 3), 0.5, np.float32))  # already in [0, 1]: would be divided by 255 again
+    empty = {**feature_stats(np.zeros((2, 1))), "count": [0]}
+    with pytest.raises(ValueError, match=r"counts must be >= 0 with a positive total, got \[0.0\]"):
+        aggregate_stats([empty])
+
+
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("metaworld", reason="MetaWorld is the robot extra: pip install 'flowforge[robot]'")

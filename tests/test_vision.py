@@ -249,6 +249,12 @@ def test_the_frame_cache_round_trips_every_frame_and_resumes(tmp_path: Path, mon
         MemoryFrames.from_dataset(dataset, wrist),
     ):
         assert torch.equal(source.take([8, 3, 3, 0]), expected[wrist][[8, 3, 3, 0]])
+        for wrong in ([-1], [len(source)], [1.7]):  # never the last frame, an error or frame 1 instead
+            with pytest.raises(IndexError, match=rf"frame index .*expected integers in \[0, {len(source) - 1}\]"):
+                source.take(wrong)
+    assert dataset.camera_frames(0, wrist, []).shape == (0, *expected[wrist].shape[1:])
+    with pytest.raises(IndexError, match=r"index tensor\(3\): expected an int in 0\.\."):
+        dataset[torch.tensor(3)]
     with pytest.raises(DataError, match="is a video"):
         EncodedFrames.from_dataset(dataset, key)
     other = tmp_path / "other"

@@ -298,6 +298,25 @@ def check_choice(key: str, value: Any, allowed: typing.Iterable[Any]) -> None:
 MAX_SEED = 2**32 - 1
 
 
+def plain_numbers(config: Any) -> None:
+    """Replace the NumPy scalars among a config dataclass's fields (and in its lists) by the Python
+    numbers they hold, before its checks: ``np.int64(3)`` from a data set's shape is the integer 3
+    to every check, and a saved config names only Python types."""
+
+    def plain(value: Any) -> Any:
+        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+            return value.item()
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return value
+
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        converted = plain(value)
+        if converted is not value:
+            object.__setattr__(config, field.name, converted)
+
+
 def check_integer(key: str, value: Any, *, low: int = 1, high: int | None = None, note: str = "") -> int:
     """Refuse anything but an integer in ``[low, high]`` (bools excluded): ``key = v: expected an integer >= 1``;
     ``note`` says where ``high`` comes from. Returns it as a Python int."""
@@ -305,6 +324,13 @@ def check_integer(key: str, value: Any, *, low: int = 1, high: int | None = None
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"{key} = {value!r}: expected an integer {allowed}{note}")
     return int(value)
+
+
+def check_flag(key: str, value: Any, optional: bool = False) -> None:
+    """Refuse anything but ``True`` or ``False`` (``None`` too where ``optional``):
+    ``key = v: expected true or false``."""
+    if not isinstance(value, bool) and not (optional and value is None):
+        raise ConfigError(f"{key} = {value!r}: expected true or false" + (" (or none)" if optional else ""))
 
 
 def check_seed(key: str, value: Any) -> int:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -159,10 +160,18 @@ def _is_depth(feature: dict[str, Any]) -> bool:
     return bool(info.get("is_depth_map") or info.get("video.is_depth_map") or video_info.get("video.is_depth_map"))
 
 
-def read_info(root: str | Path) -> dict[str, Any]:
+def metadata_folder(root: str | Path) -> Path:
+    """``root/meta``, resolved when it is a collection's link to one generation of metadata: the
+    reads through it see that generation even when a running collection commits the next."""
+    meta = Path(root) / "meta"
+    return Path(os.path.realpath(meta)) if meta.is_symlink() else meta
+
+
+def read_info(root: str | Path, meta: Path | None = None) -> dict[str, Any]:
     """``meta/info.json`` of a data set folder, checked for the keys (and their types) this module needs,
-    and for features it can read (numbers, ``"image"``, ``"video"``, ``"string"``)."""
-    path = Path(root) / "meta" / "info.json"
+    and for features it can read (numbers, ``"image"``, ``"video"``, ``"string"``). ``meta``: the
+    metadata folder to read (:func:`metadata_folder`), ``root/meta`` when not given."""
+    path = (Path(root) / "meta" if meta is None else meta) / "info.json"
     if not path.is_file():
         raise DataError(f"{root} is not an episode data set: meta/info.json is missing")
     info = _read_json_object(path)
@@ -288,10 +297,10 @@ def _tasks_parquet(path: Path) -> dict[int, str]:
     return tasks
 
 
-def read_tasks(root: str | Path) -> dict[int, str]:
+def read_tasks(root: str | Path, meta: Path | None = None) -> dict[int, str]:
     """``task_index -> task`` from lerobot's ``meta/tasks.parquet`` or, when there is none, the
     ``meta/tasks.jsonl`` of earlier flowforge folders; empty if neither exists."""
-    meta = Path(root) / "meta"
+    meta = Path(root) / "meta" if meta is None else meta
     if (meta / "tasks.parquet").is_file():
         return _tasks_parquet(meta / "tasks.parquet")
     if (meta / "tasks.jsonl").is_file():
@@ -311,12 +320,12 @@ def _expected_stat_size(feature: dict[str, Any] | None, key: str) -> int | None:
     return int(np.prod(feature.get("shape", ()))) or 1
 
 
-def read_stats(root: str | Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_stats(root: str | Path, info: dict[str, Any] | None = None, meta: Path | None = None) -> dict[str, Any]:
     """``meta/stats.json`` (empty if absent): one object of statistics per feature (``min``, ``max``,
     ``mean``, ``std``, ``count`` and lerobot's quantiles ``q01 .. q99``), each finite numbers, sized as
     info.json's feature (a number per dimension, per colour channel for images and videos, ``count``
     one number); ``observation.state`` and ``action`` need ``mean``, ``std``, ``min`` and ``max``."""
-    path = Path(root) / "meta" / "stats.json"
+    path = (Path(root) / "meta" if meta is None else meta) / "stats.json"
     if not path.is_file():
         return {}
     stats = _read_json_object(path)
@@ -349,9 +358,9 @@ def read_stats(root: str | Path, info: dict[str, Any] | None = None) -> dict[str
     return stats
 
 
-def _episode_files(root: Path) -> list[Path]:
+def _episode_files(meta: Path) -> list[Path]:
     """Every ``meta/episodes/chunk-XXX/file-YYY.parquet``, in (chunk, file) order."""
-    folder = root / "meta" / "episodes"
+    folder = meta / "episodes"
     found = []
     for path in folder.glob("chunk-*/file-*.parquet") if folder.is_dir() else []:
         match = _EPISODES_FILE.fullmatch(path.relative_to(folder).as_posix())
@@ -365,17 +374,18 @@ def _video_columns(key: str) -> tuple[str, str, str, str]:
     return prefix + "chunk_index", prefix + "file_index", prefix + "from_timestamp", prefix + "to_timestamp"
 
 
-def read_episodes(root: str | Path, info: dict[str, Any]) -> list[dict[str, Any]]:
+def read_episodes(root: str | Path, info: dict[str, Any], meta: Path | None = None) -> list[dict[str, Any]]:
     """The rows of every ``meta/episodes`` file (in file order), checked against info.json: the needed
     columns (and each video feature's file and time range), whole non-negative numbers, positive lengths,
     ``episode_index`` equal to the row's position, ``total_episodes`` rows, ``total_frames`` frames and
     consecutive ``dataset_from_index .. dataset_to_index`` ranges."""
     root = Path(root)
-    files = _episode_files(root)
+    meta = root / "meta" if meta is None else meta
+    files = _episode_files(meta)
     if not files:
         if info["total_episodes"] == 0:
             return []
-        raise DataError(f"{root / 'meta' / 'episodes' / 'chunk-000' / 'file-000.parquet'} is missing")
+        raise DataError(f"{meta / 'episodes' / 'chunk-000' / 'file-000.parquet'} is missing")
     video_keys = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
     episodes: list[dict[str, Any]] = []
     where: list[tuple[Path, int]] = []  # (file, row in it) of each episode, for messages
@@ -389,7 +399,7 @@ def read_episodes(root: str | Path, info: dict[str, Any]) -> list[dict[str, Any]
             rows = table.to_pylist()
         except Exception as error:  # pyarrow decoding errors of damaged pages
             raise DataError(f"{path}: not a readable Parquet file ({error})") from error
-        match = _EPISODES_FILE.fullmatch(path.relative_to(root / "meta" / "episodes").as_posix())
+        match = _EPISODES_FILE.fullmatch(path.relative_to(meta / "episodes").as_posix())
         for row, entry in enumerate(rows):
             for column, value in zip(("chunk_index", "file_index"), (int(match[1]), int(match[2])), strict=True):
                 listed = entry.get(f"meta/episodes/{column}")
@@ -397,8 +407,8 @@ def read_episodes(root: str | Path, info: dict[str, Any]) -> list[dict[str, Any]
                     raise DataError(f"{path}, row {row}: 'meta/episodes/{column}' is {listed!r}, the file's is {value}")
             episodes.append(entry)
             where.append((path, row))
-    path = files[0] if len(files) == 1 else root / "meta" / "episodes" / f"({len(files)} files)"
-    info_path = root / "meta" / "info.json"
+    path = files[0] if len(files) == 1 else meta / "episodes" / f"({len(files)} files)"
+    info_path = meta / "info.json"
     if len(episodes) != info["total_episodes"]:
         raise DataError(
             f"{path} lists {len(episodes)} episodes, {info_path} says total_episodes={info['total_episodes']}"
@@ -627,6 +637,10 @@ def check_data_file(
                 )
 
 
+#: Pillow's modes of more than 8 bits a channel (16-bit and 32-bit integer, float).
+WIDE_IMAGE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
 def _decode_image(data: bytes, where: str, key: str, shape: tuple[int, int, int] | None) -> np.ndarray:
     """An image file's pixels (h, w, c) uint8; with ``shape`` (h, w, c) they must have it."""
     from PIL import Image, UnidentifiedImageError
@@ -634,15 +648,16 @@ def _decode_image(data: bytes, where: str, key: str, shape: tuple[int, int, int]
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            if image.mode not in ("RGB", "L", "RGBA"):
-                image = image.convert("RGB")
+            mode = image.mode
+            if mode not in WIDE_IMAGE_MODES and mode not in ("RGB", "L", "RGBA"):
+                image = image.convert("RGB")  # palette, bilevel, CMYK, ...: 8 bits a channel as RGB
             array = np.asarray(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(f"{where}: {key} is not a readable image ({error})") from error
+    if mode in WIDE_IMAGE_MODES or array.dtype != np.uint8:  # converting would clip them to 255
+        raise DataError(f"{where}: {key} has {mode} pixels ({array.dtype}), 8-bit images are read")
     if array.ndim == 2:
         array = array[:, :, None]
-    if array.dtype != np.uint8:
-        raise DataError(f"{where}: {key} has {array.dtype} pixels, 8-bit images are read")
     if shape is not None and array.shape != tuple(shape):
         raise DataError(f"{where}: {key} is a {array.shape} (h, w, c) image, info.json says {tuple(shape)}")
     return array
@@ -742,6 +757,31 @@ def _video_times(path: Path, key: str, shape: tuple[int, int, int]) -> np.ndarra
     return np.sort(np.asarray(times, dtype=np.float64))
 
 
+def frame_vectors(values: Any, dtype: Any = np.float32) -> np.ndarray:
+    """A vector feature's rows, one per frame, as ``(frames, n)``: LeRobot stores a feature of
+    shape ``[1]`` as plain numbers, which become rows of one."""
+    array = np.asarray(values, dtype=dtype)
+    return array[:, None] if array.ndim == 1 else array
+
+
+def read_metadata(
+    root: str | Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[int, str], dict[str, Any]]:
+    """A data set's info, episodes, tasks and statistics, all from one generation of metadata. A
+    collection running in the folder may commit the next generation and remove this one while it is
+    read: then the reads start again from the new one."""
+    attempts = 0
+    while True:
+        meta = metadata_folder(root)
+        try:
+            info = read_info(root, meta)
+            return info, read_episodes(root, info, meta), read_tasks(root, meta), read_stats(root, info, meta)
+        except DataError:
+            attempts += 1
+            if meta.exists() or attempts == 3:
+                raise
+
+
 class EpisodeDataset(torch.utils.data.Dataset):
     """Observation windows and action chunks from an episode data set folder.
 
@@ -776,7 +816,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         cache_files = check_count("cache_files", cache_files)
         tolerance_s = check_real("tolerance_s", tolerance_s, positive=True)
         self.root = Path(root)
-        self.info = read_info(self.root)
+        self.info, episodes, self.tasks, self.stats = read_metadata(self.root)
         self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
         self.tolerance_s = float(tolerance_s)
         self.features = self.info["features"]
@@ -788,15 +828,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
         self.video_keys = [k for k, f in self.features.items() if f.get("dtype") == "video"]
         """Features stored as mp4 files (dtype ``"video"``)."""
         self.camera_keys = [k for k in self.features if k in self.image_keys or k in self.video_keys]
-        self.episodes = episodes = read_episodes(self.root, self.info)
+        self.episodes = episodes
         if not episodes:
             raise DataError(f"{self.root}/meta/info.json: the data set has no episodes")
-        self.tasks = read_tasks(self.root)
         self.lengths = [int(e["length"]) for e in episodes]
         self.starts = np.cumsum([0, *self.lengths])
-        self._cache: OrderedDict[tuple[int, int], dict[str, Any]] = OrderedDict()
+        # (chunk, file) -> the data file's columns and each episode's rows in it
+        self._cache: OrderedDict[tuple[int, int], tuple[dict[str, Any], dict[int, list[int]]]] = OrderedDict()
         self.cache_files = cache_files
-        self.stats = read_stats(self.root, self.info)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -821,12 +860,15 @@ class EpisodeDataset(torch.utils.data.Dataset):
             columns = _read_columns(path)
             entries = [e for e in self.episodes if (e["data/chunk_index"], e["data/file_index"]) == file_key]
             check_data_file(path, columns, entries, self.features, self.tasks, self.info["fps"], self.tolerance_s)
-            self._cache[file_key] = columns
+            rows_of: dict[int, list[int]] = {}  # episode_index -> its rows, found once per file read
+            for row, index in enumerate(columns["episode_index"]):
+                rows_of.setdefault(index, []).append(row)
+            self._cache[file_key] = (columns, rows_of)
             if len(self._cache) > self.cache_files:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(file_key)
-        columns = self._cache[file_key]
-        rows = [i for i, e in enumerate(columns["episode_index"]) if e == entry["episode_index"]]
+        columns, rows_of = self._cache[file_key]
+        rows = rows_of.get(entry["episode_index"], [])
         if len(rows) != self.lengths[episode]:
             raise DataError(
                 f"{self.root}: episode {entry['episode_index']} has {len(rows)} frames in its data file, "
@@ -857,6 +899,8 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def _camera(self, key: str, columns: dict[str, Any], episode: int, frames: list[int]) -> Tensor:
         feature, entry = self.features[key], self.episodes[episode]
         shape = image_shape(feature)
+        if not frames:  # no frame asked for: none read
+            return torch.zeros(0, shape[2], shape[0], shape[1], dtype=torch.uint8)
         path = _data_path(self.root, entry, self.info)
         if feature["dtype"] == "image":
             pixels = [
@@ -880,16 +924,14 @@ class EpisodeDataset(torch.utils.data.Dataset):
 
     def _array(self, key: str, values: list, frames: list[int]) -> Tensor:
         shape = tuple(self.features[key]["shape"])
-        array = np.asarray([values[f] for f in frames], dtype=np.float32)
-        if shape == (1,) and array.ndim == 1:  # lerobot stores shape-(1,) features as plain numbers
-            array = array[:, None]
+        array = frame_vectors([values[f] for f in frames])
         if array.shape[1:] != shape:
             raise DataError(f"{self.root}: {key} has shape {array.shape[1:]}, info.json says {shape}")
         return torch.from_numpy(array)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not is_count(index, 0, len(self) - 1):
-            raise IndexError(f"index {index} out of range for {len(self)} frames")
+            raise IndexError(f"index {index!r}: expected an int in 0..{len(self) - 1} (a frame of the data set)")
         episode = int(np.searchsorted(self.starts, index, side="right") - 1)
         frame = index - int(self.starts[episode])
         length = self.lengths[episode]
@@ -922,24 +964,22 @@ class EpisodeDataset(torch.utils.data.Dataset):
             else:
                 numpy_dtype = numeric_dtype(dtype)
                 if key.startswith("observation."):
-                    item[key] = torch.from_numpy(np.asarray([columns[key][f] for f in obs_frames], dtype=numpy_dtype))
+                    rows = [columns[key][f] for f in obs_frames]
+                    vectors = frame_vectors(rows, numpy_dtype) if feature.get("shape") == [1] else np.asarray(rows)
+                    item[key] = torch.from_numpy(vectors.astype(numpy_dtype, copy=False))
                 else:
                     item[key] = torch.from_numpy(np.asarray(columns[key][frame], dtype=numpy_dtype))
         return item
 
 
-def decode_png(value: Any) -> Tensor:
-    """An image file's pixels (3, h, w) uint8 RGB, from its bytes or lerobot's ``{"bytes", "path"}`` struct."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode_png(value: Any, where: str = "image bytes") -> Tensor:
+    """An image file's pixels (c, h, w) uint8, from its bytes or lerobot's ``{"bytes", "path"}``
+    struct, read as the data set reads them: RGB, RGBA and grey keep their channels, other 8-bit
+    modes become RGB and deeper pixels are refused."""
     data = value["bytes"] if isinstance(value, dict) else value
     if not isinstance(data, (bytes, bytearray)):
         raise DataError(f"an image is stored as bytes, got {type(data).__name__}")
-    try:
-        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"not a readable image ({error})") from error
-    return torch.from_numpy(image.copy()).permute(2, 0, 1)
+    return torch.from_numpy(_decode_image(bytes(data), where, "the image", None).copy()).permute(2, 0, 1)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -978,17 +1018,15 @@ def verify_dataset(root: str | Path, tolerance_s: float = TOLERANCE_S) -> None:
     the declared size, with a frame within ``tolerance_s`` of every row's ``from_timestamp + timestamp``.
     """
     root = Path(root)
-    info = read_info(root)
-    tasks = read_tasks(root)
+    info, episodes, tasks, stats = read_metadata(root)
     if "total_tasks" in info and len(tasks) != info["total_tasks"]:
         raise DataError(
             f"{root}/meta/info.json says total_tasks={info['total_tasks']}, the task table lists {len(tasks)} tasks"
         )
-    stats = read_stats(root, info)
     normalised = {key: [] for key in ("observation.state", "action") if key in stats and key in info["features"]}
     features = info["features"]
     files: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for entry in read_episodes(root, info):
+    for entry in episodes:
         files.setdefault((int(entry["data/chunk_index"]), int(entry["data/file_index"])), []).append(entry)
     # video file -> (feature, [(timestamp, episode, frame)]) of every row that shows a frame of it
     queries: dict[Path, tuple[str, list[tuple[float, int, int]]]] = {}

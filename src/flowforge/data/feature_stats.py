@@ -38,6 +38,12 @@ def feature_stats(values: np.ndarray) -> dict[str, list]:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim == 1:
         values = values[:, None]
+    if values.ndim != 2 or len(values) == 0:
+        raise ValueError(f"values must be (frames, dims) with at least one frame, got shape {values.shape}")
+    bad = np.argwhere(~np.isfinite(values))
+    if len(bad):
+        frame, dim = bad[0]
+        raise ValueError(f"values hold {values[frame, dim]} at frame {frame}, dimension {dim}: expected finite numbers")
     stats = {
         "min": values.min(0),
         "max": values.max(0),
@@ -51,6 +57,10 @@ def feature_stats(values: np.ndarray) -> dict[str, list]:
 def image_stats(frames: np.ndarray) -> dict[str, list]:
     """Per-channel statistics of uint8 frames (n, h, w, 3), pixels scaled to [0, 1]; each (3, 1, 1)."""
     frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or len(frames) == 0:
+        raise ValueError(
+            f"frames must be uint8 pixels (n >= 1, h, w, channels), got {frames.dtype} of shape {frames.shape}"
+        )
     picked = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), IMAGE_SAMPLES)).round().astype(int))
     pixels = frames[picked].reshape(-1, frames.shape[-1]).astype(np.float64) / 255.0
     flat = feature_stats(pixels)
@@ -64,6 +74,8 @@ def aggregate_stats(episodes: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("aggregate_stats needs at least one episode's statistics")
     counts = np.array([float(e["count"][0]) for e in episodes])
     total = counts.sum()
+    if not np.isfinite(counts).all() or (counts < 0).any() or total <= 0:
+        raise ValueError(f"counts must be >= 0 with a positive total, got {counts.tolist()}")
 
     def stacked(name: str) -> np.ndarray:
         return np.stack([np.asarray(e[name], dtype=np.float64) for e in episodes])

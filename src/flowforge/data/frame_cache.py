@@ -239,10 +239,20 @@ class FrameCache:
 
     def take(self, index: Sequence[int] | np.ndarray) -> Tensor:
         """Frames ``(len(index), 3, H, W)`` uint8 by global frame index."""
-        return torch.from_numpy(np.ascontiguousarray(self.frames[np.asarray(index, dtype=np.int64)]))
+        return torch.from_numpy(np.ascontiguousarray(self.frames[frame_indices(index, len(self))]))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_frames": None}
+
+
+def frame_indices(index: Sequence[int] | np.ndarray, frames: int) -> np.ndarray:
+    """``index`` as int64 global frame indices, each in ``[0, frames)``: a negative, fractional or
+    too large one is an ``IndexError`` (NumPy would read a negative one from the end)."""
+    array = np.asarray(index)
+    if array.size and (array.dtype.kind not in "iu" or array.min() < 0 or array.max() >= frames):
+        wrong = array.ravel()[0] if array.dtype.kind not in "iu" else (array.min() if array.min() < 0 else array.max())
+        raise IndexError(f"frame index {wrong!r}: expected integers in [0, {frames - 1}]")
+    return array.astype(np.int64, copy=False)
 
 
 class EncodedFrames:
@@ -283,8 +293,9 @@ class EncodedFrames:
     def take(self, index: Sequence[int] | np.ndarray) -> Tensor:
         """Frames ``(len(index), 3, H, W)`` uint8 by global frame index, decoded now."""
         frames = []
-        for i in np.asarray(index, dtype=np.int64):
-            image = decode_png(self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes())
+        for i in frame_indices(index, len(self)):
+            data = self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes()
+            image = decode_png(data, f"{self.feature}, frame {i}")
             if tuple(image.shape) != self.shape[1:]:
                 raise DataError(f"{self.feature}, frame {i}: decoded {tuple(image.shape)}, expected {self.shape[1:]}")
             frames.append(image)
@@ -314,7 +325,7 @@ class MemoryFrames:
         return self.shape[0]
 
     def take(self, index: Sequence[int] | np.ndarray) -> Tensor:
-        return self.frames[torch.as_tensor(np.asarray(index, dtype=np.int64))]
+        return self.frames[torch.as_tensor(frame_indices(index, len(self)))]
 
 
 __all__ = ["CACHE_FORMAT", "EncodedFrames", "FrameCache", "MemoryFrames"]

@@ -62,6 +62,11 @@ class Normalizer(nn.Module):
     @torch.no_grad()
     def set_statistics(self, stats: dict[str, Any]) -> None:
         """Fit shift and scale to ``stats`` in place (a ``DataError`` names what is missing or wrong)."""
+        self.set_shift_and_scale(*self.shift_and_scale(stats))
+
+    def shift_and_scale(self, stats: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The shift and scale ``stats`` give, checked, without changing this normaliser (so that
+        several normalisers can be checked before any is set)."""
         needed = ("mean", "std") if self.mode == "mean_std" else ("min", "max")
         missing = [k for k in needed if k not in stats]
         if missing:
@@ -86,6 +91,10 @@ class Normalizer(nn.Module):
                 f"statistics too large for {self.shift.dtype} (at most {limit:.4g}): shift {shift.tolist()}, "
                 f"scale {scale.tolist()}"
             )
+        return shift, scale
+
+    def set_shift_and_scale(self, shift: Tensor, scale: Tensor) -> None:
+        """Set what :meth:`shift_and_scale` returned (a scale is floored at ``SCALE_FLOOR``)."""
         self.shift.copy_(shift)
         self.scale.copy_(scale.clamp_min(SCALE_FLOOR))
 

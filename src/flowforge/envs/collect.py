@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from flowforge.config import check_seed
-from flowforge.data.episodes import decode_png, encode_png
+from flowforge.data.episodes import decode_png, encode_png, metadata_folder
 from flowforge.data.feature_stats import STATISTICS, aggregate_stats, feature_stats, image_stats
 from flowforge.data.tabular import DataError
 from flowforge.envs.episode import run_episode
@@ -336,9 +336,7 @@ def _only_temporary_files(folder: Path) -> bool:
 def _open_folder(root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """Read-only look at ``root``: the committed record to resume, ``None`` for a new or restarted
     collection; a :class:`DataError` for a folder that is not a collection or has other settings."""
-    meta = root / "meta"
-    if meta.is_symlink():  # one generation for both reads: a commit in between switches the link
-        meta = Path(os.path.realpath(meta))
+    meta = metadata_folder(root)  # one generation for both reads: a commit in between switches the link
     state_file = meta / "collection.json"
     if not os.path.lexists(root / "meta") and (root / _PREVIOUS / "collection.json").is_file():
         state_file = root / _PREVIOUS / "collection.json"  # killed between the two renames of a swap

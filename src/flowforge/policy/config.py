@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from flowforge.config import check_choice, check_integer, check_range
+from flowforge.config import check_choice, check_flag, check_integer, check_range, plain_numbers
 from flowforge.errors import ConfigError
 from flowforge.matching.shortcut import MAX_HALVINGS
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
@@ -253,10 +253,10 @@ class PolicyConfig:
         return self.state_key.removeprefix("observation.")
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         check_choice("kind", self.kind, names(HEAD_CATEGORY))
         check_choice("state_key", self.state_key, STATE_KEYS)
-        if not isinstance(self.language, bool):
-            raise ConfigError(f"language = {self.language!r}: expected true or false")
+        check_flag("language", self.language)
         if not isinstance(self.instructions, list | tuple) or not all(isinstance(t, str) for t in self.instructions):
             raise ConfigError(f"instructions = {self.instructions!r}: expected a list of strings")
         if len(set(self.instructions)) != len(self.instructions):
@@ -337,8 +337,7 @@ class PolicyConfig:
         check_choice("sampler", self.sampler, ("ddim", "ddpm"))
         check_choice("state_normalization", self.state_normalization, ("mean_std", "min_max"))
         check_choice("action_normalization", self.action_normalization, ("mean_std", "min_max"))
-        if not isinstance(self.previous_state, bool):
-            raise ConfigError(f"previous_state = {self.previous_state!r}: expected true or false")
+        check_flag("previous_state", self.previous_state)
         if self.goal_key is not None:
             check_choice("goal_key", self.goal_key, (GOAL_KEY,))
         check_used_settings(self)

@@ -28,6 +28,7 @@ composition every kind shares, so that comparisons between kinds are about the h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ class ChunkPolicy(Rebuildable, nn.Module):
 
     def __init__(self, config: PolicyConfig) -> None:
         super().__init__()
+        if not isinstance(config, PolicyConfig):
+            raise TypeError(f"config must be a PolicyConfig (PolicyConfig(**settings)), got {type(config).__name__}")
         config.check_state_layout()
         self.policy_config = config
         self.encoder = ObservationEncoder(
@@ -141,11 +144,13 @@ class ChunkPolicy(Rebuildable, nn.Module):
     # ---------------------------------------------------------------- set-up from data
     def set_statistics(self, stats: dict[str, dict[str, Any]]) -> None:
         """Normalisers from a data set's ``stats.json`` (keys ``config.state_key`` and ``action``;
-        ``goal_key`` too, or the feature it derives from)."""
-        self.state_normalizer.set_statistics(state_statistics(stats, self.policy_config))
+        ``goal_key`` too, or the feature it derives from). Both are checked before either is set."""
+        state = self.state_normalizer.shift_and_scale(state_statistics(stats, self.policy_config))
         if "action" not in stats:
             raise DataError("the data set's statistics have no 'action' entry")
-        self.action_normalizer.set_statistics(stats["action"])
+        action = self.action_normalizer.shift_and_scale(stats["action"])
+        self.state_normalizer.set_shift_and_scale(*state)
+        self.action_normalizer.set_shift_and_scale(*action)
 
     def set_image_statistics(self, stats: list[dict[str, Any]]) -> None:
         """Per-camera pixel statistics (``mean``, ``std`` in [0, 1]) for ``image_normalization = "mean_std"``,
@@ -364,8 +369,14 @@ class ChunkPolicy(Rebuildable, nn.Module):
             raise ValueError(f"a {kind!r} head cannot be guided: real-time chunking needs a flow head")
         if prefix is not None and not self.policy_config.rtc_training_delay:
             raise ValueError("prefix: this policy was not trained to complete given actions (rtc_training_delay = 0)")
-        # Guidance differentiates through the expert, which inference mode forbids.
+        # Guidance differentiates through the expert, which inference mode forbids: tensors the
+        # caller made under torch.inference_mode() enter it as ordinary copies.
         with torch.inference_mode(guide is None), torch.no_grad():
+            if guide is not None:
+                batch, noise = {key: _ordinary(value) for key, value in batch.items()}, _ordinary(noise)
+                guide = dataclasses.replace(guide, actions=_ordinary(guide.actions), weights=_ordinary(guide.weights))
+                if prefix is not None:
+                    prefix = dataclasses.replace(prefix, actions=_ordinary(prefix.actions))
             return self._predict(batch, sampling, shape, use_cache, noise, guide, prefix)
 
     def _predict(
@@ -478,6 +489,7 @@ class ChunkPolicy(Rebuildable, nn.Module):
                 checked[key] = image.to(self.state_normalizer.shift.device)
         if self.encoder.instructions is not None:
             self._check_language(checked, state.shape[0])
+            self.encoder.fill_instruction_table()
         return checked
 
     def _check_language(self, batch: Batch, rows: int) -> None:
@@ -577,6 +589,12 @@ def state_statistics(stats: dict[str, dict[str, Any]], config: PolicyConfig) -> 
         return parts[0]
     names = set.intersection(*(set(p) for p in parts)) - {"count"}
     return {name: np.concatenate([np.asarray(p[name], dtype=np.float64).reshape(-1) for p in parts]) for name in names}
+
+
+def _ordinary(value: Any) -> Any:
+    """A tensor made under ``torch.inference_mode()`` as an ordinary copy (autograd may save it);
+    anything else as it is."""
+    return value.clone() if isinstance(value, Tensor) and value.is_inference() else value
 
 
 def _as_tensor(name: str, value: Any) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from flowforge.data.episodes import EpisodeDataset, check_stats_match
+from flowforge.data.episodes import EpisodeDataset, check_stats_match, frame_vectors
 from flowforge.errors import ConfigError, DataError
 from flowforge.policy.config import DERIVED_FEATURES, PolicyConfig
 
@@ -98,9 +98,9 @@ def check_observation_mode(dataset: EpisodeDataset, config: PolicyConfig) -> Non
 def _feature(columns: dict[str, Any], key: str) -> np.ndarray:
     """One episode's numbers of ``key``, derived from its source feature when the data set lacks it."""
     if key in columns:
-        return np.asarray(columns[key], dtype=np.float32)
+        return frame_vectors(columns[key])
     source, start, end = DERIVED_FEATURES[key]
-    return np.asarray(columns[source], dtype=np.float32)[:, start:end]
+    return frame_vectors(columns[source])[:, start:end]
 
 
 def _episode_windows(
@@ -118,7 +118,7 @@ def _episode_windows(
         parts.append(state[(observed - 1).clamp(min=0)])
     for key in keys[1:]:
         parts.append(torch.as_tensor(_feature(columns, key))[observed])
-    action = torch.as_tensor(np.asarray(columns["action"], dtype=np.float32))
+    action = torch.as_tensor(frame_vectors(columns["action"]))
     windows = {
         "state": torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0],
         "action": action[acted],

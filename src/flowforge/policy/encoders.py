@@ -118,6 +118,9 @@ class ObservationEncoder(nn.Module):
         self.tokens = tokens
         self.position = nn.Parameter(0.02 * torch.randn(tokens, width))
         self._runtime_embeddings: dict[str, Tensor] = {}
+        # The table is filled at its first use unless set or loaded before: a policy built in
+        # Python must not train with every instruction read as the same zero vector.
+        self._instructions_embedded = not self.instructions
         self._register_load_state_dict_pre_hook(_upgrade_single_camera_keys)
 
     @property
@@ -171,7 +174,8 @@ class ObservationEncoder(nn.Module):
 
     def set_instruction_embeddings(self, embeddings: Tensor | None = None) -> None:
         """Fill the instruction table (MiniLM embeddings of ``instructions`` when not given): a finite
-        floating-point tensor of shape ``(len(instructions), embedding size)``."""
+        floating-point tensor of shape ``(len(instructions), embedding size)``. A table neither set
+        nor loaded is filled with MiniLM's embeddings when the policy first reads an instruction."""
         if self.instructions is None:
             if embeddings is not None:
                 raise ValueError("embeddings given to a policy without language input (language = false)")
@@ -187,11 +191,25 @@ class ObservationEncoder(nn.Module):
             )
         if not bool(torch.isfinite(embeddings).all()):
             raise ValueError("embeddings hold NaN or inf; expected finite values")
-        self.instruction_embeddings.copy_(embeddings)
+        with torch.no_grad(), torch.inference_mode(False):
+            self.instruction_embeddings.copy_(embeddings)
+        self._instructions_embedded = True
+
+    def fill_instruction_table(self) -> None:
+        """Fill the instruction table with MiniLM's embeddings unless they were set or loaded; the
+        policy calls it where it checks a batch, before any compiled computation reads the table."""
+        if not self._instructions_embedded:
+            self.set_instruction_embeddings()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "instruction_embeddings" in state_dict:
+            self._instructions_embedded = True
 
     def _language(self, observation: Batch, rows: int) -> Tensor:
         # The inputs were checked by ChunkPolicy.checked_batch: nothing here reads a value back to
         # the host, so a compiled or graph-captured sampling loop runs in one piece.
+        self.fill_instruction_table()
         if "task_index" in observation:
             index = torch.as_tensor(observation["task_index"])
             return self.instruction_embeddings[index.to(self.instruction_embeddings.device)]

@@ -512,15 +512,16 @@ class ChunkExecutor:
     def act(self, observation: dict[str, Any]) -> np.ndarray:
         """The next action for an observation dict (``state``, ``image`` when used, ``instruction``).
 
-        An observation refused here, or one whose chunk is refused (a state that overflows the
-        network), leaves the observation history as it was: the next valid one acts normally."""
+        An observation refused here leaves the observation history as it was. When a chunk is
+        refused (a state that overflows the network), the frames it was computed from are dropped:
+        the next valid observation starts a new window, as at an episode's start, so a bad frame
+        already in the history cannot refuse every chunk after it."""
         self._refuse_if_closed()
-        history = self.history.copy()
         batch = self.batch(observation)
         try:
             return self._act(batch)
         except Exception:
-            self.history = history
+            self.history.clear()
             raise
 
     def _act(self, batch: Batch) -> np.ndarray:
@@ -640,7 +641,12 @@ class ChunkExecutor:
             if not chunk.done():
                 return
             self._pending = None  # a chunk refused in the inference thread is not waited for again
-            self._start((number, self._keep(chunk.result())), arrives=step)
+            try:
+                result = chunk.result()
+            except Exception:
+                del self.timings[number]  # the last one (one request at a time): timings stay numbered as chunks
+                raise
+            self._start((number, self._keep(result)), arrives=step)
         elif self.timings[number].arrived == step:
             self._start(self._pending, arrives=step)
             self._pending = None

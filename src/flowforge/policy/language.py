@@ -53,6 +53,8 @@ class InstructionEncoder:
 
     def __call__(self, instructions: list[str]) -> Tensor:
         """Embeddings (n, 384), float32, unit length."""
+        if not instructions:
+            return torch.zeros(0, EMBEDDING_SIZE)
         missing = sorted({text for text in instructions if text not in self._cache})
         if missing:
             vectors = self._load().encode(

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowforge.config import check_choice, check_integer, check_range, check_seed
+from flowforge.config import check_choice, check_flag, check_integer, check_range, check_seed, plain_numbers
 from flowforge.data import (
     DIGIT_LEVELS,
     SKLEARN_DATASETS,
@@ -86,6 +86,7 @@ class DataConfig:
     conditional: bool = False
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.name is not None:
             check_choice("name", self.name, DATASETS)
         if self.path is not None and not self.path.strip():
@@ -97,6 +98,8 @@ class DataConfig:
         check_integer("size", self.size, low=2, note=" (points drawn for training)")
         check_range("test_fraction", self.test_fraction, low=0, high=1, low_open=True, high_open=True)
         check_seed("seed", self.seed)
+        check_flag("standardize", self.standardize, optional=True)
+        check_flag("conditional", self.conditional)
         if self.name in COUNT_DATASETS and self.standardize:
             raise ConfigError(f"standardize = true: {self.name} are pixel counts, dequantized by the model instead")
         if self.conditional and self.name not in LABELLED_DATASETS:

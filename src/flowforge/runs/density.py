@@ -69,7 +69,16 @@ from torch import Tensor, nn
 
 from flowforge import registry
 from flowforge.checkpoint import load_model, read_manifest, write_atomic
-from flowforge.config import apply_overrides, build_config, build_dataclass, check_choice, check_range, read_document
+from flowforge.config import (
+    apply_overrides,
+    build_config,
+    build_dataclass,
+    check_choice,
+    check_integer,
+    check_range,
+    plain_numbers,
+    read_document,
+)
 from flowforge.data import DIGIT_LEVELS, TARGETS, TOY_DATASETS, Standardizer, target
 from flowforge.errors import CheckpointError, ConfigError, DataError, NumericalError, is_out_of_memory, memory_asked
 from flowforge.eval.image_quality import (
@@ -181,17 +190,16 @@ class ObjectiveConfig:
     kl_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.kind is not None:
             check_choice("kind", self.kind, OBJECTIVES)
         check_choice("target", self.target, TARGETS)
-        if self.samples < 1:
-            raise ConfigError(f"samples = {self.samples}: expected an integer >= 1")
+        check_integer("samples", self.samples)
         check_range("ml_weight", self.ml_weight, low=0)
         check_range("adversarial_weight", self.adversarial_weight, low=0)
         if self.ml_weight == 0 and self.adversarial_weight == 0:
             raise ConfigError("ml_weight = 0 and adversarial_weight = 0: at least one must be > 0")
-        if self.kl_warmup_steps < 0:
-            raise ConfigError(f"kl_warmup_steps = {self.kl_warmup_steps}: expected an integer >= 0 (0: no warm-up)")
+        check_integer("kl_warmup_steps", self.kl_warmup_steps, low=0, note=" (0: no warm-up)")
 
 
 @dataclass

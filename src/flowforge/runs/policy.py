@@ -40,6 +40,7 @@ from flowforge.config import (
     check_choice,
     check_integer,
     parse_document,
+    plain_numbers,
     read_document,
 )
 from flowforge.data.episodes import EpisodeDataset, data_set_or_run_holding
@@ -86,6 +87,7 @@ class PolicyDataConfig:
     workers: int = 0
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         check_choice("frames", self.frames, FRAME_SOURCES)
         check_integer("workers", self.workers, low=0, high=MAX_WORKERS, note=" (DataLoader processes)")
         if self.workers and self.frames == "tensors":
@@ -145,6 +147,7 @@ class PolicyDistillConfig:
     intervals: int = 18
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         check_choice("method", self.method, DISTILLATION_METHODS)
         check_integer("intervals", self.intervals)
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from flowforge.checkpoint import write_atomic
-from flowforge.config import check_choice, check_integer, check_range, check_seed
+from flowforge.config import check_choice, check_flag, check_integer, check_range, check_seed, plain_numbers
 from flowforge.errors import ConfigError
 from flowforge.train.distributed import (
     ShardedBatches,
@@ -73,11 +73,6 @@ from flowforge.utils.progress import progress_bar
 from flowforge.validation import MAX_BATCH_SIZE
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _check_flag(key: str, value: Any, optional: bool = False) -> None:
-    if not isinstance(value, bool) and not (optional and value is None):
-        raise ConfigError(f"{key} = {value!r}: expected true or false" + (" (or none)" if optional else ""))
 
 
 def check_batch_statistics(model: nn.Module, batch_size: int) -> None:
@@ -184,6 +179,7 @@ class TrainerConfig:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         check_integer("steps", self.steps, low=1)
         check_integer("batch_size", self.batch_size, low=1, high=MAX_BATCH_SIZE, note=" (2**24)")
         check_range("lr", self.lr, low=0, low_open=True)
@@ -204,7 +200,7 @@ class TrainerConfig:
                 "precision = 'fp16': needs CUDA (a gradient scaler on a GPU) and torch.cuda.is_available() "
                 "is False; use 'bf16' on a CPU"
             )
-        _check_flag("gradient_checkpointing", self.gradient_checkpointing)
+        check_flag("gradient_checkpointing", self.gradient_checkpointing)
         check_seed("seed", self.seed)
         check_integer("eval_every", self.eval_every, low=0)
         if self.patience is not None:
@@ -216,8 +212,8 @@ class TrainerConfig:
                 )
         check_integer("checkpoint_every", self.checkpoint_every, low=0)
         check_integer("log_every", self.log_every, low=1)
-        _check_flag("tensorboard", self.tensorboard)
-        _check_flag("progress", self.progress, optional=True)
+        check_flag("tensorboard", self.tensorboard)
+        check_flag("progress", self.progress, optional=True)
         # Numbers as floats, so that the config reads back from JSON unchanged (resume compares it).
         self.lr, self.weight_decay = float(self.lr), float(self.weight_decay)
         if self.max_grad_norm is not None:
