@@ -156,11 +156,11 @@ class FlowforgeModel(Model):
         evaluation = (transform.method, transform.steps, transform.atol, transform.rtol)
 
         def regularised(x: Tensor) -> Tensor:
-            transform.method, transform.steps, transform.atol, transform.rtol = training
+            transform.set_solver(*training)
             try:
                 log_prob, kinetic, jacobian = self.flow.log_prob_and_regularization(x)
             finally:
-                transform.method, transform.steps, transform.atol, transform.rtol = evaluation
+                transform.set_solver(*evaluation)
             return log_prob - lambda_k * kinetic - lambda_j * jacobian
 
         self.objective = regularised if regularise else self.flow.log_prob

@@ -235,3 +235,20 @@ def test_sampling_integrates_the_trajectory_alone(adjoint: bool, monkeypatch: py
     torch.testing.assert_close(x, expected, rtol=1e-7, atol=1e-7)
     missing = parameters_without_gradient(flow, flow.rsample(4, c).square().sum())
     assert not missing, f"no gradient reaches {missing} through rsample"
+
+
+def test_a_cnf_changes_its_solver_checked_and_is_saved_with_it(tmp_path) -> None:
+    from flowforge.checkpoint import load_model, save_model
+    from flowforge.errors import ConfigError
+
+    flow = CNF(2, hidden=(8,))
+    flow.set_solver("rk4", steps=4)
+    flow.sample(2)
+    save_model(tmp_path / "cnf", flow)
+    loaded = load_model(tmp_path / "cnf").transform
+    assert (loaded.method, loaded.steps, loaded.atol, loaded.rtol) == ("rk4", 4, None, None)
+    with pytest.raises((ConfigError, ValueError), match="atol"):
+        flow.set_solver("rk4", atol=1e-3)
+    with pytest.raises(ValueError, match="adjoint = True, which needs an adaptive method"):
+        CNF(2, hidden=(8,), adjoint=True).set_solver("euler", steps=8)
+    assert flow.transform.method == "rk4"  # a refused change leaves the solver as it was

@@ -286,3 +286,51 @@ def test_sde_noise_takes_the_state_dtype() -> None:
         noise=torch.randn(5, 3, 2, dtype=torch.float64),
     )
     assert end.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_a_solve_under_inference_mode_leaves_the_time_grid_usable_with_gradients(method: str) -> None:
+    class TimeEmbedded(torch.nn.Module):  # a hand-written field that keeps its time input for backward
+        def __init__(self) -> None:
+            super().__init__()
+            self.time, self.out = torch.nn.Linear(1, 8), torch.nn.Linear(10, 2)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.cat([x, torch.tanh(self.time(t[:, None]))], dim=1))
+
+    field, x0 = TimeEmbedded(), torch.randn(4, 2)
+    grid = (0.0, 0.7318)  # a grid no other test solves on, so this test fills its cache
+    with torch.inference_mode():
+        odeint(field, x0, grid, method=method, steps=7)
+    odeint(field, x0, grid, method=method, steps=7).square().sum().backward()
+    assert all(p.grad is not None for p in field.parameters())
+
+
+def test_the_adjoint_differentiates_times_given_as_tensors_as_backpropagation_does() -> None:
+    class Field(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return -self.w * x * t[:, None] + torch.sin(t)[:, None]
+
+    field, x0 = Field(), torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for adjoint in (False, True):
+        t0 = torch.full((4,), 0.2, dtype=torch.float64, requires_grad=True)
+        t1 = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        end = odeint(field, x0, (t0, t1), method="dopri5", adjoint=adjoint, atol=1e-10, rtol=1e-10)
+        end.square().sum().backward()
+        gradients.append((t0.grad, t1.grad, field.w.grad.clone()))
+        field.w.grad = None
+    for direct, adjoint in zip(*gradients, strict=True):
+        torch.testing.assert_close(adjoint, direct, rtol=1e-6, atol=1e-8)
+
+
+def test_adjoint_is_a_flag_and_a_tensor_of_times_is_refused_with_its_two_ends_suggested() -> None:
+    field = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="adjoint must be a bool"):
+        odeint(lambda x, t: field(x), torch.zeros(3, 2), (0.0, 1.0), method="dopri5", adjoint="no")
+    with pytest.raises(ValueError, match=r"pass its two ends, \(t\[0\], t\[-1\]\)"):
+        odeint(lambda x, t: -x, torch.zeros(3, 2), torch.tensor([0.0, 1.0]))

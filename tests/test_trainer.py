@@ -656,3 +656,103 @@ def test_the_moving_average_follows_a_layer_initialised_from_the_first_batch() -
         plain, averaged = (float(-model.log_prob(data).mean()) for model in models)
     # averaging the first step with the initial weights kept ActNorm near its unfitted start: NLL 58 against 5
     assert averaged < plain + 1.0
+
+
+def test_a_nan_gradient_of_a_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path: Path) -> None:
+    class NanGradientAtStep20(MaximumLikelihood):
+        calls = 0
+
+        def loss(self, model, batch):
+            loss = super().loss(model, batch)
+            self.calls += 1
+            if self.calls == 20:  # adds 0 to the loss, NaN to the gradient (0 * inf)
+                weight = next(model.parameters())
+                loss = loss + 0.0 * torch.sqrt(weight - weight.detach()).sum()
+            return loss
+
+    data = torch.randn(200, 2)
+    for clip in (10.0, None):  # with clipping the step is refused, without it the checkpoint is
+        folder = tmp_path / f"clip-{clip}"
+        config = TrainerConfig(steps=100, batch_size=16, progress=False, checkpoint_every=10, max_grad_norm=clip)
+        torch.manual_seed(0)
+        with pytest.raises(FloatingPointError, match="gradient norm is nan at step 19" if clip else "weights hold"):
+            Trainer(
+                RealNVP(2, transforms=2, hidden=(8,)), NanGradientAtStep20(), config, data=data, directory=folder
+            ).fit()
+        manifest = read_manifest(folder, training=True)
+        assert manifest["trainer"]["state"]["step"] == 10  # the last finite one, still resumable
+        trainer = Trainer(
+            RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), config, data=data, directory=folder
+        )
+        assert trainer.fit(resume=True).step == 100
+
+
+def test_validation_that_fails_or_is_nan_leaves_the_live_weights_and_stops_the_run() -> None:
+    class Failing(MaximumLikelihood):
+        def validation(self, model, batch):
+            raise RuntimeError("validation failed")
+
+    class Diverged(MaximumLikelihood):
+        def validation(self, model, batch):
+            return float("nan")
+
+    config = TrainerConfig(steps=20, batch_size=16, eval_every=10, ema_decay=0.9, progress=False)
+    data, held_out = torch.randn(100, 2), torch.randn(20, 2)
+    flow = RealNVP(2, transforms=2, hidden=(8,))
+    trainer = Trainer(flow, Failing(), config, data=data, validation_data=held_out)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.fit()
+    assert flow.training
+    assert any(not torch.equal(flow.state_dict()[k], v) for k, v in trainer.ema.shadow.items())
+    with pytest.raises(FloatingPointError, match="validation is nan at step 10"):
+        Trainer(flow, Diverged(), config, data=data, validation_data=held_out).fit()
+
+
+def test_the_trainer_refuses_bad_objectives_data_and_settings_before_training(tmp_path: Path) -> None:
+    flow, data = RealNVP(2, transforms=2, hidden=(8,)), torch.randn(100, 2)
+    config = TrainerConfig(steps=5, batch_size=8, progress=False)
+    with pytest.raises(TypeError, match="objective must be an Objective instance"):
+        Trainer(flow, MaximumLikelihood, config, data=data)
+
+    class PerRow(MaximumLikelihood):
+        def loss(self, model, batch):
+            return -model.log_prob(batch[0])
+
+    with pytest.raises(TypeError, match=r"PerRow.loss returned a tensor of shape \(8,\): expected a scalar"):
+        Trainer(flow, PerRow(), config, data=data).fit()
+    bad = data.clone()
+    bad[37, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"data holds nan at index \(37, 1\)"):
+        Trainer(flow, MaximumLikelihood(), config, data=bad, directory=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"validation_data holds nan"):
+        Trainer(flow, MaximumLikelihood(), config, data=data, validation_data=bad)
+    assert not (tmp_path / "run").exists()
+    changed = TrainerConfig(steps=5, batch_size=8)
+    changed.schedule = "linear"  # changed after it was checked
+    with pytest.raises(ConfigError, match="schedule = 'linear'"):
+        Trainer(flow, MaximumLikelihood(), changed, data=data)
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="schedule = 'Cosine': expected one of"):
+        learning_rate_factor(SimpleNamespace(steps=10, warmup_steps=0, schedule="Cosine"))
+    with pytest.raises(ValueError, match=r"warmup_steps = 20: expected an integer in \[0, steps\)"):
+        learning_rate_factor(SimpleNamespace(steps=10, warmup_steps=20, schedule="cosine"))
+    with pytest.raises(ConfigError, match=r"precision = 'bf16': .* this model is torch.float64"):
+        Trainer(
+            RealNVP(2, transforms=2, hidden=(8,)).double(),
+            MaximumLikelihood(),
+            TrainerConfig(batch_size=8, precision="bf16"),
+            data=data.double(),
+        )
+
+
+def test_a_run_resumes_only_in_the_dtype_it_was_trained_in(tmp_path: Path) -> None:
+    config = TrainerConfig(steps=20, batch_size=16, progress=False, checkpoint_every=5)
+    data = torch.randn(100, 2, dtype=torch.float64)
+    Trainer(
+        RealNVP(2, transforms=2, hidden=(8,)).double(), MaximumLikelihood(), config, data=data, directory=tmp_path
+    ).fit()
+    with pytest.raises(CheckpointError, match="trained in float64, the model given is float32"):
+        Trainer(RealNVP(2, transforms=2, hidden=(8,)), MaximumLikelihood(), config, data=data, directory=tmp_path).fit(
+            resume=True
+        )

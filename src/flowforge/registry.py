@@ -287,6 +287,15 @@ def from_config(config: dict[str, Any], where: str = "config") -> Any:
 _REBUILDING = contextvars.ContextVar("flowforge_rebuilding", default=False)
 
 
+def record_arguments(model: object, **changes: Any) -> None:
+    """Record changed constructor arguments of a registered ``model`` (a setting changed after it
+    was built, through a method that checks it), so that a saved model rebuilds with them."""
+    recorded = getattr(model, _ARGUMENTS, None)
+    if recorded is not None:
+        signature, arguments = recorded
+        arguments.update({name: value for name, value in changes.items() if name in signature.parameters})
+
+
 def rebuilding() -> bool:
     """Whether the constructor running now is :func:`from_config` rebuilding a saved config."""
     return _REBUILDING.get()
@@ -357,6 +366,7 @@ __all__ = [
     "name_of",
     "names",
     "rebuilding",
+    "record_arguments",
     "refuse_unread",
     "register",
     "register_class",

@@ -14,7 +14,7 @@ from torch import Tensor
 from flowforge.distributions import StandardNormal
 from flowforge.flows.base import Flow
 from flowforge.nn import VelocityMLP
-from flowforge.registry import register
+from flowforge.registry import record_arguments, register
 from flowforge.transforms.continuous import ContinuousFlowTransform
 from flowforge.validation import check_batched, check_count, model_dtype
 
@@ -69,6 +69,16 @@ class CNF(Flow):
         embedded = self._embed(context, batch=x.shape[0], batch_of="x")
         z, logabsdet, kinetic, jacobian = self.transform.forward_with_regularization(x, embedded)
         return self.base.log_prob(z) + logabsdet, kinetic, jacobian
+
+    def set_solver(
+        self, method: str, steps: int | None = None, atol: float | None = None, rtol: float | None = None
+    ) -> None:
+        """Solve with another method from now on (see :meth:`ContinuousFlowTransform.set_solver`);
+        a saved flow rebuilds with it. Setting the transform's attributes directly skips the checks
+        and is not saved."""
+        self.transform.set_solver(method, steps, atol, rtol)
+        transform = self.transform
+        record_arguments(self, method=transform.method, steps=transform.steps, atol=transform.atol, rtol=transform.rtol)
 
     @property
     def last_nfe(self) -> int:

@@ -269,7 +269,8 @@ def _stage_grid(
     t0: float, t1: float, steps: int, tableau: ButcherTableau, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """Every stage time of a solve in step-major order, shape (steps x stages,) (cached)."""
-    return torch.cat(_stage_times(t0, t1, steps, tableau, dtype, device))
+    with torch.inference_mode(False):  # ordinary tensors: a later solve with gradients reuses them
+        return torch.cat(_stage_times(t0, t1, steps, tableau, dtype, device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,5 +280,8 @@ def _stage_times(
     """Every stage time of a solve, as one-element tensors in step-major order (cached: a control
     loop samples with the same grid every call, and building it costs as much as a small step)."""
     h = (t1 - t0) / steps
-    grid = torch.tensor([t0 + h * (n + c) for n in range(steps) for c in tableau.c], dtype=dtype, device=device)
-    return tuple(grid.split(1))
+    # Ordinary tensors even when the first solve runs under inference mode: the cache outlives it,
+    # and a later solve with gradients hands these times to the field, which may save them.
+    with torch.inference_mode(False):
+        grid = torch.tensor([t0 + h * (n + c) for n in range(steps) for c in tableau.c], dtype=dtype, device=device)
+        return tuple(grid.split(1))

@@ -9,6 +9,11 @@ r"""Itô SDE solvers with diagonal noise: :math:`dx = f(x, t)\,dt + g(x, t) \odo
 ``f`` and ``g`` are called as ``f(x, t)`` with ``t`` of shape (batch,); ``g`` returns a tensor
 broadcastable to ``x`` (per-element or per-sample noise scale). Brownian increments can be
 passed in (``noise``), which is how the tests pin a path and measure the order of convergence.
+
+Milstein's order 1 holds for diagonal noise whose scale :math:`g_i` depends on :math:`x_i` alone
+(or on no state at all). A scale that couples the state's entries -- a per-sample ``g`` computed
+from the whole state, such as ``x.mean(1, keepdim=True)``, is non-commutative noise -- leaves it
+at strong order 1/2, no better than Euler-Maruyama at twice the cost.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from flowforge.ode.fixed import (
     integrate_fixed,
     per_sample_time,
 )
-from flowforge.validation import check_choice, check_count, check_real
+from flowforge.validation import check_bool, check_choice, check_count, check_real
 
 #: Adaptive-step methods, solved by torchdiffeq.
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -99,22 +99,31 @@ class _AdjointSolve(torch.autograd.Function):
     as a graph of its own and differentiated in :meth:`backward`, as reentrant checkpointing does."""
 
     @staticmethod
-    def forward(ctx, solve: Callable[[Tensor], Tensor], explain: Callable[[str], str], x0: Tensor, *inputs: Tensor):
+    def forward(
+        ctx,
+        solve: Callable[[Tensor], Tensor],
+        explain: Callable[[str], str],
+        inner: tuple[Tensor, ...],
+        x0: Tensor,
+        *inputs: Tensor,
+    ):
+        # ``inner[i]`` is what the solve reads in place of ``inputs[i]``: the tensor itself, or a
+        # detached leaf standing for it, whose gradient is then handed to ``inputs[i]`` alone.
         with torch.enable_grad():
             start = x0.detach().requires_grad_(x0.requires_grad)
             end = solve(start)
-        ctx.start, ctx.end, ctx.inputs, ctx.explain = start, end, inputs, explain
+        ctx.start, ctx.end, ctx.inner, ctx.explain = start, end, inner, explain
         return end.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        targets = (ctx.start, *ctx.inputs)
+        targets = (ctx.start, *ctx.inner)
         wanted = [t for t in targets if t.requires_grad]
         try:
             grads = iter(torch.autograd.grad(ctx.end, wanted, grad, allow_unused=True))
         except AssertionError as error:
             raise ODESolverError(ctx.explain(f"in the adjoint's backward solve: {error}")) from error
-        return (None, None, *(next(grads) if t.requires_grad else None for t in targets))
+        return (None, None, None, *(next(grads) if t.requires_grad else None for t in targets))
 
 
 def odeint(
@@ -167,7 +176,9 @@ def odeint(
     True
     """
     if not isinstance(t_span, tuple | list) or len(t_span) != 2:
-        raise ValueError(f"t_span must be (t0, t1), got {t_span!r}")
+        hint = " (a tensor of times: pass its two ends, (t[0], t[-1]))" if isinstance(t_span, Tensor) else ""
+        raise ValueError(f"t_span must be (t0, t1), got {t_span!r}{hint}")
+    check_bool("adjoint", adjoint)
     steps, atol, rtol = solver_settings(method, steps, atol, rtol)
     if method in TABLEAUS:
         if adjoint:
@@ -183,6 +194,13 @@ def odeint(
     span = per_sample_time("t1", t_span[1], x0) - start
     if x0.shape[0] == 0:  # nothing to solve; torchdiffeq's step-size control would underflow on it
         return x0.clone()
+    # Times given as tensors that need gradients reach the field, under the adjoint, as leaves of
+    # their own: the adjoint differentiates them (it differentiates only what it is told about),
+    # and span = t1 - t0 must not also carry start's gradient a second time.
+    timed = adjoint and (start.requires_grad or span.requires_grad)
+    times = (start, span) if timed else ()
+    if timed:
+        start, span = start.detach().requires_grad_(), span.detach().requires_grad_()
     field = _UnitIntervalField(f, start, span, x0.dim() - 1)
     s = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
     options = {"max_num_steps": max_steps}
@@ -197,14 +215,22 @@ def odeint(
     try:
         if adjoint:
             adjoint_params = (*f.parameters(), *(t for t in adjoint_tensors if t.requires_grad))
+            leaves = (start, span) if times else ()
 
             def solve(start: Tensor) -> Tensor:
                 path = torchdiffeq.odeint_adjoint(
-                    field, start, s, rtol=rtol, atol=atol, method=method, options=options, adjoint_params=adjoint_params
+                    field,
+                    start,
+                    s,
+                    rtol=rtol,
+                    atol=atol,
+                    method=method,
+                    options=options,
+                    adjoint_params=(*adjoint_params, *leaves),
                 )
                 return path[-1]
 
-            end = _AdjointSolve.apply(solve, explain, x0, *adjoint_params)
+            end = _AdjointSolve.apply(solve, explain, (*adjoint_params, *leaves), x0, *adjoint_params, *times)
         else:
             end = torchdiffeq.odeint(field, x0, s, rtol=rtol, atol=atol, method=method, options=options)[-1]
     except AssertionError as error:  # torchdiffeq reports a failed solve with bare asserts

@@ -280,7 +280,10 @@ class ShardedBatches:
     ``data`` may also be a :class:`~torch.utils.data.Dataset` whose ``__getitems__(indices)`` returns
     a whole batch ``(x, context)`` (images read from disk, for example); ``workers`` DataLoader
     processes then prepare the next batches while the model trains (0: in this process). The data
-    order is the sampler's either way, so workers change no batch.
+    order is the sampler's either way, so workers change no batch of a data set that draws no
+    random numbers. One that does (augmentation while reading) draws from each worker's own stream,
+    which a resumed run starts afresh: such a run resumes exactly with ``workers = 0`` only (the
+    policies' data sets draw none; their augmentation runs in the model, on the training process).
 
     Every epoch is a shuffle of the rows cut into ``steps_per_epoch`` global batches; the last
     ``N mod batch_size`` rows of each shuffle are left out of that epoch (``drop_last``), so every

@@ -31,7 +31,9 @@ metrics; the checkpoint keeps every process's random state, restored on resume.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import math
 import random
 import signal
 import threading
@@ -73,6 +75,17 @@ from flowforge.utils.progress import progress_bar
 from flowforge.validation import MAX_BATCH_SIZE
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _refuse_non_finite(name: str, data: Any) -> None:
+    """Refuse training or validation tensors holding NaN or inf before any step runs or anything is
+    written (a data set read per batch is checked by its objective as it is read)."""
+    tensors = data.items() if isinstance(data, dict) else [(None, data)]
+    for key, tensor in tensors:
+        if isinstance(tensor, Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            where = tuple(int(i) for i in (~torch.isfinite(tensor)).nonzero()[0])
+            label = name if key is None else f"{name}[{key!r}]"
+            raise ValueError(f"{label} holds {tensor[where].item()} at index {where}; expected finite numbers")
 
 
 def check_batch_statistics(model: nn.Module, batch_size: int) -> None:
@@ -141,8 +154,10 @@ class TrainerConfig:
         gradient_checkpointing: recompute each layer of every ``Compose`` stack in the backward
             pass instead of storing its activations (deep stacks on little memory).
         seed: >= 0; seeds the data order and the global RNGs at the start of the run.
-        eval_every: validate every this many steps (0: never); patience: stop after this many
-            validations without improvement, >= 1 (None: never), restoring the best weights.
+        eval_every: validate every this many steps (0: never); a run that validates ends with its
+            best validated weights (the moving average's when kept), early stopping or not; a NaN
+            or inf validation stops it with a ``FloatingPointError``. patience: stop after this many
+            validations without improvement, >= 1 (None: never).
         checkpoint_every: save a resumable checkpoint every this many steps (0: only at the end),
             so that a killed run loses at most that many; a run stopped with Ctrl-C saves one after
             the step in progress either way.
@@ -270,9 +285,16 @@ class Trainer:
     ) -> None:
         self.model, self.objective = model, objective
         self.metadata = metadata or {}
-        self.config = cfg = config if config is not None else TrainerConfig()
+        cfg = config if config is not None else TrainerConfig()
         if not isinstance(cfg, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(cfg).__name__}")
+        if isinstance(objective, type) or not callable(getattr(objective, "loss", None)):
+            raise TypeError(
+                "objective must be an Objective instance (MaximumLikelihood(), say) or an object with "
+                f"loss(model, batch), got {objective!r}"
+            )
+        # A copy, checked again: a field changed after the config was built passes no check otherwise.
+        self.config = cfg = dataclasses.replace(cfg)
         if objective.needs_data and data is None:
             raise ValueError(f"{type(objective).__name__} trains on data: pass data=")
         if objective.needs_data:
@@ -283,6 +305,11 @@ class Trainer:
         if parameter is None:
             raise ValueError("the model has no parameters to train")
         self.device, self.dtype = parameter.device, parameter.dtype
+        if cfg.precision == "bf16" and self.dtype != torch.float32:
+            raise ConfigError(
+                f"precision = 'bf16': autocast lowers float32 arithmetic only, and this model is {self.dtype}; "
+                "use precision = 'fp32' (or a float32 model)"
+            )
         # Before any checkpoint is loaded: an objective's own modules and optimizer state (Flow-GAN's
         # discriminator) must already have the model's device and dtype when their state loads.
         if hasattr(objective, "to"):
@@ -294,6 +321,8 @@ class Trainer:
             raise ConfigError(
                 f"batch_size = {cfg.batch_size}: expected a multiple of the number of processes ({self.world})"
             )
+        _refuse_non_finite("data", data)
+        _refuse_non_finite("validation_data", validation_data)
         self.data = None if data is None else self._to_device(data)
         self.context = None if context is None else context.to(self.device, self.dtype)
         self.batches = (
@@ -460,6 +489,13 @@ class Trainer:
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = self._loss(batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            graph = "" if not isinstance(loss, Tensor) or loss.requires_grad else " that does not reach the model"
+            raise TypeError(
+                f"{type(self.objective).__name__}.loss returned {shown}{graph}: expected a scalar tensor "
+                "computed from the model's parameters"
+            )
         # The mean over processes is what is logged, and what every process checks: all of them stop together.
         logged = mean_over_processes(loss.detach(), self.world)
         if not torch.isfinite(logged):
@@ -474,7 +510,14 @@ class Trainer:
         else:
             loss.backward()
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            # A finite loss can have NaN gradients (0 * inf); fp16's scaler skips such steps itself.
+            if self.scaler is None and not torch.isfinite(norm):
+                raise FloatingPointError(
+                    f"the gradient norm is {norm.item()} at step {self.state.step} with a finite loss "
+                    f"({logged.item():.4g}); the weights were left as they were: check the loss for operations "
+                    "without a finite derivative (sqrt or log at 0) or lower the learning rate"
+                )
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -500,18 +543,25 @@ class Trainer:
     def _validate(self) -> bool:
         """Validate (with the EMA weights when kept); returns True when early stopping triggers."""
         live = None
+        rng = torch.get_rng_state()  # validation must not shift the training noise
         if self.ema is not None:
             live = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.ema.shadow)
         self.model.eval()
-        rng = torch.get_rng_state()  # validation must not shift the training noise
-        value = self.objective.validation(self.model, self.validation_batch)
-        torch.set_rng_state(rng)
-        value = from_rank_zero(value, self.world)  # a noisy validation must not stop one process alone
-        current = {k: v.clone() for k, v in self.model.state_dict().items()}
-        if live is not None:
-            self.model.load_state_dict(live)
-        self.model.train()
+        try:  # an error (or Ctrl-C) in validation must not leave the model on the EMA weights
+            value = self.objective.validation(self.model, self.validation_batch)
+            value = from_rank_zero(value, self.world)  # a noisy validation must not stop one process alone
+            current = {k: v.clone() for k, v in self.model.state_dict().items()}
+        finally:
+            torch.set_rng_state(rng)
+            if live is not None:
+                self.model.load_state_dict(live)
+            self.model.train()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"validation is {value} at step {self.state.step}: the model diverged on held-out data "
+                "(or the validation data holds NaN); lower the learning rate or check the data"
+            )
         self.state.history.append({"step": self.state.step, "validation": value})
         if self.writer is not None:
             self.writer.add_scalar("validation", value, self.state.step)
@@ -530,7 +580,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
-        """Save on rank 0 with every process's random state (called by every process together)."""
+        """Save on rank 0 with every process's random state (called by every process together);
+        weights holding NaN or inf are refused, so they never replace the last finite checkpoint."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise FloatingPointError(
+                f"the weights hold NaN or inf at step {self.state.step}: not saved, so {self.directory} keeps "
+                "the last checkpoint with finite weights; lower the learning rate or clip gradients"
+            )
         states = gather_to_rank_zero(rng_state(self.device), self.world, self.rank)
         if self.rank == 0:
             self.save(rng_states=states)

@@ -46,6 +46,10 @@ class ScheduleSettings(Protocol):
 def learning_rate_factor(config: ScheduleSettings) -> Callable[[int], float]:
     """The multiplier of the peak learning rate at each step (warm-up, then the schedule)."""
     warmup, steps = config.warmup_steps, config.steps
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule = {config.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup_steps = {warmup}: expected an integer in [0, steps) (steps = {steps})")
 
     def factor(step: int) -> float:
         if step < warmup:

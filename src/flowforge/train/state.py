@@ -237,6 +237,12 @@ def check_resumable(
         raise CheckpointError(f"{directory} holds weights only, not a resumable training state")
     # The model's rebuild config and the run's metadata (its data, objective, statistics) must match
     # too: weights trained on one setting must not continue, or be relabelled, under another.
+    parameter = next(model.parameters(), None)
+    if parameter is not None and manifest.get("dtype") not in (None, str(parameter.dtype).removeprefix("torch.")):
+        raise CheckpointError(
+            f"cannot resume {directory}: the run was trained in {manifest['dtype']}, the model given is "
+            f"{str(parameter.dtype).removeprefix('torch.')}; resume with the model in {manifest['dtype']}"
+        )
     compared = [("model", manifest.get("model"), _rebuild_config(model))]
     if metadata is not None:
         compared.append(("metadata", manifest.get("metadata"), metadata))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from flowforge.ode import TABLEAUS, odeint, solver_settings
 from flowforge.ode.divergence import ExactDivergence, HutchinsonDivergence
-from flowforge.registry import rebuilding
+from flowforge.registry import rebuilding, record_arguments
 from flowforge.transforms.base import Transform
 from flowforge.validation import check_autograd_available, check_count
 
@@ -127,6 +127,19 @@ class ContinuousFlowTransform(Transform):
         self.features, self.context_features = int(features), int(context)
         self.trace, self.method, self.steps, self.atol, self.rtol = trace, method, steps, atol, rtol
         self.adjoint = adjoint
+
+    def set_solver(
+        self, method: str, steps: int | None = None, atol: float | None = None, rtol: float | None = None
+    ) -> None:
+        """Solve with another method from now on (training with a fixed-step method and evaluating
+        with an adaptive one, say), checked as at construction; a saved model records it."""
+        steps, atol, rtol = solver_settings(method, steps, atol, rtol, default_steps=20)
+        if self.adjoint and method in TABLEAUS:
+            raise ValueError(
+                f"method = {method!r}: this transform solves with adjoint = True, which needs an adaptive method"
+            )
+        self.method, self.steps, self.atol, self.rtol = method, steps, atol, rtol
+        record_arguments(self, method=method, steps=steps, atol=atol, rtol=rtol)
 
     #: number of velocity evaluations of the most recent solve (forward or inverse).
     last_nfe: int = 0
