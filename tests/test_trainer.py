@@ -726,6 +726,9 @@ def test_the_trainer_refuses_bad_objectives_data_and_settings_before_training(tm
         Trainer(flow, MaximumLikelihood(), config, data=bad, directory=tmp_path / "run")
     with pytest.raises(ValueError, match=r"validation_data holds nan"):
         Trainer(flow, MaximumLikelihood(), config, data=data, validation_data=bad)
+    conditional = RealNVP(2, context=1, transforms=2, hidden=(8,))
+    with pytest.raises(TypeError, match=r"context must be a floating-point tensor .* got torch\.int64"):
+        Trainer(conditional, MaximumLikelihood(), config, data=data, context=torch.zeros(100, 1, dtype=torch.long))
     assert not (tmp_path / "run").exists()
     changed = TrainerConfig(steps=5, batch_size=8)
     changed.schedule = "linear"  # changed after it was checked

@@ -321,6 +321,14 @@ class Trainer:
             raise ConfigError(
                 f"batch_size = {cfg.batch_size}: expected a multiple of the number of processes ({self.world})"
             )
+        for name, given in (("context", context), ("validation_context", validation_context)):
+            if given is not None and not (isinstance(given, Tensor) and given.is_floating_point()):
+                shown = given.dtype if isinstance(given, Tensor) else type(given).__name__
+                raise TypeError(
+                    f"{name} must be a floating-point tensor of context vectors, got {shown} "
+                    "(class labels: one-hot them)"
+                )
+            _refuse_non_finite(name, given)
         _refuse_non_finite("data", data)
         _refuse_non_finite("validation_data", validation_data)
         self.data = None if data is None else self._to_device(data)
