@@ -41,6 +41,9 @@ What it measures
    observation frames (``policy.obs_horizon = 2``: both cameras, the state and the goal of the
    frame before as well, Diffusion Policy's default; ``flow-history``, ``ddpm-history``), judged
    as the DART pair is.
+   **x-prediction**: the flow head with an expert that outputs the clean chunk instead of the
+   velocity (``policy.prediction = "sample"``, ``flow-sample-prediction``), trained from scratch
+   on the MT10 data and judged as the DART pair is, against the same DDPM and MSE.
 3. **What privileged state was worth**: the same flow model with MetaWorld's whole 39-d state
    (object and goal poses) instead of the robot's own state and the goal.
 4. **Ablations on reach, push and pick-place** (one model for the three tasks):
@@ -152,14 +155,20 @@ MODELS |= {name: MODELS[base] for name, base in DART_SCRATCH_MODELS.items()}
 #: ``n_obs_steps = 2``), trained from scratch like their one-frame models: name -> that model.
 HISTORY_MODELS = {"flow-history": "flow", "ddpm-history": "ddpm"}
 MODELS |= {name: [*MODELS[base], "policy.obs_horizon=2"] for name, base in HISTORY_MODELS.items()}
+#: The flow head whose expert predicts the clean chunk instead of the velocity (x-prediction),
+#: trained from scratch on the MT10 data like the flow head: DDPM's network, too, estimates the
+#: clean chunk (from its noise prediction) at every step.
+SAMPLE_PREDICTION_MODEL = "flow-sample-prediction"
+MODELS[SAMPLE_PREDICTION_MODEL] = ['policy.prediction="sample"']
 #: Each flow head judged against the DDPM trained like it (same data, same observation): flow -> DDPM.
 FLOW_VARIANT_PAIRS = {
     "flow-dart": "ddpm-dart",
     "flow-dart-scratch": "ddpm-dart-scratch",
     "flow-history": "ddpm-history",
+    SAMPLE_PREDICTION_MODEL: "ddpm",
 }
 #: Each flow head judged against the MSE head trained like it too, where one is: flow -> MSE.
-FLOW_VARIANT_MSE = {"flow-dart-scratch": "mse-dart-scratch"}
+FLOW_VARIANT_MSE = {"flow-dart-scratch": "mse-dart-scratch", SAMPLE_PREDICTION_MODEL: "mse"}
 #: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
 FLOW_MODELS = ("flow", *FLOW_VARIANT_PAIRS, *FLOW_TIME_MODELS)
 #: The models sampled with DDIM at 10 steps.
@@ -695,7 +704,7 @@ def main() -> None:
         # rolled out there in any case, to pool its episodes with the flow head's.
         judged_baselines: dict[str, str] = {}  # baseline -> the name of its result the goals judge
         baseline_validations: dict[str, dict] = {}
-        for head in ("ddpm", "mse", *FLOW_VARIANT_PAIRS.values(), *FLOW_VARIANT_MSE.values()):
+        for head in dict.fromkeys(("ddpm", "mse", *FLOW_VARIANT_PAIRS.values(), *FLOW_VARIANT_MSE.values())):
             if head in runs and (head in DDPM_MODELS or args.action_steps):
                 run, _, sampling = runs[head]
                 judged, baseline_validations[judged], action_steps[head] = _judged_action_steps(
@@ -762,7 +771,7 @@ def main() -> None:
             for name, (successes, episodes) in pooled.items():
                 low, high = wilson_interval(successes, episodes)
                 print(
-                    f"  {name:26s} {successes:5d} of {episodes:5d} {successes / episodes:6.1%}  [{low:.1%}, {high:.1%}]"
+                    f"  {name:34s} {successes:5d} of {episodes:5d} {successes / episodes:6.1%}  [{low:.1%}, {high:.1%}]"
                 )
         summary["goals"] = checks
         print("\nGoals")

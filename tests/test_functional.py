@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowforge.matching import CosinePath, LinearPath, flow_matching_loss, integrate
+from flowforge.matching import CosinePath, LinearPath, data_prediction_loss, flow_matching_loss, integrate
 from flowforge.matching.functional import masked_mean
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
 
@@ -175,3 +175,61 @@ def test_the_loss_refuses_unpaired_or_empty_batches_and_a_path_by_name() -> None
     ):
         with pytest.raises(error, match=message):
             flow_matching_loss(velocity, x0, x1, t, path)
+
+
+@pytest.mark.parametrize("path", [LinearPath(), CosinePath()], ids=["linear", "cosine"])
+def test_the_data_prediction_loss_is_the_velocity_loss_of_the_velocity_it_implies(path) -> None:
+    torch.manual_seed(2)
+    x0, x1 = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, 3, dtype=torch.float64)
+    t = torch.rand(64, dtype=torch.float64) * 0.9  # sigma_t above the floor everywhere
+    weights = torch.rand(64, dtype=torch.float64)
+
+    def model(x, time):  # any network's estimate of the data
+        return 0.7 * x - 0.2 * time[:, None] + 0.1
+
+    def implied_velocity(x, time):
+        return path.data_to_velocity(model(x, time), x, time)
+
+    found = data_prediction_loss(model, x0, x1, t, path, weights=weights)
+    torch.testing.assert_close(found, flow_matching_loss(implied_velocity, x0, x1, t, path, weights=weights))
+    # Per-token times (a chunk's steps at times of their own) are read as flow_matching_loss reads them.
+    chunk0, chunk1 = x0.reshape(16, 4, 3), x1.reshape(16, 4, 3)
+    per_token = t.reshape(16, 4)
+
+    def chunk_model(x, time):
+        return 0.7 * x - 0.2 * time[..., None] + 0.1
+
+    def chunk_velocity(x, time):
+        return path.data_to_velocity(chunk_model(x, time), x, time)
+
+    torch.testing.assert_close(
+        data_prediction_loss(chunk_model, chunk0, chunk1, per_token, path),
+        flow_matching_loss(chunk_velocity, chunk0, chunk1, per_token, path),
+    )
+
+
+def test_the_data_prediction_loss_stays_bounded_and_unbiased_at_the_data_end() -> None:
+    torch.manual_seed(3)
+    x0, x1 = torch.randn(32, 2, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    near_data = 1 - torch.rand(32, dtype=torch.float64) * 0.04  # sigma_t below the floor 0.05
+    path = LinearPath()
+    # The demonstrated data is the optimum at every time: no floor moves it.
+    assert float(data_prediction_loss(lambda x, time: x1, x0, x1, near_data, path)) == 0.0
+    # An error e costs (e / max(1 - t, s))^2: at most (e / s)^2 where 1 / (1 - t)^2 grows without end.
+    error = 0.01
+
+    def off(x, time):
+        return x1 + error
+
+    found = data_prediction_loss(off, x0, x1, near_data, path, sigma_floor=0.05)
+    torch.testing.assert_close(found, torch.tensor((error / 0.05) ** 2, dtype=torch.float64))
+    # Away from the floor it is the velocity loss: (e / (1 - t))^2.
+    half = torch.full((32,), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(
+        data_prediction_loss(off, x0, x1, half, path), torch.tensor((error / 0.5) ** 2, dtype=torch.float64)
+    )
+    for floor in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"sigma_floor = .*: expected a number in \[0, 1\)"):
+            data_prediction_loss(off, x0, x1, half, path, sigma_floor=floor)
+    with pytest.raises(TypeError, match="path must be an AffinePath"):
+        data_prediction_loss(off, x0, x1, half, "linear")

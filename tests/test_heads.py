@@ -31,6 +31,16 @@ class UniformTimeFlowHead(FlowHead):
         self.time_sampler = UniformTime()
 
 
+@head("flow-sample-prediction")
+class SamplePredictionFlowHead(FlowHead):
+    """The flow head with ``prediction = "sample"``, registered under a name of its own so that every
+    contract test runs on it too (a config names it ``kind = "flow"``, ``prediction = "sample"``)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.prediction = "sample"
+
+
 HEADS = names(HEAD_CATEGORY)
 
 
@@ -87,7 +97,7 @@ def _levels(policy: ChunkPolicy) -> int:
 
 
 def test_the_contract_covers_the_shipped_heads_and_one_defined_outside() -> None:
-    assert {"flow", "hierarchical", "mse", "ddpm", "flow-uniform-time"} <= set(HEADS)
+    assert {"flow", "hierarchical", "mse", "ddpm", "flow-uniform-time", "flow-sample-prediction"} <= set(HEADS)
     assert isinstance(_policy("flow-uniform-time").head, UniformTimeFlowHead)
 
 
@@ -195,7 +205,7 @@ def test_steps_k_cost_k_evaluations_per_level_and_leave_the_config_unchanged(kin
     assert policy.policy_config == before
 
 
-@pytest.mark.parametrize("kind", ["flow", "hierarchical", "mse", "ddpm"])
+@pytest.mark.parametrize("kind", ["flow", "flow-sample-prediction", "hierarchical", "mse", "ddpm"])
 def test_a_float64_policy_with_images_samples_and_trains(kind: str) -> None:
     policy = _policy(kind).double()
     batch = _batch()
@@ -249,7 +259,7 @@ def _poisoned_outputs_are_non_finite(policy: ChunkPolicy, tensor: torch.Tensor) 
             tensor.copy_(saved)
 
 
-@pytest.mark.parametrize("kind", ["flow", "hierarchical", "mse", "ddpm"])
+@pytest.mark.parametrize("kind", ["flow", "flow-sample-prediction", "hierarchical", "mse", "ddpm"])
 def test_every_tensor_of_a_saved_policy_is_used(kind: str, tmp_path: Path) -> None:
     save_model(tmp_path / kind, _policy(kind).eval())
     loaded = load_policy(tmp_path / kind)
@@ -279,6 +289,66 @@ def test_a_checkpoint_of_the_previous_release_loads_converted_with_identical_act
     save_model(tmp_path / "again", policy)  # saved again in today's layout, it loads as itself
     again = load_policy(tmp_path / "again")
     torch.testing.assert_close(again.predict_chunk(batch, **settings).actions, expected, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- clean-chunk prediction
+class _ConstantCache:
+    """A stand-in cache whose expert outputs the same chunk for every input and time."""
+
+    def __init__(self, chunk: torch.Tensor) -> None:
+        self.chunk = chunk
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.chunk.expand_as(x)
+
+
+def test_a_sample_predicting_head_reads_its_expert_as_the_clean_chunk() -> None:
+    config = _policy("flow", prediction="sample").policy_config
+    assert config.prediction == "sample"
+    flow = FlowHead(config)
+    clean = torch.randn(1, 8, 2, dtype=torch.float64)
+    cache = _ConstantCache(clean)
+    x = torch.randn(4, 8, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.3, 0.9, 1.0], dtype=torch.float64)
+    expected = (clean - x) / (1 - t).clamp_min(1e-3).reshape(-1, 1, 1)
+    torch.testing.assert_close(flow.velocity(cache)(x, t), expected)
+    # Per-token times (a given prefix sits at time 1) are read token by token.
+    per_token = torch.rand(4, 8, dtype=torch.float64)
+    torch.testing.assert_close(flow.velocity(cache)(x, per_token), (clean - x) / (1 - per_token)[..., None])
+    # Euler's last step lands on the expert's own chunk, from any start and at any step count.
+    for steps in (1, 3, 10):
+        for method in ("euler", "midpoint"):
+            found = flow.sample(cache, x, steps=steps, method=method, noise_scale=1.0).x
+            torch.testing.assert_close(found, clean.expand_as(x))
+    velocity_head = FlowHead(_policy("flow").policy_config)  # the same outputs read as a velocity
+    assert not torch.allclose(velocity_head.sample(cache, x, steps=3, method="euler", noise_scale=1.0).x, clean)
+
+
+def test_a_sample_predicting_heads_loss_is_the_velocity_loss_of_its_velocity() -> None:
+    from flowforge.matching import flow_matching_loss
+
+    flow = FlowHead(_policy("flow", prediction="sample").policy_config)
+    target, t = torch.randn(6, 8, 2), torch.rand(6) * 0.9  # 1 - t above the loss's floor
+    cache = _LinearCache(0.2 * torch.randn(16, 16), 0.1 * torch.randn(16), (8, 2))
+    flow.time_sampler = lambda rows, device=None, dtype=None: t
+    torch.manual_seed(9)
+    found = flow.loss(target, cache, None)
+    torch.manual_seed(9)  # the head's own noise draw, replayed
+    expected = flow_matching_loss(flow.velocity(cache), torch.randn_like(target), target, t, flow.path)
+    torch.testing.assert_close(found, expected)
+
+
+def test_sample_prediction_is_a_flow_head_setting_and_has_no_chunk_likelihood() -> None:
+    from flowforge.errors import ConfigError
+
+    with pytest.raises(ValueError, match="prediction = 'noise' is not one of velocity, sample"):
+        _policy("flow", prediction="noise")
+    refused = r"prediction = 'sample': kind = 'shortcut' does not use it \(it is for the flow head\)"
+    with pytest.raises(ConfigError, match=refused):
+        _policy("shortcut", prediction="sample")
+    policy = _policy("flow", prediction="sample").eval()
+    with pytest.raises(ValueError, match=r"prediction = 'sample'.*singular at the data end"):
+        policy.log_prob(_batch(), method="rk4", steps=4)
 
 
 # ---------------------------------------------------------------- chunk likelihood
@@ -612,6 +682,24 @@ def test_a_teacher_trained_with_any_flow_time_law_can_be_distilled(tmp_path: Pat
     save_model(tmp_path / "teacher", teacher)
     student = dataclasses.replace(teacher.policy_config, kind="consistency", time_sampler="shifted-beta")
     assert _load_teacher(student, str(tmp_path / "teacher")).policy_config.time_sampler == "uniform"
+
+
+def test_a_teacher_that_predicts_the_clean_chunk_is_followed_along_its_velocity(monkeypatch, tmp_path: Path) -> None:
+    """Distillation follows the teacher's ODE: the velocity its clean chunk implies, not its raw output."""
+    from flowforge.runs.policy import _load_teacher
+
+    teacher = _policy("flow", prediction="sample").eval()
+    save_model(tmp_path / "teacher", teacher)
+    student_config = dataclasses.replace(teacher.policy_config, kind="consistency", prediction="velocity")
+    assert _load_teacher(student_config, str(tmp_path / "teacher")).policy_config.prediction == "sample"
+    student = _policy("consistency")
+    given = []
+    monkeypatch.setattr(type(student.head), "distillation_loss", lambda self, *args: given.append(args[3]) or 0.0)
+    student.distillation_loss(_batch(), teacher)
+    x, t = torch.randn(5, 8, 2), torch.full((5,), 0.4)
+    cache = teacher.expert.encode(teacher.prefix(teacher.checked_batch(_batch(), training=True), augment=False))
+    with torch.no_grad():
+        torch.testing.assert_close(given[0](x, t), (cache.denoise(x, t) - x) / 0.6)
 
 
 def test_a_shortcut_policy_samples_with_an_adaptive_solver_on_its_instantaneous_velocity() -> None:

@@ -165,7 +165,9 @@ EXEMPT = {("sinkhorn", "generator"), ("iaf", "batch_norm")}
 #: Each head's own non-default settings (a config refuses another head's).
 _FLOW_SAMPLING = dict(sampling_steps=4, method="midpoint", noise_scale=0.5)
 _OWN_SETTINGS = {
-    "flow": dict(_FLOW_SAMPLING, rtc_training_delay=3, rtc_prefix_noise=0.2, rtc_unprefixed_fraction=0.5),
+    "flow": dict(
+        _FLOW_SAMPLING, rtc_training_delay=3, rtc_prefix_noise=0.2, rtc_unprefixed_fraction=0.5, prediction="sample"
+    ),
     "hierarchical": dict(_FLOW_SAMPLING, keyframe_stride=2, time_sampler="logit-normal"),
     "mse": {},
     "ddpm": dict(diffusion_steps=12, inference_steps=3, sampler="ddpm"),

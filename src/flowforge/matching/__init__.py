@@ -3,7 +3,7 @@ families: shortcut models, MeanFlow and consistency models."""
 
 from flowforge.matching.consistency import ConsistencyMatcher
 from flowforge.matching.couplings import Coupling, ExactOTCoupling, IndependentCoupling, SinkhornCoupling
-from flowforge.matching.functional import Integration, flow_matching_loss, integrate
+from flowforge.matching.functional import Integration, data_prediction_loss, flow_matching_loss, integrate
 from flowforge.matching.matcher import FlowMatcher
 from flowforge.matching.meanflow import MeanFlowMatcher
 from flowforge.matching.paths import (
@@ -36,6 +36,7 @@ __all__ = [
     "TimeSampler",
     "UniformTime",
     "VariancePreservingPath",
+    "data_prediction_loss",
     "flow_matching_loss",
     "integrate",
     "reflow_pairs",

@@ -57,6 +57,22 @@ def _broadcast(values: Tensor, like: Tensor, name: str) -> Tensor:
     return values.reshape(*values.shape, *([1] * (like.dim() - values.dim()))).expand_as(like)
 
 
+def _checked_path_sample(x0: Tensor, x1: Tensor, t: Tensor, path: AffinePath) -> tuple[Tensor, Tensor]:
+    """The loss functions' checks of their arguments, then :math:`x_t` and :math:`u_t` on ``path``."""
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"path must be an AffinePath (LinearPath, ...), got {type(path).__name__}")
+    if x0.shape != x1.shape or x1.dim() == 0 or x1.shape[0] == 0:
+        raise ValueError(
+            f"x0 and x1 must be paired rows of one shape (batch >= 1, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"t must hold floating-point times, got {t.dtype}")
+    if t.dim() == 0 or t.shape != x1.shape[: t.dim()]:
+        raise ValueError(f"t must have a leading shape of the data's {tuple(x1.shape)}, got {tuple(t.shape)}")
+    check_unit_times("t", t)
+    return path.sample(x0, x1, t)
+
+
 def flow_matching_loss(
     velocity: Callable[[Tensor, Tensor], Tensor],
     x0: Tensor,
@@ -78,21 +94,46 @@ def flow_matching_loss(
         mask: which elements count (bool, a leading shape of the data); ``None``: all.
         weights: per-element weights (a leading shape of the data); ``None``: 1.
     """
-    if not isinstance(path, AffinePath):
-        raise TypeError(f"path must be an AffinePath (LinearPath, ...), got {type(path).__name__}")
-    if x0.shape != x1.shape or x1.dim() == 0 or x1.shape[0] == 0:
-        raise ValueError(
-            f"x0 and x1 must be paired rows of one shape (batch >= 1, ...), got {tuple(x0.shape)} and {tuple(x1.shape)}"
-        )
-    if not t.is_floating_point():
-        raise TypeError(f"t must hold floating-point times, got {t.dtype}")
-    if t.dim() == 0 or t.shape != x1.shape[: t.dim()]:
-        raise ValueError(f"t must have a leading shape of the data's {tuple(x1.shape)}, got {tuple(t.shape)}")
-    check_unit_times("t", t)
-    x_t, target = path.sample(x0, x1, t)
+    x_t, target = _checked_path_sample(x0, x1, t, path)
     prediction = velocity(x_t, t)
     check_velocity_shape(prediction, target, "velocity")
     return masked_mean((prediction - target).square(), mask, weights)
+
+
+def data_prediction_loss(
+    model: Callable[[Tensor, Tensor], Tensor],
+    x0: Tensor,
+    x1: Tensor,
+    t: Tensor,
+    path: AffinePath,
+    *,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    sigma_floor: float = 0.05,
+) -> Tensor:
+    r"""The flow-matching loss of a model that predicts the data :math:`\hat x_1(x_t, t)` instead of
+    the velocity (x-prediction), a scalar.
+
+    The velocity it implies, :math:`\hat v = \dot\alpha_t \hat x_1 + \dot\sigma_t (x_t -
+    \alpha_t \hat x_1) / \sigma_t` (:meth:`AffinePath.data_to_velocity`), misses the target by
+    :math:`\hat v - u_t = \frac{\dot\alpha_t \sigma_t - \dot\sigma_t \alpha_t}{\sigma_t}
+    (\hat x_1 - x_1)`, so the loss is :func:`flow_matching_loss` of :math:`\hat v` written in the
+    data's units, :math:`\big(\frac{\dot\alpha_t \sigma_t - \dot\sigma_t \alpha_t}
+    {\max(\sigma_t, s)} (\hat x_1 - x_1)\big)^2` with :math:`s` = ``sigma_floor``. On the linear
+    path the factor is :math:`1 / \max(1 - t, s)`: the velocity loss wherever
+    :math:`\sigma_t \ge s`, and bounded by :math:`1 / s` near the data, where it would grow
+    without end. Unlike a velocity loss with a floored :math:`\sigma_t`, every time keeps its
+    optimum at :math:`E[x_1 \mid x_t]`.
+    Arguments as :func:`flow_matching_loss`; ``model(x_t, t)`` returns :math:`\hat x_1`.
+    """
+    if not 0 <= sigma_floor < 1:  # NaN fails too
+        raise ValueError(f"sigma_floor = {sigma_floor!r}: expected a number in [0, 1)")
+    x_t = _checked_path_sample(x0, x1, t, path)[0]
+    alpha, sigma, d_alpha, d_sigma = (_broadcast(c.to(x1.dtype), x1, "t") for c in path.schedule(t))
+    prediction = model(x_t, t)
+    check_velocity_shape(prediction, x1, "prediction")
+    factor = (d_alpha * sigma - d_sigma * alpha) / sigma.clamp_min(sigma_floor)
+    return masked_mean((factor * (prediction - x1)).square(), mask, weights)
 
 
 def shortcut_loss(
@@ -252,6 +293,7 @@ def integrate(
 
 __all__ = [
     "Integration",
+    "data_prediction_loss",
     "flow_matching_loss",
     "integrate",
     "masked_mean",

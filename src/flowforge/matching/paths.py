@@ -70,10 +70,16 @@ class AffinePath:
         sigma = _expand(self.schedule(t)[1], x)
         return -self.velocity_to_noise(velocity, x, t) / sigma
 
-    def data_to_velocity(self, data: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        r"""The velocity from :math:`\hat x_1` (with :math:`\hat x_0 = (x - \alpha_t \hat x_1)/\sigma_t`)."""
+    def data_to_velocity(self, data: Tensor, x: Tensor, t: Tensor, sigma_floor: float = 0.0) -> Tensor:
+        r"""The velocity from :math:`\hat x_1` (with :math:`\hat x_0 = (x - \alpha_t \hat x_1)/\sigma_t`).
+
+        Written :math:`\big((\dot\alpha_t \sigma_t - \dot\sigma_t \alpha_t)\,\hat x_1 +
+        \dot\sigma_t x\big) / \sigma_t`, whose denominator is read as at least ``sigma_floor``, so
+        that the velocity stays finite at the data end (:math:`\sigma_1 = 0` on the linear path,
+        where it is :math:`(\hat x_1 - x) / \max(1 - t, s)`), where adaptive solvers evaluate.
+        """
         alpha, sigma, d_alpha, d_sigma = (_expand(c, x) for c in self.schedule(t))
-        return d_alpha * data + d_sigma * (x - alpha * data) / sigma
+        return ((d_alpha * sigma - d_sigma * alpha) * data + d_sigma * x) / sigma.clamp_min(sigma_floor)
 
     def noise_to_velocity(self, noise: Tensor, x: Tensor, t: Tensor) -> Tensor:
         r"""The velocity from :math:`\hat x_0` (with :math:`\hat x_1 = (x - \sigma_t \hat x_0)/\alpha_t`)."""

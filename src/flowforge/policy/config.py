@@ -38,6 +38,8 @@ _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 MAX_IMAGE_SIDE = 1024
 DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
 FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
+#: What the flow head's expert may output (``prediction``): the velocity, or the clean chunk.
+PREDICTIONS = ("velocity", "sample")
 #: The heads whose flow-matching loss draws its times from ``time_sampler`` (MeanFlow and
 #: consistency draw their own, uniform times; MSE and DDPM have no flow time).
 FLOW_TIME_KINDS = ("flow", "hierarchical", "shortcut")
@@ -53,6 +55,7 @@ VISION_SETTINGS = (
     "image_normalization",
 )
 HEAD_SETTINGS = {
+    "flow": ("prediction",),
     "ddpm": DDPM_SETTINGS,
     "hierarchical": ("keyframe_stride",),
     "shortcut": ("shortcut_fraction", "shortcut_halvings"),
@@ -99,6 +102,14 @@ class PolicyConfig:
             ``"uniform"``: :math:`t \sim U(0, 1)`, as much weight near the data, where the last
             integration steps set a chunk's fine detail. ``"logit-normal"``:
             :math:`\operatorname{sigmoid}(\mathcal N(0, 1))`, most of it in the middle.
+        prediction: what the flow head's expert outputs (``kind = "flow"`` only), one of
+            :data:`PREDICTIONS`. ``"velocity"``: :math:`v(x_t, t)`, trained by the velocity loss.
+            ``"sample"`` (x-prediction): the clean chunk :math:`\hat A(x_t, t)`, read as the
+            velocity :math:`(\hat A - x_t) / (1 - t)` when sampling (the last Euler step lands on
+            the expert's own prediction, as DDIM's last step does) and trained by the same
+            velocity loss written in the chunk's units, its weight
+            :math:`1 / (1 - t)^2` bounded near the data
+            (:func:`~flowforge.matching.functional.data_prediction_loss`).
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
         shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows
             (0.5, in (0, 1): each batch trains both parts) and its number M of step sizes: it learns
@@ -187,6 +198,7 @@ class PolicyConfig:
     method: str = "euler"
     noise_scale: float = 1.0
     time_sampler: str = "shifted-beta"
+    prediction: str = "velocity"
     keyframe_stride: int = 4
     shortcut_fraction: float = 0.5
     shortcut_halvings: int = 3
@@ -284,6 +296,7 @@ class PolicyConfig:
             raise ConfigError(f"method = {self.method!r}: {own_steps}; use 'euler'")
         check_range("noise_scale", self.noise_scale, low=0, high=MAX_NOISE_SCALE)
         check_choice("time_sampler", self.time_sampler, names("time"))
+        check_choice("prediction", self.prediction, PREDICTIONS)
         check_integer("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
             raise ConfigError(
@@ -438,6 +451,7 @@ __all__ = [
     "FLOW_TIME_KINDS",
     "GOAL_KEY",
     "HEAD_SETTINGS",
+    "PREDICTIONS",
     "STATE_KEYS",
     "VISION_SETTINGS",
     "PolicyConfig",

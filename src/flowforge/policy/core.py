@@ -276,10 +276,11 @@ class ChunkPolicy(Rebuildable, nn.Module):
             teacher_cache = teacher.expert.encode(teacher.prefix(observation, augment=False))
         action = self.normalize_action(batch["action"])
         pad = batch.get("action_is_pad")
+        teacher_velocity = teacher.head.velocity(teacher_cache)
         if method == "trajectory":
             steps = teacher.policy_config.sampling_steps
-            return self.head.trajectory_distillation_loss(action, cache, pad, teacher_cache.denoise, steps)
-        return self.head.distillation_loss(action, cache, pad, teacher_cache.denoise, intervals)
+            return self.head.trajectory_distillation_loss(action, cache, pad, teacher_velocity, steps)
+        return self.head.distillation_loss(action, cache, pad, teacher_velocity, intervals)
 
     def log_prob(
         self,

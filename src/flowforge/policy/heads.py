@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from flowforge.matching.functional import (
     Integration,
+    data_prediction_loss,
     flow_matching_loss,
     integrate,
     masked_mean,
@@ -253,8 +254,19 @@ class FlowHead(PolicyHead):
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.path = LinearPath()
-        # Policies saved before the setting existed (and plain namespaces) train with pi0's law.
+        # Policies saved before the settings existed (and plain namespaces) train with pi0's law
+        # and predict the velocity.
         self.time_sampler = lookup("time", getattr(config, "time_sampler", "shifted-beta"))()
+        self.prediction = getattr(config, "prediction", "velocity")
+
+    def velocity(self, cache: ExpertCache) -> Callable[[Tensor, Tensor], Tensor]:
+        r"""The velocity field ``v(x, t)`` of the chunk given the observation's ``cache``: the
+        expert's output, or with ``prediction = "sample"`` the velocity of its clean chunk
+        :math:`\hat A`, :math:`(\hat A - x) / (1 - t)` (floored at :data:`SAMPLE_VELOCITY_FLOOR`
+        so that it stays finite at t = 1, where adaptive solvers evaluate)."""
+        if self.prediction == "velocity":
+            return cache.denoise
+        return _SampleVelocity(cache.denoise, self.path)
 
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
@@ -306,6 +318,8 @@ class FlowHead(PolicyHead):
             if config.rtc_prefix_noise:  # the prefix enters as x_1 (time 1): perturb it there only
                 jittered = target + config.rtc_prefix_noise * torch.randn_like(target)
                 target = torch.where(given[..., None], jittered, target)
+        if self.prediction == "sample":
+            return data_prediction_loss(cache.denoise, noise, target, t, self.path, mask=kept, weights=weights)
         return flow_matching_loss(cache.denoise, noise, target, t, self.path, mask=kept, weights=weights)
 
     def prefix_lengths(self, rows: int) -> Tensor:
@@ -348,7 +362,9 @@ class FlowHead(PolicyHead):
         guide: ChunkGuide | None = None,
         prefix: ChunkPrefix | None = None,
     ) -> Integration:
-        field = cache.denoise if guide is None else _GuidedField(cache.denoise, guide)
+        field = self.velocity(cache)
+        if guide is not None:
+            field = _GuidedField(field, guide)
         start = noise_scale * noise
         if prefix is not None:  # the given actions start (and stay) as they are
             field = _PrefixField(field, prefix)
@@ -380,6 +396,13 @@ class FlowHead(PolicyHead):
         """
         from flowforge.transforms.continuous import ContinuousFlowTransform
 
+        if self.prediction == "sample":
+            # dx/dt = (Â - x) / (1 - t) carries every x to Â(x, 1) at t = 1: no density is left.
+            raise ValueError(
+                "prediction = 'sample': the velocity (Â - x) / (1 - t) of a head that predicts the clean "
+                "chunk is singular at the data end, so its chunks have no density; a policy trained with "
+                "prediction = 'velocity' gives likelihoods"
+            )
         check_choice("trace", trace, ("auto", "exact", "hutchinson"))
         check_noise_scale(noise_scale, positive=True)
         if steps is not None:
@@ -387,7 +410,7 @@ class FlowHead(PolicyHead):
         features = chunk.shape[1] * chunk.shape[2]
         if trace == "auto":
             trace = "exact" if features <= EXACT_TRACE_LIMIT else "hutchinson"
-        velocity = _ChunkVelocity(cache, chunk.shape[1:])
+        velocity = _ChunkVelocity(self.velocity(cache), chunk.shape[1:])
         transform = ContinuousFlowTransform(velocity, features, 0, trace, method, steps, atol, rtol)
         transform.check_end = False  # the policy names the rows whose likelihood is not finite
         # Without an outer graph each step's divergence takes only its own Jacobian, and nothing is
@@ -467,14 +490,29 @@ EXACT_TRACE_LIMIT = 64
 
 
 class _ChunkVelocity(nn.Module):
-    """The expert's velocity on flattened chunks, as the CNF machinery integrates it."""
+    """A head's velocity on flattened chunks, as the CNF machinery integrates it."""
 
-    def __init__(self, cache: ExpertCache, shape: torch.Size) -> None:
+    def __init__(self, velocity: Callable[[Tensor, Tensor], Tensor], shape: torch.Size) -> None:
         super().__init__()
-        self.cache, self.shape = cache, tuple(shape)
+        self.velocity, self.shape = velocity, tuple(shape)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.cache.denoise(x.reshape(x.shape[0], *self.shape), t).reshape(x.shape[0], -1)
+        return self.velocity(x.reshape(x.shape[0], *self.shape), t).reshape(x.shape[0], -1)
+
+
+#: Where ``prediction = "sample"`` reads the time left to the data, 1 - t, as at least this: the
+#: velocity stays finite at t = 1, and Euler's last step (t = 1 - 1/k) is exact up to k = 1,000.
+SAMPLE_VELOCITY_FLOOR = 1e-3
+
+
+class _SampleVelocity:
+    """The velocity of an expert that predicts the clean chunk (``prediction = "sample"``)."""
+
+    def __init__(self, predict: Callable[[Tensor, Tensor], Tensor], path: LinearPath) -> None:
+        self.predict, self.path = predict, path
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.path.data_to_velocity(self.predict(x, t), x, t, sigma_floor=SAMPLE_VELOCITY_FLOOR)
 
 
 @head("hierarchical")

@@ -161,6 +161,7 @@ HEAD_SETTINGS = frozenset(
         "method",
         "noise_scale",
         "time_sampler",
+        "prediction",
         "keyframe_stride",
         "shortcut_fraction",
         "shortcut_halvings",
