@@ -20,7 +20,10 @@ A head is one class registered by name (:func:`head`) and chosen by ``policy.kin
   ``time_sampler`` (by default pi0's shifted Beta, weighted towards noise), through
   :func:`~flowforge.matching.functional.flow_matching_loss`; sampled by
   :func:`~flowforge.matching.functional.integrate` from :math:`\tau\varepsilon` (``noise_scale``
-  :math:`\tau`, the temperature) with any flowforge solver.
+  :math:`\tau`, the temperature) with any flowforge solver. With ``prediction = "sample"`` the
+  expert outputs the clean chunk :math:`\hat A` instead, read as the velocity
+  :math:`(\hat A - x_t) / (1 - t)` (:meth:`FlowHead.velocity`) and trained through
+  :func:`~flowforge.matching.functional.data_prediction_loss`.
 * ``hierarchical`` (:class:`HierarchicalFlowHead`): two flow heads. The first generates every
   ``keyframe_stride``-th action with the policy's expert; the second generates the whole chunk with
   its own expert, whose prefix is the observation plus one token per keyframe. NFE: steps per level.
