@@ -228,8 +228,10 @@ def test_the_data_prediction_loss_stays_bounded_and_unbiased_at_the_data_end() -
     torch.testing.assert_close(
         data_prediction_loss(off, x0, x1, half, path), torch.tensor((error / 0.5) ** 2, dtype=torch.float64)
     )
-    for floor in (-0.1, 1.0, float("nan")):
-        with pytest.raises(ValueError, match=r"sigma_floor = .*: expected a number in \[0, 1\)"):
+    for floor in (-0.1, 1.0, float("nan"), "0.1"):
+        with pytest.raises((ValueError, TypeError), match="sigma_floor"):  # TypeError: not a number
             data_prediction_loss(off, x0, x1, half, path, sigma_floor=floor)
+        with pytest.raises((ValueError, TypeError), match="sigma_floor"):
+            path.data_to_velocity(x1, x0, half, sigma_floor=floor)
     with pytest.raises(TypeError, match="path must be an AffinePath"):
         data_prediction_loss(off, x0, x1, half, "linear")

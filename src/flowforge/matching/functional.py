@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowforge.matching.paths import AffinePath
+from flowforge.matching.paths import AffinePath, check_sigma_floor
 from flowforge.ode import TABLEAUS, odeint, solver_settings
 from flowforge.ode.fixed import check_velocity_shape
 from flowforge.validation import check_unit_times, finite_checks_enabled
@@ -126,8 +126,7 @@ def data_prediction_loss(
     optimum at :math:`E[x_1 \mid x_t]`.
     Arguments as :func:`flow_matching_loss`; ``model(x_t, t)`` returns :math:`\hat x_1`.
     """
-    if not 0 <= sigma_floor < 1:  # NaN fails too
-        raise ValueError(f"sigma_floor = {sigma_floor!r}: expected a number in [0, 1)")
+    sigma_floor = check_sigma_floor(sigma_floor)
     x_t = _checked_path_sample(x0, x1, t, path)[0]
     alpha, sigma, d_alpha, d_sigma = (_broadcast(c.to(x1.dtype), x1, "t") for c in path.schedule(t))
     prediction = model(x_t, t)

@@ -36,6 +36,14 @@ from flowforge.registry import register
 from flowforge.validation import check_real
 
 
+def check_sigma_floor(value: object) -> float:
+    r"""A floor under :math:`\sigma_t` (see :meth:`AffinePath.data_to_velocity`): a number in [0, 1)."""
+    floor = check_real("sigma_floor", value, non_negative=True)
+    if floor >= 1:
+        raise ValueError(f"sigma_floor = {value!r}: expected a number in [0, 1)")
+    return floor
+
+
 def _expand(coefficient: Tensor, like: Tensor) -> Tensor:
     """Coefficients of a leading shape of ``like`` ((batch,), or (batch, tokens) for per-token times)
     broadcast over its remaining dims."""
@@ -78,8 +86,9 @@ class AffinePath:
         that the velocity stays finite at the data end (:math:`\sigma_1 = 0` on the linear path,
         where it is :math:`(\hat x_1 - x) / \max(1 - t, s)`), where adaptive solvers evaluate.
         """
+        floor = check_sigma_floor(sigma_floor)
         alpha, sigma, d_alpha, d_sigma = (_expand(c, x) for c in self.schedule(t))
-        return ((d_alpha * sigma - d_sigma * alpha) * data + d_sigma * x) / sigma.clamp_min(sigma_floor)
+        return ((d_alpha * sigma - d_sigma * alpha) * data + d_sigma * x) / sigma.clamp_min(floor)
 
     def noise_to_velocity(self, noise: Tensor, x: Tensor, t: Tensor) -> Tensor:
         r"""The velocity from :math:`\hat x_0` (with :math:`\hat x_1 = (x - \sigma_t \hat x_0)/\alpha_t`)."""
