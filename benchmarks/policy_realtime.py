@@ -325,14 +325,14 @@ def _guidance_leverage(args, run: Path, frames: int = 40) -> dict:
                 {"state": item["observation.environment_state"][None], "instruction": [item["task"]]}
             )
             with torch.no_grad():
-                cache = policy.expert.encode(policy.prefix(batch, False))
+                velocity = policy.head.velocity(policy.expert.encode(policy.prefix(batch, False)))
             chunk = policy.normalize_action(item["action"][None])
             for t in LEVERAGE_TIMES:
                 x = (1 - t) * args.noise_scale * torch.randn_like(chunk) + t * chunk
                 time_ = torch.full((1,), t)
 
-                def predicted(x: torch.Tensor, time_: torch.Tensor = time_, t: float = t, cache=cache) -> torch.Tensor:
-                    return x + (1 - t) * cache.denoise(x, time_)
+                def predicted(x: torch.Tensor, time_=time_, t: float = t, field=velocity) -> torch.Tensor:
+                    return x + (1 - t) * field(x, time_)
 
                 jacobian = torch.autograd.functional.jacobian(predicted, x).reshape(chunk.numel(), chunk.numel())
                 singular = torch.linalg.svdvals(jacobian)

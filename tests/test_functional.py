@@ -228,10 +228,22 @@ def test_the_data_prediction_loss_stays_bounded_and_unbiased_at_the_data_end() -
     torch.testing.assert_close(
         data_prediction_loss(off, x0, x1, half, path), torch.tensor((error / 0.5) ** 2, dtype=torch.float64)
     )
-    for floor in (-0.1, 1.0, float("nan"), "0.1"):
-        with pytest.raises((ValueError, TypeError), match="sigma_floor"):  # TypeError: not a number
+    for floor in (-0.1, 1.0, float("nan"), "0.1", True):
+        with pytest.raises((ValueError, TypeError), match=r"sigma_floor = .*: expected a number in \(0, 1\)"):
             data_prediction_loss(off, x0, x1, half, path, sigma_floor=floor)
-        with pytest.raises((ValueError, TypeError), match="sigma_floor"):
+        with pytest.raises((ValueError, TypeError), match=r"sigma_floor = .*: expected a number in \[0, 1\)"):
             path.data_to_velocity(x1, x0, half, sigma_floor=floor)
+    # A floor of 0 leaves the loss infinite at time 1, masked or not: the loss refuses it.
+    with pytest.raises(ValueError, match=r"sigma_floor = 0.0: expected a number in \(0, 1\)"):
+        data_prediction_loss(off, x0, x1, half, path, sigma_floor=0.0)
+    unfloored = path.data_to_velocity(x1, x0, half, sigma_floor=0.0)
+    torch.testing.assert_close(unfloored, path.data_to_velocity(x1, x0, half))
+    # Per-token times with a given prefix at time 1 and no loss on it (training-time RTC): finite.
+    tokens = torch.randn(4, 6, 3, dtype=torch.float64)
+    token_times = torch.full((4, 6), 0.5, dtype=torch.float64)
+    token_times[:, :2] = 1.0
+    noise = torch.randn_like(tokens)
+    loss = data_prediction_loss(lambda x, t: x, noise, tokens, token_times, path, mask=token_times < 1)
+    assert torch.isfinite(loss)
     with pytest.raises(TypeError, match="path must be an AffinePath"):
         data_prediction_loss(off, x0, x1, half, "linear")

@@ -349,6 +349,33 @@ def test_sample_prediction_is_a_flow_head_setting_and_has_no_chunk_likelihood() 
     policy = _policy("flow", prediction="sample").eval()
     with pytest.raises(ValueError, match=r"prediction = 'sample'.*singular at the data end"):
         policy.log_prob(_batch(), method="rk4", steps=4)
+    # A namespace config (no PolicyConfig checks) is read by the head's own check.
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"unknown prediction 'x'; choose one of 'velocity', 'sample'"):
+        FlowHead(SimpleNamespace(horizon=8, sampling_steps=4, method="euler", noise_scale=1.0, prediction="x"))
+
+
+def test_a_sample_predicting_head_refuses_methods_that_evaluate_its_velocity_at_the_data_end() -> None:
+    """Its velocity is singular at t = 1, where Heun's, RK4's and adaptive methods' last stage
+    lands (there it reads the floor's value: a constant chunk came out 0.46 off at 3 Heun steps)."""
+    from flowforge.errors import ConfigError
+    from flowforge.policy.heads import SAMPLE_PREDICTION_METHODS
+
+    assert SAMPLE_PREDICTION_METHODS == ("euler", "midpoint")
+    refused = r"method = '{}': a flow head with prediction = 'sample' .* singular at t = 1 .*'euler', 'midpoint'"
+    flow = FlowHead(_policy("flow", prediction="sample").policy_config)
+    cache, x = _ConstantCache(torch.randn(1, 8, 2)), torch.randn(3, 8, 2)
+    for method in ("heun", "rk4", "dopri5"):
+        with pytest.raises(ConfigError, match=refused.format(method)):
+            _policy("flow", prediction="sample", method=method)
+        with pytest.raises(ValueError, match=refused.format(method)):
+            flow.sample(cache, x, steps=3, method=method, noise_scale=1.0)
+    policy = _policy("flow", prediction="sample").eval()
+    batch = {k: v for k, v in _batch().items() if k not in ("action", "action_is_pad")}
+    with pytest.raises(ValueError, match=refused.format("rk4")):
+        policy.predict_chunk(batch, method="rk4", steps=3)
+    assert _policy("flow", method="rk4").policy_config.method == "rk4"  # the velocity head takes any
 
 
 # ---------------------------------------------------------------- chunk likelihood
@@ -700,6 +727,25 @@ def test_a_teacher_that_predicts_the_clean_chunk_is_followed_along_its_velocity(
     cache = teacher.expert.encode(teacher.prefix(teacher.checked_batch(_batch(), training=True), augment=False))
     with torch.no_grad():
         torch.testing.assert_close(given[0](x, t), (cache.denoise(x, t) - x) / 0.6)
+
+
+def test_consistency_distillation_ends_a_clean_chunk_teachers_last_interval_on_its_chunk() -> None:
+    """On the last interval (t = 1) a teacher that predicts the clean chunk takes an Euler step,
+    which lands on that chunk; Heun's second evaluation would read its singular velocity at 1
+    (the floor's value), and the target would land halfway."""
+    student = _policy("consistency").head
+    clean = torch.randn(1, 8, 2, dtype=torch.float64)
+    teacher = FlowHead(_policy("flow", prediction="sample").policy_config).velocity(_ConstantCache(clean))
+    matrix, bias = 0.2 * torch.randn(16, 16, dtype=torch.float64), 0.1 * torch.randn(16, dtype=torch.float64)
+    cache = _LinearCache(matrix, bias, (8, 2))
+    target = torch.randn(6, 8, 2, dtype=torch.float64)
+    torch.manual_seed(4)
+    found = student.distillation_loss(target, cache, None, teacher, intervals=1)  # every row: (0, 1)
+    torch.manual_seed(4)  # the loss's own draws, replayed: the interval, then the noise
+    torch.randint(0, 1, (6,))
+    noisy = torch.randn_like(target)  # the path at t = 0
+    predicted = noisy + cache.denoise(noisy, torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(found, (predicted - clean).square().mean())
 
 
 def test_a_shortcut_policy_samples_with_an_adaptive_solver_on_its_instantaneous_velocity() -> None:

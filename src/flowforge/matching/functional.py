@@ -123,10 +123,11 @@ def data_prediction_loss(
     path the factor is :math:`1 / \max(1 - t, s)`: the velocity loss wherever
     :math:`\sigma_t \ge s`, and bounded by :math:`1 / s` near the data, where it would grow
     without end. Unlike a velocity loss with a floored :math:`\sigma_t`, every time keeps its
-    optimum at :math:`E[x_1 \mid x_t]`.
+    optimum at :math:`E[x_1 \mid x_t]`. ``sigma_floor`` is in (0, 1): at 0 a time of 1 (a
+    training-time RTC prefix, masked or not) would make the loss infinite.
     Arguments as :func:`flow_matching_loss`; ``model(x_t, t)`` returns :math:`\hat x_1`.
     """
-    sigma_floor = check_sigma_floor(sigma_floor)
+    sigma_floor = check_sigma_floor(sigma_floor, positive=True)
     x_t = _checked_path_sample(x0, x1, t, path)[0]
     alpha, sigma, d_alpha, d_sigma = (_broadcast(c.to(x1.dtype), x1, "t") for c in path.schedule(t))
     prediction = model(x_t, t)

@@ -28,6 +28,7 @@ Paths: :class:`LinearPath` (rectified flow / conditional OT), :class:`VariancePr
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -36,11 +37,15 @@ from flowforge.registry import register
 from flowforge.validation import check_real
 
 
-def check_sigma_floor(value: object) -> float:
-    r"""A floor under :math:`\sigma_t` (see :meth:`AffinePath.data_to_velocity`): a number in [0, 1)."""
-    floor = check_real("sigma_floor", value, non_negative=True)
-    if floor >= 1:
-        raise ValueError(f"sigma_floor = {value!r}: expected a number in [0, 1)")
+def check_sigma_floor(value: object, *, positive: bool = False) -> float:
+    r"""A floor under :math:`\sigma_t` (see :meth:`AffinePath.data_to_velocity`): a number in
+    [0, 1), or in (0, 1) when ``positive``."""
+    allowed = "(0, 1)" if positive else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"sigma_floor = {value!r}: expected a number in {allowed}")
+    floor = float(value)
+    if not (0 < floor < 1 if positive else 0 <= floor < 1):  # NaN fails both
+        raise ValueError(f"sigma_floor = {value!r}: expected a number in {allowed}")
     return floor
 
 
@@ -84,7 +89,9 @@ class AffinePath:
         Written :math:`\big((\dot\alpha_t \sigma_t - \dot\sigma_t \alpha_t)\,\hat x_1 +
         \dot\sigma_t x\big) / \sigma_t`, whose denominator is read as at least ``sigma_floor``, so
         that the velocity stays finite at the data end (:math:`\sigma_1 = 0` on the linear path,
-        where it is :math:`(\hat x_1 - x) / \max(1 - t, s)`), where adaptive solvers evaluate.
+        where it is :math:`(\hat x_1 - x) / \max(1 - t, s)`). Finite is not right: at
+        :math:`\sigma_t < s` it is not the limit along a trajectory, so a solver whose stages land
+        on t = 1 (Heun, RK4, adaptive methods) misreads it there; Euler and midpoint steps do not.
         """
         floor = check_sigma_floor(sigma_floor)
         alpha, sigma, d_alpha, d_sigma = (_expand(c, x) for c in self.schedule(t))

@@ -15,7 +15,7 @@ from flowforge.errors import ConfigError
 from flowforge.matching.shortcut import MAX_HALVINGS
 from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS
 from flowforge.policy.encoders import IMAGE_NORMALIZATIONS
-from flowforge.policy.heads import HEAD_CATEGORY
+from flowforge.policy.heads import HEAD_CATEGORY, PREDICTIONS, check_sample_prediction_method
 from flowforge.policy.vision import AUGMENTATIONS, IMAGE_ENCODERS, min_image_size
 from flowforge.registry import lookup, names, refuse_unread, register
 from flowforge.validation import MAX_HORIZON, MAX_LAYERS, MAX_NOISE_SCALE, MAX_SAMPLER_STEPS, MAX_WIDTH, is_count
@@ -38,8 +38,6 @@ _CAMERA_NAME = re.compile(r"[A-Za-z0-9_-]+")
 MAX_IMAGE_SIDE = 1024
 DDPM_SETTINGS = ("diffusion_steps", "inference_steps", "sampler")
 FLOW_SAMPLING_SETTINGS = ("sampling_steps", "method", "noise_scale")
-#: What the flow head's expert may output (``prediction``): the velocity, or the clean chunk.
-PREDICTIONS = ("velocity", "sample")
 #: The heads whose flow-matching loss draws its times from ``time_sampler`` (MeanFlow and
 #: consistency draw their own, uniform times; MSE and DDPM have no flow time).
 FLOW_TIME_KINDS = ("flow", "hierarchical", "shortcut")
@@ -109,7 +107,9 @@ class PolicyConfig:
             the expert's own prediction, as DDIM's last step does) and trained by the same
             velocity loss written in the chunk's units, its weight
             :math:`1 / (1 - t)^2` bounded near the data
-            (:func:`~flowforge.matching.functional.data_prediction_loss`).
+            (:func:`~flowforge.matching.functional.data_prediction_loss`). Its velocity is singular
+            at t = 1, so it integrates with ``euler`` or ``midpoint`` only, whose stages stay short
+            of a step's end.
         keyframe_stride: hierarchical policies plan every ``keyframe_stride``-th action first.
         shortcut_fraction, shortcut_halvings: the shortcut head's share of self-consistency rows
             (0.5, in (0, 1): each batch trains both parts) and its number M of step sizes: it learns
@@ -297,6 +297,8 @@ class PolicyConfig:
         check_range("noise_scale", self.noise_scale, low=0, high=MAX_NOISE_SCALE)
         check_choice("time_sampler", self.time_sampler, names("time"))
         check_choice("prediction", self.prediction, PREDICTIONS)
+        if self.prediction == "sample":
+            check_sample_prediction_method(self.method, ConfigError)
         check_integer("keyframe_stride", self.keyframe_stride)
         if self.kind == "hierarchical" and self.horizon % self.keyframe_stride:
             raise ConfigError(

@@ -60,6 +60,7 @@ from flowforge.matching.functional import (
 )
 from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import UniformTime
+from flowforge.ode import TABLEAUS, solver_settings
 from flowforge.policy.expert import ActionExpert, ExpertCache
 from flowforge.registry import lookup, register_class
 from flowforge.validation import (
@@ -74,6 +75,8 @@ from flowforge.validation import (
 
 #: The registry category of heads; ``policy.kind`` names one.
 HEAD_CATEGORY = "head"
+#: What the flow head's expert may output (``prediction``): the velocity, or the clean chunk.
+PREDICTIONS = ("velocity", "sample")
 
 
 def head(name: str) -> Callable[[type], type]:
@@ -260,13 +263,13 @@ class FlowHead(PolicyHead):
         # Policies saved before the settings existed (and plain namespaces) train with pi0's law
         # and predict the velocity.
         self.time_sampler = lookup("time", getattr(config, "time_sampler", "shifted-beta"))()
-        self.prediction = getattr(config, "prediction", "velocity")
+        self.prediction = check_choice("prediction", getattr(config, "prediction", "velocity"), PREDICTIONS)
 
     def velocity(self, cache: ExpertCache) -> Callable[[Tensor, Tensor], Tensor]:
         r"""The velocity field ``v(x, t)`` of the chunk given the observation's ``cache``: the
         expert's output, or with ``prediction = "sample"`` the velocity of its clean chunk
         :math:`\hat A`, :math:`(\hat A - x) / (1 - t)` (floored at :data:`SAMPLE_VELOCITY_FLOOR`
-        so that it stays finite at t = 1, where adaptive solvers evaluate)."""
+        so that it stays finite at t = 1; only :data:`SAMPLE_PREDICTION_METHODS` integrate it)."""
         if self.prediction == "velocity":
             return cache.denoise
         return _SampleVelocity(cache.denoise, self.path)
@@ -274,8 +277,6 @@ class FlowHead(PolicyHead):
     def sampling(
         self, steps: int | None = None, method: str | None = None, noise_scale: float | None = None
     ) -> Sampling:
-        from flowforge.ode import TABLEAUS, solver_settings
-
         config = self.config
         if self.own_steps:  # a head with its own update: Euler-like steps only
             method = "euler" if method is None else method
@@ -365,6 +366,8 @@ class FlowHead(PolicyHead):
         guide: ChunkGuide | None = None,
         prefix: ChunkPrefix | None = None,
     ) -> Integration:
+        if self.prediction == "sample":
+            check_sample_prediction_method(method)
         field = self.velocity(cache)
         if guide is not None:
             field = _GuidedField(field, guide)
@@ -506,6 +509,21 @@ class _ChunkVelocity(nn.Module):
 #: Where ``prediction = "sample"`` reads the time left to the data, 1 - t, as at least this: the
 #: velocity stays finite at t = 1, and Euler's last step (t = 1 - 1/k) is exact up to k = 1,000.
 SAMPLE_VELOCITY_FLOOR = 1e-3
+#: The fixed-step methods whose stages stay short of each step's end (every c < 1): the only ones
+#: that integrate the velocity of a head predicting the clean chunk, which is singular at t = 1
+#: (there it reads the floor's value, not the limit; Heun's, RK4's and adaptive methods' last
+#: stage lands on it).
+SAMPLE_PREDICTION_METHODS = tuple(name for name, tableau in TABLEAUS.items() if max(tableau.c) < 1)
+
+
+def check_sample_prediction_method(method: str, error: type[Exception] = ValueError) -> None:
+    """Refuse an integration ``method`` that evaluates a clean-chunk prediction's velocity at t = 1."""
+    if method not in SAMPLE_PREDICTION_METHODS:
+        raise error(
+            f"method = {method!r}: a flow head with prediction = 'sample' reads the velocity "
+            "(A - x) / (1 - t), singular at t = 1 where this method evaluates it; use one of "
+            + ", ".join(map(repr, SAMPLE_PREDICTION_METHODS))
+        )
 
 
 class _SampleVelocity:
@@ -784,10 +802,12 @@ class ConsistencyHead(FlowHead):
         r"""Consistency distillation (Song et al. 2023) from a flow head's ODE, for one segment.
 
         ``teacher(x, t)`` is the teacher's velocity for the same observations (its
-        ``ExpertCache.denoise``). An interval :math:`(t_i, t_{i+1}) = (i/N, (i+1)/N)` of the uniform
-        grid of :math:`N` = ``intervals`` is drawn per row, :math:`x_{t_i}` put on the straight path
-        to the demonstrated chunk, and one Heun step of the teacher carries it to
-        :math:`\hat x_{t_{i+1}}`; the loss makes the consistency function agree at both ends,
+        :meth:`FlowHead.velocity`). An interval :math:`(t_i, t_{i+1}) = (i/N, (i+1)/N)` of the
+        uniform grid of :math:`N` = ``intervals`` is drawn per row, :math:`x_{t_i}` put on the
+        straight path to the demonstrated chunk, and one Heun step of the teacher carries it to
+        :math:`\hat x_{t_{i+1}}` (on the last interval, for a teacher that predicts the clean chunk,
+        whose velocity is singular at 1, an Euler step: it lands on that chunk, as DDIM's last step
+        does); the loss makes the consistency function agree at both ends,
 
         .. math:: \lVert f(x_{t_i}, t_i) - \operatorname{sg} f(\hat x_{t_{i+1}}, t_{i+1}) \rVert^2,
 
@@ -809,6 +829,8 @@ class ConsistencyHead(FlowHead):
             first = teacher(noisy, early)
             guess = noisy + step * first
             cleaner = noisy + 0.5 * step * (first + teacher(guess, late))
+            if isinstance(teacher, _SampleVelocity):  # singular at t = 1: end on its clean chunk
+                cleaner = torch.where((late == 1).reshape(-1, 1, 1), guess, cleaner)
             goal, _ = self.predicted_chunk(cache, cleaner, late)
         predicted, _ = self.predicted_chunk(cache, noisy, early)
         return masked_mean((predicted - goal).square(), _kept(pad))
