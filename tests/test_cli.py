@@ -749,6 +749,26 @@ def test_data_collect_refuses_bad_options_naming_the_option(tmp_path: Path, extr
     assert result.stdout == "" and not out.exists()
 
 
+def test_data_collect_with_two_cameras_stores_each_cameras_frames(tmp_path: Path) -> None:
+    """`data collect --images --cameras corner,gripperPOV`: one image feature per camera, every
+    frame of each, and the two views differ (the gripper camera is not the corner one)."""
+    from flowforge.data.episodes import EpisodeDataset
+
+    out = tmp_path / "demos"
+    args = ["data", "collect", "--out", str(out), "--tasks", "reach-v3", "--episodes", "1", "--images"]
+    result = runner.invoke(app, [*args, "--cameras", "corner,gripperPOV", "--size", "24"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "meta" / "info.json").read_text())
+    cameras = {name: info["features"][f"observation.images.{name}"]["shape"] for name in ("corner", "gripperPOV")}
+    assert cameras == {"corner": [24, 24, 3], "gripperPOV": [24, 24, 3]}  # LeRobot's height, width, channels
+    data = EpisodeDataset(out)
+    assert len(data) == info["total_frames"] > 1
+    for index in (0, len(data) - 1):
+        corner, gripper = (data[index][f"observation.images.{name}"] for name in ("corner", "gripperPOV"))
+        assert corner.shape == gripper.shape == (1, 3, 24, 24) and corner.dtype == torch.uint8  # one frame of history
+        assert (corner.float() - gripper.float()).abs().mean() > 5
+
+
 def test_eval_refuses_pixel_counts_out_of_range(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert _train(CONFIGS / "nsf_digits.toml", run).exit_code == 0
