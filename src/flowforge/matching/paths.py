@@ -89,7 +89,7 @@ class AffinePath:
         Written :math:`\big((\dot\alpha_t \sigma_t - \dot\sigma_t \alpha_t)\,\hat x_1 +
         \dot\sigma_t x\big) / \sigma_t`, whose denominator is read as at least ``sigma_floor``, so
         that the velocity stays finite at the data end (:math:`\sigma_1 = 0` on the linear path,
-        where it is :math:`(\hat x_1 - x) / \max(1 - t, s)`). Finite is not right: at
+        where it is :math:`(\hat x_1 - x) / \max(1 - t, s)`). Finite, not exact: where
         :math:`\sigma_t < s` it is not the limit along a trajectory, so a solver whose stages land
         on t = 1 (Heun, RK4, adaptive methods) misreads it there; Euler and midpoint steps do not.
         """
