@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -228,10 +230,19 @@ def test_the_data_prediction_loss_stays_bounded_and_unbiased_at_the_data_end() -
     torch.testing.assert_close(
         data_prediction_loss(off, x0, x1, half, path), torch.tensor((error / 0.5) ** 2, dtype=torch.float64)
     )
-    for floor in (-0.1, 1.0, float("nan"), "0.1", True):
-        with pytest.raises((ValueError, TypeError), match=r"sigma_floor = .*: expected a number in \(0, 1\)"):
+    for floor in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"sigma_floor = {floor}: expected a number in \(0, 1\)"):
             data_prediction_loss(off, x0, x1, half, path, sigma_floor=floor)
-        with pytest.raises((ValueError, TypeError), match=r"sigma_floor = .*: expected a number in \[0, 1\)"):
+        with pytest.raises(ValueError, match=rf"sigma_floor = {floor}: expected a number in \[0, 1\)"):
+            path.data_to_velocity(x1, x0, half, sigma_floor=floor)
+    for floor, error, message in (
+        (float("nan"), ValueError, "sigma_floor must be a finite number, got nan"),
+        ("0.1", TypeError, "sigma_floor must be a finite number, got '0.1'"),
+        (True, TypeError, "sigma_floor must be a finite number, got True"),
+    ):
+        with pytest.raises(error, match=re.escape(message)):
+            data_prediction_loss(off, x0, x1, half, path, sigma_floor=floor)
+        with pytest.raises(error, match=re.escape(message)):
             path.data_to_velocity(x1, x0, half, sigma_floor=floor)
     # A floor of 0 leaves the loss infinite at time 1, masked or not: the loss refuses it.
     with pytest.raises(ValueError, match=r"sigma_floor = 0.0: expected a number in \(0, 1\)"):

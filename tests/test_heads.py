@@ -371,6 +371,8 @@ def test_a_sample_predicting_head_refuses_methods_that_evaluate_its_velocity_at_
             _policy("flow", prediction="sample", method=method)
         with pytest.raises(ValueError, match=refused.format(method)):
             flow.sample(cache, x, steps=3, method=method, noise_scale=1.0)
+    with pytest.raises(ValueError, match=r"unknown method 'bogus'; choose one of 'euler', 'midpoint'"):
+        flow.sample(cache, x, steps=3, method="bogus", noise_scale=1.0)
     policy = _policy("flow", prediction="sample").eval()
     batch = {k: v for k, v in _batch().items() if k not in ("action", "action_is_pad")}
     with pytest.raises(ValueError, match=refused.format("rk4")):

@@ -28,7 +28,6 @@ Paths: :class:`LinearPath` (rectified flow / conditional OT), :class:`VariancePr
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import Tensor
@@ -40,12 +39,9 @@ from flowforge.validation import check_real
 def check_sigma_floor(value: object, *, positive: bool = False) -> float:
     r"""A floor under :math:`\sigma_t` (see :meth:`AffinePath.data_to_velocity`): a number in
     [0, 1), or in (0, 1) when ``positive``."""
-    allowed = "(0, 1)" if positive else "[0, 1)"
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"sigma_floor = {value!r}: expected a number in {allowed}")
-    floor = float(value)
-    if not (0 < floor < 1 if positive else 0 <= floor < 1):  # NaN fails both
-        raise ValueError(f"sigma_floor = {value!r}: expected a number in {allowed}")
+    floor = check_real("sigma_floor", value)
+    if not (0 < floor < 1 if positive else 0 <= floor < 1):
+        raise ValueError(f"sigma_floor = {value!r}: expected a number in {'(0, 1)' if positive else '[0, 1)'}")
     return floor
 
 

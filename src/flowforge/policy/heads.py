@@ -60,7 +60,7 @@ from flowforge.matching.functional import (
 )
 from flowforge.matching.paths import LinearPath
 from flowforge.matching.time import UniformTime
-from flowforge.ode import TABLEAUS, solver_settings
+from flowforge.ode import ADAPTIVE_METHODS, TABLEAUS, solver_settings
 from flowforge.policy.expert import ActionExpert, ExpertCache
 from flowforge.registry import lookup, register_class
 from flowforge.validation import (
@@ -518,6 +518,7 @@ SAMPLE_PREDICTION_METHODS = tuple(name for name, tableau in TABLEAUS.items() if 
 
 def check_sample_prediction_method(method: str, error: type[Exception] = ValueError) -> None:
     """Refuse an integration ``method`` that evaluates a clean-chunk prediction's velocity at t = 1."""
+    check_choice("method", method, (*TABLEAUS, *ADAPTIVE_METHODS))
     if method not in SAMPLE_PREDICTION_METHODS:
         raise error(
             f"method = {method!r}: a flow head with prediction = 'sample' reads the velocity "
