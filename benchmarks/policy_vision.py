@@ -37,6 +37,10 @@ What it measures
    ahead of DDPM. The same pair is also trained from scratch on that data alone, as the MT10
    models are on theirs (``flow-dart-scratch``, ``ddpm-dart-scratch``), and judged the same way,
    with MSE trained the same way (``mse-dart-scratch``) as its second baseline.
+   **Targeted DART data**: the three heads trained from scratch, as their MT10 models, on data in
+   which only ``--dart-tasks`` (peg insertion, the task the flow head loses) were collected with
+   the action noise, the other tasks' demonstrations as clean as the MT10 set's
+   (``flow-targeted-dart``, ``ddpm-targeted-dart``, ``mse-targeted-dart``), judged the same way.
    **Two frames**: the flow head and DDPM trained from scratch, as their one-frame models, on two
    observation frames (``policy.obs_horizon = 2``: both cameras, the state and the goal of the
    frame before as well, Diffusion Policy's default; ``flow-history``, ``ddpm-history``), judged
@@ -151,6 +155,10 @@ MODELS |= {name: MODELS[base] for name, base in DART_MODELS.items()}
 #: name -> that model.
 DART_SCRATCH_MODELS = {"flow-dart-scratch": "flow", "ddpm-dart-scratch": "ddpm", "mse-dart-scratch": "mse"}
 MODELS |= {name: MODELS[base] for name, base in DART_SCRATCH_MODELS.items()}
+#: Trained from scratch like their MT10 models on data whose ``--dart-tasks`` alone were collected
+#: with DART action noise, the other tasks' demonstrations clean (the MT10 set's): name -> that model.
+TARGETED_DART_MODELS = {"flow-targeted-dart": "flow", "ddpm-targeted-dart": "ddpm", "mse-targeted-dart": "mse"}
+MODELS |= {name: MODELS[base] for name, base in TARGETED_DART_MODELS.items()}
 #: Two observation frames (images, state and goal of the frame before as well, Diffusion Policy's
 #: ``n_obs_steps = 2``), trained from scratch like their one-frame models: name -> that model.
 HISTORY_MODELS = {"flow-history": "flow", "ddpm-history": "ddpm"}
@@ -166,9 +174,14 @@ FLOW_VARIANT_PAIRS = {
     "flow-dart-scratch": "ddpm-dart-scratch",
     "flow-history": "ddpm-history",
     SAMPLE_PREDICTION_MODEL: "ddpm",
+    "flow-targeted-dart": "ddpm-targeted-dart",
 }
 #: Each flow head judged against the MSE head trained like it too, where one is: flow -> MSE.
-FLOW_VARIANT_MSE = {"flow-dart-scratch": "mse-dart-scratch", SAMPLE_PREDICTION_MODEL: "mse"}
+FLOW_VARIANT_MSE = {
+    "flow-dart-scratch": "mse-dart-scratch",
+    SAMPLE_PREDICTION_MODEL: "mse",
+    "flow-targeted-dart": "mse-targeted-dart",
+}
 #: The models evaluated like the flow head (``--episodes`` a task), the others on ``--baseline-episodes``.
 FLOW_MODELS = ("flow", *FLOW_VARIANT_PAIRS, *FLOW_TIME_MODELS)
 #: The models sampled with DDIM at 10 steps.
@@ -214,7 +227,9 @@ def _render(args) -> dict:
     return _save(path, {"task": args.tasks[0], "size": 84, "frames_per_second": rates})
 
 
-def _collect(args, tasks: list[str], name: str, action_noise: float = 0.0) -> Path:
+def _collect(
+    args, tasks: list[str], name: str, action_noise: float = 0.0, noisy_tasks: list[str] | None = None
+) -> Path:
     root = args.work / name
     collected_before = (root / "meta").exists()  # then this call's time is not the collection's
     start = time.perf_counter()
@@ -226,6 +241,7 @@ def _collect(args, tasks: list[str], name: str, action_noise: float = 0.0) -> Pa
         cameras=args.cameras,
         size=84,
         action_noise=action_noise,
+        noisy_tasks=noisy_tasks,
         progress=args.progress,
     )
     record = args.work / f"{name}-collect.json"
@@ -514,6 +530,11 @@ def main() -> None:
         help="DART action noise of the data the *-dart models fine-tune on",
     )
     parser.add_argument(
+        "--dart-tasks",
+        default="peg-insert-side-v3",
+        help="the tasks collected with --action-noise for the *-targeted-dart models (the others clean)",
+    )
+    parser.add_argument(
         "--fine-tune-steps", type=positive_int, default=10000, help="training steps of the *-dart models"
     )
     parser.add_argument("--ablation-steps", type=positive_int, default=None, help="default: from --ablation-hours")
@@ -581,6 +602,10 @@ def main() -> None:
     try:
         args.tasks = parse_tasks("--tasks", args.tasks)
         ablation_tasks = parse_tasks("--ablation-tasks", args.ablation_tasks, at_least=0)
+        args.dart_tasks = parse_tasks("--dart-tasks", args.dart_tasks)
+        outside = [task for task in args.dart_tasks if task not in args.tasks]
+        if outside and any(model in TARGETED_DART_MODELS for model in models):
+            raise ValueError(f"--dart-tasks: {', '.join(outside)} not among --tasks (the *-targeted-dart models)")
         claim_work_folder(
             args.work,
             tasks=(args.tasks, args.work / "mt10-images"),
@@ -592,12 +617,15 @@ def main() -> None:
     summary: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
     if "render" in phases:
         summary["render"] = _render(args)
-    data = ablation_data = dart_data = None
+    data = ablation_data = dart_data = targeted_dart_data = None
     if any(p in phases for p in ("collect", "throughput", "train", "steptime", "eval")):
         # the MT10 set is only made when an MT10 model or the throughput table needs it
         data = _collect(args, args.tasks, "mt10-images") if models or "throughput" in phases else None
         if any(model in DART_MODELS or model in DART_SCRATCH_MODELS for model in models):
             dart_data = _collect(args, args.tasks, f"mt10-images-dart{args.action_noise:g}", args.action_noise)
+        if any(model in TARGETED_DART_MODELS for model in models):
+            name = f"mt10-images-dart{args.action_noise:g}-{'+'.join(args.dart_tasks)}"
+            targeted_dart_data = _collect(args, args.tasks, name, args.action_noise, args.dart_tasks)
         ablation_data = _collect(args, ablation_tasks, "ablation-images") if ablations else None
     if "throughput" in phases:
         summary["throughput"] = _throughput(args, ablation_data or data)
@@ -617,7 +645,14 @@ def main() -> None:
                     args, model, dart_data, args.fine_tune_steps, MODELS[model], args.work / "runs" / DART_MODELS[model]
                 )
             else:
-                run = _train(args, model, dart_data if model in DART_SCRATCH_MODELS else data, steps, MODELS[model])
+                model_data = (
+                    dart_data
+                    if model in DART_SCRATCH_MODELS
+                    else targeted_dart_data
+                    if model in TARGETED_DART_MODELS
+                    else data
+                )
+                run = _train(args, model, model_data, steps, MODELS[model])
             runs[model] = (run, args.tasks, sampling)
         for name in ablations:
             run = _train(args, f"ablation-{name}", ablation_data, ablation_steps, ABLATIONS[name])

@@ -70,8 +70,8 @@ SCRIPTS = {
     ),
     "policy_vision": (
         ("metaworld",),
-        "--work {work} --tasks reach-v3 --ablation-tasks reach-v3 --demos 1 --steps 20 --fine-tune-steps 20 "
-        "--ablation-steps 20 --batch 8 --episodes 1 --baseline-episodes 1 --ablation-episodes 1 "
+        "--work {work} --tasks reach-v3 --ablation-tasks reach-v3 --dart-tasks reach-v3 --demos 1 --steps 20 "
+        "--fine-tune-steps 20 --ablation-steps 20 --batch 8 --episodes 1 --baseline-episodes 1 --ablation-episodes 1 "
         "--validation-episodes 1 --noise-scales 1,0.5 --action-steps 4,2 --max-steps 50 --throughput-steps 3 "
         "--step-time-steps 2 --render-frames 20 --threads 1",
     ),

@@ -740,6 +740,10 @@ def test_a_vae_config_trains_on_its_elbo_and_reports_its_iwae_likelihood(tmp_pat
         (["--action-noise", "nan"], "'--action-noise': expected a finite number >= 0 and <= 1 (got 'nan')"),
         (["--action-noise=-inf"], "'--action-noise': expected a finite number >= 0 and <= 1 (got '-inf')"),
         (["--images", "--size", "nan"], "Invalid value for '--size'"),
+        (["--noisy-tasks", "reach-v3"], "--noisy-tasks 'reach-v3': names the tasks that get --action-noise"),
+        (["--action-noise", "0.1", "--noisy-tasks", "push-v3"], "--noisy-tasks 'push-v3': push-v3 not among --tasks"),
+        (["--action-noise", "0.1", "--noisy-tasks", "reach"], "--noisy-tasks 'reach': unknown MetaWorld v3 task"),
+        (["--action-noise", "0.1", "--noisy-tasks", ""], "--noisy-tasks '': an empty value"),
     ],
 )
 def test_data_collect_refuses_bad_options_naming_the_option(tmp_path: Path, extra, message) -> None:

@@ -277,6 +277,10 @@ def test_a_complete_folder_is_answered_without_reading_its_episodes(
         ({"action_noise": -0.1}, r"action_noise must be a finite number >= 0, got -0\.1"),
         ({"action_noise": 1.5}, r"action_noise must be at most 1 \(actions span \[-1, 1\]\), got 1\.5"),
         ({"action_noise": float("nan")}, "action_noise must be a finite number >= 0, got nan"),
+        ({"action_noise": 0.1, "noisy_tasks": "reach-v3"}, "noisy_tasks must be a list of task names, got the string"),
+        ({"action_noise": 0.1, "noisy_tasks": []}, "noisy_tasks is empty"),
+        ({"noisy_tasks": ["reach-v3"]}, r"need action_noise > 0"),
+        ({"action_noise": 0.1, "noisy_tasks": ["push-v3"]}, r"noisy_tasks: 'push-v3' not among the tasks collected"),
     ],
 )
 def test_bad_collection_settings_are_refused_before_the_folder_is_made(tmp_path: Path, setting, message) -> None:
@@ -319,6 +323,25 @@ def test_action_noise_stores_the_experts_labels_and_what_the_robot_received(refe
     assert "action.executed" not in EpisodeDataset(reference["root"]).features  # clean folders are unchanged
     with pytest.raises(DataError, match=r"action_noise 0\.2 \(now not set\)"):
         collect(TASKS, 1, root, progress=False)
+
+
+def test_noisy_tasks_perturb_only_the_tasks_named(reference: dict, tmp_path: Path) -> None:
+    """With ``noisy_tasks`` the other tasks are collected as the expert acts: their episodes equal a
+    clean collection's, and what the robot received equals the labels; the tasks named get the
+    noise. The folder resumes only with the same tasks named."""
+    import numpy as np
+
+    root = tmp_path / "targeted"
+    counts = collect(["reach-v3", "push-v3"], 1, root, progress=False, action_noise=0.2, noisy_tasks=["push-v3"])
+    assert counts["reach-v3"]["succeeded"] == counts["push-v3"]["succeeded"] == 1
+    data = EpisodeDataset(root)
+    reach, push = data.episode_columns(0), data.episode_columns(1)
+    np.testing.assert_array_equal(np.asarray(reach["action"]), np.asarray(reference["actions"][0]))
+    np.testing.assert_array_equal(np.asarray(reach["action.executed"]), np.asarray(reach["action"]))
+    noise = np.asarray(push["action.executed"]) - np.asarray(push["action"])
+    assert np.abs(noise).max() > 0.05
+    with pytest.raises(DataError, match="noisy_tasks"):
+        collect(["reach-v3", "push-v3"], 1, root, progress=False, action_noise=0.2)
 
 
 def test_a_collection_with_images_resumed_between_episodes_is_byte_identical(tmp_path: Path) -> None:

@@ -548,6 +548,10 @@ def data_collect(
             "expert's action at every state visited, action.executed what was sent.",
         ),
     ] = 0.0,
+    noisy_tasks: Annotated[
+        str | None,
+        typer.Option(help="Only these of --tasks (comma-separated) get --action-noise; the others are clean."),
+    ] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Roll out the scripted experts, keep successful episodes, write them in the LeRobot v3 layout."""
@@ -561,6 +565,14 @@ def data_collect(
     camera_names = None if cameras is None else name_list("--cameras", cameras, CAMERAS, "MetaWorld camera")
     if camera is not None:
         name_list("--camera", camera, CAMERAS, "MetaWorld camera")
+    noisy_names = None
+    if noisy_tasks is not None:
+        noisy_names = name_list("--noisy-tasks", noisy_tasks, INSTRUCTIONS, "MetaWorld v3 task")
+        if not action_noise:
+            raise ConfigError(f"--noisy-tasks {noisy_tasks!r}: names the tasks that get --action-noise; give that too")
+        outside = [task for task in noisy_names if task not in names]
+        if outside:
+            raise ConfigError(f"--noisy-tasks {noisy_tasks!r}: {', '.join(outside)} not among --tasks")
     if (camera is not None or cameras is not None or size is not None) and not images:
         raise ConfigError("--camera, --cameras and --size describe the images of --images: add --images")
     _output_path(out, "--out")
@@ -581,6 +593,7 @@ def data_collect(
             cameras=camera_names,
             seed=seed,
             action_noise=action_noise,
+            noisy_tasks=noisy_names,
             progress=progress,
             # collect's own defaults (camera corner, 84 pixels) where the options were not given
             **{k: v for k, v in (("camera", camera), ("size", size)) if v is not None},

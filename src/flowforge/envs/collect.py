@@ -438,6 +438,7 @@ def collect(
     max_steps: int = 500,
     max_attempts_factor: int = 3,
     action_noise: float = 0.0,
+    noisy_tasks: list[str] | None = None,
     progress: bool | None = None,
 ) -> dict[str, dict[str, int]]:
     """Collect ``episodes`` successful expert episodes per task into ``root``; returns the per-task
@@ -456,7 +457,10 @@ def collect(
     :math:`\\rho = e^{-1/8}` and :math:`n_0 = 0` (drawn from each attempt's seed). ``action`` then
     stores the expert's action at every state visited (the label a policy learns), and
     ``action.executed`` what the robot received (clipped to [-1, 1]). A policy trained on such data
-    sees states off the expert's own path, each with the expert's way back (MT10: see the README)."""
+    sees states off the expert's own path, each with the expert's way back (MT10: see the README).
+    ``noisy_tasks`` (some of ``tasks``; all by default) are the tasks collected with that noise, the
+    others as the expert acts (their ``action.executed`` equals ``action``): recoveries where a task
+    needs them, the other tasks' demonstrations as clean as a collection without noise."""
     if isinstance(tasks, str):
         raise TypeError(f"tasks must be a list of MetaWorld task names, got the string {tasks!r}")
     tasks = list(tasks)
@@ -473,6 +477,8 @@ def collect(
     action_noise = check_real("action_noise", action_noise, non_negative=True)
     if action_noise > 1:
         raise ValueError(f"action_noise must be at most 1 (actions span [-1, 1]), got {action_noise!r}")
+    if noisy_tasks is not None:
+        noisy_tasks = _checked_noisy_tasks(noisy_tasks, tasks, action_noise)
     check_seed("seed", seed)
     from flowforge.envs.evaluate import VALIDATION_SEED_BASE
 
@@ -504,6 +510,8 @@ def collect(
         settings["cameras"] = cameras
     if action_noise:  # likewise: collections without noise keep their settings
         settings["action_noise"] = action_noise
+    if noisy_tasks is not None:  # and collections with noise on every task
+        settings["noisy_tasks"] = noisy_tasks
     try:
         record = _open_folder(root, settings)  # reads only: nothing is written before the inputs are valid
     except DataError:
@@ -521,6 +529,22 @@ def collect(
         if counts is not None:
             return counts
         raise DataError(f"{root}: {_BUSY}") from None
+
+
+def _checked_noisy_tasks(noisy_tasks: list[str], tasks: list[str], action_noise: float) -> list[str]:
+    """``noisy_tasks`` checked against the collection's ``tasks`` and ``action_noise``; in ``tasks``'s order."""
+    if isinstance(noisy_tasks, str):
+        raise TypeError(f"noisy_tasks must be a list of task names, got the string {noisy_tasks!r}")
+    noisy_tasks = list(noisy_tasks)
+    if not noisy_tasks:
+        raise ValueError("noisy_tasks is empty: name at least one of the tasks, or leave it out for all of them")
+    if not action_noise:
+        raise ValueError(f"noisy_tasks = {noisy_tasks}: the tasks collected with action noise need action_noise > 0")
+    outside = [task for task in noisy_tasks if task not in tasks]
+    if outside:
+        named = ", ".join(map(repr, outside))
+        raise ValueError(f"noisy_tasks: {named} not among the tasks collected ({', '.join(tasks)})")
+    return [task for task in tasks if task in noisy_tasks]
 
 
 _BUSY = "another collection is writing into this folder; wait for it to finish or choose another folder"
@@ -617,10 +641,12 @@ def _collect_locked(
             _commit(root, record, fps, episode_stats)
             rebuild = False
         expert = env.expert()
+        noisy = settings.get("noisy_tasks")
+        task_noise = action_noise if noisy is None or task in noisy else 0.0
         while counts["succeeded"] < episodes and counts["attempted"] < max_attempts_factor * episodes:
             episode_seed = seed * EPISODE_SEEDS_PER_SEED + task_index * TASK_SEED_STRIDE + counts["attempted"]
             labels: list[np.ndarray] = []
-            actor = _expert_actor(expert, labels, action_noise, episode_seed)
+            actor = _expert_actor(expert, labels, task_noise, episode_seed)
             episode = run_episode(env, actor, episode_seed, max_steps, keep=True)
             counts["attempted"] += 1
             if episode.success:
