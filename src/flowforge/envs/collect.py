@@ -532,7 +532,8 @@ def collect(
 
 
 def _checked_noisy_tasks(noisy_tasks: list[str], tasks: list[str], action_noise: float) -> list[str]:
-    """``noisy_tasks`` checked against the collection's ``tasks`` and ``action_noise``; in ``tasks``'s order."""
+    """``noisy_tasks`` checked against the collection's ``tasks`` and ``action_noise``, sorted (a
+    resumed collection compares its settings, whatever order the tasks were named in)."""
     if isinstance(noisy_tasks, str):
         raise TypeError(f"noisy_tasks must be a list of task names, got the string {noisy_tasks!r}")
     noisy_tasks = list(noisy_tasks)
@@ -544,7 +545,7 @@ def _checked_noisy_tasks(noisy_tasks: list[str], tasks: list[str], action_noise:
     if outside:
         named = ", ".join(map(repr, outside))
         raise ValueError(f"noisy_tasks: {named} not among the tasks collected ({', '.join(tasks)})")
-    return [task for task in tasks if task in noisy_tasks]
+    return sorted(set(noisy_tasks))
 
 
 _BUSY = "another collection is writing into this folder; wait for it to finish or choose another folder"
