@@ -321,6 +321,8 @@ def test_action_noise_stores_the_experts_labels_and_what_the_robot_received(refe
     env.close()
     np.testing.assert_allclose(labels[0], np.asarray(reference["actions"][0][0]), atol=1e-6)  # same first state
     assert "action.executed" not in EpisodeDataset(reference["root"]).features  # clean folders are unchanged
+    assert "action noise (DART): 0.2 on every task;" in describe(root)
+    assert "action noise" not in describe(reference["root"])
     with pytest.raises(DataError, match=r"action_noise 0\.2 \(now not set\)"):
         collect(TASKS, 1, root, progress=False)
 
@@ -340,6 +342,7 @@ def test_noisy_tasks_perturb_only_the_tasks_named(reference: dict, tmp_path: Pat
     np.testing.assert_array_equal(np.asarray(reach["action.executed"]), np.asarray(reach["action"]))
     noise = np.asarray(push["action.executed"]) - np.asarray(push["action"])
     assert np.abs(noise).max() > 0.05
+    assert "action noise (DART): 0.2 on push-v3;" in describe(root)
     with pytest.raises(DataError, match="noisy_tasks"):
         collect(["reach-v3", "push-v3"], 1, root, progress=False, action_noise=0.2)
 

@@ -1106,6 +1106,12 @@ def describe(root: str | Path, verify: bool = True) -> str:
         for task, counts in _read_collection(root_path).items():
             rate = counts["succeeded"] / max(counts["attempted"], 1)
             lines.append(f"  {task}: {counts['succeeded']} / {counts['attempted']} ({rate:.0%})")
+        settings = _read_json_object(root_path / "meta" / "collection.json").get("settings")
+        noise = settings.get("action_noise") if isinstance(settings, dict) else None
+        if noise:
+            noisy = settings.get("noisy_tasks")
+            where = ", ".join(map(str, noisy)) if isinstance(noisy, list) else "every task"
+            lines.append(f"action noise (DART): {noise} on {where}; action.executed holds what the robot received")
     return "\n".join(lines)
 
 
