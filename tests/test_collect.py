@@ -279,6 +279,7 @@ def test_a_complete_folder_is_answered_without_reading_its_episodes(
         ({"action_noise": float("nan")}, "action_noise must be a finite number >= 0, got nan"),
         ({"action_noise": 0.1, "noisy_tasks": "reach-v3"}, "noisy_tasks must be a list of task names, got the string"),
         ({"action_noise": 0.1, "noisy_tasks": []}, "noisy_tasks is empty"),
+        ({"action_noise": 0.1, "noisy_tasks": ["reach-v3"] * 2}, "noisy_tasks: reach-v3 named more than once"),
         ({"noisy_tasks": ["reach-v3"]}, r"need action_noise > 0"),
         ({"action_noise": 0.1, "noisy_tasks": ["push-v3"]}, r"noisy_tasks: 'push-v3' not among the tasks collected"),
     ],

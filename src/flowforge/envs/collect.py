@@ -545,7 +545,10 @@ def _checked_noisy_tasks(noisy_tasks: list[str], tasks: list[str], action_noise:
     if outside:
         named = ", ".join(map(repr, outside))
         raise ValueError(f"noisy_tasks: {named} not among the tasks collected ({', '.join(tasks)})")
-    return sorted(set(noisy_tasks))
+    repeated = sorted({task for task in noisy_tasks if noisy_tasks.count(task) > 1})
+    if repeated:
+        raise ValueError(f"noisy_tasks: {', '.join(repeated)} named more than once; name each once")
+    return sorted(noisy_tasks)
 
 
 _BUSY = "another collection is writing into this folder; wait for it to finish or choose another folder"
